@@ -1,0 +1,387 @@
+//! Guest RAM: one contiguous region at guest-physical address 0, mapped with
+//! `memmap2` (anonymous, or a file mapped shared or private) and wrapped in a
+//! vm-memory `GuestMemoryMmap` whose `AtomicBitmap` records every page the VMM
+//! writes through the `Bytes` API.
+//!
+//! This module owns the mapping and the VMM-side dirty bitmap. It does not know
+//! about KVM's dirty log (see `vm.rs`, which merges the two) or about snapshots.
+//! The VMM never writes guest RAM through raw pointers: every write goes through
+//! [`GuestRam::write_at`] or [`GuestRam::memory`] so that it is marked dirty.
+
+use std::fs::File;
+use std::io::Write;
+use std::num::NonZeroUsize;
+
+use memmap2::{MmapMut, MmapOptions};
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    VolatileSlice, WriteVolatile,
+};
+
+use crate::dirty::DirtyBitmap;
+
+/// Size of a guest page, the unit of dirty tracking.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Largest guest RAM supported: RAM sits below the 32-bit MMIO hole, and the
+/// boot page tables map the first 4 GiB.
+pub const MAX_RAM_BYTES: usize = 3 << 30;
+/// Smallest guest RAM: the built-in guests use the first 8 MiB.
+pub const MIN_RAM_BYTES: usize = 8 << 20;
+
+/// Errors from creating or accessing guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "guest RAM of {bytes} bytes is not supported: use a multiple of 4 KiB between {} MiB and {} MiB",
+        MIN_RAM_BYTES >> 20,
+        MAX_RAM_BYTES >> 20
+    )]
+    BadSize { bytes: usize },
+    #[error("cannot map {bytes} bytes of guest RAM")]
+    Map {
+        bytes: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("RAM file holds {actual} bytes but the VM needs {expected}")]
+    FileSize { expected: u64, actual: u64 },
+    #[error("cannot read the RAM file's size")]
+    FileMetadata(#[source] std::io::Error),
+    #[error("cannot describe guest RAM to vm-memory: {0}")]
+    Region(String),
+    #[error("guest access of {len} bytes at gpa {gpa:#x} is outside guest RAM")]
+    OutOfRange { gpa: u64, len: usize },
+    #[error("cannot write guest RAM to a file")]
+    Dump(#[source] std::io::Error),
+}
+
+/// How guest RAM is backed.
+#[derive(Debug)]
+pub enum RamBacking {
+    /// Fresh zeroed anonymous memory.
+    Anonymous,
+    /// A file mapped `MAP_SHARED`: guest writes land in the file. The backup maps
+    /// its committed image this way on promotion, so promotion copies nothing.
+    SharedFile(File),
+    /// A file mapped `MAP_PRIVATE`: the file is the starting content, guest
+    /// writes stay in this process (copy-on-write).
+    PrivateFile(File),
+}
+
+/// The guest's RAM.
+pub struct GuestRam {
+    // Field order matters: `memory` holds a raw pointer into `_mapping` and must
+    // be dropped first.
+    memory: GuestMemoryMmap<AtomicBitmap>,
+    _mapping: MmapMut,
+    size: usize,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// Checks that `bytes` is a usable guest RAM size.
+pub fn validate_ram_size(bytes: usize) -> Result<(), MemoryError> {
+    if bytes % PAGE_SIZE != 0 || !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&bytes) {
+        return Err(MemoryError::BadSize { bytes });
+    }
+    Ok(())
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of guest RAM with the given backing.
+    pub fn new(size: usize, backing: RamBacking) -> Result<Self, MemoryError> {
+        validate_ram_size(size)?;
+        let map_err = |source| MemoryError::Map {
+            bytes: size,
+            source,
+        };
+        let check_file = |file: &File| -> Result<(), MemoryError> {
+            let actual = file.metadata().map_err(MemoryError::FileMetadata)?.len();
+            if actual != size as u64 {
+                return Err(MemoryError::FileSize {
+                    expected: size as u64,
+                    actual,
+                });
+            }
+            Ok(())
+        };
+        let mut mapping = match backing {
+            RamBacking::Anonymous => MmapOptions::new().len(size).map_anon().map_err(map_err)?,
+            RamBacking::SharedFile(file) => {
+                check_file(&file)?;
+                // SAFETY: the file is ours (an image or snapshot directory this
+                // daemon owns); a concurrent truncation by another process would
+                // fault the guest, which is the documented contract of the image.
+                unsafe { MmapOptions::new().len(size).map_mut(&file) }.map_err(map_err)?
+            }
+            RamBacking::PrivateFile(file) => {
+                check_file(&file)?;
+                // SAFETY: as above; MAP_PRIVATE keeps guest writes out of the file.
+                unsafe { MmapOptions::new().len(size).map_copy(&file) }.map_err(map_err)?
+            }
+        };
+        let host = mapping.as_mut_ptr();
+        let bitmap = AtomicBitmap::new(size, NonZeroUsize::MIN.saturating_add(PAGE_SIZE - 1));
+        // SAFETY: `host..host + size` is the mapping we just made; it stays
+        // mapped for as long as `memory` lives because both are owned by the
+        // returned `GuestRam`, which drops `memory` first.
+        let region = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(size, bitmap)
+                .with_raw_mmap_pointer(host)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .build()
+        }
+        .map_err(|e| MemoryError::Region(e.to_string()))?;
+        let region: MmapRegion<AtomicBitmap> = region;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| MemoryError::Region("region does not fit the address space".into()))?;
+        let memory = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(Self {
+            memory,
+            _mapping: mapping,
+            size,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> usize {
+        self.size / PAGE_SIZE
+    }
+
+    /// Host virtual address of guest-physical 0, for registering the KVM slot.
+    pub fn host_address(&self) -> u64 {
+        // The whole region is one mapping; its start cannot be out of range.
+        self.memory
+            .get_host_address(GuestAddress(0))
+            .map(|p| p as u64)
+            .unwrap_or_default()
+    }
+
+    /// The vm-memory view, for devices that use the `Bytes` API directly.
+    pub fn memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        &self.memory
+    }
+
+    /// Writes `data` at `gpa`, marking the pages dirty.
+    pub fn write_at(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.memory
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: data.len(),
+            })
+    }
+
+    /// Reads `buf.len()` bytes at `gpa`.
+    pub fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.memory
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
+    }
+
+    /// Reads a little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut bytes = [0u8; 8];
+        self.read_at(gpa, &mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// A volatile view of `len` bytes at `gpa`. Writes through it are tracked.
+    pub fn slice(
+        &self,
+        gpa: u64,
+        len: usize,
+    ) -> Result<VolatileSlice<'_, BS<'_, AtomicBitmap>>, MemoryError> {
+        self.memory
+            .get_slice(GuestAddress(gpa), len)
+            .map_err(|_| MemoryError::OutOfRange { gpa, len })
+    }
+
+    /// Copies page `page` into `out` (4 KiB). The copy is consistent only while
+    /// the vCPU is paused.
+    pub fn copy_page(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> Result<(), MemoryError> {
+        let gpa = (page * PAGE_SIZE) as u64;
+        self.slice(gpa, PAGE_SIZE)?.copy_to(&mut out[..]);
+        Ok(())
+    }
+
+    /// Writes all of guest RAM to `out`. Consistent only while the vCPU is paused.
+    pub fn dump_to(&self, out: &mut impl Write) -> Result<(), MemoryError> {
+        let slice = self.slice(0, self.size)?;
+        let mut writer = VolatileWriter(out);
+        writer
+            .write_all_volatile(&slice)
+            .map_err(|e| MemoryError::Dump(std::io::Error::other(e.to_string())))
+    }
+
+    /// CRC-32C of all of guest RAM. Consistent only while the vCPU is paused.
+    pub fn crc32c(&self) -> Result<u32, MemoryError> {
+        let mut crc = 0u32;
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut offset = 0usize;
+        while offset < self.size {
+            let len = chunk.len().min(self.size - offset);
+            self.slice(offset as u64, len)?.copy_to(&mut chunk[..len]);
+            crc = crc32c::crc32c_append(crc, &chunk[..len]);
+            offset += len;
+        }
+        Ok(crc)
+    }
+
+    /// Takes (and clears) the pages the VMM wrote since the last call.
+    pub fn take_vmm_dirty(&self) -> DirtyBitmap {
+        let words = self.bitmap().get_and_reset();
+        DirtyBitmap::from_words(words, self.pages())
+    }
+
+    /// Marks every page set in `pages` dirty again, so the next harvest reports
+    /// it (used to put back a harvest whose consumer failed).
+    pub fn mark_dirty(&self, pages: &DirtyBitmap) {
+        let bitmap = self.bitmap();
+        for page in pages.iter() {
+            bitmap.set_bit(page);
+        }
+    }
+
+    fn bitmap(&self) -> &AtomicBitmap {
+        // One region, created above.
+        self.memory
+            .iter()
+            .next()
+            .map(|region| region.bitmap())
+            .unwrap_or_else(|| unreachable!("GuestRam always has exactly one region"))
+    }
+}
+
+/// Adapts any `Write` to vm-memory's `WriteVolatile` by bouncing through a
+/// small buffer (guest memory may change under a plain `&[u8]`).
+struct VolatileWriter<'a, W: Write>(&'a mut W);
+
+impl<W: Write> WriteVolatile for VolatileWriter<'_, W> {
+    fn write_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<'_, B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        let mut bounce = [0u8; 64 * 1024];
+        let len = buf.len().min(bounce.len());
+        buf.subslice(0, len)?.copy_to(&mut bounce[..len]);
+        self.0
+            .write_all(&bounce[..len])
+            .map_err(vm_memory::VolatileMemoryError::IOError)?;
+        Ok(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_writes_are_tracked_and_can_be_put_back() {
+        let ram = GuestRam::new(MIN_RAM_BYTES, RamBacking::Anonymous).unwrap();
+        ram.write_at(3 * PAGE_SIZE as u64 + 10, &[1, 2, 3]).unwrap();
+        // A write across a page boundary dirties both pages.
+        ram.write_at(8 * PAGE_SIZE as u64 - 2, &[9; 4]).unwrap();
+        let dirty = ram.take_vmm_dirty();
+        assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![3, 7, 8]);
+        assert_eq!(ram.take_vmm_dirty().count(), 0, "harvest clears");
+        ram.mark_dirty(&dirty);
+        assert_eq!(
+            ram.take_vmm_dirty().iter().collect::<Vec<_>>(),
+            vec![3, 7, 8]
+        );
+    }
+
+    #[test]
+    fn reads_see_writes_and_bounds_are_checked() {
+        let ram = GuestRam::new(MIN_RAM_BYTES, RamBacking::Anonymous).unwrap();
+        ram.write_at(0x1234, &42u64.to_le_bytes()).unwrap();
+        assert_eq!(ram.read_u64(0x1234).unwrap(), 42);
+        let err = ram.write_at(MIN_RAM_BYTES as u64 - 2, &[0; 4]).unwrap_err();
+        assert!(matches!(err, MemoryError::OutOfRange { .. }), "{err}");
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        for bytes in [
+            0,
+            MIN_RAM_BYTES - PAGE_SIZE,
+            MIN_RAM_BYTES + 1,
+            MAX_RAM_BYTES + PAGE_SIZE,
+        ] {
+            assert!(matches!(
+                GuestRam::new(bytes, RamBacking::Anonymous),
+                Err(MemoryError::BadSize { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn shared_file_backing_writes_through_and_private_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(MIN_RAM_BYTES as u64).unwrap();
+        {
+            let ram = GuestRam::new(
+                MIN_RAM_BYTES,
+                RamBacking::SharedFile(file.try_clone().unwrap()),
+            )
+            .unwrap();
+            ram.write_at(4096, b"shared").unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[4096..4102], b"shared");
+        {
+            let ram = GuestRam::new(MIN_RAM_BYTES, RamBacking::PrivateFile(file)).unwrap();
+            let mut buf = [0u8; 6];
+            ram.read_at(4096, &mut buf).unwrap();
+            assert_eq!(&buf, b"shared");
+            ram.write_at(4096, b"privat").unwrap();
+        }
+        assert_eq!(&std::fs::read(&path).unwrap()[4096..4102], b"shared");
+    }
+
+    #[test]
+    fn wrong_file_size_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        let err = GuestRam::new(MIN_RAM_BYTES, RamBacking::SharedFile(file)).unwrap_err();
+        assert!(matches!(err, MemoryError::FileSize { .. }), "{err}");
+    }
+
+    #[test]
+    fn dump_and_crc_cover_all_of_ram() {
+        let ram = GuestRam::new(MIN_RAM_BYTES, RamBacking::Anonymous).unwrap();
+        ram.write_at(MIN_RAM_BYTES as u64 - 1, &[0xab]).unwrap();
+        let mut out = Vec::new();
+        ram.dump_to(&mut out).unwrap();
+        assert_eq!(out.len(), MIN_RAM_BYTES);
+        assert_eq!(out[MIN_RAM_BYTES - 1], 0xab);
+        assert_eq!(ram.crc32c().unwrap(), crc32c::crc32c(&out));
+    }
+}

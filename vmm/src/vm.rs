@@ -1,0 +1,394 @@
+//! One microVM: KVM VM with in-kernel irqchip and PIT, one memory slot of guest
+//! RAM, one vCPU thread, COM1 and the i8042. Created fresh from a [`Loader`] or
+//! restored from a [`VmState`] plus RAM; paused and resumed from any thread;
+//! its dirty pages harvested as KVM's dirty log ∪ the VMM's own writes.
+//!
+//! This module knows nothing of replication: the primary drives it through
+//! `pause`, `harvest_dirty`, `save_state` and `resume`.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_irqchip, kvm_pit_config,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{COM1_IRQ, ConsoleWriter, IrqLine, PortIoBus, SerialDevice};
+use crate::dirty::DirtyBitmap;
+use crate::loader::{BuiltinBoot, LoadError, Loader};
+use crate::memory::{GuestRam, MemoryError};
+use crate::state::{
+    ClockState, DeviceStates, IoapicState, KvmVmState, MemoryState, Persist, PicState, PitState,
+    StateError, VmState,
+};
+use crate::vcpu::{ConsoleInput, VcpuError, VcpuHandle, VcpuSetup, VmEnd};
+
+/// How long a pause or state capture may take before it is reported as stuck.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+const RAM_SLOT: u32 = 0;
+/// Three pages below 4 GiB for Intel's real-mode TSS (outside guest RAM).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors creating, running or capturing a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(
+        "cannot open /dev/kvm ({0}): this host needs KVM. Load the kvm module (or run on a host \
+         that has /dev/kvm) and make /dev/kvm readable and writable by this user"
+    )]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    #[error("KVM {step} failed")]
+    Kvm {
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot create an eventfd for the serial interrupt")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("snapshot is for {expected} bytes of RAM but {actual} bytes were given")]
+    RamSizeMismatch { expected: u64, actual: u64 },
+}
+
+fn kvm_step(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { step, source }
+}
+
+/// The guest's console: input to COM1, and every byte COM1 outputs.
+#[derive(Debug)]
+pub struct Console {
+    pub input: ConsoleInput,
+    pub output: Receiver<u8>,
+}
+
+/// Options for a fresh boot.
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    /// Record of a built-in guest, stored in snapshots (None for raw code).
+    pub boot_record: Option<BuiltinBoot>,
+    /// Create the VM paused (call [`Vm::resume`] to start it).
+    pub start_paused: bool,
+    /// Enable dirty logging from the first instruction.
+    pub dirty_logging: bool,
+}
+
+/// A running (or paused) microVM.
+#[derive(Debug)]
+pub struct Vm {
+    // Drop order: the vCPU thread first, then the VM, then the RAM it maps.
+    vcpu: VcpuHandle,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    boot_record: Option<BuiltinBoot>,
+    dirty_logging: bool,
+}
+
+/// Opens /dev/kvm with a clear error when it is missing.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(VmError::KvmUnavailable)
+}
+
+struct Parts {
+    vm_fd: VmFd,
+    vcpu_fd: kvm_ioctls::VcpuFd,
+    irq: IrqLine,
+    msr_indices: Vec<u32>,
+}
+
+/// Creates the VM-wide pieces in the order KVM needs: irqchip and PIT exist
+/// before the vCPU is created; RAM is registered before anything runs.
+fn create_parts(kvm: &Kvm, ram: &GuestRam, dirty_logging: bool) -> Result<Parts, VmError> {
+    let vm_fd = kvm.create_vm().map_err(kvm_step("create VM"))?;
+    vm_fd
+        .set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_step("set TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_step("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_step("create PIT"))?;
+    set_ram_slot(&vm_fd, ram, dirty_logging)?;
+    let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_step("create vCPU"))?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&evt, COM1_IRQ)
+        .map_err(kvm_step("register serial irqfd"))?;
+    let msr_indices = kvm
+        .get_msr_index_list()
+        .map_err(kvm_step("get MSR index list"))?
+        .as_slice()
+        .to_vec();
+    Ok(Parts {
+        vm_fd,
+        vcpu_fd,
+        irq: IrqLine(evt),
+        msr_indices,
+    })
+}
+
+fn set_ram_slot(vm_fd: &VmFd, ram: &GuestRam, dirty_logging: bool) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot: RAM_SLOT,
+        guest_phys_addr: 0,
+        memory_size: ram.size() as u64,
+        userspace_addr: ram.host_address(),
+        flags: if dirty_logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+    };
+    // SAFETY: the region is `ram`'s mapping, which the `Vm` owns and drops only
+    // after the VM fd (field order in `Vm`).
+    unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_step("set memory region"))
+}
+
+impl Vm {
+    /// Boots a fresh guest from `loader` in `ram`.
+    pub fn boot(
+        ram: GuestRam,
+        loader: &dyn Loader,
+        options: BootOptions,
+    ) -> Result<(Self, Console), VmError> {
+        let kvm = open_kvm()?;
+        let entry = loader.load(&ram)?;
+        let parts = create_parts(&kvm, &ram, options.dirty_logging)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_step("get supported CPUID"))?;
+        let (tx, output) = crossbeam_channel::unbounded();
+        let bus = PortIoBus::new(SerialDevice::new(parts.irq, ConsoleWriter(tx)));
+        let (vcpu, input) = VcpuHandle::spawn(
+            parts.vcpu_fd,
+            bus,
+            VcpuSetup::Boot { entry, cpuid },
+            parts.msr_indices,
+            options.start_paused,
+        )?;
+        let vm = Self {
+            vcpu,
+            vm_fd: parts.vm_fd,
+            ram,
+            boot_record: options.boot_record,
+            dirty_logging: options.dirty_logging,
+        };
+        Ok((vm, Console { input, output }))
+    }
+
+    /// Brings a saved VM back in this process, with `ram` holding the saved
+    /// contents (typically a snapshot or image file mapped as guest RAM).
+    pub fn restore(
+        state: &VmState,
+        ram: GuestRam,
+        start_paused: bool,
+    ) -> Result<(Self, Console), VmError> {
+        state.validate()?;
+        if ram.size() as u64 != state.memory.size_bytes {
+            return Err(VmError::RamSizeMismatch {
+                expected: state.memory.size_bytes,
+                actual: ram.size() as u64,
+            });
+        }
+        let kvm = open_kvm()?;
+        let parts = create_parts(&kvm, &ram, false)?;
+        // VM-wide state before the first KVM_RUN, and before the serial device
+        // exists (so its first interrupt meets a restored irqchip).
+        restore_kvm_vm_state(&parts.vm_fd, &state.kvm)?;
+        let (tx, output) = crossbeam_channel::unbounded();
+        let serial = SerialDevice::restore((parts.irq, ConsoleWriter(tx)), &state.devices.serial)?;
+        let (vcpu, input) = VcpuHandle::spawn(
+            parts.vcpu_fd,
+            PortIoBus::new(serial),
+            VcpuSetup::Restore(Box::new(state.vcpu.clone())),
+            parts.msr_indices,
+            start_paused,
+        )?;
+        let vm = Self {
+            vcpu,
+            vm_fd: parts.vm_fd,
+            ram,
+            boot_record: state.boot.clone(),
+            dirty_logging: false,
+        };
+        Ok((vm, Console { input, output }))
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// What was booted, if a built-in guest.
+    pub fn boot_record(&self) -> Option<&BuiltinBoot> {
+        self.boot_record.as_ref()
+    }
+
+    /// Stops the guest; returns once the vCPU is parked (state is then stable).
+    pub fn pause(&self) -> Result<(), VmError> {
+        Ok(self.vcpu.pause(CONTROL_TIMEOUT)?)
+    }
+
+    /// Lets the guest run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        Ok(self.vcpu.resume()?)
+    }
+
+    /// Turns on KVM's dirty log. Pages written before this call are not
+    /// reported (the caller copies all of RAM after enabling), so the VMM-side
+    /// record is cleared too.
+    pub fn start_dirty_logging(&mut self) -> Result<(), VmError> {
+        set_ram_slot(&self.vm_fd, &self.ram, true)?;
+        self.ram.take_vmm_dirty();
+        self.dirty_logging = true;
+        Ok(())
+    }
+
+    /// Takes the pages dirtied since the last harvest: KVM's log (cleared by
+    /// reading it) ∪ pages the VMM wrote. If the consumer of the result fails,
+    /// hand it to [`Vm::put_back_dirty`] so that no page is ever lost.
+    pub fn harvest_dirty(&self) -> Result<DirtyBitmap, VmError> {
+        let mut dirty = self.ram.take_vmm_dirty();
+        if self.dirty_logging {
+            let words = match self.vm_fd.get_dirty_log(RAM_SLOT, self.ram.size()) {
+                Ok(words) => words,
+                Err(source) => {
+                    // Nothing was taken from KVM; give the VMM's bits back.
+                    self.ram.mark_dirty(&dirty);
+                    return Err(VmError::Kvm {
+                        step: "get dirty log",
+                        source,
+                    });
+                }
+            };
+            dirty.union_words(&words);
+        }
+        Ok(dirty)
+    }
+
+    /// Re-marks pages from a harvest whose consumer failed; the next harvest
+    /// reports them again.
+    pub fn put_back_dirty(&self, pages: &DirtyBitmap) {
+        self.ram.mark_dirty(pages);
+    }
+
+    /// Captures vCPU, in-kernel and device state (not RAM). The VM must be
+    /// paused. `ram_crc` adds a checksum of all RAM (for snapshots).
+    pub fn save_state(&self, ram_crc: bool) -> Result<VmState, VmError> {
+        let (vcpu, serial) = self.vcpu.save(CONTROL_TIMEOUT)?;
+        let kvm = save_kvm_vm_state(&self.vm_fd)?;
+        let crc32c = if ram_crc {
+            Some(self.ram.crc32c()?)
+        } else {
+            None
+        };
+        Ok(VmState {
+            memory: MemoryState {
+                size_bytes: self.ram.size() as u64,
+                crc32c,
+            },
+            boot: self.boot_record.clone(),
+            vcpu,
+            kvm,
+            devices: DeviceStates { serial },
+        })
+    }
+
+    /// How the VM ended, if it has.
+    pub fn ended(&self) -> Option<VmEnd> {
+        self.vcpu.ended()
+    }
+
+    /// Waits up to `timeout` for the guest to end by itself.
+    pub fn wait_end(&self, timeout: Duration) -> Option<VmEnd> {
+        self.vcpu.wait_end(timeout)
+    }
+
+    /// Stops the vCPU thread; returns how the VM ended.
+    pub fn stop(mut self) -> VmEnd {
+        self.vcpu.stop()
+    }
+
+    /// Pauses, and returns how long the pause took (for benchmarks).
+    pub fn timed_pause(&self) -> Result<Duration, VmError> {
+        let start = Instant::now();
+        self.pause()?;
+        Ok(start.elapsed())
+    }
+}
+
+fn get_irqchip(vm_fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm_fd
+        .get_irqchip(&mut chip)
+        .map_err(kvm_step("get irqchip"))?;
+    Ok(chip)
+}
+
+fn save_kvm_vm_state(vm_fd: &VmFd) -> Result<KvmVmState, VmError> {
+    let pit = PitState::from(&vm_fd.get_pit2().map_err(kvm_step("get PIT"))?);
+    let clock = ClockState::from(&vm_fd.get_clock().map_err(kvm_step("get clock"))?);
+    let master = get_irqchip(vm_fd, KVM_IRQCHIP_PIC_MASTER)?;
+    let slave = get_irqchip(vm_fd, KVM_IRQCHIP_PIC_SLAVE)?;
+    let ioapic = get_irqchip(vm_fd, KVM_IRQCHIP_IOAPIC)?;
+    // SAFETY: KVM filled each union with the variant named by its chip_id.
+    let (pic_master, pic_slave, ioapic) = unsafe {
+        (
+            PicState::from(&master.chip.pic),
+            PicState::from(&slave.chip.pic),
+            IoapicState::from(&ioapic.chip.ioapic),
+        )
+    };
+    Ok(KvmVmState {
+        pit,
+        clock,
+        pic_master,
+        pic_slave,
+        ioapic,
+    })
+}
+
+/// Restores PIT, clock, both PICs and the IOAPIC. The clock is set with no
+/// flags: the guest's kvmclock continues from the saved value, so time does not
+/// jump by the downtime (freeze-time semantics).
+fn restore_kvm_vm_state(vm_fd: &VmFd, s: &KvmVmState) -> Result<(), VmError> {
+    vm_fd
+        .set_pit2(&(&s.pit).into())
+        .map_err(kvm_step("set PIT"))?;
+    let mut clock: kvm_bindings::kvm_clock_data = (&s.clock).into();
+    clock.flags = 0;
+    vm_fd.set_clock(&clock).map_err(kvm_step("set clock"))?;
+    for (chip_id, pic) in [
+        (KVM_IRQCHIP_PIC_MASTER, &s.pic_master),
+        (KVM_IRQCHIP_PIC_SLAVE, &s.pic_slave),
+    ] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        chip.chip.pic = pic.into();
+        vm_fd.set_irqchip(&chip).map_err(kvm_step("set PIC"))?;
+    }
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    chip.chip.ioapic = (&s.ioapic).into();
+    vm_fd.set_irqchip(&chip).map_err(kvm_step("set IOAPIC"))
+}
