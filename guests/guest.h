@@ -42,6 +42,10 @@ static inline u8 inb(u16 port) {
  * wake-up is lost between a check and the halt. */
 static inline void idle(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); }
 
+/* Busy loops run with interrupts on: a short "sti; nop; cli" window is not
+ * enough under an emulating hypervisor, which injects only at VM entry. */
+static inline void enable_interrupts(void) { __asm__ volatile("sti" ::: "memory"); }
+
 #define IRQ_TIMER 0
 #define IRQ_COM1 4
 

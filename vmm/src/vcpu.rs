@@ -165,10 +165,9 @@ fn kick_signal() -> libc::c_int {
 
 fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler))
-        .clone()
-        .map_err(VcpuError::Signal)
+    (*INSTALLED
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)))
+    .map_err(VcpuError::Signal)
 }
 
 /// How the vCPU starts.

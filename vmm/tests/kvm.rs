@@ -1,11 +1,12 @@
 //! KVM tests of the microVM: real /dev/kvm, real guests. They fail (never
 //! skip) when /dev/kvm is missing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use understudy_vmm::loader::{BOOT_INFO_GPA, BOOT_INFO_WORK_DONE, DIRTIER_WORKING_SET_GPA};
-use understudy_vmm::memory::MIN_RAM_BYTES;
 use understudy_vmm::{
     BootOptions, BuiltinBoot, BuiltinGuest, Console, GuestRam, PAGE_SIZE, RamBacking, RawCode, Vm,
     VmEnd, snapshot,
@@ -61,4 +62,361 @@ fn counter_counts() {
     let lines = read_until(&console.output, Duration::from_secs(20), |l| l == "count 3");
     assert_eq!(lines, ["count 0", "count 1", "count 2", "count 3"]);
     assert_eq!(vm.stop(), VmEnd::Stopped);
+}
+
+fn boot_raw(code: &[u8], mem: usize) -> (Vm, Console) {
+    require_kvm();
+    let ram = GuestRam::new(mem, RamBacking::Anonymous).unwrap();
+    Vm::boot(
+        ram,
+        &RawCode(code.to_vec()),
+        BootOptions {
+            boot_record: None,
+            start_paused: true,
+            dirty_logging: true,
+        },
+    )
+    .unwrap()
+}
+
+/// Writes one qword at 0x400000, one at 0x403ff8, one byte at 0x7ff0000, prints
+/// 'A' on COM1, then halts with interrupts off. No stack, no IDT: the only
+/// pages it writes are those three.
+const THREE_PAGE_WRITER: &[u8] = &[
+    0x48, 0xc7, 0xc0, 0x00, 0x00, 0x40, 0x00, // mov $0x400000, %rax
+    0x48, 0xc7, 0x00, 0x01, 0x00, 0x00, 0x00, // movq $1, (%rax)
+    0x48, 0xc7, 0xc0, 0xf8, 0x3f, 0x40, 0x00, // mov $0x403ff8, %rax
+    0x48, 0xc7, 0x00, 0x01, 0x00, 0x00, 0x00, // movq $1, (%rax)
+    0x48, 0xc7, 0xc0, 0x00, 0x00, 0xff, 0x07, // mov $0x7ff0000, %rax
+    0xc6, 0x00, 0x01, // movb $1, (%rax)
+    0x66, 0xba, 0xf8, 0x03, // mov $0x3f8, %dx
+    0xb0, 0x41, // mov $'A', %al
+    0xee, // out %al, (%dx)
+    0xf4, // 1: hlt
+    0xeb, 0xfd, // jmp 1b
+];
+
+#[test]
+fn dirty_set_is_exactly_the_pages_the_guest_and_the_vmm_wrote() {
+    let (vm, console) = boot_raw(THREE_PAGE_WRITER, 128 << 20);
+    // Before the guest runs: exactly what the loader wrote through the VMM.
+    let loader_pages: Vec<usize> = vm.harvest_dirty().unwrap().iter().collect();
+    assert_eq!(
+        loader_pages,
+        vec![0x0, 0x9, 0xa, 0xb, 0xc, 0xd, 0xe, 0x100],
+        "GDT page, PML4, PDPT, four page directories, code page"
+    );
+    vm.resume().unwrap();
+    assert_eq!(
+        console
+            .output
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap(),
+        b'A'
+    );
+    vm.pause().unwrap();
+    let dirty = vm.harvest_dirty().unwrap();
+    assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![0x400, 0x403, 0x7ff0]);
+    assert!(
+        vm.harvest_dirty().unwrap().is_empty(),
+        "a harvest clears the log"
+    );
+
+    // A consumer that failed puts the bits back; nothing is lost, and pages the
+    // VMM writes meanwhile are added.
+    vm.put_back_dirty(&dirty);
+    vm.ram().write_at(0x5000, &[7]).unwrap();
+    let again = vm.harvest_dirty().unwrap();
+    assert_eq!(
+        again.iter().collect::<Vec<_>>(),
+        vec![0x5, 0x400, 0x403, 0x7ff0]
+    );
+    assert_eq!(vm.stop(), VmEnd::Stopped);
+}
+
+#[test]
+fn dirtier_working_set_is_harvested_with_its_stated_extras() {
+    const PAGES: u64 = 64;
+    let (vm, console) = boot(BuiltinBoot::dirtier(PAGES, 0, 50), true);
+    read_until(&console.output, Duration::from_secs(30), |l| {
+        l.starts_with("work ")
+    });
+    let first = DIRTIER_WORKING_SET_GPA as usize / PAGE_SIZE;
+    for _ in 0..3 {
+        vm.harvest_dirty().unwrap();
+        let before = vm
+            .ram()
+            .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
+            .unwrap();
+        // Let it write every page of the working set at least once more.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while vm
+            .ram()
+            .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
+            .unwrap()
+            < before + 2 * PAGES
+        {
+            assert!(Instant::now() < deadline, "dirtier made no progress");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        vm.pause().unwrap();
+        let dirty = vm.harvest_dirty().unwrap();
+        for page in first..first + PAGES as usize {
+            assert!(dirty.contains(page), "working-set page {page:#x} missing");
+        }
+        // Besides the working set the guest writes only: the boot-info page
+        // (work_done, timer ticks), its stack page (0x7f), and its own image's
+        // .data/.bss (0x100-0x102: the IDT table and its counters).
+        let extras: Vec<usize> = dirty
+            .iter()
+            .filter(|p| !(first..first + PAGES as usize).contains(p))
+            .collect();
+        for page in &extras {
+            assert!(
+                [0x6, 0x7f, 0x100, 0x101, 0x102].contains(page),
+                "unexpected dirty page {page:#x} in {extras:x?}"
+            );
+        }
+        vm.resume().unwrap();
+    }
+    vm.stop();
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let (vm, console) = boot(BuiltinBoot::counter(2), false);
+    read_until(&console.output, Duration::from_secs(20), |l| l == "count 2");
+    vm.pause().unwrap();
+    let ticks = vm.ram().read_u64(BOOT_INFO_GPA + 96).unwrap();
+    // Whatever was printed before the pause is already in the channel.
+    let mut tail: Vec<u8> = console.output.try_iter().collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        console.output.try_iter().count(),
+        0,
+        "a paused guest prints nothing"
+    );
+    assert_eq!(
+        vm.ram().read_u64(BOOT_INFO_GPA + 96).unwrap(),
+        ticks,
+        "no timer ticks while paused"
+    );
+    vm.resume().unwrap();
+    tail.extend(
+        read_until(&console.output, Duration::from_secs(20), |l| l == "count 6")
+            .join("\n")
+            .bytes(),
+    );
+    let text = String::from_utf8(tail).unwrap();
+    assert!(text.ends_with("count 5\ncount 6"), "{text:?}");
+    // Repeated pause/resume cycles keep it consistent.
+    for _ in 0..50 {
+        vm.pause().unwrap();
+        vm.resume().unwrap();
+    }
+    read_until(&console.output, Duration::from_secs(20), |l| l == "count 9");
+    vm.stop();
+}
+
+#[test]
+fn kv_answers_its_protocol_and_shutdown_ends_the_vm_cleanly() {
+    let (vm, console) = boot(BuiltinBoot::new(BuiltinGuest::Kv), false);
+    read_until(&console.output, Duration::from_secs(20), |l| {
+        l == "kv ready"
+    });
+    let ask = |line: &str| {
+        console.input.send(format!("{line}\n").as_bytes());
+        read_until(&console.output, Duration::from_secs(20), |_| true).remove(0)
+    };
+    assert_eq!(ask("GET missing"), "NOTFOUND");
+    assert_eq!(ask("SET color deep blue"), "OK");
+    assert_eq!(ask("GET color"), "VALUE deep blue");
+    assert_eq!(ask("SET color red"), "OK");
+    assert_eq!(ask("GET color"), "VALUE red");
+    assert_eq!(ask("DEL color"), "OK");
+    assert_eq!(ask("GET color"), "NOTFOUND");
+    assert_eq!(ask("SET onlykey"), "ERR usage: SET <key> <value>");
+    assert_eq!(
+        ask("FROB x"),
+        "ERR unknown command (SET, GET, DEL, SHUTDOWN)"
+    );
+    assert_eq!(
+        ask(&format!("SET {} v", "k".repeat(65))),
+        "ERR key longer than 64 bytes"
+    );
+    assert_eq!(
+        ask(&format!("SET k {}", "v".repeat(201))),
+        "ERR value longer than 200 bytes"
+    );
+    assert_eq!(ask(&"x".repeat(300)), "ERR line longer than 255 bytes");
+    // Input larger than the UART FIFO arrives whole.
+    let big = "v".repeat(200);
+    assert_eq!(ask(&format!("SET big {big}")), "OK");
+    assert_eq!(ask("GET big"), format!("VALUE {big}"));
+    assert_eq!(ask("SHUTDOWN"), "BYE");
+    assert_eq!(
+        vm.wait_end(Duration::from_secs(10)),
+        Some(VmEnd::GuestReset)
+    );
+    assert!(vm.pause().is_err(), "an ended VM cannot be paused");
+}
+
+/// Parses "count N" lines from raw console bytes (a cut line is completed by
+/// the bytes after it).
+fn counts(bytes: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn counter_snapshot_restores_in_a_new_vm_and_continues_without_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, console) = boot(BuiltinBoot::counter(3), false);
+    read_until(&console.output, Duration::from_secs(20), |l| l == "count 5");
+    vm.pause().unwrap();
+    snapshot::write_snapshot(&vm, dir.path()).unwrap();
+    vm.stop();
+    let mut bytes: Vec<u8> = b"count 0\ncount 1\ncount 2\ncount 3\ncount 4\ncount 5\n".to_vec();
+    bytes.extend(console.output.try_iter());
+
+    let (restored, console2) = snapshot::restore_snapshot(dir.path(), false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counts(&bytes).last().copied().unwrap_or(0) < 15 {
+        assert!(
+            Instant::now() < deadline,
+            "restored counter stalled: {:?}",
+            counts(&bytes)
+        );
+        if let Ok(b) = console2.output.recv_timeout(Duration::from_millis(100)) {
+            bytes.push(b);
+        }
+    }
+    restored.stop();
+    let seen = counts(&bytes);
+    assert_eq!(
+        seen,
+        (0..seen.len() as u64).collect::<Vec<_>>(),
+        "one unbroken sequence"
+    );
+}
+
+#[test]
+fn kv_data_and_dirtier_ram_survive_snapshot_and_restore() {
+    // kv: keys set before the snapshot are there after.
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, console) = boot(BuiltinBoot::new(BuiltinGuest::Kv), false);
+    read_until(&console.output, Duration::from_secs(20), |l| {
+        l == "kv ready"
+    });
+    for i in 0..20 {
+        console
+            .input
+            .send(format!("SET key{i} value{i}\n").as_bytes());
+        read_until(&console.output, Duration::from_secs(20), |l| l == "OK");
+    }
+    vm.pause().unwrap();
+    snapshot::write_snapshot(&vm, dir.path()).unwrap();
+    vm.stop();
+    let (vm, console) = snapshot::restore_snapshot(dir.path(), false).unwrap();
+    for i in 0..20 {
+        console.input.send(format!("GET key{i}\n").as_bytes());
+        let line = read_until(&console.output, Duration::from_secs(20), |_| true).remove(0);
+        assert_eq!(line, format!("VALUE value{i}"));
+    }
+    vm.stop();
+
+    // dirtier: the restored RAM equals the saved RAM page for page, and the
+    // guest keeps working from where it was.
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, _console) = boot(BuiltinBoot::dirtier(512, 0, 1000), false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm
+        .ram()
+        .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
+        .unwrap()
+        < 2000
+    {
+        assert!(Instant::now() < deadline, "dirtier made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause().unwrap();
+    snapshot::write_snapshot(&vm, dir.path()).unwrap();
+    let mut saved = Vec::new();
+    vm.ram().dump_to(&mut saved).unwrap();
+    vm.stop();
+    let (restored, _console) = snapshot::restore_snapshot(dir.path(), true).unwrap();
+    let mut page = [0u8; PAGE_SIZE];
+    for (i, expected) in saved.chunks(PAGE_SIZE).enumerate() {
+        restored.ram().copy_page(i, &mut page).unwrap();
+        assert!(page[..] == *expected, "page {i:#x} differs after restore");
+    }
+    let work = |vm: &Vm| {
+        vm.ram()
+            .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
+            .unwrap()
+    };
+    let saved_work = work(&restored);
+    restored.resume().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while work(&restored) < saved_work + 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "restored dirtier made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    restored.stop();
+}
+
+#[test]
+fn damaged_snapshots_are_refused_and_left_alone() {
+    use snapshot::{MEMORY_FILE, STATE_FILE, SnapshotError};
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, console) = boot(BuiltinBoot::counter(5), false);
+    read_until(&console.output, Duration::from_secs(20), |l| l == "count 1");
+    vm.pause().unwrap();
+    snapshot::write_snapshot(&vm, dir.path()).unwrap();
+    vm.stop();
+    let state = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
+    let memory = std::fs::read(dir.path().join(MEMORY_FILE)).unwrap();
+
+    let damaged = |state_bytes: &[u8], memory_bytes: &[u8]| {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(STATE_FILE), state_bytes).unwrap();
+        std::fs::write(d.path().join(MEMORY_FILE), memory_bytes).unwrap();
+        let err = snapshot::restore_snapshot(d.path(), true).unwrap_err();
+        assert_eq!(
+            std::fs::read(d.path().join(MEMORY_FILE)).unwrap(),
+            memory_bytes
+        );
+        err
+    };
+    let mut flipped = memory.clone();
+    flipped[0x100123] ^= 1;
+    assert!(matches!(
+        damaged(&state, &flipped),
+        SnapshotError::RamChecksum { .. }
+    ));
+    assert!(matches!(
+        damaged(&state, &memory[..memory.len() - 4096]),
+        SnapshotError::RamSize { .. }
+    ));
+    let err = damaged(&state[..state.len() - 3], &memory);
+    assert!(err.to_string().contains("unusable"), "{err}");
+    let mut newer = state.clone();
+    newer[8] = 9;
+    let err = damaged(&newer, &memory);
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        chain.contains("format version 9 is not supported"),
+        "{chain}"
+    );
+    let missing = tempfile::tempdir().unwrap();
+    let err = snapshot::restore_snapshot(missing.path(), true).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read snapshot state"),
+        "{err}"
+    );
 }
