@@ -37,8 +37,8 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(
-        "cannot open /dev/kvm ({0}): this host needs KVM. Load the kvm module (or run on a host \
-         that has /dev/kvm) and make /dev/kvm readable and writable by this user"
+        "cannot open /dev/kvm: this host needs KVM. Load the kvm module (or run on a host that \
+         has /dev/kvm) and make /dev/kvm readable and writable by this user"
     )]
     KvmUnavailable(#[source] kvm_ioctls::Error),
     #[error("KVM {step} failed")]

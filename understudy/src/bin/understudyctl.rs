@@ -1,1 +1,111 @@
-fn main() {}
+//! `understudyctl`: the operator CLI. Parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use understudy::local::{self, RunOptions, SessionOptions};
+use understudy_vmm::BuiltinGuest;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "understudyctl",
+    version,
+    about = "Operate understudy: run, snapshot and restore VMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct Session {
+    /// Stop after this long (e.g. 2s, 500ms); otherwise run until the guest ends or Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stop_after: Option<Duration>,
+    /// At the end, pause the VM and write a full snapshot into this directory.
+    #[arg(long, value_name = "DIR")]
+    snapshot_to: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a built-in guest with its console on stdin/stdout.
+    Run {
+        /// Which built-in guest: counter, dirtier or kv.
+        #[arg(long)]
+        guest: BuiltinGuest,
+        /// Guest RAM in MiB (8 to 3072).
+        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        mem: usize,
+        /// counter: milliseconds between lines.
+        #[arg(long, default_value_t = 50, value_name = "MS")]
+        interval: u64,
+        /// dirtier: working set in 4 KiB pages.
+        #[arg(long, default_value_t = 1024, value_name = "PAGES")]
+        working_set: u64,
+        /// dirtier: pages written per second (0 = as fast as it can).
+        #[arg(long, default_value_t = 10_000, value_name = "PAGES_PER_SEC")]
+        dirty_rate: u64,
+        /// dirtier: milliseconds between "work N" lines.
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        report: u64,
+        #[command(flatten)]
+        session: Session,
+    },
+    /// Resume a snapshot written by `run --snapshot-to` in this process.
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        session: Session,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            guest,
+            mem,
+            interval,
+            working_set,
+            dirty_rate,
+            report,
+            session,
+        } => local::run(&RunOptions {
+            guest,
+            mem_mib: mem,
+            interval_ms: interval,
+            working_set,
+            dirty_rate,
+            report_ms: report,
+            session: session.into(),
+        }),
+        Command::Restore { dir, session } => local::restore(&dir, &session.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("understudyctl: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl From<Session> for SessionOptions {
+    fn from(s: Session) -> Self {
+        Self {
+            stop_after: s.stop_after,
+            snapshot_to: s.snapshot_to,
+        }
+    }
+}
