@@ -1,0 +1,196 @@
+//! Chunk framing: every piece of an epoch on the wire or on disk is one chunk,
+//! self-describing and self-checking, at most [`MAX_CHUNK_BODY`] bytes of body.
+//!
+//! ```text
+//! 0        4        6      7       8          16      20         24         28          32
+//! | "USEC" | ver u16| kind | flags | epoch u64 | seq u32| body_len | body_crc | header_crc | body …
+//! ```
+//! All integers little-endian; CRCs are CRC-32C. An epoch is the sequence
+//! `Begin, Pages*, Device*, End` with `seq` counting from 0 (see `epoch.rs`).
+
+use crate::codec::Reader;
+
+/// Magic at the start of every chunk.
+pub const CHUNK_MAGIC: [u8; 4] = *b"USEC";
+/// Chunk format version this build reads and writes.
+pub const CHUNK_FORMAT_VERSION: u16 = 1;
+/// Bytes in a chunk header.
+pub const CHUNK_HEADER_LEN: usize = 32;
+/// Largest chunk body: a stream can carry any epoch in chunks well under 1 MiB.
+pub const MAX_CHUNK_BODY: usize = 256 * 1024;
+
+/// What a chunk carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkKind {
+    Begin = 1,
+    Pages = 2,
+    Device = 3,
+    End = 4,
+}
+
+impl ChunkKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Begin,
+            2 => Self::Pages,
+            3 => Self::Device,
+            4 => Self::End,
+            _ => return None,
+        })
+    }
+}
+
+/// A parsed chunk header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub kind: ChunkKind,
+    pub epoch: u64,
+    pub seq: u32,
+}
+
+/// Why bytes are not a valid chunk.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk of {len} bytes is shorter than its {CHUNK_HEADER_LEN}-byte header")]
+    Truncated { len: usize },
+    #[error("not an understudy epoch chunk (magic {found:02x?})")]
+    BadMagic { found: [u8; 4] },
+    #[error(
+        "epoch chunk format version {found} is not supported (this build speaks {CHUNK_FORMAT_VERSION}): \
+         run the same understudy release on both hosts"
+    )]
+    UnsupportedVersion { found: u16 },
+    #[error("chunk header checksum mismatch: the chunk is corrupt")]
+    HeaderChecksum,
+    #[error("chunk kind {0} is unknown")]
+    UnknownKind(u8),
+    #[error("chunk body claims {claimed} bytes but {actual} arrived")]
+    LengthMismatch { claimed: usize, actual: usize },
+    #[error("chunk body of {0} bytes exceeds the {MAX_CHUNK_BODY}-byte limit")]
+    TooLarge(usize),
+    #[error("chunk body checksum mismatch: the chunk is corrupt")]
+    BodyChecksum,
+}
+
+/// Frames `body` as a chunk.
+pub fn frame(kind: ChunkKind, epoch: u64, seq: u32, body: &[u8]) -> Vec<u8> {
+    debug_assert!(body.len() <= MAX_CHUNK_BODY);
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + body.len());
+    out.extend_from_slice(&CHUNK_MAGIC);
+    out.extend_from_slice(&CHUNK_FORMAT_VERSION.to_le_bytes());
+    out.push(kind as u8);
+    out.push(0);
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let header_crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&header_crc.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Parses and verifies one chunk; returns its header and body.
+pub fn parse(bytes: &[u8]) -> Result<(ChunkHeader, &[u8]), ChunkError> {
+    if bytes.len() < CHUNK_HEADER_LEN {
+        return Err(ChunkError::Truncated { len: bytes.len() });
+    }
+    let (header, body) = bytes.split_at(CHUNK_HEADER_LEN);
+    let mut r = Reader::new(header);
+    let truncated = ChunkError::Truncated { len: bytes.len() };
+    let magic = r.take(4).ok_or(truncated.clone())?;
+    if magic != CHUNK_MAGIC {
+        let mut found = [0u8; 4];
+        found.copy_from_slice(magic);
+        return Err(ChunkError::BadMagic { found });
+    }
+    let version = r.u16().ok_or(truncated.clone())?;
+    if version != CHUNK_FORMAT_VERSION {
+        return Err(ChunkError::UnsupportedVersion { found: version });
+    }
+    let stored_header_crc = u32::from_le_bytes([header[28], header[29], header[30], header[31]]);
+    if crc32c::crc32c(&header[..28]) != stored_header_crc {
+        return Err(ChunkError::HeaderChecksum);
+    }
+    let kind_byte = r.u8().ok_or(truncated.clone())?;
+    let kind = ChunkKind::from_u8(kind_byte).ok_or(ChunkError::UnknownKind(kind_byte))?;
+    let _flags = r.u8();
+    let epoch = r.u64().ok_or(truncated.clone())?;
+    let seq = r.u32().ok_or(truncated.clone())?;
+    let body_len = r.u32().ok_or(truncated.clone())? as usize;
+    let body_crc = r.u32().ok_or(truncated)?;
+    if body_len > MAX_CHUNK_BODY {
+        return Err(ChunkError::TooLarge(body_len));
+    }
+    if body_len != body.len() {
+        return Err(ChunkError::LengthMismatch {
+            claimed: body_len,
+            actual: body.len(),
+        });
+    }
+    if crc32c::crc32c(body) != body_crc {
+        return Err(ChunkError::BodyChecksum);
+    }
+    Ok((ChunkHeader { kind, epoch, seq }, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_parse_round_trip() {
+        let chunk = frame(ChunkKind::Pages, 42, 3, b"hello");
+        let (h, body) = parse(&chunk).unwrap();
+        assert_eq!(
+            h,
+            ChunkHeader {
+                kind: ChunkKind::Pages,
+                epoch: 42,
+                seq: 3
+            }
+        );
+        assert_eq!(body, b"hello");
+    }
+
+    #[test]
+    fn any_corruption_or_truncation_is_refused() {
+        let chunk = frame(ChunkKind::End, 7, 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        for i in 0..chunk.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = chunk.clone();
+                bad[i] ^= bit;
+                assert!(
+                    parse(&bad).is_err(),
+                    "flip of byte {i} bit {bit:#x} accepted"
+                );
+            }
+        }
+        for len in 0..chunk.len() {
+            assert!(
+                parse(&chunk[..len]).is_err(),
+                "truncation to {len} accepted"
+            );
+        }
+        let mut longer = chunk.clone();
+        longer.push(0);
+        assert!(matches!(
+            parse(&longer),
+            Err(ChunkError::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn version_and_magic_errors_are_specific() {
+        let mut chunk = frame(ChunkKind::Begin, 1, 0, b"");
+        chunk[4] = 2;
+        assert_eq!(
+            parse(&chunk),
+            Err(ChunkError::UnsupportedVersion { found: 2 })
+        );
+        let mut chunk = frame(ChunkKind::Begin, 1, 0, b"");
+        chunk[0] = b'X';
+        assert!(matches!(parse(&chunk), Err(ChunkError::BadMagic { .. })));
+    }
+}

@@ -1,0 +1,447 @@
+//! Page codecs: how one dirty page is written into an epoch, and read back.
+//!
+//! | id | codec        | payload                                   | decoded from              |
+//! |----|--------------|-------------------------------------------|---------------------------|
+//! | 0  | `Zero`       | none                                      | nothing                   |
+//! | 1  | `Raw`        | 4096 bytes                                | the payload               |
+//! | 2  | `Lz4`        | u16 length + lz4 block                    | the payload               |
+//! | 3  | `Zstd`       | u16 length + zstd frame                   | the payload               |
+//! | 4  | `SameAs`     | u32 page                                  | that page, as committed   |
+//! | 5  | `RepeatOf`   | u32 page (earlier in this epoch)          | that page's new content   |
+//! | 6  | `DeltaWords` | u16 n + n × (u16 word index, u64 xor)      | this page, as committed   |
+//! | 7  | `DeltaLz4`   | u16 length + lz4 of (new xor committed)   | this page, as committed   |
+//!
+//! "As committed" is the receiver's image before the epoch: every reference
+//! resolves against it (or, for `RepeatOf`, against the epoch's own earlier
+//! pages), so decoding does not depend on the order pages are applied in.
+//! The choice of codec is the sender's ([`crate::epoch::EpochEncoder`]).
+
+use crate::page::{PAGE_SIZE, Page};
+
+/// Words in a page, for word deltas.
+pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
+
+/// The codec of one encoded page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Codec {
+    Zero = 0,
+    Raw = 1,
+    Lz4 = 2,
+    Zstd = 3,
+    SameAs = 4,
+    RepeatOf = 5,
+    DeltaWords = 6,
+    DeltaLz4 = 7,
+}
+
+impl Codec {
+    pub const ALL: [Codec; 8] = [
+        Self::Zero,
+        Self::Raw,
+        Self::Lz4,
+        Self::Zstd,
+        Self::SameAs,
+        Self::RepeatOf,
+        Self::DeltaWords,
+        Self::DeltaLz4,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Zero => "zero",
+            Self::Raw => "raw",
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
+            Self::SameAs => "same-as",
+            Self::RepeatOf => "repeat-of",
+            Self::DeltaWords => "delta-words",
+            Self::DeltaLz4 => "delta-lz4",
+        }
+    }
+}
+
+/// How full pages are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Lz4,
+    /// zstd at the given level (1–19): for slow links.
+    Zstd(i32),
+}
+
+/// Which encodings the sender may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodecPolicy {
+    /// Send all-zero pages as `Zero`.
+    pub zero: bool,
+    /// Send pages whose content the receiver already holds as references.
+    pub dedup: bool,
+    /// Send XOR deltas against the previous version of a page.
+    pub delta: bool,
+    /// Compression for full pages (and word-dense deltas).
+    pub compression: Compression,
+    /// Pages of previous versions kept for deltas (bounded memory:
+    /// `delta_cache_pages` × 4 KiB).
+    pub delta_cache_pages: usize,
+    /// Stop compressing full pages while recent pages do not shrink by at
+    /// least 1/8 (re-checked periodically), so incompressible memory costs no
+    /// CPU; see [`Adaptive`].
+    pub adaptive: bool,
+}
+
+impl CodecPolicy {
+    /// Every page raw: the baseline.
+    pub const RAW: CodecPolicy = CodecPolicy {
+        zero: false,
+        dedup: false,
+        delta: false,
+        compression: Compression::None,
+        delta_cache_pages: 0,
+        adaptive: false,
+    };
+
+    /// The default: zero, dedup, delta, lz4, adaptive.
+    pub const ADAPTIVE: CodecPolicy = CodecPolicy {
+        zero: true,
+        dedup: true,
+        delta: true,
+        compression: Compression::Lz4,
+        delta_cache_pages: 8192,
+        adaptive: true,
+    };
+}
+
+impl Default for CodecPolicy {
+    fn default() -> Self {
+        Self::ADAPTIVE
+    }
+}
+
+/// Sparse deltas with at most this many changed words are sent as a word list
+/// (10 bytes a word); denser ones are compressed whole.
+pub const MAX_DELTA_WORDS: usize = 192;
+
+/// A full page is sent compressed only if that saves at least 1/8.
+const WORTHWHILE: usize = PAGE_SIZE - PAGE_SIZE / 8;
+
+fn words(page: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    page.chunks_exact(8).map(|w| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        u64::from_le_bytes(b)
+    })
+}
+
+/// Appends the word-list delta of `new` against `old` if it has at most
+/// `MAX_DELTA_WORDS` changed words. Returns whether it did.
+pub fn encode_delta_words(old: &Page, new: &Page, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let mut n = 0usize;
+    for (i, (a, b)) in words(old).zip(words(new)).enumerate() {
+        if a != b {
+            n += 1;
+            if n > MAX_DELTA_WORDS {
+                out.truncate(start);
+                return false;
+            }
+            out.extend_from_slice(&(i as u16).to_le_bytes());
+            out.extend_from_slice(&(a ^ b).to_le_bytes());
+        }
+    }
+    out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
+    true
+}
+
+/// Appends `u16 length + compressed` if compression saves at least 1/8.
+pub fn encode_compressed(page: &[u8], compression: Compression, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let len = match compression {
+        Compression::None => None,
+        Compression::Lz4 => {
+            out.resize(
+                start + 2 + lz4_flex::block::get_maximum_output_size(PAGE_SIZE),
+                0,
+            );
+            lz4_flex::block::compress_into(page, &mut out[start + 2..]).ok()
+        }
+        Compression::Zstd(level) => {
+            out.resize(start + 2 + zstd::zstd_safe::compress_bound(PAGE_SIZE), 0);
+            zstd::bulk::compress_to_buffer(page, &mut out[start + 2..], level).ok()
+        }
+    };
+    match len {
+        Some(len) if len <= WORTHWHILE => {
+            out.truncate(start + 2 + len);
+            out[start..start + 2].copy_from_slice(&(len as u16).to_le_bytes());
+            true
+        }
+        _ => {
+            out.truncate(start);
+            false
+        }
+    }
+}
+
+/// Why a page payload could not be decoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("{codec} payload is cut short")]
+    Truncated { codec: &'static str },
+    #[error("{codec} payload does not decompress to one page")]
+    BadCompressed { codec: &'static str },
+    #[error("delta word index {index} is outside the page")]
+    BadWordIndex { index: u16 },
+    #[error("delta has {count} words, more than a page holds")]
+    BadWordCount { count: u16 },
+}
+
+/// A cursor over untrusted bytes.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, pos: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.bytes.len()
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let out = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(out)
+    }
+
+    pub fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    pub fn u32(&mut self) -> Option<u32> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Some(u32::from_le_bytes(a))
+    }
+
+    pub fn u64(&mut self) -> Option<u64> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Some(u64::from_le_bytes(a))
+    }
+
+    pub fn u128(&mut self) -> Option<u128> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Some(u128::from_le_bytes(a))
+    }
+}
+
+/// Decodes a self-contained payload (`Raw`, `Lz4`, `Zstd`) into `out`.
+pub fn decode_full(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(), CodecError> {
+    let name = codec.name();
+    let truncated = || CodecError::Truncated { codec: name };
+    let bad = || CodecError::BadCompressed { codec: name };
+    match codec {
+        Codec::Raw => out.copy_from_slice(r.take(PAGE_SIZE).ok_or_else(truncated)?),
+        Codec::Lz4 => {
+            let len = r.u16().ok_or_else(truncated)? as usize;
+            let data = r.take(len).ok_or_else(truncated)?;
+            let n = lz4_flex::block::decompress_into(data, out).map_err(|_| bad())?;
+            if n != PAGE_SIZE {
+                return Err(bad());
+            }
+        }
+        Codec::Zstd => {
+            let len = r.u16().ok_or_else(truncated)? as usize;
+            let data = r.take(len).ok_or_else(truncated)?;
+            let n = zstd::bulk::decompress_to_buffer(data, &mut out[..]).map_err(|_| bad())?;
+            if n != PAGE_SIZE {
+                return Err(bad());
+            }
+        }
+        _ => unreachable!("decode_full is only called for self-contained codecs"),
+    }
+    Ok(())
+}
+
+/// Applies a delta payload to `out`, which holds the base (committed) page.
+pub fn apply_delta(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(), CodecError> {
+    let name = codec.name();
+    let truncated = || CodecError::Truncated { codec: name };
+    match codec {
+        Codec::DeltaWords => {
+            let count = r.u16().ok_or_else(truncated)?;
+            if count as usize > PAGE_WORDS {
+                return Err(CodecError::BadWordCount { count });
+            }
+            for _ in 0..count {
+                let index = r.u16().ok_or_else(truncated)?;
+                let xor = r.u64().ok_or_else(truncated)?;
+                let at = index as usize * 8;
+                let word = out
+                    .get_mut(at..at + 8)
+                    .ok_or(CodecError::BadWordIndex { index })?;
+                let mut b = [0u8; 8];
+                b.copy_from_slice(word);
+                word.copy_from_slice(&(u64::from_le_bytes(b) ^ xor).to_le_bytes());
+            }
+        }
+        Codec::DeltaLz4 => {
+            let mut xor = [0u8; PAGE_SIZE];
+            decode_full(Codec::Lz4, r, &mut xor).map_err(|e| match e {
+                CodecError::Truncated { .. } => truncated(),
+                _ => CodecError::BadCompressed { codec: name },
+            })?;
+            for (o, x) in out.iter_mut().zip(xor) {
+                *o ^= x;
+            }
+        }
+        _ => unreachable!("apply_delta is only called for delta codecs"),
+    }
+    Ok(())
+}
+
+/// Adaptive compression: samples whether compressing full pages pays.
+#[derive(Clone, Debug, Default)]
+pub struct Adaptive {
+    tried: u32,
+    saved: u64,
+    skip: u32,
+}
+
+const SAMPLE_PAGES: u32 = 256;
+const SKIP_PAGES: u32 = 4096;
+
+impl Adaptive {
+    /// Whether to try compressing the next full page.
+    pub fn should_try(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// Records the outcome of one attempt (`out_len` = PAGE_SIZE if it did not pay).
+    pub fn record(&mut self, out_len: usize) {
+        self.tried += 1;
+        self.saved += (PAGE_SIZE - out_len.min(PAGE_SIZE)) as u64;
+        if self.tried == SAMPLE_PAGES {
+            if self.saved < (SAMPLE_PAGES as u64 * PAGE_SIZE as u64) / 8 {
+                self.skip = SKIP_PAGES;
+            }
+            self.tried = 0;
+            self.saved = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_with(f: impl FnMut(usize) -> u8) -> Page {
+        std::array::from_fn(f)
+    }
+
+    #[test]
+    fn word_delta_round_trips_and_gives_up_when_dense() {
+        let old = page_with(|i| i as u8);
+        let mut new = old;
+        new[8] ^= 0xff;
+        new[4095] = 7;
+        let mut out = Vec::new();
+        assert!(encode_delta_words(&old, &new, &mut out));
+        assert_eq!(out.len(), 2 + 2 * 10);
+        let mut base = old;
+        apply_delta(Codec::DeltaWords, &mut Reader::new(&out), &mut base).unwrap();
+        assert_eq!(base, new);
+
+        let dense = page_with(|i| (i * 7) as u8 ^ 0x5a);
+        let mut out = vec![9];
+        assert!(!encode_delta_words(&old, &dense, &mut out));
+        assert_eq!(out, vec![9], "nothing left behind");
+    }
+
+    #[test]
+    fn compression_round_trips_and_is_skipped_when_it_does_not_pay() {
+        let text = page_with(|i| b"understudy "[i % 11]);
+        for compression in [Compression::Lz4, Compression::Zstd(3)] {
+            let mut out = Vec::new();
+            assert!(encode_compressed(&text, compression, &mut out));
+            let codec = if compression == Compression::Lz4 {
+                Codec::Lz4
+            } else {
+                Codec::Zstd
+            };
+            let mut page = [0u8; PAGE_SIZE];
+            decode_full(codec, &mut Reader::new(&out), &mut page).unwrap();
+            assert_eq!(page, text);
+        }
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let noise = page_with(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        });
+        let mut out = Vec::new();
+        assert!(!encode_compressed(&noise, Compression::Lz4, &mut out));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        let mut page = [0u8; PAGE_SIZE];
+        let cases: &[(Codec, &[u8])] = &[
+            (Codec::Raw, &[1, 2, 3]),
+            (Codec::Lz4, &[10, 0, 1]),
+            (Codec::Lz4, &[3, 0, 0xff, 0xff, 0xff]),
+            (Codec::Zstd, &[2, 0, 1, 2]),
+            (Codec::DeltaWords, &[1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]),
+            (Codec::DeltaWords, &[0xff, 0xff]),
+            (Codec::DeltaWords, &[1, 0, 1]),
+            (Codec::DeltaLz4, &[5, 0]),
+        ];
+        for (codec, bytes) in cases {
+            let r = &mut Reader::new(bytes);
+            let result = match codec {
+                Codec::DeltaWords | Codec::DeltaLz4 => apply_delta(*codec, r, &mut page),
+                _ => decode_full(*codec, r, &mut page),
+            };
+            assert!(result.is_err(), "{codec:?} {bytes:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn adaptive_stops_trying_on_incompressible_pages_and_probes_again() {
+        let mut a = Adaptive::default();
+        for _ in 0..SAMPLE_PAGES {
+            assert!(a.should_try());
+            a.record(PAGE_SIZE);
+        }
+        let skipped = (0..SKIP_PAGES).filter(|_| !a.should_try()).count();
+        assert_eq!(skipped, SKIP_PAGES as usize);
+        assert!(a.should_try(), "probes again after the skip window");
+    }
+}

@@ -1,0 +1,922 @@
+//! Epochs: the unit of replication. The sender ([`SenderState`] +
+//! [`EpochEncoder`]) turns dirty pages and a device-state blob into chunks; the
+//! receiver ([`EpochDecoder`]) turns chunks back into a [`StagedEpoch`], checked
+//! against the receiver's committed image, without touching that image.
+//!
+//! ```text
+//! chunk seq:  0        1 … k          k+1 … m         m+1
+//!           Begin → Pages … Pages → Device … Device → End
+//!   Begin:  kind u8, generation u64, ram_pages u32, vm_id (u16 len + UTF-8)
+//!   Pages:  runs of { first_page u32, count u16, count × (codec u8, payload) }
+//!   Device: a slice of the device-state blob
+//!   End:    chunks u32, pages u32, device_len u32, device_crc u32, digest u128
+//! ```
+//!
+//! Two kinds of epoch: a **checkpoint** (a consistent VM state: dirty pages,
+//! device state and the digest of the image after applying it; committed
+//! atomically) and a **sync round** (pages streamed while the guest runs during
+//! the initial sync; written straight into an image that is not yet committed).
+//!
+//! The sender tracks what the receiver holds (page hashes, a dedup index and a
+//! bounded cache of previous page versions) *as if every epoch it encodes is
+//! committed*. If one is not, that state is wrong: the caller must drop the
+//! `SenderState` and run a full sync again.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+
+use crate::chunk::{self, ChunkError, ChunkKind, MAX_CHUNK_BODY};
+use crate::codec::{
+    self, Adaptive, Codec, CodecError, CodecPolicy, Compression, Reader, encode_compressed,
+    encode_delta_words,
+};
+use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, is_zero, page_hash};
+
+/// Longest VM id.
+pub const MAX_VM_ID_LEN: usize = 128;
+/// Largest device-state blob an epoch may carry.
+pub const MAX_DEVICE_STATE: usize = 16 << 20;
+
+/// What an epoch is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EpochKind {
+    /// A consistent checkpoint, committed atomically.
+    Checkpoint = 0,
+    /// Pages of an initial sync, streamed while the guest runs.
+    SyncRound = 1,
+}
+
+/// Identity and position of an epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochHeader {
+    pub vm_id: String,
+    pub generation: u64,
+    pub epoch: u64,
+    pub ram_pages: u32,
+    pub kind: EpochKind,
+}
+
+/// Per-epoch encoding figures.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EncodeReport {
+    /// Pages per codec, indexed by `Codec as usize`.
+    pub pages_by_codec: [u64; 8],
+    pub pages: u64,
+    /// Guest bytes in (pages × 4 KiB) and bytes out (all chunks, framing included).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub device_state_bytes: u64,
+    pub chunks: u32,
+    pub encode_time: Duration,
+}
+
+impl EncodeReport {
+    /// Bytes out ÷ bytes in.
+    pub fn ratio(&self) -> f64 {
+        if self.bytes_in == 0 {
+            return 0.0;
+        }
+        self.bytes_out as f64 / self.bytes_in as f64
+    }
+}
+
+/// Why an epoch could not be encoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("page {page} is outside guest RAM ({ram_pages} pages)")]
+    PageOutOfRange { page: u32, ram_pages: u32 },
+    #[error("pages must be added in ascending order without repeats: {page} after {after}")]
+    NotAscending { page: u32, after: u32 },
+    #[error("{unknown} pages were never sent: a checkpoint needs a complete first sync round")]
+    ReceiverStateUnknown { unknown: usize },
+    #[error("epoch {got} does not follow epoch {last}")]
+    EpochOrder { last: u64, got: u64 },
+    #[error("device state of {0} bytes exceeds the {MAX_DEVICE_STATE}-byte limit")]
+    DeviceStateTooLarge(usize),
+    #[error("VM id must be 1 to {MAX_VM_ID_LEN} bytes")]
+    BadVmId,
+}
+
+/// What the sender knows of the receiver's image.
+#[derive(Debug)]
+pub struct SenderState {
+    vm_id: String,
+    ram_pages: u32,
+    generation: u64,
+    policy: CodecPolicy,
+    hashes: Vec<PageHash>,
+    known: Vec<bool>,
+    unknown: usize,
+    digest: ImageDigest,
+    dedup: HashMap<PageHash, u32>,
+    cache: Option<LruCache<u32, Box<Page>>>,
+    adaptive: Adaptive,
+    last_epoch: Option<u64>,
+}
+
+impl SenderState {
+    /// A sender for a receiver whose content is not known yet (the first sync
+    /// round must send every page).
+    pub fn new(
+        vm_id: &str,
+        ram_pages: u32,
+        generation: u64,
+        policy: CodecPolicy,
+    ) -> Result<Self, EncodeError> {
+        if vm_id.is_empty() || vm_id.len() > MAX_VM_ID_LEN {
+            return Err(EncodeError::BadVmId);
+        }
+        let cache = NonZeroUsize::new(policy.delta_cache_pages)
+            .filter(|_| policy.delta)
+            .map(LruCache::new);
+        Ok(Self {
+            vm_id: vm_id.to_owned(),
+            ram_pages,
+            generation,
+            policy,
+            hashes: vec![0; ram_pages as usize],
+            known: vec![false; ram_pages as usize],
+            unknown: ram_pages as usize,
+            digest: ImageDigest::default(),
+            dedup: HashMap::new(),
+            cache,
+            adaptive: Adaptive::default(),
+            last_epoch: None,
+        })
+    }
+
+    /// The digest the receiver's image will have after the last encoded epoch
+    /// (meaningful once every page is known).
+    pub fn digest(&self) -> ImageDigest {
+        self.digest
+    }
+
+    /// Pages whose receiver content is not known yet.
+    pub fn unknown_pages(&self) -> usize {
+        self.unknown
+    }
+
+    pub fn policy(&self) -> CodecPolicy {
+        self.policy
+    }
+
+    /// Starts encoding epoch `epoch`.
+    pub fn begin(&mut self, epoch: u64, kind: EpochKind) -> Result<EpochEncoder<'_>, EncodeError> {
+        if let Some(last) = self.last_epoch
+            && epoch != last + 1
+        {
+            return Err(EncodeError::EpochOrder { last, got: epoch });
+        }
+        if kind == EpochKind::Checkpoint && self.unknown > 0 {
+            // Pages of this epoch may still fill the gaps; checked in finish().
+        }
+        let header = EpochHeader {
+            vm_id: self.vm_id.clone(),
+            generation: self.generation,
+            epoch,
+            ram_pages: self.ram_pages,
+            kind,
+        };
+        let mut begin = Vec::with_capacity(16 + header.vm_id.len());
+        begin.push(kind as u8);
+        begin.extend_from_slice(&header.generation.to_le_bytes());
+        begin.extend_from_slice(&header.ram_pages.to_le_bytes());
+        begin.extend_from_slice(&(header.vm_id.len() as u16).to_le_bytes());
+        begin.extend_from_slice(header.vm_id.as_bytes());
+        let first = chunk::frame(ChunkKind::Begin, epoch, 0, &begin);
+        let mut report = EncodeReport {
+            bytes_out: first.len() as u64,
+            chunks: 1,
+            ..Default::default()
+        };
+        report.chunks = 1;
+        Ok(EpochEncoder {
+            state: self,
+            header,
+            seq: 1,
+            ready: vec![first],
+            body: Vec::with_capacity(MAX_CHUNK_BODY),
+            run_header: None,
+            last_page: None,
+            seen: HashMap::new(),
+            updates: Vec::new(),
+            entry: Vec::with_capacity(PAGE_SIZE + 16),
+            report,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// Encodes one epoch. Add pages in ascending order, then [`finish`](Self::finish).
+#[derive(Debug)]
+pub struct EpochEncoder<'a> {
+    state: &'a mut SenderState,
+    header: EpochHeader,
+    seq: u32,
+    ready: Vec<Vec<u8>>,
+    body: Vec<u8>,
+    /// Offset in `body` of the current run's header, its first page and count.
+    run_header: Option<(usize, u32, u16)>,
+    last_page: Option<u32>,
+    /// Content hash → page already in this epoch (for `RepeatOf`).
+    seen: HashMap<PageHash, u32>,
+    updates: Vec<(u32, PageHash)>,
+    entry: Vec<u8>,
+    report: EncodeReport,
+    started: Instant,
+}
+
+/// An encoded epoch.
+#[derive(Debug)]
+pub struct EncodedEpoch {
+    pub header: EpochHeader,
+    /// Chunks not yet taken with [`EpochEncoder::take_chunks`].
+    pub chunks: Vec<Vec<u8>>,
+    /// Digest of the receiver's image once this epoch is applied.
+    pub digest: ImageDigest,
+    pub report: EncodeReport,
+}
+
+const RUN_HEADER_LEN: usize = 6;
+/// Largest entry: codec byte + raw page (compressed and delta forms are smaller).
+const MAX_ENTRY: usize = 1 + PAGE_SIZE;
+
+impl EpochEncoder<'_> {
+    /// The epoch being encoded.
+    pub fn header(&self) -> &EpochHeader {
+        &self.header
+    }
+
+    /// Adds dirty page `page` with its content at the pause.
+    pub fn add_page(&mut self, page: u32, content: &Page) -> Result<(), EncodeError> {
+        if page >= self.header.ram_pages {
+            return Err(EncodeError::PageOutOfRange {
+                page,
+                ram_pages: self.header.ram_pages,
+            });
+        }
+        if let Some(after) = self.last_page
+            && page <= after
+        {
+            return Err(EncodeError::NotAscending { page, after });
+        }
+        self.last_page = Some(page);
+        let hash = page_hash(content);
+        let codec = self.encode_entry(page, hash, content);
+        self.report.pages_by_codec[codec as usize] += 1;
+        self.report.pages += 1;
+        self.report.bytes_in += PAGE_SIZE as u64;
+        if codec != Codec::Zero {
+            self.seen.entry(hash).or_insert(page);
+        }
+        if let Some(cache) = &mut self.state.cache {
+            match cache.get_mut(&page) {
+                Some(old) => old.copy_from_slice(content),
+                None => {
+                    cache.put(page, Box::new(*content));
+                }
+            }
+        }
+        self.updates.push((page, hash));
+        self.append_entry(page);
+        Ok(())
+    }
+
+    /// Chooses the codec for one page and writes `codec + payload` to `self.entry`.
+    fn encode_entry(&mut self, page: u32, hash: PageHash, content: &Page) -> Codec {
+        let s = &mut *self.state;
+        let policy = s.policy;
+        let out = &mut self.entry;
+        out.clear();
+        out.push(0);
+        let checkpoint = self.header.kind == EpochKind::Checkpoint;
+        let codec = 'choose: {
+            if policy.zero && is_zero(content) {
+                break 'choose Codec::Zero;
+            }
+            if policy.dedup {
+                if checkpoint && s.known[page as usize] && s.hashes[page as usize] == hash {
+                    out.extend_from_slice(&page.to_le_bytes());
+                    break 'choose Codec::SameAs;
+                }
+                if let Some(&earlier) = self.seen.get(&hash) {
+                    out.extend_from_slice(&earlier.to_le_bytes());
+                    break 'choose Codec::RepeatOf;
+                }
+                if checkpoint && let Some(&holder) = s.dedup.get(&hash) {
+                    out.extend_from_slice(&holder.to_le_bytes());
+                    break 'choose Codec::SameAs;
+                }
+            }
+            if checkpoint && let Some(old) = s.cache.as_mut().and_then(|c| c.peek(&page)) {
+                if encode_delta_words(old, content, out) {
+                    break 'choose Codec::DeltaWords;
+                }
+                if policy.compression == Compression::Lz4 && s.adaptive.should_try() {
+                    let mut xor = [0u8; PAGE_SIZE];
+                    for ((x, a), b) in xor.iter_mut().zip(old.iter()).zip(content) {
+                        *x = a ^ b;
+                    }
+                    let ok = encode_compressed(&xor, Compression::Lz4, out);
+                    s.adaptive
+                        .record(if ok { out.len() - 3 } else { PAGE_SIZE });
+                    if ok {
+                        break 'choose Codec::DeltaLz4;
+                    }
+                }
+            }
+            if policy.compression != Compression::None
+                && (!policy.adaptive || s.adaptive.should_try())
+            {
+                let ok = encode_compressed(content, policy.compression, out);
+                s.adaptive
+                    .record(if ok { out.len() - 3 } else { PAGE_SIZE });
+                if ok {
+                    break 'choose match policy.compression {
+                        Compression::Zstd(_) => Codec::Zstd,
+                        _ => Codec::Lz4,
+                    };
+                }
+            }
+            out.extend_from_slice(content);
+            Codec::Raw
+        };
+        out[0] = codec as u8;
+        codec
+    }
+
+    /// Appends `self.entry` for `page` to the current Pages chunk, continuing the
+    /// current run if `page` follows it.
+    fn append_entry(&mut self, page: u32) {
+        if self.body.len() + RUN_HEADER_LEN + MAX_ENTRY > MAX_CHUNK_BODY {
+            self.flush_pages();
+        }
+        match &mut self.run_header {
+            Some((at, first, count)) if *first + u32::from(*count) == page && *count < u16::MAX => {
+                *count += 1;
+                let at = *at;
+                let count = *count;
+                self.body[at + 4..at + 6].copy_from_slice(&count.to_le_bytes());
+            }
+            _ => {
+                let at = self.body.len();
+                self.body.extend_from_slice(&page.to_le_bytes());
+                self.body.extend_from_slice(&1u16.to_le_bytes());
+                self.run_header = Some((at, page, 1));
+            }
+        }
+        self.body.extend_from_slice(&self.entry);
+    }
+
+    fn push_chunk(&mut self, kind: ChunkKind, body: &[u8]) {
+        let framed = chunk::frame(kind, self.header.epoch, self.seq, body);
+        self.seq += 1;
+        self.report.chunks += 1;
+        self.report.bytes_out += framed.len() as u64;
+        self.ready.push(framed);
+    }
+
+    fn flush_pages(&mut self) {
+        if !self.body.is_empty() {
+            let body = std::mem::take(&mut self.body);
+            self.push_chunk(ChunkKind::Pages, &body);
+            self.body = body;
+            self.body.clear();
+        }
+        self.run_header = None;
+    }
+
+    /// Takes the chunks finished so far (to stream them while encoding goes on).
+    pub fn take_chunks(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Adds the device state and the End chunk, and records the epoch as sent.
+    pub fn finish(mut self, device_state: &[u8]) -> Result<EncodedEpoch, EncodeError> {
+        if device_state.len() > MAX_DEVICE_STATE {
+            return Err(EncodeError::DeviceStateTooLarge(device_state.len()));
+        }
+        self.flush_pages();
+        for part in device_state.chunks(MAX_CHUNK_BODY) {
+            self.push_chunk(ChunkKind::Device, part);
+        }
+        // Record what the receiver will hold.
+        let s = &mut *self.state;
+        let all_known_before = s.unknown == 0;
+        for &(page, hash) in &self.updates {
+            let p = page as usize;
+            if s.known[p] {
+                let old = s.hashes[p];
+                if s.dedup.get(&old) == Some(&page) {
+                    s.dedup.remove(&old);
+                }
+                if all_known_before {
+                    s.digest.replace(page, old, hash);
+                }
+            } else {
+                s.known[p] = true;
+                s.unknown -= 1;
+            }
+            s.hashes[p] = hash;
+            if s.policy.dedup {
+                s.dedup.entry(hash).or_insert(page);
+            }
+        }
+        if !all_known_before && s.unknown == 0 {
+            s.digest = ImageDigest::of_hashes(&s.hashes);
+        }
+        if self.header.kind == EpochKind::Checkpoint && s.unknown > 0 {
+            return Err(EncodeError::ReceiverStateUnknown { unknown: s.unknown });
+        }
+        s.last_epoch = Some(self.header.epoch);
+        let digest = if s.unknown == 0 {
+            s.digest
+        } else {
+            ImageDigest::default()
+        };
+        let mut end = Vec::with_capacity(32);
+        end.extend_from_slice(&(self.seq + 1).to_le_bytes());
+        end.extend_from_slice(&(self.report.pages as u32).to_le_bytes());
+        end.extend_from_slice(&(device_state.len() as u32).to_le_bytes());
+        end.extend_from_slice(&crc32c::crc32c(device_state).to_le_bytes());
+        end.extend_from_slice(&digest.0.to_le_bytes());
+        self.push_chunk(ChunkKind::End, &end);
+        self.report.device_state_bytes = device_state.len() as u64;
+        self.report.encode_time = self.started.elapsed();
+        Ok(EncodedEpoch {
+            header: self.header,
+            chunks: self.ready,
+            digest,
+            report: self.report,
+        })
+    }
+}
+
+// ---- receiving ----------------------------------------------------------------
+
+/// The receiver's committed image, as the decoder needs it.
+pub trait CommittedImage {
+    fn vm_id(&self) -> &str;
+    fn ram_pages(&self) -> u32;
+    fn generation(&self) -> u64;
+    /// The epoch number a checkpoint must carry to be accepted (`None`: any,
+    /// i.e. the checkpoint that completes an initial sync).
+    fn next_checkpoint(&self) -> Option<u64>;
+    /// Whether sync rounds are accepted (an initial sync is in progress).
+    fn syncing(&self) -> bool;
+    fn page(&self, page: u32) -> &Page;
+    fn page_hash(&self, page: u32) -> PageHash;
+    fn digest(&self) -> ImageDigest;
+}
+
+/// Why an epoch was refused. The committed image is untouched in every case.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EpochError {
+    #[error("chunk {seq} is invalid")]
+    Chunk {
+        seq: u32,
+        #[source]
+        source: ChunkError,
+    },
+    #[error(
+        "chunk {got} arrived where chunk {expected} was due: the stream lost or reordered chunks"
+    )]
+    OutOfOrder { expected: u32, got: u32 },
+    #[error("chunk belongs to epoch {got}, not epoch {expected}")]
+    MixedEpochs { expected: u64, got: u64 },
+    #[error("a {got:?} chunk is not allowed {when}")]
+    UnexpectedChunk { got: ChunkKind, when: &'static str },
+    #[error("the Begin chunk is malformed: {0}")]
+    BadBegin(&'static str),
+    #[error("epoch is for VM {got:?}, this image holds VM {expected:?}")]
+    WrongVm { expected: String, got: String },
+    #[error("epoch is for {got} pages of RAM, the image has {expected}")]
+    WrongRamSize { expected: u32, got: u32 },
+    #[error(
+        "epoch generation {got} is older than the image's generation {image}: the sender was deposed"
+    )]
+    StaleGeneration { image: u64, got: u64 },
+    #[error(
+        "epoch {got} does not follow the committed epoch (expected {expected}): epochs cannot be skipped or replayed"
+    )]
+    WrongEpoch { expected: u64, got: u64 },
+    #[error("a sync round arrived but no initial sync is in progress")]
+    NotSyncing,
+    #[error(
+        "the image is in an initial sync: only sync rounds and the checkpoint that completes the sync are accepted"
+    )]
+    SyncIncomplete,
+    #[error("Pages chunk is malformed: {0}")]
+    BadPages(&'static str),
+    #[error("page {page} is outside guest RAM ({ram_pages} pages)")]
+    PageOutOfRange { page: u32, ram_pages: u32 },
+    #[error("page {page} follows page {after}: pages must ascend without repeats")]
+    PagesNotAscending { page: u32, after: u32 },
+    #[error("page {page} has unknown codec {codec}")]
+    UnknownCodec { page: u32, codec: u8 },
+    #[error("page {page} cannot be decoded")]
+    Codec {
+        page: u32,
+        #[source]
+        source: CodecError,
+    },
+    #[error("page {page} refers to page {to}, which is {why}")]
+    BadReference {
+        page: u32,
+        to: u32,
+        why: &'static str,
+    },
+    #[error("the End chunk is malformed")]
+    BadEnd,
+    #[error("End says {claimed} {what} but {actual} arrived")]
+    CountMismatch {
+        what: &'static str,
+        claimed: u64,
+        actual: u64,
+    },
+    #[error("device state checksum mismatch")]
+    DeviceChecksum,
+    #[error("device state exceeds {MAX_DEVICE_STATE} bytes")]
+    DeviceStateTooLarge,
+    #[error(
+        "image digest after this epoch would be {computed}, the sender says {expected}: refusing a diverged image"
+    )]
+    DigestMismatch {
+        expected: ImageDigest,
+        computed: ImageDigest,
+    },
+    #[error("the epoch is already complete; chunk {0} is extra")]
+    AfterEnd(u32),
+}
+
+/// A fully received, verified epoch, not yet applied.
+#[derive(Debug)]
+pub struct StagedEpoch {
+    pub header: EpochHeader,
+    /// Page numbers, ascending.
+    pub pages: Vec<u32>,
+    /// `pages.len()` × 4 KiB of new content, in the same order.
+    pub data: Vec<u8>,
+    pub hashes: Vec<PageHash>,
+    pub device_state: Vec<u8>,
+    /// The image digest after applying (verified for checkpoints).
+    pub digest: ImageDigest,
+    /// Bytes of chunks received.
+    pub wire_bytes: u64,
+}
+
+impl StagedEpoch {
+    /// The new content of the `i`-th staged page.
+    pub fn page_data(&self, i: usize) -> &[u8] {
+        &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+}
+
+/// Progress of an epoch's reception.
+#[derive(Debug)]
+pub enum Received {
+    NeedMore,
+    Complete(Box<StagedEpoch>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Begin,
+    Pages,
+    Device,
+    Done,
+}
+
+/// Receives one epoch, chunk by chunk, against a committed image.
+#[derive(Debug)]
+pub struct EpochDecoder {
+    phase: Phase,
+    next_seq: u32,
+    header: Option<EpochHeader>,
+    pages: Vec<u32>,
+    data: Vec<u8>,
+    hashes: Vec<PageHash>,
+    device_state: Vec<u8>,
+    wire_bytes: u64,
+}
+
+impl Default for EpochDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EpochDecoder {
+    pub fn new() -> Self {
+        Self {
+            phase: Phase::Begin,
+            next_seq: 0,
+            header: None,
+            pages: Vec::new(),
+            data: Vec::new(),
+            hashes: Vec::new(),
+            device_state: Vec::new(),
+            wire_bytes: 0,
+        }
+    }
+
+    /// The header, once the Begin chunk has been accepted.
+    pub fn header(&self) -> Option<&EpochHeader> {
+        self.header.as_ref()
+    }
+
+    /// Feeds one chunk.
+    pub fn push(
+        &mut self,
+        bytes: &[u8],
+        image: &dyn CommittedImage,
+    ) -> Result<Received, EpochError> {
+        let seq = self.next_seq;
+        let (h, body) = chunk::parse(bytes).map_err(|source| EpochError::Chunk { seq, source })?;
+        if self.phase == Phase::Done {
+            return Err(EpochError::AfterEnd(h.seq));
+        }
+        if h.seq != seq {
+            return Err(EpochError::OutOfOrder {
+                expected: seq,
+                got: h.seq,
+            });
+        }
+        if let Some(header) = &self.header
+            && h.epoch != header.epoch
+        {
+            return Err(EpochError::MixedEpochs {
+                expected: header.epoch,
+                got: h.epoch,
+            });
+        }
+        self.next_seq += 1;
+        self.wire_bytes += bytes.len() as u64;
+        match (h.kind, &self.phase) {
+            (ChunkKind::Begin, Phase::Begin) => {
+                self.header = Some(parse_begin(h.epoch, body, image)?);
+                self.phase = Phase::Pages;
+            }
+            (ChunkKind::Pages, Phase::Pages) => self.decode_pages(body, image)?,
+            (ChunkKind::Device, Phase::Pages | Phase::Device) => {
+                if self.device_state.len() + body.len() > MAX_DEVICE_STATE {
+                    return Err(EpochError::DeviceStateTooLarge);
+                }
+                self.device_state.extend_from_slice(body);
+                self.phase = Phase::Device;
+            }
+            (ChunkKind::End, Phase::Pages | Phase::Device) => {
+                self.phase = Phase::Done;
+                return self
+                    .finish(body, image)
+                    .map(|s| Received::Complete(Box::new(s)));
+            }
+            (kind, phase) => {
+                return Err(EpochError::UnexpectedChunk {
+                    got: kind,
+                    when: match phase {
+                        Phase::Begin => "before Begin",
+                        Phase::Pages => "among the pages",
+                        Phase::Device => "after the device state",
+                        Phase::Done => "after End",
+                    },
+                });
+            }
+        }
+        Ok(Received::NeedMore)
+    }
+
+    fn decode_pages(&mut self, body: &[u8], image: &dyn CommittedImage) -> Result<(), EpochError> {
+        let ram_pages = image.ram_pages();
+        let checkpoint = self.header.as_ref().map(|h| h.kind) == Some(EpochKind::Checkpoint);
+        let mut r = Reader::new(body);
+        while !r.is_empty() {
+            let first = r
+                .u32()
+                .ok_or(EpochError::BadPages("run header cut short"))?;
+            let count = r
+                .u16()
+                .ok_or(EpochError::BadPages("run header cut short"))?;
+            if count == 0 {
+                return Err(EpochError::BadPages("empty run"));
+            }
+            for i in 0..u32::from(count) {
+                let page = first
+                    .checked_add(i)
+                    .ok_or(EpochError::BadPages("run overflows"))?;
+                if page >= ram_pages {
+                    return Err(EpochError::PageOutOfRange { page, ram_pages });
+                }
+                if let Some(&after) = self.pages.last()
+                    && page <= after
+                {
+                    return Err(EpochError::PagesNotAscending { page, after });
+                }
+                let codec_byte = r.u8().ok_or(EpochError::BadPages("entry cut short"))?;
+                let codec = Codec::from_u8(codec_byte).ok_or(EpochError::UnknownCodec {
+                    page,
+                    codec: codec_byte,
+                })?;
+                let mut out = [0u8; PAGE_SIZE];
+                self.decode_one(page, codec, checkpoint, &mut r, &mut out, image)?;
+                self.hashes.push(page_hash(&out));
+                self.pages.push(page);
+                self.data.extend_from_slice(&out);
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_one(
+        &self,
+        page: u32,
+        codec: Codec,
+        checkpoint: bool,
+        r: &mut Reader<'_>,
+        out: &mut Page,
+        image: &dyn CommittedImage,
+    ) -> Result<(), EpochError> {
+        let codec_err = |source| EpochError::Codec { page, source };
+        let truncated = || EpochError::Codec {
+            page,
+            source: CodecError::Truncated {
+                codec: codec.name(),
+            },
+        };
+        match codec {
+            Codec::Zero => {}
+            Codec::Raw | Codec::Lz4 | Codec::Zstd => {
+                codec::decode_full(codec, r, out).map_err(codec_err)?
+            }
+            Codec::SameAs => {
+                let to = r.u32().ok_or_else(truncated)?;
+                if !checkpoint {
+                    return Err(EpochError::BadReference {
+                        page,
+                        to,
+                        why: "not committed (sync rounds cannot refer to the image)",
+                    });
+                }
+                if to >= image.ram_pages() {
+                    return Err(EpochError::BadReference {
+                        page,
+                        to,
+                        why: "outside guest RAM",
+                    });
+                }
+                out.copy_from_slice(image.page(to));
+            }
+            Codec::RepeatOf => {
+                let to = r.u32().ok_or_else(truncated)?;
+                let i = self
+                    .pages
+                    .binary_search(&to)
+                    .map_err(|_| EpochError::BadReference {
+                        page,
+                        to,
+                        why: "not earlier in this epoch",
+                    })?;
+                out.copy_from_slice(&self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            }
+            Codec::DeltaWords | Codec::DeltaLz4 => {
+                if !checkpoint {
+                    return Err(EpochError::BadReference {
+                        page,
+                        to: page,
+                        why: "not committed (sync rounds cannot carry deltas)",
+                    });
+                }
+                out.copy_from_slice(image.page(page));
+                codec::apply_delta(codec, r, out).map_err(codec_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        body: &[u8],
+        image: &dyn CommittedImage,
+    ) -> Result<StagedEpoch, EpochError> {
+        let mut r = Reader::new(body);
+        let chunks = r.u32().ok_or(EpochError::BadEnd)?;
+        let pages = r.u32().ok_or(EpochError::BadEnd)?;
+        let device_len = r.u32().ok_or(EpochError::BadEnd)?;
+        let device_crc = r.u32().ok_or(EpochError::BadEnd)?;
+        let digest = ImageDigest(r.u128().ok_or(EpochError::BadEnd)?);
+        if !r.is_empty() {
+            return Err(EpochError::BadEnd);
+        }
+        let check = |what, claimed: u64, actual: u64| {
+            if claimed == actual {
+                Ok(())
+            } else {
+                Err(EpochError::CountMismatch {
+                    what,
+                    claimed,
+                    actual,
+                })
+            }
+        };
+        check("chunks", chunks.into(), self.next_seq.into())?;
+        check("pages", pages.into(), self.pages.len() as u64)?;
+        check(
+            "device-state bytes",
+            device_len.into(),
+            self.device_state.len() as u64,
+        )?;
+        if crc32c::crc32c(&self.device_state) != device_crc {
+            return Err(EpochError::DeviceChecksum);
+        }
+        let header = self.header.take().ok_or(EpochError::BadEnd)?;
+        if header.kind == EpochKind::Checkpoint {
+            let mut computed = image.digest();
+            for (&page, &hash) in self.pages.iter().zip(&self.hashes) {
+                computed.replace(page, image.page_hash(page), hash);
+            }
+            if computed != digest {
+                return Err(EpochError::DigestMismatch {
+                    expected: digest,
+                    computed,
+                });
+            }
+        }
+        Ok(StagedEpoch {
+            header,
+            pages: std::mem::take(&mut self.pages),
+            data: std::mem::take(&mut self.data),
+            hashes: std::mem::take(&mut self.hashes),
+            device_state: std::mem::take(&mut self.device_state),
+            digest,
+            wire_bytes: self.wire_bytes,
+        })
+    }
+}
+
+fn parse_begin(
+    epoch: u64,
+    body: &[u8],
+    image: &dyn CommittedImage,
+) -> Result<EpochHeader, EpochError> {
+    let mut r = Reader::new(body);
+    let kind = match r.u8().ok_or(EpochError::BadBegin("cut short"))? {
+        0 => EpochKind::Checkpoint,
+        1 => EpochKind::SyncRound,
+        _ => return Err(EpochError::BadBegin("unknown epoch kind")),
+    };
+    let generation = r.u64().ok_or(EpochError::BadBegin("cut short"))?;
+    let ram_pages = r.u32().ok_or(EpochError::BadBegin("cut short"))?;
+    let len = r.u16().ok_or(EpochError::BadBegin("cut short"))? as usize;
+    if len == 0 || len > MAX_VM_ID_LEN {
+        return Err(EpochError::BadBegin("VM id length"));
+    }
+    let vm_id = std::str::from_utf8(r.take(len).ok_or(EpochError::BadBegin("cut short"))?)
+        .map_err(|_| EpochError::BadBegin("VM id is not UTF-8"))?
+        .to_owned();
+    if !r.is_empty() {
+        return Err(EpochError::BadBegin("trailing bytes"));
+    }
+    if vm_id != image.vm_id() {
+        return Err(EpochError::WrongVm {
+            expected: image.vm_id().to_owned(),
+            got: vm_id,
+        });
+    }
+    if ram_pages != image.ram_pages() {
+        return Err(EpochError::WrongRamSize {
+            expected: image.ram_pages(),
+            got: ram_pages,
+        });
+    }
+    if generation < image.generation() {
+        return Err(EpochError::StaleGeneration {
+            image: image.generation(),
+            got: generation,
+        });
+    }
+    match kind {
+        EpochKind::SyncRound if !image.syncing() => return Err(EpochError::NotSyncing),
+        EpochKind::Checkpoint => {
+            if let Some(expected) = image.next_checkpoint()
+                && epoch != expected
+            {
+                return Err(EpochError::WrongEpoch {
+                    expected,
+                    got: epoch,
+                });
+            }
+        }
+        EpochKind::SyncRound => {}
+    }
+    Ok(EpochHeader {
+        vm_id,
+        generation,
+        epoch,
+        ram_pages,
+        kind,
+    })
+}

@@ -1,0 +1,729 @@
+//! The backup's image store: guest RAM as one file mapped shared (exactly the
+//! layout the VM maps as RAM on promotion, so promotion copies nothing), plus a
+//! metadata record with the VM id, generation, last committed epoch, image
+//! digest and the device state of that epoch.
+//!
+//! Directory layout: `memory.img` (RAM), `meta` (the record), and, only while a
+//! checkpoint is being applied, `journal`.
+//!
+//! Applying a checkpoint is atomic and crash-safe by redo journaling:
+//!
+//! ```text
+//!  decode + verify (image untouched)  →  write journal (pages, device state,
+//!  digest, trailer CRC)  →  ── commit point: a complete journal ──  →  copy
+//!  pages into memory.img  →  rename new meta into place  →  delete journal
+//! ```
+//!
+//! Recovery at [`ImageStore::open`]: a complete journal for the next epoch is
+//! replayed (idempotently); an incomplete one is discarded (its epoch was never
+//! committed and the image was never touched). Then every page is hashed and the
+//! image digest must equal the committed digest, so a torn image is reported,
+//! never served. A process killed at any instant therefore leaves epoch N-1 or
+//! epoch N. Writes reach the page cache in order; `StoreOptions::fsync` adds
+//! fsync/msync at each step for power-loss safety.
+//!
+//! During an initial sync the status is `Syncing`: sync rounds write straight
+//! into `memory.img` (the image holds no committed epoch to protect, and must not
+//! be promoted), and the checkpoint that completes the sync commits it as above.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::codec::Reader;
+use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch};
+use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash};
+
+/// Guest RAM inside an image directory.
+pub const MEMORY_FILE: &str = "memory.img";
+const META_FILE: &str = "meta";
+const JOURNAL_FILE: &str = "journal";
+const META_MAGIC: [u8; 4] = *b"USIM";
+const JOURNAL_MAGIC: [u8; 4] = *b"USJN";
+const JOURNAL_END: [u8; 4] = *b"USJE";
+const FORMAT_VERSION: u32 = 1;
+
+/// Errors of the image store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} already holds an image; open it, or remove it to start over")]
+    Exists { path: PathBuf },
+    #[error("{path} is not an understudy image ({why})")]
+    NotAnImage { path: PathBuf, why: String },
+    #[error(
+        "image format version {found} is not supported (this build uses {FORMAT_VERSION}): \
+         use the understudy release that wrote it, or resync"
+    )]
+    UnsupportedVersion { found: u32 },
+    #[error(
+        "image in {path} is corrupt: its pages hash to digest {computed} but epoch {epoch} \
+         committed {expected}; remove the directory and let the primary resync"
+    )]
+    DigestMismatch {
+        path: PathBuf,
+        epoch: u64,
+        expected: ImageDigest,
+        computed: ImageDigest,
+    },
+    #[error("guest RAM of {0} bytes is not a positive multiple of 4 KiB")]
+    BadRamSize(u64),
+    #[error("VM id must be 1 to {MAX_VM_ID_LEN} bytes")]
+    BadVmId,
+    #[error("the staged epoch no longer fits this image: {0}")]
+    StaleStaging(String),
+    #[error("generation {requested} is not newer than the image's generation {current}")]
+    GenerationNotNewer { current: u64, requested: u64 },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What the image holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageStatus {
+    /// Created, never synced.
+    Empty,
+    /// An initial sync is writing into it: not a consistent VM, never promote.
+    Syncing,
+    /// Exactly the state of this committed epoch.
+    Committed { epoch: u64 },
+}
+
+impl ImageStatus {
+    fn code(self) -> u8 {
+        match self {
+            Self::Empty => 0,
+            Self::Syncing => 1,
+            Self::Committed { .. } => 2,
+        }
+    }
+}
+
+/// Durability of each step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// fsync the journal, msync the image and fsync the metadata at every
+    /// commit: survives power loss, at a cost per epoch. Without it the store
+    /// survives any crash of this process (the page cache keeps every write).
+    pub fsync: bool,
+}
+
+/// What recovery found when the store was opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// No journal: the image was at rest.
+    Clean,
+    /// A complete journal of this epoch was replayed: it had committed.
+    Replayed { epoch: u64 },
+    /// An incomplete or stale journal was discarded: that epoch never committed.
+    Discarded { reason: String },
+}
+
+/// Figures of one applied epoch.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    pub pages: usize,
+    pub journal_bytes: u64,
+    pub apply_time: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Meta {
+    vm_id: String,
+    ram_pages: u32,
+    generation: u64,
+    status: ImageStatus,
+    digest: ImageDigest,
+    device_state: Vec<u8>,
+}
+
+impl Meta {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.vm_id.len() + self.device_state.len());
+        out.extend_from_slice(&META_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.push(self.status.code());
+        let epoch = match self.status {
+            ImageStatus::Committed { epoch } => epoch,
+            _ => 0,
+        };
+        out.extend_from_slice(&epoch.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.ram_pages.to_le_bytes());
+        out.extend_from_slice(&self.digest.0.to_le_bytes());
+        out.extend_from_slice(&(self.vm_id.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.vm_id.as_bytes());
+        out.extend_from_slice(&(self.device_state.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.device_state);
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8], path: &Path) -> Result<Self, StoreError> {
+        let bad = |why: &str| StoreError::NotAnImage {
+            path: path.to_owned(),
+            why: why.to_owned(),
+        };
+        if bytes.len() < 8 || bytes[..4] != META_MAGIC {
+            return Err(bad("no metadata magic"));
+        }
+        let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        if version != FORMAT_VERSION {
+            return Err(StoreError::UnsupportedVersion { found: version });
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+            return Err(bad("metadata checksum mismatch"));
+        }
+        let mut r = Reader::new(&body[8..]);
+        let cut = || bad("metadata cut short");
+        let status = r.u8().ok_or_else(cut)?;
+        let epoch = r.u64().ok_or_else(cut)?;
+        let status = match status {
+            0 => ImageStatus::Empty,
+            1 => ImageStatus::Syncing,
+            2 => ImageStatus::Committed { epoch },
+            _ => return Err(bad("unknown status")),
+        };
+        let generation = r.u64().ok_or_else(cut)?;
+        let ram_pages = r.u32().ok_or_else(cut)?;
+        let digest = ImageDigest(r.u128().ok_or_else(cut)?);
+        let len = r.u16().ok_or_else(cut)? as usize;
+        let vm_id = std::str::from_utf8(r.take(len).ok_or_else(cut)?)
+            .map_err(|_| bad("VM id is not UTF-8"))?
+            .to_owned();
+        let len = r.u32().ok_or_else(cut)? as usize;
+        let device_state = r.take(len).ok_or_else(cut)?.to_vec();
+        if !r.is_empty() {
+            return Err(bad("trailing metadata bytes"));
+        }
+        Ok(Self {
+            vm_id,
+            ram_pages,
+            generation,
+            status,
+            digest,
+            device_state,
+        })
+    }
+}
+
+/// A journal read back for recovery.
+struct Journal {
+    epoch: u64,
+    generation: u64,
+    digest: ImageDigest,
+    pages: Vec<u32>,
+    data: Vec<u8>,
+    device_state: Vec<u8>,
+}
+
+fn encode_journal_head(staged: &StagedEpoch) -> Vec<u8> {
+    let mut head = Vec::with_capacity(48 + staged.pages.len() * 4);
+    head.extend_from_slice(&JOURNAL_MAGIC);
+    head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    head.extend_from_slice(&staged.header.epoch.to_le_bytes());
+    head.extend_from_slice(&staged.header.generation.to_le_bytes());
+    head.extend_from_slice(&(staged.pages.len() as u32).to_le_bytes());
+    head.extend_from_slice(&(staged.device_state.len() as u32).to_le_bytes());
+    head.extend_from_slice(&staged.digest.0.to_le_bytes());
+    for page in &staged.pages {
+        head.extend_from_slice(&page.to_le_bytes());
+    }
+    head
+}
+
+/// Parses a journal; `None` if it is incomplete or damaged in any way.
+fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
+    if bytes.len() < 8 || bytes[bytes.len() - 4..] != JOURNAL_END {
+        return None;
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - 8);
+    let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+    if crc32c::crc32c(body) != crc {
+        return None;
+    }
+    let mut r = Reader::new(body);
+    if r.take(4)? != JOURNAL_MAGIC || r.u32()? != FORMAT_VERSION {
+        return None;
+    }
+    let epoch = r.u64()?;
+    let generation = r.u64()?;
+    let count = r.u32()? as usize;
+    let device_len = r.u32()? as usize;
+    let digest = ImageDigest(r.u128()?);
+    let mut pages = Vec::with_capacity(count.min(ram_pages as usize));
+    for _ in 0..count {
+        let page = r.u32()?;
+        if page >= ram_pages {
+            return None;
+        }
+        pages.push(page);
+    }
+    let data = r.take(count.checked_mul(PAGE_SIZE)?)?.to_vec();
+    let device_state = r.take(device_len)?.to_vec();
+    r.is_empty().then_some(Journal {
+        epoch,
+        generation,
+        digest,
+        pages,
+        data,
+        device_state,
+    })
+}
+
+/// The backup's image of one VM.
+#[derive(Debug)]
+pub struct ImageStore {
+    dir: PathBuf,
+    mem: MmapMut,
+    meta: Meta,
+    hashes: Vec<PageHash>,
+    /// Digest of the current content (equals `meta.digest` when committed).
+    digest: ImageDigest,
+    options: StoreOptions,
+}
+
+impl ImageStore {
+    /// Creates an empty image for `vm_id` with `ram_bytes` of zeroed RAM.
+    /// Creation is atomic: the directory appears complete or not at all.
+    pub fn create(
+        dir: &Path,
+        vm_id: &str,
+        ram_bytes: u64,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
+        if vm_id.is_empty() || vm_id.len() > MAX_VM_ID_LEN {
+            return Err(StoreError::BadVmId);
+        }
+        if ram_bytes == 0
+            || ram_bytes % PAGE_SIZE as u64 != 0
+            || ram_bytes / PAGE_SIZE as u64 > u32::MAX as u64
+        {
+            return Err(StoreError::BadRamSize(ram_bytes));
+        }
+        if dir.join(META_FILE).exists() {
+            return Err(StoreError::Exists {
+                path: dir.to_owned(),
+            });
+        }
+        let ram_pages = (ram_bytes / PAGE_SIZE as u64) as u32;
+        let tmp = dir.with_extension("creating");
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+        let mem_path = tmp.join(MEMORY_FILE);
+        let file = File::create(&mem_path).map_err(io("cannot create", &mem_path))?;
+        file.set_len(ram_bytes)
+            .map_err(io("cannot size", &mem_path))?;
+        let meta = Meta {
+            vm_id: vm_id.to_owned(),
+            ram_pages,
+            generation: 0,
+            status: ImageStatus::Empty,
+            digest: ImageDigest::of_zero_image(ram_pages),
+            device_state: Vec::new(),
+        };
+        write_file_atomically(&tmp.join(META_FILE), &meta.encode(), options.fsync)?;
+        if dir.exists() {
+            // An empty directory made by the operator (or a leftover without
+            // metadata): replace it.
+            fs::remove_dir_all(dir).map_err(io("cannot replace", dir))?;
+        }
+        fs::rename(&tmp, dir).map_err(io("cannot move into place", dir))?;
+        Ok(Self::open(dir, options)?.0)
+    }
+
+    /// Opens an image, recovering from an interrupted commit and verifying
+    /// every page against the committed digest.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<(Self, Recovery), StoreError> {
+        let meta_path = dir.join(META_FILE);
+        let bytes = fs::read(&meta_path).map_err(io("cannot read image metadata", &meta_path))?;
+        let meta = Meta::decode(&bytes, &meta_path)?;
+        let mem_path = dir.join(MEMORY_FILE);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(&mem_path)
+            .map_err(io("cannot open", &mem_path))?;
+        let len = file.metadata().map_err(io("cannot stat", &mem_path))?.len();
+        if len != u64::from(meta.ram_pages) * PAGE_SIZE as u64 {
+            return Err(StoreError::NotAnImage {
+                path: mem_path,
+                why: format!("{len} bytes, metadata says {} pages", meta.ram_pages),
+            });
+        }
+        // SAFETY: the image directory belongs to this daemon; nothing else
+        // truncates memory.img while it is mapped.
+        let mem = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
+            .map_err(io("cannot map", &mem_path))?;
+        let mut store = Self {
+            dir: dir.to_owned(),
+            mem,
+            hashes: Vec::new(),
+            digest: ImageDigest::default(),
+            meta,
+            options,
+        };
+        let recovery = store.recover()?;
+        store.hashes = (0..store.meta.ram_pages)
+            .map(|p| page_hash(store.page(p)))
+            .collect();
+        store.digest = ImageDigest::of_hashes(&store.hashes);
+        if let ImageStatus::Committed { epoch } = store.meta.status
+            && store.digest != store.meta.digest
+        {
+            return Err(StoreError::DigestMismatch {
+                path: dir.to_owned(),
+                epoch,
+                expected: store.meta.digest,
+                computed: store.digest,
+            });
+        }
+        Ok((store, recovery))
+    }
+
+    fn recover(&mut self) -> Result<Recovery, StoreError> {
+        let path = self.dir.join(JOURNAL_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovery::Clean),
+            Err(e) => return Err(io("cannot read journal", &path)(e)),
+        };
+        let recovery = match decode_journal(&bytes, self.meta.ram_pages) {
+            None => Recovery::Discarded {
+                reason: "journal incomplete or damaged: its epoch never committed".into(),
+            },
+            Some(journal) => {
+                let follows = match self.meta.status {
+                    ImageStatus::Committed { epoch } => journal.epoch == epoch + 1,
+                    ImageStatus::Syncing => true,
+                    ImageStatus::Empty => false,
+                };
+                if follows {
+                    let epoch = journal.epoch;
+                    self.redo(&journal)?;
+                    Recovery::Replayed { epoch }
+                } else {
+                    Recovery::Discarded {
+                        reason: format!("journal of epoch {} is already applied", journal.epoch),
+                    }
+                }
+            }
+        };
+        fs::remove_file(&path).map_err(io("cannot remove journal", &path))?;
+        self.sync_dir()?;
+        Ok(recovery)
+    }
+
+    /// Applies a committed journal: pages into the image, then the new meta.
+    fn redo(&mut self, journal: &Journal) -> Result<(), StoreError> {
+        for (i, &page) in journal.pages.iter().enumerate() {
+            let at = page as usize * PAGE_SIZE;
+            self.mem[at..at + PAGE_SIZE]
+                .copy_from_slice(&journal.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
+        if self.options.fsync {
+            let path = self.dir.join(MEMORY_FILE);
+            self.mem.flush().map_err(io("cannot sync", &path))?;
+        }
+        let meta = Meta {
+            generation: self.meta.generation.max(journal.generation),
+            status: ImageStatus::Committed {
+                epoch: journal.epoch,
+            },
+            digest: journal.digest,
+            device_state: journal.device_state.clone(),
+            ..self.meta.clone()
+        };
+        write_file_atomically(
+            &self.dir.join(META_FILE),
+            &meta.encode(),
+            self.options.fsync,
+        )?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> Result<(), StoreError> {
+        if self.options.fsync {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("cannot sync", &self.dir))?;
+        }
+        Ok(())
+    }
+
+    /// The image directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the RAM file (what the VM maps on promotion).
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(MEMORY_FILE)
+    }
+
+    pub fn status(&self) -> ImageStatus {
+        self.meta.status
+    }
+
+    /// The last committed epoch, if the image holds one.
+    pub fn committed_epoch(&self) -> Option<u64> {
+        match self.meta.status {
+            ImageStatus::Committed { epoch } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// Device state of the committed epoch.
+    pub fn device_state(&self) -> &[u8] {
+        &self.meta.device_state
+    }
+
+    pub fn ram_bytes(&self) -> u64 {
+        u64::from(self.meta.ram_pages) * PAGE_SIZE as u64
+    }
+
+    /// Whole RAM as bytes (for verification and promotion checks).
+    pub fn memory(&self) -> &[u8] {
+        &self.mem
+    }
+
+    /// Starts (or restarts) an initial sync at `generation`: the image stops
+    /// being a committed epoch until the sync's final checkpoint commits.
+    pub fn begin_sync(&mut self, generation: u64) -> Result<(), StoreError> {
+        if generation < self.meta.generation {
+            return Err(StoreError::GenerationNotNewer {
+                current: self.meta.generation,
+                requested: generation,
+            });
+        }
+        let meta = Meta {
+            generation,
+            status: ImageStatus::Syncing,
+            device_state: Vec::new(),
+            ..self.meta.clone()
+        };
+        write_file_atomically(
+            &self.dir.join(META_FILE),
+            &meta.encode(),
+            self.options.fsync,
+        )?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Records a new generation (promotion). It must be newer than the current one.
+    pub fn set_generation(&mut self, generation: u64) -> Result<(), StoreError> {
+        if generation <= self.meta.generation {
+            return Err(StoreError::GenerationNotNewer {
+                current: self.meta.generation,
+                requested: generation,
+            });
+        }
+        let meta = Meta {
+            generation,
+            ..self.meta.clone()
+        };
+        write_file_atomically(
+            &self.dir.join(META_FILE),
+            &meta.encode(),
+            self.options.fsync,
+        )?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Applies a staged epoch: a sync round straight into the image; a
+    /// checkpoint atomically through the journal.
+    pub fn apply(&mut self, staged: &StagedEpoch) -> Result<ApplyReport, StoreError> {
+        let start = Instant::now();
+        self.check_fits(staged)?;
+        let mut report = ApplyReport {
+            pages: staged.pages.len(),
+            ..Default::default()
+        };
+        match staged.header.kind {
+            EpochKind::SyncRound => {
+                self.write_pages(staged);
+                if staged.header.generation > self.meta.generation {
+                    self.begin_sync(staged.header.generation)?;
+                }
+            }
+            EpochKind::Checkpoint => {
+                report.journal_bytes = self.write_journal(staged)?;
+                // Commit point passed: the epoch is durable in the journal.
+                self.write_pages(staged);
+                if self.options.fsync {
+                    let path = self.memory_path();
+                    self.mem.flush().map_err(io("cannot sync", &path))?;
+                }
+                let meta = Meta {
+                    generation: self.meta.generation.max(staged.header.generation),
+                    status: ImageStatus::Committed {
+                        epoch: staged.header.epoch,
+                    },
+                    digest: staged.digest,
+                    device_state: staged.device_state.clone(),
+                    ..self.meta.clone()
+                };
+                write_file_atomically(
+                    &self.dir.join(META_FILE),
+                    &meta.encode(),
+                    self.options.fsync,
+                )?;
+                self.meta = meta;
+                let journal = self.dir.join(JOURNAL_FILE);
+                fs::remove_file(&journal).map_err(io("cannot remove journal", &journal))?;
+            }
+        }
+        report.apply_time = start.elapsed();
+        Ok(report)
+    }
+
+    /// Re-checks a staged epoch against the image as it is now (another epoch
+    /// may have been applied since it was decoded).
+    fn check_fits(&self, staged: &StagedEpoch) -> Result<(), StoreError> {
+        let h = &staged.header;
+        let stale = |why: String| Err(StoreError::StaleStaging(why));
+        if h.vm_id != self.meta.vm_id || h.ram_pages != self.meta.ram_pages {
+            return stale("different VM or RAM size".into());
+        }
+        if h.generation < self.meta.generation {
+            return stale(format!(
+                "generation {} < {}",
+                h.generation, self.meta.generation
+            ));
+        }
+        match (h.kind, self.meta.status) {
+            (EpochKind::SyncRound, ImageStatus::Syncing) => Ok(()),
+            (EpochKind::SyncRound, _) => stale("no sync in progress".into()),
+            (EpochKind::Checkpoint, ImageStatus::Empty) => stale("image never synced".into()),
+            (EpochKind::Checkpoint, status) => {
+                if let ImageStatus::Committed { epoch } = status
+                    && h.epoch != epoch + 1
+                {
+                    return stale(format!("epoch {} after committed {epoch}", h.epoch));
+                }
+                let mut digest = self.digest;
+                for (&page, &hash) in staged.pages.iter().zip(&staged.hashes) {
+                    digest.replace(page, self.hashes[page as usize], hash);
+                }
+                if digest != staged.digest {
+                    return stale("decoded against different image contents".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn write_pages(&mut self, staged: &StagedEpoch) {
+        for (i, (&page, &hash)) in staged.pages.iter().zip(&staged.hashes).enumerate() {
+            let at = page as usize * PAGE_SIZE;
+            self.mem[at..at + PAGE_SIZE].copy_from_slice(staged.page_data(i));
+            self.digest.replace(page, self.hashes[page as usize], hash);
+            self.hashes[page as usize] = hash;
+        }
+    }
+
+    fn write_journal(&self, staged: &StagedEpoch) -> Result<u64, StoreError> {
+        let path = self.dir.join(JOURNAL_FILE);
+        let head = encode_journal_head(staged);
+        let mut crc = crc32c::crc32c(&head);
+        crc = crc32c::crc32c_append(crc, &staged.data);
+        crc = crc32c::crc32c_append(crc, &staged.device_state);
+        let mut file = File::create(&path).map_err(io("cannot create journal", &path))?;
+        let mut trailer = crc.to_le_bytes().to_vec();
+        trailer.extend_from_slice(&JOURNAL_END);
+        for part in [&head[..], &staged.data, &staged.device_state, &trailer] {
+            file.write_all(part)
+                .map_err(io("cannot write journal", &path))?;
+        }
+        if self.options.fsync {
+            file.sync_all().map_err(io("cannot sync journal", &path))?;
+            self.sync_dir()?;
+        }
+        Ok((head.len() + staged.data.len() + staged.device_state.len() + trailer.len()) as u64)
+    }
+}
+
+fn write_file_atomically(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+    file.write_all(bytes).map_err(io("cannot write", &tmp))?;
+    if fsync {
+        file.sync_all().map_err(io("cannot sync", &tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io("cannot rename into place", path))?;
+    if fsync && let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("cannot sync", dir))?;
+    }
+    Ok(())
+}
+
+impl CommittedImage for ImageStore {
+    fn vm_id(&self) -> &str {
+        &self.meta.vm_id
+    }
+
+    fn ram_pages(&self) -> u32 {
+        self.meta.ram_pages
+    }
+
+    fn generation(&self) -> u64 {
+        self.meta.generation
+    }
+
+    fn next_checkpoint(&self) -> Option<u64> {
+        match self.meta.status {
+            ImageStatus::Committed { epoch } => Some(epoch + 1),
+            // The checkpoint that completes a sync may carry any number; an
+            // empty image accepts no checkpoint (see `syncing`).
+            ImageStatus::Syncing | ImageStatus::Empty => None,
+        }
+    }
+
+    fn syncing(&self) -> bool {
+        self.meta.status == ImageStatus::Syncing
+    }
+
+    fn page(&self, page: u32) -> &Page {
+        let at = page as usize * PAGE_SIZE;
+        self.mem[at..at + PAGE_SIZE]
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("a page slice is PAGE_SIZE bytes"))
+    }
+
+    fn page_hash(&self, page: u32) -> PageHash {
+        self.hashes[page as usize]
+    }
+
+    fn digest(&self) -> ImageDigest {
+        self.digest
+    }
+}
+
+/// Reads a whole file, for tests and tools.
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    File::open(path)?.read_to_end(&mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,381 @@
+//! Bad input: corrupted, truncated, reordered, foreign or stale epochs are
+//! refused with a specific error, and the committed image is never touched.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Model, Rng, decode, encode, synced_store};
+use understudy_checkpoint::chunk::{self, ChunkKind};
+use understudy_checkpoint::epoch::{EpochKind, SenderState};
+use understudy_checkpoint::store::{ImageStatus, ImageStore, Recovery, StoreError};
+use understudy_checkpoint::{CodecPolicy, CommittedImage, EpochError};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: ImageStore,
+    sender: SenderState,
+    model: Model,
+    rng: Rng,
+}
+
+fn fixture() -> Fixture {
+    let mut rng = Rng(5);
+    let mut model = Model::new(64);
+    for _ in 0..200 {
+        model.mutate(&mut rng);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, store) = synced_store(&dir.path().join("img"), &model, CodecPolicy::ADAPTIVE);
+    Fixture {
+        _dir: dir,
+        store,
+        sender,
+        model,
+        rng,
+    }
+}
+
+impl Fixture {
+    /// The next epoch's chunks (many small pages chunks would need a big epoch;
+    /// 40 writes give Begin, Pages, Device, End).
+    fn next_epoch(&mut self) -> Vec<Vec<u8>> {
+        let touched: Vec<u32> = (0..40).map(|_| self.model.mutate(&mut self.rng)).collect();
+        let epoch = self.store.committed_epoch().unwrap() + 1;
+        encode(
+            &mut self.sender,
+            &self.model,
+            epoch,
+            EpochKind::Checkpoint,
+            &touched,
+            b"devstate",
+        )
+        .chunks
+    }
+
+    fn snapshot(&self) -> (Vec<u8>, Option<u64>, understudy_checkpoint::ImageDigest) {
+        (
+            self.store.memory().to_vec(),
+            self.store.committed_epoch(),
+            self.store.digest(),
+        )
+    }
+}
+
+#[test]
+fn every_flipped_bit_is_refused_and_the_image_is_untouched() {
+    let mut f = fixture();
+    let chunks = f.next_epoch();
+    let before = f.snapshot();
+    let mut refused = 0;
+    for (c, chunk) in chunks.iter().enumerate() {
+        // Every byte of small chunks, a spread of bytes of large ones.
+        let step = (chunk.len() / 200).max(1);
+        for i in (0..chunk.len()).step_by(step) {
+            let mut bad = chunks.clone();
+            bad[c][i] ^= 1 << (i % 8);
+            let mut dec = understudy_checkpoint::EpochDecoder::new();
+            let result = bad
+                .iter()
+                .try_for_each(|ch| dec.push(ch, &f.store).map(|_| ()));
+            assert!(result.is_err(), "flip in chunk {c} byte {i} accepted");
+            refused += 1;
+        }
+    }
+    assert!(refused > 100);
+    assert_eq!(f.snapshot(), before, "a refused epoch changed nothing");
+    // The genuine epoch still applies.
+    let staged = decode(&f.store, &chunks).unwrap();
+    f.store.apply(&staged).unwrap();
+    assert!(f.store.memory() == &f.model.mem[..]);
+}
+
+#[test]
+fn truncated_missing_reordered_and_duplicated_chunks_are_refused() {
+    let mut f = fixture();
+    let chunks = f.next_epoch();
+    assert!(chunks.len() >= 4, "Begin, Pages, Device, End");
+    let before = f.snapshot();
+    let feed = |chunks: &[Vec<u8>], store: &ImageStore| -> Result<(), EpochError> {
+        let mut dec = understudy_checkpoint::EpochDecoder::new();
+        for c in chunks {
+            if let understudy_checkpoint::Received::Complete(_) = dec.push(c, store)? {
+                return Ok(());
+            }
+        }
+        Err(EpochError::BadEnd) // stream ended early: nothing to apply
+    };
+    let mut truncated = chunks.clone();
+    let last = truncated.len() - 2;
+    let cut = truncated[last].len() - 1;
+    truncated[last].truncate(cut);
+    assert!(matches!(
+        feed(&truncated, &f.store),
+        Err(EpochError::Chunk { .. })
+    ));
+    let mut missing = chunks.clone();
+    missing.remove(1);
+    assert!(matches!(
+        feed(&missing, &f.store),
+        Err(EpochError::OutOfOrder {
+            expected: 1,
+            got: 2
+        })
+    ));
+    let mut swapped = chunks.clone();
+    swapped.swap(1, 2);
+    assert!(matches!(
+        feed(&swapped, &f.store),
+        Err(EpochError::OutOfOrder { .. })
+    ));
+    let mut duplicated = chunks.clone();
+    duplicated.insert(1, chunks[1].clone());
+    assert!(matches!(
+        feed(&duplicated, &f.store),
+        Err(EpochError::OutOfOrder { .. })
+    ));
+    let mut cut_short = chunks.clone();
+    cut_short.pop();
+    assert!(feed(&cut_short, &f.store).is_err());
+    assert_eq!(f.snapshot(), before);
+}
+
+fn begin_body(kind: u8, generation: u64, pages: u32, vm: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    b.extend_from_slice(&generation.to_le_bytes());
+    b.extend_from_slice(&pages.to_le_bytes());
+    b.extend_from_slice(&(vm.len() as u16).to_le_bytes());
+    b.extend_from_slice(vm.as_bytes());
+    b
+}
+
+fn first_error(store: &ImageStore, chunks: &[Vec<u8>]) -> EpochError {
+    let mut dec = understudy_checkpoint::EpochDecoder::new();
+    for c in chunks {
+        if let Err(e) = dec.push(c, store) {
+            return e;
+        }
+    }
+    panic!("accepted");
+}
+
+#[test]
+fn wrong_vm_size_generation_epoch_and_version_each_have_their_error() {
+    let f = fixture();
+    let next = f.store.committed_epoch().unwrap() + 1;
+    let generation0 = f.store.generation();
+    let begin = |epoch, body: Vec<u8>| vec![chunk::frame(ChunkKind::Begin, epoch, 0, &body)];
+    let err = first_error(
+        &f.store,
+        &begin(next, begin_body(0, generation0, 64, "other-vm")),
+    );
+    assert_eq!(
+        err,
+        EpochError::WrongVm {
+            expected: "vm-test".into(),
+            got: "other-vm".into()
+        }
+    );
+    let err = first_error(
+        &f.store,
+        &begin(next, begin_body(0, generation0, 65, "vm-test")),
+    );
+    assert!(matches!(err, EpochError::WrongRamSize { .. }));
+    let err = first_error(
+        &f.store,
+        &begin(next, begin_body(0, generation0 - 1, 64, "vm-test")),
+    );
+    assert!(matches!(err, EpochError::StaleGeneration { .. }), "{err}");
+    assert!(err.to_string().contains("deposed"));
+    let err = first_error(
+        &f.store,
+        &begin(next + 1, begin_body(0, generation0, 64, "vm-test")),
+    );
+    assert_eq!(
+        err,
+        EpochError::WrongEpoch {
+            expected: next,
+            got: next + 1
+        }
+    );
+    let err = first_error(
+        &f.store,
+        &begin(next - 1, begin_body(0, generation0, 64, "vm-test")),
+    );
+    assert!(
+        matches!(err, EpochError::WrongEpoch { .. }),
+        "a replayed epoch is refused"
+    );
+    let err = first_error(
+        &f.store,
+        &begin(next, begin_body(1, generation0, 64, "vm-test")),
+    );
+    assert_eq!(err, EpochError::NotSyncing);
+    let mut newer = chunk::frame(
+        ChunkKind::Begin,
+        next,
+        0,
+        &begin_body(0, generation0, 64, "vm-test"),
+    );
+    newer[4] = 9;
+    let err = first_error(&f.store, &[newer]);
+    assert!(err.to_string().contains("chunk 0 is invalid"));
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("version 9 is not supported")
+    );
+}
+
+#[test]
+fn pages_out_of_range_not_ascending_or_with_bad_references_are_refused() {
+    let f = fixture();
+    let next = f.store.committed_epoch().unwrap() + 1;
+    let begin = chunk::frame(
+        ChunkKind::Begin,
+        next,
+        0,
+        &begin_body(0, f.store.generation(), 64, "vm-test"),
+    );
+    let pages = |body: Vec<u8>| {
+        vec![
+            begin.clone(),
+            chunk::frame(ChunkKind::Pages, next, 1, &body),
+        ]
+    };
+    let run = |first: u32, entries: &[&[u8]]| {
+        let mut b = first.to_le_bytes().to_vec();
+        b.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        for e in entries {
+            b.extend_from_slice(e);
+        }
+        b
+    };
+    let zero: &[u8] = &[0];
+    assert_eq!(
+        first_error(&f.store, &pages(run(64, &[zero]))),
+        EpochError::PageOutOfRange {
+            page: 64,
+            ram_pages: 64
+        }
+    );
+    assert!(matches!(
+        first_error(&f.store, &pages(run(63, &[zero, zero]))),
+        EpochError::PageOutOfRange { page: 64, .. }
+    ));
+    let mut twice = run(5, &[zero]);
+    twice.extend(run(5, &[zero]));
+    assert_eq!(
+        first_error(&f.store, &pages(twice)),
+        EpochError::PagesNotAscending { page: 5, after: 5 }
+    );
+    assert!(matches!(
+        first_error(&f.store, &pages(run(3, &[&[9]]))),
+        EpochError::UnknownCodec { page: 3, codec: 9 }
+    ));
+    let repeat_later: &[u8] = &[5, 10, 0, 0, 0];
+    assert!(matches!(
+        first_error(&f.store, &pages(run(3, &[repeat_later]))),
+        EpochError::BadReference { to: 10, .. }
+    ));
+    let same_outside: &[u8] = &[4, 200, 0, 0, 0];
+    assert!(matches!(
+        first_error(&f.store, &pages(run(3, &[same_outside]))),
+        EpochError::BadReference { to: 200, .. }
+    ));
+}
+
+#[test]
+fn a_wrong_digest_is_refused_before_anything_is_written() {
+    let mut f = fixture();
+    let mut chunks = f.next_epoch();
+    // Re-frame the End chunk with a different digest: CRCs are right, content is not.
+    let last = chunks.len() - 1;
+    let (h, body) = chunk::parse(&chunks[last])
+        .map(|(h, b)| (h, b.to_vec()))
+        .unwrap();
+    let mut body = body;
+    body[16] ^= 1;
+    chunks[last] = chunk::frame(ChunkKind::End, h.epoch, h.seq, &body);
+    let before = f.snapshot();
+    let err = decode(&f.store, &chunks).unwrap_err();
+    assert!(matches!(err, EpochError::DigestMismatch { .. }), "{err}");
+    assert_eq!(f.snapshot(), before);
+}
+
+#[test]
+fn a_staged_epoch_that_no_longer_fits_is_not_applied() {
+    let mut f = fixture();
+    let chunks = f.next_epoch();
+    let staged = decode(&f.store, &chunks).unwrap();
+    f.store.apply(&staged).unwrap();
+    let before = f.snapshot();
+    let err = f.store.apply(&staged).unwrap_err();
+    assert!(matches!(err, StoreError::StaleStaging(_)), "{err}");
+    assert_eq!(f.snapshot(), before);
+}
+
+#[test]
+fn damaged_metadata_or_image_is_reported_on_open() {
+    let Fixture {
+        _dir: keep, store, ..
+    } = fixture();
+    let dir = store.dir().to_owned();
+    drop(store);
+    let mem = dir.join("memory.img");
+    let mut bytes = std::fs::read(&mem).unwrap();
+    bytes[12345] ^= 0x10;
+    std::fs::write(&mem, &bytes).unwrap();
+    let err = ImageStore::open(&dir, Default::default()).unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("let the primary resync"));
+    bytes[12345] ^= 0x10;
+    std::fs::write(&mem, &bytes).unwrap();
+    let (store, recovery) = ImageStore::open(&dir, Default::default()).unwrap();
+    assert_eq!(recovery, Recovery::Clean);
+    assert!(matches!(store.status(), ImageStatus::Committed { .. }));
+    drop(store);
+
+    let meta = dir.join("meta");
+    let mut m = std::fs::read(&meta).unwrap();
+    m[20] ^= 1;
+    std::fs::write(&meta, &m).unwrap();
+    let err = ImageStore::open(&dir, Default::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("metadata checksum mismatch"),
+        "{err}"
+    );
+    let err = ImageStore::create(&dir, "vm-test", 4096, Default::default()).unwrap_err();
+    assert!(matches!(err, StoreError::Exists { .. }));
+    drop(keep);
+}
+
+#[test]
+fn generation_only_moves_forward() {
+    let mut f = fixture();
+    let generation0 = f.store.generation();
+    f.store.set_generation(generation0 + 1).unwrap();
+    assert!(matches!(
+        f.store.set_generation(generation0 + 1),
+        Err(StoreError::GenerationNotNewer { .. })
+    ));
+    // The old primary's epochs are now refused as stale.
+    let chunks = f.next_epoch();
+    assert!(matches!(
+        decode(&f.store, &chunks),
+        Err(EpochError::StaleGeneration { .. })
+    ));
+    let Fixture {
+        _dir: keep, store, ..
+    } = f;
+    let dir = store.dir().to_owned();
+    drop(store);
+    let (store, _) = ImageStore::open(&dir, Default::default()).unwrap();
+    assert_eq!(
+        store.generation(),
+        generation0 + 1,
+        "the bump is persistent"
+    );
+    drop(keep);
+}
