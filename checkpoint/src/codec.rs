@@ -138,24 +138,28 @@ fn words(page: &[u8]) -> impl Iterator<Item = u64> + '_ {
 }
 
 /// Appends the word-list delta of `new` against `old` if it has at most
-/// `MAX_DELTA_WORDS` changed words. Returns whether it did.
-pub fn encode_delta_words(old: &Page, new: &Page, out: &mut Vec<u8>) -> bool {
+/// `MAX_DELTA_WORDS` changed words. Otherwise appends nothing and returns the
+/// number of changed words (so the caller can tell a dense delta of related
+/// pages from unrelated pages).
+pub fn encode_delta_words(old: &Page, new: &Page, out: &mut Vec<u8>) -> Result<(), usize> {
     let start = out.len();
     out.extend_from_slice(&[0, 0]);
     let mut n = 0usize;
     for (i, (a, b)) in words(old).zip(words(new)).enumerate() {
         if a != b {
             n += 1;
-            if n > MAX_DELTA_WORDS {
-                out.truncate(start);
-                return false;
+            if n <= MAX_DELTA_WORDS {
+                out.extend_from_slice(&(i as u16).to_le_bytes());
+                out.extend_from_slice(&(a ^ b).to_le_bytes());
             }
-            out.extend_from_slice(&(i as u16).to_le_bytes());
-            out.extend_from_slice(&(a ^ b).to_le_bytes());
         }
     }
+    if n > MAX_DELTA_WORDS {
+        out.truncate(start);
+        return Err(n);
+    }
     out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
-    true
+    Ok(())
 }
 
 /// Appends `u16 length + compressed` if compression saves at least 1/8.
@@ -371,7 +375,7 @@ mod tests {
         new[8] ^= 0xff;
         new[4095] = 7;
         let mut out = Vec::new();
-        assert!(encode_delta_words(&old, &new, &mut out));
+        assert!(encode_delta_words(&old, &new, &mut out).is_ok());
         assert_eq!(out.len(), 2 + 2 * 10);
         let mut base = old;
         apply_delta(Codec::DeltaWords, &mut Reader::new(&out), &mut base).unwrap();
@@ -379,7 +383,7 @@ mod tests {
 
         let dense = page_with(|i| (i * 7) as u8 ^ 0x5a);
         let mut out = vec![9];
-        assert!(!encode_delta_words(&old, &dense, &mut out));
+        assert!(encode_delta_words(&old, &dense, &mut out).unwrap_err() > MAX_DELTA_WORDS);
         assert_eq!(out, vec![9], "nothing left behind");
     }
 

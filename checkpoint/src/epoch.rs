@@ -22,7 +22,7 @@
 //! committed*. If one is not, that state is wrong: the caller must drop the
 //! `SenderState` and run a full sync again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
@@ -204,6 +204,7 @@ impl SenderState {
             last_page: None,
             seen: HashMap::new(),
             updates: Vec::new(),
+            cache_misses: VecDeque::new(),
             entry: Vec::with_capacity(PAGE_SIZE + 16),
             report,
             started: Instant::now(),
@@ -225,6 +226,8 @@ pub struct EpochEncoder<'a> {
     /// Content hash → page already in this epoch (for `RepeatOf`).
     seen: HashMap<PageHash, u32>,
     updates: Vec<(u32, PageHash)>,
+    /// New content of pages that missed the delta cache, inserted at finish().
+    cache_misses: VecDeque<(u32, Box<Page>)>,
     entry: Vec<u8>,
     report: EncodeReport,
     started: Instant,
@@ -274,10 +277,17 @@ impl EpochEncoder<'_> {
             self.seen.entry(hash).or_insert(page);
         }
         if let Some(cache) = &mut self.state.cache {
+            // Hits are updated in place. Misses are inserted only at finish():
+            // pages arrive in ascending order, and inserting each miss at once
+            // would evict the cached pages further up that this same epoch is
+            // about to hit (LRU scan pollution).
             match cache.get_mut(&page) {
                 Some(old) => old.copy_from_slice(content),
                 None => {
-                    cache.put(page, Box::new(*content));
+                    if self.cache_misses.len() == cache.cap().get() {
+                        self.cache_misses.pop_front();
+                    }
+                    self.cache_misses.push_back((page, Box::new(*content)));
                 }
             }
         }
@@ -313,20 +323,24 @@ impl EpochEncoder<'_> {
                 }
             }
             if checkpoint && let Some(old) = s.cache.as_mut().and_then(|c| c.peek(&page)) {
-                if encode_delta_words(old, content, out) {
-                    break 'choose Codec::DeltaWords;
-                }
-                if policy.compression == Compression::Lz4 && s.adaptive.should_try() {
-                    let mut xor = [0u8; PAGE_SIZE];
-                    for ((x, a), b) in xor.iter_mut().zip(old.iter()).zip(content) {
-                        *x = a ^ b;
+                match encode_delta_words(old, content, out) {
+                    Ok(()) => break 'choose Codec::DeltaWords,
+                    // A dense but partial change: the XOR is mostly zeros and
+                    // compresses far better than the page. Past half the words
+                    // the pages are unrelated and the full page does better.
+                    Err(changed)
+                        if changed <= codec::PAGE_WORDS / 2
+                            && policy.compression != Compression::None =>
+                    {
+                        let mut xor = [0u8; PAGE_SIZE];
+                        for ((x, a), b) in xor.iter_mut().zip(old.iter()).zip(content) {
+                            *x = a ^ b;
+                        }
+                        if encode_compressed(&xor, Compression::Lz4, out) {
+                            break 'choose Codec::DeltaLz4;
+                        }
                     }
-                    let ok = encode_compressed(&xor, Compression::Lz4, out);
-                    s.adaptive
-                        .record(if ok { out.len() - 3 } else { PAGE_SIZE });
-                    if ok {
-                        break 'choose Codec::DeltaLz4;
-                    }
+                    Err(_) => {}
                 }
             }
             if policy.compression != Compression::None
@@ -406,6 +420,11 @@ impl EpochEncoder<'_> {
         }
         // Record what the receiver will hold.
         let s = &mut *self.state;
+        if let Some(cache) = &mut s.cache {
+            for (page, content) in self.cache_misses.drain(..) {
+                cache.put(page, content);
+            }
+        }
         let all_known_before = s.unknown == 0;
         for &(page, hash) in &self.updates {
             let p = page as usize;
@@ -553,6 +572,17 @@ pub enum EpochError {
     AfterEnd(u32),
 }
 
+/// Reusable staging memory. Fresh memory is expensive to touch on these
+/// hosts, so a receiver hands a finished epoch's buffers to the next decoder
+/// ([`StagedEpoch::recycle`], [`EpochDecoder::with_buffers`]).
+#[derive(Debug, Default)]
+pub struct StagingBuffers {
+    pages: Vec<u32>,
+    data: Vec<u8>,
+    hashes: Vec<PageHash>,
+    device_state: Vec<u8>,
+}
+
 /// A fully received, verified epoch, not yet applied.
 #[derive(Debug)]
 pub struct StagedEpoch {
@@ -570,6 +600,21 @@ pub struct StagedEpoch {
 }
 
 impl StagedEpoch {
+    /// Returns the buffers (emptied, capacity kept) for the next epoch.
+    pub fn recycle(self) -> StagingBuffers {
+        let mut b = StagingBuffers {
+            pages: self.pages,
+            data: self.data,
+            hashes: self.hashes,
+            device_state: self.device_state,
+        };
+        b.pages.clear();
+        b.data.clear();
+        b.hashes.clear();
+        b.device_state.clear();
+        b
+    }
+
     /// The new content of the `i`-th staged page.
     pub fn page_data(&self, i: usize) -> &[u8] {
         &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
@@ -612,14 +657,19 @@ impl Default for EpochDecoder {
 
 impl EpochDecoder {
     pub fn new() -> Self {
+        Self::with_buffers(StagingBuffers::default())
+    }
+
+    /// A decoder that stages into `buffers` (from a previous epoch).
+    pub fn with_buffers(buffers: StagingBuffers) -> Self {
         Self {
             phase: Phase::Begin,
             next_seq: 0,
             header: None,
-            pages: Vec::new(),
-            data: Vec::new(),
-            hashes: Vec::new(),
-            device_state: Vec::new(),
+            pages: buffers.pages,
+            data: buffers.data,
+            hashes: buffers.hashes,
+            device_state: buffers.device_state,
             wire_bytes: 0,
         }
     }
@@ -721,82 +771,105 @@ impl EpochDecoder {
                     page,
                     codec: codec_byte,
                 })?;
-                let mut out = [0u8; PAGE_SIZE];
-                self.decode_one(page, codec, checkpoint, &mut r, &mut out, image)?;
-                self.hashes.push(page_hash(&out));
+                // Decode in place at the end of the staging buffer.
+                let at = self.data.len();
+                self.data.resize(at + PAGE_SIZE, 0);
+                let (earlier, out) = self.data.split_at_mut(at);
+                let out: &mut Page = out
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("resized by one page"));
+                let decoded = decode_one(
+                    &self.pages,
+                    earlier,
+                    page,
+                    codec,
+                    checkpoint,
+                    &mut r,
+                    out,
+                    image,
+                );
+                if let Err(e) = decoded {
+                    self.data.truncate(at);
+                    return Err(e);
+                }
+                self.hashes.push(page_hash(out));
                 self.pages.push(page);
-                self.data.extend_from_slice(&out);
             }
         }
         Ok(())
     }
+}
 
-    fn decode_one(
-        &self,
-        page: u32,
-        codec: Codec,
-        checkpoint: bool,
-        r: &mut Reader<'_>,
-        out: &mut Page,
-        image: &dyn CommittedImage,
-    ) -> Result<(), EpochError> {
-        let codec_err = |source| EpochError::Codec { page, source };
-        let truncated = || EpochError::Codec {
-            page,
-            source: CodecError::Truncated {
-                codec: codec.name(),
-            },
-        };
-        match codec {
-            Codec::Zero => {}
-            Codec::Raw | Codec::Lz4 | Codec::Zstd => {
-                codec::decode_full(codec, r, out).map_err(codec_err)?
-            }
-            Codec::SameAs => {
-                let to = r.u32().ok_or_else(truncated)?;
-                if !checkpoint {
-                    return Err(EpochError::BadReference {
-                        page,
-                        to,
-                        why: "not committed (sync rounds cannot refer to the image)",
-                    });
-                }
-                if to >= image.ram_pages() {
-                    return Err(EpochError::BadReference {
-                        page,
-                        to,
-                        why: "outside guest RAM",
-                    });
-                }
-                out.copy_from_slice(image.page(to));
-            }
-            Codec::RepeatOf => {
-                let to = r.u32().ok_or_else(truncated)?;
-                let i = self
-                    .pages
-                    .binary_search(&to)
-                    .map_err(|_| EpochError::BadReference {
-                        page,
-                        to,
-                        why: "not earlier in this epoch",
-                    })?;
-                out.copy_from_slice(&self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-            }
-            Codec::DeltaWords | Codec::DeltaLz4 => {
-                if !checkpoint {
-                    return Err(EpochError::BadReference {
-                        page,
-                        to: page,
-                        why: "not committed (sync rounds cannot carry deltas)",
-                    });
-                }
-                out.copy_from_slice(image.page(page));
-                codec::apply_delta(codec, r, out).map_err(codec_err)?;
-            }
+/// Decodes one page entry into `out`; `pages`/`earlier` are the pages staged
+/// so far in this epoch (for `RepeatOf`).
+#[allow(clippy::too_many_arguments)]
+fn decode_one(
+    pages: &[u32],
+    earlier: &[u8],
+    page: u32,
+    codec: Codec,
+    checkpoint: bool,
+    r: &mut Reader<'_>,
+    out: &mut Page,
+    image: &dyn CommittedImage,
+) -> Result<(), EpochError> {
+    let codec_err = |source| EpochError::Codec { page, source };
+    let truncated = || EpochError::Codec {
+        page,
+        source: CodecError::Truncated {
+            codec: codec.name(),
+        },
+    };
+    match codec {
+        Codec::Zero => {}
+        Codec::Raw | Codec::Lz4 | Codec::Zstd => {
+            codec::decode_full(codec, r, out).map_err(codec_err)?
         }
-        Ok(())
+        Codec::SameAs => {
+            let to = r.u32().ok_or_else(truncated)?;
+            if !checkpoint {
+                return Err(EpochError::BadReference {
+                    page,
+                    to,
+                    why: "not committed (sync rounds cannot refer to the image)",
+                });
+            }
+            if to >= image.ram_pages() {
+                return Err(EpochError::BadReference {
+                    page,
+                    to,
+                    why: "outside guest RAM",
+                });
+            }
+            out.copy_from_slice(image.page(to));
+        }
+        Codec::RepeatOf => {
+            let to = r.u32().ok_or_else(truncated)?;
+            let i = pages
+                .binary_search(&to)
+                .map_err(|_| EpochError::BadReference {
+                    page,
+                    to,
+                    why: "not earlier in this epoch",
+                })?;
+            out.copy_from_slice(&earlier[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
+        Codec::DeltaWords | Codec::DeltaLz4 => {
+            if !checkpoint {
+                return Err(EpochError::BadReference {
+                    page,
+                    to: page,
+                    why: "not committed (sync rounds cannot carry deltas)",
+                });
+            }
+            out.copy_from_slice(image.page(page));
+            codec::apply_delta(codec, r, out).map_err(codec_err)?;
+        }
     }
+    Ok(())
+}
 
+impl EpochDecoder {
     fn finish(
         &mut self,
         body: &[u8],
@@ -919,4 +992,96 @@ fn parse_begin(
         ram_pages,
         kind,
     })
+}
+
+/// Entry points for fuzzing the decoder (used by `fuzz/` and by tests).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use crate::page::{ImageDigest, page_hash};
+
+    /// A small in-memory committed image (16 pages, epoch 7, generation 3).
+    #[derive(Debug)]
+    pub struct MemImage {
+        pages: Vec<Page>,
+        hashes: Vec<PageHash>,
+        digest: ImageDigest,
+    }
+
+    impl Default for MemImage {
+        fn default() -> Self {
+            let pages: Vec<Page> = (0..16u8).map(|i| [i.wrapping_mul(17); PAGE_SIZE]).collect();
+            let hashes: Vec<PageHash> = pages.iter().map(|p| page_hash(p)).collect();
+            let digest = ImageDigest::of_hashes(&hashes);
+            Self {
+                pages,
+                hashes,
+                digest,
+            }
+        }
+    }
+
+    impl CommittedImage for MemImage {
+        fn vm_id(&self) -> &str {
+            "fuzz"
+        }
+        fn ram_pages(&self) -> u32 {
+            self.pages.len() as u32
+        }
+        fn generation(&self) -> u64 {
+            3
+        }
+        fn next_checkpoint(&self) -> Option<u64> {
+            Some(8)
+        }
+        fn syncing(&self) -> bool {
+            false
+        }
+        fn page(&self, page: u32) -> &Page {
+            &self.pages[page as usize]
+        }
+        fn page_hash(&self, page: u32) -> PageHash {
+            self.hashes[page as usize]
+        }
+        fn digest(&self) -> ImageDigest {
+            self.digest
+        }
+    }
+
+    /// Splits `data` into chunks and feeds them to a decoder. If the first byte
+    /// is odd, each piece is `kind byte + body` and is framed with valid CRCs
+    /// (so fuzzing reaches past the checksums); otherwise pieces are raw chunks.
+    /// Pieces are u16-length-prefixed.
+    pub fn decode_arbitrary(data: &[u8]) -> Option<StagedEpoch> {
+        let image = MemImage::default();
+        let (&mode, mut rest) = data.split_first()?;
+        let mut decoder = EpochDecoder::new();
+        let mut seq = 0u32;
+        while rest.len() >= 2 {
+            let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+            let piece = rest.get(2..2 + len).unwrap_or(&rest[2..]);
+            rest = rest.get(2 + len..).unwrap_or(&[]);
+            let framed;
+            let chunk = if mode & 1 == 1 {
+                let (&kind, body) = piece.split_first()?;
+                let kind = match kind % 4 {
+                    0 => ChunkKind::Begin,
+                    1 => ChunkKind::Pages,
+                    2 => ChunkKind::Device,
+                    _ => ChunkKind::End,
+                };
+                framed = chunk::frame(kind, 8, seq, &body[..body.len().min(MAX_CHUNK_BODY)]);
+                seq += 1;
+                &framed[..]
+            } else {
+                piece
+            };
+            match decoder.push(chunk, &image) {
+                Ok(Received::Complete(staged)) => return Some(*staged),
+                Ok(Received::NeedMore) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
 }

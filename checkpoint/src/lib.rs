@@ -15,7 +15,7 @@ pub mod store;
 pub use codec::{Codec, CodecPolicy, Compression};
 pub use epoch::{
     CommittedImage, EncodeReport, EncodedEpoch, EpochDecoder, EpochError, EpochHeader, EpochKind,
-    Received, SenderState, StagedEpoch,
+    Received, SenderState, StagedEpoch, StagingBuffers,
 };
 pub use page::{ImageDigest, PAGE_SIZE, Page, PageHash};
 pub use store::{ImageStore, StoreError};

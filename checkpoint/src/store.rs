@@ -45,6 +45,9 @@ const META_MAGIC: [u8; 4] = *b"USIM";
 const JOURNAL_MAGIC: [u8; 4] = *b"USJN";
 const JOURNAL_END: [u8; 4] = *b"USJE";
 const FORMAT_VERSION: u32 = 1;
+/// Journal header: magic, version, epoch, generation, page count, device-state
+/// length, digest (the page list, pages, device state and trailer follow).
+const JOURNAL_HEAD_LEN: usize = 4 + 4 + 8 + 8 + 4 + 4 + 16;
 
 /// Errors of the image store.
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +238,7 @@ struct Journal {
 }
 
 fn encode_journal_head(staged: &StagedEpoch) -> Vec<u8> {
-    let mut head = Vec::with_capacity(48 + staged.pages.len() * 4);
+    let mut head = Vec::with_capacity(JOURNAL_HEAD_LEN + staged.pages.len() * 4);
     head.extend_from_slice(&JOURNAL_MAGIC);
     head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     head.extend_from_slice(&staged.header.epoch.to_le_bytes());
@@ -243,18 +246,29 @@ fn encode_journal_head(staged: &StagedEpoch) -> Vec<u8> {
     head.extend_from_slice(&(staged.pages.len() as u32).to_le_bytes());
     head.extend_from_slice(&(staged.device_state.len() as u32).to_le_bytes());
     head.extend_from_slice(&staged.digest.0.to_le_bytes());
+    debug_assert_eq!(head.len(), JOURNAL_HEAD_LEN);
     for page in &staged.pages {
         head.extend_from_slice(&page.to_le_bytes());
     }
     head
 }
 
-/// Parses a journal; `None` if it is incomplete or damaged in any way.
+/// Parses a journal; `None` if it is incomplete or damaged in any way. The
+/// file is reused from epoch to epoch, so bytes past the journal's own end
+/// (left from a longer one) are ignored.
 fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
-    if bytes.len() < 8 || bytes[bytes.len() - 4..] != JOURNAL_END {
+    let mut r = Reader::new(bytes);
+    r.take(4 + 4 + 8 + 8)?;
+    let count = r.u32()? as usize;
+    let device_len = r.u32()? as usize;
+    let len = JOURNAL_HEAD_LEN
+        .checked_add(count.checked_mul(4 + PAGE_SIZE)?)?
+        .checked_add(device_len)?;
+    let body = bytes.get(..len)?;
+    let trailer = bytes.get(len..len + 8)?;
+    if trailer[4..] != JOURNAL_END {
         return None;
     }
-    let (body, trailer) = bytes.split_at(bytes.len() - 8);
     let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
     if crc32c::crc32c(body) != crc {
         return None;
@@ -405,6 +419,12 @@ impl ImageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovery::Clean),
             Err(e) => return Err(io("cannot read journal", &path)(e)),
         };
+        if bytes.is_empty() {
+            return Ok(Recovery::Clean);
+        }
+        // The journal holds the last journaled checkpoint. It is new work only
+        // if it is the epoch after the committed one (or, while syncing, the
+        // checkpoint completing the sync: begin_sync empties the journal).
         let recovery = match decode_journal(&bytes, self.meta.ram_pages) {
             None => Recovery::Discarded {
                 reason: "journal incomplete or damaged: its epoch never committed".into(),
@@ -415,19 +435,15 @@ impl ImageStore {
                     ImageStatus::Syncing => true,
                     ImageStatus::Empty => false,
                 };
-                if follows {
-                    let epoch = journal.epoch;
-                    self.redo(&journal)?;
-                    Recovery::Replayed { epoch }
-                } else {
-                    Recovery::Discarded {
-                        reason: format!("journal of epoch {} is already applied", journal.epoch),
-                    }
+                if !follows {
+                    return Ok(Recovery::Clean);
                 }
+                let epoch = journal.epoch;
+                self.redo(&journal)?;
+                Recovery::Replayed { epoch }
             }
         };
-        fs::remove_file(&path).map_err(io("cannot remove journal", &path))?;
-        self.sync_dir()?;
+        self.clear_journal()?;
         Ok(recovery)
     }
 
@@ -457,6 +473,17 @@ impl ImageStore {
             self.options.fsync,
         )?;
         self.meta = meta;
+        Ok(())
+    }
+
+    /// Empties the journal file (kept, to be overwritten by the next epoch).
+    fn clear_journal(&self) -> Result<(), StoreError> {
+        let path = self.dir.join(JOURNAL_FILE);
+        match File::options().write(true).open(&path) {
+            Ok(file) => file.set_len(0).map_err(io("cannot clear journal", &path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot open journal", &path)(e)),
+        }
         Ok(())
     }
 
@@ -514,6 +541,7 @@ impl ImageStore {
                 requested: generation,
             });
         }
+        self.clear_journal()?;
         let meta = Meta {
             generation,
             status: ImageStatus::Syncing,
@@ -648,7 +676,14 @@ impl ImageStore {
         let mut crc = crc32c::crc32c(&head);
         crc = crc32c::crc32c_append(crc, &staged.data);
         crc = crc32c::crc32c_append(crc, &staged.device_state);
-        let mut file = File::create(&path).map_err(io("cannot create journal", &path))?;
+        // Overwritten in place, never truncated: a crash mid-write leaves a
+        // journal whose CRC does not match, which recovery discards.
+        let mut file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("cannot open journal", &path))?;
         let mut trailer = crc.to_le_bytes().to_vec();
         trailer.extend_from_slice(&JOURNAL_END);
         for part in [&head[..], &staged.data, &staged.device_state, &trailer] {
@@ -726,4 +761,62 @@ pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     File::open(path)?.read_to_end(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epoch::EpochHeader;
+
+    fn staged(epoch: u64, pages: &[u32]) -> StagedEpoch {
+        StagedEpoch {
+            header: EpochHeader {
+                vm_id: "vm".into(),
+                generation: 2,
+                epoch,
+                ram_pages: 16,
+                kind: EpochKind::Checkpoint,
+            },
+            pages: pages.to_vec(),
+            data: pages.iter().flat_map(|&p| [p as u8; PAGE_SIZE]).collect(),
+            hashes: Vec::new(),
+            device_state: b"device".to_vec(),
+            digest: ImageDigest(0xabc),
+            wire_bytes: 0,
+        }
+    }
+
+    fn journal_bytes(s: &StagedEpoch) -> Vec<u8> {
+        let mut bytes = encode_journal_head(s);
+        bytes.extend_from_slice(&s.data);
+        bytes.extend_from_slice(&s.device_state);
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes.extend_from_slice(&JOURNAL_END);
+        bytes
+    }
+
+    #[test]
+    fn journal_round_trips_even_over_a_longer_stale_journal() {
+        let long = journal_bytes(&staged(4, &[1, 2, 3, 4, 5]));
+        let short = journal_bytes(&staged(5, &[9]));
+        let mut reused = long.clone();
+        reused[..short.len()].copy_from_slice(&short);
+        let j = decode_journal(&reused, 16).unwrap();
+        assert_eq!((j.epoch, j.generation, j.pages.clone()), (5, 2, vec![9]));
+        assert_eq!(j.data, vec![9u8; PAGE_SIZE]);
+        assert_eq!(j.device_state, b"device");
+        assert_eq!(j.digest, ImageDigest(0xabc));
+        // Cut anywhere, the journal is not taken for complete.
+        for cut in [0, 10, JOURNAL_HEAD_LEN, short.len() - 1] {
+            assert!(decode_journal(&short[..cut], 16).is_none(), "cut at {cut}");
+        }
+        // A new header over an old body (crash mid-write) fails its CRC.
+        let mut torn = long.clone();
+        let head = encode_journal_head(&staged(5, &[1, 2, 3, 4, 5]));
+        torn[..head.len()].copy_from_slice(&head);
+        assert!(decode_journal(&torn, 16).is_none());
+        // Pages outside RAM are refused.
+        assert!(decode_journal(&journal_bytes(&staged(5, &[16])), 16).is_none());
+    }
 }

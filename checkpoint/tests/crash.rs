@@ -1,7 +1,8 @@
 //! Crash safety of the image store: a child process applies epochs in a loop
-//! and is killed with SIGKILL at a random instant; recovery must then yield the
-//! image of exactly the epoch it last reported committed, or the next one (if
-//! the kill came after the commit point but before the report), page for page.
+//! and is killed with SIGKILL at a random instant inside an apply (the child
+//! says "applying N" just before `apply()`, and the parent picks a random point
+//! within the apply time it has observed); recovery must then yield the image
+//! of exactly epoch N-1 or epoch N, page for page.
 //!
 //! Runs as its own harness: `cargo test -p understudy-checkpoint --test crash`.
 //! With `UNDERSTUDY_CRASH_CHILD=<dir>` it is the child.
@@ -14,14 +15,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Model, Rng, ship, synced_store};
+use common::{Model, Rng, decode, encode, synced_store};
+use understudy_checkpoint::CodecPolicy;
 use understudy_checkpoint::epoch::EpochKind;
 use understudy_checkpoint::store::{ImageStatus, ImageStore, Recovery};
-use understudy_checkpoint::{CodecPolicy, CommittedImage};
 
 const PAGES: u32 = 4096;
 const WRITES_PER_EPOCH: usize = 1500;
-const TRIALS: u64 = 40;
+const TRIALS: u64 = 60;
 
 fn initial_model(seed: u64) -> (Model, Rng) {
     let mut rng = Rng(seed);
@@ -45,12 +46,27 @@ fn model_at(seed: u64, epoch: u64) -> Model {
 
 fn child(dir: &str, seed: u64) {
     let (mut model, mut rng) = initial_model(seed);
-    let (mut sender, mut store) = synced_store(std::path::Path::new(dir), &model, CodecPolicy::ADAPTIVE);
+    let (mut sender, mut store) =
+        synced_store(std::path::Path::new(dir), &model, CodecPolicy::ADAPTIVE);
     let mut out = std::io::stdout();
     writeln!(out, "committed 1").unwrap();
     for epoch in 2.. {
-        let touched: Vec<u32> = (0..WRITES_PER_EPOCH).map(|_| model.mutate(&mut rng)).collect();
-        ship(&mut sender, &mut store, &model, epoch, EpochKind::Checkpoint, &touched);
+        let touched: Vec<u32> = (0..WRITES_PER_EPOCH)
+            .map(|_| model.mutate(&mut rng))
+            .collect();
+        let device = format!("device@{epoch}");
+        let encoded = encode(
+            &mut sender,
+            &model,
+            epoch,
+            EpochKind::Checkpoint,
+            &touched,
+            device.as_bytes(),
+        );
+        let staged = decode(&store, &encoded.chunks).unwrap();
+        writeln!(out, "applying {epoch}").unwrap();
+        out.flush().unwrap();
+        store.apply(&staged).unwrap();
         writeln!(out, "committed {epoch}").unwrap();
         out.flush().unwrap();
     }
@@ -58,7 +74,10 @@ fn child(dir: &str, seed: u64) {
 
 fn main() {
     if let Ok(dir) = std::env::var("UNDERSTUDY_CRASH_CHILD") {
-        let seed = std::env::var("UNDERSTUDY_CRASH_SEED").unwrap().parse().unwrap();
+        let seed = std::env::var("UNDERSTUDY_CRASH_SEED")
+            .unwrap()
+            .parse()
+            .unwrap();
         child(&dir, seed);
         return;
     }
@@ -80,40 +99,85 @@ fn main() {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line.strip_prefix("committed ").and_then(|n| n.parse::<u64>().ok()) {
-                    let _ = tx.send(n);
+                let event = match line.split_once(' ') {
+                    Some(("applying", n)) => (true, n.parse::<u64>().unwrap(), Instant::now()),
+                    Some(("committed", n)) => (false, n.parse::<u64>().unwrap(), Instant::now()),
+                    _ => continue,
+                };
+                if tx.send(event).is_err() {
+                    return;
                 }
             }
         });
-        // Wait for the first commit, then kill somewhere in the next epochs.
-        let first = rx.recv_timeout(Duration::from_secs(120)).expect("child committed epoch 1");
-        std::thread::sleep(Duration::from_micros(rng.below(400_000)));
+        // Watch epochs before the target to learn how long an apply takes,
+        // then kill at a random instant inside the target epoch's apply.
+        let target = 4 + rng.below(3);
+        let mut reported = 0;
+        let mut window = Duration::ZERO;
+        let mut applying_since = None;
+        loop {
+            let (applying, n, at) = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("child progresses");
+            if applying {
+                if n == target {
+                    let nanos = window.as_nanos().max(1) as u64;
+                    std::thread::sleep(Duration::from_nanos(rng.below(nanos + nanos / 4)));
+                    break;
+                }
+                applying_since = Some(at);
+            } else {
+                reported = n;
+                if let Some(since) = applying_since.take() {
+                    window = window.max(at - since);
+                }
+            }
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let reported = rx.try_iter().last().unwrap_or(first);
+        for (applying, n, _) in rx.try_iter() {
+            if !applying {
+                reported = n;
+            }
+        }
 
         let (store, recovery) = ImageStore::open(&dir, Default::default())
             .unwrap_or_else(|e| panic!("trial {trial}: recovery failed: {e}"));
         let ImageStatus::Committed { epoch } = store.status() else {
-            panic!("trial {trial}: image not committed after recovery: {:?}", store.status());
+            panic!(
+                "trial {trial}: image not committed after recovery: {:?}",
+                store.status()
+            );
         };
         assert!(
             epoch == reported || epoch == reported + 1,
             "trial {trial}: recovered epoch {epoch}, child had reported {reported}"
         );
         let model = model_at(seed, epoch);
-        assert!(store.memory() == &model.mem[..], "trial {trial}: image differs from epoch {epoch}");
+        assert!(
+            store.memory() == &model.mem[..],
+            "trial {trial}: image differs from epoch {epoch}"
+        );
         assert_eq!(store.device_state(), format!("device@{epoch}").as_bytes());
+        if std::env::var_os("CRASH_DEBUG").is_some() {
+            eprintln!(
+                "trial {trial}: window {window:?} reported {reported} recovered {epoch} {recovery:?}"
+            );
+        }
         let outcome = match recovery {
-            Recovery::Clean => "clean".to_owned(),
-            Recovery::Replayed { .. } => "journal replayed".to_owned(),
-            Recovery::Discarded { .. } => "journal discarded".to_owned(),
+            Recovery::Clean => "no journal to act on",
+            Recovery::Replayed { .. } => "journal replayed",
+            Recovery::Discarded { .. } => "journal discarded",
         };
-        let next = if epoch == reported { "N-1" } else { "N" };
-        *outcomes.entry(format!("{outcome}, recovered {next}")).or_default() += 1;
-        let _ = store.digest();
+        let which = if epoch == reported { "N-1" } else { "N" };
+        *outcomes
+            .entry(format!("{outcome}, recovered epoch {which}"))
+            .or_default() += 1;
     }
-    println!("crash: {TRIALS} SIGKILL trials in {:.1}s, every recovery exact:", started.elapsed().as_secs_f64());
+    println!(
+        "crash: {TRIALS} SIGKILL trials inside apply in {:.1}s, every recovery exact:",
+        started.elapsed().as_secs_f64()
+    );
     for (outcome, n) in outcomes {
         println!("  {n:>3}  {outcome}");
     }

@@ -55,7 +55,7 @@ impl Model {
     /// One mutation of the kind real memory sees; returns the page touched.
     pub fn mutate(&mut self, rng: &mut Rng) -> u32 {
         let p = rng.below(self.pages() as u64) as u32;
-        match rng.below(7) {
+        match rng.below(8) {
             // a few words change
             0 | 1 => {
                 for _ in 0..=rng.below(4) {
@@ -83,6 +83,15 @@ impl Model {
             5 => {
                 for chunk in self.page_mut(p).chunks_mut(8) {
                     chunk.copy_from_slice(&rng.next().to_le_bytes());
+                }
+            }
+            // a buffer inside the page rewritten (200-250 words, under half)
+            6 => {
+                let words = 200 + rng.below(51) as usize;
+                let start = rng.below((512 - words) as u64 + 1) as usize * 8;
+                let fill = rng.next();
+                for w in self.page_mut(p)[start..start + words * 8].chunks_mut(8) {
+                    w.copy_from_slice(&fill.wrapping_add(w[0] as u64).to_le_bytes());
                 }
             }
             // rewritten with the same content
