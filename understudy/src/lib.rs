@@ -1,6 +1,8 @@
 //! The `understudy` binaries' library: command implementations behind
-//! `understudyctl` (and later `understudyd`). The binaries only parse
-//! arguments and call in here.
+//! `understudyd` and `understudyctl`. The binaries only parse arguments and
+//! call in here.
 
+pub mod config;
 pub mod console;
+pub mod daemon;
 pub mod local;

@@ -193,6 +193,35 @@ impl std::fmt::Debug for VcpuHandle {
     }
 }
 
+/// Waits for a VM's end without owning it.
+#[derive(Clone)]
+pub struct EndWatch(Arc<Control>);
+
+impl std::fmt::Debug for EndWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndWatch")
+    }
+}
+
+impl EndWatch {
+    /// Blocks until the VM ends (or `timeout` passes; `Duration::MAX` = forever).
+    pub fn wait(&self, timeout: Duration) -> Option<VmEnd> {
+        // Capped so the deadline cannot overflow (~136 years is "forever").
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(1 << 32));
+        let mut inner = self.0.lock();
+        loop {
+            if let RunState::Ended(end) = &inner.state {
+                return Some(end.clone());
+            }
+            let (guard, timed_out) = self.0.wait(inner, deadline);
+            inner = guard;
+            if timed_out {
+                return None;
+            }
+        }
+    }
+}
+
 /// Sends console input to the guest (cloneable; kicks the vCPU to take it).
 #[derive(Clone)]
 pub struct ConsoleInput {
@@ -406,21 +435,7 @@ impl VcpuHandle {
 
     /// Waits up to `timeout` for the VM to end on its own.
     pub fn wait_end(&self, timeout: Duration) -> Option<VmEnd> {
-        let deadline = Instant::now() + timeout;
-        let mut inner = self.control.lock();
-        loop {
-            if let RunState::Ended(end) = &inner.state {
-                return Some(end.clone());
-            }
-            let (guard, timed_out) = self.control.wait(inner, deadline);
-            inner = guard;
-            if timed_out {
-                return match &inner.state {
-                    RunState::Ended(end) => Some(end.clone()),
-                    _ => None,
-                };
-            }
-        }
+        self.end_watch().wait(timeout)
     }
 
     /// Stops the vCPU thread and joins it. Returns how the VM ended.
@@ -438,6 +453,11 @@ impl VcpuHandle {
         }
         self.ended()
             .unwrap_or(VmEnd::Failed("vCPU thread exited without a reason".into()))
+    }
+
+    /// A handle that waits for the VM's end from another thread.
+    pub fn end_watch(&self) -> EndWatch {
+        EndWatch(self.control.clone())
     }
 
     /// A sender for console input (the same one `spawn` returned).

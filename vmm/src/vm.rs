@@ -317,6 +317,11 @@ impl Vm {
         self.vcpu.wait_end(timeout)
     }
 
+    /// A handle that waits for this VM's end from another thread.
+    pub fn end_watch(&self) -> crate::vcpu::EndWatch {
+        self.vcpu.end_watch()
+    }
+
     /// Stops the vCPU thread; returns how the VM ended.
     pub fn stop(mut self) -> VmEnd {
         self.vcpu.stop()

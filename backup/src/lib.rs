@@ -1,0 +1,682 @@
+//! The standby role: receives epochs from the primary, stages, verifies and
+//! commits them to the image store, acks them, watches the primary's
+//! heartbeats, and on their loss promotes: the committed image becomes the
+//! running VM's RAM (mapped shared, no copy), the device state is restored, and
+//! the console is served with output released directly.
+//!
+//! ```text
+//!   Standby ──Hello──▶ Syncing ──first checkpoint──▶ Protected ──no word for
+//!      ▲                  │                              │     heartbeat_timeout──▶ Promoted
+//!      └── stream error / new Hello (resync) ◀──────────┘          (generation + 1)
+//! ```
+//!
+//! Fencing: promotion bumps the generation stored with the image; every later
+//! message from the old primary is answered "deposed" with that generation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use understudy_checkpoint::epoch::{EpochDecoder, Received, StagingBuffers};
+use understudy_checkpoint::store::{ImageStatus, ImageStore, StoreOptions};
+use understudy_checkpoint::{CommittedImage, EpochError, StoreError};
+use understudy_common::console::{self, ConsoleLog, InputSink};
+use understudy_common::payload::CheckpointPayload;
+use understudy_common::status::{ControlService, Stats};
+use understudy_common::wire;
+use understudy_proto::control_server::ControlServer;
+use understudy_proto::replication_server::{Replication, ReplicationServer};
+use understudy_proto::{
+    Ack, Beat, EpochChunk, GoodbyeReply, GoodbyeRequest, HelloReply, HelloRequest,
+    PROTOCOL_VERSION, ProbeReply, ProbeRequest,
+};
+use understudy_vmm::{GuestRam, RamBacking, Vm, VmEnd, VmState};
+
+/// What the backup needs to know.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub vm_id: String,
+    pub ram_bytes: u64,
+    pub image_dir: PathBuf,
+    pub replication_listen: SocketAddr,
+    pub console_listen: SocketAddr,
+    pub control_listen: SocketAddr,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub fsync: bool,
+}
+
+/// Why the backup stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot open the image in {dir}")]
+    Image {
+        dir: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot listen on {addr} ({what})")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("promotion failed: {0}")]
+    Promotion(String),
+    #[error("gRPC server failed")]
+    Server(#[source] tonic::transport::Error),
+}
+
+/// How a backup run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BackupExit {
+    /// Asked to stop.
+    Shutdown,
+    /// Promoted, and the VM then ended on its own.
+    VmEnded(VmEnd),
+}
+
+enum Role {
+    Standby,
+    Promoted(Box<Vm>),
+}
+
+struct State {
+    role: Role,
+    store: Option<ImageStore>,
+    generation: u64,
+    session: u64,
+    decoder: Option<EpochDecoder>,
+    buffers: StagingBuffers,
+    /// A checkpoint of the current session is committed: promotable.
+    protected: bool,
+    /// The primary said goodbye: do not promote.
+    goodbye: bool,
+}
+
+struct Shared {
+    opts: BackupOptions,
+    stats: Arc<Stats>,
+    state: Mutex<State>,
+    /// Nanoseconds since `epoch_start` when the primary was last heard.
+    last_heard: AtomicU64,
+    clock: Instant,
+    log: Arc<ConsoleLog>,
+    input: Arc<InputSink>,
+    promoted: CancellationToken,
+    vm_ended: tokio::sync::watch::Sender<Option<VmEnd>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn heard(&self) {
+        self.last_heard
+            .store(self.clock.elapsed().as_nanos() as u64, Ordering::Release);
+    }
+
+    fn silence(&self) -> Duration {
+        let now = self.clock.elapsed().as_nanos() as u64;
+        Duration::from_nanos(now.saturating_sub(self.last_heard.load(Ordering::Acquire)))
+    }
+
+    fn deposed_if_promoted(&self, state: &State, who: u64) -> Result<(), Status> {
+        if let Role::Promoted(_) = state.role {
+            return Err(wire::deposed(
+                state.generation,
+                format!(
+                    "deposed: the VM was promoted on the backup at generation {}; the sender at generation {who} must not run it",
+                    state.generation
+                ),
+            ));
+        }
+        if who < state.generation {
+            return Err(wire::deposed(
+                state.generation,
+                format!(
+                    "deposed: generation {who} is older than the backup's image (generation {})",
+                    state.generation
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the backup until `shutdown` (or until a promoted VM ends).
+pub async fn run(
+    opts: BackupOptions,
+    shutdown: CancellationToken,
+) -> Result<BackupExit, BackupError> {
+    let store = open_store(&opts)?;
+    let generation = store.generation();
+    let stats = Arc::new(Stats::new(&opts.vm_id, "backup", String::new(), generation));
+    stats.set_state(match store.status() {
+        ImageStatus::Committed { .. } => "standby: image from an earlier session (needs resync)",
+        _ => "standby: waiting for the primary",
+    });
+    let log = ConsoleLog::new(0);
+    let input = InputSink::new(None);
+    let (vm_ended, mut vm_ended_rx) = tokio::sync::watch::channel(None);
+    let shared = Arc::new(Shared {
+        stats: stats.clone(),
+        state: Mutex::new(State {
+            role: Role::Standby,
+            store: Some(store),
+            generation,
+            session: 0,
+            decoder: None,
+            buffers: StagingBuffers::default(),
+            protected: false,
+            goodbye: false,
+        }),
+        last_heard: AtomicU64::new(0),
+        clock: Instant::now(),
+        log: log.clone(),
+        input: input.clone(),
+        promoted: CancellationToken::new(),
+        vm_ended,
+        opts: opts.clone(),
+    });
+
+    let console_listener =
+        console::bind(opts.console_listen)
+            .await
+            .map_err(|source| BackupError::Listen {
+                what: "console",
+                addr: opts.console_listen,
+                source,
+            })?;
+    tokio::spawn(console::serve(
+        console_listener,
+        log,
+        input,
+        shutdown.clone(),
+    ));
+
+    let replication = tokio::net::TcpListener::bind(opts.replication_listen)
+        .await
+        .map_err(|source| BackupError::Listen {
+            what: "replication",
+            addr: opts.replication_listen,
+            source,
+        })?;
+    let control = tokio::net::TcpListener::bind(opts.control_listen)
+        .await
+        .map_err(|source| BackupError::Listen {
+            what: "control",
+            addr: opts.control_listen,
+            source,
+        })?;
+    tracing::info!(vm = %opts.vm_id, generation, replication = %opts.replication_listen, "backup listening");
+
+    let service = ReplicationService(shared.clone());
+    let repl_server = tonic::transport::Server::builder()
+        .initial_stream_window_size(wire::STREAM_WINDOW)
+        .initial_connection_window_size(wire::CONNECTION_WINDOW)
+        .max_frame_size(wire::MAX_FRAME)
+        .tcp_nodelay(true)
+        .add_service(ReplicationServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(replication),
+            shutdown.clone().cancelled_owned(),
+        );
+    let control_server = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(ControlService(stats)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(control),
+            shutdown.clone().cancelled_owned(),
+        );
+    let detector = tokio::spawn(failure_detector(shared.clone(), shutdown.clone()));
+    let servers =
+        async { tokio::try_join!(repl_server, control_server).map_err(BackupError::Server) };
+    let exit = tokio::select! {
+        r = servers => r.map(|_| BackupExit::Shutdown),
+        end = async {
+            loop {
+                if let Some(end) = vm_ended_rx.borrow_and_update().clone() {
+                    return end;
+                }
+                if vm_ended_rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        } => Ok(BackupExit::VmEnded(end)),
+    };
+    detector.abort();
+    shutdown.cancel();
+    // Stop a promoted VM.
+    let role = std::mem::replace(&mut shared.lock().role, Role::Standby);
+    if let Role::Promoted(vm) = role {
+        vm.stop();
+    }
+    exit
+}
+
+fn open_store(opts: &BackupOptions) -> Result<ImageStore, BackupError> {
+    let store_opts = StoreOptions { fsync: opts.fsync };
+    let image = |source| BackupError::Image {
+        dir: opts.image_dir.clone(),
+        source,
+    };
+    let store = if opts.image_dir.join("meta").exists() {
+        let (store, recovery) = ImageStore::open(&opts.image_dir, store_opts).map_err(image)?;
+        tracing::info!(?recovery, status = ?store.status(), "image opened");
+        store
+    } else {
+        ImageStore::create(&opts.image_dir, &opts.vm_id, opts.ram_bytes, store_opts)
+            .map_err(image)?
+    };
+    if store.vm_id() != opts.vm_id || store.ram_bytes() != opts.ram_bytes {
+        return Err(image(StoreError::NotAnImage {
+            path: opts.image_dir.clone(),
+            why: format!(
+                "it holds VM {:?} with {} bytes of RAM, the configuration says VM {:?} with {}",
+                store.vm_id(),
+                store.ram_bytes(),
+                opts.vm_id,
+                opts.ram_bytes
+            ),
+        }));
+    }
+    Ok(store)
+}
+
+async fn failure_detector(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.opts.heartbeat_interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let silence = shared.silence();
+        let should = {
+            let state = shared.lock();
+            matches!(state.role, Role::Standby)
+                && state.protected
+                && !state.goodbye
+                && silence > shared.opts.heartbeat_timeout
+        };
+        if should {
+            tracing::warn!(
+                silence_ms = silence.as_millis() as u64,
+                "primary silent past the heartbeat timeout: promoting"
+            );
+            let shared2 = shared.clone();
+            let result = tokio::task::spawn_blocking(move || promote(&shared2, silence)).await;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "promotion failed");
+                    shared.stats.set_state(format!("promotion failed: {e}"));
+                    return;
+                }
+                Err(e) => tracing::error!(error = %e, "promotion task failed"),
+            }
+        }
+    }
+}
+
+/// Promotes: fence by generation, map the committed image as RAM, restore the
+/// device state, run, serve the console with output released directly.
+fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let mut state = shared.lock();
+    if !matches!(state.role, Role::Standby) || !state.protected {
+        return Ok(());
+    }
+    // Any partial epoch is dropped: the image holds exactly the last commit.
+    state.decoder = None;
+    state.session = 0;
+    let mut store = state.store.take().ok_or("no image")?;
+    let new_generation = state.generation + 1;
+    store
+        .set_generation(new_generation)
+        .map_err(|e| format!("cannot record generation {new_generation}: {e}"))?;
+    state.generation = new_generation;
+    let epoch = store
+        .committed_epoch()
+        .ok_or("image holds no committed epoch")?;
+    let payload = CheckpointPayload::decode(store.device_state()).map_err(|e| e.to_string())?;
+    let vm_state = VmState::decode(&payload.vm_state).map_err(|e| e.to_string())?;
+    let mem_path = store.memory_path();
+    drop(store);
+    let fenced = started.elapsed();
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&mem_path)
+        .map_err(|e| format!("cannot open {}: {e}", mem_path.display()))?;
+    let ram = GuestRam::new(
+        vm_state.memory.size_bytes as usize,
+        RamBacking::SharedFile(file),
+    )
+    .map_err(|e| e.to_string())?;
+    // Serve the output the primary may not have delivered, then the new output.
+    shared.log.restart_at(payload.console_offset);
+    shared.log.append(&payload.console_out);
+    shared.log.release_all();
+    shared.log.set_raw_start(Some(payload.console_offset));
+    let (vm, console) = Vm::restore(&vm_state, ram, false).map_err(|e| e.to_string())?;
+    let resumed = started.elapsed();
+    shared.input.set(Some(console.input));
+    let log = shared.log.clone();
+    let output = console.output;
+    std::thread::Builder::new()
+        .name("console-out".into())
+        .spawn(move || {
+            while let Ok(first) = output.recv() {
+                let mut bytes = vec![first];
+                bytes.extend(output.try_iter());
+                log.append(&bytes);
+                log.release_all();
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    state.role = Role::Promoted(Box::new(vm));
+    drop(state);
+    shared
+        .stats
+        .generation
+        .store(new_generation, Ordering::Release);
+    shared.stats.set_role("primary");
+    shared.stats.protected.store(false, Ordering::Release);
+    shared
+        .stats
+        .set_state(format!("promoted from epoch {epoch}: running unprotected"));
+    shared.promoted.cancel();
+    tracing::info!(
+        epoch,
+        generation = new_generation,
+        detection_ms = silence.as_millis() as u64,
+        fence_us = fenced.as_micros() as u64,
+        resume_us = resumed.as_micros() as u64,
+        "promoted: VM running"
+    );
+    // Report the VM's end (guest shutdown or failure) to the daemon.
+    let watch = state_vm_watch(shared);
+    let ended = shared.vm_ended.clone();
+    std::thread::Builder::new()
+        .name("vm-watch".into())
+        .spawn(move || {
+            if let Some(watch) = watch
+                && let Some(end) = watch.wait(Duration::MAX)
+            {
+                ended.send_replace(Some(end));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn state_vm_watch(shared: &Shared) -> Option<understudy_vmm::EndWatch> {
+    match &shared.lock().role {
+        Role::Promoted(vm) => Some(vm.end_watch()),
+        Role::Standby => None,
+    }
+}
+
+#[derive(Clone)]
+struct ReplicationService(Arc<Shared>);
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
+type BeatStream = Pin<Box<dyn Stream<Item = Result<Beat, Status>> + Send>>;
+
+fn epoch_status(e: &EpochError) -> Status {
+    match e {
+        EpochError::StaleGeneration { image, .. } => wire::deposed(*image, e.to_string()),
+        EpochError::WrongVm { .. } | EpochError::WrongRamSize { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        _ => Status::data_loss(format!("epoch refused, image kept at its last commit: {e}")),
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let req = req.into_inner();
+        let shared = &self.0;
+        let mut state = shared.lock();
+        shared.deposed_if_promoted(&state, req.generation)?;
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported: this backup speaks version {PROTOCOL_VERSION}; run the same understudy release on both hosts",
+                req.protocol_version
+            )));
+        }
+        if req.vm_id != shared.opts.vm_id {
+            return Err(Status::invalid_argument(format!(
+                "wrong VM: this backup protects VM {:?}, not {:?}",
+                shared.opts.vm_id, req.vm_id
+            )));
+        }
+        if req.ram_bytes != shared.opts.ram_bytes {
+            return Err(Status::invalid_argument(format!(
+                "VM {:?} has {} bytes of RAM here but the primary has {}: the configurations differ",
+                req.vm_id, shared.opts.ram_bytes, req.ram_bytes
+            )));
+        }
+        let store = state
+            .store
+            .as_mut()
+            .ok_or_else(|| Status::unavailable("no image"))?;
+        store
+            .begin_sync(req.generation)
+            .map_err(|e| Status::internal(format!("cannot start the sync: {e}")))?;
+        state.generation = req.generation;
+        state.session = req.session;
+        state.decoder = Some(EpochDecoder::with_buffers(std::mem::take(
+            &mut state.buffers,
+        )));
+        state.protected = false;
+        state.goodbye = false;
+        shared.heard();
+        shared
+            .stats
+            .generation
+            .store(req.generation, Ordering::Release);
+        shared.stats.protected.store(false, Ordering::Release);
+        shared.stats.set_state("syncing");
+        tracing::info!(
+            session = req.session,
+            generation = req.generation,
+            "primary connected: full sync"
+        );
+        Ok(Response::new(HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            generation: req.generation,
+            image_status: "syncing".into(),
+        }))
+    }
+
+    type ReplicateStream = AckStream;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<EpochChunk>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut incoming = req.into_inner();
+        let shared = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);
+        tokio::spawn(async move {
+            loop {
+                let msg = match incoming.next().await {
+                    None => return,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "replication stream ended");
+                        return;
+                    }
+                    Some(Ok(msg)) => msg,
+                };
+                shared.heard();
+                let shared2 = shared.clone();
+                let result = tokio::task::block_in_place(|| receive_chunk(&shared2, msg));
+                match result {
+                    Ok(None) => {}
+                    Ok(Some(ack)) => {
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(%status, "epoch refused; session ended, the primary must resync");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type HeartbeatStream = BeatStream;
+
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<Beat>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let mut incoming = req.into_inner();
+        let shared = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Beat, Status>>(4);
+        let reader = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(beat)) = incoming.next().await {
+                    let generation = shared.lock().generation;
+                    if beat.generation >= generation {
+                        shared.heard();
+                    }
+                }
+            })
+        };
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(shared.opts.heartbeat_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seq = 0;
+            loop {
+                tick.tick().await;
+                if reader.is_finished() {
+                    return;
+                }
+                seq += 1;
+                let (generation, role) = {
+                    let state = shared.lock();
+                    let role = if matches!(state.role, Role::Promoted(_)) {
+                        "primary"
+                    } else {
+                        "backup"
+                    };
+                    (state.generation, role)
+                };
+                let beat = Beat {
+                    generation,
+                    seq,
+                    role: role.into(),
+                };
+                if tx.send(Ok(beat)).await.is_err() {
+                    reader.abort();
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn goodbye(
+        &self,
+        req: Request<GoodbyeRequest>,
+    ) -> Result<Response<GoodbyeReply>, Status> {
+        let req = req.into_inner();
+        let mut state = self.0.lock();
+        self.0.deposed_if_promoted(&state, req.generation)?;
+        if req.session == state.session {
+            state.goodbye = true;
+            self.0
+                .stats
+                .set_state("primary stopped on purpose: not promoting");
+            tracing::info!("primary said goodbye: it stopped on purpose, no promotion");
+        }
+        Ok(Response::new(GoodbyeReply {}))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
+        let state = self.0.lock();
+        let role = if matches!(state.role, Role::Promoted(_)) {
+            "primary"
+        } else {
+            "backup"
+        };
+        Ok(Response::new(ProbeReply {
+            generation: state.generation,
+            role: role.into(),
+        }))
+    }
+}
+
+/// Feeds one chunk to the session's decoder; commits and returns an ack when an
+/// epoch completes.
+fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
+    let started = Instant::now();
+    let mut guard = shared.lock();
+    let state = &mut *guard;
+    shared.deposed_if_promoted(state, msg.generation)?;
+    if msg.session != state.session || state.session == 0 {
+        return Err(Status::failed_precondition(
+            "no such replication session: say Hello first",
+        ));
+    }
+    let (Some(store), Some(decoder)) = (state.store.as_mut(), state.decoder.as_mut()) else {
+        return Err(Status::failed_precondition("no replication session"));
+    };
+    shared
+        .stats
+        .bytes_shipped
+        .fetch_add(msg.chunk.len() as u64, Ordering::Relaxed);
+    let received = decoder.push(&msg.chunk, store);
+    let staged = match received {
+        Ok(Received::NeedMore) => return Ok(None),
+        Ok(Received::Complete(staged)) => staged,
+        Err(e) => {
+            state.session = 0;
+            state.decoder = None;
+            return Err(epoch_status(&e));
+        }
+    };
+    let epoch = staged.header.epoch;
+    let checkpoint = staged.header.kind == understudy_checkpoint::EpochKind::Checkpoint;
+    if let Err(e) = store.apply(&staged) {
+        state.session = 0;
+        state.decoder = None;
+        return Err(Status::internal(format!(
+            "cannot commit epoch {epoch}: {e}"
+        )));
+    }
+    state.decoder = Some(EpochDecoder::with_buffers(staged.recycle()));
+    if checkpoint {
+        state.protected = true;
+        shared.stats.protected.store(true, Ordering::Release);
+        shared.stats.set_last_epoch(epoch);
+        shared.stats.set_state("protecting");
+    }
+    shared.stats.epochs.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(Ack {
+        epoch,
+        generation: state.generation,
+        commit_micros: started.elapsed().as_micros() as u64,
+    }))
+}

@@ -1,0 +1,11 @@
+//! Pieces both roles share: the guest console service (an offset-addressed
+//! output log with output commit, and its TCP server), the checkpoint payload
+//! (VM state + unreleased console output), and live status figures with the
+//! Control service. No replication logic lives here.
+
+pub mod console;
+pub mod payload;
+pub mod status;
+pub mod wire;
+
+pub use understudy_proto::control_server::Control;

@@ -1,0 +1,193 @@
+//! Live figures of a daemon, updated on hot paths with atomics (and a small
+//! lock for the pause-time samples), read by the Control service and, later,
+//! the metrics endpoint.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use understudy_proto::control_server::Control;
+use understudy_proto::{StatusReply, StatusRequest};
+
+const SAMPLES: usize = 1024;
+
+/// A bounded window of recent samples, for medians and p99s.
+#[derive(Debug, Default)]
+pub struct Window {
+    samples: Vec<f64>,
+    next: usize,
+}
+
+impl Window {
+    pub fn push(&mut self, v: f64) {
+        if self.samples.len() < SAMPLES {
+            self.samples.push(v);
+        } else {
+            self.samples[self.next] = v;
+        }
+        self.next = (self.next + 1) % SAMPLES;
+    }
+
+    /// The q-quantile (0..=1) of the window, 0 when empty.
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        s[((s.len() as f64 * q) as usize).min(s.len() - 1)]
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        self.samples.iter().sum::<f64>() / self.samples.len() as f64
+    }
+}
+
+/// Everything `understudyctl status` shows.
+#[derive(Debug)]
+pub struct Stats {
+    pub vm_id: String,
+    role: Mutex<&'static str>,
+    state: Mutex<String>,
+    pub peer: String,
+    pub generation: AtomicU64,
+    pub protected: AtomicBool,
+    /// Last acked (primary) or committed (backup) epoch, +1 (0 = none yet).
+    last_epoch_plus_one: AtomicU64,
+    pub epochs: AtomicU64,
+    pub bytes_shipped: AtomicU64,
+    pub in_flight: AtomicU64,
+    pauses_us: Mutex<Window>,
+    dirty_pages: Mutex<Window>,
+    epoch_bytes: Mutex<Window>,
+    ack_us: Mutex<Window>,
+    started: Instant,
+}
+
+impl Stats {
+    pub fn new(vm_id: &str, role: &'static str, peer: String, generation: u64) -> Self {
+        Self {
+            vm_id: vm_id.to_owned(),
+            role: Mutex::new(role),
+            state: Mutex::new("starting".into()),
+            peer,
+            generation: AtomicU64::new(generation),
+            protected: AtomicBool::new(false),
+            last_epoch_plus_one: AtomicU64::new(0),
+            epochs: AtomicU64::new(0),
+            bytes_shipped: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            pauses_us: Mutex::default(),
+            dirty_pages: Mutex::default(),
+            epoch_bytes: Mutex::default(),
+            ack_us: Mutex::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn set_role(&self, role: &'static str) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = role;
+    }
+
+    pub fn role(&self) -> &'static str {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_state(&self, state: impl Into<String>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state.into();
+    }
+
+    pub fn state(&self) -> String {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_last_epoch(&self, epoch: u64) {
+        self.last_epoch_plus_one.store(epoch + 1, Ordering::Release);
+    }
+
+    pub fn last_epoch(&self) -> Option<u64> {
+        self.last_epoch_plus_one
+            .load(Ordering::Acquire)
+            .checked_sub(1)
+    }
+
+    /// Records one epoch taken on the primary.
+    pub fn record_epoch(&self, pause: Duration, dirty_pages: usize, bytes: u64) {
+        self.epochs.fetch_add(1, Ordering::Relaxed);
+        self.bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
+        lock(&self.pauses_us).push(pause.as_secs_f64() * 1e6);
+        lock(&self.dirty_pages).push(dirty_pages as f64);
+        lock(&self.epoch_bytes).push(bytes as f64);
+    }
+
+    pub fn record_ack(&self, latency: Duration) {
+        lock(&self.ack_us).push(latency.as_secs_f64() * 1e6);
+    }
+
+    pub fn reply(&self) -> StatusReply {
+        let last = self.last_epoch();
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
+        let pauses = lock(&self.pauses_us);
+        StatusReply {
+            vm_id: self.vm_id.clone(),
+            role: self.role().to_owned(),
+            generation: self.generation.load(Ordering::Acquire),
+            protected: self.protected.load(Ordering::Acquire),
+            last_epoch: last.unwrap_or_default(),
+            has_epoch: last.is_some(),
+            epochs_per_second: self.epochs.load(Ordering::Relaxed) as f64 / elapsed,
+            pause_p50_micros: pauses.quantile(0.5),
+            pause_p99_micros: pauses.quantile(0.99),
+            dirty_pages_per_epoch: lock(&self.dirty_pages).mean(),
+            bytes_per_epoch: lock(&self.epoch_bytes).mean(),
+            replication_lag_epochs: self.in_flight.load(Ordering::Relaxed),
+            ack_latency_micros: lock(&self.ack_us).quantile(0.5),
+            state: self.state(),
+            bytes_shipped: self.bytes_shipped.load(Ordering::Relaxed),
+            epochs: self.epochs.load(Ordering::Relaxed),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The Control gRPC service over a daemon's [`Stats`].
+#[derive(Debug, Clone)]
+pub struct ControlService(pub std::sync::Arc<Stats>);
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn status(
+        &self,
+        _: tonic::Request<StatusRequest>,
+    ) -> Result<tonic::Response<StatusReply>, tonic::Status> {
+        Ok(tonic::Response::new(self.0.reply()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_quantiles() {
+        let mut w = Window::default();
+        assert_eq!(w.quantile(0.5), 0.0);
+        for i in 1..=100 {
+            w.push(i as f64);
+        }
+        assert_eq!(w.quantile(0.5), 51.0);
+        assert_eq!(w.quantile(0.99), 100.0);
+        assert_eq!(w.mean(), 50.5);
+        for _ in 0..SAMPLES {
+            w.push(7.0);
+        }
+        assert_eq!(w.quantile(0.99), 7.0, "old samples age out");
+    }
+}

@@ -1,0 +1,1131 @@
+//! The primary role: runs the VM, syncs it to the backup while it runs, then
+//! every epoch pauses, harvests, copies, captures device state, resumes,
+//! encodes and ships; releases the guest's console output of epoch N only when
+//! the backup has acked N (output commit).
+//!
+//! ```text
+//!  start ─▶ Hello ─▶ full sync (rounds while running) ─▶ checkpoint loop ─┐
+//!    ▲  (fenced marker or a higher generation: refuse)                    │
+//!    └──── session lost: probe backup ── higher generation ──▶ FENCED     │
+//!                │ unreachable: keep-running ⇒ release output, run        │
+//!                │              hold-output  ⇒ hold output, run           │
+//!                └─ alive: resync ◀────────────────────────────────────────┘
+//! ```
+//!
+//! Threads: the *replicator* (a std thread) owns the VM and the sender state, so
+//! the pause path never waits on the async runtime; the async *session manager*
+//! owns the gRPC streams, acks, heartbeats and failure handling. They meet in
+//! [`Shared`]. Every output release goes through [`Releaser`], which a fence
+//! closes for good.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use understudy_checkpoint::epoch::{EpochKind, SenderState};
+use understudy_checkpoint::{CodecPolicy, PAGE_SIZE};
+use understudy_common::console::{self, ConsoleLog, InputSink};
+use understudy_common::payload::CheckpointPayload;
+use understudy_common::status::{ControlService, Stats};
+use understudy_common::wire;
+use understudy_proto::control_server::ControlServer;
+use understudy_proto::replication_client::ReplicationClient;
+use understudy_proto::{
+    Beat, EpochChunk, GoodbyeRequest, HelloRequest, PROTOCOL_VERSION, ProbeRequest,
+};
+use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
+
+/// What to do when the backup is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupLoss {
+    /// Availability: keep running unprotected and release output.
+    KeepRunning,
+    /// Safety: keep running but hold all output until a backup acks again.
+    HoldOutput,
+}
+
+/// What the primary needs to know.
+#[derive(Clone, Debug)]
+pub struct PrimaryOptions {
+    pub vm_id: String,
+    pub boot: BuiltinBoot,
+    pub ram_bytes: usize,
+    pub state_dir: PathBuf,
+    pub backup: SocketAddr,
+    pub console_listen: SocketAddr,
+    pub control_listen: SocketAddr,
+    pub epoch_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub backup_loss: BackupLoss,
+    pub codec: CodecPolicy,
+    /// Epochs shipped but not yet acked before the epoch loop waits.
+    pub max_in_flight: u64,
+    /// Boot without a first handshake with the backup (never by default: a
+    /// primary that cannot ask the backup cannot know it was not deposed).
+    pub start_unprotected: bool,
+}
+
+/// Why the primary stopped or refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    #[error(
+        "this primary was deposed: the backup was promoted at generation {generation}, so VM {vm:?} \
+         runs there now. Refusing to run it here too. Make this host the backup of the new primary; \
+         only if you are sure no other copy runs, delete {marker} to override"
+    )]
+    Fenced {
+        vm: String,
+        generation: u64,
+        marker: PathBuf,
+    },
+    #[error("state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} ({what})")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the backup at {addr} refused the primary: {message}")]
+    Refused { addr: SocketAddr, message: String },
+    #[error("cannot start the VM")]
+    Vm(#[source] understudy_vmm::VmError),
+    #[error("replication failed: {0}")]
+    Replication(String),
+    #[error("gRPC server failed")]
+    Server(#[source] tonic::transport::Error),
+}
+
+/// How a primary run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PrimaryExit {
+    /// Asked to stop; the backup was told not to promote.
+    Shutdown,
+    /// The guest ended by itself.
+    VmEnded(VmEnd),
+    /// A higher generation was seen: the VM was stopped, output dropped.
+    Fenced { generation: u64 },
+}
+
+const FENCED_FILE: &str = "fenced";
+const GENERATION_FILE: &str = "generation";
+/// Sync rounds stop when this few pages are still dirty (or after MAX_ROUNDS).
+const SYNC_CONVERGED_PAGES: usize = 256;
+const MAX_SYNC_ROUNDS: usize = 8;
+/// Pages encoded between chunk hand-offs during a sync round.
+const STREAM_EVERY_PAGES: usize = 512;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Releases console output, unless fenced.
+#[derive(Debug)]
+struct Releaser {
+    log: Arc<ConsoleLog>,
+    state: Mutex<ReleaseState>,
+}
+
+#[derive(Debug, Default)]
+struct ReleaseState {
+    fenced: bool,
+    /// Backup lost under keep-running: output goes out at once.
+    unprotected: bool,
+    /// (epoch, console end offset) of checkpoints not yet acked.
+    pending: VecDeque<(u64, u64)>,
+}
+
+impl Releaser {
+    fn lock(&self) -> MutexGuard<'_, ReleaseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checkpoint `epoch` covers output up to `end`.
+    fn checkpoint_taken(&self, epoch: u64, end: u64) {
+        let mut s = self.lock();
+        if s.unprotected && !s.fenced {
+            self.log.release_to(end);
+        } else {
+            s.pending.push_back((epoch, end));
+        }
+    }
+
+    /// The backup committed `epoch`: its output (and all before) may go out.
+    fn acked(&self, epoch: u64) {
+        let mut s = self.lock();
+        let mut release = None;
+        while let Some(&(e, end)) = s.pending.front() {
+            if e > epoch {
+                break;
+            }
+            release = Some(end);
+            s.pending.pop_front();
+        }
+        if let (Some(end), false) = (release, s.fenced) {
+            self.log.release_to(end);
+        }
+    }
+
+    /// Output produced while no session runs.
+    fn produced_unprotected(&self) {
+        let s = self.lock();
+        if s.unprotected && !s.fenced {
+            self.log.release_all();
+        }
+    }
+
+    fn set_unprotected(&self, on: bool) {
+        let mut s = self.lock();
+        if s.fenced {
+            return;
+        }
+        s.unprotected = on;
+        if on {
+            s.pending.clear();
+            self.log.release_all();
+        }
+    }
+
+    /// A new session: epochs of the old one will never be acked.
+    fn new_session(&self) {
+        let mut s = self.lock();
+        s.pending.clear();
+        s.unprotected = false;
+    }
+
+    /// Closes the releaser for good and drops everything unreleased.
+    fn fence(&self) -> usize {
+        let mut s = self.lock();
+        s.fenced = true;
+        s.pending.clear();
+        self.log.discard_unreleased()
+    }
+}
+
+/// A live replication session, as the replicator thread sees it.
+#[derive(Debug, Clone)]
+struct SessionLink {
+    id: u64,
+    chunks: tokio::sync::mpsc::Sender<EpochChunk>,
+    broken: Arc<AtomicBool>,
+}
+
+/// What the replicator thread and the async side share.
+#[derive(Debug)]
+struct Shared {
+    opts: PrimaryOptions,
+    generation: u64,
+    stats: Arc<Stats>,
+    releaser: Releaser,
+    session: Mutex<Option<SessionLink>>,
+    session_cv: Condvar,
+    /// Last acked epoch + 1 (0 = none), with a condvar for back-pressure.
+    acked: Mutex<u64>,
+    acked_cv: Condvar,
+    stop: AtomicBool,
+    /// Generation that deposed us (0 = not fenced).
+    fenced_by: AtomicU64,
+    vm_ended: Mutex<Option<VmEnd>>,
+    done: CancellationToken,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.fenced_by.load(Ordering::Acquire) != 0
+    }
+
+    /// Fences: from now on nothing is released; the replicator stops the VM.
+    fn fence(&self, generation: u64) {
+        if self
+            .fenced_by
+            .compare_exchange(0, generation, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let dropped = self.releaser.fence();
+        tracing::error!(
+            generation,
+            dropped_output_bytes = dropped,
+            "deposed by a higher generation: fencing"
+        );
+        self.stats
+            .set_state(format!("fenced: deposed by generation {generation}"));
+        let marker = self.opts.state_dir.join(FENCED_FILE);
+        if let Err(e) = std::fs::write(&marker, format!("{generation}\n")) {
+            tracing::error!(error = %e, path = %marker.display(), "cannot write the fenced marker");
+        }
+        self.session_cv.notify_all();
+        self.acked_cv.notify_all();
+        self.done.cancel();
+    }
+
+    fn set_session(&self, link: Option<SessionLink>) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = link;
+        self.session_cv.notify_all();
+    }
+
+    fn acked_plus_one(&self) -> MutexGuard<'_, u64> {
+        self.acked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn check_not_fenced(opts: &PrimaryOptions) -> Result<u64, PrimaryError> {
+    let dir = &opts.state_dir;
+    let io = |source| PrimaryError::StateDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let marker = dir.join(FENCED_FILE);
+    match std::fs::read_to_string(&marker) {
+        Ok(text) => {
+            return Err(PrimaryError::Fenced {
+                vm: opts.vm_id.clone(),
+                generation: text.trim().parse().unwrap_or_default(),
+                marker,
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let path = dir.join(GENERATION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            io(std::io::Error::other(format!(
+                "{} does not hold a generation number",
+                path.display()
+            )))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, "1\n").map_err(io)?;
+            Ok(1)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> Result<Endpoint, PrimaryError> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| PrimaryError::Replication(e.to_string()))?
+        .connect_timeout(wire::CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(wire::STREAM_WINDOW)
+        .initial_connection_window_size(wire::CONNECTION_WINDOW))
+}
+
+/// What the backup said to a Hello.
+enum HelloOutcome {
+    Accepted(ReplicationClient<Channel>),
+    Deposed(u64),
+    Refused(String),
+    Unreachable(String),
+}
+
+async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) -> HelloOutcome {
+    let channel = match endpoint(opts.backup) {
+        Ok(e) => match e.connect().await {
+            Ok(c) => c,
+            Err(e) => return HelloOutcome::Unreachable(e.to_string()),
+        },
+        Err(e) => return HelloOutcome::Unreachable(e.to_string()),
+    };
+    let mut client = ReplicationClient::new(channel);
+    let req = HelloRequest {
+        protocol_version: PROTOCOL_VERSION,
+        vm_id: opts.vm_id.clone(),
+        generation,
+        ram_bytes: opts.ram_bytes as u64,
+        session,
+    };
+    match client.hello(req).await {
+        Ok(_) => HelloOutcome::Accepted(client),
+        Err(status) => match wire::deposed_generation(&status) {
+            Some(g) if g > generation => HelloOutcome::Deposed(g),
+            _ if status.code() == tonic::Code::Unavailable => {
+                HelloOutcome::Unreachable(status.message().into())
+            }
+            _ => HelloOutcome::Refused(status.message().into()),
+        },
+    }
+}
+
+/// Runs the primary until `shutdown`, a fence, or the guest's end.
+pub async fn run(
+    opts: PrimaryOptions,
+    shutdown: CancellationToken,
+) -> Result<PrimaryExit, PrimaryError> {
+    let generation = check_not_fenced(&opts)?;
+    let stats = Arc::new(Stats::new(
+        &opts.vm_id,
+        "primary",
+        opts.backup.to_string(),
+        generation,
+    ));
+    let log = ConsoleLog::new(0);
+    let input = InputSink::new(None);
+    let console_listener =
+        console::bind(opts.console_listen)
+            .await
+            .map_err(|source| PrimaryError::Listen {
+                what: "console",
+                addr: opts.console_listen,
+                source,
+            })?;
+    let control = tokio::net::TcpListener::bind(opts.control_listen)
+        .await
+        .map_err(|source| PrimaryError::Listen {
+            what: "control",
+            addr: opts.control_listen,
+            source,
+        })?;
+    let control_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControlServer::new(ControlService(stats.clone())))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(control),
+                shutdown.clone().cancelled_owned(),
+            ),
+    );
+
+    // First handshake before the VM runs: a primary that cannot ask the backup
+    // cannot know it was not deposed.
+    stats.set_state("waiting for the backup");
+    let mut first_session = None;
+    let mut next_session = session_id();
+    loop {
+        match hello(&opts, generation, next_session).await {
+            HelloOutcome::Accepted(client) => {
+                first_session = Some((next_session, client));
+                break;
+            }
+            HelloOutcome::Deposed(g) => {
+                let marker = opts.state_dir.join(FENCED_FILE);
+                let _ = std::fs::write(&marker, format!("{g}\n"));
+                return Err(PrimaryError::Fenced {
+                    vm: opts.vm_id.clone(),
+                    generation: g,
+                    marker,
+                });
+            }
+            HelloOutcome::Refused(message) => {
+                return Err(PrimaryError::Refused {
+                    addr: opts.backup,
+                    message,
+                });
+            }
+            HelloOutcome::Unreachable(why) => {
+                if opts.start_unprotected {
+                    tracing::warn!(%why, "backup unreachable; starting unprotected as configured");
+                    break;
+                }
+                tracing::info!(%why, backup = %opts.backup, "waiting for the backup");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                next_session = session_id();
+            }
+        }
+    }
+
+    let ram = GuestRam::new(opts.ram_bytes, RamBacking::Anonymous)
+        .map_err(|e| PrimaryError::Vm(e.into()))?;
+    let (vm, vm_console) = Vm::boot(
+        ram,
+        &opts.boot.clone(),
+        BootOptions {
+            boot_record: Some(opts.boot.clone()),
+            start_paused: false,
+            dirty_logging: true,
+        },
+    )
+    .map_err(PrimaryError::Vm)?;
+    input.set(Some(vm_console.input.clone()));
+    tokio::spawn(console::serve(
+        console_listener,
+        log.clone(),
+        input,
+        shutdown.clone(),
+    ));
+    tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, "VM booted");
+
+    let shared = Arc::new(Shared {
+        generation,
+        stats: stats.clone(),
+        releaser: Releaser {
+            log: log.clone(),
+            state: Mutex::default(),
+        },
+        session: Mutex::new(None),
+        session_cv: Condvar::new(),
+        acked: Mutex::new(0),
+        acked_cv: Condvar::new(),
+        stop: AtomicBool::new(false),
+        fenced_by: AtomicU64::new(0),
+        vm_ended: Mutex::new(None),
+        done: CancellationToken::new(),
+        opts: opts.clone(),
+    });
+    let replicator = {
+        let shared = shared.clone();
+        let output = vm_console.output;
+        std::thread::Builder::new()
+            .name("replicator".into())
+            .spawn({
+                let runtime = tokio::runtime::Handle::current();
+                move || Replicator::new(shared, vm, output, log, runtime).run()
+            })
+            .map_err(|e| PrimaryError::Replication(e.to_string()))?
+    };
+
+    let manager = tokio::spawn(session_manager(
+        shared.clone(),
+        first_session,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = shared.done.cancelled() => {}
+    }
+    // Graceful stop: the replicator finishes its epoch, waits for the last ack
+    // and says goodbye (see Replicator::run); a fenced one just stops.
+    shared.stop.store(true, Ordering::Release);
+    shared.session_cv.notify_all();
+    shared.acked_cv.notify_all();
+    let _ = tokio::task::spawn_blocking(move || replicator.join()).await;
+    let _ = manager.await;
+    shutdown.cancel();
+    let _ = control_server.await;
+    let fenced = shared.fenced_by.load(Ordering::Acquire);
+    if fenced != 0 {
+        return Ok(PrimaryExit::Fenced { generation: fenced });
+    }
+    if let Some(end) = shared
+        .vm_ended
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Ok(PrimaryExit::VmEnded(end));
+    }
+    Ok(PrimaryExit::Shutdown)
+}
+
+async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
+    if let Ok(e) = endpoint(opts.backup)
+        && let Ok(channel) = e.connect().await
+    {
+        let mut client = ReplicationClient::new(channel);
+        match client
+            .goodbye(GoodbyeRequest {
+                generation,
+                session,
+            })
+            .await
+        {
+            Ok(_) => tracing::info!("told the backup we stop on purpose"),
+            Err(status) => tracing::warn!(%status, "goodbye refused"),
+        }
+    }
+}
+
+fn session_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1
+}
+
+/// Owns the gRPC side of each session. Returns the last session id when it
+/// stops (for the goodbye).
+async fn session_manager(
+    shared: Arc<Shared>,
+    mut first: Option<(u64, ReplicationClient<Channel>)>,
+    shutdown: CancellationToken,
+) -> Option<u64> {
+    let opts = shared.opts.clone();
+    let mut last_session = None;
+    loop {
+        if shared.stopping() {
+            return last_session;
+        }
+        let (session, client) = match first.take() {
+            Some(s) => s,
+            None => {
+                let id = session_id();
+                match hello(&opts, shared.generation, id).await {
+                    HelloOutcome::Accepted(client) => (id, client),
+                    HelloOutcome::Deposed(g) => {
+                        shared.fence(g);
+                        return None;
+                    }
+                    HelloOutcome::Refused(message) | HelloOutcome::Unreachable(message) => {
+                        tracing::debug!(%message, "backup not available yet");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return last_session,
+                            _ = shared.done.cancelled() => return last_session,
+                            _ = tokio::time::sleep(opts.heartbeat_timeout.max(Duration::from_millis(200))) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        last_session = Some(session);
+        shared.releaser.new_session();
+        shared.stats.set_state("syncing");
+        let reason = run_session(&shared, session, client, &shutdown).await;
+        shared.stats.protected.store(false, Ordering::Release);
+        if shared.stopping() {
+            return last_session;
+        }
+        tracing::warn!(%reason, "replication session lost");
+        // Before releasing anything unprotected, ask the backup: a promotion we
+        // could learn of must win over our own output.
+        match probe(&opts, shared.generation).await {
+            Ok((g, role)) if g > shared.generation || role == "primary" => {
+                shared.fence(g.max(shared.generation + 1));
+                return None;
+            }
+            Ok(_) => tracing::info!("backup still there: resyncing"),
+            Err(why) => {
+                tracing::warn!(%why, policy = ?opts.backup_loss, "backup unreachable");
+                match opts.backup_loss {
+                    BackupLoss::KeepRunning => {
+                        shared.releaser.set_unprotected(true);
+                        shared
+                            .stats
+                            .set_state("unprotected: backup lost, releasing output");
+                    }
+                    BackupLoss::HoldOutput => {
+                        shared
+                            .stats
+                            .set_state("unprotected: backup lost, holding output");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn probe(opts: &PrimaryOptions, generation: u64) -> Result<(u64, String), String> {
+    let attempt = async {
+        let channel = endpoint(opts.backup)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = ReplicationClient::new(channel)
+            .probe(ProbeRequest { generation })
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        Ok((reply.generation, reply.role))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, attempt)
+        .await
+        .map_err(|_| "probe timed out".to_string())?
+}
+
+/// One session: chunk stream out, acks in, heartbeats both ways. Returns why
+/// it ended.
+async fn run_session(
+    shared: &Arc<Shared>,
+    session: u64,
+    mut client: ReplicationClient<Channel>,
+    shutdown: &CancellationToken,
+) -> String {
+    let opts = &shared.opts;
+    let generation = shared.generation;
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<EpochChunk>(64);
+    let acks = client
+        .replicate(tokio_stream::wrappers::ReceiverStream::new(chunk_rx))
+        .await;
+    let mut acks = match acks {
+        Ok(r) => r.into_inner(),
+        Err(status) => return session_error(shared, &status),
+    };
+    let interval = opts.heartbeat_interval;
+    let beats_out = async_stream_beats(generation, interval);
+    let mut beats = match client.heartbeat(beats_out).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return session_error(shared, &status),
+    };
+    let broken = Arc::new(AtomicBool::new(false));
+    *shared.acked_plus_one() = 0;
+    shared.set_session(Some(SessionLink {
+        id: session,
+        chunks: chunk_tx,
+        broken: broken.clone(),
+    }));
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    // Not torn down on shutdown: the replicator finishes its last epoch and
+    // says goodbye through this session first, then cancels `done`.
+    let _ = shutdown;
+    let reason = loop {
+        tokio::select! {
+            _ = shared.done.cancelled() => break "stopping".to_string(),
+            ack = acks.next() => match ack {
+                Some(Ok(ack)) => {
+                    last_heard = Instant::now();
+                    if ack.generation > generation {
+                        shared.fence(ack.generation);
+                        break "deposed".into();
+                    }
+                    shared.releaser.acked(ack.epoch);
+                    {
+                        let mut acked = shared.acked_plus_one();
+                        *acked = (*acked).max(ack.epoch + 1);
+                    }
+                    shared.acked_cv.notify_all();
+                    shared.stats.set_last_epoch(ack.epoch);
+                }
+                Some(Err(status)) => break session_error(shared, &status),
+                None => break "the backup closed the replication stream".into(),
+            },
+            beat = beats.next() => match beat {
+                Some(Ok(beat)) => {
+                    if beat.generation > generation {
+                        shared.fence(beat.generation);
+                        break "deposed".into();
+                    }
+                    last_heard = Instant::now();
+                }
+                Some(Err(status)) => break session_error(shared, &status),
+                None => break "the backup closed the heartbeat stream".into(),
+            },
+            _ = tick.tick() => {
+                // Lenient on this side: a false "backup lost" costs a resync,
+                // and fencing does not depend on it (a promoted backup's beats
+                // and answers carry its higher generation).
+                if last_heard.elapsed() > (opts.heartbeat_timeout * 3).max(Duration::from_secs(1)) {
+                    break format!("no word from the backup for {:?}", last_heard.elapsed());
+                }
+                if broken.load(Ordering::Acquire) {
+                    break "the replicator left the session".into();
+                }
+            }
+        }
+    };
+    broken.store(true, Ordering::Release);
+    shared.set_session(None);
+    reason
+}
+
+fn session_error(shared: &Shared, status: &tonic::Status) -> String {
+    if let Some(g) = wire::deposed_generation(status)
+        && g > shared.generation
+    {
+        shared.fence(g);
+        return "deposed".into();
+    }
+    format!("{}: {}", status.code(), status.message())
+}
+
+fn async_stream_beats(
+    generation: u64,
+    interval: Duration,
+) -> impl tokio_stream::Stream<Item = Beat> {
+    let mut seq = 0u64;
+    tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval)).map(move |_| {
+        seq += 1;
+        Beat {
+            generation,
+            seq,
+            role: "primary".into(),
+        }
+    })
+}
+
+/// The thread that owns the VM.
+struct Replicator {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    /// The session the last checkpoint was acked in (for the goodbye).
+    last_session: Option<u64>,
+    vm: Option<Vm>,
+    output: crossbeam_channel::Receiver<u8>,
+    log: Arc<ConsoleLog>,
+    next_epoch: u64,
+    staging: Vec<u8>,
+    page: Box<[u8; PAGE_SIZE]>,
+}
+
+/// Why a session ended, from the replicator's side.
+enum SessionEnd {
+    Broken,
+    Stop,
+    VmEnded(VmEnd),
+}
+
+impl Replicator {
+    fn new(
+        shared: Arc<Shared>,
+        vm: Vm,
+        output: crossbeam_channel::Receiver<u8>,
+        log: Arc<ConsoleLog>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            shared,
+            runtime,
+            last_session: None,
+            vm: Some(vm),
+            output,
+            log,
+            next_epoch: 1,
+            staging: Vec::new(),
+            page: Box::new([0; PAGE_SIZE]),
+        }
+    }
+
+    fn vm(&self) -> &Vm {
+        self.vm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the VM lives until run() returns"))
+    }
+
+    fn run(mut self) {
+        let end = self.main_loop();
+        // A clean stop or a guest that ended by itself: tell the backup not to
+        // promote, while the session is still up. A fenced primary says nothing.
+        if self.shared.fenced_by.load(Ordering::Acquire) == 0
+            && let Some(session) = self.last_session
+        {
+            let opts = self.shared.opts.clone();
+            let generation = self.shared.generation;
+            self.runtime
+                .block_on(say_goodbye(&opts, generation, session));
+        }
+        let vm = self.vm.take();
+        if let Some(vm) = vm {
+            let how = vm.stop();
+            tracing::info!(reason = %how, "VM stopped");
+        }
+        if let Some(end) = end {
+            *self
+                .shared
+                .vm_ended
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(end);
+        }
+        // Output still unreleased: a fence drops it (done in fence()); a clean
+        // stop releases what the last ack covered (done on that ack).
+        self.shared.done.cancel();
+    }
+
+    fn main_loop(&mut self) -> Option<VmEnd> {
+        loop {
+            if self.shared.stopping() {
+                return None;
+            }
+            if let Some(end) = self.vm().ended() {
+                return Some(end);
+            }
+            let link = self.wait_for_session();
+            self.drain_output_unprotected();
+            let Some(link) = link else { continue };
+            match self.run_session(&link) {
+                SessionEnd::Broken => link.broken.store(true, Ordering::Release),
+                SessionEnd::Stop => return None,
+                SessionEnd::VmEnded(end) => return Some(end),
+            }
+        }
+    }
+
+    fn wait_for_session(&self) -> Option<SessionLink> {
+        let guard = self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .shared
+            .session_cv
+            .wait_timeout_while(guard, self.shared.opts.epoch_interval, |s| {
+                s.as_ref().is_none_or(|l| l.broken.load(Ordering::Acquire))
+                    && !self.shared.stopping()
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        guard.clone().filter(|l| !l.broken.load(Ordering::Acquire))
+    }
+
+    /// Between sessions the guest runs on; its output follows the policy.
+    fn drain_output_unprotected(&mut self) {
+        let bytes: Vec<u8> = self.output.try_iter().collect();
+        if !bytes.is_empty() {
+            self.log.append(&bytes);
+            self.shared.releaser.produced_unprotected();
+        }
+    }
+
+    fn send(&self, link: &SessionLink, chunks: Vec<Vec<u8>>) -> bool {
+        for chunk in chunks {
+            let msg = EpochChunk {
+                session: link.id,
+                generation: self.shared.generation,
+                chunk: chunk.into(),
+            };
+            if link.broken.load(Ordering::Acquire) || link.chunks.blocking_send(msg).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn run_session(&mut self, link: &SessionLink) -> SessionEnd {
+        let opts = self.shared.opts.clone();
+        let ram_pages = (opts.ram_bytes / PAGE_SIZE) as u32;
+        let sync_started = Instant::now();
+        let mut sender =
+            match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the sender");
+                    return SessionEnd::Stop;
+                }
+            };
+        // Clear the dirty log, then copy everything while the guest runs: any
+        // page written after the clear is dirty again for the next round.
+        if let Err(e) = self.vm().harvest_dirty() {
+            tracing::error!(error = %e, "cannot clear the dirty log");
+            return SessionEnd::Stop;
+        }
+        let all: Vec<u32> = (0..ram_pages).collect();
+        if !self.sync_round(link, &mut sender, &all) {
+            return SessionEnd::Broken;
+        }
+        for round in 2..=MAX_SYNC_ROUNDS {
+            let dirty = match self.vm().harvest_dirty() {
+                Ok(d) => d,
+                Err(_) => break,
+            };
+            let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
+            tracing::debug!(round, pages = pages.len(), "sync round");
+            if !self.sync_round(link, &mut sender, &pages) {
+                return SessionEnd::Broken;
+            }
+            if pages.len() <= SYNC_CONVERGED_PAGES {
+                break;
+            }
+        }
+        // Checkpoints: the first completes the sync and protects the VM.
+        let mut next_tick = Instant::now();
+        let mut protected = false;
+        loop {
+            match self.checkpoint(link, &mut sender) {
+                Ok(true) => {}
+                Ok(false) => return SessionEnd::Broken,
+                Err(end) => return end,
+            }
+            if !protected {
+                if !self.wait_acked(link, self.next_epoch - 1) {
+                    return if self.shared.stopping() {
+                        SessionEnd::Stop
+                    } else {
+                        SessionEnd::Broken
+                    };
+                }
+                protected = true;
+                self.last_session = Some(link.id);
+                self.shared.stats.protected.store(true, Ordering::Release);
+                self.shared.stats.set_state("protected");
+                tracing::info!(
+                    sync_ms = sync_started.elapsed().as_millis() as u64,
+                    epoch = self.next_epoch - 1,
+                    "VM protected"
+                );
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                // Graceful stop: the last checkpoint is acked; its output is out.
+                self.wait_acked(link, self.next_epoch - 1);
+                return SessionEnd::Stop;
+            }
+            // Back-pressure: at most max_in_flight epochs unacked.
+            let oldest_allowed = (self.next_epoch - 1).saturating_sub(opts.max_in_flight);
+            if !self.wait_acked(link, oldest_allowed) {
+                return if self.shared.stopping() {
+                    SessionEnd::Stop
+                } else {
+                    SessionEnd::Broken
+                };
+            }
+            next_tick += opts.epoch_interval;
+            let now = Instant::now();
+            if next_tick > now {
+                std::thread::sleep(next_tick - now);
+            } else {
+                next_tick = now;
+            }
+            if self.shared.stopping() && self.shared.fenced_by.load(Ordering::Acquire) != 0 {
+                return SessionEnd::Stop;
+            }
+        }
+    }
+
+    /// Waits until `epoch` is acked. False if the session broke or we stop.
+    fn wait_acked(&self, link: &SessionLink, epoch: u64) -> bool {
+        let guard = self.shared.acked_plus_one();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (guard, _) = self
+            .shared
+            .acked_cv
+            .wait_timeout_while(guard, Duration::from_secs(30), |acked| {
+                *acked < epoch + 1
+                    && !link.broken.load(Ordering::Acquire)
+                    && self.shared.fenced_by.load(Ordering::Acquire) == 0
+                    && Instant::now() < deadline
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        *guard > epoch
+    }
+
+    /// Ships `pages` read from the running guest as one sync round.
+    fn sync_round(&mut self, link: &SessionLink, sender: &mut SenderState, pages: &[u32]) -> bool {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let Ok(mut enc) = sender.begin(epoch, EpochKind::SyncRound) else {
+            return false;
+        };
+        for (i, &p) in pages.iter().enumerate() {
+            if self
+                .vm
+                .as_ref()
+                .map(|vm| vm.ram().copy_page(p as usize, &mut self.page))
+                .is_none()
+            {
+                return false;
+            }
+            if enc.add_page(p, &self.page).is_err() {
+                return false;
+            }
+            if i % STREAM_EVERY_PAGES == STREAM_EVERY_PAGES - 1
+                && !self.send(link, enc.take_chunks())
+            {
+                return false;
+            }
+        }
+        match enc.finish(&[]) {
+            Ok(encoded) => {
+                self.shared
+                    .stats
+                    .bytes_shipped
+                    .fetch_add(encoded.report.bytes_out, Ordering::Relaxed);
+                self.send(link, encoded.chunks)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Takes and ships one checkpoint. `Ok(false)`: the session broke.
+    fn checkpoint(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+    ) -> Result<bool, SessionEnd> {
+        let epoch = self.next_epoch;
+        let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
+        let started = Instant::now();
+        if let Err(e) = vm.pause() {
+            return Err(match vm.ended() {
+                Some(end) => SessionEnd::VmEnded(end),
+                None => {
+                    tracing::error!(error = %e, "cannot pause the VM");
+                    SessionEnd::Stop
+                }
+            });
+        }
+        let captured = (|| {
+            let dirty = vm.harvest_dirty()?;
+            let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
+            self.staging.resize(pages.len() * PAGE_SIZE, 0);
+            for (i, &p) in pages.iter().enumerate() {
+                let page: &mut [u8; PAGE_SIZE] = (&mut self.staging
+                    [i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("a page-sized slice"));
+                vm.ram().copy_page(p as usize, page)?;
+            }
+            let state = vm.save_state(false)?;
+            Ok::<_, understudy_vmm::VmError>((pages, state))
+        })();
+        // Output up to the pause belongs to this epoch.
+        let bytes: Vec<u8> = self.output.try_iter().collect();
+        let end_offset = self.log.append(&bytes);
+        let resumed = vm.resume();
+        let pause = started.elapsed();
+        let (pages, state) = match (captured, resumed) {
+            (Ok(c), Ok(())) => c,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "checkpoint capture failed");
+                return Err(match vm.ended() {
+                    Some(end) => SessionEnd::VmEnded(end),
+                    None => SessionEnd::Stop,
+                });
+            }
+        };
+        self.next_epoch += 1;
+        let (console_offset, console_out) = self.log.unreleased();
+        let vm_state = match state.encode() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode VM state");
+                return Err(SessionEnd::Stop);
+            }
+        };
+        let payload = CheckpointPayload {
+            vm_state,
+            console_offset,
+            console_out,
+        }
+        .encode();
+        self.shared.releaser.checkpoint_taken(epoch, end_offset);
+        let mut enc = match sender.begin(epoch, EpochKind::Checkpoint) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode checkpoint");
+                return Ok(false);
+            }
+        };
+        for (i, &p) in pages.iter().enumerate() {
+            let page: &[u8; PAGE_SIZE] = self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("a page-sized slice"));
+            if enc.add_page(p, page).is_err() {
+                return Ok(false);
+            }
+        }
+        let encoded = match enc.finish(&payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot finish checkpoint");
+                return Ok(false);
+            }
+        };
+        self.shared
+            .stats
+            .record_epoch(pause, pages.len(), encoded.report.bytes_out);
+        self.shared
+            .stats
+            .in_flight
+            .store(epoch + 1 - *self.shared.acked_plus_one(), Ordering::Relaxed);
+        Ok(self.send(link, encoded.chunks))
+    }
+}
+
+/// The fenced marker path (for tools and tests).
+pub fn fenced_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join(FENCED_FILE)
+}

@@ -1,0 +1,78 @@
+//! `understudyd`: the understudy daemon. Parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use understudy::config::Config;
+use understudy::daemon::{self, Role};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "understudyd",
+    version,
+    about = "Keep a VM alive across the loss of its host"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct ConfigArgs {
+    /// The VM's configuration file (TOML).
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// Override a config field: --set epoch_interval=10ms (repeatable; dotted keys for tables).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the VM and replicate it to the backup.
+    Primary(ConfigArgs),
+    /// Keep a ready-to-resume copy and take over when the primary dies.
+    Backup(ConfigArgs),
+    /// Check a configuration file and exit.
+    Check(ConfigArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let (role, args) = match &cli.command {
+        Command::Primary(a) => (Some(Role::Primary), a),
+        Command::Backup(a) => (Some(Role::Backup), a),
+        Command::Check(a) => (None, a),
+    };
+    let config = match Config::load(&args.config, &args.overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("understudyd: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(role) = role else {
+        println!(
+            "{}: OK (VM {:?}, guest {})",
+            args.config.display(),
+            config.name,
+            config.guest
+        );
+        return ExitCode::SUCCESS;
+    };
+    match daemon::run(role, &config) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("understudyd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

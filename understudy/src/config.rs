@@ -1,0 +1,448 @@
+//! The daemon's configuration: one TOML file describes a protected VM and both
+//! hosts of its pair; each host runs `understudyd primary` or `understudyd
+//! backup` with it. Every timeout, interval and threshold is a named field with
+//! a default. `--set key=value` overrides any field (dotted keys for tables).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use understudy_checkpoint::{CodecPolicy, Compression};
+use understudy_primary::BackupLoss;
+use understudy_vmm::{BuiltinBoot, BuiltinGuest};
+
+/// A configuration mistake, naming the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("--set {0:?}: write key=value, e.g. --set epoch_interval=50ms")]
+    BadOverride(String),
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration like \"25ms\" or \"2s\": {e}"
+        ))
+    })
+}
+
+fn guest<'de, D: Deserializer<'de>>(d: D) -> Result<BuiltinGuest, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+fn backup_loss<'de, D: Deserializer<'de>>(d: D) -> Result<BackupLoss, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "keep-running" => Ok(BackupLoss::KeepRunning),
+        "hold-output" => Ok(BackupLoss::HoldOutput),
+        other => Err(serde::de::Error::custom(format!(
+            "backup_loss {other:?} is unknown: choose \"keep-running\" or \"hold-output\""
+        ))),
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// VM name (its identity on both hosts).
+    pub name: String,
+    /// Built-in guest to boot: counter, dirtier or kv.
+    #[serde(deserialize_with = "guest")]
+    pub guest: BuiltinGuest,
+    /// Guest RAM in MiB.
+    #[serde(default = "defaults::memory_mib")]
+    pub memory_mib: usize,
+    /// Where this host keeps state: the primary its generation and fence
+    /// marker, the backup its image.
+    pub state_dir: PathBuf,
+    #[serde(default = "defaults::epoch_interval", deserialize_with = "duration")]
+    pub epoch_interval: Duration,
+    #[serde(
+        default = "defaults::heartbeat_interval",
+        deserialize_with = "duration"
+    )]
+    pub heartbeat_interval: Duration,
+    #[serde(default = "defaults::heartbeat_timeout", deserialize_with = "duration")]
+    pub heartbeat_timeout: Duration,
+    #[serde(default = "defaults::backup_loss", deserialize_with = "backup_loss")]
+    pub backup_loss: BackupLoss,
+    /// Checkpoints shipped but not acked before the primary waits.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u64,
+    /// Let the primary boot the VM without reaching the backup first.
+    #[serde(default)]
+    pub start_unprotected: bool,
+    /// fsync the backup's image at every commit (power-loss safety).
+    #[serde(default)]
+    pub fsync: bool,
+    #[serde(default)]
+    pub guest_params: GuestParams,
+    #[serde(default)]
+    pub codec: CodecConfig,
+    pub primary: PrimaryAddrs,
+    pub backup: BackupAddrs,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestParams {
+    /// counter: milliseconds between lines.
+    #[serde(default = "defaults::interval_ms")]
+    pub interval_ms: u64,
+    /// dirtier: working set in pages, pages per second, report interval.
+    #[serde(default = "defaults::working_set")]
+    pub working_set: u64,
+    #[serde(default = "defaults::dirty_rate")]
+    pub dirty_rate: u64,
+    #[serde(default = "defaults::report_ms")]
+    pub report_ms: u64,
+}
+
+impl Default for GuestParams {
+    fn default() -> Self {
+        Self {
+            interval_ms: defaults::interval_ms(),
+            working_set: defaults::working_set(),
+            dirty_rate: defaults::dirty_rate(),
+            report_ms: defaults::report_ms(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    /// adaptive, raw, lz4 or zstd.
+    #[serde(default = "defaults::codec_policy")]
+    pub policy: String,
+    #[serde(default = "defaults::zstd_level")]
+    pub zstd_level: i32,
+    #[serde(default = "defaults::delta_cache_pages")]
+    pub delta_cache_pages: usize,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        Self {
+            policy: defaults::codec_policy(),
+            zstd_level: defaults::zstd_level(),
+            delta_cache_pages: defaults::delta_cache_pages(),
+        }
+    }
+}
+
+/// The primary host's addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrimaryAddrs {
+    /// Guest console served to clients (TCP).
+    pub console: SocketAddr,
+    /// Control service (`understudyctl status`).
+    pub control: SocketAddr,
+}
+
+/// The backup host's addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupAddrs {
+    /// Replication service: the backup listens here, the primary connects here.
+    pub replication: SocketAddr,
+    /// Guest console after promotion (accepts clients while standby).
+    pub console: SocketAddr,
+    pub control: SocketAddr,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    use understudy_primary::BackupLoss;
+
+    pub fn memory_mib() -> usize {
+        64
+    }
+    pub fn epoch_interval() -> Duration {
+        Duration::from_millis(25)
+    }
+    pub fn heartbeat_interval() -> Duration {
+        Duration::from_millis(10)
+    }
+    pub fn heartbeat_timeout() -> Duration {
+        Duration::from_millis(100)
+    }
+    pub fn backup_loss() -> BackupLoss {
+        BackupLoss::KeepRunning
+    }
+    pub fn max_in_flight() -> u64 {
+        4
+    }
+    pub fn interval_ms() -> u64 {
+        50
+    }
+    pub fn working_set() -> u64 {
+        1024
+    }
+    pub fn dirty_rate() -> u64 {
+        10_000
+    }
+    pub fn report_ms() -> u64 {
+        1000
+    }
+    pub fn codec_policy() -> String {
+        "adaptive".into()
+    }
+    pub fn zstd_level() -> i32 {
+        3
+    }
+    pub fn delta_cache_pages() -> usize {
+        8192
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`key=value`, TOML values; bare words
+    /// are strings) and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+            let mut parts: Vec<&str> = key.trim().split('.').collect();
+            let last = parts
+                .pop()
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            let mut t = &mut table;
+            for part in parts {
+                t = t
+                    .entry(part)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            }
+            t.insert(last.to_owned(), value);
+        }
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.message().to_owned()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "name {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                self.name
+            ));
+        }
+        understudy_vmm::memory::validate_ram_size(self.memory_mib.saturating_mul(1 << 20))
+            .map_err(|e| format!("memory_mib: {e}"))?;
+        if self.epoch_interval < Duration::from_millis(1) {
+            return Err("epoch_interval must be at least 1ms".into());
+        }
+        if self.heartbeat_timeout < self.heartbeat_interval * 3 {
+            return Err(format!(
+                "heartbeat_timeout ({:?}) must be at least 3 × heartbeat_interval ({:?}), or a single late beat promotes the backup",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight must be at least 1".into());
+        }
+        self.codec_policy()?;
+        Ok(())
+    }
+
+    pub fn codec_policy(&self) -> Result<CodecPolicy, String> {
+        let c = &self.codec;
+        let mut policy = match c.policy.as_str() {
+            "adaptive" => CodecPolicy::ADAPTIVE,
+            "raw" => CodecPolicy::RAW,
+            "lz4" => CodecPolicy {
+                compression: Compression::Lz4,
+                ..CodecPolicy::ADAPTIVE
+            },
+            "zstd" => {
+                if !(1..=19).contains(&c.zstd_level) {
+                    return Err(format!("codec.zstd_level {} must be 1 to 19", c.zstd_level));
+                }
+                CodecPolicy {
+                    compression: Compression::Zstd(c.zstd_level),
+                    adaptive: false,
+                    ..CodecPolicy::ADAPTIVE
+                }
+            }
+            other => {
+                return Err(format!(
+                    "codec.policy {other:?} is unknown: choose adaptive, raw, lz4 or zstd"
+                ));
+            }
+        };
+        policy.delta_cache_pages = c.delta_cache_pages;
+        Ok(policy)
+    }
+
+    pub fn boot(&self) -> BuiltinBoot {
+        let p = &self.guest_params;
+        match self.guest {
+            BuiltinGuest::Counter => BuiltinBoot::counter(p.interval_ms),
+            BuiltinGuest::Dirtier => BuiltinBoot::dirtier(p.working_set, p.dirty_rate, p.report_ms),
+            BuiltinGuest::Kv => BuiltinBoot::new(BuiltinGuest::Kv),
+        }
+    }
+
+    pub fn ram_bytes(&self) -> usize {
+        self.memory_mib << 20
+    }
+
+    pub fn primary_options(&self) -> Result<understudy_primary::PrimaryOptions, String> {
+        Ok(understudy_primary::PrimaryOptions {
+            vm_id: self.name.clone(),
+            boot: self.boot(),
+            ram_bytes: self.ram_bytes(),
+            state_dir: self.state_dir.clone(),
+            backup: self.backup.replication,
+            console_listen: self.primary.console,
+            control_listen: self.primary.control,
+            epoch_interval: self.epoch_interval,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            backup_loss: self.backup_loss,
+            codec: self.codec_policy()?,
+            max_in_flight: self.max_in_flight,
+            start_unprotected: self.start_unprotected,
+        })
+    }
+
+    pub fn backup_options(&self) -> understudy_backup::BackupOptions {
+        understudy_backup::BackupOptions {
+            vm_id: self.name.clone(),
+            ram_bytes: self.ram_bytes() as u64,
+            image_dir: self.state_dir.join("image"),
+            replication_listen: self.backup.replication,
+            console_listen: self.backup.console,
+            control_listen: self.backup.control,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            fsync: self.fsync,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "demo"
+guest = "counter"
+state_dir = "/tmp/x"
+[primary]
+console = "127.0.0.1:7401"
+control = "127.0.0.1:7501"
+[backup]
+replication = "127.0.0.1:7301"
+console = "127.0.0.1:7402"
+control = "127.0.0.1:7502"
+"#;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::parse(text, Path::new("test.toml"), &o)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.epoch_interval, Duration::from_millis(25));
+        assert_eq!(c.backup_loss, BackupLoss::KeepRunning);
+        let c = parse(
+            GOOD,
+            &[
+                "epoch_interval=10ms",
+                "backup_loss=hold-output",
+                "guest_params.interval_ms=7",
+                "memory_mib=32",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.epoch_interval, Duration::from_millis(10));
+        assert_eq!(c.backup_loss, BackupLoss::HoldOutput);
+        assert_eq!(c.guest_params.interval_ms, 7);
+        assert_eq!(c.memory_mib, 32);
+    }
+
+    #[test]
+    fn every_mistake_gets_one_clear_error() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["epoch_intreval=5ms"], "unknown field `epoch_intreval`"),
+            (&["epoch_interval=soon"], "is not a duration"),
+            (&["guest=linux"], "choose counter, dirtier or kv"),
+            (&["memory_mib=3"], "memory_mib"),
+            (
+                &["backup_loss=panic"],
+                "choose \"keep-running\" or \"hold-output\"",
+            ),
+            (
+                &["heartbeat_timeout=15ms"],
+                "at least 3 × heartbeat_interval",
+            ),
+            (
+                &["codec.policy=brotli"],
+                "choose adaptive, raw, lz4 or zstd",
+            ),
+            (&["name=a b"], "letters, digits"),
+            (&["backup.replication=nowhere"], "invalid socket address"),
+            (&["oops"], "write key=value"),
+        ];
+        for (overrides, needle) in cases {
+            let err = parse(GOOD, overrides).unwrap_err().to_string();
+            assert!(err.contains(needle), "{overrides:?}: {err}");
+        }
+        let err = parse("name = ", &[]).unwrap_err().to_string();
+        assert!(err.contains("not valid TOML"), "{err}");
+        let err = parse(&GOOD.replace("guest = \"counter\"\n", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `guest`"), "{err}");
+    }
+}

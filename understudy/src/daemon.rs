@@ -1,0 +1,76 @@
+//! `understudyd`: runs one VM's role (primary or backup) from its config until
+//! SIGTERM/SIGINT, a fence, or the guest's end.
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+use understudy_backup::BackupExit;
+use understudy_primary::{PrimaryError, PrimaryExit};
+
+use crate::config::Config;
+
+/// The role to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+/// Exit code of a daemon that refused to run because it was deposed.
+pub const EXIT_FENCED: u8 = 3;
+
+/// Runs the role; returns the process exit code.
+pub fn run(role: Role, config: &Config) -> Result<u8> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("understudyd")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone())?;
+        match role {
+            Role::Primary => {
+                let opts = config.primary_options().map_err(anyhow::Error::msg)?;
+                match understudy_primary::run(opts, shutdown).await {
+                    Ok(PrimaryExit::Shutdown) => Ok(0),
+                    Ok(PrimaryExit::VmEnded(end)) => {
+                        tracing::info!(reason = %end, "guest ended");
+                        Ok(0)
+                    }
+                    Ok(PrimaryExit::Fenced { generation }) => {
+                        tracing::error!(generation, "deposed by the backup's promotion: VM stopped, its unacked output dropped");
+                        Ok(EXIT_FENCED)
+                    }
+                    Err(e @ PrimaryError::Fenced { .. }) => {
+                        tracing::error!("{e}");
+                        eprintln!("understudyd: {e}");
+                        Ok(EXIT_FENCED)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Role::Backup => match understudy_backup::run(config.backup_options(), shutdown).await? {
+                BackupExit::Shutdown => Ok(0),
+                BackupExit::VmEnded(end) => {
+                    tracing::info!(reason = %end, "promoted guest ended");
+                    Ok(0)
+                }
+            },
+        }
+    })
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
