@@ -164,40 +164,72 @@ impl ConsoleLog {
         self.lock().raw_start = offset;
     }
 
-    /// Released bytes from `from` on (moved up to the oldest kept byte).
+    /// Released bytes from `from` on (moved up to the oldest kept byte;
+    /// nothing yet if `from` is beyond the released end).
     fn read_released(&self, from: u64, max: usize) -> (u64, Vec<u8>) {
         let log = self.lock();
-        let from = from.max(log.start).min(log.released);
+        let from = from.max(log.start);
+        if from >= log.released {
+            return (from, Vec::new());
+        }
         let skip = (from - log.start) as usize;
         let n = ((log.released - from) as usize).min(max);
         (from, log.buf.range(skip..skip + n).copied().collect())
     }
 
+    /// Where a new client starts. A resume offset is honoured even beyond
+    /// what is released yet (the client waits for it: a standby's console
+    /// starts empty and fills at promotion); only bytes no longer kept are
+    /// skipped.
     fn start_for(&self, requested: Option<u64>) -> u64 {
         let log = self.lock();
         let wanted = requested.or(log.raw_start).unwrap_or(log.released);
-        wanted.clamp(log.start, log.released)
+        wanted.max(log.start)
     }
 }
 
-/// Where console input goes: the guest, once there is one running here.
+/// Input a standby holds for the guest it may promote (clients reconnect as
+/// soon as the primary dies, often before the promotion).
+const MAX_HELD_INPUT: usize = 64 * 1024;
+
+/// Where console input goes: the guest, once there is one running here;
+/// until then it is held (up to 64 KiB) and delivered when the guest starts.
 #[derive(Debug, Default)]
-pub struct InputSink(Mutex<Option<ConsoleInput>>);
+pub struct InputSink(Mutex<(Option<ConsoleInput>, Vec<u8>)>);
 
 impl InputSink {
     pub fn new(input: Option<ConsoleInput>) -> Arc<Self> {
-        Arc::new(Self(Mutex::new(input)))
+        Arc::new(Self(Mutex::new((input, Vec::new()))))
     }
 
-    /// Connects (or disconnects) the running guest.
+    /// Connects the running guest and hands it any held input.
     pub fn set(&self, input: Option<ConsoleInput>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = input;
+        let mut sink = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        sink.0 = input;
+        if let Some(input) = &sink.0
+            && !sink.1.is_empty()
+        {
+            input.send(&sink.1);
+            sink.1.clear();
+        }
     }
 
     fn send(&self, bytes: &[u8]) {
-        // A standby (no guest yet) drops input: nothing would answer it.
-        if let Some(input) = &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
-            input.send(bytes);
+        let mut sink = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &sink.0 {
+            Some(input) => {
+                input.send(bytes);
+            }
+            None => {
+                let room = MAX_HELD_INPUT.saturating_sub(sink.1.len());
+                if room < bytes.len() {
+                    tracing::warn!(
+                        dropped = bytes.len() - room,
+                        "console input held for a standby overflowed"
+                    );
+                }
+                sink.1.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
         }
     }
 }

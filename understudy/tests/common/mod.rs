@@ -1,0 +1,283 @@
+//! Harness for end-to-end tests: a primary and a backup `understudyd` as real
+//! child processes on loopback ports, with console clients and status polls.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use understudy_common::console::ResumingClient;
+use understudy_proto::StatusRequest;
+use understudy_proto::control_client::ControlClient;
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_understudyd");
+pub const CTL: &str = env!("CARGO_BIN_EXE_understudyctl");
+
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests need /dev/kvm: {e}");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Addresses of one pair.
+#[derive(Clone, Debug)]
+pub struct Addrs {
+    pub primary_console: SocketAddr,
+    pub primary_control: SocketAddr,
+    pub replication: SocketAddr,
+    pub backup_console: SocketAddr,
+    pub backup_control: SocketAddr,
+}
+
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub addrs: Addrs,
+    pub backup: Option<Child>,
+    pub primary: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Pair {
+    /// Writes a config for `guest` (plus `settings`, TOML lines) and starts the
+    /// backup; call `start_primary` next.
+    pub fn new(guest: &str, settings: &str) -> Self {
+        require_kvm();
+        let dir = tempfile::tempdir().unwrap();
+        let addrs = Addrs {
+            primary_console: addr(free_port()),
+            primary_control: addr(free_port()),
+            replication: addr(free_port()),
+            backup_console: addr(free_port()),
+            backup_control: addr(free_port()),
+        };
+        let config = dir.path().join("vm.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "test-vm"
+guest = "{guest}"
+memory_mib = 16
+state_dir = "{state}"
+{settings}
+[primary]
+console = "{}"
+control = "{}"
+[backup]
+replication = "{}"
+console = "{}"
+control = "{}"
+"#,
+                addrs.primary_console,
+                addrs.primary_control,
+                addrs.replication,
+                addrs.backup_console,
+                addrs.backup_control,
+                state = dir.path().join("primary").display(),
+            ),
+        )
+        .unwrap();
+        let mut pair = Self {
+            dir,
+            config,
+            addrs,
+            backup: None,
+            primary: None,
+            extra: Vec::new(),
+        };
+        pair.backup = Some(pair.spawn(
+            "backup",
+            &[&format!(
+                "state_dir={:?}",
+                pair.dir.path().join("backup").display().to_string()
+            )],
+        ));
+        pair
+    }
+
+    pub fn spawn(&self, role: &str, overrides: &[&str]) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!(
+            "{role}-{}.log",
+            Instant::now().elapsed().as_nanos()
+        )))
+        .unwrap();
+        let mut cmd = Command::new(DAEMON);
+        cmd.arg(role).arg("--config").arg(&self.config);
+        for o in overrides {
+            cmd.arg("--set").arg(o);
+        }
+        cmd.env("UNDERSTUDY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd.spawn().unwrap()
+    }
+
+    pub fn start_primary(&mut self) {
+        self.primary = Some(self.spawn("primary", &[]));
+    }
+
+    /// Every daemon log so far (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut entries: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                out += &format!(
+                    "--- {}\n{}",
+                    e.file_name().to_string_lossy(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+
+    pub fn signal_primary(&self, signal: libc::c_int) {
+        let pid = self.primary.as_ref().unwrap().id() as libc::pid_t;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// SIGKILL the primary and reap it.
+    pub fn kill_primary(&mut self) {
+        let mut child = self.primary.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Waits for the primary to exit.
+    pub fn wait_primary_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.primary.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.primary = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "primary did not exit within {timeout:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for child in [self.primary.take(), self.backup.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            // SAFETY: continue a possibly stopped child before killing it.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub async fn status(addr: SocketAddr) -> Option<understudy_proto::StatusReply> {
+    let mut client = ControlClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    Some(client.status(StatusRequest {}).await.ok()?.into_inner())
+}
+
+/// Polls until `pred(status)` holds.
+pub async fn wait_status(
+    pair: &Pair,
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&understudy_proto::StatusReply) -> bool,
+) -> understudy_proto::StatusReply {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = status(addr).await
+            && pred(&s)
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            pair.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A line-oriented console client that resumes by offset across failovers.
+pub struct Lines {
+    client: ResumingClient,
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    pub async fn connect(addr: SocketAddr, offset: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            client: ResumingClient::connect(addr, offset).await?,
+            partial: Vec::new(),
+        })
+    }
+
+    /// Offset of the next byte (after any partial line).
+    pub fn offset(&self) -> u64 {
+        self.client.offset - self.partial.len() as u64
+    }
+
+    pub async fn send(&mut self, line: &str) -> std::io::Result<()> {
+        self.client.write(format!("{line}\n").as_bytes()).await
+    }
+
+    /// Next full line; `Ok(None)` on EOF; Err on timeout or error.
+    pub async fn next(&mut self, timeout: Duration) -> std::io::Result<Option<String>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.partial.drain(..=i).collect();
+                return Ok(Some(String::from_utf8_lossy(&line[..i]).into_owned()));
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.client.read(&mut buf))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no line"))??;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.partial.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Reconnects to `addr` where this client left off (partial line kept).
+    pub async fn reconnect(&mut self, addr: SocketAddr) -> std::io::Result<()> {
+        self.client = ResumingClient::connect(addr, self.client.offset).await?;
+        Ok(())
+    }
+}
