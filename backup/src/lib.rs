@@ -434,11 +434,14 @@ type BeatStream = Pin<Box<dyn Stream<Item = Result<Beat, Status>> + Send>>;
 
 fn epoch_status(e: &EpochError) -> Status {
     match e {
-        EpochError::StaleGeneration { image, .. } => wire::deposed(*image, e.to_string()),
+        EpochError::StaleGeneration { image, .. } => wire::deposed(*image, wire::chain(e)),
         EpochError::WrongVm { .. } | EpochError::WrongRamSize { .. } => {
-            Status::invalid_argument(e.to_string())
+            Status::invalid_argument(wire::chain(e))
         }
-        _ => Status::data_loss(format!("epoch refused, image kept at its last commit: {e}")),
+        _ => Status::data_loss(format!(
+            "epoch refused, image kept at its last commit: {}",
+            wire::chain(e)
+        )),
     }
 }
 
@@ -663,7 +666,8 @@ fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status
         state.session = 0;
         state.decoder = None;
         return Err(Status::internal(format!(
-            "cannot commit epoch {epoch}: {e}"
+            "cannot commit epoch {epoch}: {}",
+            wire::chain(&e)
         )));
     }
     state.decoder = Some(EpochDecoder::with_buffers(staged.recycle()));

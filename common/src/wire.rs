@@ -17,6 +17,18 @@ pub const MAX_FRAME: u32 = (1 << 20) - 1;
 /// Connect timeout for peer channels.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// An error with its sources, `a: b: c`, for messages that cross the wire.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
 /// "The peer has a newer generation than you: stop."
 pub fn deposed(generation: u64, message: impl Into<String>) -> Status {
     let mut status = Status::failed_precondition(message);

@@ -357,3 +357,230 @@ async fn dirtier_fails_over_and_keeps_working() {
         "work only grows across the failover: {work:?}"
     );
 }
+
+mod fake_primary {
+    use std::time::Duration;
+
+    use tokio_stream::StreamExt;
+    use understudy_checkpoint::{CodecPolicy, EpochKind, SenderState};
+    use understudy_proto::replication_client::ReplicationClient;
+    use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
+
+    pub const RAM: u64 = 16 << 20;
+
+    pub fn hello(session: u64) -> HelloRequest {
+        HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            vm_id: "test-vm".into(),
+            generation: 1,
+            ram_bytes: RAM,
+            session,
+        }
+    }
+
+    /// A session that synced and committed checkpoint 2; returns the open
+    /// stream pieces for more epochs.
+    pub struct Session {
+        pub tx: tokio::sync::mpsc::Sender<EpochChunk>,
+        pub acks: tonic::Streaming<understudy_proto::Ack>,
+        pub sender: SenderState,
+        pub id: u64,
+    }
+
+    impl Session {
+        pub async fn open(
+            client: &mut ReplicationClient<tonic::transport::Channel>,
+            id: u64,
+        ) -> Self {
+            client.hello(hello(id)).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let acks = client
+                .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let sender =
+                SenderState::new("test-vm", (RAM / 4096) as u32, 1, CodecPolicy::ADAPTIVE).unwrap();
+            let mut s = Self {
+                tx,
+                acks,
+                sender,
+                id,
+            };
+            let all: Vec<u32> = (0..(RAM / 4096) as u32).collect();
+            let chunks = s.encode(1, EpochKind::SyncRound, &all);
+            s.send(chunks).await;
+            assert_eq!(s.acks.next().await.unwrap().unwrap().epoch, 1);
+            let chunks = s.encode(2, EpochKind::Checkpoint, &[5, 6, 7]);
+            s.send(chunks).await;
+            assert_eq!(s.acks.next().await.unwrap().unwrap().epoch, 2);
+            s
+        }
+
+        pub fn encode(&mut self, epoch: u64, kind: EpochKind, pages: &[u32]) -> Vec<Vec<u8>> {
+            let mut enc = self.sender.begin(epoch, kind).unwrap();
+            for &p in pages {
+                let mut page = [0u8; 4096];
+                page[..8].copy_from_slice(&(epoch * 1000 + p as u64).to_le_bytes());
+                enc.add_page(p, &page).unwrap();
+            }
+            enc.finish(b"not a VM state").unwrap().chunks
+        }
+
+        pub async fn send(&self, chunks: Vec<Vec<u8>>) {
+            for c in chunks {
+                let msg = EpochChunk {
+                    session: self.id,
+                    generation: 1,
+                    chunk: c.into(),
+                };
+                if self.tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+
+        /// The next ack or the error that ended the stream.
+        pub async fn outcome(&mut self) -> Result<u64, tonic::Status> {
+            match tokio::time::timeout(Duration::from_secs(20), self.acks.next()).await {
+                Ok(Some(Ok(ack))) => Ok(ack.epoch),
+                Ok(Some(Err(status))) => Err(status),
+                Ok(None) => Err(tonic::Status::aborted("stream closed")),
+                Err(_) => Err(tonic::Status::deadline_exceeded("no answer")),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_are_refused_and_the_image_keeps_its_last_commit() {
+    use understudy_checkpoint::EpochKind;
+    use understudy_proto::replication_client::ReplicationClient;
+
+    let mut pair = Pair::new("counter", "");
+    let mut client = loop {
+        if let Ok(c) =
+            ReplicationClient::connect(format!("http://{}", pair.addrs.replication)).await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Handshake refusals, each with its reason.
+    let mut bad = fake_primary::hello(1);
+    bad.protocol_version = 99;
+    let err = client.hello(bad).await.unwrap_err();
+    assert!(
+        err.message()
+            .contains("protocol version 99 is not supported"),
+        "{err}"
+    );
+    let mut bad = fake_primary::hello(1);
+    bad.vm_id = "someone-else".into();
+    let err = client.hello(bad).await.unwrap_err();
+    assert!(
+        err.message().contains("wrong VM") && err.message().contains("someone-else"),
+        "{err}"
+    );
+    let mut bad = fake_primary::hello(1);
+    bad.ram_bytes *= 2;
+    let err = client.hello(bad).await.unwrap_err();
+    assert!(err.message().contains("configurations differ"), "{err}");
+
+    // A synced session at checkpoint 2, then an epoch that skips a number.
+    let mut s = fake_primary::Session::open(&mut client, 7).await;
+    // (Our own sender refuses to skip; re-frame epoch 3's chunks as epoch 4.)
+    let chunks: Vec<Vec<u8>> = s
+        .encode(3, EpochKind::Checkpoint, &[1])
+        .iter()
+        .map(|c| {
+            let (h, body) = understudy_checkpoint::chunk::parse(c).unwrap();
+            understudy_checkpoint::chunk::frame(h.kind, 4, h.seq, body)
+        })
+        .collect();
+    s.send(chunks).await;
+    let err = s.outcome().await.unwrap_err();
+    assert!(err.message().contains("epochs cannot be skipped"), "{err}");
+    let st = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(
+        (st.last_epoch, st.protected),
+        (2, true),
+        "image still at checkpoint 2"
+    );
+
+    // A new session, then a corrupted epoch.
+    let mut s = fake_primary::Session::open(&mut client, 8).await;
+    let mut chunks = s.encode(3, EpochKind::Checkpoint, &[9, 10, 11]);
+    let mid = chunks.len() / 2;
+    let at = chunks[mid].len() / 2;
+    chunks[mid][at] ^= 0x20;
+    s.send(chunks).await;
+    let err = s.outcome().await.unwrap_err();
+    assert!(
+        err.message().contains("image kept at its last commit")
+            && err.message().contains("checksum"),
+        "{err}"
+    );
+    assert_eq!(
+        common::status(pair.addrs.backup_control)
+            .await
+            .unwrap()
+            .last_epoch,
+        2
+    );
+
+    // Chunks for a session that no longer exists are refused too.
+    s.send(vec![vec![1, 2, 3]]).await;
+
+    // On disk: exactly checkpoint 2, verified page by page on open.
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    let (store, _) = understudy_checkpoint::ImageStore::open(
+        &pair.dir.path().join("backup/image"),
+        Default::default(),
+    )
+    .unwrap();
+    assert_eq!(store.committed_epoch(), Some(2));
+    let page5 = &store.memory()[5 * 4096..5 * 4096 + 8];
+    assert_eq!(
+        u64::from_le_bytes(page5.try_into().unwrap()),
+        2005,
+        "the page committed by checkpoint 2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_primary_cleanly_without_a_promotion() {
+    let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
+    pair.start_primary();
+    wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "primary protected",
+        LONG,
+        |s| s.protected,
+    )
+    .await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut client, &pair, |l| l == "count 10", &mut seen).await;
+    pair.signal_primary(libc::SIGTERM);
+    let status = pair.wait_primary_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", pair.logs());
+    while let Ok(Some(l)) = client.next(Duration::from_millis(300)).await {
+        seen.push(l);
+    }
+    let got = counts(&seen);
+    assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>());
+    // Well past the heartbeat timeout: the backup stays a backup.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(
+        s.role,
+        "backup",
+        "no promotion after a clean stop\n{}",
+        pair.logs()
+    );
+    assert!(s.state.contains("stopped on purpose"), "{s:?}");
+}
