@@ -390,6 +390,14 @@ fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
         .generation
         .store(new_generation, Ordering::Release);
     shared.stats.set_role("primary");
+    shared
+        .stats
+        .promotion_detect_us
+        .store(silence.as_micros() as u64, Ordering::Relaxed);
+    shared
+        .stats
+        .promotion_resume_us
+        .store(resumed.as_micros() as u64, Ordering::Relaxed);
     shared.stats.protected.store(false, Ordering::Release);
     shared
         .stats

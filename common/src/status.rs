@@ -60,6 +60,8 @@ pub struct Stats {
     pub epochs: AtomicU64,
     pub bytes_shipped: AtomicU64,
     pub in_flight: AtomicU64,
+    pub promotion_detect_us: AtomicU64,
+    pub promotion_resume_us: AtomicU64,
     pauses_us: Mutex<Window>,
     dirty_pages: Mutex<Window>,
     epoch_bytes: Mutex<Window>,
@@ -80,6 +82,8 @@ impl Stats {
             epochs: AtomicU64::new(0),
             bytes_shipped: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            promotion_detect_us: AtomicU64::new(0),
+            promotion_resume_us: AtomicU64::new(0),
             pauses_us: Mutex::default(),
             dirty_pages: Mutex::default(),
             epoch_bytes: Mutex::default(),
@@ -149,6 +153,8 @@ impl Stats {
             bytes_shipped: self.bytes_shipped.load(Ordering::Relaxed),
             epochs: self.epochs.load(Ordering::Relaxed),
             peer: self.peer.clone(),
+            promotion_detect_micros: self.promotion_detect_us.load(Ordering::Relaxed),
+            promotion_resume_micros: self.promotion_resume_us.load(Ordering::Relaxed),
         }
     }
 }

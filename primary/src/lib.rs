@@ -236,6 +236,8 @@ struct Shared {
     fenced_by: AtomicU64,
     vm_ended: Mutex<Option<VmEnd>>,
     done: CancellationToken,
+    /// When each unacked checkpoint was taken, for ack latency.
+    taken_at: Mutex<VecDeque<(u64, Instant)>>,
 }
 
 impl Shared {
@@ -474,6 +476,7 @@ pub async fn run(
         fenced_by: AtomicU64::new(0),
         vm_ended: Mutex::new(None),
         done: CancellationToken::new(),
+        taken_at: Mutex::default(),
         opts: opts.clone(),
     });
     let replicator = {
@@ -691,6 +694,16 @@ async fn run_session(
                     }
                     shared.acked_cv.notify_all();
                     shared.stats.set_last_epoch(ack.epoch);
+                    let mut taken = shared.taken_at.lock().unwrap_or_else(|p| p.into_inner());
+                    while let Some(&(epoch, at)) = taken.front() {
+                        if epoch > ack.epoch {
+                            break;
+                        }
+                        if epoch == ack.epoch {
+                            shared.stats.record_ack(at.elapsed());
+                        }
+                        taken.pop_front();
+                    }
                 }
                 Some(Err(status)) => break session_error(shared, &status),
                 None => break "the backup closed the replication stream".into(),
@@ -1092,6 +1105,11 @@ impl Replicator {
         }
         .encode();
         self.shared.releaser.checkpoint_taken(epoch, end_offset);
+        self.shared
+            .taken_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((epoch, started));
         let mut enc = match sender.begin(epoch, EpochKind::Checkpoint) {
             Ok(e) => e,
             Err(e) => {

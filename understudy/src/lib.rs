@@ -5,4 +5,6 @@
 pub mod config;
 pub mod console;
 pub mod daemon;
+pub mod demo;
 pub mod local;
+pub mod remote;

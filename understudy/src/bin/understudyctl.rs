@@ -61,6 +61,24 @@ enum Command {
         #[command(flatten)]
         session: Session,
     },
+    /// Show a daemon's role, generation, protection and replication figures.
+    Status {
+        /// The daemon's control address (from its config: primary.control or backup.control).
+        #[arg(long, value_name = "ADDR")]
+        control: std::net::SocketAddr,
+    },
+    /// Start a protected counter VM on this machine, kill its primary, watch the backup take over.
+    Demo {
+        /// How long the protected VM runs before the primary is killed.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        run_for: Duration,
+        /// How long to watch the backup afterwards.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        after: Duration,
+        /// Keep the demo's config and logs here (default: a temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -91,6 +109,20 @@ fn main() -> ExitCode {
             session: session.into(),
         }),
         Command::Restore { dir, session } => local::restore(&dir, &session.into()),
+        Command::Status { control } => async_main(async move {
+            let status = understudy::remote::fetch_status(control).await?;
+            print!("{}", understudy::remote::render(&status));
+            Ok(())
+        }),
+        Command::Demo {
+            run_for,
+            after,
+            dir,
+        } => async_main(understudy::demo::run(understudy::demo::DemoOptions {
+            run_for,
+            after,
+            dir,
+        })),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,6 +131,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn async_main(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(fut)
 }
 
 impl From<Session> for SessionOptions {

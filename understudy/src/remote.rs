@@ -1,0 +1,109 @@
+//! `understudyctl status`: a daemon's live figures over its Control service.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use understudy_proto::control_client::ControlClient;
+use understudy_proto::{StatusReply, StatusRequest};
+
+/// Fetches a daemon's status.
+pub async fn fetch_status(addr: SocketAddr) -> Result<StatusReply> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.with_context(|| {
+        format!("cannot reach the control service at {addr}: is understudyd running there?")
+    })?;
+    Ok(ControlClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .with_context(|| format!("status request to {addr} failed"))?
+        .into_inner())
+}
+
+fn human_bytes(b: f64) -> String {
+    match b {
+        b if b >= (1u64 << 30) as f64 => format!("{:.2} GiB", b / (1u64 << 30) as f64),
+        b if b >= (1 << 20) as f64 => format!("{:.2} MiB", b / (1 << 20) as f64),
+        b if b >= 1024.0 => format!("{:.1} KiB", b / 1024.0),
+        b => format!("{b:.0} B"),
+    }
+}
+
+/// Renders a status as aligned `field value` lines.
+pub fn render(s: &StatusReply) -> String {
+    let mut rows: Vec<(&str, String)> = vec![
+        ("VM", s.vm_id.clone()),
+        ("role", s.role.clone()),
+        ("state", s.state.clone()),
+        ("generation", s.generation.to_string()),
+        (
+            "protected",
+            if s.protected {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+        ),
+        (
+            "last epoch",
+            if s.has_epoch {
+                s.last_epoch.to_string()
+            } else {
+                "none yet".into()
+            },
+        ),
+    ];
+    // Epoch figures exist only where checkpoints are taken (a running primary).
+    if s.pause_p50_micros > 0.0 {
+        rows.extend([
+            (
+                "epoch rate",
+                format!("{:.1}/s ({} epochs)", s.epochs_per_second, s.epochs),
+            ),
+            (
+                "pause",
+                format!(
+                    "p50 {:.0} µs, p99 {:.0} µs",
+                    s.pause_p50_micros, s.pause_p99_micros
+                ),
+            ),
+            (
+                "dirty pages",
+                format!("{:.1} per epoch", s.dirty_pages_per_epoch),
+            ),
+            (
+                "shipped",
+                format!(
+                    "{} per epoch, {} in all",
+                    human_bytes(s.bytes_per_epoch),
+                    human_bytes(s.bytes_shipped as f64)
+                ),
+            ),
+            (
+                "replication lag",
+                format!(
+                    "{} epoch(s) unacked, ack latency p50 {:.0} µs",
+                    s.replication_lag_epochs, s.ack_latency_micros
+                ),
+            ),
+        ]);
+    } else if s.bytes_shipped > 0 {
+        rows.push(("received", human_bytes(s.bytes_shipped as f64)));
+    }
+    if s.promotion_resume_micros > 0 {
+        rows.push((
+            "promotion",
+            format!(
+                "after {:.1} ms of silence; running {:.1} ms later",
+                s.promotion_detect_micros as f64 / 1e3,
+                s.promotion_resume_micros as f64 / 1e3
+            ),
+        ));
+    }
+    if !s.peer.is_empty() {
+        rows.push(("peer", s.peer.clone()));
+    }
+    rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
+}
