@@ -584,3 +584,93 @@ async fn sigterm_stops_the_primary_cleanly_without_a_promotion() {
     );
     assert!(s.state.contains("stopped on purpose"), "{s:?}");
 }
+
+async fn backup_loss_then_return(policy: &str) {
+    let mut pair = Pair::new(
+        "counter",
+        &format!("backup_loss = \"{policy}\"\nguest_params = {{ interval_ms = 10 }}"),
+    );
+    pair.start_primary();
+    wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "primary protected",
+        LONG,
+        |s| s.protected,
+    )
+    .await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut client, &pair, |l| l == "count 5", &mut seen).await;
+    // The backup dies.
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "primary unprotected",
+        LONG,
+        |s| !s.protected && s.state.contains("backup lost"),
+    )
+    .await;
+    let lost = counts(&seen).last().copied().unwrap();
+    // Drain what was released up to the loss.
+    while let Ok(Some(l)) = client.next(Duration::from_millis(300)).await {
+        seen.push(l);
+        if policy == "keep-running" && counts(&seen).last().copied().unwrap() > lost + 30 {
+            break;
+        }
+    }
+    let during = counts(&seen).last().copied().unwrap();
+    match policy {
+        "keep-running" => assert!(
+            during > lost + 30,
+            "keep-running releases output unprotected ({lost} → {during})"
+        ),
+        _ => assert!(
+            during <= lost + 10,
+            "hold-output holds output while unprotected ({lost} → {during})"
+        ),
+    }
+    // The backup returns (fresh image): the primary resyncs and is protected again.
+    pair.backup = Some(pair.spawn(
+        "backup",
+        &[&format!(
+            "state_dir={:?}",
+            pair.dir.path().join("backup2").display().to_string()
+        )],
+    ));
+    wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "protected again",
+        LONG,
+        |s| s.protected,
+    )
+    .await;
+    let until = counts(&seen).last().copied().unwrap() + 20;
+    read_until(
+        &mut client,
+        &pair,
+        |l| l == format!("count {until}"),
+        &mut seen,
+    )
+    .await;
+    let got = counts(&seen);
+    assert_eq!(
+        got,
+        (0..got.len() as u64).collect::<Vec<_>>(),
+        "{policy}: one sequence through loss and resync"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_loss_keep_running_releases_output_and_resyncs() {
+    backup_loss_then_return("keep-running").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_loss_hold_output_holds_output_until_a_backup_acks_again() {
+    backup_loss_then_return("hold-output").await;
+}
