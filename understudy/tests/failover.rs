@@ -42,6 +42,7 @@ async fn read_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
+    let _serial = common::serial().await;
     for trial in 0..3u64 {
         let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
         pair.start_primary();
@@ -110,6 +111,7 @@ async fn ask(c: &mut Lines, line: &str) -> std::io::Result<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acked_kv_write_is_lost_when_the_primary_is_killed_at_random() {
+    let _serial = common::serial().await;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for trial in 0..8 {
         let mut pair = Pair::new("kv", "");
@@ -264,16 +266,19 @@ async fn frozen_primary_is_deposed_and_never_releases_output(policy: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstopped_primary_is_deposed_keep_running() {
+    let _serial = common::serial().await;
     frozen_primary_is_deposed_and_never_releases_output("keep-running").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstopped_primary_is_deposed_hold_output() {
+    let _serial = common::serial().await;
     frozen_primary_is_deposed_and_never_releases_output("hold-output").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_primary_restarted_after_promotion_refuses_to_run() {
+    let _serial = common::serial().await;
     let mut pair = Pair::new("counter", "");
     pair.start_primary();
     wait_status(
@@ -316,6 +321,7 @@ async fn an_old_primary_restarted_after_promotion_refuses_to_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dirtier_fails_over_and_keeps_working() {
+    let _serial = common::serial().await;
     let mut pair = Pair::new(
         "dirtier",
         "guest_params = { working_set = 2048, dirty_rate = 20000, report_ms = 100 }",
@@ -454,6 +460,7 @@ mod fake_primary {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_are_refused_and_the_image_keeps_its_last_commit() {
+    let _serial = common::serial().await;
     use understudy_checkpoint::EpochKind;
     use understudy_proto::replication_client::ReplicationClient;
 
@@ -552,6 +559,7 @@ async fn bad_peers_are_refused_and_the_image_keeps_its_last_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_primary_cleanly_without_a_promotion() {
+    let _serial = common::serial().await;
     let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
     pair.start_primary();
     wait_status(
@@ -667,10 +675,12 @@ async fn backup_loss_then_return(policy: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_loss_keep_running_releases_output_and_resyncs() {
+    let _serial = common::serial().await;
     backup_loss_then_return("keep-running").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_loss_hold_output_holds_output_until_a_backup_acks_again() {
+    let _serial = common::serial().await;
     backup_loss_then_return("hold-output").await;
 }

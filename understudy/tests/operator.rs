@@ -43,6 +43,7 @@ fn demo_runs_kills_the_primary_and_reports_a_seamless_takeover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_role_generation_protection_and_replication_figures() {
+    let _serial = common::serial().await;
     let mut pair = Pair::new(
         "dirtier",
         "guest_params = { working_set = 512, dirty_rate = 5000 }",

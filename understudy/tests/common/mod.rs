@@ -25,6 +25,14 @@ pub fn require_kvm() {
     }
 }
 
+/// Pair-based tests run one at a time: several pairs of daemons and VMs on a
+/// 2-core machine would starve each other's heartbeats, and the tests use the
+/// product's default timeouts.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
