@@ -1,7 +1,8 @@
-//! `understudyctl demo`: on one machine, start a backup and a primary
-//! (`understudyd` child processes on loopback) protecting the `counter` guest,
-//! show it running, SIGKILL the primary, show the backup taking over with the
-//! count continuing, and print what was measured.
+//! `understudyctl demo` and SIGKILL drills: on one machine, start a backup and
+//! a primary (`understudyd` child processes on loopback) protecting the
+//! `counter` guest, let it run, SIGKILL the primary, follow the console onto
+//! the backup, and report what was measured. The demo narrates one drill; the
+//! failover benchmark runs many quietly.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -13,15 +14,44 @@ use understudy_common::console::ResumingClient;
 
 use crate::remote;
 
-/// Options of the demo.
+/// Guest RAM of the demo VM.
+const DEMO_MIB: u64 = 64;
+
+/// Options of a drill.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
     /// How long the protected VM runs before the primary is killed.
     pub run_for: Duration,
     /// How long to watch the backup after the takeover.
     pub after: Duration,
-    /// Where to keep the demo's files (a temporary directory if None).
+    /// Where to keep config and logs (a temporary directory if None).
     pub dir: Option<PathBuf>,
+    /// Narrate (the demo) or stay quiet (benchmarks).
+    pub verbose: bool,
+    /// The `understudyd` binary (default: beside this program).
+    pub daemon: Option<PathBuf>,
+}
+
+/// What one SIGKILL drill measured.
+#[derive(Clone, Debug, Default)]
+pub struct DrillReport {
+    /// SIGKILL → first console byte from the backup.
+    pub failover: Duration,
+    /// Silence the backup waited out before promoting.
+    pub detection: Duration,
+    /// Promotion → VM running on the backup.
+    pub resume: Duration,
+    /// Last line from the primary → first line from the backup.
+    pub output_gap: Duration,
+    pub pause_p50_us: f64,
+    pub pause_p99_us: f64,
+    pub sync_time: Duration,
+    pub bytes_shipped: u64,
+    pub epochs: u64,
+    pub last_epoch: u64,
+    pub lines: usize,
+    /// The console showed one unbroken count sequence from 0.
+    pub seamless: bool,
 }
 
 struct Daemons(Vec<Child>);
@@ -72,32 +102,95 @@ fn spawn(
         .with_context(|| format!("cannot start {}", daemon.display()))
 }
 
-/// Reads console lines (with arrival times) until `stop` says so or `timeout`.
+/// Reads console lines, calling `each` with every full line and its arrival
+/// time, until `timeout` or the stream ends.
 async fn read_lines(
     client: &mut ResumingClient,
     partial: &mut Vec<u8>,
     timeout: Duration,
-    mut each: impl FnMut(&str, Instant) -> bool,
-) -> Result<bool> {
+    mut each: impl FnMut(&str, Instant),
+) {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 4096];
     loop {
         while let Some(i) = partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = partial.drain(..=i).collect();
-            if !each(String::from_utf8_lossy(&line[..i]).as_ref(), Instant::now()) {
-                return Ok(true);
-            }
+            each(String::from_utf8_lossy(&line[..i]).as_ref(), Instant::now());
         }
         match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
-            Err(_) => return Ok(false),
-            Ok(Ok(0)) | Ok(Err(_)) => return Ok(false),
-            Ok(Ok(n)) => partial.extend_from_slice(&buf[..n]),
+            Ok(Ok(n)) if n > 0 => partial.extend_from_slice(&buf[..n]),
+            _ => return,
         }
     }
 }
 
-/// Runs the demo; prints as it goes and a summary at the end.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("         {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs the demo: one narrated drill and its summary.
 pub async fn run(opts: DemoOptions) -> Result<()> {
+    let r = drill(&opts).await?;
+    println!("\nsummary");
+    println!(
+        "  failover time     {:>8.1} ms  SIGKILL → first console byte from the backup",
+        ms(r.failover)
+    );
+    println!(
+        "    detection       {:>8.1} ms  silence before the backup promoted (heartbeat timeout)",
+        ms(r.detection)
+    );
+    println!(
+        "    resume          {:>8.1} ms  promotion → VM running (map image, restore state)",
+        ms(r.resume)
+    );
+    println!(
+        "  downtime          {:>8.1} ms  last line from the primary → first line from the backup",
+        ms(r.output_gap)
+    );
+    println!(
+        "  epoch pause       {:>8.0} µs  p50 ({:.0} µs p99) guest stopped per checkpoint",
+        r.pause_p50_us, r.pause_p99_us
+    );
+    println!(
+        "  initial sync      {:>8.2} s   start → protected ({DEMO_MIB} MiB guest)",
+        r.sync_time.as_secs_f64()
+    );
+    println!(
+        "  data shipped      {:>8.2} MiB over {} epochs",
+        r.bytes_shipped as f64 / (1 << 20) as f64,
+        r.epochs
+    );
+    println!("  last acked epoch  {:>8}", r.last_epoch);
+    println!(
+        "  console           {} lines, {}",
+        r.lines,
+        if r.seamless {
+            "one unbroken count sequence: no gap, no repeat, no restart"
+        } else {
+            "SEQUENCE BROKEN"
+        }
+    );
+    if !r.seamless {
+        bail!("the console sequence was broken across the failover");
+    }
+    Ok(())
+}
+
+/// One SIGKILL drill on a local pair.
+pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
+    let say = |text: String| {
+        if opts.verbose {
+            println!("{text}");
+        }
+    };
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -105,19 +198,15 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     {
         bail!("the demo needs /dev/kvm ({e}): run it on a host with KVM");
     }
-    let daemon = daemon_binary()?;
-    let tmp;
-    let dir = match &opts.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = std::env::temp_dir().join(format!("understudy-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)?;
-            tmp
-        }
+    let daemon = match &opts.daemon {
+        Some(d) => d.clone(),
+        None => daemon_binary()?,
     };
+    let dir = match &opts.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("understudy-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (pc, pk, rep, bc, bk) = (
         free_addr()?,
         free_addr()?,
@@ -126,36 +215,40 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         free_addr()?,
     );
     let config = dir.join("demo.toml");
+    // Fresh state each drill: a previous run's fence marker or image must not
+    // change this one.
+    let _ = std::fs::remove_dir_all(dir.join("primary"));
+    let _ = std::fs::remove_dir_all(dir.join("backup"));
     std::fs::write(
         &config,
         format!(
-            "# Written by understudyctl demo.\nname = \"demo\"\nguest = \"counter\"\nmemory_mib = 64\n\
-             state_dir = \"{}\"\nguest_params = {{ interval_ms = 50 }}\n\n[primary]\nconsole = \"{pc}\"\ncontrol = \"{pk}\"\n\n\
-             [backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n",
+            "# Written by understudyctl demo.\nname = \"demo\"\nguest = \"counter\"\nmemory_mib = {DEMO_MIB}\n\
+             state_dir = \"{}\"\nguest_params = {{ interval_ms = 50 }}\n\n[primary]\nconsole = \"{pc}\"\n\
+             control = \"{pk}\"\n\n[backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n",
             dir.join("primary").display()
         ),
     )?;
-    println!(
-        "understudy demo: the counter guest, protected by a backup on this machine; then the primary gets SIGKILL."
-    );
-    println!("files and daemon logs: {}", dir.display());
+    say("understudy demo: the counter guest, protected by a backup on this machine; then the primary gets SIGKILL.".into());
+    say(format!("files and daemon logs: {}", dir.display()));
     let mut daemons = Daemons(Vec::new());
     let backup_state = format!("state_dir={:?}", dir.join("backup").display().to_string());
     daemons
         .0
         .push(spawn(&daemon, "backup", &config, &dir, &[backup_state])?);
-    println!(
+    say(format!(
         "backup   started (pid {}), replication on {rep}, console on {bc}",
         daemons.0[0].id()
-    );
+    ));
     let started = Instant::now();
     daemons
         .0
         .push(spawn(&daemon, "primary", &config, &dir, &[])?);
     let primary_pid = daemons.0[1].id();
-    println!("primary  started (pid {primary_pid}), console on {pc}");
+    say(format!(
+        "primary  started (pid {primary_pid}), console on {pc}"
+    ));
 
-    // Initial sync: show progress until protected.
+    // Initial sync: progress until protected.
     let mut last_state = String::new();
     loop {
         if started.elapsed() > Duration::from_secs(60) {
@@ -166,11 +259,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         }
         if let Ok(s) = remote::fetch_status(pk).await {
             if s.state != last_state {
-                println!(
+                say(format!(
                     "primary  {} ({:.2} s)",
                     s.state,
                     started.elapsed().as_secs_f64()
-                );
+                ));
                 last_state = s.state.clone();
             }
             if s.protected {
@@ -187,20 +280,19 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let mut partial = Vec::new();
     let mut counts = Vec::new();
     let mut last_primary_line = Instant::now();
-    read_lines(&mut client, &mut partial, opts.run_for, |line, at| {
-        println!("primary │ {line}");
+    let mut on_primary = |line: &str, at: Instant| {
+        say(format!("primary │ {line}"));
         counts.extend(
             line.strip_prefix("count ")
                 .and_then(|n| n.parse::<u64>().ok()),
         );
         last_primary_line = at;
-        true
-    })
-    .await?;
+    };
+    read_lines(&mut client, &mut partial, opts.run_for, &mut on_primary).await;
     let before = remote::fetch_status(pk).await?;
-    print!("{}", indent(&remote::render(&before)));
+    say(indent(&remote::render(&before)));
 
-    println!("SIGKILL  → primary (pid {primary_pid})");
+    say(format!("SIGKILL  → primary (pid {primary_pid})"));
     let primary = &mut daemons.0[1];
     primary.kill().context("cannot kill the primary")?;
     let killed = Instant::now();
@@ -210,101 +302,49 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         &mut client,
         &mut partial,
         Duration::from_millis(50),
-        |line, at| {
-            println!("primary │ {line}");
-            counts.extend(
-                line.strip_prefix("count ")
-                    .and_then(|n| n.parse::<u64>().ok()),
-            );
-            last_primary_line = at;
-            true
-        },
+        &mut on_primary,
     )
-    .await?;
+    .await;
     let offset = client.offset - partial.len() as u64;
     partial.clear();
     let mut client = ResumingClient::connect(bc, offset)
         .await
         .context("cannot connect to the backup's console")?;
-    let mut first_backup_byte = None;
-    let mut first_backup_line = None;
     let mut buf = [0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
         .await
         .context("the backup did not take over within 10 s")??;
-    first_backup_byte.get_or_insert(Instant::now());
+    let first_backup_byte = Instant::now();
     partial.extend_from_slice(&buf[..n]);
+    let mut first_backup_line = None;
     read_lines(&mut client, &mut partial, opts.after, |line, at| {
-        println!("backup  │ {line}");
+        say(format!("backup  │ {line}"));
         counts.extend(
             line.strip_prefix("count ")
                 .and_then(|n| n.parse::<u64>().ok()),
         );
         first_backup_line.get_or_insert(at);
-        true
     })
-    .await?;
+    .await;
     let after = remote::fetch_status(bk).await?;
-    print!("{}", indent(&remote::render(&after)));
-
-    let failover = first_backup_byte.map(|t| t - killed).unwrap_or_default();
-    let gap = first_backup_line
-        .map(|t| t.saturating_duration_since(last_primary_line))
-        .unwrap_or_default();
-    let seamless = counts.windows(2).all(|w| w[1] == w[0] + 1) && counts.first() == Some(&0);
-    println!("\nsummary");
-    println!(
-        "  failover time     {:>8.1} ms  SIGKILL → first console byte from the backup",
-        failover.as_secs_f64() * 1e3
-    );
-    println!(
-        "    detection       {:>8.1} ms  silence before the backup promoted (heartbeat timeout)",
-        after.promotion_detect_micros as f64 / 1e3
-    );
-    println!(
-        "    resume          {:>8.1} ms  promotion → VM running (map image, restore state)",
-        after.promotion_resume_micros as f64 / 1e3
-    );
-    println!(
-        "  downtime          {:>8.1} ms  last line from the primary → first line from the backup",
-        gap.as_secs_f64() * 1e3
-    );
-    println!(
-        "  epoch pause       {:>8.0} µs  p50 ({:.0} µs p99) guest stopped per checkpoint",
-        before.pause_p50_micros, before.pause_p99_micros
-    );
-    println!(
-        "  initial sync      {:>8.2} s   start → protected ({} MiB guest)",
-        sync_time.as_secs_f64(),
-        64
-    );
-    println!(
-        "  data shipped      {:>8.2} MiB over {} epochs ({:.1}/s)",
-        before.bytes_shipped as f64 / (1 << 20) as f64,
-        before.epochs,
-        before.epochs_per_second
-    );
-    println!("  last acked epoch  {:>8}", before.last_epoch);
-    println!(
-        "  console           {} lines, {}",
-        counts.len(),
-        if seamless {
-            "one unbroken count sequence: no gap, no repeat, no restart"
-        } else {
-            "SEQUENCE BROKEN"
-        }
-    );
+    say(indent(&remote::render(&after)));
     // Stop the promoted VM cleanly.
-    if let Some(backup) = daemons.0.first() {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(backup.id() as libc::pid_t, libc::SIGTERM) };
-    }
-    if !seamless {
-        bail!("the console sequence was broken across the failover: {counts:?}");
-    }
-    Ok(())
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("         {l}\n")).collect()
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(daemons.0[0].id() as libc::pid_t, libc::SIGTERM) };
+    Ok(DrillReport {
+        failover: first_backup_byte - killed,
+        detection: Duration::from_micros(after.promotion_detect_micros),
+        resume: Duration::from_micros(after.promotion_resume_micros),
+        output_gap: first_backup_line
+            .map(|t| t.saturating_duration_since(last_primary_line))
+            .unwrap_or_default(),
+        pause_p50_us: before.pause_p50_micros,
+        pause_p99_us: before.pause_p99_micros,
+        sync_time,
+        bytes_shipped: before.bytes_shipped,
+        epochs: before.epochs,
+        last_epoch: before.last_epoch,
+        lines: counts.len(),
+        seamless: counts.first() == Some(&0) && counts.windows(2).all(|w| w[1] == w[0] + 1),
+    })
 }

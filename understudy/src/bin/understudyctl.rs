@@ -122,6 +122,8 @@ fn main() -> ExitCode {
             run_for,
             after,
             dir,
+            verbose: true,
+            daemon: None,
         })),
     };
     match result {
