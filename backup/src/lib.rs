@@ -153,13 +153,16 @@ impl Shared {
 }
 
 /// Runs the backup until `shutdown` (or until a promoted VM ends).
+/// `stats` is where the backup reports its state (the daemon reads it for
+/// `understudyctl status` and systemd notifications).
 pub async fn run(
     opts: BackupOptions,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<BackupExit, BackupError> {
     let store = open_store(&opts)?;
     let generation = store.generation();
-    let stats = Arc::new(Stats::new(&opts.vm_id, "backup", String::new(), generation));
+    stats.generation.store(generation, Ordering::Release);
     stats.set_state(match store.status() {
         ImageStatus::Committed { .. } => "standby: image from an earlier session (needs resync)",
         _ => "standby: waiting for the primary",
@@ -499,6 +502,7 @@ impl Replication for ReplicationService {
             .store(req.generation, Ordering::Release);
         shared.stats.protected.store(false, Ordering::Release);
         shared.stats.set_state("syncing");
+        shared.stats.link_up.store(true, Ordering::Release);
         tracing::info!(
             session = req.session,
             generation = req.generation,

@@ -55,6 +55,8 @@ pub struct Stats {
     pub peer: String,
     pub generation: AtomicU64,
     pub protected: AtomicBool,
+    /// A backup: a primary has connected (the link is up).
+    pub link_up: AtomicBool,
     /// Last acked (primary) or committed (backup) epoch, +1 (0 = none yet).
     last_epoch_plus_one: AtomicU64,
     pub epochs: AtomicU64,
@@ -78,6 +80,7 @@ impl Stats {
             peer,
             generation: AtomicU64::new(generation),
             protected: AtomicBool::new(false),
+            link_up: AtomicBool::new(false),
             last_epoch_plus_one: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
             bytes_shipped: AtomicU64::new(0),

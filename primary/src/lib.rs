@@ -362,17 +362,15 @@ async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) -> HelloOut
 }
 
 /// Runs the primary until `shutdown`, a fence, or the guest's end.
+/// `stats` is where the primary reports its state (the daemon reads it for
+/// `understudyctl status` and systemd notifications).
 pub async fn run(
     opts: PrimaryOptions,
+    stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<PrimaryExit, PrimaryError> {
     let generation = check_not_fenced(&opts)?;
-    let stats = Arc::new(Stats::new(
-        &opts.vm_id,
-        "primary",
-        opts.backup.to_string(),
-        generation,
-    ));
+    stats.generation.store(generation, Ordering::Release);
     let log = ConsoleLog::new(0);
     let input = InputSink::new(None);
     let console_listener =

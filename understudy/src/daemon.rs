@@ -1,12 +1,16 @@
 //! `understudyd`: runs one VM's role (primary or backup) from its config until
 //! SIGTERM/SIGINT, a fence, or the guest's end.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use understudy_backup::BackupExit;
+use understudy_common::status::Stats;
 use understudy_primary::{PrimaryError, PrimaryExit};
 
 use crate::config::Config;
+use crate::supervise;
 
 /// The role to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,10 +33,16 @@ pub fn run(role: Role, config: &Config) -> Result<u8> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
-        match role {
+        let (role_name, peer) = match role {
+            Role::Primary => ("primary", config.backup.replication.to_string()),
+            Role::Backup => ("backup", String::new()),
+        };
+        let stats = Arc::new(Stats::new(&config.name, role_name, peer, 0));
+        let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));
+        let code = match role {
             Role::Primary => {
                 let opts = config.primary_options().map_err(anyhow::Error::msg)?;
-                match understudy_primary::run(opts, shutdown).await {
+                match understudy_primary::run(opts, stats, shutdown.clone()).await {
                     Ok(PrimaryExit::Shutdown) => Ok(0),
                     Ok(PrimaryExit::VmEnded(end)) => {
                         tracing::info!(reason = %end, "guest ended");
@@ -50,14 +60,18 @@ pub fn run(role: Role, config: &Config) -> Result<u8> {
                     Err(e) => Err(e.into()),
                 }
             }
-            Role::Backup => match understudy_backup::run(config.backup_options(), shutdown).await? {
-                BackupExit::Shutdown => Ok(0),
-                BackupExit::VmEnded(end) => {
+            Role::Backup => match understudy_backup::run(config.backup_options(), stats, shutdown.clone()).await {
+                Ok(BackupExit::Shutdown) => Ok(0),
+                Ok(BackupExit::VmEnded(end)) => {
                     tracing::info!(reason = %end, "promoted guest ended");
                     Ok(0)
                 }
+                Err(e) => Err(e.into()),
             },
-        }
+        };
+        shutdown.cancel();
+        let _ = supervisor.await;
+        code
     })
 }
 

@@ -8,3 +8,4 @@ pub mod daemon;
 pub mod demo;
 pub mod local;
 pub mod remote;
+pub mod supervise;

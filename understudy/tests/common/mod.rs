@@ -122,6 +122,10 @@ control = "{}"
     }
 
     pub fn spawn(&self, role: &str, overrides: &[&str]) -> Child {
+        self.spawn_with_env(role, overrides, &[])
+    }
+
+    pub fn spawn_with_env(&self, role: &str, overrides: &[&str], env: &[(&str, String)]) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!(
             "{role}-{}.log",
             Instant::now().elapsed().as_nanos()
@@ -131,6 +135,9 @@ control = "{}"
         cmd.arg(role).arg("--config").arg(&self.config);
         for o in overrides {
             cmd.arg("--set").arg(o);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         cmd.env("UNDERSTUDY_LOG", "info")
             .stdin(Stdio::null())
