@@ -393,6 +393,7 @@ fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
         .generation
         .store(new_generation, Ordering::Release);
     shared.stats.set_role("primary");
+    shared.stats.metrics.failovers.inc();
     shared
         .stats
         .promotion_detect_us
@@ -565,28 +566,13 @@ impl Replication for ReplicationService {
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let mut incoming = req.into_inner();
         let shared = self.0.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Beat, Status>>(4);
-        let reader = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                while let Some(Ok(beat)) = incoming.next().await {
-                    let generation = shared.lock().generation;
-                    if beat.generation >= generation {
-                        shared.heard();
-                    }
-                }
-            })
-        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Beat, Status>>(16);
+        // Answer every beat at once, echoing its seq (the primary measures the
+        // round trip) and carrying our generation and role (a stale primary
+        // learns of a promotion from its next beat).
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(shared.opts.heartbeat_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut seq = 0;
-            loop {
-                tick.tick().await;
-                if reader.is_finished() {
-                    return;
-                }
-                seq += 1;
+            while let Some(Ok(beat)) = incoming.next().await {
                 let (generation, role) = {
                     let state = shared.lock();
                     let role = if matches!(state.role, Role::Promoted(_)) {
@@ -596,13 +582,20 @@ impl Replication for ReplicationService {
                     };
                     (state.generation, role)
                 };
-                let beat = Beat {
+                if beat.generation >= generation && role == "backup" {
+                    shared.heard();
+                }
+                seq += 1;
+                let reply = Beat {
                     generation,
                     seq,
                     role: role.into(),
+                    echo_seq: beat.seq,
                 };
-                if tx.send(Ok(beat)).await.is_err() {
-                    reader.abort();
+                // A primary that does not read its beats does not need more.
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(Ok(reply))
+                {
                     return;
                 }
             }
@@ -690,6 +683,7 @@ fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status
         shared.stats.set_state("protecting");
     }
     shared.stats.epochs.fetch_add(1, Ordering::Relaxed);
+    shared.stats.metrics.epochs.inc();
     Ok(Some(Ack {
         epoch,
         generation: state.generation,

@@ -64,6 +64,9 @@ pub struct Stats {
     pub in_flight: AtomicU64,
     pub promotion_detect_us: AtomicU64,
     pub promotion_resume_us: AtomicU64,
+    /// Prometheus metrics (histograms and counters updated as things happen).
+    pub metrics: crate::metrics::Metrics,
+    last_epoch_at: Mutex<Option<Instant>>,
     pauses_us: Mutex<Window>,
     dirty_pages: Mutex<Window>,
     epoch_bytes: Mutex<Window>,
@@ -87,6 +90,8 @@ impl Stats {
             in_flight: AtomicU64::new(0),
             promotion_detect_us: AtomicU64::new(0),
             promotion_resume_us: AtomicU64::new(0),
+            metrics: crate::metrics::Metrics::new(),
+            last_epoch_at: Mutex::new(None),
             pauses_us: Mutex::default(),
             dirty_pages: Mutex::default(),
             epoch_bytes: Mutex::default(),
@@ -121,8 +126,20 @@ impl Stats {
             .checked_sub(1)
     }
 
-    /// Records one epoch taken on the primary.
-    pub fn record_epoch(&self, pause: Duration, dirty_pages: usize, bytes: u64) {
+    /// Records one checkpoint taken on the primary: guest stop time, dirty
+    /// pages, bytes before and after encoding.
+    pub fn record_epoch(&self, pause: Duration, dirty_pages: usize, bytes_in: u64, bytes: u64) {
+        let now = Instant::now();
+        if let Some(last) = lock(&self.last_epoch_at).replace(now) {
+            self.metrics
+                .epoch_interval
+                .observe((now - last).as_secs_f64());
+        }
+        self.metrics.epoch_pause.observe(pause.as_secs_f64());
+        self.metrics.dirty_pages.observe(dirty_pages as f64);
+        self.metrics.bytes_in.inc_by(bytes_in);
+        self.metrics.bytes_out.inc_by(bytes);
+        self.metrics.epochs.inc();
         self.epochs.fetch_add(1, Ordering::Relaxed);
         self.bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
         lock(&self.pauses_us).push(pause.as_secs_f64() * 1e6);
@@ -131,7 +148,12 @@ impl Stats {
     }
 
     pub fn record_ack(&self, latency: Duration) {
+        self.metrics.ack_latency.observe(latency.as_secs_f64());
         lock(&self.ack_us).push(latency.as_secs_f64() * 1e6);
+    }
+
+    pub fn record_heartbeat_rtt(&self, rtt: Duration) {
+        self.metrics.heartbeat_rtt.observe(rtt.as_secs_f64());
     }
 
     pub fn reply(&self) -> StatusReply {

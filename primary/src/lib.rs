@@ -658,7 +658,8 @@ async fn run_session(
         Err(status) => return session_error(shared, &status),
     };
     let interval = opts.heartbeat_interval;
-    let beats_out = async_stream_beats(generation, interval);
+    let beat_times: BeatTimes = Arc::default();
+    let beats_out = async_stream_beats(generation, interval, beat_times.clone());
     let mut beats = match client.heartbeat(beats_out).await {
         Ok(r) => r.into_inner(),
         Err(status) => return session_error(shared, &status),
@@ -712,6 +713,15 @@ async fn run_session(
                         shared.fence(beat.generation);
                         break "deposed".into();
                     }
+                    let echoed = beat_times
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .find(|(seq, _)| *seq == beat.echo_seq)
+                        .map(|(_, at)| at.elapsed());
+                    if let Some(rtt) = echoed {
+                        shared.stats.record_heartbeat_rtt(rtt);
+                    }
                     last_heard = Instant::now();
                 }
                 Some(Err(status)) => break session_error(shared, &status),
@@ -745,17 +755,27 @@ fn session_error(shared: &Shared, status: &tonic::Status) -> String {
     format!("{}: {}", status.code(), status.message())
 }
 
+/// When each recent beat was sent, by seq, for round-trip times.
+type BeatTimes = Arc<Mutex<VecDeque<(u64, Instant)>>>;
+
 fn async_stream_beats(
     generation: u64,
     interval: Duration,
+    sent: BeatTimes,
 ) -> impl tokio_stream::Stream<Item = Beat> {
     let mut seq = 0u64;
     tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval)).map(move |_| {
         seq += 1;
+        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+        if sent.len() >= 64 {
+            sent.pop_front();
+        }
+        sent.push_back((seq, Instant::now()));
         Beat {
             generation,
             seq,
             role: "primary".into(),
+            echo_seq: 0,
         }
     })
 }
@@ -1130,9 +1150,12 @@ impl Replicator {
                 return Ok(false);
             }
         };
-        self.shared
-            .stats
-            .record_epoch(pause, pages.len(), encoded.report.bytes_out);
+        self.shared.stats.record_epoch(
+            pause,
+            pages.len(),
+            encoded.report.bytes_in,
+            encoded.report.bytes_out,
+        );
         self.shared
             .stats
             .in_flight

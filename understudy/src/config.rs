@@ -152,6 +152,9 @@ pub struct PrimaryAddrs {
     pub console: SocketAddr,
     /// Control service (`understudyctl status`).
     pub control: SocketAddr,
+    /// Prometheus metrics (`/metrics`); none if unset.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The backup host's addresses.
@@ -163,6 +166,9 @@ pub struct BackupAddrs {
     /// Guest console after promotion (accepts clients while standby).
     pub console: SocketAddr,
     pub control: SocketAddr,
+    /// Prometheus metrics (`/metrics`); none if unset.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 mod defaults {

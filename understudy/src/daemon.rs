@@ -39,6 +39,17 @@ pub fn run(role: Role, config: &Config) -> Result<u8> {
         };
         let stats = Arc::new(Stats::new(&config.name, role_name, peer, 0));
         let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));
+        let metrics_addr = match role {
+            Role::Primary => config.primary.metrics,
+            Role::Backup => config.backup.metrics,
+        };
+        if let Some(addr) = metrics_addr {
+            let listener = understudy_common::metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+            tokio::spawn(understudy_common::metrics::serve(listener, stats.clone(), shutdown.clone()));
+            tracing::info!(%addr, "metrics on /metrics");
+        }
         let code = match role {
             Role::Primary => {
                 let opts = config.primary_options().map_err(anyhow::Error::msg)?;

@@ -90,3 +90,100 @@ async fn status_shows_role_generation_protection_and_replication_figures() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is understudyd running there?"));
 }
+
+/// Fetches `/metrics` with a bare HTTP/1.0 request.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_replication_runs_and_after_a_failover() {
+    let _serial = common::serial().await;
+    let (pm, bm) = (common::free_port(), common::free_port());
+    let mut pair = Pair::new(
+        "dirtier",
+        &format!(
+            "guest_params = {{ working_set = 512, dirty_rate = 5000 }}\nprimary.metrics = \"127.0.0.1:{pm}\"\nbackup.metrics = \"127.0.0.1:{bm}\""
+        ),
+    );
+    pair.start_primary();
+    wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "epochs flowing",
+        Duration::from_secs(60),
+        |s| s.protected && s.epochs > 5,
+    )
+    .await;
+    let pm: std::net::SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
+    let bm: std::net::SocketAddr = format!("127.0.0.1:{bm}").parse().unwrap();
+    let first = scrape(pm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = scrape(pm);
+    for counter in [
+        "understudy_epochs_total",
+        "understudy_epoch_pause_seconds_count",
+        "understudy_epoch_bytes_in_bytes_total",
+        "understudy_epoch_bytes_out_bytes_total",
+        "understudy_ack_latency_seconds_count",
+        "understudy_heartbeat_rtt_seconds_count",
+        "understudy_epoch_interval_seconds_count",
+    ] {
+        assert!(
+            value(&second, counter) > value(&first, counter),
+            "{counter} did not move"
+        );
+    }
+    assert!(
+        value(&second, "understudy_epoch_bytes_in_bytes_total")
+            >= value(&second, "understudy_epoch_bytes_out_bytes_total") * 0.5
+    );
+    assert_eq!(value(&second, "understudy_protected"), 1.0);
+    assert_eq!(value(&second, "understudy_generation"), 1.0);
+    assert!(
+        second.contains("understudy_role{role=\"primary\"} 1"),
+        "{second}"
+    );
+    let pause_sum = value(&second, "understudy_epoch_pause_seconds_sum");
+    let pause_n = value(&second, "understudy_epoch_pause_seconds_count");
+    assert!(
+        pause_sum / pause_n > 1e-6 && pause_sum / pause_n < 0.1,
+        "plausible mean pause"
+    );
+    let backup = scrape(bm);
+    assert_eq!(value(&backup, "understudy_failovers_total"), 0.0);
+    assert!(value(&backup, "understudy_epochs_total") > 5.0);
+    pair.kill_primary();
+    wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "promoted",
+        Duration::from_secs(30),
+        |s| s.role == "primary",
+    )
+    .await;
+    let after = scrape(bm);
+    assert_eq!(value(&after, "understudy_failovers_total"), 1.0);
+    assert_eq!(value(&after, "understudy_generation"), 2.0);
+    assert!(
+        after.contains("understudy_role{role=\"primary\"} 1"),
+        "{after}"
+    );
+}

@@ -1,0 +1,200 @@
+//! Prometheus metrics of a daemon, named `understudy_<what>_<unit>`, served as
+//! text on `/metrics`. Histograms and counters are updated where things happen
+//! (once per epoch, ack or heartbeat: never per page); gauges are read from
+//! [`Stats`] at scrape time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::status::Stats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: String,
+}
+
+/// Every metric a daemon exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub epoch_pause: Histogram,
+    pub epoch_interval: Histogram,
+    pub dirty_pages: Histogram,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub epochs: Counter,
+    pub ack_latency: Histogram,
+    pub heartbeat_rtt: Histogram,
+    pub failovers: Counter,
+    generation: Gauge,
+    protected: Gauge,
+    lag: Gauge,
+    last_epoch: Gauge,
+    role: Family<RoleLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let seconds = || Histogram::new(exponential_buckets(25e-6, 2.0, 16)); // 25 µs .. 0.8 s
+        let m = Self {
+            registry: Registry::with_prefix("understudy"),
+            epoch_pause: seconds(),
+            epoch_interval: seconds(),
+            dirty_pages: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            epochs: Counter::default(),
+            ack_latency: seconds(),
+            heartbeat_rtt: seconds(),
+            failovers: Counter::default(),
+            generation: Gauge::default(),
+            protected: Gauge::default(),
+            lag: Gauge::default(),
+            last_epoch: Gauge::default(),
+            role: Family::default(),
+        };
+        let mut registry = Registry::with_prefix("understudy");
+        registry.register_with_unit(
+            "epoch_pause",
+            "Time the guest was stopped per checkpoint",
+            prometheus_client::registry::Unit::Seconds,
+            m.epoch_pause.clone(),
+        );
+        registry.register_with_unit(
+            "epoch_interval",
+            "Time between the starts of consecutive checkpoints",
+            prometheus_client::registry::Unit::Seconds,
+            m.epoch_interval.clone(),
+        );
+        registry.register(
+            "epoch_dirty_pages",
+            "Dirty pages per checkpoint",
+            m.dirty_pages.clone(),
+        );
+        registry.register_with_unit(
+            "epoch_bytes_in",
+            "Guest bytes in checkpoints, before encoding",
+            prometheus_client::registry::Unit::Bytes,
+            m.bytes_in.clone(),
+        );
+        registry.register_with_unit(
+            "epoch_bytes_out",
+            "Bytes shipped for checkpoints, after encoding",
+            prometheus_client::registry::Unit::Bytes,
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "epochs",
+            "Checkpoints taken (primary) or committed (backup)",
+            m.epochs.clone(),
+        );
+        registry.register_with_unit(
+            "ack_latency",
+            "Checkpoint taken until acked by the backup",
+            prometheus_client::registry::Unit::Seconds,
+            m.ack_latency.clone(),
+        );
+        registry.register_with_unit(
+            "heartbeat_rtt",
+            "Heartbeat round trip to the backup",
+            prometheus_client::registry::Unit::Seconds,
+            m.heartbeat_rtt.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Promotions of this backup",
+            m.failovers.clone(),
+        );
+        registry.register("generation", "Fencing generation", m.generation.clone());
+        registry.register(
+            "protected",
+            "1 when a backup holds a committed checkpoint of the current session",
+            m.protected.clone(),
+        );
+        registry.register(
+            "replication_lag_epochs",
+            "Checkpoints shipped but not yet acked",
+            m.lag.clone(),
+        );
+        registry.register(
+            "last_epoch",
+            "Last acked (primary) or committed (backup) checkpoint",
+            m.last_epoch.clone(),
+        );
+        registry.register("role", "1 for this daemon's current role", m.role.clone());
+        Self { registry, ..m }
+    }
+
+    /// The text exposition, with gauges read from `stats` now.
+    pub fn render(&self, stats: &Stats) -> String {
+        let set = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.generation, stats.generation.load(Ordering::Acquire));
+        set(
+            &self.protected,
+            u64::from(stats.protected.load(Ordering::Acquire)),
+        );
+        set(&self.lag, stats.in_flight.load(Ordering::Relaxed));
+        set(&self.last_epoch, stats.last_epoch().unwrap_or_default());
+        self.role.clear();
+        self.role
+            .get_or_create(&RoleLabel {
+                role: stats.role().to_owned(),
+            })
+            .set(1);
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let stats = stats.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    stats.metrics.render(&stats),
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "metrics endpoint failed");
+    }
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
