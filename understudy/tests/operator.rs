@@ -117,11 +117,11 @@ fn value(text: &str, name: &str) -> f64 {
 async fn metrics_move_as_replication_runs_and_after_a_failover() {
     let _serial = common::serial().await;
     let (pm, bm) = (common::free_port(), common::free_port());
-    let mut pair = Pair::new(
+    let mut pair = Pair::new_with(
         "dirtier",
-        &format!(
-            "guest_params = {{ working_set = 512, dirty_rate = 5000 }}\nprimary.metrics = \"127.0.0.1:{pm}\"\nbackup.metrics = \"127.0.0.1:{bm}\""
-        ),
+        "guest_params = { working_set = 512, dirty_rate = 5000 }",
+        &format!("metrics = \"127.0.0.1:{pm}\""),
+        &format!("metrics = \"127.0.0.1:{bm}\""),
     );
     pair.start_primary();
     wait_status(

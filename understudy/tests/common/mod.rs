@@ -68,6 +68,11 @@ impl Pair {
     /// Writes a config for `guest` (plus `settings`, TOML lines) and starts the
     /// backup; call `start_primary` next.
     pub fn new(guest: &str, settings: &str) -> Self {
+        Self::new_with(guest, settings, "", "")
+    }
+
+    /// Like `new`, with extra lines for the `[primary]` and `[backup]` tables.
+    pub fn new_with(guest: &str, settings: &str, primary_extra: &str, backup_extra: &str) -> Self {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
         let addrs = Addrs {
@@ -89,10 +94,12 @@ state_dir = "{state}"
 [primary]
 console = "{}"
 control = "{}"
+{primary_extra}
 [backup]
 replication = "{}"
 console = "{}"
 control = "{}"
+{backup_extra}
 "#,
                 addrs.primary_console,
                 addrs.primary_control,
