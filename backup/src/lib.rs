@@ -50,6 +50,8 @@ pub struct BackupOptions {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub fsync: bool,
+    /// Mutual TLS for the replication and control services (None: plaintext).
+    pub tls: Option<wire::TlsFiles>,
 }
 
 /// Why the backup stopped.
@@ -72,6 +74,8 @@ pub enum BackupError {
     Promotion(String),
     #[error("gRPC server failed")]
     Server(#[source] tonic::transport::Error),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
 }
 
 /// How a backup run ended.
@@ -223,7 +227,21 @@ pub async fn run(
     tracing::info!(vm = %opts.vm_id, generation, replication = %opts.replication_listen, "backup listening");
 
     let service = ReplicationService(shared.clone());
-    let repl_server = tonic::transport::Server::builder()
+    let builder = || -> Result<tonic::transport::Server, BackupError> {
+        let builder = tonic::transport::Server::builder();
+        match &opts.tls {
+            None => Ok(builder),
+            Some(tls) => {
+                let config = tls
+                    .server()
+                    .map_err(|e| BackupError::Tls(wire::chain(&e)))?;
+                builder
+                    .tls_config(config)
+                    .map_err(|e| BackupError::Tls(wire::chain(&e)))
+            }
+        }
+    };
+    let repl_server = builder()?
         .initial_stream_window_size(wire::STREAM_WINDOW)
         .initial_connection_window_size(wire::CONNECTION_WINDOW)
         .max_frame_size(wire::MAX_FRAME)
@@ -233,7 +251,7 @@ pub async fn run(
             tokio_stream::wrappers::TcpListenerStream::new(replication),
             shutdown.clone().cancelled_owned(),
         );
-    let control_server = tonic::transport::Server::builder()
+    let control_server = builder()?
         .add_service(ControlServer::new(ControlService(stats)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(control),

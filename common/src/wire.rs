@@ -2,9 +2,11 @@
 //! higher generation travels in response metadata, so the loser can fence
 //! itself without parsing messages) and the HTTP/2 tuning every channel uses.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tonic::Status;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 const GENERATION_KEY: &str = "understudy-generation";
 
@@ -60,4 +62,66 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
         assert_eq!(deposed_generation(&Status::internal("x")), None);
     }
+}
+
+/// This host's mutual-TLS material: the CA that signs both hosts' (and the
+/// operator's) certificates, and this host's certificate and key (PEM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS material that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the TLS {what} {path}")]
+pub struct TlsError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl TlsFiles {
+    fn identity(&self) -> Result<Identity, TlsError> {
+        Ok(Identity::from_pem(
+            read("certificate", &self.cert)?,
+            read("key", &self.key)?,
+        ))
+    }
+
+    fn ca_cert(&self) -> Result<Certificate, TlsError> {
+        Ok(Certificate::from_pem(read("CA certificate", &self.ca)?))
+    }
+
+    /// A server that requires clients to present a certificate signed by the CA.
+    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
+        Ok(ServerTlsConfig::new()
+            .identity(self.identity()?)
+            .client_ca_root(self.ca_cert()?))
+    }
+
+    /// A client that presents this host's certificate and accepts only a
+    /// server whose certificate the CA signed for `server_name` (a DNS name or
+    /// an IP address in the certificate's subjectAltName).
+    pub fn client(&self, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(self.ca_cert()?)
+            .identity(self.identity()?)
+            .domain_name(server_name))
+    }
+}
+
+/// `http://` or `https://` for a peer, by whether TLS is on.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
 }

@@ -70,6 +70,10 @@ pub struct PrimaryOptions {
     /// Boot without a first handshake with the backup (never by default: a
     /// primary that cannot ask the backup cannot know it was not deposed).
     pub start_unprotected: bool,
+    /// Mutual TLS for the replication and control channels (None: plaintext).
+    pub tls: Option<wire::TlsFiles>,
+    /// The name the backup's certificate must carry (default: its IP).
+    pub backup_name: Option<String>,
 }
 
 /// Why the primary stopped or refused to start.
@@ -106,6 +110,8 @@ pub enum PrimaryError {
     Replication(String),
     #[error("gRPC server failed")]
     Server(#[source] tonic::transport::Error),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
 }
 
 /// How a primary run ended.
@@ -316,13 +322,30 @@ fn check_not_fenced(opts: &PrimaryOptions) -> Result<u64, PrimaryError> {
     }
 }
 
-fn endpoint(addr: SocketAddr) -> Result<Endpoint, PrimaryError> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| PrimaryError::Replication(e.to_string()))?
-        .connect_timeout(wire::CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(wire::STREAM_WINDOW)
-        .initial_connection_window_size(wire::CONNECTION_WINDOW))
+/// The one place channels to the backup are built (mutual TLS unless the
+/// configuration says insecure).
+fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PrimaryError> {
+    let addr = opts.backup;
+    let mut endpoint =
+        Endpoint::from_shared(format!("{}://{addr}", wire::scheme(opts.tls.is_some())))
+            .map_err(|e| PrimaryError::Replication(e.to_string()))?
+            .connect_timeout(wire::CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(wire::STREAM_WINDOW)
+            .initial_connection_window_size(wire::CONNECTION_WINDOW);
+    if let Some(tls) = &opts.tls {
+        let server_name = opts
+            .backup_name
+            .clone()
+            .unwrap_or_else(|| addr.ip().to_string());
+        let config = tls
+            .client(&server_name)
+            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
+    }
+    Ok(endpoint)
 }
 
 /// What the backup said to a Hello.
@@ -334,7 +357,7 @@ enum HelloOutcome {
 }
 
 async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) -> HelloOutcome {
-    let channel = match endpoint(opts.backup) {
+    let channel = match endpoint(opts) {
         Ok(e) => match e.connect().await {
             Ok(c) => c,
             Err(e) => return HelloOutcome::Unreachable(e.to_string()),
@@ -388,8 +411,17 @@ pub async fn run(
             addr: opts.control_listen,
             source,
         })?;
+    let mut control_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        let config = tls
+            .server()
+            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
+        control_builder = control_builder
+            .tls_config(config)
+            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
+    }
     let control_server = tokio::spawn(
-        tonic::transport::Server::builder()
+        control_builder
             .add_service(ControlServer::new(ControlService(stats.clone())))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(control),
@@ -523,7 +555,7 @@ pub async fn run(
 }
 
 async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
-    if let Ok(e) = endpoint(opts.backup)
+    if let Ok(e) = endpoint(opts)
         && let Ok(channel) = e.connect().await
     {
         let mut client = ReplicationClient::new(channel);
@@ -622,7 +654,7 @@ async fn session_manager(
 
 async fn probe(opts: &PrimaryOptions, generation: u64) -> Result<(u64, String), String> {
     let attempt = async {
-        let channel = endpoint(opts.backup)
+        let channel = endpoint(opts)
             .map_err(|e| e.to_string())?
             .connect()
             .await

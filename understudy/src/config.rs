@@ -92,6 +92,8 @@ pub struct Config {
     pub guest_params: GuestParams,
     #[serde(default)]
     pub codec: CodecConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     pub primary: PrimaryAddrs,
     pub backup: BackupAddrs,
 }
@@ -142,6 +144,23 @@ impl Default for CodecConfig {
             delta_cache_pages: defaults::delta_cache_pages(),
         }
     }
+}
+
+/// Mutual TLS for the replication and control channels.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The CA that signs both hosts' and operators' certificates (PEM).
+    pub ca: Option<PathBuf>,
+    /// This host's certificate and key (PEM; same paths on both hosts, each
+    /// host with its own files).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name the backup's certificate carries (default: its IP address).
+    pub backup_name: Option<String>,
+    /// Plaintext instead of TLS: only on a network you trust with guest memory.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// The primary host's addresses.
@@ -295,7 +314,30 @@ impl Config {
             return Err("max_in_flight must be at least 1".into());
         }
         self.codec_policy()?;
+        let t = &self.tls;
+        match (t.insecure, &t.ca, &t.cert, &t.key) {
+            (true, None, None, None) | (false, Some(_), Some(_), Some(_)) => {}
+            (true, ..) => {
+                return Err("tls: insecure = true but ca/cert/key are set: choose one".into());
+            }
+            (false, ..) => {
+                return Err(
+                    "tls: set ca, cert and key (mutual TLS), or insecure = true for plaintext on a network you trust with guest memory"
+                        .into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The TLS files, or None when insecure.
+    pub fn tls_files(&self) -> Option<understudy_common::wire::TlsFiles> {
+        let t = &self.tls;
+        Some(understudy_common::wire::TlsFiles {
+            ca: t.ca.clone()?,
+            cert: t.cert.clone()?,
+            key: t.key.clone()?,
+        })
     }
 
     pub fn codec_policy(&self) -> Result<CodecPolicy, String> {
@@ -356,6 +398,8 @@ impl Config {
             codec: self.codec_policy()?,
             max_in_flight: self.max_in_flight,
             start_unprotected: self.start_unprotected,
+            tls: self.tls_files(),
+            backup_name: self.tls.backup_name.clone(),
         })
     }
 
@@ -370,6 +414,7 @@ impl Config {
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
             fsync: self.fsync,
+            tls: self.tls_files(),
         }
     }
 }
@@ -389,6 +434,8 @@ control = "127.0.0.1:7501"
 replication = "127.0.0.1:7301"
 console = "127.0.0.1:7402"
 control = "127.0.0.1:7502"
+[tls]
+insecure = true
 "#;
 
     fn parse(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
@@ -439,6 +486,11 @@ control = "127.0.0.1:7502"
             (&["name=a b"], "letters, digits"),
             (&["backup.replication=nowhere"], "invalid socket address"),
             (&["oops"], "write key=value"),
+            (&["tls.insecure=false"], "set ca, cert and key"),
+            (
+                &["tls.ca=/ca.pem"],
+                "insecure = true but ca/cert/key are set",
+            ),
         ];
         for (overrides, needle) in cases {
             let err = parse(GOOD, overrides).unwrap_err().to_string();

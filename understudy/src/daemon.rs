@@ -38,6 +38,11 @@ pub fn run(role: Role, config: &Config) -> Result<u8> {
             Role::Backup => ("backup", String::new()),
         };
         let stats = Arc::new(Stats::new(&config.name, role_name, peer, 0));
+        if config.tls.insecure {
+            tracing::warn!(
+                "tls.insecure = true: replication and control run in plaintext; guest memory crosses the network unencrypted"
+            );
+        }
         let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));
         let metrics_addr = match role {
             Role::Primary => config.primary.metrics,

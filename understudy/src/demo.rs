@@ -224,7 +224,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         format!(
             "# Written by understudyctl demo.\nname = \"demo\"\nguest = \"counter\"\nmemory_mib = {DEMO_MIB}\n\
              state_dir = \"{}\"\nguest_params = {{ interval_ms = 50 }}\n\n[primary]\nconsole = \"{pc}\"\n\
-             control = \"{pk}\"\n\n[backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n",
+             control = \"{pk}\"\n\n[backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n\n# Loopback only.\n[tls]\ninsecure = true\n",
             dir.join("primary").display()
         ),
     )?;
@@ -257,7 +257,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
                 dir.join("primary.log").display()
             );
         }
-        if let Ok(s) = remote::fetch_status(pk).await {
+        if let Ok(s) = remote::fetch_status(pk, None).await {
             if s.state != last_state {
                 say(format!(
                     "primary  {} ({:.2} s)",
@@ -289,7 +289,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         last_primary_line = at;
     };
     read_lines(&mut client, &mut partial, opts.run_for, &mut on_primary).await;
-    let before = remote::fetch_status(pk).await?;
+    let before = remote::fetch_status(pk, None).await?;
     say(indent(&remote::render(&before)));
 
     say(format!("SIGKILL  → primary (pid {primary_pid})"));
@@ -326,7 +326,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         first_backup_line.get_or_insert(at);
     })
     .await;
-    let after = remote::fetch_status(bk).await?;
+    let after = remote::fetch_status(bk, None).await?;
     say(indent(&remote::render(&after)));
     // Stop the promoted VM cleanly.
     // SAFETY: signalling our own child process.

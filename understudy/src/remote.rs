@@ -4,14 +4,22 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use understudy_common::wire::{self, TlsFiles};
 use understudy_proto::control_client::ControlClient;
 use understudy_proto::{StatusReply, StatusRequest};
 
-/// Fetches a daemon's status.
-pub async fn fetch_status(addr: SocketAddr) -> Result<StatusReply> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5));
+/// Fetches a daemon's status (over mutual TLS when `tls` is given: the
+/// daemon's certificate must name `addr`'s IP).
+pub async fn fetch_status(addr: SocketAddr, tls: Option<&TlsFiles>) -> Result<StatusReply> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!(
+        "{}://{addr}",
+        wire::scheme(tls.is_some())
+    ))?
+    .connect_timeout(Duration::from_secs(2))
+    .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client(&addr.ip().to_string())?)?;
+    }
     let channel = endpoint.connect().await.with_context(|| {
         format!("cannot reach the control service at {addr}: is understudyd running there?")
     })?;

@@ -194,6 +194,12 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "console",
         "control",
         "replication",
+        "metrics",
+        "ca",
+        "cert",
+        "key",
+        "backup_name",
+        "insecure",
     ] {
         assert!(
             text.contains(&format!("{field} =")),

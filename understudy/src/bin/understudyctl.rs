@@ -66,6 +66,10 @@ enum Command {
         /// The daemon's control address (from its config: primary.control or backup.control).
         #[arg(long, value_name = "ADDR")]
         control: std::net::SocketAddr,
+        /// The VM's config file: its [tls] section gives the CA, certificate and key to
+        /// connect with (omit for a daemon running with tls.insecure = true).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Start a protected counter VM on this machine, kill its primary, watch the backup take over.
     Demo {
@@ -109,8 +113,12 @@ fn main() -> ExitCode {
             session: session.into(),
         }),
         Command::Restore { dir, session } => local::restore(&dir, &session.into()),
-        Command::Status { control } => async_main(async move {
-            let status = understudy::remote::fetch_status(control).await?;
+        Command::Status { control, config } => async_main(async move {
+            let tls = match config {
+                Some(path) => understudy::config::Config::load(&path, &[])?.tls_files(),
+                None => None,
+            };
+            let status = understudy::remote::fetch_status(control, tls.as_ref()).await?;
             print!("{}", understudy::remote::render(&status));
             Ok(())
         }),

@@ -43,7 +43,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                // tonic reports refused TLS handshakes (a peer without a
+                // certificate from our CA) at debug level: always show them.
+                .add_directive(
+                    "tonic::transport::server::io_stream=debug"
+                        .parse()
+                        .unwrap_or_else(|_| unreachable!("a valid directive")),
+                ),
         )
         .init();
     let cli = Cli::parse();

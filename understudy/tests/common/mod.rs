@@ -100,6 +100,8 @@ replication = "{}"
 console = "{}"
 control = "{}"
 {backup_extra}
+[tls]
+insecure = true
 "#,
                 addrs.primary_console,
                 addrs.primary_control,

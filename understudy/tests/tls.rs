@@ -1,0 +1,243 @@
+//! Mutual TLS on the replication and control channels, with certificates made
+//! by openssl: the pair works with certificates from its CA; a primary or a
+//! backup whose certificate another CA signed is refused, and the refusal is
+//! logged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Pair, wait_status};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (Debian package openssl) runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA named `ca` in `dir`: `ca.pem`, `ca.key`.
+fn make_ca(dir: &Path, ca: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+        ],
+    );
+}
+
+/// A host certificate `name.pem`/`name.key` signed by `ca`, valid for 127.0.0.1.
+fn make_cert(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+fn tls_overrides(ca: &Path, cert: &Path, key: &Path) -> Vec<String> {
+    vec![
+        "tls.insecure=false".into(),
+        format!("tls.ca={:?}", ca.display().to_string()),
+        format!("tls.cert={:?}", cert.display().to_string()),
+        format!("tls.key={:?}", key.display().to_string()),
+    ]
+}
+
+/// Restarts the pair's backup and starts its primary with the given TLS files.
+fn start(pair: &mut Pair, backup_tls: Vec<String>, primary_tls: Vec<String>) {
+    let mut plain = pair.backup.take().unwrap();
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+    let mut backup_args = backup_tls;
+    backup_args.push(format!(
+        "state_dir={:?}",
+        pair.dir.path().join("backup").display().to_string()
+    ));
+    let b: Vec<&str> = backup_args.iter().map(String::as_str).collect();
+    pair.backup = Some(pair.spawn("backup", &b));
+    let p: Vec<&str> = primary_tls.iter().map(String::as_str).collect();
+    pair.primary = Some(pair.spawn("primary", &p));
+}
+
+fn wait_log(pair: &Pair, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pair.logs().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never logged\n{}",
+            pair.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_the_right_ca_and_refuses_others() {
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    make_ca(d, "other-ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (oc, ok) = make_cert(d, "ca", "operator");
+    let (xc, xk) = make_cert(d, "other-ca", "intruder");
+    let ca = d.join("ca.pem");
+
+    // The right certificates: protected, and status over TLS works.
+    let mut pair = Pair::new("counter", "");
+    start(
+        &mut pair,
+        tls_overrides(&ca, &bc, &bk),
+        tls_overrides(&ca, &pc, &pk),
+    );
+    wait_log(&pair, "VM protected");
+    let operator_config = pair.dir.path().join("operator.toml");
+    let text = std::fs::read_to_string(&pair.config).unwrap().replace(
+        "[tls]\ninsecure = true",
+        &format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+            ca.display().to_string(),
+            oc.display().to_string(),
+            ok.display().to_string()
+        ),
+    );
+    std::fs::write(&operator_config, text).unwrap();
+    let out = Command::new(common::CTL)
+        .args([
+            "status",
+            "--control",
+            &pair.addrs.primary_control.to_string(),
+            "--config",
+        ])
+        .arg(&operator_config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("protected       yes"));
+    // Without a certificate, the control service refuses.
+    assert!(common::status(pair.addrs.primary_control).await.is_none());
+    assert!(
+        !pair.logs().contains("tls.insecure = true"),
+        "no plaintext warning with TLS on"
+    );
+    drop(pair);
+
+    // A primary with a certificate from another CA: the backup refuses it.
+    let mut pair = Pair::new("counter", "");
+    start(
+        &mut pair,
+        tls_overrides(&ca, &bc, &bk),
+        tls_overrides(&ca, &xc, &xk),
+    );
+    wait_log(&pair, "tls accept error");
+    wait_log(&pair, "waiting for the backup");
+    assert!(
+        !pair.logs().contains("VM booted"),
+        "the primary never got past the handshake\n{}",
+        pair.logs()
+    );
+    drop(pair);
+
+    // A backup with a certificate from another CA: the primary refuses it.
+    let mut pair = Pair::new("counter", "");
+    start(
+        &mut pair,
+        tls_overrides(&ca, &xc, &xk),
+        tls_overrides(&ca, &pc, &pk),
+    );
+    wait_log(&pair, "waiting for the backup");
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = pair.logs();
+    assert!(!logs.contains("VM booted"), "{logs}");
+    assert!(
+        logs.to_lowercase().contains("certificate") || logs.contains("tls accept error"),
+        "{logs}"
+    );
+
+    // Plaintext is explicit and warned about.
+    let pair = Pair::new("counter", "");
+    wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "backup up",
+        Duration::from_secs(20),
+        |_| true,
+    )
+    .await;
+    assert!(
+        pair.logs().contains("tls.insecure = true"),
+        "{}",
+        pair.logs()
+    );
+}
