@@ -10,6 +10,8 @@ use understudy_proto::control_server::Control;
 use understudy_proto::{StatusReply, StatusRequest};
 
 const SAMPLES: usize = 1024;
+/// Checkpoints kept in order for `Control.Epochs`.
+const RECENT: usize = 4096;
 
 /// A bounded window of recent samples, for medians and p99s.
 #[derive(Debug, Default)]
@@ -67,6 +69,8 @@ pub struct Stats {
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
+    /// The last RECENT checkpoints in order, for drill charts.
+    recent: Mutex<std::collections::VecDeque<understudy_proto::EpochSample>>,
     pauses_us: Mutex<Window>,
     dirty_pages: Mutex<Window>,
     epoch_bytes: Mutex<Window>,
@@ -92,6 +96,7 @@ impl Stats {
             promotion_resume_us: AtomicU64::new(0),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
+            recent: Mutex::default(),
             pauses_us: Mutex::default(),
             dirty_pages: Mutex::default(),
             epoch_bytes: Mutex::default(),
@@ -140,6 +145,17 @@ impl Stats {
         self.metrics.bytes_in.inc_by(bytes_in);
         self.metrics.bytes_out.inc_by(bytes);
         self.metrics.epochs.inc();
+        {
+            let mut recent = lock(&self.recent);
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(understudy_proto::EpochSample {
+                pause_micros: pause.as_secs_f64() * 1e6,
+                dirty_pages: dirty_pages as u64,
+                bytes,
+            });
+        }
         self.epochs.fetch_add(1, Ordering::Relaxed);
         self.bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
         lock(&self.pauses_us).push(pause.as_secs_f64() * 1e6);
@@ -199,6 +215,16 @@ impl Control for ControlService {
         _: tonic::Request<StatusRequest>,
     ) -> Result<tonic::Response<StatusReply>, tonic::Status> {
         Ok(tonic::Response::new(self.0.reply()))
+    }
+
+    async fn epochs(
+        &self,
+        _: tonic::Request<understudy_proto::EpochsRequest>,
+    ) -> Result<tonic::Response<understudy_proto::EpochsReply>, tonic::Status> {
+        let samples = lock(&self.0.recent).iter().cloned().collect();
+        Ok(tonic::Response::new(understudy_proto::EpochsReply {
+            samples,
+        }))
     }
 }
 

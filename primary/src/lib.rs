@@ -967,7 +967,7 @@ impl Replicator {
             return SessionEnd::Stop;
         }
         let all: Vec<u32> = (0..ram_pages).collect();
-        if !self.sync_round(link, &mut sender, &all) {
+        if !self.sync_round(link, &mut sender, &all, 1) {
             return SessionEnd::Broken;
         }
         for round in 2..=MAX_SYNC_ROUNDS {
@@ -977,7 +977,7 @@ impl Replicator {
             };
             let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
             tracing::debug!(round, pages = pages.len(), "sync round");
-            if !self.sync_round(link, &mut sender, &pages) {
+            if !self.sync_round(link, &mut sender, &pages, round) {
                 return SessionEnd::Broken;
             }
             if pages.len() <= SYNC_CONVERGED_PAGES {
@@ -1056,7 +1056,13 @@ impl Replicator {
     }
 
     /// Ships `pages` read from the running guest as one sync round.
-    fn sync_round(&mut self, link: &SessionLink, sender: &mut SenderState, pages: &[u32]) -> bool {
+    fn sync_round(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+        pages: &[u32],
+        round: usize,
+    ) -> bool {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let Ok(mut enc) = sender.begin(epoch, EpochKind::SyncRound) else {
@@ -1078,6 +1084,13 @@ impl Replicator {
                 && !self.send(link, enc.take_chunks())
             {
                 return false;
+            }
+            if i % (STREAM_EVERY_PAGES * 8) == 0 {
+                self.shared.stats.set_state(format!(
+                    "syncing: round {round}, {}% of {} pages",
+                    i * 100 / pages.len().max(1),
+                    pages.len()
+                ));
             }
         }
         match enc.finish(&[]) {

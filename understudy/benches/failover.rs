@@ -43,6 +43,8 @@ fn main() {
             dir: Some(dir.clone()),
             verbose: false,
             daemon: Some(env!("CARGO_BIN_EXE_understudyd").into()),
+            guest: understudy::demo::DrillGuest::Counter,
+            progress: false,
         };
         let r = runtime.block_on(drill(&opts)).unwrap();
         assert!(r.seamless, "drill {i}: console sequence broken");

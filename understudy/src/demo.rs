@@ -28,8 +28,49 @@ pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     /// Narrate (the demo) or stay quiet (benchmarks).
     pub verbose: bool,
+    /// Print the initial sync's progress even when not narrating (drills).
+    pub progress: bool,
     /// The `understudyd` binary (default: beside this program).
     pub daemon: Option<PathBuf>,
+    /// The guest to protect.
+    pub guest: DrillGuest,
+}
+
+/// Guests a drill can run: both print a number per line that must carry on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum DrillGuest {
+    /// `count N` every 50 ms: the sequence must be unbroken.
+    Counter,
+    /// `work N` every 50 ms while writing 2048 pages flat out: N must grow.
+    Dirtier,
+}
+
+impl DrillGuest {
+    fn config(self) -> &'static str {
+        match self {
+            Self::Counter => "guest = \"counter\"\nguest_params = { interval_ms = 50 }",
+            Self::Dirtier => {
+                "guest = \"dirtier\"\nguest_params = { working_set = 2048, dirty_rate = 0, report_ms = 50 }"
+            }
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Counter => "count ",
+            Self::Dirtier => "work ",
+        }
+    }
+
+    /// Whether the values seen across the failover continue as they must.
+    fn continues(self, values: &[u64]) -> bool {
+        match self {
+            Self::Counter => {
+                values.first() == Some(&0) && values.windows(2).all(|w| w[1] == w[0] + 1)
+            }
+            Self::Dirtier => !values.is_empty() && values.windows(2).all(|w| w[1] > w[0]),
+        }
+    }
 }
 
 /// What one SIGKILL drill measured.
@@ -50,6 +91,13 @@ pub struct DrillReport {
     pub epochs: u64,
     pub last_epoch: u64,
     pub lines: usize,
+    /// Every console value with its arrival (since the drill started) and
+    /// whether the backup delivered it.
+    pub values: Vec<(Duration, u64, bool)>,
+    /// When the primary was killed (since the drill started).
+    pub killed_at: Duration,
+    /// The primary's last checkpoints before the kill, oldest first.
+    pub epoch_samples: Vec<understudy_proto::EpochSample>,
     /// The console showed one unbroken count sequence from 0.
     pub seamless: bool,
 }
@@ -222,10 +270,11 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     std::fs::write(
         &config,
         format!(
-            "# Written by understudyctl demo.\nname = \"demo\"\nguest = \"counter\"\nmemory_mib = {DEMO_MIB}\n\
-             state_dir = \"{}\"\nguest_params = {{ interval_ms = 50 }}\n\n[primary]\nconsole = \"{pc}\"\n\
+            "# Written by understudyctl demo.\nname = \"demo\"\n{guest}\nmemory_mib = {DEMO_MIB}\n\
+             state_dir = \"{}\"\n\n[primary]\nconsole = \"{pc}\"\n\
              control = \"{pk}\"\n\n[backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n\n# Loopback only.\n[tls]\ninsecure = true\n",
-            dir.join("primary").display()
+            dir.join("primary").display(),
+            guest = opts.guest.config(),
         ),
     )?;
     say("understudy demo: the counter guest, protected by a backup on this machine; then the primary gets SIGKILL.".into());
@@ -259,11 +308,13 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         }
         if let Ok(s) = remote::fetch_status(pk, None).await {
             if s.state != last_state {
-                say(format!(
-                    "primary  {} ({:.2} s)",
-                    s.state,
-                    started.elapsed().as_secs_f64()
-                ));
+                if opts.verbose || opts.progress {
+                    println!(
+                        "primary  {} ({:.2} s)",
+                        s.state,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
                 last_state = s.state.clone();
             }
             if s.protected {
@@ -278,18 +329,23 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         .await
         .context("cannot connect to the primary's console")?;
     let mut partial = Vec::new();
-    let mut counts = Vec::new();
+    let mut values: Vec<(Duration, u64, bool)> = Vec::new();
+    let prefix = opts.guest.prefix();
     let mut last_primary_line = Instant::now();
     let mut on_primary = |line: &str, at: Instant| {
         say(format!("primary │ {line}"));
-        counts.extend(
-            line.strip_prefix("count ")
-                .and_then(|n| n.parse::<u64>().ok()),
-        );
+        if let Some(v) = line
+            .strip_prefix(prefix)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            values.push((at - started, v, false));
+        }
         last_primary_line = at;
     };
     read_lines(&mut client, &mut partial, opts.run_for, &mut on_primary).await;
     let before = remote::fetch_status(pk, None).await?;
+    let epochs = remote::fetch_epochs(pk, None).await.unwrap_or_default();
+    let epochs: Vec<understudy_proto::EpochSample> = epochs;
     say(indent(&remote::render(&before)));
 
     say(format!("SIGKILL  → primary (pid {primary_pid})"));
@@ -319,10 +375,12 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     let mut first_backup_line = None;
     read_lines(&mut client, &mut partial, opts.after, |line, at| {
         say(format!("backup  │ {line}"));
-        counts.extend(
-            line.strip_prefix("count ")
-                .and_then(|n| n.parse::<u64>().ok()),
-        );
+        if let Some(v) = line
+            .strip_prefix(prefix)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            values.push((at - started, v, true));
+        }
         first_backup_line.get_or_insert(at);
     })
     .await;
@@ -344,7 +402,12 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         bytes_shipped: before.bytes_shipped,
         epochs: before.epochs,
         last_epoch: before.last_epoch,
-        lines: counts.len(),
-        seamless: counts.first() == Some(&0) && counts.windows(2).all(|w| w[1] == w[0] + 1),
+        lines: values.len(),
+        seamless: opts
+            .guest
+            .continues(&values.iter().map(|v| v.1).collect::<Vec<_>>()),
+        killed_at: killed - started,
+        epoch_samples: epochs,
+        values,
     })
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod console;
 pub mod daemon;
 pub mod demo;
+pub mod drill;
 pub mod local;
 pub mod remote;
 pub mod supervise;

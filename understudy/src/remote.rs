@@ -30,6 +30,28 @@ pub async fn fetch_status(addr: SocketAddr, tls: Option<&TlsFiles>) -> Result<St
         .into_inner())
 }
 
+/// Fetches a primary's recent per-checkpoint figures.
+pub async fn fetch_epochs(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> Result<Vec<understudy_proto::EpochSample>> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!(
+        "{}://{addr}",
+        wire::scheme(tls.is_some())
+    ))?
+    .connect_timeout(Duration::from_secs(2))
+    .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client(&addr.ip().to_string())?)?;
+    }
+    let channel = endpoint.connect().await?;
+    Ok(ControlClient::new(channel)
+        .epochs(understudy_proto::EpochsRequest {})
+        .await?
+        .into_inner()
+        .samples)
+}
+
 fn human_bytes(b: f64) -> String {
     match b {
         b if b >= (1u64 << 30) as f64 => format!("{:.2} GiB", b / (1u64 << 30) as f64),

@@ -13,6 +13,7 @@ use common::{CTL, Pair, wait_status};
 #[test]
 fn demo_runs_kills_the_primary_and_reports_a_seamless_takeover() {
     common::require_kvm();
+    let _serial = common::serial_blocking();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(CTL)
         .args(["demo", "--run-for", "1s", "--after", "1s", "--dir"])
@@ -186,4 +187,78 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
         after.contains("understudy_role{role=\"primary\"} 1"),
         "{after}"
     );
+}
+
+#[test]
+fn drill_writes_a_plausible_consistent_report_with_a_chart() {
+    common::require_kvm();
+    let _serial = common::serial_blocking();
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(CTL)
+        .args([
+            "drill",
+            "--kind",
+            "kill",
+            "--run-for",
+            "1s",
+            "--after",
+            "1s",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("syncing") || stdout.contains("protected"),
+        "sync progress shown: {stdout}"
+    );
+    let json = std::fs::read_to_string(out.path().join("report.json")).unwrap();
+    let num = |key: &str| -> f64 {
+        let at = json
+            .find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("{key} missing: {json}"));
+        json[at + key.len() + 3..]
+            .trim_start()
+            .split([',', '\n'])
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let downtime = num("downtime_ms");
+    assert!(downtime > 0.0 && downtime < 1000.0, "{json}");
+    assert!(
+        num("detection_ms") + num("resume_ms") <= downtime + 5.0,
+        "parts fit the whole: {json}"
+    );
+    assert!(num("disruption_ms") >= downtime * 0.5, "{json}");
+    assert!(num("sync_seconds") > 0.0);
+    let ratio = num("degradation_ratio");
+    assert!(ratio > 0.2 && ratio < 1.5, "{json}");
+    assert!(num("epochs") >= 10.0);
+    // Every charted dirty page crossed the wire in at least its codec byte.
+    assert!(num("data_bytes") >= num("dirty_pages_charted"), "{json}");
+    assert!(json.contains("\"continued\": true"));
+    let svg = std::fs::read_to_string(out.path().join("chart.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("Epoch pause") && svg.contains("Dirty pages"),
+        "chart"
+    );
+    let text = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
+    for field in [
+        "downtime",
+        "disruption",
+        "total sync time",
+        "data transferred",
+        "degradation",
+    ] {
+        assert!(text.contains(field), "{field} missing from {text}");
+    }
 }

@@ -41,6 +41,7 @@ fn position(seen: &[String], want: &str) -> usize {
 
 #[test]
 fn daemons_notify_ready_status_watchdog_and_stopping_in_order() {
+    let _serial = common::serial_blocking();
     let mut pair = Pair::new("counter", "");
     // Replace the harness's backup with one that has a notify socket.
     let mut plain = pair.backup.take().unwrap();

@@ -71,6 +71,21 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Rehearse a failover on a local pair; report the five metrics (text, JSON, SVG chart).
+    Drill {
+        /// What to rehearse.
+        #[arg(long, value_enum, default_value = "kill")]
+        kind: understudy::drill::DrillKind,
+        /// How long the protected VM runs before the failure.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        run_for: Duration,
+        /// How long to watch the backup afterwards.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        after: Duration,
+        /// Where to write report.txt, report.json and chart.svg.
+        #[arg(long, default_value = "understudy-drill", value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Start a protected counter VM on this machine, kill its primary, watch the backup take over.
     Demo {
         /// How long the protected VM runs before the primary is killed.
@@ -122,6 +137,22 @@ fn main() -> ExitCode {
             print!("{}", understudy::remote::render(&status));
             Ok(())
         }),
+        Command::Drill {
+            kind,
+            run_for,
+            after,
+            out,
+        } => async_main(async move {
+            understudy::drill::run(understudy::drill::DrillOptions {
+                kind,
+                run_for,
+                after,
+                out,
+                daemon: None,
+            })
+            .await
+            .map(|_| ())
+        }),
         Command::Demo {
             run_for,
             after,
@@ -132,6 +163,8 @@ fn main() -> ExitCode {
             dir,
             verbose: true,
             daemon: None,
+            guest: understudy::demo::DrillGuest::Counter,
+            progress: false,
         })),
     };
     match result {

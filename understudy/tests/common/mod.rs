@@ -29,9 +29,15 @@ pub fn require_kvm() {
 /// 2-core machine would starve each other's heartbeats, and the tests use the
 /// product's default timeouts.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+    SERIAL.lock().await
 }
+
+/// `serial()` for plain (non-async) tests.
+pub fn serial_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.blocking_lock()
+}
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
