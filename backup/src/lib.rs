@@ -227,20 +227,7 @@ pub async fn run(
     tracing::info!(vm = %opts.vm_id, generation, replication = %opts.replication_listen, "backup listening");
 
     let service = ReplicationService(shared.clone());
-    let builder = || -> Result<tonic::transport::Server, BackupError> {
-        let builder = tonic::transport::Server::builder();
-        match &opts.tls {
-            None => Ok(builder),
-            Some(tls) => {
-                let config = tls
-                    .server()
-                    .map_err(|e| BackupError::Tls(wire::chain(&e)))?;
-                builder
-                    .tls_config(config)
-                    .map_err(|e| BackupError::Tls(wire::chain(&e)))
-            }
-        }
-    };
+    let builder = || wire::server(opts.tls.as_ref()).map_err(BackupError::Tls);
     let repl_server = builder()?
         .initial_stream_window_size(wire::STREAM_WINDOW)
         .initial_connection_window_size(wire::CONNECTION_WINDOW)

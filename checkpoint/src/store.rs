@@ -454,17 +454,33 @@ impl ImageStore {
             self.mem[at..at + PAGE_SIZE]
                 .copy_from_slice(&journal.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
         }
+        self.commit_meta(
+            journal.epoch,
+            journal.generation,
+            journal.digest,
+            &journal.device_state,
+        )?;
+        Ok(())
+    }
+
+    /// Makes `epoch` the committed one: syncs the image (with fsync on), then
+    /// renames the new metadata into place. The pages are already written.
+    fn commit_meta(
+        &mut self,
+        epoch: u64,
+        generation: u64,
+        digest: ImageDigest,
+        device_state: &[u8],
+    ) -> Result<(), StoreError> {
         if self.options.fsync {
-            let path = self.dir.join(MEMORY_FILE);
+            let path = self.memory_path();
             self.mem.flush().map_err(io("cannot sync", &path))?;
         }
         let meta = Meta {
-            generation: self.meta.generation.max(journal.generation),
-            status: ImageStatus::Committed {
-                epoch: journal.epoch,
-            },
-            digest: journal.digest,
-            device_state: journal.device_state.clone(),
+            generation: self.meta.generation.max(generation),
+            status: ImageStatus::Committed { epoch },
+            digest,
+            device_state: device_state.to_vec(),
             ..self.meta.clone()
         };
         write_file_atomically(
@@ -598,27 +614,15 @@ impl ImageStore {
                 report.journal_bytes = self.write_journal(staged)?;
                 // Commit point passed: the epoch is durable in the journal.
                 self.write_pages(staged);
-                if self.options.fsync {
-                    let path = self.memory_path();
-                    self.mem.flush().map_err(io("cannot sync", &path))?;
-                }
-                let meta = Meta {
-                    generation: self.meta.generation.max(staged.header.generation),
-                    status: ImageStatus::Committed {
-                        epoch: staged.header.epoch,
-                    },
-                    digest: staged.digest,
-                    device_state: staged.device_state.clone(),
-                    ..self.meta.clone()
-                };
-                write_file_atomically(
-                    &self.dir.join(META_FILE),
-                    &meta.encode(),
-                    self.options.fsync,
+                self.commit_meta(
+                    staged.header.epoch,
+                    staged.header.generation,
+                    staged.digest,
+                    &staged.device_state,
                 )?;
-                self.meta = meta;
-                let journal = self.dir.join(JOURNAL_FILE);
-                fs::remove_file(&journal).map_err(io("cannot remove journal", &journal))?;
+                // The journal stays: the next epoch overwrites it in place
+                // (reusing its page-cache pages), and recovery ignores it once
+                // its epoch is committed.
             }
         }
         report.apply_time = start.elapsed();

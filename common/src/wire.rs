@@ -125,3 +125,15 @@ impl TlsFiles {
 pub fn scheme(tls: bool) -> &'static str {
     if tls { "https" } else { "http" }
 }
+
+/// A gRPC server builder, with mutual TLS when `tls` is given.
+pub fn server(tls: Option<&TlsFiles>) -> Result<tonic::transport::Server, String> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        None => Ok(builder),
+        Some(tls) => {
+            let config = tls.server().map_err(|e| chain(&e))?;
+            builder.tls_config(config).map_err(|e| chain(&e))
+        }
+    }
+}

@@ -411,15 +411,7 @@ pub async fn run(
             addr: opts.control_listen,
             source,
         })?;
-    let mut control_builder = tonic::transport::Server::builder();
-    if let Some(tls) = &opts.tls {
-        let config = tls
-            .server()
-            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
-        control_builder = control_builder
-            .tls_config(config)
-            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
-    }
+    let mut control_builder = wire::server(opts.tls.as_ref()).map_err(PrimaryError::Tls)?;
     let control_server = tokio::spawn(
         control_builder
             .add_service(ControlServer::new(ControlService(stats.clone())))

@@ -8,9 +8,12 @@ use understudy_common::wire::{self, TlsFiles};
 use understudy_proto::control_client::ControlClient;
 use understudy_proto::{StatusReply, StatusRequest};
 
-/// Fetches a daemon's status (over mutual TLS when `tls` is given: the
-/// daemon's certificate must name `addr`'s IP).
-pub async fn fetch_status(addr: SocketAddr, tls: Option<&TlsFiles>) -> Result<StatusReply> {
+/// A channel to a daemon's control service (mutual TLS when `tls` is given:
+/// the daemon's certificate must name `addr`'s IP).
+async fn control_channel(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> Result<ControlClient<tonic::transport::Channel>> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!(
         "{}://{addr}",
         wire::scheme(tls.is_some())
@@ -23,7 +26,13 @@ pub async fn fetch_status(addr: SocketAddr, tls: Option<&TlsFiles>) -> Result<St
     let channel = endpoint.connect().await.with_context(|| {
         format!("cannot reach the control service at {addr}: is understudyd running there?")
     })?;
-    Ok(ControlClient::new(channel)
+    Ok(ControlClient::new(channel))
+}
+
+/// Fetches a daemon's status.
+pub async fn fetch_status(addr: SocketAddr, tls: Option<&TlsFiles>) -> Result<StatusReply> {
+    Ok(control_channel(addr, tls)
+        .await?
         .status(StatusRequest {})
         .await
         .with_context(|| format!("status request to {addr} failed"))?
@@ -35,17 +44,8 @@ pub async fn fetch_epochs(
     addr: SocketAddr,
     tls: Option<&TlsFiles>,
 ) -> Result<Vec<understudy_proto::EpochSample>> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!(
-        "{}://{addr}",
-        wire::scheme(tls.is_some())
-    ))?
-    .connect_timeout(Duration::from_secs(2))
-    .timeout(Duration::from_secs(5));
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.client(&addr.ip().to_string())?)?;
-    }
-    let channel = endpoint.connect().await?;
-    Ok(ControlClient::new(channel)
+    Ok(control_channel(addr, tls)
+        .await?
         .epochs(understudy_proto::EpochsRequest {})
         .await?
         .into_inner()
