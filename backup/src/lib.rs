@@ -325,9 +325,12 @@ async fn failure_detector(shared: Arc<Shared>, shutdown: CancellationToken) {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "promotion failed");
+                    // Not promotable as it stands: wait for a new checkpoint
+                    // (a primary that comes back resyncs) instead of retrying.
+                    tracing::error!(error = %e, "promotion failed; waiting for a new checkpoint");
+                    shared.lock().protected = false;
+                    shared.stats.protected.store(false, Ordering::Release);
                     shared.stats.set_state(format!("promotion failed: {e}"));
-                    return;
                 }
                 Err(e) => tracing::error!(error = %e, "promotion task failed"),
             }
@@ -343,22 +346,32 @@ fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
     if !matches!(state.role, Role::Standby) || !state.protected {
         return Ok(());
     }
+    // Check that the committed epoch can be brought back before committing
+    // to the promotion: a bad payload must not leave a bumped generation
+    // behind (that would refuse every primary from then on).
+    let (epoch, payload, vm_state, mem_path) = {
+        let store = state.store.as_ref().ok_or("no image")?;
+        let epoch = store
+            .committed_epoch()
+            .ok_or("image holds no committed epoch")?;
+        let payload = CheckpointPayload::decode(store.device_state())
+            .map_err(|e| format!("the committed checkpoint cannot be resumed: {e}"))?;
+        let vm_state = VmState::decode(&payload.vm_state)
+            .map_err(|e| format!("the committed VM state cannot be resumed: {e}"))?;
+        (epoch, payload, vm_state, store.memory_path())
+    };
     // Any partial epoch is dropped: the image holds exactly the last commit.
     state.decoder = None;
     state.session = 0;
-    let mut store = state.store.take().ok_or("no image")?;
     let new_generation = state.generation + 1;
-    store
-        .set_generation(new_generation)
-        .map_err(|e| format!("cannot record generation {new_generation}: {e}"))?;
+    if let Some(store) = state.store.as_mut() {
+        store
+            .set_generation(new_generation)
+            .map_err(|e| format!("cannot record generation {new_generation}: {e}"))?;
+    }
     state.generation = new_generation;
-    let epoch = store
-        .committed_epoch()
-        .ok_or("image holds no committed epoch")?;
-    let payload = CheckpointPayload::decode(store.device_state()).map_err(|e| e.to_string())?;
-    let vm_state = VmState::decode(&payload.vm_state).map_err(|e| e.to_string())?;
-    let mem_path = store.memory_path();
-    drop(store);
+    // The VM maps memory.img itself from here on; the store lets go of it.
+    state.store = None;
     let fenced = started.elapsed();
     let file = std::fs::File::options()
         .read(true)

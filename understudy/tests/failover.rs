@@ -539,6 +539,31 @@ async fn bad_peers_are_refused_and_the_image_keeps_its_last_commit() {
     // Chunks for a session that no longer exists are refused too.
     s.send(vec![vec![1, 2, 3]]).await;
 
+    // The fake primary is now silent past the heartbeat timeout. The backup
+    // tries to promote, but this checkpoint's payload is not a VM state: the
+    // attempt must fail without bumping the generation, so the primary (still
+    // generation 1) is not told it was deposed.
+    wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "failed promotion reported",
+        LONG,
+        |s| s.state.starts_with("promotion failed"),
+    )
+    .await;
+    let st = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!((st.generation, st.role.as_str()), (1, "backup"), "{st:?}");
+    let probe = client
+        .probe(understudy_proto::ProbeRequest { generation: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (probe.generation, probe.role.as_str()),
+        (1, "backup"),
+        "generation 1 is still welcome"
+    );
+
     // On disk: exactly checkpoint 2, verified page by page on open.
     let mut backup = pair.backup.take().unwrap();
     backup.kill().unwrap();

@@ -1,0 +1,268 @@
+//! Replication pipeline throughput against the link it runs on, in one run:
+//! a real backup daemon on loopback receives epochs from a sender that
+//! encodes real memory (binaries from /usr), stages, verifies and commits
+//! them; next to it, single-stream loopback TCP moves the same bytes.
+//!
+//! Reports: full sync of 256 MiB (resync) ÷ streaming 256 MiB over TCP, and
+//! checkpoints of 1k/10k/50k dirty pages in MB/s of guest pages, raw and
+//! adaptive, with bytes on the wire ÷ bytes dirtied.
+//!
+//! Run: `cargo bench -p understudy --bench pipeline`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
+use understudy_proto::replication_client::ReplicationClient;
+use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
+
+const RAM: usize = 256 << 20;
+const PAGES: u32 = (RAM / PAGE_SIZE) as u32;
+
+fn free() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn real_memory(bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes);
+    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut paths: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        paths.sort();
+        for p in paths {
+            if out.len() >= bytes {
+                return out;
+            }
+            if let Ok(d) = std::fs::read(&p) {
+                out.extend_from_slice(&d[..d.len().min(bytes - out.len())]);
+            }
+        }
+    }
+    out.resize(bytes, 0x5a);
+    out
+}
+
+/// Single-stream loopback TCP: seconds to move `bytes` in 1 MiB writes.
+async fn tcp_seconds(bytes: usize) -> f64 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        while n < bytes {
+            n += s.read(&mut buf).await.unwrap();
+        }
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).await.unwrap();
+        sent += chunk.len();
+    }
+    reader.await.unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+struct Session {
+    tx: tokio::sync::mpsc::Sender<EpochChunk>,
+    acks: tonic::Streaming<understudy_proto::Ack>,
+    sender: SenderState,
+    id: u64,
+}
+
+impl Session {
+    async fn open(addr: SocketAddr, policy: CodecPolicy, id: u64) -> Self {
+        let mut client = loop {
+            if let Ok(c) = ReplicationClient::connect(format!("http://{addr}")).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        client
+            .hello(HelloRequest {
+                protocol_version: PROTOCOL_VERSION,
+                vm_id: "bench".into(),
+                generation: 1,
+                ram_bytes: RAM as u64,
+                session: id,
+            })
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let acks = client
+            .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            tx,
+            acks,
+            sender: SenderState::new("bench", PAGES, 1, policy).unwrap(),
+            id,
+        }
+    }
+
+    /// Encodes and ships one epoch of `pages` from `mem`; returns bytes on the wire.
+    async fn ship(&mut self, epoch: u64, kind: EpochKind, mem: &[u8], pages: &[u32]) -> u64 {
+        let mut enc = self.sender.begin(epoch, kind).unwrap();
+        let mut wire = 0;
+        for (i, &p) in pages.iter().enumerate() {
+            let page: &[u8; PAGE_SIZE] = mem[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE]
+                .try_into()
+                .unwrap();
+            enc.add_page(p, page).unwrap();
+            if i % 256 == 255 {
+                for c in enc.take_chunks() {
+                    wire += c.len() as u64;
+                    self.tx
+                        .send(EpochChunk {
+                            session: self.id,
+                            generation: 1,
+                            chunk: c.into(),
+                        })
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        for c in enc.finish(b"bench device state").unwrap().chunks {
+            wire += c.len() as u64;
+            self.tx
+                .send(EpochChunk {
+                    session: self.id,
+                    generation: 1,
+                    chunk: c.into(),
+                })
+                .await
+                .unwrap();
+        }
+        wire
+    }
+
+    async fn ack(&mut self) -> u64 {
+        self.acks.next().await.unwrap().unwrap().epoch
+    }
+}
+
+fn main() {
+    let daemon = env!("CARGO_BIN_EXE_understudyd");
+    let dir = tempfile::tempdir().unwrap();
+    let repl = free();
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"bench\"\nguest = \"counter\"\nmemory_mib = {}\nstate_dir = \"{}\"\n[primary]\nconsole = \"{}\"\ncontrol = \"{}\"\n[backup]\nreplication = \"{repl}\"\nconsole = \"{}\"\ncontrol = \"{}\"\n[tls]\ninsecure = true\n",
+            RAM >> 20,
+            dir.path().display(),
+            free(),
+            free(),
+            free(),
+            free()
+        ),
+    )
+    .unwrap();
+    let mut backup = Command::new(daemon)
+        .args(["backup", "--config"])
+        .arg(&config)
+        .env("UNDERSTUDY_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = real_memory(RAM);
+    // Each checkpoint rewrites its pages with content from elsewhere (new to the receiver).
+    let mut shifted = base.clone();
+    shifted.rotate_left(1_234_567);
+    runtime.block_on(async {
+        let tcp_sync = tcp_seconds(RAM).await;
+        println!("replication pipeline vs single-stream loopback TCP, same run; {} MiB guest, real memory", RAM >> 20);
+        println!("{:<36} {:>10} {:>10} {:>10} {:>10}", "", "MB/s", "TCP MB/s", "÷ TCP", "wire ÷ in");
+        for (name, policy) in [("raw", CodecPolicy::RAW), ("adaptive", CodecPolicy::ADAPTIVE)] {
+            let mut s = Session::open(repl, policy, 1000 + name.len() as u64).await;
+            let all: Vec<u32> = (0..PAGES).collect();
+            let t = Instant::now();
+            let wire = s.ship(1, EpochKind::SyncRound, &base, &all).await;
+            assert_eq!(s.ack().await, 1);
+            s.ship(2, EpochKind::Checkpoint, &base, &[]).await;
+            assert_eq!(s.ack().await, 2);
+            let sync = t.elapsed().as_secs_f64();
+            let tcp = tcp_seconds(RAM).await;
+            println!(
+                "{:<36} {:>10.0} {:>10.0} {:>10.2} {:>10.3}",
+                format!("full sync (resync), {name}"),
+                RAM as f64 / sync / 1e6,
+                RAM as f64 / tcp / 1e6,
+                tcp / sync,
+                wire as f64 / RAM as f64
+            );
+            let mut epoch = 3;
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            for n in [1_000usize, 10_000, 50_000] {
+                let mut pages: Vec<u32> = (0..n)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        (rng % PAGES as u64) as u32
+                    })
+                    .collect();
+                pages.sort_unstable();
+                pages.dedup();
+                let rounds = (200_000 / n).clamp(4, 50);
+                let t = Instant::now();
+                let mut wire = 0;
+                let mut in_flight = 0;
+                for r in 0..rounds {
+                    let mem = if r % 2 == 0 { &shifted } else { &base };
+                    wire += s.ship(epoch, EpochKind::Checkpoint, mem, &pages).await;
+                    epoch += 1;
+                    in_flight += 1;
+                    if in_flight > 4 {
+                        s.ack().await;
+                        in_flight -= 1;
+                    }
+                }
+                while in_flight > 0 {
+                    s.ack().await;
+                    in_flight -= 1;
+                }
+                let secs = t.elapsed().as_secs_f64();
+                let bytes = (rounds * pages.len() * PAGE_SIZE) as f64;
+                let tcp = tcp_seconds(bytes as usize).await;
+                println!(
+                    "{:<36} {:>10.0} {:>10.0} {:>10.2} {:>10.3}",
+                    format!("checkpoints of {n} pages, {name}"),
+                    bytes / secs / 1e6,
+                    bytes / tcp / 1e6,
+                    tcp / secs,
+                    wire as f64 / bytes
+                );
+            }
+        }
+        let _ = tcp_sync;
+    });
+    let _ = backup.kill();
+    let _ = backup.wait();
+}
