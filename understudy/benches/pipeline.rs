@@ -56,28 +56,39 @@ fn real_memory(bytes: usize) -> Vec<u8> {
     out
 }
 
-/// Single-stream loopback TCP: seconds to move `bytes` in 1 MiB writes.
+/// Single-stream loopback TCP: seconds to move `bytes` (rounded up to MiB)
+/// in 1 MiB writes, until the receiver has read them all.
 async fn tcp_seconds(bytes: usize) -> f64 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let reader = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0;
-        while n < bytes {
-            n += s.read(&mut buf).await.unwrap();
-        }
+        while s.read(&mut buf).await.unwrap() > 0 {}
     });
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let chunk = vec![7u8; 1 << 20];
     let t = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
+    for _ in 0..bytes.div_ceil(chunk.len()) {
         s.write_all(&chunk).await.unwrap();
-        sent += chunk.len();
     }
+    s.shutdown().await.unwrap();
     reader.await.unwrap();
     t.elapsed().as_secs_f64()
+}
+
+async fn send(tx: &tokio::sync::mpsc::Sender<EpochChunk>, id: u64, chunks: Vec<Vec<u8>>) -> u64 {
+    let mut wire = 0;
+    for c in chunks {
+        wire += c.len() as u64;
+        let msg = EpochChunk {
+            session: id,
+            generation: 1,
+            chunk: c.into(),
+        };
+        tx.send(msg).await.unwrap();
+    }
+    wire
 }
 
 struct Session {
@@ -85,6 +96,9 @@ struct Session {
     acks: tonic::Streaming<understudy_proto::Ack>,
     sender: SenderState,
     id: u64,
+    /// Time spent encoding, and the backup's stage+commit time from acks.
+    encode: Duration,
+    commit_us: u64,
 }
 
 impl Session {
@@ -95,70 +109,86 @@ impl Session {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        client
-            .hello(HelloRequest {
-                protocol_version: PROTOCOL_VERSION,
-                vm_id: "bench".into(),
-                generation: 1,
-                ram_bytes: RAM as u64,
-                session: id,
-            })
-            .await
-            .unwrap();
+        let hello = HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            vm_id: "bench".into(),
+            generation: 1,
+            ram_bytes: RAM as u64,
+            session: id,
+        };
+        client.hello(hello).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acks = client
             .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .unwrap()
             .into_inner();
+        // Heartbeats, as a real primary sends them (or the backup promotes).
+        let mut seq = 0;
+        let tick = tokio::time::interval(Duration::from_millis(10));
+        let beats = tokio_stream::wrappers::IntervalStream::new(tick).map(move |_| {
+            seq += 1;
+            understudy_proto::Beat {
+                generation: 1,
+                seq,
+                role: "primary".into(),
+                echo_seq: 0,
+            }
+        });
+        let mut echoes = client.heartbeat(beats).await.unwrap().into_inner();
+        tokio::spawn(async move { while let Some(Ok(_)) = echoes.next().await {} });
+        let sender = SenderState::new("bench", PAGES, 1, policy).unwrap();
         Self {
             tx,
             acks,
-            sender: SenderState::new("bench", PAGES, 1, policy).unwrap(),
+            sender,
             id,
+            encode: Duration::ZERO,
+            commit_us: 0,
         }
     }
 
     /// Encodes and ships one epoch of `pages` from `mem`; returns bytes on the wire.
     async fn ship(&mut self, epoch: u64, kind: EpochKind, mem: &[u8], pages: &[u32]) -> u64 {
-        let mut enc = self.sender.begin(epoch, kind).unwrap();
         let mut wire = 0;
+        let mut encode = Duration::ZERO;
+        let mut t = Instant::now();
+        let (tx, id) = (self.tx.clone(), self.id);
+        let mut enc = self.sender.begin(epoch, kind).unwrap();
         for (i, &p) in pages.iter().enumerate() {
-            let page: &[u8; PAGE_SIZE] = mem[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE]
-                .try_into()
-                .unwrap();
+            let at = p as usize * PAGE_SIZE;
+            let page: &[u8; PAGE_SIZE] = mem[at..at + PAGE_SIZE].try_into().unwrap();
             enc.add_page(p, page).unwrap();
             if i % 256 == 255 {
-                for c in enc.take_chunks() {
-                    wire += c.len() as u64;
-                    self.tx
-                        .send(EpochChunk {
-                            session: self.id,
-                            generation: 1,
-                            chunk: c.into(),
-                        })
-                        .await
-                        .unwrap();
-                }
+                let chunks = enc.take_chunks();
+                encode += t.elapsed();
+                wire += send(&tx, id, chunks).await;
+                t = Instant::now();
             }
         }
-        for c in enc.finish(b"bench device state").unwrap().chunks {
-            wire += c.len() as u64;
-            self.tx
-                .send(EpochChunk {
-                    session: self.id,
-                    generation: 1,
-                    chunk: c.into(),
-                })
-                .await
-                .unwrap();
-        }
-        wire
+        let encoded = enc.finish(b"bench device state").unwrap();
+        encode += t.elapsed();
+        self.encode += encode;
+        wire + send(&tx, id, encoded.chunks).await
     }
 
     async fn ack(&mut self) -> u64 {
-        self.acks.next().await.unwrap().unwrap().epoch
+        let ack = self.acks.next().await.unwrap().unwrap();
+        self.commit_us += ack.commit_micros;
+        ack.epoch
     }
+}
+
+fn row(name: &str, bytes: f64, secs: f64, tcp: f64, wire: f64, s: &Session) {
+    println!(
+        "{name:<36} {:>8.0} {:>9.0} {:>7.2} {:>9.3} {:>9.0}% {:>9.0}%",
+        bytes / secs / 1e6,
+        bytes / tcp / 1e6,
+        tcp / secs,
+        wire / bytes,
+        s.encode.as_secs_f64() / secs * 100.0,
+        s.commit_us as f64 / 1e6 / secs * 100.0
+    );
 }
 
 fn main() {
@@ -198,10 +228,15 @@ fn main() {
     runtime.block_on(async {
         let tcp_sync = tcp_seconds(RAM).await;
         println!("replication pipeline vs single-stream loopback TCP, same run; {} MiB guest, real memory", RAM >> 20);
-        println!("{:<36} {:>10} {:>10} {:>10} {:>10}", "", "MB/s", "TCP MB/s", "÷ TCP", "wire ÷ in");
+        println!(
+            "{:<36} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10}",
+            "", "MB/s", "TCP MB/s", "÷ TCP", "wire ÷ in", "encode", "commit"
+        );
         for (name, policy) in [("raw", CodecPolicy::RAW), ("adaptive", CodecPolicy::ADAPTIVE)] {
             let mut s = Session::open(repl, policy, 1000 + name.len() as u64).await;
             let all: Vec<u32> = (0..PAGES).collect();
+            s.encode = Duration::ZERO;
+            s.commit_us = 0;
             let t = Instant::now();
             let wire = s.ship(1, EpochKind::SyncRound, &base, &all).await;
             assert_eq!(s.ack().await, 1);
@@ -209,14 +244,7 @@ fn main() {
             assert_eq!(s.ack().await, 2);
             let sync = t.elapsed().as_secs_f64();
             let tcp = tcp_seconds(RAM).await;
-            println!(
-                "{:<36} {:>10.0} {:>10.0} {:>10.2} {:>10.3}",
-                format!("full sync (resync), {name}"),
-                RAM as f64 / sync / 1e6,
-                RAM as f64 / tcp / 1e6,
-                tcp / sync,
-                wire as f64 / RAM as f64
-            );
+            row(&format!("full sync (resync), {name}"), RAM as f64, sync, tcp, wire as f64, &s);
             let mut epoch = 3;
             let mut rng = 0x9e37_79b9_7f4a_7c15u64;
             for n in [1_000usize, 10_000, 50_000] {
@@ -231,6 +259,8 @@ fn main() {
                 pages.sort_unstable();
                 pages.dedup();
                 let rounds = (200_000 / n).clamp(4, 50);
+                s.encode = Duration::ZERO;
+                s.commit_us = 0;
                 let t = Instant::now();
                 let mut wire = 0;
                 let mut in_flight = 0;
@@ -251,14 +281,7 @@ fn main() {
                 let secs = t.elapsed().as_secs_f64();
                 let bytes = (rounds * pages.len() * PAGE_SIZE) as f64;
                 let tcp = tcp_seconds(bytes as usize).await;
-                println!(
-                    "{:<36} {:>10.0} {:>10.0} {:>10.2} {:>10.3}",
-                    format!("checkpoints of {n} pages, {name}"),
-                    bytes / secs / 1e6,
-                    bytes / tcp / 1e6,
-                    tcp / secs,
-                    wire as f64 / bytes
-                );
+                row(&format!("checkpoints of {n} pages, {name}"), bytes, secs, tcp, wire as f64, &s);
             }
         }
         let _ = tcp_sync;
