@@ -234,8 +234,11 @@ fn drill_writes_a_plausible_consistent_report_with_a_chart() {
     };
     let downtime = num("downtime_ms");
     assert!(downtime > 0.0 && downtime < 1000.0, "{json}");
+    // Detection counts the silence from the primary's last message, which can
+    // precede the SIGKILL by up to one heartbeat interval (10 ms): the parts fit
+    // the whole within that (plus scheduling slack on a loaded 2-core machine).
     assert!(
-        num("detection_ms") + num("resume_ms") <= downtime + 5.0,
+        num("detection_ms") + num("resume_ms") <= downtime + 10.0 + 15.0,
         "parts fit the whole: {json}"
     );
     assert!(num("disruption_ms") >= downtime * 0.5, "{json}");
