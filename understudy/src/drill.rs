@@ -74,10 +74,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Pages per second the dirtier writes with no protection, over `period`.
-fn unprotected_rate(period: Duration) -> Result<f64> {
+/// Pages per second the dirtier (2048-page working set, `rate` pages/s, 0 =
+/// flat out) writes with no protection, over `period`.
+pub fn unprotected_rate(rate: u64, period: Duration) -> Result<f64> {
     let ram = GuestRam::new(64 << 20, RamBacking::Anonymous)?;
-    let boot = BuiltinBoot::dirtier(2048, 0, 50);
+    let boot = BuiltinBoot::dirtier(2048, rate, 50);
     let (vm, _console) = Vm::boot(
         ram,
         &boot.clone(),
@@ -239,7 +240,7 @@ pub async fn run(opts: DrillOptions) -> Result<Report> {
         opts.run_for
     );
     let period = opts.run_for;
-    let unprotected = tokio::task::spawn_blocking(move || unprotected_rate(period)).await??;
+    let unprotected = tokio::task::spawn_blocking(move || unprotected_rate(0, period)).await??;
     println!("starting a protected pair; initial sync progress:");
     let raw = drill(&DemoOptions {
         run_for: opts.run_for,
