@@ -27,7 +27,7 @@
 //! be promoted), and the checkpoint that completes the sync commits it as above.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -483,6 +483,12 @@ impl ImageStore {
             device_state: device_state.to_vec(),
             ..self.meta.clone()
         };
+        self.replace_meta(meta)?;
+        Ok(())
+    }
+
+    /// Makes `meta` the record on disk (atomically, by rename) and in memory.
+    fn replace_meta(&mut self, meta: Meta) -> Result<(), StoreError> {
         write_file_atomically(
             &self.dir.join(META_FILE),
             &meta.encode(),
@@ -564,12 +570,7 @@ impl ImageStore {
             device_state: Vec::new(),
             ..self.meta.clone()
         };
-        write_file_atomically(
-            &self.dir.join(META_FILE),
-            &meta.encode(),
-            self.options.fsync,
-        )?;
-        self.meta = meta;
+        self.replace_meta(meta)?;
         Ok(())
     }
 
@@ -585,12 +586,7 @@ impl ImageStore {
             generation,
             ..self.meta.clone()
         };
-        write_file_atomically(
-            &self.dir.join(META_FILE),
-            &meta.encode(),
-            self.options.fsync,
-        )?;
-        self.meta = meta;
+        self.replace_meta(meta)?;
         Ok(())
     }
 
@@ -758,13 +754,6 @@ impl CommittedImage for ImageStore {
     fn digest(&self) -> ImageDigest {
         self.digest
     }
-}
-
-/// Reads a whole file, for tests and tools.
-pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    File::open(path)?.read_to_end(&mut out)?;
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -572,18 +572,16 @@ fn session_id() -> u64 {
         | 1
 }
 
-/// Owns the gRPC side of each session. Returns the last session id when it
-/// stops (for the goodbye).
+/// Owns the gRPC side of each session until the primary stops or is fenced.
 async fn session_manager(
     shared: Arc<Shared>,
     mut first: Option<(u64, ReplicationClient<Channel>)>,
     shutdown: CancellationToken,
-) -> Option<u64> {
+) {
     let opts = shared.opts.clone();
-    let mut last_session = None;
     loop {
         if shared.stopping() {
-            return last_session;
+            return;
         }
         let (session, client) = match first.take() {
             Some(s) => s,
@@ -593,13 +591,13 @@ async fn session_manager(
                     HelloOutcome::Accepted(client) => (id, client),
                     HelloOutcome::Deposed(g) => {
                         shared.fence(g);
-                        return None;
+                        return;
                     }
                     HelloOutcome::Refused(message) | HelloOutcome::Unreachable(message) => {
                         tracing::debug!(%message, "backup not available yet");
                         tokio::select! {
-                            _ = shutdown.cancelled() => return last_session,
-                            _ = shared.done.cancelled() => return last_session,
+                            _ = shutdown.cancelled() => return,
+                            _ = shared.done.cancelled() => return,
                             _ = tokio::time::sleep(opts.heartbeat_timeout.max(Duration::from_millis(200))) => {}
                         }
                         continue;
@@ -607,13 +605,12 @@ async fn session_manager(
                 }
             }
         };
-        last_session = Some(session);
         shared.releaser.new_session();
         shared.stats.set_state("syncing");
-        let reason = run_session(&shared, session, client, &shutdown).await;
+        let reason = run_session(&shared, session, client).await;
         shared.stats.protected.store(false, Ordering::Release);
         if shared.stopping() {
-            return last_session;
+            return;
         }
         tracing::warn!(%reason, "replication session lost");
         // Before releasing anything unprotected, ask the backup: a promotion we
@@ -621,7 +618,7 @@ async fn session_manager(
         match probe(&opts, shared.generation).await {
             Ok((g, role)) if g > shared.generation || role == "primary" => {
                 shared.fence(g.max(shared.generation + 1));
-                return None;
+                return;
             }
             Ok(_) => tracing::info!("backup still there: resyncing"),
             Err(why) => {
@@ -669,7 +666,6 @@ async fn run_session(
     shared: &Arc<Shared>,
     session: u64,
     mut client: ReplicationClient<Channel>,
-    shutdown: &CancellationToken,
 ) -> String {
     let opts = &shared.opts;
     let generation = shared.generation;
@@ -699,7 +695,6 @@ async fn run_session(
     let mut tick = tokio::time::interval(interval);
     // Not torn down on shutdown: the replicator finishes its last epoch and
     // says goodbye through this session first, then cancels `done`.
-    let _ = shutdown;
     let reason = loop {
         tokio::select! {
             _ = shared.done.cancelled() => break "stopping".to_string(),

@@ -182,7 +182,6 @@ pub(crate) enum VcpuSetup {
 pub struct VcpuHandle {
     control: Arc<Control>,
     thread: Option<JoinHandle<()>>,
-    input: Sender<Vec<u8>>,
 }
 
 impl std::fmt::Debug for VcpuHandle {
@@ -330,7 +329,6 @@ impl VcpuHandle {
         let handle = Self {
             control: control.clone(),
             thread: Some(thread),
-            input: input_tx.clone(),
         };
         ready?;
         let input = ConsoleInput {
@@ -458,11 +456,6 @@ impl VcpuHandle {
     /// A handle that waits for the VM's end from another thread.
     pub fn end_watch(&self) -> EndWatch {
         EndWatch(self.control.clone())
-    }
-
-    /// A sender for console input (the same one `spawn` returned).
-    pub fn input_sender(&self) -> Sender<Vec<u8>> {
-        self.input.clone()
     }
 }
 

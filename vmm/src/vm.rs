@@ -6,7 +6,7 @@
 //! This module knows nothing of replication: the primary drives it through
 //! `pause`, `harvest_dirty`, `save_state` and `resume`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use kvm_bindings::{
@@ -325,13 +325,6 @@ impl Vm {
     /// Stops the vCPU thread; returns how the VM ended.
     pub fn stop(mut self) -> VmEnd {
         self.vcpu.stop()
-    }
-
-    /// Pauses, and returns how long the pause took (for benchmarks).
-    pub fn timed_pause(&self) -> Result<Duration, VmError> {
-        let start = Instant::now();
-        self.pause()?;
-        Ok(start.elapsed())
     }
 }
 
