@@ -63,13 +63,8 @@ pub enum BackupError {
         #[source]
         source: StoreError,
     },
-    #[error("cannot listen on {addr} ({what})")]
-    Listen {
-        what: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] wire::ListenError),
     #[error("promotion failed: {0}")]
     Promotion(String),
     #[error("gRPC server failed")]
@@ -195,14 +190,7 @@ pub async fn run(
         opts: opts.clone(),
     });
 
-    let console_listener =
-        console::bind(opts.console_listen)
-            .await
-            .map_err(|source| BackupError::Listen {
-                what: "console",
-                addr: opts.console_listen,
-                source,
-            })?;
+    let console_listener = wire::listen("console", opts.console_listen).await?;
     tokio::spawn(console::serve(
         console_listener,
         log,
@@ -210,20 +198,8 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let replication = tokio::net::TcpListener::bind(opts.replication_listen)
-        .await
-        .map_err(|source| BackupError::Listen {
-            what: "replication",
-            addr: opts.replication_listen,
-            source,
-        })?;
-    let control = tokio::net::TcpListener::bind(opts.control_listen)
-        .await
-        .map_err(|source| BackupError::Listen {
-            what: "control",
-            addr: opts.control_listen,
-            source,
-        })?;
+    let replication = wire::listen("replication", opts.replication_listen).await?;
+    let control = wire::listen("control", opts.control_listen).await?;
     tracing::info!(vm = %opts.vm_id, generation, replication = %opts.replication_listen, "backup listening");
 
     let service = ReplicationService(shared.clone());

@@ -234,11 +234,6 @@ impl InputSink {
     }
 }
 
-/// Binds the console port.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 /// Serves the console until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -426,7 +421,7 @@ mod tests {
         let log = ConsoleLog::new(0);
         log.append(b"0123456789");
         log.release_to(10);
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(serve(

@@ -3,7 +3,6 @@
 //! (once per epoch, ack or heartbeat: never per page); gauges are read from
 //! [`Stats`] at scrape time.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -192,9 +191,4 @@ pub async fn serve(
     {
         tracing::warn!(error = %e, "metrics endpoint failed");
     }
-}
-
-/// Binds the metrics address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

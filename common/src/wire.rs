@@ -137,3 +137,23 @@ pub fn server(tls: Option<&TlsFiles>) -> Result<tonic::transport::Server, String
         }
     }
 }
+
+/// A port that cannot be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({what})")]
+pub struct ListenError {
+    what: &'static str,
+    addr: std::net::SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Binds a TCP listener for `what` (console, control, replication, metrics).
+pub async fn listen(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, ListenError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError { what, addr, source })
+}

@@ -95,13 +95,8 @@ pub enum PrimaryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr} ({what})")]
-    Listen {
-        what: &'static str,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] wire::ListenError),
     #[error("the backup at {addr} refused the primary: {message}")]
     Refused { addr: SocketAddr, message: String },
     #[error("cannot start the VM")]
@@ -396,21 +391,8 @@ pub async fn run(
     stats.generation.store(generation, Ordering::Release);
     let log = ConsoleLog::new(0);
     let input = InputSink::new(None);
-    let console_listener =
-        console::bind(opts.console_listen)
-            .await
-            .map_err(|source| PrimaryError::Listen {
-                what: "console",
-                addr: opts.console_listen,
-                source,
-            })?;
-    let control = tokio::net::TcpListener::bind(opts.control_listen)
-        .await
-        .map_err(|source| PrimaryError::Listen {
-            what: "control",
-            addr: opts.control_listen,
-            source,
-        })?;
+    let console_listener = wire::listen("console", opts.console_listen).await?;
+    let control = wire::listen("control", opts.control_listen).await?;
     let mut control_builder = wire::server(opts.tls.as_ref()).map_err(PrimaryError::Tls)?;
     let control_server = tokio::spawn(
         control_builder

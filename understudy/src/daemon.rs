@@ -49,9 +49,7 @@ pub fn run(role: Role, config: &Config) -> Result<u8> {
             Role::Backup => config.backup.metrics,
         };
         if let Some(addr) = metrics_addr {
-            let listener = understudy_common::metrics::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+            let listener = understudy_common::wire::listen("metrics", addr).await?;
             tokio::spawn(understudy_common::metrics::serve(listener, stats.clone(), shutdown.clone()));
             tracing::info!(%addr, "metrics on /metrics");
         }
