@@ -44,16 +44,7 @@ async fn read_until(
 async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     let _serial = common::serial().await;
     for trial in 0..3u64 {
-        let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
-        pair.start_primary();
-        wait_status(
-            &pair,
-            pair.addrs.primary_control,
-            "primary protected",
-            LONG,
-            |s| s.protected,
-        )
-        .await;
+        let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
         let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
         let mut seen = Vec::new();
         let until = 10 + trial * 13;
@@ -114,16 +105,7 @@ async fn no_acked_kv_write_is_lost_when_the_primary_is_killed_at_random() {
     let _serial = common::serial().await;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for trial in 0..8 {
-        let mut pair = Pair::new("kv", "");
-        pair.start_primary();
-        wait_status(
-            &pair,
-            pair.addrs.primary_control,
-            "primary protected",
-            LONG,
-            |s| s.protected,
-        )
-        .await;
+        let mut pair = Pair::protected("kv", "").await;
         let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
         let mut seen = Vec::new();
         read_until(&mut client, &pair, |l| l == "kv ready", &mut seen).await;
@@ -189,16 +171,7 @@ async fn no_acked_kv_write_is_lost_when_the_primary_is_killed_at_random() {
 }
 
 async fn frozen_primary_is_deposed_and_never_releases_output(policy: &str) {
-    let mut pair = Pair::new("kv", &format!("backup_loss = \"{policy}\""));
-    pair.start_primary();
-    wait_status(
-        &pair,
-        pair.addrs.primary_control,
-        "primary protected",
-        LONG,
-        |s| s.protected,
-    )
-    .await;
+    let mut pair = Pair::protected("kv", &format!("backup_loss = \"{policy}\"")).await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     let mut seen = Vec::new();
     read_until(&mut client, &pair, |l| l == "kv ready", &mut seen).await;
@@ -215,14 +188,7 @@ async fn frozen_primary_is_deposed_and_never_releases_output(policy: &str) {
     pair.signal_primary(libc::SIGSTOP);
     let frozen = Instant::now();
     client.send("SET frozen primary").await.unwrap();
-    wait_status(
-        &pair,
-        pair.addrs.backup_control,
-        "backup promoted",
-        LONG,
-        |s| s.role == "primary",
-    )
-    .await;
+    pair.wait_promoted().await;
     let detected = frozen.elapsed();
     // A client on the new primary writes the same key.
     let mut other = Lines::connect(pair.addrs.backup_console, client.offset())
@@ -279,25 +245,9 @@ async fn sigstopped_primary_is_deposed_hold_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_primary_restarted_after_promotion_refuses_to_run() {
     let _serial = common::serial().await;
-    let mut pair = Pair::new("counter", "");
-    pair.start_primary();
-    wait_status(
-        &pair,
-        pair.addrs.primary_control,
-        "primary protected",
-        LONG,
-        |s| s.protected,
-    )
-    .await;
+    let mut pair = Pair::protected("counter", "").await;
     pair.kill_primary();
-    wait_status(
-        &pair,
-        pair.addrs.backup_control,
-        "backup promoted",
-        LONG,
-        |s| s.role == "primary",
-    )
-    .await;
+    pair.wait_promoted().await;
     // Its state dir has no fence marker (it died before learning); the
     // handshake tells it, and it writes the marker.
     pair.start_primary();
@@ -322,17 +272,9 @@ async fn an_old_primary_restarted_after_promotion_refuses_to_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dirtier_fails_over_and_keeps_working() {
     let _serial = common::serial().await;
-    let mut pair = Pair::new(
+    let mut pair = Pair::protected(
         "dirtier",
         "guest_params = { working_set = 2048, dirty_rate = 20000, report_ms = 100 }",
-    );
-    pair.start_primary();
-    wait_status(
-        &pair,
-        pair.addrs.primary_control,
-        "primary protected",
-        LONG,
-        |s| s.protected,
     )
     .await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
@@ -585,16 +527,7 @@ async fn bad_peers_are_refused_and_the_image_keeps_its_last_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_primary_cleanly_without_a_promotion() {
     let _serial = common::serial().await;
-    let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
-    pair.start_primary();
-    wait_status(
-        &pair,
-        pair.addrs.primary_control,
-        "primary protected",
-        LONG,
-        |s| s.protected,
-    )
-    .await;
+    let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     let mut seen = Vec::new();
     read_until(&mut client, &pair, |l| l == "count 10", &mut seen).await;
@@ -619,17 +552,9 @@ async fn sigterm_stops_the_primary_cleanly_without_a_promotion() {
 }
 
 async fn backup_loss_then_return(policy: &str) {
-    let mut pair = Pair::new(
+    let mut pair = Pair::protected(
         "counter",
         &format!("backup_loss = \"{policy}\"\nguest_params = {{ interval_ms = 10 }}"),
-    );
-    pair.start_primary();
-    wait_status(
-        &pair,
-        pair.addrs.primary_control,
-        "primary protected",
-        LONG,
-        |s| s.protected,
     )
     .await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
@@ -674,14 +599,7 @@ async fn backup_loss_then_return(policy: &str) {
             pair.dir.path().join("backup2").display().to_string()
         )],
     ));
-    wait_status(
-        &pair,
-        pair.addrs.primary_control,
-        "protected again",
-        LONG,
-        |s| s.protected,
-    )
-    .await;
+    pair.wait_protected().await;
     let until = counts(&seen).last().copied().unwrap() + 20;
     read_until(
         &mut client,

@@ -217,6 +217,40 @@ insecure = true
     }
 }
 
+impl Pair {
+    /// A pair for `guest` whose primary is running and protected.
+    pub async fn protected(guest: &str, settings: &str) -> Self {
+        let mut pair = Self::new(guest, settings);
+        pair.start_primary();
+        pair.wait_protected().await;
+        pair
+    }
+
+    /// Waits until the primary reports its VM protected.
+    pub async fn wait_protected(&self) {
+        wait_status(
+            self,
+            self.addrs.primary_control,
+            "primary protected",
+            Duration::from_secs(60),
+            |s| s.protected,
+        )
+        .await;
+    }
+
+    /// Waits until the backup has promoted itself.
+    pub async fn wait_promoted(&self) {
+        wait_status(
+            self,
+            self.addrs.backup_control,
+            "backup promoted",
+            Duration::from_secs(60),
+            |s| s.role == "primary",
+        )
+        .await;
+    }
+}
+
 impl Drop for Pair {
     fn drop(&mut self) {
         for child in [self.primary.take(), self.backup.take()]
