@@ -226,7 +226,6 @@ fn main() {
     let mut shifted = base.clone();
     shifted.rotate_left(1_234_567);
     runtime.block_on(async {
-        let tcp_sync = tcp_seconds(RAM).await;
         println!("replication pipeline vs single-stream loopback TCP, same run; {} MiB guest, real memory", RAM >> 20);
         println!(
             "{:<36} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10}",
@@ -284,7 +283,6 @@ fn main() {
                 row(&format!("checkpoints of {n} pages, {name}"), bytes, secs, tcp, wire as f64, &s);
             }
         }
-        let _ = tcp_sync;
     });
     let _ = backup.kill();
     let _ = backup.wait();
