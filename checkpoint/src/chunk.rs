@@ -75,20 +75,29 @@ pub enum ChunkError {
 
 /// Frames `body` as a chunk.
 pub fn frame(kind: ChunkKind, epoch: u64, seq: u32, body: &[u8]) -> Vec<u8> {
-    debug_assert!(body.len() <= MAX_CHUNK_BODY);
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + body.len());
-    out.extend_from_slice(&CHUNK_MAGIC);
-    out.extend_from_slice(&CHUNK_FORMAT_VERSION.to_le_bytes());
-    out.push(kind as u8);
-    out.push(0);
-    out.extend_from_slice(&epoch.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    let header_crc = crc32c::crc32c(&out);
-    out.extend_from_slice(&header_crc.to_le_bytes());
+    out.resize(CHUNK_HEADER_LEN, 0);
     out.extend_from_slice(body);
+    seal(kind, epoch, seq, &mut out);
     out
+}
+
+/// Frames in place: `buf` holds [`CHUNK_HEADER_LEN`] bytes of room followed by
+/// the body, and gets its header written (no copy of the body).
+pub fn seal(kind: ChunkKind, epoch: u64, seq: u32, buf: &mut [u8]) {
+    debug_assert!(buf.len() >= CHUNK_HEADER_LEN);
+    let (header, body) = buf.split_at_mut(CHUNK_HEADER_LEN);
+    debug_assert!(body.len() <= MAX_CHUNK_BODY);
+    header[0..4].copy_from_slice(&CHUNK_MAGIC);
+    header[4..6].copy_from_slice(&CHUNK_FORMAT_VERSION.to_le_bytes());
+    header[6] = kind as u8;
+    header[7] = 0;
+    header[8..16].copy_from_slice(&epoch.to_le_bytes());
+    header[16..20].copy_from_slice(&seq.to_le_bytes());
+    header[20..24].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    header[24..28].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let header_crc = crc32c::crc32c(&header[..28]);
+    header[28..32].copy_from_slice(&header_crc.to_le_bytes());
 }
 
 /// Parses and verifies one chunk; returns its header and body.

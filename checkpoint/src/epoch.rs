@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
-use crate::chunk::{self, ChunkError, ChunkKind, MAX_CHUNK_BODY};
+use crate::chunk::{self, CHUNK_HEADER_LEN, ChunkError, ChunkKind, MAX_CHUNK_BODY};
 use crate::codec::{
     self, Adaptive, Codec, CodecError, CodecPolicy, Compression, Reader, encode_compressed,
     encode_delta_words,
@@ -199,7 +199,7 @@ impl SenderState {
             header,
             seq: 1,
             ready: vec![first],
-            body: Vec::with_capacity(MAX_CHUNK_BODY),
+            body: fresh_body(),
             run_header: None,
             last_page: None,
             seen: HashMap::new(),
@@ -219,6 +219,8 @@ pub struct EpochEncoder<'a> {
     header: EpochHeader,
     seq: u32,
     ready: Vec<Vec<u8>>,
+    /// The Pages chunk being filled: header room, then the body (sealed in
+    /// place, so page data is not copied again).
     body: Vec<u8>,
     /// Offset in `body` of the current run's header, its first page and count.
     run_header: Option<(usize, u32, u16)>,
@@ -245,6 +247,13 @@ pub struct EncodedEpoch {
 }
 
 const RUN_HEADER_LEN: usize = 6;
+
+/// An empty Pages chunk: room for the header, capacity for a full body.
+fn fresh_body() -> Vec<u8> {
+    let mut body = Vec::with_capacity(CHUNK_HEADER_LEN + MAX_CHUNK_BODY);
+    body.resize(CHUNK_HEADER_LEN, 0);
+    body
+}
 /// Largest entry: codec byte + raw page (compressed and delta forms are smaller).
 const MAX_ENTRY: usize = 1 + PAGE_SIZE;
 
@@ -366,7 +375,7 @@ impl EpochEncoder<'_> {
     /// Appends `self.entry` for `page` to the current Pages chunk, continuing the
     /// current run if `page` follows it.
     fn append_entry(&mut self, page: u32) {
-        if self.body.len() + RUN_HEADER_LEN + MAX_ENTRY > MAX_CHUNK_BODY {
+        if self.body.len() - CHUNK_HEADER_LEN + RUN_HEADER_LEN + MAX_ENTRY > MAX_CHUNK_BODY {
             self.flush_pages();
         }
         match &mut self.run_header {
@@ -387,7 +396,10 @@ impl EpochEncoder<'_> {
     }
 
     fn push_chunk(&mut self, kind: ChunkKind, body: &[u8]) {
-        let framed = chunk::frame(kind, self.header.epoch, self.seq, body);
+        self.push_framed(chunk::frame(kind, self.header.epoch, self.seq, body));
+    }
+
+    fn push_framed(&mut self, framed: Vec<u8>) {
         self.seq += 1;
         self.report.chunks += 1;
         self.report.bytes_out += framed.len() as u64;
@@ -395,11 +407,10 @@ impl EpochEncoder<'_> {
     }
 
     fn flush_pages(&mut self) {
-        if !self.body.is_empty() {
-            let body = std::mem::take(&mut self.body);
-            self.push_chunk(ChunkKind::Pages, &body);
-            self.body = body;
-            self.body.clear();
+        if self.body.len() > CHUNK_HEADER_LEN {
+            let mut framed = std::mem::replace(&mut self.body, fresh_body());
+            chunk::seal(ChunkKind::Pages, self.header.epoch, self.seq, &mut framed);
+            self.push_framed(framed);
         }
         self.run_header = None;
     }
@@ -771,28 +782,22 @@ impl EpochDecoder {
                     page,
                     codec: codec_byte,
                 })?;
-                // Decode in place at the end of the staging buffer.
+                // Decoded onto the end of the staging buffer.
                 let at = self.data.len();
-                self.data.resize(at + PAGE_SIZE, 0);
-                let (earlier, out) = self.data.split_at_mut(at);
-                let out: &mut Page = out
-                    .try_into()
-                    .unwrap_or_else(|_| unreachable!("resized by one page"));
                 let decoded = decode_one(
                     &self.pages,
-                    earlier,
+                    &mut self.data,
                     page,
                     codec,
                     checkpoint,
                     &mut r,
-                    out,
                     image,
                 );
                 if let Err(e) = decoded {
                     self.data.truncate(at);
                     return Err(e);
                 }
-                self.hashes.push(page_hash(out));
+                self.hashes.push(page_hash(&self.data[at..]));
                 self.pages.push(page);
             }
         }
@@ -800,17 +805,18 @@ impl EpochDecoder {
     }
 }
 
-/// Decodes one page entry into `out`; `pages`/`earlier` are the pages staged
-/// so far in this epoch (for `RepeatOf`).
-#[allow(clippy::too_many_arguments)]
+/// Decodes one page entry onto the end of `data`, which holds the pages staged
+/// so far in this epoch (numbered by `pages`, for `RepeatOf`). Content that
+/// is copied whole (raw, same-as, repeat) is appended directly; the staging
+/// buffer is zero-filled only for codecs that decode in place. On error
+/// `data` may hold part of a page: the caller truncates it.
 fn decode_one(
     pages: &[u32],
-    earlier: &[u8],
+    data: &mut Vec<u8>,
     page: u32,
     codec: Codec,
     checkpoint: bool,
     r: &mut Reader<'_>,
-    out: &mut Page,
     image: &dyn CommittedImage,
 ) -> Result<(), EpochError> {
     let codec_err = |source| EpochError::Codec { page, source };
@@ -820,10 +826,14 @@ fn decode_one(
             codec: codec.name(),
         },
     };
+    let at = data.len();
     match codec {
-        Codec::Zero => {}
-        Codec::Raw | Codec::Lz4 | Codec::Zstd => {
-            codec::decode_full(codec, r, out).map_err(codec_err)?
+        Codec::Zero => {
+            in_place(data, at);
+        }
+        Codec::Raw => data.extend_from_slice(r.take(PAGE_SIZE).ok_or_else(truncated)?),
+        Codec::Lz4 | Codec::Zstd => {
+            codec::decode_full(codec, r, in_place(data, at)).map_err(codec_err)?
         }
         Codec::SameAs => {
             let to = r.u32().ok_or_else(truncated)?;
@@ -841,7 +851,7 @@ fn decode_one(
                     why: "outside guest RAM",
                 });
             }
-            out.copy_from_slice(image.page(to));
+            data.extend_from_slice(image.page(to));
         }
         Codec::RepeatOf => {
             let to = r.u32().ok_or_else(truncated)?;
@@ -852,7 +862,7 @@ fn decode_one(
                     to,
                     why: "not earlier in this epoch",
                 })?;
-            out.copy_from_slice(&earlier[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            data.extend_from_within(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
         }
         Codec::DeltaWords | Codec::DeltaLz4 => {
             if !checkpoint {
@@ -862,11 +872,21 @@ fn decode_one(
                     why: "not committed (sync rounds cannot carry deltas)",
                 });
             }
-            out.copy_from_slice(image.page(page));
+            data.extend_from_slice(image.page(page));
+            let out = in_place(data, at);
             codec::apply_delta(codec, r, out).map_err(codec_err)?;
         }
     }
     Ok(())
+}
+
+/// Grows `data` by one zeroed page at `at` and returns it, for codecs that
+/// decode in place.
+fn in_place(data: &mut Vec<u8>, at: usize) -> &mut Page {
+    data.resize(at + PAGE_SIZE, 0);
+    (&mut data[at..])
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("resized by one page"))
 }
 
 impl EpochDecoder {

@@ -231,7 +231,12 @@ fn main() {
             "{:<36} {:>8} {:>9} {:>7} {:>9} {:>10} {:>10}",
             "", "MB/s", "TCP MB/s", "÷ TCP", "wire ÷ in", "encode", "commit"
         );
+        // UNDERSTUDY_BENCH_CODECS=raw (or adaptive) runs one codec, e.g. under perf.
+        let only = std::env::var("UNDERSTUDY_BENCH_CODECS").unwrap_or_default();
         for (name, policy) in [("raw", CodecPolicy::RAW), ("adaptive", CodecPolicy::ADAPTIVE)] {
+            if !only.is_empty() && !only.split(',').any(|c| c == name) {
+                continue;
+            }
             let mut s = Session::open(repl, policy, 1000 + name.len() as u64).await;
             let all: Vec<u32> = (0..PAGES).collect();
             s.encode = Duration::ZERO;
