@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::epoch::{
     EpochDecoder, EpochKind, Received, SenderState, StagingBuffers,
 };
+use understudy_bench::{Report, Table, num};
 use understudy_checkpoint::store::ImageStore;
 use understudy_checkpoint::{CodecPolicy, Compression, PAGE_SIZE, Page};
 
@@ -238,42 +239,41 @@ fn main() {
         ),
         ("adaptive", CodecPolicy::ADAPTIVE),
     ];
-    println!(
-        "epoch of {} dirty pages in {} MiB of RAM; medians of {REPEATS}; memcpy = same pages gathered in the same run",
-        dirty.len(),
-        bytes >> 20
+    let mut report = Report::new(
+        "codec",
+        "Codecs: encode and apply vs memcpy, bytes on the wire",
+        "cargo bench -p understudy-checkpoint --bench codec",
     );
-    println!(
-        "{:<10} {:<9} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10}",
-        "pages",
-        "policy",
-        "memcpy ms",
-        "encode ms",
-        "apply ms",
-        "enc/cpy",
-        "app/cpy",
-        "enc MB/s",
-        "out/in"
+    let mut table = Table::new(
+        format!(
+            "One epoch of {} dirty pages in {} MiB of real memory; medians of {REPEATS}; \
+             memcpy = the same pages gathered in the same run",
+            dirty.len(),
+            bytes >> 20
+        ),
+        &[
+            "pages", "policy", "memcpy ms", "encode ms", "apply ms", "encode ÷ memcpy",
+            "apply ÷ memcpy", "encode MB/s", "wire ÷ dirtied",
+        ],
     );
-    let mut rows = Vec::new();
     for (set, after) in [("zeros", &zeros), ("few-words", &few), ("real", &fresh)] {
         for (name, policy) in policies {
             let row = run(set, name, policy, &real, after, &dirty);
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let mb = dirty.len() as f64 * PAGE_SIZE as f64 / 1e6;
-            println!(
-                "{:<10} {:<9} {:>10.2} {:>10.2} {:>10.2} {:>9.1} {:>9.1} {:>10.0} {:>10.4}",
-                row.set,
-                row.policy,
-                ms(row.memcpy),
-                ms(row.encode),
-                ms(row.apply),
-                row.encode.as_secs_f64() / row.memcpy.as_secs_f64(),
-                row.apply.as_secs_f64() / row.memcpy.as_secs_f64(),
-                mb / row.encode.as_secs_f64(),
-                row.ratio
-            );
-            rows.push(row);
+            table.row(vec![
+                row.set.into(),
+                row.policy.into(),
+                num(ms(row.memcpy), 2),
+                num(ms(row.encode), 2),
+                num(ms(row.apply), 2),
+                num(row.encode.as_secs_f64() / row.memcpy.as_secs_f64(), 1),
+                num(row.apply.as_secs_f64() / row.memcpy.as_secs_f64(), 1),
+                num(mb / row.encode.as_secs_f64(), 0),
+                num(row.ratio, 4),
+            ]);
         }
     }
+    report.table(table);
+    report.finish().unwrap();
 }

@@ -10,17 +10,32 @@
 use std::time::Duration;
 
 use understudy::demo::{DemoOptions, drill};
+use understudy_bench::{Chart, Report, Series, Table, num, quantile};
 
-fn quantiles(name: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
-    println!(
-        "{name:<44} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
-        at(0.5),
-        at(0.99),
-        v[0],
-        at(1.0)
-    );
+fn quantiles(table: &mut Table, name: &str, v: &[f64]) {
+    table.row(vec![
+        name.into(),
+        num(quantile(v, 0.5), 1),
+        num(quantile(v, 0.99), 1),
+        num(quantile(v, 0.0), 1),
+        num(quantile(v, 1.0), 1),
+    ]);
+}
+
+/// Sorted samples as a cumulative distribution.
+fn cdf(name: &str, v: &[f64]) -> Series {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len() as f64;
+    Series {
+        name: name.into(),
+        points: s
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| (x, (i + 1) as f64 / n))
+            .collect(),
+        points_only: false,
+    }
 }
 
 fn main() {
@@ -51,12 +66,17 @@ fn main() {
         reports.push(r);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!(
-        "{trials} SIGKILL drills, 64 MiB counter guest, default heartbeat settings (10 ms / 100 ms)"
+    let mut report = Report::new(
+        "failover",
+        "Failover time",
+        "cargo bench -p understudy --bench failover",
     );
-    println!(
-        "{:<44} {:>9} {:>9} {:>9} {:>9}",
-        "ms", "p50", "p99", "min", "max"
+    let mut table = Table::new(
+        format!(
+            "{trials} SIGKILL drills: 64 MiB counter guest, default heartbeats (10 ms interval, \
+             100 ms timeout); time from SIGKILL of the primary to the backup's first console byte"
+        ),
+        &["ms", "p50", "p99", "min", "max"],
     );
     let ms = |f: fn(&understudy::demo::DrillReport) -> Duration| {
         reports
@@ -64,11 +84,34 @@ fn main() {
             .map(|r| f(r).as_secs_f64() * 1e3)
             .collect::<Vec<_>>()
     };
-    quantiles(
-        "failover: SIGKILL → backup's first byte",
-        ms(|r| r.failover),
+    let failover = ms(|r| r.failover);
+    let detection = ms(|r| r.detection);
+    let resume = ms(|r| r.resume);
+    quantiles(&mut table, "failover: SIGKILL → backup's first byte", &failover);
+    quantiles(&mut table, "  detection: silence before promoting", &detection);
+    quantiles(&mut table, "  resume: promotion → VM running", &resume);
+    quantiles(&mut table, "output gap seen by the client", &ms(|r| r.output_gap));
+    report.table(table);
+    report.chart(Chart {
+        name: "failover-distribution".into(),
+        title: format!("Failover time over {trials} SIGKILL drills (cumulative)"),
+        x_label: "ms".into(),
+        y_label: "fraction of drills".into(),
+        log_x: false,
+        log_y: false,
+        series: vec![
+            cdf("failover (SIGKILL → first byte)", &failover),
+            cdf("detection", &detection),
+            cdf("resume", &resume),
+        ],
+    });
+    let (p50, p99) = (quantile(&failover, 0.5), quantile(&failover, 0.99));
+    report.target(
+        "failover median",
+        "under 150 ms",
+        format!("{p50:.0} ms"),
+        p50 < 150.0,
     );
-    quantiles("  detection: silence before promoting", ms(|r| r.detection));
-    quantiles("  resume: promotion → VM running", ms(|r| r.resume));
-    quantiles("output gap seen by the client", ms(|r| r.output_gap));
+    report.target("failover p99", "under 300 ms", format!("{p99:.0} ms"), p99 < 300.0);
+    report.finish().unwrap();
 }

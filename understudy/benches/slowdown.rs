@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use understudy_bench::{Chart, Report, Series, Table, num};
 use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
@@ -22,8 +23,9 @@ fn free() -> SocketAddr {
         .unwrap()
 }
 
-/// Work rate of the dirtier on a protected pair with `epoch_ms` epochs.
-async fn protected_rate(rate: u64, epoch_ms: u64) -> f64 {
+/// Work rate of the dirtier on a protected pair with `epoch_ms` epochs, and
+/// the largest replication lag (epochs sent, not yet acked) seen meanwhile.
+async fn protected_rate(rate: u64, epoch_ms: u64) -> (f64, u64) {
     let daemon = env!("CARGO_BIN_EXE_understudyd");
     let dir = tempfile::tempdir().unwrap();
     let (pc, pk, rep, bc, bk) = (free(), free(), free(), free(), free());
@@ -70,6 +72,18 @@ async fn protected_rate(rate: u64, epoch_ms: u64) -> f64 {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let lag_watch = tokio::spawn(async move {
+        let mut max = 0;
+        loop {
+            if let Ok(s) = understudy::remote::fetch_status(pk, None).await {
+                max = max.max(s.replication_lag_epochs);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !lag_watching() {
+                return max;
+            }
+        }
+    });
     let mut client = ResumingClient::connect(pc, 0).await.unwrap();
     let mut text = Vec::new();
     let mut buf = [0u8; 4096];
@@ -101,16 +115,26 @@ async fn protected_rate(rate: u64, epoch_ms: u64) -> f64 {
             break;
         }
     }
+    LAG_WATCH.store(false, std::sync::atomic::Ordering::Release);
+    let max_lag = lag_watch.await.unwrap();
+    LAG_WATCH.store(true, std::sync::atomic::Ordering::Release);
     let _ = primary.kill();
     let _ = backup.kill();
     let _ = primary.wait();
     let _ = backup.wait();
-    match (first, last) {
+    let rate = match (first, last) {
         (Some((_, v0)), Some((_, v1))) if lines > 1 => {
             (v1 - v0) as f64 / ((lines - 1) as f64 * 0.05)
         }
         _ => 0.0,
-    }
+    };
+    (rate, max_lag)
+}
+
+static LAG_WATCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn lag_watching() -> bool {
+    LAG_WATCH.load(std::sync::atomic::Ordering::Acquire)
 }
 
 fn main() {
@@ -119,24 +143,74 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!(
-        "dirtier work rate with protection ÷ without, same run (2048-page working set, 64 MiB guest)"
+    let intervals = [10u64, 25, 50, 100];
+    let mut report = Report::new(
+        "slowdown",
+        "Guest slowdown under protection",
+        "cargo bench -p understudy --bench slowdown",
     );
-    println!(
-        "{:<22} {:>12} {:>10} {:>10} {:>10} {:>10}",
-        "dirty rate", "unprotected", "10 ms", "25 ms", "50 ms", "100 ms"
+    let mut table = Table::new(
+        "dirtier work rate with protection ÷ without, by epoch interval, same run \
+         (2048-page working set, 64 MiB guest); max lag = most epochs in flight (sent, not acked)",
+        &[
+            "dirty rate", "unprotected pages/s", "10 ms", "25 ms", "50 ms", "100 ms",
+            "max lag (epochs)",
+        ],
     );
+    let mut series = Vec::new();
+    let mut light_25 = f64::NAN;
+    let mut heavy_lag = 0;
     for (name, rate) in [
         ("light (1k pages/s)", 1_000u64),
         ("medium (10k pages/s)", 10_000),
         ("heavy (flat out)", 0),
     ] {
         let alone = understudy::drill::unprotected_rate(rate, MEASURE).unwrap();
-        let mut row = format!("{name:<22} {alone:>12.0}");
-        for epoch_ms in [10u64, 25, 50, 100] {
-            let protected = runtime.block_on(protected_rate(rate, epoch_ms));
-            row += &format!(" {:>10.3}", protected / alone);
+        let mut row = vec![name.into(), num(alone, 0)];
+        let mut points = Vec::new();
+        let mut max_lag = 0;
+        for epoch_ms in intervals {
+            let (protected, lag) = runtime.block_on(protected_rate(rate, epoch_ms));
+            let ratio = protected / alone;
+            row.push(num(ratio, 3));
+            points.push((epoch_ms as f64, ratio));
+            max_lag = max_lag.max(lag);
+            if rate == 1_000 && epoch_ms == 25 {
+                light_25 = ratio;
+            }
         }
-        println!("{row}");
+        if rate == 0 {
+            heavy_lag = max_lag;
+        }
+        row.push(num(max_lag as f64, 0));
+        table.row(row);
+        series.push(Series {
+            name: name.into(),
+            points,
+            points_only: false,
+        });
     }
+    report.table(table);
+    report.chart(Chart {
+        name: "slowdown-vs-epoch".into(),
+        title: "Guest work rate with protection ÷ without, by epoch interval".into(),
+        x_label: "epoch interval (ms)".into(),
+        y_label: "work rate ratio".into(),
+        log_x: false,
+        log_y: false,
+        series,
+    });
+    report.target(
+        "guest slowdown, light dirty rate, 25 ms epochs",
+        "under 10 % (ratio ≥ 0.90)",
+        format!("ratio {light_25:.3}"),
+        light_25 >= 0.90,
+    );
+    report.target(
+        "replication lag at the highest dirty rate",
+        "bounded: at most max_in_flight (4) acked-pending epochs plus the one being sent",
+        format!("at most {heavy_lag} epochs in flight"),
+        heavy_lag <= 5,
+    );
+    report.finish().unwrap();
 }

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use understudy_bench::{Chart, Report, Series, Table, num, quantile};
 use understudy_vmm::memory::RamBacking;
 use understudy_vmm::snapshot;
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, Vm};
@@ -29,31 +30,23 @@ fn boot(boot: BuiltinBoot) -> (Vm, understudy_vmm::Console) {
     .unwrap()
 }
 
-struct Stats(Vec<Duration>);
-
-impl Stats {
-    fn row(mut self, name: &str) {
-        self.0.sort();
-        let n = self.0.len();
-        let at = |q: f64| self.0[((n as f64 * q) as usize).min(n - 1)].as_secs_f64() * 1e6;
-        println!(
-            "{name:<58} {n:>6} {:>10.1} {:>10.1} {:>10.1}",
-            at(0.5),
-            at(0.99),
-            at(1.0)
-        );
-    }
+/// A row of n, p50, p99 and max in µs.
+fn stats_row(table: &mut Table, name: &str, v: &[Duration]) {
+    let us: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    table.row(vec![
+        name.into(),
+        num(us.len() as f64, 0),
+        num(quantile(&us, 0.5), 1),
+        num(quantile(&us, 0.99), 1),
+        num(quantile(&us, 1.0), 1),
+    ]);
 }
 
-fn header(title: &str) {
-    println!("\n{title}");
-    println!(
-        "{:<58} {:>6} {:>10} {:>10} {:>10}",
-        "", "n", "p50 µs", "p99 µs", "max µs"
-    );
+fn stats_table(title: &str) -> Table {
+    Table::new(title, &["", "n", "p50 µs", "p99 µs", "max µs"])
 }
 
-fn pause_and_epoch(label: &str, vm: &Vm, runs: usize) {
+fn pause_and_epoch(table: &mut Table, label: &str, vm: &Vm, runs: usize) {
     // Let the guest settle into its steady state first.
     std::thread::sleep(Duration::from_millis(200));
     let mut pause = Vec::with_capacity(runs);
@@ -77,34 +70,37 @@ fn pause_and_epoch(label: &str, vm: &Vm, runs: usize) {
         vm.resume().unwrap();
         epoch.push(start.elapsed());
     }
-    Stats(pause).row(&format!("{label}: pause (request → vCPU parked)"));
-    Stats(capture).row(&format!("{label}: state capture while paused"));
-    Stats(epoch).row(&format!(
-        "{label}: pause+harvest+capture+resume, {} pages",
-        dirty / (runs / 2)
-    ));
+    stats_row(table, &format!("{label}: pause (request → vCPU parked)"), &pause);
+    stats_row(table, &format!("{label}: state capture while paused"), &capture);
+    stats_row(
+        table,
+        &format!(
+            "{label}: pause+harvest+capture+resume, {} pages",
+            dirty / (runs / 2)
+        ),
+        &epoch,
+    );
 }
 
 /// The pause of one checkpoint, step by step, against a memcpy of the same
 /// scattered pages from ordinary memory in the same run.
-fn pause_vs_dirty_set() {
+fn pause_vs_dirty_set(report: &mut Report) {
     use understudy_vmm::PAGE_SIZE;
     use understudy_vmm::loader::{BOOT_INFO_GPA, BOOT_INFO_WORK_DONE};
-    println!(
-        "\ncheckpoint stop vs dirty set (dirtier writes its working set flat out; medians of 9)"
+    let mut table = Table::new(
+        format!(
+            "Checkpoint stop (guest paused) vs dirty set: the dirtier writes its working set \
+             flat out; medians of {RUNS} stops ({RUNS_AT_1K} at 1k pages); memcpy = the same \
+             number of scattered pages copied in the same run"
+        ),
+        &[
+            "dirty pages", "kick µs", "harvest µs", "copy µs", "capture µs", "resume µs",
+            "total µs", "memcpy µs", "total ÷ memcpy",
+        ],
     );
-    println!(
-        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
-        "pages",
-        "kick µs",
-        "harvest",
-        "copy",
-        "capture",
-        "resume",
-        "total µs",
-        "memcpy µs",
-        "÷ memcpy"
-    );
+    let (mut pause_line, mut memcpy_line) = (Vec::new(), Vec::new());
+    let mut at_1k: Option<(f64, f64, Vec<f64>)> = None;
+    let mut fixed = f64::NAN;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let source = vec![1u8; MEM];
     const MAX_PAGES: usize = 51_000; // working set plus the guest's own few pages
@@ -119,7 +115,8 @@ fn pause_vs_dirty_set() {
         };
         let mut rows: Vec<[Duration; 6]> = Vec::new();
         let mut copies = Vec::new();
-        for _ in 0..9 {
+        let runs = if pages == 1_000 { RUNS_AT_1K } else { RUNS };
+        for _ in 0..runs {
             // Let the guest write its whole working set since the last harvest.
             vm.harvest_dirty().unwrap();
             let target = work(&vm) + pages as u64 + 64;
@@ -165,41 +162,107 @@ fn pause_vs_dirty_set() {
         };
         copies.sort();
         let memcpy = copies[copies.len() / 2].as_secs_f64() * 1e6;
-        println!(
-            "{pages:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>8}",
-            med(0),
-            med(1),
-            med(2),
-            med(3),
-            med(4),
-            med(5),
-            memcpy,
-            if memcpy > 1.0 {
-                format!("{:.1}", med(5) / memcpy)
-            } else {
-                "-".into()
-            }
+        table.row(vec![
+            num(pages as f64, 0),
+            num(med(0), 1),
+            num(med(1), 1),
+            num(med(2), 1),
+            num(med(3), 1),
+            num(med(4), 1),
+            num(med(5), 1),
+            num(memcpy, 1),
+            num(if memcpy > 1.0 { med(5) / memcpy } else { f64::NAN }, 2),
+        ]);
+        if pages == 0 {
+            fixed = med(5);
+        } else {
+            pause_line.push((pages as f64, med(5)));
+            memcpy_line.push((pages as f64, memcpy));
+        }
+        if pages == 1_000 {
+            let totals = rows.iter().map(|r| r[5].as_secs_f64() * 1e6).collect();
+            at_1k = Some((med(5), memcpy, totals));
+        }
+    }
+    report.table(table);
+    report.chart(Chart {
+        name: "pause-vs-dirty".into(),
+        title: "Checkpoint stop vs dirty pages (median), with memcpy of the same pages".into(),
+        x_label: "dirty pages".into(),
+        y_label: "µs".into(),
+        log_x: true,
+        log_y: true,
+        series: vec![
+            Series {
+                name: "checkpoint stop (guest paused)".into(),
+                points: pause_line,
+                points_only: false,
+            },
+            Series {
+                name: "memcpy of the same pages".into(),
+                points: memcpy_line,
+                points_only: false,
+            },
+        ],
+    });
+    report.target(
+        "fixed cost of a stop",
+        "under 0.5 ms (stop with 0 dirty pages)",
+        format!("{fixed:.0} µs"),
+        fixed < 500.0,
+    );
+    if let Some((median, memcpy, totals)) = at_1k {
+        report.target(
+            "stop at 1k dirty pages",
+            "within 3× same-run memcpy + fixed cost",
+            format!(
+                "{median:.0} µs = {fixed:.0} µs fixed + {:.1}× memcpy ({memcpy:.0} µs)",
+                (median - fixed) / memcpy
+            ),
+            median - fixed <= 3.0 * memcpy,
+        );
+        let p99 = quantile(&totals, 0.99);
+        report.target(
+            "stop at 1k dirty pages, p99",
+            "never over 2 ms",
+            format!(
+                "p99 {p99:.0} µs, max {:.0} µs over {} stops",
+                quantile(&totals, 1.0),
+                totals.len()
+            ),
+            p99 <= 2000.0,
         );
     }
 }
+
+/// Stops per dirty-set size (medians), and at 1k pages (for the p99).
+const RUNS: usize = 9;
+const RUNS_AT_1K: usize = 201;
 
 fn main() {
     if let Err(e) = understudy_vmm::open_kvm() {
         panic!("this benchmark needs /dev/kvm: {e}");
     }
-    pause_vs_dirty_set();
-    header(&format!(
-        "VMM costs, {} MiB guest, 1 vCPU; counter ticks every 1 ms, dirtier writes a 4096-page set flat out",
+    let mut report = Report::new(
+        "vmm",
+        "Epoch pause and VMM costs",
+        "cargo bench -p understudy-vmm --bench vmm",
+    );
+    pause_vs_dirty_set(&mut report);
+    let mut table = stats_table(&format!(
+        "VMM costs, {} MiB guest, 1 vCPU; the counter ticks every 1 ms, the dirtier writes a \
+         4096-page set flat out",
         MEM >> 20
     ));
 
     let (vm, _c) = boot(BuiltinBoot::counter(1));
-    pause_and_epoch("counter (idle)", &vm, 1000);
+    pause_and_epoch(&mut table, "counter (idle)", &vm, 1000);
     vm.stop();
 
     let (vm, _c) = boot(BuiltinBoot::dirtier(4096, 0, 1000));
-    pause_and_epoch("dirtier (busy)", &vm, 1000);
+    pause_and_epoch(&mut table, "dirtier (busy)", &vm, 1000);
     vm.stop();
+    report.table(table);
 
     // Restore: snapshot a counter printing every millisecond, then time
     // (a) reading + verifying the snapshot files, (b) creating the VM from the
@@ -231,11 +294,13 @@ fn main() {
         start_vm.push(t2 - t1);
         first_byte.push(t3 - t1);
     }
-    header("restore of a 256 MiB snapshot (RAM file mapped MAP_PRIVATE)");
-    Stats(read).row("read + verify snapshot (decode, RAM CRC-32C)");
-    Stats(start_vm).row("map RAM, create VM, restore state → vCPU running");
-    Stats(first_byte).row("map RAM → first guest console byte");
+    let mut table = stats_table("Restore of a 256 MiB snapshot (RAM file mapped MAP_PRIVATE)");
+    stats_row(&mut table, "read + verify snapshot (decode, RAM CRC-32C)", &read);
+    stats_row(&mut table, "map RAM, create VM, restore state → vCPU running", &start_vm);
+    stats_row(&mut table, "map RAM → first guest console byte", &first_byte);
+    report.table(table);
     let _ = std::fs::remove_dir_all(&dir);
+    report.finish().unwrap();
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

@@ -1,0 +1,211 @@
+//! The whole benchmark suite in one command:
+//!
+//! ```text
+//! cargo run --release -p understudy-bench            # everything, ~8 minutes
+//! cargo run --release -p understudy-bench -- --out /tmp/bench   # elsewhere
+//! ```
+//!
+//! Runs every `cargo bench` target of the workspace one after another (never
+//! in parallel: the machines have two cores), collects their JSON reports,
+//! draws the charts and writes `docs/BENCHMARKS.md`, `docs/bench/*.svg` and
+//! `docs/bench/results.json`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use understudy_bench::{OUT_ENV, Report, chart};
+
+/// (package, bench target), in the order they run and appear.
+const SUITE: [(&str, &str); 5] = [
+    ("understudy-vmm", "vmm"),
+    ("understudy", "failover"),
+    ("understudy", "slowdown"),
+    ("understudy", "pipeline"),
+    ("understudy-checkpoint", "codec"),
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The machine the numbers came from.
+fn machine() -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb / (1 << 20) as f64))
+        .unwrap_or_default();
+    vec![
+        ("date (UTC)".into(), sh("date", &["-u", "+%Y-%m-%d %H:%M"])),
+        ("commit".into(), sh("git", &["rev-parse", "--short", "HEAD"])),
+        ("CPU".into(), model),
+        ("cores".into(), sh("nproc", &[])),
+        ("memory".into(), mem_gib),
+        ("kernel".into(), sh("uname", &["-r"])),
+        (
+            "KVM".into(),
+            if Path::new("/dev/kvm").exists() {
+                "/dev/kvm present".into()
+            } else {
+                "no /dev/kvm".into()
+            },
+        ),
+        ("rustc".into(), sh("rustc", &["--version"])),
+    ]
+}
+
+fn main() -> Result<()> {
+    let mut out = workspace().join("docs");
+    let mut only: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--out" => out = args.next().context("--out needs a directory")?.into(),
+            "--only" => only.push(args.next().context("--only needs a bench name")?),
+            "-h" | "--help" => {
+                println!(
+                    "usage: understudy-bench [--out DIR] [--only BENCH]...\n\
+                     runs the benchmark suite ({}) and writes DIR/BENCHMARKS.md \
+                     (default DIR: docs/)",
+                    SUITE.map(|s| s.1).join(", ")
+                );
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}; try --help"),
+        }
+    }
+    let assets = out.join("bench");
+    let raw = assets.join("raw");
+    let _ = std::fs::remove_dir_all(&raw);
+    std::fs::create_dir_all(&raw).with_context(|| format!("cannot create {}", raw.display()))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    for (package, bench) in SUITE {
+        if !only.is_empty() && !only.iter().any(|o| o == bench) {
+            continue;
+        }
+        println!("\n=== {package} / {bench} ===");
+        let t = Instant::now();
+        let status = Command::new(&cargo)
+            .args(["bench", "-q", "-p", package, "--bench", bench])
+            .current_dir(workspace())
+            .env(OUT_ENV, &raw)
+            .status()
+            .with_context(|| format!("cannot run {cargo}"))?;
+        if !status.success() {
+            bail!("benchmark {bench} failed ({status})");
+        }
+        println!("({bench}: {:.0} s)", t.elapsed().as_secs_f64());
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&raw)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        found.sort();
+        for path in found {
+            let report = Report::load(&path)?;
+            if !reports.iter().any(|r: &Report| r.name == report.name) {
+                reports.push(report);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    for r in &reports {
+        for c in &r.charts {
+            chart::draw(c, &assets.join(format!("{}.svg", c.name)))?;
+        }
+    }
+    let machine = machine();
+    let json = serde_json::json!({
+        "machine": machine.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "suite_seconds": elapsed.as_secs_f64(),
+        "reports": reports,
+    });
+    std::fs::write(
+        assets.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let md = markdown(&reports, &machine, elapsed.as_secs_f64());
+    std::fs::write(out.join("BENCHMARKS.md"), md)?;
+    let _ = std::fs::remove_dir_all(&raw);
+    println!(
+        "\nsuite done in {:.0} s: {}/BENCHMARKS.md, {}/*.svg, {}/results.json",
+        elapsed.as_secs_f64(),
+        out.display(),
+        assets.display(),
+        assets.display()
+    );
+    Ok(())
+}
+
+fn markdown(reports: &[Report], machine: &[(String, String)], seconds: f64) -> String {
+    let mut md = String::from(
+        "# Benchmarks\n\n\
+         Written by `cargo run --release -p understudy-bench` (the whole suite, one \
+         benchmark at a time); do not edit by hand. Every ratio compares two things \
+         measured side by side in the same run: these machines are shared and noisy, \
+         so absolute times move from run to run and ratios move much less.\n\n\
+         Raw numbers: [`bench/results.json`](bench/results.json).\n\n## Machine\n\n\
+         | | |\n|---|---|\n",
+    );
+    for (k, v) in machine {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(md, "| suite run time | {:.0} s |", seconds);
+    md.push_str(
+        "\nOn these machines `/dev/kvm` is KVM's software (PVM) backend: it runs guest \
+         code through an emulator at about 0.5 µs per instruction, so guest-side speed \
+         is reported as a ratio (with ÷ without protection) and VMM-side costs in \
+         absolute terms.\n",
+    );
+    let targets: Vec<_> = reports.iter().flat_map(|r| &r.targets).collect();
+    if !targets.is_empty() {
+        md.push_str("\n## Targets\n\n| | target | measured | |\n|---|---|---|---|\n");
+        for t in targets {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                t.what,
+                t.goal,
+                t.measured,
+                if t.met { "met" } else { "**missed**" }
+            );
+        }
+    }
+    for r in reports {
+        let _ = write!(md, "\n## {}\n\nRun alone: `{}`\n\n", r.title, r.command);
+        for t in &r.tables {
+            md.push_str(&t.markdown());
+            md.push('\n');
+        }
+        for c in &r.charts {
+            let _ = writeln!(md, "![{}](bench/{}.svg)\n", c.title, c.name);
+        }
+    }
+    md
+}

@@ -1,0 +1,272 @@
+//! Benchmark results as data: every benchmark in the workspace builds a
+//! [`Report`] of tables and chart series, prints it as text, and (when the
+//! suite runs it, with `UNDERSTUDY_BENCH_OUT` set) writes it as JSON. The
+//! suite runner (`cargo run --release -p understudy-bench`) then draws the
+//! charts and writes `docs/BENCHMARKS.md`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub mod chart;
+
+/// Where the suite runner asks benchmarks to write their JSON.
+pub const OUT_ENV: &str = "UNDERSTUDY_BENCH_OUT";
+
+/// One benchmark's results.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// File stem: `<name>.json`, and the section anchor in BENCHMARKS.md.
+    pub name: String,
+    pub title: String,
+    /// How to run this benchmark alone.
+    pub command: String,
+    pub tables: Vec<Table>,
+    pub charts: Vec<Chart>,
+    /// Target checks: what the issue asks, what was measured, met or not.
+    pub targets: Vec<Target>,
+}
+
+/// A table: a title, column headings and rows of formatted cells.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Table {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    /// Raw numbers behind the rows (same shape; `null` for text cells).
+    pub values: Vec<Vec<Option<f64>>>,
+}
+
+/// A chart to draw: named series of (x, y) points.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Chart {
+    /// File stem of the SVG.
+    pub name: String,
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub log_x: bool,
+    pub log_y: bool,
+    pub series: Vec<Series>,
+}
+
+/// One line (or set of points) on a chart.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    /// Draw markers only, no line (for distributions).
+    pub points_only: bool,
+}
+
+/// A performance target and whether this run met it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub what: String,
+    pub goal: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+/// A table cell: a number formatted with `decimals`, kept raw for the JSON.
+#[derive(Clone, Debug)]
+pub enum Cell {
+    Text(String),
+    Num(f64, usize),
+}
+
+impl From<&str> for Cell {
+    fn from(s: &str) -> Self {
+        Cell::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Cell {
+    fn from(s: String) -> Self {
+        Cell::Text(s)
+    }
+}
+
+/// A number cell with `decimals` places.
+pub fn num(v: f64, decimals: usize) -> Cell {
+    Cell::Num(v, decimals)
+}
+
+impl Table {
+    pub fn new(title: impl Into<String>, columns: &[&str]) -> Self {
+        Self {
+            title: title.into(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<Cell>) {
+        let mut text = Vec::with_capacity(cells.len());
+        let mut values = Vec::with_capacity(cells.len());
+        for c in cells {
+            match c {
+                Cell::Text(t) => {
+                    text.push(t);
+                    values.push(None);
+                }
+                Cell::Num(v, d) => {
+                    text.push(if v.is_finite() {
+                        format!("{v:.d$}")
+                    } else {
+                        "-".to_owned()
+                    });
+                    values.push(v.is_finite().then_some(v));
+                }
+            }
+        }
+        self.rows.push(text);
+        self.values.push(values);
+    }
+
+    /// Aligned plain text: first column left, the rest right.
+    pub fn text(&self) -> String {
+        let widths: Vec<usize> = (0..self.columns.len())
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(i))
+                    .chain(std::iter::once(&self.columns[i]))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
+            let mut out = String::new();
+            for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+                let pad = w.saturating_sub(c.chars().count());
+                if i == 0 {
+                    out.push_str(c);
+                    out.push_str(&" ".repeat(pad));
+                } else {
+                    out.push_str("  ");
+                    out.push_str(&" ".repeat(pad));
+                    out.push_str(c);
+                }
+            }
+            out.trim_end().to_owned() + "\n"
+        };
+        let mut out = format!("{}\n", self.title);
+        out += &line(&self.columns);
+        for r in &self.rows {
+            out += &line(r);
+        }
+        out
+    }
+
+    /// A Markdown table under a bold title.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("**{}**\n\n", self.title);
+        let _ = writeln!(out, "| {} |", self.columns.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            self.columns
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
+                .collect::<String>()
+        );
+        for r in &self.rows {
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
+        out
+    }
+}
+
+impl Report {
+    pub fn new(name: &str, title: &str, command: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            title: title.to_owned(),
+            command: command.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a table and prints it at once (benchmarks run for minutes).
+    pub fn table(&mut self, table: Table) {
+        println!("\n{}", table.text());
+        self.tables.push(table);
+    }
+
+    pub fn chart(&mut self, chart: Chart) {
+        self.charts.push(chart);
+    }
+
+    /// Records a target check and prints it.
+    pub fn target(&mut self, what: &str, goal: &str, measured: String, met: bool) {
+        println!(
+            "target {}: {what}: {goal}; measured {measured}",
+            if met { "met" } else { "MISSED" }
+        );
+        self.targets.push(Target {
+            what: what.to_owned(),
+            goal: goal.to_owned(),
+            measured,
+            met,
+        });
+    }
+
+    /// Writes `<$UNDERSTUDY_BENCH_OUT>/<name>.json` when the suite runs us.
+    pub fn finish(self) -> Result<()> {
+        let Some(dir) = std::env::var_os(OUT_ENV).map(PathBuf::from) else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{}.json", self.name));
+        std::fs::write(&path, serde_json::to_string_pretty(&self)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Reads a report written by [`finish`](Self::finish).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a report", path.display()))
+    }
+}
+
+/// The `q` quantile (0..=1) of `v`, by nearest rank; NaN when empty.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() as f64 * q) as usize).min(s.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_keep_text_and_values_in_step() {
+        let mut t = Table::new("t", &["name", "µs"]);
+        t.row(vec!["a".into(), num(1.25, 1)]);
+        t.row(vec!["bb".into(), num(f64::NAN, 1)]);
+        assert_eq!(t.rows, vec![vec!["a", "1.2"], vec!["bb", "-"]]);
+        assert_eq!(t.values, vec![vec![None, Some(1.25)], vec![None, None]]);
+        assert_eq!(t.text(), "t\nname   µs\na     1.2\nbb      -\n");
+        assert!(t.markdown().contains("| a | 1.2 |\n| bb | - |"));
+    }
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 51.0);
+        assert_eq!(quantile(&v, 0.99), 100.0);
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}
