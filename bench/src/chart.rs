@@ -41,11 +41,17 @@ fn range(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
 pub fn draw(chart: &Chart, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (820, 460)).into_drawing_area();
     let x = range(
-        chart.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)),
+        chart
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0)),
         chart.log_x,
     );
     let y = range(
-        chart.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
+        chart
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1)),
         chart.log_y,
     );
     let result = match (chart.log_x, chart.log_y) {
@@ -89,22 +95,30 @@ where
         let color = COLORS[i % COLORS.len()];
         let points = s.points.clone();
         let drawn = if s.points_only {
-            ctx.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-                .map_err(|x| e(&x))?
+            ctx.draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(|x| e(&x))?
         } else {
             ctx.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
                 .map_err(|x| e(&x))?;
-            ctx.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-                .map_err(|x| e(&x))?
+            ctx.draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(|x| e(&x))?
         };
-        drawn
-            .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        drawn.label(s.name.clone()).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+        });
     }
     ctx.configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(|x| e(&x))?;
     Ok(())

@@ -221,7 +221,8 @@ impl Report {
         let Some(dir) = std::env::var_os(OUT_ENV).map(PathBuf::from) else {
             return Ok(());
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("{}.json", self.name));
         std::fs::write(&path, serde_json::to_string_pretty(&self)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -230,8 +231,8 @@ impl Report {
 
     /// Reads a report written by [`finish`](Self::finish).
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not a report", path.display()))
     }
 }

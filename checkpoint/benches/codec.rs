@@ -9,10 +9,10 @@
 
 use std::time::{Duration, Instant};
 
+use understudy_bench::{Report, Table, num};
 use understudy_checkpoint::epoch::{
     EpochDecoder, EpochKind, Received, SenderState, StagingBuffers,
 };
-use understudy_bench::{Report, Table, num};
 use understudy_checkpoint::store::ImageStore;
 use understudy_checkpoint::{CodecPolicy, Compression, PAGE_SIZE, Page};
 
@@ -252,8 +252,15 @@ fn main() {
             bytes >> 20
         ),
         &[
-            "pages", "policy", "memcpy ms", "encode ms", "apply ms", "encode ÷ memcpy",
-            "apply ÷ memcpy", "encode MB/s", "wire ÷ dirtied",
+            "pages",
+            "policy",
+            "memcpy ms",
+            "encode ms",
+            "apply ms",
+            "encode ÷ memcpy",
+            "apply ÷ memcpy",
+            "encode MB/s",
+            "wire ÷ dirtied",
         ],
     );
     for (set, after) in [("zeros", &zeros), ("few-words", &few), ("real", &fresh)] {

@@ -232,6 +232,10 @@ struct Shared {
     /// Last acked epoch + 1 (0 = none), with a condvar for back-pressure.
     acked: Mutex<u64>,
     acked_cv: Condvar,
+    /// Last epoch handed to the session (sync round or checkpoint) + 1, and
+    /// the session's first epoch (nothing before it is owed an ack).
+    sent: AtomicU64,
+    session_base: AtomicU64,
     stop: AtomicBool,
     /// Generation that deposed us (0 = not fenced).
     fenced_by: AtomicU64,
@@ -242,6 +246,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Replication lag: epochs sent and not yet acked (`acked` = last acked + 1).
+    fn record_lag(&self, acked: u64) {
+        let sent = self.sent.load(Ordering::Acquire);
+        let owed_from = acked.max(self.session_base.load(Ordering::Acquire));
+        self.stats
+            .in_flight
+            .store(sent.saturating_sub(owed_from), Ordering::Relaxed);
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire) || self.fenced_by.load(Ordering::Acquire) != 0
     }
@@ -476,6 +489,8 @@ pub async fn run(
         session_cv: Condvar::new(),
         acked: Mutex::new(0),
         acked_cv: Condvar::new(),
+        sent: AtomicU64::new(0),
+        session_base: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         fenced_by: AtomicU64::new(0),
         vm_ended: Mutex::new(None),
@@ -691,6 +706,7 @@ async fn run_session(
                     {
                         let mut acked = shared.acked_plus_one();
                         *acked = (*acked).max(ack.epoch + 1);
+                        shared.record_lag(*acked);
                     }
                     shared.acked_cv.notify_all();
                     shared.stats.set_last_epoch(ack.epoch);
@@ -921,6 +937,9 @@ impl Replicator {
         let opts = self.shared.opts.clone();
         let ram_pages = (opts.ram_bytes / PAGE_SIZE) as u32;
         let sync_started = Instant::now();
+        self.shared
+            .session_base
+            .store(self.next_epoch, Ordering::Release);
         let mut sender =
             match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
                 Ok(s) => s,
@@ -1068,6 +1087,8 @@ impl Replicator {
                     .stats
                     .bytes_shipped
                     .fetch_add(encoded.report.bytes_out, Ordering::Relaxed);
+                self.shared.sent.store(epoch + 1, Ordering::Release);
+                self.shared.record_lag(*self.shared.acked_plus_one());
                 self.send(link, encoded.chunks)
             }
             Err(_) => false,
@@ -1170,10 +1191,8 @@ impl Replicator {
             encoded.report.bytes_in,
             encoded.report.bytes_out,
         );
-        self.shared
-            .stats
-            .in_flight
-            .store(epoch + 1 - *self.shared.acked_plus_one(), Ordering::Relaxed);
+        self.shared.sent.store(epoch + 1, Ordering::Release);
+        self.shared.record_lag(*self.shared.acked_plus_one());
         Ok(self.send(link, encoded.chunks))
     }
 }

@@ -87,10 +87,22 @@ fn main() {
     let failover = ms(|r| r.failover);
     let detection = ms(|r| r.detection);
     let resume = ms(|r| r.resume);
-    quantiles(&mut table, "failover: SIGKILL → backup's first byte", &failover);
-    quantiles(&mut table, "  detection: silence before promoting", &detection);
+    quantiles(
+        &mut table,
+        "failover: SIGKILL → backup's first byte",
+        &failover,
+    );
+    quantiles(
+        &mut table,
+        "  detection: silence before promoting",
+        &detection,
+    );
     quantiles(&mut table, "  resume: promotion → VM running", &resume);
-    quantiles(&mut table, "output gap seen by the client", &ms(|r| r.output_gap));
+    quantiles(
+        &mut table,
+        "output gap seen by the client",
+        &ms(|r| r.output_gap),
+    );
     report.table(table);
     report.chart(Chart {
         name: "failover-distribution".into(),
@@ -112,6 +124,11 @@ fn main() {
         format!("{p50:.0} ms"),
         p50 < 150.0,
     );
-    report.target("failover p99", "under 300 ms", format!("{p99:.0} ms"), p99 < 300.0);
+    report.target(
+        "failover p99",
+        "under 300 ms",
+        format!("{p99:.0} ms"),
+        p99 < 300.0,
+    );
     report.finish().unwrap();
 }

@@ -242,7 +242,11 @@ fn protect_from_cold(mib: usize, codec: &str) -> Duration {
             sync_ms = line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("sync_ms="))
-                .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok());
+                .and_then(|v| {
+                    v.trim_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u64>()
+                        .ok()
+                });
             break;
         }
     }
@@ -300,13 +304,24 @@ fn main() {
              commit as a share of the wall time",
             RAM >> 20
         ),
-        &["", "MB/s", "TCP MB/s", "÷ TCP", "wire ÷ dirtied", "encode %", "commit %"],
+        &[
+            "",
+            "MB/s",
+            "TCP MB/s",
+            "÷ TCP",
+            "wire ÷ dirtied",
+            "encode %",
+            "commit %",
+        ],
     );
     let mut raw_ratios = Vec::new();
     runtime.block_on(async {
         // UNDERSTUDY_BENCH_CODECS=raw (or adaptive) runs one codec, e.g. under perf.
         let only = std::env::var("UNDERSTUDY_BENCH_CODECS").unwrap_or_default();
-        for (name, policy) in [("raw", CodecPolicy::RAW), ("adaptive", CodecPolicy::ADAPTIVE)] {
+        for (name, policy) in [
+            ("raw", CodecPolicy::RAW),
+            ("adaptive", CodecPolicy::ADAPTIVE),
+        ] {
             if !only.is_empty() && !only.split(',').any(|c| c == name) {
                 continue;
             }
@@ -321,7 +336,15 @@ fn main() {
             assert_eq!(s.ack().await, 2);
             let sync = t.elapsed().as_secs_f64();
             let tcp = tcp_seconds(RAM).await;
-            row(&mut table, &format!("full sync (resync), {name}"), RAM as f64, sync, tcp, wire as f64, &s);
+            row(
+                &mut table,
+                &format!("full sync (resync), {name}"),
+                RAM as f64,
+                sync,
+                tcp,
+                wire as f64,
+                &s,
+            );
             let mut epoch = 3;
             let mut rng = 0x9e37_79b9_7f4a_7c15u64;
             for n in [1_000usize, 10_000, 50_000] {
@@ -358,7 +381,15 @@ fn main() {
                 let secs = t.elapsed().as_secs_f64();
                 let bytes = (rounds * pages.len() * PAGE_SIZE) as f64;
                 let tcp = tcp_seconds(bytes as usize).await;
-                row(&mut table, &format!("checkpoints of {n} pages, {name}"), bytes, secs, tcp, wire as f64, &s);
+                row(
+                    &mut table,
+                    &format!("checkpoints of {n} pages, {name}"),
+                    bytes,
+                    secs,
+                    tcp,
+                    wire as f64,
+                    &s,
+                );
                 if name == "raw" {
                     raw_ratios.push(tcp / secs);
                 }
@@ -381,7 +412,14 @@ fn main() {
         "Resync: time to protect a VM from cold (fresh backup image, counter guest; the \
          primary's initial sync, first page sent → first checkpoint acked) ÷ time to \
          stream the same bytes over single-stream loopback TCP in the same run",
-        &["guest RAM", "codec", "sync s", "TCP s", "sync ÷ TCP", "MB/s"],
+        &[
+            "guest RAM",
+            "codec",
+            "sync s",
+            "TCP s",
+            "sync ÷ TCP",
+            "MB/s",
+        ],
     );
     for mib in [256usize, 1024] {
         for codec in ["raw", "adaptive"] {

@@ -153,7 +153,12 @@ fn main() {
         "dirtier work rate with protection ÷ without, by epoch interval, same run \
          (2048-page working set, 64 MiB guest); max lag = most epochs in flight (sent, not acked)",
         &[
-            "dirty rate", "unprotected pages/s", "10 ms", "25 ms", "50 ms", "100 ms",
+            "dirty rate",
+            "unprotected pages/s",
+            "10 ms",
+            "25 ms",
+            "50 ms",
+            "100 ms",
             "max lag (epochs)",
         ],
     );

@@ -70,8 +70,16 @@ fn pause_and_epoch(table: &mut Table, label: &str, vm: &Vm, runs: usize) {
         vm.resume().unwrap();
         epoch.push(start.elapsed());
     }
-    stats_row(table, &format!("{label}: pause (request → vCPU parked)"), &pause);
-    stats_row(table, &format!("{label}: state capture while paused"), &capture);
+    stats_row(
+        table,
+        &format!("{label}: pause (request → vCPU parked)"),
+        &pause,
+    );
+    stats_row(
+        table,
+        &format!("{label}: state capture while paused"),
+        &capture,
+    );
     stats_row(
         table,
         &format!(
@@ -94,8 +102,15 @@ fn pause_vs_dirty_set(report: &mut Report) {
              number of scattered pages copied in the same run"
         ),
         &[
-            "dirty pages", "kick µs", "harvest µs", "copy µs", "capture µs", "resume µs",
-            "total µs", "memcpy µs", "total ÷ memcpy",
+            "dirty pages",
+            "kick µs",
+            "harvest µs",
+            "copy µs",
+            "capture µs",
+            "resume µs",
+            "total µs",
+            "memcpy µs",
+            "total ÷ memcpy",
         ],
     );
     let (mut pause_line, mut memcpy_line) = (Vec::new(), Vec::new());
@@ -171,7 +186,14 @@ fn pause_vs_dirty_set(report: &mut Report) {
             num(med(4), 1),
             num(med(5), 1),
             num(memcpy, 1),
-            num(if memcpy > 1.0 { med(5) / memcpy } else { f64::NAN }, 2),
+            num(
+                if memcpy > 1.0 {
+                    med(5) / memcpy
+                } else {
+                    f64::NAN
+                },
+                2,
+            ),
         ]);
         if pages == 0 {
             fixed = med(5);
@@ -295,9 +317,21 @@ fn main() {
         first_byte.push(t3 - t1);
     }
     let mut table = stats_table("Restore of a 256 MiB snapshot (RAM file mapped MAP_PRIVATE)");
-    stats_row(&mut table, "read + verify snapshot (decode, RAM CRC-32C)", &read);
-    stats_row(&mut table, "map RAM, create VM, restore state → vCPU running", &start_vm);
-    stats_row(&mut table, "map RAM → first guest console byte", &first_byte);
+    stats_row(
+        &mut table,
+        "read + verify snapshot (decode, RAM CRC-32C)",
+        &read,
+    );
+    stats_row(
+        &mut table,
+        "map RAM, create VM, restore state → vCPU running",
+        &start_vm,
+    );
+    stats_row(
+        &mut table,
+        "map RAM → first guest console byte",
+        &first_byte,
+    );
     report.table(table);
     let _ = std::fs::remove_dir_all(&dir);
     report.finish().unwrap();

@@ -61,7 +61,10 @@ fn machine() -> Vec<(String, String)> {
         .unwrap_or_default();
     vec![
         ("date (UTC)".into(), sh("date", &["-u", "+%Y-%m-%d %H:%M"])),
-        ("commit".into(), sh("git", &["rev-parse", "--short", "HEAD"])),
+        (
+            "commit".into(),
+            sh("git", &["rev-parse", "--short", "HEAD"]),
+        ),
         ("CPU".into(), model),
         ("cores".into(), sh("nproc", &[])),
         ("memory".into(), mem_gib),
