@@ -247,6 +247,55 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
     s[((s.len() as f64 * q) as usize).min(s.len() - 1)]
 }
 
+/// `docs/BENCHMARKS.md`: the machine, the target checks, then each report's
+/// tables and charts (SVGs in `bench/` beside it).
+pub fn markdown(reports: &[Report], machine: &[(String, String)], seconds: f64) -> String {
+    let mut md = String::from(
+        "# Benchmarks\n\n\
+         Written by `cargo run --release -p understudy-bench` (the whole suite, one \
+         benchmark at a time); do not edit by hand. Every ratio compares two things \
+         measured side by side in the same run: these machines are shared and noisy, \
+         so absolute times move from run to run and ratios move much less.\n\n\
+         Raw numbers: [`bench/results.json`](bench/results.json).\n\n## Machine\n\n\
+         | | |\n|---|---|\n",
+    );
+    for (k, v) in machine {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(md, "| suite run time | {:.0} s |", seconds);
+    md.push_str(
+        "\nOn these machines `/dev/kvm` is KVM's software (PVM) backend: it runs guest \
+         code through an emulator at about 0.5 µs per instruction, so guest-side speed \
+         is reported as a ratio (with ÷ without protection) and VMM-side costs in \
+         absolute terms.\n",
+    );
+    let targets: Vec<_> = reports.iter().flat_map(|r| &r.targets).collect();
+    if !targets.is_empty() {
+        md.push_str("\n## Targets\n\n| | target | measured | |\n|---|---|---|---|\n");
+        for t in targets {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                t.what,
+                t.goal,
+                t.measured,
+                if t.met { "met" } else { "**missed**" }
+            );
+        }
+    }
+    for r in reports {
+        let _ = write!(md, "\n## {}\n\nRun alone: `{}`\n\n", r.title, r.command);
+        for t in &r.tables {
+            md.push_str(&t.markdown());
+            md.push('\n');
+        }
+        for c in &r.charts {
+            let _ = writeln!(md, "![{}](bench/{}.svg)\n", c.title, c.name);
+        }
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +309,41 @@ mod tests {
         assert_eq!(t.values, vec![vec![None, Some(1.25)], vec![None, None]]);
         assert_eq!(t.text(), "t\nname   µs\na     1.2\nbb      -\n");
         assert!(t.markdown().contains("| a | 1.2 |\n| bb | - |"));
+    }
+
+    #[test]
+    fn markdown_has_machine_targets_tables_and_charts() {
+        let mut r = Report::new(
+            "vmm",
+            "Epoch pause",
+            "cargo bench -p understudy-vmm --bench vmm",
+        );
+        let mut t = Table::new("stops", &["pages", "µs"]);
+        t.row(vec!["1000".into(), num(714.0, 0)]);
+        r.tables.push(t);
+        r.charts.push(Chart {
+            name: "pause-vs-dirty".into(),
+            title: "pause".into(),
+            ..Default::default()
+        });
+        r.targets.push(Target {
+            what: "stop at 1k".into(),
+            goal: "under 2 ms".into(),
+            measured: "714 µs".into(),
+            met: true,
+        });
+        let md = markdown(&[r], &[("cores".into(), "2".into())], 200.0);
+        for want in [
+            "| cores | 2 |",
+            "| suite run time | 200 s |",
+            "| stop at 1k | under 2 ms | 714 µs | met |",
+            "## Epoch pause",
+            "Run alone: `cargo bench -p understudy-vmm --bench vmm`",
+            "| 1000 | 714 |",
+            "![pause](bench/pause-vs-dirty.svg)",
+        ] {
+            assert!(md.contains(want), "{want:?} missing from:\n{md}");
+        }
     }
 
     #[test]

@@ -10,13 +10,12 @@
 //! draws the charts and writes `docs/BENCHMARKS.md`, `docs/bench/*.svg` and
 //! `docs/bench/results.json`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use understudy_bench::{OUT_ENV, Report, chart};
+use understudy_bench::{OUT_ENV, Report, chart, markdown};
 
 /// (package, bench target), in the order they run and appear.
 const SUITE: [(&str, &str); 5] = [
@@ -164,51 +163,4 @@ fn main() -> Result<()> {
         assets.display()
     );
     Ok(())
-}
-
-fn markdown(reports: &[Report], machine: &[(String, String)], seconds: f64) -> String {
-    let mut md = String::from(
-        "# Benchmarks\n\n\
-         Written by `cargo run --release -p understudy-bench` (the whole suite, one \
-         benchmark at a time); do not edit by hand. Every ratio compares two things \
-         measured side by side in the same run: these machines are shared and noisy, \
-         so absolute times move from run to run and ratios move much less.\n\n\
-         Raw numbers: [`bench/results.json`](bench/results.json).\n\n## Machine\n\n\
-         | | |\n|---|---|\n",
-    );
-    for (k, v) in machine {
-        let _ = writeln!(md, "| {k} | {v} |");
-    }
-    let _ = writeln!(md, "| suite run time | {:.0} s |", seconds);
-    md.push_str(
-        "\nOn these machines `/dev/kvm` is KVM's software (PVM) backend: it runs guest \
-         code through an emulator at about 0.5 µs per instruction, so guest-side speed \
-         is reported as a ratio (with ÷ without protection) and VMM-side costs in \
-         absolute terms.\n",
-    );
-    let targets: Vec<_> = reports.iter().flat_map(|r| &r.targets).collect();
-    if !targets.is_empty() {
-        md.push_str("\n## Targets\n\n| | target | measured | |\n|---|---|---|---|\n");
-        for t in targets {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} |",
-                t.what,
-                t.goal,
-                t.measured,
-                if t.met { "met" } else { "**missed**" }
-            );
-        }
-    }
-    for r in reports {
-        let _ = write!(md, "\n## {}\n\nRun alone: `{}`\n\n", r.title, r.command);
-        for t in &r.tables {
-            md.push_str(&t.markdown());
-            md.push('\n');
-        }
-        for c in &r.charts {
-            let _ = writeln!(md, "![{}](bench/{}.svg)\n", c.title, c.name);
-        }
-    }
-    md
 }
