@@ -232,10 +232,8 @@ struct Shared {
     /// Last acked epoch + 1 (0 = none), with a condvar for back-pressure.
     acked: Mutex<u64>,
     acked_cv: Condvar,
-    /// Last epoch handed to the session (sync round or checkpoint) + 1, and
-    /// the session's first epoch (nothing before it is owed an ack).
+    /// Last epoch handed to the session (sync round or checkpoint) + 1.
     sent: AtomicU64,
-    session_base: AtomicU64,
     stop: AtomicBool,
     /// Generation that deposed us (0 = not fenced).
     fenced_by: AtomicU64,
@@ -249,10 +247,9 @@ impl Shared {
     /// Replication lag: epochs sent and not yet acked (`acked` = last acked + 1).
     fn record_lag(&self, acked: u64) {
         let sent = self.sent.load(Ordering::Acquire);
-        let owed_from = acked.max(self.session_base.load(Ordering::Acquire));
         self.stats
             .in_flight
-            .store(sent.saturating_sub(owed_from), Ordering::Relaxed);
+            .store(sent.saturating_sub(acked), Ordering::Relaxed);
     }
 
     fn stopping(&self) -> bool {
@@ -382,12 +379,22 @@ async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) -> HelloOut
     };
     match client.hello(req).await {
         Ok(_) => HelloOutcome::Accepted(client),
+        // Only the backup's deliberate answers refuse us for good (wrong VM,
+        // RAM size or protocol); anything else, such as a TLS handshake the
+        // backup broke off or a reset connection, is worth another try.
         Err(status) => match wire::deposed_generation(&status) {
             Some(g) if g > generation => HelloOutcome::Deposed(g),
-            _ if status.code() == tonic::Code::Unavailable => {
-                HelloOutcome::Unreachable(status.message().into())
+            _ if matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+            ) =>
+            {
+                HelloOutcome::Refused(status.message().into())
             }
-            _ => HelloOutcome::Refused(status.message().into()),
+            _ => HelloOutcome::Unreachable(match std::error::Error::source(&status) {
+                Some(source) => format!("{}: {}", status.message(), wire::chain(source)),
+                None => status.message().into(),
+            }),
         },
     }
 }
@@ -490,7 +497,6 @@ pub async fn run(
         acked: Mutex::new(0),
         acked_cv: Condvar::new(),
         sent: AtomicU64::new(0),
-        session_base: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         fenced_by: AtomicU64::new(0),
         vm_ended: Mutex::new(None),
@@ -682,7 +688,6 @@ async fn run_session(
         Err(status) => return session_error(shared, &status),
     };
     let broken = Arc::new(AtomicBool::new(false));
-    *shared.acked_plus_one() = 0;
     shared.set_session(Some(SessionLink {
         id: session,
         chunks: chunk_tx,
@@ -937,9 +942,8 @@ impl Replicator {
         let opts = self.shared.opts.clone();
         let ram_pages = (opts.ram_bytes / PAGE_SIZE) as u32;
         let sync_started = Instant::now();
-        self.shared
-            .session_base
-            .store(self.next_epoch, Ordering::Release);
+        // A new session owes acks only for its own epochs.
+        *self.shared.acked_plus_one() = self.next_epoch;
         let mut sender =
             match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
                 Ok(s) => s,
