@@ -237,6 +237,51 @@ impl Report {
     }
 }
 
+/// Real bytes as a stand-in for guest RAM: executables and libraries from
+/// /usr, concatenated (padded if /usr holds less).
+pub fn real_memory(bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes);
+    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut paths: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        paths.sort();
+        for p in paths {
+            if out.len() >= bytes {
+                return out;
+            }
+            if let Ok(d) = std::fs::read(&p) {
+                out.extend_from_slice(&d[..d.len().min(bytes - out.len())]);
+            }
+        }
+    }
+    out.resize(bytes, 0x5a);
+    out
+}
+
+/// xorshift64: cheap, repeatable page picks (never seed with 0).
+#[derive(Clone, Debug)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// The `q` quantile (0..=1) of `v`, by nearest rank; NaN when empty.
 pub fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_bench::{Report, Table, num};
+use understudy_bench::{Report, Table, XorShift, num, real_memory};
 use understudy_checkpoint::epoch::{
     EpochDecoder, EpochKind, Received, SenderState, StagingBuffers,
 };
@@ -19,45 +19,6 @@ use understudy_checkpoint::{CodecPolicy, Compression, PAGE_SIZE, Page};
 const RAM_PAGES: u32 = 32 * 1024; // 128 MiB
 const DIRTY: usize = 10_000;
 const REPEATS: usize = 7;
-
-/// Real bytes: executables and libraries, concatenated.
-fn real_memory(bytes: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes);
-    let mut dirs = vec![
-        std::path::PathBuf::from("/usr/lib/x86_64-linux-gnu"),
-        "/usr/bin".into(),
-    ];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-        paths.sort();
-        for path in paths {
-            if out.len() >= bytes {
-                return out;
-            }
-            if path.is_dir() {
-                continue;
-            }
-            if let Ok(data) = std::fs::read(&path) {
-                out.extend_from_slice(&data[..data.len().min(bytes - out.len())]);
-            }
-        }
-    }
-    out.resize(bytes, 0);
-    out
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn page(mem: &[u8], p: u32) -> &Page {
     mem[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE]
@@ -193,9 +154,9 @@ fn run(
 fn main() {
     let bytes = RAM_PAGES as usize * PAGE_SIZE;
     let real = real_memory(bytes);
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = XorShift(0x1234_5678);
     let mut dirty: Vec<u32> = (0..DIRTY)
-        .map(|_| (rng.next() % RAM_PAGES as u64) as u32)
+        .map(|_| (rng.next_u64() % RAM_PAGES as u64) as u32)
         .collect();
     dirty.sort_unstable();
     dirty.dedup();
@@ -206,9 +167,9 @@ fn main() {
     for &p in &dirty {
         let at = p as usize * PAGE_SIZE;
         zeros[at..at + PAGE_SIZE].fill(0);
-        for _ in 0..=(rng.next() % 4) {
-            let w = at + (rng.next() % 512) as usize * 8;
-            few[w..w + 8].copy_from_slice(&rng.next().to_le_bytes());
+        for _ in 0..=(rng.next_u64() % 4) {
+            let w = at + (rng.next_u64() % 512) as usize * 8;
+            few[w..w + 8].copy_from_slice(&rng.next_u64().to_le_bytes());
         }
     }
     // real: the dirty pages take content from elsewhere in real memory that the

@@ -260,13 +260,16 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a self-contained payload (`Raw`, `Lz4`, `Zstd`) into `out`.
-pub fn decode_full(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(), CodecError> {
+/// Decodes a compressed payload (`Lz4`, `Zstd`) into `out`.
+pub fn decode_compressed(
+    codec: Codec,
+    r: &mut Reader<'_>,
+    out: &mut Page,
+) -> Result<(), CodecError> {
     let name = codec.name();
     let truncated = || CodecError::Truncated { codec: name };
     let bad = || CodecError::BadCompressed { codec: name };
     match codec {
-        Codec::Raw => out.copy_from_slice(r.take(PAGE_SIZE).ok_or_else(truncated)?),
         Codec::Lz4 => {
             let len = r.u16().ok_or_else(truncated)? as usize;
             let data = r.take(len).ok_or_else(truncated)?;
@@ -283,7 +286,7 @@ pub fn decode_full(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(
                 return Err(bad());
             }
         }
-        _ => unreachable!("decode_full is only called for self-contained codecs"),
+        _ => unreachable!("decode_compressed is only called for compressed codecs"),
     }
     Ok(())
 }
@@ -312,7 +315,7 @@ pub fn apply_delta(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(
         }
         Codec::DeltaLz4 => {
             let mut xor = [0u8; PAGE_SIZE];
-            decode_full(Codec::Lz4, r, &mut xor).map_err(|e| match e {
+            decode_compressed(Codec::Lz4, r, &mut xor).map_err(|e| match e {
                 CodecError::Truncated { .. } => truncated(),
                 _ => CodecError::BadCompressed { codec: name },
             })?;
@@ -399,7 +402,7 @@ mod tests {
                 Codec::Zstd
             };
             let mut page = [0u8; PAGE_SIZE];
-            decode_full(codec, &mut Reader::new(&out), &mut page).unwrap();
+            decode_compressed(codec, &mut Reader::new(&out), &mut page).unwrap();
             assert_eq!(page, text);
         }
         let mut state = 0x1234_5678_9abc_def0u64;
@@ -418,7 +421,6 @@ mod tests {
     fn malformed_payloads_are_errors_not_panics() {
         let mut page = [0u8; PAGE_SIZE];
         let cases: &[(Codec, &[u8])] = &[
-            (Codec::Raw, &[1, 2, 3]),
             (Codec::Lz4, &[10, 0, 1]),
             (Codec::Lz4, &[3, 0, 0xff, 0xff, 0xff]),
             (Codec::Zstd, &[2, 0, 1, 2]),
@@ -431,7 +433,7 @@ mod tests {
             let r = &mut Reader::new(bytes);
             let result = match codec {
                 Codec::DeltaWords | Codec::DeltaLz4 => apply_delta(*codec, r, &mut page),
-                _ => decode_full(*codec, r, &mut page),
+                _ => decode_compressed(*codec, r, &mut page),
             };
             assert!(result.is_err(), "{codec:?} {bytes:?} was accepted");
         }

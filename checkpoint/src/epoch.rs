@@ -171,9 +171,8 @@ impl SenderState {
         {
             return Err(EncodeError::EpochOrder { last, got: epoch });
         }
-        if kind == EpochKind::Checkpoint && self.unknown > 0 {
-            // Pages of this epoch may still fill the gaps; checked in finish().
-        }
+        // A checkpoint while pages are still unknown is refused in finish():
+        // this epoch's pages may fill the gaps.
         let header = EpochHeader {
             vm_id: self.vm_id.clone(),
             generation: self.generation,
@@ -188,12 +187,11 @@ impl SenderState {
         begin.extend_from_slice(&(header.vm_id.len() as u16).to_le_bytes());
         begin.extend_from_slice(header.vm_id.as_bytes());
         let first = chunk::frame(ChunkKind::Begin, epoch, 0, &begin);
-        let mut report = EncodeReport {
+        let report = EncodeReport {
             bytes_out: first.len() as u64,
             chunks: 1,
             ..Default::default()
         };
-        report.chunks = 1;
         Ok(EpochEncoder {
             state: self,
             header,
@@ -833,7 +831,7 @@ fn decode_one(
         }
         Codec::Raw => data.extend_from_slice(r.take(PAGE_SIZE).ok_or_else(truncated)?),
         Codec::Lz4 | Codec::Zstd => {
-            codec::decode_full(codec, r, in_place(data, at)).map_err(codec_err)?
+            codec::decode_compressed(codec, r, in_place(data, at)).map_err(codec_err)?
         }
         Codec::SameAs => {
             let to = r.u32().ok_or_else(truncated)?;

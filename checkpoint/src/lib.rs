@@ -12,7 +12,7 @@ pub mod epoch;
 pub mod page;
 pub mod store;
 
-pub use codec::{Codec, CodecPolicy, Compression};
+pub use codec::{Codec, CodecError, CodecPolicy, Compression};
 pub use epoch::{
     CommittedImage, EncodeReport, EncodedEpoch, EpochDecoder, EpochError, EpochHeader, EpochKind,
     Received, SenderState, StagedEpoch, StagingBuffers,

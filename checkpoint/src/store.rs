@@ -35,7 +35,7 @@ use memmap2::{MmapMut, MmapOptions};
 
 use crate::codec::Reader;
 use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch};
-use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash};
+use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash, zero_page_hash};
 
 /// Guest RAM inside an image directory.
 pub const MEMORY_FILE: &str = "memory.img";
@@ -360,7 +360,11 @@ impl ImageStore {
             fs::remove_dir_all(dir).map_err(io("cannot replace", dir))?;
         }
         fs::rename(&tmp, dir).map_err(io("cannot move into place", dir))?;
-        Ok(Self::open(dir, options)?.0)
+        // A fresh image is all zero pages: no need to read it back to hash it.
+        let mut store = Self::map(dir, options, meta)?;
+        store.hashes = vec![zero_page_hash(); ram_pages as usize];
+        store.digest = store.meta.digest;
+        Ok(store)
     }
 
     /// Opens an image, recovering from an interrupted commit and verifying
@@ -369,6 +373,27 @@ impl ImageStore {
         let meta_path = dir.join(META_FILE);
         let bytes = fs::read(&meta_path).map_err(io("cannot read image metadata", &meta_path))?;
         let meta = Meta::decode(&bytes, &meta_path)?;
+        let mut store = Self::map(dir, options, meta)?;
+        let recovery = store.recover()?;
+        store.hashes = (0..store.meta.ram_pages)
+            .map(|p| page_hash(store.page(p)))
+            .collect();
+        store.digest = ImageDigest::of_hashes(&store.hashes);
+        if let ImageStatus::Committed { epoch } = store.meta.status
+            && store.digest != store.meta.digest
+        {
+            return Err(StoreError::DigestMismatch {
+                path: dir.to_owned(),
+                epoch,
+                expected: store.meta.digest,
+                computed: store.digest,
+            });
+        }
+        Ok((store, recovery))
+    }
+
+    /// Maps `memory.img` of the image `meta` describes (hashes not yet known).
+    fn map(dir: &Path, options: StoreOptions, meta: Meta) -> Result<Self, StoreError> {
         let mem_path = dir.join(MEMORY_FILE);
         let file = File::options()
             .read(true)
@@ -386,30 +411,14 @@ impl ImageStore {
         // truncates memory.img while it is mapped.
         let mem = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
             .map_err(io("cannot map", &mem_path))?;
-        let mut store = Self {
+        Ok(Self {
             dir: dir.to_owned(),
             mem,
             hashes: Vec::new(),
             digest: ImageDigest::default(),
             meta,
             options,
-        };
-        let recovery = store.recover()?;
-        store.hashes = (0..store.meta.ram_pages)
-            .map(|p| page_hash(store.page(p)))
-            .collect();
-        store.digest = ImageDigest::of_hashes(&store.hashes);
-        if let ImageStatus::Committed { epoch } = store.meta.status
-            && store.digest != store.meta.digest
-        {
-            return Err(StoreError::DigestMismatch {
-                path: dir.to_owned(),
-                epoch,
-                expected: store.meta.digest,
-                computed: store.digest,
-            });
-        }
-        Ok((store, recovery))
+        })
     }
 
     fn recover(&mut self) -> Result<Recovery, StoreError> {
@@ -787,6 +796,18 @@ mod tests {
         bytes.extend_from_slice(&crc.to_le_bytes());
         bytes.extend_from_slice(&JOURNAL_END);
         bytes
+    }
+
+    #[test]
+    fn a_created_image_knows_its_hashes_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let created =
+            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        let (opened, _) = ImageStore::open(&img, Default::default()).unwrap();
+        assert_eq!(created.hashes, opened.hashes);
+        assert_eq!(created.digest, opened.digest);
+        assert_eq!(created.digest, ImageDigest::of_zero_image(64));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use common::{Model, Rng, decode, encode, synced_store};
 use understudy_checkpoint::chunk::{self, ChunkKind};
 use understudy_checkpoint::epoch::{EpochKind, SenderState};
 use understudy_checkpoint::store::{ImageStatus, ImageStore, Recovery, StoreError};
-use understudy_checkpoint::{CodecPolicy, CommittedImage, EpochError};
+use understudy_checkpoint::{CodecError, CodecPolicy, CommittedImage, EpochError};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -283,6 +283,14 @@ fn pages_out_of_range_not_ascending_or_with_bad_references_are_refused() {
     assert!(matches!(
         first_error(&f.store, &pages(run(3, &[same_outside]))),
         EpochError::BadReference { to: 200, .. }
+    ));
+    let raw_cut_short: &[u8] = &[1, 1, 2, 3];
+    assert!(matches!(
+        first_error(&f.store, &pages(run(3, &[raw_cut_short]))),
+        EpochError::Codec {
+            page: 3,
+            source: CodecError::Truncated { codec: "raw" }
+        }
     ));
 }
 

@@ -12,50 +12,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
-use understudy_bench::{Report, Table, num};
+use understudy::daemon::Role;
+use understudy::pair::LocalPair;
+use understudy_bench::{Report, Table, XorShift, num, real_memory};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
 
 const RAM: usize = 256 << 20;
 const PAGES: u32 = (RAM / PAGE_SIZE) as u32;
-
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn real_memory(bytes: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes);
-    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib"] {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        let mut paths: Vec<_> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        paths.sort();
-        for p in paths {
-            if out.len() >= bytes {
-                return out;
-            }
-            if let Ok(d) = std::fs::read(&p) {
-                out.extend_from_slice(&d[..d.len().min(bytes - out.len())]);
-            }
-        }
-    }
-    out.resize(bytes, 0x5a);
-    out
-}
 
 /// Single-stream loopback TCP: seconds to move `bytes` (rounded up to MiB)
 /// in 1 MiB writes, until the receiver has read them all.
@@ -194,94 +164,55 @@ fn row(table: &mut Table, name: &str, bytes: f64, secs: f64, tcp: f64, wire: f64
 
 /// Protects a VM of `mib` MiB from cold with real daemons (a fresh backup
 /// image, the counter guest) and returns the initial sync time the primary
-/// reports (first page sent → first checkpoint acked).
-fn protect_from_cold(mib: usize, codec: &str) -> Duration {
-    use std::io::BufRead;
-    let daemon = env!("CARGO_BIN_EXE_understudyd");
+/// logs (first page sent → first checkpoint acked).
+async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("cold.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"cold\"\nguest = \"counter\"\nmemory_mib = {mib}\nstate_dir = \"{}\"\n\
-             [codec]\npolicy = \"{codec}\"\n[primary]\nconsole = \"{}\"\ncontrol = \"{}\"\n\
-             [backup]\nreplication = \"{}\"\nconsole = \"{}\"\ncontrol = \"{}\"\n[tls]\ninsecure = true\n",
-            dir.path().join("p").display(),
-            free(),
-            free(),
-            free(),
-            free(),
-            free()
-        ),
+    let mut pair = LocalPair::new(
+        Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
+        dir.path(),
+        "cold",
+        &format!("guest = \"counter\"\nmemory_mib = {mib}\n[codec]\npolicy = \"{codec}\""),
     )
     .unwrap();
-    let b_dir = format!("state_dir={:?}", dir.path().join("b").display().to_string());
-    let mut backup = Command::new(daemon)
-        .args(["backup", "--config"])
-        .arg(&config)
-        .args(["--set", &b_dir])
-        .env("UNDERSTUDY_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    pair.start(Role::Backup).unwrap();
+    pair.start(Role::Primary).unwrap();
+    pair.wait_protected(Duration::from_secs(120), |_| {})
+        .await
         .unwrap();
-    let mut primary = Command::new(daemon)
-        .args(["primary", "--config"])
-        .arg(&config)
-        .env("UNDERSTUDY_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = std::io::BufReader::new(primary.stderr.take().unwrap());
-    let mut sync_ms = None;
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        if line.contains("VM protected") {
-            sync_ms = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("sync_ms="))
-                .and_then(|v| {
-                    v.trim_matches(|c: char| !c.is_ascii_digit())
-                        .parse::<u64>()
-                        .ok()
-                });
-            break;
+    // The primary logs `VM protected … sync_ms=N` as it reports protection.
+    let log = pair.log_path(Role::Primary);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let sync_ms = text
+            .lines()
+            .filter(|l| l.contains("VM protected"))
+            .flat_map(|l| l.split_whitespace())
+            .find_map(|w| w.strip_prefix("sync_ms=")?.parse::<u64>().ok());
+        if let Some(ms) = sync_ms {
+            return Duration::from_millis(ms);
         }
+        assert!(
+            Instant::now() < deadline,
+            "protected, but no sync_ms in {}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = primary.kill();
-    let _ = backup.kill();
-    let _ = primary.wait();
-    let _ = backup.wait();
-    Duration::from_millis(sync_ms.expect("the primary never reported protection"))
 }
 
 fn main() {
-    let daemon = env!("CARGO_BIN_EXE_understudyd");
     let dir = tempfile::tempdir().unwrap();
-    let repl = free();
-    let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"bench\"\nguest = \"counter\"\nmemory_mib = {}\nstate_dir = \"{}\"\n[primary]\nconsole = \"{}\"\ncontrol = \"{}\"\n[backup]\nreplication = \"{repl}\"\nconsole = \"{}\"\ncontrol = \"{}\"\n[tls]\ninsecure = true\n",
-            RAM >> 20,
-            dir.path().display(),
-            free(),
-            free(),
-            free(),
-            free()
-        ),
+    let mut pair = LocalPair::new(
+        Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
+        dir.path(),
+        "bench",
+        &format!("guest = \"counter\"\nmemory_mib = {}", RAM >> 20),
     )
     .unwrap();
-    let mut backup = Command::new(daemon)
-        .args(["backup", "--config"])
-        .arg(&config)
-        .env("UNDERSTUDY_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Only the backup runs: this benchmark is the primary's sender.
+    pair.start(Role::Backup).unwrap();
+    let repl = pair.addrs.replication;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -346,16 +277,9 @@ fn main() {
                 &s,
             );
             let mut epoch = 3;
-            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
             for n in [1_000usize, 10_000, 50_000] {
-                let mut pages: Vec<u32> = (0..n)
-                    .map(|_| {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        (rng % PAGES as u64) as u32
-                    })
-                    .collect();
+                let mut pages: Vec<u32> = (0..n).map(|_| rng.below(PAGES.into()) as u32).collect();
                 pages.sort_unstable();
                 pages.dedup();
                 let rounds = (200_000 / n).clamp(4, 50);
@@ -396,8 +320,7 @@ fn main() {
             }
         }
     });
-    let _ = backup.kill();
-    let _ = backup.wait();
+    drop(pair);
     report.table(table);
     let best = raw_ratios.iter().copied().fold(f64::NAN, f64::max);
     report.target(
@@ -423,7 +346,9 @@ fn main() {
     );
     for mib in [256usize, 1024] {
         for codec in ["raw", "adaptive"] {
-            let sync = protect_from_cold(mib, codec).as_secs_f64();
+            let sync = runtime
+                .block_on(protect_from_cold(mib, codec))
+                .as_secs_f64();
             let tcp = runtime.block_on(tcp_seconds(mib << 20));
             table.row(vec![
                 format!("{mib} MiB").into(),

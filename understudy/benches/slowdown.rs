@@ -7,134 +7,76 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use understudy::daemon::Role;
+use understudy::pair::{LocalPair, read_lines};
 
 use understudy_bench::{Chart, Report, Series, Table, num};
 use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
 
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// Work rate of the dirtier on a protected pair with `epoch_ms` epochs, and
 /// the largest replication lag (epochs sent, not yet acked) seen meanwhile.
 async fn protected_rate(rate: u64, epoch_ms: u64) -> (f64, u64) {
-    let daemon = env!("CARGO_BIN_EXE_understudyd");
     let dir = tempfile::tempdir().unwrap();
-    let (pc, pk, rep, bc, bk) = (free(), free(), free(), free(), free());
-    let config = dir.path().join("vm.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"slow\"\nguest = \"dirtier\"\nmemory_mib = 64\nstate_dir = \"{}\"\nepoch_interval = \"{epoch_ms}ms\"\n\
-             guest_params = {{ working_set = 2048, dirty_rate = {rate}, report_ms = 50 }}\n\
-             [primary]\nconsole = \"{pc}\"\ncontrol = \"{pk}\"\n[backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n\
-             [tls]\ninsecure = true\n",
-            dir.path().join("p").display()
+    let mut pair = LocalPair::new(
+        Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
+        dir.path(),
+        "slow",
+        &format!(
+            "guest = \"dirtier\"\nmemory_mib = 64\nepoch_interval = \"{epoch_ms}ms\"\n\
+             guest_params = {{ working_set = 2048, dirty_rate = {rate}, report_ms = 50 }}"
         ),
     )
     .unwrap();
-    let spawn = |role: &str, extra: &[String]| {
-        Command::new(daemon)
-            .arg(role)
-            .arg("--config")
-            .arg(&config)
-            .args(extra.iter().flat_map(|e| ["--set".to_string(), e.clone()]))
-            .env("UNDERSTUDY_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut backup = spawn(
-        "backup",
-        &[format!(
-            "state_dir={:?}",
-            dir.path().join("b").display().to_string()
-        )],
-    );
-    let mut primary = spawn("primary", &[]);
-    // Wait for protection, then read "work N" lines for MEASURE.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(Instant::now() < deadline, "not protected");
-        if let Ok(s) = understudy::remote::fetch_status(pk, None).await
-            && s.protected
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let lag_watch = tokio::spawn(async move {
-        let mut max = 0;
-        loop {
-            if let Ok(s) = understudy::remote::fetch_status(pk, None).await {
-                max = max.max(s.replication_lag_epochs);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if !lag_watching() {
-                return max;
+    pair.start(Role::Backup).unwrap();
+    pair.start(Role::Primary).unwrap();
+    // Wait for protection, then read "work N" lines for MEASURE while
+    // sampling the lag.
+    pair.wait_protected(Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    let pk = pair.addrs.primary_control;
+    let max_lag = Arc::new(AtomicU64::new(0));
+    let lag_watch = tokio::spawn({
+        let max_lag = max_lag.clone();
+        async move {
+            loop {
+                if let Ok(s) = understudy::remote::fetch_status(pk, None).await {
+                    max_lag.fetch_max(s.replication_lag_epochs, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     });
+    let pc = pair.addrs.primary_console;
     let mut client = ResumingClient::connect(pc, 0).await.unwrap();
-    let mut text = Vec::new();
-    let mut buf = [0u8; 4096];
     // Output commit releases lines in per-epoch batches, so arrival times are
     // off by up to an epoch; the guest prints every 50 ms of its own (PIT)
     // time, so count lines for time instead.
-    let mut first: Option<(Instant, u64)> = None;
-    let mut last = None;
-    let mut lines = 0u64;
-    let end = tokio::time::Instant::now() + MEASURE + Duration::from_millis(300);
-    while let Ok(Ok(n)) = tokio::time::timeout_at(end, client.read(&mut buf)).await {
-        if n == 0 {
-            break;
+    let mut values = Vec::new();
+    read_lines(&mut client, &mut Vec::new(), MEASURE, |line, _| {
+        if let Some(v) = line
+            .trim()
+            .strip_prefix("work ")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            values.push(v);
         }
-        text.extend_from_slice(&buf[..n]);
-        while let Some(i) = text.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = text.drain(..=i).collect();
-            if let Some(v) = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|l| l.trim().strip_prefix("work ")?.parse::<u64>().ok())
-            {
-                let now = Instant::now();
-                first.get_or_insert((now, v));
-                last = Some((now, v));
-                lines += 1;
-            }
-        }
-        if first.is_some_and(|(t, _)| t.elapsed() > MEASURE) {
-            break;
-        }
-    }
-    LAG_WATCH.store(false, std::sync::atomic::Ordering::Release);
-    let max_lag = lag_watch.await.unwrap();
-    LAG_WATCH.store(true, std::sync::atomic::Ordering::Release);
-    let _ = primary.kill();
-    let _ = backup.kill();
-    let _ = primary.wait();
-    let _ = backup.wait();
-    let rate = match (first, last) {
-        (Some((_, v0)), Some((_, v1))) if lines > 1 => {
-            (v1 - v0) as f64 / ((lines - 1) as f64 * 0.05)
-        }
+    })
+    .await;
+    lag_watch.abort();
+    drop(pair);
+    let rate = match values.as_slice() {
+        [first, .., last] => (last - first) as f64 / ((values.len() - 1) as f64 * 0.05),
         _ => 0.0,
     };
-    (rate, max_lag)
-}
-
-static LAG_WATCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-fn lag_watching() -> bool {
-    LAG_WATCH.load(std::sync::atomic::Ordering::Acquire)
+    (rate, max_lag.load(Ordering::Relaxed))
 }
 
 fn main() {

@@ -4,14 +4,14 @@
 //! the backup, and report what was measured. The demo narrates one drill; the
 //! failover benchmark runs many quietly.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use understudy_common::console::ResumingClient;
 
+use crate::daemon::Role;
+use crate::pair::{LocalPair, PairAddrs, read_lines};
 use crate::remote;
 
 /// Guest RAM of the demo VM.
@@ -102,76 +102,6 @@ pub struct DrillReport {
     pub seamless: bool,
 }
 
-struct Daemons(Vec<Child>);
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn daemon_binary() -> Result<PathBuf> {
-    let me = std::env::current_exe().context("cannot find this program's path")?;
-    let daemon = me.with_file_name("understudyd");
-    if !daemon.exists() {
-        bail!(
-            "{} not found: build both binaries (cargo build --release --bin understudyd --bin understudyctl)",
-            daemon.display()
-        );
-    }
-    Ok(daemon)
-}
-
-fn spawn(
-    daemon: &Path,
-    role: &str,
-    config: &Path,
-    dir: &Path,
-    overrides: &[String],
-) -> Result<Child> {
-    let log = std::fs::File::create(dir.join(format!("{role}.log")))?;
-    let mut cmd = Command::new(daemon);
-    cmd.arg(role).arg("--config").arg(config);
-    for o in overrides {
-        cmd.arg("--set").arg(o);
-    }
-    cmd.env("UNDERSTUDY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    cmd.spawn()
-        .with_context(|| format!("cannot start {}", daemon.display()))
-}
-
-/// Reads console lines, calling `each` with every full line and its arrival
-/// time, until `timeout` or the stream ends.
-async fn read_lines(
-    client: &mut ResumingClient,
-    partial: &mut Vec<u8>,
-    timeout: Duration,
-    mut each: impl FnMut(&str, Instant),
-) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
-    loop {
-        while let Some(i) = partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = partial.drain(..=i).collect();
-            each(String::from_utf8_lossy(&line[..i]).as_ref(), Instant::now());
-        }
-        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => partial.extend_from_slice(&buf[..n]),
-            _ => return,
-        }
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -246,83 +176,45 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     {
         bail!("the demo needs /dev/kvm ({e}): run it on a host with KVM");
     }
-    let daemon = match &opts.daemon {
-        Some(d) => d.clone(),
-        None => daemon_binary()?,
-    };
     let dir = match &opts.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("understudy-demo-{}", std::process::id())),
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (pc, pk, rep, bc, bk) = (
-        free_addr()?,
-        free_addr()?,
-        free_addr()?,
-        free_addr()?,
-        free_addr()?,
-    );
-    let config = dir.join("demo.toml");
-    // Fresh state each drill: a previous run's fence marker or image must not
-    // change this one.
-    let _ = std::fs::remove_dir_all(dir.join("primary"));
-    let _ = std::fs::remove_dir_all(dir.join("backup"));
-    std::fs::write(
-        &config,
-        format!(
-            "# Written by understudyctl demo.\nname = \"demo\"\n{guest}\nmemory_mib = {DEMO_MIB}\n\
-             state_dir = \"{}\"\n\n[primary]\nconsole = \"{pc}\"\n\
-             control = \"{pk}\"\n\n[backup]\nreplication = \"{rep}\"\nconsole = \"{bc}\"\ncontrol = \"{bk}\"\n\n# Loopback only.\n[tls]\ninsecure = true\n",
-            dir.join("primary").display(),
-            guest = opts.guest.config(),
-        ),
+    let mut pair = LocalPair::new(
+        opts.daemon.as_deref(),
+        &dir,
+        "demo",
+        &format!("{}\nmemory_mib = {DEMO_MIB}", opts.guest.config()),
     )?;
+    let PairAddrs {
+        primary_console: pc,
+        primary_control: pk,
+        backup_console: bc,
+        backup_control: bk,
+        replication: rep,
+    } = pair.addrs;
     say("understudy demo: the counter guest, protected by a backup on this machine; then the primary gets SIGKILL.".into());
     say(format!("files and daemon logs: {}", dir.display()));
-    let mut daemons = Daemons(Vec::new());
-    let backup_state = format!("state_dir={:?}", dir.join("backup").display().to_string());
-    daemons
-        .0
-        .push(spawn(&daemon, "backup", &config, &dir, &[backup_state])?);
+    let backup_pid = pair.start(Role::Backup)?;
     say(format!(
-        "backup   started (pid {}), replication on {rep}, console on {bc}",
-        daemons.0[0].id()
+        "backup   started (pid {backup_pid}), replication on {rep}, console on {bc}"
     ));
     let started = Instant::now();
-    daemons
-        .0
-        .push(spawn(&daemon, "primary", &config, &dir, &[])?);
-    let primary_pid = daemons.0[1].id();
+    let primary_pid = pair.start(Role::Primary)?;
     say(format!(
         "primary  started (pid {primary_pid}), console on {pc}"
     ));
 
     // Initial sync: progress until protected.
-    let mut last_state = String::new();
-    loop {
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "the primary did not become protected within 60 s; see {}",
-                dir.join("primary.log").display()
+    pair.wait_protected(Duration::from_secs(60), |state| {
+        if opts.verbose || opts.progress {
+            println!(
+                "primary  {state} ({:.2} s)",
+                started.elapsed().as_secs_f64()
             );
         }
-        if let Ok(s) = remote::fetch_status(pk, None).await {
-            if s.state != last_state {
-                if opts.verbose || opts.progress {
-                    println!(
-                        "primary  {} ({:.2} s)",
-                        s.state,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                last_state = s.state.clone();
-            }
-            if s.protected {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await?;
     let sync_time = started.elapsed();
 
     let mut client = ResumingClient::connect(pc, 0)
@@ -349,10 +241,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     say(indent(&remote::render(&before)));
 
     say(format!("SIGKILL  → primary (pid {primary_pid})"));
-    let primary = &mut daemons.0[1];
-    primary.kill().context("cannot kill the primary")?;
-    let killed = Instant::now();
-    primary.wait()?;
+    let killed = pair.kill(Role::Primary)?;
     // Whatever the primary delivered before it died.
     read_lines(
         &mut client,
@@ -387,8 +276,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     let after = remote::fetch_status(bk, None).await?;
     say(indent(&remote::render(&after)));
     // Stop the promoted VM cleanly.
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(daemons.0[0].id() as libc::pid_t, libc::SIGTERM) };
+    pair.terminate(Role::Backup);
     Ok(DrillReport {
         failover: first_backup_byte - killed,
         detection: Duration::from_micros(after.promotion_detect_micros),

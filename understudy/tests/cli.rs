@@ -3,21 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the failure report
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-const CTL: &str = env!("CARGO_BIN_EXE_understudyctl");
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests need /dev/kvm: {e}");
-    }
-}
+use common::{CTL, require_kvm};
 
 fn ctl(args: &[&str]) -> Output {
     require_kvm();
@@ -58,17 +50,9 @@ fn counter_run_then_restore_is_one_unbroken_sequence() {
         "--snapshot-to",
         snap,
     ]);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    common::assert_success(&first);
     let second = ctl(&["restore", snap, "--stop-after", "2s"]);
-    assert!(
-        second.status.success(),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    common::assert_success(&second);
     // Concatenate raw bytes: a line cut by the snapshot is completed by the restore.
     let mut all = first.stdout.clone();
     all.extend(&second.stdout);
@@ -150,11 +134,7 @@ fn kv_data_set_before_a_snapshot_is_there_after_restore() {
         &sets,
         "kv ready",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert_eq!(lines.iter().filter(|l| *l == "OK").count(), 10, "{lines:?}");
 
     // Restore and ask for every key: all input goes in at once (more than the
@@ -173,11 +153,7 @@ fn kv_data_set_before_a_snapshot_is_there_after_restore() {
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let mut expected = vec!["NOTFOUND".to_owned()];
     expected.extend((0..10).map(|i| format!("VALUE v{i}")));
     assert_eq!(stdout_lines(&out), expected);
@@ -200,17 +176,9 @@ fn dirtier_restored_from_a_snapshot_keeps_its_work() {
         "100",
     ];
     let first = ctl(&[&args[..], &["--stop-after", "2s", "--snapshot-to", snap]].concat());
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    common::assert_success(&first);
     let second = ctl(&["restore", snap, "--stop-after", "2s"]);
-    assert!(
-        second.status.success(),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    common::assert_success(&second);
     let before = numbers(&stdout_lines(&first), "work ");
     let after = numbers(&stdout_lines(&second), "work ");
     assert!(
@@ -279,7 +247,7 @@ fn a_corrupt_snapshot_is_refused_and_not_modified() {
         "--snapshot-to",
         snap.to_str().unwrap(),
     ]);
-    assert!(first.status.success());
+    common::assert_success(&first);
     let state = snap.join("vm.state");
     let mut bytes = std::fs::read(&state).unwrap();
     let last = bytes.len() - 1;

@@ -167,11 +167,7 @@ fn the_example_config_is_valid_and_documents_every_field() {
         .arg(&example)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let text = std::fs::read_to_string(&example).unwrap();
     for field in [
         "name",

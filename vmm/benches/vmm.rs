@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_bench::{Chart, Report, Series, Table, num, quantile};
+use understudy_bench::{Chart, Report, Series, Table, XorShift, num, quantile};
 use understudy_vmm::memory::RamBacking;
 use understudy_vmm::snapshot;
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, Vm};
@@ -116,7 +116,7 @@ fn pause_vs_dirty_set(report: &mut Report) {
     let (mut pause_line, mut memcpy_line) = (Vec::new(), Vec::new());
     let mut at_1k: Option<(f64, f64, Vec<f64>)> = None;
     let mut fixed = f64::NAN;
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let source = vec![1u8; MEM];
     const MAX_PAGES: usize = 51_000; // working set plus the guest's own few pages
     let mut staging = vec![0u8; MAX_PAGES * PAGE_SIZE]; // pre-faulted below
@@ -159,10 +159,7 @@ fn pause_vs_dirty_set(report: &mut Report) {
             let n = dirty.count().min(MAX_PAGES);
             let t = Instant::now();
             for i in 0..n {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let src = (rng as usize % (MEM / PAGE_SIZE)) * PAGE_SIZE;
+                let src = rng.below((MEM / PAGE_SIZE) as u64) as usize * PAGE_SIZE;
                 staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
                     .copy_from_slice(&source[src..src + PAGE_SIZE]);
             }

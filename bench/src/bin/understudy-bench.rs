@@ -123,18 +123,8 @@ fn main() -> Result<()> {
             bail!("benchmark {bench} failed ({status})");
         }
         println!("({bench}: {:.0} s)", t.elapsed().as_secs_f64());
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&raw)?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .collect();
-        found.sort();
-        for path in found {
-            let report = Report::load(&path)?;
-            if !reports.iter().any(|r: &Report| r.name == report.name) {
-                reports.push(report);
-            }
-        }
+        // Each bench writes the report named after it.
+        reports.push(Report::load(&raw.join(format!("{bench}.json")))?);
     }
     let elapsed = started.elapsed();
     for r in &reports {

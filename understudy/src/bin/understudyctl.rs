@@ -101,15 +101,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Colours only on a terminal: the journal and log files get plain text.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    understudy::init_logging("warn", &[]);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {

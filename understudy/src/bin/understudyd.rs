@@ -39,22 +39,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Colours only on a terminal: the journal and log files get plain text.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-                // tonic reports refused TLS handshakes (a peer without a
-                // certificate from our CA) at debug level: always show them.
-                .add_directive(
-                    "tonic::transport::server::io_stream=debug"
-                        .parse()
-                        .unwrap_or_else(|_| unreachable!("a valid directive")),
-                ),
-        )
-        .init();
+    // tonic reports refused TLS handshakes (a peer without a certificate
+    // from our CA) at debug level: always show them.
+    understudy::init_logging("info", &["tonic::transport::server::io_stream=debug"]);
     let cli = Cli::parse();
     let (role, args) = match &cli.command {
         Command::Primary(a) => (Some(Role::Primary), a),

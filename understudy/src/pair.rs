@@ -1,0 +1,232 @@
+//! A primary/backup pair of `understudyd` child processes on loopback, with a
+//! written configuration, free ports and per-role log files: what the demo,
+//! the drills and the benchmarks run against. Dropping the pair kills both
+//! daemons.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use understudy_common::console::ResumingClient;
+
+use crate::daemon::Role;
+use crate::remote;
+
+/// Where each daemon listens.
+#[derive(Clone, Copy, Debug)]
+pub struct PairAddrs {
+    pub primary_console: SocketAddr,
+    pub primary_control: SocketAddr,
+    pub replication: SocketAddr,
+    pub backup_console: SocketAddr,
+    pub backup_control: SocketAddr,
+}
+
+/// A local pair. State lives in `dir/primary` and `dir/backup` (emptied
+/// first: an earlier run's fence marker or image must not change this one),
+/// logs in `dir/primary.log` and `dir/backup.log`.
+#[derive(Debug)]
+pub struct LocalPair {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub addrs: PairAddrs,
+    daemon: PathBuf,
+    primary: Option<Child>,
+    backup: Option<Child>,
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// `understudyd` beside the running program (both binaries are built together).
+pub fn daemon_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find this program's path")?;
+    let daemon = me.with_file_name("understudyd");
+    if !daemon.exists() {
+        bail!(
+            "{} not found: build both binaries (cargo build --release --bin understudyd --bin understudyctl)",
+            daemon.display()
+        );
+    }
+    Ok(daemon)
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+    }
+}
+
+impl LocalPair {
+    /// Writes `dir/<name>.toml` for VM `name`. `settings` are top-level TOML
+    /// lines (guest, memory, intervals; tables such as `[codec]` may follow
+    /// them); addresses, state directories and `insecure` TLS (loopback only)
+    /// are filled in. `daemon`: the `understudyd` binary (default: beside this
+    /// program).
+    pub fn new(daemon: Option<&Path>, dir: &Path, name: &str, settings: &str) -> Result<Self> {
+        let daemon = match daemon {
+            Some(d) => d.to_owned(),
+            None => daemon_binary()?,
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for role in ["primary", "backup"] {
+            let _ = std::fs::remove_dir_all(dir.join(role));
+        }
+        let addrs = PairAddrs {
+            primary_console: free_addr()?,
+            primary_control: free_addr()?,
+            replication: free_addr()?,
+            backup_console: free_addr()?,
+            backup_control: free_addr()?,
+        };
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "# A local pair on loopback.\nname = \"{name}\"\nstate_dir = \"{}\"\n{settings}\n\n\
+                 [primary]\nconsole = \"{}\"\ncontrol = \"{}\"\n\n\
+                 [backup]\nreplication = \"{}\"\nconsole = \"{}\"\ncontrol = \"{}\"\n\n\
+                 # Loopback only.\n[tls]\ninsecure = true\n",
+                dir.join("primary").display(),
+                addrs.primary_console,
+                addrs.primary_control,
+                addrs.replication,
+                addrs.backup_console,
+                addrs.backup_control,
+            ),
+        )
+        .with_context(|| format!("cannot write {}", config.display()))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            config,
+            addrs,
+            daemon,
+            primary: None,
+            backup: None,
+        })
+    }
+
+    /// The log file of `role`'s daemon.
+    pub fn log_path(&self, role: Role) -> PathBuf {
+        self.dir.join(format!("{}.log", role_name(role)))
+    }
+
+    /// Starts `role`'s daemon (logging at info to its log file); returns its pid.
+    pub fn start(&mut self, role: Role) -> Result<u32> {
+        let name = role_name(role);
+        let log = std::fs::File::create(self.log_path(role))
+            .with_context(|| format!("cannot create {}", self.log_path(role).display()))?;
+        let mut cmd = Command::new(&self.daemon);
+        cmd.arg(name).arg("--config").arg(&self.config);
+        if role == Role::Backup {
+            let state = self.dir.join("backup").display().to_string();
+            cmd.arg("--set").arg(format!("state_dir={state:?}"));
+        }
+        let child = cmd
+            .env("UNDERSTUDY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.daemon.display()))?;
+        let pid = child.id();
+        match role {
+            Role::Primary => self.primary = Some(child),
+            Role::Backup => self.backup = Some(child),
+        }
+        Ok(pid)
+    }
+
+    /// Polls the primary's status until it is protected, calling `on_state`
+    /// with each new state line (sync progress).
+    pub async fn wait_protected(
+        &self,
+        timeout: Duration,
+        mut on_state: impl FnMut(&str),
+    ) -> Result<()> {
+        let started = Instant::now();
+        let mut last_state = String::new();
+        loop {
+            if started.elapsed() > timeout {
+                bail!(
+                    "the primary did not become protected within {timeout:?}; see {}",
+                    self.log_path(Role::Primary).display()
+                );
+            }
+            if let Ok(s) = remote::fetch_status(self.addrs.primary_control, None).await {
+                if s.state != last_state {
+                    on_state(&s.state);
+                    last_state = s.state.clone();
+                }
+                if s.protected {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL to `role`'s daemon; returns when the signal was sent (the
+    /// start of a failover), after waiting until the daemon is gone.
+    pub fn kill(&mut self, role: Role) -> Result<Instant> {
+        let child = match role {
+            Role::Primary => self.primary.as_mut(),
+            Role::Backup => self.backup.as_mut(),
+        };
+        let child = child.context("that daemon was never started")?;
+        child.kill().context("cannot kill the daemon")?;
+        let killed = Instant::now();
+        child.wait()?;
+        Ok(killed)
+    }
+
+    /// SIGTERM to `role`'s daemon (a clean stop), without waiting.
+    pub fn terminate(&self, role: Role) {
+        let child = match role {
+            Role::Primary => self.primary.as_ref(),
+            Role::Backup => self.backup.as_ref(),
+        };
+        if let Some(child) = child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+}
+
+/// Reads console lines, calling `each` with every full line and its arrival
+/// time, until `timeout` or the stream ends.
+pub async fn read_lines(
+    client: &mut ResumingClient,
+    partial: &mut Vec<u8>,
+    timeout: Duration,
+    mut each: impl FnMut(&str, Instant),
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=i).collect();
+            each(String::from_utf8_lossy(&line[..i]).as_ref(), Instant::now());
+        }
+        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => partial.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+}
+
+impl Drop for LocalPair {
+    fn drop(&mut self) {
+        for child in [self.primary.as_mut(), self.backup.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
