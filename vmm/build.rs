@@ -1,7 +1,7 @@
 //! Builds the built-in guests in `../guests` with the machine's gcc, ld and objcopy
 //! into flat binaries in `OUT_DIR`, which `src/loader.rs` embeds with `include_bytes!`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 const GUESTS: &[&str] = &["counter", "dirtier", "kv"];
@@ -30,7 +30,10 @@ const CFLAGS: &[&str] = &[
 ];
 
 fn main() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests");
+    // At run time, not env!(): Cargo reuses a compiled build script across
+    // checkouts of the same source, so a path baked in may be another one's.
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let src = manifest.join("../guests");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
     println!("cargo:rerun-if-changed={}", src.display());
     let cc = std::env::var("UNDERSTUDY_GUEST_CC").unwrap_or_else(|_| "gcc".to_owned());

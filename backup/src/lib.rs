@@ -6,12 +6,16 @@
 //!
 //! ```text
 //!   Standby ──Hello──▶ Syncing ──first checkpoint──▶ Protected ──no word for
-//!      ▲                  │                              │     heartbeat_timeout──▶ Promoted
-//!      └── stream error / new Hello (resync) ◀──────────┘          (generation + 1)
+//!      ▲                  │                              │  │  heartbeat_timeout──▶ Promoted
+//!      └── stream error / new Hello (resync) ◀──────────┘  │       (generation + 1)
+//!                                                           └─Handover──▶ HandedOver: the
+//!                                                              running VM goes to the primary role
 //! ```
 //!
 //! Fencing: promotion bumps the generation stored with the image; every later
 //! message from the old primary is answered "deposed" with that generation.
+//! The console and the Control service belong to the host ([`HostIo`]), so
+//! clients stay connected across a promotion and a switchover.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,15 +30,13 @@ use tonic::{Request, Response, Status, Streaming};
 use understudy_checkpoint::epoch::{EpochDecoder, Received, StagingBuffers};
 use understudy_checkpoint::store::{ImageStatus, ImageStore, StoreOptions};
 use understudy_checkpoint::{CommittedImage, EpochError, StoreError};
-use understudy_common::console::{self, ConsoleLog, InputSink};
 use understudy_common::payload::CheckpointPayload;
-use understudy_common::status::{ControlService, Stats};
+use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::wire;
-use understudy_proto::control_server::ControlServer;
 use understudy_proto::replication_server::{Replication, ReplicationServer};
 use understudy_proto::{
-    Ack, Beat, EpochChunk, GoodbyeReply, GoodbyeRequest, HelloReply, HelloRequest,
-    PROTOCOL_VERSION, ProbeReply, ProbeRequest,
+    Ack, Beat, EpochChunk, GoodbyeReply, GoodbyeRequest, HandoverReply, HandoverRequest,
+    HelloReply, HelloRequest, PROTOCOL_VERSION, ProbeReply, ProbeRequest,
 };
 use understudy_vmm::{GuestRam, RamBacking, Vm, VmEnd, VmState};
 
@@ -45,8 +47,9 @@ pub struct BackupOptions {
     pub ram_bytes: u64,
     pub image_dir: PathBuf,
     pub replication_listen: SocketAddr,
-    pub console_listen: SocketAddr,
-    pub control_listen: SocketAddr,
+    /// Why this host could not protect the VM as the primary after a
+    /// handover (None: it can, so handovers are accepted).
+    pub handover_unavailable: Option<String>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub fsync: bool,
@@ -74,17 +77,41 @@ pub enum BackupError {
 }
 
 /// How a backup run ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum BackupExit {
     /// Asked to stop.
     Shutdown,
     /// Promoted, and the VM then ended on its own.
     VmEnded(VmEnd),
+    /// The primary handed the VM over (a switchover): it runs here now and
+    /// this host's primary role is to protect it.
+    HandedOver(Box<RunningVm>),
 }
 
 enum Role {
     Standby,
+    /// Promoted after the primary went silent: runs the VM here, unprotected.
     Promoted(Box<Vm>),
+    /// Promoted by a handover; the VM is on its way to the primary role.
+    HandedOver(Option<Box<RunningVm>>),
+}
+
+impl Role {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Standby => "backup",
+            Self::Promoted(_) | Self::HandedOver(_) => "primary",
+        }
+    }
+}
+
+/// What set off a promotion.
+#[derive(Clone, Copy, Debug)]
+enum Trigger {
+    /// The primary was silent this long.
+    Silence(Duration),
+    /// The primary handed over after `epoch` of `session` (a switchover).
+    Handover { session: u64, epoch: u64 },
 }
 
 struct State {
@@ -102,14 +129,13 @@ struct State {
 
 struct Shared {
     opts: BackupOptions,
-    stats: Arc<Stats>,
+    host: HostIo,
     state: Mutex<State>,
     /// Nanoseconds since `epoch_start` when the primary was last heard.
     last_heard: AtomicU64,
     clock: Instant,
-    log: Arc<ConsoleLog>,
-    input: Arc<InputSink>,
-    promoted: CancellationToken,
+    /// Cancelled when a handover promoted the VM (it leaves this role).
+    handed_over: CancellationToken,
     vm_ended: tokio::sync::watch::Sender<Option<VmEnd>>,
 }
 
@@ -129,7 +155,7 @@ impl Shared {
     }
 
     fn deposed_if_promoted(&self, state: &State, who: u64) -> Result<(), Status> {
-        if let Role::Promoted(_) = state.role {
+        if !matches!(state.role, Role::Standby) {
             return Err(wire::deposed(
                 state.generation,
                 format!(
@@ -151,26 +177,25 @@ impl Shared {
     }
 }
 
-/// Runs the backup until `shutdown` (or until a promoted VM ends).
-/// `stats` is where the backup reports its state (the daemon reads it for
-/// `understudyctl status` and systemd notifications).
+/// Runs the backup until `shutdown`, until a promoted VM ends, or until a
+/// handover passes the VM to this host's primary role. `host` holds the
+/// console (served by the daemon; filled at promotion) and the status the
+/// daemon reports (`understudyctl status`, systemd notifications, metrics).
 pub async fn run(
     opts: BackupOptions,
-    stats: Arc<Stats>,
+    host: HostIo,
     shutdown: CancellationToken,
 ) -> Result<BackupExit, BackupError> {
     let store = open_store(&opts)?;
     let generation = store.generation();
+    let stats = &host.stats;
     stats.generation.store(generation, Ordering::Release);
     stats.set_state(match store.status() {
         ImageStatus::Committed { .. } => "standby: image from an earlier session (needs resync)",
         _ => "standby: waiting for the primary",
     });
-    let log = ConsoleLog::new(0);
-    let input = InputSink::new(None);
     let (vm_ended, mut vm_ended_rx) = tokio::sync::watch::channel(None);
     let shared = Arc::new(Shared {
-        stats: stats.clone(),
         state: Mutex::new(State {
             role: Role::Standby,
             store: Some(store),
@@ -183,28 +208,21 @@ pub async fn run(
         }),
         last_heard: AtomicU64::new(0),
         clock: Instant::now(),
-        log: log.clone(),
-        input: input.clone(),
-        promoted: CancellationToken::new(),
+        handed_over: CancellationToken::new(),
         vm_ended,
         opts: opts.clone(),
+        host: host.clone(),
     });
 
-    let console_listener = wire::listen("console", opts.console_listen).await?;
-    tokio::spawn(console::serve(
-        console_listener,
-        log,
-        input,
-        shutdown.clone(),
-    ));
-
     let replication = wire::listen("replication", opts.replication_listen).await?;
-    let control = wire::listen("control", opts.control_listen).await?;
     tracing::info!(vm = %opts.vm_id, generation, replication = %opts.replication_listen, "backup listening");
 
+    // The server stops accepting when the role ends (shutdown or handover);
+    // connections it already has (the handover's answer) finish on their own.
+    let role_done = shutdown.child_token();
     let service = ReplicationService(shared.clone());
-    let builder = || wire::server(opts.tls.as_ref()).map_err(BackupError::Tls);
-    let repl_server = builder()?
+    let server = wire::server(opts.tls.as_ref())
+        .map_err(BackupError::Tls)?
         .initial_stream_window_size(wire::STREAM_WINDOW)
         .initial_connection_window_size(wire::CONNECTION_WINDOW)
         .max_frame_size(wire::MAX_FRAME)
@@ -212,19 +230,15 @@ pub async fn run(
         .add_service(ReplicationServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(replication),
-            shutdown.clone().cancelled_owned(),
+            role_done.clone().cancelled_owned(),
         );
-    let control_server = builder()?
-        .add_service(ControlServer::new(ControlService(stats)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(control),
-            shutdown.clone().cancelled_owned(),
-        );
-    let detector = tokio::spawn(failure_detector(shared.clone(), shutdown.clone()));
-    let servers =
-        async { tokio::try_join!(repl_server, control_server).map_err(BackupError::Server) };
+    let detector = tokio::spawn(failure_detector(shared.clone(), role_done.clone()));
+    let mut server = tokio::spawn(server);
     let exit = tokio::select! {
-        r = servers => r.map(|_| BackupExit::Shutdown),
+        r = &mut server => match r {
+            Ok(r) => r.map(|_| BackupExit::Shutdown).map_err(BackupError::Server),
+            Err(e) => Err(BackupError::Promotion(format!("the replication server failed: {e}"))),
+        },
         end = async {
             loop {
                 if let Some(end) = vm_ended_rx.borrow_and_update().clone() {
@@ -235,9 +249,16 @@ pub async fn run(
                 }
             }
         } => Ok(BackupExit::VmEnded(end)),
+        _ = shared.handed_over.cancelled() => {
+            let role = std::mem::replace(&mut shared.lock().role, Role::HandedOver(None));
+            match role {
+                Role::HandedOver(Some(running)) => Ok(BackupExit::HandedOver(running)),
+                _ => Err(BackupError::Promotion("the handed-over VM went missing".into())),
+            }
+        }
     };
     detector.abort();
-    shutdown.cancel();
+    role_done.cancel();
     // Stop a promoted VM.
     let role = std::mem::replace(&mut shared.lock().role, Role::Standby);
     if let Role::Promoted(vm) = role {
@@ -297,16 +318,21 @@ async fn failure_detector(shared: Arc<Shared>, shutdown: CancellationToken) {
                 "primary silent past the heartbeat timeout: promoting"
             );
             let shared2 = shared.clone();
-            let result = tokio::task::spawn_blocking(move || promote(&shared2, silence)).await;
+            let result =
+                tokio::task::spawn_blocking(move || promote(&shared2, Trigger::Silence(silence)))
+                    .await;
             match result {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     // Not promotable as it stands: wait for a new checkpoint
                     // (a primary that comes back resyncs) instead of retrying.
                     tracing::error!(error = %e, "promotion failed; waiting for a new checkpoint");
                     shared.lock().protected = false;
-                    shared.stats.protected.store(false, Ordering::Release);
-                    shared.stats.set_state(format!("promotion failed: {e}"));
+                    shared.host.stats.protected.store(false, Ordering::Release);
+                    shared
+                        .host
+                        .stats
+                        .set_state(format!("promotion failed: {e}"));
                 }
                 Err(e) => tracing::error!(error = %e, "promotion task failed"),
             }
@@ -315,12 +341,31 @@ async fn failure_detector(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 /// Promotes: fence by generation, map the committed image as RAM, restore the
-/// device state, run, serve the console with output released directly.
-fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
+/// device state, run. After silence the console is served from here with
+/// output released directly; after a handover the VM and its output go to
+/// the primary role, which protects it. Returns the new generation and how
+/// long promotion → VM running took. A handover that does not match the
+/// committed image is refused before anything changes.
+fn promote(shared: &Shared, trigger: Trigger) -> Result<(u64, Duration), String> {
     let started = Instant::now();
     let mut state = shared.lock();
-    if !matches!(state.role, Role::Standby) || !state.protected {
-        return Ok(());
+    if let Trigger::Handover { session, epoch } = trigger {
+        let committed = state.store.as_ref().and_then(|s| s.committed_epoch());
+        if !matches!(state.role, Role::Standby) {
+            return Err(format!(
+                "this host already runs the VM (generation {})",
+                state.generation
+            ));
+        }
+        if session != state.session || !state.protected || committed != Some(epoch) {
+            return Err(format!(
+                "the image does not hold epoch {epoch} of session {session} as its committed checkpoint \
+                 (session {}, committed epoch {committed:?}); the primary must resume and try again",
+                state.session
+            ));
+        }
+    } else if !matches!(state.role, Role::Standby) || !state.protected {
+        return Err("not promotable".into());
     }
     // Check that the committed epoch can be brought back before committing
     // to the promotion: a bad payload must not leave a bumped generation
@@ -340,9 +385,10 @@ fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
     state.decoder = None;
     state.session = 0;
     let new_generation = state.generation + 1;
+    // From here memory.img is the VM's RAM, no longer a committed epoch.
     if let Some(store) = state.store.as_mut() {
         store
-            .set_generation(new_generation)
+            .go_live(new_generation)
             .map_err(|e| format!("cannot record generation {new_generation}: {e}"))?;
     }
     state.generation = new_generation;
@@ -360,76 +406,85 @@ fn promote(shared: &Shared, silence: Duration) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     // Serve the output the primary may not have delivered, then the new output.
-    shared.log.restart_at(payload.console_offset);
-    shared.log.append(&payload.console_out);
-    shared.log.release_all();
-    shared.log.set_raw_start(Some(payload.console_offset));
+    let host = &shared.host;
+    host.log.restart_at(payload.console_offset);
+    host.log.append(&payload.console_out);
+    host.log.release_all();
+    host.log.set_raw_start(Some(payload.console_offset));
     let (vm, console) = Vm::restore(&vm_state, ram, false).map_err(|e| e.to_string())?;
     let resumed = started.elapsed();
-    shared.input.set(Some(console.input));
-    let log = shared.log.clone();
-    let output = console.output;
-    std::thread::Builder::new()
-        .name("console-out".into())
-        .spawn(move || {
-            while let Ok(first) = output.recv() {
-                let mut bytes = vec![first];
-                bytes.extend(output.try_iter());
-                log.append(&bytes);
-                log.release_all();
-            }
-        })
-        .map_err(|e| e.to_string())?;
-    state.role = Role::Promoted(Box::new(vm));
-    drop(state);
-    shared
-        .stats
-        .generation
-        .store(new_generation, Ordering::Release);
-    shared.stats.set_role("primary");
-    shared.stats.metrics.failovers.inc();
-    shared
-        .stats
-        .promotion_detect_us
-        .store(silence.as_micros() as u64, Ordering::Relaxed);
-    shared
-        .stats
+    host.input.set(Some(console.input));
+    let stats = &host.stats;
+    stats.generation.store(new_generation, Ordering::Release);
+    stats.set_role("primary");
+    stats.protected.store(false, Ordering::Release);
+    stats
         .promotion_resume_us
         .store(resumed.as_micros() as u64, Ordering::Relaxed);
-    shared.stats.protected.store(false, Ordering::Release);
-    shared
-        .stats
-        .set_state(format!("promoted from epoch {epoch}: running unprotected"));
-    shared.promoted.cancel();
-    tracing::info!(
-        epoch,
-        generation = new_generation,
-        detection_ms = silence.as_millis() as u64,
-        fence_us = fenced.as_micros() as u64,
-        resume_us = resumed.as_micros() as u64,
-        "promoted: VM running"
-    );
-    // Report the VM's end (guest shutdown or failure) to the daemon.
-    let watch = state_vm_watch(shared);
-    let ended = shared.vm_ended.clone();
-    std::thread::Builder::new()
-        .name("vm-watch".into())
-        .spawn(move || {
-            if let Some(watch) = watch
-                && let Some(end) = watch.wait(Duration::MAX)
-            {
-                ended.send_replace(Some(end));
-            }
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(())
-}
-
-fn state_vm_watch(shared: &Shared) -> Option<understudy_vmm::EndWatch> {
-    match &shared.lock().role {
-        Role::Promoted(vm) => Some(vm.end_watch()),
-        Role::Standby => None,
+    match trigger {
+        Trigger::Handover { .. } => {
+            state.role = Role::HandedOver(Some(Box::new(RunningVm {
+                vm,
+                output: console.output,
+                generation: new_generation,
+            })));
+            drop(state);
+            stats.metrics.switchovers.inc();
+            stats.promotion_detect_us.store(0, Ordering::Relaxed);
+            stats.set_state(format!("took over from epoch {epoch} by handover"));
+            tracing::info!(
+                epoch,
+                generation = new_generation,
+                fence_us = fenced.as_micros() as u64,
+                resume_us = resumed.as_micros() as u64,
+                "handover: VM running here; protecting it as the primary"
+            );
+            shared.handed_over.cancel();
+            return Ok((new_generation, resumed));
+        }
+        Trigger::Silence(silence) => {
+            let log = host.log.clone();
+            let output = console.output;
+            std::thread::Builder::new()
+                .name("console-out".into())
+                .spawn(move || {
+                    while let Ok(first) = output.recv() {
+                        let mut bytes = vec![first];
+                        bytes.extend(output.try_iter());
+                        log.append(&bytes);
+                        log.release_all();
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            let watch = vm.end_watch();
+            state.role = Role::Promoted(Box::new(vm));
+            drop(state);
+            stats.metrics.failovers.inc();
+            stats
+                .promotion_detect_us
+                .store(silence.as_micros() as u64, Ordering::Relaxed);
+            stats.set_state(format!("promoted from epoch {epoch}: running unprotected"));
+            tracing::info!(
+                epoch,
+                generation = new_generation,
+                detection_ms = silence.as_millis() as u64,
+                fence_us = fenced.as_micros() as u64,
+                resume_us = resumed.as_micros() as u64,
+                "promoted: VM running"
+            );
+            // Report the VM's end (guest shutdown or failure) to the daemon.
+            let ended = shared.vm_ended.clone();
+            std::thread::Builder::new()
+                .name("vm-watch".into())
+                .spawn(move || {
+                    if let Some(end) = watch.wait(Duration::MAX) {
+                        ended.send_replace(Some(end));
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
     }
+    Ok((new_generation, resumed))
 }
 
 #[derive(Clone)]
@@ -492,12 +547,13 @@ impl Replication for ReplicationService {
         state.goodbye = false;
         shared.heard();
         shared
+            .host
             .stats
             .generation
             .store(req.generation, Ordering::Release);
-        shared.stats.protected.store(false, Ordering::Release);
-        shared.stats.set_state("syncing");
-        shared.stats.link_up.store(true, Ordering::Release);
+        shared.host.stats.protected.store(false, Ordering::Release);
+        shared.host.stats.set_state("syncing");
+        shared.host.stats.link_up.store(true, Ordering::Release);
         tracing::info!(
             session = req.session,
             generation = req.generation,
@@ -569,12 +625,7 @@ impl Replication for ReplicationService {
             while let Some(Ok(beat)) = incoming.next().await {
                 let (generation, role) = {
                     let state = shared.lock();
-                    let role = if matches!(state.role, Role::Promoted(_)) {
-                        "primary"
-                    } else {
-                        "backup"
-                    };
-                    (state.generation, role)
+                    (state.generation, state.role.name())
                 };
                 if beat.generation >= generation && role == "backup" {
                     shared.heard();
@@ -609,6 +660,7 @@ impl Replication for ReplicationService {
         if req.session == state.session {
             state.goodbye = true;
             self.0
+                .host
                 .stats
                 .set_state("primary stopped on purpose: not promoting");
             tracing::info!("primary said goodbye: it stopped on purpose, no promotion");
@@ -618,15 +670,53 @@ impl Replication for ReplicationService {
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
         let state = self.0.lock();
-        let role = if matches!(state.role, Role::Promoted(_)) {
-            "primary"
-        } else {
-            "backup"
-        };
         Ok(Response::new(ProbeReply {
             generation: state.generation,
-            role: role.into(),
+            role: state.role.name().into(),
         }))
+    }
+
+    async fn handover(
+        &self,
+        req: Request<HandoverRequest>,
+    ) -> Result<Response<HandoverReply>, Status> {
+        let req = req.into_inner();
+        if let Some(why) = &self.0.opts.handover_unavailable {
+            return Err(Status::failed_precondition(format!(
+                "handover refused: {why}"
+            )));
+        }
+        {
+            let state = self.0.lock();
+            self.0.deposed_if_promoted(&state, req.generation)?;
+            if req.generation != state.generation {
+                return Err(Status::failed_precondition(format!(
+                    "handover refused: generation {} is not this session's ({})",
+                    req.generation, state.generation
+                )));
+            }
+        }
+        tracing::info!(
+            epoch = req.epoch,
+            "primary hands the VM over (switchover): promoting now"
+        );
+        let shared = self.0.clone();
+        let trigger = Trigger::Handover {
+            session: req.session,
+            epoch: req.epoch,
+        };
+        match tokio::task::block_in_place(|| promote(&shared, trigger)) {
+            Ok((generation, resumed)) => Ok(Response::new(HandoverReply {
+                generation,
+                resume_micros: resumed.as_micros() as u64,
+            })),
+            Err(why) => {
+                tracing::warn!(%why, "handover refused");
+                Err(Status::failed_precondition(format!(
+                    "handover refused: {why}"
+                )))
+            }
+        }
     }
 }
 
@@ -646,6 +736,7 @@ fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status
         return Err(Status::failed_precondition("no replication session"));
     };
     shared
+        .host
         .stats
         .bytes_shipped
         .fetch_add(msg.chunk.len() as u64, Ordering::Relaxed);
@@ -672,12 +763,12 @@ fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status
     state.decoder = Some(EpochDecoder::with_buffers(staged.recycle()));
     if checkpoint {
         state.protected = true;
-        shared.stats.protected.store(true, Ordering::Release);
-        shared.stats.set_last_epoch(epoch);
-        shared.stats.set_state("protecting");
+        shared.host.stats.protected.store(true, Ordering::Release);
+        shared.host.stats.set_last_epoch(epoch);
+        shared.host.stats.set_state("protecting");
     }
-    shared.stats.epochs.fetch_add(1, Ordering::Relaxed);
-    shared.stats.metrics.epochs.inc();
+    shared.host.stats.epochs.fetch_add(1, Ordering::Relaxed);
+    shared.host.stats.metrics.epochs.inc();
     Ok(Some(Ack {
         epoch,
         generation: state.generation,

@@ -608,6 +608,21 @@ impl ImageStore {
         Ok(())
     }
 
+    /// Promotion: records `generation` (newer than the current one) and marks
+    /// the image as no longer a committed epoch, because `memory.img` is
+    /// about to become the running VM's RAM. Opening it later (this host as a
+    /// backup again) then expects a full sync instead of verifying a digest
+    /// the running guest has long changed. Read the device state first.
+    pub fn go_live(&mut self, generation: u64) -> Result<(), StoreError> {
+        if generation <= self.meta.generation {
+            return Err(StoreError::GenerationNotNewer {
+                current: self.meta.generation,
+                requested: generation,
+            });
+        }
+        self.begin_sync(generation)
+    }
+
     /// Applies a staged epoch: a sync round straight into the image; a
     /// checkpoint atomically through the journal.
     pub fn apply(&mut self, staged: &StagedEpoch) -> Result<ApplyReport, StoreError> {

@@ -387,3 +387,31 @@ fn generation_only_moves_forward() {
     );
     drop(keep);
 }
+
+#[test]
+fn an_image_gone_live_reopens_for_a_resync_instead_of_failing_its_digest() {
+    let Fixture {
+        _dir: keep,
+        mut store,
+        ..
+    } = fixture();
+    let generation0 = store.generation();
+    assert!(matches!(
+        store.go_live(generation0),
+        Err(StoreError::GenerationNotNewer { .. })
+    ));
+    store.go_live(generation0 + 1).unwrap();
+    let dir = store.dir().to_owned();
+    drop(store);
+    // The promoted VM ran on memory.img and changed it.
+    let mem = dir.join("memory.img");
+    let mut bytes = std::fs::read(&mem).unwrap();
+    bytes[12345] ^= 0x10;
+    std::fs::write(&mem, &bytes).unwrap();
+    // This host as a backup again: the image opens, waiting for a full sync.
+    let (store, _) = ImageStore::open(&dir, Default::default()).unwrap();
+    assert_eq!(store.status(), ImageStatus::Syncing);
+    assert_eq!(store.generation(), generation0 + 1);
+    assert_eq!(store.committed_epoch(), None);
+    drop(keep);
+}

@@ -30,6 +30,9 @@ use understudy_vmm::ConsoleInput;
 
 /// Magic of the resume request and reply.
 pub const RESUME_MAGIC: [u8; 8] = *b"USCONSOL";
+/// The resume offset that asks for output from now on (the server answers
+/// with the offset it starts from).
+pub const FROM_NOW: u64 = u64::MAX;
 /// How long a new connection may take to send its resume request.
 const RESUME_GRACE: Duration = Duration::from_millis(100);
 /// Released output kept for clients that resume from an older offset.
@@ -64,6 +67,9 @@ impl Log {
 pub struct ConsoleLog {
     log: Mutex<Log>,
     released_tx: watch::Sender<u64>,
+    /// Bumped to close every client connection (this host stopped running
+    /// the guest: its clients must follow it to the new primary).
+    disconnect_tx: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for ConsoleLog {
@@ -81,7 +87,9 @@ impl ConsoleLog {
     /// An empty log whose first byte will have offset `offset`.
     pub fn new(offset: u64) -> Arc<Self> {
         let (released_tx, _) = watch::channel(offset);
+        let (disconnect_tx, _) = watch::channel(0);
         Arc::new(Self {
+            disconnect_tx,
             log: Mutex::new(Log {
                 start: offset,
                 buf: VecDeque::new(),
@@ -159,6 +167,13 @@ impl ConsoleLog {
         dropped
     }
 
+    /// Closes every connected client once it has been sent all released
+    /// output (a switchover moved the guest to the other host; resuming
+    /// clients reconnect there with their offset). New clients are accepted.
+    pub fn disconnect_clients(&self) {
+        self.disconnect_tx.send_modify(|n| *n += 1);
+    }
+
     /// Where clients without a resume request start (`None` = "now").
     pub fn set_raw_start(&self, offset: Option<u64>) {
         self.lock().raw_start = offset;
@@ -183,7 +198,11 @@ impl ConsoleLog {
     /// skipped.
     fn start_for(&self, requested: Option<u64>) -> u64 {
         let log = self.lock();
-        let wanted = requested.or(log.raw_start).unwrap_or(log.released);
+        let wanted = match requested {
+            Some(FROM_NOW) => log.released,
+            Some(offset) => offset,
+            None => log.raw_start.unwrap_or(log.released),
+        };
         wanted.max(log.start)
     }
 }
@@ -311,6 +330,8 @@ async fn client(
         })
     };
     let mut released = log.released_tx.subscribe();
+    let mut disconnect = log.disconnect_tx.subscribe();
+    let mut closing = false;
     loop {
         let (from, bytes) = log.read_released(cursor, 64 * 1024);
         if from > cursor {
@@ -320,8 +341,13 @@ async fn client(
             );
         }
         if bytes.is_empty() {
+            // Asked to disconnect: only once everything released is sent.
+            if closing {
+                break;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = disconnect.changed() => closing = true,
                 changed = released.changed() => if changed.is_err() { break },
             }
             continue;
@@ -344,8 +370,17 @@ pub struct ResumingClient {
 }
 
 impl ResumingClient {
-    /// Connects and asks for output from `offset`.
-    pub async fn connect(addr: SocketAddr, offset: u64) -> std::io::Result<Self> {
+    /// Connects and asks for output from now on (the client learns the
+    /// offset, so it can resume elsewhere later).
+    pub async fn connect_now(addr: SocketAddr) -> std::io::Result<Self> {
+        let (stream, start) = Self::request(addr, FROM_NOW).await?;
+        Ok(Self {
+            stream,
+            offset: start,
+        })
+    }
+
+    async fn request(addr: SocketAddr, offset: u64) -> std::io::Result<(TcpStream, u64)> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let mut req = RESUME_MAGIC.to_vec();
@@ -360,7 +395,12 @@ impl ResumingClient {
         }
         let mut o = [0u8; 8];
         o.copy_from_slice(&reply[8..]);
-        let start = u64::from_le_bytes(o);
+        Ok((stream, u64::from_le_bytes(o)))
+    }
+
+    /// Connects and asks for output from `offset`.
+    pub async fn connect(addr: SocketAddr, offset: u64) -> std::io::Result<Self> {
+        let (stream, start) = Self::request(addr, offset).await?;
         if start > offset {
             return Err(std::io::Error::other(format!(
                 "console output from offset {offset} to {start} is gone"
@@ -452,6 +492,44 @@ mod tests {
         log.release_all();
         let n = raw.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"XY");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn clients_from_now_learn_their_offset_and_a_disconnect_flushes_first() {
+        let log = ConsoleLog::new(0);
+        log.append(b"old output\n");
+        log.release_all();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            log.clone(),
+            InputSink::new(None),
+            shutdown.clone(),
+        ));
+        let mut c = ResumingClient::connect_now(addr).await.unwrap();
+        assert_eq!(c.offset, 11, "starts at the released end");
+        // Released output, then a disconnect (a switchover): the client gets
+        // every released byte before the connection closes.
+        log.append(b"last words");
+        log.release_all();
+        log.disconnect_clients();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = c.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"last words");
+        assert_eq!(c.offset, 21);
+        // New clients are still served.
+        let again = ResumingClient::connect(addr, 11).await.unwrap();
+        assert_eq!(again.offset, 11);
         shutdown.cancel();
     }
 }

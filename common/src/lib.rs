@@ -6,6 +6,7 @@
 pub mod console;
 pub mod metrics;
 pub mod payload;
+pub mod role;
 pub mod status;
 pub mod wire;
 

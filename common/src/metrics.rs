@@ -34,6 +34,7 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     pub heartbeat_rtt: Histogram,
     pub failovers: Counter,
+    pub switchovers: Counter,
     generation: Gauge,
     protected: Gauge,
     lag: Gauge,
@@ -61,6 +62,7 @@ impl Metrics {
             ack_latency: seconds(),
             heartbeat_rtt: seconds(),
             failovers: Counter::default(),
+            switchovers: Counter::default(),
             generation: Gauge::default(),
             protected: Gauge::default(),
             lag: Gauge::default(),
@@ -116,8 +118,13 @@ impl Metrics {
         );
         registry.register(
             "failovers",
-            "Promotions of this backup",
+            "Promotions of this backup after the primary went silent",
             m.failovers.clone(),
+        );
+        registry.register(
+            "switchovers",
+            "Planned role swaps this host took part in (handed the VM over or took it)",
+            m.switchovers.clone(),
         );
         registry.register("generation", "Fencing generation", m.generation.clone());
         registry.register(

@@ -54,7 +54,7 @@ pub struct Stats {
     pub vm_id: String,
     role: Mutex<&'static str>,
     state: Mutex<String>,
-    pub peer: String,
+    peer: Mutex<String>,
     pub generation: AtomicU64,
     pub protected: AtomicBool,
     /// A backup: a primary has connected (the link is up).
@@ -84,7 +84,7 @@ impl Stats {
             vm_id: vm_id.to_owned(),
             role: Mutex::new(role),
             state: Mutex::new("starting".into()),
-            peer,
+            peer: Mutex::new(peer),
             generation: AtomicU64::new(generation),
             protected: AtomicBool::new(false),
             link_up: AtomicBool::new(false),
@@ -107,6 +107,19 @@ impl Stats {
 
     pub fn set_role(&self, role: &'static str) {
         *self.role.lock().unwrap_or_else(|p| p.into_inner()) = role;
+    }
+
+    /// A new role on this host (a switchover): role, peer and the figures
+    /// that describe one role's link start over; counters and histograms
+    /// carry on (Prometheus counters never go back).
+    pub fn start_role(&self, role: &'static str, peer: String) {
+        self.set_role(role);
+        *lock(&self.peer) = peer;
+        self.protected.store(false, Ordering::Release);
+        self.link_up.store(false, Ordering::Release);
+        self.in_flight.store(0, Ordering::Relaxed);
+        self.last_epoch_plus_one.store(0, Ordering::Release);
+        self.set_state("starting");
     }
 
     pub fn role(&self) -> &'static str {
@@ -193,7 +206,7 @@ impl Stats {
             state: self.state(),
             bytes_shipped: self.bytes_shipped.load(Ordering::Relaxed),
             epochs: self.epochs.load(Ordering::Relaxed),
-            peer: self.peer.clone(),
+            peer: lock(&self.peer).clone(),
             promotion_detect_micros: self.promotion_detect_us.load(Ordering::Relaxed),
             promotion_resume_micros: self.promotion_resume_us.load(Ordering::Relaxed),
         }
@@ -204,9 +217,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The Control gRPC service over a daemon's [`Stats`].
+/// The Control gRPC service over a daemon's [`Stats`]; switchovers go to
+/// whichever primary role is installed in `switchover`.
 #[derive(Debug, Clone)]
-pub struct ControlService(pub std::sync::Arc<Stats>);
+pub struct ControlService {
+    pub stats: std::sync::Arc<Stats>,
+    pub switchover: crate::role::SwitchoverSlot,
+}
 
 #[tonic::async_trait]
 impl Control for ControlService {
@@ -214,17 +231,27 @@ impl Control for ControlService {
         &self,
         _: tonic::Request<StatusRequest>,
     ) -> Result<tonic::Response<StatusReply>, tonic::Status> {
-        Ok(tonic::Response::new(self.0.reply()))
+        Ok(tonic::Response::new(self.stats.reply()))
     }
 
     async fn epochs(
         &self,
         _: tonic::Request<understudy_proto::EpochsRequest>,
     ) -> Result<tonic::Response<understudy_proto::EpochsReply>, tonic::Status> {
-        let samples = lock(&self.0.recent).iter().cloned().collect();
+        let samples = lock(&self.stats.recent).iter().cloned().collect();
         Ok(tonic::Response::new(understudy_proto::EpochsReply {
             samples,
         }))
+    }
+
+    async fn switchover(
+        &self,
+        _: tonic::Request<understudy_proto::SwitchoverRequest>,
+    ) -> Result<tonic::Response<understudy_proto::SwitchoverReply>, tonic::Status> {
+        self.switchover
+            .request(self.stats.role())
+            .await
+            .map(tonic::Response::new)
     }
 }
 

@@ -12,6 +12,12 @@
 //!                └─ alive: resync ◀────────────────────────────────────────┘
 //! ```
 //!
+//! A planned switchover ([`understudy_proto::SwitchoverRequest`] on the Control
+//! service): a final checkpoint with the VM left paused, its ack, then
+//! `Handover`; the backup promotes at once and this primary stops its VM for
+//! good ([`PrimaryExit::HandedOver`]). A primary can also start around a VM a
+//! handover gave this host ([`Start::Adopt`]).
+//!
 //! Threads: the *replicator* (a std thread) owns the VM and the sender state, so
 //! the pause path never waits on the async runtime; the async *session manager*
 //! owns the gRPC streams, acks, heartbeats and failure handling. They meet in
@@ -30,14 +36,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use understudy_checkpoint::epoch::{EpochKind, SenderState};
 use understudy_checkpoint::{CodecPolicy, PAGE_SIZE};
-use understudy_common::console::{self, ConsoleLog, InputSink};
+use understudy_common::console::ConsoleLog;
 use understudy_common::payload::CheckpointPayload;
-use understudy_common::status::{ControlService, Stats};
+use understudy_common::role::{HostIo, RunningVm, SwitchoverResponder};
+use understudy_common::status::Stats;
 use understudy_common::wire;
-use understudy_proto::control_server::ControlServer;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{
-    Beat, EpochChunk, GoodbyeRequest, HelloRequest, PROTOCOL_VERSION, ProbeRequest,
+    Beat, EpochChunk, GoodbyeRequest, HandoverReply, HandoverRequest, HelloRequest,
+    PROTOCOL_VERSION, ProbeRequest, SwitchoverReply,
 };
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
 
@@ -58,8 +65,6 @@ pub struct PrimaryOptions {
     pub ram_bytes: usize,
     pub state_dir: PathBuf,
     pub backup: SocketAddr,
-    pub console_listen: SocketAddr,
-    pub control_listen: SocketAddr,
     pub epoch_interval: Duration,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -74,6 +79,18 @@ pub struct PrimaryOptions {
     pub tls: Option<wire::TlsFiles>,
     /// The name the backup's certificate must carry (default: its IP).
     pub backup_name: Option<String>,
+    /// Why this host could not become the backup after a switchover (None:
+    /// it can, so switchovers are accepted).
+    pub switchover_unavailable: Option<String>,
+}
+
+/// How the primary gets its VM.
+#[derive(Debug)]
+pub enum Start {
+    /// Boot the configured guest (after the first handshake with the backup).
+    Boot,
+    /// Protect a VM a handover left running on this host.
+    Adopt(Box<RunningVm>),
 }
 
 /// Why the primary stopped or refused to start.
@@ -118,6 +135,10 @@ pub enum PrimaryExit {
     VmEnded(VmEnd),
     /// A higher generation was seen: the VM was stopped, output dropped.
     Fenced { generation: u64 },
+    /// A switchover handed the VM to the backup, which runs it now at
+    /// `generation`; the VM here is stopped and this host should become the
+    /// backup.
+    HandedOver { generation: u64 },
 }
 
 const FENCED_FILE: &str = "fenced";
@@ -128,6 +149,8 @@ const MAX_SYNC_ROUNDS: usize = 8;
 /// Pages encoded between chunk hand-offs during a sync round.
 const STREAM_EVERY_PAGES: usize = 512;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a handover may take (the backup maps its image and restores).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Releases console output, unless fenced.
 #[derive(Debug)]
@@ -241,6 +264,15 @@ struct Shared {
     done: CancellationToken,
     /// When each unacked checkpoint was taken, for ack latency.
     taken_at: Mutex<VecDeque<(u64, Instant)>>,
+    /// A switchover the replicator is to carry out at its next checkpoint.
+    switchover: Mutex<Option<SwitchoverResponder>>,
+    /// The generation the VM was handed over at (0 = not handed over).
+    handed_over: AtomicU64,
+    /// A handover is under way: the backup's promotion (a higher generation
+    /// in its beats) is expected, not a fence.
+    handing_over: AtomicBool,
+    /// The highest generation seen while handing over.
+    seen_while_handing_over: AtomicU64,
 }
 
 impl Shared {
@@ -253,11 +285,30 @@ impl Shared {
     }
 
     fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire) || self.fenced_by.load(Ordering::Acquire) != 0
+        self.stop.load(Ordering::Acquire)
+            || self.fenced_by.load(Ordering::Acquire) != 0
+            || self.handed_over.load(Ordering::Acquire) != 0
+    }
+
+    fn take_switchover(&self) -> Option<SwitchoverResponder> {
+        self.switchover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Fences: from now on nothing is released; the replicator stops the VM.
+    /// During and after a handover the backup's promotion is the expected
+    /// outcome: the replicator, which holds the paused VM, finishes the
+    /// handover instead.
     fn fence(&self, generation: u64) {
+        if self.handing_over.load(Ordering::Acquire)
+            || self.handed_over.load(Ordering::Acquire) != 0
+        {
+            self.seen_while_handing_over
+                .fetch_max(generation, Ordering::AcqRel);
+            return;
+        }
         if self
             .fenced_by
             .compare_exchange(0, generation, Ordering::AcqRel, Ordering::Acquire)
@@ -399,97 +450,95 @@ async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) -> HelloOut
     }
 }
 
-/// Runs the primary until `shutdown`, a fence, or the guest's end.
-/// `stats` is where the primary reports its state (the daemon reads it for
-/// `understudyctl status` and systemd notifications).
+/// Runs the primary until `shutdown`, a fence, a handover, or the guest's
+/// end. `host` holds the console (served by the daemon), the status the
+/// daemon reports, and the slot switchover requests arrive through.
 pub async fn run(
     opts: PrimaryOptions,
-    stats: Arc<Stats>,
+    host: HostIo,
     shutdown: CancellationToken,
+    start: Start,
 ) -> Result<PrimaryExit, PrimaryError> {
-    let generation = check_not_fenced(&opts)?;
+    let stats = host.stats.clone();
+    let generation = match &start {
+        Start::Boot => check_not_fenced(&opts)?,
+        Start::Adopt(running) => adopt_generation(&opts, running.generation)?,
+    };
     stats.generation.store(generation, Ordering::Release);
-    let log = ConsoleLog::new(0);
-    let input = InputSink::new(None);
-    let console_listener = wire::listen("console", opts.console_listen).await?;
-    let control = wire::listen("control", opts.control_listen).await?;
-    let mut control_builder = wire::server(opts.tls.as_ref()).map_err(PrimaryError::Tls)?;
-    let control_server = tokio::spawn(
-        control_builder
-            .add_service(ControlServer::new(ControlService(stats.clone())))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(control),
-                shutdown.clone().cancelled_owned(),
-            ),
-    );
 
-    // First handshake before the VM runs: a primary that cannot ask the backup
-    // cannot know it was not deposed.
-    stats.set_state("waiting for the backup");
     let mut first_session = None;
-    let mut next_session = session_id();
-    loop {
-        match hello(&opts, generation, next_session).await {
-            HelloOutcome::Accepted(client) => {
-                first_session = Some((next_session, client));
-                break;
-            }
-            HelloOutcome::Deposed(g) => {
-                let marker = opts.state_dir.join(FENCED_FILE);
-                let _ = std::fs::write(&marker, format!("{g}\n"));
-                return Err(PrimaryError::Fenced {
-                    vm: opts.vm_id.clone(),
-                    generation: g,
-                    marker,
-                });
-            }
-            HelloOutcome::Refused(message) => {
-                return Err(PrimaryError::Refused {
-                    addr: opts.backup,
-                    message,
-                });
-            }
-            HelloOutcome::Unreachable(why) => {
-                if opts.start_unprotected {
-                    tracing::warn!(%why, "backup unreachable; starting unprotected as configured");
-                    break;
+    let (vm, output, unprotected_start) = match start {
+        Start::Boot => {
+            // First handshake before the VM runs: a primary that cannot ask
+            // the backup cannot know it was not deposed.
+            stats.set_state("waiting for the backup");
+            let mut next_session = session_id();
+            loop {
+                match hello(&opts, generation, next_session).await {
+                    HelloOutcome::Accepted(client) => {
+                        first_session = Some((next_session, client));
+                        break;
+                    }
+                    HelloOutcome::Deposed(g) => {
+                        let marker = opts.state_dir.join(FENCED_FILE);
+                        let _ = std::fs::write(&marker, format!("{g}\n"));
+                        return Err(PrimaryError::Fenced {
+                            vm: opts.vm_id.clone(),
+                            generation: g,
+                            marker,
+                        });
+                    }
+                    HelloOutcome::Refused(message) => {
+                        return Err(PrimaryError::Refused {
+                            addr: opts.backup,
+                            message,
+                        });
+                    }
+                    HelloOutcome::Unreachable(why) => {
+                        if opts.start_unprotected {
+                            tracing::warn!(%why, "backup unreachable; starting unprotected as configured");
+                            break;
+                        }
+                        tracing::info!(%why, backup = %opts.backup, "waiting for the backup");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                        next_session = session_id();
+                    }
                 }
-                tracing::info!(%why, backup = %opts.backup, "waiting for the backup");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-                next_session = session_id();
             }
+            let ram = GuestRam::new(opts.ram_bytes, RamBacking::Anonymous)
+                .map_err(|e| PrimaryError::Vm(e.into()))?;
+            let (vm, vm_console) = Vm::boot(
+                ram,
+                &opts.boot.clone(),
+                BootOptions {
+                    boot_record: Some(opts.boot.clone()),
+                    start_paused: false,
+                    dirty_logging: true,
+                },
+            )
+            .map_err(PrimaryError::Vm)?;
+            host.input.set(Some(vm_console.input.clone()));
+            tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, "VM booted");
+            (vm, vm_console.output, first_session.is_none())
         }
-    }
-
-    let ram = GuestRam::new(opts.ram_bytes, RamBacking::Anonymous)
-        .map_err(|e| PrimaryError::Vm(e.into()))?;
-    let (vm, vm_console) = Vm::boot(
-        ram,
-        &opts.boot.clone(),
-        BootOptions {
-            boot_record: Some(opts.boot.clone()),
-            start_paused: false,
-            dirty_logging: true,
-        },
-    )
-    .map_err(PrimaryError::Vm)?;
-    input.set(Some(vm_console.input.clone()));
-    tokio::spawn(console::serve(
-        console_listener,
-        log.clone(),
-        input,
-        shutdown.clone(),
-    ));
-    tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, "VM booted");
+        Start::Adopt(running) => {
+            let RunningVm { mut vm, output, .. } = *running;
+            vm.start_dirty_logging().map_err(PrimaryError::Vm)?;
+            // Clients without a resume offset get output from now on.
+            host.log.set_raw_start(None);
+            tracing::info!(vm = %opts.vm_id, generation, backup = %opts.backup, "protecting the VM handed over to this host");
+            (vm, output, true)
+        }
+    };
 
     let shared = Arc::new(Shared {
         generation,
         stats: stats.clone(),
         releaser: Releaser {
-            log: log.clone(),
+            log: host.log.clone(),
             state: Mutex::default(),
         },
         session: Mutex::new(None),
@@ -502,11 +551,19 @@ pub async fn run(
         vm_ended: Mutex::new(None),
         done: CancellationToken::new(),
         taken_at: Mutex::default(),
+        switchover: Mutex::new(None),
+        handed_over: AtomicU64::new(0),
+        handing_over: AtomicBool::new(false),
+        seen_while_handing_over: AtomicU64::new(0),
         opts: opts.clone(),
     });
+    if unprotected_start {
+        // Until a backup syncs, output follows the backup-loss policy.
+        unprotected(&shared, "no backup yet");
+    }
     let replicator = {
         let shared = shared.clone();
-        let output = vm_console.output;
+        let log = host.log.clone();
         std::thread::Builder::new()
             .name("replicator".into())
             .spawn({
@@ -515,6 +572,9 @@ pub async fn run(
             })
             .map_err(|e| PrimaryError::Replication(e.to_string()))?
     };
+    let (switchover_tx, switchover_rx) = tokio::sync::mpsc::channel(1);
+    host.switchover.install(switchover_tx);
+    let switchovers = tokio::spawn(accept_switchovers(shared.clone(), switchover_rx));
 
     let manager = tokio::spawn(session_manager(
         shared.clone(),
@@ -525,6 +585,8 @@ pub async fn run(
         _ = shutdown.cancelled() => {}
         _ = shared.done.cancelled() => {}
     }
+    host.switchover.clear();
+    switchovers.abort();
     // Graceful stop: the replicator finishes its epoch, waits for the last ack
     // and says goodbye (see Replicator::run); a fenced one just stops.
     shared.stop.store(true, Ordering::Release);
@@ -532,11 +594,20 @@ pub async fn run(
     shared.acked_cv.notify_all();
     let _ = tokio::task::spawn_blocking(move || replicator.join()).await;
     let _ = manager.await;
-    shutdown.cancel();
-    let _ = control_server.await;
+    if let Some(responder) = shared.take_switchover() {
+        let _ = responder.send(Err(tonic::Status::aborted(
+            "the primary stopped before the switchover could start",
+        )));
+    }
     let fenced = shared.fenced_by.load(Ordering::Acquire);
     if fenced != 0 {
         return Ok(PrimaryExit::Fenced { generation: fenced });
+    }
+    let handed_over = shared.handed_over.load(Ordering::Acquire);
+    if handed_over != 0 {
+        return Ok(PrimaryExit::HandedOver {
+            generation: handed_over,
+        });
     }
     if let Some(end) = shared
         .vm_ended
@@ -547,6 +618,77 @@ pub async fn run(
         return Ok(PrimaryExit::VmEnded(end));
     }
     Ok(PrimaryExit::Shutdown)
+}
+
+/// A handed-over VM runs at the generation its promotion recorded; this
+/// host's primary state follows (a fence marker left from an older
+/// generation no longer applies).
+fn adopt_generation(opts: &PrimaryOptions, generation: u64) -> Result<u64, PrimaryError> {
+    let dir = &opts.state_dir;
+    let io = |source| PrimaryError::StateDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join(GENERATION_FILE), format!("{generation}\n")).map_err(io)?;
+    match std::fs::remove_file(dir.join(FENCED_FILE)) {
+        Ok(()) => tracing::info!(generation, "removed a fence marker of an older generation"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    Ok(generation)
+}
+
+/// No backup holds the VM (`why`): output follows the backup-loss policy.
+fn unprotected(shared: &Shared, why: &str) {
+    match shared.opts.backup_loss {
+        BackupLoss::KeepRunning => {
+            shared.releaser.set_unprotected(true);
+            shared
+                .stats
+                .set_state(format!("unprotected: {why}, releasing output"));
+        }
+        BackupLoss::HoldOutput => {
+            shared
+                .stats
+                .set_state(format!("unprotected: {why}, holding output"));
+        }
+    }
+}
+
+/// Takes switchover requests from the Control service and queues one for
+/// the replicator, refusing at once what cannot work.
+async fn accept_switchovers(
+    shared: Arc<Shared>,
+    mut requests: tokio::sync::mpsc::Receiver<SwitchoverResponder>,
+) {
+    while let Some(responder) = requests.recv().await {
+        let refuse = if let Some(why) = &shared.opts.switchover_unavailable {
+            Some(why.clone())
+        } else if !shared.stats.protected.load(Ordering::Acquire) {
+            Some(format!(
+                "the VM is not protected ({}): the backup has no checkpoint to take over from",
+                shared.stats.state()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            let _ = responder.send(Err(tonic::Status::failed_precondition(format!(
+                "switchover refused: {why}"
+            ))));
+            continue;
+        }
+        let mut slot = shared.switchover.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            let _ = responder.send(Err(tonic::Status::failed_precondition(
+                "switchover refused: one is already under way",
+            )));
+        } else {
+            tracing::info!("switchover requested: handing the VM to the backup");
+            *slot = Some(responder);
+        }
+    }
 }
 
 async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
@@ -564,6 +706,52 @@ async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
             Ok(_) => tracing::info!("told the backup we stop on purpose"),
             Err(status) => tracing::warn!(%status, "goodbye refused"),
         }
+    }
+}
+
+/// What the backup said to a handover.
+enum HandoverOutcome {
+    Done(HandoverReply),
+    /// It certainly did not promote (refused, or never reached).
+    NotTaken(String),
+    Deposed(u64),
+    /// The request may have reached it.
+    Unknown(String),
+}
+
+async fn handover(
+    opts: &PrimaryOptions,
+    generation: u64,
+    session: u64,
+    epoch: u64,
+) -> HandoverOutcome {
+    let connect = async {
+        endpoint(opts)?
+            .connect()
+            .await
+            .map_err(|e| PrimaryError::Replication(e.to_string()))
+    };
+    let channel = match tokio::time::timeout(wire::CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return HandoverOutcome::NotTaken(format!("cannot reach the backup: {e}")),
+        Err(_) => return HandoverOutcome::NotTaken("cannot reach the backup: timed out".into()),
+    };
+    let mut client = ReplicationClient::new(channel);
+    let request = client.handover(HandoverRequest {
+        generation,
+        session,
+        epoch,
+    });
+    match tokio::time::timeout(HANDOVER_TIMEOUT, request).await {
+        Ok(Ok(reply)) => HandoverOutcome::Done(reply.into_inner()),
+        Ok(Err(status)) => match wire::deposed_generation(&status) {
+            Some(g) if g > generation => HandoverOutcome::Deposed(g),
+            _ if status.code() == tonic::Code::FailedPrecondition => {
+                HandoverOutcome::NotTaken(status.message().into())
+            }
+            _ => HandoverOutcome::Unknown(status.to_string()),
+        },
+        Err(_) => HandoverOutcome::Unknown(format!("no answer within {HANDOVER_TIMEOUT:?}")),
     }
 }
 
@@ -612,6 +800,11 @@ async fn session_manager(
         shared.stats.set_state("syncing");
         let reason = run_session(&shared, session, client).await;
         shared.stats.protected.store(false, Ordering::Release);
+        // A handover ends the session from the other side; let the
+        // replicator settle it before treating this as a lost backup.
+        while shared.handing_over.load(Ordering::Acquire) && !shared.stopping() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if shared.stopping() {
             return;
         }
@@ -626,19 +819,7 @@ async fn session_manager(
             Ok(_) => tracing::info!("backup still there: resyncing"),
             Err(why) => {
                 tracing::warn!(%why, policy = ?opts.backup_loss, "backup unreachable");
-                match opts.backup_loss {
-                    BackupLoss::KeepRunning => {
-                        shared.releaser.set_unprotected(true);
-                        shared
-                            .stats
-                            .set_state("unprotected: backup lost, releasing output");
-                    }
-                    BackupLoss::HoldOutput => {
-                        shared
-                            .stats
-                            .set_state("unprotected: backup lost, holding output");
-                    }
-                }
+                unprotected(&shared, "backup lost");
             }
         }
     }
@@ -821,6 +1002,8 @@ enum SessionEnd {
     Broken,
     Stop,
     VmEnded(VmEnd),
+    /// A switchover: the backup runs the VM now.
+    HandedOver,
 }
 
 impl Replicator {
@@ -853,8 +1036,10 @@ impl Replicator {
     fn run(mut self) {
         let end = self.main_loop();
         // A clean stop or a guest that ended by itself: tell the backup not to
-        // promote, while the session is still up. A fenced primary says nothing.
+        // promote, while the session is still up. A fenced primary says
+        // nothing, nor one that handed the VM over.
         if self.shared.fenced_by.load(Ordering::Acquire) == 0
+            && self.shared.handed_over.load(Ordering::Acquire) == 0
             && let Some(session) = self.last_session
         {
             let opts = self.shared.opts.clone();
@@ -892,7 +1077,7 @@ impl Replicator {
             let Some(link) = link else { continue };
             match self.run_session(&link) {
                 SessionEnd::Broken => link.broken.store(true, Ordering::Release),
-                SessionEnd::Stop => return None,
+                SessionEnd::Stop | SessionEnd::HandedOver => return None,
                 SessionEnd::VmEnded(end) => return Some(end),
             }
         }
@@ -980,7 +1165,7 @@ impl Replicator {
         let mut next_tick = Instant::now();
         let mut protected = false;
         loop {
-            match self.checkpoint(link, &mut sender) {
+            match self.checkpoint(link, &mut sender, false) {
                 Ok(true) => {}
                 Ok(false) => return SessionEnd::Broken,
                 Err(end) => return end,
@@ -1008,6 +1193,11 @@ impl Replicator {
                 self.wait_acked(link, self.next_epoch - 1);
                 return SessionEnd::Stop;
             }
+            if let Some(responder) = self.shared.take_switchover()
+                && let Some(end) = self.hand_over(link, &mut sender, responder)
+            {
+                return end;
+            }
             // Back-pressure: at most max_in_flight epochs unacked.
             let oldest_allowed = (self.next_epoch - 1).saturating_sub(opts.max_in_flight);
             if !self.wait_acked(link, oldest_allowed) {
@@ -1027,6 +1217,132 @@ impl Replicator {
             if self.shared.stopping() && self.shared.fenced_by.load(Ordering::Acquire) != 0 {
                 return SessionEnd::Stop;
             }
+        }
+    }
+
+    /// A planned switchover: the final checkpoint with the VM left paused,
+    /// its ack, then `Handover`. The VM never runs here again unless the
+    /// backup certainly did not promote (it refused, or the request never
+    /// reached it). Returns how the session ends, or None to carry on.
+    fn hand_over(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+        responder: SwitchoverResponder,
+    ) -> Option<SessionEnd> {
+        let started = Instant::now();
+        let fail = |responder: SwitchoverResponder, why: String| {
+            tracing::warn!(%why, "switchover failed; still the primary");
+            let _ = responder.send(Err(tonic::Status::unavailable(format!(
+                "switchover failed, the VM runs on here: {why}"
+            ))));
+        };
+        let bytes_before = self.shared.stats.bytes_shipped.load(Ordering::Relaxed);
+        let pages = match self.checkpoint(link, sender, true) {
+            Ok(true) => self.staging.len() / PAGE_SIZE,
+            Ok(false) => {
+                self.resume_after_failed_switchover();
+                fail(
+                    responder,
+                    "the session broke during the final checkpoint".into(),
+                );
+                return Some(SessionEnd::Broken);
+            }
+            Err(end) => {
+                fail(responder, "the final checkpoint failed".into());
+                return Some(end);
+            }
+        };
+        let final_bytes = self.shared.stats.bytes_shipped.load(Ordering::Relaxed) - bytes_before;
+        let epoch = self.next_epoch - 1;
+        if !self.wait_acked(link, epoch) {
+            if self.shared.fenced_by.load(Ordering::Acquire) != 0 {
+                fail(responder, "deposed during the switchover".into());
+                return Some(SessionEnd::Stop);
+            }
+            self.resume_after_failed_switchover();
+            fail(
+                responder,
+                format!("the backup did not ack the final checkpoint {epoch}"),
+            );
+            return Some(SessionEnd::Broken);
+        }
+        let opts = self.shared.opts.clone();
+        let generation = self.shared.generation;
+        // From here the backup's promotion is the expected outcome.
+        self.shared.handing_over.store(true, Ordering::Release);
+        let outcome = self
+            .runtime
+            .block_on(handover(&opts, generation, link.id, epoch));
+        let seen = self.shared.seen_while_handing_over.load(Ordering::Acquire);
+        let not_handing_over = || self.shared.handing_over.store(false, Ordering::Release);
+        let reply = match outcome {
+            HandoverOutcome::Done(reply) => reply,
+            // The answer says no, yet the backup was seen promoted: it runs
+            // the VM (from our final checkpoint); ours stays stopped.
+            HandoverOutcome::NotTaken(why) if seen > generation => {
+                tracing::warn!(%why, generation = seen, "the handover was refused, yet the backup promoted: it runs the VM");
+                HandoverReply {
+                    generation: seen,
+                    resume_micros: 0,
+                }
+            }
+            HandoverOutcome::NotTaken(why) => {
+                not_handing_over();
+                self.resume_after_failed_switchover();
+                fail(responder, why);
+                return None;
+            }
+            HandoverOutcome::Deposed(g) => {
+                not_handing_over();
+                self.shared.fence(g);
+                fail(responder, format!("deposed by generation {g}"));
+                return Some(SessionEnd::Stop);
+            }
+            HandoverOutcome::Unknown(why) => {
+                // The backup may have promoted. Either way the VM must not
+                // run here again: if the request was lost, our silence
+                // promotes the backup from this same final checkpoint.
+                tracing::warn!(%why, "no answer to the handover: the backup promotes either way (handover or silence)");
+                HandoverReply {
+                    generation: generation + 1,
+                    resume_micros: 0,
+                }
+            }
+        };
+        let downtime = started.elapsed();
+        self.shared
+            .handed_over
+            .store(reply.generation, Ordering::Release);
+        not_handing_over();
+        self.shared.stats.metrics.switchovers.inc();
+        self.shared
+            .stats
+            .set_state(format!("handed over at epoch {epoch}"));
+        // All output up to the final checkpoint went out with its ack; the
+        // clients follow the guest to its new host.
+        self.log.disconnect_clients();
+        tracing::info!(
+            epoch,
+            generation = reply.generation,
+            downtime_ms = downtime.as_secs_f64() * 1e3,
+            "switchover: the backup runs the VM now"
+        );
+        let _ = responder.send(Ok(SwitchoverReply {
+            generation: reply.generation,
+            final_epoch: epoch,
+            downtime_micros: downtime.as_micros() as u64,
+            resume_micros: reply.resume_micros,
+            final_pages: pages as u64,
+            final_bytes,
+            new_primary: opts.backup.to_string(),
+        }));
+        Some(SessionEnd::HandedOver)
+    }
+
+    fn resume_after_failed_switchover(&self) {
+        if let Err(e) = self.vm().resume() {
+            tracing::error!(error = %e, "cannot resume the VM after a failed switchover");
         }
     }
 
@@ -1104,6 +1420,7 @@ impl Replicator {
         &mut self,
         link: &SessionLink,
         sender: &mut SenderState,
+        leave_paused: bool,
     ) -> Result<bool, SessionEnd> {
         let epoch = self.next_epoch;
         let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
@@ -1134,7 +1451,7 @@ impl Replicator {
         // Output up to the pause belongs to this epoch.
         let bytes: Vec<u8> = self.output.try_iter().collect();
         let end_offset = self.log.append(&bytes);
-        let resumed = vm.resume();
+        let resumed = if leave_paused { Ok(()) } else { vm.resume() };
         let pause = started.elapsed();
         let (pages, state) = match (captured, resumed) {
             (Ok(c), Ok(())) => c,

@@ -8,8 +8,9 @@
     rust_2018_idioms
 )]
 
-/// Bumped on any incompatible change to the protocol or the epoch format.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any incompatible change to the protocol or the epoch format
+/// (2: Handover, for planned switchovers).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 pub mod v1 {
     tonic::include_proto!("understudy.v1");

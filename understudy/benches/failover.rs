@@ -59,6 +59,7 @@ fn main() {
             verbose: false,
             daemon: Some(env!("CARGO_BIN_EXE_understudyd").into()),
             guest: understudy::demo::DrillGuest::Counter,
+            kind: understudy::drill::DrillKind::Kill,
             progress: false,
         };
         let r = runtime.block_on(drill(&opts)).unwrap();

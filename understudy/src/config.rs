@@ -12,6 +12,18 @@ use understudy_checkpoint::{CodecPolicy, Compression};
 use understudy_primary::BackupLoss;
 use understudy_vmm::{BuiltinBoot, BuiltinGuest};
 
+use crate::daemon::Role;
+
+/// One host's addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct HostAddrs {
+    pub console: SocketAddr,
+    pub control: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    /// Where it listens as the backup (the `[primary]` host: optional).
+    pub replication: Option<SocketAddr>,
+}
+
 /// A configuration mistake, naming the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -174,6 +186,10 @@ pub struct PrimaryAddrs {
     /// Prometheus metrics (`/metrics`); none if unset.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// Where this host listens as the backup after a switchover; without it
+    /// the primary refuses switchovers.
+    #[serde(default)]
+    pub replication: Option<SocketAddr>,
 }
 
 /// The backup host's addresses.
@@ -382,15 +398,51 @@ impl Config {
         self.memory_mib << 20
     }
 
-    pub fn primary_options(&self) -> Result<understudy_primary::PrimaryOptions, String> {
+    /// The addresses of the host listed under `[primary]` or `[backup]`.
+    pub fn host(&self, section: Role) -> HostAddrs {
+        match section {
+            Role::Primary => HostAddrs {
+                console: self.primary.console,
+                control: self.primary.control,
+                metrics: self.primary.metrics,
+                replication: self.primary.replication,
+            },
+            Role::Backup => HostAddrs {
+                console: self.backup.console,
+                control: self.backup.control,
+                metrics: self.backup.metrics,
+                replication: Some(self.backup.replication),
+            },
+        }
+    }
+
+    /// Why the host of `section` cannot take the role it does not start with
+    /// (a switchover swaps them), or None when it can.
+    pub fn switchover_unavailable(&self) -> Option<String> {
+        self.primary.replication.is_none().then(|| {
+            "primary.replication is not set: the primary's host has no address to serve as the backup from \
+             (set it in the config on both hosts)"
+                .to_owned()
+        })
+    }
+
+    /// The primary role on the host of `home` (the section it was started
+    /// with), replicating to the other host.
+    pub fn primary_options(
+        &self,
+        home: Role,
+    ) -> Result<understudy_primary::PrimaryOptions, String> {
+        let peer = home.other();
+        let backup = self
+            .host(peer)
+            .replication
+            .ok_or_else(|| self.switchover_unavailable().unwrap_or_default())?;
         Ok(understudy_primary::PrimaryOptions {
             vm_id: self.name.clone(),
             boot: self.boot(),
             ram_bytes: self.ram_bytes(),
             state_dir: self.state_dir.clone(),
-            backup: self.backup.replication,
-            console_listen: self.primary.console,
-            control_listen: self.primary.control,
+            backup,
             epoch_interval: self.epoch_interval,
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
@@ -399,23 +451,33 @@ impl Config {
             max_in_flight: self.max_in_flight,
             start_unprotected: self.start_unprotected,
             tls: self.tls_files(),
-            backup_name: self.tls.backup_name.clone(),
+            // backup_name names the [backup] host's certificate; the
+            // [primary] host's is checked against its IP.
+            backup_name: match peer {
+                Role::Backup => self.tls.backup_name.clone(),
+                Role::Primary => None,
+            },
+            switchover_unavailable: self.switchover_unavailable(),
         })
     }
 
-    pub fn backup_options(&self) -> understudy_backup::BackupOptions {
-        understudy_backup::BackupOptions {
+    /// The backup role on the host of `home`.
+    pub fn backup_options(&self, home: Role) -> Result<understudy_backup::BackupOptions, String> {
+        let replication_listen = self
+            .host(home)
+            .replication
+            .ok_or_else(|| self.switchover_unavailable().unwrap_or_default())?;
+        Ok(understudy_backup::BackupOptions {
             vm_id: self.name.clone(),
             ram_bytes: self.ram_bytes() as u64,
             image_dir: self.state_dir.join("image"),
-            replication_listen: self.backup.replication,
-            console_listen: self.backup.console,
-            control_listen: self.backup.control,
+            replication_listen,
+            handover_unavailable: self.switchover_unavailable(),
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
             fsync: self.fsync,
             tls: self.tls_files(),
-        }
+        })
     }
 }
 

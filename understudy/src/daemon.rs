@@ -1,29 +1,88 @@
-//! `understudyd`: runs one VM's role (primary or backup) from its config until
+//! `understudyd`: runs one host's side of a protected VM from its config until
 //! SIGTERM/SIGINT, a fence, or the guest's end.
+//!
+//! A host is the one listed under `[primary]` or `[backup]` (its *home*
+//! section: its addresses). Its *role* starts as the home section's, or as
+//! `state_dir/role` says after a switchover, and changes in the same process
+//! when a switchover swaps the roles: the primary that handed the VM over
+//! becomes the backup, the backup that took it becomes the primary. The
+//! console, control and metrics servers belong to the host and stay up
+//! across role changes.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use understudy_backup::BackupExit;
-use understudy_common::status::Stats;
-use understudy_primary::{PrimaryError, PrimaryExit};
+use understudy_common::role::HostIo;
+use understudy_common::status::{ControlService, Stats};
+use understudy_common::{console, wire};
+use understudy_primary::{PrimaryError, PrimaryExit, Start};
+use understudy_proto::control_server::ControlServer;
 
 use crate::config::Config;
 use crate::supervise;
 
-/// The role to run.
+/// A role, or the config section of the host that starts with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Primary,
     Backup,
 }
 
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Backup => "backup",
+        }
+    }
+
+    /// The other one.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Primary => Self::Backup,
+            Self::Backup => Self::Primary,
+        }
+    }
+}
+
 /// Exit code of a daemon that refused to run because it was deposed.
 pub const EXIT_FENCED: u8 = 3;
 
-/// Runs the role; returns the process exit code.
-pub fn run(role: Role, config: &Config) -> Result<u8> {
+/// Where a host records the role it has (it survives restarts, so a host
+/// that handed its VM over comes back as the backup).
+const ROLE_FILE: &str = "role";
+
+/// The role the host of `home` starts in.
+pub fn starting_role(home: Role, config: &Config) -> Result<Role> {
+    let path = config.state_dir.join(ROLE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim() {
+            "primary" => Ok(Role::Primary),
+            "backup" => Ok(Role::Backup),
+            other => anyhow::bail!(
+                "{} says {other:?}: expected primary or backup (delete it to start as the {})",
+                path.display(),
+                home.name()
+            ),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(home),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn record_role(config: &Config, role: Role) -> Result<()> {
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join("role.tmp");
+    std::fs::write(&tmp, format!("{}\n", role.name()))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(ROLE_FILE)))
+        .with_context(|| format!("cannot record the role in {}", dir.display()))
+}
+
+/// Runs the host of `home`; returns the process exit code.
+pub fn run(home: Role, config: &Config) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -33,58 +92,107 @@ pub fn run(role: Role, config: &Config) -> Result<u8> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
-        let (role_name, peer) = match role {
-            Role::Primary => ("primary", config.backup.replication.to_string()),
-            Role::Backup => ("backup", String::new()),
-        };
-        let stats = Arc::new(Stats::new(&config.name, role_name, peer, 0));
+        let mut role = starting_role(home, config)?;
+        if role != home {
+            tracing::info!(
+                role = role.name(),
+                "this host took the {} role in a switchover (state_dir/role): starting as the {}",
+                role.name(),
+                role.name()
+            );
+        }
+        let addrs = config.host(home);
+        let stats = Arc::new(Stats::new(&config.name, role.name(), String::new(), 0));
         if config.tls.insecure {
             tracing::warn!(
                 "tls.insecure = true: replication and control run in plaintext; guest memory crosses the network unencrypted"
             );
         }
         let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));
-        let metrics_addr = match role {
-            Role::Primary => config.primary.metrics,
-            Role::Backup => config.backup.metrics,
-        };
-        if let Some(addr) = metrics_addr {
-            let listener = understudy_common::wire::listen("metrics", addr).await?;
+        let host = HostIo::new(stats.clone());
+
+        // The host's servers, up across role changes.
+        let console_listener = wire::listen("console", addrs.console).await?;
+        tokio::spawn(console::serve(
+            console_listener,
+            host.log.clone(),
+            host.input.clone(),
+            shutdown.clone(),
+        ));
+        let control = wire::listen("control", addrs.control).await?;
+        let control_server = tokio::spawn(
+            wire::server(config.tls_files().as_ref())
+                .map_err(anyhow::Error::msg)?
+                .add_service(ControlServer::new(ControlService {
+                    stats: stats.clone(),
+                    switchover: host.switchover.clone(),
+                }))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(control),
+                    shutdown.clone().cancelled_owned(),
+                ),
+        );
+        if let Some(addr) = addrs.metrics {
+            let listener = wire::listen("metrics", addr).await?;
             tokio::spawn(understudy_common::metrics::serve(listener, stats.clone(), shutdown.clone()));
             tracing::info!(%addr, "metrics on /metrics");
         }
-        let code = match role {
-            Role::Primary => {
-                let opts = config.primary_options().map_err(anyhow::Error::msg)?;
-                match understudy_primary::run(opts, stats, shutdown.clone()).await {
-                    Ok(PrimaryExit::Shutdown) => Ok(0),
-                    Ok(PrimaryExit::VmEnded(end)) => {
-                        tracing::info!(reason = %end, "guest ended");
-                        Ok(0)
+
+        let mut adopted = None;
+        let code = loop {
+            record_role(config, role)?;
+            let role_done = shutdown.child_token();
+            match role {
+                Role::Primary => {
+                    let opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
+                    stats.start_role("primary", opts.backup.to_string());
+                    let start = adopted.take().map_or(Start::Boot, Start::Adopt);
+                    match understudy_primary::run(opts, host.clone(), role_done, start).await {
+                        Ok(PrimaryExit::Shutdown) => break Ok(0),
+                        Ok(PrimaryExit::VmEnded(end)) => {
+                            tracing::info!(reason = %end, "guest ended");
+                            break Ok(0);
+                        }
+                        Ok(PrimaryExit::Fenced { generation }) => {
+                            tracing::error!(generation, "deposed by the backup's promotion: VM stopped, its unacked output dropped");
+                            break Ok(EXIT_FENCED);
+                        }
+                        Ok(PrimaryExit::HandedOver { generation }) => {
+                            tracing::info!(generation, "switchover done: the other host runs the VM; this host is the backup now");
+                            role = Role::Backup;
+                        }
+                        Err(e @ PrimaryError::Fenced { .. }) => {
+                            tracing::error!("{e}");
+                            eprintln!("understudyd: {e}");
+                            break Ok(EXIT_FENCED);
+                        }
+                        Err(e) => break Err(e.into()),
                     }
-                    Ok(PrimaryExit::Fenced { generation }) => {
-                        tracing::error!(generation, "deposed by the backup's promotion: VM stopped, its unacked output dropped");
-                        Ok(EXIT_FENCED)
+                }
+                Role::Backup => {
+                    let opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
+                    stats.start_role("backup", String::new());
+                    match understudy_backup::run(opts, host.clone(), role_done).await {
+                        Ok(BackupExit::Shutdown) => break Ok(0),
+                        Ok(BackupExit::VmEnded(end)) => {
+                            tracing::info!(reason = %end, "promoted guest ended");
+                            break Ok(0);
+                        }
+                        Ok(BackupExit::HandedOver(vm)) => {
+                            adopted = Some(vm);
+                            role = Role::Primary;
+                        }
+                        Err(e) => break Err(e.into()),
                     }
-                    Err(e @ PrimaryError::Fenced { .. }) => {
-                        tracing::error!("{e}");
-                        eprintln!("understudyd: {e}");
-                        Ok(EXIT_FENCED)
-                    }
-                    Err(e) => Err(e.into()),
                 }
             }
-            Role::Backup => match understudy_backup::run(config.backup_options(), stats, shutdown.clone()).await {
-                Ok(BackupExit::Shutdown) => Ok(0),
-                Ok(BackupExit::VmEnded(end)) => {
-                    tracing::info!(reason = %end, "promoted guest ended");
-                    Ok(0)
-                }
-                Err(e) => Err(e.into()),
-            },
+            if shutdown.is_cancelled() {
+                break Ok(0);
+            }
         };
         shutdown.cancel();
         let _ = supervisor.await;
+        let _ = control_server.await;
         code
     })
 }

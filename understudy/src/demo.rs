@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use understudy_common::console::ResumingClient;
 
+use crate::config::Config;
 use crate::daemon::Role;
+use crate::drill::DrillKind;
 use crate::pair::{LocalPair, PairAddrs, read_lines};
-use crate::remote;
+use crate::{remote, switchover};
 
 /// Guest RAM of the demo VM.
 const DEMO_MIB: u64 = 64;
@@ -34,6 +36,8 @@ pub struct DemoOptions {
     pub daemon: Option<PathBuf>,
     /// The guest to protect.
     pub guest: DrillGuest,
+    /// How the VM leaves the primary: SIGKILL, or a planned switchover.
+    pub kind: DrillKind,
 }
 
 /// Guests a drill can run: both print a number per line that must carry on.
@@ -55,7 +59,7 @@ impl DrillGuest {
         }
     }
 
-    fn prefix(self) -> &'static str {
+    pub(crate) fn prefix(self) -> &'static str {
         match self {
             Self::Counter => "count ",
             Self::Dirtier => "work ",
@@ -63,20 +67,27 @@ impl DrillGuest {
     }
 
     /// Whether the values seen across the failover continue as they must.
-    fn continues(self, values: &[u64]) -> bool {
+    pub(crate) fn continues(self, values: &[u64]) -> bool {
         match self {
-            Self::Counter => {
-                values.first() == Some(&0) && values.windows(2).all(|w| w[1] == w[0] + 1)
-            }
-            Self::Dirtier => !values.is_empty() && values.windows(2).all(|w| w[1] > w[0]),
+            Self::Counter => values.first() == Some(&0) && self.carries_on(values),
+            Self::Dirtier => self.carries_on(values),
         }
+    }
+
+    /// Whether values seen from some point on (a running guest) carry on.
+    pub(crate) fn carries_on(self, values: &[u64]) -> bool {
+        !values.is_empty()
+            && match self {
+                Self::Counter => values.windows(2).all(|w| w[1] == w[0] + 1),
+                Self::Dirtier => values.windows(2).all(|w| w[1] > w[0]),
+            }
     }
 }
 
-/// What one SIGKILL drill measured.
+/// What one drill measured.
 #[derive(Clone, Debug, Default)]
 pub struct DrillReport {
-    /// SIGKILL → first console byte from the backup.
+    /// SIGKILL (or the switchover request) → first console byte from the backup.
     pub failover: Duration,
     /// Silence the backup waited out before promoting.
     pub detection: Duration,
@@ -94,8 +105,14 @@ pub struct DrillReport {
     /// Every console value with its arrival (since the drill started) and
     /// whether the backup delivered it.
     pub values: Vec<(Duration, u64, bool)>,
-    /// When the primary was killed (since the drill started).
+    /// When the primary was killed or asked to switch over (since the drill started).
     pub killed_at: Duration,
+    /// A switchover: what the old primary answered, and how long until the
+    /// VM was protected again (the old primary synced as the backup).
+    pub switchover: Option<(understudy_proto::SwitchoverReply, Duration)>,
+    /// Bytes that crossed between the hosts in both directions (a
+    /// switchover's re-protection sync included).
+    pub bytes_both_ways: u64,
     /// The primary's last checkpoints before the kill, oldest first.
     pub epoch_samples: Vec<understudy_proto::EpochSample>,
     /// The console showed one unbroken count sequence from 0.
@@ -192,6 +209,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         backup_console: bc,
         backup_control: bk,
         replication: rep,
+        ..
     } = pair.addrs;
     say("understudy demo: the counter guest, protected by a backup on this machine; then the primary gets SIGKILL.".into());
     say(format!("files and daemon logs: {}", dir.display()));
@@ -240,16 +258,28 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     let epochs: Vec<understudy_proto::EpochSample> = epochs;
     say(indent(&remote::render(&before)));
 
-    say(format!("SIGKILL  → primary (pid {primary_pid})"));
-    let killed = pair.kill(Role::Primary)?;
-    // Whatever the primary delivered before it died.
-    read_lines(
-        &mut client,
-        &mut partial,
-        Duration::from_millis(50),
-        &mut on_primary,
-    )
-    .await;
+    let (killed, switching) = match opts.kind {
+        DrillKind::Kill => {
+            say(format!("SIGKILL  → primary (pid {primary_pid})"));
+            (pair.kill(Role::Primary)?, None)
+        }
+        DrillKind::Switchover => {
+            say("switchover → the backup's host takes the VM".into());
+            let config = Config::load(&pair.config, &[])?;
+            let at = Instant::now();
+            let task = tokio::spawn(async move {
+                switchover::run(&config, Some(Duration::from_secs(60))).await
+            });
+            (at, Some(task))
+        }
+    };
+    // Whatever the primary delivered before it died, or before it closed
+    // the console once its last output was out (a switchover).
+    let linger = match opts.kind {
+        DrillKind::Kill => Duration::from_millis(50),
+        DrillKind::Switchover => Duration::from_secs(10),
+    };
+    read_lines(&mut client, &mut partial, linger, &mut on_primary).await;
     let offset = client.offset - partial.len() as u64;
     partial.clear();
     let mut client = ResumingClient::connect(bc, offset)
@@ -273,6 +303,13 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         first_backup_line.get_or_insert(at);
     })
     .await;
+    let switchover = match switching {
+        Some(task) => {
+            let outcome = task.await??;
+            Some((outcome.reply, outcome.reprotect_time.unwrap_or_default()))
+        }
+        None => None,
+    };
     let after = remote::fetch_status(bk, None).await?;
     say(indent(&remote::render(&after)));
     // Stop the promoted VM cleanly.
@@ -295,6 +332,13 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
             .guest
             .continues(&values.iter().map(|v| v.1).collect::<Vec<_>>()),
         killed_at: killed - started,
+        // The backup's host counts what it received and, after a
+        // switchover, what it shipped back.
+        bytes_both_ways: match opts.kind {
+            DrillKind::Kill => before.bytes_shipped,
+            DrillKind::Switchover => after.bytes_shipped,
+        },
+        switchover,
         epoch_samples: epochs,
         values,
     })

@@ -1,13 +1,15 @@
-//! `understudyctl drill`: a failover rehearsal on a local pair, reported with
-//! the five metrics of the live-migration literature — downtime, disruption
-//! time, total sync time, data transferred and performance degradation — as
-//! text, JSON and an SVG chart of pause time and dirty pages per checkpoint.
+//! `understudyctl drill`: a failover or switchover rehearsal on a local pair,
+//! reported with the five metrics of the live-migration literature —
+//! downtime, disruption time, total sync time, data transferred and
+//! performance degradation — as text, JSON and an SVG chart of pause time and
+//! dirty pages per checkpoint.
 //!
 //! The drill protects the `dirtier` guest writing flat out (so the checkpoints
-//! carry real work), kills the primary with SIGKILL, and follows its console
-//! onto the backup. Degradation compares the guest's work rate under
-//! protection with the same guest running unprotected, measured in the same
-//! run just before.
+//! carry real work), then either kills the primary with SIGKILL or asks it
+//! for a planned switchover, and follows its console onto the backup. A
+//! switchover drill also waits until the old primary, now the backup, has
+//! synced. Degradation compares the guest's work rate under protection with
+//! the same guest running unprotected, measured in the same run just before.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,13 +20,18 @@ use serde::Serialize;
 use understudy_vmm::loader::{BOOT_INFO_GPA, BOOT_INFO_WORK_DONE};
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm};
 
+use understudy_common::console::ResumingClient;
+
 use crate::demo::{DemoOptions, DrillGuest, DrillReport, drill};
+use crate::pair::read_lines;
 
 /// What to rehearse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 pub enum DrillKind {
     /// SIGKILL the primary; the backup takes over.
     Kill,
+    /// Planned role swap: the primary hands the VM over and becomes the backup.
+    Switchover,
 }
 
 /// Options of `understudyctl drill`.
@@ -36,30 +43,46 @@ pub struct DrillOptions {
     /// Where the report (report.txt, report.json, chart.svg) and logs go.
     pub out: PathBuf,
     pub daemon: Option<PathBuf>,
+    /// Drill the running pair this config file describes instead of
+    /// starting a local one (switchover only).
+    pub pair: Option<PathBuf>,
 }
 
 /// The report, as written to report.json.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub kind: DrillKind,
-    pub guest: DrillGuest,
-    /// Downtime: SIGKILL → first console byte from the backup.
+    /// The guest (`counter`, `dirtier` or `kv`).
+    pub guest: String,
+    /// Where: a local pair the drill started, or the running pair of a config.
+    pub pair: String,
+    /// Downtime: SIGKILL (or the switchover request) → first console byte
+    /// from the backup.
     pub downtime_ms: f64,
+    /// Silence before the backup promoted (0 for a switchover: no detection).
     pub detection_ms: f64,
     pub resume_ms: f64,
-    /// Disruption: SIGKILL → the console back at its normal pace.
+    /// A switchover: how long the guest was stopped (final checkpoint's
+    /// pause → running on the other host).
+    pub guest_stopped_ms: Option<f64>,
+    /// Disruption: SIGKILL (or the request) → the console back at its normal pace.
     pub disruption_ms: f64,
     /// Total sync time: start → protected (initial sync).
     pub sync_seconds: f64,
-    /// Data transferred to the backup, and in how many checkpoints.
+    /// A switchover: the old primary's sync as the new backup (answer →
+    /// protected again).
+    pub resync_seconds: Option<f64>,
+    /// Data transferred between the hosts (both directions), and the number
+    /// of checkpoints the primary took before the failure.
     pub data_bytes: u64,
     pub epochs: u64,
     /// Dirty pages of the checkpoints the chart shows (the last ones).
     pub dirty_pages_charted: u64,
-    /// Performance degradation: work rate with protection ÷ without.
+    /// Performance degradation: work rate with protection ÷ without (not
+    /// measured on a running pair: there is no unprotected run to compare).
     pub work_rate_protected: f64,
-    pub work_rate_unprotected: f64,
-    pub degradation_ratio: f64,
+    pub work_rate_unprotected: Option<f64>,
+    pub degradation_ratio: Option<f64>,
     pub pause_p50_us: f64,
     pub pause_p99_us: f64,
     /// The guest's progress carried on across the failover.
@@ -97,7 +120,13 @@ pub fn unprotected_rate(rate: u64, period: Duration) -> Result<f64> {
     Ok((w1 - w0) as f64 / (t1 - t0).as_secs_f64())
 }
 
-fn analyse(kind: DrillKind, r: &DrillReport, unprotected: f64) -> Report {
+fn analyse(
+    kind: DrillKind,
+    r: &DrillReport,
+    guest: String,
+    pair: String,
+    unprotected: Option<f64>,
+) -> Report {
     let primary: Vec<&(Duration, u64, bool)> = r.values.iter().filter(|v| !v.2).collect();
     let backup: Vec<&(Duration, u64, bool)> = r.values.iter().filter(|v| v.2).collect();
     let protected = match (primary.first(), primary.last()) {
@@ -125,24 +154,31 @@ fn analyse(kind: DrillKind, r: &DrillReport, unprotected: f64) -> Report {
         }
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (resume_ms, guest_stopped_ms, resync_seconds) = match &r.switchover {
+        Some((reply, resync)) => (
+            reply.resume_micros as f64 / 1e3,
+            Some(reply.downtime_micros as f64 / 1e3),
+            Some(resync.as_secs_f64()),
+        ),
+        None => (ms(r.resume), None, None),
+    };
     Report {
         kind,
-        guest: DrillGuest::Dirtier,
+        guest,
+        pair,
         downtime_ms: ms(r.failover),
         detection_ms: ms(r.detection),
-        resume_ms: ms(r.resume),
+        resume_ms,
+        guest_stopped_ms,
         disruption_ms: ms(back_to_normal.saturating_sub(r.killed_at)),
         sync_seconds: r.sync_time.as_secs_f64(),
-        data_bytes: r.bytes_shipped,
+        resync_seconds,
+        data_bytes: r.bytes_both_ways,
         epochs: r.epochs,
         dirty_pages_charted: r.epoch_samples.iter().map(|s| s.dirty_pages).sum(),
         work_rate_protected: protected,
         work_rate_unprotected: unprotected,
-        degradation_ratio: if unprotected > 0.0 {
-            protected / unprotected
-        } else {
-            0.0
-        },
+        degradation_ratio: unprotected.filter(|u| *u > 0.0).map(|u| protected / u),
         pause_p50_us: r.pause_p50_us,
         pause_p99_us: r.pause_p99_us,
         continued: r.seamless,
@@ -151,37 +187,65 @@ fn analyse(kind: DrillKind, r: &DrillReport, unprotected: f64) -> Report {
 
 /// The text form of a report.
 pub fn render(r: &Report) -> String {
-    format!(
-        "drill: {:?} of the primary, {:?} guest\n\
-         downtime            {:>10.1} ms   SIGKILL → first console byte from the backup\n\
-         \x20 detection         {:>10.1} ms   silence before the backup promoted\n\
-         \x20 resume            {:>10.1} ms   promotion → VM running\n\
-         disruption          {:>10.1} ms   SIGKILL → console back at its normal pace\n\
-         total sync time     {:>10.2} s    start → protected\n\
-         data transferred    {:>10.2} MiB  in {} checkpoints\n\
-         degradation         {:>10.3}      work rate protected ÷ unprotected ({:.0} ÷ {:.0} pages/s)\n\
-         epoch pause         {:>10.0} µs   p50 ({:.0} µs p99)\n\
-         guest progress      {}\n",
-        r.kind,
-        r.guest,
-        r.downtime_ms,
-        r.detection_ms,
-        r.resume_ms,
-        r.disruption_ms,
-        r.sync_seconds,
+    let event = match r.kind {
+        DrillKind::Kill => "SIGKILL",
+        DrillKind::Switchover => "request",
+    };
+    let mut text = format!(
+        "drill: {:?} of the primary, {} guest, {}\n\
+         downtime            {:>10.1} ms   {event} → first console byte from the backup\n",
+        r.kind, r.guest, r.pair, r.downtime_ms,
+    );
+    match r.guest_stopped_ms {
+        Some(stopped) => text.push_str(&format!(
+            "\x20 guest stopped     {stopped:>10.1} ms   final checkpoint's pause → running on the other host\n"
+        )),
+        None => text.push_str(&format!(
+            "\x20 detection         {:>10.1} ms   silence before the backup promoted\n",
+            r.detection_ms
+        )),
+    }
+    text.push_str(&format!(
+        "\x20 resume            {:>10.1} ms   promotion → VM running\n\
+         disruption          {:>10.1} ms   {event} → console back at its normal pace\n\
+         total sync time     {:>10.2} s    start → protected\n",
+        r.resume_ms, r.disruption_ms, r.sync_seconds,
+    ));
+    if let Some(resync) = r.resync_seconds {
+        text.push_str(&format!(
+            "\x20 re-protection     {resync:>10.2} s    switched → protected again (the old primary synced as the backup)\n"
+        ));
+    }
+    text.push_str(&format!(
+        "data transferred    {:>10.2} MiB  between the hosts ({} checkpoints before the {})\n",
         r.data_bytes as f64 / (1 << 20) as f64,
         r.epochs,
-        r.degradation_ratio,
-        r.work_rate_protected,
-        r.work_rate_unprotected,
+        match r.kind {
+            DrillKind::Kill => "failure",
+            DrillKind::Switchover => "switchover",
+        },
+    ));
+    match (r.degradation_ratio, r.work_rate_unprotected) {
+        (Some(ratio), Some(unprotected)) => text.push_str(&format!(
+            "degradation         {ratio:>10.3}      work rate protected ÷ unprotected ({:.0} ÷ {unprotected:.0} pages/s)\n",
+            r.work_rate_protected
+        )),
+        _ => text.push_str(
+            "degradation         not measured  a running pair has no unprotected run to compare with\n",
+        ),
+    }
+    text.push_str(&format!(
+        "epoch pause         {:>10.0} µs   p50 ({:.0} µs p99)\n\
+         guest progress      {}\n",
         r.pause_p50_us,
         r.pause_p99_us,
         if r.continued {
-            "carried on across the failover"
+            "carried on across the takeover"
         } else {
-            "BROKEN across the failover"
+            "BROKEN across the takeover"
         },
-    )
+    ));
+    text
 }
 
 type PlotResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -235,24 +299,48 @@ fn chart(samples: &[understudy_proto::EpochSample], path: &Path) -> Result<()> {
 pub async fn run(opts: DrillOptions) -> Result<Report> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    println!(
-        "measuring the guest's unprotected work rate ({:?})…",
-        opts.run_for
-    );
-    let period = opts.run_for;
-    let unprotected = tokio::task::spawn_blocking(move || unprotected_rate(0, period)).await??;
-    println!("starting a protected pair; initial sync progress:");
-    let raw = drill(&DemoOptions {
-        run_for: opts.run_for,
-        after: opts.after,
-        dir: Some(opts.out.join("pair")),
-        verbose: false,
-        progress: true,
-        daemon: opts.daemon.clone(),
-        guest: DrillGuest::Dirtier,
-    })
-    .await?;
-    let report = analyse(opts.kind, &raw, unprotected);
+    let (report, samples) = match &opts.pair {
+        Some(config) => {
+            let (raw, guest) = remote(&opts, config).await?;
+            let report = analyse(
+                opts.kind,
+                &raw,
+                guest,
+                format!("running pair of {}", config.display()),
+                None,
+            );
+            (report, raw.epoch_samples)
+        }
+        None => {
+            println!(
+                "measuring the guest's unprotected work rate ({:?})…",
+                opts.run_for
+            );
+            let period = opts.run_for;
+            let unprotected =
+                tokio::task::spawn_blocking(move || unprotected_rate(0, period)).await??;
+            println!("starting a protected pair; initial sync progress:");
+            let raw = drill(&DemoOptions {
+                run_for: opts.run_for,
+                after: opts.after,
+                dir: Some(opts.out.join("pair")),
+                verbose: false,
+                progress: true,
+                daemon: opts.daemon.clone(),
+                guest: DrillGuest::Dirtier,
+                kind: opts.kind,
+            })
+            .await?;
+            let report = analyse(
+                opts.kind,
+                &raw,
+                "dirtier".into(),
+                "local pair".into(),
+                Some(unprotected),
+            );
+            (report, raw.epoch_samples)
+        }
+    };
     let text = render(&report);
     print!("{text}");
     std::fs::write(opts.out.join("report.txt"), &text)?;
@@ -260,13 +348,129 @@ pub async fn run(opts: DrillOptions) -> Result<Report> {
         opts.out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    chart(&raw.epoch_samples, &opts.out.join("chart.svg"))?;
+    chart(&samples, &opts.out.join("chart.svg"))?;
     println!(
         "report: {0}/report.txt, {0}/report.json, {0}/chart.svg",
         opts.out.display()
     );
     if !report.continued {
-        bail!("the guest did not carry on across the failover");
+        bail!("the guest did not carry on across the takeover");
     }
     Ok(report)
+}
+
+/// A switchover drill on the running pair `config_path` describes: follows
+/// the console from the host that runs the VM, asks for the switchover,
+/// follows the console onto the other host and waits until the VM is
+/// protected again. Returns the measurements and the guest's name.
+async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport, String)> {
+    if opts.kind == DrillKind::Kill {
+        bail!(
+            "a kill drill SIGKILLs the primary's process, so it runs on a local pair it starts \
+             (leave out --config); on a running pair use --kind switchover"
+        );
+    }
+    let config = crate::config::Config::load(config_path, &[])?;
+    let tls = config.tls_files();
+    let (section, control) = crate::remote::find_primary(&config).await?;
+    let before = crate::remote::fetch_status(control, tls.as_ref()).await?;
+    if !before.protected {
+        bail!(
+            "the VM is not protected ({}): a switchover needs a synced backup",
+            before.state
+        );
+    }
+    let (old_console, new_console) = (
+        config.host(section).console,
+        config.host(section.other()).console,
+    );
+    let new_control = config.host(section.other()).control;
+    let new_before = crate::remote::fetch_status(new_control, tls.as_ref()).await?;
+    let guest = match config.guest {
+        understudy_vmm::BuiltinGuest::Counter => Some(DrillGuest::Counter),
+        understudy_vmm::BuiltinGuest::Dirtier => Some(DrillGuest::Dirtier),
+        understudy_vmm::BuiltinGuest::Kv => None,
+    };
+    println!(
+        "drilling the running pair of {}: the VM runs on the {} host; following its console for {:?}",
+        config_path.display(),
+        section.name(),
+        opts.run_for
+    );
+    let started = Instant::now();
+    let mut client = ResumingClient::connect_now(old_console)
+        .await
+        .with_context(|| format!("cannot connect to the console at {old_console}"))?;
+    let mut partial = Vec::new();
+    let mut values: Vec<(Duration, u64, bool)> = Vec::new();
+    let parse = |line: &str| -> Option<u64> {
+        guest.and_then(|g| line.strip_prefix(g.prefix())?.parse().ok())
+    };
+    let mut on_old = |line: &str, at: Instant| {
+        if let Some(v) = parse(line) {
+            values.push((at - started, v, false));
+        }
+    };
+    read_lines(&mut client, &mut partial, opts.run_for, &mut on_old).await;
+    let samples = crate::remote::fetch_epochs(control, tls.as_ref())
+        .await
+        .unwrap_or_default();
+    let epochs_before = crate::remote::fetch_status(control, tls.as_ref()).await?;
+    println!("switchover → the {} host", section.other().name());
+    let requested = Instant::now();
+    let switching = {
+        let config = config.clone();
+        tokio::spawn(
+            async move { crate::switchover::run(&config, Some(Duration::from_secs(60))).await },
+        )
+    };
+    // The old primary closes its console once its last output is out.
+    read_lines(
+        &mut client,
+        &mut partial,
+        Duration::from_secs(10),
+        &mut on_old,
+    )
+    .await;
+    let offset = client.offset - partial.len() as u64;
+    partial.clear();
+    let mut client = ResumingClient::connect(new_console, offset)
+        .await
+        .with_context(|| format!("cannot connect to the console at {new_console}"))?;
+    let mut first_byte = None;
+    read_lines(&mut client, &mut partial, opts.after, |line, at| {
+        first_byte.get_or_insert(at);
+        if let Some(v) = parse(line) {
+            values.push((at - started, v, true));
+        }
+    })
+    .await;
+    let outcome = switching.await??;
+    let after = crate::remote::fetch_status(new_control, tls.as_ref()).await?;
+    let stopped = Duration::from_micros(outcome.reply.downtime_micros);
+    let report = DrillReport {
+        // A guest that prints nothing by itself (kv): the guest's stop.
+        failover: first_byte.map_or(stopped, |t| t - requested),
+        detection: Duration::ZERO,
+        resume: Duration::from_micros(outcome.reply.resume_micros),
+        output_gap: Duration::ZERO,
+        pause_p50_us: epochs_before.pause_p50_micros,
+        pause_p99_us: epochs_before.pause_p99_micros,
+        // A running pair synced long ago: its sync time is the re-protection.
+        sync_time: outcome.reprotect_time.unwrap_or_default(),
+        bytes_shipped: epochs_before.bytes_shipped,
+        epochs: epochs_before.epochs,
+        last_epoch: epochs_before.last_epoch,
+        lines: values.len(),
+        seamless: guest
+            .is_none_or(|g| g.carries_on(&values.iter().map(|v| v.1).collect::<Vec<_>>())),
+        killed_at: requested - started,
+        epoch_samples: samples,
+        values,
+        switchover: Some((outcome.reply, outcome.reprotect_time.unwrap_or_default())),
+        // What crossed between the hosts during the drill: the other host
+        // counts what it received as the backup and shipped as the primary.
+        bytes_both_ways: after.bytes_shipped.saturating_sub(new_before.bytes_shipped),
+    };
+    Ok((report, config.guest.to_string()))
 }

@@ -11,6 +11,7 @@ pub mod local;
 pub mod pair;
 pub mod remote;
 pub mod supervise;
+pub mod switchover;
 
 /// Logs to standard error, filtered by `UNDERSTUDY_LOG` (default `default`)
 /// plus `always` directives; colours only on a terminal, so the journal and

@@ -19,6 +19,8 @@ use crate::remote;
 pub struct PairAddrs {
     pub primary_console: SocketAddr,
     pub primary_control: SocketAddr,
+    /// Where the primary's host listens once a switchover made it the backup.
+    pub primary_replication: SocketAddr,
     pub replication: SocketAddr,
     pub backup_console: SocketAddr,
     pub backup_control: SocketAddr,
@@ -79,6 +81,7 @@ impl LocalPair {
         let addrs = PairAddrs {
             primary_console: free_addr()?,
             primary_control: free_addr()?,
+            primary_replication: free_addr()?,
             replication: free_addr()?,
             backup_console: free_addr()?,
             backup_control: free_addr()?,
@@ -88,12 +91,13 @@ impl LocalPair {
             &config,
             format!(
                 "# A local pair on loopback.\nname = \"{name}\"\nstate_dir = \"{}\"\n{settings}\n\n\
-                 [primary]\nconsole = \"{}\"\ncontrol = \"{}\"\n\n\
+                 [primary]\nconsole = \"{}\"\ncontrol = \"{}\"\nreplication = \"{}\"\n\n\
                  [backup]\nreplication = \"{}\"\nconsole = \"{}\"\ncontrol = \"{}\"\n\n\
                  # Loopback only.\n[tls]\ninsecure = true\n",
                 dir.join("primary").display(),
                 addrs.primary_console,
                 addrs.primary_control,
+                addrs.primary_replication,
                 addrs.replication,
                 addrs.backup_console,
                 addrs.backup_control,

@@ -6,7 +6,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use understudy_common::wire::{self, TlsFiles};
 use understudy_proto::control_client::ControlClient;
-use understudy_proto::{StatusReply, StatusRequest};
+use understudy_proto::{StatusReply, StatusRequest, SwitchoverReply, SwitchoverRequest};
+
+use crate::config::Config;
+use crate::daemon::Role;
 
 /// A channel to a daemon's control service (mutual TLS when `tls` is given:
 /// the daemon's certificate must name `addr`'s IP).
@@ -50,6 +53,64 @@ pub async fn fetch_epochs(
         .await?
         .into_inner()
         .samples)
+}
+
+/// Asks the primary at `addr` for a switchover; returns once the other host
+/// runs the VM.
+pub async fn request_switchover(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> Result<SwitchoverReply> {
+    let mut client = control_channel(addr, tls).await?;
+    let mut request = tonic::Request::new(SwitchoverRequest {});
+    // The final checkpoint's ack and the other host's restore take well
+    // under a second; leave room for a slow disk.
+    request.set_timeout(Duration::from_secs(30));
+    let reply = client
+        .switchover(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("the switchover did not happen: {}", status.message()))?;
+    Ok(reply.into_inner())
+}
+
+/// The pair's hosts, by their config section, with the status each gave
+/// (None: not reachable).
+pub async fn pair_status(config: &Config) -> Vec<(Role, SocketAddr, Option<StatusReply>)> {
+    let tls = config.tls_files();
+    let mut out = Vec::new();
+    for section in [Role::Primary, Role::Backup] {
+        let addr = config.host(section).control;
+        out.push((section, addr, fetch_status(addr, tls.as_ref()).await.ok()));
+    }
+    out
+}
+
+/// The control address of whichever host runs the VM as the primary.
+pub async fn find_primary(config: &Config) -> Result<(Role, SocketAddr)> {
+    let hosts = pair_status(config).await;
+    let primaries: Vec<_> = hosts
+        .iter()
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == "primary"))
+        .collect();
+    match primaries.as_slice() {
+        [(section, addr, _)] => Ok((*section, *addr)),
+        [] => {
+            let seen: Vec<String> = hosts
+                .iter()
+                .map(|(_, addr, s)| match s {
+                    Some(s) => format!("{addr}: {} ({})", s.role, s.state),
+                    None => format!("{addr}: unreachable"),
+                })
+                .collect();
+            anyhow::bail!(
+                "no host of the pair runs the VM as the primary: {}",
+                seen.join("; ")
+            )
+        }
+        _ => anyhow::bail!(
+            "both hosts report the primary role: one of them is deposed and about to fence itself; try again shortly"
+        ),
+    }
 }
 
 fn human_bytes(b: f64) -> String {

@@ -190,8 +190,9 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
     );
 }
 
-#[test]
-fn drill_writes_a_plausible_consistent_report_with_a_chart() {
+/// Runs `understudyctl drill --kind KIND` on a local pair; checks the parts
+/// every report has and returns report.json.
+fn drill(kind: &str) -> serde_json::Value {
     common::require_kvm();
     let _serial = common::serial_blocking();
     let out = tempfile::tempdir().unwrap();
@@ -199,7 +200,7 @@ fn drill_writes_a_plausible_consistent_report_with_a_chart() {
         .args([
             "drill",
             "--kind",
-            "kill",
+            kind,
             "--run-for",
             "1s",
             "--after",
@@ -215,29 +216,15 @@ fn drill_writes_a_plausible_consistent_report_with_a_chart() {
         stdout.contains("syncing") || stdout.contains("protected"),
         "sync progress shown: {stdout}"
     );
-    let json = std::fs::read_to_string(out.path().join("report.json")).unwrap();
-    let num = |key: &str| -> f64 {
-        let at = json
-            .find(&format!("\"{key}\":"))
-            .unwrap_or_else(|| panic!("{key} missing: {json}"));
-        json[at + key.len() + 3..]
-            .trim_start()
-            .split([',', '\n'])
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+    let text = std::fs::read_to_string(out.path().join("report.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let num = |key: &str| {
+        json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {json}"))
     };
     let downtime = num("downtime_ms");
     assert!(downtime > 0.0 && downtime < 1000.0, "{json}");
-    // Detection counts the silence from the primary's last message, which can
-    // precede the SIGKILL by up to one heartbeat interval (10 ms): the parts fit
-    // the whole within that (plus scheduling slack on a loaded 2-core machine).
-    assert!(
-        num("detection_ms") + num("resume_ms") <= downtime + 10.0 + 15.0,
-        "parts fit the whole: {json}"
-    );
     assert!(num("disruption_ms") >= downtime * 0.5, "{json}");
     assert!(num("sync_seconds") > 0.0);
     let ratio = num("degradation_ratio");
@@ -245,13 +232,13 @@ fn drill_writes_a_plausible_consistent_report_with_a_chart() {
     assert!(num("epochs") >= 10.0);
     // Every charted dirty page crossed the wire in at least its codec byte.
     assert!(num("data_bytes") >= num("dirty_pages_charted"), "{json}");
-    assert!(json.contains("\"continued\": true"));
+    assert_eq!(json["continued"], true);
     let svg = std::fs::read_to_string(out.path().join("chart.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("Epoch pause") && svg.contains("Dirty pages"),
         "chart"
     );
-    let text = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
+    let report = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
     for field in [
         "downtime",
         "disruption",
@@ -259,6 +246,52 @@ fn drill_writes_a_plausible_consistent_report_with_a_chart() {
         "data transferred",
         "degradation",
     ] {
-        assert!(text.contains(field), "{field} missing from {text}");
+        assert!(report.contains(field), "{field} missing from {report}");
     }
+    json
+}
+
+#[test]
+fn kill_drill_writes_a_plausible_consistent_report_with_a_chart() {
+    let json = drill("kill");
+    let num = |key: &str| json[key].as_f64().unwrap();
+    // Detection counts the silence from the primary's last message, which can
+    // precede the SIGKILL by up to one heartbeat interval (10 ms): the parts fit
+    // the whole within that (plus scheduling slack on a loaded 2-core machine).
+    assert!(
+        num("detection_ms") + num("resume_ms") <= num("downtime_ms") + 10.0 + 15.0,
+        "parts fit the whole: {json}"
+    );
+    assert!(
+        num("detection_ms") >= 100.0,
+        "the heartbeat timeout: {json}"
+    );
+    assert!(json["resync_seconds"].is_null() && json["guest_stopped_ms"].is_null());
+}
+
+#[test]
+fn switchover_drill_reports_the_handover_and_the_re_protection() {
+    let json = drill("switchover");
+    let num = |key: &str| {
+        json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {json}"))
+    };
+    assert_eq!(json["kind"], "Switchover");
+    // No heartbeat timeout to wait out: the handover promotes at once.
+    assert_eq!(num("detection_ms"), 0.0);
+    let stopped = num("guest_stopped_ms");
+    assert!(
+        stopped > 0.0 && stopped < num("downtime_ms") + 5.0,
+        "{json}"
+    );
+    assert!(
+        num("resume_ms") > 0.0 && num("resume_ms") < stopped,
+        "{json}"
+    );
+    // The guest stops for the final checkpoint, its ack and the restore
+    // only: well under the heartbeat timeout a failover waits out alone.
+    assert!(stopped < 100.0, "{json}");
+    // The old primary synced as the new backup before the drill ended.
+    assert!(num("resync_seconds") > 0.0, "{json}");
 }

@@ -71,7 +71,19 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Rehearse a failover on a local pair; report the five metrics (text, JSON, SVG chart).
+    /// Planned role swap: the primary hands the VM to the backup (final
+    /// checkpoint with the guest paused) and becomes its backup.
+    Switchover {
+        /// The VM's config file (both hosts' control addresses; its [tls]
+        /// section gives the CA, certificate and key to connect with).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Wait this long for the VM to be protected again (0s: do not wait).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Rehearse a failover or a switchover (on a local pair, or a running one
+    /// with --config); report the five metrics (text, JSON, SVG chart).
     Drill {
         /// What to rehearse.
         #[arg(long, value_enum, default_value = "kill")]
@@ -85,6 +97,10 @@ enum Command {
         /// Where to write report.txt, report.json and chart.svg.
         #[arg(long, default_value = "understudy-drill", value_name = "DIR")]
         out: PathBuf,
+        /// Drill the running pair this config file describes (switchover
+        /// only) instead of starting a local pair.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Start a protected counter VM on this machine, kill its primary, watch the backup take over.
     Demo {
@@ -131,11 +147,19 @@ fn main() -> ExitCode {
             print!("{}", understudy::remote::render(&status));
             Ok(())
         }),
+        Command::Switchover { config, wait } => async_main(async move {
+            let config = understudy::config::Config::load(&config, &[])?;
+            let wait = (!wait.is_zero()).then_some(wait);
+            let outcome = understudy::switchover::run(&config, wait).await?;
+            print!("{}", understudy::switchover::render(&outcome, &config));
+            Ok(())
+        }),
         Command::Drill {
             kind,
             run_for,
             after,
             out,
+            config,
         } => async_main(async move {
             understudy::drill::run(understudy::drill::DrillOptions {
                 kind,
@@ -143,6 +167,7 @@ fn main() -> ExitCode {
                 after,
                 out,
                 daemon: None,
+                pair: config,
             })
             .await
             .map(|_| ())
@@ -158,6 +183,7 @@ fn main() -> ExitCode {
             verbose: true,
             daemon: None,
             guest: understudy::demo::DrillGuest::Counter,
+            kind: understudy::drill::DrillKind::Kill,
             progress: false,
         })),
     };

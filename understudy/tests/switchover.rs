@@ -1,0 +1,332 @@
+//! Planned switchovers (`understudyctl switchover`) on real daemon pairs: the
+//! roles swap in the running processes, the console output carries on with no
+//! gap and no repeat, the VM is protected again in the other direction (a
+//! SIGKILL afterwards fails it over back), a restarted host keeps its new
+//! role, and a pair that cannot swap refuses without disturbing the VM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{CTL, Lines, Pair, assert_success, free_port, serial, wait_status};
+
+const COUNTER: &str = "guest_params = { interval_ms = 20 }";
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A protected counter pair whose primary host can become the backup.
+async fn swappable_pair() -> Pair {
+    let primary_replication = loopback(free_port());
+    let mut pair = Pair::new_with(
+        "counter",
+        COUNTER,
+        &format!("replication = \"{primary_replication}\""),
+        "",
+    );
+    pair.start_primary();
+    pair.wait_protected().await;
+    pair
+}
+
+fn switchover(pair: &Pair) -> String {
+    let out = Command::new(CTL)
+        .arg("switchover")
+        .arg("--config")
+        .arg(&pair.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "switchover failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        pair.logs()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Reads `count N` lines into `seen` until the server closes the connection
+/// (the host stopped running the guest) or `limit` lines came.
+async fn read_counts(lines: &mut Lines, seen: &mut Vec<u64>, limit: usize) -> bool {
+    for _ in 0..limit {
+        match lines.next(Duration::from_secs(10)).await {
+            Ok(Some(line)) => {
+                if let Some(n) = line.strip_prefix("count ").and_then(|n| n.parse().ok()) {
+                    seen.push(n);
+                }
+            }
+            Ok(None) => return true,
+            Err(e) => panic!("console: {e} after {:?}", seen.last()),
+        }
+    }
+    false
+}
+
+fn assert_unbroken(seen: &[u64], pair: &Pair) {
+    for w in seen.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the count sequence broke: {seen:?}\n{}",
+            pair.logs()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
+    let _serial = serial().await;
+    let mut pair = swappable_pair().await;
+    let a = pair.addrs.clone();
+    let mut lines = Lines::connect(a.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+
+    // 1. Swap: the backup's host runs the VM, the primary's host backs it up.
+    let text = switchover(&pair);
+    assert!(text.contains("now runs on the backup host"), "{text}");
+    assert!(text.contains("protected again"), "{text}");
+    // The old primary closes its clients once its output is out; they
+    // follow the guest to the other host.
+    assert!(
+        read_counts(&mut lines, &mut seen, 1000).await,
+        "the old primary's console stayed open"
+    );
+    lines.reconnect(a.backup_console).await.unwrap();
+    assert!(!read_counts(&mut lines, &mut seen, 20).await);
+    let new_primary = wait_status(
+        &pair,
+        a.backup_control,
+        "backup host protected as the primary",
+        Duration::from_secs(30),
+        |s| s.role == "primary" && s.protected,
+    )
+    .await;
+    assert_eq!(
+        new_primary.generation, 2,
+        "a handover promotes one generation"
+    );
+    let old_primary = common::status(a.primary_control).await.unwrap();
+    assert_eq!(old_primary.role, "backup");
+    let role_file =
+        |side: &str| std::fs::read_to_string(pair.dir.path().join(side).join("role")).unwrap();
+    assert_eq!(role_file("primary"), "backup\n");
+    assert_eq!(role_file("backup"), "primary\n");
+
+    // 2. The primary's host restarts: it comes back as the backup (its role
+    // file), and the VM is protected again.
+    pair.kill_primary();
+    pair.start_primary();
+    wait_status(
+        &pair,
+        a.primary_control,
+        "restarted host back as the backup",
+        Duration::from_secs(30),
+        |s| s.role == "backup" && s.protected,
+    )
+    .await;
+    wait_status(
+        &pair,
+        a.backup_control,
+        "protected again after the restart",
+        Duration::from_secs(30),
+        |s| s.role == "primary" && s.protected,
+    )
+    .await;
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+
+    // 3. Swap back.
+    let text = switchover(&pair);
+    assert!(text.contains("now runs on the primary host"), "{text}");
+    assert!(read_counts(&mut lines, &mut seen, 1000).await);
+    lines.reconnect(a.primary_console).await.unwrap();
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+    let back = common::status(a.primary_control).await.unwrap();
+    assert_eq!((back.role.as_str(), back.generation), ("primary", 3));
+
+    // 4. The protection is real: SIGKILL the primary's host and the backup's
+    // host takes over from the last acked epoch.
+    wait_status(
+        &pair,
+        a.primary_control,
+        "protected after swapping back",
+        Duration::from_secs(30),
+        |s| s.protected,
+    )
+    .await;
+    assert!(!read_counts(&mut lines, &mut seen, 5).await);
+    pair.kill_primary();
+    assert!(read_counts(&mut lines, &mut seen, 1000).await);
+    lines.reconnect(a.backup_console).await.unwrap();
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+    let promoted = common::status(a.backup_control).await.unwrap();
+    assert_eq!(
+        (promoted.role.as_str(), promoted.generation),
+        ("primary", 4)
+    );
+
+    assert_eq!(seen.first(), Some(&0));
+    assert_unbroken(&seen, &pair);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_that_cannot_swap_refuses_and_the_vm_runs_on() {
+    let _serial = serial().await;
+    // No primary.replication: the primary's host could not be the backup.
+    let pair = Pair::protected("counter", COUNTER).await;
+    let a = pair.addrs.clone();
+    let mut lines = Lines::connect(a.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    assert!(!read_counts(&mut lines, &mut seen, 5).await);
+    let out = Command::new(CTL)
+        .arg("switchover")
+        .arg("--config")
+        .arg(&pair.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("primary.replication is not set"), "{err}");
+    // Asked at the backup's control address, it says where to go.
+    let out = Command::new(CTL)
+        .args(["status", "--control"])
+        .arg(a.backup_control.to_string())
+        .output()
+        .unwrap();
+    assert_success(&out);
+    // Nothing changed: same roles, still protected, output flowing.
+    assert!(!read_counts(&mut lines, &mut seen, 20).await);
+    assert_unbroken(&seen, &pair);
+    let s = common::status(a.primary_control).await.unwrap();
+    assert_eq!(
+        (s.role.as_str(), s.protected, s.generation),
+        ("primary", true, 1)
+    );
+    let b = common::status(a.backup_control).await.unwrap();
+    assert_eq!(b.role, "backup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_drill_runs_against_a_running_pair() {
+    let _serial = serial().await;
+    let pair = swappable_pair().await;
+    let out = tempfile::tempdir().unwrap();
+    let drill = |kind: &str| {
+        Command::new(CTL)
+            .args(["drill", "--kind", kind, "--run-for", "1s", "--after", "1s"])
+            .arg("--config")
+            .arg(&pair.config)
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .unwrap()
+    };
+    // A kill drill needs a pair it started: it would have to SIGKILL a
+    // process it does not own.
+    let refused = drill("kill");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("on a running pair use --kind switchover"),
+        "{err}"
+    );
+
+    let run = drill("switchover");
+    assert!(
+        run.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+        pair.logs()
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    let num = |key: &str| {
+        json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {json}"))
+    };
+    assert_eq!(json["guest"], "counter");
+    assert!(
+        json["pair"].as_str().unwrap().contains("running pair"),
+        "{json}"
+    );
+    assert_eq!(json["continued"], true, "{json}");
+    assert!(
+        num("downtime_ms") > 0.0 && num("downtime_ms") < 1000.0,
+        "{json}"
+    );
+    assert!(num("guest_stopped_ms") > 0.0, "{json}");
+    assert!(num("resync_seconds") > 0.0, "{json}");
+    assert!(
+        num("data_bytes") > 0.0,
+        "the re-protection sync crossed: {json}"
+    );
+    assert!(json["degradation_ratio"].is_null(), "{json}");
+    let text = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
+    assert!(text.contains("not measured"), "{text}");
+    // The drill really swapped the running pair.
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.protected), ("primary", true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
+    use understudy_proto::HandoverRequest;
+    use understudy_proto::replication_client::ReplicationClient;
+    let _serial = serial().await;
+    let pair = swappable_pair().await;
+    let a = pair.addrs.clone();
+    let status = common::status(a.primary_control).await.unwrap();
+    let mut client = ReplicationClient::connect(format!("http://{}", a.replication))
+        .await
+        .unwrap();
+    // A session that is not the backup's, an epoch it has not committed,
+    // and an old generation: each refused, nothing promoted.
+    for (request, needle) in [
+        (
+            HandoverRequest {
+                generation: 1,
+                session: 12345,
+                epoch: status.last_epoch,
+            },
+            "handover refused",
+        ),
+        (
+            HandoverRequest {
+                generation: 1,
+                session: 0,
+                epoch: u64::MAX,
+            },
+            "handover refused",
+        ),
+        (
+            HandoverRequest {
+                generation: 0,
+                session: 0,
+                epoch: 0,
+            },
+            "deposed",
+        ),
+    ] {
+        let err = client.handover(request).await.unwrap_err();
+        assert!(err.message().contains(needle), "{err}");
+    }
+    let b = common::status(a.backup_control).await.unwrap();
+    assert_eq!((b.role.as_str(), b.generation), ("backup", 1));
+    wait_status(
+        &pair,
+        a.primary_control,
+        "still protected",
+        Duration::from_secs(5),
+        |s| s.protected && s.generation == 1,
+    )
+    .await;
+}
