@@ -219,11 +219,18 @@ impl Releaser {
         }
     }
 
-    /// A new session: epochs of the old one will never be acked.
+    /// A new session: epochs of the old one will never be acked. Output
+    /// released unprotected (keep-running) stays so through the new
+    /// session's sync: no backup could promote from it before its first
+    /// checkpoint commits.
     fn new_session(&self) {
-        let mut s = self.lock();
-        s.pending.clear();
-        s.unprotected = false;
+        self.lock().pending.clear();
+    }
+
+    /// The new session's first checkpoint is acked: from here on output
+    /// waits for the ack of its epoch again.
+    fn session_protected(&self) {
+        self.lock().unprotected = false;
     }
 
     /// Closes the releaser for good and drops everything unreleased.
@@ -809,6 +816,9 @@ async fn session_manager(
             return;
         }
         tracing::warn!(%reason, "replication session lost");
+        shared
+            .stats
+            .set_state(format!("replication session lost ({reason}): reconnecting"));
         // Before releasing anything unprotected, ask the backup: a promotion we
         // could learn of must win over our own output.
         match probe(&opts, shared.generation).await {
@@ -1179,6 +1189,7 @@ impl Replicator {
                     };
                 }
                 protected = true;
+                self.shared.releaser.session_protected();
                 self.last_session = Some(link.id);
                 self.shared.stats.protected.store(true, Ordering::Release);
                 self.shared.stats.set_state("protected");
@@ -1388,10 +1399,12 @@ impl Replicator {
             if enc.add_page(p, &self.page).is_err() {
                 return false;
             }
-            if i % STREAM_EVERY_PAGES == STREAM_EVERY_PAGES - 1
-                && !self.send(link, enc.take_chunks())
-            {
-                return false;
+            if i % STREAM_EVERY_PAGES == STREAM_EVERY_PAGES - 1 {
+                if !self.send(link, enc.take_chunks()) {
+                    return false;
+                }
+                // Unprotected output goes out during a long sync too.
+                self.drain_output_unprotected();
             }
             if i % (STREAM_EVERY_PAGES * 8) == 0 {
                 self.shared.stats.set_state(format!(

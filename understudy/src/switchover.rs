@@ -73,7 +73,7 @@ pub fn render(o: &Outcome, config: &Config) -> String {
     let r = &o.reply;
     let ms = |us: u64| us as f64 / 1e3;
     let mut text = format!(
-        "switchover: VM {} now runs on the {} host (control {}), generation {}\n\
+        "switchover: VM {} now runs on the [{}] table's host (control {}), generation {}\n\
          \x20 downtime          {:>8.1} ms  guest paused for the final checkpoint → running on the other host\n\
          \x20   restore         {:>8.1} ms  the other host maps its image and restores the VM\n\
          \x20 final checkpoint  epoch {}: {} dirty pages, {:.1} KiB shipped\n\
@@ -91,12 +91,12 @@ pub fn render(o: &Outcome, config: &Config) -> String {
     );
     match o.reprotect_time {
         Some(t) => text.push_str(&format!(
-            "  protected again   {:>8.2} s   the {} host, now the backup, synced\n",
+            "  protected again   {:>8.2} s   the old primary's host ([{}] table) synced as the backup\n",
             t.as_secs_f64(),
             o.from.name()
         )),
         None => text.push_str(&format!(
-            "  the {} host is the backup now; the VM is protected again once it has synced\n",
+            "  the old primary's host ([{}] table) is the backup now; the VM is protected again once it has synced\n",
             o.from.name()
         )),
     }
