@@ -777,6 +777,10 @@ async fn session_manager(
     shutdown: CancellationToken,
 ) {
     let opts = shared.opts.clone();
+    // Reconnect quickly at first (a backup that is just starting, as after a
+    // switchover), then back off to the heartbeat timeout.
+    let max_retry = opts.heartbeat_timeout.max(Duration::from_millis(200));
+    let mut retry = opts.heartbeat_interval;
     loop {
         if shared.stopping() {
             return;
@@ -796,13 +800,15 @@ async fn session_manager(
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = shared.done.cancelled() => return,
-                            _ = tokio::time::sleep(opts.heartbeat_timeout.max(Duration::from_millis(200))) => {}
+                            _ = tokio::time::sleep(retry) => {}
                         }
+                        retry = (retry * 2).min(max_retry);
                         continue;
                     }
                 }
             }
         };
+        retry = opts.heartbeat_interval;
         shared.releaser.new_session();
         shared.stats.set_state("syncing");
         let reason = run_session(&shared, session, client).await;

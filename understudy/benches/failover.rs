@@ -1,16 +1,24 @@
 //! Failover time over many SIGKILL drills: a local pair protecting the counter
 //! guest, the primary killed after a short run, time to the backup's first
-//! console byte, split into detection (heartbeat timeout) and resume.
+//! console byte, split into detection (heartbeat timeout) and resume. Then
+//! planned switchovers back and forth on one pair: how long the guest stops,
+//! the gap a console client sees, and the re-protection sync.
 //!
 //! Run: `cargo bench -p understudy --bench failover`; `UNDERSTUDY_DRILLS=N`
-//! sets the trial count (default 20).
+//! sets the trial count (default 20; half as many switchovers).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
 use std::time::Duration;
 
+use std::time::Instant;
+
+use understudy::config::Config;
+use understudy::daemon::Role;
 use understudy::demo::{DemoOptions, drill};
+use understudy::pair::{LocalPair, read_lines};
 use understudy_bench::{Chart, Report, Series, Table, num, quantile};
+use understudy_common::console::ResumingClient;
 
 fn quantiles(table: &mut Table, name: &str, v: &[f64]) {
     table.row(vec![
@@ -36,6 +44,97 @@ fn cdf(name: &str, v: &[f64]) -> Series {
             .collect(),
         points_only: false,
     }
+}
+
+/// One switchover: guest stopped, restore on the other host, the console gap
+/// a client saw (last line from the old primary → first from the new), and
+/// answer → protected again; all in ms.
+struct Swap {
+    stopped: f64,
+    restore: f64,
+    gap: f64,
+    reprotect: f64,
+}
+
+/// `n` switchovers back and forth on one pair (counter guest, a line every
+/// 10 ms), each after the VM is protected again.
+async fn switchovers(n: usize) -> Vec<Swap> {
+    let dir = std::env::temp_dir().join(format!(
+        "understudy-bench-switchover-{}",
+        std::process::id()
+    ));
+    let mut pair = LocalPair::new(
+        Some(env!("CARGO_BIN_EXE_understudyd").as_ref()),
+        &dir,
+        "bench",
+        "guest = \"counter\"\nguest_params = { interval_ms = 10 }\nmemory_mib = 64",
+    )
+    .unwrap();
+    pair.start(Role::Backup).unwrap();
+    pair.start(Role::Primary).unwrap();
+    pair.wait_protected(Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    let config = Config::load(&pair.config, &[]).unwrap();
+    let console = |role: Role| match role {
+        Role::Primary => pair.addrs.primary_console,
+        Role::Backup => pair.addrs.backup_console,
+    };
+    let mut on = Role::Primary;
+    let mut client = ResumingClient::connect(console(on), 0).await.unwrap();
+    let mut partial = Vec::new();
+    let mut last = Instant::now();
+    read_lines(
+        &mut client,
+        &mut partial,
+        Duration::from_millis(300),
+        |_, at| last = at,
+    )
+    .await;
+    let mut swaps = Vec::new();
+    for _ in 0..n {
+        let task = {
+            let config = config.clone();
+            tokio::spawn(async move {
+                understudy::switchover::run(&config, Some(Duration::from_secs(60))).await
+            })
+        };
+        // The old primary closes the console once its last output is out.
+        read_lines(
+            &mut client,
+            &mut partial,
+            Duration::from_secs(10),
+            |_, at| last = at,
+        )
+        .await;
+        let last_old = last;
+        let offset = client.offset - partial.len() as u64;
+        partial.clear();
+        on = on.other();
+        client = ResumingClient::connect(console(on), offset).await.unwrap();
+        let mut first_new = None;
+        read_lines(
+            &mut client,
+            &mut partial,
+            Duration::from_millis(300),
+            |_, at| {
+                first_new.get_or_insert(at);
+                last = at;
+            },
+        )
+        .await;
+        let outcome = task.await.unwrap().unwrap();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        swaps.push(Swap {
+            stopped: outcome.reply.downtime_micros as f64 / 1e3,
+            restore: outcome.reply.resume_micros as f64 / 1e3,
+            gap: ms(first_new.expect("no output after the switchover") - last_old),
+            reprotect: ms(outcome.reprotect_time.unwrap_or_default()),
+        });
+    }
+    drop(pair);
+    let _ = std::fs::remove_dir_all(&dir);
+    swaps
 }
 
 fn main() {
@@ -119,6 +218,33 @@ fn main() {
         ],
     });
     let (p50, p99) = (quantile(&failover, 0.5), quantile(&failover, 0.99));
+    let swaps = runtime.block_on(switchovers(trials.div_ceil(2)));
+    let mut table = Table::new(
+        format!(
+            "{} switchovers back and forth on one pair (64 MiB counter guest, a line every \
+             10 ms): no heartbeat wait; the old primary syncs as the new backup each time",
+            swaps.len()
+        ),
+        &["ms", "p50", "p99", "min", "max"],
+    );
+    let col = |f: fn(&Swap) -> f64| swaps.iter().map(f).collect::<Vec<_>>();
+    quantiles(
+        &mut table,
+        "guest stopped: final pause → running there",
+        &col(|s| s.stopped),
+    );
+    quantiles(
+        &mut table,
+        "  restore on the other host",
+        &col(|s| s.restore),
+    );
+    quantiles(&mut table, "output gap seen by the client", &col(|s| s.gap));
+    quantiles(
+        &mut table,
+        "re-protection: answer → protected again",
+        &col(|s| s.reprotect),
+    );
+    report.table(table);
     report.target(
         "failover median",
         "under 150 ms",

@@ -248,3 +248,58 @@ async fn mutual_tls_admits_the_right_ca_and_refuses_others() {
         pair.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (oc, ok) = make_cert(d, "ca", "operator");
+    let ca = d.join("ca.pem");
+    let primary_replication = format!("127.0.0.1:{}", common::free_port());
+    let mut pair = Pair::new_with(
+        "counter",
+        "",
+        &format!("replication = \"{primary_replication}\""),
+        "",
+    );
+    start(
+        &mut pair,
+        tls_overrides(&ca, &bc, &bk),
+        tls_overrides(&ca, &pc, &pk),
+    );
+    wait_log(&pair, "VM protected");
+    let operator_config = pair.dir.path().join("operator.toml");
+    let text = std::fs::read_to_string(&pair.config).unwrap().replace(
+        "[tls]\ninsecure = true",
+        &format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+            ca.display().to_string(),
+            oc.display().to_string(),
+            ok.display().to_string()
+        ),
+    );
+    std::fs::write(&operator_config, text).unwrap();
+    // There and back: the handover, the new primary's replication to the
+    // old one and the operator's requests all run over mutual TLS.
+    for _ in 0..2 {
+        let out = Command::new(common::CTL)
+            .arg("switchover")
+            .arg("--config")
+            .arg(&operator_config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            pair.logs()
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("protected again"));
+    }
+    assert!(!pair.logs().contains("tls accept error"), "{}", pair.logs());
+}
