@@ -456,11 +456,8 @@ mod tests {
         assert_eq!(log.released(), 106, "cannot release what does not exist");
     }
 
-    #[tokio::test]
-    async fn resuming_clients_get_exactly_once_and_raw_clients_get_now() {
-        let log = ConsoleLog::new(0);
-        log.append(b"0123456789");
-        log.release_to(10);
+    /// Serves `log` on a loopback port until the returned token is cancelled.
+    async fn serve_on_loopback(log: &Arc<ConsoleLog>) -> (SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -470,6 +467,15 @@ mod tests {
             InputSink::new(None),
             shutdown.clone(),
         ));
+        (addr, shutdown)
+    }
+
+    #[tokio::test]
+    async fn resuming_clients_get_exactly_once_and_raw_clients_get_now() {
+        let log = ConsoleLog::new(0);
+        log.append(b"0123456789");
+        log.release_to(10);
+        let (addr, shutdown) = serve_on_loopback(&log).await;
 
         let mut c = ResumingClient::connect(addr, 4).await.unwrap();
         let mut buf = [0u8; 64];
@@ -500,15 +506,7 @@ mod tests {
         let log = ConsoleLog::new(0);
         log.append(b"old output\n");
         log.release_all();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            log.clone(),
-            InputSink::new(None),
-            shutdown.clone(),
-        ));
+        let (addr, shutdown) = serve_on_loopback(&log).await;
         let mut c = ResumingClient::connect_now(addr).await.unwrap();
         assert_eq!(c.offset, 11, "starts at the released end");
         // Released output, then a disconnect (a switchover): the client gets

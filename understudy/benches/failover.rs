@@ -70,11 +70,7 @@ async fn switchovers(n: usize) -> Vec<Swap> {
         "guest = \"counter\"\nguest_params = { interval_ms = 10 }\nmemory_mib = 64",
     )
     .unwrap();
-    pair.start(Role::Backup).unwrap();
-    pair.start(Role::Primary).unwrap();
-    pair.wait_protected(Duration::from_secs(60), |_| {})
-        .await
-        .unwrap();
+    pair.start_protected(Duration::from_secs(60)).await.unwrap();
     let config = Config::load(&pair.config, &[]).unwrap();
     let console = |role: Role| match role {
         Role::Primary => pair.addrs.primary_console,

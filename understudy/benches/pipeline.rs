@@ -174,9 +174,7 @@ async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
         &format!("guest = \"counter\"\nmemory_mib = {mib}\n[codec]\npolicy = \"{codec}\""),
     )
     .unwrap();
-    pair.start(Role::Backup).unwrap();
-    pair.start(Role::Primary).unwrap();
-    pair.wait_protected(Duration::from_secs(120), |_| {})
+    pair.start_protected(Duration::from_secs(120))
         .await
         .unwrap();
     // The primary logs `VM protected … sync_ms=N` as it reports protection.

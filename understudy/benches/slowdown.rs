@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use understudy::daemon::Role;
 use understudy::pair::{LocalPair, read_lines};
 
 use understudy_bench::{Chart, Report, Series, Table, num};
@@ -34,13 +33,9 @@ async fn protected_rate(rate: u64, epoch_ms: u64) -> (f64, u64) {
         ),
     )
     .unwrap();
-    pair.start(Role::Backup).unwrap();
-    pair.start(Role::Primary).unwrap();
     // Wait for protection, then read "work N" lines for MEASURE while
     // sampling the lag.
-    pair.wait_protected(Duration::from_secs(60), |_| {})
-        .await
-        .unwrap();
+    pair.start_protected(Duration::from_secs(60)).await.unwrap();
     let pk = pair.addrs.primary_control;
     let max_lag = Arc::new(AtomicU64::new(0));
     let lag_watch = tokio::spawn({

@@ -145,6 +145,13 @@ impl LocalPair {
         Ok(pid)
     }
 
+    /// Starts the backup, then the primary, and waits until the VM is protected.
+    pub async fn start_protected(&mut self, timeout: Duration) -> Result<()> {
+        self.start(Role::Backup)?;
+        self.start(Role::Primary)?;
+        self.wait_protected(timeout, |_| {}).await
+    }
+
     /// Polls the primary's status until it is protected, calling `on_state`
     /// with each new state line (sync progress).
     pub async fn wait_protected(

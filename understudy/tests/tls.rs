@@ -125,6 +125,22 @@ fn start(pair: &mut Pair, backup_tls: Vec<String>, primary_tls: Vec<String>) {
     pair.primary = Some(pair.spawn("primary", &p));
 }
 
+/// The pair's config with an operator's certificate instead of plaintext.
+fn operator_config(pair: &Pair, ca: &Path, cert: &Path, key: &Path) -> PathBuf {
+    let path = pair.dir.path().join("operator.toml");
+    let text = std::fs::read_to_string(&pair.config).unwrap().replace(
+        "[tls]\ninsecure = true",
+        &format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Waits until `needle` has been logged `times` times.
 fn wait_logged(pair: &Pair, needle: &str, times: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -163,17 +179,7 @@ async fn mutual_tls_admits_the_right_ca_and_refuses_others() {
         tls_overrides(&ca, &pc, &pk),
     );
     wait_log(&pair, "VM protected");
-    let operator_config = pair.dir.path().join("operator.toml");
-    let text = std::fs::read_to_string(&pair.config).unwrap().replace(
-        "[tls]\ninsecure = true",
-        &format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
-            ca.display().to_string(),
-            oc.display().to_string(),
-            ok.display().to_string()
-        ),
-    );
-    std::fs::write(&operator_config, text).unwrap();
+    let operator_config = operator_config(&pair, &ca, &oc, &ok);
     let out = Command::new(common::CTL)
         .args([
             "status",
@@ -272,17 +278,7 @@ async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
         tls_overrides(&ca, &pc, &pk),
     );
     wait_log(&pair, "VM protected");
-    let operator_config = pair.dir.path().join("operator.toml");
-    let text = std::fs::read_to_string(&pair.config).unwrap().replace(
-        "[tls]\ninsecure = true",
-        &format!(
-            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
-            ca.display().to_string(),
-            oc.display().to_string(),
-            ok.display().to_string()
-        ),
-    );
-    std::fs::write(&operator_config, text).unwrap();
+    let operator_config = operator_config(&pair, &ca, &oc, &ok);
     // There and back: the handover, the new primary's replication to the
     // old one and the operator's requests all run over mutual TLS.
     for _ in 0..2 {
