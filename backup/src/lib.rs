@@ -47,8 +47,10 @@ pub struct BackupOptions {
     pub ram_bytes: u64,
     pub image_dir: PathBuf,
     pub replication_listen: SocketAddr,
-    /// Why this host could not protect the VM as the primary after a
-    /// handover (None: it can, so handovers are accepted).
+    /// Why this host could not protect the VM as the primary (None: it can,
+    /// so handovers are accepted, and a promotion after silence hands the VM
+    /// to the primary role too, which re-protects it once the other host
+    /// returns as the backup).
     pub handover_unavailable: Option<String>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -83,16 +85,18 @@ pub enum BackupExit {
     Shutdown,
     /// Promoted, and the VM then ended on its own.
     VmEnded(VmEnd),
-    /// The primary handed the VM over (a switchover): it runs here now and
-    /// this host's primary role is to protect it.
-    HandedOver(Box<RunningVm>),
+    /// This host runs the VM now, by a handover (a switchover) or by a
+    /// promotion after silence, and knows where the other host serves as the
+    /// backup: its primary role is to protect the VM.
+    TookOver(Box<RunningVm>),
 }
 
 enum Role {
     Standby,
     /// Promoted after the primary went silent: runs the VM here, unprotected.
     Promoted(Box<Vm>),
-    /// Promoted by a handover; the VM is on its way to the primary role.
+    /// Promoted (by a handover, or after silence on a host that can protect
+    /// the VM); the VM is on its way to the primary role.
     HandedOver(Option<Box<RunningVm>>),
 }
 
@@ -134,7 +138,7 @@ struct Shared {
     /// Nanoseconds since `epoch_start` when the primary was last heard.
     last_heard: AtomicU64,
     clock: Instant,
-    /// Cancelled when a handover promoted the VM (it leaves this role).
+    /// Cancelled when the VM goes to the primary role (it leaves this role).
     handed_over: CancellationToken,
     vm_ended: tokio::sync::watch::Sender<Option<VmEnd>>,
 }
@@ -214,7 +218,13 @@ pub async fn run(
         host: host.clone(),
     });
 
-    let replication = wire::listen("replication", opts.replication_listen).await?;
+    // The host's socket when it has one: it stays bound across role changes.
+    let replication = match &host.replication {
+        Some(shared) => shared
+            .take_turn()
+            .map_err(|source| wire::ListenError::new("replication", shared.addr, source))?,
+        None => wire::listen("replication", opts.replication_listen).await?,
+    };
     tracing::info!(vm = %opts.vm_id, generation, replication = %opts.replication_listen, "backup listening");
 
     // The server stops accepting when the role ends (shutdown or handover);
@@ -252,7 +262,7 @@ pub async fn run(
         _ = shared.handed_over.cancelled() => {
             let role = std::mem::replace(&mut shared.lock().role, Role::HandedOver(None));
             match role {
-                Role::HandedOver(Some(running)) => Ok(BackupExit::HandedOver(running)),
+                Role::HandedOver(Some(running)) => Ok(BackupExit::TookOver(running)),
                 _ => Err(BackupError::Promotion("the handed-over VM went missing".into())),
             }
         }
@@ -421,69 +431,67 @@ fn promote(shared: &Shared, trigger: Trigger) -> Result<(u64, Duration), String>
     stats
         .promotion_resume_us
         .store(resumed.as_micros() as u64, Ordering::Relaxed);
-    match trigger {
+    let detect = match trigger {
         Trigger::Handover { .. } => {
-            state.role = Role::HandedOver(Some(Box::new(RunningVm {
-                vm,
-                output: console.output,
-                generation: new_generation,
-            })));
-            drop(state);
             stats.metrics.switchovers.inc();
-            stats.promotion_detect_us.store(0, Ordering::Relaxed);
             stats.set_state(format!("took over from epoch {epoch} by handover"));
-            tracing::info!(
-                epoch,
-                generation = new_generation,
-                fence_us = fenced.as_micros() as u64,
-                resume_us = resumed.as_micros() as u64,
-                "handover: VM running here; protecting it as the primary"
-            );
-            shared.handed_over.cancel();
-            return Ok((new_generation, resumed));
+            Duration::ZERO
         }
         Trigger::Silence(silence) => {
-            let log = host.log.clone();
-            let output = console.output;
-            std::thread::Builder::new()
-                .name("console-out".into())
-                .spawn(move || {
-                    while let Ok(first) = output.recv() {
-                        let mut bytes = vec![first];
-                        bytes.extend(output.try_iter());
-                        log.append(&bytes);
-                        log.release_all();
-                    }
-                })
-                .map_err(|e| e.to_string())?;
-            let watch = vm.end_watch();
-            state.role = Role::Promoted(Box::new(vm));
-            drop(state);
             stats.metrics.failovers.inc();
-            stats
-                .promotion_detect_us
-                .store(silence.as_micros() as u64, Ordering::Relaxed);
             stats.set_state(format!("promoted from epoch {epoch}: running unprotected"));
-            tracing::info!(
-                epoch,
-                generation = new_generation,
-                detection_ms = silence.as_millis() as u64,
-                fence_us = fenced.as_micros() as u64,
-                resume_us = resumed.as_micros() as u64,
-                "promoted: VM running"
-            );
-            // Report the VM's end (guest shutdown or failure) to the daemon.
-            let ended = shared.vm_ended.clone();
-            std::thread::Builder::new()
-                .name("vm-watch".into())
-                .spawn(move || {
-                    if let Some(end) = watch.wait(Duration::MAX) {
-                        ended.send_replace(Some(end));
-                    }
-                })
-                .map_err(|e| e.to_string())?;
+            silence
         }
+    };
+    stats
+        .promotion_detect_us
+        .store(detect.as_micros() as u64, Ordering::Relaxed);
+    tracing::info!(
+        epoch,
+        generation = new_generation,
+        ?trigger,
+        fence_us = fenced.as_micros() as u64,
+        resume_us = resumed.as_micros() as u64,
+        "promoted: VM running"
+    );
+    // A host that knows where the other one serves as the backup protects
+    // the VM as the primary; otherwise it serves it from here, unprotected.
+    if matches!(trigger, Trigger::Handover { .. }) || shared.opts.handover_unavailable.is_none() {
+        state.role = Role::HandedOver(Some(Box::new(RunningVm {
+            vm,
+            output: console.output,
+            generation: new_generation,
+        })));
+        drop(state);
+        shared.handed_over.cancel();
+        return Ok((new_generation, resumed));
     }
+    let log = host.log.clone();
+    let output = console.output;
+    std::thread::Builder::new()
+        .name("console-out".into())
+        .spawn(move || {
+            while let Ok(first) = output.recv() {
+                let mut bytes = vec![first];
+                bytes.extend(output.try_iter());
+                log.append(&bytes);
+                log.release_all();
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let watch = vm.end_watch();
+    state.role = Role::Promoted(Box::new(vm));
+    drop(state);
+    // Report the VM's end (guest shutdown or failure) to the daemon.
+    let ended = shared.vm_ended.clone();
+    std::thread::Builder::new()
+        .name("vm-watch".into())
+        .spawn(move || {
+            if let Some(end) = watch.wait(Duration::MAX) {
+                ended.send_replace(Some(end));
+            }
+        })
+        .map_err(|e| e.to_string())?;
     Ok((new_generation, resumed))
 }
 

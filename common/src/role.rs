@@ -1,7 +1,9 @@
-//! What a daemon's roles hand each other when a switchover swaps them in one
-//! process: the host-level console and status that outlive any one role, the
-//! running VM a promoted backup passes to the primary role, and the slot
-//! through which the Control service asks the primary role for a switchover.
+//! What a daemon's roles hand each other when they change in one process (a
+//! switchover, a promotion, a deposed primary rejoining as the backup): the
+//! host-level console, status and replication socket that outlive any one
+//! role, the running VM a promoted backup passes to the primary role, and the
+//! slot through which the Control service asks the primary role for a
+//! switchover.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,16 +23,52 @@ pub struct HostIo {
     pub log: Arc<ConsoleLog>,
     pub input: Arc<InputSink>,
     pub switchover: SwitchoverSlot,
+    /// The host's replication address, if it has one: the backup role serves
+    /// replication on it, the primary role answers there that it runs the VM.
+    pub replication: Option<Arc<SharedListener>>,
 }
 
 impl HostIo {
-    pub fn new(stats: Arc<Stats>) -> Self {
+    pub fn new(stats: Arc<Stats>, replication: Option<SharedListener>) -> Self {
         Self {
             stats,
             log: ConsoleLog::new(0),
             input: InputSink::new(None),
             switchover: SwitchoverSlot::default(),
+            replication: replication.map(Arc::new),
         }
+    }
+}
+
+/// A listening socket that outlives the servers taking turns on it: while one
+/// role's server stops and the next one starts, a peer's connection waits in
+/// the backlog instead of being refused (a refused probe would tell an old
+/// primary that nobody runs the VM here).
+#[derive(Debug)]
+pub struct SharedListener {
+    listener: std::net::TcpListener,
+    pub addr: std::net::SocketAddr,
+}
+
+impl SharedListener {
+    /// Binds `addr` for `what` (the error names both).
+    pub async fn bind(
+        what: &'static str,
+        addr: std::net::SocketAddr,
+    ) -> Result<Self, crate::wire::ListenError> {
+        let listener = crate::wire::listen(what, addr).await?;
+        let listener = listener
+            .into_std()
+            .map_err(|source| crate::wire::ListenError::new(what, addr, source))?;
+        Ok(Self { listener, addr })
+    }
+
+    /// A handle on the socket for one server; the socket stays bound after
+    /// the server drops it.
+    pub fn take_turn(&self) -> std::io::Result<tokio::net::TcpListener> {
+        let listener = self.listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(listener)
     }
 }
 

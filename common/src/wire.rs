@@ -148,6 +148,12 @@ pub struct ListenError {
     source: std::io::Error,
 }
 
+impl ListenError {
+    pub fn new(what: &'static str, addr: std::net::SocketAddr, source: std::io::Error) -> Self {
+        Self { what, addr, source }
+    }
+}
+
 /// Binds a TCP listener for `what` (console, control, replication, metrics).
 pub async fn listen(
     what: &'static str,

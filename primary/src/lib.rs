@@ -42,6 +42,7 @@ use understudy_common::role::{HostIo, RunningVm, SwitchoverResponder};
 use understudy_common::status::Stats;
 use understudy_common::wire;
 use understudy_proto::replication_client::ReplicationClient;
+use understudy_proto::replication_server::{Replication, ReplicationServer};
 use understudy_proto::{
     Beat, EpochChunk, GoodbyeRequest, HandoverReply, HandoverRequest, HelloRequest,
     PROTOCOL_VERSION, ProbeRequest, SwitchoverReply,
@@ -474,6 +475,7 @@ pub async fn run(
     stats.generation.store(generation, Ordering::Release);
 
     let mut first_session = None;
+    let adopted = matches!(start, Start::Adopt(_));
     let (vm, output, unprotected_start) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
@@ -536,9 +538,27 @@ pub async fn run(
             vm.start_dirty_logging().map_err(PrimaryError::Vm)?;
             // Clients without a resume offset get output from now on.
             host.log.set_raw_start(None);
-            tracing::info!(vm = %opts.vm_id, generation, backup = %opts.backup, "protecting the VM handed over to this host");
+            tracing::info!(vm = %opts.vm_id, generation, backup = %opts.backup, "protecting the VM this host took over");
             (vm, output, true)
         }
+    };
+    // Whoever dials this host's replication address learns that the VM runs
+    // here (an old primary coming back is deposed and rejoins as the backup).
+    let answers = match &host.replication {
+        Some(shared) => {
+            let listener = shared
+                .take_turn()
+                .map_err(|source| wire::ListenError::new("replication", shared.addr, source))?;
+            let server = wire::server(opts.tls.as_ref())
+                .map_err(PrimaryError::Tls)?
+                .add_service(ReplicationServer::new(RunsHere { generation }))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown.clone().cancelled_owned(),
+                );
+            Some(tokio::spawn(server))
+        }
+        None => None,
     };
 
     let shared = Arc::new(Shared {
@@ -565,8 +585,16 @@ pub async fn run(
         opts: opts.clone(),
     });
     if unprotected_start {
-        // Until a backup syncs, output follows the backup-loss policy.
-        unprotected(&shared, "no backup yet");
+        // A VM this host took over runs unprotected until the other host
+        // syncs as its backup, and its output goes out (as it did right after
+        // a promotion: the old primary is stopped or deposed, no other copy
+        // runs). A primary started without a backup follows the policy.
+        if adopted {
+            shared.releaser.set_unprotected(true);
+            stats.set_state("unprotected: no backup yet, releasing output");
+        } else {
+            unprotected(&shared, "no backup yet");
+        }
     }
     let replicator = {
         let shared = shared.clone();
@@ -601,6 +629,18 @@ pub async fn run(
     shared.acked_cv.notify_all();
     let _ = tokio::task::spawn_blocking(move || replicator.join()).await;
     let _ = manager.await;
+    // Stop answering for the VM: the next role takes its turn on the socket.
+    shutdown.cancel();
+    if let Some(mut answers) = answers {
+        // The server lets go of the socket as soon as it stops accepting; a
+        // deposed peer's open connection is not waited for long.
+        if tokio::time::timeout(Duration::from_millis(200), &mut answers)
+            .await
+            .is_err()
+        {
+            answers.abort();
+        }
+    }
     if let Some(responder) = shared.take_switchover() {
         let _ = responder.send(Err(tonic::Status::aborted(
             "the primary stopped before the switchover could start",
@@ -713,6 +753,80 @@ async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
             Ok(_) => tracing::info!("told the backup we stop on purpose"),
             Err(status) => tracing::warn!(%status, "goodbye refused"),
         }
+    }
+}
+
+/// The replication service of a host whose primary role runs the VM: it
+/// takes no replication and answers every primary that dials it that it was
+/// deposed, with this generation (a probe learns who runs the VM).
+struct RunsHere {
+    generation: u64,
+}
+
+impl RunsHere {
+    fn deposed<T>(&self) -> Result<T, tonic::Status> {
+        Err(wire::deposed(
+            self.generation,
+            format!(
+                "deposed: the VM runs on this host as the primary at generation {}; this host is not a backup",
+                self.generation
+            ),
+        ))
+    }
+}
+
+type Refused<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Replication for RunsHere {
+    async fn hello(
+        &self,
+        _: tonic::Request<HelloRequest>,
+    ) -> Result<tonic::Response<understudy_proto::HelloReply>, tonic::Status> {
+        self.deposed()
+    }
+
+    type ReplicateStream = Refused<understudy_proto::Ack>;
+
+    async fn replicate(
+        &self,
+        _: tonic::Request<tonic::Streaming<EpochChunk>>,
+    ) -> Result<tonic::Response<Self::ReplicateStream>, tonic::Status> {
+        self.deposed()
+    }
+
+    type HeartbeatStream = Refused<Beat>;
+
+    async fn heartbeat(
+        &self,
+        _: tonic::Request<tonic::Streaming<Beat>>,
+    ) -> Result<tonic::Response<Self::HeartbeatStream>, tonic::Status> {
+        self.deposed()
+    }
+
+    async fn goodbye(
+        &self,
+        _: tonic::Request<GoodbyeRequest>,
+    ) -> Result<tonic::Response<understudy_proto::GoodbyeReply>, tonic::Status> {
+        self.deposed()
+    }
+
+    async fn probe(
+        &self,
+        _: tonic::Request<ProbeRequest>,
+    ) -> Result<tonic::Response<understudy_proto::ProbeReply>, tonic::Status> {
+        Ok(tonic::Response::new(understudy_proto::ProbeReply {
+            generation: self.generation,
+            role: "primary".into(),
+        }))
+    }
+
+    async fn handover(
+        &self,
+        _: tonic::Request<HandoverRequest>,
+    ) -> Result<tonic::Response<HandoverReply>, tonic::Status> {
+        self.deposed()
     }
 }
 

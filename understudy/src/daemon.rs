@@ -3,18 +3,19 @@
 //!
 //! A host is the one listed under `[primary]` or `[backup]` (its *home*
 //! section: its addresses). Its *role* starts as the home section's, or as
-//! `state_dir/role` says after a switchover, and changes in the same process
-//! when a switchover swaps the roles: the primary that handed the VM over
-//! becomes the backup, the backup that took it becomes the primary. The
-//! console, control and metrics servers belong to the host and stay up
-//! across role changes.
+//! `state_dir/role` says after a role change, and changes in the same process
+//! when both hosts have replication addresses: the primary that handed the VM
+//! over, or was deposed, becomes the backup; the backup that took the VM over
+//! (by a handover or after silence) becomes the primary and protects it. The
+//! console, control, metrics and replication sockets belong to the host and
+//! stay up across role changes.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use understudy_backup::BackupExit;
-use understudy_common::role::HostIo;
+use understudy_common::role::{HostIo, SharedListener};
 use understudy_common::status::{ControlService, Stats};
 use understudy_common::{console, wire};
 use understudy_primary::{PrimaryError, PrimaryExit, Start};
@@ -109,7 +110,14 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
             );
         }
         let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));
-        let host = HostIo::new(stats.clone());
+        // Bound once: the roles take turns serving on it.
+        let replication = match addrs.replication {
+            Some(addr) => Some(SharedListener::bind("replication", addr).await?),
+            None => None,
+        };
+        let host = HostIo::new(stats.clone(), replication);
+        // Both hosts have a replication address: roles can change.
+        let roles_can_change = config.switchover_unavailable().is_none();
 
         // The host's servers, up across role changes.
         let console_listener = wire::listen("console", addrs.console).await?;
@@ -153,6 +161,15 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                             tracing::info!(reason = %end, "guest ended");
                             break Ok(0);
                         }
+                        Ok(PrimaryExit::Fenced { generation }) if roles_can_change => {
+                            tracing::warn!(generation, "deposed by the other host's promotion: VM stopped, its unacked output dropped; this host becomes the backup");
+                            role = Role::Backup;
+                        }
+                        Err(e @ PrimaryError::Fenced { .. }) if roles_can_change => {
+                            tracing::warn!("{e}");
+                            tracing::warn!("this host becomes the backup of the VM's new primary");
+                            role = Role::Backup;
+                        }
                         Ok(PrimaryExit::Fenced { generation }) => {
                             tracing::error!(generation, "deposed by the backup's promotion: VM stopped, its unacked output dropped");
                             break Ok(EXIT_FENCED);
@@ -178,7 +195,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                             tracing::info!(reason = %end, "promoted guest ended");
                             break Ok(0);
                         }
-                        Ok(BackupExit::HandedOver(vm)) => {
+                        Ok(BackupExit::TookOver(vm)) => {
                             adopted = Some(vm);
                             role = Role::Primary;
                         }

@@ -6,6 +6,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -40,7 +41,38 @@ pub struct LocalPair {
 }
 
 fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    unused_loopback_addr()
+}
+
+/// The low end of the kernel's ephemeral port range (outgoing connections
+/// take their local ports from there).
+fn ephemeral_low() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A loopback address nobody listens on, for a daemon to bind later. It lies
+/// below the ephemeral port range: a port the kernel hands out for `:0` could
+/// meanwhile become some outgoing connection's local port, and the daemon
+/// would then fail with "address in use". Each call in a process returns a
+/// different port.
+pub fn unused_loopback_addr() -> Result<SocketAddr> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const START: u32 = 10_000;
+    let end = ephemeral_low().unwrap_or(32_768).max(START + 1_000);
+    let span = end - START;
+    let seed = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = START + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return Ok(listener.local_addr()?);
+        }
+    }
+    bail!("no free loopback port between {START} and {end}")
 }
 
 /// `understudyd` beside the running program (both binaries are built together).

@@ -429,3 +429,72 @@ async fn a_primary_killed_at_any_point_of_a_switchover_loses_no_acked_write() {
         }
     }
 }
+
+fn signal(child: &std::process::Child, signal: libc::c_int) {
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_old_primary_rejoins_as_the_backup_and_the_vm_is_protected_again() {
+    let _serial = serial().await;
+    let mut pair = swappable_pair().await;
+    let a = pair.addrs.clone();
+    let mut lines = Lines::connect(a.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+
+    // 1. SIGKILL the primary: the backup's host takes the VM over.
+    pair.kill_primary();
+    assert!(read_counts(&mut lines, &mut seen, 1000).await);
+    lines.reconnect(a.backup_console).await.unwrap();
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+    let s = common::status(a.backup_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("primary", 2));
+
+    // 2. The old primary's host restarts with its unit's command: deposed,
+    // it becomes the backup instead of refusing to run, and the VM is
+    // protected again.
+    pair.start_primary();
+    wait_status(
+        &pair,
+        a.backup_control,
+        "protected again by the restarted host",
+        Duration::from_secs(30),
+        |s| s.role == "primary" && s.protected,
+    )
+    .await;
+    let s = common::status(a.primary_control).await.unwrap();
+    assert_eq!(s.role, "backup");
+    assert!(pair.primary.as_mut().unwrap().try_wait().unwrap().is_none());
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+
+    // 3. Freeze the new primary: the first host promotes. Thawed, the frozen
+    // one learns it was deposed, stops its VM and becomes the backup.
+    signal(pair.backup.as_ref().unwrap(), libc::SIGSTOP);
+    wait_status(
+        &pair,
+        a.primary_control,
+        "the first host promoted",
+        Duration::from_secs(30),
+        |s| s.role == "primary",
+    )
+    .await;
+    lines.reconnect(a.primary_console).await.unwrap();
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+    signal(pair.backup.as_ref().unwrap(), libc::SIGCONT);
+    wait_status(
+        &pair,
+        a.primary_control,
+        "protected again by the thawed host",
+        Duration::from_secs(30),
+        |s| s.role == "primary" && s.protected && s.generation == 3,
+    )
+    .await;
+    let s = common::status(a.backup_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("backup", 3));
+    assert!(pair.backup.as_mut().unwrap().try_wait().unwrap().is_none());
+    assert!(!read_counts(&mut lines, &mut seen, 10).await);
+    assert_eq!(seen.first(), Some(&0));
+    assert_unbroken(&seen, &pair);
+}

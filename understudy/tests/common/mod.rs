@@ -49,12 +49,10 @@ pub fn assert_success(out: &std::process::Output) {
     );
 }
 
+/// A loopback port nobody listens on (below the ephemeral range, so no
+/// outgoing connection takes it before a daemon binds it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    understudy::pair::unused_loopback_addr().unwrap().port()
 }
 
 /// Addresses of one pair.
