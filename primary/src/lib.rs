@@ -259,7 +259,6 @@ struct Shared {
     stats: Arc<Stats>,
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
-    session_cv: Condvar,
     /// Last acked epoch + 1 (0 = none), with a condvar for back-pressure.
     acked: Mutex<u64>,
     acked_cv: Condvar,
@@ -336,14 +335,12 @@ impl Shared {
         if let Err(e) = std::fs::write(&marker, format!("{generation}\n")) {
             tracing::error!(error = %e, path = %marker.display(), "cannot write the fenced marker");
         }
-        self.session_cv.notify_all();
         self.acked_cv.notify_all();
         self.done.cancel();
     }
 
     fn set_session(&self, link: Option<SessionLink>) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = link;
-        self.session_cv.notify_all();
     }
 
     fn acked_plus_one(&self) -> MutexGuard<'_, u64> {
@@ -569,7 +566,6 @@ pub async fn run(
             state: Mutex::default(),
         },
         session: Mutex::new(None),
-        session_cv: Condvar::new(),
         acked: Mutex::new(0),
         acked_cv: Condvar::new(),
         sent: AtomicU64::new(0),
@@ -625,7 +621,6 @@ pub async fn run(
     // Graceful stop: the replicator finishes its epoch, waits for the last ack
     // and says goodbye (see Replicator::run); a fenced one just stops.
     shared.stop.store(true, Ordering::Release);
-    shared.session_cv.notify_all();
     shared.acked_cv.notify_all();
     let _ = tokio::task::spawn_blocking(move || replicator.join()).await;
     let _ = manager.await;
@@ -1202,9 +1197,11 @@ impl Replicator {
             if let Some(end) = self.vm().ended() {
                 return Some(end);
             }
-            let link = self.wait_for_session();
+            let Some(link) = self.current_session() else {
+                self.idle();
+                continue;
+            };
             self.drain_output_unprotected();
-            let Some(link) = link else { continue };
             match self.run_session(&link) {
                 SessionEnd::Broken => link.broken.store(true, Ordering::Release),
                 SessionEnd::Stop | SessionEnd::HandedOver => return None,
@@ -1213,21 +1210,32 @@ impl Replicator {
         }
     }
 
-    fn wait_for_session(&self) -> Option<SessionLink> {
-        let guard = self
-            .shared
+    fn current_session(&self) -> Option<SessionLink> {
+        self.shared
             .session
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .shared
-            .session_cv
-            .wait_timeout_while(guard, self.shared.opts.epoch_interval, |s| {
-                s.as_ref().is_none_or(|l| l.broken.load(Ordering::Acquire))
-                    && !self.shared.stopping()
-            })
-            .unwrap_or_else(|p| p.into_inner());
-        guard.clone().filter(|l| !l.broken.load(Ordering::Acquire))
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|l| !l.broken.load(Ordering::Acquire))
+    }
+
+    /// No session: passes the guest's output on as it comes (released or
+    /// held, by the policy; a VM just taken over prints at once), and looks
+    /// for a session at least every epoch interval.
+    fn idle(&mut self) {
+        match self.output.recv_timeout(self.shared.opts.epoch_interval) {
+            Ok(first) => {
+                let mut bytes = vec![first];
+                bytes.extend(self.output.try_iter());
+                self.log.append(&bytes);
+                self.shared.releaser.produced_unprotected();
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            // The guest is gone; the loop sees it end.
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// Between sessions the guest runs on; its output follows the policy.
