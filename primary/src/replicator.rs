@@ -1,0 +1,571 @@
+//! The replicator thread: owns the VM and the sender state, so the pause path
+//! never waits on the async runtime. Per session: the initial sync rounds
+//! while the guest runs, then the checkpoint loop (pause, harvest, copy,
+//! capture, resume, encode, ship), back-pressure on unacked epochs, the
+//! graceful stop, and the switchover's final checkpoint and handover.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::PAGE_SIZE;
+use understudy_checkpoint::epoch::{EpochKind, SenderState};
+use understudy_common::console::ConsoleLog;
+use understudy_common::payload::CheckpointPayload;
+use understudy_common::role::SwitchoverResponder;
+use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
+use understudy_vmm::{Vm, VmEnd};
+
+use crate::peer::{HandoverOutcome, handover, say_goodbye};
+use crate::{MAX_SYNC_ROUNDS, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared};
+
+/// The thread that owns the VM.
+pub(crate) struct Replicator {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    /// The session the last checkpoint was acked in (for the goodbye).
+    last_session: Option<u64>,
+    vm: Option<Vm>,
+    output: crossbeam_channel::Receiver<u8>,
+    log: Arc<ConsoleLog>,
+    next_epoch: u64,
+    staging: Vec<u8>,
+    page: Box<[u8; PAGE_SIZE]>,
+}
+
+/// Why a session ended, from the replicator's side.
+enum SessionEnd {
+    Broken,
+    Stop,
+    VmEnded(VmEnd),
+    /// A switchover: the backup runs the VM now.
+    HandedOver,
+}
+
+impl Replicator {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        vm: Vm,
+        output: crossbeam_channel::Receiver<u8>,
+        log: Arc<ConsoleLog>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            shared,
+            runtime,
+            last_session: None,
+            vm: Some(vm),
+            output,
+            log,
+            next_epoch: 1,
+            staging: Vec::new(),
+            page: Box::new([0; PAGE_SIZE]),
+        }
+    }
+
+    fn vm(&self) -> &Vm {
+        self.vm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the VM lives until run() returns"))
+    }
+
+    pub(crate) fn run(mut self) {
+        let end = self.main_loop();
+        // A clean stop or a guest that ended by itself: tell the backup not to
+        // promote, while the session is still up. A fenced primary says
+        // nothing, nor one that handed the VM over.
+        if self.shared.fenced_by.load(Ordering::Acquire) == 0
+            && self.shared.handed_over.load(Ordering::Acquire) == 0
+            && let Some(session) = self.last_session
+        {
+            let opts = self.shared.opts.clone();
+            let generation = self.shared.generation;
+            self.runtime
+                .block_on(say_goodbye(&opts, generation, session));
+        }
+        let vm = self.vm.take();
+        if let Some(vm) = vm {
+            let how = vm.stop();
+            tracing::info!(reason = %how, "VM stopped");
+        }
+        if let Some(end) = end {
+            *self
+                .shared
+                .vm_ended
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(end);
+        }
+        // Output still unreleased: a fence drops it (done in fence()); a clean
+        // stop releases what the last ack covered (done on that ack).
+        self.shared.done.cancel();
+    }
+
+    fn main_loop(&mut self) -> Option<VmEnd> {
+        loop {
+            if self.shared.stopping() {
+                return None;
+            }
+            if let Some(end) = self.vm().ended() {
+                return Some(end);
+            }
+            let Some(link) = self.current_session() else {
+                self.idle();
+                continue;
+            };
+            self.drain_output_unprotected();
+            match self.run_session(&link) {
+                SessionEnd::Broken => link.broken.store(true, Ordering::Release),
+                SessionEnd::Stop | SessionEnd::HandedOver => return None,
+                SessionEnd::VmEnded(end) => return Some(end),
+            }
+        }
+    }
+
+    fn current_session(&self) -> Option<SessionLink> {
+        self.shared
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|l| !l.broken.load(Ordering::Acquire))
+    }
+
+    /// No session: passes the guest's output on as it comes (released or
+    /// held, by the policy; a VM just taken over prints at once), and looks
+    /// for a session at least every epoch interval.
+    fn idle(&mut self) {
+        match self.output.recv_timeout(self.shared.opts.epoch_interval) {
+            Ok(first) => {
+                let mut bytes = vec![first];
+                bytes.extend(self.output.try_iter());
+                self.log.append(&bytes);
+                self.shared.releaser.produced_unprotected();
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            // The guest is gone; the loop sees it end.
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Between sessions the guest runs on; its output follows the policy.
+    fn drain_output_unprotected(&mut self) {
+        let bytes: Vec<u8> = self.output.try_iter().collect();
+        if !bytes.is_empty() {
+            self.log.append(&bytes);
+            self.shared.releaser.produced_unprotected();
+        }
+    }
+
+    fn send(&self, link: &SessionLink, chunks: Vec<Vec<u8>>) -> bool {
+        for chunk in chunks {
+            let msg = EpochChunk {
+                session: link.id,
+                generation: self.shared.generation,
+                chunk: chunk.into(),
+            };
+            if link.broken.load(Ordering::Acquire) || link.chunks.blocking_send(msg).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn run_session(&mut self, link: &SessionLink) -> SessionEnd {
+        let opts = self.shared.opts.clone();
+        let ram_pages = (opts.ram_bytes / PAGE_SIZE) as u32;
+        let sync_started = Instant::now();
+        // A new session owes acks only for its own epochs.
+        *self.shared.acked_plus_one() = self.next_epoch;
+        let mut sender =
+            match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the sender");
+                    return SessionEnd::Stop;
+                }
+            };
+        // Clear the dirty log, then copy everything while the guest runs: any
+        // page written after the clear is dirty again for the next round.
+        if let Err(e) = self.vm().harvest_dirty() {
+            tracing::error!(error = %e, "cannot clear the dirty log");
+            return SessionEnd::Stop;
+        }
+        let all: Vec<u32> = (0..ram_pages).collect();
+        if !self.sync_round(link, &mut sender, &all, 1) {
+            return SessionEnd::Broken;
+        }
+        for round in 2..=MAX_SYNC_ROUNDS {
+            let dirty = match self.vm().harvest_dirty() {
+                Ok(d) => d,
+                Err(_) => break,
+            };
+            let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
+            tracing::debug!(round, pages = pages.len(), "sync round");
+            if !self.sync_round(link, &mut sender, &pages, round) {
+                return SessionEnd::Broken;
+            }
+            if pages.len() <= SYNC_CONVERGED_PAGES {
+                break;
+            }
+        }
+        // Checkpoints: the first completes the sync and protects the VM.
+        let mut next_tick = Instant::now();
+        let mut protected = false;
+        loop {
+            match self.checkpoint(link, &mut sender, false) {
+                Ok(true) => {}
+                Ok(false) => return SessionEnd::Broken,
+                Err(end) => return end,
+            }
+            if !protected {
+                if !self.wait_acked(link, self.next_epoch - 1) {
+                    return if self.shared.stopping() {
+                        SessionEnd::Stop
+                    } else {
+                        SessionEnd::Broken
+                    };
+                }
+                protected = true;
+                self.shared.releaser.session_protected();
+                self.last_session = Some(link.id);
+                self.shared.stats.protected.store(true, Ordering::Release);
+                self.shared.stats.set_state("protected");
+                tracing::info!(
+                    sync_ms = sync_started.elapsed().as_millis() as u64,
+                    epoch = self.next_epoch - 1,
+                    "VM protected"
+                );
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                // Graceful stop: the last checkpoint is acked; its output is out.
+                self.wait_acked(link, self.next_epoch - 1);
+                return SessionEnd::Stop;
+            }
+            if let Some(responder) = self.shared.take_switchover()
+                && let Some(end) = self.hand_over(link, &mut sender, responder)
+            {
+                return end;
+            }
+            // Back-pressure: at most max_in_flight epochs unacked.
+            let oldest_allowed = (self.next_epoch - 1).saturating_sub(opts.max_in_flight);
+            if !self.wait_acked(link, oldest_allowed) {
+                return if self.shared.stopping() {
+                    SessionEnd::Stop
+                } else {
+                    SessionEnd::Broken
+                };
+            }
+            next_tick += opts.epoch_interval;
+            let now = Instant::now();
+            if next_tick > now {
+                std::thread::sleep(next_tick - now);
+            } else {
+                next_tick = now;
+            }
+            if self.shared.stopping() && self.shared.fenced_by.load(Ordering::Acquire) != 0 {
+                return SessionEnd::Stop;
+            }
+        }
+    }
+
+    /// A planned switchover: the final checkpoint with the VM left paused,
+    /// its ack, then `Handover`. The VM never runs here again unless the
+    /// backup certainly did not promote (it refused, or the request never
+    /// reached it). Returns how the session ends, or None to carry on.
+    fn hand_over(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+        responder: SwitchoverResponder,
+    ) -> Option<SessionEnd> {
+        let started = Instant::now();
+        let fail = |responder: SwitchoverResponder, why: String| {
+            tracing::warn!(%why, "switchover failed; still the primary");
+            let _ = responder.send(Err(tonic::Status::unavailable(format!(
+                "switchover failed, the VM runs on here: {why}"
+            ))));
+        };
+        let bytes_before = self.shared.stats.bytes_shipped.load(Ordering::Relaxed);
+        let pages = match self.checkpoint(link, sender, true) {
+            Ok(true) => self.staging.len() / PAGE_SIZE,
+            Ok(false) => {
+                self.resume_after_failed_switchover();
+                fail(
+                    responder,
+                    "the session broke during the final checkpoint".into(),
+                );
+                return Some(SessionEnd::Broken);
+            }
+            Err(end) => {
+                fail(responder, "the final checkpoint failed".into());
+                return Some(end);
+            }
+        };
+        let final_bytes = self.shared.stats.bytes_shipped.load(Ordering::Relaxed) - bytes_before;
+        let epoch = self.next_epoch - 1;
+        if !self.wait_acked(link, epoch) {
+            if self.shared.fenced_by.load(Ordering::Acquire) != 0 {
+                fail(responder, "deposed during the switchover".into());
+                return Some(SessionEnd::Stop);
+            }
+            self.resume_after_failed_switchover();
+            fail(
+                responder,
+                format!("the backup did not ack the final checkpoint {epoch}"),
+            );
+            return Some(SessionEnd::Broken);
+        }
+        let opts = self.shared.opts.clone();
+        let generation = self.shared.generation;
+        // From here the backup's promotion is the expected outcome.
+        self.shared.handing_over.store(true, Ordering::Release);
+        let outcome = self
+            .runtime
+            .block_on(handover(&opts, generation, link.id, epoch));
+        let seen = self.shared.seen_while_handing_over.load(Ordering::Acquire);
+        let not_handing_over = || self.shared.handing_over.store(false, Ordering::Release);
+        let reply = match outcome {
+            HandoverOutcome::Done(reply) => reply,
+            // The answer says no, yet the backup was seen promoted: it runs
+            // the VM (from our final checkpoint); ours stays stopped.
+            HandoverOutcome::NotTaken(why) if seen > generation => {
+                tracing::warn!(%why, generation = seen, "the handover was refused, yet the backup promoted: it runs the VM");
+                HandoverReply {
+                    generation: seen,
+                    resume_micros: 0,
+                }
+            }
+            HandoverOutcome::NotTaken(why) => {
+                not_handing_over();
+                self.resume_after_failed_switchover();
+                fail(responder, why);
+                return None;
+            }
+            HandoverOutcome::Deposed(g) => {
+                not_handing_over();
+                self.shared.fence(g);
+                fail(responder, format!("deposed by generation {g}"));
+                return Some(SessionEnd::Stop);
+            }
+            HandoverOutcome::Unknown(why) => {
+                // The backup may have promoted. Either way the VM must not
+                // run here again: if the request was lost, our silence
+                // promotes the backup from this same final checkpoint.
+                tracing::warn!(%why, "no answer to the handover: the backup promotes either way (handover or silence)");
+                HandoverReply {
+                    generation: generation + 1,
+                    resume_micros: 0,
+                }
+            }
+        };
+        let downtime = started.elapsed();
+        self.shared
+            .handed_over
+            .store(reply.generation, Ordering::Release);
+        not_handing_over();
+        self.shared.stats.metrics.switchovers.inc();
+        self.shared
+            .stats
+            .set_state(format!("handed over at epoch {epoch}"));
+        // All output up to the final checkpoint went out with its ack; the
+        // clients follow the guest to its new host.
+        self.log.disconnect_clients();
+        tracing::info!(
+            epoch,
+            generation = reply.generation,
+            downtime_ms = downtime.as_secs_f64() * 1e3,
+            "switchover: the backup runs the VM now"
+        );
+        let _ = responder.send(Ok(SwitchoverReply {
+            generation: reply.generation,
+            final_epoch: epoch,
+            downtime_micros: downtime.as_micros() as u64,
+            resume_micros: reply.resume_micros,
+            final_pages: pages as u64,
+            final_bytes,
+            new_primary: opts.backup.to_string(),
+        }));
+        Some(SessionEnd::HandedOver)
+    }
+
+    fn resume_after_failed_switchover(&self) {
+        if let Err(e) = self.vm().resume() {
+            tracing::error!(error = %e, "cannot resume the VM after a failed switchover");
+        }
+    }
+
+    /// Waits until `epoch` is acked. False if the session broke or we stop.
+    fn wait_acked(&self, link: &SessionLink, epoch: u64) -> bool {
+        let guard = self.shared.acked_plus_one();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (guard, _) = self
+            .shared
+            .acked_cv
+            .wait_timeout_while(guard, Duration::from_secs(30), |acked| {
+                *acked < epoch + 1
+                    && !link.broken.load(Ordering::Acquire)
+                    && self.shared.fenced_by.load(Ordering::Acquire) == 0
+                    && Instant::now() < deadline
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        *guard > epoch
+    }
+
+    /// Ships `pages` read from the running guest as one sync round.
+    fn sync_round(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+        pages: &[u32],
+        round: usize,
+    ) -> bool {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let Ok(mut enc) = sender.begin(epoch, EpochKind::SyncRound) else {
+            return false;
+        };
+        for (i, &p) in pages.iter().enumerate() {
+            if self
+                .vm
+                .as_ref()
+                .map(|vm| vm.ram().copy_page(p as usize, &mut self.page))
+                .is_none()
+            {
+                return false;
+            }
+            if enc.add_page(p, &self.page).is_err() {
+                return false;
+            }
+            if i % STREAM_EVERY_PAGES == STREAM_EVERY_PAGES - 1 {
+                if !self.send(link, enc.take_chunks()) {
+                    return false;
+                }
+                // Unprotected output goes out during a long sync too.
+                self.drain_output_unprotected();
+            }
+            if i % (STREAM_EVERY_PAGES * 8) == 0 {
+                self.shared.stats.set_state(format!(
+                    "syncing: round {round}, {}% of {} pages",
+                    i * 100 / pages.len().max(1),
+                    pages.len()
+                ));
+            }
+        }
+        match enc.finish(&[]) {
+            Ok(encoded) => {
+                self.shared
+                    .stats
+                    .bytes_shipped
+                    .fetch_add(encoded.report.bytes_out, Ordering::Relaxed);
+                self.shared.sent.store(epoch + 1, Ordering::Release);
+                self.shared.record_lag(*self.shared.acked_plus_one());
+                self.send(link, encoded.chunks)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Takes and ships one checkpoint. `Ok(false)`: the session broke.
+    fn checkpoint(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+        leave_paused: bool,
+    ) -> Result<bool, SessionEnd> {
+        let epoch = self.next_epoch;
+        let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
+        let started = Instant::now();
+        if let Err(e) = vm.pause() {
+            return Err(match vm.ended() {
+                Some(end) => SessionEnd::VmEnded(end),
+                None => {
+                    tracing::error!(error = %e, "cannot pause the VM");
+                    SessionEnd::Stop
+                }
+            });
+        }
+        let captured = (|| {
+            let dirty = vm.harvest_dirty()?;
+            let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
+            self.staging.resize(pages.len() * PAGE_SIZE, 0);
+            for (i, &p) in pages.iter().enumerate() {
+                let page: &mut [u8; PAGE_SIZE] = (&mut self.staging
+                    [i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("a page-sized slice"));
+                vm.ram().copy_page(p as usize, page)?;
+            }
+            let state = vm.save_state(false)?;
+            Ok::<_, understudy_vmm::VmError>((pages, state))
+        })();
+        // Output up to the pause belongs to this epoch.
+        let bytes: Vec<u8> = self.output.try_iter().collect();
+        let end_offset = self.log.append(&bytes);
+        let resumed = if leave_paused { Ok(()) } else { vm.resume() };
+        let pause = started.elapsed();
+        let (pages, state) = match (captured, resumed) {
+            (Ok(c), Ok(())) => c,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "checkpoint capture failed");
+                return Err(match vm.ended() {
+                    Some(end) => SessionEnd::VmEnded(end),
+                    None => SessionEnd::Stop,
+                });
+            }
+        };
+        self.next_epoch += 1;
+        let (console_offset, console_out) = self.log.unreleased();
+        let vm_state = match state.encode() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode VM state");
+                return Err(SessionEnd::Stop);
+            }
+        };
+        let payload = CheckpointPayload {
+            vm_state,
+            console_offset,
+            console_out,
+        }
+        .encode();
+        self.shared.releaser.checkpoint_taken(epoch, end_offset);
+        self.shared
+            .taken_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((epoch, started));
+        let mut enc = match sender.begin(epoch, EpochKind::Checkpoint) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode checkpoint");
+                return Ok(false);
+            }
+        };
+        for (i, &p) in pages.iter().enumerate() {
+            let page: &[u8; PAGE_SIZE] = self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("a page-sized slice"));
+            if enc.add_page(p, page).is_err() {
+                return Ok(false);
+            }
+        }
+        let encoded = match enc.finish(&payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot finish checkpoint");
+                return Ok(false);
+            }
+        };
+        self.shared.stats.record_epoch(
+            pause,
+            pages.len(),
+            encoded.report.bytes_in,
+            encoded.report.bytes_out,
+        );
+        self.shared.sent.store(epoch + 1, Ordering::Release);
+        self.shared.record_lag(*self.shared.acked_plus_one());
+        Ok(self.send(link, encoded.chunks))
+    }
+}
