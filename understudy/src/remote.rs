@@ -184,13 +184,17 @@ pub fn render(s: &StatusReply) -> String {
         rows.push(("received", human_bytes(s.bytes_shipped as f64)));
     }
     if s.promotion_resume_micros > 0 {
+        let resume = s.promotion_resume_micros as f64 / 1e3;
         rows.push((
             "promotion",
-            format!(
-                "after {:.1} ms of silence; running {:.1} ms later",
-                s.promotion_detect_micros as f64 / 1e3,
-                s.promotion_resume_micros as f64 / 1e3
-            ),
+            if s.promotion_detect_micros == 0 {
+                format!("by handover (switchover); running {resume:.1} ms later")
+            } else {
+                format!(
+                    "after {:.1} ms of silence; running {resume:.1} ms later",
+                    s.promotion_detect_micros as f64 / 1e3
+                )
+            },
         ));
     }
     if !s.peer.is_empty() {

@@ -115,6 +115,14 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
         new_primary.generation, 2,
         "a handover promotes one generation"
     );
+    let out = Command::new(CTL)
+        .args(["status", "--control"])
+        .arg(a.backup_control.to_string())
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("by handover"), "{shown}");
     let old_primary = common::status(a.primary_control).await.unwrap();
     assert_eq!(old_primary.role, "backup");
     let role_file =
