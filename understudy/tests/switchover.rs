@@ -68,6 +68,19 @@ async fn read_counts(lines: &mut Lines, seen: &mut Vec<u64>, limit: usize) -> bo
     false
 }
 
+/// Waits until the daemon at `control` has `role` and the VM is protected.
+async fn wait_protected_as(
+    pair: &Pair,
+    control: SocketAddr,
+    role: &str,
+    what: &str,
+) -> understudy_proto::StatusReply {
+    wait_status(pair, control, what, Duration::from_secs(30), |s| {
+        s.role == role && s.protected
+    })
+    .await
+}
+
 fn assert_unbroken(seen: &[u64], pair: &Pair) {
     for w in seen.windows(2) {
         assert_eq!(
@@ -103,12 +116,11 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
     );
     lines.reconnect(a.backup_console).await.unwrap();
     assert!(!read_counts(&mut lines, &mut seen, 20).await);
-    let new_primary = wait_status(
+    let new_primary = wait_protected_as(
         &pair,
         a.backup_control,
+        "primary",
         "backup host protected as the primary",
-        Duration::from_secs(30),
-        |s| s.role == "primary" && s.protected,
     )
     .await;
     assert_eq!(
@@ -134,20 +146,18 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
     // file), and the VM is protected again.
     pair.kill_primary();
     pair.start_primary();
-    wait_status(
+    wait_protected_as(
         &pair,
         a.primary_control,
+        "backup",
         "restarted host back as the backup",
-        Duration::from_secs(30),
-        |s| s.role == "backup" && s.protected,
     )
     .await;
-    wait_status(
+    wait_protected_as(
         &pair,
         a.backup_control,
+        "primary",
         "protected again after the restart",
-        Duration::from_secs(30),
-        |s| s.role == "primary" && s.protected,
     )
     .await;
     assert!(!read_counts(&mut lines, &mut seen, 10).await);
@@ -464,12 +474,11 @@ async fn after_a_failover_the_old_primary_rejoins_as_the_backup_and_the_vm_is_pr
     // it becomes the backup instead of refusing to run, and the VM is
     // protected again.
     pair.start_primary();
-    wait_status(
+    wait_protected_as(
         &pair,
         a.backup_control,
+        "primary",
         "protected again by the restarted host",
-        Duration::from_secs(30),
-        |s| s.role == "primary" && s.protected,
     )
     .await;
     let s = common::status(a.primary_control).await.unwrap();
