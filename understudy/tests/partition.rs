@@ -1,0 +1,276 @@
+//! A network partition between two hosts, made of real network namespaces:
+//! each daemon runs in its own namespace (`ip netns`), the replication link
+//! between them is a veth pair, and each host has a second veth to the test
+//! (clients and operators). Cutting the replication link is a partition: the
+//! backup promotes, and the primary, which cannot tell a partition from a dead
+//! backup, must under `hold-output` release nothing the backup does not hold.
+//! Healed, the old primary learns of the promotion, is fenced and rejoins as
+//! the backup. Needs root and iproute2; fails loudly without them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{DAEMON, Lines};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs iproute2 (`ip`): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {} (this test needs root for network namespaces)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two hosts in their own network namespaces: `a` (the [primary] table) and
+/// `b`, linked by `peer` veths (replication, 10.77.1.0/24), each with a
+/// client veth to the test's namespace (10.77.2.0/24 for a, 10.77.3.0/24 for
+/// b). Dropping it deletes the namespaces and every veth.
+struct Hosts {
+    ns: [String; 2],
+    /// The replication link's end in host a's namespace.
+    a_peer: String,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let ns = [format!("us-a-{id}"), format!("us-b-{id}")];
+        for n in &ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+            ip(&["netns", "add", n]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        let hosts = Self {
+            a_peer: format!("u{id}ap"),
+            ns,
+        };
+        let (a, b) = (&hosts.ns[0], &hosts.ns[1]);
+        let b_peer = format!("u{id}bp");
+        ip(&[
+            "link",
+            "add",
+            &hosts.a_peer,
+            "netns",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b_peer,
+            "netns",
+            b,
+        ]);
+        ip(&["-n", a, "addr", "add", "10.77.1.1/24", "dev", &hosts.a_peer]);
+        ip(&["-n", b, "addr", "add", "10.77.1.2/24", "dev", &b_peer]);
+        ip(&["-n", a, "link", "set", &hosts.a_peer, "up"]);
+        ip(&["-n", b, "link", "set", &b_peer, "up"]);
+        for (i, n) in hosts.ns.iter().enumerate() {
+            let (inside, outside) = (format!("u{id}c{i}"), format!("u{id}t{i}"));
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", n,
+            ]);
+            let net = 2 + i;
+            ip(&["addr", "add", &format!("10.77.{net}.1/24"), "dev", &outside]);
+            ip(&["link", "set", &outside, "up"]);
+            ip(&[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("10.77.{net}.2/24"),
+                "dev",
+                &inside,
+            ]);
+            ip(&["-n", n, "link", "set", &inside, "up"]);
+        }
+        hosts
+    }
+
+    /// Cuts (or restores) the replication link: a partition between the hosts.
+    fn partition(&self, cut: bool) {
+        let state = if cut { "down" } else { "up" };
+        ip(&["-n", &self.ns[0], "link", "set", &self.a_peer, state]);
+    }
+
+    /// Runs `understudyd ROLE` in host `i`'s namespace.
+    fn spawn(&self, i: usize, role: &str, config: &Path, state: &Path, log: &Path) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns[i], DAEMON, role, "--config"])
+            .arg(config)
+            .arg("--set")
+            .arg(format!("state_dir={:?}", state.display().to_string()))
+            .env("UNDERSTUDY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+/// Kills the daemons when the test ends, passed or not.
+struct Daemons(Vec<Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+async fn wait_for(
+    what: &str,
+    addr: SocketAddr,
+    logs: &Path,
+    pred: impl Fn(&understudy_proto::StatusReply) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = common::status(addr).await
+            && pred(&s)
+        {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut text = String::new();
+            for entry in std::fs::read_dir(logs).unwrap().flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    text += &format!(
+                        "--- {}\n{}",
+                        entry.path().display(),
+                        std::fs::read_to_string(entry.path()).unwrap_or_default()
+                    );
+                }
+            }
+            panic!("{what}: not within 30 s\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn counts(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_under_hold_output_releases_nothing_unacked_and_heals_into_a_protected_pair() {
+    common::require_kvm();
+    let _serial = common::serial().await;
+    let hosts = Hosts::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vm.toml");
+    std::fs::write(
+        &config,
+        r#"name = "partitioned"
+guest = "counter"
+memory_mib = 16
+state_dir = "/nonexistent"
+backup_loss = "hold-output"
+guest_params = { interval_ms = 10 }
+[primary]
+console = "10.77.2.2:7401"
+control = "10.77.2.2:7501"
+replication = "10.77.1.1:7301"
+[backup]
+replication = "10.77.1.2:7301"
+console = "10.77.3.2:7401"
+control = "10.77.3.2:7501"
+[tls]
+insecure = true
+"#,
+    )
+    .unwrap();
+    let (a_control, b_control) = (addr("10.77.2.2:7501"), addr("10.77.3.2:7501"));
+    let (a_console, b_console) = (addr("10.77.2.2:7401"), addr("10.77.3.2:7401"));
+    let logs = dir.path();
+    let mut daemons = Daemons(vec![
+        hosts.spawn(0, "primary", &config, &logs.join("a"), &logs.join("a.log")),
+        hosts.spawn(1, "backup", &config, &logs.join("b"), &logs.join("b.log")),
+    ]);
+    wait_for("protected", a_control, logs, |s| s.protected).await;
+
+    let mut client = Lines::connect(a_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    while counts(&seen).len() < 20 {
+        seen.push(client.next(Duration::from_secs(10)).await.unwrap().unwrap());
+    }
+
+    // Partition: the backup hears nothing and promotes; the primary, cut off
+    // too, holds all output from now on.
+    hosts.partition(true);
+    wait_for("backup promoted", b_control, logs, |s| s.role == "primary").await;
+    // What the primary released was acked before the cut; then nothing more.
+    while let Ok(Some(l)) = client.next(Duration::from_millis(500)).await {
+        seen.push(l);
+    }
+    let held = client.next(Duration::from_millis(700)).await;
+    assert!(
+        matches!(&held, Err(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "the partitioned primary released {held:?} beside the promoted backup"
+    );
+    let a_status = common::status(a_control).await.unwrap();
+    assert!(
+        a_status.state.contains("holding output"),
+        "{}",
+        a_status.state
+    );
+
+    // The client follows the VM to the promoted host from where it was: the
+    // partitioned primary released nothing that host does not continue.
+    client.reconnect(b_console).await.unwrap();
+    let before = counts(&seen).len();
+    while counts(&seen).len() < before + 20 {
+        seen.push(client.next(Duration::from_secs(10)).await.unwrap().unwrap());
+    }
+
+    // Healed: the old primary meets the higher generation, is fenced, drops
+    // what it held and becomes the backup; the VM is protected again.
+    hosts.partition(false);
+    wait_for("protected again after the heal", b_control, logs, |s| {
+        s.role == "primary" && s.protected
+    })
+    .await;
+    let a_status = common::status(a_control).await.unwrap();
+    assert_eq!(a_status.role, "backup", "{a_status:?}");
+    assert!(
+        daemons.0[0].try_wait().unwrap().is_none(),
+        "the old primary rejoined, not exited"
+    );
+    let before = counts(&seen).len();
+    while counts(&seen).len() < before + 20 {
+        seen.push(client.next(Duration::from_secs(10)).await.unwrap().unwrap());
+    }
+    let got = counts(&seen);
+    assert_eq!(
+        got,
+        (0..got.len() as u64).collect::<Vec<_>>(),
+        "one sequence through the partition, the promotion and the heal"
+    );
+}
