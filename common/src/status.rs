@@ -244,6 +244,27 @@ impl Control for ControlService {
         }))
     }
 
+    async fn crash(
+        &self,
+        _: tonic::Request<understudy_proto::CrashRequest>,
+    ) -> Result<tonic::Response<understudy_proto::CrashReply>, tonic::Status> {
+        let role = self.stats.role();
+        if role != "primary" || !self.stats.protected.load(Ordering::Acquire) {
+            return Err(tonic::Status::failed_precondition(format!(
+                "kill drill refused: it needs a primary whose VM is protected (this daemon: {role}, {})",
+                self.stats.state()
+            )));
+        }
+        tracing::warn!("kill drill: this daemon SIGKILLs itself, as the loss of its host would");
+        tokio::spawn(async {
+            // Let the answer go out first.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // SAFETY: signalling our own process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        });
+        Ok(tonic::Response::new(understudy_proto::CrashReply {}))
+    }
+
     async fn switchover(
         &self,
         _: tonic::Request<understudy_proto::SwitchoverRequest>,

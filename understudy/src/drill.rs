@@ -44,7 +44,7 @@ pub struct DrillOptions {
     pub out: PathBuf,
     pub daemon: Option<PathBuf>,
     /// Drill the running pair this config file describes instead of
-    /// starting a local one (switchover only).
+    /// starting a local one.
     pub pair: Option<PathBuf>,
 }
 
@@ -67,8 +67,9 @@ pub struct Report {
     pub guest_stopped_ms: Option<f64>,
     /// Disruption: SIGKILL (or the request) → the console back at its normal pace.
     pub disruption_ms: f64,
-    /// Total sync time: start → protected (initial sync).
-    pub sync_seconds: f64,
+    /// Total sync time: start → protected (initial sync; a drilled running
+    /// pair: the switchover's re-protection, none for a kill).
+    pub sync_seconds: Option<f64>,
     /// A switchover: the old primary's sync as the new backup (answer →
     /// protected again).
     pub resync_seconds: Option<f64>,
@@ -171,7 +172,7 @@ fn analyse(
         resume_ms,
         guest_stopped_ms,
         disruption_ms: ms(back_to_normal.saturating_sub(r.killed_at)),
-        sync_seconds: r.sync_time.as_secs_f64(),
+        sync_seconds: (!r.sync_time.is_zero()).then_some(r.sync_time.as_secs_f64()),
         resync_seconds,
         data_bytes: r.bytes_both_ways,
         epochs: r.epochs,
@@ -207,10 +208,17 @@ pub fn render(r: &Report) -> String {
     }
     text.push_str(&format!(
         "\x20 resume            {:>10.1} ms   promotion → VM running\n\
-         disruption          {:>10.1} ms   {event} → console back at its normal pace\n\
-         total sync time     {:>10.2} s    start → protected\n",
-        r.resume_ms, r.disruption_ms, r.sync_seconds,
+         disruption          {:>10.1} ms   {event} → console back at its normal pace\n",
+        r.resume_ms, r.disruption_ms,
     ));
+    match r.sync_seconds {
+        Some(sync) => text.push_str(&format!(
+            "total sync time     {sync:>10.2} s    start → protected\n"
+        )),
+        None => text.push_str(
+            "total sync time     not measured  the running pair synced before the drill; the old primary's host syncs when it is back\n",
+        ),
+    }
     if let Some(resync) = r.resync_seconds {
         text.push_str(&format!(
             "\x20 re-protection     {resync:>10.2} s    switched → protected again (the old primary synced as the backup)\n"
@@ -364,19 +372,13 @@ pub async fn run(opts: DrillOptions) -> Result<Report> {
 /// follows the console onto the other host and waits until the VM is
 /// protected again. Returns the measurements and the guest's name.
 async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport, String)> {
-    if opts.kind == DrillKind::Kill {
-        bail!(
-            "a kill drill SIGKILLs the primary's process, so it runs on a local pair it starts \
-             (leave out --config); on a running pair use --kind switchover"
-        );
-    }
     let config = crate::config::Config::load(config_path, &[])?;
     let tls = config.tls_files();
     let (section, control) = crate::remote::find_primary(&config).await?;
     let before = crate::remote::fetch_status(control, tls.as_ref()).await?;
     if !before.protected {
         bail!(
-            "the VM is not protected ({}): a switchover needs a synced backup",
+            "the VM is not protected ({}): a drill needs a synced backup",
             before.state
         );
     }
@@ -416,15 +418,26 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         .await
         .unwrap_or_default();
     let epochs_before = crate::remote::fetch_status(control, tls.as_ref()).await?;
-    println!("switchover → the {} host", section.other().name());
     let requested = Instant::now();
-    let switching = {
-        let config = config.clone();
-        tokio::spawn(
-            async move { crate::switchover::run(&config, Some(Duration::from_secs(60))).await },
-        )
+    let switching = match opts.kind {
+        DrillKind::Kill => {
+            println!(
+                "kill drill → the {} host's daemon SIGKILLs itself",
+                section.name()
+            );
+            crate::remote::request_crash(control, tls.as_ref()).await?;
+            None
+        }
+        DrillKind::Switchover => {
+            println!("switchover → the {} host", section.other().name());
+            let config = config.clone();
+            Some(tokio::spawn(async move {
+                crate::switchover::run(&config, Some(Duration::from_secs(60))).await
+            }))
+        }
     };
-    // The old primary closes its console once its last output is out.
+    // The old primary closes its console once its last output is out, or
+    // its process dies.
     read_lines(
         &mut client,
         &mut partial,
@@ -445,19 +458,37 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         }
     })
     .await;
-    let outcome = switching.await??;
+    let outcome = match switching {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
     let after = crate::remote::fetch_status(new_control, tls.as_ref()).await?;
-    let stopped = Duration::from_micros(outcome.reply.downtime_micros);
+    let us = Duration::from_micros;
+    // For a guest that prints nothing by itself (kv), the downtime is the
+    // guest's stop (switchover) or detection + resume (kill).
+    let (detection, resume, stopped) = match &outcome {
+        Some(o) => (
+            Duration::ZERO,
+            us(o.reply.resume_micros),
+            us(o.reply.downtime_micros),
+        ),
+        None => (
+            us(after.promotion_detect_micros),
+            us(after.promotion_resume_micros),
+            us(after.promotion_detect_micros + after.promotion_resume_micros),
+        ),
+    };
+    let reprotect = outcome.as_ref().and_then(|o| o.reprotect_time);
     let report = DrillReport {
-        // A guest that prints nothing by itself (kv): the guest's stop.
         failover: first_byte.map_or(stopped, |t| t - requested),
-        detection: Duration::ZERO,
-        resume: Duration::from_micros(outcome.reply.resume_micros),
+        detection,
+        resume,
         output_gap: Duration::ZERO,
         pause_p50_us: epochs_before.pause_p50_micros,
         pause_p99_us: epochs_before.pause_p99_micros,
-        // A running pair synced long ago: its sync time is the re-protection.
-        sync_time: outcome.reprotect_time.unwrap_or_default(),
+        // A running pair synced before the drill: a switchover's sync is the
+        // re-protection; a kill's waits for the old host to come back.
+        sync_time: reprotect.unwrap_or_default(),
         bytes_shipped: epochs_before.bytes_shipped,
         epochs: epochs_before.epochs,
         last_epoch: epochs_before.last_epoch,
@@ -467,7 +498,7 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         killed_at: requested - started,
         epoch_samples: samples,
         values,
-        switchover: Some((outcome.reply, outcome.reprotect_time.unwrap_or_default())),
+        switchover: outcome.map(|o| (o.reply, reprotect.unwrap_or_default())),
         // What crossed between the hosts during the drill: the other host
         // counts what it received as the backup and shipped as the primary.
         bytes_both_ways: after.bytes_shipped.saturating_sub(new_before.bytes_shipped),

@@ -73,6 +73,17 @@ pub async fn request_switchover(
     Ok(reply.into_inner())
 }
 
+/// Asks the primary at `addr` to SIGKILL itself (a kill drill); returns when
+/// it said it will.
+pub async fn request_crash(addr: SocketAddr, tls: Option<&TlsFiles>) -> Result<()> {
+    control_channel(addr, tls)
+        .await?
+        .crash(understudy_proto::CrashRequest {})
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+    Ok(())
+}
+
 /// The pair's hosts, by their config section, with the status each gave
 /// (None: not reachable).
 pub async fn pair_status(config: &Config) -> Vec<(Role, SocketAddr, Option<StatusReply>)> {

@@ -236,32 +236,17 @@ async fn a_pair_that_cannot_swap_refuses_and_the_vm_runs_on() {
     assert_eq!(b.role, "backup");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_switchover_drill_runs_against_a_running_pair() {
-    let _serial = serial().await;
-    let pair = swappable_pair().await;
-    let out = tempfile::tempdir().unwrap();
-    let drill = |kind: &str| {
-        Command::new(CTL)
-            .args(["drill", "--kind", kind, "--run-for", "1s", "--after", "1s"])
-            .arg("--config")
-            .arg(&pair.config)
-            .arg("--out")
-            .arg(out.path())
-            .output()
-            .unwrap()
-    };
-    // A kill drill needs a pair it started: it would have to SIGKILL a
-    // process it does not own.
-    let refused = drill("kill");
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        err.contains("on a running pair use --kind switchover"),
-        "{err}"
-    );
-
-    let run = drill("switchover");
+/// `understudyctl drill --kind KIND --config` against the running pair;
+/// returns report.json.
+fn drill_running_pair(pair: &Pair, kind: &str, out: &std::path::Path) -> serde_json::Value {
+    let run = Command::new(CTL)
+        .args(["drill", "--kind", kind, "--run-for", "1s", "--after", "1s"])
+        .arg("--config")
+        .arg(&pair.config)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
     assert!(
         run.status.success(),
         "{}\n{}\n{}",
@@ -269,9 +254,15 @@ async fn a_switchover_drill_runs_against_a_running_pair() {
         String::from_utf8_lossy(&run.stderr),
         pair.logs()
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
-            .unwrap();
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_drill_runs_against_a_running_pair() {
+    let _serial = serial().await;
+    let pair = swappable_pair().await;
+    let out = tempfile::tempdir().unwrap();
+    let json = drill_running_pair(&pair, "switchover", out.path());
     let num = |key: &str| {
         json[key]
             .as_f64()
@@ -514,4 +505,38 @@ async fn after_a_failover_the_old_primary_rejoins_as_the_backup_and_the_vm_is_pr
     assert!(!read_counts(&mut lines, &mut seen, 10).await);
     assert_eq!(seen.first(), Some(&0));
     assert_unbroken(&seen, &pair);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_drill_runs_against_a_running_pair() {
+    use understudy_proto::CrashRequest;
+    use understudy_proto::control_client::ControlClient;
+    let _serial = serial().await;
+    let mut pair = swappable_pair().await;
+    let a = pair.addrs.clone();
+    // Only a protected primary takes the drill's kill.
+    let mut backup = ControlClient::connect(format!("http://{}", a.backup_control))
+        .await
+        .unwrap();
+    let err = backup.crash(CrashRequest {}).await.unwrap_err();
+    assert!(err.message().contains("kill drill refused"), "{err}");
+
+    let out = tempfile::tempdir().unwrap();
+    let json = drill_running_pair(&pair, "kill", out.path());
+    let num = |key: &str| {
+        json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {json}"))
+    };
+    assert_eq!(json["continued"], true, "{json}");
+    assert!(num("detection_ms") >= 90.0, "the heartbeat timeout: {json}");
+    assert!(num("downtime_ms") < 1000.0, "{json}");
+    assert!(json["sync_seconds"].is_null(), "{json}");
+    // The primary's process really died of SIGKILL, and the backup's host
+    // runs the VM.
+    let status = pair.wait_primary_exit(Duration::from_secs(5));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    let s = common::status(a.backup_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("primary", 2));
 }

@@ -97,8 +97,8 @@ enum Command {
         /// Where to write report.txt, report.json and chart.svg.
         #[arg(long, default_value = "understudy-drill", value_name = "DIR")]
         out: PathBuf,
-        /// Drill the running pair this config file describes (switchover
-        /// only) instead of starting a local pair.
+        /// Drill the running pair this config file describes instead of
+        /// starting a local pair (a kill drill makes its primary SIGKILL itself).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
