@@ -72,6 +72,8 @@ pub enum BackupError {
     Listen(#[from] wire::ListenError),
     #[error("promotion failed: {0}")]
     Promotion(String),
+    #[error("the replication server's task failed")]
+    ServerTask(#[source] tokio::task::JoinError),
     #[error("gRPC server failed")]
     Server(#[source] tonic::transport::Error),
     #[error("TLS setup failed: {0}")]
@@ -247,7 +249,7 @@ pub async fn run(
     let exit = tokio::select! {
         r = &mut server => match r {
             Ok(r) => r.map(|_| BackupExit::Shutdown).map_err(BackupError::Server),
-            Err(e) => Err(BackupError::Promotion(format!("the replication server failed: {e}"))),
+            Err(e) => Err(BackupError::ServerTask(e)),
         },
         end = async {
             loop {
@@ -354,9 +356,11 @@ async fn failure_detector(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// device state, run. After silence the console is served from here with
 /// output released directly; after a handover the VM and its output go to
 /// the primary role, which protects it. Returns the new generation and how
-/// long promotion → VM running took. A handover that does not match the
-/// committed image is refused before anything changes.
-fn promote(shared: &Shared, trigger: Trigger) -> Result<(u64, Duration), String> {
+/// long promotion → VM running took, or None when silence no longer calls
+/// for a promotion (the state changed before the lock was taken). A handover
+/// that does not match the committed image is refused before anything
+/// changes.
+fn promote(shared: &Shared, trigger: Trigger) -> Result<Option<(u64, Duration)>, String> {
     let started = Instant::now();
     let mut state = shared.lock();
     if let Trigger::Handover { session, epoch } = trigger {
@@ -375,7 +379,7 @@ fn promote(shared: &Shared, trigger: Trigger) -> Result<(u64, Duration), String>
             ));
         }
     } else if !matches!(state.role, Role::Standby) || !state.protected {
-        return Err("not promotable".into());
+        return Ok(None);
     }
     // Check that the committed epoch can be brought back before committing
     // to the promotion: a bad payload must not leave a bumped generation
@@ -464,7 +468,7 @@ fn promote(shared: &Shared, trigger: Trigger) -> Result<(u64, Duration), String>
         })));
         drop(state);
         shared.handed_over.cancel();
-        return Ok((new_generation, resumed));
+        return Ok(Some((new_generation, resumed)));
     }
     let log = host.log.clone();
     let output = console.output;
@@ -492,7 +496,7 @@ fn promote(shared: &Shared, trigger: Trigger) -> Result<(u64, Duration), String>
             }
         })
         .map_err(|e| e.to_string())?;
-    Ok((new_generation, resumed))
+    Ok(Some((new_generation, resumed)))
 }
 
 #[derive(Clone)]
@@ -714,10 +718,13 @@ impl Replication for ReplicationService {
             epoch: req.epoch,
         };
         match tokio::task::block_in_place(|| promote(&shared, trigger)) {
-            Ok((generation, resumed)) => Ok(Response::new(HandoverReply {
+            Ok(Some((generation, resumed))) => Ok(Response::new(HandoverReply {
                 generation,
                 resume_micros: resumed.as_micros() as u64,
             })),
+            Ok(None) => Err(Status::failed_precondition(
+                "handover refused: this backup holds no promotable checkpoint",
+            )),
             Err(why) => {
                 tracing::warn!(%why, "handover refused");
                 Err(Status::failed_precondition(format!(

@@ -324,6 +324,13 @@ fn a_staged_epoch_that_no_longer_fits_is_not_applied() {
     assert_eq!(f.snapshot(), before);
 }
 
+/// Flips one bit of byte `at` in the file at `path`.
+fn flip_bit(path: &std::path::Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x10;
+    std::fs::write(path, &bytes).unwrap();
+}
+
 #[test]
 fn damaged_metadata_or_image_is_reported_on_open() {
     let Fixture {
@@ -331,24 +338,18 @@ fn damaged_metadata_or_image_is_reported_on_open() {
     } = fixture();
     let dir = store.dir().to_owned();
     drop(store);
-    let mem = dir.join("memory.img");
-    let mut bytes = std::fs::read(&mem).unwrap();
-    bytes[12345] ^= 0x10;
-    std::fs::write(&mem, &bytes).unwrap();
+    flip_bit(&dir.join("memory.img"), 12345);
     let err = ImageStore::open(&dir, Default::default()).unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
     assert!(err.to_string().contains("let the primary resync"));
-    bytes[12345] ^= 0x10;
-    std::fs::write(&mem, &bytes).unwrap();
+    // Flipped back: the image is whole again.
+    flip_bit(&dir.join("memory.img"), 12345);
     let (store, recovery) = ImageStore::open(&dir, Default::default()).unwrap();
     assert_eq!(recovery, Recovery::Clean);
     assert!(matches!(store.status(), ImageStatus::Committed { .. }));
     drop(store);
 
-    let meta = dir.join("meta");
-    let mut m = std::fs::read(&meta).unwrap();
-    m[20] ^= 1;
-    std::fs::write(&meta, &m).unwrap();
+    flip_bit(&dir.join("meta"), 20);
     let err = ImageStore::open(&dir, Default::default()).unwrap_err();
     assert!(
         err.to_string().contains("metadata checksum mismatch"),
@@ -404,10 +405,7 @@ fn an_image_gone_live_reopens_for_a_resync_instead_of_failing_its_digest() {
     let dir = store.dir().to_owned();
     drop(store);
     // The promoted VM ran on memory.img and changed it.
-    let mem = dir.join("memory.img");
-    let mut bytes = std::fs::read(&mem).unwrap();
-    bytes[12345] ^= 0x10;
-    std::fs::write(&mem, &bytes).unwrap();
+    flip_bit(&dir.join("memory.img"), 12345);
     // This host as a backup again: the image opens, waiting for a full sync.
     let (store, _) = ImageStore::open(&dir, Default::default()).unwrap();
     assert_eq!(store.status(), ImageStatus::Syncing);

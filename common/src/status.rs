@@ -257,7 +257,8 @@ impl Control for ControlService {
         }
         tracing::warn!("kill drill: this daemon SIGKILLs itself, as the loss of its host would");
         tokio::spawn(async {
-            // Let the answer go out first.
+            // Usually lets the answer go out first; a lost answer is fine
+            // (the caller watches the takeover itself).
             tokio::time::sleep(Duration::from_millis(20)).await;
             // SAFETY: signalling our own process.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

@@ -189,7 +189,8 @@ struct Shared {
     handed_over: AtomicU64,
     /// A handover is under way: the backup's promotion (a higher generation
     /// in its beats) is expected, not a fence.
-    handing_over: AtomicBool,
+    /// (A watch: the session manager waits for the handover to settle.)
+    handing_over: tokio::sync::watch::Sender<bool>,
     /// The highest generation seen while handing over.
     seen_while_handing_over: AtomicU64,
 }
@@ -221,9 +222,7 @@ impl Shared {
     /// outcome: the replicator, which holds the paused VM, finishes the
     /// handover instead.
     fn fence(&self, generation: u64) {
-        if self.handing_over.load(Ordering::Acquire)
-            || self.handed_over.load(Ordering::Acquire) != 0
-        {
+        if *self.handing_over.borrow() || self.handed_over.load(Ordering::Acquire) != 0 {
             self.seen_while_handing_over
                 .fetch_max(generation, Ordering::AcqRel);
             return;
@@ -313,7 +312,7 @@ pub async fn run(
 
     let mut first_session = None;
     let adopted = matches!(start, Start::Adopt(_));
-    let (vm, output, unprotected_start) = match start {
+    let (vm, output) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
             // the backup cannot know it was not deposed.
@@ -368,7 +367,7 @@ pub async fn run(
             .map_err(PrimaryError::Vm)?;
             host.input.set(Some(vm_console.input.clone()));
             tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, "VM booted");
-            (vm, vm_console.output, first_session.is_none())
+            (vm, vm_console.output)
         }
         Start::Adopt(running) => {
             let RunningVm { mut vm, output, .. } = *running;
@@ -376,7 +375,7 @@ pub async fn run(
             // Clients without a resume offset get output from now on.
             host.log.set_raw_start(None);
             tracing::info!(vm = %opts.vm_id, generation, backup = %opts.backup, "protecting the VM this host took over");
-            (vm, output, true)
+            (vm, output)
         }
     };
     // Whoever dials this host's replication address learns that the VM runs
@@ -413,21 +412,20 @@ pub async fn run(
         taken_at: Mutex::default(),
         switchover: Mutex::new(None),
         handed_over: AtomicU64::new(0),
-        handing_over: AtomicBool::new(false),
+        handing_over: tokio::sync::watch::Sender::new(false),
         seen_while_handing_over: AtomicU64::new(0),
         opts: opts.clone(),
     });
-    if unprotected_start {
+    if adopted {
         // A VM this host took over runs unprotected until the other host
         // syncs as its backup, and its output goes out (as it did right after
         // a promotion: the old primary is stopped or deposed, no other copy
-        // runs). A primary started without a backup follows the policy.
-        if adopted {
-            shared.releaser.set_unprotected(true);
-            stats.set_state("unprotected: no backup yet, releasing output");
-        } else {
-            unprotected(&shared, "no backup yet");
-        }
+        // runs).
+        shared.releaser.set_unprotected(true);
+        stats.set_state("unprotected: no backup yet, releasing output");
+    } else if first_session.is_none() {
+        // Started without a backup (start_unprotected): the policy decides.
+        unprotected(&shared, "no backup yet");
     }
     let replicator = {
         let shared = shared.clone();
@@ -623,9 +621,11 @@ async fn session_manager(
         shared.stats.protected.store(false, Ordering::Release);
         // A handover ends the session from the other side; let the
         // replicator settle it before treating this as a lost backup.
-        while shared.handing_over.load(Ordering::Acquire) && !shared.stopping() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let _ = shared
+            .handing_over
+            .subscribe()
+            .wait_for(|handing_over| !handing_over)
+            .await;
         if shared.stopping() {
             return;
         }

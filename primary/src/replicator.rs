@@ -320,12 +320,12 @@ impl Replicator {
         let opts = self.shared.opts.clone();
         let generation = self.shared.generation;
         // From here the backup's promotion is the expected outcome.
-        self.shared.handing_over.store(true, Ordering::Release);
+        self.shared.handing_over.send_replace(true);
         let outcome = self
             .runtime
             .block_on(handover(&opts, generation, link.id, epoch));
         let seen = self.shared.seen_while_handing_over.load(Ordering::Acquire);
-        let not_handing_over = || self.shared.handing_over.store(false, Ordering::Release);
+        let not_handing_over = || self.shared.handing_over.send_replace(false);
         let reply = match outcome {
             HandoverOutcome::Done(reply) => reply,
             // The answer says no, yet the backup was seen promoted: it runs

@@ -89,12 +89,7 @@ async fn switchovers(n: usize) -> Vec<Swap> {
     .await;
     let mut swaps = Vec::new();
     for _ in 0..n {
-        let task = {
-            let config = config.clone();
-            tokio::spawn(async move {
-                understudy::switchover::run(&config, Some(Duration::from_secs(60))).await
-            })
-        };
+        let task = understudy::switchover::spawn(config.clone());
         // The old primary closes the console once its last output is out.
         read_lines(
             &mut client,

@@ -148,6 +148,9 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
 
         let mut adopted = None;
         let code = loop {
+            if shutdown.is_cancelled() {
+                break Ok(0);
+            }
             record_role(config, role)?;
             let role_done = shutdown.child_token();
             match role {
@@ -155,36 +158,30 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                     let opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
                     stats.start_role("primary", opts.backup.to_string());
                     let start = adopted.take().map_or(Start::Boot, Start::Adopt);
-                    match understudy_primary::run(opts, host.clone(), role_done, start).await {
+                    let deposed = match understudy_primary::run(opts, host.clone(), role_done, start).await {
                         Ok(PrimaryExit::Shutdown) => break Ok(0),
                         Ok(PrimaryExit::VmEnded(end)) => {
                             tracing::info!(reason = %end, "guest ended");
                             break Ok(0);
                         }
-                        Ok(PrimaryExit::Fenced { generation }) if roles_can_change => {
-                            tracing::warn!(generation, "deposed by the other host's promotion: VM stopped, its unacked output dropped; this host becomes the backup");
-                            role = Role::Backup;
-                        }
-                        Err(e @ PrimaryError::Fenced { .. }) if roles_can_change => {
-                            tracing::warn!("{e}");
-                            tracing::warn!("this host becomes the backup of the VM's new primary");
-                            role = Role::Backup;
-                        }
-                        Ok(PrimaryExit::Fenced { generation }) => {
-                            tracing::error!(generation, "deposed by the backup's promotion: VM stopped, its unacked output dropped");
-                            break Ok(EXIT_FENCED);
-                        }
                         Ok(PrimaryExit::HandedOver { generation }) => {
                             tracing::info!(generation, "switchover done: the other host runs the VM; this host is the backup now");
                             role = Role::Backup;
+                            continue;
                         }
-                        Err(e @ PrimaryError::Fenced { .. }) => {
-                            tracing::error!("{e}");
-                            eprintln!("understudyd: {e}");
-                            break Ok(EXIT_FENCED);
-                        }
+                        Ok(PrimaryExit::Fenced { generation }) => format!(
+                            "deposed by the other host's promotion at generation {generation}: VM stopped, its unacked output dropped"
+                        ),
+                        Err(e @ PrimaryError::Fenced { .. }) => e.to_string(),
                         Err(e) => break Err(e.into()),
+                    };
+                    if !roles_can_change {
+                        tracing::error!("{deposed}");
+                        eprintln!("understudyd: {deposed}");
+                        break Ok(EXIT_FENCED);
                     }
+                    tracing::warn!(%deposed, "this host becomes the backup of the VM's new primary");
+                    role = Role::Backup;
                 }
                 Role::Backup => {
                     let opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
@@ -202,9 +199,6 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                         Err(e) => break Err(e.into()),
                     }
                 }
-            }
-            if shutdown.is_cancelled() {
-                break Ok(0);
             }
         };
         shutdown.cancel();

@@ -13,7 +13,7 @@ use understudy_common::console::ResumingClient;
 use crate::config::Config;
 use crate::daemon::Role;
 use crate::drill::DrillKind;
-use crate::pair::{LocalPair, PairAddrs, read_lines};
+use crate::pair::{Follower, LocalPair, PairAddrs};
 use crate::{remote, switchover};
 
 /// Guest RAM of the demo VM.
@@ -235,27 +235,19 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
     .await?;
     let sync_time = started.elapsed();
 
-    let mut client = ResumingClient::connect(pc, 0)
+    let client = ResumingClient::connect(pc, 0)
         .await
         .context("cannot connect to the primary's console")?;
-    let mut partial = Vec::new();
-    let mut values: Vec<(Duration, u64, bool)> = Vec::new();
-    let prefix = opts.guest.prefix();
+    let mut follow = Follower::new(client, started, Some(opts.guest.prefix()));
     let mut last_primary_line = Instant::now();
-    let mut on_primary = |line: &str, at: Instant| {
-        say(format!("primary │ {line}"));
-        if let Some(v) = line
-            .strip_prefix(prefix)
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            values.push((at - started, v, false));
-        }
-        last_primary_line = at;
-    };
-    read_lines(&mut client, &mut partial, opts.run_for, &mut on_primary).await;
+    follow
+        .read(opts.run_for, |line, at| {
+            say(format!("primary │ {line}"));
+            last_primary_line = at;
+        })
+        .await;
     let before = remote::fetch_status(pk, None).await?;
     let epochs = remote::fetch_epochs(pk, None).await.unwrap_or_default();
-    let epochs: Vec<understudy_proto::EpochSample> = epochs;
     say(indent(&remote::render(&before)));
 
     let (killed, switching) = match opts.kind {
@@ -265,12 +257,11 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         }
         DrillKind::Switchover => {
             say("switchover → the backup's host takes the VM".into());
-            let config = Config::load(&pair.config, &[])?;
             let at = Instant::now();
-            let task = tokio::spawn(async move {
-                switchover::run(&config, Some(Duration::from_secs(60))).await
-            });
-            (at, Some(task))
+            (
+                at,
+                Some(switchover::spawn(Config::load(&pair.config, &[])?)),
+            )
         }
     };
     // Whatever the primary delivered before it died, or before it closed
@@ -279,30 +270,28 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         DrillKind::Kill => Duration::from_millis(50),
         DrillKind::Switchover => Duration::from_secs(10),
     };
-    read_lines(&mut client, &mut partial, linger, &mut on_primary).await;
-    let offset = client.offset - partial.len() as u64;
-    partial.clear();
-    let mut client = ResumingClient::connect(bc, offset)
+    follow
+        .read(linger, |line, at| {
+            say(format!("primary │ {line}"));
+            last_primary_line = at;
+        })
+        .await;
+    follow
+        .move_to(bc)
         .await
         .context("cannot connect to the backup's console")?;
-    let mut buf = [0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+    let first_backup_byte = follow
+        .first_byte(Duration::from_secs(10))
         .await
-        .context("the backup did not take over within 10 s")??;
-    let first_backup_byte = Instant::now();
-    partial.extend_from_slice(&buf[..n]);
+        .context("the backup did not take over")?;
     let mut first_backup_line = None;
-    read_lines(&mut client, &mut partial, opts.after, |line, at| {
-        say(format!("backup  │ {line}"));
-        if let Some(v) = line
-            .strip_prefix(prefix)
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            values.push((at - started, v, true));
-        }
-        first_backup_line.get_or_insert(at);
-    })
-    .await;
+    follow
+        .read(opts.after, |line, at| {
+            say(format!("backup  │ {line}"));
+            first_backup_line.get_or_insert(at);
+        })
+        .await;
+    let values = follow.values;
     let switchover = match switching {
         Some(task) => {
             let outcome = task.await??;

@@ -23,7 +23,7 @@ use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm};
 use understudy_common::console::ResumingClient;
 
 use crate::demo::{DemoOptions, DrillGuest, DrillReport, drill};
-use crate::pair::read_lines;
+use crate::pair::Follower;
 
 /// What to rehearse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -400,20 +400,11 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         opts.run_for
     );
     let started = Instant::now();
-    let mut client = ResumingClient::connect_now(old_console)
+    let client = ResumingClient::connect_now(old_console)
         .await
         .with_context(|| format!("cannot connect to the console at {old_console}"))?;
-    let mut partial = Vec::new();
-    let mut values: Vec<(Duration, u64, bool)> = Vec::new();
-    let parse = |line: &str| -> Option<u64> {
-        guest.and_then(|g| line.strip_prefix(g.prefix())?.parse().ok())
-    };
-    let mut on_old = |line: &str, at: Instant| {
-        if let Some(v) = parse(line) {
-            values.push((at - started, v, false));
-        }
-    };
-    read_lines(&mut client, &mut partial, opts.run_for, &mut on_old).await;
+    let mut follow = Follower::new(client, started, guest.map(DrillGuest::prefix));
+    follow.read(opts.run_for, |_, _| {}).await;
     let samples = crate::remote::fetch_epochs(control, tls.as_ref())
         .await
         .unwrap_or_default();
@@ -430,34 +421,23 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         }
         DrillKind::Switchover => {
             println!("switchover → the {} host", section.other().name());
-            let config = config.clone();
-            Some(tokio::spawn(async move {
-                crate::switchover::run(&config, Some(Duration::from_secs(60))).await
-            }))
+            Some(crate::switchover::spawn(config.clone()))
         }
     };
     // The old primary closes its console once its last output is out, or
     // its process dies.
-    read_lines(
-        &mut client,
-        &mut partial,
-        Duration::from_secs(10),
-        &mut on_old,
-    )
-    .await;
-    let offset = client.offset - partial.len() as u64;
-    partial.clear();
-    let mut client = ResumingClient::connect(new_console, offset)
+    follow.read(Duration::from_secs(10), |_, _| {}).await;
+    follow
+        .move_to(new_console)
         .await
         .with_context(|| format!("cannot connect to the console at {new_console}"))?;
     let mut first_byte = None;
-    read_lines(&mut client, &mut partial, opts.after, |line, at| {
-        first_byte.get_or_insert(at);
-        if let Some(v) = parse(line) {
-            values.push((at - started, v, true));
-        }
-    })
-    .await;
+    follow
+        .read(opts.after, |_, at| {
+            first_byte.get_or_insert(at);
+        })
+        .await;
+    let values = follow.values;
     let outcome = match switching {
         Some(task) => Some(task.await??),
         None => None,

@@ -262,6 +262,69 @@ pub async fn read_lines(
     }
 }
 
+/// A console client that follows the guest from host to host by offset,
+/// recording every `<prefix>N` line as (arrival since `started`, N, whether
+/// it came after the first move).
+#[derive(Debug)]
+pub struct Follower {
+    client: ResumingClient,
+    partial: Vec<u8>,
+    started: Instant,
+    prefix: Option<&'static str>,
+    moved: bool,
+    pub values: Vec<(Duration, u64, bool)>,
+}
+
+impl Follower {
+    pub fn new(client: ResumingClient, started: Instant, prefix: Option<&'static str>) -> Self {
+        Self {
+            client,
+            partial: Vec::new(),
+            started,
+            prefix,
+            moved: false,
+            values: Vec::new(),
+        }
+    }
+
+    /// Reads lines for up to `timeout`, or until the host closes the console,
+    /// calling `each` with every line and its arrival.
+    pub async fn read(&mut self, timeout: Duration, mut each: impl FnMut(&str, Instant)) {
+        let (prefix, started, moved) = (self.prefix, self.started, self.moved);
+        let values = &mut self.values;
+        read_lines(&mut self.client, &mut self.partial, timeout, |line, at| {
+            if let Some(v) = prefix
+                .and_then(|p| line.strip_prefix(p))
+                .and_then(|n| n.parse().ok())
+            {
+                values.push((at - started, v, moved));
+            }
+            each(line, at);
+        })
+        .await;
+    }
+
+    /// Reconnects to `addr` where the client left off (a partial line is
+    /// asked for again); lines from here on count as the new host's.
+    pub async fn move_to(&mut self, addr: SocketAddr) -> std::io::Result<()> {
+        let offset = self.client.offset - self.partial.len() as u64;
+        self.partial.clear();
+        self.client = ResumingClient::connect(addr, offset).await?;
+        self.moved = true;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the next bytes; returns when they came.
+    pub async fn first_byte(&mut self, timeout: Duration) -> Result<Instant> {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(timeout, self.client.read(&mut buf))
+            .await
+            .with_context(|| format!("no console output within {timeout:?}"))??;
+        self.partial.extend_from_slice(&buf[..n]);
+        Ok(Instant::now())
+    }
+}
+
 impl Drop for LocalPair {
     fn drop(&mut self) {
         for child in [self.primary.as_mut(), self.backup.as_mut()]

@@ -68,6 +68,12 @@ pub async fn run(config: &Config, wait: Option<Duration>) -> Result<Outcome> {
     })
 }
 
+/// [`run`] on a task, waiting up to a minute for the VM to be protected
+/// again (drills and benchmarks follow the console meanwhile).
+pub fn spawn(config: Config) -> tokio::task::JoinHandle<Result<Outcome>> {
+    tokio::spawn(async move { run(&config, Some(Duration::from_secs(60))).await })
+}
+
 /// The text `understudyctl switchover` prints.
 pub fn render(o: &Outcome, config: &Config) -> String {
     let r = &o.reply;

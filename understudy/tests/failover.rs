@@ -8,16 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Lines, Pair, wait_status};
+use common::{Lines, Pair, counts, wait_status};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn counts(lines: &[String]) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
-        .collect()
-}
 
 /// Reads lines until one satisfies `pred`.
 async fn read_until(

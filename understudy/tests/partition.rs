@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{DAEMON, Lines};
+use common::{DAEMON, Lines, counts};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -142,41 +142,18 @@ fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
 
-async fn wait_for(
+/// Polls the daemon at `addr` until `pred` holds; on timeout, fails with the
+/// daemons' logs in `logs`.
+async fn wait_status_or_logs(
     what: &str,
     addr: SocketAddr,
     logs: &Path,
     pred: impl Fn(&understudy_proto::StatusReply) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = common::status(addr).await
-            && pred(&s)
-        {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            let mut text = String::new();
-            for entry in std::fs::read_dir(logs).unwrap().flatten() {
-                if entry.path().extension().is_some_and(|e| e == "log") {
-                    text += &format!(
-                        "--- {}\n{}",
-                        entry.path().display(),
-                        std::fs::read_to_string(entry.path()).unwrap_or_default()
-                    );
-                }
-            }
-            panic!("{what}: not within 30 s\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn counts(lines: &[String]) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
-        .collect()
+    common::wait_status_or(addr, what, Duration::from_secs(30), pred, || {
+        common::logs_in(logs)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +191,7 @@ insecure = true
         hosts.spawn(0, "primary", &config, &logs.join("a"), &logs.join("a.log")),
         hosts.spawn(1, "backup", &config, &logs.join("b"), &logs.join("b.log")),
     ]);
-    wait_for("protected", a_control, logs, |s| s.protected).await;
+    wait_status_or_logs("protected", a_control, logs, |s| s.protected).await;
 
     let mut client = Lines::connect(a_console, 0).await.unwrap();
     let mut seen = Vec::new();
@@ -225,7 +202,7 @@ insecure = true
     // Partition: the backup hears nothing and promotes; the primary, cut off
     // too, holds all output from now on.
     hosts.partition(true);
-    wait_for("backup promoted", b_control, logs, |s| s.role == "primary").await;
+    wait_status_or_logs("backup promoted", b_control, logs, |s| s.role == "primary").await;
     // What the primary released was acked before the cut; then nothing more.
     while let Ok(Some(l)) = client.next(Duration::from_millis(500)).await {
         seen.push(l);
@@ -253,7 +230,7 @@ insecure = true
     // Healed: the old primary meets the higher generation, is fenced, drops
     // what it held and becomes the backup; the VM is protected again.
     hosts.partition(false);
-    wait_for("protected again after the heal", b_control, logs, |s| {
+    wait_status_or_logs("protected again after the heal", b_control, logs, |s| {
         s.role == "primary" && s.protected
     })
     .await;

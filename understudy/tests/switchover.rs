@@ -34,23 +34,6 @@ async fn swappable_pair() -> Pair {
     pair
 }
 
-fn switchover(pair: &Pair) -> String {
-    let out = Command::new(CTL)
-        .arg("switchover")
-        .arg("--config")
-        .arg(&pair.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "switchover failed:\n{}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        pair.logs()
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Reads `count N` lines into `seen` until the server closes the connection
 /// (the host stopped running the guest) or `limit` lines came.
 async fn read_counts(lines: &mut Lines, seen: &mut Vec<u64>, limit: usize) -> bool {
@@ -66,6 +49,24 @@ async fn read_counts(lines: &mut Lines, seen: &mut Vec<u64>, limit: usize) -> bo
         }
     }
     false
+}
+
+/// The old host closed the console (its guest moved): reads what it still
+/// sent, reconnects to `to` where the client left off, and reads `more`
+/// lines there.
+async fn follow(lines: &mut Lines, seen: &mut Vec<u64>, to: SocketAddr, more: usize) {
+    assert!(
+        read_counts(lines, seen, 1000).await,
+        "the old host's console stayed open"
+    );
+    lines.reconnect(to).await.unwrap();
+    assert!(!read_counts(lines, seen, more).await);
+}
+
+/// The daemon at `control` has `role` at `generation`.
+async fn assert_role(control: SocketAddr, role: &str, generation: u64) {
+    let s = common::status(control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), (role, generation), "{s:?}");
 }
 
 /// Waits until the daemon at `control` has `role` and the VM is protected.
@@ -102,7 +103,7 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
     assert!(!read_counts(&mut lines, &mut seen, 10).await);
 
     // 1. Swap: the backup's host runs the VM, the primary's host backs it up.
-    let text = switchover(&pair);
+    let text = common::switchover(&pair, &pair.config);
     assert!(
         text.contains("now runs on the [backup] table's host"),
         "{text}"
@@ -110,12 +111,7 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
     assert!(text.contains("protected again"), "{text}");
     // The old primary closes its clients once its output is out; they
     // follow the guest to the other host.
-    assert!(
-        read_counts(&mut lines, &mut seen, 1000).await,
-        "the old primary's console stayed open"
-    );
-    lines.reconnect(a.backup_console).await.unwrap();
-    assert!(!read_counts(&mut lines, &mut seen, 20).await);
+    follow(&mut lines, &mut seen, a.backup_console, 20).await;
     let new_primary = wait_protected_as(
         &pair,
         a.backup_control,
@@ -163,16 +159,13 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
     assert!(!read_counts(&mut lines, &mut seen, 10).await);
 
     // 3. Swap back.
-    let text = switchover(&pair);
+    let text = common::switchover(&pair, &pair.config);
     assert!(
         text.contains("now runs on the [primary] table's host"),
         "{text}"
     );
-    assert!(read_counts(&mut lines, &mut seen, 1000).await);
-    lines.reconnect(a.primary_console).await.unwrap();
-    assert!(!read_counts(&mut lines, &mut seen, 10).await);
-    let back = common::status(a.primary_control).await.unwrap();
-    assert_eq!((back.role.as_str(), back.generation), ("primary", 3));
+    follow(&mut lines, &mut seen, a.primary_console, 10).await;
+    assert_role(a.primary_control, "primary", 3).await;
 
     // 4. The protection is real: SIGKILL the primary's host and the backup's
     // host takes over from the last acked epoch.
@@ -186,14 +179,8 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
     .await;
     assert!(!read_counts(&mut lines, &mut seen, 5).await);
     pair.kill_primary();
-    assert!(read_counts(&mut lines, &mut seen, 1000).await);
-    lines.reconnect(a.backup_console).await.unwrap();
-    assert!(!read_counts(&mut lines, &mut seen, 10).await);
-    let promoted = common::status(a.backup_control).await.unwrap();
-    assert_eq!(
-        (promoted.role.as_str(), promoted.generation),
-        ("primary", 4)
-    );
+    follow(&mut lines, &mut seen, a.backup_console, 10).await;
+    assert_role(a.backup_control, "primary", 4).await;
 
     assert_eq!(seen.first(), Some(&0));
     assert_unbroken(&seen, &pair);
@@ -334,8 +321,7 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
         let err = client.handover(request).await.unwrap_err();
         assert!(err.message().contains(needle), "{err}");
     }
-    let b = common::status(a.backup_control).await.unwrap();
-    assert_eq!((b.role.as_str(), b.generation), ("backup", 1));
+    assert_role(a.backup_control, "backup", 1).await;
     wait_status(
         &pair,
         a.primary_control,
@@ -455,11 +441,8 @@ async fn after_a_failover_the_old_primary_rejoins_as_the_backup_and_the_vm_is_pr
 
     // 1. SIGKILL the primary: the backup's host takes the VM over.
     pair.kill_primary();
-    assert!(read_counts(&mut lines, &mut seen, 1000).await);
-    lines.reconnect(a.backup_console).await.unwrap();
-    assert!(!read_counts(&mut lines, &mut seen, 10).await);
-    let s = common::status(a.backup_control).await.unwrap();
-    assert_eq!((s.role.as_str(), s.generation), ("primary", 2));
+    follow(&mut lines, &mut seen, a.backup_console, 10).await;
+    assert_role(a.backup_control, "primary", 2).await;
 
     // 2. The old primary's host restarts with its unit's command: deposed,
     // it becomes the backup instead of refusing to run, and the VM is
@@ -499,8 +482,7 @@ async fn after_a_failover_the_old_primary_rejoins_as_the_backup_and_the_vm_is_pr
         |s| s.role == "primary" && s.protected && s.generation == 3,
     )
     .await;
-    let s = common::status(a.backup_control).await.unwrap();
-    assert_eq!((s.role.as_str(), s.generation), ("backup", 3));
+    assert_role(a.backup_control, "backup", 3).await;
     assert!(pair.backup.as_mut().unwrap().try_wait().unwrap().is_none());
     assert!(!read_counts(&mut lines, &mut seen, 10).await);
     assert_eq!(seen.first(), Some(&0));
@@ -537,6 +519,5 @@ async fn a_kill_drill_runs_against_a_running_pair() {
     let status = pair.wait_primary_exit(Duration::from_secs(5));
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
-    let s = common::status(a.backup_control).await.unwrap();
-    assert_eq!((s.role.as_str(), s.generation), ("primary", 2));
+    assert_role(a.backup_control, "primary", 2).await;
 }

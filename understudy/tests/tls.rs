@@ -282,20 +282,8 @@ async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
     // There and back: the handover, the new primary's replication to the
     // old one and the operator's requests all run over mutual TLS.
     for _ in 0..2 {
-        let out = Command::new(common::CTL)
-            .arg("switchover")
-            .arg("--config")
-            .arg(&operator_config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            pair.logs()
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("protected again"));
+        let text = common::switchover(&pair, &operator_config);
+        assert!(text.contains("protected again"), "{text}");
     }
     assert!(!pair.logs().contains("tls accept error"), "{}", pair.logs());
 }

@@ -175,22 +175,7 @@ insecure = true
 
     /// Every daemon log so far (for failure messages).
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        let mut entries: Vec<_> = std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .flatten()
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                out += &format!(
-                    "--- {}\n{}",
-                    e.file_name().to_string_lossy(),
-                    std::fs::read_to_string(e.path()).unwrap_or_default()
-                );
-            }
-        }
-        out
+        logs_in(self.dir.path())
     }
 
     pub fn signal_primary(&self, signal: libc::c_int) {
@@ -274,6 +259,49 @@ impl Drop for Pair {
     }
 }
 
+/// Every `*.log` file in `dir`, by name (for failure messages).
+pub fn logs_in(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            out += &format!(
+                "--- {}\n{}",
+                e.file_name().to_string_lossy(),
+                std::fs::read_to_string(e.path()).unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+/// The numbers of `count N` lines.
+pub fn counts(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
+        .collect()
+}
+
+/// `understudyctl switchover --config CONFIG`, which must succeed; its output.
+pub fn switchover(pair: &Pair, config: &std::path::Path) -> String {
+    let out = Command::new(CTL)
+        .arg("switchover")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "switchover failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        pair.logs()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub async fn status(addr: SocketAddr) -> Option<understudy_proto::StatusReply> {
     let mut client = ControlClient::connect(format!("http://{addr}"))
         .await
@@ -289,6 +317,17 @@ pub async fn wait_status(
     timeout: Duration,
     pred: impl Fn(&understudy_proto::StatusReply) -> bool,
 ) -> understudy_proto::StatusReply {
+    wait_status_or(addr, what, timeout, pred, || pair.logs()).await
+}
+
+/// Polls until `pred(status)` holds; on timeout, fails with `logs()`.
+pub async fn wait_status_or(
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&understudy_proto::StatusReply) -> bool,
+    logs: impl Fn() -> String,
+) -> understudy_proto::StatusReply {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(s) = status(addr).await
@@ -299,7 +338,7 @@ pub async fn wait_status(
         assert!(
             Instant::now() < deadline,
             "{what}: not within {timeout:?}\n{}",
-            pair.logs()
+            logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
