@@ -226,21 +226,20 @@ async fn a_pair_that_cannot_swap_refuses_and_the_vm_runs_on() {
 /// `understudyctl drill --kind KIND --config` against the running pair;
 /// returns report.json.
 fn drill_running_pair(pair: &Pair, kind: &str, out: &std::path::Path) -> serde_json::Value {
-    let run = Command::new(CTL)
-        .args(["drill", "--kind", kind, "--run-for", "1s", "--after", "1s"])
-        .arg("--config")
-        .arg(&pair.config)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr),
-        pair.logs()
-    );
+    let mut args: Vec<std::ffi::OsString> = [
+        "drill",
+        "--kind",
+        kind,
+        "--run-for",
+        "1s",
+        "--after",
+        "1s",
+        "--config",
+    ]
+    .map(Into::into)
+    .into();
+    args.extend([pair.config.clone().into(), "--out".into(), out.into()]);
+    common::ctl(pair, &args);
     serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
 

@@ -284,22 +284,31 @@ pub fn counts(lines: &[String]) -> Vec<u64> {
         .collect()
 }
 
-/// `understudyctl switchover --config CONFIG`, which must succeed; its output.
-pub fn switchover(pair: &Pair, config: &std::path::Path) -> String {
-    let out = Command::new(CTL)
-        .arg("switchover")
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
+/// `understudyctl ARGS…`, which must succeed (else: its output and the
+/// pair's logs); its standard output.
+pub fn ctl<S: AsRef<std::ffi::OsStr>>(pair: &Pair, args: &[S]) -> String {
+    let out = Command::new(CTL).args(args).output().unwrap();
     assert!(
         out.status.success(),
-        "switchover failed:\n{}\n{}\n{}",
+        "understudyctl failed:\n{}\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         pair.logs()
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `understudyctl switchover --config CONFIG`, which must succeed; its output.
+pub fn switchover(pair: &Pair, config: &std::path::Path) -> String {
+    use std::ffi::OsStr;
+    ctl(
+        pair,
+        &[
+            OsStr::new("switchover"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ],
+    )
 }
 
 pub async fn status(addr: SocketAddr) -> Option<understudy_proto::StatusReply> {
