@@ -247,6 +247,9 @@ pub async fn run(
     let detector = tokio::spawn(failure_detector(shared.clone(), role_done.clone()));
     let mut server = tokio::spawn(server);
     let exit = tokio::select! {
+        // Stopping: the primary's streams never end on their own, so the
+        // server is not left to drain them (it is aborted below).
+        _ = shutdown.cancelled() => Ok(BackupExit::Shutdown),
         r = &mut server => match r {
             Ok(r) => r.map(|_| BackupExit::Shutdown).map_err(BackupError::Server),
             Err(e) => Err(BackupError::ServerTask(e)),
@@ -271,6 +274,9 @@ pub async fn run(
     };
     detector.abort();
     role_done.cancel();
+    if shutdown.is_cancelled() {
+        server.abort();
+    }
     // Stop a promoted VM.
     let role = std::mem::replace(&mut shared.lock().role, Role::Standby);
     if let Role::Promoted(vm) = role {

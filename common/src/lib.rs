@@ -4,6 +4,7 @@
 //! Control service. No replication logic lives here.
 
 pub mod console;
+pub mod durable;
 pub mod metrics;
 pub mod payload;
 pub mod role;

@@ -750,6 +750,11 @@ async fn run_session(
     };
     broken.store(true, Ordering::Release);
     shared.set_session(None);
+    // Wake a replicator waiting for acks of this session: it must not sleep
+    // through the loss (holding output, stalling re-protection). Taking the
+    // lock orders the notification after its check of `broken`.
+    drop(shared.acked_plus_one());
+    shared.acked_cv.notify_all();
     reason
 }
 

@@ -14,6 +14,9 @@ use understudy_proto::{
 use crate::{PrimaryError, PrimaryOptions};
 
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long telling the backup of a clean stop may take, connection included
+/// (a backup that is gone or frozen must not hold the primary's exit up).
+const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a handover may take (the backup maps its image and restores).
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -90,20 +93,24 @@ pub(crate) async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) 
 }
 
 pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
-    if let Ok(e) = endpoint(opts)
-        && let Ok(channel) = e.connect().await
-    {
-        let mut client = ReplicationClient::new(channel);
-        match client
+    let attempt = async {
+        let channel = endpoint(opts)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        ReplicationClient::new(channel)
             .goodbye(GoodbyeRequest {
                 generation,
                 session,
             })
             .await
-        {
-            Ok(_) => tracing::info!("told the backup we stop on purpose"),
-            Err(status) => tracing::warn!(%status, "goodbye refused"),
-        }
+            .map_err(|status| status.to_string())
+    };
+    match tokio::time::timeout(GOODBYE_TIMEOUT, attempt).await {
+        Ok(Ok(_)) => tracing::info!("told the backup we stop on purpose"),
+        Ok(Err(why)) => tracing::warn!(%why, "goodbye not delivered"),
+        Err(_) => tracing::warn!(timeout = ?GOODBYE_TIMEOUT, "goodbye not delivered: no answer"),
     }
 }
 

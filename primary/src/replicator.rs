@@ -19,6 +19,12 @@ use understudy_vmm::{Vm, VmEnd};
 use crate::peer::{HandoverOutcome, handover, say_goodbye};
 use crate::{MAX_SYNC_ROUNDS, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared};
 
+/// How long a checkpoint may wait for its ack before the session counts as
+/// broken (a backup that is slow but alive acks well within it).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a clean stop waits for its last checkpoint's ack.
+const STOP_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The thread that owns the VM.
 pub(crate) struct Replicator {
     shared: Arc<Shared>,
@@ -239,8 +245,9 @@ impl Replicator {
                 );
             }
             if self.shared.stop.load(Ordering::Acquire) {
-                // Graceful stop: the last checkpoint is acked; its output is out.
-                self.wait_acked(link, self.next_epoch - 1);
+                // Graceful stop: the last checkpoint is acked; its output is
+                // out (a backup that does not answer in time is not waited for).
+                self.wait_acked_for(link, self.next_epoch - 1, STOP_ACK_TIMEOUT);
                 return SessionEnd::Stop;
             }
             if let Some(responder) = self.shared.take_switchover()
@@ -398,12 +405,17 @@ impl Replicator {
 
     /// Waits until `epoch` is acked. False if the session broke or we stop.
     fn wait_acked(&self, link: &SessionLink, epoch: u64) -> bool {
+        self.wait_acked_for(link, epoch, ACK_TIMEOUT)
+    }
+
+    /// [`Self::wait_acked`], for at most `timeout`.
+    fn wait_acked_for(&self, link: &SessionLink, epoch: u64, timeout: Duration) -> bool {
         let guard = self.shared.acked_plus_one();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + timeout;
         let (guard, _) = self
             .shared
             .acked_cv
-            .wait_timeout_while(guard, Duration::from_secs(30), |acked| {
+            .wait_timeout_while(guard, timeout, |acked| {
                 *acked < epoch + 1
                     && !link.broken.load(Ordering::Acquire)
                     && self.shared.fenced_by.load(Ordering::Acquire) == 0

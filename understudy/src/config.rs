@@ -206,6 +206,28 @@ pub struct BackupAddrs {
     pub metrics: Option<SocketAddr>,
 }
 
+/// What each setting may be: outside these, a daemon would spin, starve, or
+/// never notice a failure.
+mod bounds {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Under 1 ms the pause overhead dominates; over 10 s output waits that
+    /// long for its checkpoint.
+    pub const EPOCH_INTERVAL: RangeInclusive<Duration> = ms(1)..=ms(10_000);
+    /// Timers are not precise below 1 ms; over 1 s the pair notices little.
+    pub const HEARTBEAT_INTERVAL: RangeInclusive<Duration> = ms(1)..=ms(1_000);
+    /// At least 3 × the interval (checked separately); over a minute a dead
+    /// primary goes unnoticed for that long.
+    pub const HEARTBEAT_TIMEOUT: RangeInclusive<Duration> = ms(3)..=ms(60_000);
+    /// Each checkpoint in flight holds its pages in memory on both hosts.
+    pub const MAX_IN_FLIGHT: RangeInclusive<u64> = 1..=1024;
+}
+
 mod defaults {
     use std::time::Duration;
 
@@ -317,8 +339,35 @@ impl Config {
         }
         understudy_vmm::memory::validate_ram_size(self.memory_mib.saturating_mul(1 << 20))
             .map_err(|e| format!("memory_mib: {e}"))?;
-        if self.epoch_interval < Duration::from_millis(1) {
-            return Err("epoch_interval must be at least 1ms".into());
+        for (field, value, range) in [
+            (
+                "epoch_interval",
+                self.epoch_interval,
+                bounds::EPOCH_INTERVAL,
+            ),
+            (
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                bounds::HEARTBEAT_INTERVAL,
+            ),
+            (
+                "heartbeat_timeout",
+                self.heartbeat_timeout,
+                bounds::HEARTBEAT_TIMEOUT,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(format!(
+                    "{field} {value:?} is out of range: use {:?} to {:?} (e.g. \"{}\")",
+                    range.start(),
+                    range.end(),
+                    humantime::format_duration(match field {
+                        "epoch_interval" => defaults::epoch_interval(),
+                        "heartbeat_interval" => defaults::heartbeat_interval(),
+                        _ => defaults::heartbeat_timeout(),
+                    })
+                ));
+            }
         }
         if self.heartbeat_timeout < self.heartbeat_interval * 3 {
             return Err(format!(
@@ -326,8 +375,14 @@ impl Config {
                 self.heartbeat_timeout, self.heartbeat_interval
             ));
         }
-        if self.max_in_flight == 0 {
-            return Err("max_in_flight must be at least 1".into());
+        if !bounds::MAX_IN_FLIGHT.contains(&self.max_in_flight) {
+            return Err(format!(
+                "max_in_flight {} is out of range: use {} to {} (default {})",
+                self.max_in_flight,
+                bounds::MAX_IN_FLIGHT.start(),
+                bounds::MAX_IN_FLIGHT.end(),
+                defaults::max_in_flight()
+            ));
         }
         self.codec_policy()?;
         let t = &self.tls;
@@ -548,6 +603,27 @@ insecure = true
             (&["name=a b"], "letters, digits"),
             (&["backup.replication=nowhere"], "invalid socket address"),
             (&["oops"], "write key=value"),
+            (
+                &["heartbeat_interval=0s", "heartbeat_timeout=0s"],
+                "heartbeat_interval 0ns is out of range",
+            ),
+            (&["epoch_interval=0s"], "epoch_interval 0ns is out of range"),
+            (
+                &["epoch_interval=1h"],
+                "epoch_interval 3600s is out of range",
+            ),
+            (
+                &["heartbeat_interval=5s", "heartbeat_timeout=15s"],
+                "heartbeat_interval 5s is out of range",
+            ),
+            (
+                &["heartbeat_timeout=10min"],
+                "heartbeat_timeout 600s is out of range",
+            ),
+            (
+                &["max_in_flight=100000"],
+                "max_in_flight 100000 is out of range",
+            ),
             (&["tls.insecure=false"], "set ca, cert and key"),
             (
                 &["tls.ca=/ca.pem"],
