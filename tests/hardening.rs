@@ -74,3 +74,393 @@ async fn a_frozen_backup_under_keep_running_leaves_the_primary_answering_within_
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
+
+/// Reads the console until "kv ready".
+async fn kv_ready(c: &mut Lines, pair: &Pair) {
+    loop {
+        match c.next(Duration::from_secs(20)).await {
+            Ok(Some(l)) if l == "kv ready" => return,
+            Ok(Some(_)) => {}
+            other => panic!("no kv ready ({other:?})\n{}", pair.logs()),
+        }
+    }
+}
+
+/// SETs `k{from}..k{to}` and checks each is acked.
+async fn set_keys(c: &mut Lines, pair: &Pair, keys: std::ops::Range<u32>) {
+    for i in keys {
+        let answer = ask(c, &format!("SET k{i} v{i}"), Duration::from_secs(20)).await;
+        assert_eq!(
+            answer.as_ref().ok().and_then(|a| a.as_deref()),
+            Some("OK"),
+            "SET k{i}: {answer:?}\n{}",
+            pair.logs()
+        );
+    }
+}
+
+/// Checks every key of `keys` on the console at `addr`.
+async fn assert_keys(addr: std::net::SocketAddr, pair: &Pair, keys: std::ops::Range<u32>) {
+    let mut c = Lines::connect_now(addr).await.unwrap();
+    for i in keys {
+        let answer = ask(&mut c, &format!("GET k{i}"), Duration::from_secs(20)).await;
+        assert_eq!(
+            answer.as_ref().ok().and_then(|a| a.as_deref()),
+            Some(format!("VALUE v{i}").as_str()),
+            "GET k{i}: {answer:?}\n{}",
+            pair.logs()
+        );
+    }
+}
+
+// Point 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_restarted_after_a_kill_never_boots_over_the_protected_vm() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("kv", "heartbeat_timeout = \"3s\"").await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    kv_ready(&mut client, &pair).await;
+    set_keys(&mut client, &pair, 0..20).await;
+    pair.kill_primary();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = Instant::now();
+    pair.start_primary();
+    // The restarted host tells the backup it lost the VM it protected: the
+    // backup resumes it at once (no 3 s wait) and the restarted primary is
+    // deposed (without primary.replication it exits 3).
+    let status = pair.wait_primary_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(3), "{}", pair.logs());
+    pair.wait_promoted().await;
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "resumed {took:?} after the restart: it waited out the timeout"
+    );
+    let logs = pair.logs();
+    assert_eq!(
+        logs.matches("VM booted").count(),
+        1,
+        "the restarted primary booted a VM\n{logs}"
+    );
+    assert_keys(pair.addrs.backup_console, &pair, 0..20).await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert!(s.state.contains("restarted"), "{s:?}");
+}
+
+// Point 2: every internal error of the checkpoint loop ends like a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_error_on_the_primary_ends_like_a_crash_and_the_backup_takes_over() {
+    let _serial = common::serial().await;
+    for point in [
+        "primary.pause",
+        "primary.capture",
+        "primary.encode",
+        "primary.dirty_log",
+    ] {
+        let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
+        pair.primary = Some(pair.spawn_with_env(
+            "primary",
+            &[],
+            &[("UNDERSTUDY_FAULTS", format!("{point}@60"))],
+        ));
+        pair.wait_protected().await;
+        let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+        let status = pair.wait_primary_exit(Duration::from_secs(30));
+        assert!(
+            !status.success() && status.code() != Some(3),
+            "{point}: exit {status:?}\n{}",
+            pair.logs()
+        );
+        pair.wait_promoted().await;
+        let mut seen = Vec::new();
+        while let Ok(Some(l)) = client.next(Duration::from_millis(300)).await {
+            seen.push(l);
+        }
+        client.reconnect(pair.addrs.backup_console).await.unwrap();
+        for _ in 0..20 {
+            seen.push(client.next(Duration::from_secs(10)).await.unwrap().unwrap());
+        }
+        let got = common::counts(&seen);
+        assert_eq!(
+            got,
+            (0..got.len() as u64).collect::<Vec<_>>(),
+            "{point}: one sequence across the takeover\n{}",
+            pair.logs()
+        );
+        assert!(!pair.logs().contains("told the backup we stop on purpose"));
+        eprintln!("{point}: primary exited {status:?}, backup took over");
+    }
+}
+
+// Point 3: a promotion that fails leaves the generation and the primary as
+// they were (here: the backup cannot restore the VM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_that_fails_leaves_the_generation_and_the_running_primary_alone() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::new_with(
+        "counter",
+        "guest_params = { interval_ms = 10 }",
+        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
+        "",
+    );
+    // Replace the backup with one whose restore fails.
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    pair.backup = Some(pair.spawn_with_env(
+        "backup",
+        &[&format!(
+            "state_dir={:?}",
+            pair.dir.path().join("backup").display().to_string()
+        )],
+        &[("UNDERSTUDY_FAULTS", "backup.promote.restore".to_owned())],
+    ));
+    pair.start_primary();
+    pair.wait_protected().await;
+    // A switchover: the handover's promotion fails, the primary resumes.
+    let out = std::process::Command::new(common::CTL)
+        .args(["switchover", "--config"])
+        .arg(&pair.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the switchover cannot succeed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot restore") || err.contains("injected fault"),
+        "{err}"
+    );
+    // A freeze: the silence promotion fails too; thawed, the primary runs on.
+    pair.signal_primary(libc::SIGSTOP);
+    common::wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "failed promotion reported",
+        Duration::from_secs(20),
+        |s| s.state.starts_with("promotion failed"),
+    )
+    .await;
+    pair.signal_primary(libc::SIGCONT);
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("backup", 1), "{s:?}");
+    // The primary was never fenced: it runs and is protected again.
+    pair.wait_protected().await;
+    let mut client = Lines::connect_now(pair.addrs.primary_console)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let l = client.next(Duration::from_secs(10)).await.unwrap().unwrap();
+        assert!(l.starts_with("count "), "{l}");
+    }
+    let s = common::status(pair.addrs.primary_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("primary", 1), "{s:?}");
+    assert!(!pair.logs().contains("fencing"), "{}", pair.logs());
+}
+
+// Point 4: a commit that fails half way leaves an image nobody promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_image_after_a_failed_commit_is_never_promoted() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
+    // The record cannot be replaced any more (as with a full or failing
+    // disk): the next commit writes its pages but not its record.
+    let image = pair.dir.path().join("backup/image");
+    std::fs::create_dir(image.join("meta.tmp")).unwrap();
+    common::wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "the torn image reported",
+        Duration::from_secs(20),
+        |s| s.state.contains("not promotable"),
+    )
+    .await;
+    pair.kill_primary();
+    // Well past the heartbeat timeout: no promotion of a torn image.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(
+        s.role,
+        "backup",
+        "a torn image was promoted: {s:?}\n{}",
+        pair.logs()
+    );
+}
+
+// Point 6: a slow disk on the backup is not the primary's silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_disk_stalls_does_not_promote_beside_a_live_primary() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    // Every commit after the 20th holds the backup's state lock for 400 ms
+    // (4 × the heartbeat timeout), as an fsync on a struggling disk would.
+    pair.backup = Some(pair.spawn_with_env(
+        "backup",
+        &[&format!(
+            "state_dir={:?}",
+            pair.dir.path().join("backup").display().to_string()
+        )],
+        &[("UNDERSTUDY_FAULTS", "backup.apply@20~400".to_owned())],
+    ));
+    pair.start_primary();
+    pair.wait_protected().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(s.role, "backup", "false promotion: {s:?}\n{}", pair.logs());
+    let s = common::status(pair.addrs.primary_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("primary", 1), "{s:?}");
+    assert!(!pair.logs().contains("promoting"), "{}", pair.logs());
+}
+
+// Point 6: a backup frozen long enough for a keep-running primary to give it
+// up holds an image older than what clients saw: thawed, it must not promote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_backup_never_promotes_from_an_image_older_than_released_output() {
+    let _serial = common::serial().await;
+    let pair = Pair::protected("kv", "backup_loss = \"keep-running\"").await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    kv_ready(&mut client, &pair).await;
+    set_keys(&mut client, &pair, 0..5).await;
+    let backup = pair.backup.as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(backup, libc::SIGSTOP) };
+    common::wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "the primary gave the backup up",
+        Duration::from_secs(20),
+        |s| s.state.contains("releasing output"),
+    )
+    .await;
+    // Acked while no backup holds them.
+    set_keys(&mut client, &pair, 5..15).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(backup, libc::SIGCONT) };
+    // The primary resyncs the thawed backup; it never promotes meanwhile.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pair.wait_protected().await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(
+        s.role,
+        "backup",
+        "the stale backup promoted: {s:?}\n{}",
+        pair.logs()
+    );
+    assert!(pair.logs().contains("not running for"), "{}", pair.logs());
+    set_keys(&mut client, &pair, 15..20).await;
+    assert_keys(pair.addrs.primary_console, &pair, 0..20).await;
+}
+
+// Point 8: a backup whose image cannot be trusted starts with a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_with_a_corrupt_image_discards_it_and_is_resynced() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    // What a power loss without fsync can leave: pages that do not match
+    // the record.
+    let image = pair.dir.path().join("backup/image");
+    common::flip_bit(&image.join("memory.img"), 4096 * 3 + 17);
+    pair.backup = Some(pair.spawn(
+        "backup",
+        &[&format!(
+            "state_dir={:?}",
+            pair.dir.path().join("backup").display().to_string()
+        )],
+    ));
+    // It starts (instead of exiting 1 on every restart) and is resynced.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let backup = pair.backup.as_mut().unwrap();
+    assert!(backup.try_wait().unwrap().is_none(), "{}", pair.logs());
+    pair.wait_protected().await;
+    assert!(pair.logs().contains("cannot be trusted"), "{}", pair.logs());
+    assert!(pair.dir.path().join("backup/image.discarded").exists());
+}
+
+// Point 12: console input is exactly-once across switchovers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resuming_writer_loses_no_request_across_switchovers() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::new_with(
+        "kv",
+        "",
+        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
+        "",
+    );
+    pair.start_primary();
+    pair.wait_protected().await;
+    let consoles = [pair.addrs.primary_console, pair.addrs.backup_console];
+    let mut client = Lines::connect(consoles[0], 0).await.unwrap();
+    kv_ready(&mut client, &pair).await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut at = 0;
+            let mut i = 0u32;
+            let mut reconnects = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) || i < 50 {
+                // A long line, so that a move can fall in the middle of one.
+                client
+                    .send(&format!("SET key-{i} value-{i}-{}", "x".repeat(150)))
+                    .await
+                    .ok();
+                let asked = Instant::now();
+                loop {
+                    assert!(
+                        asked.elapsed() < Duration::from_secs(60),
+                        "request {i} vanished: no answer from either host"
+                    );
+                    match client.next(Duration::from_secs(20)).await {
+                        Ok(Some(l)) if l == "OK" => break,
+                        Ok(Some(other)) => panic!("request {i}: answer {other:?}"),
+                        Ok(None) | Err(_) => {
+                            // The VM moved: follow it, resending what it lacks.
+                            at = 1 - at;
+                            reconnects += 1;
+                            let deadline = Instant::now() + Duration::from_secs(30);
+                            while let Err(e) = client.reconnect(consoles[at]).await {
+                                assert!(Instant::now() < deadline, "cannot follow the VM: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+                i += 1;
+            }
+            (i, reconnects)
+        })
+    };
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        common::switchover(&pair, &pair.config);
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (requests, reconnects) = writer.await.unwrap();
+    eprintln!("{requests} requests answered once each, {reconnects} reconnects");
+    assert!(
+        reconnects >= 6,
+        "the writer followed every move ({reconnects})"
+    );
+    // Every request was answered, and its key is there, once.
+    let s = common::status(pair.addrs.primary_control).await.unwrap();
+    let host = if s.role == "primary" {
+        consoles[0]
+    } else {
+        consoles[1]
+    };
+    let mut c = Lines::connect_now(host).await.unwrap();
+    for i in 0..requests {
+        let answer = ask(&mut c, &format!("GET key-{i}"), Duration::from_secs(20)).await;
+        let expected = format!("VALUE value-{i}-{}", "x".repeat(150));
+        assert_eq!(
+            answer.as_ref().ok().and_then(|a| a.as_deref()),
+            Some(expected.as_str()),
+            "key-{i}\n{}",
+            pair.logs()
+        );
+    }
+}

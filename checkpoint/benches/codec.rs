@@ -62,7 +62,7 @@ fn run(
         Default::default(),
     )
     .unwrap();
-    store.begin_sync(1).unwrap();
+    store.begin_sync(1, 7).unwrap();
     let mut sender = SenderState::new("bench", RAM_PAGES, 1, policy).unwrap();
     let mut buffers = Some(StagingBuffers::default());
     let mut ship = |sender: &mut SenderState,

@@ -683,6 +683,22 @@ impl EpochDecoder {
         }
     }
 
+    /// Gives the staging memory back (emptied, capacity kept), for a
+    /// decoder of another session.
+    pub fn into_buffers(self) -> StagingBuffers {
+        let mut b = StagingBuffers {
+            pages: self.pages,
+            data: self.data,
+            hashes: self.hashes,
+            device_state: self.device_state,
+        };
+        b.pages.clear();
+        b.data.clear();
+        b.hashes.clear();
+        b.device_state.clear();
+        b
+    }
+
     /// The header, once the Begin chunk has been accepted.
     pub fn header(&self) -> Option<&EpochHeader> {
         self.header.as_ref()

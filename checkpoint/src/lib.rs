@@ -18,4 +18,4 @@ pub use epoch::{
     Received, SenderState, StagedEpoch, StagingBuffers,
 };
 pub use page::{ImageDigest, PAGE_SIZE, Page, PageHash};
-pub use store::{ImageStore, StoreError};
+pub use store::{ImageStore, Promotable, StoreError};

@@ -3,8 +3,18 @@
 //! metadata record with the VM id, generation, last committed epoch, image
 //! digest and the device state of that epoch.
 //!
-//! Directory layout: `memory.img` (RAM), `meta` (the record), and, only while a
-//! checkpoint is being applied, `journal`.
+//! Directory layout: `memory.img` (RAM), `meta` (the record), and `journal`
+//! (the last checkpoint's redo record, overwritten in place by the next).
+//!
+//! The record also names the VM *incarnation* the image belongs to (one boot
+//! of the VM; the backup refuses to let a fresh boot sync over a committed
+//! image of another) and whether the image was *retired* (the primary stopped
+//! the VM on purpose: nobody should resume it, and a fresh boot may replace
+//! it). An image is *promotable* only when it is committed, not retired, and
+//! its pages hash to the committed digest ([`ImageStore::promotable`]): a
+//! commit that failed half way (pages written, record not) makes it
+//! unpromotable until a resync, instead of pairing epoch N+1's memory with
+//! epoch N's device state.
 //!
 //! Applying a checkpoint is atomic and crash-safe by redo journaling:
 //!
@@ -44,7 +54,12 @@ const JOURNAL_FILE: &str = "journal";
 const META_MAGIC: [u8; 4] = *b"USIM";
 const JOURNAL_MAGIC: [u8; 4] = *b"USJN";
 const JOURNAL_END: [u8; 4] = *b"USJE";
-const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the incarnation and the retired flag to the record;
+/// version 1 records are still read (incarnation unknown, not retired).
+const FORMAT_VERSION: u32 = 2;
+const OLDEST_READABLE_VERSION: u32 = 1;
+/// The journal's own format (unchanged since version 1).
+const JOURNAL_VERSION: u32 = 1;
 /// Journal header: magic, version, epoch, generation, page count, device-state
 /// length, digest (the page list, pages, device state and trailer follow).
 const JOURNAL_HEAD_LEN: usize = 4 + 4 + 8 + 8 + 4 + 4 + 16;
@@ -86,6 +101,18 @@ pub enum StoreError {
     StaleStaging(String),
     #[error("generation {requested} is not newer than the image's generation {current}")]
     GenerationNotNewer { current: u64, requested: u64 },
+    #[error("the image holds no committed checkpoint ({0})")]
+    NotCommitted(&'static str),
+    #[error(
+        "the image of epoch {epoch} was retired: the primary stopped that VM on purpose, so it \
+         must not be resumed"
+    )]
+    Retired { epoch: u64 },
+    #[error(
+        "the image is not a committed epoch ({why}): it must not be promoted; the primary's next \
+         sync repairs it"
+    )]
+    Torn { why: String },
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -145,6 +172,16 @@ pub struct ApplyReport {
     pub apply_time: Duration,
 }
 
+/// What a promotion needs from a promotable image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promotable {
+    pub epoch: u64,
+    pub generation: u64,
+    /// The VM incarnation (0: unknown, an image from before version 2).
+    pub incarnation: u64,
+    pub device_state: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Meta {
     vm_id: String,
@@ -153,6 +190,8 @@ struct Meta {
     status: ImageStatus,
     digest: ImageDigest,
     device_state: Vec<u8>,
+    incarnation: u64,
+    retired: bool,
 }
 
 impl Meta {
@@ -173,6 +212,8 @@ impl Meta {
         out.extend_from_slice(self.vm_id.as_bytes());
         out.extend_from_slice(&(self.device_state.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.device_state);
+        out.extend_from_slice(&self.incarnation.to_le_bytes());
+        out.push(u8::from(self.retired));
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -187,8 +228,11 @@ impl Meta {
             return Err(bad("no metadata magic"));
         }
         let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(StoreError::UnsupportedVersion { found: version });
+        }
+        if bytes.len() < 12 {
+            return Err(bad("metadata cut short"));
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
         if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
@@ -213,6 +257,17 @@ impl Meta {
             .to_owned();
         let len = r.u32().ok_or_else(cut)? as usize;
         let device_state = r.take(len).ok_or_else(cut)?.to_vec();
+        let (incarnation, retired) = if version >= 2 {
+            let incarnation = r.u64().ok_or_else(cut)?;
+            let retired = match r.u8().ok_or_else(cut)? {
+                0 => false,
+                1 => true,
+                _ => return Err(bad("unknown retired flag")),
+            };
+            (incarnation, retired)
+        } else {
+            (0, false)
+        };
         if !r.is_empty() {
             return Err(bad("trailing metadata bytes"));
         }
@@ -223,6 +278,8 @@ impl Meta {
             status,
             digest,
             device_state,
+            incarnation,
+            retired,
         })
     }
 }
@@ -240,7 +297,7 @@ struct Journal {
 fn encode_journal_head(staged: &StagedEpoch) -> Vec<u8> {
     let mut head = Vec::with_capacity(JOURNAL_HEAD_LEN + staged.pages.len() * 4);
     head.extend_from_slice(&JOURNAL_MAGIC);
-    head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    head.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
     head.extend_from_slice(&staged.header.epoch.to_le_bytes());
     head.extend_from_slice(&staged.header.generation.to_le_bytes());
     head.extend_from_slice(&(staged.pages.len() as u32).to_le_bytes());
@@ -274,7 +331,7 @@ fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
         return None;
     }
     let mut r = Reader::new(body);
-    if r.take(4)? != JOURNAL_MAGIC || r.u32()? != FORMAT_VERSION {
+    if r.take(4)? != JOURNAL_MAGIC || r.u32()? != JOURNAL_VERSION {
         return None;
     }
     let epoch = r.u64()?;
@@ -352,6 +409,8 @@ impl ImageStore {
             status: ImageStatus::Empty,
             digest: ImageDigest::of_zero_image(ram_pages),
             device_state: Vec::new(),
+            incarnation: 0,
+            retired: false,
         };
         write_file_atomically(&tmp.join(META_FILE), &meta.encode(), options.fsync)?;
         if dir.exists() {
@@ -499,6 +558,7 @@ impl ImageStore {
             status: ImageStatus::Committed { epoch },
             digest,
             device_state: device_state.to_vec(),
+            retired: false,
             ..self.meta.clone()
         };
         self.replace_meta(meta)?;
@@ -572,9 +632,20 @@ impl ImageStore {
         &self.mem
     }
 
-    /// Starts (or restarts) an initial sync at `generation`: the image stops
-    /// being a committed epoch until the sync's final checkpoint commits.
-    pub fn begin_sync(&mut self, generation: u64) -> Result<(), StoreError> {
+    /// The VM incarnation the image belongs to (0: unknown).
+    pub fn incarnation(&self) -> u64 {
+        self.meta.incarnation
+    }
+
+    /// Whether the primary stopped this image's VM on purpose.
+    pub fn retired(&self) -> bool {
+        self.meta.retired
+    }
+
+    /// Starts (or restarts) an initial sync at `generation` of VM
+    /// `incarnation`: the image stops being a committed epoch until the
+    /// sync's final checkpoint commits.
+    pub fn begin_sync(&mut self, generation: u64, incarnation: u64) -> Result<(), StoreError> {
         if generation < self.meta.generation {
             return Err(StoreError::GenerationNotNewer {
                 current: self.meta.generation,
@@ -586,10 +657,54 @@ impl ImageStore {
             generation,
             status: ImageStatus::Syncing,
             device_state: Vec::new(),
+            incarnation,
+            retired: false,
             ..self.meta.clone()
         };
         self.replace_meta(meta)?;
         Ok(())
+    }
+
+    /// The primary stopped the VM on purpose: the image must not be resumed,
+    /// and a fresh boot may sync over it.
+    pub fn retire(&mut self) -> Result<(), StoreError> {
+        if self.meta.retired {
+            return Ok(());
+        }
+        let meta = Meta {
+            retired: true,
+            ..self.meta.clone()
+        };
+        self.replace_meta(meta)
+    }
+
+    /// The committed checkpoint a promotion resumes, if the image holds one
+    /// it may: committed, not retired, and its pages hash to the committed
+    /// digest (kept incrementally, so this costs nothing). A commit that
+    /// failed after writing pages fails the digest check here.
+    pub fn promotable(&self) -> Result<Promotable, StoreError> {
+        let epoch = match self.meta.status {
+            ImageStatus::Committed { epoch } => epoch,
+            ImageStatus::Syncing => return Err(StoreError::NotCommitted("a sync is under way")),
+            ImageStatus::Empty => return Err(StoreError::NotCommitted("never synced")),
+        };
+        if self.meta.retired {
+            return Err(StoreError::Retired { epoch });
+        }
+        if self.digest != self.meta.digest {
+            return Err(StoreError::Torn {
+                why: format!(
+                    "its pages hash to {} but epoch {epoch} committed {}: a commit failed half way",
+                    self.digest, self.meta.digest
+                ),
+            });
+        }
+        Ok(Promotable {
+            epoch,
+            generation: self.meta.generation,
+            incarnation: self.meta.incarnation,
+            device_state: self.meta.device_state.clone(),
+        })
     }
 
     /// Records a new generation (promotion). It must be newer than the current one.
@@ -620,7 +735,7 @@ impl ImageStore {
                 requested: generation,
             });
         }
-        self.begin_sync(generation)
+        self.begin_sync(generation, self.meta.incarnation)
     }
 
     /// Applies a staged epoch: a sync round straight into the image; a
@@ -636,7 +751,7 @@ impl ImageStore {
             EpochKind::SyncRound => {
                 self.write_pages(staged);
                 if staged.header.generation > self.meta.generation {
-                    self.begin_sync(staged.header.generation)?;
+                    self.begin_sync(staged.header.generation, self.meta.incarnation)?;
                 }
             }
             EpochKind::Checkpoint => {
@@ -820,6 +935,42 @@ mod tests {
         bytes.extend_from_slice(&crc.to_le_bytes());
         bytes.extend_from_slice(&JOURNAL_END);
         bytes
+    }
+
+    #[test]
+    fn a_version_1_record_is_read_as_an_unknown_incarnation_not_retired() {
+        let meta = Meta {
+            vm_id: "vm".into(),
+            ram_pages: 16,
+            generation: 3,
+            status: ImageStatus::Committed { epoch: 9 },
+            digest: ImageDigest(5),
+            device_state: b"dev".to_vec(),
+            incarnation: 0,
+            retired: false,
+        };
+        // Version 1 wrote everything up to the device state.
+        let v2 = meta.encode();
+        let mut v1 = v2[..v2.len() - 4 - 9].to_vec();
+        v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(Meta::decode(&v1, Path::new("meta")).unwrap(), meta);
+        let v2_meta = Meta {
+            incarnation: 77,
+            retired: true,
+            ..meta
+        };
+        assert_eq!(
+            Meta::decode(&v2_meta.encode(), Path::new("meta")).unwrap(),
+            v2_meta
+        );
+        let mut v3 = v2_meta.encode();
+        v3[4..8].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            Meta::decode(&v3, Path::new("meta")),
+            Err(StoreError::UnsupportedVersion { found: 3 })
+        ));
     }
 
     #[test]

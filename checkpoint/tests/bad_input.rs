@@ -413,3 +413,66 @@ fn an_image_gone_live_reopens_for_a_resync_instead_of_failing_its_digest() {
     assert_eq!(store.committed_epoch(), None);
     drop(keep);
 }
+
+#[test]
+fn a_commit_that_fails_after_writing_pages_leaves_the_image_unpromotable_until_recovered() {
+    let mut f = fixture();
+    let committed = f.store.promotable().unwrap();
+    assert_eq!(committed.incarnation, 7);
+    let chunks = f.next_epoch();
+    let staged = decode(&f.store, &chunks).unwrap();
+    // The record cannot be replaced (its temporary name is taken by a
+    // directory: a real EISDIR, as a full or failing disk would give).
+    let dir = f.store.dir().to_owned();
+    std::fs::create_dir(dir.join("meta.tmp")).unwrap();
+    let err = f.store.apply(&staged).unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err}");
+    // memory.img holds the new epoch's pages, the record the old epoch.
+    let err = f.store.promotable().unwrap_err();
+    assert!(matches!(err, StoreError::Torn { .. }), "{err}");
+    assert!(err.to_string().contains("must not be promoted"), "{err}");
+    // Reopened once the disk is fine: the complete journal is replayed and
+    // the image is the new epoch, whole and promotable.
+    std::fs::remove_dir(dir.join("meta.tmp")).unwrap();
+    let Fixture {
+        _dir: keep, store, ..
+    } = f;
+    drop(store);
+    let (store, recovery) = ImageStore::open(&dir, Default::default()).unwrap();
+    assert_eq!(
+        recovery,
+        Recovery::Replayed {
+            epoch: committed.epoch + 1
+        }
+    );
+    assert_eq!(store.promotable().unwrap().epoch, committed.epoch + 1);
+    drop(keep);
+}
+
+#[test]
+fn a_retired_image_is_not_promotable_until_the_next_sync_commits() {
+    let Fixture {
+        _dir: keep,
+        mut store,
+        ..
+    } = fixture();
+    let epoch = store.committed_epoch().unwrap();
+    store.retire().unwrap();
+    let dir = store.dir().to_owned();
+    drop(store);
+    let (mut store, _) = ImageStore::open(&dir, Default::default()).unwrap();
+    assert!(store.retired(), "retirement is persistent");
+    let err = store.promotable().unwrap_err();
+    assert!(
+        matches!(err, StoreError::Retired { epoch: e } if e == epoch),
+        "{err}"
+    );
+    store.begin_sync(store.generation(), 9).unwrap();
+    assert!(!store.retired());
+    assert_eq!(store.incarnation(), 9);
+    assert!(matches!(
+        store.promotable(),
+        Err(StoreError::NotCommitted(_))
+    ));
+    drop(keep);
+}

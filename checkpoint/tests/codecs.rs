@@ -132,7 +132,7 @@ fn multiple_sync_rounds_then_checkpoint_converge() {
         Default::default(),
     )
     .unwrap();
-    store.begin_sync(3).unwrap();
+    store.begin_sync(3, 7).unwrap();
     let mut sender =
         understudy_checkpoint::SenderState::new("vm-test", 200, 3, CodecPolicy::ADAPTIVE).unwrap();
     // Round 1 sends everything while the guest keeps writing; later rounds

@@ -16,6 +16,20 @@
 //! and streams from there. Other clients get output from "now" (a primary) or
 //! from the first byte that might not have been delivered (a promoted backup,
 //! which may repeat up to one epoch of output).
+//!
+//! Exactly-once *input* too: with `"USCONSL2" + u64 LE offset` the server
+//! answers `"USCONSL2" + u64 LE output start + u64 LE input offset`, once a
+//! VM runs on this host: the input offset is how many input bytes the VM has
+//! taken (or queued) since it booted, so the next byte this client sends gets
+//! that offset. Input accepted by a primary after its last checkpoint never
+//! reaches the VM on the other host; a client that keeps what it sent
+//! ([`ResumingClient`] does) resends from the offset the new host names, and
+//! the guest sees every byte once, in order. The console is one byte stream:
+//! this holds for one writing client at a time.
+//!
+//! Input has back-pressure: a guest that does not read its input makes the
+//! server stop reading the client's socket (it never piles up in memory or in
+//! checkpoints), and a standby reads no input until its VM runs.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,10 +40,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use understudy_vmm::ConsoleInput;
+use understudy_vmm::{ConsoleInput, InputRefused};
 
 /// Magic of the resume request and reply.
 pub const RESUME_MAGIC: [u8; 8] = *b"USCONSOL";
+/// Magic of the resume request and reply that also carry the input offset.
+pub const RESUME_MAGIC_V2: [u8; 8] = *b"USCONSL2";
 /// The resume offset that asks for output from now on (the server answers
 /// with the offset it starts from).
 pub const FROM_NOW: u64 = u64::MAX;
@@ -66,6 +82,10 @@ impl Log {
 /// Console output with offsets; shared by the producer and the console server.
 pub struct ConsoleLog {
     log: Mutex<Log>,
+    /// The generation this host runs the VM at, for the release events
+    /// (`understudy::release` at debug level: what a fault checker reads to
+    /// prove no two hosts ever released output side by side).
+    generation: std::sync::atomic::AtomicU64,
     released_tx: watch::Sender<u64>,
     /// Bumped to close every client connection (this host stopped running
     /// the guest: its clients must follow it to the new primary).
@@ -89,6 +109,7 @@ impl ConsoleLog {
         let (released_tx, _) = watch::channel(offset);
         let (disconnect_tx, _) = watch::channel(0);
         Arc::new(Self {
+            generation: std::sync::atomic::AtomicU64::new(0),
             disconnect_tx,
             log: Mutex::new(Log {
                 start: offset,
@@ -112,6 +133,12 @@ impl ConsoleLog {
         log.start = offset;
         log.released = offset;
         drop(log);
+        tracing::debug!(
+            target: "understudy::release",
+            generation = self.generation.load(std::sync::atomic::Ordering::Acquire),
+            upto = offset,
+            "took over"
+        );
         self.released_tx.send_replace(offset);
     }
 
@@ -132,6 +159,12 @@ impl ConsoleLog {
         self.lock().released
     }
 
+    /// The generation releases happen at from now on (for release events).
+    pub fn set_generation(&self, generation: u64) {
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Release);
+    }
+
     /// Releases output up to `offset` (clamped to what exists).
     pub fn release_to(&self, offset: u64) {
         let mut log = self.lock();
@@ -141,6 +174,12 @@ impl ConsoleLog {
             log.trim();
             let released = log.released;
             drop(log);
+            tracing::debug!(
+                target: "understudy::release",
+                generation = self.generation.load(std::sync::atomic::Ordering::Acquire),
+                upto = released,
+                "released"
+            );
             self.released_tx.send_replace(released);
         }
     }
@@ -207,47 +246,90 @@ impl ConsoleLog {
     }
 }
 
-/// Input a standby holds for the guest it may promote (clients reconnect as
-/// soon as the primary dies, often before the promotion).
-const MAX_HELD_INPUT: usize = 64 * 1024;
+/// Where console input goes: the running guest. (`understudy_vmm::ConsoleInput`;
+/// a trait so the console can be tested without a VM.)
+pub trait GuestInput: Send + Sync + std::fmt::Debug {
+    /// Queues `bytes` if there is room.
+    fn try_send(&self, bytes: &[u8]) -> Result<(), InputRefused>;
+    /// The input offset the next byte gets.
+    fn next_offset(&self) -> u64;
+}
 
-/// Where console input goes: the guest, once there is one running here;
-/// until then it is held (up to 64 KiB) and delivered when the guest starts.
-#[derive(Debug, Default)]
-pub struct InputSink(Mutex<(Option<ConsoleInput>, Vec<u8>)>);
-
-impl InputSink {
-    pub fn new(input: Option<ConsoleInput>) -> Arc<Self> {
-        Arc::new(Self(Mutex::new((input, Vec::new()))))
+impl GuestInput for ConsoleInput {
+    fn try_send(&self, bytes: &[u8]) -> Result<(), InputRefused> {
+        ConsoleInput::try_send(self, bytes)
     }
 
-    /// Connects the running guest and hands it any held input.
+    fn next_offset(&self) -> u64 {
+        ConsoleInput::next_offset(self)
+    }
+}
+
+/// How often a client whose input the guest has not read yet tries again.
+const INPUT_RETRY: Duration = Duration::from_millis(2);
+
+/// The guest console's input: the VM running on this host, if any. Clients'
+/// input waits (in their sockets) while there is none, or while the guest
+/// has not read what it was given.
+#[derive(Debug)]
+pub struct InputSink {
+    target: watch::Sender<Option<Arc<dyn GuestInput>>>,
+}
+
+impl InputSink {
+    pub fn new(input: Option<Arc<dyn GuestInput>>) -> Arc<Self> {
+        Arc::new(Self {
+            target: watch::Sender::new(input),
+        })
+    }
+
+    /// Connects the running guest (or disconnects it: None).
     pub fn set(&self, input: Option<ConsoleInput>) {
-        let mut sink = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        sink.0 = input;
-        if let Some(input) = &sink.0
-            && !sink.1.is_empty()
-        {
-            input.send(&sink.1);
-            sink.1.clear();
+        self.set_target(input.map(|i| Arc::new(i) as Arc<dyn GuestInput>));
+    }
+
+    /// Connects any input target (tests).
+    pub fn set_target(&self, input: Option<Arc<dyn GuestInput>>) {
+        self.target.send_replace(input);
+    }
+
+    /// Waits until a guest runs here; its next input offset.
+    async fn next_offset(&self) -> u64 {
+        let mut rx = self.target.subscribe();
+        loop {
+            if let Some(t) = rx.borrow_and_update().as_ref() {
+                return t.next_offset();
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
-    fn send(&self, bytes: &[u8]) {
-        let mut sink = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match &sink.0 {
-            Some(input) => {
-                input.send(bytes);
-            }
-            None => {
-                let room = MAX_HELD_INPUT.saturating_sub(sink.1.len());
-                if room < bytes.len() {
-                    tracing::warn!(
-                        dropped = bytes.len() - room,
-                        "console input held for a standby overflowed"
-                    );
+    /// Hands `bytes` to the guest, waiting while none runs here or it has not
+    /// read its earlier input. Returns false if the guest ended meanwhile
+    /// (the bytes are dropped: no guest will ever read them here).
+    async fn send(&self, bytes: &[u8]) -> bool {
+        let mut rx = self.target.subscribe();
+        loop {
+            let target = rx.borrow_and_update().clone();
+            match target {
+                None => {
+                    if rx.changed().await.is_err() {
+                        return false;
+                    }
                 }
-                sink.1.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                Some(t) => match t.try_send(bytes) {
+                    Ok(()) => return true,
+                    Err(InputRefused::Ended) => {
+                        // A new VM may take over (a promotion): wait for it.
+                        tokio::select! {
+                            changed = rx.changed() => if changed.is_err() { return false },
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => return false,
+                        }
+                    }
+                    Err(InputRefused::Full) => tokio::time::sleep(INPUT_RETRY).await,
+                },
             }
         }
     }
@@ -286,44 +368,75 @@ async fn client(
     shutdown: CancellationToken,
 ) {
     let (mut rd, mut wr) = stream.into_split();
-    // Optional resume request: wait briefly for 16 bytes starting with the magic.
+    // Optional resume request: wait briefly for 16 bytes starting with a magic.
     let mut first = Vec::with_capacity(16);
     let deadline = tokio::time::Instant::now() + RESUME_GRACE;
     let mut buf = [0u8; 4096];
-    while first.len() < 16 && RESUME_MAGIC.starts_with(&first[..first.len().min(8)]) {
+    let is_magic_prefix = |b: &[u8]| {
+        let n = b.len().min(8);
+        RESUME_MAGIC.starts_with(&b[..n]) || RESUME_MAGIC_V2.starts_with(&b[..n])
+    };
+    while first.len() < 16 && is_magic_prefix(&first) {
         match tokio::time::timeout_at(deadline, rd.read(&mut buf[..16 - first.len()])).await {
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
             Err(_) => break,
         }
     }
-    let requested = (first.len() == 16 && first[..8] == RESUME_MAGIC).then(|| {
+    let magic = (first.len() == 16)
+        .then(|| {
+            [RESUME_MAGIC, RESUME_MAGIC_V2]
+                .into_iter()
+                .find(|m| first[..8] == *m)
+        })
+        .flatten();
+    let requested = magic.map(|_| {
         let mut o = [0u8; 8];
         o.copy_from_slice(&first[8..16]);
         u64::from_le_bytes(o)
     });
     let mut cursor = log.start_for(requested);
-    if requested.is_some() {
-        let mut reply = RESUME_MAGIC.to_vec();
-        reply.extend_from_slice(&cursor.to_le_bytes());
-        if wr.write_all(&reply).await.is_err() {
-            return;
+    match magic {
+        Some(RESUME_MAGIC_V2) => {
+            // The input offset is known once a VM runs here.
+            let input_next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = input.next_offset() => next,
+            };
+            let mut reply = RESUME_MAGIC_V2.to_vec();
+            reply.extend_from_slice(&cursor.to_le_bytes());
+            reply.extend_from_slice(&input_next.to_le_bytes());
+            if wr.write_all(&reply).await.is_err() {
+                return;
+            }
         }
-    } else if !first.is_empty() {
-        input.send(&first);
+        Some(_) => {
+            let mut reply = RESUME_MAGIC.to_vec();
+            reply.extend_from_slice(&cursor.to_le_bytes());
+            if wr.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+        None => {}
     }
+    let pending_first = if magic.is_none() { first } else { Vec::new() };
 
     let reader = {
         let input = input.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            if !pending_first.is_empty() && !input.send(&pending_first).await {
+                return;
+            }
             let mut buf = [0u8; 4096];
             loop {
+                // Back-pressure: the next read waits until the guest took
+                // this chunk.
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     n = rd.read(&mut buf) => match n {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => input.send(&buf[..n]),
+                        Ok(n) => if !input.send(&buf[..n]).await { return },
                     },
                 }
             }
@@ -360,68 +473,124 @@ async fn client(
     reader.abort();
 }
 
-/// A console client that resumes by offset: exactly-once output across
-/// reconnections and failovers (used by tests, the demo and `understudyctl`).
+/// Input a [`ResumingClient`] keeps for resending after a failover.
+const KEEP_INPUT: usize = 1 << 20;
+
+/// A console client that resumes by offset: exactly-once output and input
+/// across reconnections, switchovers and failovers (used by tests, the demo
+/// and `understudyctl`). It keeps the last 1 MiB of what it sent and resends
+/// whatever the VM on the host it reconnects to has not taken.
 #[derive(Debug)]
 pub struct ResumingClient {
     stream: TcpStream,
     /// Offset of the next byte expected.
     pub offset: u64,
+    /// Input offset of `sent[0]`.
+    input_base: u64,
+    /// Input sent, kept for resending.
+    sent: VecDeque<u8>,
 }
 
 impl ResumingClient {
     /// Connects and asks for output from now on (the client learns the
     /// offset, so it can resume elsewhere later).
     pub async fn connect_now(addr: SocketAddr) -> std::io::Result<Self> {
-        let (stream, start) = Self::request(addr, FROM_NOW).await?;
+        let (stream, start, input_next) = Self::request(addr, FROM_NOW).await?;
         Ok(Self {
             stream,
             offset: start,
+            input_base: input_next,
+            sent: VecDeque::new(),
         })
     }
 
-    async fn request(addr: SocketAddr, offset: u64) -> std::io::Result<(TcpStream, u64)> {
+    async fn request(addr: SocketAddr, offset: u64) -> std::io::Result<(TcpStream, u64, u64)> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let mut req = RESUME_MAGIC.to_vec();
+        let mut req = RESUME_MAGIC_V2.to_vec();
         req.extend_from_slice(&offset.to_le_bytes());
         stream.write_all(&req).await?;
-        let mut reply = [0u8; 16];
+        let mut reply = [0u8; 24];
         stream.read_exact(&mut reply).await?;
-        if reply[..8] != RESUME_MAGIC {
+        if reply[..8] != RESUME_MAGIC_V2 {
             return Err(std::io::Error::other(
                 "console did not answer the resume request",
             ));
         }
-        let mut o = [0u8; 8];
-        o.copy_from_slice(&reply[8..]);
-        Ok((stream, u64::from_le_bytes(o)))
+        let u64_at = |at: usize| {
+            let mut o = [0u8; 8];
+            o.copy_from_slice(&reply[at..at + 8]);
+            u64::from_le_bytes(o)
+        };
+        Ok((stream, u64_at(8), u64_at(16)))
     }
 
     /// Connects and asks for output from `offset`.
     pub async fn connect(addr: SocketAddr, offset: u64) -> std::io::Result<Self> {
-        let (stream, start) = Self::request(addr, offset).await?;
-        if start > offset {
-            return Err(std::io::Error::other(format!(
-                "console output from offset {offset} to {start} is gone"
-            )));
-        }
+        let (stream, start, input_next) = Self::request(addr, offset).await?;
         let mut client = Self {
             stream,
             offset: start,
+            input_base: input_next,
+            sent: VecDeque::new(),
         };
-        // Skip what we already have.
-        let mut skip = (offset - start) as usize;
+        client.skip_to(offset).await?;
+        Ok(client)
+    }
+
+    /// Skips output this client already has (the server started at
+    /// `self.offset`, at or before `offset`).
+    async fn skip_to(&mut self, offset: u64) -> std::io::Result<()> {
+        if self.offset > offset {
+            return Err(std::io::Error::other(format!(
+                "console output from offset {offset} to {} is gone",
+                self.offset
+            )));
+        }
+        let mut skip = (offset - self.offset) as usize;
         let mut buf = [0u8; 4096];
         while skip > 0 {
-            let n = client.stream.read(&mut buf[..skip.min(4096)]).await?;
+            let n = self.stream.read(&mut buf[..skip.min(4096)]).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
             skip -= n;
         }
-        client.offset = offset;
-        Ok(client)
+        self.offset = offset;
+        Ok(())
+    }
+
+    /// Connects to `addr` (the same host or the other one) where this
+    /// client left off: output from its offset, and the input the VM there
+    /// has not taken is sent again.
+    pub async fn reconnect(&mut self, addr: SocketAddr) -> std::io::Result<()> {
+        let wanted = self.offset;
+        let (stream, start, input_next) = Self::request(addr, wanted).await?;
+        let sent_end = self.input_base + self.sent.len() as u64;
+        if input_next < self.input_base {
+            return Err(std::io::Error::other(format!(
+                "the console wants input from offset {input_next}; this client kept only from {}",
+                self.input_base
+            )));
+        }
+        if input_next > sent_end {
+            return Err(std::io::Error::other(format!(
+                "the console took input up to {input_next} but this client sent only up to {sent_end}: \
+                 another client writes to it"
+            )));
+        }
+        self.stream = stream;
+        self.offset = start;
+        self.skip_to(wanted).await?;
+        let resend: Vec<u8> = self
+            .sent
+            .range((input_next - self.input_base) as usize..)
+            .copied()
+            .collect();
+        if !resend.is_empty() {
+            self.stream.write_all(&resend).await?;
+        }
+        Ok(())
     }
 
     /// Reads some output.
@@ -431,8 +600,12 @@ impl ResumingClient {
         Ok(n)
     }
 
-    /// Sends input to the guest.
+    /// Sends input to the guest (kept for resending after a failover).
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.sent.extend(bytes);
+        let excess = self.sent.len().saturating_sub(KEEP_INPUT);
+        self.sent.drain(..excess);
+        self.input_base += excess as u64;
         self.stream.write_all(bytes).await
     }
 }
@@ -456,18 +629,127 @@ mod tests {
         assert_eq!(log.released(), 106, "cannot release what does not exist");
     }
 
-    /// Serves `log` on a loopback port until the returned token is cancelled.
-    async fn serve_on_loopback(log: &Arc<ConsoleLog>) -> (SocketAddr, CancellationToken) {
+    /// A guest's input queue: takes at most `room` bytes until drained.
+    #[derive(Debug, Default)]
+    struct FakeGuest {
+        taken: Mutex<Vec<u8>>,
+        base: u64,
+        room: usize,
+    }
+
+    impl GuestInput for FakeGuest {
+        fn try_send(&self, bytes: &[u8]) -> Result<(), InputRefused> {
+            let mut taken = self.taken.lock().unwrap();
+            if self.room > 0 && taken.len() + bytes.len() > self.room {
+                return Err(InputRefused::Full);
+            }
+            taken.extend_from_slice(bytes);
+            Ok(())
+        }
+
+        fn next_offset(&self) -> u64 {
+            self.base + self.taken.lock().unwrap().len() as u64
+        }
+    }
+
+    /// Serves `log` on a loopback port until the returned token is
+    /// cancelled, with `guest` (if any) taking the input.
+    async fn serve_with(
+        log: &Arc<ConsoleLog>,
+        guest: Option<Arc<FakeGuest>>,
+    ) -> (SocketAddr, CancellationToken, Arc<InputSink>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            log.clone(),
-            InputSink::new(None),
-            shutdown.clone(),
-        ));
+        let sink = InputSink::new(guest.map(|g| g as Arc<dyn GuestInput>));
+        tokio::spawn(serve(listener, log.clone(), sink.clone(), shutdown.clone()));
+        (addr, shutdown, sink)
+    }
+
+    async fn serve_on_loopback(log: &Arc<ConsoleLog>) -> (SocketAddr, CancellationToken) {
+        let (addr, shutdown, _) = serve_with(log, Some(Arc::default())).await;
         (addr, shutdown)
+    }
+
+    /// Waits until `guest` took `n` bytes.
+    async fn taken(guest: &FakeGuest, n: usize) -> Vec<u8> {
+        for _ in 0..500 {
+            let taken = guest.taken.lock().unwrap().clone();
+            if taken.len() >= n {
+                return taken;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the guest took only {:?}", guest.taken.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn input_is_exactly_once_across_a_move_to_another_host() {
+        let log = ConsoleLog::new(0);
+        let first = Arc::new(FakeGuest::default());
+        let (a, stop_a, _) = serve_with(&log, Some(first.clone())).await;
+        let mut c = ResumingClient::connect_now(a).await.unwrap();
+        c.write(b"SET a 1\nSET b").await.unwrap();
+        assert_eq!(taken(&first, 13).await, b"SET a 1\nSET b");
+        // The other host's VM was restored from a checkpoint that had taken
+        // only "SET a 1\n" (8 bytes): the client resends the rest, once.
+        let second = Arc::new(FakeGuest {
+            base: 8,
+            ..Default::default()
+        });
+        let (b, stop_b, _) = serve_with(&log, Some(second.clone())).await;
+        c.reconnect(b).await.unwrap();
+        c.write(b" 2\n").await.unwrap();
+        assert_eq!(taken(&second, 8).await, b"SET b 2\n", "no line cut in two");
+        // Reconnecting to the same host resends nothing.
+        c.reconnect(b).await.unwrap();
+        c.write(b"GET a\n").await.unwrap();
+        assert_eq!(taken(&second, 14).await, b"SET b 2\nGET a\n");
+        // A host that took more than this client sent: another writer.
+        let third = Arc::new(FakeGuest {
+            base: 100,
+            ..Default::default()
+        });
+        let (d, stop_d, _) = serve_with(&log, Some(third)).await;
+        let err = c.reconnect(d).await.unwrap_err();
+        assert!(err.to_string().contains("another client"), "{err}");
+        for s in [stop_a, stop_b, stop_d] {
+            s.cancel();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_does_not_read_holds_its_clients_back() {
+        let log = ConsoleLog::new(0);
+        let guest = Arc::new(FakeGuest {
+            room: 4096,
+            ..Default::default()
+        });
+        let (addr, shutdown, _) = serve_with(&log, Some(guest.clone())).await;
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        // 8 MiB into a guest that takes 4 KiB: the writer blocks once the
+        // socket buffers are full; nothing piles up in the server.
+        let flood = vec![b'x'; 8 << 20];
+        let write = tokio::time::timeout(Duration::from_millis(500), raw.write_all(&flood)).await;
+        assert!(write.is_err(), "the server kept reading input nobody took");
+        assert!(guest.taken.lock().unwrap().len() <= 4096);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_standby_answers_input_resumes_only_once_its_vm_runs() {
+        let log = ConsoleLog::new(0);
+        let (addr, shutdown, sink) = serve_with(&log, None).await;
+        let pending = tokio::spawn(ResumingClient::connect_now(addr));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pending.is_finished(), "answered before a VM ran");
+        sink.set_target(Some(Arc::new(FakeGuest {
+            base: 42,
+            ..Default::default()
+        })));
+        let c = pending.await.unwrap().unwrap();
+        assert_eq!(c.input_base, 42);
+        shutdown.cancel();
     }
 
     #[tokio::test]

@@ -5,6 +5,9 @@
 
 pub mod console;
 pub mod durable;
+pub mod fault;
+pub mod heartbeat;
+pub mod ids;
 pub mod metrics;
 pub mod payload;
 pub mod role;

@@ -1,15 +1,17 @@
 //! What a daemon's roles hand each other when they change in one process (a
 //! switchover, a promotion, a deposed primary rejoining as the backup): the
-//! host-level console, status and replication socket that outlive any one
+//! host-level console, status and replication sockets that outlive any one
 //! role, the running VM a promoted backup passes to the primary role, and the
-//! slot through which the Control service asks the primary role for a
-//! switchover.
+//! slot through which the Control service passes operator requests
+//! (switchover, promote, discard the image) to whichever role runs.
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
-use understudy_proto::SwitchoverReply;
+use understudy_proto::{DiscardImageReply, PromoteReply, SwitchoverReply};
 use understudy_vmm::Vm;
+
+use crate::ids::{Generation, Incarnation};
 
 use crate::console::{ConsoleLog, InputSink};
 use crate::status::Stats;
@@ -22,7 +24,7 @@ pub struct HostIo {
     pub stats: Arc<Stats>,
     pub log: Arc<ConsoleLog>,
     pub input: Arc<InputSink>,
-    pub switchover: SwitchoverSlot,
+    pub operator: OperatorSlot,
     /// The host's replication address, if it has one: the backup role serves
     /// replication on it, the primary role answers there that it runs the VM.
     pub replication: Option<Arc<SharedListener>>,
@@ -34,7 +36,7 @@ impl HostIo {
             stats,
             log: ConsoleLog::new(0),
             input: InputSink::new(None),
-            switchover: SwitchoverSlot::default(),
+            operator: OperatorSlot::default(),
             replication: replication.map(Arc::new),
         }
     }
@@ -44,9 +46,14 @@ impl HostIo {
 /// role's server stops and the next one starts, a peer's connection waits in
 /// the backlog instead of being refused (a refused probe would tell an old
 /// primary that nobody runs the VM here).
+///
+/// The same address's UDP port carries heartbeats (`crate::heartbeat`); its
+/// socket is bound here too, so beats never meet a closed port during a
+/// role change.
 #[derive(Debug)]
 pub struct SharedListener {
     listener: std::net::TcpListener,
+    heartbeats: std::net::UdpSocket,
     pub addr: std::net::SocketAddr,
 }
 
@@ -60,7 +67,19 @@ impl SharedListener {
         let listener = listener
             .into_std()
             .map_err(|source| crate::wire::ListenError::new(what, addr, source))?;
-        Ok(Self { listener, addr })
+        let heartbeats = std::net::UdpSocket::bind(addr)
+            .map_err(|source| crate::wire::ListenError::new("heartbeats (UDP)", addr, source))?;
+        Ok(Self {
+            listener,
+            heartbeats,
+            addr,
+        })
+    }
+
+    /// The heartbeat socket (UDP, same address), for the backup role's
+    /// heartbeat thread.
+    pub fn heartbeats(&self) -> std::io::Result<std::net::UdpSocket> {
+        self.heartbeats.try_clone()
     }
 
     /// A handle on the socket for one server; the socket stays bound after
@@ -80,21 +99,54 @@ pub struct RunningVm {
     /// The guest's console output (nothing read from it yet since the restore).
     pub output: crossbeam_channel::Receiver<u8>,
     /// The generation it was promoted at.
-    pub generation: u64,
+    pub generation: Generation,
+    /// Which boot of the VM this is (unknown for an image written before
+    /// incarnations existed: the primary role then gives it a new one).
+    pub incarnation: Option<Incarnation>,
 }
 
 /// What a switchover request gets back.
 pub type SwitchoverResult = Result<SwitchoverReply, tonic::Status>;
-/// One switchover request: where to answer.
-pub type SwitchoverResponder = oneshot::Sender<SwitchoverResult>;
 
-/// Where the Control service finds the running primary role, if any.
+/// An operator's request, for whichever role runs on this host; the role
+/// answers on the enclosed channel (or refuses what it does not do).
+#[derive(Debug)]
+pub enum OperatorRequest {
+    /// A planned role swap (the primary role).
+    Switchover(oneshot::Sender<SwitchoverResult>),
+    /// Resume the VM from the backup's image (the backup role).
+    Promote(oneshot::Sender<Result<PromoteReply, tonic::Status>>),
+    /// Forget the VM the backup's image holds (the backup role).
+    DiscardImage(oneshot::Sender<Result<DiscardImageReply, tonic::Status>>),
+}
+
+impl OperatorRequest {
+    /// What the request is called, for refusals.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Switchover(_) => "switchover",
+            Self::Promote(_) => "promote",
+            Self::DiscardImage(_) => "discard-image",
+        }
+    }
+
+    /// Refuses the request with `status`.
+    pub fn refuse(self, status: tonic::Status) {
+        match self {
+            Self::Switchover(tx) => drop(tx.send(Err(status))),
+            Self::Promote(tx) => drop(tx.send(Err(status))),
+            Self::DiscardImage(tx) => drop(tx.send(Err(status))),
+        }
+    }
+}
+
+/// Where the Control service finds the running role, if any.
 #[derive(Debug, Clone, Default)]
-pub struct SwitchoverSlot(Arc<Mutex<Option<mpsc::Sender<SwitchoverResponder>>>>);
+pub struct OperatorSlot(Arc<Mutex<Option<mpsc::Sender<OperatorRequest>>>>);
 
-impl SwitchoverSlot {
-    /// The primary role takes requests from `requests` until [`Self::clear`].
-    pub fn install(&self, requests: mpsc::Sender<SwitchoverResponder>) {
+impl OperatorSlot {
+    /// The running role takes requests from `requests` until [`Self::clear`].
+    pub fn install(&self, requests: mpsc::Sender<OperatorRequest>) {
         *self.lock() = Some(requests);
     }
 
@@ -102,26 +154,31 @@ impl SwitchoverSlot {
         *self.lock() = None;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<SwitchoverResponder>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<OperatorRequest>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Asks the primary role for a switchover and waits for its outcome.
-    /// `role` names this daemon's role for the error when it is not a primary.
-    pub async fn request(&self, role: &str) -> SwitchoverResult {
-        let not_primary = || {
-            tonic::Status::failed_precondition(format!(
-                "this daemon takes no switchover (role: {role}, not a primary protecting its VM): \
-                 ask the protected primary's control address"
+    /// Hands `make(answer)` to the running role and waits for its answer.
+    /// `role` names this daemon's role for the error when none runs.
+    pub async fn request<T>(
+        &self,
+        role: &str,
+        make: impl FnOnce(oneshot::Sender<Result<T, tonic::Status>>) -> OperatorRequest,
+    ) -> Result<T, tonic::Status> {
+        let (tx, rx) = oneshot::channel();
+        let request = make(tx);
+        let what = request.name();
+        let unavailable = || {
+            tonic::Status::unavailable(format!(
+                "{what} refused: no role is running on this host right now (role: {role}); try again"
             ))
         };
-        let requests = self.lock().clone().ok_or_else(not_primary)?;
-        let (tx, rx) = oneshot::channel();
-        requests.send(tx).await.map_err(|_| not_primary())?;
+        let requests = self.lock().clone().ok_or_else(unavailable)?;
+        requests.send(request).await.map_err(|_| unavailable())?;
         rx.await.unwrap_or_else(|_| {
-            Err(tonic::Status::aborted(
-                "the primary stopped before the switchover finished",
-            ))
+            Err(tonic::Status::aborted(format!(
+                "the {role} stopped before the {what} finished"
+            )))
         })
     }
 }

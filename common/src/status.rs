@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use understudy_proto::control_server::Control;
 use understudy_proto::{StatusReply, StatusRequest};
 
+use crate::role::OperatorRequest;
+
 const SAMPLES: usize = 1024;
 /// Checkpoints kept in order for `Control.Epochs`.
 const RECENT: usize = 4096;
@@ -66,6 +68,8 @@ pub struct Stats {
     pub in_flight: AtomicU64,
     pub promotion_detect_us: AtomicU64,
     pub promotion_resume_us: AtomicU64,
+    /// The VM's incarnation, once this host knows one.
+    incarnation: Mutex<Option<crate::ids::Incarnation>>,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
@@ -94,6 +98,7 @@ impl Stats {
             in_flight: AtomicU64::new(0),
             promotion_detect_us: AtomicU64::new(0),
             promotion_resume_us: AtomicU64::new(0),
+            incarnation: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
             recent: Mutex::default(),
@@ -132,6 +137,11 @@ impl Stats {
 
     pub fn state(&self) -> String {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The VM this host runs or protects.
+    pub fn set_incarnation(&self, incarnation: Option<crate::ids::Incarnation>) {
+        *lock(&self.incarnation) = incarnation;
     }
 
     pub fn set_last_epoch(&self, epoch: u64) {
@@ -209,6 +219,9 @@ impl Stats {
             peer: lock(&self.peer).clone(),
             promotion_detect_micros: self.promotion_detect_us.load(Ordering::Relaxed),
             promotion_resume_micros: self.promotion_resume_us.load(Ordering::Relaxed),
+            incarnation: lock(&self.incarnation)
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -217,12 +230,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The Control gRPC service over a daemon's [`Stats`]; switchovers go to
-/// whichever primary role is installed in `switchover`.
+/// The Control gRPC service over a daemon's [`Stats`]; operator requests go
+/// to whichever role is installed in `operator`.
 #[derive(Debug, Clone)]
 pub struct ControlService {
     pub stats: std::sync::Arc<Stats>,
-    pub switchover: crate::role::SwitchoverSlot,
+    pub operator: crate::role::OperatorSlot,
 }
 
 #[tonic::async_trait]
@@ -270,8 +283,28 @@ impl Control for ControlService {
         &self,
         _: tonic::Request<understudy_proto::SwitchoverRequest>,
     ) -> Result<tonic::Response<understudy_proto::SwitchoverReply>, tonic::Status> {
-        self.switchover
-            .request(self.stats.role())
+        self.operator
+            .request(self.stats.role(), OperatorRequest::Switchover)
+            .await
+            .map(tonic::Response::new)
+    }
+
+    async fn promote(
+        &self,
+        _: tonic::Request<understudy_proto::PromoteRequest>,
+    ) -> Result<tonic::Response<understudy_proto::PromoteReply>, tonic::Status> {
+        self.operator
+            .request(self.stats.role(), OperatorRequest::Promote)
+            .await
+            .map(tonic::Response::new)
+    }
+
+    async fn discard_image(
+        &self,
+        _: tonic::Request<understudy_proto::DiscardImageRequest>,
+    ) -> Result<tonic::Response<understudy_proto::DiscardImageReply>, tonic::Status> {
+        self.operator
+            .request(self.stats.role(), OperatorRequest::DiscardImage)
             .await
             .map(tonic::Response::new)
     }

@@ -40,6 +40,24 @@ pub fn deposed(generation: u64, message: impl Into<String>) -> Status {
     status
 }
 
+const HOLDS_VM_KEY: &str = "understudy-holds-vm";
+
+/// "This backup holds a VM your boot would replace; an operator decides."
+/// The primary waits (and says why) instead of giving up.
+pub fn holds_vm(message: impl Into<String>) -> Status {
+    let mut status = Status::failed_precondition(message);
+    status.metadata_mut().insert(
+        HOLDS_VM_KEY,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
+}
+
+/// Whether `status` is a [`holds_vm`] refusal.
+pub fn is_holds_vm(status: &Status) -> bool {
+    status.metadata().get(HOLDS_VM_KEY).is_some()
+}
+
 /// The generation a `deposed` status carries, if any.
 pub fn deposed_generation(status: &Status) -> Option<u64> {
     status

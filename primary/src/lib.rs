@@ -27,13 +27,15 @@
 //! `releaser`, which a fence closes for good; `peer` holds the calls to the
 //! other host.
 
+mod beats;
+pub mod host_state;
 mod peer;
 mod releaser;
 mod replicator;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -42,17 +44,23 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use understudy_checkpoint::CodecPolicy;
-use understudy_common::role::{HostIo, RunningVm, SwitchoverResponder};
+use understudy_common::ids::{Incarnation, RunState};
+use understudy_common::role::{HostIo, OperatorRequest, RunningVm, SwitchoverResult};
 use understudy_common::status::Stats;
 use understudy_common::wire;
+use understudy_proto::EpochChunk;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::replication_server::ReplicationServer;
-use understudy_proto::{Beat, EpochChunk};
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
 
-use crate::peer::{HelloOutcome, RunsHere, hello, probe};
+use crate::beats::Beats;
+use crate::host_state::{HostState, HostStateError, RunRecord};
+use crate::peer::{HelloOutcome, RunsHere, SessionOffer, hello, probe};
 use crate::releaser::Releaser;
 use crate::replicator::Replicator;
+
+pub use crate::peer::PeerError;
+pub use crate::replicator::InternalError;
 
 /// What to do when the backup is lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,20 +120,20 @@ pub enum PrimaryError {
         generation: u64,
         marker: PathBuf,
     },
-    #[error("state directory {path}")]
-    StateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    HostState(#[from] HostStateError),
     #[error(transparent)]
     Listen(#[from] wire::ListenError),
     #[error("the backup at {addr} refused the primary: {message}")]
     Refused { addr: SocketAddr, message: String },
     #[error("cannot start the VM")]
     Vm(#[source] understudy_vmm::VmError),
-    #[error("replication failed: {0}")]
-    Replication(String),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    #[error("the kernel gave no randomness for a session key")]
+    NoRandomness,
+    #[error("the primary failed and ended like a crash (the backup takes over)")]
+    Internal(#[source] InternalError),
     #[error("gRPC server failed")]
     Server(#[source] tonic::transport::Error),
     #[error("TLS setup failed: {0}")]
@@ -147,13 +155,20 @@ pub enum PrimaryExit {
     HandedOver { generation: u64 },
 }
 
-const FENCED_FILE: &str = "fenced";
-const GENERATION_FILE: &str = "generation";
 /// Sync rounds stop when this few pages are still dirty (or after MAX_ROUNDS).
 const SYNC_CONVERGED_PAGES: usize = 256;
 const MAX_SYNC_ROUNDS: usize = 8;
 /// Pages encoded between chunk hand-offs during a sync round.
 const STREAM_EVERY_PAGES: usize = 512;
+/// How long a primary waits before asking again while the backup holds
+/// another VM that an operator has to decide about.
+const HOLDS_VM_RETRY: Duration = Duration::from_secs(1);
+/// How long a primary that cannot reach the backup waits before it tries
+/// again, before the VM boots.
+const FIRST_HELLO_RETRY: Duration = Duration::from_millis(200);
+
+/// One switchover request: where to answer.
+type SwitchoverResponder = tokio::sync::oneshot::Sender<SwitchoverResult>;
 
 /// A live replication session, as the replicator thread sees it.
 #[derive(Debug, Clone)]
@@ -163,11 +178,44 @@ struct SessionLink {
     broken: Arc<AtomicBool>,
 }
 
+/// The role's phase.
+///
+/// ```text
+///  Running ──switchover──▶ HandingOver{seen} ──answer──▶ HandedOver(g)
+///     │  ▲                        └──── refused: Running
+///     │  └────────────────────────────
+///     ├── SIGTERM ─▶ Stopping (finish the epoch, its ack, goodbye)
+///     ├── a higher generation ─▶ Fenced(g) (drop output, stop the VM)
+///     └── an internal error ─▶ Failed (like a crash: no goodbye, exit ≠ 0)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    /// A handover is in flight: the backup's promotion (a higher generation)
+    /// is expected, not a fence; `seen` is the highest one seen meanwhile.
+    HandingOver {
+        seen: u64,
+    },
+    Stopping,
+    Fenced(u64),
+    HandedOver(u64),
+    Failed,
+}
+
+impl Phase {
+    /// The role is ending: no new session, the replicator winds down.
+    pub(crate) fn ending(self) -> bool {
+        !matches!(self, Self::Running | Self::HandingOver { .. })
+    }
+}
+
 /// What the replicator thread and the async side share.
 #[derive(Debug)]
 struct Shared {
     opts: PrimaryOptions,
     generation: u64,
+    incarnation: Incarnation,
+    host_state: HostState,
     stats: Arc<Stats>,
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
@@ -176,38 +224,28 @@ struct Shared {
     acked_cv: Condvar,
     /// Last epoch handed to the session (sync round or checkpoint) + 1.
     sent: AtomicU64,
-    stop: AtomicBool,
-    /// Generation that deposed us (0 = not fenced).
-    fenced_by: AtomicU64,
+    phase: tokio::sync::watch::Sender<Phase>,
     vm_ended: Mutex<Option<VmEnd>>,
+    failure: Mutex<Option<InternalError>>,
     done: CancellationToken,
     /// When each unacked checkpoint was taken, for ack latency.
     taken_at: Mutex<VecDeque<(u64, Instant)>>,
     /// A switchover the replicator is to carry out at its next checkpoint.
     switchover: Mutex<Option<SwitchoverResponder>>,
-    /// The generation the VM was handed over at (0 = not handed over).
-    handed_over: AtomicU64,
-    /// A handover is under way: the backup's promotion (a higher generation
-    /// in its beats) is expected, not a fence.
-    /// (A watch: the session manager waits for the handover to settle.)
-    handing_over: tokio::sync::watch::Sender<bool>,
-    /// The highest generation seen while handing over.
-    seen_while_handing_over: AtomicU64,
+    beats: Arc<Beats>,
 }
 
 impl Shared {
+    fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
     /// Replication lag: epochs sent and not yet acked (`acked` = last acked + 1).
     fn record_lag(&self, acked: u64) {
         let sent = self.sent.load(Ordering::Acquire);
         self.stats
             .in_flight
             .store(sent.saturating_sub(acked), Ordering::Relaxed);
-    }
-
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-            || self.fenced_by.load(Ordering::Acquire) != 0
-            || self.handed_over.load(Ordering::Acquire) != 0
     }
 
     fn take_switchover(&self) -> Option<SwitchoverResponder> {
@@ -217,21 +255,86 @@ impl Shared {
             .take()
     }
 
+    /// Records how this host's run of the VM stands (see `host_state`).
+    /// Returns false if it could not be written.
+    fn record(&self, state: RunState) -> bool {
+        let record = RunRecord {
+            incarnation: self.incarnation,
+            state,
+        };
+        match self.host_state.set_record(record) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %wire::chain(&e), %state, "cannot record the VM's run");
+                false
+            }
+        }
+    }
+
+    /// A graceful stop: finish the epoch in flight, its ack, goodbye.
+    fn stop(&self) {
+        self.phase.send_if_modified(|p| {
+            if matches!(p, Phase::Running) {
+                *p = Phase::Stopping;
+                true
+            } else {
+                false
+            }
+        });
+        self.wake();
+    }
+
+    /// Starts a handover; false if the role is already ending.
+    fn begin_handover(&self) -> bool {
+        self.phase.send_if_modified(|p| {
+            if matches!(p, Phase::Running) {
+                *p = Phase::HandingOver { seen: 0 };
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Ends a handover: done at `generation`, or refused (None).
+    fn end_handover(&self, generation: Option<u64>) {
+        self.phase.send_if_modified(|p| {
+            if let Phase::HandingOver { .. } = p {
+                *p = match generation {
+                    Some(g) => Phase::HandedOver(g),
+                    None => Phase::Running,
+                };
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// An internal error: the role ends like a crash.
+    fn fail(&self, error: InternalError) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        self.phase.send_replace(Phase::Failed);
+        self.wake();
+    }
+
     /// Fences: from now on nothing is released; the replicator stops the VM.
     /// During and after a handover the backup's promotion is the expected
     /// outcome: the replicator, which holds the paused VM, finishes the
     /// handover instead.
     fn fence(&self, generation: u64) {
-        if *self.handing_over.borrow() || self.handed_over.load(Ordering::Acquire) != 0 {
-            self.seen_while_handing_over
-                .fetch_max(generation, Ordering::AcqRel);
-            return;
-        }
-        if self
-            .fenced_by
-            .compare_exchange(0, generation, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        let fenced = self.phase.send_if_modified(|p| match p {
+            Phase::HandingOver { seen } => {
+                *seen = (*seen).max(generation);
+                false
+            }
+            Phase::HandedOver(_) | Phase::Fenced(_) => false,
+            Phase::Running | Phase::Stopping | Phase::Failed => {
+                *p = Phase::Fenced(generation);
+                true
+            }
+        });
+        if !fenced {
             return;
         }
         let dropped = self.releaser.fence();
@@ -242,12 +345,21 @@ impl Shared {
         );
         self.stats
             .set_state(format!("fenced: deposed by generation {generation}"));
-        let marker = self.opts.state_dir.join(FENCED_FILE);
-        if let Err(e) = std::fs::write(&marker, format!("{generation}\n")) {
-            tracing::error!(error = %e, path = %marker.display(), "cannot write the fenced marker");
+        if let Err(e) = self
+            .host_state
+            .mark_fenced(understudy_common::ids::Generation(generation))
+        {
+            tracing::error!(error = %wire::chain(&e), "cannot write the fence marker");
         }
-        self.acked_cv.notify_all();
+        self.record(RunState::Gone);
+        self.wake();
         self.done.cancel();
+    }
+
+    /// Wakes a replicator waiting for acks.
+    fn wake(&self) {
+        drop(self.acked_plus_one());
+        self.acked_cv.notify_all();
     }
 
     fn set_session(&self, link: Option<SessionLink>) {
@@ -259,44 +371,10 @@ impl Shared {
     }
 }
 
-fn check_not_fenced(opts: &PrimaryOptions) -> Result<u64, PrimaryError> {
-    let dir = &opts.state_dir;
-    let io = |source| PrimaryError::StateDir {
-        path: dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let marker = dir.join(FENCED_FILE);
-    match std::fs::read_to_string(&marker) {
-        Ok(text) => {
-            return Err(PrimaryError::Fenced {
-                vm: opts.vm_id.clone(),
-                generation: text.trim().parse().unwrap_or_default(),
-                marker,
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let path = dir.join(GENERATION_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse().map_err(|_| {
-            io(std::io::Error::other(format!(
-                "{} does not hold a generation number",
-                path.display()
-            )))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::write(&path, "1\n").map_err(io)?;
-            Ok(1)
-        }
-        Err(e) => Err(io(e)),
-    }
-}
-
-/// Runs the primary until `shutdown`, a fence, a handover, or the guest's
-/// end. `host` holds the console (served by the daemon), the status the
-/// daemon reports, and the slot switchover requests arrive through.
+/// Runs the primary until `shutdown`, a fence, a handover, the guest's end,
+/// or an internal failure (an error: the daemon exits like a crash). `host`
+/// holds the console (served by the daemon), the status the daemon reports,
+/// and the slot operator requests arrive through.
 pub async fn run(
     opts: PrimaryOptions,
     host: HostIo,
@@ -304,40 +382,79 @@ pub async fn run(
     start: Start,
 ) -> Result<PrimaryExit, PrimaryError> {
     let stats = host.stats.clone();
-    let generation = match &start {
-        Start::Boot => check_not_fenced(&opts)?,
-        Start::Adopt(running) => adopt_generation(&opts, running.generation)?,
+    let host_state = HostState::open(&opts.state_dir)?;
+    let (generation, incarnation, previous) = match &start {
+        Start::Boot => {
+            if let Some(g) = host_state.fenced()? {
+                return Err(PrimaryError::Fenced {
+                    vm: opts.vm_id.clone(),
+                    generation: g.0,
+                    marker: host_state.fenced_marker(),
+                });
+            }
+            (
+                host_state.generation()?.0,
+                Incarnation::new_random(),
+                host_state.record()?,
+            )
+        }
+        Start::Adopt(running) => {
+            host_state.adopt(running.generation)?;
+            (
+                running.generation.0,
+                running.incarnation.unwrap_or_else(Incarnation::new_random),
+                None,
+            )
+        }
     };
     stats.generation.store(generation, Ordering::Release);
+    stats.set_incarnation(Some(incarnation));
+    host.log.set_generation(generation);
+    let fenced = |g: u64| {
+        if let Err(e) = host_state.mark_fenced(understudy_common::ids::Generation(g)) {
+            tracing::error!(error = %wire::chain(&e), "cannot write the fence marker");
+        }
+        PrimaryError::Fenced {
+            vm: opts.vm_id.clone(),
+            generation: g,
+            marker: host_state.fenced_marker(),
+        }
+    };
 
     let mut first_session = None;
     let adopted = matches!(start, Start::Adopt(_));
     let (vm, output) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
-            // the backup cannot know it was not deposed.
+            // the backup cannot know it was not deposed, nor whether the
+            // backup holds the VM this host ran before.
+            if let Some(p) = previous {
+                tracing::info!(previous = %p.incarnation, state = %p.state, "this host ran the VM before: telling the backup");
+            }
             stats.set_state("waiting for the backup");
-            let mut next_session = session_id();
             loop {
-                match hello(&opts, generation, next_session).await {
+                let offer = SessionOffer::new(generation, incarnation, previous)?;
+                match hello(&opts, &offer).await {
                     HelloOutcome::Accepted(client) => {
-                        first_session = Some((next_session, client));
+                        first_session = Some((offer, client));
                         break;
                     }
-                    HelloOutcome::Deposed(g) => {
-                        let marker = opts.state_dir.join(FENCED_FILE);
-                        let _ = std::fs::write(&marker, format!("{g}\n"));
-                        return Err(PrimaryError::Fenced {
-                            vm: opts.vm_id.clone(),
-                            generation: g,
-                            marker,
-                        });
-                    }
+                    HelloOutcome::Deposed(g) => return Err(fenced(g)),
                     HelloOutcome::Refused(message) => {
                         return Err(PrimaryError::Refused {
                             addr: opts.backup,
                             message,
                         });
+                    }
+                    HelloOutcome::HoldsVm(why) => {
+                        if stats.state() != format!("waiting: {why}") {
+                            tracing::warn!(%why, "the backup holds a VM this boot would replace: waiting for an operator");
+                        }
+                        stats.set_state(format!("waiting: {why}"));
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
+                            _ = tokio::time::sleep(HOLDS_VM_RETRY) => {}
+                        }
                     }
                     HelloOutcome::Unreachable(why) => {
                         if opts.start_unprotected {
@@ -347,12 +464,17 @@ pub async fn run(
                         tracing::info!(%why, backup = %opts.backup, "waiting for the backup");
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                            _ = tokio::time::sleep(FIRST_HELLO_RETRY) => {}
                         }
-                        next_session = session_id();
                     }
                 }
             }
+            // Nothing released yet: whatever the backup commits is the
+            // newest state clients can see.
+            host_state.set_record(RunRecord {
+                incarnation,
+                state: RunState::Protected,
+            })?;
             let ram = GuestRam::new(opts.ram_bytes, RamBacking::Anonymous)
                 .map_err(|e| PrimaryError::Vm(e.into()))?;
             let (vm, vm_console) = Vm::boot(
@@ -366,7 +488,7 @@ pub async fn run(
             )
             .map_err(PrimaryError::Vm)?;
             host.input.set(Some(vm_console.input.clone()));
-            tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, "VM booted");
+            tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, %incarnation, "VM booted");
             (vm, vm_console.output)
         }
         Start::Adopt(running) => {
@@ -374,7 +496,7 @@ pub async fn run(
             vm.start_dirty_logging().map_err(PrimaryError::Vm)?;
             // Clients without a resume offset get output from now on.
             host.log.set_raw_start(None);
-            tracing::info!(vm = %opts.vm_id, generation, backup = %opts.backup, "protecting the VM this host took over");
+            tracing::info!(vm = %opts.vm_id, generation, %incarnation, backup = %opts.backup, "protecting the VM this host took over");
             (vm, output)
         }
     };
@@ -397,23 +519,32 @@ pub async fn run(
         None => None,
     };
 
+    let beats = Beats::new();
+    let beat_thread = beats::spawn(
+        beats.clone(),
+        opts.backup,
+        opts.heartbeat_interval,
+        generation,
+        stats.clone(),
+    )
+    .map_err(|e| PrimaryError::Thread("heartbeat", e))?;
     let shared = Arc::new(Shared {
         generation,
+        incarnation,
+        host_state,
         stats: stats.clone(),
         releaser: Releaser::new(host.log.clone()),
         session: Mutex::new(None),
         acked: Mutex::new(0),
         acked_cv: Condvar::new(),
         sent: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        fenced_by: AtomicU64::new(0),
+        phase: tokio::sync::watch::Sender::new(Phase::Running),
         vm_ended: Mutex::new(None),
+        failure: Mutex::new(None),
         done: CancellationToken::new(),
         taken_at: Mutex::default(),
         switchover: Mutex::new(None),
-        handed_over: AtomicU64::new(0),
-        handing_over: tokio::sync::watch::Sender::new(false),
-        seen_while_handing_over: AtomicU64::new(0),
+        beats: beats.clone(),
         opts: opts.clone(),
     });
     if adopted {
@@ -421,8 +552,12 @@ pub async fn run(
         // syncs as its backup, and its output goes out (as it did right after
         // a promotion: the old primary is stopped or deposed, no other copy
         // runs).
-        shared.releaser.set_unprotected(true);
-        stats.set_state("unprotected: no backup yet, releasing output");
+        if shared.record(RunState::ReleasedUnprotected) {
+            shared.releaser.set_unprotected(true);
+            stats.set_state("unprotected: no backup yet, releasing output");
+        } else {
+            stats.set_state("unprotected: no backup yet, holding output (cannot record the run)");
+        }
     } else if first_session.is_none() {
         // Started without a backup (start_unprotected): the policy decides.
         unprotected(&shared, "no backup yet");
@@ -436,11 +571,11 @@ pub async fn run(
                 let runtime = tokio::runtime::Handle::current();
                 move || Replicator::new(shared, vm, output, log, runtime).run()
             })
-            .map_err(|e| PrimaryError::Replication(e.to_string()))?
+            .map_err(|e| PrimaryError::Thread("replicator", e))?
     };
-    let (switchover_tx, switchover_rx) = tokio::sync::mpsc::channel(1);
-    host.switchover.install(switchover_tx);
-    let switchovers = tokio::spawn(accept_switchovers(shared.clone(), switchover_rx));
+    let (operator_tx, operator_rx) = tokio::sync::mpsc::channel(4);
+    host.operator.install(operator_tx);
+    let operator = tokio::spawn(accept_operator_requests(shared.clone(), operator_rx));
 
     let manager = tokio::spawn(session_manager(
         shared.clone(),
@@ -451,14 +586,17 @@ pub async fn run(
         _ = shutdown.cancelled() => {}
         _ = shared.done.cancelled() => {}
     }
-    host.switchover.clear();
-    switchovers.abort();
+    host.operator.clear();
+    operator.abort();
     // Graceful stop: the replicator finishes its epoch, waits for the last ack
     // and says goodbye (see Replicator::run); a fenced one just stops.
-    shared.stop.store(true, Ordering::Release);
-    shared.acked_cv.notify_all();
+    shared.stop();
     let _ = tokio::task::spawn_blocking(move || replicator.join()).await;
+    // The VM no longer runs here: console input waits for the next one.
+    host.input.set(None);
     let _ = manager.await;
+    beats.stop();
+    let _ = tokio::task::spawn_blocking(move || beat_thread.join()).await;
     // Stop answering for the VM: the next role takes its turn on the socket.
     shutdown.cancel();
     if let Some(mut answers) = answers {
@@ -476,15 +614,18 @@ pub async fn run(
             "the primary stopped before the switchover could start",
         )));
     }
-    let fenced = shared.fenced_by.load(Ordering::Acquire);
-    if fenced != 0 {
-        return Ok(PrimaryExit::Fenced { generation: fenced });
+    if let Some(e) = shared
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Err(PrimaryError::Internal(e));
     }
-    let handed_over = shared.handed_over.load(Ordering::Acquire);
-    if handed_over != 0 {
-        return Ok(PrimaryExit::HandedOver {
-            generation: handed_over,
-        });
+    match shared.phase() {
+        Phase::Fenced(generation) => return Ok(PrimaryExit::Fenced { generation }),
+        Phase::HandedOver(generation) => return Ok(PrimaryExit::HandedOver { generation }),
+        _ => {}
     }
     if let Some(end) = shared
         .vm_ended
@@ -497,33 +638,23 @@ pub async fn run(
     Ok(PrimaryExit::Shutdown)
 }
 
-/// A handed-over VM runs at the generation its promotion recorded; this
-/// host's primary state follows (a fence marker left from an older
-/// generation no longer applies).
-fn adopt_generation(opts: &PrimaryOptions, generation: u64) -> Result<u64, PrimaryError> {
-    let dir = &opts.state_dir;
-    let io = |source| PrimaryError::StateDir {
-        path: dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(dir.join(GENERATION_FILE), format!("{generation}\n")).map_err(io)?;
-    match std::fs::remove_file(dir.join(FENCED_FILE)) {
-        Ok(()) => tracing::info!(generation, "removed a fence marker of an older generation"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    Ok(generation)
-}
-
 /// No backup holds the VM (`why`): output follows the backup-loss policy.
+/// Before anything goes out unprotected, the run is recorded as such: a
+/// restarted host then knows the backup's image is older than what clients
+/// saw.
 fn unprotected(shared: &Shared, why: &str) {
     match shared.opts.backup_loss {
         BackupLoss::KeepRunning => {
-            shared.releaser.set_unprotected(true);
-            shared
-                .stats
-                .set_state(format!("unprotected: {why}, releasing output"));
+            if shared.record(RunState::ReleasedUnprotected) {
+                shared.releaser.set_unprotected(true);
+                shared
+                    .stats
+                    .set_state(format!("unprotected: {why}, releasing output"));
+            } else {
+                shared.stats.set_state(format!(
+                    "unprotected: {why}, holding output (cannot record the run)"
+                ));
+            }
         }
         BackupLoss::HoldOutput => {
             shared
@@ -533,13 +664,24 @@ fn unprotected(shared: &Shared, why: &str) {
     }
 }
 
-/// Takes switchover requests from the Control service and queues one for
-/// the replicator, refusing at once what cannot work.
-async fn accept_switchovers(
+/// Takes operator requests from the Control service: switchovers are
+/// queued for the replicator (refused at once when they cannot work); the
+/// backup's requests are refused.
+async fn accept_operator_requests(
     shared: Arc<Shared>,
-    mut requests: tokio::sync::mpsc::Receiver<SwitchoverResponder>,
+    mut requests: tokio::sync::mpsc::Receiver<OperatorRequest>,
 ) {
-    while let Some(responder) = requests.recv().await {
+    while let Some(request) = requests.recv().await {
+        let responder = match request {
+            OperatorRequest::Switchover(responder) => responder,
+            other => {
+                let what = other.name();
+                other.refuse(tonic::Status::failed_precondition(format!(
+                    "{what} refused: this host runs the VM as the primary (ask the backup's control address)"
+                )));
+                continue;
+            }
+        };
         let refuse = if let Some(why) = &shared.opts.switchover_unavailable {
             Some(why.clone())
         } else if !shared.stats.protected.load(Ordering::Acquire) {
@@ -568,18 +710,10 @@ async fn accept_switchovers(
     }
 }
 
-fn session_id() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1
-}
-
 /// Owns the gRPC side of each session until the primary stops or is fenced.
 async fn session_manager(
     shared: Arc<Shared>,
-    mut first: Option<(u64, ReplicationClient<Channel>)>,
+    mut first: Option<(SessionOffer, ReplicationClient<Channel>)>,
     shutdown: CancellationToken,
 ) {
     let opts = shared.opts.clone();
@@ -588,18 +722,34 @@ async fn session_manager(
     let max_retry = opts.heartbeat_timeout.max(Duration::from_millis(200));
     let mut retry = opts.heartbeat_interval;
     loop {
-        if shared.stopping() {
+        if shared.phase().ending() {
             return;
         }
-        let (session, client) = match first.take() {
+        let (offer, client) = match first.take() {
             Some(s) => s,
             None => {
-                let id = session_id();
-                match hello(&opts, shared.generation, id).await {
-                    HelloOutcome::Accepted(client) => (id, client),
+                let offer = match SessionOffer::new(shared.generation, shared.incarnation, None) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot open a session");
+                        return;
+                    }
+                };
+                match hello(&opts, &offer).await {
+                    HelloOutcome::Accepted(client) => (offer, client),
                     HelloOutcome::Deposed(g) => {
                         shared.fence(g);
                         return;
+                    }
+                    HelloOutcome::HoldsVm(why) => {
+                        tracing::warn!(%why, "the backup holds another VM: this one stays unprotected until an operator decides");
+                        unprotected(&shared, &format!("the backup holds another VM ({why})"));
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = shared.done.cancelled() => return,
+                            _ = tokio::time::sleep(HOLDS_VM_RETRY) => {}
+                        }
+                        continue;
                     }
                     HelloOutcome::Refused(message) | HelloOutcome::Unreachable(message) => {
                         tracing::debug!(%message, "backup not available yet");
@@ -617,16 +767,16 @@ async fn session_manager(
         retry = opts.heartbeat_interval;
         shared.releaser.new_session();
         shared.stats.set_state("syncing");
-        let reason = run_session(&shared, session, client).await;
+        let reason = run_session(&shared, offer, client).await;
         shared.stats.protected.store(false, Ordering::Release);
         // A handover ends the session from the other side; let the
         // replicator settle it before treating this as a lost backup.
         let _ = shared
-            .handing_over
+            .phase
             .subscribe()
-            .wait_for(|handing_over| !handing_over)
+            .wait_for(|p| !matches!(p, Phase::HandingOver { .. }))
             .await;
-        if shared.stopping() {
+        if shared.phase().ending() {
             return;
         }
         tracing::warn!(%reason, "replication session lost");
@@ -642,18 +792,18 @@ async fn session_manager(
             }
             Ok(_) => tracing::info!("backup still there: resyncing"),
             Err(why) => {
-                tracing::warn!(%why, policy = ?opts.backup_loss, "backup unreachable");
+                tracing::warn!(why = %wire::chain(&why), policy = ?opts.backup_loss, "backup unreachable");
                 unprotected(&shared, "backup lost");
             }
         }
     }
 }
 
-/// One session: chunk stream out, acks in, heartbeats both ways. Returns why
-/// it ended.
+/// One session: chunk stream out, acks in; the heartbeat thread beats for
+/// it. Returns why it ended.
 async fn run_session(
     shared: &Arc<Shared>,
-    session: u64,
+    offer: SessionOffer,
     mut client: ReplicationClient<Channel>,
 ) -> String {
     let opts = &shared.opts;
@@ -666,21 +816,18 @@ async fn run_session(
         Ok(r) => r.into_inner(),
         Err(status) => return session_error(shared, &status),
     };
-    let interval = opts.heartbeat_interval;
-    let beat_times: BeatTimes = Arc::default();
-    let beats_out = async_stream_beats(generation, interval, beat_times.clone());
-    let mut beats = match client.heartbeat(beats_out).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return session_error(shared, &status),
-    };
+    shared
+        .beats
+        .set_session(Some((offer.id, offer.key.clone())));
     let broken = Arc::new(AtomicBool::new(false));
     shared.set_session(Some(SessionLink {
-        id: session,
+        id: offer.id,
         chunks: chunk_tx,
         broken: broken.clone(),
     }));
-    let mut last_heard = Instant::now();
-    let mut tick = tokio::time::interval(interval);
+    let give_up = understudy_common::heartbeat::primary_gives_up(opts.heartbeat_timeout);
+    let mut last_ack = Instant::now();
+    let mut tick = tokio::time::interval(opts.heartbeat_interval);
     // Not torn down on shutdown: the replicator finishes its last epoch and
     // says goodbye through this session first, then cancels `done`.
     let reason = loop {
@@ -688,7 +835,7 @@ async fn run_session(
             _ = shared.done.cancelled() => break "stopping".to_string(),
             ack = acks.next() => match ack {
                 Some(Ok(ack)) => {
-                    last_heard = Instant::now();
+                    last_ack = Instant::now();
                     if ack.generation > generation {
                         shared.fence(ack.generation);
                         break "deposed".into();
@@ -715,32 +862,13 @@ async fn run_session(
                 Some(Err(status)) => break session_error(shared, &status),
                 None => break "the backup closed the replication stream".into(),
             },
-            beat = beats.next() => match beat {
-                Some(Ok(beat)) => {
-                    if beat.generation > generation {
-                        shared.fence(beat.generation);
-                        break "deposed".into();
-                    }
-                    let echoed = beat_times
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .find(|(seq, _)| *seq == beat.echo_seq)
-                        .map(|(_, at)| at.elapsed());
-                    if let Some(rtt) = echoed {
-                        shared.stats.record_heartbeat_rtt(rtt);
-                    }
-                    last_heard = Instant::now();
-                }
-                Some(Err(status)) => break session_error(shared, &status),
-                None => break "the backup closed the heartbeat stream".into(),
-            },
             _ = tick.tick() => {
                 // Lenient on this side: a false "backup lost" costs a resync,
-                // and fencing does not depend on it (a promoted backup's beats
-                // and answers carry its higher generation).
-                if last_heard.elapsed() > (opts.heartbeat_timeout * 3).max(Duration::from_secs(1)) {
-                    break format!("no word from the backup for {:?}", last_heard.elapsed());
+                // and fencing does not depend on it (a promoted backup's
+                // answers carry its higher generation).
+                let silent = last_ack.elapsed().min(shared.beats.since_echo());
+                if silent > give_up {
+                    break format!("no word from the backup for {silent:?}");
                 }
                 if broken.load(Ordering::Acquire) {
                     break "the replicator left the session".into();
@@ -748,13 +876,12 @@ async fn run_session(
             }
         }
     };
+    shared.beats.set_session(None);
     broken.store(true, Ordering::Release);
     shared.set_session(None);
     // Wake a replicator waiting for acks of this session: it must not sleep
-    // through the loss (holding output, stalling re-protection). Taking the
-    // lock orders the notification after its check of `broken`.
-    drop(shared.acked_plus_one());
-    shared.acked_cv.notify_all();
+    // through the loss (holding output, stalling re-protection).
+    shared.wake();
     reason
 }
 
@@ -766,34 +893,4 @@ fn session_error(shared: &Shared, status: &tonic::Status) -> String {
         return "deposed".into();
     }
     format!("{}: {}", status.code(), status.message())
-}
-
-/// When each recent beat was sent, by seq, for round-trip times.
-type BeatTimes = Arc<Mutex<VecDeque<(u64, Instant)>>>;
-
-fn async_stream_beats(
-    generation: u64,
-    interval: Duration,
-    sent: BeatTimes,
-) -> impl tokio_stream::Stream<Item = Beat> {
-    let mut seq = 0u64;
-    tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval)).map(move |_| {
-        seq += 1;
-        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
-        if sent.len() >= 64 {
-            sent.pop_front();
-        }
-        sent.push_back((seq, Instant::now()));
-        Beat {
-            generation,
-            seq,
-            role: "primary".into(),
-            echo_seq: 0,
-        }
-    })
-}
-
-/// The fenced marker path (for tools and tests).
-pub fn fenced_marker(state_dir: &Path) -> PathBuf {
-    state_dir.join(FENCED_FILE)
 }

@@ -7,26 +7,47 @@ use understudy_common::wire;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::replication_server::Replication;
 use understudy_proto::{
-    Beat, EpochChunk, GoodbyeRequest, HandoverReply, HandoverRequest, HelloRequest,
-    PROTOCOL_VERSION, ProbeRequest,
+    EpochChunk, GoodbyeRequest, HandoverReply, HandoverRequest, HelloRequest, PROTOCOL_VERSION,
+    PreviousRun, ProbeRequest,
 };
 
+use understudy_common::heartbeat::SessionKey;
+use understudy_common::ids::Incarnation;
+
+use crate::host_state::RunRecord;
 use crate::{PrimaryError, PrimaryOptions};
 
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a Hello may take (the backup may resume a lost VM first).
+const PEER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long telling the backup of a clean stop may take, connection included
 /// (a backup that is gone or frozen must not hold the primary's exit up).
 const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a handover may take (the backup maps its image and restores).
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A call to the backup that did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("bad backup address")]
+    Endpoint(#[source] tonic::transport::Error),
+    #[error("TLS setup failed")]
+    Tls(#[source] wire::TlsError),
+    #[error("cannot reach the backup")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the backup answered {}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
 /// The one place channels to the backup are built (mutual TLS unless the
 /// configuration says insecure).
-pub(crate) fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PrimaryError> {
+pub(crate) fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PeerError> {
     let addr = opts.backup;
     let mut endpoint =
         Endpoint::from_shared(format!("{}://{addr}", wire::scheme(opts.tls.is_some())))
-            .map_err(|e| PrimaryError::Replication(e.to_string()))?
+            .map_err(PeerError::Endpoint)?
             .connect_timeout(wire::CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .initial_stream_window_size(wire::STREAM_WINDOW)
@@ -36,47 +57,93 @@ pub(crate) fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PrimaryError> 
             .backup_name
             .clone()
             .unwrap_or_else(|| addr.ip().to_string());
-        let config = tls
-            .client(&server_name)
-            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
-        endpoint = endpoint
-            .tls_config(config)
-            .map_err(|e| PrimaryError::Tls(wire::chain(&e)))?;
+        let config = tls.client(&server_name).map_err(PeerError::Tls)?;
+        endpoint = endpoint.tls_config(config).map_err(PeerError::Endpoint)?;
     }
     Ok(endpoint)
+}
+
+/// A connected channel to the backup, within the connect timeout.
+async fn connect(opts: &PrimaryOptions) -> Result<Channel, PeerError> {
+    match tokio::time::timeout(wire::CONNECT_TIMEOUT, endpoint(opts)?.connect()).await {
+        Ok(result) => result.map_err(PeerError::Connect),
+        Err(_) => Err(PeerError::Timeout(wire::CONNECT_TIMEOUT)),
+    }
 }
 
 /// What the backup said to a Hello.
 pub(crate) enum HelloOutcome {
     Accepted(ReplicationClient<Channel>),
     Deposed(u64),
+    /// The backup holds another VM this primary would boot over: an
+    /// operator decides; the primary waits.
+    HoldsVm(String),
     Refused(String),
     Unreachable(String),
 }
 
-pub(crate) async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) -> HelloOutcome {
-    let channel = match endpoint(opts) {
-        Ok(e) => match e.connect().await {
-            Ok(c) => c,
-            Err(e) => return HelloOutcome::Unreachable(e.to_string()),
-        },
-        Err(e) => return HelloOutcome::Unreachable(e.to_string()),
+/// One replication session's identity, as the primary opens it.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionOffer {
+    pub id: u64,
+    pub generation: u64,
+    pub incarnation: Incarnation,
+    /// Only before the VM boots: what this host ran before.
+    pub previous: Option<RunRecord>,
+    pub key: SessionKey,
+}
+
+impl SessionOffer {
+    /// A new session (random id and heartbeat key).
+    pub(crate) fn new(
+        generation: u64,
+        incarnation: Incarnation,
+        previous: Option<RunRecord>,
+    ) -> Result<Self, PrimaryError> {
+        let key = SessionKey::random().ok_or(PrimaryError::NoRandomness)?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|_| PrimaryError::NoRandomness)?;
+        Ok(Self {
+            id: u64::from_le_bytes(id) | 1,
+            generation,
+            incarnation,
+            previous,
+            key,
+        })
+    }
+}
+
+pub(crate) async fn hello(opts: &PrimaryOptions, offer: &SessionOffer) -> HelloOutcome {
+    let channel = match connect(opts).await {
+        Ok(c) => c,
+        Err(e) => return HelloOutcome::Unreachable(wire::chain(&e)),
     };
     let mut client = ReplicationClient::new(channel);
+    let generation = offer.generation;
     let req = HelloRequest {
         protocol_version: PROTOCOL_VERSION,
         vm_id: opts.vm_id.clone(),
         generation,
         ram_bytes: opts.ram_bytes as u64,
-        session,
+        session: offer.id,
+        incarnation: offer.incarnation.raw(),
+        previous: offer.previous.map(|r| PreviousRun {
+            incarnation: r.incarnation.raw(),
+            state: r.state.to_proto(),
+        }),
+        heartbeat_key: bytes::Bytes::copy_from_slice(offer.key.as_bytes()),
     };
-    match client.hello(req).await {
-        Ok(_) => HelloOutcome::Accepted(client),
+    match tokio::time::timeout(PEER_CALL_TIMEOUT, client.hello(req)).await {
+        Err(_) => {
+            HelloOutcome::Unreachable(format!("no answer to Hello within {PEER_CALL_TIMEOUT:?}"))
+        }
+        Ok(Ok(_)) => HelloOutcome::Accepted(client),
         // Only the backup's deliberate answers refuse us for good (wrong VM,
         // RAM size or protocol); anything else, such as a TLS handshake the
         // backup broke off or a reset connection, is worth another try.
-        Err(status) => match wire::deposed_generation(&status) {
+        Ok(Err(status)) => match wire::deposed_generation(&status) {
             Some(g) if g > generation => HelloOutcome::Deposed(g),
+            _ if wire::is_holds_vm(&status) => HelloOutcome::HoldsVm(status.message().into()),
             _ if matches!(
                 status.code(),
                 tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
@@ -94,22 +161,17 @@ pub(crate) async fn hello(opts: &PrimaryOptions, generation: u64, session: u64) 
 
 pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
     let attempt = async {
-        let channel = endpoint(opts)
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
-        ReplicationClient::new(channel)
+        ReplicationClient::new(connect(opts).await?)
             .goodbye(GoodbyeRequest {
                 generation,
                 session,
             })
             .await
-            .map_err(|status| status.to_string())
+            .map_err(PeerError::Status)
     };
     match tokio::time::timeout(GOODBYE_TIMEOUT, attempt).await {
         Ok(Ok(_)) => tracing::info!("told the backup we stop on purpose"),
-        Ok(Err(why)) => tracing::warn!(%why, "goodbye not delivered"),
+        Ok(Err(e)) => tracing::warn!(error = %wire::chain(&e), "goodbye not delivered"),
         Err(_) => tracing::warn!(timeout = ?GOODBYE_TIMEOUT, "goodbye not delivered: no answer"),
     }
 }
@@ -154,15 +216,6 @@ impl Replication for RunsHere {
         self.deposed()
     }
 
-    type HeartbeatStream = Refused<Beat>;
-
-    async fn heartbeat(
-        &self,
-        _: tonic::Request<tonic::Streaming<Beat>>,
-    ) -> Result<tonic::Response<Self::HeartbeatStream>, tonic::Status> {
-        self.deposed()
-    }
-
     async fn goodbye(
         &self,
         _: tonic::Request<GoodbyeRequest>,
@@ -204,16 +257,9 @@ pub(crate) async fn handover(
     session: u64,
     epoch: u64,
 ) -> HandoverOutcome {
-    let connect = async {
-        endpoint(opts)?
-            .connect()
-            .await
-            .map_err(|e| PrimaryError::Replication(e.to_string()))
-    };
-    let channel = match tokio::time::timeout(wire::CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return HandoverOutcome::NotTaken(format!("cannot reach the backup: {e}")),
-        Err(_) => return HandoverOutcome::NotTaken("cannot reach the backup: timed out".into()),
+    let channel = match connect(opts).await {
+        Ok(c) => c,
+        Err(e) => return HandoverOutcome::NotTaken(wire::chain(&e)),
     };
     let mut client = ReplicationClient::new(channel);
     let request = client.handover(HandoverRequest {
@@ -234,21 +280,20 @@ pub(crate) async fn handover(
     }
 }
 
-pub(crate) async fn probe(opts: &PrimaryOptions, generation: u64) -> Result<(u64, String), String> {
+/// Who answers at the backup's address: its generation and role.
+pub(crate) async fn probe(
+    opts: &PrimaryOptions,
+    generation: u64,
+) -> Result<(u64, String), PeerError> {
     let attempt = async {
-        let channel = endpoint(opts)
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = ReplicationClient::new(channel)
+        let reply = ReplicationClient::new(connect(opts).await?)
             .probe(ProbeRequest { generation })
             .await
-            .map_err(|s| s.to_string())?
+            .map_err(PeerError::Status)?
             .into_inner();
         Ok((reply.generation, reply.role))
     };
     tokio::time::timeout(PROBE_TIMEOUT, attempt)
         .await
-        .map_err(|_| "probe timed out".to_string())?
+        .map_err(|_| PeerError::Timeout(PROBE_TIMEOUT))?
 }

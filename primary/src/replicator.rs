@@ -9,15 +9,44 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::PAGE_SIZE;
-use understudy_checkpoint::epoch::{EpochKind, SenderState};
+use understudy_checkpoint::epoch::{EncodeError, EpochKind, SenderState};
 use understudy_common::console::ConsoleLog;
+use understudy_common::fault;
+use understudy_common::ids::RunState;
 use understudy_common::payload::CheckpointPayload;
-use understudy_common::role::SwitchoverResponder;
 use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
-use understudy_vmm::{Vm, VmEnd};
+use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::peer::{HandoverOutcome, handover, say_goodbye};
-use crate::{MAX_SYNC_ROUNDS, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared};
+use crate::{
+    MAX_SYNC_ROUNDS, Phase, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared,
+    SwitchoverResponder,
+};
+
+/// A failure inside the primary that it cannot carry on from. It ends the
+/// primary like a crash: no goodbye (the backup promotes), a non-zero exit
+/// (systemd restarts the host, which then rejoins as the backup).
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    #[error("cannot pause the VM")]
+    Pause(#[source] VmError),
+    #[error("cannot read the dirty log")]
+    DirtyLog(#[source] VmError),
+    #[error("cannot capture the VM's state")]
+    Capture(#[source] VmError),
+    #[error("cannot resume the VM")]
+    Resume(#[source] VmError),
+    #[error("cannot encode the VM's state")]
+    EncodeState(#[source] understudy_vmm::state::StateError),
+    #[error("cannot encode the checkpoint")]
+    Encode(#[source] EncodeError),
+    #[error("injected fault ({0})")]
+    Fault(&'static str),
+}
+
+fn fault_point(point: &'static str) -> Result<(), InternalError> {
+    fault::check(point).map_err(InternalError::Fault)
+}
 
 /// How long a checkpoint may wait for its ack before the session counts as
 /// broken (a backup that is slow but alive acks well within it).
@@ -46,6 +75,8 @@ enum SessionEnd {
     VmEnded(VmEnd),
     /// A switchover: the backup runs the VM now.
     HandedOver,
+    /// The primary cannot go on (see [`InternalError`]).
+    Failed(InternalError),
 }
 
 impl Replicator {
@@ -76,18 +107,27 @@ impl Replicator {
     }
 
     pub(crate) fn run(mut self) {
-        let end = self.main_loop();
-        // A clean stop or a guest that ended by itself: tell the backup not to
-        // promote, while the session is still up. A fenced primary says
-        // nothing, nor one that handed the VM over.
-        if self.shared.fenced_by.load(Ordering::Acquire) == 0
-            && self.shared.handed_over.load(Ordering::Acquire) == 0
-            && let Some(session) = self.last_session
-        {
-            let opts = self.shared.opts.clone();
-            let generation = self.shared.generation;
-            self.runtime
-                .block_on(say_goodbye(&opts, generation, session));
+        let end = match self.main_loop() {
+            Ok(end) => end,
+            Err(e) => {
+                // Like a crash: no goodbye, so the backup promotes.
+                tracing::error!(error = %understudy_common::wire::chain(&e), "the primary cannot go on: ending like a crash, the backup takes over");
+                self.shared.fail(e);
+                None
+            }
+        };
+        // A clean stop or a guest that ended by itself: the VM is stopped on
+        // purpose (recorded first, so a restart boots anew), and the backup
+        // is told not to promote while the session is still up. A fenced or
+        // failed primary says nothing, nor one that handed the VM over.
+        if self.shared.phase() == Phase::Stopping || end.is_some() {
+            self.shared.record(RunState::Stopped);
+            if let Some(session) = self.last_session {
+                let opts = self.shared.opts.clone();
+                let generation = self.shared.generation;
+                self.runtime
+                    .block_on(say_goodbye(&opts, generation, session));
+            }
         }
         let vm = self.vm.take();
         if let Some(vm) = vm {
@@ -106,13 +146,13 @@ impl Replicator {
         self.shared.done.cancel();
     }
 
-    fn main_loop(&mut self) -> Option<VmEnd> {
+    fn main_loop(&mut self) -> Result<Option<VmEnd>, InternalError> {
         loop {
-            if self.shared.stopping() {
-                return None;
+            if self.shared.phase().ending() {
+                return Ok(None);
             }
             if let Some(end) = self.vm().ended() {
-                return Some(end);
+                return Ok(Some(end));
             }
             let Some(link) = self.current_session() else {
                 self.idle();
@@ -121,8 +161,9 @@ impl Replicator {
             self.drain_output_unprotected();
             match self.run_session(&link) {
                 SessionEnd::Broken => link.broken.store(true, Ordering::Release),
-                SessionEnd::Stop | SessionEnd::HandedOver => return None,
-                SessionEnd::VmEnded(end) => return Some(end),
+                SessionEnd::Stop | SessionEnd::HandedOver => return Ok(None),
+                SessionEnd::VmEnded(end) => return Ok(Some(end)),
+                SessionEnd::Failed(e) => return Err(e),
             }
         }
     }
@@ -187,30 +228,30 @@ impl Replicator {
         let mut sender =
             match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
                 Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the sender");
-                    return SessionEnd::Stop;
-                }
+                Err(e) => return SessionEnd::Failed(InternalError::Encode(e)),
             };
         // Clear the dirty log, then copy everything while the guest runs: any
         // page written after the clear is dirty again for the next round.
         if let Err(e) = self.vm().harvest_dirty() {
-            tracing::error!(error = %e, "cannot clear the dirty log");
-            return SessionEnd::Stop;
+            return SessionEnd::Failed(InternalError::DirtyLog(e));
         }
         let all: Vec<u32> = (0..ram_pages).collect();
-        if !self.sync_round(link, &mut sender, &all, 1) {
-            return SessionEnd::Broken;
+        match self.sync_round(link, &mut sender, &all, 1) {
+            Ok(true) => {}
+            Ok(false) => return SessionEnd::Broken,
+            Err(e) => return SessionEnd::Failed(e),
         }
         for round in 2..=MAX_SYNC_ROUNDS {
             let dirty = match self.vm().harvest_dirty() {
                 Ok(d) => d,
-                Err(_) => break,
+                Err(e) => return SessionEnd::Failed(InternalError::DirtyLog(e)),
             };
             let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
             tracing::debug!(round, pages = pages.len(), "sync round");
-            if !self.sync_round(link, &mut sender, &pages, round) {
-                return SessionEnd::Broken;
+            match self.sync_round(link, &mut sender, &pages, round) {
+                Ok(true) => {}
+                Ok(false) => return SessionEnd::Broken,
+                Err(e) => return SessionEnd::Failed(e),
             }
             if pages.len() <= SYNC_CONVERGED_PAGES {
                 break;
@@ -227,7 +268,7 @@ impl Replicator {
             }
             if !protected {
                 if !self.wait_acked(link, self.next_epoch - 1) {
-                    return if self.shared.stopping() {
+                    return if self.shared.phase().ending() {
                         SessionEnd::Stop
                     } else {
                         SessionEnd::Broken
@@ -235,6 +276,9 @@ impl Replicator {
                 }
                 protected = true;
                 self.shared.releaser.session_protected();
+                // Everything released from here on waits for acks: the
+                // backup's image is the newest state clients can have seen.
+                self.shared.record(RunState::Protected);
                 self.last_session = Some(link.id);
                 self.shared.stats.protected.store(true, Ordering::Release);
                 self.shared.stats.set_state("protected");
@@ -244,7 +288,7 @@ impl Replicator {
                     "VM protected"
                 );
             }
-            if self.shared.stop.load(Ordering::Acquire) {
+            if self.shared.phase() == Phase::Stopping {
                 // Graceful stop: the last checkpoint is acked; its output is
                 // out (a backup that does not answer in time is not waited for).
                 self.wait_acked_for(link, self.next_epoch - 1, STOP_ACK_TIMEOUT);
@@ -258,7 +302,7 @@ impl Replicator {
             // Back-pressure: at most max_in_flight epochs unacked.
             let oldest_allowed = (self.next_epoch - 1).saturating_sub(opts.max_in_flight);
             if !self.wait_acked(link, oldest_allowed) {
-                return if self.shared.stopping() {
+                return if self.shared.phase().ending() {
                     SessionEnd::Stop
                 } else {
                     SessionEnd::Broken
@@ -271,7 +315,7 @@ impl Replicator {
             } else {
                 next_tick = now;
             }
-            if self.shared.stopping() && self.shared.fenced_by.load(Ordering::Acquire) != 0 {
+            if matches!(self.shared.phase(), Phase::Fenced(_)) {
                 return SessionEnd::Stop;
             }
         }
@@ -313,7 +357,7 @@ impl Replicator {
         let final_bytes = self.shared.stats.bytes_shipped.load(Ordering::Relaxed) - bytes_before;
         let epoch = self.next_epoch - 1;
         if !self.wait_acked(link, epoch) {
-            if self.shared.fenced_by.load(Ordering::Acquire) != 0 {
+            if matches!(self.shared.phase(), Phase::Fenced(_)) {
                 fail(responder, "deposed during the switchover".into());
                 return Some(SessionEnd::Stop);
             }
@@ -327,12 +371,18 @@ impl Replicator {
         let opts = self.shared.opts.clone();
         let generation = self.shared.generation;
         // From here the backup's promotion is the expected outcome.
-        self.shared.handing_over.send_replace(true);
+        if !self.shared.begin_handover() {
+            fail(responder, "the primary is stopping".into());
+            return Some(SessionEnd::Stop);
+        }
         let outcome = self
             .runtime
             .block_on(handover(&opts, generation, link.id, epoch));
-        let seen = self.shared.seen_while_handing_over.load(Ordering::Acquire);
-        let not_handing_over = || self.shared.handing_over.send_replace(false);
+        let seen = match self.shared.phase() {
+            Phase::HandingOver { seen } => seen,
+            _ => 0,
+        };
+        let not_handing_over = || self.shared.end_handover(None);
         let reply = match outcome {
             HandoverOutcome::Done(reply) => reply,
             // The answer says no, yet the backup was seen promoted: it runs
@@ -368,10 +418,8 @@ impl Replicator {
             }
         };
         let downtime = started.elapsed();
-        self.shared
-            .handed_over
-            .store(reply.generation, Ordering::Release);
-        not_handing_over();
+        self.shared.end_handover(Some(reply.generation));
+        self.shared.record(RunState::Gone);
         self.shared.stats.metrics.switchovers.inc();
         self.shared
             .stats
@@ -418,7 +466,7 @@ impl Replicator {
             .wait_timeout_while(guard, timeout, |acked| {
                 *acked < epoch + 1
                     && !link.broken.load(Ordering::Acquire)
-                    && self.shared.fenced_by.load(Ordering::Acquire) == 0
+                    && !matches!(self.shared.phase(), Phase::Fenced(_))
                     && Instant::now() < deadline
             })
             .unwrap_or_else(|p| p.into_inner());
@@ -432,27 +480,24 @@ impl Replicator {
         sender: &mut SenderState,
         pages: &[u32],
         round: usize,
-    ) -> bool {
+    ) -> Result<bool, InternalError> {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
-        let Ok(mut enc) = sender.begin(epoch, EpochKind::SyncRound) else {
-            return false;
-        };
+        let mut enc = sender
+            .begin(epoch, EpochKind::SyncRound)
+            .map_err(InternalError::Encode)?;
         for (i, &p) in pages.iter().enumerate() {
-            if self
+            let vm = self
                 .vm
                 .as_ref()
-                .map(|vm| vm.ram().copy_page(p as usize, &mut self.page))
-                .is_none()
-            {
-                return false;
-            }
-            if enc.add_page(p, &self.page).is_err() {
-                return false;
-            }
+                .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+            vm.ram()
+                .copy_page(p as usize, &mut self.page)
+                .map_err(|e| InternalError::Capture(e.into()))?;
+            enc.add_page(p, &self.page).map_err(InternalError::Encode)?;
             if i % STREAM_EVERY_PAGES == STREAM_EVERY_PAGES - 1 {
                 if !self.send(link, enc.take_chunks()) {
-                    return false;
+                    return Ok(false);
                 }
                 // Unprotected output goes out during a long sync too.
                 self.drain_output_unprotected();
@@ -465,18 +510,14 @@ impl Replicator {
                 ));
             }
         }
-        match enc.finish(&[]) {
-            Ok(encoded) => {
-                self.shared
-                    .stats
-                    .bytes_shipped
-                    .fetch_add(encoded.report.bytes_out, Ordering::Relaxed);
-                self.shared.sent.store(epoch + 1, Ordering::Release);
-                self.shared.record_lag(*self.shared.acked_plus_one());
-                self.send(link, encoded.chunks)
-            }
-            Err(_) => false,
-        }
+        let encoded = enc.finish(&[]).map_err(InternalError::Encode)?;
+        self.shared
+            .stats
+            .bytes_shipped
+            .fetch_add(encoded.report.bytes_out, Ordering::Relaxed);
+        self.shared.sent.store(epoch + 1, Ordering::Release);
+        self.shared.record_lag(*self.shared.acked_plus_one());
+        Ok(self.send(link, encoded.chunks))
     }
 
     /// Takes and ships one checkpoint. `Ok(false)`: the session broke.
@@ -488,18 +529,19 @@ impl Replicator {
     ) -> Result<bool, SessionEnd> {
         let epoch = self.next_epoch;
         let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
+        let ended_or = |vm: &Vm, e: InternalError| match vm.ended() {
+            Some(end) => SessionEnd::VmEnded(end),
+            None => SessionEnd::Failed(e),
+        };
         let started = Instant::now();
-        if let Err(e) = vm.pause() {
-            return Err(match vm.ended() {
-                Some(end) => SessionEnd::VmEnded(end),
-                None => {
-                    tracing::error!(error = %e, "cannot pause the VM");
-                    SessionEnd::Stop
-                }
-            });
+        if let Err(e) =
+            fault_point("primary.pause").and_then(|()| vm.pause().map_err(InternalError::Pause))
+        {
+            return Err(ended_or(vm, e));
         }
         let captured = (|| {
-            let dirty = vm.harvest_dirty()?;
+            fault_point("primary.dirty_log")?;
+            let dirty = vm.harvest_dirty().map_err(InternalError::DirtyLog)?;
             let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
             self.staging.resize(pages.len() * PAGE_SIZE, 0);
             for (i, &p) in pages.iter().enumerate() {
@@ -507,34 +549,34 @@ impl Replicator {
                     [i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
                     .try_into()
                     .unwrap_or_else(|_| unreachable!("a page-sized slice"));
-                vm.ram().copy_page(p as usize, page)?;
+                vm.ram()
+                    .copy_page(p as usize, page)
+                    .map_err(|e| InternalError::Capture(e.into()))?;
             }
-            let state = vm.save_state(false)?;
-            Ok::<_, understudy_vmm::VmError>((pages, state))
+            fault_point("primary.capture")?;
+            let state = vm.save_state(false).map_err(InternalError::Capture)?;
+            Ok::<_, InternalError>((pages, state))
         })();
         // Output up to the pause belongs to this epoch.
         let bytes: Vec<u8> = self.output.try_iter().collect();
         let end_offset = self.log.append(&bytes);
-        let resumed = if leave_paused { Ok(()) } else { vm.resume() };
+        let resumed = if leave_paused {
+            Ok(())
+        } else {
+            vm.resume().map_err(InternalError::Resume)
+        };
         let pause = started.elapsed();
         let (pages, state) = match (captured, resumed) {
             (Ok(c), Ok(())) => c,
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(error = %e, "checkpoint capture failed");
-                return Err(match vm.ended() {
-                    Some(end) => SessionEnd::VmEnded(end),
-                    None => SessionEnd::Stop,
-                });
-            }
+            (Err(e), _) | (_, Err(e)) => return Err(ended_or(vm, e)),
         };
         self.next_epoch += 1;
         let (console_offset, console_out) = self.log.unreleased();
-        let vm_state = match state.encode() {
+        let vm_state = match fault_point("primary.encode")
+            .and_then(|()| state.encode().map_err(InternalError::EncodeState))
+        {
             Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode VM state");
-                return Err(SessionEnd::Stop);
-            }
+            Err(e) => return Err(SessionEnd::Failed(e)),
         };
         let payload = CheckpointPayload {
             vm_state,
@@ -548,27 +590,19 @@ impl Replicator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back((epoch, started));
-        let mut enc = match sender.begin(epoch, EpochKind::Checkpoint) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode checkpoint");
-                return Ok(false);
+        let encode = |sender: &mut SenderState, staging: &[u8]| {
+            let mut enc = sender.begin(epoch, EpochKind::Checkpoint)?;
+            for (i, &p) in pages.iter().enumerate() {
+                let page: &[u8; PAGE_SIZE] = staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("a page-sized slice"));
+                enc.add_page(p, page)?;
             }
+            enc.finish(&payload)
         };
-        for (i, &p) in pages.iter().enumerate() {
-            let page: &[u8; PAGE_SIZE] = self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("a page-sized slice"));
-            if enc.add_page(p, page).is_err() {
-                return Ok(false);
-            }
-        }
-        let encoded = match enc.finish(&payload) {
+        let encoded = match encode(sender, &self.staging) {
             Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot finish checkpoint");
-                return Ok(false);
-            }
+            Err(e) => return Err(SessionEnd::Failed(InternalError::Encode(e))),
         };
         self.shared.stats.record_epoch(
             pause,

@@ -149,11 +149,11 @@ insecure = true
     }
 
     pub fn spawn_with_env(&self, role: &str, overrides: &[&str], env: &[(&str, String)]) -> Child {
-        let log = std::fs::File::create(self.dir.path().join(format!(
-            "{role}-{}.log",
-            Instant::now().elapsed().as_nanos()
-        )))
-        .unwrap();
+        // One log per daemon run, in start order.
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{role}-{run:03}.log"))).unwrap();
         let mut cmd = Command::new(DAEMON);
         cmd.arg(role).arg("--config").arg(&self.config);
         for o in overrides {
@@ -367,6 +367,14 @@ impl Lines {
         })
     }
 
+    /// Connects and follows output from now on.
+    pub async fn connect_now(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self {
+            client: ResumingClient::connect_now(addr).await?,
+            partial: Vec::new(),
+        })
+    }
+
     /// Offset of the next byte (after any partial line).
     pub fn offset(&self) -> u64 {
         self.client.offset - self.partial.len() as u64
@@ -395,9 +403,16 @@ impl Lines {
         }
     }
 
-    /// Reconnects to `addr` where this client left off (partial line kept).
+    /// Reconnects to `addr` where this client left off (partial line kept;
+    /// input the VM there has not taken is sent again).
     pub async fn reconnect(&mut self, addr: SocketAddr) -> std::io::Result<()> {
-        self.client = ResumingClient::connect(addr, self.client.offset).await?;
-        Ok(())
+        self.client.reconnect(addr).await
     }
+}
+
+/// Flips one bit of byte `at` in the file at `path` (on-disk damage).
+pub fn flip_bit(path: &std::path::Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x10;
+    std::fs::write(path, &bytes).unwrap();
 }

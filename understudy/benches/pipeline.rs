@@ -21,6 +21,7 @@ use understudy::daemon::Role;
 use understudy::pair::LocalPair;
 use understudy_bench::{Report, Table, XorShift, num, real_memory};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
+use understudy_common::heartbeat::{Beater, SessionKey};
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
 
@@ -67,6 +68,7 @@ struct Session {
     acks: tonic::Streaming<understudy_proto::Ack>,
     sender: SenderState,
     id: u64,
+    _beater: Beater,
     /// Time spent encoding, and the backup's stage+commit time from acks.
     encode: Duration,
     commit_us: u64,
@@ -80,12 +82,16 @@ impl Session {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let key = SessionKey::random().unwrap();
         let hello = HelloRequest {
             protocol_version: PROTOCOL_VERSION,
             vm_id: "bench".into(),
             generation: 1,
             ram_bytes: RAM as u64,
             session: id,
+            incarnation: 0xbe4c,
+            previous: None,
+            heartbeat_key: key.as_bytes().to_vec().into(),
         };
         client.hello(hello).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -95,25 +101,14 @@ impl Session {
             .unwrap()
             .into_inner();
         // Heartbeats, as a real primary sends them (or the backup promotes).
-        let mut seq = 0;
-        let tick = tokio::time::interval(Duration::from_millis(10));
-        let beats = tokio_stream::wrappers::IntervalStream::new(tick).map(move |_| {
-            seq += 1;
-            understudy_proto::Beat {
-                generation: 1,
-                seq,
-                role: "primary".into(),
-                echo_seq: 0,
-            }
-        });
-        let mut echoes = client.heartbeat(beats).await.unwrap().into_inner();
-        tokio::spawn(async move { while let Some(Ok(_)) = echoes.next().await {} });
+        let beater = Beater::start(addr, id, key, Duration::from_millis(10)).unwrap();
         let sender = SenderState::new("bench", PAGES, 1, policy).unwrap();
         Self {
             tx,
             acks,
             sender,
             id,
+            _beater: beater,
             encode: Duration::ZERO,
             commit_us: 0,
         }

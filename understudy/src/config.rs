@@ -530,6 +530,7 @@ impl Config {
             handover_unavailable: self.switchover_unavailable(),
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
+            primary_releases_alone: self.backup_loss == BackupLoss::KeepRunning,
             fsync: self.fsync,
             tls: self.tls_files(),
         })

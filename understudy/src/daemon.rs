@@ -104,6 +104,9 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
         }
         let addrs = config.host(home);
         let stats = Arc::new(Stats::new(&config.name, role.name(), String::new(), 0));
+        if let Some(faults) = understudy_common::fault::describe() {
+            tracing::warn!(%faults, "fault injection is armed ({}): for tests only", understudy_common::fault::ENV);
+        }
         if config.tls.insecure {
             tracing::warn!(
                 "tls.insecure = true: replication and control run in plaintext; guest memory crosses the network unencrypted"
@@ -133,7 +136,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                 .map_err(anyhow::Error::msg)?
                 .add_service(ControlServer::new(ControlService {
                     stats: stats.clone(),
-                    switchover: host.switchover.clone(),
+                    operator: host.operator.clone(),
                 }))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(control),

@@ -77,10 +77,13 @@ impl Write for ConsoleWriter {
     }
 }
 
-/// The COM1 UART plus console input that did not fit its 64-byte FIFO yet.
+/// The COM1 UART plus console input that did not fit its 64-byte FIFO yet,
+/// and the count of input bytes taken since boot (the console's input
+/// offset, saved with the device).
 pub struct SerialDevice {
     uart: Serial<IrqLine, NoEvents, ConsoleWriter>,
     pending_input: VecDeque<u8>,
+    input_total: u64,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -96,13 +99,26 @@ impl SerialDevice {
         Self {
             uart: Serial::new(irq, out),
             pending_input: VecDeque::new(),
+            input_total: 0,
         }
     }
 
     /// Queues console input for the guest.
     pub fn enqueue_input(&mut self, bytes: &[u8]) {
         self.pending_input.extend(bytes);
+        self.input_total += bytes.len() as u64;
         self.refill_fifo();
+    }
+
+    /// Whether the device has room for more console input (the vCPU takes
+    /// the next chunk only then: back-pressure to the console's clients).
+    pub fn wants_input(&self) -> bool {
+        self.pending_input.len() < crate::state::PENDING_INPUT_LOW
+    }
+
+    /// Console input bytes taken since boot.
+    pub fn input_total(&self) -> u64 {
+        self.input_total
     }
 
     fn refill_fifo(&mut self) {
@@ -150,6 +166,7 @@ impl Persist for SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
             pending_input: self.pending_input.iter().copied().collect(),
+            input_total: self.input_total,
         })
     }
 
@@ -184,6 +201,7 @@ impl Persist for SerialDevice {
         Ok(Self {
             uart,
             pending_input: state.pending_input.iter().copied().collect(),
+            input_total: state.input_total,
         })
     }
 }
@@ -279,6 +297,7 @@ mod tests {
         let mut got = vec![dev.read(0)];
         let saved = dev.save().unwrap();
         assert_eq!(saved.in_buffer.len() + saved.pending_input.len(), 99);
+        assert_eq!(saved.input_total, 100, "every byte taken counts");
 
         let (tx, _rx2) = crossbeam_channel::unbounded();
         let evt2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -24,5 +24,5 @@ pub use dirty::DirtyBitmap;
 pub use loader::{BootEntry, BuiltinBoot, BuiltinGuest, Loader, RawCode};
 pub use memory::{GuestRam, PAGE_SIZE, RamBacking};
 pub use state::{Persist, VmState};
-pub use vcpu::{ConsoleInput, EndWatch, VmEnd};
+pub use vcpu::{ConsoleInput, EndWatch, InputRefused, VmEnd};
 pub use vm::{BootOptions, Console, Vm, VmError, open_kvm};

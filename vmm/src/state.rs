@@ -44,8 +44,11 @@ pub trait Persist: Sized {
 
 /// Magic at the start of every encoded VM state.
 pub const STATE_MAGIC: [u8; 8] = *b"USTDVMST";
-/// Current format version. Bump on any change to the types below.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Current format version. Bump on any change to the types below (2: the
+/// serial device counts the console input it has taken). Version 1 states
+/// are still read.
+pub const STATE_FORMAT_VERSION: u32 = 2;
+const OLDEST_READABLE_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Refuse absurd payload lengths before allocating (real states are ~12 KB).
 const MAX_PAYLOAD: u64 = 16 << 20;
@@ -60,7 +63,7 @@ pub enum StateError {
     #[error("not an understudy VM state (magic {found:02x?}, expected {STATE_MAGIC:02x?})")]
     BadMagic { found: [u8; 8] },
     #[error(
-        "VM state format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION}): \
+        "VM state format version {found} is not supported (this build reads versions {OLDEST_READABLE_VERSION} to {STATE_FORMAT_VERSION}): \
          restore it with the understudy release that wrote it"
     )]
     UnsupportedVersion { found: u32 },
@@ -120,6 +123,76 @@ pub struct SerialDeviceState {
     pub scratch: u8,
     pub in_buffer: Vec<u8>,
     pub pending_input: Vec<u8>,
+    /// Console input bytes the device has taken since the VM booted (the
+    /// FIFO and `pending_input` hold the last of them): the input offset a
+    /// resuming console client continues from.
+    pub input_total: u64,
+}
+
+/// Version 1 of the state, read for compatibility (postcard is not
+/// self-describing, so the old layout is spelled out).
+mod v1 {
+    use serde::Deserialize;
+
+    use super::{BuiltinBoot, KvmVmState, MemoryState, VcpuState};
+
+    #[derive(Deserialize)]
+    pub(super) struct VmState {
+        pub memory: MemoryState,
+        pub boot: Option<BuiltinBoot>,
+        pub vcpu: VcpuState,
+        pub kvm: KvmVmState,
+        pub devices: DeviceStates,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct DeviceStates {
+        pub serial: SerialDeviceState,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct SerialDeviceState {
+        pub baud_divisor_low: u8,
+        pub baud_divisor_high: u8,
+        pub interrupt_enable: u8,
+        pub interrupt_identification: u8,
+        pub line_control: u8,
+        pub line_status: u8,
+        pub modem_control: u8,
+        pub modem_status: u8,
+        pub scratch: u8,
+        pub in_buffer: Vec<u8>,
+        pub pending_input: Vec<u8>,
+    }
+
+    impl From<VmState> for super::VmState {
+        fn from(v: VmState) -> Self {
+            let s = v.devices.serial;
+            Self {
+                memory: v.memory,
+                boot: v.boot,
+                vcpu: v.vcpu,
+                kvm: v.kvm,
+                devices: super::DeviceStates {
+                    serial: super::SerialDeviceState {
+                        baud_divisor_low: s.baud_divisor_low,
+                        baud_divisor_high: s.baud_divisor_high,
+                        interrupt_enable: s.interrupt_enable,
+                        interrupt_identification: s.interrupt_identification,
+                        line_control: s.line_control,
+                        line_status: s.line_status,
+                        modem_control: s.modem_control,
+                        modem_status: s.modem_status,
+                        scratch: s.scratch,
+                        // Unknown before version 2: count what is queued.
+                        input_total: (s.in_buffer.len() + s.pending_input.len()) as u64,
+                        in_buffer: s.in_buffer,
+                        pending_input: s.pending_input,
+                    },
+                },
+            }
+        }
+    }
 }
 
 /// One vCPU: every register set KVM exposes for x86-64.
@@ -316,7 +389,7 @@ impl VmState {
             return Err(StateError::BadMagic { found: magic });
         }
         let version = u32::from_le_bytes(le4(field(8..12)));
-        if version != STATE_FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=STATE_FORMAT_VERSION).contains(&version) {
             return Err(StateError::UnsupportedVersion { found: version });
         }
         let claimed = u64::from_le_bytes(le8(field(12..20)));
@@ -331,7 +404,13 @@ impl VmState {
         if stored != computed {
             return Err(StateError::Checksum { stored, computed });
         }
-        let state: VmState = postcard::from_bytes(payload).map_err(StateError::Decode)?;
+        let state: VmState = if version == 1 {
+            postcard::from_bytes::<v1::VmState>(payload)
+                .map_err(StateError::Decode)?
+                .into()
+        } else {
+            postcard::from_bytes(payload).map_err(StateError::Decode)?
+        };
         state.validate()?;
         Ok(state)
     }
@@ -367,6 +446,26 @@ impl VmState {
         if self.vcpu.msrs.len() > kvm_bindings::KVM_MAX_MSR_ENTRIES {
             return invalid("msrs", format!("{} entries", self.vcpu.msrs.len()));
         }
+        let serial = &self.devices.serial;
+        if serial.pending_input.len() > MAX_PENDING_INPUT {
+            return invalid(
+                "serial pending input",
+                format!(
+                    "{} bytes, at most {MAX_PENDING_INPUT} are held",
+                    serial.pending_input.len()
+                ),
+            );
+        }
+        if serial.input_total < (serial.pending_input.len() + serial.in_buffer.len()) as u64 {
+            return invalid(
+                "serial input count",
+                format!(
+                    "{} bytes taken, fewer than the {} queued",
+                    serial.input_total,
+                    serial.pending_input.len() + serial.in_buffer.len()
+                ),
+            );
+        }
         if self.devices.serial.in_buffer.len() > SERIAL_FIFO_BYTES {
             return invalid(
                 "serial FIFO",
@@ -397,6 +496,14 @@ pub(crate) const LAPIC_BYTES: usize = 1024;
 pub(crate) const MAX_XCRS: usize = 16;
 /// vm-superio's receive FIFO size.
 pub(crate) const SERIAL_FIFO_BYTES: usize = 64;
+/// Console input the serial device holds beyond its FIFO at most: the vCPU
+/// takes more from the console only below this, so a client that writes
+/// faster than the guest reads is held back (its socket stops being read)
+/// instead of growing every checkpoint. Chunks of up to 4 KiB arrive whole,
+/// hence the slack.
+pub const MAX_PENDING_INPUT: usize = 16 << 10;
+/// Below this the vCPU takes the next chunk of console input.
+pub const PENDING_INPUT_LOW: usize = 4 << 10;
 
 // ---- conversions to and from KVM's structures --------------------------------
 
@@ -981,6 +1088,7 @@ pub(crate) mod tests {
                     scratch: 0,
                     in_buffer: b"GET".to_vec(),
                     pending_input: b" k\n".to_vec(),
+                    input_total: 6,
                 },
             },
         }
@@ -991,6 +1099,21 @@ pub(crate) mod tests {
         let state = sample_state();
         let bytes = state.encode().unwrap();
         assert_eq!(VmState::decode(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn a_version_1_state_is_read_with_its_queued_input_counted() {
+        let state = sample_state();
+        // Version 1 is version 2 without the trailing input counter.
+        let mut payload = postcard::to_stdvec(&state).unwrap();
+        payload.pop();
+        let mut bytes = STATE_MAGIC.to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let decoded = VmState::decode(&bytes).unwrap();
+        assert_eq!(decoded, state, "6 bytes queued = 6 taken");
     }
 
     #[test]

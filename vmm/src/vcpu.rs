@@ -221,12 +221,30 @@ impl EndWatch {
     }
 }
 
+/// Console input chunks queued for the vCPU at most: with the serial
+/// device's own bound, input a guest does not read backs up to the clients
+/// (their sockets stop being read) instead of growing without bound.
+const INPUT_QUEUE_CHUNKS: usize = 16;
+
+/// Why console input was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputRefused {
+    /// The guest has not read what it was given yet: try again shortly.
+    Full,
+    /// The VM has ended.
+    Ended,
+}
+
 /// Sends console input to the guest (cloneable; kicks the vCPU to take it).
 #[derive(Clone)]
 pub struct ConsoleInput {
     tx: Sender<Vec<u8>>,
     control: Arc<Control>,
     thread: libc::pthread_t,
+    /// Console input bytes queued here since this handle's VM started, plus
+    /// what the VM had taken before (a restored VM's count): the input
+    /// offset of the next byte.
+    next_offset: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for ConsoleInput {
@@ -236,13 +254,46 @@ impl std::fmt::Debug for ConsoleInput {
 }
 
 impl ConsoleInput {
-    /// Queues bytes for the guest's COM1. Returns false once the VM has ended.
+    /// Queues bytes for the guest's COM1, waiting while the queue is full.
+    /// Returns false once the VM has ended.
     pub fn send(&self, bytes: &[u8]) -> bool {
-        if self.tx.send(bytes.to_vec()).is_err() {
-            return false;
+        loop {
+            match self.try_send(bytes) {
+                Ok(()) => return true,
+                Err(InputRefused::Ended) => return false,
+                Err(InputRefused::Full) => std::thread::sleep(Duration::from_millis(1)),
+            }
         }
+    }
+
+    /// Queues bytes for the guest's COM1 if there is room.
+    pub fn try_send(&self, bytes: &[u8]) -> Result<(), InputRefused> {
+        match self.tx.try_send(bytes.to_vec()) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                let inner = self.control.lock();
+                // Make sure the vCPU looks at its queue.
+                kick(&self.control, &inner, self.thread);
+                return Err(InputRefused::Full);
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(InputRefused::Ended);
+            }
+        }
+        self.next_offset
+            .fetch_add(bytes.len() as u64, Ordering::AcqRel);
         let inner = self.control.lock();
-        kick(&self.control, &inner, self.thread)
+        if kick(&self.control, &inner, self.thread) {
+            Ok(())
+        } else {
+            Err(InputRefused::Ended)
+        }
+    }
+
+    /// The input offset the next byte sent here gets: every byte this VM
+    /// (and the VM it was restored from) took or has queued.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
     }
 }
 
@@ -294,7 +345,8 @@ impl VcpuHandle {
             changed: Condvar::new(),
             attention: AtomicBool::new(true),
         });
-        let (input_tx, input_rx) = crossbeam_channel::unbounded();
+        let (input_tx, input_rx) = crossbeam_channel::bounded(INPUT_QUEUE_CHUNKS);
+        let input_base = bus.serial.input_total();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
@@ -335,6 +387,7 @@ impl VcpuHandle {
             tx: input_tx,
             control,
             thread: pthread,
+            next_offset: Arc::new(std::sync::atomic::AtomicU64::new(input_base)),
         };
         Ok((handle, input))
     }
@@ -670,6 +723,21 @@ impl VcpuThread {
                 Err(e) if is_interrupted(&e) => {}
                 Err(e) => return VmEnd::Failed(format!("KVM_RUN: {e}")),
             }
+            // The guest read its input down: take the next chunks.
+            if self.bus.serial.wants_input() && !self.input.is_empty() {
+                self.take_input();
+            }
+        }
+    }
+
+    /// Moves console input from the queue into the serial device while it
+    /// has room (the rest waits in the queue, then in the clients' sockets).
+    fn take_input(&mut self) {
+        while self.bus.serial.wants_input() {
+            match self.input.try_recv() {
+                Ok(bytes) => self.bus.serial.enqueue_input(&bytes),
+                Err(_) => break,
+            }
         }
     }
 
@@ -692,9 +760,7 @@ impl VcpuThread {
             match inner.state {
                 RunState::Running => {
                     drop(inner);
-                    for bytes in self.input.try_iter() {
-                        self.bus.serial.enqueue_input(&bytes);
-                    }
+                    self.take_input();
                     return None;
                 }
                 RunState::StopRequested => return Some(VmEnd::Stopped),

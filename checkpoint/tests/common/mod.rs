@@ -165,7 +165,7 @@ pub fn synced_store(
 ) -> (SenderState, ImageStore) {
     let mut store =
         ImageStore::create(dir, "vm-test", model.mem.len() as u64, Default::default()).unwrap();
-    store.begin_sync(1).unwrap();
+    store.begin_sync(1, 7).unwrap();
     let mut sender = SenderState::new("vm-test", model.pages(), 1, policy).unwrap();
     let all: Vec<u32> = (0..model.pages()).collect();
     ship(

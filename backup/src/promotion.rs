@@ -1,0 +1,359 @@
+//! Promotion: the committed image becomes the running VM.
+//!
+//! ```text
+//!  checks (standby, trigger still holds) ─▶ image promotable (committed, not
+//!  retired, digest whole) ─▶ payload and VM state decode ─▶ RAM mapped from
+//!  memory.img ─▶ VM restored, paused ─▶ threads started
+//!        ── point of no return: the new generation is persisted ──
+//!  ─▶ console served from the checkpoint's offset ─▶ VM resumed
+//! ```
+//!
+//! Everything that can fail happens before the generation moves: a failed
+//! promotion leaves the image, the generation and the primary (if it lives)
+//! exactly as they were, so the VM still runs somewhere. Only the write of
+//! the new generation and the resume of a VM that never ran follow it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::StoreError;
+use understudy_common::fault;
+use understudy_common::ids::{Generation, Incarnation};
+use understudy_common::payload::{CheckpointPayload, PayloadError};
+use understudy_common::role::RunningVm;
+use understudy_vmm::{GuestRam, RamBacking, Vm, VmState};
+
+use crate::{Phase, Shared, Standby};
+
+/// What set off a promotion.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Trigger {
+    /// The primary was silent this long.
+    Silence(Duration),
+    /// The primary handed over after `epoch` of `session` (a switchover).
+    Handover { session: u64, epoch: u64 },
+    /// The primary's host restarted and lost the VM it protected.
+    Restart,
+    /// An operator asked (`understudyctl promote`).
+    Operator,
+}
+
+/// Why a promotion did not happen. Nothing changed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum PromotionError {
+    #[error("this host already runs the VM (generation {0})")]
+    AlreadyRunning(Generation),
+    #[error(
+        "the image does not hold epoch {epoch} of session {session:#x} as its committed \
+         checkpoint (committed: {committed:?}); the primary must resume and try again"
+    )]
+    HandoverMismatch {
+        epoch: u64,
+        session: u64,
+        committed: Option<u64>,
+    },
+    #[error("a primary is still heard (last {0:?} ago): promoting would run a second copy")]
+    PrimaryHeard(Duration),
+    #[error("the image cannot be resumed")]
+    NotPromotable(#[source] StoreError),
+    #[error("the committed checkpoint cannot be resumed")]
+    Payload(#[source] PayloadError),
+    #[error("the committed VM state cannot be resumed")]
+    VmState(#[source] understudy_vmm::state::StateError),
+    #[error("cannot open {path} as guest RAM")]
+    OpenRam {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map the image as guest RAM")]
+    Ram(#[source] understudy_vmm::memory::MemoryError),
+    #[error("cannot restore the VM")]
+    Restore(#[source] understudy_vmm::VmError),
+    #[error("cannot start a thread for the promoted VM")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot record generation {generation}: the VM stays here unpromoted")]
+    RecordGeneration {
+        generation: Generation,
+        #[source]
+        source: StoreError,
+    },
+    #[error("injected fault ({0})")]
+    Fault(&'static str),
+}
+
+/// A promotion that happened.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Promoted {
+    pub generation: Generation,
+    pub epoch: u64,
+    /// Promotion started → VM running.
+    pub resumed: Duration,
+}
+
+/// A VM restored and paused, not yet committed to: dropping it stops it.
+struct Prepared {
+    vm: Vm,
+    console: understudy_vmm::Console,
+    payload: CheckpointPayload,
+    epoch: u64,
+    incarnation: Option<Incarnation>,
+}
+
+fn prepare(standby: &Standby) -> Result<Prepared, PromotionError> {
+    let promotable = standby
+        .store
+        .promotable()
+        .map_err(PromotionError::NotPromotable)?;
+    let payload =
+        CheckpointPayload::decode(&promotable.device_state).map_err(PromotionError::Payload)?;
+    let vm_state = VmState::decode(&payload.vm_state).map_err(PromotionError::VmState)?;
+    let path = standby.store.memory_path();
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| PromotionError::OpenRam {
+            path: path.clone(),
+            source,
+        })?;
+    let ram = GuestRam::new(
+        vm_state.memory.size_bytes as usize,
+        RamBacking::SharedFile(file),
+    )
+    .map_err(PromotionError::Ram)?;
+    fault::check("backup.promote.restore").map_err(PromotionError::Fault)?;
+    let (vm, console) = Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
+    Ok(Prepared {
+        vm,
+        console,
+        payload,
+        epoch: promotable.epoch,
+        incarnation: Incarnation::from_raw(promotable.incarnation),
+    })
+}
+
+/// Promotes if `trigger` still calls for it (see the module doc). Returns
+/// None when it no longer does (a silence that lost a race with a new
+/// session or a handover): nothing changed.
+pub(crate) fn promote(
+    shared: &Arc<Shared>,
+    trigger: Trigger,
+) -> Result<Option<Promoted>, PromotionError> {
+    let started = Instant::now();
+    let mut state = shared.lock();
+    let standby = match &mut state.phase {
+        Phase::Standby(s) => s,
+        Phase::Promoted(_) | Phase::HandedOver(_) => {
+            return match trigger {
+                Trigger::Silence(_) => Ok(None),
+                _ => Err(PromotionError::AlreadyRunning(shared.generation())),
+            };
+        }
+    };
+    match trigger {
+        Trigger::Handover { session, epoch } => {
+            let committed = standby.store.committed_epoch();
+            let ours = standby
+                .session
+                .as_ref()
+                .is_some_and(|s| s.id == session && s.protected);
+            if !ours || committed != Some(epoch) {
+                return Err(PromotionError::HandoverMismatch {
+                    epoch,
+                    session,
+                    committed,
+                });
+            }
+        }
+        // The detector disarms before it asks; a new session or a goodbye
+        // since then means the silence is over.
+        Trigger::Silence(_) => {
+            let protected = standby
+                .session
+                .as_ref()
+                .is_some_and(|s| s.protected && !s.goodbye);
+            if !protected || standby.stale.is_some() {
+                return Ok(None);
+            }
+        }
+        Trigger::Operator => {
+            let since = shared.watch.since_heard();
+            if standby.session.is_some() && since < shared.opts.heartbeat_timeout {
+                return Err(PromotionError::PrimaryHeard(since));
+            }
+        }
+        Trigger::Restart => {}
+    }
+    let prepared = prepare(standby)?;
+    let new_generation = standby.generation.next();
+    // Start the helper threads before the point of no return (they only
+    // wait; a failure to start them changes nothing).
+    let log = shared.host.log.clone();
+    let serves_here = !(matches!(trigger, Trigger::Handover { .. })
+        || shared.opts.handover_unavailable.is_none());
+    let output_thread = if serves_here {
+        Some(start_console_output(
+            prepared.console.output.clone(),
+            log.clone(),
+        )?)
+    } else {
+        None
+    };
+    let watch = prepared.vm.end_watch();
+    let ended = shared.vm_ended.clone();
+    let watch_thread = if serves_here {
+        Some(
+            std::thread::Builder::new()
+                .name("vm-watch".into())
+                .spawn(move || {
+                    if let Some(end) = watch.wait(Duration::MAX) {
+                        ended.send_replace(Some(end));
+                    }
+                })
+                .map_err(PromotionError::Thread)?,
+        )
+    } else {
+        None
+    };
+    // ── Point of no return: the generation that fences the old primary. ──
+    if let Err(source) = standby.store.go_live(new_generation.0) {
+        // The VM never ran; dropping it stops it (and its threads end with
+        // its channels). The old generation stands.
+        drop(prepared);
+        drop((output_thread, watch_thread));
+        return Err(PromotionError::RecordGeneration {
+            generation: new_generation,
+            source,
+        });
+    }
+    let fenced = started.elapsed();
+    shared.set_generation(new_generation, true);
+    let Prepared {
+        vm,
+        console,
+        payload,
+        epoch,
+        incarnation,
+    } = prepared;
+    // Any partial epoch is dropped with the standby state: the image held
+    // exactly the last commit. The VM maps memory.img itself from here on.
+    shared.watch.arm(false);
+    shared.watch.set_session(None);
+    // Serve the output the primary may not have delivered, then the new output.
+    let host = &shared.host;
+    host.log.set_generation(new_generation.0);
+    host.log.restart_at(payload.console_offset);
+    host.log.append(&payload.console_out);
+    host.log.release_all();
+    host.log.set_raw_start(Some(payload.console_offset));
+    host.input.set(Some(console.input.clone()));
+    if let Err(e) = vm.resume() {
+        // A VM restored paused that never ran cannot normally fail to
+        // resume; if it does, the VM is lost here (the generation moved):
+        // say so loudly.
+        tracing::error!(error = %e, "the promoted VM did not resume");
+    }
+    let resumed = started.elapsed();
+    record(shared, trigger, epoch, new_generation, resumed, incarnation);
+    tracing::info!(
+        epoch,
+        generation = %new_generation,
+        ?trigger,
+        fence_us = fenced.as_micros() as u64,
+        resume_us = resumed.as_micros() as u64,
+        "promoted: VM running"
+    );
+    state.phase = if serves_here {
+        Phase::Promoted(Box::new(vm))
+    } else {
+        Phase::HandedOver(Some(Box::new(RunningVm {
+            vm,
+            output: console.output,
+            generation: new_generation,
+            incarnation,
+        })))
+    };
+    let handed_over = matches!(state.phase, Phase::HandedOver(_));
+    drop(state);
+    if handed_over {
+        shared.handed_over.cancel();
+    }
+    Ok(Some(Promoted {
+        generation: new_generation,
+        epoch,
+        resumed,
+    }))
+}
+
+fn start_console_output(
+    output: crossbeam_channel::Receiver<u8>,
+    log: Arc<understudy_common::console::ConsoleLog>,
+) -> Result<std::thread::JoinHandle<()>, PromotionError> {
+    std::thread::Builder::new()
+        .name("console-out".into())
+        .spawn(move || {
+            while let Ok(first) = output.recv() {
+                let mut bytes = vec![first];
+                bytes.extend(output.try_iter());
+                log.append(&bytes);
+                log.release_all();
+            }
+        })
+        .map_err(PromotionError::Thread)
+}
+
+fn record(
+    shared: &Shared,
+    trigger: Trigger,
+    epoch: u64,
+    generation: Generation,
+    resumed: Duration,
+    incarnation: Option<Incarnation>,
+) {
+    let stats = &shared.host.stats;
+    stats.generation.store(generation.0, Ordering::Release);
+    stats.set_role("primary");
+    stats.set_incarnation(incarnation);
+    stats.protected.store(false, Ordering::Release);
+    stats
+        .promotion_resume_us
+        .store(resumed.as_micros() as u64, Ordering::Relaxed);
+    let (detect, state) = match trigger {
+        Trigger::Handover { .. } => {
+            stats.metrics.switchovers.inc();
+            (
+                Duration::ZERO,
+                format!("took over from epoch {epoch} by handover"),
+            )
+        }
+        Trigger::Silence(silence) => {
+            stats.metrics.failovers.inc();
+            (
+                silence,
+                format!("promoted from epoch {epoch} after silence: running unprotected"),
+            )
+        }
+        Trigger::Restart => {
+            stats.metrics.failovers.inc();
+            (
+                Duration::ZERO,
+                format!(
+                    "promoted from epoch {epoch}: the primary's host restarted and lost the VM; running unprotected"
+                ),
+            )
+        }
+        Trigger::Operator => {
+            stats.metrics.failovers.inc();
+            (
+                Duration::ZERO,
+                format!("promoted from epoch {epoch} by an operator: running unprotected"),
+            )
+        }
+    };
+    stats.set_state(state);
+    stats
+        .promotion_detect_us
+        .store(detect.as_micros() as u64, Ordering::Relaxed);
+}

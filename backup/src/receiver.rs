@@ -1,0 +1,123 @@
+//! The epoch receiver: feeds the session's chunks to its decoder, commits
+//! each complete epoch to the image store, and acks it. A chunk counts as
+//! the primary's word only once the decoder accepted it for the current
+//! session. Any refusal ends the session (the primary resyncs); the image
+//! stays at its last commit, or, if a commit failed half way, is left
+//! unpromotable until the resync repairs it.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tonic::Status;
+use understudy_checkpoint::epoch::{EpochDecoder, Received};
+use understudy_checkpoint::{EpochError, EpochKind};
+use understudy_common::ids::Generation;
+use understudy_common::wire;
+use understudy_proto::{Ack, EpochChunk};
+
+use crate::{Phase, Shared};
+
+/// The one mapping from epoch errors to gRPC status.
+fn epoch_status(e: &EpochError) -> Status {
+    match e {
+        EpochError::StaleGeneration { image, .. } => wire::deposed(*image, wire::chain(e)),
+        EpochError::WrongVm { .. } | EpochError::WrongRamSize { .. } => {
+            Status::invalid_argument(wire::chain(e))
+        }
+        _ => Status::data_loss(format!(
+            "epoch refused, image kept at its last commit: {}",
+            wire::chain(e)
+        )),
+    }
+}
+
+/// Feeds one chunk to the session's decoder; commits and returns an ack
+/// when an epoch completes.
+pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
+    let started = Instant::now();
+    let mut state = shared.lock();
+    let standby = match &mut state.phase {
+        Phase::Standby(s) => s,
+        Phase::Promoted(_) | Phase::HandedOver(_) => {
+            return Err(shared.deposed(Generation(msg.generation)));
+        }
+    };
+    if Generation(msg.generation) < standby.generation {
+        return Err(shared.deposed(Generation(msg.generation)));
+    }
+    let Some(session) = standby
+        .session
+        .as_mut()
+        .filter(|s| s.id == msg.session && s.decoder.is_some())
+    else {
+        return Err(Status::failed_precondition(
+            "no such replication session: say Hello first",
+        ));
+    };
+    let Some(decoder) = session.decoder.as_mut() else {
+        return Err(Status::failed_precondition("no replication session"));
+    };
+    let received = decoder.push(&msg.chunk, &standby.store);
+    let staged = match received {
+        Ok(Received::NeedMore) => {
+            shared.watch.heard();
+            count_bytes(shared, &msg);
+            return Ok(None);
+        }
+        Ok(Received::Complete(staged)) => staged,
+        Err(e) => {
+            session.decoder = None;
+            return Err(epoch_status(&e));
+        }
+    };
+    shared.watch.heard();
+    count_bytes(shared, &msg);
+    let epoch = staged.header.epoch;
+    let checkpoint = staged.header.kind == EpochKind::Checkpoint;
+    let applied = understudy_common::fault::check("backup.apply")
+        .map_err(|point| format!("injected fault ({point})"))
+        .and_then(|()| standby.store.apply(&staged).map_err(|e| wire::chain(&e)));
+    if let Err(why) = applied {
+        session.decoder = None;
+        // A commit that failed half way leaves pages of the new epoch beside
+        // the old record: not promotable until the resync.
+        if let Err(e) = standby.store.promotable() {
+            shared.watch.arm(false);
+            shared
+                .host
+                .stats
+                .set_state(format!("image not promotable: {}", wire::chain(&e)));
+            shared.host.stats.protected.store(false, Ordering::Release);
+        }
+        tracing::error!(epoch, error = %why, "cannot commit the epoch; the session ends");
+        return Err(Status::internal(format!(
+            "cannot commit epoch {epoch}: {why}"
+        )));
+    }
+    session.decoder = Some(EpochDecoder::with_buffers(staged.recycle()));
+    if checkpoint {
+        session.protected = true;
+        // A checkpoint of a live session: the image is the newest state the
+        // primary may have released (whatever made it stale is over).
+        standby.stale = None;
+        shared.watch.arm(!session.goodbye);
+        shared.host.stats.protected.store(true, Ordering::Release);
+        shared.host.stats.set_last_epoch(epoch);
+        shared.host.stats.set_state("protecting");
+    }
+    shared.host.stats.epochs.fetch_add(1, Ordering::Relaxed);
+    shared.host.stats.metrics.epochs.inc();
+    Ok(Some(Ack {
+        epoch,
+        generation: standby.generation.0,
+        commit_micros: started.elapsed().as_micros() as u64,
+    }))
+}
+
+fn count_bytes(shared: &Shared, msg: &EpochChunk) {
+    shared
+        .host
+        .stats
+        .bytes_shipped
+        .fetch_add(msg.chunk.len() as u64, Ordering::Relaxed);
+}

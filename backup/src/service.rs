@@ -1,0 +1,314 @@
+//! The backup's gRPC Replication service: the primary's `Hello` (answered by
+//! `hello::decide`), the epoch stream (fed to `receiver`), `Goodbye`,
+//! `Probe` and `Handover`. Liveness is not here: heartbeats are datagrams
+//! the `watch` thread handles.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use understudy_checkpoint::epoch::EpochDecoder;
+use understudy_common::heartbeat::SessionKey;
+use understudy_common::ids::{Generation, Incarnation, RunState};
+use understudy_common::wire;
+use understudy_proto::replication_server::Replication;
+use understudy_proto::{
+    Ack, EpochChunk, GoodbyeReply, GoodbyeRequest, HandoverReply, HandoverRequest, HelloReply,
+    HelloRequest, PROTOCOL_VERSION, ProbeReply, ProbeRequest,
+};
+
+use crate::hello::{self, Claim, Decision, Facts, Kept};
+use crate::promotion::{self, Trigger};
+use crate::{Phase, Session, Shared};
+
+#[derive(Clone)]
+pub(crate) struct ReplicationService(pub(crate) Arc<Shared>);
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
+
+impl ReplicationService {
+    /// What the backup knows, for `hello::decide`.
+    fn facts(&self, phase: &Phase) -> Facts {
+        let shared = &self.0;
+        let (kept, heard) = match phase {
+            Phase::Standby(standby) => {
+                let kept = standby.store.promotable().ok().map(|p| Kept {
+                    incarnation: Incarnation::from_raw(p.incarnation),
+                    epoch: p.epoch,
+                });
+                let heard = standby.session.is_some()
+                    && shared.watch.since_heard() < shared.opts.heartbeat_timeout;
+                (kept, heard)
+            }
+            Phase::Promoted(_) | Phase::HandedOver(_) => (None, false),
+        };
+        Facts {
+            vm_id: shared.opts.vm_id.clone(),
+            ram_bytes: shared.opts.ram_bytes,
+            runs_here: !matches!(phase, Phase::Standby(_)),
+            generation: shared.generation(),
+            kept,
+            primary_heard: heard,
+        }
+    }
+
+    /// Starts a full sync for the caller's session.
+    fn start_sync(&self, req: &HelloRequest, incarnation: Incarnation) -> Result<(), Status> {
+        let shared = &self.0;
+        let key = SessionKey::from_bytes(&req.heartbeat_key).ok_or_else(|| {
+            Status::invalid_argument("the Hello carries no 32-byte heartbeat key")
+        })?;
+        let mut state = shared.lock();
+        let Phase::Standby(standby) = &mut state.phase else {
+            return Err(shared.deposed(Generation(req.generation)));
+        };
+        standby
+            .store
+            .begin_sync(req.generation, incarnation.raw())
+            .map_err(|e| Status::internal(format!("cannot start the sync: {}", wire::chain(&e))))?;
+        let buffers = match standby.session.take() {
+            Some(Session {
+                decoder: Some(d), ..
+            }) => d.into_buffers(),
+            _ => std::mem::take(&mut standby.buffers),
+        };
+        standby.generation = Generation(req.generation);
+        standby.stale = None;
+        standby.session = Some(Session {
+            id: req.session,
+            decoder: Some(EpochDecoder::with_buffers(buffers)),
+            protected: false,
+            goodbye: false,
+        });
+        shared.watch.arm(false);
+        shared.watch.set_session(Some((req.session, key)));
+        shared.set_generation(Generation(req.generation), false);
+        let stats = &shared.host.stats;
+        stats.set_incarnation(Some(incarnation));
+        stats.protected.store(false, Ordering::Release);
+        stats.set_state("syncing");
+        stats.link_up.store(true, Ordering::Release);
+        tracing::info!(
+            session = req.session,
+            generation = req.generation,
+            %incarnation,
+            "primary connected: full sync"
+        );
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let req = req.into_inner();
+        let shared = &self.0;
+        let previous = req.previous.as_ref().and_then(|p| {
+            Some((
+                Incarnation::from_raw(p.incarnation)?,
+                RunState::from_proto(p.state)?,
+            ))
+        });
+        let claim = Claim {
+            protocol_version: req.protocol_version,
+            vm_id: &req.vm_id,
+            ram_bytes: req.ram_bytes,
+            generation: Generation(req.generation),
+            incarnation: Incarnation::from_raw(req.incarnation),
+            previous,
+        };
+        let decision = {
+            let state = shared.lock();
+            hello::decide(&self.facts(&state.phase), &claim)
+        };
+        match decision {
+            Decision::Sync => {
+                let incarnation = claim
+                    .incarnation
+                    .ok_or_else(|| Status::invalid_argument("no incarnation"))?;
+                self.start_sync(&req, incarnation)?;
+                Ok(Response::new(HelloReply {
+                    protocol_version: PROTOCOL_VERSION,
+                    generation: req.generation,
+                    image_status: "syncing".into(),
+                }))
+            }
+            Decision::Deposed(_) => Err(shared.deposed(claim.generation)),
+            Decision::ResumeHere => {
+                tracing::warn!(
+                    "the primary's host restarted and lost the VM it protected: resuming it here"
+                );
+                let shared2 = shared.clone();
+                match tokio::task::block_in_place(|| promotion::promote(&shared2, Trigger::Restart))
+                {
+                    Ok(_) => Err(shared.deposed(claim.generation)),
+                    Err(e) => {
+                        // Nothing changed; the image is not resumable, so the
+                        // VM is lost either way: say so, and let the
+                        // operator decide (the primary waits).
+                        tracing::error!(error = %wire::chain(&e), "cannot resume the VM the primary lost");
+                        Err(wire::holds_vm(format!(
+                            "the VM this backup holds cannot be resumed ({}); an operator decides: \
+                             `understudyctl discard-image --config FILE` lets this primary boot a new VM",
+                            wire::chain(&e)
+                        )))
+                    }
+                }
+            }
+            Decision::Wait(why) => Err(Status::unavailable(why)),
+            Decision::HoldsVm(why) => {
+                shared.host.stats.set_state(format!("standby: {why}"));
+                Err(wire::holds_vm(why))
+            }
+            Decision::Refuse {
+                invalid_argument,
+                message,
+            } => Err(if invalid_argument {
+                Status::invalid_argument(message)
+            } else {
+                Status::failed_precondition(message)
+            }),
+        }
+    }
+
+    type ReplicateStream = AckStream;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<EpochChunk>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut incoming = req.into_inner();
+        let shared = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);
+        tokio::spawn(async move {
+            loop {
+                let msg = match incoming.next().await {
+                    None => return,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "replication stream ended");
+                        return;
+                    }
+                    Some(Ok(msg)) => msg,
+                };
+                let shared2 = shared.clone();
+                let result =
+                    tokio::task::block_in_place(|| crate::receiver::receive_chunk(&shared2, msg));
+                match result {
+                    Ok(None) => {}
+                    Ok(Some(ack)) => {
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(%status, "epoch refused; session ended, the primary must resync");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn goodbye(
+        &self,
+        req: Request<GoodbyeRequest>,
+    ) -> Result<Response<GoodbyeReply>, Status> {
+        let req = req.into_inner();
+        let shared = &self.0;
+        let mut state = shared.lock();
+        let Phase::Standby(standby) = &mut state.phase else {
+            return Err(shared.deposed(Generation(req.generation)));
+        };
+        if Generation(req.generation) < standby.generation {
+            return Err(shared.deposed(Generation(req.generation)));
+        }
+        let Some(session) = standby.session.as_mut().filter(|s| s.id == req.session) else {
+            return Ok(Response::new(GoodbyeReply {}));
+        };
+        session.goodbye = true;
+        shared.watch.arm(false);
+        // Persisted: a restarted backup must not resume a VM stopped on purpose.
+        if let Err(e) = standby.store.retire() {
+            tracing::warn!(error = %wire::chain(&e), "cannot record the retirement of the image");
+        }
+        shared
+            .host
+            .stats
+            .set_state("primary stopped on purpose: not promoting");
+        tracing::info!("primary said goodbye: it stopped on purpose, no promotion");
+        Ok(Response::new(GoodbyeReply {}))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
+        // Lock-free: a probe is answered even while a commit waits for the disk.
+        let shared = &self.0;
+        Ok(Response::new(ProbeReply {
+            generation: shared.generation().0,
+            role: if shared.runs_here.load(Ordering::Acquire) {
+                "primary"
+            } else {
+                "backup"
+            }
+            .into(),
+        }))
+    }
+
+    async fn handover(
+        &self,
+        req: Request<HandoverRequest>,
+    ) -> Result<Response<HandoverReply>, Status> {
+        let req = req.into_inner();
+        let shared = &self.0;
+        if let Some(why) = &shared.opts.handover_unavailable {
+            return Err(Status::failed_precondition(format!(
+                "handover refused: {why}"
+            )));
+        }
+        {
+            let state = shared.lock();
+            let Phase::Standby(standby) = &state.phase else {
+                return Err(shared.deposed(Generation(req.generation)));
+            };
+            if Generation(req.generation) < standby.generation {
+                return Err(shared.deposed(Generation(req.generation)));
+            }
+            if Generation(req.generation) != standby.generation {
+                return Err(Status::failed_precondition(format!(
+                    "handover refused: generation {} is not this session's ({})",
+                    req.generation, standby.generation
+                )));
+            }
+        }
+        tracing::info!(
+            epoch = req.epoch,
+            "primary hands the VM over (switchover): promoting now"
+        );
+        let shared2 = shared.clone();
+        let trigger = Trigger::Handover {
+            session: req.session,
+            epoch: req.epoch,
+        };
+        match tokio::task::block_in_place(|| promotion::promote(&shared2, trigger)) {
+            Ok(Some(p)) => Ok(Response::new(HandoverReply {
+                generation: p.generation.0,
+                resume_micros: p.resumed.as_micros() as u64,
+            })),
+            Ok(None) => Err(Status::failed_precondition(
+                "handover refused: this backup holds no promotable checkpoint",
+            )),
+            Err(e) => {
+                tracing::warn!(error = %wire::chain(&e), "handover refused");
+                Err(Status::failed_precondition(format!(
+                    "handover refused: {}",
+                    wire::chain(&e)
+                )))
+            }
+        }
+    }
+}
