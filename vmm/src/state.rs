@@ -1147,10 +1147,10 @@ pub(crate) mod tests {
             Err(StateError::BadMagic { .. })
         ));
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
         let err = VmState::decode(&newer).unwrap_err();
-        assert!(matches!(err, StateError::UnsupportedVersion { found: 2 }));
-        assert!(err.to_string().contains("this build reads version 1"));
+        assert!(matches!(err, StateError::UnsupportedVersion { found: 3 }));
+        assert!(err.to_string().contains("this build reads versions 1 to 2"));
     }
 
     #[test]
