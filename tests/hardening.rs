@@ -464,3 +464,82 @@ async fn a_resuming_writer_loses_no_request_across_switchovers() {
         );
     }
 }
+
+/// A pair whose primary released output no backup holds, then died: the
+/// backup was frozen (stale) and the primary's host restarted. Returns the
+/// pair with the restarted primary waiting for an operator.
+async fn two_diverged_copies() -> Pair {
+    let mut pair = Pair::protected("kv", "backup_loss = \"keep-running\"").await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    kv_ready(&mut client, &pair).await;
+    set_keys(&mut client, &pair, 0..5).await;
+    let backup = pair.backup.as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(backup, libc::SIGSTOP) };
+    common::wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "the primary gave the backup up",
+        Duration::from_secs(20),
+        |s| s.state.contains("releasing output"),
+    )
+    .await;
+    set_keys(&mut client, &pair, 5..10).await;
+    pair.kill_primary();
+    // SAFETY: as above.
+    unsafe { libc::kill(backup, libc::SIGCONT) };
+    pair.start_primary();
+    common::wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "the restarted primary waits for an operator",
+        Duration::from_secs(20),
+        |s| s.state.contains("understudyctl promote"),
+    )
+    .await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(s.role, "backup", "{s:?}\n{}", pair.logs());
+    pair
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_diverged_copies_an_operator_resumes_the_backups_or_boots_anew() {
+    let _serial = common::serial().await;
+    // Resume the backup's (older) copy: keys 0..5 are there.
+    let mut pair = two_diverged_copies().await;
+    let out = common::ctl(
+        &pair,
+        &[
+            "promote".as_ref(),
+            "--config".as_ref(),
+            pair.config.as_os_str(),
+        ],
+    );
+    assert!(out.contains("runs VM test-vm from epoch"), "{out}");
+    let status = pair.wait_primary_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the waiting primary is deposed\n{}",
+        pair.logs()
+    );
+    assert_keys(pair.addrs.backup_console, &pair, 0..5).await;
+    drop(pair);
+    // Or discard it: the waiting primary boots a new VM, protected again.
+    let pair = two_diverged_copies().await;
+    let out = common::ctl(
+        &pair,
+        &[
+            "discard-image".as_ref(),
+            "--config".as_ref(),
+            pair.config.as_os_str(),
+        ],
+    );
+    assert!(out.contains("may now boot a new VM"), "{out}");
+    pair.wait_protected().await;
+    let mut c = Lines::connect_now(pair.addrs.primary_console)
+        .await
+        .unwrap();
+    let answer = ask(&mut c, "GET k0", Duration::from_secs(20)).await;
+    assert_eq!(answer.unwrap().as_deref(), Some("NOTFOUND"), "a new VM");
+}

@@ -107,12 +107,17 @@ pub async fn pair_status(config: &Config) -> Vec<(Role, SocketAddr, Option<Statu
 
 /// The control address of whichever host runs the VM as the primary.
 pub async fn find_primary(config: &Config) -> Result<(Role, SocketAddr)> {
+    find_role(config, "primary").await
+}
+
+/// The config section and control address of the host with `role`.
+pub async fn find_role(config: &Config, role: &str) -> Result<(Role, SocketAddr)> {
     let hosts = pair_status(config).await;
-    let primaries: Vec<_> = hosts
+    let matching: Vec<_> = hosts
         .iter()
-        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == "primary"))
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == role))
         .collect();
-    match primaries.as_slice() {
+    match matching.as_slice() {
         [(section, addr, _)] => Ok((*section, *addr)),
         [] => {
             let seen: Vec<String> = hosts
@@ -123,14 +128,42 @@ pub async fn find_primary(config: &Config) -> Result<(Role, SocketAddr)> {
                 })
                 .collect();
             anyhow::bail!(
-                "no host of the pair runs the VM as the primary: {}",
+                "no host of the pair has the {role} role: {}",
                 seen.join("; ")
             )
         }
         _ => anyhow::bail!(
-            "both hosts report the primary role: one of them is deposed and about to fence itself; try again shortly"
+            "both hosts report the {role} role: one of them is changing roles; try again shortly"
         ),
     }
+}
+
+/// Asks the backup at `addr` to resume the VM from its image.
+pub async fn request_promote(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> Result<understudy_proto::PromoteReply> {
+    let mut client = control_channel(addr, tls).await?;
+    let mut request = tonic::Request::new(understudy_proto::PromoteRequest {});
+    request.set_timeout(Duration::from_secs(30));
+    Ok(client
+        .promote(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner())
+}
+
+/// Asks the backup at `addr` to forget the VM its image holds.
+pub async fn request_discard(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+) -> Result<understudy_proto::DiscardImageReply> {
+    Ok(control_channel(addr, tls)
+        .await?
+        .discard_image(understudy_proto::DiscardImageRequest {})
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner())
 }
 
 fn human_bytes(b: f64) -> String {
@@ -149,6 +182,14 @@ pub fn render(s: &StatusReply) -> String {
         ("role", s.role.clone()),
         ("state", s.state.clone()),
         ("generation", s.generation.to_string()),
+        (
+            "incarnation",
+            if s.incarnation.is_empty() {
+                "none yet".into()
+            } else {
+                s.incarnation.clone()
+            },
+        ),
         (
             "protected",
             if s.protected {

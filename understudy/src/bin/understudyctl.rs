@@ -82,6 +82,23 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
+    /// Resume the VM from the backup's image when its primary is gone for good
+    /// and the backup will not promote by itself (it says why in its status:
+    /// e.g. a restarted primary that released output unprotected, or a backup
+    /// that was itself frozen). Refused while a primary is heard.
+    Promote {
+        /// The VM's config file (both hosts' control addresses, TLS).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Forget the VM the backup's image holds, so that the primary may boot a
+    /// new VM over it (the VM the image holds is lost). Refused while a
+    /// primary is heard or the VM runs on the backup's host.
+    DiscardImage {
+        /// The VM's config file (both hosts' control addresses, TLS).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Rehearse a failover or a switchover (on a local pair, or a running one
     /// with --config); report the five metrics (text, JSON, SVG chart).
     Drill {
@@ -152,6 +169,39 @@ fn main() -> ExitCode {
             let wait = (!wait.is_zero()).then_some(wait);
             let outcome = understudy::switchover::run(&config, wait).await?;
             print!("{}", understudy::switchover::render(&outcome, &config));
+            Ok(())
+        }),
+        Command::Promote { config } => async_main(async move {
+            let config = understudy::config::Config::load(&config, &[])?;
+            let (section, addr) = understudy::remote::find_role(&config, "backup").await?;
+            let reply =
+                understudy::remote::request_promote(addr, config.tls_files().as_ref()).await?;
+            println!(
+                "promote: the [{}] table's host (control {addr}) runs VM {} from epoch {}, generation {}",
+                section.name(),
+                config.name,
+                reply.epoch,
+                reply.generation
+            );
+            Ok(())
+        }),
+        Command::DiscardImage { config } => async_main(async move {
+            let config = understudy::config::Config::load(&config, &[])?;
+            let (section, addr) = understudy::remote::find_role(&config, "backup").await?;
+            let reply =
+                understudy::remote::request_discard(addr, config.tls_files().as_ref()).await?;
+            println!(
+                "discard-image: the [{}] table's host (control {addr}) forgot VM {} (incarnation {}, epoch {}); \
+                 its primary may now boot a new VM",
+                section.name(),
+                config.name,
+                if reply.incarnation.is_empty() {
+                    "unknown"
+                } else {
+                    &reply.incarnation
+                },
+                reply.epoch
+            );
             Ok(())
         }),
         Command::Drill {
