@@ -181,6 +181,7 @@ console = "10.77.3.2:7401"
 control = "10.77.3.2:7501"
 [tls]
 insecure = true
+dangerously_allow_insecure_network = true
 "#,
     )
     .unwrap();

@@ -197,6 +197,7 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "key",
         "backup_name",
         "insecure",
+        "dangerously_allow_insecure_network",
     ] {
         assert!(
             text.contains(&format!("{field} =")),

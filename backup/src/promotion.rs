@@ -244,9 +244,8 @@ pub(crate) fn promote(
     // Serve the output the primary may not have delivered, then the new output.
     let host = &shared.host;
     host.log.set_generation(new_generation.0);
-    host.log.restart_at(payload.console_offset);
-    host.log.append(&payload.console_out);
-    host.log.release_all();
+    host.log
+        .take_over(payload.console_offset, &payload.console_out);
     host.log.set_raw_start(Some(payload.console_offset));
     host.input.set(Some(console.input.clone()));
     if let Err(e) = vm.resume() {

@@ -125,21 +125,25 @@ impl ConsoleLog {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Empties the log and restarts it at `offset` (a promoted backup takes
-    /// over the stream where the primary's last checkpoint left it).
-    pub fn restart_at(&self, offset: u64) {
+    /// A promoted backup takes the stream over where the primary's last
+    /// checkpoint left it: the log restarts at `offset` with `held` (the
+    /// output that checkpoint carried and the primary may never have
+    /// delivered), all of it released at once.
+    pub fn take_over(&self, offset: u64, held: &[u8]) {
         let mut log = self.lock();
         log.buf.clear();
+        log.buf.extend(held);
         log.start = offset;
-        log.released = offset;
+        log.released = offset + held.len() as u64;
+        let released = log.released;
         drop(log);
         tracing::debug!(
             target: "understudy::release",
             generation = self.generation.load(std::sync::atomic::Ordering::Acquire),
-            upto = offset,
+            upto = released,
             "took over"
         );
-        self.released_tx.send_replace(offset);
+        self.released_tx.send_replace(released);
     }
 
     /// Appends guest output; returns the end offset.
@@ -395,14 +399,26 @@ async fn client(
         o.copy_from_slice(&first[8..16]);
         u64::from_le_bytes(o)
     });
+    let mut early_input = Vec::new();
+    if magic == Some(RESUME_MAGIC_V2) {
+        // The input offset is known once a VM runs here; a client that gives
+        // up meanwhile (it looks for the VM elsewhere) ends this task.
+        let mut probe = [0u8; 4096];
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = input.next_offset() => break,
+                n = rd.read(&mut probe) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => early_input.extend_from_slice(&probe[..n]),
+                },
+            }
+        }
+    }
     let mut cursor = log.start_for(requested);
     match magic {
         Some(RESUME_MAGIC_V2) => {
-            // The input offset is known once a VM runs here.
-            let input_next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = input.next_offset() => next,
-            };
+            let input_next = input.next_offset().await;
             let mut reply = RESUME_MAGIC_V2.to_vec();
             reply.extend_from_slice(&cursor.to_le_bytes());
             reply.extend_from_slice(&input_next.to_le_bytes());
@@ -419,7 +435,7 @@ async fn client(
         }
         None => {}
     }
-    let pending_first = if magic.is_none() { first } else { Vec::new() };
+    let pending_first = if magic.is_none() { first } else { early_input };
 
     let reader = {
         let input = input.clone();
@@ -448,6 +464,15 @@ async fn client(
     loop {
         let (from, bytes) = log.read_released(cursor, 64 * 1024);
         if from > cursor {
+            if requested.is_some() {
+                // A resuming client must never miss a byte: close, so it
+                // reconnects and learns where the output it needs is.
+                tracing::warn!(
+                    behind = from - cursor,
+                    "console client is behind what this host keeps: closing it"
+                );
+                break;
+            }
             tracing::warn!(
                 lost = from - cursor,
                 "console client was too far behind; output skipped"

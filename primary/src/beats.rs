@@ -69,15 +69,23 @@ pub(crate) fn spawn(
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
+    // Not connected: a connect() fails while the network to the backup is
+    // down (ENETUNREACH), and beats must start anyway; each is sent on its own.
     let socket = UdpSocket::bind(local)?;
-    socket.connect(backup)?;
     socket.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("heartbeats".into())
-        .spawn(move || run(&beats, &socket, interval, generation, &stats))
+        .spawn(move || run(&beats, &socket, backup, interval, generation, &stats))
 }
 
-fn run(beats: &Beats, socket: &UdpSocket, interval: Duration, generation: u64, stats: &Stats) {
+fn run(
+    beats: &Beats,
+    socket: &UdpSocket,
+    backup: SocketAddr,
+    interval: Duration,
+    generation: u64,
+    stats: &Stats,
+) {
     match raise_priority() {
         Ok(()) => tracing::debug!("heartbeat thread at real-time priority"),
         Err(e) => tracing::info!(
@@ -108,8 +116,9 @@ fn run(beats: &Beats, socket: &UdpSocket, interval: Duration, generation: u64, s
                     echo_seq: 0,
                     generation,
                 };
-                // ECONNREFUSED (nobody on the port yet) is only a lost beat.
-                let _ = socket.send(&beat.seal(key));
+                // An unreachable backup (nobody on the port yet, the network
+                // down) only loses this beat.
+                let _ = socket.send_to(&beat.seal(key), backup);
                 if sent.len() >= 64 {
                     sent.pop_front();
                 }
@@ -120,9 +129,12 @@ fn run(beats: &Beats, socket: &UdpSocket, interval: Duration, generation: u64, s
         if !wait_readable(socket, wait) {
             continue;
         }
-        let Ok(n) = socket.recv(&mut buf) else {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
             continue;
         };
+        if from != backup {
+            continue;
+        }
         let Some((id, key)) = &session else { continue };
         match Datagram::open(&buf[..n], *id, key) {
             Ok(echo) if echo.kind == Kind::Echo => {

@@ -549,9 +549,9 @@ pub async fn run(
     });
     if adopted {
         // A VM this host took over runs unprotected until the other host
-        // syncs as its backup, and its output goes out (as it did right after
-        // a promotion: the old primary is stopped or deposed, no other copy
-        // runs).
+        // syncs as its backup, and its output goes out whatever the policy:
+        // the old primary is stopped, deposed, or (partitioned under
+        // hold-output) holds its own output, so no other copy serves.
         if shared.record(RunState::ReleasedUnprotected) {
             shared.releaser.set_unprotected(true);
             stats.set_state("unprotected: no backup yet, releasing output");
@@ -592,8 +592,11 @@ pub async fn run(
     // and says goodbye (see Replicator::run); a fenced one just stops.
     shared.stop();
     let _ = tokio::task::spawn_blocking(move || replicator.join()).await;
-    // The VM no longer runs here: console input waits for the next one.
+    // The VM no longer runs here: console input waits for the next one, and
+    // clients are closed once they have every released byte (they follow the
+    // VM to the other host by offset).
     host.input.set(None);
+    host.log.disconnect_clients();
     let _ = manager.await;
     beats.stop();
     let _ = tokio::task::spawn_blocking(move || beat_thread.join()).await;

@@ -143,6 +143,11 @@ pub(crate) async fn hello(opts: &PrimaryOptions, offer: &SessionOffer) -> HelloO
         // backup broke off or a reset connection, is worth another try.
         Ok(Err(status)) => match wire::deposed_generation(&status) {
             Some(g) if g > generation => HelloOutcome::Deposed(g),
+            // The other host runs the VM at an older generation: it is stale
+            // and learns so from its own Hello to this host; try again.
+            Some(g) => HelloOutcome::Unreachable(format!(
+                "the other host runs the VM at the older generation {g}: waiting for it to be fenced"
+            )),
             _ if wire::is_holds_vm(&status) => HelloOutcome::HoldsVm(status.message().into()),
             _ if matches!(
                 status.code(),

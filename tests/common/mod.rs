@@ -384,6 +384,11 @@ impl Lines {
         self.client.write(format!("{line}\n").as_bytes()).await
     }
 
+    /// Sends bytes as they are (e.g. many lines at once).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.client.write(bytes).await
+    }
+
     /// Next full line; `Ok(None)` on EOF; Err on timeout or error.
     pub async fn next(&mut self, timeout: Duration) -> std::io::Result<Option<String>> {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -173,6 +173,10 @@ pub struct TlsConfig {
     /// Plaintext instead of TLS: only on a network you trust with guest memory.
     #[serde(default)]
     pub insecure: bool,
+    /// `insecure` on addresses beyond loopback: anyone who can reach the
+    /// ports can read guest memory, crash or move the VM. Refused unless set.
+    #[serde(default)]
+    pub dangerously_allow_insecure_network: bool,
 }
 
 /// The primary host's addresses.
@@ -386,6 +390,29 @@ impl Config {
         }
         self.codec_policy()?;
         let t = &self.tls;
+        if t.insecure && !t.dangerously_allow_insecure_network {
+            let exposed: Vec<String> = self
+                .all_addresses()
+                .into_iter()
+                .filter(|(_, a)| !a.ip().is_loopback())
+                .map(|(field, a)| format!("{field} = {a}"))
+                .collect();
+            if !exposed.is_empty() {
+                return Err(format!(
+                    "tls.insecure = true is refused beyond loopback ({}): anyone who reaches these \
+                     ports could read guest memory, crash or move the VM. Use mutual TLS (tls.ca, \
+                     tls.cert, tls.key); only on a network you trust completely, also set \
+                     tls.dangerously_allow_insecure_network = true",
+                    exposed.join(", ")
+                ));
+            }
+        }
+        if t.dangerously_allow_insecure_network && !t.insecure {
+            return Err(
+                "tls.dangerously_allow_insecure_network is set but tls.insecure is not: remove it"
+                    .into(),
+            );
+        }
         match (t.insecure, &t.ca, &t.cert, &t.key) {
             (true, None, None, None) | (false, Some(_), Some(_), Some(_)) => {}
             (true, ..) => {
@@ -399,6 +426,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Every address in the file, by field name.
+    pub fn all_addresses(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut out = vec![
+            ("primary.console", self.primary.console),
+            ("primary.control", self.primary.control),
+            ("backup.replication", self.backup.replication),
+            ("backup.console", self.backup.console),
+            ("backup.control", self.backup.control),
+        ];
+        out.extend(self.primary.metrics.map(|a| ("primary.metrics", a)));
+        out.extend(self.primary.replication.map(|a| ("primary.replication", a)));
+        out.extend(self.backup.metrics.map(|a| ("backup.metrics", a)));
+        out
     }
 
     /// The TLS files, or None when insecure.
@@ -583,6 +625,19 @@ insecure = true
     }
 
     #[test]
+    fn insecure_beyond_loopback_needs_the_explicit_override() {
+        let c = parse(
+            GOOD,
+            &[
+                "backup.console=\"10.0.0.2:7401\"",
+                "tls.dangerously_allow_insecure_network=true",
+            ],
+        )
+        .unwrap();
+        assert!(c.tls.dangerously_allow_insecure_network);
+    }
+
+    #[test]
     fn every_mistake_gets_one_clear_error() {
         let cases: &[(&[&str], &str)] = &[
             (&["epoch_intreval=5ms"], "unknown field `epoch_intreval`"),
@@ -626,6 +681,17 @@ insecure = true
                 "max_in_flight 100000 is out of range",
             ),
             (&["tls.insecure=false"], "set ca, cert and key"),
+            (
+                &["backup.console=\"10.0.0.2:7401\""],
+                "refused beyond loopback (backup.console = 10.0.0.2:7401)",
+            ),
+            (
+                &[
+                    "tls.dangerously_allow_insecure_network=true",
+                    "tls.insecure=false",
+                ],
+                "tls.insecure is not: remove it",
+            ),
             (
                 &["tls.ca=/ca.pem"],
                 "insecure = true but ca/cert/key are set",

@@ -107,9 +107,14 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
         if let Some(faults) = understudy_common::fault::describe() {
             tracing::warn!(%faults, "fault injection is armed ({}): for tests only", understudy_common::fault::ENV);
         }
-        if config.tls.insecure {
+        if config.tls.dangerously_allow_insecure_network {
             tracing::warn!(
-                "tls.insecure = true: replication and control run in plaintext; guest memory crosses the network unencrypted"
+                "tls.insecure = true on network addresses (tls.dangerously_allow_insecure_network): anyone \
+                 who can reach this host's ports can read guest memory, crash, promote or move the VM"
+            );
+        } else if config.tls.insecure {
+            tracing::warn!(
+                "tls.insecure = true: replication and control run in plaintext (loopback only)"
             );
         }
         let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));

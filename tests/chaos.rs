@@ -1,0 +1,804 @@
+//! A Jepsen-style fault check of whole pairs: real daemons in their own
+//! network namespaces, a kv writer per VM (the console is one byte stream,
+//! so one writer per VM; two pairs run at once for concurrency), and random
+//! faults: SIGKILL and SIGSTOP/SIGCONT of either daemon at random points,
+//! restarts through the daemons' own rejoin path (quick and slow), planned
+//! switchovers, and cuts of the replication link (under `hold-output` only:
+//! under `keep-running` a partition lets both hosts serve, by design, until
+//! a witness settles it).
+//!
+//! The checker holds three things:
+//! - **no acked write is lost**: after every recovery the writer reads back
+//!   every key the VM ever acknowledged;
+//! - **exactly-once console**: the writer alternates `SET k v` and `GET k`
+//!   and demands the exact answer to each, in order, through every failover
+//!   (a lost, repeated or reordered byte in either direction breaks it);
+//! - **never two primaries serving**: every release of console output is
+//!   logged with its generation (`understudy::release`); once a newer
+//!   generation has taken over at offset X, no older one may release past X.
+//!
+//! CI runs a short check (`chaos_short`: 8 faults on each of two pairs); the
+//! long run is `UNDERSTUDY_CHAOS_FAULTS=120 cargo test -p understudy --test
+//! chaos -- --ignored --nocapture` (two pairs: 240 faults). Needs root,
+//! iproute2 and /dev/kvm.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{CTL, DAEMON, Lines};
+use understudy_proto::StatusReply;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs iproute2 (`ip`): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {} (this test needs root for network namespaces)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small deterministic generator (the seed is printed, so a failing run
+/// can be repeated).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo))
+    }
+}
+
+/// One host: a network namespace, its daemon and its state.
+struct Host {
+    ns: String,
+    /// The config table it is: "primary" or "backup".
+    home: &'static str,
+    state: PathBuf,
+    control: SocketAddr,
+    console: SocketAddr,
+    child: Option<Child>,
+    frozen: bool,
+}
+
+impl Host {
+    fn start(&mut self, config: &Path, logs: &Path, run: usize) {
+        let log = std::fs::File::create(logs.join(format!("{}-{run:03}.log", self.home))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, DAEMON, self.home, "--config"])
+            .arg(config)
+            .arg("--set")
+            .arg(format!("state_dir={:?}", self.state.display().to_string()))
+            .env("UNDERSTUDY_LOG", "info,understudy::release=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.frozen = false;
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child (`ip netns exec` execs the daemon).
+            unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            self.signal(libc::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.frozen = false;
+    }
+
+    /// Whether the daemon exited on its own (e.g. deposed without a way to
+    /// rejoin); reaps it.
+    fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => match c.try_wait() {
+                Ok(Some(_)) => {
+                    self.child = None;
+                    true
+                }
+                _ => false,
+            },
+            None => true,
+        }
+    }
+}
+
+/// A pair of hosts in namespaces, linked by a replication veth; each host has
+/// a client veth to the test's namespace.
+struct Cluster {
+    id: usize,
+    dir: PathBuf,
+    config: PathBuf,
+    hosts: [Host; 2],
+    link: String,
+    runs: usize,
+}
+
+impl Cluster {
+    fn new(id: usize, dir: &Path, hold_output: bool) -> Self {
+        let pid = std::process::id() % 10_000;
+        let net = 80 + id * 4;
+        let ns = [format!("ch{id}a{pid}"), format!("ch{id}b{pid}")];
+        for n in &ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+            ip(&["netns", "add", n]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        let link = format!("c{id}r{pid}");
+        let peer = format!("c{id}s{pid}");
+        ip(&[
+            "link", "add", &link, "netns", &ns[0], "type", "veth", "peer", "name", &peer, "netns",
+            &ns[1],
+        ]);
+        ip(&[
+            "-n",
+            &ns[0],
+            "addr",
+            "add",
+            &format!("10.{net}.1.1/24"),
+            "dev",
+            &link,
+        ]);
+        ip(&[
+            "-n",
+            &ns[1],
+            "addr",
+            "add",
+            &format!("10.{net}.1.2/24"),
+            "dev",
+            &peer,
+        ]);
+        ip(&["-n", &ns[0], "link", "set", &link, "up"]);
+        ip(&["-n", &ns[1], "link", "set", &peer, "up"]);
+        for (i, n) in ns.iter().enumerate() {
+            let (inside, outside) = (format!("c{id}i{i}{pid}"), format!("c{id}o{i}{pid}"));
+            let _ = Command::new("ip").args(["link", "del", &outside]).output();
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", n,
+            ]);
+            let sub = 2 + i;
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.{net}.{sub}.1/24"),
+                "dev",
+                &outside,
+            ]);
+            ip(&["link", "set", &outside, "up"]);
+            ip(&[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("10.{net}.{sub}.2/24"),
+                "dev",
+                &inside,
+            ]);
+            ip(&["-n", n, "link", "set", &inside, "up"]);
+        }
+        let dir = dir.join(format!("cluster{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let a_console = addr(&format!("10.{net}.2.2:7401"));
+        let a_control = addr(&format!("10.{net}.2.2:7501"));
+        let b_console = addr(&format!("10.{net}.3.2:7401"));
+        let b_control = addr(&format!("10.{net}.3.2:7501"));
+        let config = dir.join("vm.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "chaos{id}"
+guest = "kv"
+memory_mib = 16
+state_dir = "{state}"
+backup_loss = "{policy}"
+[primary]
+console = "{a_console}"
+control = "{a_control}"
+replication = "10.{net}.1.1:7301"
+[backup]
+replication = "10.{net}.1.2:7301"
+console = "{b_console}"
+control = "{b_control}"
+[tls]
+insecure = true
+dangerously_allow_insecure_network = true
+"#,
+                state = dir.join("a").display(),
+                policy = if hold_output {
+                    "hold-output"
+                } else {
+                    "keep-running"
+                },
+            ),
+        )
+        .unwrap();
+        let host = |ns: &str, home, state: &str, control, console| Host {
+            ns: ns.to_owned(),
+            home,
+            state: dir.join(state),
+            control,
+            console,
+            child: None,
+            frozen: false,
+        };
+        let hosts = [
+            host(&ns[0], "primary", "a", a_control, a_console),
+            host(&ns[1], "backup", "b", b_control, b_console),
+        ];
+        let mut cluster = Self {
+            id,
+            config,
+            hosts,
+            link,
+            runs: 0,
+            dir,
+        };
+        cluster.start(1);
+        cluster.start(0);
+        cluster
+    }
+
+    fn start(&mut self, host: usize) {
+        self.runs += 1;
+        let (config, dir, run) = (self.config.clone(), self.dir.clone(), self.runs);
+        self.hosts[host].start(&config, &dir, run);
+    }
+
+    fn cut(&self, cut: bool) {
+        let state = if cut { "down" } else { "up" };
+        ip(&["-n", &self.hosts[0].ns, "link", "set", &self.link, state]);
+    }
+
+    fn logs(&self) -> String {
+        common::logs_in(&self.dir)
+    }
+
+    async fn statuses(&self) -> [Option<StatusReply>; 2] {
+        let s = |h: &Host| common::status(h.control);
+        let (a, b) = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(500), s(&self.hosts[0])),
+            tokio::time::timeout(Duration::from_millis(500), s(&self.hosts[1]))
+        );
+        [a.ok().flatten(), b.ok().flatten()]
+    }
+
+    /// The host that runs the VM as the protected primary, once there is one.
+    async fn wait_protected(&mut self, limit: Duration) -> Result<usize, String> {
+        let started = Instant::now();
+        loop {
+            // A deposed daemon without a way back would have exited: restart
+            // it as systemd would.
+            for h in 0..2 {
+                if !self.hosts[h].frozen && self.hosts[h].exited() {
+                    self.start(h);
+                }
+            }
+            // Both sides must agree: a thawed, deposed primary may still
+            // think itself protected for a moment.
+            let s = self.statuses().await;
+            let is =
+                |h: usize, role: &str| s[h].as_ref().is_some_and(|s| s.role == role && s.protected);
+            for h in 0..2 {
+                if is(h, "primary") && is(1 - h, "backup") {
+                    return Ok(h);
+                }
+            }
+            if started.elapsed() > limit {
+                return Err(format!(
+                    "cluster {}: not protected again within {limit:?}: {s:?}",
+                    self.id
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.kill();
+            let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
+        }
+    }
+}
+
+/// What the writer and the fault loop share.
+#[derive(Default)]
+struct Shared {
+    /// Keys whose SET was answered OK.
+    acked: Vec<u64>,
+    violations: Vec<String>,
+    /// Requests answered (SET and GET).
+    answered: u64,
+    reconnects: u64,
+    /// Round trips of SET requests, in microseconds.
+    latencies: Vec<u64>,
+}
+
+/// The single writer of one VM: alternates `SET w{i} v{i}` and `GET w{i}`,
+/// following the VM across hosts, resending what a new host lacks. On
+/// `verify` it reads back every acked key.
+async fn writer(
+    consoles: [SocketAddr; 2],
+    controls: [SocketAddr; 2],
+    shared: Arc<Mutex<Shared>>,
+    mut verify: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut client = loop {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_secs(2), Lines::connect(consoles[0], 0)).await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The guest's greeting comes first.
+    loop {
+        match client.next(Duration::from_secs(30)).await {
+            Ok(Some(l)) if l == "kv ready" => break,
+            Ok(Some(_)) => {}
+            other => panic!("no greeting from the kv guest: {other:?}"),
+        }
+    }
+    let violation = |what: String| shared.lock().unwrap().violations.push(what);
+    // Sends `lines` and reads one answer per line, following the VM.
+    async fn exchange(
+        client: &mut Lines,
+        lines: &[String],
+        consoles: [SocketAddr; 2],
+        controls: [SocketAddr; 2],
+        shared: &Mutex<Shared>,
+    ) -> Vec<String> {
+        let mut batch = String::new();
+        for l in lines {
+            batch.push_str(l);
+            batch.push('\n');
+        }
+        let _ = client.send_raw(batch.as_bytes()).await;
+        let mut answers = Vec::new();
+        let asked = Instant::now();
+        while answers.len() < lines.len() {
+            assert!(
+                asked.elapsed() < Duration::from_secs(120),
+                "no answer for two minutes to {:?}",
+                lines.get(answers.len())
+            );
+            match client.next(Duration::from_secs(3)).await {
+                Ok(Some(l)) => answers.push(l),
+                _ => {
+                    // Find the host that runs the VM and follow it there.
+                    shared.lock().unwrap().reconnects += 1;
+                    for h in 0..2 {
+                        let s = tokio::time::timeout(
+                            Duration::from_millis(500),
+                            common::status(controls[h]),
+                        )
+                        .await
+                        .ok()
+                        .flatten();
+                        if s.is_some_and(|s| s.role == "primary")
+                            && let Ok(Ok(())) = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                client.reconnect(consoles[h]),
+                            )
+                            .await
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        answers
+    }
+    let mut i = 0u64;
+    while !stop.is_cancelled() {
+        if let Ok(done) = verify.try_recv() {
+            let keys = shared.lock().unwrap().acked.clone();
+            for chunk in keys.chunks(200) {
+                let gets: Vec<String> = chunk.iter().map(|k| format!("GET w{k}")).collect();
+                let answers = exchange(&mut client, &gets, consoles, controls, &shared).await;
+                for (k, a) in chunk.iter().zip(&answers) {
+                    if *a != format!("VALUE v{k}") {
+                        violation(format!("acked key w{k} reads back as {a:?}"));
+                    }
+                }
+            }
+            let _ = done.send(());
+            continue;
+        }
+        let set = vec![format!("SET w{i} v{i}")];
+        let asked = Instant::now();
+        let answer = exchange(&mut client, &set, consoles, controls, &shared).await;
+        shared
+            .lock()
+            .unwrap()
+            .latencies
+            .push(asked.elapsed().as_micros() as u64);
+        if answer[0] != "OK" {
+            violation(format!("SET w{i} answered {:?}", answer[0]));
+            return;
+        }
+        shared.lock().unwrap().acked.push(i);
+        let get = vec![format!("GET w{i}")];
+        let answer = exchange(&mut client, &get, consoles, controls, &shared).await;
+        if answer[0] != format!("VALUE v{i}") {
+            violation(format!("GET w{i} answered {:?}", answer[0]));
+            return;
+        }
+        shared.lock().unwrap().answered += 2;
+        i += 1;
+    }
+}
+
+/// The faults the check injects.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillPrimary { restart_after: Duration },
+    KillBackup { restart_after: Duration },
+    FreezePrimary(Duration),
+    FreezeBackup(Duration),
+    Switchover,
+    CutLink(Duration),
+}
+
+impl Fault {
+    fn pick(rng: &mut Rng, hold_output: bool) -> Self {
+        match rng.below(if hold_output { 6 } else { 5 }) {
+            0 => Fault::KillPrimary {
+                // Quick restarts meet a backup still protecting the VM.
+                restart_after: if rng.below(2) == 0 {
+                    rng.millis(20, 100)
+                } else {
+                    rng.millis(300, 1500)
+                },
+            },
+            1 => Fault::KillBackup {
+                restart_after: rng.millis(50, 1500),
+            },
+            2 => Fault::FreezePrimary(rng.millis(50, 2500)),
+            3 => Fault::FreezeBackup(rng.millis(50, 2500)),
+            4 => Fault::Switchover,
+            _ => Fault::CutLink(rng.millis(200, 2500)),
+        }
+    }
+}
+
+async fn inject(cluster: &mut Cluster, primary: usize, fault: Fault, rng: &mut Rng) {
+    tokio::time::sleep(rng.millis(0, 400)).await;
+    let backup = 1 - primary;
+    match fault {
+        Fault::KillPrimary { restart_after } => {
+            cluster.hosts[primary].kill();
+            tokio::time::sleep(restart_after).await;
+            cluster.start(primary);
+        }
+        Fault::KillBackup { restart_after } => {
+            cluster.hosts[backup].kill();
+            tokio::time::sleep(restart_after).await;
+            cluster.start(backup);
+        }
+        Fault::FreezePrimary(d) | Fault::FreezeBackup(d) => {
+            let h = if matches!(fault, Fault::FreezePrimary(_)) {
+                primary
+            } else {
+                backup
+            };
+            cluster.hosts[h].frozen = true;
+            cluster.hosts[h].signal(libc::SIGSTOP);
+            tokio::time::sleep(d).await;
+            cluster.hosts[h].signal(libc::SIGCONT);
+            cluster.hosts[h].frozen = false;
+        }
+        Fault::Switchover => {
+            let out = Command::new(CTL)
+                .args(["switchover", "--wait", "0s", "--config"])
+                .arg(&cluster.config)
+                .output()
+                .unwrap();
+            // A refusal (e.g. the VM not protected at this instant) is fine.
+            if !out.status.success() {
+                eprintln!(
+                    "cluster {}: switchover refused: {}",
+                    cluster.id,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Fault::CutLink(d) => {
+            cluster.cut(true);
+            tokio::time::sleep(d).await;
+            cluster.cut(false);
+        }
+    }
+}
+
+/// One release event: (time, host log, generation, upto).
+type Release = (String, String, u64, u64);
+
+/// Every release of console output the daemons logged.
+fn releases(dir: &Path) -> Vec<Release> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("understudy::release")) {
+            let field = |k: &str| -> Option<u64> {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k)?.parse().ok())
+            };
+            let (Some(generation), Some(upto)) = (field("generation="), field("upto=")) else {
+                continue;
+            };
+            let time = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            out.push((time, name.clone(), generation, upto));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Never two primaries serving: once generation g' took over at offset X,
+/// no older generation releases past X.
+fn check_releases(events: &[Release]) -> Vec<String> {
+    let mut takeover: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut bad = Vec::new();
+    for (time, host, generation, upto) in events {
+        takeover.entry(*generation).or_insert(*upto);
+        if let Some((newer, at)) = takeover.range(generation + 1..).next()
+            && upto > at
+        {
+            bad.push(format!(
+                "{time} {host}: generation {generation} released up to {upto} after generation \
+                 {newer} took over at {at}"
+            ));
+        }
+    }
+    bad
+}
+
+async fn run_cluster(id: usize, dir: PathBuf, hold_output: bool, faults: usize, seed: u64) {
+    let mut cluster = Cluster::new(id, &dir, hold_output);
+    let mut rng = Rng(seed);
+    cluster
+        .wait_protected(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(1);
+    let writer = tokio::spawn(writer(
+        [cluster.hosts[0].console, cluster.hosts[1].console],
+        [cluster.hosts[0].control, cluster.hosts[1].control],
+        shared.clone(),
+        verify_rx,
+        stop.clone(),
+    ));
+    let started = Instant::now();
+    for n in 0..faults {
+        let primary = match cluster.wait_protected(Duration::from_secs(90)).await {
+            Ok(p) => p,
+            Err(e) => panic!("{e}\n{}", cluster.logs()),
+        };
+        // Let the writer get some work acked under protection.
+        tokio::time::sleep(rng.millis(200, 800)).await;
+        let fault = Fault::pick(&mut rng, hold_output);
+        eprintln!("cluster {id}: fault {n}: {fault:?} (primary: host {primary})");
+        inject(&mut cluster, primary, fault, &mut rng).await;
+        if let Err(e) = cluster.wait_protected(Duration::from_secs(90)).await {
+            panic!("after {fault:?}: {e}\n{}", cluster.logs());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if verify_tx.send(tx).await.is_err() {
+            let v = shared.lock().unwrap().violations.clone();
+            panic!(
+                "cluster {id}: the writer stopped: {v:?}\n{}",
+                cluster.logs()
+            );
+        }
+        let checked = tokio::time::timeout(Duration::from_secs(180), rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "cluster {id}: the check of acked keys stalled\n{}",
+                    cluster.logs()
+                )
+            });
+        if checked.is_err() {
+            let v = shared.lock().unwrap().violations.clone();
+            panic!(
+                "cluster {id}: the writer stopped after {fault:?}: {v:?}\n{}",
+                cluster.logs()
+            );
+        }
+        let v = shared.lock().unwrap().violations.clone();
+        assert!(
+            v.is_empty(),
+            "cluster {id} after {fault:?}: {v:?}\n{}",
+            cluster.logs()
+        );
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    let s = shared.lock().unwrap();
+    assert!(
+        s.violations.is_empty(),
+        "{:?}\n{}",
+        s.violations,
+        cluster.logs()
+    );
+    let dual = check_releases(&releases(&cluster.dir));
+    assert!(
+        dual.is_empty(),
+        "two primaries served: {dual:?}\n{}",
+        cluster.logs()
+    );
+    let mut lat = s.latencies.clone();
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get((lat.len() as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e3
+    };
+    eprintln!(
+        "cluster {id} ({}): {faults} faults in {:?}, {} acked writes all present after every \
+         recovery, {} answers exactly once ({} reconnects), 0 windows with two primaries serving; \
+         SET round trip p50 {:.1} ms, p99 {:.1} ms",
+        if hold_output {
+            "hold-output"
+        } else {
+            "keep-running"
+        },
+        started.elapsed(),
+        s.acked.len(),
+        s.answered,
+        s.reconnects,
+        pct(0.5),
+        pct(0.99)
+    );
+}
+
+async fn chaos(faults: usize) {
+    common::require_kvm();
+    let _serial = common::serial().await;
+    let seed = std::env::var("UNDERSTUDY_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("chaos seed {seed} (UNDERSTUDY_CHAOS_SEED={seed} repeats this run)");
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("daemon logs in {}", dir.path().display());
+    let a = tokio::spawn(run_cluster(0, dir.path().to_owned(), false, faults, seed));
+    let b = tokio::spawn(run_cluster(
+        1,
+        dir.path().to_owned(),
+        true,
+        faults,
+        seed ^ 0x5555,
+    ));
+    let (a, b) = tokio::join!(a, b);
+    if a.is_err() || b.is_err() {
+        // Keep the daemons' logs for the post-mortem.
+        let kept = dir.keep();
+        panic!(
+            "the fault check failed (see above); daemon logs kept in {}",
+            kept.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short() {
+    chaos(8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the long fault run: UNDERSTUDY_CHAOS_FAULTS=120 … -- --ignored (see the file's doc)"]
+async fn chaos_long() {
+    let faults = std::env::var("UNDERSTUDY_CHAOS_FAULTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    chaos(faults).await;
+}
+
+#[test]
+fn the_release_checker_accepts_a_takeover_and_flags_a_stale_release() {
+    let e = |t: &str, g: u64, upto: u64| (t.to_owned(), format!("g{g}"), g, upto);
+    // Generation 2 took over at 100; generation 1's ack of output up to 100
+    // arriving late is fine (the new primary holds that output too).
+    let fine = [
+        e("1", 1, 90),
+        e("2", 2, 100),
+        e("3", 1, 100),
+        e("4", 2, 130),
+    ];
+    assert!(check_releases(&fine).is_empty());
+    // Generation 1 releasing past 100 afterwards: two primaries served.
+    let bad = [e("1", 1, 90), e("2", 2, 100), e("3", 1, 101)];
+    assert_eq!(check_releases(&bad).len(), 1);
+}
+
+/// The checker is not blind: a partition under keep-running makes both
+/// hosts serve (documented; the witness issue settles it), and it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_sees_two_primaries_when_a_partition_splits_a_keep_running_pair() {
+    common::require_kvm();
+    let _serial = common::serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(2, dir.path(), false);
+    let primary = cluster
+        .wait_protected(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    // The writer keeps both sides producing output: while cut off, the old
+    // primary releases what it produces unprotected.
+    let mut client = Lines::connect(cluster.hosts[primary].console, 0)
+        .await
+        .unwrap();
+    cluster.cut(true);
+    let cut = Instant::now();
+    let mut i = 0;
+    while cut.elapsed() < Duration::from_secs(4) {
+        client.send(&format!("SET p{i} x")).await.unwrap();
+        let _ = client.next(Duration::from_millis(300)).await;
+        i += 1;
+    }
+    cluster.cut(false);
+    cluster
+        .wait_protected(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let dual = check_releases(&releases(&cluster.dir));
+    assert!(
+        !dual.is_empty(),
+        "a split keep-running pair went unnoticed\n{}",
+        cluster.logs()
+    );
+    eprintln!("the checker saw: {}", dual[0]);
+}
