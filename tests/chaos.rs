@@ -335,8 +335,9 @@ impl Drop for Cluster {
 /// What the writer and the fault loop share.
 #[derive(Default)]
 struct Shared {
-    /// Keys whose SET was answered OK.
-    acked: Vec<u64>,
+    /// Key → the value of its last SET answered OK (the guest's table holds
+    /// 4096 entries, so keys are reused).
+    acked: std::collections::BTreeMap<u64, u64>,
     violations: Vec<String>,
     /// Requests answered (SET and GET).
     answered: u64,
@@ -425,20 +426,27 @@ async fn writer(
     let mut i = 0u64;
     while !stop.is_cancelled() {
         if let Ok(done) = verify.try_recv() {
-            let keys = shared.lock().unwrap().acked.clone();
+            let keys: Vec<(u64, u64)> = shared
+                .lock()
+                .unwrap()
+                .acked
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect();
             for chunk in keys.chunks(200) {
-                let gets: Vec<String> = chunk.iter().map(|k| format!("GET w{k}")).collect();
+                let gets: Vec<String> = chunk.iter().map(|(k, _)| format!("GET w{k}")).collect();
                 let answers = exchange(&mut client, &gets, consoles, controls, &shared).await;
-                for (k, a) in chunk.iter().zip(&answers) {
-                    if *a != format!("VALUE v{k}") {
-                        violation(format!("acked key w{k} reads back as {a:?}"));
+                for ((k, v), a) in chunk.iter().zip(&answers) {
+                    if *a != format!("VALUE v{v}") {
+                        violation(format!("acked key w{k} = v{v} reads back as {a:?}"));
                     }
                 }
             }
             let _ = done.send(());
             continue;
         }
-        let set = vec![format!("SET w{i} v{i}")];
+        let key = i % KEYS;
+        let set = vec![format!("SET w{key} v{i}")];
         let asked = Instant::now();
         let answer = exchange(&mut client, &set, consoles, controls, &shared).await;
         shared
@@ -447,20 +455,23 @@ async fn writer(
             .latencies
             .push(asked.elapsed().as_micros() as u64);
         if answer[0] != "OK" {
-            violation(format!("SET w{i} answered {:?}", answer[0]));
+            violation(format!("SET w{key} v{i} answered {:?}", answer[0]));
             return;
         }
-        shared.lock().unwrap().acked.push(i);
-        let get = vec![format!("GET w{i}")];
+        shared.lock().unwrap().acked.insert(key, i);
+        let get = vec![format!("GET w{key}")];
         let answer = exchange(&mut client, &get, consoles, controls, &shared).await;
         if answer[0] != format!("VALUE v{i}") {
-            violation(format!("GET w{i} answered {:?}", answer[0]));
+            violation(format!("GET w{key} answered {:?}, not v{i}", answer[0]));
             return;
         }
         shared.lock().unwrap().answered += 2;
         i += 1;
     }
 }
+
+/// Distinct keys the writer cycles through (the kv guest holds 4096).
+const KEYS: u64 = 2000;
 
 /// The faults the check injects.
 #[derive(Clone, Copy, Debug)]

@@ -196,8 +196,11 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "cert",
         "key",
         "backup_name",
+        "primary_name",
         "insecure",
         "dangerously_allow_insecure_network",
+        "max_held_output_kib",
+        "console_max_clients",
     ] {
         assert!(
             text.contains(&format!("{field} =")),

@@ -52,6 +52,21 @@ fn make_ca(dir: &Path, ca: &str) {
 
 /// A host certificate `name.pem`/`name.key` signed by `ca`, valid for 127.0.0.1.
 fn make_cert(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
+    make_cert_for(dir, ca, name, "IP:127.0.0.1")
+}
+
+/// An operator's certificate (the operator URI, no host address).
+fn make_operator(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
+    make_cert_for(
+        dir,
+        ca,
+        name,
+        &format!("URI:urn:understudy:operator:{name}"),
+    )
+}
+
+/// A certificate `name.pem`/`name.key` signed by `ca` with subjectAltName `san`.
+fn make_cert_for(dir: &Path, ca: &str, name: &str, san: &str) -> (PathBuf, PathBuf) {
     openssl(
         dir,
         &[
@@ -71,7 +86,7 @@ fn make_cert(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
     );
     std::fs::write(
         dir.join(format!("{name}.ext")),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n"),
     )
     .unwrap();
     openssl(
@@ -167,7 +182,7 @@ async fn mutual_tls_admits_the_right_ca_and_refuses_others() {
     make_ca(d, "other-ca");
     let (pc, pk) = make_cert(d, "ca", "primary");
     let (bc, bk) = make_cert(d, "ca", "backup");
-    let (oc, ok) = make_cert(d, "ca", "operator");
+    let (oc, ok) = make_operator(d, "ca", "operator");
     let (xc, xk) = make_cert(d, "other-ca", "intruder");
     let ca = d.join("ca.pem");
 
@@ -263,7 +278,7 @@ async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
     make_ca(d, "ca");
     let (pc, pk) = make_cert(d, "ca", "primary");
     let (bc, bk) = make_cert(d, "ca", "backup");
-    let (oc, ok) = make_cert(d, "ca", "operator");
+    let (oc, ok) = make_operator(d, "ca", "operator");
     let ca = d.join("ca.pem");
     let primary_replication = format!("127.0.0.1:{}", common::free_port());
     let mut pair = Pair::new_with(
@@ -286,4 +301,198 @@ async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
         assert!(text.contains("protected again"), "{text}");
     }
     assert!(!pair.logs().contains("tls accept error"), "{}", pair.logs());
+}
+
+/// A gRPC channel to `addr` presenting `cert`/`key` (server checked against `ca`).
+async fn channel(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ))
+        .domain_name("127.0.0.1");
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_identity_may_call_only_what_it_is_for() {
+    use understudy_proto::control_client::ControlClient;
+    use understudy_proto::replication_client::ReplicationClient;
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (oc, ok) = make_operator(d, "ca", "alice");
+    // From the pair's CA, but naming neither host nor an operator.
+    let (sc, sk) = make_cert_for(d, "ca", "stranger", "IP:10.9.9.9");
+    let ca = d.join("ca.pem");
+    let mut pair = Pair::new("counter", "");
+    start(
+        &mut pair,
+        tls_overrides(&ca, &bc, &bk),
+        tls_overrides(&ca, &pc, &pk),
+    );
+    wait_log(&pair, "VM protected");
+    let denied = |r: Result<(), tonic::Status>, what: &str| match r {
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+        other => panic!("{what}: {other:?}\n{}", pair.logs()),
+    };
+    // An operator reads and operates, but cannot act as the primary.
+    let op = channel(pair.addrs.replication, &ca, &oc, &ok).await;
+    let hello = fake_hello();
+    denied(
+        ReplicationClient::new(op)
+            .hello(hello.clone())
+            .await
+            .map(|_| ()),
+        "an operator's Hello",
+    );
+    let op = channel(pair.addrs.backup_control, &ca, &oc, &ok).await;
+    ControlClient::new(op)
+        .status(understudy_proto::StatusRequest {})
+        .await
+        .unwrap();
+    // A stranger from the same CA gets nothing, not even a probe.
+    let st = channel(pair.addrs.replication, &ca, &sc, &sk).await;
+    denied(
+        ReplicationClient::new(st)
+            .probe(understudy_proto::ProbeRequest { generation: 1 })
+            .await
+            .map(|_| ()),
+        "a stranger's probe",
+    );
+    let st = channel(pair.addrs.primary_control, &ca, &sc, &sk).await;
+    denied(
+        ControlClient::new(st.clone())
+            .status(understudy_proto::StatusRequest {})
+            .await
+            .map(|_| ()),
+        "a stranger's status",
+    );
+    denied(
+        ControlClient::new(st)
+            .crash(understudy_proto::CrashRequest {})
+            .await
+            .map(|_| ()),
+        "a stranger's crash",
+    );
+    // A host reads figures but cannot order a switchover or a crash.
+    let host = channel(pair.addrs.primary_control, &ca, &bc, &bk).await;
+    ControlClient::new(host.clone())
+        .status(understudy_proto::StatusRequest {})
+        .await
+        .unwrap();
+    denied(
+        ControlClient::new(host)
+            .switchover(understudy_proto::SwitchoverRequest {})
+            .await
+            .map(|_| ()),
+        "a host's switchover",
+    );
+    // Every refusal is logged with who asked; the pair never noticed.
+    let logs = pair.logs();
+    assert!(logs.contains("operator \"alice\""), "{logs}");
+    assert!(logs.contains("10.9.9.9"), "{logs}");
+    assert_eq!(
+        logs.matches("request refused: not authorized").count(),
+        5,
+        "{logs}"
+    );
+    let s = common::status(pair.addrs.backup_control).await;
+    assert!(s.is_none(), "plaintext status is refused under TLS");
+    assert!(!logs.contains("promoting"), "{logs}");
+}
+
+/// A Hello as a primary would send it.
+fn fake_hello() -> understudy_proto::HelloRequest {
+    understudy_proto::HelloRequest {
+        protocol_version: understudy_proto::PROTOCOL_VERSION,
+        vm_id: "test-vm".into(),
+        generation: 1 << 40,
+        ram_bytes: 16 << 20,
+        session: 1,
+        incarnation: 7,
+        previous: None,
+        heartbeat_key: vec![0; 32].into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_over_tls_serves_operators_and_console_clients_only() {
+    use understudy_common::console::ResumingClient;
+    use understudy_common::wire::TlsFiles;
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (cc, ck) = make_cert_for(d, "ca", "bob", "URI:urn:understudy:console:bob");
+    let ca = d.join("ca.pem");
+    let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
+    let with_console = |mut o: Vec<String>| {
+        o.push("tls.console=true".into());
+        o
+    };
+    start(
+        &mut pair,
+        with_console(tls_overrides(&ca, &bc, &bk)),
+        with_console(tls_overrides(&ca, &pc, &pk)),
+    );
+    wait_log(&pair, "VM protected");
+    let connector = |cert: &Path, key: &Path| {
+        TlsFiles {
+            ca: ca.clone(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        }
+        .console_connector()
+        .unwrap()
+    };
+    // A console client reads the guest's output over TLS.
+    let mut bob =
+        ResumingClient::connect_now_with(pair.addrs.primary_console, Some(connector(&cc, &ck)))
+            .await
+            .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), bob.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("count"));
+    // A host's certificate is not a console client's; plaintext gets nothing.
+    let host = tokio::time::timeout(
+        Duration::from_secs(5),
+        ResumingClient::connect_now_with(pair.addrs.primary_console, Some(connector(&bc, &bk))),
+    )
+    .await
+    .unwrap();
+    assert!(host.is_err(), "a host certificate opened the console");
+    let plain = tokio::time::timeout(
+        Duration::from_secs(5),
+        ResumingClient::connect_now(pair.addrs.primary_console),
+    )
+    .await
+    .unwrap();
+    assert!(plain.is_err(), "plaintext opened a TLS console");
+    assert!(
+        pair.logs().contains("console client refused"),
+        "{}",
+        pair.logs()
+    );
 }

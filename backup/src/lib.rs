@@ -73,6 +73,8 @@ pub struct BackupOptions {
     pub fsync: bool,
     /// Mutual TLS for the replication and control services (None: plaintext).
     pub tls: Option<wire::TlsFiles>,
+    /// Who may call the replication service (only the other host).
+    pub auth: understudy_common::auth::Authority,
 }
 
 /// Why the backup stopped.

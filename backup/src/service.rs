@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use understudy_checkpoint::epoch::EpochDecoder;
+use understudy_common::auth::Access;
 use understudy_common::heartbeat::SessionKey;
 use understudy_common::ids::{Generation, Incarnation, RunState};
 use understudy_common::wire;
@@ -103,6 +104,10 @@ impl ReplicationService {
 #[tonic::async_trait]
 impl Replication for ReplicationService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        self.0
+            .opts
+            .auth
+            .check(&req, "Replication.Hello", Access::PeerHost)?;
         let req = req.into_inner();
         let shared = &self.0;
         let previous = req.previous.as_ref().and_then(|p| {
@@ -179,6 +184,10 @@ impl Replication for ReplicationService {
         &self,
         req: Request<Streaming<EpochChunk>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
+        self.0
+            .opts
+            .auth
+            .check(&req, "Replication.Replicate", Access::PeerHost)?;
         let mut incoming = req.into_inner();
         let shared = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);
@@ -219,6 +228,10 @@ impl Replication for ReplicationService {
         &self,
         req: Request<GoodbyeRequest>,
     ) -> Result<Response<GoodbyeReply>, Status> {
+        self.0
+            .opts
+            .auth
+            .check(&req, "Replication.Goodbye", Access::PeerHost)?;
         let req = req.into_inner();
         let shared = &self.0;
         let mut state = shared.lock();
@@ -245,7 +258,11 @@ impl Replication for ReplicationService {
         Ok(Response::new(GoodbyeReply {}))
     }
 
-    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
+    async fn probe(&self, req: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
+        self.0
+            .opts
+            .auth
+            .check(&req, "Replication.Probe", Access::PeerHost)?;
         // Lock-free: a probe is answered even while a commit waits for the disk.
         let shared = &self.0;
         Ok(Response::new(ProbeReply {
@@ -263,6 +280,10 @@ impl Replication for ReplicationService {
         &self,
         req: Request<HandoverRequest>,
     ) -> Result<Response<HandoverReply>, Status> {
+        self.0
+            .opts
+            .auth
+            .check(&req, "Replication.Handover", Access::PeerHost)?;
         let req = req.into_inner();
         let shared = &self.0;
         if let Some(why) = &shared.opts.handover_unavailable {

@@ -194,6 +194,12 @@ impl ConsoleLog {
         self.release_to(end);
     }
 
+    /// Bytes appended but not released.
+    pub fn unreleased_len(&self) -> usize {
+        let log = self.lock();
+        (log.end() - log.released) as usize
+    }
+
     /// Unreleased output: (offset of first byte, bytes).
     pub fn unreleased(&self) -> (u64, Vec<u8>) {
         let log = self.lock();
@@ -339,39 +345,185 @@ impl InputSink {
     }
 }
 
+/// How the console server treats its clients.
+#[derive(Clone, Debug)]
+pub struct ConsoleOptions {
+    /// Clients served at once; more are told so and closed.
+    pub max_clients: usize,
+    /// TLS with client certificates (None: plain TCP).
+    pub tls: Option<ConsoleTls>,
+}
+
+impl Default for ConsoleOptions {
+    fn default() -> Self {
+        Self {
+            max_clients: DEFAULT_MAX_CLIENTS,
+            tls: None,
+        }
+    }
+}
+
+/// Console clients served at once unless configured otherwise.
+pub const DEFAULT_MAX_CLIENTS: usize = 64;
+/// File descriptors kept free for the image store, replication and the VM:
+/// no console client is accepted past `RLIMIT_NOFILE − FD_RESERVE`.
+pub const FD_RESERVE: usize = 128;
+/// A client that takes no output for this long (its window full) is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keep-alive of console connections: a vanished client is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The console's TLS: the host's identity, and who may connect (operators
+/// and console clients whose certificates the pair's CA signed).
+#[derive(Clone)]
+pub struct ConsoleTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub auth: crate::auth::Authority,
+}
+
+impl std::fmt::Debug for ConsoleTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleTls")
+    }
+}
+
+/// Open file descriptors of this process and its limit.
+fn descriptors() -> (usize, usize) {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let cur = if rc == 0 {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        usize::MAX
+    };
+    (open, cur)
+}
+
+/// Raises this process's descriptor limit to its hard limit (done once at
+/// start-up; the console's reserve is measured against it).
+pub fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Serves the console until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     log: Arc<ConsoleLog>,
     input: Arc<InputSink>,
+    options: ConsoleOptions,
     shutdown: CancellationToken,
 ) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(options.max_clients));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tracing::debug!(%peer, "console client connected");
-                tokio::spawn(client(stream, log.clone(), input.clone(), shutdown.clone()));
-            }
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
             Err(err) => {
+                // EMFILE and the like: back off instead of spinning.
                 tracing::warn!(%err, "console accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
+        };
+        let (open, limit) = descriptors();
+        let refusal = if open + FD_RESERVE > limit {
+            Some(format!(
+                "understudy: console refused: {open} of {limit} file descriptors in use (the rest are kept for the VM's state)\n"
+            ))
+        } else if clients.available_permits() == 0 {
+            Some(format!(
+                "understudy: console refused: {} clients already connected\n",
+                options.max_clients
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(%peer, reason = why.trim(), "console client refused");
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), stream.write_all(why.as_bytes()))
+                        .await;
+            });
+            continue;
         }
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE)
+            .with_interval(Duration::from_secs(5));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        tracing::debug!(%peer, "console client connected");
+        let (log, input, shutdown) = (log.clone(), input.clone(), shutdown.clone());
+        let tls = options.tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => client(stream, log, input, shutdown).await,
+                Some(tls) => {
+                    let accepted =
+                        tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(stream))
+                            .await;
+                    let stream = match accepted {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "console TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let caller = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| tls.auth.identify_der(c.as_ref()));
+                    match caller {
+                        Some(
+                            crate::auth::Caller::Operator(_) | crate::auth::Caller::Console(_),
+                        ) => {
+                            client(stream, log, input, shutdown).await;
+                        }
+                        other => {
+                            tracing::warn!(%peer, caller = ?other, "console client refused: not an operator or console certificate");
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
-async fn client(
-    stream: TcpStream,
+async fn client<S>(
+    stream: S,
     log: Arc<ConsoleLog>,
     input: Arc<InputSink>,
     shutdown: CancellationToken,
-) {
-    let (mut rd, mut wr) = stream.into_split();
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     // Optional resume request: wait briefly for 16 bytes starting with a magic.
     let mut first = Vec::with_capacity(16);
     let deadline = tokio::time::Instant::now() + RESUME_GRACE;
@@ -490,8 +642,15 @@ async fn client(
             }
             continue;
         }
-        if wr.write_all(&bytes).await.is_err() {
-            break;
+        // A client that does not take its output is dropped, not waited
+        // for: it would hold a descriptor and this task for ever.
+        match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                tracing::warn!("console client took no output for {WRITE_TIMEOUT:?}: dropped");
+                break;
+            }
         }
         cursor = from + bytes.len() as u64;
     }
@@ -505,9 +664,10 @@ const KEEP_INPUT: usize = 1 << 20;
 /// across reconnections, switchovers and failovers (used by tests, the demo
 /// and `understudyctl`). It keeps the last 1 MiB of what it sent and resends
 /// whatever the VM on the host it reconnects to has not taken.
-#[derive(Debug)]
 pub struct ResumingClient {
-    stream: TcpStream,
+    stream: Box<dyn ConsoleStream>,
+    /// TLS for every host it connects to (None: plain TCP).
+    tls: Option<tokio_rustls::TlsConnector>,
     /// Offset of the next byte expected.
     pub offset: u64,
     /// Input offset of `sent[0]`.
@@ -516,22 +676,65 @@ pub struct ResumingClient {
     sent: VecDeque<u8>,
 }
 
+impl std::fmt::Debug for ResumingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumingClient")
+            .field("offset", &self.offset)
+            .field("input_base", &self.input_base)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A console connection, plain or TLS.
+trait ConsoleStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ConsoleStream for T {}
+
+/// Connects to a console (TLS when `tls` is given: the host's certificate
+/// must name `addr`'s IP).
+async fn dial(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> std::io::Result<Box<dyn ConsoleStream>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    match tls {
+        None => Ok(Box::new(stream)),
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::from(addr.ip());
+            Ok(Box::new(connector.connect(name, stream).await?))
+        }
+    }
+}
+
 impl ResumingClient {
     /// Connects and asks for output from now on (the client learns the
     /// offset, so it can resume elsewhere later).
     pub async fn connect_now(addr: SocketAddr) -> std::io::Result<Self> {
-        let (stream, start, input_next) = Self::request(addr, FROM_NOW).await?;
+        Self::connect_now_with(addr, None).await
+    }
+
+    /// [`Self::connect_now`] over TLS (a console with `tls.console = true`).
+    pub async fn connect_now_with(
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsConnector>,
+    ) -> std::io::Result<Self> {
+        let (stream, start, input_next) = Self::request(addr, FROM_NOW, tls.as_ref()).await?;
         Ok(Self {
             stream,
+            tls,
             offset: start,
             input_base: input_next,
             sent: VecDeque::new(),
         })
     }
 
-    async fn request(addr: SocketAddr, offset: u64) -> std::io::Result<(TcpStream, u64, u64)> {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+    async fn request(
+        addr: SocketAddr,
+        offset: u64,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> std::io::Result<(Box<dyn ConsoleStream>, u64, u64)> {
+        let mut stream = dial(addr, tls).await?;
         let mut req = RESUME_MAGIC_V2.to_vec();
         req.extend_from_slice(&offset.to_le_bytes());
         stream.write_all(&req).await?;
@@ -552,9 +755,19 @@ impl ResumingClient {
 
     /// Connects and asks for output from `offset`.
     pub async fn connect(addr: SocketAddr, offset: u64) -> std::io::Result<Self> {
-        let (stream, start, input_next) = Self::request(addr, offset).await?;
+        Self::connect_with(addr, offset, None).await
+    }
+
+    /// [`Self::connect`] over TLS.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        offset: u64,
+        tls: Option<tokio_rustls::TlsConnector>,
+    ) -> std::io::Result<Self> {
+        let (stream, start, input_next) = Self::request(addr, offset, tls.as_ref()).await?;
         let mut client = Self {
             stream,
+            tls,
             offset: start,
             input_base: input_next,
             sent: VecDeque::new(),
@@ -590,7 +803,11 @@ impl ResumingClient {
     /// has not taken is sent again.
     pub async fn reconnect(&mut self, addr: SocketAddr) -> std::io::Result<()> {
         let wanted = self.offset;
-        let (stream, start, input_next) = Self::request(addr, wanted).await?;
+        let (stream, start, input_next) = Self::request(addr, wanted, self.tls.as_ref()).await?;
+        if self.sent.is_empty() {
+            // Nothing of ours to resend: input offsets are someone else's.
+            self.input_base = input_next;
+        }
         let sent_end = self.input_base + self.sent.len() as u64;
         if input_next < self.input_base {
             return Err(std::io::Error::other(format!(
@@ -687,7 +904,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let sink = InputSink::new(guest.map(|g| g as Arc<dyn GuestInput>));
-        tokio::spawn(serve(listener, log.clone(), sink.clone(), shutdown.clone()));
+        tokio::spawn(serve(
+            listener,
+            log.clone(),
+            sink.clone(),
+            ConsoleOptions::default(),
+            shutdown.clone(),
+        ));
         (addr, shutdown, sink)
     }
 

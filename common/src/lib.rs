@@ -3,6 +3,7 @@
 //! (VM state + unreleased console output), and live status figures with the
 //! Control service. No replication logic lives here.
 
+pub mod auth;
 pub mod console;
 pub mod durable;
 pub mod fault;

@@ -21,6 +21,11 @@ struct RoleLabel {
     role: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabel {
+    rpc: String,
+}
+
 /// Every metric a daemon exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -38,8 +43,10 @@ pub struct Metrics {
     generation: Gauge,
     protected: Gauge,
     lag: Gauge,
+    held_output: Gauge,
     last_epoch: Gauge,
     role: Family<RoleLabel, Gauge>,
+    refused: Family<RpcLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -66,8 +73,10 @@ impl Metrics {
             generation: Gauge::default(),
             protected: Gauge::default(),
             lag: Gauge::default(),
+            held_output: Gauge::default(),
             last_epoch: Gauge::default(),
             role: Family::default(),
+            refused: Family::default(),
         };
         let mut registry = Registry::with_prefix("understudy");
         registry.register_with_unit(
@@ -137,13 +146,33 @@ impl Metrics {
             "Checkpoints shipped but not yet acked",
             m.lag.clone(),
         );
+        registry.register_with_unit(
+            "held_output",
+            "Console output the primary holds unreleased (waiting for acks)",
+            prometheus_client::registry::Unit::Bytes,
+            m.held_output.clone(),
+        );
         registry.register(
             "last_epoch",
             "Last acked (primary) or committed (backup) checkpoint",
             m.last_epoch.clone(),
         );
         registry.register("role", "1 for this daemon's current role", m.role.clone());
+        registry.register(
+            "refused_requests",
+            "Requests refused because the caller may not make them, by RPC",
+            m.refused.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts a request refused for want of authority.
+    pub fn refused(&self, rpc: &str) {
+        self.refused
+            .get_or_create(&RpcLabel {
+                rpc: rpc.to_owned(),
+            })
+            .inc();
     }
 
     /// The text exposition, with gauges read from `stats` now.
@@ -157,6 +186,7 @@ impl Metrics {
             u64::from(stats.protected.load(Ordering::Acquire)),
         );
         set(&self.lag, stats.in_flight.load(Ordering::Relaxed));
+        set(&self.held_output, stats.held_output.load(Ordering::Relaxed));
         set(&self.last_epoch, stats.last_epoch().unwrap_or_default());
         self.role.clear();
         self.role

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use understudy_proto::control_server::Control;
 use understudy_proto::{StatusReply, StatusRequest};
 
+use crate::auth::Access;
 use crate::role::OperatorRequest;
 
 const SAMPLES: usize = 1024;
@@ -66,6 +67,8 @@ pub struct Stats {
     pub epochs: AtomicU64,
     pub bytes_shipped: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Console output appended but not yet released (bytes).
+    pub held_output: AtomicU64,
     pub promotion_detect_us: AtomicU64,
     pub promotion_resume_us: AtomicU64,
     /// The VM's incarnation, once this host knows one.
@@ -96,6 +99,7 @@ impl Stats {
             epochs: AtomicU64::new(0),
             bytes_shipped: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            held_output: AtomicU64::new(0),
             promotion_detect_us: AtomicU64::new(0),
             promotion_resume_us: AtomicU64::new(0),
             incarnation: Mutex::new(None),
@@ -236,21 +240,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ControlService {
     pub stats: std::sync::Arc<Stats>,
     pub operator: crate::role::OperatorSlot,
+    /// Who may call what (operators change things; hosts may read).
+    pub auth: crate::auth::Authority,
 }
 
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn status(
         &self,
-        _: tonic::Request<StatusRequest>,
+        request: tonic::Request<StatusRequest>,
     ) -> Result<tonic::Response<StatusReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.Status", Access::OperatorOrHost)?;
         Ok(tonic::Response::new(self.stats.reply()))
     }
 
     async fn epochs(
         &self,
-        _: tonic::Request<understudy_proto::EpochsRequest>,
+        request: tonic::Request<understudy_proto::EpochsRequest>,
     ) -> Result<tonic::Response<understudy_proto::EpochsReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.Epochs", Access::OperatorOrHost)?;
         let samples = lock(&self.stats.recent).iter().cloned().collect();
         Ok(tonic::Response::new(understudy_proto::EpochsReply {
             samples,
@@ -259,8 +269,10 @@ impl Control for ControlService {
 
     async fn crash(
         &self,
-        _: tonic::Request<understudy_proto::CrashRequest>,
+        request: tonic::Request<understudy_proto::CrashRequest>,
     ) -> Result<tonic::Response<understudy_proto::CrashReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.Crash", Access::Operator)?;
         let role = self.stats.role();
         if role != "primary" || !self.stats.protected.load(Ordering::Acquire) {
             return Err(tonic::Status::failed_precondition(format!(
@@ -281,8 +293,10 @@ impl Control for ControlService {
 
     async fn switchover(
         &self,
-        _: tonic::Request<understudy_proto::SwitchoverRequest>,
+        request: tonic::Request<understudy_proto::SwitchoverRequest>,
     ) -> Result<tonic::Response<understudy_proto::SwitchoverReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.Switchover", Access::Operator)?;
         self.operator
             .request(self.stats.role(), OperatorRequest::Switchover)
             .await
@@ -291,8 +305,10 @@ impl Control for ControlService {
 
     async fn promote(
         &self,
-        _: tonic::Request<understudy_proto::PromoteRequest>,
+        request: tonic::Request<understudy_proto::PromoteRequest>,
     ) -> Result<tonic::Response<understudy_proto::PromoteReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.Promote", Access::Operator)?;
         self.operator
             .request(self.stats.role(), OperatorRequest::Promote)
             .await
@@ -301,8 +317,10 @@ impl Control for ControlService {
 
     async fn discard_image(
         &self,
-        _: tonic::Request<understudy_proto::DiscardImageRequest>,
+        request: tonic::Request<understudy_proto::DiscardImageRequest>,
     ) -> Result<tonic::Response<understudy_proto::DiscardImageReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.DiscardImage", Access::Operator)?;
         self.operator
             .request(self.stats.role(), OperatorRequest::DiscardImage)
             .await

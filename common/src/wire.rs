@@ -181,3 +181,125 @@ pub async fn listen(
         .await
         .map_err(|source| ListenError { what, addr, source })
 }
+
+/// TLS material for the console that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleTlsError {
+    #[error("cannot read the TLS {what} {path}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the TLS {what} {path} is not usable")]
+    Rustls {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the CA in {path} is not usable")]
+    Verifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+}
+
+mod console_tls {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    use super::{ConsoleTlsError, TlsFiles};
+
+    fn certs(
+        what: &'static str,
+        path: &Path,
+    ) -> Result<Vec<CertificateDer<'static>>, ConsoleTlsError> {
+        let read = |source| ConsoleTlsError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        CertificateDer::pem_file_iter(path)
+            .map_err(read)?
+            .collect::<Result<_, _>>()
+            .map_err(read)
+    }
+
+    fn key(path: &Path) -> Result<PrivateKeyDer<'static>, ConsoleTlsError> {
+        PrivateKeyDer::from_pem_file(path).map_err(|source| ConsoleTlsError::Read {
+            what: "key",
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, ConsoleTlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs("CA certificate", &files.ca)? {
+            roots.add(cert).map_err(|source| ConsoleTlsError::Rustls {
+                what: "CA certificate",
+                path: files.ca.clone(),
+                source,
+            })?;
+        }
+        Ok(roots)
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn rustls_err<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(rustls::Error) -> ConsoleTlsError + 'a {
+        move |source| ConsoleTlsError::Rustls {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    impl TlsFiles {
+        /// The console's TLS server: this host's certificate, and clients
+        /// must present a certificate the CA signed (who they are is
+        /// checked per connection).
+        pub fn console_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, ConsoleTlsError> {
+            let provider = provider();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(self)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|source| ConsoleTlsError::Verifier {
+                path: self.ca.clone(),
+                source,
+            })?;
+            let config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(rustls_err("protocol versions", &self.ca))?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs("certificate", &self.cert)?, key(&self.key)?)
+                .map_err(rustls_err("certificate", &self.cert))?;
+            Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        }
+
+        /// A console client that presents this certificate and accepts only
+        /// a server the CA signed (for the IP it dials).
+        pub fn console_connector(&self) -> Result<tokio_rustls::TlsConnector, ConsoleTlsError> {
+            let config = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(rustls_err("protocol versions", &self.ca))?
+                .with_root_certificates(roots(self)?)
+                .with_client_auth_cert(certs("certificate", &self.cert)?, key(&self.key)?)
+                .map_err(rustls_err("certificate", &self.cert))?;
+            Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        }
+    }
+}

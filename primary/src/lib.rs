@@ -86,6 +86,9 @@ pub struct PrimaryOptions {
     pub codec: CodecPolicy,
     /// Epochs shipped but not yet acked before the epoch loop waits.
     pub max_in_flight: u64,
+    /// Console output held unreleased beyond which the guest is paused until
+    /// output goes out again.
+    pub max_held_output: usize,
     /// Boot without a first handshake with the backup (never by default: a
     /// primary that cannot ask the backup cannot know it was not deposed).
     pub start_unprotected: bool,
@@ -96,6 +99,9 @@ pub struct PrimaryOptions {
     /// Why this host could not become the backup after a switchover (None:
     /// it can, so switchovers are accepted).
     pub switchover_unavailable: Option<String>,
+    /// Who may call the replication service this host answers while it runs
+    /// the VM (only the other host).
+    pub auth: understudy_common::auth::Authority,
 }
 
 /// How the primary gets its VM.
@@ -509,7 +515,10 @@ pub async fn run(
                 .map_err(|source| wire::ListenError::new("replication", shared.addr, source))?;
             let server = wire::server(opts.tls.as_ref())
                 .map_err(PrimaryError::Tls)?
-                .add_service(ReplicationServer::new(RunsHere { generation }))
+                .add_service(ReplicationServer::new(RunsHere {
+                    generation,
+                    auth: opts.auth.clone(),
+                }))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     shutdown.clone().cancelled_owned(),

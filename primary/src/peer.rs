@@ -186,6 +186,7 @@ pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session:
 /// deposed, with this generation (a probe learns who runs the VM).
 pub(crate) struct RunsHere {
     pub(crate) generation: u64,
+    pub(crate) auth: understudy_common::auth::Authority,
 }
 
 impl RunsHere {
@@ -207,8 +208,13 @@ type Refused<T> =
 impl Replication for RunsHere {
     async fn hello(
         &self,
-        _: tonic::Request<HelloRequest>,
+        req: tonic::Request<HelloRequest>,
     ) -> Result<tonic::Response<understudy_proto::HelloReply>, tonic::Status> {
+        self.auth.check(
+            &req,
+            "Replication.Hello",
+            understudy_common::auth::Access::PeerHost,
+        )?;
         self.deposed()
     }
 
@@ -216,22 +222,37 @@ impl Replication for RunsHere {
 
     async fn replicate(
         &self,
-        _: tonic::Request<tonic::Streaming<EpochChunk>>,
+        req: tonic::Request<tonic::Streaming<EpochChunk>>,
     ) -> Result<tonic::Response<Self::ReplicateStream>, tonic::Status> {
+        self.auth.check(
+            &req,
+            "Replication.Replicate",
+            understudy_common::auth::Access::PeerHost,
+        )?;
         self.deposed()
     }
 
     async fn goodbye(
         &self,
-        _: tonic::Request<GoodbyeRequest>,
+        req: tonic::Request<GoodbyeRequest>,
     ) -> Result<tonic::Response<understudy_proto::GoodbyeReply>, tonic::Status> {
+        self.auth.check(
+            &req,
+            "Replication.Goodbye",
+            understudy_common::auth::Access::PeerHost,
+        )?;
         self.deposed()
     }
 
     async fn probe(
         &self,
-        _: tonic::Request<ProbeRequest>,
+        req: tonic::Request<ProbeRequest>,
     ) -> Result<tonic::Response<understudy_proto::ProbeReply>, tonic::Status> {
+        self.auth.check(
+            &req,
+            "Replication.Probe",
+            understudy_common::auth::Access::PeerHost,
+        )?;
         Ok(tonic::Response::new(understudy_proto::ProbeReply {
             generation: self.generation,
             role: "primary".into(),
@@ -240,8 +261,13 @@ impl Replication for RunsHere {
 
     async fn handover(
         &self,
-        _: tonic::Request<HandoverRequest>,
+        req: tonic::Request<HandoverRequest>,
     ) -> Result<tonic::Response<HandoverReply>, tonic::Status> {
+        self.auth.check(
+            &req,
+            "Replication.Handover",
+            understudy_common::auth::Access::PeerHost,
+        )?;
         self.deposed()
     }
 }

@@ -66,6 +66,9 @@ pub(crate) struct Replicator {
     next_epoch: u64,
     staging: Vec<u8>,
     page: Box<[u8; PAGE_SIZE]>,
+    /// The guest is paused because more console output than allowed is
+    /// held unreleased (see [`Replicator::hold_for_output`]).
+    held_for_output: bool,
 }
 
 /// Why a session ended, from the replicator's side.
@@ -97,6 +100,7 @@ impl Replicator {
             next_epoch: 1,
             staging: Vec::new(),
             page: Box::new([0; PAGE_SIZE]),
+            held_for_output: false,
         }
     }
 
@@ -194,6 +198,7 @@ impl Replicator {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        self.apply_output_bound();
     }
 
     /// Between sessions the guest runs on; its output follows the policy.
@@ -202,6 +207,50 @@ impl Replicator {
         if !bytes.is_empty() {
             self.log.append(&bytes);
             self.shared.releaser.produced_unprotected();
+        }
+        self.apply_output_bound();
+    }
+
+    /// Whether the guest must stay paused: more console output is held
+    /// unreleased than `max_held_output` (no backup acks it, under
+    /// hold-output). Pausing bounds the memory it takes and the size of
+    /// every checkpoint that carries it; the guest runs again once output
+    /// goes out (a backup acks). Reports changes.
+    fn hold_for_output(&mut self) -> bool {
+        let held = self.log.unreleased_len();
+        self.shared
+            .stats
+            .held_output
+            .store(held as u64, Ordering::Relaxed);
+        let hold = held > self.shared.opts.max_held_output;
+        if hold != self.held_for_output {
+            self.held_for_output = hold;
+            if hold {
+                tracing::warn!(
+                    held_bytes = held,
+                    limit = self.shared.opts.max_held_output,
+                    "console output held past its limit: the guest is paused until a backup acks it"
+                );
+                self.shared.stats.set_state(format!(
+                    "guest paused: {} KiB of console output held, no backup acks it",
+                    held >> 10
+                ));
+            } else {
+                tracing::info!("held console output went out: the guest runs again");
+            }
+        }
+        hold
+    }
+
+    /// Outside checkpoints: pause or resume the guest by [`Self::hold_for_output`].
+    fn apply_output_bound(&mut self) {
+        let hold = self.hold_for_output();
+        let Some(vm) = self.vm.as_ref() else { return };
+        let result = if hold { vm.pause() } else { vm.resume() };
+        if let Err(e) = result
+            && vm.ended().is_none()
+        {
+            tracing::error!(error = %e, "cannot pause or resume the guest for held output");
         }
     }
 
@@ -560,6 +609,8 @@ impl Replicator {
         // Output up to the pause belongs to this epoch.
         let bytes: Vec<u8> = self.output.try_iter().collect();
         let end_offset = self.log.append(&bytes);
+        let leave_paused = self.hold_for_output() || leave_paused;
+        let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
         let resumed = if leave_paused {
             Ok(())
         } else {

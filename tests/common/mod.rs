@@ -148,7 +148,22 @@ insecure = true
         self.spawn_with_env(role, overrides, &[])
     }
 
+    /// Spawns `role` with at most `nofile` open file descriptors.
+    pub fn spawn_with_fd_limit(&self, role: &str, overrides: &[&str], nofile: u64) -> Child {
+        self.spawn_inner(role, overrides, &[], Some(nofile))
+    }
+
     pub fn spawn_with_env(&self, role: &str, overrides: &[&str], env: &[(&str, String)]) -> Child {
+        self.spawn_inner(role, overrides, env, None)
+    }
+
+    fn spawn_inner(
+        &self,
+        role: &str,
+        overrides: &[&str],
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+    ) -> Child {
         // One log per daemon run, in start order.
         static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -166,6 +181,23 @@ insecure = true
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec here.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.spawn().unwrap()
     }
 

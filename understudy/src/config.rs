@@ -94,6 +94,14 @@ pub struct Config {
     /// Checkpoints shipped but not acked before the primary waits.
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: u64,
+    /// Console output the primary may hold unreleased (while no backup acks
+    /// it, under hold-output) before it pauses the guest until output can go
+    /// out again; bounds memory and every checkpoint's size.
+    #[serde(default = "defaults::max_held_output_kib")]
+    pub max_held_output_kib: u64,
+    /// Console clients served at once (more are told so and closed).
+    #[serde(default = "defaults::console_max_clients")]
+    pub console_max_clients: usize,
     /// Let the primary boot the VM without reaching the backup first.
     #[serde(default)]
     pub start_unprotected: bool,
@@ -170,6 +178,8 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// The name the backup's certificate carries (default: its IP address).
     pub backup_name: Option<String>,
+    /// The name the primary's certificate carries (default: its IP address).
+    pub primary_name: Option<String>,
     /// Plaintext instead of TLS: only on a network you trust with guest memory.
     #[serde(default)]
     pub insecure: bool,
@@ -177,6 +187,10 @@ pub struct TlsConfig {
     /// ports can read guest memory, crash or move the VM. Refused unless set.
     #[serde(default)]
     pub dangerously_allow_insecure_network: bool,
+    /// The guest console over TLS too: clients present a certificate the CA
+    /// signed for an operator or a console client (`urn:understudy:console:`).
+    #[serde(default)]
+    pub console: bool,
 }
 
 /// The primary host's addresses.
@@ -230,6 +244,11 @@ mod bounds {
     pub const HEARTBEAT_TIMEOUT: RangeInclusive<Duration> = ms(3)..=ms(60_000);
     /// Each checkpoint in flight holds its pages in memory on both hosts.
     pub const MAX_IN_FLIGHT: RangeInclusive<u64> = 1..=1024;
+    /// Held output travels in every checkpoint (whose device state is at most
+    /// 16 MiB).
+    pub const MAX_HELD_OUTPUT_KIB: RangeInclusive<u64> = 64..=8192;
+    /// Each client holds a descriptor and a task.
+    pub const CONSOLE_MAX_CLIENTS: RangeInclusive<usize> = 1..=4096;
 }
 
 mod defaults {
@@ -251,6 +270,12 @@ mod defaults {
     }
     pub fn backup_loss() -> BackupLoss {
         BackupLoss::KeepRunning
+    }
+    pub fn console_max_clients() -> usize {
+        understudy_common::console::DEFAULT_MAX_CLIENTS
+    }
+    pub fn max_held_output_kib() -> u64 {
+        4096
     }
     pub fn max_in_flight() -> u64 {
         4
@@ -378,6 +403,27 @@ impl Config {
                 "heartbeat_timeout ({:?}) must be at least 3 × heartbeat_interval ({:?}), or a single late beat promotes the backup",
                 self.heartbeat_timeout, self.heartbeat_interval
             ));
+        }
+        if !bounds::MAX_HELD_OUTPUT_KIB.contains(&self.max_held_output_kib) {
+            return Err(format!(
+                "max_held_output_kib {} is out of range: use {} to {} (default {})",
+                self.max_held_output_kib,
+                bounds::MAX_HELD_OUTPUT_KIB.start(),
+                bounds::MAX_HELD_OUTPUT_KIB.end(),
+                defaults::max_held_output_kib()
+            ));
+        }
+        if !bounds::CONSOLE_MAX_CLIENTS.contains(&self.console_max_clients) {
+            return Err(format!(
+                "console_max_clients {} is out of range: use {} to {} (default {})",
+                self.console_max_clients,
+                bounds::CONSOLE_MAX_CLIENTS.start(),
+                bounds::CONSOLE_MAX_CLIENTS.end(),
+                defaults::console_max_clients()
+            ));
+        }
+        if self.tls.console && self.tls.insecure {
+            return Err("tls.console = true needs mutual TLS (ca, cert, key), not insecure".into());
         }
         if !bounds::MAX_IN_FLIGHT.contains(&self.max_in_flight) {
             return Err(format!(
@@ -546,16 +592,46 @@ impl Config {
             backup_loss: self.backup_loss,
             codec: self.codec_policy()?,
             max_in_flight: self.max_in_flight,
+            max_held_output: (self.max_held_output_kib << 10) as usize,
             start_unprotected: self.start_unprotected,
             tls: self.tls_files(),
-            // backup_name names the [backup] host's certificate; the
-            // [primary] host's is checked against its IP.
-            backup_name: match peer {
-                Role::Backup => self.tls.backup_name.clone(),
-                Role::Primary => None,
-            },
+            // The name on the other host's certificate, when not its IP.
+            backup_name: self.peer_name(peer).cloned(),
             switchover_unavailable: self.switchover_unavailable(),
+            auth: self.authority(home, None),
         })
+    }
+
+    /// The DNS name the certificate of the host of `section` carries, if set.
+    fn peer_name(&self, section: Role) -> Option<&String> {
+        match section {
+            Role::Backup => self.tls.backup_name.as_ref(),
+            Role::Primary => self.tls.primary_name.as_ref(),
+        }
+    }
+
+    /// Who may call what on the host of `home`: under mutual TLS, the other
+    /// host is whoever's certificate names one of its addresses (or its
+    /// configured name); operators carry an operator URI.
+    pub fn authority(
+        &self,
+        home: Role,
+        stats: Option<std::sync::Arc<understudy_common::status::Stats>>,
+    ) -> understudy_common::auth::Authority {
+        if self.tls.insecure {
+            return understudy_common::auth::Authority::insecure();
+        }
+        let peer = home.other();
+        let a = self.host(peer);
+        let mut names: Vec<String> = [Some(a.console), Some(a.control), a.metrics, a.replication]
+            .into_iter()
+            .flatten()
+            .map(|addr| addr.ip().to_string())
+            .collect();
+        names.extend(self.peer_name(peer).map(|n| n.to_ascii_lowercase()));
+        names.sort();
+        names.dedup();
+        understudy_common::auth::Authority::mutual_tls(names, stats)
     }
 
     /// The backup role on the host of `home`.
@@ -575,6 +651,7 @@ impl Config {
             primary_releases_alone: self.backup_loss == BackupLoss::KeepRunning,
             fsync: self.fsync,
             tls: self.tls_files(),
+            auth: self.authority(home, None),
         })
     }
 }
@@ -679,6 +756,10 @@ insecure = true
             (
                 &["max_in_flight=100000"],
                 "max_in_flight 100000 is out of range",
+            ),
+            (
+                &["max_held_output_kib=65536"],
+                "max_held_output_kib 65536 is out of range",
             ),
             (&["tls.insecure=false"], "set ca, cert and key"),
             (

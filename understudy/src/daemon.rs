@@ -128,11 +128,23 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
         let roles_can_change = config.switchover_unavailable().is_none();
 
         // The host's servers, up across role changes.
+        console::raise_descriptor_limit();
         let console_listener = wire::listen("console", addrs.console).await?;
+        let console_tls = match (config.tls.console, config.tls_files()) {
+            (true, Some(files)) => Some(console::ConsoleTls {
+                acceptor: files.console_acceptor()?,
+                auth: config.authority(home, Some(stats.clone())),
+            }),
+            _ => None,
+        };
         tokio::spawn(console::serve(
             console_listener,
             host.log.clone(),
             host.input.clone(),
+            console::ConsoleOptions {
+                max_clients: config.console_max_clients,
+                tls: console_tls,
+            },
             shutdown.clone(),
         ));
         let control = wire::listen("control", addrs.control).await?;
@@ -142,6 +154,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                 .add_service(ControlServer::new(ControlService {
                     stats: stats.clone(),
                     operator: host.operator.clone(),
+                    auth: config.authority(home, Some(stats.clone())),
                 }))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(control),
@@ -163,7 +176,8 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
             let role_done = shutdown.child_token();
             match role {
                 Role::Primary => {
-                    let opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
+                    let mut opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
+                    opts.auth = config.authority(home, Some(stats.clone()));
                     stats.start_role("primary", opts.backup.to_string());
                     let start = adopted.take().map_or(Start::Boot, Start::Adopt);
                     let deposed = match understudy_primary::run(opts, host.clone(), role_done, start).await {
@@ -192,7 +206,8 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                     role = Role::Backup;
                 }
                 Role::Backup => {
-                    let opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
+                    let mut opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
+                    opts.auth = config.authority(home, Some(stats.clone()));
                     stats.start_role("backup", String::new());
                     match understudy_backup::run(opts, host.clone(), role_done).await {
                         Ok(BackupExit::Shutdown) => break Ok(0),
