@@ -5,7 +5,7 @@
 //! (root here; `LimitRTPRIO=10` under systemd), outside the async runtime.
 //!
 //! CI runs it for 20 s; the documented long run is 10 minutes:
-//! `UNDERSTUDY_LOAD_SECS=600 cargo test --release -p understudy --test load -- --nocapture`.
+//! `UNDERSTUDY_LOAD_SECS=600 cargo test -p understudy --test load -- --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
