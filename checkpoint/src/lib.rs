@@ -11,6 +11,7 @@ pub mod codec;
 pub mod epoch;
 pub mod page;
 pub mod store;
+pub mod trace;
 
 pub use codec::{Codec, CodecError, CodecPolicy, Compression};
 pub use epoch::{

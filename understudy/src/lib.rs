@@ -9,6 +9,7 @@ pub mod demo;
 pub mod drill;
 pub mod local;
 pub mod pair;
+pub mod record;
 pub mod remote;
 pub mod supervise;
 pub mod switchover;

@@ -37,7 +37,8 @@ pub struct SessionOptions {
 }
 
 impl RunOptions {
-    fn boot(&self) -> BuiltinBoot {
+    /// The built-in guest and its parameters.
+    pub fn boot(&self) -> BuiltinBoot {
         match self.guest {
             BuiltinGuest::Counter => BuiltinBoot::counter(self.interval_ms),
             BuiltinGuest::Dirtier => {
@@ -126,7 +127,7 @@ fn session(vm: Vm, console: Console, options: &SessionOptions) -> Result<()> {
     let _ = output.join();
     result?;
     match end {
-        VmEnd::Failed(why) => bail!("the VM failed: {why}"),
+        VmEnd::Failed(why) | VmEnd::Diverged(why) => bail!("the VM failed: {why}"),
         VmEnd::GuestReset | VmEnd::TripleFault => {
             eprintln!("understudy: {end}; VM ended");
             Ok(())

@@ -28,15 +28,26 @@ pub const COM1_IRQ: u32 = 4;
 const I8042_BASE: u16 = 0x60;
 const I8042_LEN: u16 = 5;
 
-/// Raises an interrupt line through a KVM irqfd.
+/// An interrupt line: through a KVM irqfd to the in-kernel irqchip, or (the
+/// deterministic mode) a flag the vCPU thread hands to its userspace PIC at
+/// the next exit.
 #[derive(Debug)]
-pub struct IrqLine(pub EventFd);
+pub enum IrqLine {
+    Kvm(EventFd),
+    Flag(Arc<AtomicBool>),
+}
 
 impl Trigger for IrqLine {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        match self {
+            Self::Kvm(evt) => evt.write(1),
+            Self::Flag(flag) => {
+                flag.store(true, Ordering::Release);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -206,12 +217,22 @@ impl Persist for SerialDevice {
     }
 }
 
+/// The legacy interrupt controller and timer the deterministic mode models
+/// in userspace (the kernel mode has KVM's own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Legacy {
+    pub pics: crate::pic::Pics,
+    pub pit: crate::pit::Pit,
+}
+
 /// The devices on the port-I/O bus.
 #[derive(Debug)]
 pub struct PortIoBus {
     pub serial: SerialDevice,
     i8042: I8042Device<ResetRequest>,
     reset: ResetRequest,
+    /// The deterministic mode's PIC pair and PIT.
+    pub legacy: Option<Legacy>,
 }
 
 impl PortIoBus {
@@ -221,6 +242,15 @@ impl PortIoBus {
             serial,
             i8042: I8042Device::new(reset.clone()),
             reset,
+            legacy: None,
+        }
+    }
+
+    /// A bus with userspace PIC and PIT (the deterministic mode).
+    pub fn with_legacy(serial: SerialDevice, legacy: Legacy) -> Self {
+        Self {
+            legacy: Some(legacy),
+            ..Self::new(serial)
         }
     }
 
@@ -231,8 +261,14 @@ impl PortIoBus {
 
     /// Handles an `in` instruction. Unclaimed ports read as all ones, as on a PC.
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
+        let legacy = self.legacy.as_ref().and_then(|l| match port {
+            p if crate::pit::is_pit_port(p) => Some(l.pit.read(p)),
+            p => l.pics.read(p),
+        });
         let value = if let Some(offset) = offset_in(port, COM1_BASE, COM1_LEN) {
             self.serial.read(offset)
+        } else if let Some(value) = legacy {
+            value
         } else if let Some(offset) = offset_in(port, I8042_BASE, I8042_LEN) {
             self.i8042.read(offset)
         } else {
@@ -249,6 +285,12 @@ impl PortIoBus {
         let Some(&value) = data.first() else { return };
         if let Some(offset) = offset_in(port, COM1_BASE, COM1_LEN) {
             self.serial.write(offset, value);
+        } else if let Some(legacy) = self.legacy.as_mut()
+            && (crate::pit::is_pit_port(port) || legacy.pics.write(port, value))
+        {
+            if crate::pit::is_pit_port(port) {
+                legacy.pit.write(port, value);
+            }
         } else if let Some(offset) = offset_in(port, I8042_BASE, I8042_LEN) {
             // ResetRequest's trigger cannot fail.
             let _ = self.i8042.write(offset, value);
@@ -269,7 +311,7 @@ mod tests {
     fn serial() -> (SerialDevice, crossbeam_channel::Receiver<u8>, EventFd) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = IrqLine(evt.try_clone().unwrap());
+        let irq = IrqLine::Kvm(evt.try_clone().unwrap());
         (SerialDevice::new(irq, ConsoleWriter(tx)), rx, evt)
     }
 
@@ -302,7 +344,7 @@ mod tests {
         let (tx, _rx2) = crossbeam_channel::unbounded();
         let evt2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut restored = SerialDevice::restore(
-            (IrqLine(evt2.try_clone().unwrap()), ConsoleWriter(tx)),
+            (IrqLine::Kvm(evt2.try_clone().unwrap()), ConsoleWriter(tx)),
             &saved,
         )
         .unwrap();

@@ -11,10 +11,13 @@
 //! replication, networks or checkpoint formats.
 
 pub mod arch;
+pub mod deterministic;
 pub mod devices;
 pub mod dirty;
 pub mod loader;
 pub mod memory;
+pub mod pic;
+pub mod pit;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

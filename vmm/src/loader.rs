@@ -67,6 +67,10 @@ pub struct BootEntry {
 pub trait Loader: fmt::Debug + Send {
     /// Writes the guest and everything it needs to boot; returns its entry.
     fn load(&self, ram: &GuestRam) -> Result<BootEntry, LoadError>;
+
+    /// The deterministic mode's check: refuses an image that could read the
+    /// host without an exit (see [`crate::deterministic::refuse_nondeterminism`]).
+    fn refuse_nondeterminism(&self) -> Result<(), String>;
 }
 
 /// The built-in guests.
@@ -189,6 +193,10 @@ impl Loader for BuiltinBoot {
         ram.write_at(BOOT_INFO_GPA, &info)?;
         Ok(entry)
     }
+
+    fn refuse_nondeterminism(&self) -> Result<(), String> {
+        crate::deterministic::refuse_nondeterminism(self.guest.image())
+    }
 }
 
 /// Raw 64-bit code loaded and entered at [`IMAGE_GPA`], for smoke tests and
@@ -215,6 +223,10 @@ impl Loader for RawCode {
             rip: IMAGE_GPA,
             rsp: STACK_TOP,
         })
+    }
+
+    fn refuse_nondeterminism(&self) -> Result<(), String> {
+        crate::deterministic::refuse_nondeterminism(&self.0)
     }
 }
 

@@ -52,6 +52,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot state has no RAM checksum: it was not written as a full snapshot")]
     NoRamChecksum,
+    #[error("the VM differs from the snapshot in {dir}: {what}")]
+    Differs { dir: PathBuf, what: String },
     #[error(transparent)]
     Vm(#[from] VmError),
 }
@@ -165,4 +167,95 @@ pub fn restore_snapshot(dir: &Path, start_paused: bool) -> Result<(Vm, Console),
     )
     .map_err(VmError::from)?;
     Ok(Vm::restore(&state, ram, start_paused)?)
+}
+
+/// Restores a snapshot taken in the deterministic mode, to replay a trace
+/// from it or record on from it (RAM mapped as in [`restore_snapshot`]).
+pub fn restore_deterministic(
+    dir: &Path,
+    start_paused: bool,
+    trace: crate::deterministic::TraceMode,
+) -> Result<(Vm, Console), SnapshotError> {
+    let (state, file) = read_snapshot(dir)?;
+    let ram = GuestRam::new(
+        state.memory.size_bytes as usize,
+        RamBacking::PrivateFile(file),
+    )
+    .map_err(VmError::from)?;
+    Ok(Vm::restore_deterministic(&state, ram, start_paused, trace)?)
+}
+
+/// MSRs that follow the host's clock rather than the guest's execution (the
+/// TSC and its deadline): a replay cannot reproduce them, and nothing the
+/// deterministic mode runs reads them.
+pub const CLOCK_MSRS: [u32; 2] = [0x10, 0x6e0];
+
+/// Checks a paused VM against a full snapshot: RAM page for page, the vCPU
+/// (but [`CLOCK_MSRS`]), the devices and the deterministic mode's state. The
+/// error names the first difference.
+pub fn compare_with_snapshot(vm: &Vm, dir: &Path) -> Result<(), SnapshotError> {
+    let differs = |what: String| SnapshotError::Differs {
+        dir: dir.to_owned(),
+        what,
+    };
+    let (recorded, mut file) = read_snapshot(dir)?;
+    let current = vm.save_state(false)?;
+    if current.memory.size_bytes != recorded.memory.size_bytes {
+        return Err(differs(format!(
+            "RAM is {} bytes, the snapshot's {}",
+            current.memory.size_bytes, recorded.memory.size_bytes
+        )));
+    }
+    use std::io::Seek;
+    let mem_path = dir.join(MEMORY_FILE);
+    file.rewind()
+        .map_err(io("cannot read snapshot RAM", &mem_path))?;
+    let mut theirs = vec![0u8; crate::memory::PAGE_SIZE];
+    let mut ours = [0u8; crate::memory::PAGE_SIZE];
+    for page in 0..vm.ram().pages() {
+        file.read_exact(&mut theirs)
+            .map_err(io("cannot read snapshot RAM", &mem_path))?;
+        vm.ram().copy_page(page, &mut ours).map_err(VmError::from)?;
+        if ours[..] != theirs[..] {
+            let at = ours
+                .iter()
+                .zip(&theirs)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Err(differs(format!(
+                "guest page {page:#x} differs first at byte {at:#x} (guest-physical {:#x})",
+                page * crate::memory::PAGE_SIZE + at
+            )));
+        }
+    }
+    if current.deterministic != recorded.deterministic {
+        return Err(differs(format!(
+            "the deterministic state is {:?}, the snapshot's {:?}",
+            current.deterministic, recorded.deterministic
+        )));
+    }
+    if current.devices != recorded.devices {
+        return Err(differs(format!(
+            "the devices are {:?}, the snapshot's {:?}",
+            current.devices, recorded.devices
+        )));
+    }
+    let strip = |v: &crate::state::VcpuState| {
+        let mut v = v.clone();
+        v.msrs.retain(|m| !CLOCK_MSRS.contains(&m.index));
+        v
+    };
+    let (a, b) = (strip(&current.vcpu), strip(&recorded.vcpu));
+    if a.regs != b.regs {
+        return Err(differs(format!(
+            "the registers are {:?}, the snapshot's {:?}",
+            a.regs, b.regs
+        )));
+    }
+    if a != b {
+        return Err(differs(
+            "the vCPU's system state (sregs, FPU, MSRs or events) differs".into(),
+        ));
+    }
+    Ok(())
 }

@@ -45,9 +45,10 @@ pub trait Persist: Sized {
 /// Magic at the start of every encoded VM state.
 pub const STATE_MAGIC: [u8; 8] = *b"USTDVMST";
 /// Current format version. Bump on any change to the types below (2: the
-/// serial device counts the console input it has taken). Version 1 states
-/// are still read.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// serial device counts the console input it has taken; 3: the
+/// deterministic mode's devices and exit index). Versions 1 and 2 are still
+/// read.
+pub const STATE_FORMAT_VERSION: u32 = 3;
 const OLDEST_READABLE_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Refuse absurd payload lengths before allocating (real states are ~12 KB).
@@ -90,8 +91,13 @@ pub struct VmState {
     /// What was booted (kept so tools can tell which guest a snapshot holds).
     pub boot: Option<BuiltinBoot>,
     pub vcpu: VcpuState,
+    /// KVM's in-kernel devices (the kernel mode; all zero in the
+    /// deterministic mode, which has none).
     pub kvm: KvmVmState,
     pub devices: DeviceStates,
+    /// The deterministic mode: its userspace PIC and PIT, and where the VM
+    /// is in its exit count (None: the kernel mode).
+    pub deterministic: Option<crate::deterministic::DeterministicState>,
 }
 
 /// Guest RAM layout and a checksum of its contents when saved.
@@ -190,6 +196,7 @@ mod v1 {
                         pending_input: s.pending_input,
                     },
                 },
+                deterministic: None,
             }
         }
     }
@@ -304,7 +311,7 @@ pub struct VcpuEvents {
 }
 
 /// VM-wide in-kernel device state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvmVmState {
     pub pit: PitState,
     pub clock: ClockState,
@@ -404,12 +411,17 @@ impl VmState {
         if stored != computed {
             return Err(StateError::Checksum { stored, computed });
         }
-        let state: VmState = if version == 1 {
-            postcard::from_bytes::<v1::VmState>(payload)
+        let state: VmState = match version {
+            1 => postcard::from_bytes::<v1::VmState>(payload)
                 .map_err(StateError::Decode)?
-                .into()
-        } else {
-            postcard::from_bytes(payload).map_err(StateError::Decode)?
+                .into(),
+            // Version 2 is version 3 without the trailing option (None).
+            2 => {
+                let mut v3 = payload.to_vec();
+                v3.push(0);
+                postcard::from_bytes(&v3).map_err(StateError::Decode)?
+            }
+            _ => postcard::from_bytes(payload).map_err(StateError::Decode)?,
         };
         state.validate()?;
         Ok(state)
@@ -1091,7 +1103,24 @@ pub(crate) mod tests {
                     input_total: 6,
                 },
             },
+            deterministic: None,
         }
+    }
+
+    #[test]
+    fn a_deterministic_state_round_trips() {
+        let mut state = sample_state();
+        let mut det = crate::deterministic::DeterministicState {
+            exit_index: 123_456,
+            events_after_exit: 2,
+            ticks: 999,
+            ..Default::default()
+        };
+        det.pics.master.base = 0x20;
+        det.pit.divisor = 1193;
+        state.deterministic = Some(det);
+        let bytes = state.encode().unwrap();
+        assert_eq!(VmState::decode(&bytes).unwrap(), state);
     }
 
     #[test]
@@ -1106,7 +1135,8 @@ pub(crate) mod tests {
         let state = sample_state();
         // Version 1 is version 2 without the trailing input counter.
         let mut payload = postcard::to_stdvec(&state).unwrap();
-        payload.pop();
+        payload.pop(); // no deterministic state (version 2 had none)
+        payload.pop(); // the input counter (version 1 had none)
         let mut bytes = STATE_MAGIC.to_vec();
         bytes.extend_from_slice(&1u32.to_le_bytes());
         bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -1147,10 +1177,10 @@ pub(crate) mod tests {
             Err(StateError::BadMagic { .. })
         ));
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&4u32.to_le_bytes());
         let err = VmState::decode(&newer).unwrap_err();
-        assert!(matches!(err, StateError::UnsupportedVersion { found: 3 }));
-        assert!(err.to_string().contains("this build reads versions 1 to 2"));
+        assert!(matches!(err, StateError::UnsupportedVersion { found: 4 }));
+        assert!(err.to_string().contains("this build reads versions 1 to 3"));
     }
 
     #[test]

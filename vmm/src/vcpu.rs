@@ -30,7 +30,10 @@ use crossbeam_channel::{Receiver, Sender};
 use kvm_bindings::{CpuId, KVM_MAX_MSR_ENTRIES, Msrs, kvm_fpu, kvm_msr_entry, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use understudy_checkpoint::trace::Exit;
+
 use crate::arch;
+use crate::deterministic::{After, DeterministicState, Engine, ReplayOutcome};
 use crate::devices::PortIoBus;
 use crate::loader::BootEntry;
 use crate::state::{
@@ -79,6 +82,9 @@ pub enum VmEnd {
     Stopped,
     /// KVM could not go on (e.g. an instruction its emulator lacks).
     Failed(String),
+    /// A replay disagreed with its log, or the log could not be used (the
+    /// message names the exit and what differed).
+    Diverged(String),
 }
 
 impl std::fmt::Display for VmEnd {
@@ -88,6 +94,7 @@ impl std::fmt::Display for VmEnd {
             Self::TripleFault => f.write_str("the guest triple-faulted"),
             Self::Stopped => f.write_str("stopped by the host"),
             Self::Failed(why) => write!(f, "failed: {why}"),
+            Self::Diverged(why) => f.write_str(why),
         }
     }
 }
@@ -106,18 +113,33 @@ enum Request {
     Save,
 }
 
-type SaveResult = Result<(VcpuState, SerialDeviceState), VcpuError>;
+type SaveResult = Result<SavedVcpu, VcpuError>;
+
+/// What the vCPU thread saves: its registers, the UART, and the
+/// deterministic mode's devices.
+#[derive(Debug)]
+pub struct SavedVcpu {
+    pub vcpu: VcpuState,
+    pub serial: SerialDeviceState,
+    pub deterministic: Option<DeterministicState>,
+}
 
 struct ControlInner {
     state: RunState,
     request: Option<Request>,
     response: Option<SaveResult>,
+    /// Where a replay stopped (the deterministic mode).
+    replay: Option<ReplayOutcome>,
 }
 
 struct Control {
     inner: Mutex<ControlInner>,
     changed: Condvar,
     attention: AtomicBool,
+    /// The deterministic mode: requests wait for the vCPU's next exit
+    /// instead of kicking it out of the guest's instruction stream (a pause
+    /// must fall between two exits, where a replay can find it again).
+    deterministic: bool,
 }
 
 impl Control {
@@ -306,8 +328,10 @@ fn kick(control: &Control, inner: &ControlInner, thread: libc::pthread_t) -> boo
         return false;
     }
     control.attention.store(true, Ordering::Release);
-    // SAFETY: `thread` has not ended (see above), so the pthread_t is valid.
-    unsafe { libc::pthread_kill(thread, kick_signal()) };
+    if !control.deterministic {
+        // SAFETY: `thread` has not ended (see above), so the pthread_t is valid.
+        unsafe { libc::pthread_kill(thread, kick_signal()) };
+    }
     true
 }
 
@@ -319,6 +343,8 @@ struct VcpuThread {
     input: Receiver<Vec<u8>>,
     cpuid: Vec<CpuidEntry>,
     msr_indices: Vec<u32>,
+    /// The deterministic mode's engine (None: the kernel mode).
+    det: Option<Engine>,
 }
 
 impl VcpuHandle {
@@ -330,6 +356,7 @@ impl VcpuHandle {
         setup: VcpuSetup,
         msr_indices: Vec<u32>,
         start_paused: bool,
+        det: Option<Engine>,
     ) -> Result<(Self, ConsoleInput), VcpuError> {
         install_kick_handler()?;
         let control = Arc::new(Control {
@@ -341,9 +368,11 @@ impl VcpuHandle {
                 },
                 request: None,
                 response: None,
+                replay: None,
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(true),
+            deterministic: det.is_some(),
         });
         let (input_tx, input_rx) = crossbeam_channel::bounded(INPUT_QUEUE_CHUNKS);
         let input_base = bus.serial.input_total();
@@ -359,6 +388,7 @@ impl VcpuHandle {
                     input: input_rx,
                     cpuid: Vec::new(),
                     msr_indices,
+                    det,
                 };
                 match vcpu.setup(setup) {
                     Ok(()) => {
@@ -484,6 +514,29 @@ impl VcpuHandle {
         }
     }
 
+    /// Waits until a replay reaches its end (or the VM ends, e.g. on a
+    /// divergence): the outcome, or how the VM ended.
+    pub fn wait_replay(&self, timeout: Duration) -> Result<ReplayOutcome, VcpuError> {
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(1 << 32));
+        let mut inner = self.control.lock();
+        loop {
+            if let Some(outcome) = inner.replay.take() {
+                return Ok(outcome);
+            }
+            if let RunState::Ended(end) = &inner.state {
+                return Err(VcpuError::Ended(end.clone()));
+            }
+            let (guard, timed_out) = self.control.wait(inner, deadline);
+            inner = guard;
+            if timed_out {
+                return Err(VcpuError::Timeout {
+                    what: "finish its replay",
+                    timeout,
+                });
+            }
+        }
+    }
+
     /// Waits up to `timeout` for the VM to end on its own.
     pub fn wait_end(&self, timeout: Duration) -> Option<VmEnd> {
         self.end_watch().wait(timeout)
@@ -520,6 +573,12 @@ impl Drop for VcpuHandle {
     }
 }
 
+/// KVM's paravirtual MSRs that need an in-kernel LAPIC to be written
+/// (async page faults' interrupt vector and acknowledgement, PV EOI).
+fn needs_lapic(index: u32) -> bool {
+    matches!(index, 0x4b56_4d04 | 0x4b56_4d06 | 0x4b56_4d07)
+}
+
 fn is_interrupted(e: &kvm_ioctls::Error) -> bool {
     matches!(e.errno(), libc::EINTR | libc::EAGAIN)
 }
@@ -547,6 +606,10 @@ impl VcpuThread {
             ..Default::default()
         };
         self.fd.set_fpu(&fpu).map_err(kvm("set FPU"))?;
+        if self.det.is_some() {
+            // No in-kernel LAPIC: the deterministic mode's PIC is the VMM's.
+            return Ok(());
+        }
         let mut lapic = self.fd.get_lapic().map_err(kvm("get LAPIC"))?;
         arch::set_virtual_wire(&mut lapic);
         self.fd.set_lapic(&lapic).map_err(kvm("set LAPIC"))
@@ -592,12 +655,27 @@ impl VcpuThread {
         self.fd
             .set_debug_regs(&(&s.debug_regs).into())
             .map_err(kvm("set debug registers"))?;
-        self.fd
-            .set_lapic(&state::bytes_to_lapic(&s.lapic))
-            .map_err(kvm("set LAPIC"))?;
+        if self.det.is_none() {
+            self.fd
+                .set_lapic(&state::bytes_to_lapic(&s.lapic))
+                .map_err(kvm("set LAPIC"))?;
+        }
+        // Without an in-kernel LAPIC (the deterministic mode) KVM refuses
+        // the MSRs of features that need one (e.g. async page faults'
+        // interrupt); at their reset value 0 there is nothing to restore.
+        let skipped: Vec<u32> = if self.det.is_some() {
+            s.msrs
+                .iter()
+                .filter(|m| m.data == 0 && needs_lapic(m.index))
+                .map(|m| m.index)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let entries: Vec<kvm_msr_entry> = s
             .msrs
             .iter()
+            .filter(|m| !skipped.contains(&m.index))
             .map(|m| kvm_msr_entry {
                 index: m.index,
                 data: m.data,
@@ -628,7 +706,11 @@ impl VcpuThread {
         let sregs = Sregs::from(&self.fd.get_sregs().map_err(kvm("get sregs"))?);
         let xsave = state::xsave_to_words(&self.fd.get_xsave().map_err(kvm("get xsave"))?);
         let xcrs = state::xcrs_to_vec(&self.fd.get_xcrs().map_err(kvm("get XCRs"))?);
-        let lapic = state::lapic_to_bytes(&self.fd.get_lapic().map_err(kvm("get LAPIC"))?);
+        let lapic = if self.det.is_some() {
+            vec![0; state::LAPIC_BYTES] // no in-kernel LAPIC
+        } else {
+            state::lapic_to_bytes(&self.fd.get_lapic().map_err(kvm("get LAPIC"))?)
+        };
         let msrs = self.read_msrs()?;
         let debug_regs = DebugRegs::from(
             &self
@@ -649,13 +731,15 @@ impl VcpuThread {
             debug_regs,
             events,
         };
-        Ok((
+        Ok(SavedVcpu {
             vcpu,
-            self.bus
+            serial: self
+                .bus
                 .serial
                 .save()
                 .map_err(|e| VcpuError::BadState(e.to_string()))?,
-        ))
+            deterministic: self.det.as_ref().map(|d| d.state(&self.bus)),
+        })
     }
 
     /// Reads every MSR in the index list. KVM stops at the first MSR it cannot
@@ -696,10 +780,19 @@ impl VcpuThread {
 
     fn run(&mut self) {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
-        let end = self.run_loop();
+        let end = if self.det.is_some() {
+            self.run_loop_deterministic()
+        } else {
+            self.run_loop()
+        };
+        if let Some(det) = self.det.as_mut() {
+            det.end();
+        }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         match &end {
-            VmEnd::Failed(why) => tracing::error!(reason = %why, "VM failed"),
+            VmEnd::Failed(why) | VmEnd::Diverged(why) => {
+                tracing::error!(reason = %why, "VM failed")
+            }
             other => tracing::info!(reason = %other, "VM ended"),
         }
         self.end(end);
@@ -741,6 +834,76 @@ impl VcpuThread {
         }
     }
 
+    /// The deterministic mode's loop: interrupts are delivered and requests
+    /// served only between exits (see `deterministic.rs`).
+    fn run_loop_deterministic(&mut self) -> VmEnd {
+        if let Some(det) = self.det.as_mut() {
+            if let Err(stop) = det.skip_to_snapshot() {
+                return VmEnd::Diverged(stop.to_string());
+            }
+            det.prepare(&mut self.fd);
+        }
+        loop {
+            self.fd.set_kvm_immediate_exit(0);
+            if self.control.attention.swap(false, Ordering::AcqRel) {
+                if let Some(end) = self.handle_attention() {
+                    return end;
+                }
+                continue;
+            }
+            let Some(det) = self.det.as_mut() else {
+                return VmEnd::Failed("the deterministic engine went missing".into());
+            };
+            let after = if det.halted() {
+                det.wait_halted(&mut self.fd, &mut self.bus, &self.input)
+            } else {
+                let traced = match self.fd.run() {
+                    Ok(exit) => trace_exit(&mut self.bus, exit),
+                    Err(e) if is_interrupted(&e) => continue,
+                    Err(e) => return VmEnd::Failed(format!("KVM_RUN: {e}")),
+                };
+                match self.after_traced(traced) {
+                    Ok(after) => after,
+                    Err(end) => return self.describe_failure(end),
+                }
+            };
+            match after {
+                After::Run | After::Halted => {}
+                After::Parked(outcome) => self.report_replay(outcome),
+                After::End(stop) => return VmEnd::Diverged(stop.to_string()),
+            }
+        }
+    }
+
+    /// One exit in the deterministic mode, answered by the devices: the
+    /// engine counts, records or checks it and delivers what follows it.
+    fn after_traced(&mut self, traced: Result<Exit, VmEnd>) -> Result<After, VmEnd> {
+        let exit = traced?;
+        let reset = self.bus.reset_requested();
+        let Some(det) = self.det.as_mut() else {
+            return Err(VmEnd::Failed(
+                "the deterministic engine went missing".into(),
+            ));
+        };
+        let after = det.after_exit(&mut self.fd, &mut self.bus, &self.input, exit);
+        if reset {
+            return Err(VmEnd::GuestReset);
+        }
+        Ok(after)
+    }
+
+    /// A replay reached its end: tell the waiter; park unless it went live.
+    fn report_replay(&mut self, outcome: ReplayOutcome) {
+        let ReplayOutcome::Reached { went_live, .. } = outcome;
+        let mut inner = self.control.lock();
+        inner.replay = Some(outcome);
+        if !went_live && inner.state == RunState::Running {
+            inner.state = RunState::PauseRequested;
+            self.control.attention.store(true, Ordering::Release);
+        }
+        self.control.changed.notify_all();
+    }
+
     fn describe_failure(&mut self, end: VmEnd) -> VmEnd {
         match end {
             VmEnd::Failed(why) => {
@@ -760,7 +923,11 @@ impl VcpuThread {
             match inner.state {
                 RunState::Running => {
                     drop(inner);
-                    self.take_input();
+                    // The deterministic mode takes input only at exits,
+                    // where the log can place it.
+                    if self.det.is_none() {
+                        self.take_input();
+                    }
                     return None;
                 }
                 RunState::StopRequested => return Some(VmEnd::Stopped),
@@ -769,6 +936,11 @@ impl VcpuThread {
                     drop(inner);
                     if let Some(end) = self.complete_pending_io() {
                         return Some(end);
+                    }
+                    if let Some(det) = self.det.as_mut() {
+                        // The log up to this point leaves before the pause
+                        // is reported (a snapshot here must find it).
+                        det.flush(true);
                     }
                     inner = control.lock();
                     if inner.state == RunState::PauseRequested {
@@ -799,11 +971,67 @@ impl VcpuThread {
         let result = match self.fd.run() {
             Err(e) if is_interrupted(&e) => None,
             Err(e) => Some(VmEnd::Failed(format!("KVM_RUN (completing I/O): {e}"))),
+            Ok(exit) if self.det.is_some() => {
+                let traced = trace_exit(&mut self.bus, exit);
+                match self.after_traced(traced) {
+                    Ok(After::End(stop)) => Some(VmEnd::Diverged(stop.to_string())),
+                    Ok(_) => None,
+                    Err(end) => Some(end),
+                }
+            }
             Ok(exit) => handle_exit(&mut self.bus, exit),
         };
         self.fd.set_kvm_immediate_exit(0);
         result
     }
+}
+
+/// Handles one exit in the deterministic mode and says what it was, for the
+/// log. Errors end the VM.
+fn trace_exit(bus: &mut PortIoBus, exit: VcpuExit<'_>) -> Result<Exit, VmEnd> {
+    let value = |data: &[u8]| {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        u32::from_le_bytes(v)
+    };
+    Ok(match exit {
+        VcpuExit::IoIn(port, data) => {
+            bus.read(port, data);
+            Exit::In {
+                port,
+                size: data.len() as u8,
+                value: value(data),
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            bus.write(port, data);
+            Exit::Out {
+                port,
+                size: data.len() as u8,
+                value: value(data),
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            data.fill(0xff);
+            Exit::MmioRead {
+                addr,
+                data: data.to_vec(),
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite {
+            addr,
+            data: data.to_vec(),
+        },
+        VcpuExit::Hlt => Exit::Halt,
+        VcpuExit::IrqWindowOpen => Exit::Window,
+        other => {
+            // Everything else ends the VM, as in the kernel mode.
+            return Err(handle_exit(bus, other).unwrap_or(VmEnd::Failed(
+                "an exit the deterministic mode does not handle".into(),
+            )));
+        }
+    })
 }
 
 /// Handles one VM exit; `Some` ends the VM.

@@ -1,5 +1,6 @@
-//! One microVM: KVM VM with in-kernel irqchip and PIT, one memory slot of guest
-//! RAM, one vCPU thread, COM1 and the i8042. Created fresh from a [`Loader`] or
+//! One microVM: KVM VM with in-kernel irqchip and PIT (or, in the
+//! deterministic mode, the VMM's own PIC and PIT: `deterministic.rs`), one
+//! memory slot of guest RAM, one vCPU thread, COM1 and the i8042. Created fresh from a [`Loader`] or
 //! restored from a [`VmState`] plus RAM; paused and resumed from any thread;
 //! its dirty pages harvested as KVM's dirty log ∪ the VMM's own writes.
 //!
@@ -17,7 +18,11 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::{COM1_IRQ, ConsoleWriter, IrqLine, PortIoBus, SerialDevice};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::deterministic::{DeterministicState, Engine, TraceMode};
+use crate::devices::{COM1_IRQ, ConsoleWriter, IrqLine, Legacy, PortIoBus, SerialDevice};
 use crate::dirty::DirtyBitmap;
 use crate::loader::{BuiltinBoot, LoadError, Loader};
 use crate::memory::{GuestRam, MemoryError};
@@ -59,6 +64,14 @@ pub enum VmError {
     State(#[from] StateError),
     #[error("snapshot is for {expected} bytes of RAM but {actual} bytes were given")]
     RamSizeMismatch { expected: u64, actual: u64 },
+    #[error(
+        "this snapshot was taken in the kernel mode (KVM's own interrupt controller and timer), \
+         which no trace can replay: record a run with `understudyctl run --record` and replay \
+         from its snapshots"
+    )]
+    NotDeterministic,
+    #[error("{0}")]
+    Nondeterministic(String),
 }
 
 fn kvm_step(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -107,26 +120,41 @@ struct Parts {
 }
 
 /// Creates the VM-wide pieces in the order KVM needs: irqchip and PIT exist
-/// before the vCPU is created; RAM is registered before anything runs.
-fn create_parts(kvm: &Kvm, ram: &GuestRam, dirty_logging: bool) -> Result<Parts, VmError> {
+/// before the vCPU is created; RAM is registered before anything runs. With
+/// `serial_flag` (the deterministic mode) there is no in-kernel irqchip or
+/// PIT: the UART raises that flag and the vCPU thread's PIC takes it.
+fn create_parts(
+    kvm: &Kvm,
+    ram: &GuestRam,
+    dirty_logging: bool,
+    serial_flag: Option<Arc<AtomicBool>>,
+) -> Result<Parts, VmError> {
     let vm_fd = kvm.create_vm().map_err(kvm_step("create VM"))?;
     vm_fd
         .set_tss_address(TSS_ADDRESS)
         .map_err(kvm_step("set TSS address"))?;
-    vm_fd
-        .create_irq_chip()
-        .map_err(kvm_step("create irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm_fd.create_pit2(pit).map_err(kvm_step("create PIT"))?;
+    if serial_flag.is_none() {
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_step("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_step("create PIT"))?;
+    }
     set_ram_slot(&vm_fd, ram, dirty_logging)?;
     let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_step("create vCPU"))?;
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    vm_fd
-        .register_irqfd(&evt, COM1_IRQ)
-        .map_err(kvm_step("register serial irqfd"))?;
+    let irq = match serial_flag {
+        Some(flag) => IrqLine::Flag(flag),
+        None => {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd
+                .register_irqfd(&evt, COM1_IRQ)
+                .map_err(kvm_step("register serial irqfd"))?;
+            IrqLine::Kvm(evt)
+        }
+    };
     let msr_indices = kvm
         .get_msr_index_list()
         .map_err(kvm_step("get MSR index list"))?
@@ -135,7 +163,7 @@ fn create_parts(kvm: &Kvm, ram: &GuestRam, dirty_logging: bool) -> Result<Parts,
     Ok(Parts {
         vm_fd,
         vcpu_fd,
-        irq: IrqLine(evt),
+        irq,
         msr_indices,
     })
 }
@@ -164,20 +192,55 @@ impl Vm {
         loader: &dyn Loader,
         options: BootOptions,
     ) -> Result<(Self, Console), VmError> {
+        Self::boot_inner(ram, loader, options, None)
+    }
+
+    /// Boots a fresh guest in the deterministic mode (the VMM's own PIC and
+    /// PIT; see `deterministic.rs`), recording its trace, or not. Refuses a
+    /// guest image that reads the host without an exit.
+    pub fn boot_deterministic(
+        ram: GuestRam,
+        loader: &dyn Loader,
+        options: BootOptions,
+        trace: TraceMode,
+    ) -> Result<(Self, Console), VmError> {
+        Self::boot_inner(ram, loader, options, Some(trace))
+    }
+
+    fn boot_inner(
+        ram: GuestRam,
+        loader: &dyn Loader,
+        options: BootOptions,
+        trace: Option<TraceMode>,
+    ) -> Result<(Self, Console), VmError> {
         let kvm = open_kvm()?;
         let entry = loader.load(&ram)?;
-        let parts = create_parts(&kvm, &ram, options.dirty_logging)?;
+        if trace.is_some() {
+            loader
+                .refuse_nondeterminism()
+                .map_err(VmError::Nondeterministic)?;
+        }
+        let flag = trace.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
+        let parts = create_parts(&kvm, &ram, options.dirty_logging, flag.clone())?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_step("get supported CPUID"))?;
         let (tx, output) = crossbeam_channel::unbounded();
-        let bus = PortIoBus::new(SerialDevice::new(parts.irq, ConsoleWriter(tx)));
+        let serial = SerialDevice::new(parts.irq, ConsoleWriter(tx));
+        let (bus, det) = match (trace, flag) {
+            (Some(trace), Some(flag)) => (
+                PortIoBus::with_legacy(serial, Legacy::default()),
+                Some(Engine::new(DeterministicState::default(), flag, trace)),
+            ),
+            _ => (PortIoBus::new(serial), None),
+        };
         let (vcpu, input) = VcpuHandle::spawn(
             parts.vcpu_fd,
             bus,
             VcpuSetup::Boot { entry, cpuid },
             parts.msr_indices,
             options.start_paused,
+            det,
         )?;
         let vm = Self {
             vcpu,
@@ -190,11 +253,36 @@ impl Vm {
     }
 
     /// Brings a saved VM back in this process, with `ram` holding the saved
-    /// contents (typically a snapshot or image file mapped as guest RAM).
+    /// contents (typically a snapshot or image file mapped as guest RAM). A
+    /// state from the deterministic mode comes back in that mode, live.
     pub fn restore(
         state: &VmState,
         ram: GuestRam,
         start_paused: bool,
+    ) -> Result<(Self, Console), VmError> {
+        let trace = state.deterministic.map(|_| TraceMode::Live);
+        Self::restore_inner(state, ram, start_paused, trace)
+    }
+
+    /// Brings back a state saved in the deterministic mode to replay a
+    /// trace from it, or to record on from it.
+    pub fn restore_deterministic(
+        state: &VmState,
+        ram: GuestRam,
+        start_paused: bool,
+        trace: TraceMode,
+    ) -> Result<(Self, Console), VmError> {
+        if state.deterministic.is_none() {
+            return Err(VmError::NotDeterministic);
+        }
+        Self::restore_inner(state, ram, start_paused, Some(trace))
+    }
+
+    fn restore_inner(
+        state: &VmState,
+        ram: GuestRam,
+        start_paused: bool,
+        trace: Option<TraceMode>,
     ) -> Result<(Self, Console), VmError> {
         state.validate()?;
         if ram.size() as u64 != state.memory.size_bytes {
@@ -204,18 +292,40 @@ impl Vm {
             });
         }
         let kvm = open_kvm()?;
-        let parts = create_parts(&kvm, &ram, false)?;
-        // VM-wide state before the first KVM_RUN, and before the serial device
-        // exists (so its first interrupt meets a restored irqchip).
-        restore_kvm_vm_state(&parts.vm_fd, &state.kvm)?;
+        let det_state = match (&trace, state.deterministic) {
+            (Some(_), Some(d)) => Some(d),
+            (None, None) => None,
+            _ => return Err(VmError::NotDeterministic),
+        };
+        let flag = det_state.map(|d| Arc::new(AtomicBool::new(d.serial_irq_pending)));
+        let parts = create_parts(&kvm, &ram, false, flag.clone())?;
+        if det_state.is_none() {
+            // VM-wide state before the first KVM_RUN, and before the serial
+            // device exists (so its first interrupt meets a restored irqchip).
+            restore_kvm_vm_state(&parts.vm_fd, &state.kvm)?;
+        }
         let (tx, output) = crossbeam_channel::unbounded();
         let serial = SerialDevice::restore((parts.irq, ConsoleWriter(tx)), &state.devices.serial)?;
+        let (bus, det) = match (trace, det_state, flag) {
+            (Some(trace), Some(d), Some(flag)) => (
+                PortIoBus::with_legacy(
+                    serial,
+                    Legacy {
+                        pics: d.pics,
+                        pit: d.pit,
+                    },
+                ),
+                Some(Engine::new(d, flag, trace)),
+            ),
+            _ => (PortIoBus::new(serial), None),
+        };
         let (vcpu, input) = VcpuHandle::spawn(
             parts.vcpu_fd,
-            PortIoBus::new(serial),
+            bus,
             VcpuSetup::Restore(Box::new(state.vcpu.clone())),
             parts.msr_indices,
             start_paused,
+            det,
         )?;
         let vm = Self {
             vcpu,
@@ -225,6 +335,15 @@ impl Vm {
             dirty_logging: false,
         };
         Ok((vm, Console { input, output }))
+    }
+
+    /// The deterministic mode: waits until a replay reaches its end (or the
+    /// VM ends, e.g. on a divergence, which the error names).
+    pub fn wait_replay(
+        &self,
+        timeout: Duration,
+    ) -> Result<crate::deterministic::ReplayOutcome, VmError> {
+        Ok(self.vcpu.wait_replay(timeout)?)
     }
 
     /// Guest RAM.
@@ -288,8 +407,13 @@ impl Vm {
     /// Captures vCPU, in-kernel and device state (not RAM). The VM must be
     /// paused. `ram_crc` adds a checksum of all RAM (for snapshots).
     pub fn save_state(&self, ram_crc: bool) -> Result<VmState, VmError> {
-        let (vcpu, serial) = self.vcpu.save(CONTROL_TIMEOUT)?;
-        let kvm = save_kvm_vm_state(&self.vm_fd)?;
+        let saved = self.vcpu.save(CONTROL_TIMEOUT)?;
+        // The deterministic mode has no in-kernel devices to save.
+        let kvm = if saved.deterministic.is_some() {
+            KvmVmState::default()
+        } else {
+            save_kvm_vm_state(&self.vm_fd)?
+        };
         let crc32c = if ram_crc {
             Some(self.ram.crc32c()?)
         } else {
@@ -301,9 +425,12 @@ impl Vm {
                 crc32c,
             },
             boot: self.boot_record.clone(),
-            vcpu,
+            vcpu: saved.vcpu,
             kvm,
-            devices: DeviceStates { serial },
+            devices: DeviceStates {
+                serial: saved.serial,
+            },
+            deterministic: saved.deterministic,
         })
     }
 

@@ -18,8 +18,9 @@ use anyhow::{Context, Result, bail};
 use understudy_bench::{OUT_ENV, Report, chart, markdown};
 
 /// (package, bench target), in the order they run and appear.
-const SUITE: [(&str, &str); 5] = [
+const SUITE: [(&str, &str); 6] = [
     ("understudy-vmm", "vmm"),
+    ("understudy-vmm", "replay"),
     ("understudy", "failover"),
     ("understudy", "slowdown"),
     ("understudy", "pipeline"),

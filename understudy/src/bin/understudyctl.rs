@@ -51,6 +51,33 @@ enum Command {
         /// dirtier: milliseconds between "work N" lines.
         #[arg(long, default_value_t = 1000, value_name = "MS")]
         report: u64,
+        /// Run in the deterministic mode and record the trace into this new
+        /// directory (start snapshot, trace.log, end snapshot); replay it with
+        /// `understudyctl replay DIR`.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
+        #[command(flatten)]
+        session: Session,
+    },
+    /// Replay a recording made by `run --record`: re-execute the guest from a
+    /// snapshot feeding it the logged inputs, print its console output, and
+    /// stop at the log's end (or --to), checking every exit against the log.
+    Replay {
+        /// The recording directory.
+        dir: PathBuf,
+        /// Start from this snapshot of the recording (default: DIR/start).
+        #[arg(long, value_name = "SNAPSHOT_DIR")]
+        from: Option<PathBuf>,
+        /// Stop at this exit index instead of the log's end.
+        #[arg(long, value_name = "EXIT")]
+        to: Option<u64>,
+        /// At the end, check RAM (page for page), vCPU and devices against the
+        /// recording's end snapshot.
+        #[arg(long)]
+        verify: bool,
+        /// At the end, let the guest run on live with its console on stdin/stdout.
+        #[arg(long, conflicts_with = "verify")]
+        go_live: bool,
         #[command(flatten)]
         session: Session,
     },
@@ -144,16 +171,41 @@ fn main() -> ExitCode {
             working_set,
             dirty_rate,
             report,
+            record,
             session,
-        } => local::run(&RunOptions {
-            guest,
-            mem_mib: mem,
-            interval_ms: interval,
-            working_set,
-            dirty_rate,
-            report_ms: report,
-            session: session.into(),
-        }),
+        } => {
+            let options = RunOptions {
+                guest,
+                mem_mib: mem,
+                interval_ms: interval,
+                working_set,
+                dirty_rate,
+                report_ms: report,
+                session: session.into(),
+            };
+            match record {
+                Some(dir) => understudy::record::run_recorded(&options, &dir),
+                None => local::run(&options),
+            }
+        }
+        Command::Replay {
+            dir,
+            from,
+            to,
+            verify,
+            go_live,
+            session,
+        } => understudy::record::replay(
+            &dir,
+            &understudy::record::ReplayOptions {
+                from,
+                to,
+                verify,
+                go_live,
+                session: session.into(),
+            },
+        )
+        .map(|report| eprint!("understudy: {}", understudy::record::render(&report))),
         Command::Restore { dir, session } => local::restore(&dir, &session.into()),
         Command::Status { control, config } => async_main(async move {
             let tls = match config {
