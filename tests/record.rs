@@ -128,6 +128,24 @@ fn a_counter_replayed_to_an_exit_then_live_carries_on() {
     // Exit 200 is early in the first second; one live second adds ~100 lines.
     assert!(lines.len() > 60, "{lines:?}");
     assert_eq!(lines, (0..lines.len() as u64).collect::<Vec<_>>());
+
+    // Replayed to an exit, then recording anew: that recording replays too.
+    let again = dir.path().join("again");
+    let out = Command::new(CTL)
+        .arg("replay")
+        .arg(&rec)
+        .args(["--to", "300", "--stop-after", "700ms", "--record"])
+        .arg(&again)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    common::assert_success(&out);
+    let live = out.stdout.clone();
+    let out = replay(&again, &["--verify"]);
+    common::assert_success(&out);
+    assert!(!out.stdout.is_empty() && live.ends_with(&out.stdout));
+    let (state, _) = understudy_vmm::snapshot::read_snapshot(&again.join("start")).unwrap();
+    assert_eq!(state.deterministic.unwrap().exit_index, 300);
 }
 
 /// Splits the log into its segments.

@@ -63,22 +63,42 @@ pub fn run_recorded(options: &RunOptions, dir: &Path) -> Result<()> {
         TraceMode::Record { writer, sink },
     )
     .with_context(|| format!("cannot start the {} guest to record it", options.guest))?;
-    snapshot::write_snapshot(&vm, &dir.join(START_DIR))
-        .with_context(|| format!("cannot write the start snapshot into {}", dir.display()))?;
-    let log = spawn_log_writer(dir.join(TRACE_FILE), segments)?;
     eprintln!(
         "understudy: {} guest running ({} MiB), recording into {}",
         options.guest,
         options.mem_mib,
         dir.display()
     );
+    let output = console::pump_output(console.output);
+    record_session(
+        vm,
+        console.input,
+        output,
+        segments,
+        dir,
+        options.session.stop_after,
+    )
+}
+
+/// A paused VM already recording (its log going to `segments`) becomes a
+/// recording in `dir`: start snapshot, then the guest runs with its console
+/// on stdin/stdout until `stop_after`, its end or a signal; end snapshot.
+fn record_session(
+    vm: Vm,
+    input: understudy_vmm::ConsoleInput,
+    output: JoinHandle<()>,
+    segments: Receiver<Vec<u8>>,
+    dir: &Path,
+    stop_after: Option<Duration>,
+) -> Result<()> {
+    snapshot::write_snapshot(&vm, &dir.join(START_DIR))
+        .with_context(|| format!("cannot write the start snapshot into {}", dir.display()))?;
+    let log = spawn_log_writer(dir.join(TRACE_FILE), segments)?;
+    let interrupted = install_signals()?;
     let started = Instant::now();
     vm.resume().context("cannot start the guest")?;
-
-    let interrupted = install_signals()?;
-    let output = console::pump_output(console.output);
-    console::pump_input(console.input);
-    let ended = wait(&vm, &interrupted, options.session.stop_after);
+    console::pump_input(input);
+    let ended = wait(&vm, &interrupted, stop_after);
     let snapshot_result = match &ended {
         Some(end) => Err(anyhow::anyhow!(
             "the VM ended ({end}) before the recording's end snapshot"
@@ -106,7 +126,7 @@ pub fn run_recorded(options: &RunOptions, dir: &Path) -> Result<()> {
     snapshot_result?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "understudy: recorded {exits} exits in {secs:.1} s: {log_bytes} bytes of trace ({:.0} B/s) in {}",
+        "understudy: recorded up to exit {exits} in {secs:.1} s: {log_bytes} bytes of trace ({:.0} B/s) in {}",
         log_bytes as f64 / secs.max(1e-9),
         dir.display()
     );
@@ -129,6 +149,9 @@ pub struct ReplayOptions {
     /// At the end, let the guest run on live with its console on
     /// stdin/stdout (stopping as `session` says).
     pub go_live: bool,
+    /// At the end, go live recording a new stream into this directory
+    /// (its start snapshot is the replay's end point).
+    pub record_to: Option<PathBuf>,
     pub session: SessionOptions,
 }
 
@@ -150,6 +173,12 @@ pub fn replay(dir: &Path, options: &ReplayOptions) -> Result<ReplayReport> {
     if options.verify && options.to.is_some() {
         bail!("--verify compares with the recording's end: it cannot be combined with --to");
     }
+    if options.record_to.is_some() && (options.verify || options.go_live) {
+        bail!("--record goes live recording: it cannot be combined with --verify or --go-live");
+    }
+    if let Some(to) = &options.record_to {
+        prepare_dir(to)?;
+    }
     let (start_state, _) = snapshot::read_snapshot(&from)
         .with_context(|| format!("cannot use the snapshot in {}", from.display()))?;
     let Some(start) = start_state.deterministic else {
@@ -161,8 +190,16 @@ pub fn replay(dir: &Path, options: &ReplayOptions) -> Result<ReplayReport> {
     };
     let (tx, source) = crossbeam_channel::bounded(64);
     let feeder = spawn_log_reader(dir.join(TRACE_FILE), tx)?;
-    let then = if options.go_live {
-        AfterReplay::GoLive(None)
+    let mut new_log = None;
+    let then = if options.record_to.is_some() {
+        let (sink, segments) = crossbeam_channel::unbounded();
+        new_log = Some(segments);
+        AfterReplay::Record {
+            stream: random_stream()?,
+            sink,
+        }
+    } else if options.go_live {
+        AfterReplay::GoLive
     } else {
         AfterReplay::Stop
     };
@@ -201,6 +238,24 @@ pub fn replay(dir: &Path, options: &ReplayOptions) -> Result<ReplayReport> {
         wall_time,
         verified: false,
     };
+    if let (Some(to), Some(segments)) = (&options.record_to, new_log) {
+        eprintln!(
+            "understudy: replayed exits {}..{to_exit} in {:.2} s; the guest is live, recording into {}",
+            start.exit_index,
+            wall_time.as_secs_f64(),
+            to.display()
+        );
+        vm.pause().context("cannot pause the replayed VM")?;
+        record_session(
+            vm,
+            console.input,
+            output,
+            segments,
+            to,
+            options.session.stop_after,
+        )?;
+        return Ok(report);
+    }
     if !options.go_live {
         vm.pause().context("cannot pause the replayed VM")?;
         if let Some(end_state) = vm.save_state(false)?.deterministic {

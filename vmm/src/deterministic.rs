@@ -93,9 +93,12 @@ pub struct DeterministicState {
 pub enum AfterReplay {
     /// Park the vCPU (the VM stays, paused, for inspection or a snapshot).
     Stop,
-    /// Carry on live from exactly that point (recording again if a writer
-    /// and sink are given).
-    GoLive(Option<(TraceWriter, Sender<Vec<u8>>)>),
+    /// Carry on live from exactly that point, without a log.
+    GoLive,
+    /// Record a new stream (id `stream`, segments to `sink`) from exactly
+    /// that point: the vCPU parks first, so that the caller can take the new
+    /// recording's start snapshot, and records once resumed.
+    Record { stream: u64, sink: Sender<Vec<u8>> },
 }
 
 /// How the deterministic mode runs.
@@ -465,20 +468,32 @@ impl Engine {
                     went_live: false,
                 })
             }
-            AfterReplay::GoLive(record) => {
-                self.mode = match record {
-                    Some((writer, sink)) => {
-                        self.state.stream = writer.stream();
-                        Mode::Record { writer, sink }
-                    }
-                    None => Mode::Live,
-                };
+            AfterReplay::GoLive => {
+                self.mode = Mode::Live;
                 self.state.events_after_exit = 0;
                 self.next_tick = None;
                 tracing::info!(exit, "replay done: the VM goes live from this exit");
                 After::Parked(ReplayOutcome::Reached {
                     exit,
                     went_live: true,
+                })
+            }
+            AfterReplay::Record { stream, sink } => {
+                self.mode = Mode::Record {
+                    writer: TraceWriter::new(stream, exit),
+                    sink,
+                };
+                self.state.stream = stream;
+                self.state.events_after_exit = 0;
+                self.next_tick = None;
+                tracing::info!(
+                    exit,
+                    stream,
+                    "replay done: parked, recording from this exit"
+                );
+                After::Parked(ReplayOutcome::Reached {
+                    exit,
+                    went_live: false,
                 })
             }
         }

@@ -252,7 +252,7 @@ fn a_replay_halfway_goes_live_and_the_guest_carries_on() {
         &dir.path().join("start"),
         &rec.segments,
         Some(half),
-        AfterReplay::GoLive(None),
+        AfterReplay::GoLive,
     );
     assert_eq!(
         outcome.unwrap(),
@@ -439,4 +439,68 @@ fn the_dirtier_flat_out_and_paced_replays_to_the_same_ram() {
             vm.stop();
         }
     }
+}
+
+#[test]
+fn a_replay_can_hand_over_to_a_new_recording_that_replays_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
+    let inputs: Vec<(Duration, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                Duration::from_millis(20 * i),
+                format!("SET a{i} {i}\n").into_bytes(),
+            )
+        })
+        .collect();
+    let rec = record(&boot, dir.path(), Duration::from_millis(600), &inputs, None);
+    let half = end_exit(&dir.path().join("end")) / 2;
+    let (sink, new_segments) = crossbeam_channel::unbounded();
+    let (vm, console) = snapshot::restore_deterministic(
+        &dir.path().join("start"),
+        false,
+        TraceMode::Replay {
+            source: source(&rec.segments),
+            until: Some(half),
+            then: AfterReplay::Record { stream: 77, sink },
+        },
+    )
+    .unwrap();
+    let outcome = vm.wait_replay(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        outcome,
+        ReplayOutcome::Reached {
+            exit: half,
+            went_live: false
+        }
+    );
+    vm.pause().unwrap();
+    snapshot::write_snapshot(&vm, &dir.path().join("switch")).unwrap();
+    vm.resume().unwrap();
+    for i in 0..10 {
+        assert!(console.input.send(format!("GET a{i}\n").as_bytes()));
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    vm.pause().unwrap();
+    snapshot::write_snapshot(&vm, &dir.path().join("end2")).unwrap();
+    vm.stop();
+    let mut live = Vec::new();
+    drain(&console.output, &mut live);
+    let live = String::from_utf8_lossy(&live).into_owned();
+    assert!(live.contains("VALUE 9"), "{live}");
+    let segments: Vec<Vec<u8>> = new_segments.try_iter().collect();
+    let (vm, out, outcome) = replay(
+        &dir.path().join("switch"),
+        &segments,
+        None,
+        AfterReplay::Stop,
+    );
+    outcome.unwrap();
+    assert_same_as(&vm, &dir.path().join("end2"));
+    let mut replayed = Vec::new();
+    drain(&out, &mut replayed);
+    assert!(live.ends_with(&*String::from_utf8_lossy(&replayed)));
+    assert!(String::from_utf8_lossy(&replayed).contains("VALUE 9"));
+    vm.stop();
 }

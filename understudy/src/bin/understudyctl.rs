@@ -78,6 +78,10 @@ enum Command {
         /// At the end, let the guest run on live with its console on stdin/stdout.
         #[arg(long, conflicts_with = "verify")]
         go_live: bool,
+        /// At the end, go live recording anew into this new directory (its start
+        /// snapshot is the point the replay reached).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["verify", "go_live"])]
+        record: Option<PathBuf>,
         #[command(flatten)]
         session: Session,
     },
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             to,
             verify,
             go_live,
+            record,
             session,
         } => understudy::record::replay(
             &dir,
@@ -202,6 +207,7 @@ fn main() -> ExitCode {
                 to,
                 verify,
                 go_live,
+                record_to: record,
                 session: session.into(),
             },
         )
