@@ -85,6 +85,28 @@ async fn status_shows_role_generation_protection_and_replication_figures() {
         backup.contains("role            backup") && backup.contains("protected       yes"),
         "{backup}"
     );
+    // With the config alone: both hosts, and who runs and protects the VM.
+    let out = Command::new(CTL)
+        .arg("status")
+        .arg("--config")
+        .arg(&pair.config)
+        .output()
+        .unwrap();
+    common::assert_success(&out);
+    let both = String::from_utf8(out.stdout).unwrap();
+    let primary_control = pair.addrs.primary_control.to_string();
+    let backup_control = pair.addrs.backup_control.to_string();
+    for needle in [
+        "VM test-vm",
+        &format!(
+            "runs on       the [primary] host ({primary_control}) as the primary, generation 1"
+        ),
+        &format!("protected by  the [backup] host ({backup_control})"),
+        "  role            backup",
+        "  role            primary",
+    ] {
+        assert!(both.contains(needle), "{needle:?} missing:\n{both}");
+    }
     let out = Command::new(CTL)
         .args(["status", "--control", "127.0.0.1:1"])
         .output()

@@ -119,7 +119,7 @@ fn unit_files_pass_systemd_analyze_verify() {
     // A root holding the daemon where the units expect it, systemd's own
     // units (targets the services order against), and ours with an instance.
     let root = tempfile::tempdir().unwrap();
-    let bin = root.path().join("usr/local/bin");
+    let bin = root.path().join("usr/bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy(common::DAEMON, bin.join("understudyd")).unwrap();
     let system_units = root.path().join("usr/lib/systemd");

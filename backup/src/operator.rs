@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tonic::Status;
 use understudy_common::ids::Incarnation;
-use understudy_common::role::OperatorRequest;
+use understudy_common::operator::OperatorRequest;
 use understudy_common::wire;
 use understudy_proto::{DiscardImageReply, PromoteReply};
 

@@ -23,8 +23,6 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::status::Stats;
-
 /// The subjectAltName URI prefix of operator certificates.
 pub const OPERATOR_URI_PREFIX: &str = "urn:understudy:operator:";
 /// The subjectAltName URI prefix of console clients' certificates (they may
@@ -69,6 +67,16 @@ pub enum Access {
     Operator,
 }
 
+/// Counts a refusal, by RPC (the daemon's metrics).
+#[derive(Clone)]
+pub struct OnRefusal(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for OnRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRefusal")
+    }
+}
+
 /// Identifies callers and enforces [`Access`].
 #[derive(Clone, Debug)]
 pub struct Authority {
@@ -76,17 +84,17 @@ pub struct Authority {
     secure: bool,
     /// Names (IP addresses, DNS names) the peer host's certificate may carry.
     peer_names: Vec<String>,
-    stats: Option<Arc<Stats>>,
+    on_refusal: Option<OnRefusal>,
 }
 
 impl Authority {
     /// Mutual TLS: the peer host is whoever's certificate names one of
-    /// `peer_names`.
-    pub fn mutual_tls(peer_names: Vec<String>, stats: Option<Arc<Stats>>) -> Self {
+    /// `peer_names`; each refusal is reported to `on_refusal`.
+    pub fn mutual_tls(peer_names: Vec<String>, on_refusal: Option<OnRefusal>) -> Self {
         Self {
             secure: true,
             peer_names,
-            stats,
+            on_refusal,
         }
     }
 
@@ -95,7 +103,7 @@ impl Authority {
         Self {
             secure: false,
             peer_names: Vec::new(),
-            stats: None,
+            on_refusal: None,
         }
     }
 
@@ -192,8 +200,8 @@ impl Authority {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "?".into());
         tracing::warn!(rpc, caller = %caller, %peer, "request refused: not authorized");
-        if let Some(stats) = &self.stats {
-            stats.metrics.refused(rpc);
+        if let Some(OnRefusal(count)) = &self.on_refusal {
+            count(rpc);
         }
         let who_may = match access {
             Access::PeerHost => "only the pair's other host",

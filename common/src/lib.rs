@@ -10,6 +10,7 @@ pub mod fault;
 pub mod heartbeat;
 pub mod ids;
 pub mod metrics;
+pub mod operator;
 pub mod payload;
 pub mod role;
 pub mod status;

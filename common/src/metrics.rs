@@ -1,10 +1,10 @@
 //! Prometheus metrics of a daemon, named `understudy_<what>_<unit>`, served as
 //! text on `/metrics`. Histograms and counters are updated where things happen
-//! (once per epoch, ack or heartbeat: never per page); gauges are read from
-//! [`Stats`] at scrape time.
+//! (once per epoch, ack or heartbeat: never per page); gauges are set at
+//! scrape time from the [`Gauges`] the daemon's status reads (this module
+//! knows nothing of the status: `status` owns a `Metrics`, not the reverse).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,7 +14,17 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::status::Stats;
+/// The values the gauges show, read by the caller at scrape time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub generation: u64,
+    pub protected: bool,
+    /// Checkpoints shipped but not acked.
+    pub in_flight: u64,
+    pub held_output: u64,
+    pub last_epoch: u64,
+    pub role: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabel {
@@ -175,23 +185,20 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with gauges read from `stats` now.
-    pub fn render(&self, stats: &Stats) -> String {
+    /// The text exposition, with the gauges set to `gauges`.
+    pub fn render(&self, gauges: &Gauges) -> String {
         let set = |g: &Gauge, v: u64| {
             g.set(i64::try_from(v).unwrap_or(i64::MAX));
         };
-        set(&self.generation, stats.generation.load(Ordering::Acquire));
-        set(
-            &self.protected,
-            u64::from(stats.protected.load(Ordering::Acquire)),
-        );
-        set(&self.lag, stats.in_flight.load(Ordering::Relaxed));
-        set(&self.held_output, stats.held_output.load(Ordering::Relaxed));
-        set(&self.last_epoch, stats.last_epoch().unwrap_or_default());
+        set(&self.generation, gauges.generation);
+        set(&self.protected, u64::from(gauges.protected));
+        set(&self.lag, gauges.in_flight);
+        set(&self.held_output, gauges.held_output);
+        set(&self.last_epoch, gauges.last_epoch);
         self.role.clear();
         self.role
             .get_or_create(&RoleLabel {
-                role: stats.role().to_owned(),
+                role: gauges.role.to_owned(),
             })
             .set(1);
         let mut out = String::new();
@@ -201,23 +208,24 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
+/// Serves `/metrics` on `listener` until `shutdown`, each scrape answered
+/// with `render()`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    stats: Arc<Stats>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: CancellationToken,
 ) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let stats = stats.clone();
+            let render = render.clone();
             async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    stats.metrics.render(&stats),
+                    render(),
                 )
             }
         }),
@@ -227,5 +235,88 @@ pub async fn serve(
         .await
     {
         tracing::warn!(error = %e, "metrics endpoint failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::{Gauges, Metrics};
+
+    /// The sample names a daemon exports (with every family populated).
+    fn exported() -> BTreeSet<String> {
+        let metrics = Metrics::new();
+        metrics.refused("Hello");
+        metrics
+            .render(&Gauges {
+                role: "primary",
+                ..Gauges::default()
+            })
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every `understudy_…` name in a PromQL expression.
+    fn names_in(expr: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = expr;
+        while let Some(at) = rest.find("understudy_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana/understudy.json"))
+                .expect("docs/grafana/understudy.json is JSON");
+        let exported = exported();
+        let mut queries = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                queries.push(target["expr"].as_str().expect("expr").to_owned());
+            }
+        }
+        for var in dashboard["templating"]["list"]
+            .as_array()
+            .expect("variables")
+        {
+            if let Some(q) = var["query"].as_str() {
+                queries.push(q.to_owned());
+            }
+        }
+        let mut used = 0;
+        for query in &queries {
+            for name in names_in(query) {
+                assert!(
+                    exported.contains(&name),
+                    "the dashboard queries {name}, which the daemon does not export \
+                     (exported: {exported:?})"
+                );
+                used += 1;
+            }
+        }
+        assert!(used >= 15, "the dashboard queries {used} metrics");
+        // And every metric family the daemon exports has a panel.
+        for name in &exported {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                queries.iter().any(|q| q.contains(family)),
+                "no dashboard panel shows {family}"
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use understudy_proto::control_server::Control;
 use understudy_proto::{StatusReply, StatusRequest};
 
 use crate::auth::Access;
-use crate::role::OperatorRequest;
+use crate::operator::{OperatorRequest, OperatorSlot};
 
 const SAMPLES: usize = 1024;
 /// Checkpoints kept in order for `Control.Epochs`.
@@ -112,6 +112,23 @@ impl Stats {
             ack_us: Mutex::default(),
             started: Instant::now(),
         }
+    }
+
+    /// The gauges' values now, for a metrics scrape.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        crate::metrics::Gauges {
+            generation: self.generation.load(Ordering::Acquire),
+            protected: self.protected.load(Ordering::Acquire),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            held_output: self.held_output.load(Ordering::Relaxed),
+            last_epoch: self.last_epoch().unwrap_or_default(),
+            role: self.role(),
+        }
+    }
+
+    /// The metrics' text exposition, gauges read now.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.gauges())
     }
 
     pub fn set_role(&self, role: &'static str) {
@@ -239,7 +256,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub struct ControlService {
     pub stats: std::sync::Arc<Stats>,
-    pub operator: crate::role::OperatorSlot,
+    pub operator: OperatorSlot,
     /// Who may call what (operators change things; hosts may read).
     pub auth: crate::auth::Authority,
 }

@@ -12,7 +12,29 @@ use understudy_checkpoint::{CodecPolicy, Compression};
 use understudy_primary::BackupLoss;
 use understudy_vmm::{BuiltinBoot, BuiltinGuest};
 
-use crate::daemon::Role;
+/// A role, or the config section of the host that starts with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Backup => "backup",
+        }
+    }
+
+    /// The other one.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Primary => Self::Backup,
+            Self::Backup => Self::Primary,
+        }
+    }
+}
 
 /// One host's addresses.
 #[derive(Clone, Copy, Debug)]
@@ -631,7 +653,12 @@ impl Config {
         names.extend(self.peer_name(peer).map(|n| n.to_ascii_lowercase()));
         names.sort();
         names.dedup();
-        understudy_common::auth::Authority::mutual_tls(names, stats)
+        let on_refusal = stats.map(|stats| {
+            understudy_common::auth::OnRefusal(std::sync::Arc::new(move |rpc: &str| {
+                stats.metrics.refused(rpc)
+            }))
+        });
+        understudy_common::auth::Authority::mutual_tls(names, on_refusal)
     }
 
     /// The backup role on the host of `home`.

@@ -24,29 +24,7 @@ use understudy_proto::control_server::ControlServer;
 use crate::config::Config;
 use crate::supervise;
 
-/// A role, or the config section of the host that starts with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Primary,
-    Backup,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Primary => "primary",
-            Self::Backup => "backup",
-        }
-    }
-
-    /// The other one.
-    pub fn other(self) -> Self {
-        match self {
-            Self::Primary => Self::Backup,
-            Self::Backup => Self::Primary,
-        }
-    }
-}
+pub use crate::config::Role;
 
 /// Exit code of a daemon that refused to run because it was deposed.
 pub const EXIT_FENCED: u8 = 3;
@@ -163,7 +141,12 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
         );
         if let Some(addr) = addrs.metrics {
             let listener = wire::listen("metrics", addr).await?;
-            tokio::spawn(understudy_common::metrics::serve(listener, stats.clone(), shutdown.clone()));
+            let scrape = stats.clone();
+            tokio::spawn(understudy_common::metrics::serve(
+                listener,
+                std::sync::Arc::new(move || scrape.render_metrics()),
+                shutdown.clone(),
+            ));
             tracing::info!(%addr, "metrics on /metrics");
         }
 

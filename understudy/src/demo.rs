@@ -12,9 +12,17 @@ use understudy_common::console::ResumingClient;
 
 use crate::config::Config;
 use crate::daemon::Role;
-use crate::drill::DrillKind;
 use crate::pair::{Follower, LocalPair, PairAddrs};
 use crate::{remote, switchover};
+
+/// What to rehearse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum DrillKind {
+    /// SIGKILL the primary; the backup takes over.
+    Kill,
+    /// Planned role swap: the primary hands the VM over and becomes the backup.
+    Switchover,
+}
 
 /// Guest RAM of the demo VM.
 const DEMO_MIB: u64 = 64;

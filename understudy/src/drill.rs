@@ -25,14 +25,7 @@ use understudy_common::console::ResumingClient;
 use crate::demo::{DemoOptions, DrillGuest, DrillReport, drill};
 use crate::pair::Follower;
 
-/// What to rehearse.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-pub enum DrillKind {
-    /// SIGKILL the primary; the backup takes over.
-    Kill,
-    /// Planned role swap: the primary hands the VM over and becomes the backup.
-    Switchover,
-}
+pub use crate::demo::DrillKind;
 
 /// Options of `understudyctl drill`.
 #[derive(Clone, Debug)]

@@ -175,6 +175,63 @@ fn human_bytes(b: f64) -> String {
     }
 }
 
+/// Renders the pair's view: who runs the VM, who protects it, then each
+/// host's status (`status --config FILE`).
+pub fn render_pair(config: &Config, hosts: &[(Role, SocketAddr, Option<StatusReply>)]) -> String {
+    let describe = |role: &Role, addr: &SocketAddr| format!("the [{}] host ({addr})", role.name());
+    let running: Vec<_> = hosts
+        .iter()
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == "primary"))
+        .collect();
+    let backups: Vec<_> = hosts
+        .iter()
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == "backup"))
+        .collect();
+    let mut out = format!("VM {}\n", config.name);
+    match running.as_slice() {
+        [(role, addr, Some(s))] => {
+            out.push_str(&format!(
+                "  runs on       {} as the primary, generation {}\n",
+                describe(role, addr),
+                s.generation
+            ));
+            let protected_by = match backups.as_slice() {
+                [(role, addr, Some(b))] if s.protected => format!(
+                    "{} (last epoch {})",
+                    describe(role, addr),
+                    if b.has_epoch {
+                        b.last_epoch.to_string()
+                    } else {
+                        "none yet".into()
+                    }
+                ),
+                [(role, addr, Some(b))] => {
+                    format!("nobody yet: {} is {}", describe(role, addr), b.state)
+                }
+                _ => "nobody: the VM is unprotected".into(),
+            };
+            out.push_str(&format!("  protected by  {protected_by}\n"));
+        }
+        [] => out.push_str("  runs on       no host of the pair reports the primary role\n"),
+        _ => out.push_str(
+            "  runs on       both hosts report the primary role (one is changing roles, or \
+             the link is cut with backup_loss = \"keep-running\")\n",
+        ),
+    }
+    for (role, addr, status) in hosts {
+        out.push_str(&format!("\n[{}] {addr}\n", role.name()));
+        match status {
+            Some(s) => {
+                for line in render(s).lines() {
+                    out.push_str(&format!("  {line}\n"));
+                }
+            }
+            None => out.push_str("  unreachable (is understudyd running there?)\n"),
+        }
+    }
+    out
+}
+
 /// Renders a status as aligned `field value` lines.
 pub fn render(s: &StatusReply) -> String {
     let mut rows: Vec<(&str, String)> = vec![

@@ -37,7 +37,8 @@
 //!
 //! What the guest may not do here: read the host without an exit (`rdtsc`,
 //! `rdrand`, `rdseed`). The built-in guests do not; the loader refuses an
-//! image that contains those instructions (see [`refuse_nondeterminism`]).
+//! image that contains those instructions (see
+//! [`crate::loader::refuse_nondeterminism`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,12 +46,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use kvm_ioctls::VcpuFd;
-use serde::{Deserialize, Serialize};
 use understudy_checkpoint::trace::{Exit, Record, SYNC_EVERY, TraceReader, TraceWriter};
 
 use crate::devices::PortIoBus;
-use crate::pic::Pics;
-use crate::pit::Pit;
 
 /// The PIC line the UART is wired to.
 const COM1_IRQ_LINE: u8 = 4;
@@ -65,28 +63,7 @@ const HALT_POLL: Duration = Duration::from_micros(500);
 /// handed on (a reader follows a live log at most this far behind).
 const SEAL_EVERY: Duration = Duration::from_millis(100);
 
-/// What the deterministic mode saves with the VM (format in `state.rs`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeterministicState {
-    /// The trace stream the VM records into, or was recorded into (a replay
-    /// refuses a log of another stream).
-    pub stream: u64,
-    /// Exits since the VM booted.
-    pub exit_index: u64,
-    /// Event records logged after the latest exit when the state was taken
-    /// (a replay from this state skips that many).
-    pub events_after_exit: u32,
-    pub pics: Pics,
-    pub pit: Pit,
-    /// Timer ticks delivered since boot (the guest's virtual time).
-    pub ticks: u64,
-    /// The UART raised its line and the PIC has not been told yet.
-    pub serial_irq_pending: bool,
-    /// The guest is halted (`hlt`) and waits for an interrupt.
-    pub halted: bool,
-    /// At the last exit the guest could take an interrupt.
-    pub ready: bool,
-}
+pub use crate::state::DeterministicState;
 
 /// Where a replay stops, and what happens then.
 #[derive(Debug)]
@@ -705,27 +682,4 @@ fn describe(record: Option<&Record>) -> String {
         Some(Record::Inject(v)) => format!("an injection of vector {v:#x}"),
         Some(Record::Sync(d)) => format!("registers with digest {d:#018x}"),
     }
-}
-
-/// Refuses a guest image that could read the host without an exit, which
-/// no log could replay: `rdtsc` (0f 31), `rdtscp` (0f 01 f9), `rdrand` and
-/// `rdseed` (0f c7 /6, /7 with a register operand). A byte scan: it may
-/// refuse data that merely looks like them, never the reverse.
-pub fn refuse_nondeterminism(image: &[u8]) -> Result<(), String> {
-    for (at, w) in image.windows(3).enumerate() {
-        let what = match w {
-            [0x0f, 0x31, _] => Some("rdtsc"),
-            [0x0f, 0x01, 0xf9] => Some("rdtscp"),
-            [0x0f, 0xc7, modrm] if modrm >> 6 == 3 && (modrm >> 3) & 7 == 6 => Some("rdrand"),
-            [0x0f, 0xc7, modrm] if modrm >> 6 == 3 && (modrm >> 3) & 7 == 7 => Some("rdseed"),
-            _ => None,
-        };
-        if let Some(what) = what {
-            return Err(format!(
-                "the guest image holds `{what}` at byte {at:#x}: it reads the host without an exit, \
-                 which a trace cannot replay; record mode refuses it"
-            ));
-        }
-    }
-    Ok(())
 }

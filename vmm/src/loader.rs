@@ -69,7 +69,7 @@ pub trait Loader: fmt::Debug + Send {
     fn load(&self, ram: &GuestRam) -> Result<BootEntry, LoadError>;
 
     /// The deterministic mode's check: refuses an image that could read the
-    /// host without an exit (see [`crate::deterministic::refuse_nondeterminism`]).
+    /// host without an exit (see [`fn@refuse_nondeterminism`]).
     fn refuse_nondeterminism(&self) -> Result<(), String>;
 }
 
@@ -195,7 +195,7 @@ impl Loader for BuiltinBoot {
     }
 
     fn refuse_nondeterminism(&self) -> Result<(), String> {
-        crate::deterministic::refuse_nondeterminism(self.guest.image())
+        refuse_nondeterminism(self.guest.image())
     }
 }
 
@@ -226,8 +226,33 @@ impl Loader for RawCode {
     }
 
     fn refuse_nondeterminism(&self) -> Result<(), String> {
-        crate::deterministic::refuse_nondeterminism(&self.0)
+        refuse_nondeterminism(&self.0)
     }
+}
+
+/// Refuses a guest image that could read the host without an exit, which
+/// no log could replay: `rdtsc` (0f 31), `rdtscp` (0f 01 f9), `rdrand` and
+/// `rdseed` (0f c7 /6, /7 with a register operand). A byte scan: it may
+/// refuse data that merely looks like them, never the reverse.
+pub fn refuse_nondeterminism(image: &[u8]) -> Result<(), String> {
+    for at in 0..image.len() {
+        // Three bytes from `at` (fewer at the very end: `rdtsc` is two).
+        let w = &image[at..image.len().min(at + 3)];
+        let what = match w {
+            [0x0f, 0x31, ..] => Some("rdtsc"),
+            [0x0f, 0x01, 0xf9] => Some("rdtscp"),
+            [0x0f, 0xc7, modrm] if modrm >> 6 == 3 && (modrm >> 3) & 7 == 6 => Some("rdrand"),
+            [0x0f, 0xc7, modrm] if modrm >> 6 == 3 && (modrm >> 3) & 7 == 7 => Some("rdseed"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return Err(format!(
+                "the guest image holds `{what}` at byte {at:#x}: it reads the host without an exit, \
+                 which a trace cannot replay; record mode refuses it"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -265,6 +290,28 @@ mod tests {
             MIN_RAM_BYTES as u64
         );
         assert_eq!(ram.read_u64(BOOT_INFO_GPA + 24).unwrap(), 7);
+    }
+
+    #[test]
+    fn images_that_read_the_host_without_an_exit_are_refused() {
+        for guest in BuiltinGuest::ALL {
+            assert_eq!(BuiltinBoot::new(guest).refuse_nondeterminism(), Ok(()));
+        }
+        for (code, what) in [
+            (&[0x90, 0x0f, 0x31][..], "rdtsc"),
+            (&[0x0f, 0x01, 0xf9], "rdtscp"),
+            (&[0x48, 0x0f, 0xc7, 0xf0], "rdrand"),
+            (&[0x0f, 0xc7, 0xf8], "rdseed"),
+        ] {
+            let err = RawCode(code.to_vec()).refuse_nondeterminism().unwrap_err();
+            assert!(err.contains(&format!("`{what}`")), "{err}");
+        }
+        // cmpxchg8b (0f c7 /1, a memory operand) is not refused.
+        assert!(
+            RawCode(vec![0x0f, 0xc7, 0x0e])
+                .refuse_nondeterminism()
+                .is_ok()
+        );
     }
 
     #[test]

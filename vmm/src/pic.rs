@@ -11,8 +11,9 @@
 //! Special mask mode, rotation and level triggering are not modelled (a
 //! guest that asks for them is told nothing; the writes are ignored).
 //!
-//! It knows nothing of KVM: the vCPU thread asks [`Pics::next_vector`] when
-//! the guest can take an interrupt and acknowledges it.
+//! It knows nothing of KVM: when the guest can take an interrupt, the vCPU
+//! thread asks [`Pics::pending_vector`] and takes it with
+//! [`Pics::acknowledge`].
 
 use serde::{Deserialize, Serialize};
 

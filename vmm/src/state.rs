@@ -97,7 +97,30 @@ pub struct VmState {
     pub devices: DeviceStates,
     /// The deterministic mode: its userspace PIC and PIT, and where the VM
     /// is in its exit count (None: the kernel mode).
-    pub deterministic: Option<crate::deterministic::DeterministicState>,
+    pub deterministic: Option<DeterministicState>,
+}
+
+/// What the deterministic mode (`deterministic.rs`) saves with the VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeterministicState {
+    /// The trace stream the VM records into, or was recorded into (a replay
+    /// refuses a log of another stream).
+    pub stream: u64,
+    /// Exits since the VM booted.
+    pub exit_index: u64,
+    /// Event records logged after the latest exit when the state was taken
+    /// (a replay from this state skips that many).
+    pub events_after_exit: u32,
+    pub pics: crate::pic::Pics,
+    pub pit: crate::pit::Pit,
+    /// Timer ticks delivered since boot (the guest's virtual time).
+    pub ticks: u64,
+    /// The UART raised its line and the PIC has not been told yet.
+    pub serial_irq_pending: bool,
+    /// The guest is halted (`hlt`) and waits for an interrupt.
+    pub halted: bool,
+    /// At the last exit the guest could take an interrupt.
+    pub ready: bool,
 }
 
 /// Guest RAM layout and a checksum of its contents when saved.
@@ -1110,7 +1133,7 @@ pub(crate) mod tests {
     #[test]
     fn a_deterministic_state_round_trips() {
         let mut state = sample_state();
-        let mut det = crate::deterministic::DeterministicState {
+        let mut det = DeterministicState {
             exit_index: 123_456,
             events_after_exit: 2,
             ticks: 999,

@@ -1,5 +1,9 @@
 //! `understudyctl`: the operator CLI. Parses arguments and calls the library.
 
+// The doc comments below are clap's --help text, where `[tls]` names a TOML
+// table, not a Rust item.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -93,12 +97,14 @@ enum Command {
         session: Session,
     },
     /// Show a daemon's role, generation, protection and replication figures.
+    /// With --config alone: both hosts of the pair, and who runs and protects the VM.
     Status {
-        /// The daemon's control address (from its config: primary.control or backup.control).
-        #[arg(long, value_name = "ADDR")]
-        control: std::net::SocketAddr,
-        /// The VM's config file: its [tls] section gives the CA, certificate and key to
-        /// connect with (omit for a daemon running with tls.insecure = true).
+        /// One daemon's control address (primary.control or backup.control);
+        /// without it, both hosts named in --config are asked.
+        #[arg(long, value_name = "ADDR", required_unless_present = "config")]
+        control: Option<std::net::SocketAddr>,
+        /// The VM's config file: both hosts' control addresses, and the [tls]
+        /// section's CA, certificate and key to connect with.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -214,12 +220,25 @@ fn main() -> ExitCode {
         .map(|report| eprint!("understudy: {}", understudy::record::render(&report))),
         Command::Restore { dir, session } => local::restore(&dir, &session.into()),
         Command::Status { control, config } => async_main(async move {
-            let tls = match config {
-                Some(path) => understudy::config::Config::load(&path, &[])?.tls_files(),
+            let config = match config {
+                Some(path) => Some(understudy::config::Config::load(&path, &[])?),
                 None => None,
             };
-            let status = understudy::remote::fetch_status(control, tls.as_ref()).await?;
-            print!("{}", understudy::remote::render(&status));
+            match (control, config) {
+                (Some(control), config) => {
+                    let tls = config.and_then(|c| c.tls_files());
+                    let status = understudy::remote::fetch_status(control, tls.as_ref()).await?;
+                    print!("{}", understudy::remote::render(&status));
+                }
+                (None, Some(config)) => {
+                    let hosts = understudy::remote::pair_status(&config).await;
+                    print!("{}", understudy::remote::render_pair(&config, &hosts));
+                    if hosts.iter().all(|(_, _, s)| s.is_none()) {
+                        anyhow::bail!("neither host of the pair answered");
+                    }
+                }
+                (None, None) => anyhow::bail!("give --control ADDR or --config FILE"),
+            }
             Ok(())
         }),
         Command::Switchover { config, wait } => async_main(async move {

@@ -1,5 +1,9 @@
 //! `understudyd`: the understudy daemon. Parses arguments and calls the library.
 
+// The doc comments below are clap's --help text, where `[tls]` names a TOML
+// table, not a Rust item.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
