@@ -502,7 +502,7 @@ async fn bad_peers_are_refused_and_the_image_keeps_its_last_commit() {
         pair.addrs.backup_control,
         "failed promotion reported",
         LONG,
-        |s| s.state.starts_with("promotion failed"),
+        |s| s.state_kind == "promotion-failed",
     )
     .await;
     let st = common::status(pair.addrs.backup_control).await.unwrap();
@@ -560,7 +560,7 @@ async fn sigterm_stops_the_primary_cleanly_without_a_promotion() {
         "no promotion after a clean stop\n{}",
         pair.logs()
     );
-    assert!(s.state.contains("stopped on purpose"), "{s:?}");
+    assert_eq!(s.state_kind, "primary-stopped", "{s:?}");
 }
 
 async fn backup_loss_then_return(policy: &str) {
@@ -581,7 +581,11 @@ async fn backup_loss_then_return(policy: &str) {
         pair.addrs.primary_control,
         "primary unprotected",
         LONG,
-        |s| !s.protected && s.state.contains("backup lost"),
+        |s| {
+            !s.protected
+                && s.state_kind.starts_with("unprotected-")
+                && s.state.contains("backup lost")
+        },
     )
     .await;
     let before = counts(&seen).last().copied().unwrap();

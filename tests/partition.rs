@@ -215,7 +215,7 @@ dangerously_allow_insecure_network = true
     );
     let a_status = common::status(a_control).await.unwrap();
     assert!(
-        a_status.state.contains("holding output"),
+        a_status.state_kind == "unprotected-holding",
         "{}",
         a_status.state
     );

@@ -98,7 +98,7 @@ async fn held_output_is_bounded_by_pausing_the_guest_until_a_backup_acks_it() {
         pair.addrs.primary_control,
         "holding output",
         Duration::from_secs(20),
-        |s| s.state.contains("holding output"),
+        |s| s.state_kind == "unprotected-holding",
     )
     .await;
     // 2,000 GETs of a 200-byte value: ~400 KiB of answers, far past 64 KiB.
@@ -109,7 +109,7 @@ async fn held_output_is_bounded_by_pausing_the_guest_until_a_backup_acks_it() {
         pair.addrs.primary_control,
         "the guest paused for held output",
         Duration::from_secs(20),
-        |s| s.state.contains("guest paused"),
+        |s| s.state_kind == "output-bound",
     )
     .await;
     eprintln!("{}", paused.state);

@@ -46,6 +46,7 @@ use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CommittedImage, StoreError};
 use understudy_common::ids::{Generation, Incarnation};
 use understudy_common::role::{HostIo, RunningVm};
+use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::replication_server::ReplicationServer;
 use understudy_vmm::{Vm, VmEnd};
@@ -212,7 +213,7 @@ pub async fn run(
     let stats = &host.stats;
     stats.generation.store(generation.0, Ordering::Release);
     stats.set_incarnation(Incarnation::from_raw(store.incarnation()));
-    stats.set_state(match store.promotable() {
+    stats.set_state(StateKind::Standby, match store.promotable() {
         Ok(p) => format!(
             "standby: holds epoch {} from an earlier session (a primary resyncs it, or an operator resumes it)",
             p.epoch
@@ -422,10 +423,10 @@ async fn handle_events(
                         // Nothing changed; a primary that comes back resyncs.
                         tracing::error!(error = %wire::chain(&e), "promotion failed; waiting for a primary");
                         shared.host.stats.protected.store(false, Ordering::Release);
-                        shared
-                            .host
-                            .stats
-                            .set_state(format!("promotion failed: {}", wire::chain(&e)));
+                        shared.host.stats.set_state(
+                            StateKind::PromotionFailed,
+                            format!("promotion failed: {}", wire::chain(&e)),
+                        );
                     }
                     Err(e) => tracing::error!(error = %e, "promotion task failed"),
                 }
@@ -457,7 +458,10 @@ fn mark_stale(shared: &Shared, stall: Duration) {
         }
         standby.stale = Some(why.clone());
         shared.host.stats.protected.store(false, Ordering::Release);
-        shared.host.stats.set_state(format!("stale: {why}"));
+        shared
+            .host
+            .stats
+            .set_state(StateKind::Stale, format!("stale: {why}"));
     }
     shared.watch.arm(false);
     shared.watch.stall_handled();

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use tonic::Status;
 use understudy_common::ids::Incarnation;
 use understudy_common::operator::OperatorRequest;
+use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{DiscardImageReply, PromoteReply};
 
@@ -79,10 +80,10 @@ fn discard(shared: &Shared) -> Result<DiscardImageReply, Status> {
     }
     shared.watch.arm(false);
     shared.host.stats.protected.store(false, Ordering::Release);
-    shared
-        .host
-        .stats
-        .set_state("standby: image discarded by an operator; a primary may boot a new VM");
+    shared.host.stats.set_state(
+        StateKind::Standby,
+        "standby: image discarded by an operator; a primary may boot a new VM",
+    );
     tracing::warn!(
         incarnation = ?incarnation,
         epoch,

@@ -22,6 +22,7 @@ use understudy_common::fault;
 use understudy_common::ids::{Generation, Incarnation};
 use understudy_common::payload::{CheckpointPayload, PayloadError};
 use understudy_common::role::RunningVm;
+use understudy_common::status::StateKind;
 use understudy_vmm::{GuestRam, RamBacking, Vm, VmState};
 
 use crate::{Phase, Shared, Standby};
@@ -351,7 +352,7 @@ fn record(
             )
         }
     };
-    stats.set_state(state);
+    stats.set_state(StateKind::Promoted, state);
     stats
         .promotion_detect_us
         .store(detect.as_micros() as u64, Ordering::Relaxed);

@@ -12,6 +12,7 @@ use tonic::Status;
 use understudy_checkpoint::epoch::{EpochDecoder, Received};
 use understudy_checkpoint::{EpochError, EpochKind};
 use understudy_common::ids::Generation;
+use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
 
@@ -83,10 +84,10 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
         // the old record: not promotable until the resync.
         if let Err(e) = standby.store.promotable() {
             shared.watch.arm(false);
-            shared
-                .host
-                .stats
-                .set_state(format!("image not promotable: {}", wire::chain(&e)));
+            shared.host.stats.set_state(
+                StateKind::NotPromotable,
+                format!("image not promotable: {}", wire::chain(&e)),
+            );
             shared.host.stats.protected.store(false, Ordering::Release);
         }
         tracing::error!(epoch, error = %why, "cannot commit the epoch; the session ends");
@@ -103,7 +104,10 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
         shared.watch.arm(!session.goodbye);
         shared.host.stats.protected.store(true, Ordering::Release);
         shared.host.stats.set_last_epoch(epoch);
-        shared.host.stats.set_state("protecting");
+        shared
+            .host
+            .stats
+            .set_state(StateKind::Protecting, "protecting");
     }
     shared.host.stats.epochs.fetch_add(1, Ordering::Relaxed);
     shared.host.stats.metrics.epochs.inc();

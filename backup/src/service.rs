@@ -13,6 +13,7 @@ use understudy_checkpoint::epoch::EpochDecoder;
 use understudy_common::auth::Access;
 use understudy_common::heartbeat::SessionKey;
 use understudy_common::ids::{Generation, Incarnation, RunState};
+use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::replication_server::Replication;
 use understudy_proto::{
@@ -89,7 +90,7 @@ impl ReplicationService {
         let stats = &shared.host.stats;
         stats.set_incarnation(Some(incarnation));
         stats.protected.store(false, Ordering::Release);
-        stats.set_state("syncing");
+        stats.set_state(StateKind::Syncing, "syncing");
         stats.link_up.store(true, Ordering::Release);
         tracing::info!(
             session = req.session,
@@ -164,7 +165,10 @@ impl Replication for ReplicationService {
             }
             Decision::Wait(why) => Err(Status::unavailable(why)),
             Decision::HoldsVm(why) => {
-                shared.host.stats.set_state(format!("standby: {why}"));
+                shared
+                    .host
+                    .stats
+                    .set_state(StateKind::Standby, format!("standby: {why}"));
                 Err(wire::holds_vm(why))
             }
             Decision::Refuse {
@@ -250,10 +254,10 @@ impl Replication for ReplicationService {
         if let Err(e) = standby.store.retire() {
             tracing::warn!(error = %wire::chain(&e), "cannot record the retirement of the image");
         }
-        shared
-            .host
-            .stats
-            .set_state("primary stopped on purpose: not promoting");
+        shared.host.stats.set_state(
+            StateKind::PrimaryStopped,
+            "primary stopped on purpose: not promoting",
+        );
         tracing::info!("primary said goodbye: it stopped on purpose, no promotion");
         Ok(Response::new(GoodbyeReply {}))
     }

@@ -296,8 +296,14 @@ impl Drop for Beater {
 /// declares the session lost (and, under keep-running, releases output that
 /// no backup holds). Lenient: a false "backup lost" costs a resync.
 pub fn primary_gives_up(heartbeat_timeout: Duration) -> Duration {
-    (heartbeat_timeout * 3).max(Duration::from_secs(1))
+    (heartbeat_timeout * GIVE_UP_TIMEOUTS).max(GIVE_UP_FLOOR)
 }
+
+/// A primary gives up on its backup after this many heartbeat timeouts…
+pub const GIVE_UP_TIMEOUTS: u32 = 3;
+/// …and never sooner than this (a short timeout must not make a busy
+/// backup look lost).
+pub const GIVE_UP_FLOOR: Duration = Duration::from_secs(1);
 
 /// Raises the calling thread to real-time priority (SCHED_FIFO, low
 /// priority) so heartbeats go out and are answered on a saturated host.

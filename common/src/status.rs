@@ -51,12 +51,89 @@ impl Window {
     }
 }
 
+/// What a host is doing, as tools see it: `understudyctl status` shows it
+/// as `state` (the kind) beside the sentence that says why, tests and the
+/// systemd supervisor match on it, never on the sentence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateKind {
+    /// The role is starting.
+    Starting,
+    /// Primary: asking the backup for a session.
+    WaitingForBackup,
+    /// Primary: the backup holds a VM this boot would replace; an operator
+    /// decides (`understudyctl promote` or `discard-image`).
+    WaitingForOperator,
+    /// Primary or backup: the first full copy is on its way.
+    Syncing,
+    /// Primary: a backup holds a committed checkpoint of this session.
+    Protected,
+    /// Primary: no backup; console output is released (keep-running).
+    UnprotectedReleasing,
+    /// Primary: no backup; console output is held (hold-output, or a run
+    /// that cannot be recorded).
+    UnprotectedHolding,
+    /// Primary: the guest is paused because held output reached its bound.
+    OutputBound,
+    /// Primary: the session broke; probing the backup and reconnecting.
+    Reconnecting,
+    /// Primary: handed the VM over in a switchover.
+    HandedOver,
+    /// Primary: deposed by a higher generation.
+    Fenced,
+    /// Backup: waiting for a primary (with or without an image).
+    Standby,
+    /// Backup: holds a committed checkpoint and watches the primary.
+    Protecting,
+    /// Backup: its image cannot be promoted until a resync.
+    NotPromotable,
+    /// Backup: its image may be older than output the primary released.
+    Stale,
+    /// Backup: the primary said goodbye; no promotion.
+    PrimaryStopped,
+    /// Backup: a promotion failed (the primary, if alive, keeps the VM).
+    PromotionFailed,
+    /// A promoted backup running the VM.
+    Promoted,
+}
+
+impl StateKind {
+    /// The stable name in `status` (kebab case).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::WaitingForBackup => "waiting-for-backup",
+            Self::WaitingForOperator => "waiting-for-operator",
+            Self::Syncing => "syncing",
+            Self::Protected => "protected",
+            Self::UnprotectedReleasing => "unprotected-releasing",
+            Self::UnprotectedHolding => "unprotected-holding",
+            Self::OutputBound => "output-bound",
+            Self::Reconnecting => "reconnecting",
+            Self::HandedOver => "handed-over",
+            Self::Fenced => "fenced",
+            Self::Standby => "standby",
+            Self::Protecting => "protecting",
+            Self::NotPromotable => "not-promotable",
+            Self::Stale => "stale",
+            Self::PrimaryStopped => "primary-stopped",
+            Self::PromotionFailed => "promotion-failed",
+            Self::Promoted => "promoted",
+        }
+    }
+}
+
+impl std::fmt::Display for StateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Everything `understudyctl status` shows.
 #[derive(Debug)]
 pub struct Stats {
     pub vm_id: String,
     role: Mutex<&'static str>,
-    state: Mutex<String>,
+    state: Mutex<(StateKind, String)>,
     peer: Mutex<String>,
     pub generation: AtomicU64,
     pub protected: AtomicBool,
@@ -90,7 +167,7 @@ impl Stats {
         Self {
             vm_id: vm_id.to_owned(),
             role: Mutex::new(role),
-            state: Mutex::new("starting".into()),
+            state: Mutex::new((StateKind::Starting, "starting".into())),
             peer: Mutex::new(peer),
             generation: AtomicU64::new(generation),
             protected: AtomicBool::new(false),
@@ -145,19 +222,26 @@ impl Stats {
         self.link_up.store(false, Ordering::Release);
         self.in_flight.store(0, Ordering::Relaxed);
         self.last_epoch_plus_one.store(0, Ordering::Release);
-        self.set_state("starting");
+        self.set_state(StateKind::Starting, "starting");
     }
 
     pub fn role(&self) -> &'static str {
         *self.role.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set_state(&self, state: impl Into<String>) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state.into();
+    /// What the host does now, and the sentence that says why.
+    pub fn set_state(&self, kind: StateKind, detail: impl Into<String>) {
+        *lock(&self.state) = (kind, detail.into());
     }
 
+    /// The kind of what the host does now.
+    pub fn state_kind(&self) -> StateKind {
+        lock(&self.state).0
+    }
+
+    /// The sentence that says what the host does now.
     pub fn state(&self) -> String {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.state).1.clone()
     }
 
     /// The VM this host runs or protects.
@@ -235,6 +319,7 @@ impl Stats {
             replication_lag_epochs: self.in_flight.load(Ordering::Relaxed),
             ack_latency_micros: lock(&self.ack_us).quantile(0.5),
             state: self.state(),
+            state_kind: self.state_kind().name().to_owned(),
             bytes_shipped: self.bytes_shipped.load(Ordering::Relaxed),
             epochs: self.epochs.load(Ordering::Relaxed),
             peer: lock(&self.peer).clone(),

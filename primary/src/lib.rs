@@ -47,7 +47,7 @@ use understudy_checkpoint::CodecPolicy;
 use understudy_common::ids::{Incarnation, RunState};
 use understudy_common::operator::{OperatorRequest, SwitchoverResult};
 use understudy_common::role::{HostIo, RunningVm};
-use understudy_common::status::Stats;
+use understudy_common::status::{StateKind, Stats};
 use understudy_common::wire;
 use understudy_proto::EpochChunk;
 use understudy_proto::replication_client::ReplicationClient;
@@ -173,6 +173,14 @@ const HOLDS_VM_RETRY: Duration = Duration::from_secs(1);
 /// How long a primary that cannot reach the backup waits before it tries
 /// again, before the VM boots.
 const FIRST_HELLO_RETRY: Duration = Duration::from_millis(200);
+/// How long a role that stops waits for its replication server to let go
+/// of the shared socket before aborting it (a deposed peer's open
+/// connection is not waited for).
+const SERVER_RELEASE_WAIT: Duration = Duration::from_millis(200);
+/// The reconnect back-off never grows past the heartbeat timeout, nor
+/// stays under this (a backup restarting after a switchover takes that
+/// long to listen).
+const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// One switchover request: where to answer.
 type SwitchoverResponder = tokio::sync::oneshot::Sender<SwitchoverResult>;
@@ -350,8 +358,10 @@ impl Shared {
             dropped_output_bytes = dropped,
             "deposed by a higher generation: fencing"
         );
-        self.stats
-            .set_state(format!("fenced: deposed by generation {generation}"));
+        self.stats.set_state(
+            StateKind::Fenced,
+            format!("fenced: deposed by generation {generation}"),
+        );
         if let Err(e) = self
             .host_state
             .mark_fenced(understudy_common::ids::Generation(generation))
@@ -438,7 +448,7 @@ pub async fn run(
             if let Some(p) = previous {
                 tracing::info!(previous = %p.incarnation, state = %p.state, "this host ran the VM before: telling the backup");
             }
-            stats.set_state("waiting for the backup");
+            stats.set_state(StateKind::WaitingForBackup, "waiting for the backup");
             loop {
                 let offer = SessionOffer::new(generation, incarnation, previous)?;
                 match hello(&opts, &offer).await {
@@ -457,7 +467,7 @@ pub async fn run(
                         if stats.state() != format!("waiting: {why}") {
                             tracing::warn!(%why, "the backup holds a VM this boot would replace: waiting for an operator");
                         }
-                        stats.set_state(format!("waiting: {why}"));
+                        stats.set_state(StateKind::WaitingForOperator, format!("waiting: {why}"));
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
                             _ = tokio::time::sleep(HOLDS_VM_RETRY) => {}
@@ -564,9 +574,15 @@ pub async fn run(
         // hold-output) holds its own output, so no other copy serves.
         if shared.record(RunState::ReleasedUnprotected) {
             shared.releaser.set_unprotected(true);
-            stats.set_state("unprotected: no backup yet, releasing output");
+            stats.set_state(
+                StateKind::UnprotectedReleasing,
+                "unprotected: no backup yet, releasing output",
+            );
         } else {
-            stats.set_state("unprotected: no backup yet, holding output (cannot record the run)");
+            stats.set_state(
+                StateKind::UnprotectedHolding,
+                "unprotected: no backup yet, holding output (cannot record the run)",
+            );
         }
     } else if first_session.is_none() {
         // Started without a backup (start_unprotected): the policy decides.
@@ -615,7 +631,7 @@ pub async fn run(
     if let Some(mut answers) = answers {
         // The server lets go of the socket as soon as it stops accepting; a
         // deposed peer's open connection is not waited for long.
-        if tokio::time::timeout(Duration::from_millis(200), &mut answers)
+        if tokio::time::timeout(SERVER_RELEASE_WAIT, &mut answers)
             .await
             .is_err()
         {
@@ -660,19 +676,22 @@ fn unprotected(shared: &Shared, why: &str) {
         BackupLoss::KeepRunning => {
             if shared.record(RunState::ReleasedUnprotected) {
                 shared.releaser.set_unprotected(true);
-                shared
-                    .stats
-                    .set_state(format!("unprotected: {why}, releasing output"));
+                shared.stats.set_state(
+                    StateKind::UnprotectedReleasing,
+                    format!("unprotected: {why}, releasing output"),
+                );
             } else {
-                shared.stats.set_state(format!(
-                    "unprotected: {why}, holding output (cannot record the run)"
-                ));
+                shared.stats.set_state(
+                    StateKind::UnprotectedHolding,
+                    format!("unprotected: {why}, holding output (cannot record the run)"),
+                );
             }
         }
         BackupLoss::HoldOutput => {
-            shared
-                .stats
-                .set_state(format!("unprotected: {why}, holding output"));
+            shared.stats.set_state(
+                StateKind::UnprotectedHolding,
+                format!("unprotected: {why}, holding output"),
+            );
         }
     }
 }
@@ -732,7 +751,7 @@ async fn session_manager(
     let opts = shared.opts.clone();
     // Reconnect quickly at first (a backup that is just starting, as after a
     // switchover), then back off to the heartbeat timeout.
-    let max_retry = opts.heartbeat_timeout.max(Duration::from_millis(200));
+    let max_retry = opts.heartbeat_timeout.max(MIN_RECONNECT_BACKOFF);
     let mut retry = opts.heartbeat_interval;
     loop {
         if shared.phase().ending() {
@@ -779,7 +798,7 @@ async fn session_manager(
         };
         retry = opts.heartbeat_interval;
         shared.releaser.new_session();
-        shared.stats.set_state("syncing");
+        shared.stats.set_state(StateKind::Syncing, "syncing");
         let reason = run_session(&shared, offer, client).await;
         shared.stats.protected.store(false, Ordering::Release);
         // A handover ends the session from the other side; let the
@@ -793,9 +812,10 @@ async fn session_manager(
             return;
         }
         tracing::warn!(%reason, "replication session lost");
-        shared
-            .stats
-            .set_state(format!("replication session lost ({reason}): reconnecting"));
+        shared.stats.set_state(
+            StateKind::Reconnecting,
+            format!("replication session lost ({reason}): reconnecting"),
+        );
         // Before releasing anything unprotected, ask the backup: a promotion we
         // could learn of must win over our own output.
         match probe(&opts, shared.generation).await {

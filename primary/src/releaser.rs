@@ -104,3 +104,87 @@ impl Releaser {
         self.log.discard_unreleased()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn releaser() -> (Arc<ConsoleLog>, Releaser) {
+        let log = ConsoleLog::new(0);
+        (log.clone(), Releaser::new(log))
+    }
+
+    #[test]
+    fn output_goes_out_only_up_to_the_acked_checkpoint() {
+        let (log, r) = releaser();
+        log.append(b"aaaa");
+        r.checkpoint_taken(1, log.end());
+        log.append(b"bbbb");
+        r.checkpoint_taken(2, log.end());
+        log.append(b"cc");
+        assert_eq!(log.released(), 0, "nothing before an ack");
+        r.acked(1);
+        assert_eq!(log.released(), 4);
+        // An ack covers every earlier epoch too (acks may be coalesced).
+        r.acked(2);
+        assert_eq!(log.released(), 8);
+        // Output after the last checkpoint waits for the next one.
+        r.acked(3);
+        assert_eq!(log.released(), 8);
+        r.checkpoint_taken(3, log.end());
+        r.acked(3);
+        assert_eq!(log.released(), 10);
+    }
+
+    #[test]
+    fn a_late_ack_of_an_old_session_releases_nothing_of_the_new_one() {
+        let (log, r) = releaser();
+        log.append(b"old!");
+        r.checkpoint_taken(7, log.end());
+        r.new_session();
+        r.acked(7);
+        assert_eq!(log.released(), 0, "the old session's epoch was dropped");
+        r.checkpoint_taken(1, log.end());
+        r.acked(1);
+        assert_eq!(log.released(), 4);
+    }
+
+    #[test]
+    fn unprotected_releases_at_once_until_the_next_session_is_protected() {
+        let (log, r) = releaser();
+        log.append(b"held");
+        r.checkpoint_taken(1, log.end());
+        r.set_unprotected(true);
+        assert_eq!(log.released(), 4, "everything held goes out");
+        log.append(b"more");
+        r.produced_unprotected();
+        assert_eq!(log.released(), 8);
+        // Re-protection: through the sync output still goes out…
+        r.new_session();
+        log.append(b"sync");
+        r.checkpoint_taken(1, log.end());
+        assert_eq!(log.released(), 12);
+        // …and once protected, it waits for acks again.
+        r.session_protected();
+        log.append(b"wait");
+        r.checkpoint_taken(2, log.end());
+        assert_eq!(log.released(), 12);
+        r.acked(2);
+        assert_eq!(log.released(), 16);
+    }
+
+    #[test]
+    fn a_fence_releases_nothing_ever_again() {
+        let (log, r) = releaser();
+        log.append(b"never");
+        r.checkpoint_taken(1, log.end());
+        assert_eq!(r.fence(), 5, "the unreleased bytes are dropped");
+        r.acked(1);
+        r.set_unprotected(true);
+        log.append(b"after");
+        r.produced_unprotected();
+        r.checkpoint_taken(2, log.end());
+        r.acked(2);
+        assert_eq!(log.released(), 0);
+    }
+}

@@ -14,6 +14,7 @@ use understudy_common::console::ConsoleLog;
 use understudy_common::fault;
 use understudy_common::ids::RunState;
 use understudy_common::payload::CheckpointPayload;
+use understudy_common::status::StateKind;
 use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
 use understudy_vmm::{Vm, VmEnd, VmError};
 
@@ -231,10 +232,13 @@ impl Replicator {
                     limit = self.shared.opts.max_held_output,
                     "console output held past its limit: the guest is paused until a backup acks it"
                 );
-                self.shared.stats.set_state(format!(
-                    "guest paused: {} KiB of console output held, no backup acks it",
-                    held >> 10
-                ));
+                self.shared.stats.set_state(
+                    StateKind::OutputBound,
+                    format!(
+                        "guest paused: {} KiB of console output held, no backup acks it",
+                        held >> 10
+                    ),
+                );
             } else {
                 tracing::info!("held console output went out: the guest runs again");
             }
@@ -330,7 +334,9 @@ impl Replicator {
                 self.shared.record(RunState::Protected);
                 self.last_session = Some(link.id);
                 self.shared.stats.protected.store(true, Ordering::Release);
-                self.shared.stats.set_state("protected");
+                self.shared
+                    .stats
+                    .set_state(StateKind::Protected, "protected");
                 tracing::info!(
                     sync_ms = sync_started.elapsed().as_millis() as u64,
                     epoch = self.next_epoch - 1,
@@ -470,9 +476,10 @@ impl Replicator {
         self.shared.end_handover(Some(reply.generation));
         self.shared.record(RunState::Gone);
         self.shared.stats.metrics.switchovers.inc();
-        self.shared
-            .stats
-            .set_state(format!("handed over at epoch {epoch}"));
+        self.shared.stats.set_state(
+            StateKind::HandedOver,
+            format!("handed over at epoch {epoch}"),
+        );
         // All output up to the final checkpoint went out with its ack; the
         // clients follow the guest to its new host.
         self.log.disconnect_clients();
@@ -552,11 +559,14 @@ impl Replicator {
                 self.drain_output_unprotected();
             }
             if i % (STREAM_EVERY_PAGES * 8) == 0 {
-                self.shared.stats.set_state(format!(
-                    "syncing: round {round}, {}% of {} pages",
-                    i * 100 / pages.len().max(1),
-                    pages.len()
-                ));
+                self.shared.stats.set_state(
+                    StateKind::Syncing,
+                    format!(
+                        "syncing: round {round}, {}% of {} pages",
+                        i * 100 / pages.len().max(1),
+                        pages.len()
+                    ),
+                );
             }
         }
         let encoded = enc.finish(&[]).map_err(InternalError::Encode)?;

@@ -256,6 +256,9 @@ mod bounds {
         Duration::from_millis(n)
     }
 
+    /// The heartbeat timeout covers at least this many beats.
+    pub const MIN_BEATS_PER_TIMEOUT: u32 = 3;
+
     /// Under 1 ms the pause overhead dominates; over 10 s output waits that
     /// long for its checkpoint.
     pub const EPOCH_INTERVAL: RangeInclusive<Duration> = ms(1)..=ms(10_000);
@@ -420,10 +423,12 @@ impl Config {
                 ));
             }
         }
-        if self.heartbeat_timeout < self.heartbeat_interval * 3 {
+        if self.heartbeat_timeout < self.heartbeat_interval * bounds::MIN_BEATS_PER_TIMEOUT {
             return Err(format!(
-                "heartbeat_timeout ({:?}) must be at least 3 × heartbeat_interval ({:?}), or a single late beat promotes the backup",
-                self.heartbeat_timeout, self.heartbeat_interval
+                "heartbeat_timeout ({:?}) must be at least {} × heartbeat_interval ({:?}), or a single late beat promotes the backup",
+                self.heartbeat_timeout,
+                bounds::MIN_BEATS_PER_TIMEOUT,
+                self.heartbeat_interval
             ));
         }
         if !bounds::MAX_HELD_OUTPUT_KIB.contains(&self.max_held_output_kib) {

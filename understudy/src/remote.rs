@@ -11,6 +11,11 @@ use understudy_proto::{StatusReply, StatusRequest, SwitchoverReply, SwitchoverRe
 use crate::config::Config;
 use crate::daemon::Role;
 
+/// How long an operator request that moves the VM (switchover, promote)
+/// may take: a final checkpoint's ack and a restore take well under a
+/// second; this leaves room for a slow disk.
+const OPERATOR_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A channel to a daemon's control service (mutual TLS when `tls` is given:
 /// the daemon's certificate must name `addr`'s IP).
 async fn control_channel(
@@ -65,7 +70,7 @@ pub async fn request_switchover(
     let mut request = tonic::Request::new(SwitchoverRequest {});
     // The final checkpoint's ack and the other host's restore take well
     // under a second; leave room for a slow disk.
-    request.set_timeout(Duration::from_secs(30));
+    request.set_timeout(OPERATOR_RPC_TIMEOUT);
     let reply = client
         .switchover(request)
         .await
@@ -145,7 +150,7 @@ pub async fn request_promote(
 ) -> Result<understudy_proto::PromoteReply> {
     let mut client = control_channel(addr, tls).await?;
     let mut request = tonic::Request::new(understudy_proto::PromoteRequest {});
-    request.set_timeout(Duration::from_secs(30));
+    request.set_timeout(OPERATOR_RPC_TIMEOUT);
     Ok(client
         .promote(request)
         .await
@@ -237,7 +242,15 @@ pub fn render(s: &StatusReply) -> String {
     let mut rows: Vec<(&str, String)> = vec![
         ("VM", s.vm_id.clone()),
         ("role", s.role.clone()),
-        ("state", s.state.clone()),
+        (
+            "state",
+            // The kind, and the sentence when it says more.
+            if s.state_kind.is_empty() || s.state == s.state_kind {
+                s.state.clone()
+            } else {
+                format!("{} ({})", s.state_kind, s.state)
+            },
+        ),
         ("generation", s.generation.to_string()),
         (
             "incarnation",

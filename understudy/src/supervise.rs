@@ -25,7 +25,7 @@ fn status_line(stats: &Stats) -> String {
         .last_epoch()
         .map_or_else(|| "-".to_owned(), |e| e.to_string());
     format!(
-        "role={} generation={} protected={} epoch={} state={}",
+        "role={} generation={} protected={} epoch={} state={} ({})",
         stats.role(),
         stats.generation.load(Ordering::Acquire),
         if stats.protected.load(Ordering::Acquire) {
@@ -34,6 +34,7 @@ fn status_line(stats: &Stats) -> String {
             "no"
         },
         epoch,
+        stats.state_kind(),
         stats.state()
     )
 }
@@ -42,7 +43,10 @@ fn ready(stats: &Stats) -> bool {
     match stats.role() {
         "backup" => stats.link_up.load(Ordering::Acquire),
         // A primary is ready once protected; a promoted backup is running.
-        _ => stats.protected.load(Ordering::Acquire) || stats.state().starts_with("promoted"),
+        _ => {
+            stats.protected.load(Ordering::Acquire)
+                || stats.state_kind() == understudy_common::status::StateKind::Promoted
+        }
     }
 }
 

@@ -26,8 +26,10 @@ use crate::loader::BuiltinBoot;
 /// A part of the VM that can be saved and brought back.
 ///
 /// There are no default methods: a part that forgets to save itself does not
-/// compile. `save` is fallible because the KVM-backed parts read their state
-/// with ioctls, which can fail; device models never fail.
+/// compile. `save` cannot fail: the parts are device models whose state is
+/// in memory (the vCPU's and KVM's state, read with ioctls that can fail,
+/// is saved by `vcpu.rs` and `vm.rs` with their own errors). `restore`
+/// validates what it is given, so it can.
 pub trait Persist: Sized {
     /// The saved form.
     type State;
@@ -37,7 +39,7 @@ pub trait Persist: Sized {
     type Error;
 
     /// Captures the current state.
-    fn save(&self) -> Result<Self::State, Self::Error>;
+    fn save(&self) -> Self::State;
     /// Rebuilds the part from `state`, validating every field.
     fn restore(args: Self::RestoreArgs, state: &Self::State) -> Result<Self, Self::Error>;
 }

@@ -733,11 +733,7 @@ impl VcpuThread {
         };
         Ok(SavedVcpu {
             vcpu,
-            serial: self
-                .bus
-                .serial
-                .save()
-                .map_err(|e| VcpuError::BadState(e.to_string()))?,
+            serial: self.bus.serial.save(),
             deterministic: self.det.as_ref().map(|d| d.state(&self.bus)),
         })
     }
