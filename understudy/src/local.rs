@@ -93,27 +93,10 @@ pub fn restore(dir: &Path, session_options: &SessionOptions) -> Result<()> {
 /// Runs until the deadline, the guest's end, or SIGINT/SIGTERM; then optionally
 /// snapshots, stops the VM and flushes its output.
 fn session(vm: Vm, console: Console, options: &SessionOptions) -> Result<()> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, interrupted.clone())
-            .context("cannot install signal handlers")?;
-    }
+    let interrupted = install_signals()?;
     let output = console::pump_output(console.output);
     console::pump_input(console.input);
-
-    let deadline = options.stop_after.map(|d| Instant::now() + d);
-    let ended = loop {
-        let step = deadline.map_or(Duration::from_millis(50), |d| {
-            d.saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(50))
-        });
-        if let Some(end) = vm.wait_end(step) {
-            break Some(end);
-        }
-        if interrupted.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-            break None;
-        }
-    };
+    let ended = wait(&vm, &interrupted, options.stop_after);
 
     let result = match (&ended, &options.snapshot_to) {
         (Some(end), Some(dir)) => Err(anyhow::anyhow!(
@@ -133,6 +116,37 @@ fn session(vm: Vm, console: Console, options: &SessionOptions) -> Result<()> {
             Ok(())
         }
         VmEnd::Stopped => Ok(()),
+    }
+}
+
+/// SIGINT and SIGTERM set the returned flag (a session then ends cleanly).
+pub(crate) fn install_signals() -> Result<Arc<AtomicBool>> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, interrupted.clone())
+            .context("cannot install signal handlers")?;
+    }
+    Ok(interrupted)
+}
+
+/// Runs until `stop_after`, the guest's end (returned) or a signal.
+pub(crate) fn wait(
+    vm: &Vm,
+    interrupted: &AtomicBool,
+    stop_after: Option<Duration>,
+) -> Option<VmEnd> {
+    let deadline = stop_after.map(|d| Instant::now() + d);
+    loop {
+        let step = deadline.map_or(Duration::from_millis(50), |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50))
+        });
+        if let Some(end) = vm.wait_end(step) {
+            return Some(end);
+        }
+        if interrupted.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
     }
 }
 

@@ -17,8 +17,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,7 +27,7 @@ use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, TraceMode};
 use understudy_vmm::{BootOptions, GuestRam, RamBacking, Vm, VmEnd, snapshot};
 
 use crate::console;
-use crate::local::{RunOptions, SessionOptions};
+use crate::local::{RunOptions, SessionOptions, install_signals, wait};
 
 /// The log inside a recording directory.
 pub const TRACE_FILE: &str = "trace.log";
@@ -334,32 +332,6 @@ fn random_stream() -> Result<u64> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness for the stream id: {e}"))?;
     Ok(u64::from_le_bytes(b))
-}
-
-fn install_signals() -> Result<Arc<AtomicBool>> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, interrupted.clone())
-            .context("cannot install signal handlers")?;
-    }
-    Ok(interrupted)
-}
-
-/// Runs until the deadline, the guest's end (returned) or a signal.
-fn wait(vm: &Vm, interrupted: &AtomicBool, stop_after: Option<Duration>) -> Option<VmEnd> {
-    let deadline = stop_after.map(|d| Instant::now() + d);
-    loop {
-        let step = deadline.map_or(Duration::from_millis(50), |d| {
-            d.saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(50))
-        });
-        if let Some(end) = vm.wait_end(step) {
-            return Some(end);
-        }
-        if interrupted.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-            return None;
-        }
-    }
 }
 
 /// Appends each sealed segment to the log file; syncs it when the stream

@@ -42,9 +42,33 @@ fn record(
     inputs: &[(Duration, Vec<u8>)],
     mid: Option<Duration>,
 ) -> Recording {
+    record_with(boot, dir, run_for, inputs, mid.as_slice(), |_| {})
+}
+
+/// The name of the `i`th snapshot taken during a recording.
+fn mid_name(i: usize) -> String {
+    if i == 0 {
+        "mid".into()
+    } else {
+        format!("mid{i}")
+    }
+}
+
+/// [`record`] with any number of snapshots during the run (`dir/mid`,
+/// `dir/mid1`, …), and `started(segments)` called once the start snapshot
+/// is written, before the guest runs: it gets every segment as it is
+/// sealed, while the recording goes on.
+fn record_with(
+    boot: &BuiltinBoot,
+    dir: &Path,
+    run_for: Duration,
+    inputs: &[(Duration, Vec<u8>)],
+    mids: &[Duration],
+    started: impl FnOnce(Receiver<Vec<u8>>),
+) -> Recording {
     require_kvm();
     let ram = GuestRam::new(32 << 20, RamBacking::Anonymous).unwrap();
-    let (sink, segments) = crossbeam_channel::unbounded();
+    let (sink, sealed) = crossbeam_channel::unbounded::<Vec<u8>>();
     let writer = TraceWriter::new(rand_stream(), 0);
     let (vm, console) = Vm::boot_deterministic(
         ram,
@@ -58,11 +82,22 @@ fn record(
     )
     .unwrap();
     snapshot::write_snapshot(&vm, &dir.join("start")).unwrap();
+    // Each segment is kept, and handed on at once to whoever follows.
+    let (follow_tx, follow_rx) = crossbeam_channel::unbounded();
+    let keeper = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for segment in sealed {
+            let _ = follow_tx.send(segment.clone());
+            kept.push(segment);
+        }
+        kept
+    });
+    started(follow_rx);
     let mut output = Vec::new();
     let start = Instant::now();
     vm.resume().unwrap();
     let mut inputs = inputs.iter().peekable();
-    let mut mid = mid;
+    let mut mids = mids.iter().enumerate().peekable();
     while start.elapsed() < run_for {
         while let Some((at, bytes)) = inputs.peek() {
             if start.elapsed() < *at {
@@ -71,13 +106,13 @@ fn record(
             assert!(console.input.send(bytes));
             inputs.next();
         }
-        if let Some(at) = mid
-            && start.elapsed() >= at
+        if let Some((i, at)) = mids.peek()
+            && start.elapsed() >= **at
         {
             vm.pause().unwrap();
-            snapshot::write_snapshot(&vm, &dir.join("mid")).unwrap();
+            snapshot::write_snapshot(&vm, &dir.join(mid_name(*i))).unwrap();
             vm.resume().unwrap();
-            mid = None;
+            mids.next();
         }
         drain(&console.output, &mut output);
         std::thread::sleep(Duration::from_millis(2));
@@ -87,7 +122,7 @@ fn record(
     assert_eq!(vm.stop(), VmEnd::Stopped);
     drain(&console.output, &mut output);
     Recording {
-        segments: segments.try_iter().collect(),
+        segments: keeper.join().unwrap(),
         output,
     }
 }
@@ -142,6 +177,19 @@ fn end_exit(dir: &Path) -> u64 {
     state.deterministic.unwrap().exit_index
 }
 
+/// Replays from the snapshot in `from` to the log's end, checks the VM
+/// against the snapshot in `end`, and returns the replay's console output
+/// and where it stopped.
+fn replay_to_end(from: &Path, segments: &[Vec<u8>], end: &Path) -> (String, ReplayOutcome) {
+    let (vm, out, outcome) = replay(from, segments, None, AfterReplay::Stop);
+    let outcome = outcome.unwrap();
+    assert_same_as(&vm, end);
+    let mut replayed = Vec::new();
+    drain(&out, &mut replayed);
+    vm.stop();
+    (String::from_utf8_lossy(&replayed).into_owned(), outcome)
+}
+
 #[test]
 fn a_recorded_counter_replays_to_the_same_output_and_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,24 +197,16 @@ fn a_recorded_counter_replays_to_the_same_output_and_state() {
     let rec = record(&boot, dir.path(), Duration::from_millis(1500), &[], None);
     let text = String::from_utf8_lossy(&rec.output).into_owned();
     assert!(text.contains("count 10"), "{text}");
-    let (vm, out, outcome) = replay(
-        &dir.path().join("start"),
-        &rec.segments,
-        None,
-        AfterReplay::Stop,
-    );
+    let end = dir.path().join("end");
+    let (replayed, outcome) = replay_to_end(&dir.path().join("start"), &rec.segments, &end);
     assert_eq!(
-        outcome.unwrap(),
+        outcome,
         ReplayOutcome::Reached {
-            exit: end_exit(&dir.path().join("end")),
+            exit: end_exit(&end),
             went_live: false
         }
     );
-    assert_same_as(&vm, &dir.path().join("end"));
-    let mut replayed = Vec::new();
-    drain(&out, &mut replayed);
-    assert_eq!(String::from_utf8_lossy(&replayed), text);
-    vm.stop();
+    assert_eq!(replayed, text);
 }
 
 #[test]
@@ -209,37 +249,17 @@ fn kv_under_random_input_replays_from_the_start_and_from_midway() {
     let text = String::from_utf8_lossy(&rec.output).into_owned();
     assert!(text.lines().count() >= 100, "the kv guest answered: {text}");
 
-    let (vm, out, outcome) = replay(
-        &dir.path().join("start"),
-        &rec.segments,
-        None,
-        AfterReplay::Stop,
-    );
-    outcome.unwrap();
-    assert_same_as(&vm, &dir.path().join("end"));
-    let mut replayed = Vec::new();
-    drain(&out, &mut replayed);
-    assert_eq!(String::from_utf8_lossy(&replayed), text);
-    vm.stop();
+    let end = dir.path().join("end");
+    let (replayed, _) = replay_to_end(&dir.path().join("start"), &rec.segments, &end);
+    assert_eq!(replayed, text);
 
     // From the snapshot taken midway: the output from there on.
-    let (vm, out, outcome) = replay(
-        &dir.path().join("mid"),
-        &rec.segments,
-        None,
-        AfterReplay::Stop,
-    );
-    outcome.unwrap();
-    assert_same_as(&vm, &dir.path().join("end"));
-    let mut replayed = Vec::new();
-    drain(&out, &mut replayed);
-    let replayed = String::from_utf8_lossy(&replayed).into_owned();
+    let (replayed, _) = replay_to_end(&dir.path().join("mid"), &rec.segments, &end);
     assert!(
         !replayed.is_empty() && text.ends_with(&replayed),
         "{replayed}"
     );
     assert!(replayed.len() < text.len());
-    vm.stop();
 }
 
 #[test]
@@ -425,18 +445,12 @@ fn the_dirtier_flat_out_and_paced_replays_to_the_same_ram() {
         let text = String::from_utf8_lossy(&rec.output).into_owned();
         assert!(text.contains("work "), "{text}");
         for from in ["start", "mid"] {
-            let (vm, out, outcome) = replay(
+            let (replayed, _) = replay_to_end(
                 &dir.path().join(from),
                 &rec.segments,
-                None,
-                AfterReplay::Stop,
+                &dir.path().join("end"),
             );
-            outcome.unwrap();
-            assert_same_as(&vm, &dir.path().join("end"));
-            let mut replayed = Vec::new();
-            drain(&out, &mut replayed);
-            assert!(text.ends_with(&*String::from_utf8_lossy(&replayed)));
-            vm.stop();
+            assert!(text.ends_with(&replayed));
         }
     }
 }
@@ -490,17 +504,140 @@ fn a_replay_can_hand_over_to_a_new_recording_that_replays_in_turn() {
     let live = String::from_utf8_lossy(&live).into_owned();
     assert!(live.contains("VALUE 9"), "{live}");
     let segments: Vec<Vec<u8>> = new_segments.try_iter().collect();
-    let (vm, out, outcome) = replay(
+    let (replayed, _) = replay_to_end(
         &dir.path().join("switch"),
         &segments,
-        None,
-        AfterReplay::Stop,
+        &dir.path().join("end2"),
     );
-    outcome.unwrap();
-    assert_same_as(&vm, &dir.path().join("end2"));
+    assert!(live.ends_with(&replayed));
+    assert!(replayed.contains("VALUE 9"));
+}
+
+/// A kv load: `n` requests at random moments, some cut in two.
+fn kv_inputs(n: usize) -> (Vec<(Duration, Vec<u8>)>, Duration) {
+    let mut seed = rand_stream() | 1;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut inputs = Vec::new();
+    let mut at = Duration::from_millis(30);
+    for i in 0..n {
+        at += Duration::from_millis(next() % 15);
+        let key = next() % 12;
+        let line = match next() % 3 {
+            0 => format!("SET k{key} v{i}\n"),
+            1 => format!("GET k{key}\n"),
+            _ => format!("DEL k{key}\n"),
+        };
+        let (a, b) = line.split_at((next() as usize) % line.len());
+        inputs.push((at, a.as_bytes().to_vec()));
+        inputs.push((
+            at + Duration::from_millis(next() % 4),
+            b.as_bytes().to_vec(),
+        ));
+    }
+    inputs.sort_by_key(|(at, _)| *at);
+    (inputs, at)
+}
+
+#[test]
+fn snapshots_at_random_moments_each_replay_to_the_same_end() {
+    // Pauses fall wherever the guest is: halted with input taken but not
+    // yet injected, between a tick and its injection, mid-line. Each
+    // snapshot must carry exactly what the log says came after its exit.
+    for boot in [
+        BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv),
+        BuiltinBoot::dirtier(256, 20_000, 50),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (inputs, last) = kv_inputs(80);
+        let mut seed = rand_stream();
+        let mids: Vec<Duration> = (0..6)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                Duration::from_millis(20 + (seed >> 33) % last.as_millis() as u64)
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let inputs = if boot.guest == understudy_vmm::BuiltinGuest::Kv {
+            inputs
+        } else {
+            Vec::new()
+        };
+        let rec = record_with(
+            &boot,
+            dir.path(),
+            last + Duration::from_millis(200),
+            &inputs,
+            &mids,
+            |_| {},
+        );
+        let text = String::from_utf8_lossy(&rec.output).into_owned();
+        let end = dir.path().join("end");
+        for i in 0..mids.len() {
+            let (replayed, _) = replay_to_end(&dir.path().join(mid_name(i)), &rec.segments, &end);
+            assert!(
+                text.ends_with(&replayed),
+                "from {}: {replayed}",
+                mid_name(i)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_replica_follows_a_live_recording_segment_by_segment() {
+    // The foundation of replication by log shipping: a second VM replays
+    // the log while it is being written, a bounded distance behind.
+    let dir = tempfile::tempdir().unwrap();
+    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
+    let (inputs, last) = kv_inputs(150);
+    let mut replica = None;
+    let start = dir.path().join("start");
+    let rec = record_with(
+        &boot,
+        dir.path(),
+        last + Duration::from_millis(200),
+        &inputs,
+        &[],
+        |segments| {
+            replica = Some(
+                snapshot::restore_deterministic(
+                    &start,
+                    false,
+                    TraceMode::Replay {
+                        source: segments,
+                        until: None,
+                        then: AfterReplay::Stop,
+                    },
+                )
+                .unwrap(),
+            );
+        },
+    );
+    let (vm, console) = replica.unwrap();
+    // The recording is over; the replica had followed it, so it ends soon.
+    let finished = Instant::now();
+    let outcome = vm.wait_replay(Duration::from_secs(60)).unwrap();
+    let behind = finished.elapsed();
+    assert_eq!(
+        outcome,
+        ReplayOutcome::Reached {
+            exit: end_exit(&dir.path().join("end")),
+            went_live: false
+        }
+    );
+    assert!(
+        behind < Duration::from_secs(2),
+        "the replica was {behind:?} behind when the recording ended"
+    );
+    assert_same_as(&vm, &dir.path().join("end"));
     let mut replayed = Vec::new();
-    drain(&out, &mut replayed);
-    assert!(live.ends_with(&*String::from_utf8_lossy(&replayed)));
-    assert!(String::from_utf8_lossy(&replayed).contains("VALUE 9"));
+    drain(&console.output, &mut replayed);
+    assert_eq!(replayed, rec.output);
     vm.stop();
 }
