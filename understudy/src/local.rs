@@ -37,6 +37,15 @@ pub struct SessionOptions {
 }
 
 impl RunOptions {
+    /// Fresh guest RAM of `--mem` MiB.
+    pub fn ram(&self) -> Result<GuestRam> {
+        let bytes = self
+            .mem_mib
+            .checked_mul(1 << 20)
+            .context("--mem is too large")?;
+        GuestRam::new(bytes, RamBacking::Anonymous).context("--mem")
+    }
+
     /// The built-in guest and its parameters.
     pub fn boot(&self) -> BuiltinBoot {
         match self.guest {
@@ -51,11 +60,7 @@ impl RunOptions {
 
 /// `understudyctl run`.
 pub fn run(options: &RunOptions) -> Result<()> {
-    let bytes = options
-        .mem_mib
-        .checked_mul(1 << 20)
-        .context("--mem is too large")?;
-    let ram = GuestRam::new(bytes, RamBacking::Anonymous).context("--mem")?;
+    let ram = options.ram()?;
     let boot = options.boot();
     let (vm, console) = Vm::boot(
         ram,

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use crossbeam_channel::{Receiver, Sender};
 use understudy_checkpoint::trace::{SEGMENT_HEADER_LEN, TraceError, TraceWriter, parse_segment};
 use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, TraceMode};
-use understudy_vmm::{BootOptions, GuestRam, RamBacking, Vm, VmEnd, snapshot};
+use understudy_vmm::{BootOptions, Vm, VmEnd, snapshot};
 
 use crate::console;
 use crate::local::{RunOptions, SessionOptions, install_signals, wait};
@@ -42,11 +42,7 @@ pub fn run_recorded(options: &RunOptions, dir: &Path) -> Result<()> {
         bail!("--snapshot-to is not needed with --record: the end snapshot goes to DIR/end");
     }
     prepare_dir(dir)?;
-    let bytes = options
-        .mem_mib
-        .checked_mul(1 << 20)
-        .context("--mem is too large")?;
-    let ram = GuestRam::new(bytes, RamBacking::Anonymous).context("--mem")?;
+    let ram = options.ram()?;
     let boot = options.boot();
     let (sink, segments) = crossbeam_channel::unbounded();
     let writer = TraceWriter::new(random_stream()?, 0);

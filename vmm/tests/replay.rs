@@ -213,32 +213,7 @@ fn a_recorded_counter_replays_to_the_same_output_and_state() {
 fn kv_under_random_input_replays_from_the_start_and_from_midway() {
     let dir = tempfile::tempdir().unwrap();
     let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
-    let mut inputs = Vec::new();
-    let mut seed = rand_stream() | 1;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let mut at = Duration::from_millis(50);
-    for i in 0..120 {
-        at += Duration::from_millis(next() % 20);
-        let key = next() % 16;
-        let line = match next() % 3 {
-            0 => format!("SET k{key} v{i}\n"),
-            1 => format!("GET k{key}\n"),
-            _ => format!("DEL k{key}\n"),
-        };
-        // Split some lines so bytes arrive at different exits.
-        let (a, b) = line.split_at((next() as usize) % line.len());
-        inputs.push((at, a.as_bytes().to_vec()));
-        inputs.push((
-            at + Duration::from_millis(next() % 5),
-            b.as_bytes().to_vec(),
-        ));
-    }
-    inputs.sort_by_key(|(at, _)| *at);
+    let (inputs, at) = kv_inputs(120);
     let rec = record(
         &boot,
         dir.path(),
