@@ -314,7 +314,7 @@ fn record(
 ) {
     let stats = &shared.host.stats;
     stats.generation.store(generation.0, Ordering::Release);
-    stats.set_role("primary");
+    stats.set_role(understudy_common::ids::Role::Primary);
     stats.set_incarnation(incarnation);
     stats.protected.store(false, Ordering::Release);
     stats

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use understudy_checkpoint::epoch::EpochDecoder;
 use understudy_common::auth::Access;
 use understudy_common::heartbeat::SessionKey;
-use understudy_common::ids::{Generation, Incarnation, RunState};
+use understudy_common::ids::{Generation, Incarnation, Role, RunState};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::replication_server::Replication;
@@ -272,10 +272,11 @@ impl Replication for ReplicationService {
         Ok(Response::new(ProbeReply {
             generation: shared.generation().0,
             role: if shared.runs_here.load(Ordering::Acquire) {
-                "primary"
+                Role::Primary
             } else {
-                "backup"
+                Role::Backup
             }
+            .name()
             .into(),
         }))
     }

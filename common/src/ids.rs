@@ -195,3 +195,45 @@ mod tests {
         assert_eq!(Generation(u64::MAX).next(), Generation(u64::MAX));
     }
 }
+
+/// A daemon's role, one type for the daemon, its status, the proto's string
+/// and the config's `[primary]`/`[backup]` tables (the host that starts
+/// with that role).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    /// As in status, metrics and the proto: `primary` or `backup`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Backup => "backup",
+        }
+    }
+
+    /// The other one.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Primary => Self::Backup,
+            Self::Backup => Self::Primary,
+        }
+    }
+
+    /// The role a status reply names (None for anything else).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "primary" => Some(Self::Primary),
+            "backup" => Some(Self::Backup),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -132,7 +132,7 @@ impl std::fmt::Display for StateKind {
 #[derive(Debug)]
 pub struct Stats {
     pub vm_id: String,
-    role: Mutex<&'static str>,
+    role: Mutex<crate::ids::Role>,
     state: Mutex<(StateKind, String)>,
     peer: Mutex<String>,
     pub generation: AtomicU64,
@@ -163,7 +163,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn new(vm_id: &str, role: &'static str, peer: String, generation: u64) -> Self {
+    pub fn new(vm_id: &str, role: crate::ids::Role, peer: String, generation: u64) -> Self {
         Self {
             vm_id: vm_id.to_owned(),
             role: Mutex::new(role),
@@ -199,7 +199,7 @@ impl Stats {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             held_output: self.held_output.load(Ordering::Relaxed),
             last_epoch: self.last_epoch().unwrap_or_default(),
-            role: self.role(),
+            role: self.role().name(),
         }
     }
 
@@ -208,14 +208,14 @@ impl Stats {
         self.metrics.render(&self.gauges())
     }
 
-    pub fn set_role(&self, role: &'static str) {
+    pub fn set_role(&self, role: crate::ids::Role) {
         *self.role.lock().unwrap_or_else(|p| p.into_inner()) = role;
     }
 
     /// A new role on this host (a switchover): role, peer and the figures
     /// that describe one role's link start over; counters and histograms
     /// carry on (Prometheus counters never go back).
-    pub fn start_role(&self, role: &'static str, peer: String) {
+    pub fn start_role(&self, role: crate::ids::Role, peer: String) {
         self.set_role(role);
         *lock(&self.peer) = peer;
         self.protected.store(false, Ordering::Release);
@@ -225,7 +225,7 @@ impl Stats {
         self.set_state(StateKind::Starting, "starting");
     }
 
-    pub fn role(&self) -> &'static str {
+    pub fn role(&self) -> crate::ids::Role {
         *self.role.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -306,7 +306,7 @@ impl Stats {
         let pauses = lock(&self.pauses_us);
         StatusReply {
             vm_id: self.vm_id.clone(),
-            role: self.role().to_owned(),
+            role: self.role().name().to_owned(),
             generation: self.generation.load(Ordering::Acquire),
             protected: self.protected.load(Ordering::Acquire),
             last_epoch: last.unwrap_or_default(),
@@ -376,7 +376,7 @@ impl Control for ControlService {
         self.auth
             .check(&request, "Control.Crash", Access::Operator)?;
         let role = self.stats.role();
-        if role != "primary" || !self.stats.protected.load(Ordering::Acquire) {
+        if role != crate::ids::Role::Primary || !self.stats.protected.load(Ordering::Acquire) {
             return Err(tonic::Status::failed_precondition(format!(
                 "kill drill refused: it needs a primary whose VM is protected (this daemon: {role}, {})",
                 self.stats.state()
@@ -400,7 +400,7 @@ impl Control for ControlService {
         self.auth
             .check(&request, "Control.Switchover", Access::Operator)?;
         self.operator
-            .request(self.stats.role(), OperatorRequest::Switchover)
+            .request(self.stats.role().name(), OperatorRequest::Switchover)
             .await
             .map(tonic::Response::new)
     }
@@ -412,7 +412,7 @@ impl Control for ControlService {
         self.auth
             .check(&request, "Control.Promote", Access::Operator)?;
         self.operator
-            .request(self.stats.role(), OperatorRequest::Promote)
+            .request(self.stats.role().name(), OperatorRequest::Promote)
             .await
             .map(tonic::Response::new)
     }
@@ -424,7 +424,7 @@ impl Control for ControlService {
         self.auth
             .check(&request, "Control.DiscardImage", Access::Operator)?;
         self.operator
-            .request(self.stats.role(), OperatorRequest::DiscardImage)
+            .request(self.stats.role().name(), OperatorRequest::DiscardImage)
             .await
             .map(tonic::Response::new)
     }

@@ -44,7 +44,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use understudy_checkpoint::CodecPolicy;
-use understudy_common::ids::{Incarnation, RunState};
+use understudy_common::ids::{Incarnation, Role, RunState};
 use understudy_common::operator::{OperatorRequest, SwitchoverResult};
 use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::{StateKind, Stats};
@@ -819,7 +819,7 @@ async fn session_manager(
         // Before releasing anything unprotected, ask the backup: a promotion we
         // could learn of must win over our own output.
         match probe(&opts, shared.generation).await {
-            Ok((g, role)) if g > shared.generation || role == "primary" => {
+            Ok((g, role)) if g > shared.generation || role == Some(Role::Primary) => {
                 shared.fence(g.max(shared.generation + 1));
                 return;
             }

@@ -12,7 +12,7 @@ use understudy_proto::{
 };
 
 use understudy_common::heartbeat::SessionKey;
-use understudy_common::ids::Incarnation;
+use understudy_common::ids::{Incarnation, Role};
 
 use crate::host_state::RunRecord;
 use crate::{PrimaryError, PrimaryOptions};
@@ -255,7 +255,7 @@ impl Replication for RunsHere {
         )?;
         Ok(tonic::Response::new(understudy_proto::ProbeReply {
             generation: self.generation,
-            role: "primary".into(),
+            role: Role::Primary.name().into(),
         }))
     }
 
@@ -311,18 +311,19 @@ pub(crate) async fn handover(
     }
 }
 
-/// Who answers at the backup's address: its generation and role.
+/// Who answers at the backup's address: its generation and role (None: a
+/// role this build does not know).
 pub(crate) async fn probe(
     opts: &PrimaryOptions,
     generation: u64,
-) -> Result<(u64, String), PeerError> {
+) -> Result<(u64, Option<Role>), PeerError> {
     let attempt = async {
         let reply = ReplicationClient::new(connect(opts).await?)
             .probe(ProbeRequest { generation })
             .await
             .map_err(PeerError::Status)?
             .into_inner();
-        Ok((reply.generation, reply.role))
+        Ok((reply.generation, Role::from_name(&reply.role)))
     };
     tokio::time::timeout(PROBE_TIMEOUT, attempt)
         .await

@@ -13,28 +13,7 @@ use understudy_primary::BackupLoss;
 use understudy_vmm::{BuiltinBoot, BuiltinGuest};
 
 /// A role, or the config section of the host that starts with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Primary,
-    Backup,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Primary => "primary",
-            Self::Backup => "backup",
-        }
-    }
-
-    /// The other one.
-    pub fn other(self) -> Self {
-        match self {
-            Self::Primary => Self::Backup,
-            Self::Backup => Self::Primary,
-        }
-    }
-}
+pub use understudy_common::ids::Role;
 
 /// One host's addresses.
 #[derive(Clone, Copy, Debug)]

@@ -81,7 +81,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
             );
         }
         let addrs = config.host(home);
-        let stats = Arc::new(Stats::new(&config.name, role.name(), String::new(), 0));
+        let stats = Arc::new(Stats::new(&config.name, role, String::new(), 0));
         if let Some(faults) = understudy_common::fault::describe() {
             tracing::warn!(%faults, "fault injection is armed ({}): for tests only", understudy_common::fault::ENV);
         }
@@ -161,7 +161,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                 Role::Primary => {
                     let mut opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
                     opts.auth = config.authority(home, Some(stats.clone()));
-                    stats.start_role("primary", opts.backup.to_string());
+                    stats.start_role(Role::Primary, opts.backup.to_string());
                     let start = adopted.take().map_or(Start::Boot, Start::Adopt);
                     let deposed = match understudy_primary::run(opts, host.clone(), role_done, start).await {
                         Ok(PrimaryExit::Shutdown) => break Ok(0),
@@ -191,7 +191,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                 Role::Backup => {
                     let mut opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
                     opts.auth = config.authority(home, Some(stats.clone()));
-                    stats.start_role("backup", String::new());
+                    stats.start_role(Role::Backup, String::new());
                     match understudy_backup::run(opts, host.clone(), role_done).await {
                         Ok(BackupExit::Shutdown) => break Ok(0),
                         Ok(BackupExit::VmEnded(end)) => {

@@ -112,15 +112,15 @@ pub async fn pair_status(config: &Config) -> Vec<(Role, SocketAddr, Option<Statu
 
 /// The control address of whichever host runs the VM as the primary.
 pub async fn find_primary(config: &Config) -> Result<(Role, SocketAddr)> {
-    find_role(config, "primary").await
+    find_role(config, Role::Primary).await
 }
 
 /// The config section and control address of the host with `role`.
-pub async fn find_role(config: &Config, role: &str) -> Result<(Role, SocketAddr)> {
+pub async fn find_role(config: &Config, role: Role) -> Result<(Role, SocketAddr)> {
     let hosts = pair_status(config).await;
     let matching: Vec<_> = hosts
         .iter()
-        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == role))
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == role.name()))
         .collect();
     match matching.as_slice() {
         [(section, addr, _)] => Ok((*section, *addr)),
@@ -186,11 +186,11 @@ pub fn render_pair(config: &Config, hosts: &[(Role, SocketAddr, Option<StatusRep
     let describe = |role: &Role, addr: &SocketAddr| format!("the [{}] host ({addr})", role.name());
     let running: Vec<_> = hosts
         .iter()
-        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == "primary"))
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == Role::Primary.name()))
         .collect();
     let backups: Vec<_> = hosts
         .iter()
-        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == "backup"))
+        .filter(|(_, _, s)| s.as_ref().is_some_and(|s| s.role == Role::Backup.name()))
         .collect();
     let mut out = format!("VM {}\n", config.name);
     match running.as_slice() {

@@ -41,7 +41,7 @@ fn status_line(stats: &Stats) -> String {
 
 fn ready(stats: &Stats) -> bool {
     match stats.role() {
-        "backup" => stats.link_up.load(Ordering::Acquire),
+        understudy_common::ids::Role::Backup => stats.link_up.load(Ordering::Acquire),
         // A primary is ready once protected; a promoted backup is running.
         _ => {
             stats.protected.load(Ordering::Acquire)

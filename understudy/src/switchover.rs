@@ -43,7 +43,7 @@ pub async fn run(config: &Config, wait: Option<Duration>) -> Result<Outcome> {
         Some(limit) => {
             loop {
                 if let Ok(s) = remote::fetch_status(new_primary, tls.as_ref()).await
-                    && s.role == "primary"
+                    && s.role == Role::Primary.name()
                     && s.protected
                 {
                     break;

@@ -250,7 +250,8 @@ fn main() -> ExitCode {
         }),
         Command::Promote { config } => async_main(async move {
             let config = understudy::config::Config::load(&config, &[])?;
-            let (section, addr) = understudy::remote::find_role(&config, "backup").await?;
+            let (section, addr) =
+                understudy::remote::find_role(&config, understudy::config::Role::Backup).await?;
             let reply =
                 understudy::remote::request_promote(addr, config.tls_files().as_ref()).await?;
             println!(
@@ -264,7 +265,8 @@ fn main() -> ExitCode {
         }),
         Command::DiscardImage { config } => async_main(async move {
             let config = understudy::config::Config::load(&config, &[])?;
-            let (section, addr) = understudy::remote::find_role(&config, "backup").await?;
+            let (section, addr) =
+                understudy::remote::find_role(&config, understudy::config::Role::Backup).await?;
             let reply =
                 understudy::remote::request_discard(addr, config.tls_files().as_ref()).await?;
             println!(
