@@ -194,7 +194,7 @@ fn replay_to_end(from: &Path, segments: &[Vec<u8>], end: &Path) -> (String, Repl
 fn a_recorded_counter_replays_to_the_same_output_and_state() {
     let dir = tempfile::tempdir().unwrap();
     let boot = BuiltinBoot::counter(20);
-    let rec = record(&boot, dir.path(), Duration::from_millis(1500), &[], None);
+    let rec = record(&boot, dir.path(), Duration::from_secs(3), &[], None);
     let text = String::from_utf8_lossy(&rec.output).into_owned();
     assert!(text.contains("count 10"), "{text}");
     let end = dir.path().join("end");
@@ -413,9 +413,9 @@ fn the_dirtier_flat_out_and_paced_replays_to_the_same_ram() {
         let rec = record(
             &boot,
             dir.path(),
-            Duration::from_millis(1000),
+            Duration::from_millis(2500),
             &[],
-            Some(Duration::from_millis(400)),
+            Some(Duration::from_millis(1100)),
         );
         let text = String::from_utf8_lossy(&rec.output).into_owned();
         assert!(text.contains("work "), "{text}");
