@@ -306,6 +306,14 @@ impl Vm {
         }
         let (tx, output) = crossbeam_channel::unbounded();
         let serial = SerialDevice::restore((parts.irq, ConsoleWriter(tx)), &state.devices.serial)?;
+        if let (Some(flag), Some(d)) = (&flag, det_state) {
+            // vm-superio re-raises a pending UART interrupt when it is
+            // restored (right for KVM's irqchip, which lost the edge). The
+            // deterministic mode saved whether that edge still waited for
+            // the PIC; an edge raised again here would reach the guest
+            // where the recording had none.
+            flag.store(d.serial_irq_pending, std::sync::atomic::Ordering::Release);
+        }
         let (bus, det) = match (trace, det_state, flag) {
             (Some(trace), Some(d), Some(flag)) => (
                 PortIoBus::with_legacy(
