@@ -84,9 +84,9 @@ async fn no_false_promotion_while_another_process_saturates_the_cpu() {
     let _ = stress.wait();
     // Leave the machine as we found it: the I/O hogs' dirty pages are still
     // being written back when stress-ng exits, and the next test binary's
-    // pair must not start under that load.
+    // pair must not start under that load. `sync` returns once they are on
+    // disk.
     let _ = Command::new("sync").status();
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let p = common::status(pair.addrs.primary_control).await.unwrap();
     assert_eq!((p.role.as_str(), p.generation), ("primary", 1), "{p:?}");
     assert!(!pair.logs().contains("promoting"), "{}", pair.logs());
