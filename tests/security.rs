@@ -15,6 +15,20 @@ use tokio::io::AsyncWriteExt;
 
 /// Waits until the primary has taken `more` checkpoints beyond now, and is
 /// protected; fails with the logs otherwise.
+/// The pair still fails over: a client of the counter follows the VM from
+/// the killed primary to the promoted backup, and the count goes on.
+async fn fails_over_with_the_counter_going_on(pair: &mut Pair) {
+    let mut client = Lines::connect_now(pair.addrs.primary_console)
+        .await
+        .unwrap();
+    client.next(Duration::from_secs(10)).await.unwrap();
+    pair.kill_primary();
+    pair.wait_promoted().await;
+    client.reconnect(pair.addrs.backup_console).await.unwrap();
+    let line = client.next(Duration::from_secs(10)).await.unwrap().unwrap();
+    assert!(line.starts_with("count "), "{line}");
+}
+
 async fn checkpoints_continue(pair: &Pair, more: u64) {
     let start = common::status(pair.addrs.primary_control)
         .await
@@ -50,15 +64,7 @@ async fn a_console_flood_into_a_guest_that_never_reads_cannot_switch_protection_
     assert!(!writer.is_finished(), "the server took 40 MiB nobody reads");
     checkpoints_continue(&pair, 20).await;
     // And the pair still fails over, with the counter going on.
-    let mut client = Lines::connect_now(pair.addrs.primary_console)
-        .await
-        .unwrap();
-    client.next(Duration::from_secs(10)).await.unwrap();
-    pair.kill_primary();
-    pair.wait_promoted().await;
-    client.reconnect(pair.addrs.backup_console).await.unwrap();
-    let line = client.next(Duration::from_secs(10)).await.unwrap().unwrap();
-    assert!(line.starts_with("count "), "{line}");
+    fails_over_with_the_counter_going_on(&mut pair).await;
     writer.abort();
 }
 
@@ -431,13 +437,5 @@ async fn a_hostile_peer_speaking_the_replication_protocol_cannot_take_the_vm_dow
         "{logs}"
     );
     // The committed image is whole: a failover resumes the counter.
-    let mut c = Lines::connect_now(pair.addrs.primary_console)
-        .await
-        .unwrap();
-    c.next(Duration::from_secs(10)).await.unwrap();
-    pair.kill_primary();
-    pair.wait_promoted().await;
-    c.reconnect(pair.addrs.backup_console).await.unwrap();
-    let line = c.next(Duration::from_secs(10)).await.unwrap().unwrap();
-    assert!(line.starts_with("count "), "{line}");
+    fails_over_with_the_counter_going_on(&mut pair).await;
 }
