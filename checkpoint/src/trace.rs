@@ -509,6 +509,11 @@ pub fn parse_segment(bytes: &[u8]) -> Result<(SegmentHeader, Vec<Record>, usize)
 pub struct TraceReader {
     stream: Option<u64>,
     base_exit: Option<u64>,
+    /// The first exit of the first segment taken.
+    start_exit: Option<u64>,
+    /// The first segment may have any seq (a reader that joins a stream
+    /// where a snapshot was taken, not at its start).
+    joining: bool,
     next_seq: u32,
     /// Exit index the next exit record has.
     next_exit: Option<u64>,
@@ -530,6 +535,17 @@ impl TraceReader {
         }
     }
 
+    /// A reader that joins stream `stream` part way: its first segment may
+    /// have any seq (it must start where the caller's snapshot was taken);
+    /// the ones after it follow in order as usual.
+    pub fn joining(stream: u64) -> Self {
+        Self {
+            stream: Some(stream),
+            joining: true,
+            ..Self::default()
+        }
+    }
+
     /// Adds one whole segment (as [`parse_segment`] found it in `bytes`);
     /// returns the bytes it took.
     pub fn push_segment(&mut self, bytes: &[u8]) -> Result<usize, TraceError> {
@@ -544,6 +560,10 @@ impl TraceReader {
                 expected: stream,
                 found: h.stream,
             });
+        }
+        if self.joining && self.start_exit.is_none() {
+            self.next_seq = h.seq;
+            self.next_exit = Some(h.first_exit);
         }
         if h.seq != self.next_seq {
             return Err(TraceError::OutOfOrder {
@@ -570,6 +590,7 @@ impl TraceReader {
         }
         self.stream = Some(h.stream);
         self.base_exit = Some(h.base_exit);
+        self.start_exit.get_or_insert(h.first_exit);
         self.next_seq = h.seq + 1;
         self.next_exit = Some(h.first_exit + u64::from(h.exits));
         self.ended = h.flags & FLAG_END != 0;
@@ -602,6 +623,12 @@ impl TraceReader {
     /// The exit index of the snapshot the stream starts from.
     pub fn base_exit(&self) -> Option<u64> {
         self.base_exit
+    }
+
+    /// The first exit of the first segment this reader took (the stream's
+    /// base, unless it joined part way).
+    pub fn start_exit(&self) -> Option<u64> {
+        self.start_exit
     }
 
     /// The exit index after the last exit received so far.
@@ -743,6 +770,43 @@ mod tests {
             TraceError::BadMagic { .. }
         ));
         r.push_segment(&s1).unwrap();
+    }
+
+    #[test]
+    fn a_joining_reader_starts_at_any_segment_then_keeps_the_order() {
+        let mut w = TraceWriter::new(9, 100);
+        let mut segments = Vec::new();
+        for _ in 0..4 {
+            w.push(&Record::Exit(Exit::Halt));
+            w.push(&Record::Tick);
+            w.push(&Record::Exit(Exit::Halt));
+            segments.push(w.seal(false));
+        }
+        // A fresh reader wants seq 0; a joining one takes seq 2…
+        assert!(matches!(
+            TraceReader::expecting(9).push_segment(&segments[2]),
+            Err(TraceError::OutOfOrder { expected: 0, .. })
+        ));
+        let mut r = TraceReader::joining(9);
+        r.push_segment(&segments[2]).unwrap();
+        assert_eq!(r.start_exit(), Some(104));
+        assert_eq!(r.base_exit(), Some(100));
+        // …then only seq 3, and only of its stream.
+        assert!(matches!(
+            r.push_segment(&segments[1]),
+            Err(TraceError::OutOfOrder {
+                expected: 3,
+                found: 1
+            })
+        ));
+        r.push_segment(&segments[3]).unwrap();
+        assert_eq!(r.received_exits(), Some(108));
+        let mut other = TraceWriter::new(10, 0);
+        other.push(&Record::Exit(Exit::Halt));
+        assert!(matches!(
+            TraceReader::joining(9).push_segment(&other.seal(false)),
+            Err(TraceError::ForeignStream { .. })
+        ));
     }
 
     #[test]

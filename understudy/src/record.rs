@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::{Receiver, Sender};
 use understudy_checkpoint::trace::{SEGMENT_HEADER_LEN, TraceError, TraceWriter, parse_segment};
-use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, TraceMode};
+use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
 use understudy_vmm::{BootOptions, Vm, VmEnd, snapshot};
 
 use crate::console;
@@ -81,7 +81,7 @@ fn record_session(
     vm: Vm,
     input: understudy_vmm::ConsoleInput,
     output: JoinHandle<()>,
-    segments: Receiver<Vec<u8>>,
+    segments: Receiver<Sealed>,
     dir: &Path,
     stop_after: Option<Duration>,
 ) -> Result<()> {
@@ -333,7 +333,7 @@ fn random_stream() -> Result<u64> {
 /// Appends each sealed segment to the log file; syncs it when the stream
 /// ends (the channel closes after the last segment). Returns the bytes
 /// written.
-fn spawn_log_writer(path: PathBuf, segments: Receiver<Vec<u8>>) -> Result<JoinHandle<Result<u64>>> {
+fn spawn_log_writer(path: PathBuf, segments: Receiver<Sealed>) -> Result<JoinHandle<Result<u64>>> {
     let mut file = OpenOptions::new()
         .create_new(true)
         .write(true)
@@ -344,9 +344,9 @@ fn spawn_log_writer(path: PathBuf, segments: Receiver<Vec<u8>>) -> Result<JoinHa
         .spawn(move || {
             let mut written = 0u64;
             for segment in segments {
-                file.write_all(&segment)
+                file.write_all(&segment.bytes)
                     .with_context(|| format!("cannot write the trace log {}", path.display()))?;
-                written += segment.len() as u64;
+                written += segment.bytes.len() as u64;
             }
             file.sync_all()
                 .with_context(|| format!("cannot sync the trace log {}", path.display()))?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use understudy_bench::{Report, Table, num};
 use understudy_checkpoint::trace::TraceWriter;
-use understudy_vmm::deterministic::{AfterReplay, TraceMode};
+use understudy_vmm::deterministic::{AfterReplay, Sealed, TraceMode};
 use understudy_vmm::loader::{BOOT_INFO_GPA, BOOT_INFO_WORK_DONE};
 use understudy_vmm::{BootOptions, BuiltinBoot, BuiltinGuest, GuestRam, RamBacking, Vm, snapshot};
 
@@ -134,7 +134,7 @@ fn run(w: &Workload, record: Option<&Path>) -> (Run, Vec<Vec<u8>>) {
     if let Some(load) = load {
         load.join().unwrap();
     }
-    let segments: Vec<Vec<u8>> = segments.try_iter().collect();
+    let segments: Vec<Vec<u8>> = segments.try_iter().map(|s: Sealed| s.bytes).collect();
     let run = Run {
         secs,
         work,

@@ -41,7 +41,7 @@
 //! [`crate::loader::refuse_nondeterminism`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -62,6 +62,27 @@ const HALT_POLL: Duration = Duration::from_micros(500);
 /// The longest records wait in the open segment before it is sealed and
 /// handed on (a reader follows a live log at most this far behind).
 const SEAL_EVERY: Duration = Duration::from_millis(100);
+/// The longest console output waits in the open segment: output may leave
+/// the primary only once a peer holds the log that produced it, so a
+/// segment with output is sealed when the guest halts (it is done for now)
+/// or at the latest after this.
+const SEAL_OUTPUT_WITHIN: Duration = Duration::from_millis(1);
+
+/// A sealed log segment as a recording hands it on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    /// The segment, in the trace format (`understudy_checkpoint::trace`).
+    pub bytes: Vec<u8>,
+    /// The exit index the stream reaches with this segment: a replay that
+    /// has it holds every input up to that exit.
+    pub exits_end: u64,
+    /// Console output bytes the VM wrote (since it was booted or restored)
+    /// up to the seal: what this segment's exits produced, and all before.
+    pub output_end: u64,
+}
+
+/// Where a recording hands its sealed segments.
+pub type Sink = Sender<Sealed>;
 
 pub use crate::state::DeterministicState;
 
@@ -75,7 +96,7 @@ pub enum AfterReplay {
     /// Record a new stream (id `stream`, segments to `sink`) from exactly
     /// that point: the vCPU parks first, so that the caller can take the new
     /// recording's start snapshot, and records once resumed.
-    Record { stream: u64, sink: Sender<Vec<u8>> },
+    Record { stream: u64, sink: Sink },
 }
 
 /// How the deterministic mode runs.
@@ -83,15 +104,21 @@ pub enum AfterReplay {
 pub enum TraceMode {
     /// Live, and every exit and input goes to the log (sealed segments to
     /// `sink`).
-    Record {
-        writer: TraceWriter,
-        sink: Sender<Vec<u8>>,
-    },
+    Record { writer: TraceWriter, sink: Sink },
     /// Inputs from the log (segments from `source`), exits checked against
     /// it, until exit `until` (or the log's end).
     Replay {
         source: Receiver<Vec<u8>>,
         until: Option<u64>,
+        then: AfterReplay,
+    },
+    /// A replica: replays a log that another host is still recording and
+    /// that starts exactly at this snapshot (its first segment is the one
+    /// the recording sealed at the snapshot's pause, whatever its seq).
+    /// There is no end exit: the replay ends when `source` closes and the
+    /// log received so far is used up, then does what `then` says.
+    Follow {
+        source: Receiver<Vec<u8>>,
         then: AfterReplay,
     },
     /// Live with deterministic devices, no log.
@@ -127,7 +154,7 @@ impl std::fmt::Display for Stop {
 enum Mode {
     Record {
         writer: TraceWriter,
-        sink: Sender<Vec<u8>>,
+        sink: Sink,
     },
     Replay {
         reader: TraceReader,
@@ -138,6 +165,8 @@ enum Mode {
         /// taken that far into the log).
         skip_exits: u64,
         skip_events: u32,
+        /// The log starts exactly at the snapshot (a replica).
+        follows: bool,
     },
     Live,
 }
@@ -147,10 +176,16 @@ pub(crate) struct Engine {
     mode: Mode,
     state: DeterministicState,
     serial_irq: Arc<AtomicBool>,
+    /// The exit index, published for [`crate::Vm::exit_index`].
+    progress: Arc<AtomicU64>,
     /// Record/live: when the next tick is due on the wall clock.
     next_tick: Option<Instant>,
     /// Record: when the last segment was sealed.
     sealed_at: Instant,
+    /// Record: console output written up to the last seal, and since when
+    /// output waits in the open segment.
+    sealed_output: u64,
+    output_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -178,9 +213,11 @@ impl Engine {
     pub(crate) fn new(
         state: DeterministicState,
         serial_irq: Arc<AtomicBool>,
+        progress: Arc<AtomicU64>,
         trace: TraceMode,
     ) -> Self {
         let mut state = state;
+        progress.store(state.exit_index, Ordering::Relaxed);
         let mode = match trace {
             TraceMode::Record { writer, sink } => {
                 state.stream = writer.stream();
@@ -199,14 +236,27 @@ impl Engine {
                 then: Some(then),
                 skip_exits: state.exit_index,
                 skip_events: state.events_after_exit,
+                follows: false,
+            },
+            TraceMode::Follow { source, then } => Mode::Replay {
+                reader: TraceReader::joining(state.stream),
+                source,
+                until: None,
+                then: Some(then),
+                skip_exits: 0,
+                skip_events: 0,
+                follows: true,
             },
         };
         Self {
             mode,
             state,
             serial_irq,
+            progress,
             next_tick: None,
             sealed_at: Instant::now(),
+            sealed_output: 0,
+            output_since: None,
         }
     }
 
@@ -309,6 +359,7 @@ impl Engine {
     /// already holds.
     pub(crate) fn skip_to_snapshot(&mut self) -> Result<(), Stop> {
         let (exits, events) = match &mut self.mode {
+            Mode::Replay { follows: true, .. } => return self.check_follow_start(),
             Mode::Replay {
                 skip_exits,
                 skip_events,
@@ -353,6 +404,22 @@ impl Engine {
         Ok(())
     }
 
+    /// A replica's log must start where its snapshot was taken (nothing to
+    /// skip, nothing missing).
+    fn check_follow_start(&mut self) -> Result<(), Stop> {
+        self.peek_logged()?;
+        let Mode::Replay { reader, .. } = &self.mode else {
+            return Ok(());
+        };
+        match reader.start_exit() {
+            Some(start) if start != self.state.exit_index => Err(Stop::BadLog(format!(
+                "the followed log starts at exit {start}, not at the snapshot's exit {}",
+                self.state.exit_index
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Handles the guest's exit `exit` (already answered by the devices):
     /// counts and records or checks it, applies the inputs that follow it,
     /// injects what can be injected.
@@ -365,6 +432,8 @@ impl Engine {
     ) -> After {
         self.state.halted = exit == Exit::Halt;
         self.state.exit_index += 1;
+        self.progress
+            .store(self.state.exit_index, Ordering::Relaxed);
         self.state.events_after_exit = 0;
         if let Err(stop) = self.note(Record::Exit(exit)) {
             return After::End(stop);
@@ -412,7 +481,7 @@ impl Engine {
         if let Err(stop) = self.deliver(fd, bus, input) {
             return After::End(stop);
         }
-        self.flush(false);
+        self.flush(bus, false);
         // A replay that reached its end (the requested exit, or the log's).
         if let Mode::Replay { until, .. } = &self.mode {
             let until = *until;
@@ -610,22 +679,46 @@ impl Engine {
         Ok(injected)
     }
 
-    /// Seals the open log segment and hands it to the sink (at pauses, and
-    /// whenever it is big enough).
-    pub(crate) fn flush(&mut self, always: bool) {
-        if let Mode::Record { writer, sink } = &mut self.mode
-            && !writer.is_empty()
-            && (always || writer.wants_seal() || self.sealed_at.elapsed() >= SEAL_EVERY)
-        {
-            let _ = sink.send(writer.seal(false));
+    /// Seals the open log segment and hands it to the sink: at pauses
+    /// (`always`), when it is big enough or old enough, and soon after the
+    /// guest wrote console output (see [`SEAL_OUTPUT_WITHIN`]).
+    pub(crate) fn flush(&mut self, bus: &PortIoBus, always: bool) {
+        let Mode::Record { writer, sink } = &mut self.mode else {
+            return;
+        };
+        if writer.is_empty() {
+            return;
+        }
+        let output = bus.serial.output_total();
+        let output_due = if output > self.sealed_output {
+            let since = *self.output_since.get_or_insert_with(Instant::now);
+            self.state.halted || since.elapsed() >= SEAL_OUTPUT_WITHIN
+        } else {
+            false
+        };
+        if always || output_due || writer.wants_seal() || self.sealed_at.elapsed() >= SEAL_EVERY {
+            let exits_end = writer.next_exit();
+            let bytes = writer.seal(false);
+            let _ = sink.send(Sealed {
+                bytes,
+                exits_end,
+                output_end: output,
+            });
             self.sealed_at = Instant::now();
+            self.sealed_output = output;
+            self.output_since = None;
         }
     }
 
     /// The run ends: the log's last segment.
-    pub(crate) fn end(&mut self) {
+    pub(crate) fn end(&mut self, bus: &PortIoBus) {
         if let Mode::Record { writer, sink } = &mut self.mode {
-            let _ = sink.send(writer.seal(true));
+            let exits_end = writer.next_exit();
+            let _ = sink.send(Sealed {
+                bytes: writer.seal(true),
+                exits_end,
+                output_end: bus.serial.output_total(),
+            });
         }
     }
 }

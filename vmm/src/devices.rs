@@ -70,16 +70,28 @@ impl Trigger for ResetRequest {
     }
 }
 
-/// Where console output goes: one channel message per guest write.
+/// Where console output goes: one channel message per guest write, and
+/// the count of bytes written (the deterministic mode tells a replication
+/// peer how much output a log segment covers).
 #[derive(Clone, Debug)]
-pub struct ConsoleWriter(pub Sender<u8>);
+pub struct ConsoleWriter {
+    tx: Sender<u8>,
+    written: u64,
+}
+
+impl ConsoleWriter {
+    pub fn new(tx: Sender<u8>) -> Self {
+        Self { tx, written: 0 }
+    }
+}
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // A dropped receiver means nobody listens; the guest carries on.
         for &byte in buf {
-            let _ = self.0.send(byte);
+            let _ = self.tx.send(byte);
         }
+        self.written += buf.len() as u64;
         Ok(buf.len())
     }
 
@@ -130,6 +142,12 @@ impl SerialDevice {
     /// Console input bytes taken since boot.
     pub fn input_total(&self) -> u64 {
         self.input_total
+    }
+
+    /// Console output bytes this device wrote since it was created (boot or
+    /// restore).
+    pub fn output_total(&self) -> u64 {
+        self.uart.writer().written
     }
 
     fn refill_fifo(&mut self) {
@@ -312,7 +330,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = IrqLine::Kvm(evt.try_clone().unwrap());
-        (SerialDevice::new(irq, ConsoleWriter(tx)), rx, evt)
+        (SerialDevice::new(irq, ConsoleWriter::new(tx)), rx, evt)
     }
 
     #[test]
@@ -344,7 +362,10 @@ mod tests {
         let (tx, _rx2) = crossbeam_channel::unbounded();
         let evt2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut restored = SerialDevice::restore(
-            (IrqLine::Kvm(evt2.try_clone().unwrap()), ConsoleWriter(tx)),
+            (
+                IrqLine::Kvm(evt2.try_clone().unwrap()),
+                ConsoleWriter::new(tx),
+            ),
             &saved,
         )
         .unwrap();

@@ -782,7 +782,7 @@ impl VcpuThread {
             self.run_loop()
         };
         if let Some(det) = self.det.as_mut() {
-            det.end();
+            det.end(&self.bus);
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         match &end {
@@ -936,7 +936,7 @@ impl VcpuThread {
                     if let Some(det) = self.det.as_mut() {
                         // The log up to this point leaves before the pause
                         // is reported (a snapshot here must find it).
-                        det.flush(true);
+                        det.flush(&self.bus, true);
                     }
                     inner = control.lock();
                     if inner.state == RunState::PauseRequested {

@@ -19,7 +19,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use crate::deterministic::{DeterministicState, Engine, TraceMode};
 use crate::devices::{COM1_IRQ, ConsoleWriter, IrqLine, Legacy, PortIoBus, SerialDevice};
@@ -105,6 +105,8 @@ pub struct Vm {
     ram: GuestRam,
     boot_record: Option<BuiltinBoot>,
     dirty_logging: bool,
+    /// The deterministic mode's exit index, as the vCPU thread publishes it.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 /// Opens /dev/kvm with a clear error when it is missing.
@@ -226,11 +228,17 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_step("get supported CPUID"))?;
         let (tx, output) = crossbeam_channel::unbounded();
-        let serial = SerialDevice::new(parts.irq, ConsoleWriter(tx));
-        let (bus, det) = match (trace, flag) {
-            (Some(trace), Some(flag)) => (
+        let serial = SerialDevice::new(parts.irq, ConsoleWriter::new(tx));
+        let progress = flag.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+        let (bus, det) = match (trace, flag, &progress) {
+            (Some(trace), Some(flag), Some(progress)) => (
                 PortIoBus::with_legacy(serial, Legacy::default()),
-                Some(Engine::new(DeterministicState::default(), flag, trace)),
+                Some(Engine::new(
+                    DeterministicState::default(),
+                    flag,
+                    progress.clone(),
+                    trace,
+                )),
             ),
             _ => (PortIoBus::new(serial), None),
         };
@@ -248,6 +256,7 @@ impl Vm {
             ram,
             boot_record: options.boot_record,
             dirty_logging: options.dirty_logging,
+            progress,
         };
         Ok((vm, Console { input, output }))
     }
@@ -305,7 +314,8 @@ impl Vm {
             restore_kvm_vm_state(&parts.vm_fd, &state.kvm)?;
         }
         let (tx, output) = crossbeam_channel::unbounded();
-        let serial = SerialDevice::restore((parts.irq, ConsoleWriter(tx)), &state.devices.serial)?;
+        let serial =
+            SerialDevice::restore((parts.irq, ConsoleWriter::new(tx)), &state.devices.serial)?;
         if let (Some(flag), Some(d)) = (&flag, det_state) {
             // vm-superio re-raises a pending UART interrupt when it is
             // restored (right for KVM's irqchip, which lost the edge). The
@@ -314,8 +324,9 @@ impl Vm {
             // where the recording had none.
             flag.store(d.serial_irq_pending, std::sync::atomic::Ordering::Release);
         }
-        let (bus, det) = match (trace, det_state, flag) {
-            (Some(trace), Some(d), Some(flag)) => (
+        let progress = flag.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+        let (bus, det) = match (trace, det_state, flag, &progress) {
+            (Some(trace), Some(d), Some(flag), Some(progress)) => (
                 PortIoBus::with_legacy(
                     serial,
                     Legacy {
@@ -323,7 +334,7 @@ impl Vm {
                         pit: d.pit,
                     },
                 ),
-                Some(Engine::new(d, flag, trace)),
+                Some(Engine::new(d, flag, progress.clone(), trace)),
             ),
             _ => (PortIoBus::new(serial), None),
         };
@@ -341,6 +352,7 @@ impl Vm {
             ram,
             boot_record: state.boot.clone(),
             dirty_logging: false,
+            progress,
         };
         Ok((vm, Console { input, output }))
     }
@@ -352,6 +364,14 @@ impl Vm {
         timeout: Duration,
     ) -> Result<crate::deterministic::ReplayOutcome, VmError> {
         Ok(self.vcpu.wait_replay(timeout)?)
+    }
+
+    /// The deterministic mode: how many exits the guest has made (the
+    /// position of a recording or a replay), read without pausing it.
+    pub fn exit_index(&self) -> Option<u64> {
+        self.progress
+            .as_ref()
+            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Guest RAM.

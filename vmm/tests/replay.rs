@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use understudy_checkpoint::trace::{Record, TraceWriter, parse_segment};
-use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, TraceMode};
+use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd, snapshot};
 
 fn require_kvm() {
@@ -68,7 +68,7 @@ fn record_with(
 ) -> Recording {
     require_kvm();
     let ram = GuestRam::new(32 << 20, RamBacking::Anonymous).unwrap();
-    let (sink, sealed) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let (sink, sealed) = crossbeam_channel::unbounded::<Sealed>();
     let writer = TraceWriter::new(rand_stream(), 0);
     let (vm, console) = Vm::boot_deterministic(
         ram,
@@ -87,8 +87,8 @@ fn record_with(
     let keeper = std::thread::spawn(move || {
         let mut kept = Vec::new();
         for segment in sealed {
-            let _ = follow_tx.send(segment.clone());
-            kept.push(segment);
+            let _ = follow_tx.send(segment.bytes.clone());
+            kept.push(segment.bytes);
         }
         kept
     });
@@ -482,7 +482,7 @@ fn a_replay_can_hand_over_to_a_new_recording_that_replays_in_turn() {
     drain(&console.output, &mut live);
     let live = String::from_utf8_lossy(&live).into_owned();
     assert!(live.contains("VALUE 9"), "{live}");
-    let segments: Vec<Vec<u8>> = new_segments.try_iter().collect();
+    let segments: Vec<Vec<u8>> = new_segments.try_iter().map(|s: Sealed| s.bytes).collect();
     let (replayed, _) = replay_to_end(
         &dir.path().join("switch"),
         &segments,
@@ -651,4 +651,98 @@ fn a_restored_uart_with_data_waiting_raises_no_second_edge() {
     let restored = vm.save_state(false).unwrap();
     assert_eq!(restored.deterministic, state.deterministic);
     vm.stop();
+}
+
+#[test]
+fn a_replica_joins_a_recording_at_a_pause_and_follows_it_to_the_same_state() {
+    // Replication by log shipping: the backup's replica starts from a
+    // checkpoint taken at a pause in the middle of a long recording, and
+    // gets only the segments sealed after that pause (at whatever seq).
+    // Every segment tells how much console output its exits produced.
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
+    let ram = GuestRam::new(32 << 20, RamBacking::Anonymous).unwrap();
+    let (sink, sealed) = crossbeam_channel::unbounded::<Sealed>();
+    let (vm, console) = Vm::boot_deterministic(
+        ram,
+        &boot,
+        BootOptions {
+            boot_record: Some(boot.clone()),
+            start_paused: false,
+            dirty_logging: false,
+        },
+        TraceMode::Record {
+            writer: TraceWriter::new(rand_stream(), 0),
+            sink,
+        },
+    )
+    .unwrap();
+    let mut output = Vec::new();
+    for i in 0..20 {
+        assert!(console.input.send(format!("SET k{i} {i}\n").as_bytes()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // The checkpoint: everything sealed before the pause is the past.
+    vm.pause().unwrap();
+    let before: Vec<Sealed> = sealed.try_iter().collect();
+    assert!(before.len() > 1, "the pause seals the open segment");
+    drain(&console.output, &mut output);
+    let last = before.last().unwrap();
+    assert_eq!(
+        last.output_end,
+        output.len() as u64,
+        "a segment covers all output up to its seal"
+    );
+    let mid = dir.path().join("mid");
+    snapshot::write_snapshot(&vm, &mid).unwrap();
+    assert_eq!(end_exit(&mid), last.exits_end);
+    let output_at_mid = output.len();
+    let (follow_tx, follow_rx) = crossbeam_channel::unbounded();
+    let (replica, replica_console) = snapshot::restore_deterministic(
+        &mid,
+        false,
+        TraceMode::Follow {
+            source: follow_rx,
+            then: AfterReplay::Stop,
+        },
+    )
+    .unwrap();
+    vm.resume().unwrap();
+    let forward = std::thread::spawn(move || {
+        let mut last_output = 0;
+        for s in sealed {
+            assert!(s.output_end >= last_output);
+            last_output = s.output_end;
+            if follow_tx.send(s.bytes).is_err() {
+                break;
+            }
+        }
+    });
+    for i in 0..20 {
+        assert!(console.input.send(format!("GET k{i}\n").as_bytes()));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    vm.pause().unwrap();
+    let end = dir.path().join("end");
+    snapshot::write_snapshot(&vm, &end).unwrap();
+    drop(vm.stop());
+    forward.join().unwrap();
+    let outcome = replica.wait_replay(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        outcome,
+        ReplayOutcome::Reached {
+            exit: end_exit(&end),
+            went_live: false
+        }
+    );
+    assert_same_as(&replica, &end);
+    drain(&console.output, &mut output);
+    let mut replayed = Vec::new();
+    drain(&replica_console.output, &mut replayed);
+    assert_eq!(replayed, output[output_at_mid..]);
+    assert!(String::from_utf8_lossy(&replayed).contains("VALUE 19"));
+    replica.stop();
 }
