@@ -17,10 +17,11 @@
 //!   logged with its generation (`understudy::release`); once a newer
 //!   generation has taken over at offset X, no older one may release past X.
 //!
-//! CI runs a short check (`chaos_short`: 8 faults on each of two pairs); the
-//! long run is `UNDERSTUDY_CHAOS_FAULTS=120 cargo test -p understudy --test
-//! chaos -- --ignored --nocapture` (two pairs: 240 faults). Needs root,
-//! iproute2 and /dev/kvm.
+//! CI runs a short check in each replication mode (`chaos_short`,
+//! `chaos_short_replay`: 8 faults on each of two pairs); the long run is
+//! `UNDERSTUDY_CHAOS_FAULTS=120 cargo test -p understudy --test chaos --
+//! --ignored --nocapture` (two pairs: 240 faults), in replay mode with
+//! `UNDERSTUDY_CHAOS_MODE=replay`. Needs root, iproute2 and /dev/kvm.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -143,7 +144,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(id: usize, dir: &Path, hold_output: bool) -> Self {
+    fn new(id: usize, dir: &Path, hold_output: bool, mode: Mode) -> Self {
         let pid = std::process::id() % 10_000;
         let net = 80 + id * 4;
         let ns = [format!("ch{id}a{pid}"), format!("ch{id}b{pid}")];
@@ -220,6 +221,7 @@ guest = "kv"
 memory_mib = 16
 state_dir = "{state}"
 backup_loss = "{policy}"
+{mode}
 [primary]
 console = "{a_console}"
 control = "{a_control}"
@@ -237,6 +239,10 @@ dangerously_allow_insecure_network = true
                     "hold-output"
                 } else {
                     "keep-running"
+                },
+                mode = match mode {
+                    Mode::Checkpoint => "",
+                    Mode::Replay => "mode = \"replay\"\ncheckpoint_interval = \"500ms\"",
                 },
             ),
         )
@@ -606,8 +612,22 @@ fn check_releases(events: &[Release]) -> Vec<String> {
     bad
 }
 
-async fn run_cluster(id: usize, dir: PathBuf, hold_output: bool, faults: usize, seed: u64) {
-    let mut cluster = Cluster::new(id, &dir, hold_output);
+/// How the pairs replicate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Checkpoint,
+    Replay,
+}
+
+async fn run_cluster(
+    id: usize,
+    dir: PathBuf,
+    hold_output: bool,
+    mode: Mode,
+    faults: usize,
+    seed: u64,
+) {
+    let mut cluster = Cluster::new(id, &dir, hold_output, mode);
     let mut rng = Rng(seed);
     cluster
         .wait_protected(Duration::from_secs(60))
@@ -691,7 +711,7 @@ async fn run_cluster(id: usize, dir: PathBuf, hold_output: bool, faults: usize, 
             / 1e3
     };
     eprintln!(
-        "cluster {id} ({}): {faults} faults in {:?}, {} acked writes all present after every \
+        "cluster {id} ({mode:?} mode, {}): {faults} faults in {:?}, {} acked writes all present after every \
          recovery, {} answers exactly once ({} reconnects), 0 windows with two primaries serving; \
          SET round trip p50 {:.1} ms, p99 {:.1} ms",
         if hold_output {
@@ -708,7 +728,7 @@ async fn run_cluster(id: usize, dir: PathBuf, hold_output: bool, faults: usize, 
     );
 }
 
-async fn chaos(faults: usize) {
+async fn chaos(faults: usize, mode: Mode) {
     common::require_kvm();
     let _serial = common::serial().await;
     let seed = std::env::var("UNDERSTUDY_CHAOS_SEED")
@@ -724,11 +744,19 @@ async fn chaos(faults: usize) {
     eprintln!("chaos seed {seed} (UNDERSTUDY_CHAOS_SEED={seed} repeats this run)");
     let dir = tempfile::tempdir().unwrap();
     eprintln!("daemon logs in {}", dir.path().display());
-    let a = tokio::spawn(run_cluster(0, dir.path().to_owned(), false, faults, seed));
+    let a = tokio::spawn(run_cluster(
+        0,
+        dir.path().to_owned(),
+        false,
+        mode,
+        faults,
+        seed,
+    ));
     let b = tokio::spawn(run_cluster(
         1,
         dir.path().to_owned(),
         true,
+        mode,
         faults,
         seed ^ 0x5555,
     ));
@@ -745,7 +773,13 @@ async fn chaos(faults: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short() {
-    chaos(8).await;
+    chaos(8, Mode::Checkpoint).await;
+}
+
+/// The same check with replication by log shipping (`mode = "replay"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_replay() {
+    chaos(8, Mode::Replay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,7 +789,11 @@ async fn chaos_long() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    chaos(faults).await;
+    let mode = match std::env::var("UNDERSTUDY_CHAOS_MODE").as_deref() {
+        Ok("replay") => Mode::Replay,
+        _ => Mode::Checkpoint,
+    };
+    chaos(faults, mode).await;
 }
 
 #[test]
@@ -782,7 +820,7 @@ async fn the_checker_sees_two_primaries_when_a_partition_splits_a_keep_running_p
     common::require_kvm();
     let _serial = common::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(2, dir.path(), false);
+    let mut cluster = Cluster::new(2, dir.path(), false, Mode::Checkpoint);
     let primary = cluster
         .wait_protected(Duration::from_secs(60))
         .await

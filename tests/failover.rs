@@ -319,6 +319,7 @@ mod fake_primary {
             incarnation: 0x1234_5678,
             previous: None,
             heartbeat_key: vec![7; 32].into(),
+            mode: 0,
         }
     }
 
@@ -377,6 +378,7 @@ mod fake_primary {
                     session: self.id,
                     generation: 1,
                     chunk: c.into(),
+                    trace_segment: Default::default(),
                 };
                 if self.tx.send(msg).await.is_err() {
                     return;

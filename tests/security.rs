@@ -288,6 +288,7 @@ async fn hostile_round(
                     let n = (rng.next() % 40) as usize;
                     rng.bytes(n).into()
                 },
+                mode: (rng.next() % 3) as i32,
             };
             let _ = tokio::time::timeout(deadline, client.hello(hello)).await;
         }
@@ -332,10 +333,19 @@ async fn hostile_round(
             let generation = rng.pick(1);
             let msgs: Vec<EpochChunk> = chunks
                 .into_iter()
-                .map(|c| EpochChunk {
-                    session,
-                    generation,
-                    chunk: c.into(),
+                .map(|c| {
+                    // Sometimes as a trace segment (replay mode's messages).
+                    let (chunk, trace_segment) = if rng.next() % 4 == 0 {
+                        (Vec::new(), c)
+                    } else {
+                        (c, Vec::new())
+                    };
+                    EpochChunk {
+                        session,
+                        generation,
+                        chunk: chunk.into(),
+                        trace_segment: trace_segment.into(),
+                    }
                 })
                 .collect();
             if let Ok(Ok(r)) =

@@ -429,6 +429,7 @@ fn fake_hello() -> understudy_proto::HelloRequest {
         incarnation: 7,
         previous: None,
         heartbeat_key: vec![0; 32].into(),
+        mode: 0,
     }
 }
 

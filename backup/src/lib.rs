@@ -30,6 +30,7 @@ mod hello;
 mod operator;
 mod promotion;
 mod receiver;
+mod replica;
 mod service;
 mod watch;
 
@@ -145,6 +146,8 @@ struct Session {
     protected: bool,
     /// The primary stopped on purpose: never promote for it.
     goodbye: bool,
+    /// Replay mode: the log and the replica that follows it.
+    follower: Option<replica::Follower>,
 }
 
 struct State {

@@ -18,11 +18,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::StoreError;
+use understudy_checkpoint::trace::TraceWriter;
 use understudy_common::fault;
 use understudy_common::ids::{Generation, Incarnation};
 use understudy_common::payload::{CheckpointPayload, PayloadError};
 use understudy_common::role::RunningVm;
 use understudy_common::status::StateKind;
+use understudy_vmm::deterministic::{Sealed, TraceMode};
 use understudy_vmm::{GuestRam, RamBacking, Vm, VmState};
 
 use crate::{Phase, Shared, Standby};
@@ -96,13 +98,76 @@ pub(crate) struct Promoted {
 /// A VM restored and paused, not yet committed to: dropping it stops it.
 struct Prepared {
     vm: Vm,
-    console: understudy_vmm::Console,
-    payload: CheckpointPayload,
+    input: understudy_vmm::ConsoleInput,
+    output: crossbeam_channel::Receiver<u8>,
+    /// The log the VM records once it runs (replay mode).
+    trace: Option<crossbeam_channel::Receiver<Sealed>>,
+    /// The console to serve: from `console_offset`, these bytes, then what
+    /// the VM writes.
+    console_offset: u64,
+    console_out: Vec<u8>,
+    /// Of the VM's own output (since its restore), bytes already in
+    /// `console_out`.
+    output_taken: u64,
     epoch: u64,
     incarnation: Option<Incarnation>,
+    /// Replay mode: the replica replayed the log to this exit.
+    replayed_to: Option<u64>,
 }
 
-fn prepare(standby: &Standby) -> Result<Prepared, PromotionError> {
+/// How long a promotion waits for the replica to replay the rest of the
+/// log (the primary's back-pressure keeps it far shorter).
+const REPLICA_FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Replay mode: the replica replays the rest of the log received and is
+/// the VM to run (the image holds only the last checkpoint, older than
+/// output the primary released on the log's acks). A handover promotes
+/// from the final checkpoint instead, which is exact.
+fn prepare_from_replica(
+    standby: &mut Standby,
+    trigger: Trigger,
+) -> Option<Result<Prepared, PromotionError>> {
+    if matches!(trigger, Trigger::Handover { .. }) {
+        return None;
+    }
+    let follower = standby.session.as_mut()?.follower.as_mut()?;
+    let first_try = if follower.has_replica() {
+        follower.finish(REPLICA_FINISH_TIMEOUT)
+    } else {
+        Err("no replica runs".into())
+    };
+    let finished = match first_try {
+        Ok(f) => f,
+        Err(why) => {
+            tracing::error!(%why, "replay mode: the replica cannot finish the log; replaying it again from the last checkpoint");
+            match follower.finish_from_base(&standby.store, REPLICA_FINISH_TIMEOUT) {
+                Ok(f) => f,
+                Err(why) => {
+                    tracing::error!(%why, "replay mode: the log cannot be replayed from the last checkpoint either; promoting from the checkpoint alone (output the primary released after it is not in this VM)");
+                    return None;
+                }
+            }
+        }
+    };
+    let kept = match standby.store.promotable() {
+        Ok(p) => p,
+        Err(e) => return Some(Err(PromotionError::NotPromotable(e))),
+    };
+    Some(Ok(Prepared {
+        vm: finished.vm,
+        input: finished.input,
+        output: finished.output,
+        trace: Some(finished.trace),
+        console_offset: finished.output_start,
+        console_out: finished.output_kept,
+        output_taken: finished.output_taken,
+        epoch: kept.epoch,
+        incarnation: Incarnation::from_raw(kept.incarnation),
+        replayed_to: Some(finished.exit),
+    }))
+}
+
+fn prepare(standby: &Standby, replay: bool) -> Result<Prepared, PromotionError> {
     let promotable = standby
         .store
         .promotable()
@@ -125,13 +190,43 @@ fn prepare(standby: &Standby) -> Result<Prepared, PromotionError> {
     )
     .map_err(PromotionError::Ram)?;
     fault::check("backup.promote.restore").map_err(PromotionError::Fault)?;
-    let (vm, console) = Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
+    // Replay mode: the VM records from its checkpoint on, so that the new
+    // primary protects it by its log too.
+    let (vm, console, trace) = match (replay, vm_state.deterministic) {
+        (true, Some(det)) => {
+            let (sink, trace) = crossbeam_channel::unbounded();
+            let stream = understudy_common::ids::random_stream().ok_or_else(|| {
+                PromotionError::Thread(std::io::Error::other("the kernel gave no randomness"))
+            })?;
+            let (vm, console) = Vm::restore_deterministic(
+                &vm_state,
+                ram,
+                true,
+                TraceMode::Record {
+                    writer: TraceWriter::new(stream, det.exit_index),
+                    sink,
+                },
+            )
+            .map_err(PromotionError::Restore)?;
+            (vm, console, Some(trace))
+        }
+        _ => {
+            let (vm, console) =
+                Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
+            (vm, console, None)
+        }
+    };
     Ok(Prepared {
         vm,
-        console,
-        payload,
+        input: console.input,
+        output: console.output,
+        trace,
+        console_offset: payload.console_offset,
+        console_out: payload.console_out,
+        output_taken: 0,
         epoch: promotable.epoch,
         incarnation: Incarnation::from_raw(promotable.incarnation),
+        replayed_to: None,
     })
 }
 
@@ -187,7 +282,14 @@ pub(crate) fn promote(
         }
         Trigger::Restart => {}
     }
-    let prepared = prepare(standby)?;
+    let replay = standby
+        .session
+        .as_ref()
+        .is_some_and(|s| s.follower.is_some());
+    let prepared = match prepare_from_replica(standby, trigger) {
+        Some(prepared) => prepared?,
+        None => prepare(standby, replay)?,
+    };
     let new_generation = standby.generation.next();
     // Start the helper threads before the point of no return (they only
     // wait; a failure to start them changes nothing).
@@ -195,10 +297,7 @@ pub(crate) fn promote(
     let serves_here = !(matches!(trigger, Trigger::Handover { .. })
         || shared.opts.handover_unavailable.is_none());
     let output_thread = if serves_here {
-        Some(start_console_output(
-            prepared.console.output.clone(),
-            log.clone(),
-        )?)
+        Some(start_console_output(prepared.output.clone(), log.clone())?)
     } else {
         None
     };
@@ -233,10 +332,15 @@ pub(crate) fn promote(
     shared.set_generation(new_generation, true);
     let Prepared {
         vm,
-        console,
-        payload,
+        input,
+        output,
+        trace,
+        console_offset,
+        console_out,
+        output_taken,
         epoch,
         incarnation,
+        replayed_to,
     } = prepared;
     // Any partial epoch is dropped with the standby state: the image held
     // exactly the last commit. The VM maps memory.img itself from here on.
@@ -245,10 +349,9 @@ pub(crate) fn promote(
     // Serve the output the primary may not have delivered, then the new output.
     let host = &shared.host;
     host.log.set_generation(new_generation.0);
-    host.log
-        .take_over(payload.console_offset, &payload.console_out);
-    host.log.set_raw_start(Some(payload.console_offset));
-    host.input.set(Some(console.input.clone()));
+    host.log.take_over(console_offset, &console_out);
+    host.log.set_raw_start(Some(console_offset));
+    host.input.set(Some(input));
     if let Err(e) = vm.resume() {
         // A VM restored paused that never ran cannot normally fail to
         // resume; if it does, the VM is lost here (the generation moved):
@@ -259,6 +362,7 @@ pub(crate) fn promote(
     record(shared, trigger, epoch, new_generation, resumed, incarnation);
     tracing::info!(
         epoch,
+        ?replayed_to,
         generation = %new_generation,
         ?trigger,
         fence_us = fenced.as_micros() as u64,
@@ -270,9 +374,11 @@ pub(crate) fn promote(
     } else {
         Phase::HandedOver(Some(Box::new(RunningVm {
             vm,
-            output: console.output,
+            output,
             generation: new_generation,
             incarnation,
+            trace,
+            output_taken,
         })))
     };
     let handed_over = matches!(state.phase, Phase::HandedOver(_));

@@ -16,7 +16,8 @@ use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
 
-use crate::{Phase, Shared};
+use crate::replica::{Follower, LogAck};
+use crate::{Phase, Session, Shared};
 
 /// The one mapping from epoch errors to gRPC status.
 fn epoch_status(e: &EpochError) -> Status {
@@ -55,9 +56,15 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
             "no such replication session: say Hello first",
         ));
     };
+    if !msg.trace_segment.is_empty() {
+        return receive_segment(shared, session, msg, standby.generation);
+    }
     let Some(decoder) = session.decoder.as_mut() else {
         return Err(Status::failed_precondition("no replication session"));
     };
+    if let Some(follower) = session.follower.as_mut() {
+        follower.chunk_arrived();
+    }
     let received = decoder.push(&msg.chunk, &standby.store);
     let staged = match received {
         Ok(Received::NeedMore) => {
@@ -109,13 +116,88 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
             .stats
             .set_state(StateKind::Protecting, "protecting");
     }
+    let mut log = LogAck::default();
+    if checkpoint && let Some(follower) = session.follower.as_mut() {
+        let mut started = None;
+        if let Err(why) = follower.checkpoint_committed(&standby.store, &mut started) {
+            // The VM stays protected by this checkpoint; output waits for
+            // the next ones.
+            tracing::error!(epoch, %why, "replay mode: no replica follows the log");
+            shared.host.stats.set_state(
+                StateKind::ReplicaStopped,
+                format!("no replica follows the log: {why}"),
+            );
+        } else if let Some(what) = started {
+            tracing::info!(epoch, "{what}");
+        }
+        log = replay_ack(shared, follower);
+    }
     shared.host.stats.epochs.fetch_add(1, Ordering::Relaxed);
     shared.host.stats.metrics.epochs.inc();
     Ok(Some(Ack {
         epoch,
         generation: standby.generation.0,
         commit_micros: started.elapsed().as_micros() as u64,
+        log_exits: log.log_exits,
+        replica_exits: log.replica_exits,
+        want_checkpoint: log.want_checkpoint,
     }))
+}
+
+/// Replay mode: one segment of the primary's log. Kept and fed to the
+/// replica, and acked: the primary releases the output it covers.
+fn receive_segment(
+    shared: &Shared,
+    session: &mut Session,
+    msg: EpochChunk,
+    generation: Generation,
+) -> Result<Option<Ack>, Status> {
+    let Some(follower) = session.follower.as_mut() else {
+        return Err(Status::invalid_argument(
+            "a trace segment in a checkpoint-mode session: the primary's Hello asked for \
+             checkpoint mode",
+        ));
+    };
+    let len = msg.trace_segment.len() as u64;
+    if let Err(why) = follower.segment(msg.trace_segment.into()) {
+        session.decoder = None;
+        return Err(Status::data_loss(format!(
+            "trace segment refused, the primary must resync: {why}"
+        )));
+    }
+    shared.watch.heard();
+    let stats = &shared.host.stats;
+    stats.bytes_shipped.fetch_add(len, Ordering::Relaxed);
+    stats.metrics.log_bytes.inc_by(len);
+    let log = replay_ack(shared, follower);
+    Ok(Some(Ack {
+        epoch: 0,
+        generation: generation.0,
+        commit_micros: 0,
+        log_exits: log.log_exits,
+        replica_exits: log.replica_exits,
+        want_checkpoint: log.want_checkpoint,
+    }))
+}
+
+/// The replica's news (did it stop?), its lag for the status, and what the
+/// next ack says about the log.
+fn replay_ack(shared: &Shared, follower: &mut Follower) -> LogAck {
+    let stats = &shared.host.stats;
+    if let Some(why) = follower.pump() {
+        tracing::error!(%why, "replay mode: the replica stopped; protecting by checkpoints until the next one commits and a new replica starts");
+        stats.metrics.replica_restarts.inc();
+        stats.set_state(
+            StateKind::ReplicaStopped,
+            format!("{why}; asked the primary for a checkpoint"),
+        );
+    }
+    let (exits, age) = follower.lag();
+    stats.replica_lag_exits.store(exits, Ordering::Relaxed);
+    stats
+        .replica_lag_us
+        .store(age.as_micros() as u64, Ordering::Relaxed);
+    follower.ack()
 }
 
 fn count_bytes(shared: &Shared, msg: &EpochChunk) {

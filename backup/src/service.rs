@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use understudy_checkpoint::epoch::EpochDecoder;
 use understudy_common::auth::Access;
 use understudy_common::heartbeat::SessionKey;
-use understudy_common::ids::{Generation, Incarnation, Role, RunState};
+use understudy_common::ids::{Generation, Incarnation, ReplicationMode, Role, RunState};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::replication_server::Replication;
@@ -62,6 +62,17 @@ impl ReplicationService {
         let key = SessionKey::from_bytes(&req.heartbeat_key).ok_or_else(|| {
             Status::invalid_argument("the Hello carries no 32-byte heartbeat key")
         })?;
+        let mode = match understudy_proto::ReplicationMode::try_from(req.mode) {
+            Ok(understudy_proto::ReplicationMode::Checkpoint) => ReplicationMode::Checkpoint,
+            Ok(understudy_proto::ReplicationMode::Replay) => ReplicationMode::Replay,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown replication mode {} in Hello: this backup knows checkpoint and \
+                     replay; upgrade it to the primary's version",
+                    req.mode
+                )));
+            }
+        };
         let mut state = shared.lock();
         let Phase::Standby(standby) = &mut state.phase else {
             return Err(shared.deposed(Generation(req.generation)));
@@ -83,7 +94,9 @@ impl ReplicationService {
             decoder: Some(EpochDecoder::with_buffers(buffers)),
             protected: false,
             goodbye: false,
+            follower: (mode == ReplicationMode::Replay).then(crate::replica::Follower::new),
         });
+        shared.host.stats.set_mode(mode);
         shared.watch.arm(false);
         shared.watch.set_session(Some((req.session, key)));
         shared.set_generation(Generation(req.generation), false);

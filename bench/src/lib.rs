@@ -282,6 +282,34 @@ impl XorShift {
     }
 }
 
+/// A table row: `name`, then p50, p99, min and max of `v` (one decimal).
+pub fn quantiles(table: &mut Table, name: &str, v: &[f64]) {
+    table.row(vec![
+        name.into(),
+        num(quantile(v, 0.5), 1),
+        num(quantile(v, 0.99), 1),
+        num(quantile(v, 0.0), 1),
+        num(quantile(v, 1.0), 1),
+    ]);
+}
+
+/// Samples as a cumulative distribution (x: the value, y: the fraction of
+/// samples at or below it).
+pub fn cdf(name: &str, v: &[f64]) -> Series {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len() as f64;
+    Series {
+        name: name.into(),
+        points: s
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| (x, (i + 1) as f64 / n))
+            .collect(),
+        points_only: false,
+    }
+}
+
 /// The `q` quantile (0..=1) of `v`, by nearest rank; NaN when empty.
 pub fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {

@@ -43,6 +43,56 @@ impl FromStr for Generation {
     }
 }
 
+/// A random id for a new trace stream (never 0), or None if the kernel
+/// gives no randomness.
+pub fn random_stream() -> Option<u64> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).ok()?;
+    Some(u64::from_le_bytes(id) | 1)
+}
+
+/// How a pair replicates its VM (`mode` in the configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ReplicationMode {
+    /// A checkpoint every epoch; output waits for the epoch's ack.
+    #[default]
+    Checkpoint,
+    /// The VM records its inputs and the log streams to the backup, which
+    /// replays it on a replica; checkpoints come seldom, and output waits
+    /// only for the ack of the log that produced it.
+    Replay,
+}
+
+impl ReplicationMode {
+    /// The configuration's and status's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Checkpoint => "checkpoint",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+impl fmt::Display for ReplicationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReplicationMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "checkpoint" => Ok(Self::Checkpoint),
+            "replay" => Ok(Self::Replay),
+            other => Err(format!(
+                "unknown replication mode {other:?}: use \"checkpoint\" or \"replay\""
+            )),
+        }
+    }
+}
+
 /// One boot of the VM (random, never 0). Carried by every `Hello` and kept
 /// with the backup's image, so a backup can tell the VM it protects from a
 /// fresh boot that would replace it.

@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 /// The values the gauges show, read by the caller at scrape time.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Gauges {
     pub generation: u64,
     pub protected: bool,
@@ -24,11 +24,20 @@ pub struct Gauges {
     pub held_output: u64,
     pub last_epoch: u64,
     pub role: &'static str,
+    /// "checkpoint" or "replay".
+    pub mode: &'static str,
+    pub replica_lag_exits: u64,
+    pub replica_lag_seconds: f64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabel {
     role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,12 +59,20 @@ pub struct Metrics {
     pub heartbeat_rtt: Histogram,
     pub failovers: Counter,
     pub switchovers: Counter,
+    /// Replay mode: trace log bytes shipped (primary) or received (backup).
+    pub log_bytes: Counter,
+    /// Replay mode: replicas the backup dropped because they stopped
+    /// (divergence, a bad log) and rebuilt from a checkpoint.
+    pub replica_restarts: Counter,
     generation: Gauge,
     protected: Gauge,
     lag: Gauge,
     held_output: Gauge,
     last_epoch: Gauge,
     role: Family<RoleLabel, Gauge>,
+    mode: Family<ModeLabel, Gauge>,
+    replica_lag_exits: Gauge,
+    replica_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     refused: Family<RpcLabel, Counter>,
 }
 
@@ -80,12 +97,17 @@ impl Metrics {
             heartbeat_rtt: seconds(),
             failovers: Counter::default(),
             switchovers: Counter::default(),
+            log_bytes: Counter::default(),
+            replica_restarts: Counter::default(),
             generation: Gauge::default(),
             protected: Gauge::default(),
             lag: Gauge::default(),
             held_output: Gauge::default(),
             last_epoch: Gauge::default(),
             role: Family::default(),
+            mode: Family::default(),
+            replica_lag_exits: Gauge::default(),
+            replica_lag: Gauge::default(),
             refused: Family::default(),
         };
         let mut registry = Registry::with_prefix("understudy");
@@ -169,6 +191,33 @@ impl Metrics {
         );
         registry.register("role", "1 for this daemon's current role", m.role.clone());
         registry.register(
+            "replication_mode",
+            "1 for how the pair replicates (checkpoint or replay)",
+            m.mode.clone(),
+        );
+        registry.register_with_unit(
+            "log",
+            "Replay mode: trace log shipped (primary) or received (backup)",
+            prometheus_client::registry::Unit::Bytes,
+            m.log_bytes.clone(),
+        );
+        registry.register(
+            "replica_restarts",
+            "Replay mode: replicas dropped after a divergence or a bad log and rebuilt from a checkpoint",
+            m.replica_restarts.clone(),
+        );
+        registry.register(
+            "replica_lag_exits",
+            "Replay mode: exits the backup's replica is behind the primary's log",
+            m.replica_lag_exits.clone(),
+        );
+        registry.register_with_unit(
+            "replica_lag",
+            "Replay mode: how far the backup's replica is behind the primary's log",
+            prometheus_client::registry::Unit::Seconds,
+            m.replica_lag.clone(),
+        );
+        registry.register(
             "refused_requests",
             "Requests refused because the caller may not make them, by RPC",
             m.refused.clone(),
@@ -201,6 +250,14 @@ impl Metrics {
                 role: gauges.role.to_owned(),
             })
             .set(1);
+        self.mode.clear();
+        self.mode
+            .get_or_create(&ModeLabel {
+                mode: gauges.mode.to_owned(),
+            })
+            .set(1);
+        set(&self.replica_lag_exits, gauges.replica_lag_exits);
+        self.replica_lag.set(gauges.replica_lag_seconds);
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -102,4 +102,10 @@ pub struct RunningVm {
     /// Which boot of the VM this is (unknown for an image written before
     /// incarnations existed: the primary role then gives it a new one).
     pub incarnation: Option<Incarnation>,
+    /// The VM records its trace log here (it was brought back in the
+    /// deterministic mode, for replication by log shipping).
+    pub trace: Option<crossbeam_channel::Receiver<understudy_vmm::deterministic::Sealed>>,
+    /// Console output bytes of this VM (since its restore) already in the
+    /// host's console log (a replica's replayed output, served at promotion).
+    pub output_taken: u64,
 }

@@ -74,6 +74,9 @@ pub enum StateKind {
     UnprotectedHolding,
     /// Primary: the guest is paused because held output reached its bound.
     OutputBound,
+    /// Primary (replay mode): the guest is paused until the backup's
+    /// replica catches up with the log.
+    ReplicaBehind,
     /// Primary: the session broke; probing the backup and reconnecting.
     Reconnecting,
     /// Primary: handed the VM over in a switchover.
@@ -84,6 +87,10 @@ pub enum StateKind {
     Standby,
     /// Backup: holds a committed checkpoint and watches the primary.
     Protecting,
+    /// Backup (replay mode): its replica stopped (diverged from the log, or
+    /// the log was bad); protecting by checkpoints until the next one
+    /// commits and a new replica starts from it.
+    ReplicaStopped,
     /// Backup: its image cannot be promoted until a resync.
     NotPromotable,
     /// Backup: its image may be older than output the primary released.
@@ -108,11 +115,13 @@ impl StateKind {
             Self::UnprotectedReleasing => "unprotected-releasing",
             Self::UnprotectedHolding => "unprotected-holding",
             Self::OutputBound => "output-bound",
+            Self::ReplicaBehind => "replica-behind",
             Self::Reconnecting => "reconnecting",
             Self::HandedOver => "handed-over",
             Self::Fenced => "fenced",
             Self::Standby => "standby",
             Self::Protecting => "protecting",
+            Self::ReplicaStopped => "replica-stopped",
             Self::NotPromotable => "not-promotable",
             Self::Stale => "stale",
             Self::PrimaryStopped => "primary-stopped",
@@ -150,6 +159,13 @@ pub struct Stats {
     pub promotion_resume_us: AtomicU64,
     /// The VM's incarnation, once this host knows one.
     incarnation: Mutex<Option<crate::ids::Incarnation>>,
+    /// How the pair replicates (the primary's configuration; a backup
+    /// learns it from each session's Hello).
+    mode: Mutex<crate::ids::ReplicationMode>,
+    /// Replay mode: how far the backup's replica is behind the log, in
+    /// exits and in microseconds of the primary's time.
+    pub replica_lag_exits: AtomicU64,
+    pub replica_lag_us: AtomicU64,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
@@ -180,6 +196,9 @@ impl Stats {
             promotion_detect_us: AtomicU64::new(0),
             promotion_resume_us: AtomicU64::new(0),
             incarnation: Mutex::new(None),
+            mode: Mutex::default(),
+            replica_lag_exits: AtomicU64::new(0),
+            replica_lag_us: AtomicU64::new(0),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
             recent: Mutex::default(),
@@ -200,7 +219,19 @@ impl Stats {
             held_output: self.held_output.load(Ordering::Relaxed),
             last_epoch: self.last_epoch().unwrap_or_default(),
             role: self.role().name(),
+            mode: self.mode().as_str(),
+            replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
+            replica_lag_seconds: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e6,
         }
+    }
+
+    /// How the pair replicates.
+    pub fn mode(&self) -> crate::ids::ReplicationMode {
+        *lock(&self.mode)
+    }
+
+    pub fn set_mode(&self, mode: crate::ids::ReplicationMode) {
+        *lock(&self.mode) = mode;
     }
 
     /// The metrics' text exposition, gauges read now.
@@ -328,6 +359,9 @@ impl Stats {
             incarnation: lock(&self.incarnation)
                 .map(|i| i.to_string())
                 .unwrap_or_default(),
+            mode: self.mode().as_str().to_owned(),
+            replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
+            replica_lag_millis: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e3,
         }
     }
 }

@@ -44,7 +44,8 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use understudy_checkpoint::CodecPolicy;
-use understudy_common::ids::{Incarnation, Role, RunState};
+use understudy_checkpoint::trace::TraceWriter;
+use understudy_common::ids::{Incarnation, ReplicationMode, Role, RunState};
 use understudy_common::operator::{OperatorRequest, SwitchoverResult};
 use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::{StateKind, Stats};
@@ -52,6 +53,7 @@ use understudy_common::wire;
 use understudy_proto::EpochChunk;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::replication_server::ReplicationServer;
+use understudy_vmm::deterministic::TraceMode;
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
 
 use crate::beats::Beats;
@@ -103,6 +105,14 @@ pub struct PrimaryOptions {
     /// Who may call the replication service this host answers while it runs
     /// the VM (only the other host).
     pub auth: understudy_common::auth::Authority,
+    /// How the VM is replicated.
+    pub mode: ReplicationMode,
+    /// Replay mode: the time between checkpoints (the log carries the VM
+    /// between them).
+    pub checkpoint_interval: Duration,
+    /// Replay mode: how far the backup's replica may fall behind the log
+    /// before the guest is paused until it catches up (back-pressure).
+    pub max_replica_lag: Duration,
 }
 
 /// How the primary gets its VM.
@@ -248,6 +258,12 @@ struct Shared {
     /// A switchover the replicator is to carry out at its next checkpoint.
     switchover: Mutex<Option<SwitchoverResponder>>,
     beats: Arc<Beats>,
+    /// Replay mode, from the backup's acks: the exit up to which it holds
+    /// the log, the exit its replica replayed to (0: none), and whether it
+    /// asked for a checkpoint (its replica stopped).
+    log_acked: AtomicU64,
+    replica_exits: AtomicU64,
+    want_checkpoint: AtomicBool,
 }
 
 impl Shared {
@@ -261,6 +277,14 @@ impl Shared {
         self.stats
             .in_flight
             .store(sent.saturating_sub(acked), Ordering::Relaxed);
+    }
+
+    /// Whether a switchover waits for the replicator.
+    fn switchover_waiting(&self) -> bool {
+        self.switchover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     fn take_switchover(&self) -> Option<SwitchoverResponder> {
@@ -399,6 +423,27 @@ pub async fn run(
     start: Start,
 ) -> Result<PrimaryExit, PrimaryError> {
     let stats = host.stats.clone();
+    let mut opts = opts;
+    if let Start::Adopt(running) = &start {
+        // The mode is the VM's for the life of its incarnation: a VM taken
+        // over records its inputs if it was replicated by its log.
+        let mode = if running.trace.is_some() {
+            ReplicationMode::Replay
+        } else {
+            ReplicationMode::Checkpoint
+        };
+        if mode != opts.mode {
+            tracing::warn!(
+                configured = %opts.mode,
+                %mode,
+                "the VM taken over was replicated in another mode than configured: keeping its \
+                 mode until its next boot"
+            );
+            opts.mode = mode;
+        }
+    }
+    stats.set_mode(opts.mode);
+
     let host_state = HostState::open(&opts.state_dir)?;
     let (generation, incarnation, previous) = match &start {
         Start::Boot => {
@@ -440,7 +485,7 @@ pub async fn run(
 
     let mut first_session = None;
     let adopted = matches!(start, Start::Adopt(_));
-    let (vm, output) = match start {
+    let (vm, output, trace, output_taken) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
             // the backup cannot know it was not deposed, nor whether the
@@ -494,27 +539,51 @@ pub async fn run(
             })?;
             let ram = GuestRam::new(opts.ram_bytes, RamBacking::Anonymous)
                 .map_err(|e| PrimaryError::Vm(e.into()))?;
-            let (vm, vm_console) = Vm::boot(
-                ram,
-                &opts.boot.clone(),
-                BootOptions {
-                    boot_record: Some(opts.boot.clone()),
-                    start_paused: false,
-                    dirty_logging: true,
-                },
-            )
-            .map_err(PrimaryError::Vm)?;
+            let boot_options = BootOptions {
+                boot_record: Some(opts.boot.clone()),
+                start_paused: false,
+                dirty_logging: true,
+            };
+            let (vm, vm_console, trace) = match opts.mode {
+                ReplicationMode::Checkpoint => {
+                    let (vm, console) = Vm::boot(ram, &opts.boot.clone(), boot_options)
+                        .map_err(PrimaryError::Vm)?;
+                    (vm, console, None)
+                }
+                ReplicationMode::Replay => {
+                    let (sink, trace) = crossbeam_channel::unbounded();
+                    let writer = TraceWriter::new(
+                        understudy_common::ids::random_stream()
+                            .ok_or(PrimaryError::NoRandomness)?,
+                        0,
+                    );
+                    let (vm, console) = Vm::boot_deterministic(
+                        ram,
+                        &opts.boot.clone(),
+                        boot_options,
+                        TraceMode::Record { writer, sink },
+                    )
+                    .map_err(PrimaryError::Vm)?;
+                    (vm, console, Some(trace))
+                }
+            };
             host.input.set(Some(vm_console.input.clone()));
-            tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, %incarnation, "VM booted");
-            (vm, vm_console.output)
+            tracing::info!(vm = %opts.vm_id, guest = %opts.boot.guest, generation, %incarnation, mode = %opts.mode, "VM booted");
+            (vm, vm_console.output, trace, 0)
         }
         Start::Adopt(running) => {
-            let RunningVm { mut vm, output, .. } = *running;
+            let RunningVm {
+                mut vm,
+                output,
+                trace,
+                output_taken,
+                ..
+            } = *running;
             vm.start_dirty_logging().map_err(PrimaryError::Vm)?;
             // Clients without a resume offset get output from now on.
             host.log.set_raw_start(None);
-            tracing::info!(vm = %opts.vm_id, generation, %incarnation, backup = %opts.backup, "protecting the VM this host took over");
-            (vm, output)
+            tracing::info!(vm = %opts.vm_id, generation, %incarnation, backup = %opts.backup, mode = %opts.mode, "protecting the VM this host took over");
+            (vm, output, trace, output_taken)
         }
     };
     // Whoever dials this host's replication address learns that the VM runs
@@ -565,6 +634,9 @@ pub async fn run(
         taken_at: Mutex::default(),
         switchover: Mutex::new(None),
         beats: beats.clone(),
+        log_acked: AtomicU64::new(0),
+        replica_exits: AtomicU64::new(0),
+        want_checkpoint: AtomicBool::new(false),
         opts: opts.clone(),
     });
     if adopted {
@@ -595,7 +667,11 @@ pub async fn run(
             .name("replicator".into())
             .spawn({
                 let runtime = tokio::runtime::Handle::current();
-                move || Replicator::new(shared, vm, output, log, runtime).run()
+                move || {
+                    Replicator::new(shared, vm, output, log, runtime)
+                        .with_trace(trace, output_taken)
+                        .run()
+                }
             })
             .map_err(|e| PrimaryError::Thread("replicator", e))?
     };
@@ -873,7 +949,25 @@ async fn run_session(
                         shared.fence(ack.generation);
                         break "deposed".into();
                     }
-                    shared.releaser.acked(ack.epoch);
+                    match shared.opts.mode {
+                        ReplicationMode::Checkpoint => shared.releaser.acked(ack.epoch),
+                        // Output is keyed by exit index: the backup holds a
+                        // checkpoint and the log up to `log_exits`.
+                        ReplicationMode::Replay => {
+                            if ack.log_exits > 0 {
+                                shared.log_acked.fetch_max(ack.log_exits, Ordering::AcqRel);
+                                shared.releaser.acked(ack.log_exits);
+                            }
+                            shared.replica_exits.store(ack.replica_exits, Ordering::Release);
+                            if ack.want_checkpoint {
+                                shared.want_checkpoint.store(true, Ordering::Release);
+                            }
+                        }
+                    }
+                    if ack.epoch == 0 {
+                        // An ack of log alone.
+                        continue;
+                    }
                     {
                         let mut acked = shared.acked_plus_one();
                         *acked = (*acked).max(ack.epoch + 1);

@@ -132,6 +132,14 @@ pub(crate) async fn hello(opts: &PrimaryOptions, offer: &SessionOffer) -> HelloO
             state: r.state.to_proto(),
         }),
         heartbeat_key: bytes::Bytes::copy_from_slice(offer.key.as_bytes()),
+        mode: match opts.mode {
+            understudy_common::ids::ReplicationMode::Checkpoint => {
+                understudy_proto::ReplicationMode::Checkpoint
+            }
+            understudy_common::ids::ReplicationMode::Replay => {
+                understudy_proto::ReplicationMode::Replay
+            }
+        } as i32,
     };
     match tokio::time::timeout(PEER_CALL_TIMEOUT, client.hello(req)).await {
         Err(_) => {

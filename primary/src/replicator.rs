@@ -4,6 +4,7 @@
 //! capture, resume, encode, ship), back-pressure on unacked epochs, the
 //! graceful stop, and the switchover's final checkpoint and handover.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use understudy_common::ids::RunState;
 use understudy_common::payload::CheckpointPayload;
 use understudy_common::status::StateKind;
 use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
+use understudy_vmm::deterministic::Sealed;
 use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::peer::{HandoverOutcome, handover, say_goodbye};
@@ -54,6 +56,12 @@ fn fault_point(point: &'static str) -> Result<(), InternalError> {
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a clean stop waits for its last checkpoint's ack.
 const STOP_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Replay mode: a checkpoint is due after this much log, whatever the time
+/// (a restarted backup's replica catches up from it quickly).
+const LOG_BYTES_PER_CHECKPOINT: usize = 8 << 20;
+/// Replay mode: how often the log forwarder looks at the session, the
+/// backup's lag and the next checkpoint while no segment comes.
+const FORWARD_POLL: Duration = Duration::from_millis(5);
 
 /// The thread that owns the VM.
 pub(crate) struct Replicator {
@@ -70,6 +78,18 @@ pub(crate) struct Replicator {
     /// The guest is paused because more console output than allowed is
     /// held unreleased (see [`Replicator::hold_for_output`]).
     held_for_output: bool,
+    /// Replay mode: the VM's sealed log segments.
+    trace: Option<crossbeam_channel::Receiver<Sealed>>,
+    /// The console offset of the VM's first output byte since its boot or
+    /// restore (a segment's `output_end` counts from there).
+    output_base: u64,
+    /// Replay mode: segments shipped that the backup's replica has not
+    /// replayed yet (their end exit, when shipped).
+    unreplayed: VecDeque<(u64, Instant)>,
+    /// Replay mode: log bytes shipped since the last checkpoint.
+    log_since_checkpoint: usize,
+    /// Replay mode: the guest is paused until the replica catches up.
+    held_for_lag: bool,
 }
 
 /// Why a session ended, from the replicator's side.
@@ -102,7 +122,24 @@ impl Replicator {
             staging: Vec::new(),
             page: Box::new([0; PAGE_SIZE]),
             held_for_output: false,
+            trace: None,
+            output_base: 0,
+            unreplayed: VecDeque::new(),
+            log_since_checkpoint: 0,
+            held_for_lag: false,
         }
+    }
+
+    /// Replay mode: the VM records its log into `trace`; `output_taken` of
+    /// its output bytes are in the console log already.
+    pub(crate) fn with_trace(
+        mut self,
+        trace: Option<crossbeam_channel::Receiver<Sealed>>,
+        output_taken: u64,
+    ) -> Self {
+        self.trace = trace;
+        self.output_base = self.log.end().saturating_sub(output_taken);
+        self
     }
 
     fn vm(&self) -> &Vm {
@@ -186,6 +223,7 @@ impl Replicator {
     /// held, by the policy; a VM just taken over prints at once), and looks
     /// for a session at least every epoch interval.
     fn idle(&mut self) {
+        self.drop_log();
         match self.output.recv_timeout(self.shared.opts.epoch_interval) {
             Ok(first) => {
                 let mut bytes = vec![first];
@@ -200,6 +238,15 @@ impl Replicator {
             }
         }
         self.apply_output_bound();
+    }
+
+    /// Replay mode without a session: the log is of no use to anyone (a
+    /// new session starts from a checkpoint).
+    fn drop_log(&mut self) {
+        if let Some(trace) = &self.trace {
+            trace.try_iter().for_each(drop);
+        }
+        self.unreplayed.clear();
     }
 
     /// Between sessions the guest runs on; its output follows the policy.
@@ -264,6 +311,7 @@ impl Replicator {
                 session: link.id,
                 generation: self.shared.generation,
                 chunk: chunk.into(),
+                trace_segment: Default::default(),
             };
             if link.broken.load(Ordering::Acquire) || link.chunks.blocking_send(msg).is_err() {
                 return false;
@@ -314,7 +362,7 @@ impl Replicator {
         let mut next_tick = Instant::now();
         let mut protected = false;
         loop {
-            match self.checkpoint(link, &mut sender, false) {
+            match self.checkpoint(link, &mut sender, false, !protected) {
                 Ok(true) => {}
                 Ok(false) => return SessionEnd::Broken,
                 Err(end) => return end,
@@ -363,6 +411,19 @@ impl Replicator {
                     SessionEnd::Broken
                 };
             }
+            if self.trace.is_some() {
+                // Replay mode: the log carries the VM until the next
+                // checkpoint is due.
+                match self.forward_log(link, Instant::now() + opts.checkpoint_interval) {
+                    Ok(true) => {}
+                    Ok(false) => return SessionEnd::Broken,
+                    Err(end) => return end,
+                }
+                if matches!(self.shared.phase(), Phase::Fenced(_)) {
+                    return SessionEnd::Stop;
+                }
+                continue;
+            }
             next_tick += opts.epoch_interval;
             let now = Instant::now();
             if next_tick > now {
@@ -394,7 +455,7 @@ impl Replicator {
             ))));
         };
         let bytes_before = self.shared.stats.bytes_shipped.load(Ordering::Relaxed);
-        let pages = match self.checkpoint(link, sender, true) {
+        let pages = match self.checkpoint(link, sender, true, false) {
             Ok(true) => self.staging.len() / PAGE_SIZE,
             Ok(false) => {
                 self.resume_after_failed_switchover();
@@ -580,11 +641,14 @@ impl Replicator {
     }
 
     /// Takes and ships one checkpoint. `Ok(false)`: the session broke.
+    /// In replay mode the log sealed before its pause goes first (`first`,
+    /// the session's first checkpoint: dropped, the backup starts here).
     fn checkpoint(
         &mut self,
         link: &SessionLink,
         sender: &mut SenderState,
         leave_paused: bool,
+        first: bool,
     ) -> Result<bool, SessionEnd> {
         let epoch = self.next_epoch;
         let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
@@ -598,6 +662,13 @@ impl Replicator {
         {
             return Err(ended_or(vm, e));
         }
+        // Replay mode: the log up to the pause (sealed before the pause was
+        // reported); what is sealed from here on follows this checkpoint.
+        let before_pause: Vec<Sealed> = self
+            .trace
+            .as_ref()
+            .map(|t| t.try_iter().collect())
+            .unwrap_or_default();
         let captured = (|| {
             fault_point("primary.dirty_log")?;
             let dirty = vm.harvest_dirty().map_err(InternalError::DirtyLog)?;
@@ -632,6 +703,22 @@ impl Replicator {
             (Err(e), _) | (_, Err(e)) => return Err(ended_or(vm, e)),
         };
         self.next_epoch += 1;
+        // Output is keyed by epoch, or in replay mode by exit index (the
+        // log's acks say up to which exit the backup holds the VM).
+        let release_key = match (&self.trace, state.deterministic) {
+            (Some(_), Some(d)) => {
+                if !first {
+                    for segment in before_pause {
+                        if !self.ship_segment(link, segment) {
+                            return Ok(false);
+                        }
+                    }
+                }
+                self.log_since_checkpoint = 0;
+                d.exit_index
+            }
+            _ => epoch,
+        };
         let (console_offset, console_out) = self.log.unreleased();
         let vm_state = match fault_point("primary.encode")
             .and_then(|()| state.encode().map_err(InternalError::EncodeState))
@@ -645,7 +732,9 @@ impl Replicator {
             console_out,
         }
         .encode();
-        self.shared.releaser.checkpoint_taken(epoch, end_offset);
+        self.shared
+            .releaser
+            .checkpoint_taken(release_key, end_offset);
         self.shared
             .taken_at
             .lock()
@@ -674,5 +763,172 @@ impl Replicator {
         self.shared.sent.store(epoch + 1, Ordering::Release);
         self.shared.record_lag(*self.shared.acked_plus_one());
         Ok(self.send(link, encoded.chunks))
+    }
+
+    /// Replay mode: ships one log segment; the output its exits produced
+    /// goes out once the backup acks the log up to its end exit.
+    fn ship_segment(&mut self, link: &SessionLink, segment: Sealed) -> bool {
+        // The output the segment covers was written before it was sealed:
+        // into the log with it, so that its ack can release it.
+        let bytes: Vec<u8> = self.output.try_iter().collect();
+        if !bytes.is_empty() {
+            self.log.append(&bytes);
+        }
+        let end = (self.output_base + segment.output_end).min(self.log.end());
+        self.shared
+            .releaser
+            .checkpoint_taken(segment.exits_end, end);
+        self.unreplayed
+            .push_back((segment.exits_end, Instant::now()));
+        let len = segment.bytes.len();
+        self.log_since_checkpoint += len;
+        let stats = &self.shared.stats;
+        stats.bytes_shipped.fetch_add(len as u64, Ordering::Relaxed);
+        stats.metrics.log_bytes.inc_by(len as u64);
+        let msg = EpochChunk {
+            session: link.id,
+            generation: self.shared.generation,
+            chunk: Default::default(),
+            trace_segment: segment.bytes.into(),
+        };
+        !link.broken.load(Ordering::Acquire) && link.chunks.blocking_send(msg).is_ok()
+    }
+
+    /// Replay mode, between checkpoints: ships the log as it is sealed
+    /// until the next checkpoint is due (`due`, the log's volume, or the
+    /// backup asked for one), the role changes, or the session breaks
+    /// (`Ok(false)`). Holds the guest while the backup's replica lags too
+    /// far behind.
+    fn forward_log(&mut self, link: &SessionLink, due: Instant) -> Result<bool, SessionEnd> {
+        let result = self.forward_log_until(link, due);
+        if self.held_for_lag {
+            self.held_for_lag = false;
+            if let Some(vm) = self.vm.as_ref()
+                && let Err(e) = vm.resume()
+                && vm.ended().is_none()
+            {
+                tracing::error!(error = %e, "cannot resume the guest held for the replica's lag");
+            }
+        }
+        result
+    }
+
+    fn forward_log_until(&mut self, link: &SessionLink, due: Instant) -> Result<bool, SessionEnd> {
+        let Some(trace) = self.trace.clone() else {
+            return Ok(true);
+        };
+        loop {
+            if link.broken.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+            if self.shared.phase() != Phase::Running || self.shared.switchover_waiting() {
+                return Ok(true);
+            }
+            if let Some(end) = self.vm().ended() {
+                return Err(SessionEnd::VmEnded(end));
+            }
+            if Instant::now() >= due
+                || self.log_since_checkpoint >= LOG_BYTES_PER_CHECKPOINT
+                || self.shared.want_checkpoint.swap(false, Ordering::AcqRel)
+            {
+                return Ok(true);
+            }
+            self.hold_for_lag();
+            match trace.recv_timeout(FORWARD_POLL) {
+                Ok(segment) => {
+                    if !self.ship_segment(link, segment) {
+                        return Ok(false);
+                    }
+                    while let Ok(segment) = trace.try_recv() {
+                        if !self.ship_segment(link, segment) {
+                            return Ok(false);
+                        }
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                // The guest is gone; the next look sees it end.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(FORWARD_POLL);
+                }
+            }
+        }
+    }
+
+    /// Replay mode: how far the backup is behind the log (its replica's
+    /// position, or without a replica the log it acked), in exits and in
+    /// time since the oldest segment it has not caught up with was shipped.
+    fn replica_lag(&mut self) -> (u64, Duration) {
+        let replica = self.shared.replica_exits.load(Ordering::Acquire);
+        let reference = if replica > 0 {
+            replica
+        } else {
+            self.shared.log_acked.load(Ordering::Acquire)
+        };
+        while let Some(&(end, _)) = self.unreplayed.front() {
+            if end > reference {
+                break;
+            }
+            self.unreplayed.pop_front();
+        }
+        let age = self
+            .unreplayed
+            .front()
+            .map(|&(_, at)| at.elapsed())
+            .unwrap_or_default();
+        let exits = self
+            .unreplayed
+            .back()
+            .map(|&(end, _)| end.saturating_sub(reference))
+            .unwrap_or_default();
+        let stats = &self.shared.stats;
+        stats.replica_lag_exits.store(exits, Ordering::Relaxed);
+        stats
+            .replica_lag_us
+            .store(age.as_micros() as u64, Ordering::Relaxed);
+        (exits, age)
+    }
+
+    /// Back-pressure: pauses the guest while the replica is more than
+    /// `max_replica_lag` behind, until it is within half of it (a failover
+    /// replays at most that much log).
+    fn hold_for_lag(&mut self) {
+        let (exits, age) = self.replica_lag();
+        let limit = self.shared.opts.max_replica_lag;
+        let hold = if self.held_for_lag {
+            age > limit / 2
+        } else {
+            age > limit
+        };
+        if hold == self.held_for_lag {
+            return;
+        }
+        let Some(vm) = self.vm.as_ref() else { return };
+        self.held_for_lag = hold;
+        let result = if hold {
+            tracing::warn!(
+                lag_ms = age.as_millis() as u64,
+                lag_exits = exits,
+                "the backup's replica is too far behind: the guest waits for it"
+            );
+            self.shared.stats.set_state(
+                StateKind::ReplicaBehind,
+                format!(
+                    "guest paused: the backup's replica is {} ms ({exits} exits) behind",
+                    age.as_millis()
+                ),
+            );
+            vm.pause()
+        } else {
+            tracing::info!("the backup's replica caught up: the guest runs again");
+            self.shared
+                .stats
+                .set_state(StateKind::Protected, "protected");
+            vm.resume()
+        };
+        if let Err(e) = result
+            && vm.ended().is_none()
+        {
+            tracing::error!(error = %e, "cannot pause or resume the guest for the replica's lag");
+        }
     }
 }

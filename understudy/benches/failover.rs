@@ -17,34 +17,8 @@ use understudy::config::Config;
 use understudy::daemon::Role;
 use understudy::demo::{DemoOptions, drill};
 use understudy::pair::{LocalPair, read_lines};
-use understudy_bench::{Chart, Report, Series, Table, num, quantile};
+use understudy_bench::{Chart, Report, Table, cdf, quantile, quantiles};
 use understudy_common::console::ResumingClient;
-
-fn quantiles(table: &mut Table, name: &str, v: &[f64]) {
-    table.row(vec![
-        name.into(),
-        num(quantile(v, 0.5), 1),
-        num(quantile(v, 0.99), 1),
-        num(quantile(v, 0.0), 1),
-        num(quantile(v, 1.0), 1),
-    ]);
-}
-
-/// Sorted samples as a cumulative distribution.
-fn cdf(name: &str, v: &[f64]) -> Series {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len() as f64;
-    Series {
-        name: name.into(),
-        points: s
-            .into_iter()
-            .enumerate()
-            .map(|(i, x)| (x, (i + 1) as f64 / n))
-            .collect(),
-        points_only: false,
-    }
-}
 
 /// One switchover: guest stopped, restore on the other host, the console gap
 /// a client saw (last line from the old primary → first from the new), and
@@ -151,6 +125,7 @@ fn main() {
             guest: understudy::demo::DrillGuest::Counter,
             kind: understudy::drill::DrillKind::Kill,
             progress: false,
+            mode: understudy_common::ids::ReplicationMode::Checkpoint,
         };
         let r = runtime.block_on(drill(&opts)).unwrap();
         assert!(r.seamless, "drill {i}: console sequence broken");

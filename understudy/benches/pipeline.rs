@@ -57,6 +57,7 @@ async fn send(tx: &tokio::sync::mpsc::Sender<EpochChunk>, id: u64, chunks: Vec<V
             session: id,
             generation: 1,
             chunk: c.into(),
+            trace_segment: Default::default(),
         };
         tx.send(msg).await.unwrap();
     }
@@ -92,6 +93,7 @@ impl Session {
             incarnation: 0xbe4c,
             previous: None,
             heartbeat_key: key.as_bytes().to_vec().into(),
+            mode: 0,
         };
         client.hello(hello).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(64);

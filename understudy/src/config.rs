@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use understudy_checkpoint::{CodecPolicy, Compression};
+use understudy_common::ids::ReplicationMode;
 use understudy_primary::BackupLoss;
 use understudy_vmm::{BuiltinBoot, BuiltinGuest};
 
@@ -56,6 +57,12 @@ fn guest<'de, D: Deserializer<'de>>(d: D) -> Result<BuiltinGuest, D::Error> {
     text.parse().map_err(serde::de::Error::custom)
 }
 
+fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<ReplicationMode, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
 fn backup_loss<'de, D: Deserializer<'de>>(d: D) -> Result<BackupLoss, D::Error> {
     match String::deserialize(d)?.as_str() {
         "keep-running" => Ok(BackupLoss::KeepRunning),
@@ -81,8 +88,22 @@ pub struct Config {
     /// Where this host keeps state: the primary its generation and fence
     /// marker, the backup its image.
     pub state_dir: PathBuf,
+    /// How the pair replicates: "checkpoint" (a checkpoint every epoch) or
+    /// "replay" (the VM's input log streams to a replica on the backup).
+    #[serde(default, deserialize_with = "mode")]
+    pub mode: ReplicationMode,
     #[serde(default = "defaults::epoch_interval", deserialize_with = "duration")]
     pub epoch_interval: Duration,
+    /// Replay mode: the time between checkpoints.
+    #[serde(
+        default = "defaults::checkpoint_interval",
+        deserialize_with = "duration"
+    )]
+    pub checkpoint_interval: Duration,
+    /// Replay mode: how far the backup's replica may fall behind before the
+    /// guest waits for it (what a failover may have to replay).
+    #[serde(default = "defaults::max_replica_lag", deserialize_with = "duration")]
+    pub max_replica_lag: Duration,
     #[serde(
         default = "defaults::heartbeat_interval",
         deserialize_with = "duration"
@@ -241,6 +262,12 @@ mod bounds {
     /// Under 1 ms the pause overhead dominates; over 10 s output waits that
     /// long for its checkpoint.
     pub const EPOCH_INTERVAL: RangeInclusive<Duration> = ms(1)..=ms(10_000);
+    /// Replay mode: each checkpoint pauses the guest for its dirty pages;
+    /// over 10 minutes a restarted backup replays that much log.
+    pub const CHECKPOINT_INTERVAL: RangeInclusive<Duration> = ms(50)..=ms(600_000);
+    /// Replay mode: under 10 ms the guest waits for every segment; over a
+    /// minute a failover may replay that long.
+    pub const MAX_REPLICA_LAG: RangeInclusive<Duration> = ms(10)..=ms(60_000);
     /// Timers are not precise below 1 ms; over 1 s the pair notices little.
     pub const HEARTBEAT_INTERVAL: RangeInclusive<Duration> = ms(1)..=ms(1_000);
     /// At least 3 × the interval (checked separately); over a minute a dead
@@ -268,6 +295,12 @@ mod defaults {
     }
     pub fn heartbeat_interval() -> Duration {
         Duration::from_millis(10)
+    }
+    pub fn checkpoint_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_replica_lag() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn heartbeat_timeout() -> Duration {
         Duration::from_millis(100)
@@ -388,6 +421,16 @@ impl Config {
                 self.heartbeat_timeout,
                 bounds::HEARTBEAT_TIMEOUT,
             ),
+            (
+                "checkpoint_interval",
+                self.checkpoint_interval,
+                bounds::CHECKPOINT_INTERVAL,
+            ),
+            (
+                "max_replica_lag",
+                self.max_replica_lag,
+                bounds::MAX_REPLICA_LAG,
+            ),
         ] {
             if !range.contains(&value) {
                 return Err(format!(
@@ -397,6 +440,8 @@ impl Config {
                     humantime::format_duration(match field {
                         "epoch_interval" => defaults::epoch_interval(),
                         "heartbeat_interval" => defaults::heartbeat_interval(),
+                        "checkpoint_interval" => defaults::checkpoint_interval(),
+                        "max_replica_lag" => defaults::max_replica_lag(),
                         _ => defaults::heartbeat_timeout(),
                     })
                 ));
@@ -605,6 +650,9 @@ impl Config {
             backup_name: self.peer_name(peer).cloned(),
             switchover_unavailable: self.switchover_unavailable(),
             auth: self.authority(home, None),
+            mode: self.mode,
+            checkpoint_interval: self.checkpoint_interval,
+            max_replica_lag: self.max_replica_lag,
         })
     }
 

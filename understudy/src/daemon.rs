@@ -82,6 +82,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
         }
         let addrs = config.host(home);
         let stats = Arc::new(Stats::new(&config.name, role, String::new(), 0));
+        stats.set_mode(config.mode);
         if let Some(faults) = understudy_common::fault::describe() {
             tracing::warn!(%faults, "fault injection is armed ({}): for tests only", understudy_common::fault::ENV);
         }

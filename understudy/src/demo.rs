@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use understudy_common::console::ResumingClient;
+use understudy_common::ids::ReplicationMode;
 
 use crate::config::Config;
 use crate::daemon::Role;
@@ -46,6 +47,8 @@ pub struct DemoOptions {
     pub guest: DrillGuest,
     /// How the VM leaves the primary: SIGKILL, or a planned switchover.
     pub kind: DrillKind,
+    /// How the pair replicates.
+    pub mode: ReplicationMode,
 }
 
 /// Guests a drill can run: both print a number per line that must carry on.
@@ -125,6 +128,11 @@ pub struct DrillReport {
     pub epoch_samples: Vec<understudy_proto::EpochSample>,
     /// The console showed one unbroken count sequence from 0.
     pub seamless: bool,
+    /// How the pair replicated ("checkpoint" or "replay").
+    pub mode: String,
+    /// Replay mode: how far the backup's replica was behind the primary's
+    /// log just before the failure.
+    pub replica_lag_ms: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -173,6 +181,21 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     );
     println!("  last acked epoch  {:>8}", r.last_epoch);
     println!(
+        "  mode              {:>8}  {}",
+        r.mode,
+        if r.mode == "replay" {
+            "the backup's replica replayed the primary's input log; output waited for the log's ack"
+        } else {
+            "a checkpoint every epoch; output waited for its epoch's ack"
+        }
+    );
+    if r.mode == "replay" {
+        println!(
+            "  replica lag       {:>8.1} ms  behind the primary's log just before the failure",
+            r.replica_lag_ms
+        );
+    }
+    println!(
         "  console           {} lines, {}",
         r.lines,
         if r.seamless {
@@ -209,7 +232,11 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         opts.daemon.as_deref(),
         &dir,
         "demo",
-        &format!("{}\nmemory_mib = {DEMO_MIB}", opts.guest.config()),
+        &format!(
+            "{}\nmemory_mib = {DEMO_MIB}\nmode = \"{}\"",
+            opts.guest.config(),
+            opts.mode
+        ),
     )?;
     let PairAddrs {
         primary_console: pc,
@@ -219,7 +246,10 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         replication: rep,
         ..
     } = pair.addrs;
-    say("understudy demo: the counter guest, protected by a backup on this machine; then the primary gets SIGKILL.".into());
+    say(format!(
+        "understudy demo: the counter guest, protected by a backup on this machine ({} mode); then the primary gets SIGKILL.",
+        opts.mode
+    ));
     say(format!("files and daemon logs: {}", dir.display()));
     let backup_pid = pair.start(Role::Backup)?;
     say(format!(
@@ -338,5 +368,7 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         switchover,
         epoch_samples: epochs,
         values,
+        mode: before.mode.clone(),
+        replica_lag_ms: before.replica_lag_millis,
     })
 }

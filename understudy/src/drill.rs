@@ -31,6 +31,8 @@ pub use crate::demo::DrillKind;
 #[derive(Clone, Debug)]
 pub struct DrillOptions {
     pub kind: DrillKind,
+    /// How a local pair replicates (a running pair: as its config says).
+    pub mode: understudy_common::ids::ReplicationMode,
     pub run_for: Duration,
     pub after: Duration,
     /// Where the report (report.txt, report.json, chart.svg) and logs go.
@@ -45,6 +47,8 @@ pub struct DrillOptions {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub kind: DrillKind,
+    /// How the pair replicated: "checkpoint" or "replay".
+    pub mode: String,
     /// The guest (`counter`, `dirtier` or `kv`).
     pub guest: String,
     /// Where: a local pair the drill started, or the running pair of a config.
@@ -158,6 +162,11 @@ fn analyse(
     };
     Report {
         kind,
+        mode: if r.mode.is_empty() {
+            "checkpoint".into()
+        } else {
+            r.mode.clone()
+        },
         guest,
         pair,
         downtime_ms: ms(r.failover),
@@ -186,9 +195,9 @@ pub fn render(r: &Report) -> String {
         DrillKind::Switchover => "request",
     };
     let mut text = format!(
-        "drill: {:?} of the primary, {} guest, {}\n\
+        "drill: {:?} of the primary, {} guest, {}, {} mode\n\
          downtime            {:>10.1} ms   {event} → first console byte from the backup\n",
-        r.kind, r.guest, r.pair, r.downtime_ms,
+        r.kind, r.guest, r.pair, r.mode, r.downtime_ms,
     );
     match r.guest_stopped_ms {
         Some(stopped) => text.push_str(&format!(
@@ -330,6 +339,7 @@ pub async fn run(opts: DrillOptions) -> Result<Report> {
                 daemon: opts.daemon.clone(),
                 guest: DrillGuest::Dirtier,
                 kind: opts.kind,
+                mode: opts.mode,
             })
             .await?;
             let report = analyse(
@@ -475,6 +485,8 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         // What crossed between the hosts during the drill: the other host
         // counts what it received as the backup and shipped as the primary.
         bytes_both_ways: after.bytes_shipped.saturating_sub(new_before.bytes_shipped),
+        mode: before.mode.clone(),
+        replica_lag_ms: before.replica_lag_millis,
     };
     Ok((report, config.guest.to_string()))
 }

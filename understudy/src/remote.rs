@@ -251,6 +251,14 @@ pub fn render(s: &StatusReply) -> String {
                 format!("{} ({})", s.state_kind, s.state)
             },
         ),
+        (
+            "mode",
+            if s.mode.is_empty() {
+                "checkpoint".into()
+            } else {
+                s.mode.clone()
+            },
+        ),
         ("generation", s.generation.to_string()),
         (
             "incarnation",
@@ -313,6 +321,15 @@ pub fn render(s: &StatusReply) -> String {
         ]);
     } else if s.bytes_shipped > 0 {
         rows.push(("received", human_bytes(s.bytes_shipped as f64)));
+    }
+    if s.mode == "replay" && (s.replica_lag_exits > 0 || s.replica_lag_millis > 0.0) {
+        rows.push((
+            "replica lag",
+            format!(
+                "{} exits, {:.1} ms behind the log",
+                s.replica_lag_exits, s.replica_lag_millis
+            ),
+        ));
     }
     if s.promotion_resume_micros > 0 {
         let resume = s.promotion_resume_micros as f64 / 1e3;

@@ -178,6 +178,10 @@ pub(crate) struct Engine {
     serial_irq: Arc<AtomicBool>,
     /// The exit index, published for [`crate::Vm::exit_index`].
     progress: Arc<AtomicU64>,
+    /// The console's input offset (`ConsoleInput::next_offset`): input a
+    /// replay takes from the log counts as the VM's too, so a client that
+    /// resumes on a replica that went live resends only what it lacks.
+    input_offset: Option<Arc<AtomicU64>>,
     /// Record/live: when the next tick is due on the wall clock.
     next_tick: Option<Instant>,
     /// Record: when the last segment was sealed.
@@ -253,11 +257,16 @@ impl Engine {
             state,
             serial_irq,
             progress,
+            input_offset: None,
             next_tick: None,
             sealed_at: Instant::now(),
             sealed_output: 0,
             output_since: None,
         }
+    }
+
+    pub(crate) fn share_input_offset(&mut self, offset: Arc<AtomicU64>) {
+        self.input_offset = Some(offset);
     }
 
     pub(crate) fn state(&self, bus: &PortIoBus) -> DeterministicState {
@@ -578,6 +587,9 @@ impl Engine {
                     if let Some(Record::Input(bytes)) = self.next_logged()? {
                         self.state.events_after_exit += 1;
                         bus.serial.enqueue_input(&bytes);
+                        if let Some(offset) = &self.input_offset {
+                            offset.fetch_add(bytes.len() as u64, Ordering::AcqRel);
+                        }
                     }
                 }
                 _ => break,

@@ -376,6 +376,12 @@ impl VcpuHandle {
         });
         let (input_tx, input_rx) = crossbeam_channel::bounded(INPUT_QUEUE_CHUNKS);
         let input_base = bus.serial.input_total();
+        let next_offset = Arc::new(std::sync::atomic::AtomicU64::new(input_base));
+        let mut det = det;
+        if let Some(det) = det.as_mut() {
+            // A replay takes input from the log: it counts as taken too.
+            det.share_input_offset(next_offset.clone());
+        }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
@@ -417,7 +423,7 @@ impl VcpuHandle {
             tx: input_tx,
             control,
             thread: pthread,
-            next_offset: Arc::new(std::sync::atomic::AtomicU64::new(input_base)),
+            next_offset,
         };
         Ok((handle, input))
     }

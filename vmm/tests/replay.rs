@@ -744,5 +744,11 @@ fn a_replica_joins_a_recording_at_a_pause_and_follows_it_to_the_same_state() {
     drain(&replica_console.output, &mut replayed);
     assert_eq!(replayed, output[output_at_mid..]);
     assert!(String::from_utf8_lossy(&replayed).contains("VALUE 19"));
+    // Input the replica took from the log counts as its own: a client
+    // that resumes on it resends nothing it already took.
+    assert_eq!(
+        replica_console.input.next_offset(),
+        console.input.next_offset()
+    );
     replica.stop();
 }

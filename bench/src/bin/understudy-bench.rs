@@ -18,10 +18,11 @@ use anyhow::{Context, Result, bail};
 use understudy_bench::{OUT_ENV, Report, chart, markdown};
 
 /// (package, bench target), in the order they run and appear.
-const SUITE: [(&str, &str); 6] = [
+const SUITE: [(&str, &str); 7] = [
     ("understudy-vmm", "vmm"),
     ("understudy-vmm", "replay"),
     ("understudy", "failover"),
+    ("understudy", "modes"),
     ("understudy", "slowdown"),
     ("understudy", "pipeline"),
     ("understudy-checkpoint", "codec"),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use understudy::local::{self, RunOptions, SessionOptions};
+use understudy_common::ids::ReplicationMode;
 use understudy_vmm::BuiltinGuest;
 
 #[derive(Parser, Debug)]
@@ -155,9 +156,17 @@ enum Command {
         /// starting a local pair (a kill drill makes its primary SIGKILL itself).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// How the local pair replicates: checkpoint or replay (a running
+        /// pair: as its config says).
+        #[arg(long, default_value = "checkpoint", value_parser = parse_mode)]
+        mode: ReplicationMode,
     },
     /// Start a protected counter VM on this machine, kill its primary, watch the backup take over.
     Demo {
+        /// How the pair replicates: checkpoint (a checkpoint every epoch) or
+        /// replay (the backup replays the primary's input log).
+        #[arg(long, default_value = "checkpoint", value_parser = parse_mode)]
+        mode: ReplicationMode,
         /// How long the protected VM runs before the primary is killed.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         run_for: Duration,
@@ -168,6 +177,10 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+fn parse_mode(text: &str) -> Result<ReplicationMode, String> {
+    text.parse()
 }
 
 fn main() -> ExitCode {
@@ -289,9 +302,11 @@ fn main() -> ExitCode {
             after,
             out,
             config,
+            mode,
         } => async_main(async move {
             understudy::drill::run(understudy::drill::DrillOptions {
                 kind,
+                mode,
                 run_for,
                 after,
                 out,
@@ -302,10 +317,12 @@ fn main() -> ExitCode {
             .map(|_| ())
         }),
         Command::Demo {
+            mode,
             run_for,
             after,
             dir,
         } => async_main(understudy::demo::run(understudy::demo::DemoOptions {
+            mode,
             run_for,
             after,
             dir,

@@ -1,0 +1,440 @@
+//! Replay mode on the backup: the primary's trace log, kept from the last
+//! committed checkpoint, and a **replica** that replays it as it arrives.
+//!
+//! ```text
+//!  stream:  … segments ─ checkpoint N chunks ─ segments … ─ checkpoint N+1 …
+//!                        (segments after N's first chunk were recorded
+//!                         after N's pause: they follow N)
+//!  commit N ─▶ base = N (exit E), tail = the segments after it
+//!          ─▶ no replica? start one from N's image (RAM copied, paused at
+//!             E) following the tail and every segment after it
+//!  segment  ─▶ checked (seq, exits follow on), kept, fed to the replica,
+//!             acked as "log held up to exit X" (output before X may go out)
+//!  replica stops (divergence, bad log) ─▶ say so, drop it, ack no more log,
+//!             ask for a checkpoint; the next commit starts a new replica
+//!  promote  ─▶ close the feed: the replica replays the rest and parks at
+//!             the log's end, recording a new stream once resumed
+//! ```
+//!
+//! The replica's RAM is its own copy of the image (later commits write the
+//! image, never the replica), so it may run from an older checkpoint than
+//! the newest one while it follows the log.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use understudy_checkpoint::store::ImageStore;
+use understudy_checkpoint::trace::parse_segment;
+use understudy_common::payload::CheckpointPayload;
+use understudy_common::wire;
+use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
+use understudy_vmm::{ConsoleInput, GuestRam, RamBacking, Vm, VmState};
+
+/// The log and replica of one replay-mode session.
+pub(crate) struct Follower {
+    /// The stream's next segment: its seq (None until the first segment
+    /// after the session's first checkpoint, which joins the stream part
+    /// way) and its first exit (None until that checkpoint commits).
+    next_seq: Option<u32>,
+    next_exit: Option<u64>,
+    stream: Option<u64>,
+    /// A checkpoint's chunks are arriving: segments from here follow it.
+    checkpoint_open: bool,
+    /// Segments after the last committed checkpoint, and after the one
+    /// arriving now.
+    tail: Vec<Vec<u8>>,
+    next_tail: Vec<Vec<u8>>,
+    /// The committed checkpoint's exit index.
+    base_exit: Option<u64>,
+    /// The log received reaches this exit (with the segments' arrival
+    /// times, for the replica's lag).
+    received_exits: u64,
+    arrivals: VecDeque<(u64, Instant)>,
+    replica: Option<Replica>,
+    /// Why the last replica stopped (no log is acked until a checkpoint
+    /// commits and a new replica starts from it).
+    stopped: Option<String>,
+    /// Ask the primary for a checkpoint in the next ack.
+    want_checkpoint: bool,
+}
+
+/// A VM replaying the log. Field order matters: the feed closes before the
+/// VM is stopped, so a vCPU waiting for more log wakes up.
+struct Replica {
+    feed: Sender<Vec<u8>>,
+    vm: Vm,
+    input: ConsoleInput,
+    output: Receiver<u8>,
+    /// The log the VM records once it goes live (after a promotion).
+    trace: Receiver<Sealed>,
+    /// Console output from offset `output_start`: the base checkpoint's
+    /// unreleased output, then what the replica wrote.
+    output_start: u64,
+    output_kept: VecDeque<u8>,
+    /// Bytes taken from the replica's own output channel.
+    output_taken: u64,
+}
+
+/// A replica that replayed all the log there was and waits, paused, to run.
+pub(crate) struct Finished {
+    pub vm: Vm,
+    pub input: ConsoleInput,
+    pub output: Receiver<u8>,
+    pub trace: Receiver<Sealed>,
+    /// The console from `output_start` on (served as the promoted VM's).
+    pub output_start: u64,
+    pub output_kept: Vec<u8>,
+    pub output_taken: u64,
+    /// The exit it replayed to.
+    pub exit: u64,
+}
+
+/// What an ack says about the log in replay mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LogAck {
+    pub log_exits: u64,
+    pub replica_exits: u64,
+    pub want_checkpoint: bool,
+}
+
+impl Follower {
+    pub(crate) fn new() -> Self {
+        Self {
+            next_seq: None,
+            next_exit: None,
+            stream: None,
+            checkpoint_open: false,
+            tail: Vec::new(),
+            next_tail: Vec::new(),
+            base_exit: None,
+            received_exits: 0,
+            arrivals: VecDeque::new(),
+            replica: None,
+            stopped: None,
+            want_checkpoint: false,
+        }
+    }
+
+    /// An epoch chunk arrived: a checkpoint (or sync round) is on its way,
+    /// and segments from here on follow it.
+    pub(crate) fn chunk_arrived(&mut self) {
+        self.checkpoint_open = true;
+    }
+
+    /// A segment arrived: checks that it follows the log so far, keeps it
+    /// and feeds it to the replica. An error ends the session (the primary
+    /// resyncs).
+    pub(crate) fn segment(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        let (header, _, used) = parse_segment(&bytes).map_err(|e| wire::chain(&e))?;
+        if used != bytes.len() {
+            return Err(format!(
+                "a trace message holds {} bytes after its segment",
+                bytes.len() - used
+            ));
+        }
+        if let Some(stream) = self.stream
+            && stream != header.stream
+        {
+            return Err(format!(
+                "trace segment of stream {:#x}, the VM records stream {stream:#x}",
+                header.stream
+            ));
+        }
+        let out_of_order = self.next_seq.is_some_and(|seq| seq != header.seq);
+        let gap = self.next_exit.is_some_and(|exit| exit != header.first_exit);
+        if out_of_order || gap {
+            return Err(format!(
+                "trace segment {} (first exit {}) does not follow the log (next: segment {:?}, \
+                 exit {:?}): the primary must resync",
+                header.seq, header.first_exit, self.next_seq, self.next_exit
+            ));
+        }
+        let exits_end = header.first_exit + u64::from(header.exits);
+        self.stream = Some(header.stream);
+        self.next_seq = Some(header.seq.wrapping_add(1));
+        self.next_exit = Some(exits_end);
+        self.received_exits = exits_end;
+        self.arrivals.push_back((exits_end, Instant::now()));
+        if let Some(replica) = &self.replica {
+            let fed = if understudy_common::fault::check("backup.replica.feed").is_err() {
+                // Test hook: a log the replica cannot use (as a divergence
+                // would leave it).
+                let mut bad = bytes.clone();
+                if let Some(last) = bad.last_mut() {
+                    *last ^= 0xff;
+                }
+                replica.feed.send(bad)
+            } else {
+                replica.feed.send(bytes.clone())
+            };
+            if fed.is_err() {
+                tracing::debug!("the replica no longer takes log");
+            }
+        }
+        if self.checkpoint_open {
+            self.next_tail.push(bytes);
+        } else {
+            self.tail.push(bytes);
+        }
+        Ok(())
+    }
+
+    /// A checkpoint committed: it is the new base. Starts a replica from it
+    /// if none runs.
+    pub(crate) fn checkpoint_committed(
+        &mut self,
+        store: &ImageStore,
+        started: &mut Option<String>,
+    ) -> Result<(), String> {
+        self.checkpoint_open = false;
+        self.tail = std::mem::take(&mut self.next_tail);
+        let payload =
+            CheckpointPayload::decode(store.device_state()).map_err(|e| wire::chain(&e))?;
+        let state = VmState::decode(&payload.vm_state).map_err(|e| wire::chain(&e))?;
+        let Some(det) = state.deterministic else {
+            return Err(
+                "the primary's checkpoint was not taken in the deterministic mode, so its log \
+                 cannot be replayed"
+                    .into(),
+            );
+        };
+        if self.stream.is_some_and(|s| s != det.stream) {
+            return Err(format!(
+                "the checkpoint's VM records stream {:#x}, its log is stream {:#x?}",
+                det.stream, self.stream
+            ));
+        }
+        let first_of_session = self.base_exit.is_none();
+        self.base_exit = Some(det.exit_index);
+        self.stream = Some(det.stream);
+        match self.tail.first() {
+            // The log after the checkpoint starts right at its pause.
+            Some(first) => {
+                let (header, _, _) = parse_segment(first).map_err(|e| wire::chain(&e))?;
+                if header.first_exit != det.exit_index {
+                    return Err(format!(
+                        "the log after the checkpoint at exit {} starts at exit {}",
+                        det.exit_index, header.first_exit
+                    ));
+                }
+            }
+            None if first_of_session => {
+                self.next_exit = Some(det.exit_index);
+                self.received_exits = det.exit_index;
+            }
+            None => self.received_exits = self.received_exits.max(det.exit_index),
+        }
+        if let Some(replica) = &mut self.replica {
+            replica.trim_output(payload.console_offset);
+            return Ok(());
+        }
+        let replica = Replica::start(store, &state, &payload, &self.tail)?;
+        self.replica = Some(replica);
+        self.stopped = None;
+        *started = Some(format!(
+            "replica started from the checkpoint at exit {}",
+            det.exit_index
+        ));
+        Ok(())
+    }
+
+    /// Takes the replica's output and sees whether it still runs. Returns
+    /// why it stopped, once.
+    pub(crate) fn pump(&mut self) -> Option<String> {
+        let replica = self.replica.as_mut()?;
+        replica.take_output();
+        let end = replica.vm.ended()?;
+        let why = format!("the replica stopped: {end}");
+        self.replica = None;
+        self.stopped = Some(why.clone());
+        self.want_checkpoint = true;
+        Some(why)
+    }
+
+    /// What the next ack says about the log (the request for a checkpoint
+    /// goes out once).
+    pub(crate) fn ack(&mut self) -> LogAck {
+        let replica_exits = self
+            .replica
+            .as_ref()
+            .and_then(|r| r.vm.exit_index())
+            .unwrap_or(0);
+        let log_exits = match (self.base_exit, &self.stopped, &self.replica) {
+            (Some(base), None, Some(_)) => self.received_exits.max(base),
+            _ => 0,
+        };
+        LogAck {
+            log_exits,
+            replica_exits,
+            want_checkpoint: std::mem::take(&mut self.want_checkpoint),
+        }
+    }
+
+    /// How far the replica is behind the log received: in exits, and the
+    /// time since the oldest segment it has not replayed arrived.
+    pub(crate) fn lag(&mut self) -> (u64, Duration) {
+        let Some(at) = self.replica.as_ref().and_then(|r| r.vm.exit_index()) else {
+            self.arrivals.clear();
+            return (0, Duration::ZERO);
+        };
+        while let Some(&(end, _)) = self.arrivals.front() {
+            if end > at {
+                break;
+            }
+            self.arrivals.pop_front();
+        }
+        let age = self
+            .arrivals
+            .front()
+            .map(|&(_, t)| t.elapsed())
+            .unwrap_or_default();
+        (self.received_exits.saturating_sub(at), age)
+    }
+
+    /// Whether a replica runs.
+    pub(crate) fn has_replica(&self) -> bool {
+        self.replica.is_some()
+    }
+
+    /// Promotion without a usable replica (it stopped, or never started): a
+    /// new one from the committed checkpoint replays the log kept since it.
+    /// A replica that stopped on a broken feed or a fault of its own gets
+    /// there; one that met a real divergence most likely stops again.
+    pub(crate) fn finish_from_base(
+        &mut self,
+        store: &ImageStore,
+        timeout: Duration,
+    ) -> Result<Finished, String> {
+        let payload =
+            CheckpointPayload::decode(store.device_state()).map_err(|e| wire::chain(&e))?;
+        let state = VmState::decode(&payload.vm_state).map_err(|e| wire::chain(&e))?;
+        if state.deterministic.is_none() {
+            return Err("the committed checkpoint was not taken in the deterministic mode".into());
+        }
+        self.replica = Some(Replica::start(store, &state, &payload, &self.tail)?);
+        self.stopped = None;
+        self.finish(timeout)
+    }
+
+    /// Promotion: the replica replays the rest of the log and parks at its
+    /// end (within `timeout`), ready to run and record a new stream.
+    pub(crate) fn finish(&mut self, timeout: Duration) -> Result<Finished, String> {
+        let Some(replica) = self.replica.take() else {
+            return Err(self
+                .stopped
+                .clone()
+                .unwrap_or_else(|| "no replica runs".into()));
+        };
+        let Replica {
+            feed,
+            vm,
+            input,
+            output,
+            trace,
+            output_start,
+            output_kept,
+            output_taken,
+        } = replica;
+        drop(feed);
+        let outcome = vm.wait_replay(timeout).map_err(|e| wire::chain(&e))?;
+        let ReplayOutcome::Reached { exit, .. } = outcome;
+        let mut finished = Finished {
+            vm,
+            input,
+            output,
+            trace,
+            output_start,
+            output_kept: output_kept.into(),
+            output_taken,
+            exit,
+        };
+        // Everything it wrote while replaying is the primary's output.
+        let rest: Vec<u8> = finished.output.try_iter().collect();
+        finished.output_taken += rest.len() as u64;
+        finished.output_kept.extend(rest);
+        Ok(finished)
+    }
+}
+
+impl Replica {
+    /// A replica from the committed image (`store`, whose checkpoint is
+    /// `state` and `payload`), following `tail` and what comes after it.
+    fn start(
+        store: &ImageStore,
+        state: &VmState,
+        payload: &CheckpointPayload,
+        tail: &[Vec<u8>],
+    ) -> Result<Self, String> {
+        let ram = copy_image(store, state.memory.size_bytes as usize)?;
+        let (feed, source) = crossbeam_channel::unbounded();
+        for segment in tail {
+            let _ = feed.send(segment.clone());
+        }
+        let (sink, trace) = crossbeam_channel::unbounded();
+        let stream = understudy_common::ids::random_stream()
+            .ok_or_else(|| "the kernel gave no randomness".to_string())?;
+        let (vm, console) = Vm::restore_deterministic(
+            state,
+            ram,
+            false,
+            TraceMode::Follow {
+                source,
+                then: AfterReplay::Record { stream, sink },
+            },
+        )
+        .map_err(|e| format!("cannot start the replica: {}", wire::chain(&e)))?;
+        Ok(Self {
+            feed,
+            vm,
+            input: console.input,
+            output: console.output,
+            trace,
+            output_start: payload.console_offset,
+            output_kept: payload.console_out.iter().copied().collect(),
+            output_taken: 0,
+        })
+    }
+
+    fn take_output(&mut self) {
+        for byte in self.output.try_iter() {
+            self.output_kept.push_back(byte);
+            self.output_taken += 1;
+        }
+    }
+
+    /// A newer checkpoint says the primary released everything before
+    /// `offset`: no promotion serves it again.
+    fn trim_output(&mut self, offset: u64) {
+        self.take_output();
+        let drop = offset
+            .saturating_sub(self.output_start)
+            .min(self.output_kept.len() as u64);
+        self.output_kept.drain(..drop as usize);
+        self.output_start += drop;
+    }
+}
+
+/// The committed image's RAM, copied (the image keeps changing under
+/// later commits; the replica's RAM must not).
+fn copy_image(store: &ImageStore, size: usize) -> Result<GuestRam, String> {
+    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(|e| wire::chain(&e))?;
+    let path = store.memory_path();
+    let mut file =
+        std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0usize;
+    while at < size {
+        let want = chunk.len().min(size - at);
+        file.read_exact(&mut chunk[..want])
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        // Fresh anonymous RAM is zero already.
+        if chunk[..want].iter().any(|&b| b != 0) {
+            ram.write_at(at as u64, &chunk[..want])
+                .map_err(|e| wire::chain(&e))?;
+        }
+        at += want;
+    }
+    Ok(ram)
+}
