@@ -255,3 +255,49 @@ async fn a_switchover_in_replay_mode_keeps_every_write_and_replays_on() {
     let after = write_for(&mut client, &pair, "t", Duration::from_millis(500)).await;
     check_all(&mut client, &pair, "t", &after).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_falls_behind_holds_the_guest_back_within_max_replica_lag() {
+    // Fault hook: from its 40th segment the backup takes 30 ms over each,
+    // far slower than a busy guest seals them. The primary sees the backup
+    // fall behind, pauses its guest until the backup is within half of
+    // max_replica_lag, and lets it run again; nothing acked is lost.
+    let _serial = common::serial().await;
+    let mut pair = Pair::new("kv", &format!("{REPLAY}\nmax_replica_lag = \"150ms\""));
+    if let Some(mut b) = pair.backup.take() {
+        b.kill().unwrap();
+        b.wait().unwrap();
+    }
+    pair.backup = Some(pair.spawn_with_env(
+        "backup",
+        &[&format!(
+            "state_dir={:?}",
+            pair.dir.path().join("backup").display().to_string()
+        )],
+        &[("UNDERSTUDY_FAULTS", "backup.replica.feed@40~30".into())],
+    ));
+    pair.start_primary();
+    pair.wait_protected().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    // Many requests in one write: the guest seals a segment per answer.
+    let mut burst = String::new();
+    for i in 0..300 {
+        burst.push_str(&format!("SET key-{i} value-{i}\n"));
+    }
+    client.send_raw(burst.as_bytes()).await.unwrap();
+    for i in 0..300 {
+        let l = client.next(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(l.as_deref(), Some("OK"), "request {i}\n{}", pair.logs());
+    }
+    let logs = pair.logs();
+    assert!(
+        logs.contains("the backup's replica is too far behind: the guest waits for it"),
+        "{logs}"
+    );
+    assert!(logs.contains("the backup's replica caught up"), "{logs}");
+    pair.kill_primary();
+    pair.wait_promoted().await;
+    client.reconnect(pair.addrs.backup_console).await.unwrap();
+    check_all(&mut client, &pair, "", &(0..300).collect::<Vec<_>>()).await;
+}

@@ -180,6 +180,34 @@ fn receive_segment(
     }))
 }
 
+/// Replay mode, between messages: an ack of log alone when the replica
+/// moved since the last ack (see `Follower::progressed`).
+pub(crate) fn progress_ack(shared: &Shared, session_id: u64) -> Option<Ack> {
+    let mut state = shared.lock();
+    let Phase::Standby(standby) = &mut state.phase else {
+        return None;
+    };
+    let generation = standby.generation;
+    let session = standby
+        .session
+        .as_mut()
+        .filter(|s| s.id == session_id && s.decoder.is_some())?;
+    let follower = session.follower.as_mut()?;
+    follower.pump();
+    if !follower.progressed() {
+        return None;
+    }
+    let log = replay_ack(shared, follower);
+    Some(Ack {
+        epoch: 0,
+        generation: generation.0,
+        commit_micros: 0,
+        log_exits: log.log_exits,
+        replica_exits: log.replica_exits,
+        want_checkpoint: log.want_checkpoint,
+    })
+}
+
 /// The replica's news (did it stop?), its lag for the status, and what the
 /// next ack says about the log.
 fn replay_ack(shared: &Shared, follower: &mut Follower) -> LogAck {

@@ -58,6 +58,9 @@ pub(crate) struct Follower {
     stopped: Option<String>,
     /// Ask the primary for a checkpoint in the next ack.
     want_checkpoint: bool,
+    /// The replica's position in the last ack (progress acks go out only
+    /// when it moved).
+    reported_replica: u64,
 }
 
 /// A VM replaying the log. Field order matters: the feed closes before the
@@ -114,6 +117,7 @@ impl Follower {
             replica: None,
             stopped: None,
             want_checkpoint: false,
+            reported_replica: 0,
         }
     }
 
@@ -265,11 +269,24 @@ impl Follower {
             (Some(base), None, Some(_)) => self.received_exits.max(base),
             _ => 0,
         };
+        self.reported_replica = replica_exits;
         LogAck {
             log_exits,
             replica_exits,
             want_checkpoint: std::mem::take(&mut self.want_checkpoint),
         }
+    }
+
+    /// Whether the replica moved (or stopped) since the last ack: the
+    /// primary hears of it even while no log comes (a guest it holds back
+    /// for the replica's lag sends none).
+    pub(crate) fn progressed(&self) -> bool {
+        let at = self
+            .replica
+            .as_ref()
+            .and_then(|r| r.vm.exit_index())
+            .unwrap_or(0);
+        at != self.reported_replica || self.want_checkpoint
     }
 
     /// How far the replica is behind the log received: in exits, and the

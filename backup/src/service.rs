@@ -28,6 +28,10 @@ use crate::{Phase, Session, Shared};
 #[derive(Clone)]
 pub(crate) struct ReplicationService(pub(crate) Arc<Shared>);
 
+/// Replay mode: how often the replica's progress is acked while no message
+/// comes (only when it moved).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 
 impl ReplicationService {
@@ -209,8 +213,29 @@ impl Replication for ReplicationService {
         let shared = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);
         tokio::spawn(async move {
+            // Replay mode: the replica's progress goes to the primary even
+            // while no message comes (it may be holding its guest back).
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut session = None;
             loop {
-                let msg = match incoming.next().await {
+                let next = tokio::select! {
+                    next = incoming.next() => next,
+                    _ = progress.tick() => {
+                        let Some(id) = session else { continue };
+                        let shared2 = shared.clone();
+                        let ack = tokio::task::block_in_place(|| {
+                            crate::receiver::progress_ack(&shared2, id)
+                        });
+                        if let Some(ack) = ack
+                            && tx.send(Ok(ack)).await.is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let msg = match next {
                     None => return,
                     Some(Err(status)) => {
                         tracing::debug!(%status, "replication stream ended");
@@ -218,6 +243,7 @@ impl Replication for ReplicationService {
                     }
                     Some(Ok(msg)) => msg,
                 };
+                session.get_or_insert(msg.session);
                 let shared2 = shared.clone();
                 let result =
                     tokio::task::block_in_place(|| crate::receiver::receive_chunk(&shared2, msg));

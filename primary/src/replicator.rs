@@ -324,8 +324,13 @@ impl Replicator {
         let opts = self.shared.opts.clone();
         let ram_pages = (opts.ram_bytes / PAGE_SIZE) as u32;
         let sync_started = Instant::now();
-        // A new session owes acks only for its own epochs.
+        // A new session owes acks only for its own epochs, and its backup
+        // has none of the log yet.
         *self.shared.acked_plus_one() = self.next_epoch;
+        self.shared.log_acked.store(0, Ordering::Release);
+        self.shared.replica_exits.store(0, Ordering::Release);
+        self.shared.want_checkpoint.store(false, Ordering::Release);
+        self.unreplayed.clear();
         let mut sender =
             match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
                 Ok(s) => s,
@@ -690,7 +695,7 @@ impl Replicator {
         // Output up to the pause belongs to this epoch.
         let bytes: Vec<u8> = self.output.try_iter().collect();
         let end_offset = self.log.append(&bytes);
-        let leave_paused = self.hold_for_output() || leave_paused;
+        let leave_paused = self.hold_for_output() || self.held_for_lag || leave_paused;
         let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
         let resumed = if leave_paused {
             Ok(())
@@ -801,7 +806,9 @@ impl Replicator {
     /// far behind.
     fn forward_log(&mut self, link: &SessionLink, due: Instant) -> Result<bool, SessionEnd> {
         let result = self.forward_log_until(link, due);
-        if self.held_for_lag {
+        // A hold lasts through checkpoints (they leave the guest paused),
+        // not past the session.
+        if self.held_for_lag && !matches!(result, Ok(true)) {
             self.held_for_lag = false;
             if let Some(vm) = self.vm.as_ref()
                 && let Err(e) = vm.resume()

@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use understudy::daemon::Role;
-use understudy::pair::{LocalPair, read_lines};
+use understudy::pair::LocalPair;
 use understudy::remote;
 use understudy_bench::{Chart, Report, Table, cdf, num, quantile, quantiles};
 use understudy_common::console::ResumingClient;
@@ -59,19 +59,22 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
-/// The next full line from `client`.
+/// The next full line from `client` (bytes after it stay in `partial`).
 async fn line(client: &mut ResumingClient, partial: &mut Vec<u8>) -> String {
-    let mut got = None;
-    while got.is_none() {
-        read_lines(client, partial, Duration::from_secs(20), |l, _| {
-            if got.is_none() {
-                got = Some(l.to_owned());
-            }
-        })
-        .await;
-        assert!(got.is_some(), "no answer within 20 s");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(i) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=i).collect();
+            return String::from_utf8_lossy(&line[..i]).into_owned();
+        }
+        let n = tokio::time::timeout_at(deadline, client.read(&mut buf))
+            .await
+            .expect("no answer within 20 s")
+            .expect("the console failed");
+        assert!(n > 0, "the console closed");
+        partial.extend_from_slice(&buf[..n]);
     }
-    got.unwrap()
 }
 
 async fn round(mode: &str, settings: &str, requests: usize, dir: &std::path::Path) -> Round {
