@@ -296,7 +296,7 @@ pub async fn run(
             shared.clone(),
         )))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(replication),
+            wire::incoming(replication),
             role_done.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);

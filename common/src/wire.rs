@@ -144,6 +144,22 @@ pub fn scheme(tls: bool) -> &'static str {
     if tls { "https" } else { "http" }
 }
 
+/// The connections a gRPC server accepts on `listener`, with Nagle's
+/// algorithm off. (tonic's own `tcp_nodelay` applies only to listeners it
+/// binds itself.) Small messages must leave at once: an ack held back by
+/// Nagle until the peer's delayed ACK (~40 ms) delays the output it
+/// releases by as much.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// A gRPC server builder, with mutual TLS when `tls` is given.
 pub fn server(tls: Option<&TlsFiles>) -> Result<tonic::transport::Server, String> {
     let builder = tonic::transport::Server::builder();

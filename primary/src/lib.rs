@@ -600,7 +600,7 @@ pub async fn run(
                     auth: opts.auth.clone(),
                 }))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    wire::incoming(listener),
                     shutdown.clone().cancelled_owned(),
                 );
             Some(tokio::spawn(server))

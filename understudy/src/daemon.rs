@@ -136,7 +136,7 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                     auth: config.authority(home, Some(stats.clone())),
                 }))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(control),
+                    wire::incoming(control),
                     shutdown.clone().cancelled_owned(),
                 ),
         );
