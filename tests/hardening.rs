@@ -205,17 +205,7 @@ async fn a_promotion_that_fails_leaves_the_generation_and_the_running_primary_al
         "",
     );
     // Replace the backup with one whose restore fails.
-    let mut backup = pair.backup.take().unwrap();
-    backup.kill().unwrap();
-    backup.wait().unwrap();
-    pair.backup = Some(pair.spawn_with_env(
-        "backup",
-        &[&format!(
-            "state_dir={:?}",
-            pair.dir.path().join("backup").display().to_string()
-        )],
-        &[("UNDERSTUDY_FAULTS", "backup.promote.restore".to_owned())],
-    ));
+    pair.restart_backup_with_faults("backup.promote.restore");
     pair.start_primary();
     pair.wait_protected().await;
     // A switchover: the handover's promotion fails, the primary resumes.
@@ -291,19 +281,9 @@ async fn a_torn_image_after_a_failed_commit_is_never_promoted() {
 async fn a_backup_whose_disk_stalls_does_not_promote_beside_a_live_primary() {
     let _serial = common::serial().await;
     let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
-    let mut backup = pair.backup.take().unwrap();
-    backup.kill().unwrap();
-    backup.wait().unwrap();
     // Every commit after the 20th holds the backup's state lock for 400 ms
     // (4 × the heartbeat timeout), as an fsync on a struggling disk would.
-    pair.backup = Some(pair.spawn_with_env(
-        "backup",
-        &[&format!(
-            "state_dir={:?}",
-            pair.dir.path().join("backup").display().to_string()
-        )],
-        &[("UNDERSTUDY_FAULTS", "backup.apply@20~400".to_owned())],
-    ));
+    pair.restart_backup_with_faults("backup.apply@20~400");
     pair.start_primary();
     pair.wait_protected().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -365,13 +345,7 @@ async fn a_backup_with_a_corrupt_image_discards_it_and_is_resynced() {
     // the record.
     let image = pair.dir.path().join("backup/image");
     common::flip_bit(&image.join("memory.img"), 4096 * 3 + 17);
-    pair.backup = Some(pair.spawn(
-        "backup",
-        &[&format!(
-            "state_dir={:?}",
-            pair.dir.path().join("backup").display().to_string()
-        )],
-    ));
+    pair.backup = Some(pair.spawn("backup", &[&pair.backup_state()]));
     // It starts (instead of exiting 1 on every restart) and is resynced.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let backup = pair.backup.as_mut().unwrap();

@@ -168,19 +168,8 @@ async fn a_replica_that_stops_is_reported_and_rebuilt_and_no_acked_write_is_lost
     // loses nothing.
     let _serial = common::serial().await;
     let mut pair = Pair::new("kv", REPLAY);
-    // Replace the backup with one whose fault point fires once, at its 30th segment.
-    if let Some(mut b) = pair.backup.take() {
-        b.kill().unwrap();
-        b.wait().unwrap();
-    }
-    pair.backup = Some(pair.spawn_with_env(
-        "backup",
-        &[&format!(
-            "state_dir={:?}",
-            pair.dir.path().join("backup").display().to_string()
-        )],
-        &[("UNDERSTUDY_FAULTS", "backup.replica.feed@30".into())],
-    ));
+    // A backup whose fault point fires from its 30th segment on.
+    pair.restart_backup_with_faults("backup.replica.feed@30");
     pair.start_primary();
     pair.wait_protected().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
@@ -264,18 +253,7 @@ async fn a_backup_that_falls_behind_holds_the_guest_back_within_max_replica_lag(
     // max_replica_lag, and lets it run again; nothing acked is lost.
     let _serial = common::serial().await;
     let mut pair = Pair::new("kv", &format!("{REPLAY}\nmax_replica_lag = \"150ms\""));
-    if let Some(mut b) = pair.backup.take() {
-        b.kill().unwrap();
-        b.wait().unwrap();
-    }
-    pair.backup = Some(pair.spawn_with_env(
-        "backup",
-        &[&format!(
-            "state_dir={:?}",
-            pair.dir.path().join("backup").display().to_string()
-        )],
-        &[("UNDERSTUDY_FAULTS", "backup.replica.feed@40~30".into())],
-    ));
+    pair.restart_backup_with_faults("backup.replica.feed@40~30");
     pair.start_primary();
     pair.wait_protected().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();

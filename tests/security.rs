@@ -193,13 +193,7 @@ async fn console_clients_are_limited_and_a_descriptor_reserve_keeps_the_backup_w
     backup.wait().unwrap();
     pair.backup = Some(pair.spawn_with_fd_limit(
         "backup",
-        &[
-            &format!(
-                "state_dir={:?}",
-                pair.dir.path().join("backup").display().to_string()
-            ),
-            "console_max_clients=1000",
-        ],
+        &[&pair.backup_state(), "console_max_clients=1000"],
         256,
     ));
     pair.wait_protected().await;

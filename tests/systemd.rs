@@ -62,10 +62,7 @@ fn daemons_notify_ready_status_watchdog_and_stopping_in_order() {
             ("WATCHDOG_USEC", "300000".to_string()),
         ]
     };
-    let state = format!(
-        "state_dir={:?}",
-        pair.dir.path().join("backup").display().to_string()
-    );
+    let state = pair.backup_state();
     pair.backup = Some(pair.spawn_with_env("backup", &[&state], &env(&backup_path)));
     pair.primary = Some(pair.spawn_with_env("primary", &[], &env(&primary_path)));
 

@@ -130,10 +130,7 @@ fn start(pair: &mut Pair, backup_tls: Vec<String>, primary_tls: Vec<String>) {
     plain.kill().unwrap();
     plain.wait().unwrap();
     let mut backup_args = backup_tls;
-    backup_args.push(format!(
-        "state_dir={:?}",
-        pair.dir.path().join("backup").display().to_string()
-    ));
+    backup_args.push(pair.backup_state());
     let b: Vec<&str> = backup_args.iter().map(String::as_str).collect();
     pair.backup = Some(pair.spawn("backup", &b));
     let p: Vec<&str> = primary_tls.iter().map(String::as_str).collect();

@@ -134,14 +134,31 @@ insecure = true
             primary: None,
             extra: Vec::new(),
         };
-        pair.backup = Some(pair.spawn(
-            "backup",
-            &[&format!(
-                "state_dir={:?}",
-                pair.dir.path().join("backup").display().to_string()
-            )],
-        ));
+        pair.backup = Some(pair.spawn("backup", &[&pair.backup_state()]));
         pair
+    }
+
+    /// The `--set` that gives a backup daemon the pair's backup state
+    /// directory.
+    pub fn backup_state(&self) -> String {
+        format!(
+            "state_dir={:?}",
+            self.dir.path().join("backup").display().to_string()
+        )
+    }
+
+    /// Kills the backup and starts it again on the same state with
+    /// `UNDERSTUDY_FAULTS=faults` (see `common/src/fault.rs`).
+    pub fn restart_backup_with_faults(&mut self, faults: &str) {
+        if let Some(mut backup) = self.backup.take() {
+            backup.kill().unwrap();
+            backup.wait().unwrap();
+        }
+        self.backup = Some(self.spawn_with_env(
+            "backup",
+            &[&self.backup_state()],
+            &[("UNDERSTUDY_FAULTS", faults.to_owned())],
+        ));
     }
 
     pub fn spawn(&self, role: &str, overrides: &[&str]) -> Child {

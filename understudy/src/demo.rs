@@ -159,8 +159,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         ms(r.detection)
     );
     println!(
-        "    resume          {:>8.1} ms  promotion → VM running (map image, restore state)",
-        ms(r.resume)
+        "    resume          {:>8.1} ms  promotion → VM running ({})",
+        ms(r.resume),
+        if r.mode == "replay" {
+            "the replica replays the rest of the log"
+        } else {
+            "map image, restore state"
+        }
     );
     println!(
         "  downtime          {:>8.1} ms  last line from the primary → first line from the backup",
