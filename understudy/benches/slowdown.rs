@@ -1,7 +1,10 @@
 //! Guest slowdown under protection: the `dirtier` guest's work rate (pages
 //! written per second) with protection ÷ without, for epoch intervals of 10,
-//! 25, 50 and 100 ms and a light (1k pages/s), medium (10k pages/s) and heavy
-//! (flat out) dirty rate. Both rates are measured in the same run.
+//! 25, 50 and 100 ms and in replay mode (log shipping, a checkpoint every
+//! second), at a light (1k pages/s), medium (10k pages/s) and heavy (flat
+//! out) dirty rate. Both rates are measured in the same run. Both hosts
+//! share this machine's two cores, so in replay mode the backup's replica,
+//! which runs the guest a second time, competes with it for CPU.
 //!
 //! Run: `cargo bench -p understudy --bench slowdown`.
 
@@ -19,17 +22,36 @@ use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
 
-/// Work rate of the dirtier on a protected pair with `epoch_ms` epochs, and
-/// the largest replication lag (epochs sent, not yet acked) seen meanwhile.
-async fn protected_rate(rate: u64, epoch_ms: u64) -> (f64, u64) {
+/// How a pair replicates in one column of the table.
+#[derive(Clone, Copy)]
+enum Protection {
+    /// Checkpoints every this many ms.
+    Epochs(u64),
+    /// Log shipping, a checkpoint every second.
+    Replay,
+}
+
+impl Protection {
+    fn settings(self) -> String {
+        match self {
+            Self::Epochs(ms) => format!("epoch_interval = \"{ms}ms\""),
+            Self::Replay => "mode = \"replay\"\ncheckpoint_interval = \"1s\"".into(),
+        }
+    }
+}
+
+/// Work rate of the dirtier on a protected pair, and the largest
+/// replication lag (epochs sent, not yet acked) seen meanwhile.
+async fn protected_rate(rate: u64, protection: Protection) -> (f64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = LocalPair::new(
         Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
         dir.path(),
         "slow",
         &format!(
-            "guest = \"dirtier\"\nmemory_mib = 64\nepoch_interval = \"{epoch_ms}ms\"\n\
-             guest_params = {{ working_set = 2048, dirty_rate = {rate}, report_ms = 50 }}"
+            "guest = \"dirtier\"\nmemory_mib = 64\n{}\n\
+             guest_params = {{ working_set = 2048, dirty_rate = {rate}, report_ms = 50 }}",
+            protection.settings()
         ),
     )
     .unwrap();
@@ -87,8 +109,10 @@ fn main() {
         "cargo bench -p understudy --bench slowdown",
     );
     let mut table = Table::new(
-        "dirtier work rate with protection ÷ without, by epoch interval, same run \
-         (2048-page working set, 64 MiB guest); max lag = most epochs in flight (sent, not acked)",
+        "dirtier work rate with protection ÷ without, by epoch interval and in replay mode, \
+         same run (2048-page working set, 64 MiB guest); max lag = most checkpoint epochs in \
+         flight (sent, not acked); in replay mode the backup's replica shares the two cores \
+         with the guest it follows",
         &[
             "dirty rate",
             "unprotected pages/s",
@@ -96,6 +120,7 @@ fn main() {
             "25 ms",
             "50 ms",
             "100 ms",
+            "replay mode",
             "max lag (epochs)",
         ],
     );
@@ -112,7 +137,8 @@ fn main() {
         let mut points = Vec::new();
         let mut max_lag = 0;
         for epoch_ms in intervals {
-            let (protected, lag) = runtime.block_on(protected_rate(rate, epoch_ms));
+            let (protected, lag) =
+                runtime.block_on(protected_rate(rate, Protection::Epochs(epoch_ms)));
             let ratio = protected / alone;
             row.push(num(ratio, 3));
             points.push((epoch_ms as f64, ratio));
@@ -121,6 +147,8 @@ fn main() {
                 light_25 = ratio;
             }
         }
+        let (replayed, _) = runtime.block_on(protected_rate(rate, Protection::Replay));
+        row.push(num(replayed / alone, 3));
         if rate == 0 {
             heavy_lag = max_lag;
         }
