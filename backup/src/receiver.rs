@@ -169,15 +169,19 @@ fn receive_segment(
     let stats = &shared.host.stats;
     stats.bytes_shipped.fetch_add(len, Ordering::Relaxed);
     stats.metrics.log_bytes.inc_by(len);
-    let log = replay_ack(shared, follower);
-    Ok(Some(Ack {
+    Ok(Some(log_ack(generation, replay_ack(shared, follower))))
+}
+
+/// An ack of log alone (no epoch).
+fn log_ack(generation: Generation, log: LogAck) -> Ack {
+    Ack {
         epoch: 0,
         generation: generation.0,
         commit_micros: 0,
         log_exits: log.log_exits,
         replica_exits: log.replica_exits,
         want_checkpoint: log.want_checkpoint,
-    }))
+    }
 }
 
 /// Replay mode, between messages: an ack of log alone when the replica
@@ -197,15 +201,7 @@ pub(crate) fn progress_ack(shared: &Shared, session_id: u64) -> Option<Ack> {
     if !follower.progressed() {
         return None;
     }
-    let log = replay_ack(shared, follower);
-    Some(Ack {
-        epoch: 0,
-        generation: generation.0,
-        commit_micros: 0,
-        log_exits: log.log_exits,
-        replica_exits: log.replica_exits,
-        want_checkpoint: log.want_checkpoint,
-    })
+    Some(log_ack(generation, replay_ack(shared, follower)))
 }
 
 /// The replica's news (did it stop?), its lag for the status, and what the

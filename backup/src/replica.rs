@@ -22,11 +22,12 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use understudy_checkpoint::store::ImageStore;
 use understudy_checkpoint::trace::parse_segment;
+use understudy_common::backlog::Backlog;
 use understudy_common::payload::CheckpointPayload;
 use understudy_common::wire;
 use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
@@ -51,7 +52,7 @@ pub(crate) struct Follower {
     /// The log received reaches this exit (with the segments' arrival
     /// times, for the replica's lag).
     received_exits: u64,
-    arrivals: VecDeque<(u64, Instant)>,
+    arrivals: Backlog,
     replica: Option<Replica>,
     /// Why the last replica stopped (no log is acked until a checkpoint
     /// commits and a new replica starts from it).
@@ -113,7 +114,7 @@ impl Follower {
             next_tail: Vec::new(),
             base_exit: None,
             received_exits: 0,
-            arrivals: VecDeque::new(),
+            arrivals: Backlog::default(),
             replica: None,
             stopped: None,
             want_checkpoint: false,
@@ -160,7 +161,7 @@ impl Follower {
         self.next_seq = Some(header.seq.wrapping_add(1));
         self.next_exit = Some(exits_end);
         self.received_exits = exits_end;
-        self.arrivals.push_back((exits_end, Instant::now()));
+        self.arrivals.push(exits_end);
         if let Some(replica) = &self.replica {
             let fed = if understudy_common::fault::check("backup.replica.feed").is_err() {
                 // Test hook: a log the replica cannot use (as a divergence
@@ -296,17 +297,7 @@ impl Follower {
             self.arrivals.clear();
             return (0, Duration::ZERO);
         };
-        while let Some(&(end, _)) = self.arrivals.front() {
-            if end > at {
-                break;
-            }
-            self.arrivals.pop_front();
-        }
-        let age = self
-            .arrivals
-            .front()
-            .map(|&(_, t)| t.elapsed())
-            .unwrap_or_default();
+        let (_, age) = self.arrivals.behind(at);
         (self.received_exits.saturating_sub(at), age)
     }
 

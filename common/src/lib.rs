@@ -4,6 +4,7 @@
 //! Control service. No replication logic lives here.
 
 pub mod auth;
+pub mod backlog;
 pub mod console;
 pub mod durable;
 pub mod fault;

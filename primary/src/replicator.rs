@@ -4,13 +4,13 @@
 //! capture, resume, encode, ship), back-pressure on unacked epochs, the
 //! graceful stop, and the switchover's final checkpoint and handover.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::epoch::{EncodeError, EpochKind, SenderState};
+use understudy_common::backlog::Backlog;
 use understudy_common::console::ConsoleLog;
 use understudy_common::fault;
 use understudy_common::ids::RunState;
@@ -84,8 +84,8 @@ pub(crate) struct Replicator {
     /// restore (a segment's `output_end` counts from there).
     output_base: u64,
     /// Replay mode: segments shipped that the backup's replica has not
-    /// replayed yet (their end exit, when shipped).
-    unreplayed: VecDeque<(u64, Instant)>,
+    /// replayed yet.
+    unreplayed: Backlog,
     /// Replay mode: log bytes shipped since the last checkpoint.
     log_since_checkpoint: usize,
     /// Replay mode: the guest is paused until the replica catches up.
@@ -124,7 +124,7 @@ impl Replicator {
             held_for_output: false,
             trace: None,
             output_base: 0,
-            unreplayed: VecDeque::new(),
+            unreplayed: Backlog::default(),
             log_since_checkpoint: 0,
             held_for_lag: false,
         }
@@ -783,8 +783,7 @@ impl Replicator {
         self.shared
             .releaser
             .checkpoint_taken(segment.exits_end, end);
-        self.unreplayed
-            .push_back((segment.exits_end, Instant::now()));
+        self.unreplayed.push(segment.exits_end);
         let len = segment.bytes.len();
         self.log_since_checkpoint += len;
         let stats = &self.shared.stats;
@@ -871,22 +870,7 @@ impl Replicator {
         } else {
             self.shared.log_acked.load(Ordering::Acquire)
         };
-        while let Some(&(end, _)) = self.unreplayed.front() {
-            if end > reference {
-                break;
-            }
-            self.unreplayed.pop_front();
-        }
-        let age = self
-            .unreplayed
-            .front()
-            .map(|&(_, at)| at.elapsed())
-            .unwrap_or_default();
-        let exits = self
-            .unreplayed
-            .back()
-            .map(|&(end, _)| end.saturating_sub(reference))
-            .unwrap_or_default();
+        let (exits, age) = self.unreplayed.behind(reference);
         let stats = &self.shared.stats;
         stats.replica_lag_exits.store(exits, Ordering::Relaxed);
         stats
