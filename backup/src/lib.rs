@@ -26,6 +26,8 @@
 //! The console and the Control service belong to the host ([`HostIo`]), so
 //! clients stay connected across a promotion and a switchover.
 
+#![warn(missing_docs)]
+
 mod hello;
 mod operator;
 mod promotion;
@@ -57,21 +59,28 @@ pub use promotion::PromotionError;
 /// What the backup needs to know.
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
+    /// The VM's name (a primary's `Hello` must carry the same).
     pub vm_id: String,
+    /// Guest RAM in bytes (a primary's `Hello` must carry the same).
     pub ram_bytes: u64,
+    /// Where the image store lives (`memory.img`, `meta`, the journal).
     pub image_dir: PathBuf,
+    /// The replication address: gRPC (TCP) and heartbeats (UDP).
     pub replication_listen: SocketAddr,
     /// Why this host could not protect the VM as the primary (None: it can,
     /// so handovers are accepted, and a promotion after silence hands the VM
     /// to the primary role too, which re-protects it once the other host
     /// returns as the backup).
     pub handover_unavailable: Option<String>,
+    /// How often the primary beats.
     pub heartbeat_interval: Duration,
+    /// Silence after which the backup promotes.
     pub heartbeat_timeout: Duration,
     /// The primary releases output when it loses this backup (keep-running):
     /// a backup that was itself stalled past the primary's give-up window
     /// may then hold an image older than what clients saw.
     pub primary_releases_alone: bool,
+    /// fsync the image at every commit (power-loss safety).
     pub fsync: bool,
     /// Mutual TLS for the replication and control services (None: plaintext).
     pub tls: Option<wire::TlsFiles>,
@@ -82,22 +91,32 @@ pub struct BackupOptions {
 /// Why the backup stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// The image store in `dir` cannot be opened (or repaired).
     #[error("cannot open the image in {dir}")]
     Image {
+        /// The image directory.
         dir: PathBuf,
+        /// Why.
         #[source]
         source: StoreError,
     },
+    /// The replication address cannot be listened on.
     #[error(transparent)]
     Listen(#[from] wire::ListenError),
+    /// The heartbeat thread did not start.
     #[error("cannot start the heartbeat thread")]
     Heartbeats(#[source] std::io::Error),
+    /// A handover promoted, but the VM was gone before the primary role
+    /// could take it (a bug).
     #[error("the handed-over VM went missing")]
     HandedOverVmMissing,
+    /// The replication server's task panicked or was cancelled.
     #[error("the replication server's task failed")]
     ServerTask(#[source] tokio::task::JoinError),
+    /// The replication server failed.
     #[error("gRPC server failed")]
     Server(#[source] tonic::transport::Error),
+    /// The TLS files cannot be used.
     #[error("TLS setup failed: {0}")]
     Tls(String),
 }

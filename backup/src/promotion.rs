@@ -45,43 +45,63 @@ pub(crate) enum Trigger {
 /// Why a promotion did not happen. Nothing changed in any of these cases.
 #[derive(Debug, thiserror::Error)]
 pub enum PromotionError {
+    /// The VM already runs here.
     #[error("this host already runs the VM (generation {0})")]
     AlreadyRunning(Generation),
+    /// A handover named a checkpoint that is not this image's committed one.
     #[error(
         "the image does not hold epoch {epoch} of session {session:#x} as its committed \
          checkpoint (committed: {committed:?}); the primary must resume and try again"
     )]
     HandoverMismatch {
+        /// The final checkpoint the primary named.
         epoch: u64,
+        /// The session it named.
         session: u64,
+        /// What the image holds.
         committed: Option<u64>,
     },
+    /// An operator asked while the primary still beats.
     #[error("a primary is still heard (last {0:?} ago): promoting would run a second copy")]
     PrimaryHeard(Duration),
+    /// The image is not committed, retired, or fails its digest.
     #[error("the image cannot be resumed")]
     NotPromotable(#[source] StoreError),
+    /// The committed checkpoint's payload does not decode.
     #[error("the committed checkpoint cannot be resumed")]
     Payload(#[source] PayloadError),
+    /// The committed VM state does not decode.
     #[error("the committed VM state cannot be resumed")]
     VmState(#[source] understudy_vmm::state::StateError),
+    /// `memory.img` cannot be opened.
     #[error("cannot open {path} as guest RAM")]
     OpenRam {
+        /// The image's memory file.
         path: std::path::PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// `memory.img` cannot be mapped as guest RAM.
     #[error("cannot map the image as guest RAM")]
     Ram(#[source] understudy_vmm::memory::MemoryError),
+    /// KVM refused the restore.
     #[error("cannot restore the VM")]
     Restore(#[source] understudy_vmm::VmError),
+    /// A helper thread (console output, VM watch) did not start.
     #[error("cannot start a thread for the promoted VM")]
     Thread(#[source] std::io::Error),
+    /// The new generation could not be persisted: the point of no return
+    /// was not passed.
     #[error("cannot record generation {generation}: the VM stays here unpromoted")]
     RecordGeneration {
+        /// The generation the promotion would have moved to.
         generation: Generation,
+        /// Why it could not be written.
         #[source]
         source: StoreError,
     },
+    /// A test's fault injection (`UNDERSTUDY_FAULTS`).
     #[error("injected fault ({0})")]
     Fault(&'static str),
 }

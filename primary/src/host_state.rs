@@ -23,21 +23,29 @@ const RECORD_FILE: &str = "vm";
 /// A state file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HostStateError {
+    /// A state file cannot be read or replaced.
     #[error(transparent)]
     Io(#[from] DurableError),
+    /// The state directory cannot be created.
     #[error("cannot create the state directory {path}")]
     CreateDir {
+        /// The state directory.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A state file holds something understudy never writes.
     #[error(
         "{path} holds {text:?}, not {what}: it was not written by understudy. \
          Restore it, or remove it if you know what it should say (see the operations guide)"
     )]
     Garbled {
+        /// The file.
         path: PathBuf,
+        /// What it should hold.
         what: &'static str,
+        /// What it holds.
         text: String,
     },
 }
@@ -45,7 +53,9 @@ pub enum HostStateError {
 /// The last VM this host ran, and how that run stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunRecord {
+    /// Which boot of the VM.
     pub incarnation: Incarnation,
+    /// How its run on this host stands.
     pub state: RunState,
 }
 

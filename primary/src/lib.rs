@@ -27,6 +27,8 @@
 //! `releaser`, which a fence closes for good; `peer` holds the calls to the
 //! other host.
 
+#![warn(missing_docs)]
+
 mod beats;
 pub mod host_state;
 mod peer;
@@ -77,15 +79,26 @@ pub enum BackupLoss {
 /// What the primary needs to know.
 #[derive(Clone, Debug)]
 pub struct PrimaryOptions {
+    /// The VM's name (its identity on both hosts).
     pub vm_id: String,
+    /// The built-in guest to boot and its parameters.
     pub boot: BuiltinBoot,
+    /// Guest RAM in bytes.
     pub ram_bytes: usize,
+    /// Where this host keeps its generation, fence marker and run record.
     pub state_dir: PathBuf,
+    /// The backup's replication address.
     pub backup: SocketAddr,
+    /// Checkpoint mode: the time between checkpoints.
     pub epoch_interval: Duration,
+    /// How often heartbeats go to the backup.
     pub heartbeat_interval: Duration,
+    /// The backup's promotion timeout (the primary gives up on a silent
+    /// backup after `max(3 × timeout, 1 s)`).
     pub heartbeat_timeout: Duration,
+    /// What to do when the backup is lost.
     pub backup_loss: BackupLoss,
+    /// How pages are encoded on the wire.
     pub codec: CodecPolicy,
     /// Epochs shipped but not yet acked before the epoch loop waits.
     pub max_in_flight: u64,
@@ -127,32 +140,51 @@ pub enum Start {
 /// Why the primary stopped or refused to start.
 #[derive(Debug, thiserror::Error)]
 pub enum PrimaryError {
+    /// This host's fence marker says a backup was promoted over it.
     #[error(
         "this primary was deposed: the backup was promoted at generation {generation}, so VM {vm:?} \
          runs there now. Refusing to run it here too. Make this host the backup of the new primary; \
          only if you are sure no other copy runs, delete {marker} to override"
     )]
     Fenced {
+        /// The VM's name.
         vm: String,
+        /// The generation the backup was promoted at.
         generation: u64,
+        /// The fence marker file.
         marker: PathBuf,
     },
+    /// A state file cannot be read or written.
     #[error(transparent)]
     HostState(#[from] HostStateError),
+    /// An address cannot be listened on.
     #[error(transparent)]
     Listen(#[from] wire::ListenError),
+    /// The backup refused the session for good (another VM, another RAM
+    /// size, another protocol version…).
     #[error("the backup at {addr} refused the primary: {message}")]
-    Refused { addr: SocketAddr, message: String },
+    Refused {
+        /// The backup's replication address.
+        addr: SocketAddr,
+        /// Its reason.
+        message: String,
+    },
+    /// The VM cannot be booted or adopted.
     #[error("cannot start the VM")]
     Vm(#[source] understudy_vmm::VmError),
+    /// A thread of the role did not start (its name).
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    /// No kernel randomness for a session key or a stream id.
     #[error("the kernel gave no randomness for a session key")]
     NoRandomness,
+    /// An internal failure ended the role like a crash.
     #[error("the primary failed and ended like a crash (the backup takes over)")]
     Internal(#[source] InternalError),
+    /// The replication server (answering that the VM runs here) failed.
     #[error("gRPC server failed")]
     Server(#[source] tonic::transport::Error),
+    /// The TLS files cannot be used.
     #[error("TLS setup failed: {0}")]
     Tls(String),
 }
@@ -165,11 +197,17 @@ pub enum PrimaryExit {
     /// The guest ended by itself.
     VmEnded(VmEnd),
     /// A higher generation was seen: the VM was stopped, output dropped.
-    Fenced { generation: u64 },
+    Fenced {
+        /// The generation that deposed this primary.
+        generation: u64,
+    },
     /// A switchover handed the VM to the backup, which runs it now at
     /// `generation`; the VM here is stopped and this host should become the
     /// backup.
-    HandedOver { generation: u64 },
+    HandedOver {
+        /// The new primary's generation.
+        generation: u64,
+    },
 }
 
 /// Sync rounds stop when this few pages are still dirty (or after MAX_ROUNDS).

@@ -29,14 +29,19 @@ const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// A call to the backup that did not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
+    /// The backup's address cannot make an endpoint.
     #[error("bad backup address")]
     Endpoint(#[source] tonic::transport::Error),
+    /// The TLS files cannot be used.
     #[error("TLS setup failed")]
     Tls(#[source] wire::TlsError),
+    /// The connection failed.
     #[error("cannot reach the backup")]
     Connect(#[source] tonic::transport::Error),
+    /// The backup answered with an error.
     #[error("the backup answered {}: {}", .0.code(), .0.message())]
     Status(tonic::Status),
+    /// The backup did not answer in time.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
 }

@@ -31,18 +31,25 @@ use crate::{
 /// (systemd restarts the host, which then rejoins as the backup).
 #[derive(Debug, thiserror::Error)]
 pub enum InternalError {
+    /// The vCPU did not pause.
     #[error("cannot pause the VM")]
     Pause(#[source] VmError),
+    /// KVM's dirty log cannot be read.
     #[error("cannot read the dirty log")]
     DirtyLog(#[source] VmError),
+    /// Pages or device state cannot be captured.
     #[error("cannot capture the VM's state")]
     Capture(#[source] VmError),
+    /// The vCPU did not resume.
     #[error("cannot resume the VM")]
     Resume(#[source] VmError),
+    /// The VM state does not encode.
     #[error("cannot encode the VM's state")]
     EncodeState(#[source] understudy_vmm::state::StateError),
+    /// The checkpoint does not encode.
     #[error("cannot encode the checkpoint")]
     Encode(#[source] EncodeError),
+    /// A test's fault injection (`UNDERSTUDY_FAULTS`).
     #[error("injected fault ({0})")]
     Fault(&'static str),
 }
