@@ -16,6 +16,7 @@ impl Backlog {
         self.0.push_back((end, Instant::now()));
     }
 
+    /// Forgets every segment (a new session).
     pub fn clear(&mut self) {
         self.0.clear();
     }

@@ -287,6 +287,7 @@ pub struct InputSink {
 }
 
 impl InputSink {
+    /// A sink feeding `input` (None: no VM runs here yet).
     pub fn new(input: Option<Arc<dyn GuestInput>>) -> Arc<Self> {
         Arc::new(Self {
             target: watch::Sender::new(input),
@@ -377,7 +378,9 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// and console clients whose certificates the pair's CA signed).
 #[derive(Clone)]
 pub struct ConsoleTls {
+    /// The host's certificate and the client verifier.
     pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Who may connect.
     pub auth: crate::auth::Authority,
 }
 

@@ -83,20 +83,31 @@ pub enum Kind {
 /// One heartbeat datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Datagram {
+    /// A beat (primary → backup) or its echo.
     pub kind: Kind,
+    /// The replication session it belongs to.
     pub session: u64,
+    /// The sender's sequence number.
     pub seq: u64,
+    /// An echo: the beat's sequence number it answers.
     pub echo_seq: u64,
+    /// The sender's generation.
     pub generation: u64,
 }
 
 /// Why a datagram was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DatagramError {
+    /// Not a heartbeat of this format (its length).
     #[error("not an understudy heartbeat ({0} bytes, or wrong magic or version)")]
     Malformed(usize),
+    /// A heartbeat of another session.
     #[error("heartbeat for session {got:#x}, not the current session")]
-    WrongSession { got: u64 },
+    WrongSession {
+        /// The session it claims.
+        got: u64,
+    },
+    /// Not signed with this session's key.
     #[error("heartbeat authentication failed (not signed with this session's key)")]
     BadMac,
 }

@@ -251,7 +251,9 @@ mod tests {
 /// with that role).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// Runs the VM and protects it.
     Primary,
+    /// Holds the image and promotes when the primary goes silent.
     Backup,
 }
 

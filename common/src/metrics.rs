@@ -17,16 +17,23 @@ use tokio_util::sync::CancellationToken;
 /// The values the gauges show, read by the caller at scrape time.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Gauges {
+    /// `understudy_generation`.
     pub generation: u64,
+    /// `understudy_protected`.
     pub protected: bool,
     /// Checkpoints shipped but not acked.
     pub in_flight: u64,
+    /// Console output held unreleased, bytes.
     pub held_output: u64,
+    /// `understudy_last_epoch`.
     pub last_epoch: u64,
+    /// `understudy_role{role}`.
     pub role: &'static str,
     /// "checkpoint" or "replay".
     pub mode: &'static str,
+    /// `understudy_replica_lag_exits`.
     pub replica_lag_exits: u64,
+    /// `understudy_replica_lag_seconds`.
     pub replica_lag_seconds: f64,
 }
 
@@ -49,15 +56,25 @@ struct RpcLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// `understudy_epoch_pause_seconds`: the guest stopped per checkpoint.
     pub epoch_pause: Histogram,
+    /// `understudy_epoch_interval_seconds`.
     pub epoch_interval: Histogram,
+    /// `understudy_epoch_dirty_pages`.
     pub dirty_pages: Histogram,
+    /// `understudy_epoch_bytes_in_bytes_total`: before encoding.
     pub bytes_in: Counter,
+    /// `understudy_epoch_bytes_out_bytes_total`: after encoding.
     pub bytes_out: Counter,
+    /// `understudy_epochs_total`.
     pub epochs: Counter,
+    /// `understudy_ack_latency_seconds`.
     pub ack_latency: Histogram,
+    /// `understudy_heartbeat_rtt_seconds`.
     pub heartbeat_rtt: Histogram,
+    /// `understudy_failovers_total`.
     pub failovers: Counter,
+    /// `understudy_switchovers_total`.
     pub switchovers: Counter,
     /// Replay mode: trace log bytes shipped (primary) or received (backup).
     pub log_bytes: Counter,
@@ -83,6 +100,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric, registered, at zero.
     pub fn new() -> Self {
         let seconds = || Histogram::new(exponential_buckets(25e-6, 2.0, 16)); // 25 µs .. 0.8 s
         let m = Self {

@@ -53,6 +53,7 @@ impl OperatorSlot {
         *self.lock() = Some(requests);
     }
 
+    /// The role ends: requests are refused until the next one installs.
     pub fn clear(&self) {
         *self.lock() = None;
     }

@@ -22,15 +22,19 @@ pub struct CheckpointPayload {
 /// A payload that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
+    /// Not a checkpoint payload.
     #[error("checkpoint payload has no magic: not written by understudy")]
     BadMagic,
+    /// A format version this build does not read.
     #[error("checkpoint payload version {0} is not supported (this build reads {VERSION})")]
     Version(u32),
+    /// The body does not decode.
     #[error("checkpoint payload cannot be decoded")]
     Decode(#[source] postcard::Error),
 }
 
 impl CheckpointPayload {
+    /// The payload's bytes (magic, version, body).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -39,6 +43,7 @@ impl CheckpointPayload {
         out
     }
 
+    /// Reads a payload written by [`CheckpointPayload::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
         if bytes.len() < 8 || bytes[..4] != MAGIC {
             return Err(PayloadError::BadMagic);

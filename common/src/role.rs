@@ -20,9 +20,13 @@ use crate::status::Stats;
 /// change, and counters carry on.
 #[derive(Debug, Clone)]
 pub struct HostIo {
+    /// The status and metrics of whichever role runs.
     pub stats: Arc<Stats>,
+    /// The console's output log (offsets, output commit).
     pub log: Arc<ConsoleLog>,
+    /// Where console input goes (the VM running here, if any).
     pub input: Arc<InputSink>,
+    /// Operator requests to whichever role runs.
     pub operator: OperatorSlot,
     /// The host's replication address, if it has one: the backup role serves
     /// replication on it, the primary role answers there that it runs the VM.
@@ -30,6 +34,7 @@ pub struct HostIo {
 }
 
 impl HostIo {
+    /// The host's pieces: an empty console, no VM, `replication` bound.
     pub fn new(stats: Arc<Stats>, replication: Option<SharedListener>) -> Self {
         Self {
             stats,
@@ -53,6 +58,7 @@ impl HostIo {
 pub struct SharedListener {
     listener: std::net::TcpListener,
     heartbeats: std::net::UdpSocket,
+    /// The address both sockets are bound to.
     pub addr: std::net::SocketAddr,
 }
 
@@ -94,6 +100,7 @@ impl SharedListener {
 /// role promoted it and hands it to the primary role, which protects it.
 #[derive(Debug)]
 pub struct RunningVm {
+    /// The VM, paused or running.
     pub vm: Vm,
     /// The guest's console output (nothing read from it yet since the restore).
     pub output: crossbeam_channel::Receiver<u8>,

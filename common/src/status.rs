@@ -24,6 +24,7 @@ pub struct Window {
 }
 
 impl Window {
+    /// Adds a sample (the oldest goes once the window is full).
     pub fn push(&mut self, v: f64) {
         if self.samples.len() < SAMPLES {
             self.samples.push(v);
@@ -43,6 +44,7 @@ impl Window {
         s[((s.len() as f64 * q) as usize).min(s.len() - 1)]
     }
 
+    /// The mean of the window, 0 when empty.
     pub fn mean(&self) -> f64 {
         if self.samples.is_empty() {
             return 0.0;
@@ -140,22 +142,30 @@ impl std::fmt::Display for StateKind {
 /// Everything `understudyctl status` shows.
 #[derive(Debug)]
 pub struct Stats {
+    /// The VM's name.
     pub vm_id: String,
     role: Mutex<crate::ids::Role>,
     state: Mutex<(StateKind, String)>,
     peer: Mutex<String>,
+    /// The fencing generation this host is at.
     pub generation: AtomicU64,
+    /// A backup holds a committed checkpoint of the current session.
     pub protected: AtomicBool,
     /// A backup: a primary has connected (the link is up).
     pub link_up: AtomicBool,
     /// Last acked (primary) or committed (backup) epoch, +1 (0 = none yet).
     last_epoch_plus_one: AtomicU64,
+    /// Checkpoints taken (primary) or committed (backup).
     pub epochs: AtomicU64,
+    /// Bytes shipped (primary) or received (backup): epochs and log.
     pub bytes_shipped: AtomicU64,
+    /// Epochs shipped and not yet acked (primary).
     pub in_flight: AtomicU64,
     /// Console output appended but not yet released (bytes).
     pub held_output: AtomicU64,
+    /// A promoted backup: the silence it waited out, in µs.
     pub promotion_detect_us: AtomicU64,
+    /// A promoted backup: promotion → VM running, in µs.
     pub promotion_resume_us: AtomicU64,
     /// The VM's incarnation, once this host knows one.
     incarnation: Mutex<Option<crate::ids::Incarnation>>,
@@ -165,6 +175,7 @@ pub struct Stats {
     /// Replay mode: how far the backup's replica is behind the log, in
     /// exits and in microseconds of the primary's time.
     pub replica_lag_exits: AtomicU64,
+    /// See `replica_lag_exits`.
     pub replica_lag_us: AtomicU64,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
@@ -179,6 +190,7 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The figures of a daemon starting in `role` at `generation`.
     pub fn new(vm_id: &str, role: crate::ids::Role, peer: String, generation: u64) -> Self {
         Self {
             vm_id: vm_id.to_owned(),
@@ -230,6 +242,7 @@ impl Stats {
         *lock(&self.mode)
     }
 
+    /// Sets how the pair replicates.
     pub fn set_mode(&self, mode: crate::ids::ReplicationMode) {
         *lock(&self.mode) = mode;
     }
@@ -239,6 +252,7 @@ impl Stats {
         self.metrics.render(&self.gauges())
     }
 
+    /// Sets the role shown (a role change).
     pub fn set_role(&self, role: crate::ids::Role) {
         *self.role.lock().unwrap_or_else(|p| p.into_inner()) = role;
     }
@@ -256,6 +270,7 @@ impl Stats {
         self.set_state(StateKind::Starting, "starting");
     }
 
+    /// The current role.
     pub fn role(&self) -> crate::ids::Role {
         *self.role.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -280,10 +295,12 @@ impl Stats {
         *lock(&self.incarnation) = incarnation;
     }
 
+    /// The last acked (primary) or committed (backup) epoch.
     pub fn set_last_epoch(&self, epoch: u64) {
         self.last_epoch_plus_one.store(epoch + 1, Ordering::Release);
     }
 
+    /// See [`Stats::set_last_epoch`]; None before the first.
     pub fn last_epoch(&self) -> Option<u64> {
         self.last_epoch_plus_one
             .load(Ordering::Acquire)
@@ -322,15 +339,18 @@ impl Stats {
         lock(&self.epoch_bytes).push(bytes as f64);
     }
 
+    /// A checkpoint was acked `latency` after it was taken.
     pub fn record_ack(&self, latency: Duration) {
         self.metrics.ack_latency.observe(latency.as_secs_f64());
         lock(&self.ack_us).push(latency.as_secs_f64() * 1e6);
     }
 
+    /// A heartbeat's round trip.
     pub fn record_heartbeat_rtt(&self, rtt: Duration) {
         self.metrics.heartbeat_rtt.observe(rtt.as_secs_f64());
     }
 
+    /// The status as `Control.Status` answers it.
     pub fn reply(&self) -> StatusReply {
         let last = self.last_epoch();
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
@@ -374,7 +394,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// to whichever role is installed in `operator`.
 #[derive(Debug, Clone)]
 pub struct ControlService {
+    /// What `Status` and `Epochs` answer from.
     pub stats: std::sync::Arc<Stats>,
+    /// Where `Switchover`, `Promote` and `DiscardImage` go.
     pub operator: OperatorSlot,
     /// Who may call what (operators change things; hosts may read).
     pub auth: crate::auth::Authority,

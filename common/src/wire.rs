@@ -14,7 +14,9 @@ const GENERATION_KEY: &str = "understudy-generation";
 /// windows plus 1 MiB frames reach ~2.6 GB/s on loopback; size windows to at
 /// least bandwidth × RTT on real links).
 pub const STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 connection window (all streams of one connection).
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// HTTP/2 frame size (the largest the protocol allows).
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
 /// Connect timeout for peer channels.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -86,8 +88,11 @@ mod tests {
 /// operator's) certificates, and this host's certificate and key (PEM).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The CA that signs both hosts' and the operators' certificates.
     pub ca: PathBuf,
+    /// This host's certificate.
     pub cert: PathBuf,
+    /// Its private key.
     pub key: PathBuf,
 }
 
@@ -183,6 +188,7 @@ pub struct ListenError {
 }
 
 impl ListenError {
+    /// `what` (console, control, …) cannot listen on `addr`.
     pub fn new(what: &'static str, addr: std::net::SocketAddr, source: std::io::Error) -> Self {
         Self { what, addr, source }
     }
@@ -201,23 +207,34 @@ pub async fn listen(
 /// TLS material for the console that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleTlsError {
+    /// A PEM file cannot be read.
     #[error("cannot read the TLS {what} {path}")]
     Read {
+        /// Which file ("CA", "certificate", "key").
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// Why.
         #[source]
         source: rustls::pki_types::pem::Error,
     },
+    /// rustls refused what the file holds.
     #[error("the TLS {what} {path} is not usable")]
     Rustls {
+        /// Which file.
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// Why.
         #[source]
         source: rustls::Error,
     },
+    /// The CA cannot verify client certificates.
     #[error("the CA in {path} is not usable")]
     Verifier {
+        /// The CA file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
