@@ -19,8 +19,11 @@ pub use understudy_common::ids::Role;
 /// One host's addresses.
 #[derive(Clone, Copy, Debug)]
 pub struct HostAddrs {
+    /// Console clients connect here.
     pub console: SocketAddr,
+    /// `understudyctl status` and operator requests.
     pub control: SocketAddr,
+    /// Prometheus `/metrics` (optional).
     pub metrics: Option<SocketAddr>,
     /// Where it listens as the backup (the `[primary]` host: optional).
     pub replication: Option<SocketAddr>,
@@ -29,18 +32,34 @@ pub struct HostAddrs {
 /// A configuration mistake, naming the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config file {path}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not TOML.
     #[error("config file {path} is not valid TOML: {message}")]
-    Syntax { path: PathBuf, message: String },
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A `--set` that is not `key=value`.
     #[error("--set {0:?}: write key=value, e.g. --set epoch_interval=50ms")]
     BadOverride(String),
+    /// A setting is unknown, malformed or out of range.
     #[error("config {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -92,6 +111,7 @@ pub struct Config {
     /// "replay" (the VM's input log streams to a replica on the backup).
     #[serde(default, deserialize_with = "mode")]
     pub mode: ReplicationMode,
+    /// Checkpoint mode: the time between checkpoints.
     #[serde(default = "defaults::epoch_interval", deserialize_with = "duration")]
     pub epoch_interval: Duration,
     /// Replay mode: the time between checkpoints.
@@ -104,13 +124,16 @@ pub struct Config {
     /// guest waits for it (what a failover may have to replay).
     #[serde(default = "defaults::max_replica_lag", deserialize_with = "duration")]
     pub max_replica_lag: Duration,
+    /// How often the primary beats.
     #[serde(
         default = "defaults::heartbeat_interval",
         deserialize_with = "duration"
     )]
     pub heartbeat_interval: Duration,
+    /// Silence after which the backup promotes.
     #[serde(default = "defaults::heartbeat_timeout", deserialize_with = "duration")]
     pub heartbeat_timeout: Duration,
+    /// What the primary does when it loses its backup.
     #[serde(default = "defaults::backup_loss", deserialize_with = "backup_loss")]
     pub backup_loss: BackupLoss,
     /// Checkpoints shipped but not acked before the primary waits.
@@ -130,16 +153,22 @@ pub struct Config {
     /// fsync the backup's image at every commit (power-loss safety).
     #[serde(default)]
     pub fsync: bool,
+    /// Parameters of the built-in guests.
     #[serde(default)]
     pub guest_params: GuestParams,
+    /// How pages are encoded on the wire.
     #[serde(default)]
     pub codec: CodecConfig,
+    /// Mutual TLS, or `insecure` on loopback.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// The `[primary]` host's addresses.
     pub primary: PrimaryAddrs,
+    /// The `[backup]` host's addresses.
     pub backup: BackupAddrs,
 }
 
+/// `guest_params`: what the built-in guests do.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestParams {
@@ -149,8 +178,10 @@ pub struct GuestParams {
     /// dirtier: working set in pages, pages per second, report interval.
     #[serde(default = "defaults::working_set")]
     pub working_set: u64,
+    /// dirtier: pages written per second (0: flat out).
     #[serde(default = "defaults::dirty_rate")]
     pub dirty_rate: u64,
+    /// dirtier: milliseconds between `work N` lines.
     #[serde(default = "defaults::report_ms")]
     pub report_ms: u64,
 }
@@ -166,14 +197,17 @@ impl Default for GuestParams {
     }
 }
 
+/// `codec`: page encoding on the wire.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodecConfig {
     /// adaptive, raw, lz4 or zstd.
     #[serde(default = "defaults::codec_policy")]
     pub policy: String,
+    /// zstd's level when zstd is used.
     #[serde(default = "defaults::zstd_level")]
     pub zstd_level: i32,
+    /// Pages the sender remembers for delta encoding.
     #[serde(default = "defaults::delta_cache_pages")]
     pub delta_cache_pages: usize,
 }
@@ -197,6 +231,7 @@ pub struct TlsConfig {
     /// This host's certificate and key (PEM; same paths on both hosts, each
     /// host with its own files).
     pub cert: Option<PathBuf>,
+    /// This host's private key (PEM).
     pub key: Option<PathBuf>,
     /// The name the backup's certificate carries (default: its IP address).
     pub backup_name: Option<String>,
@@ -240,6 +275,7 @@ pub struct BackupAddrs {
     pub replication: SocketAddr,
     /// Guest console after promotion (accepts clients while standby).
     pub console: SocketAddr,
+    /// `understudyctl status` and operator requests.
     pub control: SocketAddr,
     /// Prometheus metrics (`/metrics`); none if unset.
     #[serde(default)]
@@ -351,6 +387,7 @@ impl Config {
         Self::parse(&text, path, overrides)
     }
 
+    /// Parses `text` (the file at `path`) with `--set` `overrides` applied, and checks it.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
@@ -550,6 +587,7 @@ impl Config {
         })
     }
 
+    /// The codec policy `codec` describes.
     pub fn codec_policy(&self) -> Result<CodecPolicy, String> {
         let c = &self.codec;
         let mut policy = match c.policy.as_str() {
@@ -579,6 +617,7 @@ impl Config {
         Ok(policy)
     }
 
+    /// The built-in guest and its parameters.
     pub fn boot(&self) -> BuiltinBoot {
         let p = &self.guest_params;
         match self.guest {
@@ -588,6 +627,7 @@ impl Config {
         }
     }
 
+    /// Guest RAM in bytes.
     pub fn ram_bytes(&self) -> usize {
         self.memory_mib << 20
     }

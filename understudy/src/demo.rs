@@ -106,12 +106,19 @@ pub struct DrillReport {
     pub resume: Duration,
     /// Last line from the primary → first line from the backup.
     pub output_gap: Duration,
+    /// The primary's pause per checkpoint, p50 (µs).
     pub pause_p50_us: f64,
+    /// The same, p99 (µs).
     pub pause_p99_us: f64,
+    /// Start → protected.
     pub sync_time: Duration,
+    /// Bytes the primary shipped before the failure.
     pub bytes_shipped: u64,
+    /// Checkpoints it took.
     pub epochs: u64,
+    /// The last epoch the backup acked.
     pub last_epoch: u64,
+    /// Console lines seen in all.
     pub lines: usize,
     /// Every console value with its arrival (since the drill started) and
     /// whether the backup delivered it.

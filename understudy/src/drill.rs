@@ -30,13 +30,17 @@ pub use crate::demo::DrillKind;
 /// Options of `understudyctl drill`.
 #[derive(Clone, Debug)]
 pub struct DrillOptions {
+    /// Kill or switchover.
     pub kind: DrillKind,
     /// How a local pair replicates (a running pair: as its config says).
     pub mode: understudy_common::ids::ReplicationMode,
+    /// How long the VM runs protected before the failure.
     pub run_for: Duration,
+    /// How long the backup is watched afterwards.
     pub after: Duration,
     /// Where the report (report.txt, report.json, chart.svg) and logs go.
     pub out: PathBuf,
+    /// The `understudyd` binary (default: beside this program).
     pub daemon: Option<PathBuf>,
     /// Drill the running pair this config file describes instead of
     /// starting a local one.
@@ -46,6 +50,7 @@ pub struct DrillOptions {
 /// The report, as written to report.json.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// Kill or switchover.
     pub kind: DrillKind,
     /// How the pair replicated: "checkpoint" or "replay".
     pub mode: String,
@@ -58,6 +63,7 @@ pub struct Report {
     pub downtime_ms: f64,
     /// Silence before the backup promoted (0 for a switchover: no detection).
     pub detection_ms: f64,
+    /// Promotion → VM running on the other host.
     pub resume_ms: f64,
     /// A switchover: how long the guest was stopped (final checkpoint's
     /// pause → running on the other host).
@@ -73,15 +79,20 @@ pub struct Report {
     /// Data transferred between the hosts (both directions), and the number
     /// of checkpoints the primary took before the failure.
     pub data_bytes: u64,
+    /// Checkpoints the primary took before the failure.
     pub epochs: u64,
     /// Dirty pages of the checkpoints the chart shows (the last ones).
     pub dirty_pages_charted: u64,
     /// Performance degradation: work rate with protection ÷ without (not
     /// measured on a running pair: there is no unprotected run to compare).
     pub work_rate_protected: f64,
+    /// Work rate without protection (a local pair only).
     pub work_rate_unprotected: Option<f64>,
+    /// Protected ÷ unprotected work rate.
     pub degradation_ratio: Option<f64>,
+    /// Pause per checkpoint, p50 (µs).
     pub pause_p50_us: f64,
+    /// The same, p99 (µs).
     pub pause_p99_us: f64,
     /// The guest's progress carried on across the failover.
     pub continued: bool,

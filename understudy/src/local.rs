@@ -16,14 +16,19 @@ use crate::console;
 /// What to boot for `run`.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// The built-in guest.
     pub guest: BuiltinGuest,
+    /// Guest RAM in MiB.
     pub mem_mib: usize,
     /// counter: milliseconds between lines.
     pub interval_ms: u64,
     /// dirtier: working set in pages, pages per second (0 = flat out), report interval.
     pub working_set: u64,
+    /// dirtier: pages written per second (0: flat out).
     pub dirty_rate: u64,
+    /// dirtier: milliseconds between `work N` lines.
     pub report_ms: u64,
+    /// How the session ends (and what it saves).
     pub session: SessionOptions,
 }
 

@@ -18,12 +18,17 @@ use crate::remote;
 /// Where each daemon listens.
 #[derive(Clone, Copy, Debug)]
 pub struct PairAddrs {
+    /// The primary's console.
     pub primary_console: SocketAddr,
+    /// The primary's control service.
     pub primary_control: SocketAddr,
     /// Where the primary's host listens once a switchover made it the backup.
     pub primary_replication: SocketAddr,
+    /// The backup's replication address.
     pub replication: SocketAddr,
+    /// The backup's console.
     pub backup_console: SocketAddr,
+    /// The backup's control service.
     pub backup_control: SocketAddr,
 }
 
@@ -32,8 +37,11 @@ pub struct PairAddrs {
 /// logs in `dir/primary.log` and `dir/backup.log`.
 #[derive(Debug)]
 pub struct LocalPair {
+    /// Where the config, state and logs live.
     pub dir: PathBuf,
+    /// The pair's config file.
     pub config: PathBuf,
+    /// Its addresses.
     pub addrs: PairAddrs,
     daemon: PathBuf,
     primary: Option<Child>,
@@ -272,10 +280,12 @@ pub struct Follower {
     started: Instant,
     prefix: Option<&'static str>,
     moved: bool,
+    /// Every `<prefix>N` line: arrival since `started`, N, whether it came after the first move.
     pub values: Vec<(Duration, u64, bool)>,
 }
 
 impl Follower {
+    /// Follows `client` from now on, recording lines that start with `prefix`.
     pub fn new(client: ResumingClient, started: Instant, prefix: Option<&'static str>) -> Self {
         Self {
             client,

@@ -146,17 +146,22 @@ pub struct ReplayOptions {
     /// At the end, go live recording a new stream into this directory
     /// (its start snapshot is the replay's end point).
     pub record_to: Option<PathBuf>,
+    /// How the session ends.
     pub session: SessionOptions,
 }
 
 /// What a replay did.
 #[derive(Clone, Debug)]
 pub struct ReplayReport {
+    /// The exit the replay started from.
     pub from_exit: u64,
+    /// The exit it reached.
     pub to_exit: u64,
     /// Guest time replayed (timer ticks × the guest's timer period).
     pub guest_time: Duration,
+    /// Wall time it took.
     pub wall_time: Duration,
+    /// Whether the end state matched the recording's end snapshot.
     pub verified: bool,
 }
 

@@ -19,6 +19,7 @@ use crate::remote;
 pub struct Outcome {
     /// The config section of the host that handed the VM over.
     pub from: Role,
+    /// What the old primary answered.
     pub reply: SwitchoverReply,
     /// Request sent → answer (the operator's view of the swap).
     pub request_time: Duration,
