@@ -118,31 +118,13 @@ async fn no_acked_kv_write_is_lost_when_the_primary_is_killed_at_random() {
             i += 1;
         }
         // One more write in flight while the primary dies.
-        client
-            .send(&format!("SET key{trial}-{i} value-{i}"))
-            .await
-            .unwrap();
-        pair.kill_primary();
-        // Whatever the dead primary delivered counts: an OK seen is an ack.
-        while let Ok(Some(l)) = client.next(Duration::from_millis(300)).await {
-            if l == "OK" {
-                acked.push(i);
-            }
-        }
-        client.reconnect(pair.addrs.backup_console).await.unwrap();
-        if !acked.contains(&i) {
-            // Input is exactly-once: the write in flight is answered once,
-            // by the backup (from its checkpoint's output, or run again from
-            // the input the client resent).
-            let l = client.next(Duration::from_secs(20)).await.unwrap();
-            assert_eq!(
-                l.as_deref(),
-                Some("OK"),
-                "trial {trial}: the write in flight\n{}",
-                pair.logs()
-            );
-            acked.push(i);
-        }
+        common::kill_with_a_write_in_flight(
+            &mut pair,
+            &mut client,
+            &format!("SET key{trial}-{i} value-{i}"),
+        )
+        .await;
+        acked.push(i);
         for &k in &acked {
             let got = ask(&mut client, &format!("GET key{trial}-{k}"))
                 .await

@@ -92,25 +92,13 @@ async fn no_acked_write_is_lost_when_a_replay_mode_primary_is_killed_at_random()
         let tag = trial.to_string();
         let mut acked = write_for(&mut client, &pair, &tag, kill_after).await;
         let i = acked.len() as u64;
-        client
-            .send(&format!("SET key{tag}-{i} value-{i}"))
-            .await
-            .unwrap();
-        pair.kill_primary();
-        while let Ok(Some(l)) = client.next(Duration::from_millis(300)).await {
-            if l == "OK" {
-                acked.push(i);
-            }
-        }
-        pair.wait_promoted().await;
-        client.reconnect(pair.addrs.backup_console).await.unwrap();
-        if !acked.contains(&i) {
-            // Exactly once: the write in flight is answered once, by the
-            // promoted replica (replayed, or run from the resent input).
-            let l = client.next(Duration::from_secs(20)).await.unwrap();
-            assert_eq!(l.as_deref(), Some("OK"), "trial {trial}\n{}", pair.logs());
-            acked.push(i);
-        }
+        common::kill_with_a_write_in_flight(
+            &mut pair,
+            &mut client,
+            &format!("SET key{tag}-{i} value-{i}"),
+        )
+        .await;
+        acked.push(i);
         check_all(&mut client, &pair, &tag, &acked).await;
         let logs = pair.logs();
         assert!(
@@ -128,9 +116,12 @@ async fn no_acked_write_is_lost_when_a_replay_mode_primary_is_killed_at_random()
 async fn a_replay_mode_reply_waits_for_a_round_trip_not_for_a_checkpoint() {
     // Output commit by log: with checkpoints 2 s apart, replies still come
     // in milliseconds; in checkpoint mode with 200 ms epochs they wait
-    // about half an epoch on average.
+    // about half an epoch on average. And replies come steadily: nine in
+    // ten within 20 ms (an ack held back by Nagle's algorithm until the
+    // primary's delayed ACK made one in six wait ~45 ms).
     let _serial = common::serial().await;
     let mut medians = Vec::new();
+    let mut p90s = Vec::new();
     for settings in [
         "mode = \"replay\"\ncheckpoint_interval = \"2s\"",
         "epoch_interval = \"200ms\"",
@@ -139,7 +130,7 @@ async fn a_replay_mode_reply_waits_for_a_round_trip_not_for_a_checkpoint() {
         let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
         wait_ready(&mut client, &pair).await;
         let mut took = Vec::new();
-        for i in 0..40 {
+        for i in 0..100 {
             let started = Instant::now();
             let got = ask(&mut client, &format!("SET k{i} v{i}")).await.unwrap();
             assert_eq!(got.as_deref(), Some("OK"), "{}", pair.logs());
@@ -147,10 +138,16 @@ async fn a_replay_mode_reply_waits_for_a_round_trip_not_for_a_checkpoint() {
         }
         took.sort();
         medians.push(took[took.len() / 2]);
+        p90s.push(took[took.len() * 9 / 10]);
     }
     eprintln!(
-        "median reply: replay mode {:?}, checkpoint mode (200 ms epochs) {:?}",
-        medians[0], medians[1]
+        "reply p50/p90: replay mode {:?}/{:?}, checkpoint mode (200 ms epochs) {:?}/{:?}",
+        medians[0], p90s[0], medians[1], p90s[1]
+    );
+    assert!(
+        p90s[0] < Duration::from_millis(20),
+        "replay mode: one reply in ten waits {:?} or more",
+        p90s[0]
     );
     assert!(
         medians[0] < Duration::from_millis(50),
@@ -192,9 +189,8 @@ async fn a_replica_that_stops_is_reported_and_rebuilt_and_no_acked_write_is_lost
     let more = write_for(&mut client, &pair, "b", Duration::from_millis(500)).await;
     pair.kill_primary();
     pair.wait_promoted().await;
+    // Every write was answered before the kill: nothing is in flight.
     client.reconnect(pair.addrs.backup_console).await.unwrap();
-    // Answers still in flight to the client come first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     check_all(&mut client, &pair, "a", &acked).await;
     check_all(&mut client, &pair, "b", &more).await;
     // The fault fires on every feed after the 30th, so each replica stops

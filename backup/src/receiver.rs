@@ -118,17 +118,20 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
     }
     let mut log = LogAck::default();
     if checkpoint && let Some(follower) = session.follower.as_mut() {
-        let mut started = None;
-        if let Err(why) = follower.checkpoint_committed(&standby.store, &mut started) {
+        match follower.checkpoint_committed(&standby.store) {
+            Ok(Some(exit)) => {
+                tracing::info!(epoch, "replica started from the checkpoint at exit {exit}")
+            }
+            Ok(None) => {}
             // The VM stays protected by this checkpoint; output waits for
             // the next ones.
-            tracing::error!(epoch, %why, "replay mode: no replica follows the log");
-            shared.host.stats.set_state(
-                StateKind::ReplicaStopped,
-                format!("no replica follows the log: {why}"),
-            );
-        } else if let Some(what) = started {
-            tracing::info!(epoch, "{what}");
+            Err(why) => {
+                tracing::error!(epoch, %why, "replay mode: no replica follows the log");
+                shared.host.stats.set_state(
+                    StateKind::ReplicaStopped,
+                    format!("no replica follows the log: {why}"),
+                );
+            }
         }
         log = replay_ack(shared, follower);
     }

@@ -49,9 +49,7 @@ pub(crate) struct Follower {
     next_tail: Vec<Vec<u8>>,
     /// The committed checkpoint's exit index.
     base_exit: Option<u64>,
-    /// The log received reaches this exit (with the segments' arrival
-    /// times, for the replica's lag).
-    received_exits: u64,
+    /// The segments' arrival times, for the replica's lag.
     arrivals: Backlog,
     replica: Option<Replica>,
     /// Why the last replica stopped (no log is acked until a checkpoint
@@ -113,7 +111,6 @@ impl Follower {
             tail: Vec::new(),
             next_tail: Vec::new(),
             base_exit: None,
-            received_exits: 0,
             arrivals: Backlog::default(),
             replica: None,
             stopped: None,
@@ -160,7 +157,6 @@ impl Follower {
         self.stream = Some(header.stream);
         self.next_seq = Some(header.seq.wrapping_add(1));
         self.next_exit = Some(exits_end);
-        self.received_exits = exits_end;
         self.arrivals.push(exits_end);
         if let Some(replica) = &self.replica {
             let fed = if understudy_common::fault::check("backup.replica.feed").is_err() {
@@ -186,13 +182,17 @@ impl Follower {
         Ok(())
     }
 
+    /// The exit index the log received reaches.
+    fn received_exits(&self) -> u64 {
+        self.next_exit.unwrap_or(0)
+    }
+
     /// A checkpoint committed: it is the new base. Starts a replica from it
-    /// if none runs.
+    /// if none runs; returns the exit it started at.
     pub(crate) fn checkpoint_committed(
         &mut self,
         store: &ImageStore,
-        started: &mut Option<String>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<u64>, String> {
         self.checkpoint_open = false;
         self.tail = std::mem::take(&mut self.next_tail);
         let payload =
@@ -211,11 +211,11 @@ impl Follower {
                 det.stream, self.stream
             ));
         }
-        let first_of_session = self.base_exit.is_none();
         self.base_exit = Some(det.exit_index);
         self.stream = Some(det.stream);
+        // The log after the checkpoint starts right at its pause (later
+        // checkpoints: the log before it was sealed there, so it follows on).
         match self.tail.first() {
-            // The log after the checkpoint starts right at its pause.
             Some(first) => {
                 let (header, _, _) = parse_segment(first).map_err(|e| wire::chain(&e))?;
                 if header.first_exit != det.exit_index {
@@ -225,24 +225,17 @@ impl Follower {
                     ));
                 }
             }
-            None if first_of_session => {
-                self.next_exit = Some(det.exit_index);
-                self.received_exits = det.exit_index;
+            None => {
+                self.next_exit.get_or_insert(det.exit_index);
             }
-            None => self.received_exits = self.received_exits.max(det.exit_index),
         }
         if let Some(replica) = &mut self.replica {
             replica.trim_output(payload.console_offset);
-            return Ok(());
+            return Ok(None);
         }
-        let replica = Replica::start(store, &state, &payload, &self.tail)?;
-        self.replica = Some(replica);
+        self.replica = Some(Replica::start(store, &state, &payload, &self.tail)?);
         self.stopped = None;
-        *started = Some(format!(
-            "replica started from the checkpoint at exit {}",
-            det.exit_index
-        ));
-        Ok(())
+        Ok(Some(det.exit_index))
     }
 
     /// Takes the replica's output and sees whether it still runs. Returns
@@ -267,7 +260,7 @@ impl Follower {
             .and_then(|r| r.vm.exit_index())
             .unwrap_or(0);
         let log_exits = match (self.base_exit, &self.stopped, &self.replica) {
-            (Some(base), None, Some(_)) => self.received_exits.max(base),
+            (Some(base), None, Some(_)) => self.received_exits().max(base),
             _ => 0,
         };
         self.reported_replica = replica_exits;
@@ -298,7 +291,7 @@ impl Follower {
             return (0, Duration::ZERO);
         };
         let (_, age) = self.arrivals.behind(at);
-        (self.received_exits.saturating_sub(at), age)
+        (self.received_exits().saturating_sub(at), age)
     }
 
     /// Whether a replica runs.

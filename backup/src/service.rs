@@ -243,7 +243,11 @@ impl Replication for ReplicationService {
                     }
                     Some(Ok(msg)) => msg,
                 };
-                session.get_or_insert(msg.session);
+                // Replay-mode sessions only: checkpoint mode never takes
+                // the state lock between its messages.
+                if !msg.trace_segment.is_empty() {
+                    session.get_or_insert(msg.session);
+                }
                 let shared2 = shared.clone();
                 let result =
                     tokio::task::block_in_place(|| crate::receiver::receive_chunk(&shared2, msg));

@@ -574,7 +574,9 @@ impl Replicator {
         Some(SessionEnd::HandedOver)
     }
 
-    fn resume_after_failed_switchover(&self) {
+    fn resume_after_failed_switchover(&mut self) {
+        // The guest runs again: a hold for the replica's lag starts anew.
+        self.held_for_lag = false;
         if let Err(e) = self.vm().resume() {
             tracing::error!(error = %e, "cannot resume the VM after a failed switchover");
         }

@@ -470,3 +470,27 @@ pub fn flip_bit(path: &std::path::Path, at: usize) {
     bytes[at] ^= 0x10;
     std::fs::write(path, &bytes).unwrap();
 }
+
+/// Sends `write` (a kv `SET`), SIGKILLs the primary while it is in flight,
+/// and follows the client to the backup. Exactly once: the write is
+/// answered `OK` either by the dying primary or, once, by the promoted
+/// backup (from its image's output, or run again from the resent input).
+pub async fn kill_with_a_write_in_flight(pair: &mut Pair, client: &mut Lines, write: &str) {
+    client.send(write).await.unwrap();
+    pair.kill_primary();
+    // Whatever the dead primary delivered counts: an OK seen is an ack.
+    let mut answered = false;
+    while let Ok(Some(l)) = client.next(Duration::from_millis(300)).await {
+        answered |= l == "OK";
+    }
+    client.reconnect(pair.addrs.backup_console).await.unwrap();
+    if !answered {
+        let l = client.next(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(
+            l.as_deref(),
+            Some("OK"),
+            "the write in flight ({write})\n{}",
+            pair.logs()
+        );
+    }
+}
