@@ -302,6 +302,7 @@ mod fake_primary {
             previous: None,
             heartbeat_key: vec![7; 32].into(),
             mode: 0,
+            migration: false,
         }
     }
 

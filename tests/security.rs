@@ -283,6 +283,8 @@ async fn hostile_round(
                     rng.bytes(n).into()
                 },
                 mode: (rng.next() % 3) as i32,
+                // A stranger claiming to migrate a VM here is refused too.
+                migration: rng.next() % 4 == 0,
             };
             let _ = tokio::time::timeout(deadline, client.hello(hello)).await;
         }

@@ -427,6 +427,7 @@ fn fake_hello() -> understudy_proto::HelloRequest {
         previous: None,
         heartbeat_key: vec![0; 32].into(),
         mode: 0,
+        migration: false,
     }
 }
 

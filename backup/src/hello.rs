@@ -5,7 +5,9 @@
 //! The rules, in order:
 //!
 //! 1. The protocol version, VM id and RAM size must match (else refused for
-//!    good: the configurations differ).
+//!    good: the configurations differ), and so must the purpose: a host
+//!    started with `--incoming` takes live migrations only, any other host
+//!    protects its pair's VM only.
 //! 2. A generation older than this host's, or a VM that already runs here,
 //!    deposes the caller; an implausible generation is refused before
 //!    anything is persisted.
@@ -35,6 +37,8 @@ pub(crate) struct Facts {
     pub kept: Option<Kept>,
     /// A primary of this VM was heard within the heartbeat timeout.
     pub primary_heard: bool,
+    /// This host waits for a live migration (`--incoming`).
+    pub incoming: bool,
 }
 
 /// A committed, promotable image.
@@ -53,6 +57,8 @@ pub(crate) struct Claim<'a> {
     pub generation: Generation,
     pub incarnation: Option<Incarnation>,
     pub previous: Option<(Incarnation, RunState)>,
+    /// The caller migrates its VM here (not a pair's protection).
+    pub migration: bool,
 }
 
 /// The answer.
@@ -108,6 +114,27 @@ pub(crate) fn decide(facts: &Facts, claim: &Claim<'_>) -> Decision {
                 claim.vm_id, facts.ram_bytes, claim.ram_bytes
             ),
         );
+    }
+    match (claim.migration, facts.incoming) {
+        (true, false) => {
+            return refuse(
+                false,
+                format!(
+                    "this host does not take live migrations: it protects VM {:?} for its pair. \
+                     Start the destination with `understudyd primary --config FILE --incoming`",
+                    facts.vm_id
+                ),
+            );
+        }
+        (false, true) => {
+            return refuse(
+                false,
+                "this host waits for a live migration (`--incoming`), it is nobody's backup: \
+                 point the primary at its pair's backup"
+                    .into(),
+            );
+        }
+        _ => {}
     }
     if !claim.generation.is_plausible() {
         return refuse(
@@ -190,6 +217,7 @@ mod tests {
                 epoch: 120,
             }),
             primary_heard: false,
+            incoming: false,
         }
     }
 
@@ -201,6 +229,7 @@ mod tests {
             generation: Generation(3),
             incarnation: Some(inc(7)),
             previous: None,
+            migration: false,
         }
     }
 
@@ -278,6 +307,41 @@ mod tests {
                 other => panic!("{c:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn migrations_go_only_to_incoming_hosts_and_only_migrations_do() {
+        let migration = Claim {
+            migration: true,
+            ..claim()
+        };
+        match decide(&facts(), &migration) {
+            Decision::Refuse { message, .. } => {
+                assert!(message.contains("--incoming"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let incoming = Facts {
+            incoming: true,
+            kept: None,
+            ..facts()
+        };
+        match decide(&incoming, &claim()) {
+            Decision::Refuse { message, .. } => {
+                assert!(message.contains("nobody's backup"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(decide(&incoming, &migration), Decision::Sync);
+        // A migration is refused like any session where the VM runs already.
+        let running = Facts {
+            runs_here: true,
+            ..incoming
+        };
+        assert_eq!(
+            decide(&running, &migration),
+            Decision::Deposed(Generation(3))
+        );
     }
 
     #[test]

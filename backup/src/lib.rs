@@ -86,6 +86,10 @@ pub struct BackupOptions {
     pub tls: Option<wire::TlsFiles>,
     /// Who may call the replication service (only the other host).
     pub auth: understudy_common::auth::Authority,
+    /// This host waits for a live migration (`understudyd primary
+    /// --incoming`): it takes migration sessions only, never promotes on
+    /// silence, and runs the VM when the source hands it over.
+    pub incoming: bool,
 }
 
 /// Why the backup stopped.
@@ -165,6 +169,9 @@ struct Session {
     protected: bool,
     /// The primary stopped on purpose: never promote for it.
     goodbye: bool,
+    /// A live migration to this host (`--incoming`): only a Handover makes
+    /// it run the VM, never silence.
+    migration: bool,
     /// Replay mode: the log and the replica that follows it.
     follower: Option<replica::Follower>,
 }
@@ -235,13 +242,24 @@ pub async fn run(
     let stats = &host.stats;
     stats.generation.store(generation.0, Ordering::Release);
     stats.set_incarnation(Incarnation::from_raw(store.incarnation()));
-    stats.set_state(StateKind::Standby, match store.promotable() {
+    if opts.incoming {
+        stats.set_state(StateKind::Incoming, match store.promotable() {
+            Ok(p) => format!(
+                "incoming: waiting for a live migration (holds epoch {} of an earlier one that did \
+                 not finish; `understudyctl promote` resumes it if its source is gone)",
+                p.epoch
+            ),
+            Err(_) => "incoming: waiting for a live migration".to_owned(),
+        });
+    } else {
+        stats.set_state(StateKind::Standby, match store.promotable() {
         Ok(p) => format!(
             "standby: holds epoch {} from an earlier session (a primary resyncs it, or an operator resumes it)",
             p.epoch
         ),
         Err(_) => "standby: waiting for the primary".to_owned(),
     });
+    }
     let (vm_ended, mut vm_ended_rx) = tokio::sync::watch::channel(None);
     let watch = watch::Watch::new();
     let shared = Arc::new(Shared {

@@ -47,10 +47,13 @@ pub(crate) async fn serve(
             OperatorRequest::DiscardImage(answer) => {
                 let _ = answer.send(discard(&shared));
             }
-            other @ OperatorRequest::Switchover(_) => other.refuse(Status::failed_precondition(
-                "this daemon takes no switchover (it is the backup): ask the protected primary's \
-                 control address",
-            )),
+            other @ (OperatorRequest::Switchover(_) | OperatorRequest::Migrate(..)) => {
+                let what = other.name();
+                other.refuse(Status::failed_precondition(format!(
+                    "this daemon takes no {what} (it is the backup): ask the primary's control \
+                     address"
+                )))
+            }
         }
     }
 }

@@ -108,13 +108,22 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
         // A checkpoint of a live session: the image is the newest state the
         // primary may have released (whatever made it stale is over).
         standby.stale = None;
-        shared.watch.arm(!session.goodbye);
+        // A migration's image is the source's to hand over: silence never
+        // promotes it (the source's own backup protects the VM meanwhile).
+        shared.watch.arm(!session.goodbye && !session.migration);
         shared.host.stats.protected.store(true, Ordering::Release);
         shared.host.stats.set_last_epoch(epoch);
-        shared
-            .host
-            .stats
-            .set_state(StateKind::Protecting, "protecting");
+        if session.migration {
+            shared.host.stats.set_state(
+                StateKind::Incoming,
+                format!("incoming: the VM's state up to epoch {epoch} is here"),
+            );
+        } else {
+            shared
+                .host
+                .stats
+                .set_state(StateKind::Protecting, "protecting");
+        }
     }
     let mut log = LogAck::default();
     if checkpoint && let Some(follower) = session.follower.as_mut() {

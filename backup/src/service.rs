@@ -57,6 +57,7 @@ impl ReplicationService {
             generation: shared.generation(),
             kept,
             primary_heard: heard,
+            incoming: shared.opts.incoming,
         }
     }
 
@@ -98,7 +99,9 @@ impl ReplicationService {
             decoder: Some(EpochDecoder::with_buffers(buffers)),
             protected: false,
             goodbye: false,
-            follower: (mode == ReplicationMode::Replay).then(crate::replica::Follower::new),
+            migration: req.migration,
+            follower: (mode == ReplicationMode::Replay && !req.migration)
+                .then(crate::replica::Follower::new),
         });
         shared.host.stats.set_mode(mode);
         shared.watch.arm(false);
@@ -107,14 +110,24 @@ impl ReplicationService {
         let stats = &shared.host.stats;
         stats.set_incarnation(Some(incarnation));
         stats.protected.store(false, Ordering::Release);
-        stats.set_state(StateKind::Syncing, "syncing");
         stats.link_up.store(true, Ordering::Release);
-        tracing::info!(
-            session = req.session,
-            generation = req.generation,
-            %incarnation,
-            "primary connected: full sync"
-        );
+        if req.migration {
+            stats.set_state(StateKind::Incoming, "incoming: receiving a live migration");
+            tracing::info!(
+                session = req.session,
+                generation = req.generation,
+                %incarnation,
+                "a live migration starts: receiving the VM"
+            );
+        } else {
+            stats.set_state(StateKind::Syncing, "syncing");
+            tracing::info!(
+                session = req.session,
+                generation = req.generation,
+                %incarnation,
+                "primary connected: full sync"
+            );
+        }
         Ok(())
     }
 }
@@ -141,6 +154,7 @@ impl Replication for ReplicationService {
             generation: Generation(req.generation),
             incarnation: Incarnation::from_raw(req.incarnation),
             previous,
+            migration: req.migration,
         };
         let decision = {
             let state = shared.lock();

@@ -6,7 +6,9 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
-use understudy_proto::{DiscardImageReply, PromoteReply, SwitchoverReply};
+use understudy_proto::{
+    DiscardImageReply, MigrateReply, MigrateRequest, PromoteReply, SwitchoverReply,
+};
 
 /// What a switchover request gets back.
 pub type SwitchoverResult = Result<SwitchoverReply, tonic::Status>;
@@ -21,6 +23,11 @@ pub enum OperatorRequest {
     Promote(oneshot::Sender<Result<PromoteReply, tonic::Status>>),
     /// Forget the VM the backup's image holds (the backup role).
     DiscardImage(oneshot::Sender<Result<DiscardImageReply, tonic::Status>>),
+    /// Move the running VM to another host (the primary role).
+    Migrate(
+        MigrateRequest,
+        oneshot::Sender<Result<MigrateReply, tonic::Status>>,
+    ),
 }
 
 impl OperatorRequest {
@@ -30,6 +37,7 @@ impl OperatorRequest {
             Self::Switchover(_) => "switchover",
             Self::Promote(_) => "promote",
             Self::DiscardImage(_) => "discard-image",
+            Self::Migrate(..) => "migrate",
         }
     }
 
@@ -39,6 +47,7 @@ impl OperatorRequest {
             Self::Switchover(tx) => drop(tx.send(Err(status))),
             Self::Promote(tx) => drop(tx.send(Err(status))),
             Self::DiscardImage(tx) => drop(tx.send(Err(status))),
+            Self::Migrate(_, tx) => drop(tx.send(Err(status))),
         }
     }
 }

@@ -103,6 +103,13 @@ pub enum StateKind {
     PromotionFailed,
     /// A promoted backup running the VM.
     Promoted,
+    /// Primary: moving the VM to another host (live migration).
+    Migrating,
+    /// Primary: the VM moved to another host by a live migration.
+    MigratedAway,
+    /// A host started with `--incoming`: waiting for a migration, or
+    /// receiving one.
+    Incoming,
 }
 
 impl StateKind {
@@ -129,6 +136,9 @@ impl StateKind {
             Self::PrimaryStopped => "primary-stopped",
             Self::PromotionFailed => "promotion-failed",
             Self::Promoted => "promoted",
+            Self::Migrating => "migrating",
+            Self::MigratedAway => "migrated-away",
+            Self::Incoming => "incoming",
         }
     }
 }
@@ -177,6 +187,8 @@ pub struct Stats {
     pub replica_lag_exits: AtomicU64,
     /// See `replica_lag_exits`.
     pub replica_lag_us: AtomicU64,
+    /// The last live migration from this host (while it runs, and after).
+    migration: Mutex<Option<understudy_proto::MigrationProgress>>,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
@@ -211,6 +223,7 @@ impl Stats {
             mode: Mutex::default(),
             replica_lag_exits: AtomicU64::new(0),
             replica_lag_us: AtomicU64::new(0),
+            migration: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
             recent: Mutex::default(),
@@ -382,7 +395,13 @@ impl Stats {
             mode: self.mode().as_str().to_owned(),
             replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
             replica_lag_millis: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e3,
+            migration: lock(&self.migration).clone(),
         }
+    }
+
+    /// Reports the progress of a live migration from this host.
+    pub fn set_migration(&self, progress: understudy_proto::MigrationProgress) {
+        *lock(&self.migration) = Some(progress);
     }
 }
 
@@ -457,6 +476,21 @@ impl Control for ControlService {
             .check(&request, "Control.Switchover", Access::Operator)?;
         self.operator
             .request(self.stats.role().name(), OperatorRequest::Switchover)
+            .await
+            .map(tonic::Response::new)
+    }
+
+    async fn migrate(
+        &self,
+        request: tonic::Request<understudy_proto::MigrateRequest>,
+    ) -> Result<tonic::Response<understudy_proto::MigrateReply>, tonic::Status> {
+        self.auth
+            .check(&request, "Control.Migrate", Access::Operator)?;
+        let request = request.into_inner();
+        self.operator
+            .request(self.stats.role().name(), |tx| {
+                OperatorRequest::Migrate(request, tx)
+            })
             .await
             .map(tonic::Response::new)
     }

@@ -31,6 +31,7 @@
 
 mod beats;
 pub mod host_state;
+pub mod migration;
 mod peer;
 mod releaser;
 mod replicator;
@@ -208,6 +209,15 @@ pub enum PrimaryExit {
         /// The new primary's generation.
         generation: u64,
     },
+    /// A live migration moved the VM to `destination`, which runs it at
+    /// `generation`; nothing of it runs here, and this host's state says so
+    /// (a restart refuses to boot it again).
+    MigratedAway {
+        /// The destination's generation.
+        generation: u64,
+        /// The destination's replication address.
+        destination: SocketAddr,
+    },
 }
 
 /// Sync rounds stop when this few pages are still dirty (or after MAX_ROUNDS).
@@ -262,6 +272,9 @@ pub(crate) enum Phase {
     Stopping,
     Fenced(u64),
     HandedOver(u64),
+    /// A live migration handed the VM to this destination at this
+    /// generation.
+    MigratedAway(u64, SocketAddr),
     Failed,
 }
 
@@ -295,6 +308,10 @@ struct Shared {
     taken_at: Mutex<VecDeque<(u64, Instant)>>,
     /// A switchover the replicator is to carry out at its next checkpoint.
     switchover: Mutex<Option<SwitchoverResponder>>,
+    /// A live migration the replicator is to start.
+    migration: Mutex<Option<migration::Request>>,
+    /// A live migration is requested or under way.
+    migrating: AtomicBool,
     beats: Arc<Beats>,
     /// Replay mode, from the backup's acks: the exit up to which it holds
     /// the log, the exit its replica replayed to (0: none), and whether it
@@ -373,6 +390,25 @@ impl Shared {
         })
     }
 
+    fn take_migration(&self) -> Option<migration::Request> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Ends a migration's handover: the destination runs the VM.
+    fn end_migration(&self, generation: u64, destination: SocketAddr) {
+        self.phase.send_if_modified(|p| {
+            if let Phase::HandingOver { .. } = p {
+                *p = Phase::MigratedAway(generation, destination);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     /// Ends a handover: done at `generation`, or refused (None).
     fn end_handover(&self, generation: Option<u64>) {
         self.phase.send_if_modified(|p| {
@@ -405,7 +441,7 @@ impl Shared {
                 *seen = (*seen).max(generation);
                 false
             }
-            Phase::HandedOver(_) | Phase::Fenced(_) => false,
+            Phase::HandedOver(_) | Phase::MigratedAway(..) | Phase::Fenced(_) => false,
             Phase::Running | Phase::Stopping | Phase::Failed => {
                 *p = Phase::Fenced(generation);
                 true
@@ -671,6 +707,8 @@ pub async fn run(
         done: CancellationToken::new(),
         taken_at: Mutex::default(),
         switchover: Mutex::new(None),
+        migration: Mutex::new(None),
+        migrating: AtomicBool::new(false),
         beats: beats.clone(),
         log_acked: AtomicU64::new(0),
         replica_exits: AtomicU64::new(0),
@@ -757,6 +795,11 @@ pub async fn run(
             "the primary stopped before the switchover could start",
         )));
     }
+    if let Some(request) = shared.take_migration() {
+        let _ = request.responder.send(Err(tonic::Status::aborted(
+            "the primary stopped before the migration could start",
+        )));
+    }
     if let Some(e) = shared
         .failure
         .lock()
@@ -768,6 +811,12 @@ pub async fn run(
     match shared.phase() {
         Phase::Fenced(generation) => return Ok(PrimaryExit::Fenced { generation }),
         Phase::HandedOver(generation) => return Ok(PrimaryExit::HandedOver { generation }),
+        Phase::MigratedAway(generation, destination) => {
+            return Ok(PrimaryExit::MigratedAway {
+                generation,
+                destination,
+            });
+        }
         _ => {}
     }
     if let Some(end) = shared
@@ -820,6 +869,10 @@ async fn accept_operator_requests(
     while let Some(request) = requests.recv().await {
         let responder = match request {
             OperatorRequest::Switchover(responder) => responder,
+            OperatorRequest::Migrate(req, responder) => {
+                accept_migration(&shared, &req, responder);
+                continue;
+            }
             other => {
                 let what = other.name();
                 other.refuse(tonic::Status::failed_precondition(format!(
@@ -830,6 +883,8 @@ async fn accept_operator_requests(
         };
         let refuse = if let Some(why) = &shared.opts.switchover_unavailable {
             Some(why.clone())
+        } else if shared.migrating.load(Ordering::Acquire) {
+            Some("a live migration is under way".into())
         } else if !shared.stats.protected.load(Ordering::Acquire) {
             Some(format!(
                 "the VM is not protected ({}): the backup has no checkpoint to take over from",
@@ -854,6 +909,51 @@ async fn accept_operator_requests(
             *slot = Some(responder);
         }
     }
+}
+
+/// Queues a live migration for the replicator, or refuses it at once.
+fn accept_migration(
+    shared: &Shared,
+    req: &understudy_proto::MigrateRequest,
+    responder: tokio::sync::oneshot::Sender<Result<understudy_proto::MigrateReply, tonic::Status>>,
+) {
+    let refuse = |responder: tokio::sync::oneshot::Sender<_>, why: String| {
+        let _ = responder.send(Err(tonic::Status::failed_precondition(format!(
+            "migrate refused: {why}"
+        ))));
+    };
+    let request = match migration::Request::parse(req, responder) {
+        Ok(r) => r,
+        Err((why, responder)) => return refuse(responder, why),
+    };
+    if shared.opts.mode == ReplicationMode::Replay {
+        return refuse(
+            request.responder,
+            "the VM is replicated by its log (mode = \"replay\"); migrating such a VM is not \
+             built yet: run it with mode = \"checkpoint\" to migrate it"
+                .into(),
+        );
+    }
+    if shared.phase() != Phase::Running {
+        return refuse(
+            request.responder,
+            "the primary is handing over or stopping".into(),
+        );
+    }
+    if shared.switchover_waiting() {
+        return refuse(request.responder, "a switchover is under way".into());
+    }
+    if shared.migrating.swap(true, Ordering::AcqRel) {
+        return refuse(request.responder, "a migration is under way already".into());
+    }
+    tracing::info!(
+        destination = %request.target.addr,
+        mode = request.mode.name(),
+        max_downtime = ?request.max_downtime,
+        "live migration requested"
+    );
+    *shared.migration.lock().unwrap_or_else(|p| p.into_inner()) = Some(request);
+    shared.wake();
 }
 
 /// Owns the gRPC side of each session until the primary stops or is fenced.

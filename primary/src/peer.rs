@@ -46,10 +46,28 @@ pub enum PeerError {
     Timeout(std::time::Duration),
 }
 
-/// The one place channels to the backup are built (mutual TLS unless the
-/// configuration says insecure).
-pub(crate) fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PeerError> {
-    let addr = opts.backup;
+/// A host this primary calls: its backup, or a migration's destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub addr: std::net::SocketAddr,
+    /// The name its certificate carries (default: its IP address).
+    pub name: Option<String>,
+}
+
+impl Target {
+    /// The configured backup.
+    pub(crate) fn backup(opts: &PrimaryOptions) -> Self {
+        Self {
+            addr: opts.backup,
+            name: opts.backup_name.clone(),
+        }
+    }
+}
+
+/// The one place channels to other hosts are built: to `target` (mutual TLS
+/// unless the configuration says insecure).
+pub(crate) fn endpoint_to(opts: &PrimaryOptions, target: &Target) -> Result<Endpoint, PeerError> {
+    let addr = target.addr;
     let mut endpoint =
         Endpoint::from_shared(format!("{}://{addr}", wire::scheme(opts.tls.is_some())))
             .map_err(PeerError::Endpoint)?
@@ -58,10 +76,7 @@ pub(crate) fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PeerError> {
             .initial_stream_window_size(wire::STREAM_WINDOW)
             .initial_connection_window_size(wire::CONNECTION_WINDOW);
     if let Some(tls) = &opts.tls {
-        let server_name = opts
-            .backup_name
-            .clone()
-            .unwrap_or_else(|| addr.ip().to_string());
+        let server_name = target.name.clone().unwrap_or_else(|| addr.ip().to_string());
         let config = tls.client(&server_name).map_err(PeerError::Tls)?;
         endpoint = endpoint.tls_config(config).map_err(PeerError::Endpoint)?;
     }
@@ -70,7 +85,12 @@ pub(crate) fn endpoint(opts: &PrimaryOptions) -> Result<Endpoint, PeerError> {
 
 /// A connected channel to the backup, within the connect timeout.
 async fn connect(opts: &PrimaryOptions) -> Result<Channel, PeerError> {
-    match tokio::time::timeout(wire::CONNECT_TIMEOUT, endpoint(opts)?.connect()).await {
+    connect_to(opts, &Target::backup(opts)).await
+}
+
+/// A connected channel to `target`, within the connect timeout.
+async fn connect_to(opts: &PrimaryOptions, target: &Target) -> Result<Channel, PeerError> {
+    match tokio::time::timeout(wire::CONNECT_TIMEOUT, endpoint_to(opts, target)?.connect()).await {
         Ok(result) => result.map_err(PeerError::Connect),
         Err(_) => Err(PeerError::Timeout(wire::CONNECT_TIMEOUT)),
     }
@@ -119,7 +139,17 @@ impl SessionOffer {
 }
 
 pub(crate) async fn hello(opts: &PrimaryOptions, offer: &SessionOffer) -> HelloOutcome {
-    let channel = match connect(opts).await {
+    hello_to(opts, &Target::backup(opts), offer, false).await
+}
+
+/// A `Hello` to `target`; `migration`: a live migration's session.
+pub(crate) async fn hello_to(
+    opts: &PrimaryOptions,
+    target: &Target,
+    offer: &SessionOffer,
+    migration: bool,
+) -> HelloOutcome {
+    let channel = match connect_to(opts, target).await {
         Ok(c) => c,
         Err(e) => return HelloOutcome::Unreachable(wire::chain(&e)),
     };
@@ -145,6 +175,7 @@ pub(crate) async fn hello(opts: &PrimaryOptions, offer: &SessionOffer) -> HelloO
                 understudy_proto::ReplicationMode::Replay
             }
         } as i32,
+        migration,
     };
     match tokio::time::timeout(PEER_CALL_TIMEOUT, client.hello(req)).await {
         Err(_) => {
@@ -177,7 +208,8 @@ pub(crate) async fn hello(opts: &PrimaryOptions, offer: &SessionOffer) -> HelloO
     }
 }
 
-pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) {
+/// Tells the backup not to promote for `session`; true if it said so.
+pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) -> bool {
     let attempt = async {
         ReplicationClient::new(connect(opts).await?)
             .goodbye(GoodbyeRequest {
@@ -188,9 +220,18 @@ pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session:
             .map_err(PeerError::Status)
     };
     match tokio::time::timeout(GOODBYE_TIMEOUT, attempt).await {
-        Ok(Ok(_)) => tracing::info!("told the backup we stop on purpose"),
-        Ok(Err(e)) => tracing::warn!(error = %wire::chain(&e), "goodbye not delivered"),
-        Err(_) => tracing::warn!(timeout = ?GOODBYE_TIMEOUT, "goodbye not delivered: no answer"),
+        Ok(Ok(_)) => {
+            tracing::info!("told the backup we stop on purpose");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %wire::chain(&e), "goodbye not delivered");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?GOODBYE_TIMEOUT, "goodbye not delivered: no answer");
+            false
+        }
     }
 }
 
@@ -301,7 +342,18 @@ pub(crate) async fn handover(
     session: u64,
     epoch: u64,
 ) -> HandoverOutcome {
-    let channel = match connect(opts).await {
+    handover_to(opts, &Target::backup(opts), generation, session, epoch).await
+}
+
+/// [`handover`] to `target`.
+pub(crate) async fn handover_to(
+    opts: &PrimaryOptions,
+    target: &Target,
+    generation: u64,
+    session: u64,
+    epoch: u64,
+) -> HandoverOutcome {
+    let channel = match connect_to(opts, target).await {
         Ok(c) => c,
         Err(e) => return HandoverOutcome::NotTaken(wire::chain(&e)),
     };

@@ -20,7 +20,8 @@ use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
 use understudy_vmm::deterministic::Sealed;
 use understudy_vmm::{Vm, VmEnd, VmError};
 
-use crate::peer::{HandoverOutcome, handover, say_goodbye};
+use crate::migration::{Migration, MigrationMode, Step, SwitchFigures};
+use crate::peer::{HandoverOutcome, handover, handover_to, say_goodbye};
 use crate::{
     MAX_SYNC_ROUNDS, Phase, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared,
     SwitchoverResponder,
@@ -97,6 +98,11 @@ pub(crate) struct Replicator {
     log_since_checkpoint: usize,
     /// Replay mode: the guest is paused until the replica catches up.
     held_for_lag: bool,
+    /// A live migration under way.
+    migration: Option<Migration>,
+    /// The console and device payload of the last checkpoint (a migration's
+    /// switch sends the same state to the destination).
+    last_payload: Vec<u8>,
 }
 
 /// Why a session ended, from the replicator's side.
@@ -134,6 +140,8 @@ impl Replicator {
             unreplayed: Backlog::default(),
             log_since_checkpoint: 0,
             held_for_lag: false,
+            migration: None,
+            last_payload: Vec::new(),
         }
     }
 
@@ -204,6 +212,18 @@ impl Replicator {
                 return Ok(Some(end));
             }
             let Some(link) = self.current_session() else {
+                if self.migration_active() {
+                    let deadline = Instant::now() + self.shared.opts.epoch_interval;
+                    if let Some(end) = self.migrate(None, deadline) {
+                        return match end {
+                            SessionEnd::VmEnded(end) => Ok(Some(end)),
+                            SessionEnd::Failed(e) => Err(e),
+                            _ => Ok(None),
+                        };
+                    }
+                    self.drain_output_unprotected();
+                    continue;
+                }
                 self.idle();
                 continue;
             };
@@ -437,6 +457,13 @@ impl Replicator {
                 continue;
             }
             next_tick += opts.epoch_interval;
+            if self.migration_active() {
+                // A live migration uses the time between checkpoints.
+                let deadline = next_tick.max(Instant::now());
+                if let Some(end) = self.migrate(Some((link, &mut sender)), deadline) {
+                    return end;
+                }
+            }
             let now = Instant::now();
             if next_tick > now {
                 std::thread::sleep(next_tick - now);
@@ -701,6 +728,9 @@ impl Replicator {
             let state = vm.save_state(false).map_err(InternalError::Capture)?;
             Ok::<_, InternalError>((pages, state))
         })();
+        if let (Ok((pages, _)), Some(migration)) = (&captured, self.migration.as_mut()) {
+            migration.dirtied(pages);
+        }
         // Output up to the pause belongs to this epoch.
         let bytes: Vec<u8> = self.output.try_iter().collect();
         let end_offset = self.log.append(&bytes);
@@ -746,6 +776,9 @@ impl Replicator {
             console_out,
         }
         .encode();
+        if self.migration.is_some() {
+            self.last_payload.clone_from(&payload);
+        }
         self.shared
             .releaser
             .checkpoint_taken(release_key, end_offset);
@@ -932,3 +965,357 @@ impl Replicator {
         }
     }
 }
+
+/// Live migration (see `migration.rs`): the replicator drives it in the time
+/// between checkpoints, or while idle without a backup session.
+impl Replicator {
+    /// A migration is requested or under way.
+    fn migration_active(&mut self) -> bool {
+        if self.migration.is_none()
+            && let Some(request) = self.shared.take_migration()
+        {
+            let ram_pages = self.shared.opts.ram_bytes / PAGE_SIZE;
+            self.migration = Some(Migration::new(request, ram_pages));
+        }
+        self.migration.is_some()
+    }
+
+    /// Works on the migration until `deadline`: connects, sends pre-copy
+    /// rounds, or switches. `session`: the backup's session, if any (its
+    /// checkpoints harvest the dirty log for the migration too). Returns how
+    /// the role's session ends if it does.
+    fn migrate(
+        &mut self,
+        session: Option<(&SessionLink, &mut SenderState)>,
+        deadline: Instant,
+    ) -> Option<SessionEnd> {
+        let mut m = self.migration.take()?;
+        if self.shared.phase() != Phase::Running {
+            self.fail_migration(m, "the primary is stopping".into());
+            return None;
+        }
+        if !m.connected() {
+            let phase = m.progress("setup", "");
+            self.shared.stats.set_migration(phase);
+            self.shared.stats.set_state(
+                StateKind::Migrating,
+                format!("migrating to {}: connecting", m.request.target.addr),
+            );
+            let opts = self.shared.opts.clone();
+            if let Err(why) = m.connect(
+                &self.runtime,
+                &opts,
+                self.shared.generation,
+                self.shared.incarnation,
+            ) {
+                self.fail_migration(m, format!("cannot reach the destination: {why}"));
+                return None;
+            }
+            tracing::info!(destination = %m.request.target.addr, mode = m.request.mode.name(), "migration: connected to the destination");
+        }
+        let step = match m.request.mode {
+            MigrationMode::StopAndCopy => Ok(Step::Switch),
+            MigrationMode::Precopy => {
+                let may_hold = !self.held_for_output && !self.held_for_lag;
+                let vm = self
+                    .vm
+                    .as_ref()
+                    .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+                m.precopy_until(vm, &mut self.page, deadline, session.is_none(), may_hold)
+            }
+        };
+        match step {
+            Ok(Step::Continue) => {
+                let progress = m.progress("precopy", "");
+                self.shared.stats.set_state(
+                    StateKind::Migrating,
+                    format!(
+                        "migrating to {}: pre-copy round {}, {} pages to go",
+                        progress.destination, progress.round, progress.remaining_pages
+                    ),
+                );
+                self.shared.stats.set_migration(progress);
+                self.migration = Some(m);
+                None
+            }
+            Ok(Step::Switch) => self.migration_switch(m, session),
+            Err(why) => {
+                if let Some(end) = self.vm().ended() {
+                    self.fail_migration(m, "the guest ended".into());
+                    return Some(SessionEnd::VmEnded(end));
+                }
+                self.fail_migration(m, why);
+                None
+            }
+        }
+    }
+
+    /// The switch: the guest stops here (the backup's final checkpoint,
+    /// acked), the rest goes to the destination (committed there), the
+    /// backup stands down, and the destination takes the VM by a Handover.
+    /// Before the handover is sent any failure resumes the guest here.
+    fn migration_switch(
+        &mut self,
+        mut m: Migration,
+        session: Option<(&SessionLink, &mut SenderState)>,
+    ) -> Option<SessionEnd> {
+        let phase = match m.request.mode {
+            MigrationMode::StopAndCopy => "stop-and-copy",
+            MigrationMode::Precopy => "switch",
+        };
+        self.shared.stats.set_migration(m.progress(phase, ""));
+        let started = Instant::now();
+        let backup = session.as_ref().map(|(link, _)| (*link).clone());
+        // 1. Stop the guest with its state: by the backup's final checkpoint,
+        // or here when no backup holds the VM.
+        let payload = match session {
+            Some((link, sender)) => {
+                // The checkpoint's harvest goes to the migration too.
+                self.migration = Some(m);
+                let taken = self.checkpoint(link, sender, true, false);
+                m = self
+                    .migration
+                    .take()
+                    .unwrap_or_else(|| unreachable!("put back above"));
+                match taken {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.resume_after_failed_switchover();
+                        self.fail_migration(
+                            m,
+                            "the backup's session broke during the final checkpoint".into(),
+                        );
+                        return Some(SessionEnd::Broken);
+                    }
+                    Err(end) => {
+                        self.fail_migration(m, "the final checkpoint failed".into());
+                        return Some(end);
+                    }
+                }
+                let epoch = self.next_epoch - 1;
+                if !self.wait_acked(link, epoch) {
+                    let fenced = matches!(self.shared.phase(), Phase::Fenced(_));
+                    if !fenced {
+                        self.resume_after_failed_switchover();
+                    }
+                    self.fail_migration(
+                        m,
+                        format!("the backup did not ack the final checkpoint {epoch}"),
+                    );
+                    return Some(if fenced {
+                        SessionEnd::Stop
+                    } else {
+                        SessionEnd::Broken
+                    });
+                }
+                std::mem::take(&mut self.last_payload)
+            }
+            None => match self.pause_for_migration(&mut m) {
+                Ok(payload) => payload,
+                Err(why) => {
+                    self.resume_after_failed_switchover();
+                    self.fail_migration(m, why);
+                    return None;
+                }
+            },
+        };
+        if !self.shared.begin_handover() {
+            self.fail_migration(m, "the primary is stopping".into());
+            return Some(SessionEnd::Stop);
+        }
+        // 2. The rest to the destination, committed there.
+        let vm = self
+            .vm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+        let (epoch, final_pages, final_bytes) = match m.send_final(vm, &mut self.page, &payload) {
+            Ok(sent) => sent,
+            Err(why) => {
+                self.shared.end_handover(None);
+                self.resume_after_failed_switchover();
+                self.fail_migration(m, why);
+                return None;
+            }
+        };
+        let opts = self.shared.opts.clone();
+        let generation = self.shared.generation;
+        // 3. The backup stands down (from here its silence rule would make a
+        // second copy). Unconfirmed: the VM runs on here, protected.
+        if let Some(link) = &backup
+            && !self
+                .runtime
+                .block_on(say_goodbye(&opts, generation, link.id))
+        {
+            self.shared.end_handover(None);
+            self.resume_after_failed_switchover();
+            // The goodbye may have arrived: resync before relying on it.
+            link.broken.store(true, Ordering::Release);
+            self.fail_migration(
+                m,
+                "the backup did not confirm that it stands down; the VM runs on here and the \
+                 backup resyncs"
+                    .into(),
+            );
+            return Some(SessionEnd::Broken);
+        }
+        // 4. The destination takes the VM.
+        let target = m.request.target.clone();
+        let session_id = m.session();
+        let outcome = self.runtime.block_on(async {
+            let give_up = Instant::now() + MIGRATION_HANDOVER_RETRY;
+            loop {
+                match handover_to(&opts, &target, generation, session_id, epoch).await {
+                    HandoverOutcome::Unknown(why) if Instant::now() < give_up => {
+                        tracing::warn!(%why, "no answer to the migration's handover yet: asking again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => break other,
+                }
+            }
+        });
+        let (new_generation, resume, error) = match outcome {
+            HandoverOutcome::Done(reply) => (
+                reply.generation,
+                Duration::from_micros(reply.resume_micros),
+                None,
+            ),
+            // Asked again after a lost answer: it runs the VM already.
+            HandoverOutcome::Deposed(g) => (g, Duration::ZERO, None),
+            HandoverOutcome::NotTaken(why) => {
+                self.shared.end_handover(None);
+                self.resume_after_failed_switchover();
+                if let Some(link) = &backup {
+                    // The backup stood down: it resyncs.
+                    link.broken.store(true, Ordering::Release);
+                }
+                self.fail_migration(m, format!("the destination refused the handover: {why}"));
+                return backup.map(|_| SessionEnd::Broken);
+            }
+            HandoverOutcome::Unknown(why) => (
+                generation + 1,
+                Duration::ZERO,
+                Some(format!(
+                    "no answer to the handover ({why}): the destination may run the VM. It never \
+                     runs here again; check the destination (`understudyctl status`) and, if it \
+                     does not run the VM, resume it there with `understudyctl promote`"
+                )),
+            ),
+        };
+        let downtime = started.elapsed();
+        self.finish_migration(
+            m,
+            SwitchFigures {
+                generation: new_generation,
+                downtime,
+                resume,
+                final_pages,
+                final_bytes,
+            },
+            error,
+        );
+        Some(SessionEnd::HandedOver)
+    }
+
+    /// No backup session: pauses the guest and captures its state and the
+    /// console payload for the destination.
+    fn pause_for_migration(&mut self, m: &mut Migration) -> Result<Vec<u8>, String> {
+        let vm = self
+            .vm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+        vm.pause()
+            .map_err(|e| format!("cannot pause the VM: {e}"))?;
+        let dirty = vm
+            .harvest_dirty()
+            .map_err(|e| format!("cannot read the dirty log: {e}"))?;
+        m.dirtied_bitmap(&dirty);
+        let state = vm
+            .save_state(false)
+            .map_err(|e| format!("cannot capture the VM's state: {e}"))?;
+        // Output up to the pause: released now if the policy releases
+        // unprotected output, else held and carried to the destination.
+        let bytes: Vec<u8> = self.output.try_iter().collect();
+        if !bytes.is_empty() {
+            self.log.append(&bytes);
+            self.shared.releaser.produced_unprotected();
+        }
+        let (console_offset, console_out) = self.log.unreleased();
+        let vm_state = state
+            .encode()
+            .map_err(|e| format!("cannot encode the VM's state: {e}"))?;
+        Ok(CheckpointPayload {
+            vm_state,
+            console_offset,
+            console_out,
+        }
+        .encode())
+    }
+
+    /// The migration failed before the switch: the VM runs on here.
+    fn fail_migration(&mut self, m: Migration, why: String) {
+        tracing::warn!(%why, destination = %m.request.target.addr, "live migration failed; the VM runs on here");
+        self.shared.stats.set_migration(m.progress("failed", &why));
+        let protected = self.shared.stats.protected.load(Ordering::Acquire);
+        if protected {
+            self.shared
+                .stats
+                .set_state(StateKind::Protected, "protected");
+        } else {
+            self.shared.stats.set_state(
+                StateKind::Reconnecting,
+                format!("live migration failed ({why}); reconnecting to the backup"),
+            );
+        }
+        self.shared.migrating.store(false, Ordering::Release);
+        let _ = m.request.responder.send(Err(tonic::Status::aborted(format!(
+            "migration failed, the VM runs on here: {why}"
+        ))));
+    }
+
+    /// The destination runs the VM: nothing of it runs here again.
+    fn finish_migration(&mut self, m: Migration, figures: SwitchFigures, error: Option<String>) {
+        let destination = m.request.target.addr;
+        let generation = figures.generation;
+        self.shared.end_migration(generation, destination);
+        // A restart of this host must not boot the VM again: it runs there.
+        self.shared.record(RunState::Gone);
+        if let Err(e) = self
+            .shared
+            .host_state
+            .mark_fenced(understudy_common::ids::Generation(generation))
+        {
+            tracing::error!(error = %understudy_common::wire::chain(&e), "cannot record that the VM left this host");
+        }
+        // Output not yet released went with the final state: the
+        // destination releases it.
+        let carried = self.shared.releaser.fence();
+        self.log.disconnect_clients();
+        self.shared.stats.metrics.switchovers.inc();
+        let report = m.report(figures);
+        let mut progress = m.progress("done", error.as_deref().unwrap_or(""));
+        progress.remaining_pages = 0;
+        self.shared.stats.set_migration(progress);
+        self.shared.stats.set_state(
+            StateKind::MigratedAway,
+            format!("migrated to {destination} (generation {generation})"),
+        );
+        tracing::info!(
+            %destination,
+            generation,
+            downtime_ms = report.downtime_micros as f64 / 1e3,
+            total_ms = report.total_micros as f64 / 1e3,
+            bytes = report.bytes_transferred,
+            rounds = report.rounds,
+            carried_output_bytes = carried,
+            "live migration done: the destination runs the VM"
+        );
+        let answer = match error {
+            None => Ok(report),
+            Some(why) => Err(tonic::Status::unknown(why)),
+        };
+        let _ = m.request.responder.send(answer);
+    }
+}
+
+/// How long the migration's handover is asked again while its answer is lost.
+const MIGRATION_HANDOVER_RETRY: Duration = Duration::from_secs(10);

@@ -12,8 +12,9 @@
 /// (2: Handover, for planned switchovers; 3: VM incarnations in Hello, the
 /// previous run of a restarted primary, heartbeats as signed UDP datagrams
 /// instead of a gRPC stream, operator Promote and DiscardImage; 4: replay
-/// mode, trace segments on the replication stream, log acks).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// mode, trace segments on the replication stream, log acks; 5: live
+/// migration sessions, `Hello.migration`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 pub mod v1 {
     tonic::include_proto!("understudy.v1");

@@ -94,6 +94,7 @@ impl Session {
             previous: None,
             heartbeat_key: key.as_bytes().to_vec().into(),
             mode: 0,
+            migration: false,
         };
         client.hello(hello).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(64);

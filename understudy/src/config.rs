@@ -153,6 +153,11 @@ pub struct Config {
     /// fsync the backup's image at every commit (power-loss safety).
     #[serde(default)]
     pub fsync: bool,
+    /// Hosts that may migrate the VM to this one while it waits with
+    /// `understudyd primary --incoming`: the IP addresses or DNS names their
+    /// certificates carry (mutual TLS; ignored in insecure mode).
+    #[serde(default)]
+    pub incoming_from: Vec<String>,
     /// Parameters of the built-in guests.
     #[serde(default)]
     pub guest_params: GuestParams,
@@ -751,7 +756,33 @@ impl Config {
             fsync: self.fsync,
             tls: self.tls_files(),
             auth: self.authority(home, None),
+            incoming: false,
         })
+    }
+
+    /// Who may migrate a VM to this host while it runs with `--incoming`:
+    /// the hosts `incoming_from` names (mutual TLS), besides the pair's other
+    /// host.
+    pub fn incoming_authority(
+        &self,
+        stats: Option<std::sync::Arc<understudy_common::status::Stats>>,
+    ) -> understudy_common::auth::Authority {
+        if self.tls.insecure {
+            return understudy_common::auth::Authority::insecure();
+        }
+        let on_refusal = stats.map(|stats| {
+            understudy_common::auth::OnRefusal(std::sync::Arc::new(move |rpc: &str| {
+                stats.metrics.refused(rpc)
+            }))
+        });
+        let mut names: Vec<String> = self
+            .incoming_from
+            .iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect();
+        names.sort();
+        names.dedup();
+        understudy_common::auth::Authority::mutual_tls(names, on_refusal)
     }
 }
 

@@ -18,7 +18,7 @@ use understudy_backup::BackupExit;
 use understudy_common::role::{HostIo, SharedListener};
 use understudy_common::status::{ControlService, Stats};
 use understudy_common::{console, wire};
-use understudy_primary::{PrimaryError, PrimaryExit, Start};
+use understudy_primary::{PrimaryError, PrimaryExit};
 use understudy_proto::control_server::ControlServer;
 
 use crate::config::Config;
@@ -60,8 +60,38 @@ fn record_role(config: &Config, role: Role) -> Result<()> {
         .with_context(|| format!("cannot record the role in {}", dir.display()))
 }
 
+/// How the daemon starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// In the home section's role, or the one `state_dir/role` records.
+    Home,
+    /// As the destination of a live migration (`understudyd primary
+    /// --incoming`): no boot; the host waits on `[primary].replication` for
+    /// a source to move the VM here, then runs it as the primary.
+    Incoming,
+}
+
 /// Runs the host of `home`; returns the process exit code.
-pub fn run(home: Role, config: &Config) -> Result<u8> {
+pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
+    let mut incoming = start == Start::Incoming;
+    if incoming {
+        if home != Role::Primary {
+            anyhow::bail!("--incoming is for `understudyd primary`: the VM arrives to run here");
+        }
+        if config.host(home).replication.is_none() {
+            anyhow::bail!(
+                "--incoming needs [primary].replication in {}: the address the source migrates the VM to",
+                config.name
+            );
+        }
+        if config.state_dir.join(ROLE_FILE).exists() {
+            anyhow::bail!(
+                "--incoming: {} says this host already has a role for VM {:?} (it ran or protected it);                  a host that has the VM cannot receive it. Delete the state directory's `role` file only                  if this host holds nothing of the VM",
+                config.state_dir.join(ROLE_FILE).display(),
+                config.name
+            );
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -71,8 +101,13 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
-        let mut role = starting_role(home, config)?;
-        if role != home {
+        let mut role = if incoming {
+            tracing::info!(vm = %config.name, "waiting for the VM to arrive by a live migration (--incoming)");
+            Role::Backup
+        } else {
+            starting_role(home, config)?
+        };
+        if role != home && !incoming {
             tracing::info!(
                 role = role.name(),
                 "this host took the {} role in a switchover (state_dir/role): starting as the {}",
@@ -156,14 +191,19 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
             if shutdown.is_cancelled() {
                 break Ok(0);
             }
-            record_role(config, role)?;
+            // A host waiting for a migration has no role to come back to.
+            if !incoming {
+                record_role(config, role)?;
+            }
             let role_done = shutdown.child_token();
             match role {
                 Role::Primary => {
                     let mut opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
                     opts.auth = config.authority(home, Some(stats.clone()));
                     stats.start_role(Role::Primary, opts.backup.to_string());
-                    let start = adopted.take().map_or(Start::Boot, Start::Adopt);
+                    let start = adopted
+                        .take()
+                        .map_or(understudy_primary::Start::Boot, understudy_primary::Start::Adopt);
                     let deposed = match understudy_primary::run(opts, host.clone(), role_done, start).await {
                         Ok(PrimaryExit::Shutdown) => break Ok(0),
                         Ok(PrimaryExit::VmEnded(end)) => {
@@ -174,6 +214,10 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                             tracing::info!(generation, "switchover done: the other host runs the VM; this host is the backup now");
                             role = Role::Backup;
                             continue;
+                        }
+                        Ok(PrimaryExit::MigratedAway { generation, destination }) => {
+                            tracing::info!(generation, %destination, "live migration done: the VM runs at the destination; nothing of it runs here");
+                            break Ok(0);
                         }
                         Ok(PrimaryExit::Fenced { generation }) => format!(
                             "deposed by the other host's promotion at generation {generation}: VM stopped, its unacked output dropped"
@@ -192,6 +236,14 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                 Role::Backup => {
                     let mut opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
                     opts.auth = config.authority(home, Some(stats.clone()));
+                    if incoming {
+                        opts.incoming = true;
+                        opts.auth = config.incoming_authority(Some(stats.clone()));
+                        stats.set_state(
+                            understudy_common::status::StateKind::Incoming,
+                            "incoming: waiting for a live migration",
+                        );
+                    }
                     stats.start_role(Role::Backup, String::new());
                     match understudy_backup::run(opts, host.clone(), role_done).await {
                         Ok(BackupExit::Shutdown) => break Ok(0),
@@ -200,6 +252,10 @@ pub fn run(home: Role, config: &Config) -> Result<u8> {
                             break Ok(0);
                         }
                         Ok(BackupExit::TookOver(vm)) => {
+                            if incoming {
+                                tracing::info!("the VM arrived by a live migration: this host runs it as the primary");
+                                incoming = false;
+                            }
                             adopted = Some(vm);
                             role = Role::Primary;
                         }

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod demo;
 pub mod drill;
 pub mod local;
+pub mod migrate;
 pub mod pair;
 pub mod record;
 pub mod remote;

@@ -22,12 +22,21 @@ async fn control_channel(
     addr: SocketAddr,
     tls: Option<&TlsFiles>,
 ) -> Result<ControlClient<tonic::transport::Channel>> {
+    control_client(addr, tls, Duration::from_secs(5)).await
+}
+
+/// [`control_channel`] whose calls may take up to `timeout`.
+pub async fn control_client(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+    timeout: Duration,
+) -> Result<ControlClient<tonic::transport::Channel>> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!(
         "{}://{addr}",
         wire::scheme(tls.is_some())
     ))?
     .connect_timeout(Duration::from_secs(2))
-    .timeout(Duration::from_secs(5));
+    .timeout(timeout);
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls.client(&addr.ip().to_string())?)?;
     }
@@ -347,6 +356,24 @@ pub fn render(s: &StatusReply) -> String {
     }
     if !s.peer.is_empty() {
         rows.push(("peer", s.peer.clone()));
+    }
+    if let Some(m) = &s.migration {
+        rows.push((
+            "migration",
+            format!(
+                "{} to {} by {}: round {}, {} sent{}",
+                m.phase,
+                m.destination,
+                m.mode,
+                m.round,
+                human_bytes(m.bytes_transferred as f64),
+                if m.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", m.error)
+                }
+            ),
+        ));
     }
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
 }

@@ -120,6 +120,33 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
+    /// Live migration: move the running VM to a host waiting with
+    /// `understudyd primary --incoming`; its backup (if any) protects it until
+    /// the switch. Shows progress, then what it cost.
+    Migrate {
+        /// The VM's config file (the pair's control addresses, TLS).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The destination's replication address (its [primary].replication).
+        #[arg(long, value_name = "ADDR")]
+        to: std::net::SocketAddr,
+        /// The name the destination's certificate carries (default: its IP).
+        #[arg(long, value_name = "NAME")]
+        to_name: Option<String>,
+        /// stop-and-copy (pause, copy everything, resume there) or precopy
+        /// (rounds while the guest runs, then a short stop).
+        #[arg(long, default_value = "precopy")]
+        mode: String,
+        /// Pre-copy: the guest stop the switch may take.
+        #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+        max_downtime: Duration,
+        /// Print the report as JSON on stdout (progress still on stderr).
+        #[arg(long)]
+        json: bool,
+        /// No progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Resume the VM from the backup's image when its primary is gone for good
     /// and the backup will not promote by itself (it says why in its status:
     /// e.g. a restarted primary that released output unprotected, or a backup
@@ -259,6 +286,31 @@ fn main() -> ExitCode {
             let wait = (!wait.is_zero()).then_some(wait);
             let outcome = understudy::switchover::run(&config, wait).await?;
             print!("{}", understudy::switchover::render(&outcome, &config));
+            Ok(())
+        }),
+        Command::Migrate {
+            config,
+            to,
+            to_name,
+            mode,
+            max_downtime,
+            json,
+            quiet,
+        } => async_main(async move {
+            let config = understudy::config::Config::load(&config, &[])?;
+            let options = understudy::migrate::MigrateOptions {
+                to,
+                to_name,
+                mode,
+                max_downtime,
+                progress: !quiet,
+            };
+            let report = understudy::migrate::run(&config, &options).await?;
+            if json {
+                println!("{}", understudy::migrate::to_json(&report));
+            } else {
+                print!("{}", understudy::migrate::render(&report));
+            }
             Ok(())
         }),
         Command::Promote { config } => async_main(async move {

@@ -32,10 +32,20 @@ struct ConfigArgs {
     overrides: Vec<String>,
 }
 
+#[derive(clap::Args, Debug)]
+struct PrimaryArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Do not boot: wait on `[primary].replication` for the VM to arrive by a
+    /// live migration (`understudyctl migrate`), then run and protect it.
+    #[arg(long)]
+    incoming: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the VM and replicate it to the backup.
-    Primary(ConfigArgs),
+    Primary(PrimaryArgs),
     /// Keep a ready-to-resume copy and take over when the primary dies.
     Backup(ConfigArgs),
     /// Check a configuration file and exit.
@@ -47,10 +57,10 @@ fn main() -> ExitCode {
     // from our CA) at debug level: always show them.
     understudy::init_logging("info", &["tonic::transport::server::io_stream=debug"]);
     let cli = Cli::parse();
-    let (role, args) = match &cli.command {
-        Command::Primary(a) => (Some(Role::Primary), a),
-        Command::Backup(a) => (Some(Role::Backup), a),
-        Command::Check(a) => (None, a),
+    let (role, args, incoming) = match &cli.command {
+        Command::Primary(a) => (Some(Role::Primary), &a.config, a.incoming),
+        Command::Backup(a) => (Some(Role::Backup), a, false),
+        Command::Check(a) => (None, a, false),
     };
     let config = match Config::load(&args.config, &args.overrides) {
         Ok(c) => c,
@@ -68,7 +78,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     };
-    match daemon::run(role, &config) {
+    let start = if incoming {
+        daemon::Start::Incoming
+    } else {
+        daemon::Start::Home
+    };
+    match daemon::run(role, &config, start) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("understudyd: error: {e:#}");

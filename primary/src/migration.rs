@@ -1,0 +1,880 @@
+//! Live migration: moving the running VM to another host (one started with
+//! `understudyd primary --incoming`) while the backup, if any, keeps
+//! protecting it until the switch.
+//!
+//! ```text
+//!  request ─▶ setup: Hello{migration} to the destination, a Replicate stream
+//!    │
+//!    ├─ stop-and-copy: ─────────────────────────────────────────────┐
+//!    │                                                              ▼
+//!    └─ precopy: rounds while the guest runs (in the time between    switch:
+//!       checkpoints): round 1 = every page, round n = the pages       pause (the backup's final checkpoint, acked),
+//!       dirtied during round n−1 ── remaining × rate ≤ budget ──▶     the rest to the destination (acked),
+//!       ── not converging: auto-converge holds the vCPU a growing     goodbye to the backup, Handover ─▶ the
+//!          share of the time (20 %, +10 % a round, ≤ 99 %)           destination runs the VM: MigratedAway
+//! ```
+//!
+//! Failure rules: until the destination has acked the final state and the
+//! backup has said it stands down, any failure resumes the VM here, still
+//! protected (the destination never promotes on silence; its half image is
+//! never run). A source that dies before the switch is an ordinary failover
+//! to its backup. The one window without an automatic outcome is between the
+//! backup's goodbye and the handover's answer: a source that dies there
+//! leaves the VM paused with its final state on the destination, which an
+//! operator resumes with `understudyctl promote` on the destination.
+//!
+//! This module holds the migration's state, its link to the destination and
+//! its decisions; the replicator thread, which owns the VM, drives it.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use understudy_checkpoint::PAGE_SIZE;
+use understudy_checkpoint::codec::Codec;
+use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
+use understudy_common::ids::Incarnation;
+use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
+use understudy_vmm::{DirtyBitmap, Vm};
+
+use crate::PrimaryOptions;
+use crate::peer::{HelloOutcome, SessionOffer, Target, hello_to};
+
+/// The guest stop a pre-copy switch may take unless asked otherwise (QEMU's
+/// default).
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(300);
+/// Pre-copy rounds before auto-converge starts holding the vCPU.
+const THROTTLE_AFTER_ROUNDS: u32 = 2;
+/// Auto-converge: the first hold, its step per round, and its ceiling (in
+/// percent of the guest's time), as QEMU's defaults.
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
+/// A pre-copy that has not converged after this many rounds gives up (the
+/// VM runs on here).
+const MAX_ROUNDS: u32 = 60;
+/// Pages copied between looks at the clock and the throttle.
+const BATCH_PAGES: usize = 256;
+/// How long the destination may take to commit the final state.
+const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a switch costs beyond the final copy (the destination maps and
+/// restores; measured ~15 ms on loopback), for the downtime estimate.
+const SWITCH_FIXED: Duration = Duration::from_millis(20);
+/// A round this small always converges.
+const CONVERGED_PAGES: usize = 64;
+/// Chunks queued to the destination's stream before sending waits.
+const LINK_DEPTH: usize = 64;
+/// Bytes sent and not yet committed by the destination before more pages
+/// are read: keeps the buffered data (and so the downtime estimate) honest.
+const MAX_UNACKED_BYTES: u64 = 8 << 20;
+/// A destination that takes nothing for this long is given up (a cut link
+/// or a frozen host); the VM runs on here.
+const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a full link is looked at again.
+const LINK_POLL: Duration = Duration::from_micros(250);
+
+/// How the VM moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationMode {
+    /// Pause, copy everything, resume there (the baseline).
+    StopAndCopy,
+    /// Rounds of dirty pages while the guest runs, then a stop that fits the
+    /// downtime budget.
+    Precopy,
+}
+
+impl MigrationMode {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StopAndCopy => "stop-and-copy",
+            Self::Precopy => "precopy",
+        }
+    }
+}
+
+impl FromStr for MigrationMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop-and-copy" => Ok(Self::StopAndCopy),
+            "precopy" | "" => Ok(Self::Precopy),
+            "postcopy" | "hybrid" | "replay" => Err(format!(
+                "migration mode {s:?} is not built yet: choose stop-and-copy or precopy"
+            )),
+            other => Err(format!(
+                "unknown migration mode {other:?}: choose stop-and-copy or precopy"
+            )),
+        }
+    }
+}
+
+/// One operator request, checked.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub target: Target,
+    pub mode: MigrationMode,
+    pub max_downtime: Duration,
+    pub responder: tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>,
+}
+
+impl Request {
+    /// Checks an operator's request; the error names what to fix.
+    pub(crate) fn parse(
+        req: &MigrateRequest,
+        responder: tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>,
+    ) -> Result<
+        Self,
+        (
+            String,
+            tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>,
+        ),
+    > {
+        let addr = match req.destination.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                return Err((
+                    format!(
+                        "destination {:?} is not an address: give the destination's replication \
+                         address as IP:PORT",
+                        req.destination
+                    ),
+                    responder,
+                ));
+            }
+        };
+        let mode = match req.mode.parse() {
+            Ok(m) => m,
+            Err(e) => return Err((e, responder)),
+        };
+        let max_downtime = match req.max_downtime_micros {
+            0 => DEFAULT_MAX_DOWNTIME,
+            us => Duration::from_micros(us),
+        };
+        Ok(Self {
+            target: Target {
+                addr,
+                name: Some(req.destination_name.clone()).filter(|n| !n.is_empty()),
+            },
+            mode,
+            max_downtime,
+            responder,
+        })
+    }
+}
+
+/// The replication stream to the destination.
+pub(crate) struct Link {
+    pub id: u64,
+    chunks: tokio::sync::mpsc::Sender<EpochChunk>,
+    broken: Arc<AtomicBool>,
+    /// Last acked epoch + 1.
+    acked: Arc<AtomicU64>,
+    why: Arc<Mutex<Option<String>>>,
+    generation: u64,
+    /// Chunks encoded and not yet handed to the stream.
+    outbox: std::collections::VecDeque<EpochChunk>,
+    /// Epochs sent and not yet acked, with their bytes.
+    unacked: std::collections::VecDeque<(u64, u64)>,
+    unacked_bytes: u64,
+    /// Bytes the destination committed, and since when it has been sent to.
+    acked_bytes: u64,
+    first_send: Option<Instant>,
+    /// The last time the destination took or committed anything.
+    progress_at: Instant,
+}
+
+impl Link {
+    /// Opens a migration session with the destination.
+    pub(crate) async fn open(
+        opts: &PrimaryOptions,
+        target: &Target,
+        generation: u64,
+        incarnation: Incarnation,
+    ) -> Result<Self, String> {
+        let offer = SessionOffer::new(generation, incarnation, None).map_err(|e| e.to_string())?;
+        let mut client = match hello_to(opts, target, &offer, true).await {
+            HelloOutcome::Accepted(c) => c,
+            HelloOutcome::Deposed(g) => {
+                return Err(format!(
+                    "the destination runs the VM already (generation {g})"
+                ));
+            }
+            HelloOutcome::HoldsVm(why)
+            | HelloOutcome::Refused(why)
+            | HelloOutcome::Unreachable(why) => return Err(why),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
+        let mut acks = client
+            .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let broken = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let why = Arc::new(Mutex::new(None));
+        tokio::spawn({
+            let (broken, acked, why) = (broken.clone(), acked.clone(), why.clone());
+            async move {
+                let reason = loop {
+                    match acks.next().await {
+                        Some(Ok(ack)) => {
+                            acked.fetch_max(ack.epoch + 1, Ordering::AcqRel);
+                        }
+                        Some(Err(s)) => break format!("{}: {}", s.code(), s.message()),
+                        None => break "the destination closed the stream".to_string(),
+                    }
+                };
+                *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                broken.store(true, Ordering::Release);
+            }
+        });
+        Ok(Self {
+            id: offer.id,
+            chunks: tx,
+            broken,
+            acked,
+            why,
+            generation,
+            outbox: Default::default(),
+            unacked: Default::default(),
+            unacked_bytes: 0,
+            acked_bytes: 0,
+            first_send: None,
+            progress_at: Instant::now(),
+        })
+    }
+
+    /// Queues the first chunks of an epoch still being encoded.
+    fn queue_chunks(&mut self, chunks: Vec<Vec<u8>>) {
+        for chunk in chunks {
+            self.outbox.push_back(EpochChunk {
+                session: self.id,
+                generation: self.generation,
+                chunk: chunk.into(),
+                trace_segment: Default::default(),
+            });
+        }
+    }
+
+    /// Queues `chunks` of `epoch` (its `bytes` in all) for the destination.
+    fn queue(&mut self, epoch: u64, bytes: u64, chunks: Vec<Vec<u8>>) {
+        for chunk in chunks {
+            self.outbox.push_back(EpochChunk {
+                session: self.id,
+                generation: self.generation,
+                chunk: chunk.into(),
+                trace_segment: Default::default(),
+            });
+        }
+        self.unacked.push_back((epoch, bytes));
+        self.unacked_bytes += bytes;
+        self.first_send.get_or_insert_with(Instant::now);
+    }
+
+    /// Hands queued chunks to the stream as far as it takes them, and
+    /// accounts for the destination's acks. Never blocks. An error says why
+    /// the link is gone (broken, or stalled for [`STALL_TIMEOUT`]).
+    fn pump(&mut self) -> Result<(), String> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(self.why());
+        }
+        let acked = self.acked.load(Ordering::Acquire);
+        while let Some(&(epoch, bytes)) = self.unacked.front() {
+            if epoch >= acked {
+                break;
+            }
+            self.unacked.pop_front();
+            self.unacked_bytes -= bytes;
+            self.acked_bytes += bytes;
+            self.progress_at = Instant::now();
+        }
+        while let Some(msg) = self.outbox.pop_front() {
+            match self.chunks.try_send(msg) {
+                Ok(()) => self.progress_at = Instant::now(),
+                Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) => {
+                    self.outbox.push_front(msg);
+                    break;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Err(self.why()),
+            }
+        }
+        if (!self.outbox.is_empty() || !self.unacked.is_empty())
+            && self.progress_at.elapsed() > STALL_TIMEOUT
+        {
+            return Err(format!(
+                "the destination took nothing for {STALL_TIMEOUT:?} (a cut link or a frozen host)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Room for another batch: everything queued is handed over and the
+    /// unacked bytes are under the window.
+    fn has_room(&self) -> bool {
+        self.outbox.is_empty() && self.unacked_bytes < MAX_UNACKED_BYTES
+    }
+
+    /// The destination's pace: bytes it committed per second since the
+    /// first send (0 until it committed something).
+    fn rate(&self) -> f64 {
+        match self.first_send {
+            Some(t) if self.acked_bytes > 0 => {
+                self.acked_bytes as f64 / t.elapsed().as_secs_f64().max(1e-6)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Pumps until everything up to `epoch` is handed over and committed.
+    fn flush_acked(&mut self, epoch: u64, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pump()?;
+            if self.outbox.is_empty() && self.acked.load(Ordering::Acquire) > epoch {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the destination did not commit epoch {epoch} within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(LINK_POLL);
+        }
+    }
+
+    fn why(&self) -> String {
+        self.why
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "the link to the destination broke".into())
+    }
+}
+
+/// What the pre-copy loop does after a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Stop the guest and send the rest.
+    Switch,
+    /// Another round, holding the vCPU this share (percent) of the time.
+    Round { throttle: u32 },
+    /// Not converging even at the highest hold: give up.
+    GiveUp,
+}
+
+/// After round `round` (1 = the first), with `remaining` pages dirtied
+/// meanwhile that would take `remaining_bytes` on the wire (plus what is
+/// still unacked): switch if sending them at `rate` (bytes/s, the
+/// destination's measured pace) fits `budget`; otherwise another round,
+/// holding the vCPU more once the rounds stop shrinking the set
+/// (auto-converge).
+pub(crate) fn next_step(
+    round: u32,
+    remaining: usize,
+    remaining_bytes: u64,
+    rate: f64,
+    budget: Duration,
+    throttle: u32,
+) -> Next {
+    let estimate = if rate > 0.0 {
+        Duration::from_secs_f64(remaining_bytes as f64 / rate) + SWITCH_FIXED
+    } else {
+        Duration::MAX
+    };
+    if remaining <= CONVERGED_PAGES || estimate <= budget {
+        return Next::Switch;
+    }
+    if round >= MAX_ROUNDS {
+        return Next::GiveUp;
+    }
+    let throttle = if round < THROTTLE_AFTER_ROUNDS {
+        0
+    } else if throttle == 0 {
+        THROTTLE_INITIAL
+    } else {
+        (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+    };
+    Next::Round { throttle }
+}
+
+/// How long to hold the vCPU after `ran` of work so that it is held
+/// `throttle` percent of the time.
+pub(crate) fn hold_for(ran: Duration, throttle: u32) -> Duration {
+    if throttle == 0 {
+        return Duration::ZERO;
+    }
+    let t = f64::from(throttle.min(THROTTLE_MAX)) / 100.0;
+    ran.mul_f64(t / (1.0 - t))
+}
+
+/// What the pre-copy loop wants from the replicator.
+pub(crate) enum Step {
+    /// Carry on (more rounds, or the deadline came).
+    Continue,
+    /// Time to switch: pause and send the rest.
+    Switch,
+}
+
+/// A migration under way (owned by the replicator thread).
+pub(crate) struct Migration {
+    pub request: Request,
+    link: Option<Link>,
+    sender: Option<SenderState>,
+    requested: Instant,
+    setup: Duration,
+    /// This round's pages and the next to send.
+    round_pages: Vec<u32>,
+    next: usize,
+    /// Pages dirtied since this round's list was taken.
+    pending: DirtyBitmap,
+    round: u32,
+    round_started: Instant,
+    throttle: u32,
+    max_throttle: u32,
+    next_epoch: u64,
+    /// Figures.
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+    duplicate_pages: u64,
+    dirtied: u64,
+    held: Duration,
+    rate: f64,
+    dirty_rate: f64,
+    ram_pages: usize,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Migration {
+    pub(crate) fn new(request: Request, ram_pages: usize) -> Self {
+        Self {
+            request,
+            link: None,
+            sender: None,
+            requested: Instant::now(),
+            setup: Duration::ZERO,
+            round_pages: Vec::new(),
+            next: 0,
+            pending: DirtyBitmap::full(ram_pages),
+            round: 0,
+            round_started: Instant::now(),
+            throttle: 0,
+            max_throttle: 0,
+            next_epoch: 1,
+            bytes: 0,
+            pages: 0,
+            zero_pages: 0,
+            duplicate_pages: 0,
+            dirtied: 0,
+            held: Duration::ZERO,
+            rate: 0.0,
+            dirty_rate: 0.0,
+            ram_pages,
+        }
+    }
+
+    /// Connects to the destination (blocking on `runtime`).
+    pub(crate) fn connect(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        opts: &PrimaryOptions,
+        generation: u64,
+        incarnation: Incarnation,
+    ) -> Result<(), String> {
+        let link = runtime.block_on(Link::open(
+            opts,
+            &self.request.target,
+            generation,
+            incarnation,
+        ))?;
+        let sender = SenderState::new(&opts.vm_id, self.ram_pages as u32, generation, opts.codec)
+            .map_err(|e| format!("cannot start the encoder: {e}"))?;
+        self.link = Some(link);
+        self.sender = Some(sender);
+        self.setup = self.requested.elapsed();
+        self.round_started = Instant::now();
+        Ok(())
+    }
+
+    pub(crate) fn connected(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Pages the guest dirtied (from a checkpoint's or our own harvest).
+    pub(crate) fn dirtied(&mut self, pages: &[u32]) {
+        for &p in pages {
+            self.pending.set(p as usize);
+        }
+        self.dirtied += pages.len() as u64;
+    }
+
+    /// As [`Self::dirtied`], from a bitmap.
+    pub(crate) fn dirtied_bitmap(&mut self, dirty: &DirtyBitmap) {
+        self.dirtied += dirty.count() as u64;
+        self.pending.union_words(dirty.words());
+    }
+
+    fn account(&mut self, report: &EncodeReport) {
+        self.bytes += report.bytes_out;
+        self.pages += report.pages;
+        self.zero_pages += report.pages_by_codec[Codec::Zero as usize];
+        self.duplicate_pages += report.pages_by_codec[Codec::SameAs as usize]
+            + report.pages_by_codec[Codec::RepeatOf as usize];
+    }
+
+    /// Pre-copy: sends this round's pages from the running guest until
+    /// `deadline`; at a round's end decides what comes next. `harvest`:
+    /// no checkpoint harvests for us (no backup session), so harvest here.
+    pub(crate) fn precopy_until(
+        &mut self,
+        vm: &Vm,
+        page: &mut [u8; PAGE_SIZE],
+        deadline: Instant,
+        harvest: bool,
+        may_hold: bool,
+    ) -> Result<Step, String> {
+        loop {
+            self.link_mut()?.pump()?;
+            if self.next >= self.round_pages.len() {
+                if self.round > 0 {
+                    if harvest {
+                        let dirty = vm
+                            .harvest_dirty()
+                            .map_err(|e| format!("cannot read the dirty log: {e}"))?;
+                        self.dirtied_bitmap(&dirty);
+                    }
+                    let took = self.round_started.elapsed().as_secs_f64().max(1e-6);
+                    self.dirty_rate = self.pending.count() as f64 / took;
+                    let (rate, unacked) = {
+                        let link = self.link_mut()?;
+                        (link.rate(), link.unacked_bytes)
+                    };
+                    self.rate = rate;
+                    let per_page = if self.pages > 0 {
+                        self.bytes as f64 / self.pages as f64
+                    } else {
+                        PAGE_SIZE as f64
+                    };
+                    let remaining = self.pending.count();
+                    let remaining_bytes = unacked + (remaining as f64 * per_page) as u64;
+                    match next_step(
+                        self.round,
+                        remaining,
+                        remaining_bytes,
+                        self.rate,
+                        self.request.max_downtime,
+                        self.throttle,
+                    ) {
+                        Next::Switch => return Ok(Step::Switch),
+                        Next::GiveUp => {
+                            return Err(format!(
+                                "pre-copy did not converge in {MAX_ROUNDS} rounds: the guest dirties \
+                                 {:.0} pages/s against {:.1} MB/s to the destination even with the \
+                                 vCPU held {}% of the time; try stop-and-copy or a larger --max-downtime",
+                                self.dirty_rate,
+                                self.rate / 1e6,
+                                self.throttle
+                            ));
+                        }
+                        Next::Round { throttle } => {
+                            if throttle != self.throttle {
+                                tracing::info!(
+                                    round = self.round,
+                                    throttle,
+                                    "migration: auto-converge holds the vCPU more"
+                                );
+                            }
+                            self.throttle = throttle;
+                            self.max_throttle = self.max_throttle.max(throttle);
+                        }
+                    }
+                }
+                self.start_round();
+                if self.round_pages.is_empty() {
+                    // Nothing dirtied: wait for the destination to catch up
+                    // (the next look decides on its measured pace).
+                    if Instant::now() >= deadline {
+                        return Ok(Step::Continue);
+                    }
+                    std::thread::sleep(LINK_POLL);
+                    continue;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(Step::Continue);
+            }
+            if self.link_mut()?.has_room() {
+                self.send_batch(vm, page, may_hold)?;
+            } else {
+                std::thread::sleep(LINK_POLL);
+            }
+        }
+    }
+
+    fn link_mut(&mut self) -> Result<&mut Link, String> {
+        self.link
+            .as_mut()
+            .ok_or_else(|| "not connected".to_string())
+    }
+
+    fn start_round(&mut self) {
+        let pending = std::mem::replace(&mut self.pending, DirtyBitmap::new(self.ram_pages));
+        self.round_pages = pending.iter().map(|p| p as u32).collect();
+        self.next = 0;
+        self.round += 1;
+        self.round_started = Instant::now();
+        tracing::debug!(
+            round = self.round,
+            pages = self.round_pages.len(),
+            "migration round"
+        );
+    }
+
+    /// One batch of this round's pages, as one epoch, read while the guest
+    /// runs; then the auto-converge hold.
+    fn send_batch(
+        &mut self,
+        vm: &Vm,
+        page: &mut [u8; PAGE_SIZE],
+        may_hold: bool,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let end = (self.next + BATCH_PAGES).min(self.round_pages.len());
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
+            return Err("not connected".into());
+        };
+        let mut enc = sender
+            .begin(epoch, EpochKind::SyncRound)
+            .map_err(|e| format!("cannot encode: {e}"))?;
+        for &p in &self.round_pages[self.next..end] {
+            vm.ram()
+                .copy_page(p as usize, page)
+                .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
+            enc.add_page(p, page)
+                .map_err(|e| format!("cannot encode: {e}"))?;
+        }
+        let encoded = enc.finish(&[]).map_err(|e| format!("cannot encode: {e}"))?;
+        link.queue(epoch, encoded.report.bytes_out, encoded.chunks);
+        link.pump()?;
+        self.account(&encoded.report);
+        self.next = end;
+        let took = started.elapsed();
+        let hold = hold_for(took, self.throttle);
+        if may_hold && !hold.is_zero() {
+            vm.pause()
+                .map_err(|e| format!("cannot hold the vCPU: {e}"))?;
+            std::thread::sleep(hold);
+            vm.resume()
+                .map_err(|e| format!("cannot resume the vCPU: {e}"))?;
+            self.held += hold;
+        }
+        Ok(())
+    }
+
+    /// The switch: the pages still pending (and `more`, dirtied up to the
+    /// pause) read from the paused guest, with the device state and console
+    /// payload, as one checkpoint; returns once the destination committed
+    /// it, with its epoch and the pages and bytes it took.
+    pub(crate) fn send_final(
+        &mut self,
+        vm: &Vm,
+        page: &mut [u8; PAGE_SIZE],
+        payload: &[u8],
+    ) -> Result<(u64, u64, u64), String> {
+        // The rest of this round and everything dirtied since.
+        for &p in &self.round_pages[self.next..] {
+            self.pending.set(p as usize);
+        }
+        self.round_pages.clear();
+        self.next = 0;
+        let pages: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
+            return Err("not connected".into());
+        };
+        let mut enc = sender
+            .begin(epoch, EpochKind::Checkpoint)
+            .map_err(|e| format!("cannot encode: {e}"))?;
+        for (i, &p) in pages.iter().enumerate() {
+            vm.ram()
+                .copy_page(p as usize, page)
+                .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
+            enc.add_page(p, page)
+                .map_err(|e| format!("cannot encode: {e}"))?;
+            if i % BATCH_PAGES == BATCH_PAGES - 1 {
+                // Out while the rest is read (queued as one epoch below).
+                link.queue_chunks(enc.take_chunks());
+                link.pump()?;
+            }
+        }
+        let encoded = enc
+            .finish(payload)
+            .map_err(|e| format!("cannot encode: {e}"))?;
+        let report = encoded.report;
+        link.queue(epoch, report.bytes_out, encoded.chunks);
+        let waited = link.flush_acked(epoch, FINAL_ACK_TIMEOUT);
+        self.account(&report);
+        waited?;
+        self.pending = DirtyBitmap::new(self.ram_pages);
+        Ok((epoch, pages.len() as u64, report.bytes_out))
+    }
+
+    /// The session the destination knows this migration by.
+    pub(crate) fn session(&self) -> u64 {
+        self.link.as_ref().map_or(0, |l| l.id)
+    }
+
+    /// Where the migration stands, for status.
+    pub(crate) fn progress(&self, phase: &str, error: &str) -> MigrationProgress {
+        MigrationProgress {
+            mode: self.request.mode.name().into(),
+            destination: self.request.target.addr.to_string(),
+            phase: phase.into(),
+            round: self.round,
+            bytes_transferred: self.bytes,
+            remaining_pages: (self.round_pages.len() - self.next.min(self.round_pages.len()))
+                as u64
+                + self.pending.count() as u64,
+            rate_bytes_per_second: self.rate,
+            dirty_pages_per_second: self.dirty_rate,
+            throttle_percent: self.throttle,
+            elapsed_micros: self.requested.elapsed().as_micros() as u64,
+            error: error.into(),
+        }
+    }
+
+    /// The report of a finished migration.
+    pub(crate) fn report(&self, done: SwitchFigures) -> MigrateReply {
+        let total = self.requested.elapsed();
+        let ran = total.saturating_sub(done.downtime);
+        let guest_run_share = if ran.is_zero() {
+            1.0
+        } else {
+            1.0 - self.held.as_secs_f64() / ran.as_secs_f64()
+        };
+        MigrateReply {
+            generation: done.generation,
+            mode: self.request.mode.name().into(),
+            downtime_micros: done.downtime.as_micros() as u64,
+            total_micros: total.as_micros() as u64,
+            setup_micros: self.setup.as_micros() as u64,
+            bytes_transferred: self.bytes,
+            pages_transferred: self.pages,
+            zero_pages: self.zero_pages,
+            duplicate_pages: self.duplicate_pages,
+            rounds: match self.request.mode {
+                MigrationMode::StopAndCopy => 0,
+                MigrationMode::Precopy => self.round,
+            },
+            dirty_pages_per_second: self.dirty_rate,
+            final_pages: done.final_pages,
+            final_bytes: done.final_bytes,
+            throttle_percent: self.max_throttle,
+            resume_micros: done.resume.as_micros() as u64,
+            destination: self.request.target.addr.to_string(),
+            guest_run_share,
+        }
+    }
+}
+
+/// What the switch measured.
+pub(crate) struct SwitchFigures {
+    pub generation: u64,
+    pub downtime: Duration,
+    pub resume: Duration,
+    pub final_pages: u64,
+    pub final_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: f64 = 1e9;
+
+    #[test]
+    fn a_round_that_fits_the_budget_switches() {
+        // 1000 pages at 1 GB/s: 4 ms + the fixed 20 ms < 300 ms.
+        assert_eq!(
+            next_step(1, 1000, 4_096_000, GB, DEFAULT_MAX_DOWNTIME, 0),
+            Next::Switch
+        );
+        // A handful of pages always does, whatever the rate.
+        assert_eq!(
+            next_step(1, 10, 40960, 0.0, Duration::ZERO, 0),
+            Next::Switch
+        );
+        // Nothing measured yet: another round.
+        assert_eq!(
+            next_step(1, 1000, 4_096_000, 0.0, DEFAULT_MAX_DOWNTIME, 0),
+            Next::Round { throttle: 0 }
+        );
+    }
+
+    #[test]
+    fn a_guest_that_outruns_the_link_is_held_more_each_round_then_given_up() {
+        // 1 GiB dirty at 100 MB/s: ~10 s, far over the budget.
+        let big = 1 << 18;
+        let bytes = (big * PAGE_SIZE) as u64;
+        let rate = 100e6;
+        assert_eq!(
+            next_step(1, big, bytes, rate, DEFAULT_MAX_DOWNTIME, 0),
+            Next::Round { throttle: 0 },
+            "the first rounds run free"
+        );
+        let mut throttle = 0;
+        let mut seen = Vec::new();
+        for round in THROTTLE_AFTER_ROUNDS..MAX_ROUNDS {
+            match next_step(round, big, bytes, rate, DEFAULT_MAX_DOWNTIME, throttle) {
+                Next::Round { throttle: t } => {
+                    assert!(t >= throttle && t <= THROTTLE_MAX);
+                    throttle = t;
+                    seen.push(t);
+                }
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(seen[0], THROTTLE_INITIAL);
+        assert_eq!(*seen.last().unwrap(), THROTTLE_MAX);
+        assert_eq!(
+            next_step(MAX_ROUNDS, big, bytes, rate, DEFAULT_MAX_DOWNTIME, throttle),
+            Next::GiveUp
+        );
+    }
+
+    #[test]
+    fn the_hold_gives_the_asked_share_of_time() {
+        let ran = Duration::from_millis(10);
+        assert_eq!(hold_for(ran, 0), Duration::ZERO);
+        let h = hold_for(ran, 20);
+        let share = h.as_secs_f64() / (h + ran).as_secs_f64();
+        assert!((share - 0.20).abs() < 1e-9, "{share}");
+        let h = hold_for(ran, 99);
+        let share = h.as_secs_f64() / (h + ran).as_secs_f64();
+        assert!((share - 0.99).abs() < 1e-9, "{share}");
+    }
+
+    #[test]
+    fn modes_parse_and_unbuilt_ones_say_so() {
+        assert_eq!("precopy".parse(), Ok(MigrationMode::Precopy));
+        assert_eq!("stop-and-copy".parse(), Ok(MigrationMode::StopAndCopy));
+        let e = "postcopy".parse::<MigrationMode>().unwrap_err();
+        assert!(e.contains("not built yet"), "{e}");
+        let e = "teleport".parse::<MigrationMode>().unwrap_err();
+        assert!(e.contains("unknown migration mode"), "{e}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Live migration (`understudyctl migrate`) between real daemons: a protected
+//! pair's primary moves its VM to a third host started with `understudyd
+//! primary --incoming`, under kv load. After the move every acked write is
+//! there and a resuming console client sees each answer exactly once; a
+//! destination or source that dies before the switch leaves the VM where it
+//! was (and never a second copy).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{CTL, DAEMON, Lines, Pair, free_port, status};
+
+/// A host waiting for the VM (`understudyd primary --incoming`), with its own
+/// config: the same VM, its own addresses, a backup that is not running.
+struct Destination {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    console: SocketAddr,
+    control: SocketAddr,
+    replication: SocketAddr,
+    child: Option<Child>,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Destination {
+    fn start(guest: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (console, control, replication) =
+            (addr(free_port()), addr(free_port()), addr(free_port()));
+        let config = dir.path().join("dest.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "test-vm"
+guest = "{guest}"
+memory_mib = 16
+state_dir = "{state}"
+[primary]
+console = "{console}"
+control = "{control}"
+replication = "{replication}"
+[backup]
+replication = "{}"
+console = "{}"
+control = "{}"
+[tls]
+insecure = true
+"#,
+                addr(free_port()),
+                addr(free_port()),
+                addr(free_port()),
+                state = dir.path().join("state").display(),
+            ),
+        )
+        .unwrap();
+        let mut d = Self {
+            dir,
+            config,
+            console,
+            control,
+            replication,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("dest.log")).unwrap();
+        self.child = Some(
+            Command::new(DAEMON)
+                .args(["primary", "--incoming", "--config"])
+                .arg(&self.config)
+                .env("UNDERSTUDY_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dest.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    async fn wait_incoming(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = status(self.control).await
+                && s.state_kind == "incoming"
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the destination never waited for the VM\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn migrate(pair: &Pair, dest: &Destination, mode: &str) -> Child {
+    Command::new(CTL)
+        .args(["migrate", "--json", "--config"])
+        .arg(&pair.config)
+        .args(["--to", &dest.replication.to_string(), "--mode", mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends a kv command and returns its answer line.
+async fn ask(c: &mut Lines, line: &str) -> std::io::Result<Option<String>> {
+    c.send(line).await?;
+    c.next(Duration::from_secs(20)).await
+}
+
+async fn wait_ready(client: &mut Lines, pair: &Pair) {
+    loop {
+        match client.next(Duration::from_secs(60)).await {
+            Ok(Some(l)) if l == "kv ready" => return,
+            Ok(Some(_)) => {}
+            other => panic!("no `kv ready`: {other:?}\n{}", pair.logs()),
+        }
+    }
+}
+
+/// Writes until `child` (a migrate command) exits or the source closes the
+/// console; returns the acked keys and the write in flight, if any.
+async fn write_while(client: &mut Lines, child: &mut Child, tag: &str) -> (Vec<u64>, Option<u64>) {
+    let mut acked = Vec::new();
+    let mut i = 0u64;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return (acked, None);
+        }
+        match ask(client, &format!("SET key{tag}-{i} value-{i}")).await {
+            Ok(Some(l)) if l == "OK" => acked.push(i),
+            Ok(Some(other)) => panic!("unexpected answer {other:?}"),
+            // The source closed the console: the VM moved (or is moving).
+            Ok(None) | Err(_) => return (acked, Some(i)),
+        }
+        i += 1;
+    }
+}
+
+async fn check_all(client: &mut Lines, what: &str, tag: &str, acked: &[u64]) {
+    for &k in acked {
+        let got = ask(client, &format!("GET key{tag}-{k}")).await.unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(format!("VALUE value-{k}").as_str()),
+            "acked write key{tag}-{k} lost\n{what}"
+        );
+    }
+}
+
+fn finished(child: Child) -> (bool, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Migrates the protected pair's kv VM by `mode` while a client writes;
+/// checks every acked write on the destination, exactly once.
+async fn migrate_under_load(mode: &str) {
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("kv", "").await;
+    let dest = Destination::start("kv");
+    dest.wait_incoming().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    // Some load before, then during the migration.
+    let mut acked = Vec::new();
+    for i in 0..200u64 {
+        let l = ask(&mut client, &format!("SET pre-{i} v-{i}"))
+            .await
+            .unwrap();
+        assert_eq!(l.as_deref(), Some("OK"));
+    }
+    let mut child = migrate(&pair, &dest, mode);
+    let (during, in_flight) = write_while(&mut client, &mut child, "m").await;
+    acked.extend(during);
+    let (ok, stdout, stderr) = finished(child);
+    let logs_dir = pair.dir.path().to_owned();
+    let all_logs = || {
+        format!(
+            "{stderr}\n{}\n--- destination ---\n{}",
+            common::logs_in(&logs_dir),
+            dest.logs()
+        )
+    };
+    assert!(ok, "migrate failed: {}", all_logs());
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", all_logs()));
+    assert_eq!(report["mode"], mode);
+    eprintln!("{mode}: {report}");
+    // The source's daemon ends: the VM runs at the destination only.
+    let code = pair.wait_primary_exit(Duration::from_secs(10));
+    assert!(code.success(), "source exit {code:?}\n{}", all_logs());
+    let s = status(dest.control).await.expect("destination status");
+    assert_eq!(s.role, "primary", "{s:?}");
+    assert_eq!(s.generation, report["generation"].as_u64().unwrap());
+    // The client follows the VM; an answer in flight comes exactly once.
+    client.reconnect(dest.console).await.unwrap();
+    if let Some(i) = in_flight {
+        let l = client.next(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(
+            l.as_deref(),
+            Some("OK"),
+            "the write in flight\n{}",
+            all_logs()
+        );
+        acked.push(i);
+    }
+    let after = ask(&mut client, "SET after v").await.unwrap();
+    assert_eq!(after.as_deref(), Some("OK"), "{}", all_logs());
+    for i in 0..200u64 {
+        let got = ask(&mut client, &format!("GET pre-{i}")).await.unwrap();
+        assert_eq!(got.as_deref(), Some(format!("VALUE v-{i}").as_str()));
+    }
+    check_all(&mut client, &all_logs(), "m", &acked).await;
+    assert!(
+        !acked.is_empty() || mode == "stop-and-copy",
+        "no write went through during a pre-copy migration\n{}",
+        all_logs()
+    );
+    // The old backup stood down: it never runs the VM.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = status(pair.addrs.backup_control)
+        .await
+        .expect("backup status");
+    assert_eq!(b.role, "backup", "the old backup took the VM too: {b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_moves_a_protected_kv_vm_under_load_losing_no_acked_write() {
+    migrate_under_load("precopy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_copy_moves_a_protected_kv_vm_losing_no_acked_write() {
+    migrate_under_load("stop-and-copy").await;
+}

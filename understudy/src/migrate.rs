@@ -1,0 +1,176 @@
+//! `understudyctl migrate`: asks the pair's primary to move its VM to a host
+//! waiting with `understudyd primary --incoming`, shows progress while it
+//! runs (from the primary's status), and reports what it cost.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use understudy_proto::{MigrateReply, MigrateRequest, MigrationProgress};
+
+use crate::config::Config;
+
+/// How long a migration may take before the CLI stops waiting (the
+/// primary carries on and reports in its status).
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How often progress is polled.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// What the operator asked for.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// The destination's replication address.
+    pub to: SocketAddr,
+    /// The name its certificate carries (default: its IP).
+    pub to_name: Option<String>,
+    /// "stop-and-copy" or "precopy".
+    pub mode: String,
+    /// The stop a pre-copy switch may take.
+    pub max_downtime: Duration,
+    /// Print progress lines to stderr while it runs.
+    pub progress: bool,
+}
+
+/// Runs a migration of the VM `config` describes; returns its report.
+pub async fn run(config: &Config, opts: &MigrateOptions) -> Result<MigrateReply> {
+    let (_, control) = crate::remote::find_primary(config).await?;
+    let tls = config.tls_files();
+    let request = MigrateRequest {
+        destination: opts.to.to_string(),
+        destination_name: opts.to_name.clone().unwrap_or_default(),
+        mode: opts.mode.clone(),
+        max_downtime_micros: opts.max_downtime.as_micros() as u64,
+    };
+    let mut client = crate::remote::control_client(control, tls.as_ref(), MIGRATE_TIMEOUT).await?;
+    let mut call = Box::pin(async move {
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(MIGRATE_TIMEOUT);
+        client.migrate(request).await
+    });
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            reply = &mut call => {
+                if opts.progress && !last.is_empty() {
+                    eprintln!();
+                }
+                return reply
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))
+                    .context("the migration did not happen");
+            }
+            _ = tick.tick(), if opts.progress => {
+                let Ok(status) = crate::remote::fetch_status(control, tls.as_ref()).await else {
+                    continue;
+                };
+                if let Some(p) = status.migration.filter(|p| p.phase != "done" && p.phase != "failed") {
+                    let line = progress_line(&p, started.elapsed());
+                    if line != last {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One progress line.
+pub fn progress_line(p: &MigrationProgress, elapsed: Duration) -> String {
+    format!(
+        "{:>6.1} s  {:<13} round {:<3} sent {:>9}  to go {:>7} pages  {:>9}/s  dirty {:>7.0} pages/s  throttle {:>2}%",
+        elapsed.as_secs_f64(),
+        p.phase,
+        p.round,
+        human_bytes(p.bytes_transferred as f64),
+        p.remaining_pages,
+        human_bytes(p.rate_bytes_per_second),
+        p.dirty_pages_per_second,
+        p.throttle_percent
+    )
+}
+
+fn human_bytes(b: f64) -> String {
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+/// The report as text.
+pub fn render(r: &MigrateReply) -> String {
+    let ms = |us: u64| format!("{:.1} ms", us as f64 / 1e3);
+    let rows: Vec<(&str, String)> = vec![
+        ("destination", r.destination.clone()),
+        ("mode", r.mode.clone()),
+        ("generation", r.generation.to_string()),
+        ("downtime", ms(r.downtime_micros)),
+        ("total time", ms(r.total_micros)),
+        ("setup time", ms(r.setup_micros)),
+        ("transferred", human_bytes(r.bytes_transferred as f64)),
+        (
+            "pages",
+            format!(
+                "{} sent ({} zero, {} duplicate)",
+                r.pages_transferred, r.zero_pages, r.duplicate_pages
+            ),
+        ),
+        ("rounds", r.rounds.to_string()),
+        (
+            "dirty rate",
+            format!("{:.0} pages/s", r.dirty_pages_per_second),
+        ),
+        (
+            "final stop",
+            format!(
+                "{} pages, {}",
+                r.final_pages,
+                human_bytes(r.final_bytes as f64)
+            ),
+        ),
+        (
+            "guest ran",
+            format!(
+                "{:.1} % of the time before the switch (auto-converge held it up to {} %)",
+                r.guest_run_share * 100.0,
+                r.throttle_percent
+            ),
+        ),
+        ("restore there", ms(r.resume_micros)),
+    ];
+    let mut out = String::from("migration done: the destination runs the VM\n");
+    for (k, v) in rows {
+        out.push_str(&format!("  {k:<14}{v}\n"));
+    }
+    out
+}
+
+/// The report as JSON (one object; times in microseconds).
+pub fn to_json(r: &MigrateReply) -> serde_json::Value {
+    serde_json::json!({
+        "destination": r.destination,
+        "mode": r.mode,
+        "generation": r.generation,
+        "downtime_micros": r.downtime_micros,
+        "total_micros": r.total_micros,
+        "setup_micros": r.setup_micros,
+        "bytes_transferred": r.bytes_transferred,
+        "pages_transferred": r.pages_transferred,
+        "zero_pages": r.zero_pages,
+        "duplicate_pages": r.duplicate_pages,
+        "rounds": r.rounds,
+        "dirty_pages_per_second": r.dirty_pages_per_second,
+        "final_pages": r.final_pages,
+        "final_bytes": r.final_bytes,
+        "throttle_percent": r.throttle_percent,
+        "guest_run_share": r.guest_run_share,
+        "resume_micros": r.resume_micros,
+    })
+}
