@@ -33,6 +33,12 @@ fn addr(port: u16) -> SocketAddr {
 
 impl Destination {
     fn start(guest: &str) -> Self {
+        Self::start_with_faults(guest, "")
+    }
+
+    /// With `UNDERSTUDY_FAULTS=faults` (e.g. `backup.apply~40`: every commit
+    /// takes 40 ms longer, a slow destination).
+    fn start_with_faults(guest: &str, faults: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (console, control, replication) =
             (addr(free_port()), addr(free_port()), addr(free_port()));
@@ -70,17 +76,18 @@ insecure = true
             replication,
             child: None,
         };
-        d.spawn();
+        d.spawn(faults);
         d
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self, faults: &str) {
         let log = std::fs::File::create(self.dir.path().join("dest.log")).unwrap();
         self.child = Some(
             Command::new(DAEMON)
                 .args(["primary", "--incoming", "--config"])
                 .arg(&self.config)
                 .env("UNDERSTUDY_LOG", "info")
+                .env("UNDERSTUDY_FAULTS", faults)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -91,6 +98,13 @@ insecure = true
 
     fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dest.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
     }
 
     fn kill(&mut self) {
@@ -125,10 +139,15 @@ impl Drop for Destination {
 }
 
 fn migrate(pair: &Pair, dest: &Destination, mode: &str) -> Child {
+    migrate_with(pair, dest, mode, &[])
+}
+
+fn migrate_with(pair: &Pair, dest: &Destination, mode: &str, extra: &[&str]) -> Child {
     Command::new(CTL)
         .args(["migrate", "--json", "--config"])
         .arg(&pair.config)
         .args(["--to", &dest.replication.to_string(), "--mode", mode])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -270,4 +289,223 @@ async fn precopy_moves_a_protected_kv_vm_under_load_losing_no_acked_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_and_copy_moves_a_protected_kv_vm_losing_no_acked_write() {
     migrate_under_load("stop-and-copy").await;
+}
+
+/// A random delay in `[from, to)` ms (xorshift; the seed is printed).
+fn random_ms(rng: &mut u64, from: u64, to: u64) -> Duration {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    Duration::from_millis(from + *rng % (to - from))
+}
+
+/// Writes for `how_long`, every answer `OK`; returns the acked `i`s from `first`.
+async fn write_for(
+    client: &mut Lines,
+    tag: &str,
+    first: u64,
+    how_long: Duration,
+    logs: &dyn Fn() -> String,
+) -> Vec<u64> {
+    let started = Instant::now();
+    let mut acked = Vec::new();
+    let mut i = first;
+    while started.elapsed() < how_long {
+        match ask(client, &format!("SET key{tag}-{i} value-{i}")).await {
+            Ok(Some(l)) if l == "OK" => acked.push(i),
+            other => {
+                // Let the daemons' last words reach their logs.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                panic!("unexpected answer {other:?}\n{}", logs())
+            }
+        }
+        i += 1;
+    }
+    acked
+}
+
+fn seed() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed:#x}");
+    seed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_killed_or_frozen_before_the_switch_leaves_the_vm_protected_on_the_source() {
+    let _serial = common::serial().await;
+    let mut rng = seed();
+    let pair = Pair::protected("kv", "").await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    let mut acked = Vec::new();
+    let mut next = 0u64;
+    for (trial, how) in ["kill", "freeze", "kill"].into_iter().enumerate() {
+        // A slow destination: every commit there takes 60 ms longer, so a
+        // migration takes about a second and the fault lands inside it.
+        let mut dest = Destination::start_with_faults("kv", "backup.apply~60");
+        dest.wait_incoming().await;
+        let child = migrate(&pair, &dest, "precopy");
+        let at = random_ms(&mut rng, 50, 700);
+        let logs_dir = pair.dir.path().to_owned();
+        let dest_log = dest.dir.path().join("dest.log");
+        let logs = || {
+            format!(
+                "{}\n--- destination ---\n{}",
+                common::logs_in(&logs_dir),
+                std::fs::read_to_string(&dest_log).unwrap_or_default()
+            )
+        };
+        let during = write_for(&mut client, "f", next, at, &logs).await;
+        next += during.len() as u64;
+        acked.extend(during);
+        match how {
+            "kill" => dest.kill(),
+            _ => dest.signal(libc::SIGSTOP),
+        }
+        // The source carries on: writes are acked (by its backup) while the
+        // migration fails.
+        let during = write_for(&mut client, "f", next, Duration::from_millis(300), &logs).await;
+        next += during.len() as u64;
+        acked.extend(during);
+        let (ok, stdout, stderr) = finished(child);
+        assert!(
+            !ok,
+            "trial {trial} ({how} after {at:?}): the migration succeeded?\n{stdout}\n{}",
+            logs()
+        );
+        assert!(
+            stderr.contains("the VM runs on here"),
+            "trial {trial}: {stderr}\n{}",
+            logs()
+        );
+        eprintln!("trial {trial}: {how} after {at:?}: {}", stderr.trim());
+        let s = status(pair.addrs.primary_control).await.unwrap();
+        assert_eq!(s.role, "primary");
+        assert_eq!(
+            s.migration.as_ref().map(|m| m.phase.as_str()),
+            Some("failed")
+        );
+        if how == "freeze" {
+            // Thawed, the destination holds half a VM and never runs it.
+            dest.signal(libc::SIGCONT);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let d = status(dest.control).await.expect("destination status");
+            assert_eq!(
+                d.role, "backup",
+                "the thawed destination runs the VM: {d:?}"
+            );
+        }
+        // Still protected: the backup acks again within a few seconds.
+        common::wait_status_or(
+            pair.addrs.primary_control,
+            "the source protected again",
+            Duration::from_secs(10),
+            |s| s.protected,
+            logs,
+        )
+        .await;
+    }
+    check_all(&mut client, &pair.logs(), "f", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_killed_before_the_switch_fails_over_to_its_backup_and_the_destination_never_runs_the_vm()
+ {
+    let _serial = common::serial().await;
+    let mut rng = seed();
+    for trial in 0..2 {
+        let mut pair = Pair::protected("kv", "").await;
+        let dest = Destination::start_with_faults("kv", "backup.apply~60");
+        dest.wait_incoming().await;
+        let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+        wait_ready(&mut client, &pair).await;
+        let child = migrate(&pair, &dest, "precopy");
+        let at = random_ms(&mut rng, 50, 700);
+        let logs_dir = pair.dir.path().to_owned();
+        let dest_log = dest.dir.path().join("dest.log");
+        let logs = || {
+            format!(
+                "{}\n--- destination ---\n{}",
+                common::logs_in(&logs_dir),
+                std::fs::read_to_string(&dest_log).unwrap_or_default()
+            )
+        };
+        let mut acked = write_for(&mut client, "s", 0, at, &logs).await;
+        let i = acked.len() as u64;
+        common::kill_with_a_write_in_flight(
+            &mut pair,
+            &mut client,
+            &format!("SET keys-{i} value-{i}"),
+        )
+        .await;
+        acked.push(i);
+        let (ok, _, stderr) = finished(child);
+        assert!(
+            !ok,
+            "trial {trial}: migrate succeeded with its source killed\n{}",
+            logs()
+        );
+        check_all(&mut client, &logs(), "s", &acked).await;
+        // The destination never runs the VM it half received.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let d = status(dest.control).await.expect("destination status");
+        assert_eq!(
+            d.role,
+            "backup",
+            "trial {trial}: the destination runs the VM too: {d:?}\n{}",
+            logs()
+        );
+        let b = status(pair.addrs.backup_control)
+            .await
+            .expect("backup status");
+        assert_eq!(b.role, "primary");
+        eprintln!(
+            "trial {trial}: source killed after {at:?}; {} acked writes on its backup; migrate said: {}",
+            acked.len(),
+            stderr.trim()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_of_a_guest_that_outruns_the_link_converges_by_holding_the_vcpu() {
+    let _serial = common::serial().await;
+    // The dirtier rewrites 2048 pages flat out; the destination commits
+    // slowly (20 ms a batch): rounds never shrink until auto-converge holds
+    // the vCPU.
+    let pair = Pair::protected(
+        "dirtier",
+        "[guest_params]\nworking_set = 2048\ndirty_rate = 0\nreport_ms = 100",
+    )
+    .await;
+    let dest = Destination::start_with_faults("dirtier", "backup.apply~20");
+    dest.wait_incoming().await;
+    let child = migrate_with(&pair, &dest, "precopy", &["--max-downtime", "100ms"]);
+    let (ok, stdout, stderr) = finished(child);
+    let logs = || {
+        format!(
+            "{stderr}\n{}\n--- destination ---\n{}",
+            pair.logs(),
+            dest.logs()
+        )
+    };
+    assert!(ok, "{}", logs());
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("{report}");
+    assert!(report["rounds"].as_u64().unwrap() > 2, "{report}");
+    assert!(
+        report["throttle_percent"].as_u64().unwrap() >= 20,
+        "{report}"
+    );
+    assert!(
+        report["guest_run_share"].as_f64().unwrap() < 1.0,
+        "{report}"
+    );
+    assert!(stderr.contains("precopy"), "no progress lines: {stderr}");
+    let s = status(dest.control).await.unwrap();
+    assert_eq!(s.role, "primary");
 }

@@ -182,6 +182,7 @@ pub(crate) struct Link {
     unacked_bytes: u64,
     /// Bytes the destination committed, and since when it has been sent to.
     acked_bytes: u64,
+    acked_epochs: u64,
     first_send: Option<Instant>,
     /// The last time the destination took or committed anything.
     progress_at: Instant,
@@ -224,7 +225,7 @@ impl Link {
                         Some(Ok(ack)) => {
                             acked.fetch_max(ack.epoch + 1, Ordering::AcqRel);
                         }
-                        Some(Err(s)) => break format!("{}: {}", s.code(), s.message()),
+                        Some(Err(s)) => break format!("lost the destination ({}: {})", s.code(), s.message()),
                         None => break "the destination closed the stream".to_string(),
                     }
                 };
@@ -243,6 +244,7 @@ impl Link {
             unacked: Default::default(),
             unacked_bytes: 0,
             acked_bytes: 0,
+            acked_epochs: 0,
             first_send: None,
             progress_at: Instant::now(),
         })
@@ -290,6 +292,7 @@ impl Link {
             self.unacked.pop_front();
             self.unacked_bytes -= bytes;
             self.acked_bytes += bytes;
+            self.acked_epochs += 1;
             self.progress_at = Instant::now();
         }
         while let Some(msg) = self.outbox.pop_front() {
@@ -329,6 +332,22 @@ impl Link {
         }
     }
 
+    /// How long the destination would take to commit what is in flight
+    /// plus `more` bytes in one more epoch, at its measured pace in bytes
+    /// and in epochs (a commit has a cost of its own, whatever its size);
+    /// None until it committed something.
+    fn drain_estimate(&self, more: u64) -> Option<Duration> {
+        let since = self.first_send?.elapsed().as_secs_f64().max(1e-6);
+        if self.acked_epochs == 0 {
+            return None;
+        }
+        let bytes_rate = self.acked_bytes as f64 / since;
+        let epoch_rate = self.acked_epochs as f64 / since;
+        let by_bytes = (self.unacked_bytes + more) as f64 / bytes_rate.max(1.0);
+        let by_epochs = (self.unacked.len() + 1) as f64 / epoch_rate;
+        Some(Duration::from_secs_f64(by_bytes.max(by_epochs)))
+    }
+
     /// Pumps until everything up to `epoch` is handed over and committed.
     fn flush_acked(&mut self, epoch: u64, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
@@ -360,6 +379,9 @@ impl Link {
 pub(crate) enum Next {
     /// Stop the guest and send the rest.
     Switch,
+    /// Let the link drain first: what is in flight decides whether the
+    /// switch fits (no new round).
+    Wait,
     /// Another round, holding the vCPU this share (percent) of the time.
     Round { throttle: u32 },
     /// Not converging even at the highest hold: give up.
@@ -367,26 +389,33 @@ pub(crate) enum Next {
 }
 
 /// After round `round` (1 = the first), with `remaining` pages dirtied
-/// meanwhile that would take `remaining_bytes` on the wire (plus what is
-/// still unacked): switch if sending them at `rate` (bytes/s, the
-/// destination's measured pace) fits `budget`; otherwise another round,
-/// holding the vCPU more once the rounds stop shrinking the set
-/// (auto-converge).
+/// meanwhile, data still in flight or not, and `estimate`: how long the
+/// destination would take to commit the rest and what is in flight (None
+/// until its pace is measured). Switch if that fits `budget`; otherwise
+/// another round, holding the vCPU more once the rounds stop shrinking the
+/// set (auto-converge).
 pub(crate) fn next_step(
     round: u32,
     remaining: usize,
-    remaining_bytes: u64,
-    rate: f64,
+    in_flight: bool,
+    estimate: Option<Duration>,
     budget: Duration,
     throttle: u32,
 ) -> Next {
-    let estimate = if rate > 0.0 {
-        Duration::from_secs_f64(remaining_bytes as f64 / rate) + SWITCH_FIXED
-    } else {
-        Duration::MAX
-    };
-    if remaining <= CONVERGED_PAGES || estimate <= budget {
-        return Next::Switch;
+    match estimate {
+        // Its pace is unknown while data is in flight: no gamble on it
+        // (found by the slow destination test: a 1 s stop against a 300 ms
+        // budget).
+        None if in_flight => return Next::Wait,
+        None if remaining <= CONVERGED_PAGES => return Next::Switch,
+        None => {}
+        Some(e) if e + SWITCH_FIXED <= budget => return Next::Switch,
+        // The guest is not the limit, the link is: drain it, then stop
+        // (nothing better can come).
+        Some(_) if remaining <= CONVERGED_PAGES => {
+            return if in_flight { Next::Wait } else { Next::Switch };
+        }
+        Some(_) => {}
     }
     if round >= MAX_ROUNDS {
         return Next::GiveUp;
@@ -556,27 +585,45 @@ impl Migration {
                     }
                     let took = self.round_started.elapsed().as_secs_f64().max(1e-6);
                     self.dirty_rate = self.pending.count() as f64 / took;
-                    let (rate, unacked) = {
-                        let link = self.link_mut()?;
-                        (link.rate(), link.unacked_bytes)
-                    };
-                    self.rate = rate;
                     let per_page = if self.pages > 0 {
                         self.bytes as f64 / self.pages as f64
                     } else {
                         PAGE_SIZE as f64
                     };
                     let remaining = self.pending.count();
-                    let remaining_bytes = unacked + (remaining as f64 * per_page) as u64;
+                    let (rate, in_flight, estimate) = {
+                        let link = self.link_mut()?;
+                        (
+                            link.rate(),
+                            link.unacked_bytes > 0,
+                            link.drain_estimate((remaining as f64 * per_page) as u64),
+                        )
+                    };
+                    self.rate = rate;
                     match next_step(
                         self.round,
                         remaining,
-                        remaining_bytes,
-                        self.rate,
+                        in_flight,
+                        estimate,
                         self.request.max_downtime,
                         self.throttle,
                     ) {
-                        Next::Switch => return Ok(Step::Switch),
+                        Next::Switch => {
+                            tracing::info!(
+                                round = self.round,
+                                remaining,
+                                estimate_ms = estimate.map(|e| e.as_secs_f64() * 1e3),
+                                "migration: the rest fits the downtime budget: switching"
+                            );
+                            return Ok(Step::Switch);
+                        }
+                        Next::Wait => {
+                            if Instant::now() >= deadline {
+                                return Ok(Step::Continue);
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
                         Next::GiveUp => {
                             return Err(format!(
                                 "pre-copy did not converge in {MAX_ROUNDS} rounds: the guest dirties \
@@ -804,24 +851,42 @@ pub(crate) struct SwitchFigures {
 mod tests {
     use super::*;
 
-    const GB: f64 = 1e9;
-
     #[test]
     fn a_round_that_fits_the_budget_switches() {
-        // 1000 pages at 1 GB/s: 4 ms + the fixed 20 ms < 300 ms.
+        let ms = Duration::from_millis;
         assert_eq!(
-            next_step(1, 1000, 4_096_000, GB, DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, 1000, true, Some(ms(4)), DEFAULT_MAX_DOWNTIME, 0),
             Next::Switch
         );
-        // A handful of pages always does, whatever the rate.
+        // A handful of pages with nothing in flight: nothing better can come.
         assert_eq!(
-            next_step(1, 10, 40960, 0.0, Duration::ZERO, 0),
+            next_step(1, 10, false, None, Duration::ZERO, 0),
             Next::Switch
         );
-        // Nothing measured yet: another round.
+        // Nothing measured yet, a large set: another round.
         assert_eq!(
-            next_step(1, 1000, 4_096_000, 0.0, DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, 1000, false, None, DEFAULT_MAX_DOWNTIME, 0),
             Next::Round { throttle: 0 }
+        );
+    }
+
+    #[test]
+    fn data_in_flight_is_waited_for_not_gambled_on() {
+        let ms = Duration::from_millis;
+        // All in flight, nothing committed yet: the pace is unknown.
+        assert_eq!(
+            next_step(1, 3, true, None, DEFAULT_MAX_DOWNTIME, 0),
+            Next::Wait
+        );
+        // Known pace, little dirtied, too much in flight: drain first.
+        assert_eq!(
+            next_step(2, 3, true, Some(ms(900)), DEFAULT_MAX_DOWNTIME, 0),
+            Next::Wait
+        );
+        // Drained enough: switch.
+        assert_eq!(
+            next_step(2, 3, true, Some(ms(200)), DEFAULT_MAX_DOWNTIME, 0),
+            Next::Switch
         );
     }
 
@@ -829,17 +894,16 @@ mod tests {
     fn a_guest_that_outruns_the_link_is_held_more_each_round_then_given_up() {
         // 1 GiB dirty at 100 MB/s: ~10 s, far over the budget.
         let big = 1 << 18;
-        let bytes = (big * PAGE_SIZE) as u64;
-        let rate = 100e6;
+        let estimate = Some(Duration::from_secs(10));
         assert_eq!(
-            next_step(1, big, bytes, rate, DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, big, true, estimate, DEFAULT_MAX_DOWNTIME, 0),
             Next::Round { throttle: 0 },
             "the first rounds run free"
         );
         let mut throttle = 0;
         let mut seen = Vec::new();
         for round in THROTTLE_AFTER_ROUNDS..MAX_ROUNDS {
-            match next_step(round, big, bytes, rate, DEFAULT_MAX_DOWNTIME, throttle) {
+            match next_step(round, big, true, estimate, DEFAULT_MAX_DOWNTIME, throttle) {
                 Next::Round { throttle: t } => {
                     assert!(t >= throttle && t <= THROTTLE_MAX);
                     throttle = t;
@@ -851,7 +915,14 @@ mod tests {
         assert_eq!(seen[0], THROTTLE_INITIAL);
         assert_eq!(*seen.last().unwrap(), THROTTLE_MAX);
         assert_eq!(
-            next_step(MAX_ROUNDS, big, bytes, rate, DEFAULT_MAX_DOWNTIME, throttle),
+            next_step(
+                MAX_ROUNDS,
+                big,
+                true,
+                estimate,
+                DEFAULT_MAX_DOWNTIME,
+                throttle
+            ),
             Next::GiveUp
         );
     }
