@@ -52,6 +52,11 @@ struct RpcLabel {
     rpc: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
 /// Every metric a daemon exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -91,6 +96,12 @@ pub struct Metrics {
     replica_lag_exits: Gauge,
     replica_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     refused: Family<RpcLabel, Counter>,
+    migrations: Family<OutcomeLabel, Counter>,
+    /// `understudy_migration_bytes_total`: sent to migration destinations.
+    pub migration_bytes: Counter,
+    /// `understudy_migration_downtime_seconds`: the guest stop of each
+    /// migration from this host.
+    pub migration_downtime: Histogram,
 }
 
 impl Default for Metrics {
@@ -127,6 +138,9 @@ impl Metrics {
             replica_lag_exits: Gauge::default(),
             replica_lag: Gauge::default(),
             refused: Family::default(),
+            migrations: Family::default(),
+            migration_bytes: Counter::default(),
+            migration_downtime: seconds(),
         };
         let mut registry = Registry::with_prefix("understudy");
         registry.register_with_unit(
@@ -240,6 +254,23 @@ impl Metrics {
             "Requests refused because the caller may not make them, by RPC",
             m.refused.clone(),
         );
+        registry.register(
+            "migrations",
+            "Live migrations from this host, by outcome (done: the destination runs the VM; failed: it runs on here)",
+            m.migrations.clone(),
+        );
+        registry.register_with_unit(
+            "migration",
+            "Bytes sent to live migration destinations",
+            prometheus_client::registry::Unit::Bytes,
+            m.migration_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "migration_downtime",
+            "Guest stop of each live migration from this host",
+            prometheus_client::registry::Unit::Seconds,
+            m.migration_downtime.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -248,6 +279,15 @@ impl Metrics {
         self.refused
             .get_or_create(&RpcLabel {
                 rpc: rpc.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a live migration that ended (`done` or `failed`).
+    pub fn migration_ended(&self, outcome: &str) {
+        self.migrations
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
             })
             .inc();
     }
@@ -323,6 +363,7 @@ mod tests {
     fn exported() -> BTreeSet<String> {
         let metrics = Metrics::new();
         metrics.refused("Hello");
+        metrics.migration_ended("done");
         metrics
             .render(&Gauges {
                 role: "primary",

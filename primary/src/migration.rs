@@ -225,7 +225,9 @@ impl Link {
                         Some(Ok(ack)) => {
                             acked.fetch_max(ack.epoch + 1, Ordering::AcqRel);
                         }
-                        Some(Err(s)) => break format!("lost the destination ({}: {})", s.code(), s.message()),
+                        Some(Err(s)) => {
+                            break format!("lost the destination ({}: {})", s.code(), s.message());
+                        }
                         None => break "the destination closed the stream".to_string(),
                     }
                 };

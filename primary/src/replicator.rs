@@ -1255,6 +1255,11 @@ impl Replicator {
     fn fail_migration(&mut self, m: Migration, why: String) {
         tracing::warn!(%why, destination = %m.request.target.addr, "live migration failed; the VM runs on here");
         self.shared.stats.set_migration(m.progress("failed", &why));
+        let metrics = &self.shared.stats.metrics;
+        metrics.migration_ended("failed");
+        metrics
+            .migration_bytes
+            .inc_by(m.progress("failed", "").bytes_transferred);
         let protected = self.shared.stats.protected.load(Ordering::Acquire);
         if protected {
             self.shared
@@ -1290,8 +1295,13 @@ impl Replicator {
         // destination releases it.
         let carried = self.shared.releaser.fence();
         self.log.disconnect_clients();
-        self.shared.stats.metrics.switchovers.inc();
         let report = m.report(figures);
+        let metrics = &self.shared.stats.metrics;
+        metrics.migration_ended("done");
+        metrics.migration_bytes.inc_by(report.bytes_transferred);
+        metrics
+            .migration_downtime
+            .observe(report.downtime_micros as f64 / 1e6);
         let mut progress = m.progress("done", error.as_deref().unwrap_or(""));
         progress.remaining_pages = 0;
         self.shared.stats.set_migration(progress);
