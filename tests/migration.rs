@@ -509,3 +509,39 @@ async fn precopy_of_a_guest_that_outruns_the_link_converges_by_holding_the_vcpu(
     let s = status(dest.control).await.unwrap();
     assert_eq!(s.role, "primary");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprotected_primary_migrates_too() {
+    // Its backup gone (keep-running): the migration harvests the dirty log
+    // itself and stops the guest on its own at the switch.
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("kv", "").await;
+    if let Some(mut b) = pair.backup.take() {
+        b.kill().unwrap();
+        b.wait().unwrap();
+    }
+    common::wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "unprotected",
+        Duration::from_secs(10),
+        |s| s.state_kind == "unprotected-releasing",
+    )
+    .await;
+    let dest = Destination::start("kv");
+    dest.wait_incoming().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    let mut child = migrate(&pair, &dest, "precopy");
+    let (mut acked, in_flight) = write_while(&mut client, &mut child, "u").await;
+    let (ok, stdout, stderr) = finished(child);
+    assert!(ok, "{stderr}\n{}\n{}", pair.logs(), dest.logs());
+    eprintln!("{}", stdout.trim());
+    client.reconnect(dest.console).await.unwrap();
+    if let Some(i) = in_flight {
+        let l = client.next(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(l.as_deref(), Some("OK"));
+        acked.push(i);
+    }
+    check_all(&mut client, &dest.logs(), "u", &acked).await;
+}
