@@ -20,6 +20,7 @@ pub mod pic;
 pub mod pit;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
