@@ -361,7 +361,7 @@ mod fake_primary {
                     session: self.id,
                     generation: 1,
                     chunk: c.into(),
-                    trace_segment: Default::default(),
+                    ..Default::default()
                 };
                 if self.tx.send(msg).await.is_err() {
                     return;

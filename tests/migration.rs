@@ -39,6 +39,11 @@ impl Destination {
     /// With `UNDERSTUDY_FAULTS=faults` (e.g. `backup.apply~40`: every commit
     /// takes 40 ms longer, a slow destination).
     fn start_with_faults(guest: &str, faults: &str) -> Self {
+        Self::start_full(guest, 16, "", faults)
+    }
+
+    /// `memory_mib` MiB, `settings` (TOML lines), faults.
+    fn start_full(guest: &str, memory_mib: usize, settings: &str, faults: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (console, control, replication) =
             (addr(free_port()), addr(free_port()), addr(free_port()));
@@ -48,8 +53,9 @@ impl Destination {
             format!(
                 r#"name = "test-vm"
 guest = "{guest}"
-memory_mib = 16
+memory_mib = {memory_mib}
 state_dir = "{state}"
+{settings}
 [primary]
 console = "{console}"
 control = "{control}"
@@ -544,4 +550,126 @@ async fn an_unprotected_primary_migrates_too() {
         acked.push(i);
     }
     check_all(&mut client, &dest.logs(), "u", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_moves_a_protected_kv_vm_under_load_losing_no_acked_write() {
+    migrate_under_load("postcopy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_moves_a_protected_kv_vm_under_load_losing_no_acked_write() {
+    migrate_under_load("hybrid").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_serves_the_pages_a_busy_guest_faults_on_before_they_are_pushed() {
+    // The dirtier rewrites 16k pages (64 MiB) flat out: right after the
+    // switch it touches pages the push has not reached, and each fault is
+    // served on demand.
+    let _serial = common::serial().await;
+    let guest = "[guest_params]\nworking_set = 16384\ndirty_rate = 0\nreport_ms = 100";
+    let mut pair = Pair::with_memory("dirtier", 128, guest);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let dest = Destination::start_full("dirtier", 128, guest, "");
+    dest.wait_incoming().await;
+    let child = migrate(&pair, &dest, "postcopy");
+    let (ok, stdout, stderr) = finished(child);
+    let logs = || {
+        format!(
+            "{stderr}\n{}\n--- destination ---\n{}",
+            pair.logs(),
+            dest.logs()
+        )
+    };
+    assert!(ok, "{}", logs());
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("{report}");
+    assert!(
+        report["postcopy_requests"].as_u64().unwrap() > 0,
+        "no fault was served\n{report}"
+    );
+    assert!(
+        report["fault_wait_p50_micros"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["postcopy_pages"].as_u64().unwrap(),
+        128 * 256,
+        "{report}"
+    );
+    // The guest works on at the destination.
+    let mut console = Lines::connect_now(dest.console).await.unwrap();
+    let mut works = Vec::new();
+    while works.len() < 3 {
+        let l = console
+            .next(Duration::from_secs(20))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("console closed\n{}", logs()));
+        if let Some(n) = l.strip_prefix("work ") {
+            works.push(n.parse::<u64>().unwrap());
+        }
+    }
+    assert!(works.windows(2).all(|w| w[1] > w[0]), "{works:?}");
+    let code = pair.wait_primary_exit(Duration::from_secs(10));
+    assert!(code.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_killed_during_postcopy_loses_the_vm_and_nothing_runs_a_half_vm() {
+    // Post-copy's price: after the switch the VM depends on the source until
+    // its last page. Killed then, the destination stops the VM (it cannot
+    // run without its pages) and says the VM is lost; the source's backup,
+    // told to stand down at the switch, does not resume an old copy.
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("kv", "").await;
+    // Every page message takes 30 ms to install: a long post-copy.
+    let mut dest = Destination::start_with_faults("kv", "backup.postcopy.pages~30");
+    dest.wait_incoming().await;
+    let child = migrate(&pair, &dest, "postcopy");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(pair.addrs.primary_control).await;
+        if s.as_ref()
+            .and_then(|s| s.migration.as_ref())
+            .is_some_and(|m| m.phase == "postcopy")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no post-copy phase\n{}",
+            pair.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pair.kill_primary();
+    let (ok, _, _) = finished(child);
+    assert!(!ok);
+    // The destination gives up on the VM and its daemon ends with the reason.
+    let mut child = dest.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the destination ran on\n{}",
+            dest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!code.success(), "{}", dest.logs());
+    assert!(dest.logs().contains("the VM is lost"), "{}", dest.logs());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = status(pair.addrs.backup_control)
+        .await
+        .expect("backup status");
+    assert_eq!(
+        b.role, "backup",
+        "the source's backup resumed an old copy: {b:?}"
+    );
 }

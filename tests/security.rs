@@ -341,6 +341,14 @@ async fn hostile_round(
                         generation,
                         chunk: chunk.into(),
                         trace_segment: trace_segment.into(),
+                        // Post-copy pages no session asked for.
+                        postcopy_pages: if rng.next() % 8 == 0 {
+                            let n = (rng.next() % 5000) as usize;
+                            rng.bytes(n).into()
+                        } else {
+                            Default::default()
+                        },
+                        postcopy_done: rng.next() % 16 == 0,
                     }
                 })
                 .collect();
@@ -369,6 +377,16 @@ async fn hostile_round(
                 generation: rng.pick(1),
                 session: rng.next(),
                 epoch: rng.next() % 1000,
+                // A post-copy handover out of nowhere, with any bitmap.
+                postcopy: rng.next() % 2 == 0,
+                valid_pages: {
+                    let n = (rng.next() % 600) as usize;
+                    rng.bytes(n).into()
+                },
+                postcopy_state: {
+                    let n = (rng.next() % 2000) as usize;
+                    rng.bytes(n).into()
+                },
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }

@@ -297,6 +297,19 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 generation: 1,
                 session: 12345,
                 epoch: status.last_epoch,
+                ..Default::default()
+            },
+            "handover refused",
+        ),
+        (
+            // A post-copy handover is no way around the session check.
+            HandoverRequest {
+                generation: 1,
+                session: 12345,
+                epoch: status.last_epoch,
+                postcopy: true,
+                valid_pages: vec![0xff; 512].into(),
+                postcopy_state: vec![1, 2, 3].into(),
             },
             "handover refused",
         ),
@@ -305,6 +318,7 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 generation: 1,
                 session: 0,
                 epoch: u64::MAX,
+                ..Default::default()
             },
             "handover refused",
         ),
@@ -313,6 +327,7 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 generation: 0,
                 session: 0,
                 epoch: 0,
+                ..Default::default()
             },
             "deposed",
         ),

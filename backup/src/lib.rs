@@ -30,6 +30,7 @@
 
 mod hello;
 mod operator;
+mod postcopy;
 mod promotion;
 mod receiver;
 mod replica;
@@ -123,6 +124,9 @@ pub enum BackupError {
     /// The TLS files cannot be used.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// A post-copy migration failed after the switch (the VM is lost).
+    #[error("{0}")]
+    Postcopy(String),
 }
 
 /// How a backup run ended.
@@ -145,6 +149,10 @@ enum Phase {
     Promoted(Box<Vm>),
     /// Promoted; the VM is on its way to the primary role.
     HandedOver(Option<Box<RunningVm>>),
+    /// Post-copy migration: the VM runs here while its pages arrive.
+    Postcopy(Box<postcopy::PostcopyVm>),
+    /// A post-copy migration failed after the switch: the VM is lost (why).
+    Failed(String),
 }
 
 /// A backup holding an image, maybe with a primary's session.
@@ -189,8 +197,13 @@ struct Shared {
     /// lock (probes answer at once even while a commit waits for the disk).
     generation: AtomicU64,
     runs_here: AtomicBool,
-    /// Cancelled when the VM goes to the primary role (it leaves this role).
+    /// Cancelled when the VM goes to the primary role (it leaves this role),
+    /// or a post-copy failed.
     handed_over: CancellationToken,
+    /// A post-copy migration's pages, while they arrive.
+    postcopy: Mutex<Option<Arc<postcopy::Pager>>>,
+    /// Post-copy: pages to ask the source for (the stream's task sends them).
+    postcopy_notify: tokio::sync::Notify,
     vm_ended: tokio::sync::watch::Sender<Option<VmEnd>>,
 }
 
@@ -276,6 +289,8 @@ pub async fn run(
         generation: AtomicU64::new(generation.0),
         runs_here: AtomicBool::new(false),
         handed_over: CancellationToken::new(),
+        postcopy: Mutex::new(None),
+        postcopy_notify: tokio::sync::Notify::new(),
         vm_ended,
         opts: opts.clone(),
         host: host.clone(),
@@ -359,6 +374,7 @@ pub async fn run(
             let phase = std::mem::replace(&mut shared.lock().phase, Phase::HandedOver(None));
             match phase {
                 Phase::HandedOver(Some(running)) => Ok(BackupExit::TookOver(running)),
+                Phase::Failed(why) => Err(BackupError::Postcopy(why)),
                 _ => Err(BackupError::HandedOverVmMissing),
             }
         }
@@ -375,8 +391,10 @@ pub async fn run(
     }
     // Stop a promoted VM.
     let phase = std::mem::replace(&mut shared.lock().phase, Phase::HandedOver(None));
-    if let Phase::Promoted(vm) = phase {
-        vm.stop();
+    match phase {
+        Phase::Promoted(vm) => drop(vm.stop()),
+        Phase::Postcopy(p) => drop(p.vm.stop()),
+        _ => {}
     }
     exit
 }

@@ -104,6 +104,10 @@ pub enum PromotionError {
     /// A test's fault injection (`UNDERSTUDY_FAULTS`).
     #[error("injected fault ({0})")]
     Fault(&'static str),
+    /// A post-copy handover that cannot be taken (a bad bitmap, no
+    /// userfaultfd).
+    #[error("post-copy: {0}")]
+    Postcopy(String),
 }
 
 /// A promotion that happened.
@@ -261,7 +265,7 @@ pub(crate) fn promote(
     let mut state = shared.lock();
     let standby = match &mut state.phase {
         Phase::Standby(s) => s,
-        Phase::Promoted(_) | Phase::HandedOver(_) => {
+        Phase::Promoted(_) | Phase::HandedOver(_) | Phase::Postcopy(_) | Phase::Failed(_) => {
             return match trigger {
                 Trigger::Silence(_) => Ok(None),
                 _ => Err(PromotionError::AlreadyRunning(shared.generation())),

@@ -40,7 +40,7 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
     let mut state = shared.lock();
     let standby = match &mut state.phase {
         Phase::Standby(s) => s,
-        Phase::Promoted(_) | Phase::HandedOver(_) => {
+        Phase::Promoted(_) | Phase::HandedOver(_) | Phase::Postcopy(_) | Phase::Failed(_) => {
             return Err(shared.deposed(Generation(msg.generation)));
         }
     };
@@ -153,6 +153,7 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
         log_exits: log.log_exits,
         replica_exits: log.replica_exits,
         want_checkpoint: log.want_checkpoint,
+        ..Ack::default()
     }))
 }
 
@@ -193,6 +194,7 @@ fn log_ack(generation: Generation, log: LogAck) -> Ack {
         log_exits: log.log_exits,
         replica_exits: log.replica_exits,
         want_checkpoint: log.want_checkpoint,
+        ..Ack::default()
     }
 }
 

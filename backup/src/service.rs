@@ -48,7 +48,9 @@ impl ReplicationService {
                     && shared.watch.since_heard() < shared.opts.heartbeat_timeout;
                 (kept, heard)
             }
-            Phase::Promoted(_) | Phase::HandedOver(_) => (None, false),
+            Phase::Promoted(_) | Phase::HandedOver(_) | Phase::Postcopy(_) | Phase::Failed(_) => {
+                (None, false)
+            }
         };
         Facts {
             vm_id: shared.opts.vm_id.clone(),
@@ -232,9 +234,33 @@ impl Replication for ReplicationService {
             let mut progress = tokio::time::interval(PROGRESS_EVERY);
             progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut session = None;
+            // The session this stream carries (for a post-copy that loses it).
+            let mut stream_session = None;
             loop {
                 let next = tokio::select! {
                     next = incoming.next() => next,
+                    // Post-copy: pages the VM here faulted on.
+                    _ = shared.postcopy_notify.notified() => {
+                        let wanted = shared
+                            .postcopy
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .filter(|p| Some(p.session) == stream_session)
+                            .map(|p| p.take_requests())
+                            .unwrap_or_default();
+                        if !wanted.is_empty() {
+                            let ack = Ack {
+                                generation: shared.generation().0,
+                                want_pages: wanted,
+                                ..Ack::default()
+                            };
+                            if tx.send(Ok(ack)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                     _ = progress.tick() => {
                         let Some(id) = session else { continue };
                         let shared2 = shared.clone();
@@ -250,13 +276,40 @@ impl Replication for ReplicationService {
                     }
                 };
                 let msg = match next {
-                    None => return,
+                    None => {
+                        if let Some(id) = stream_session {
+                            crate::postcopy::stream_ended(&shared, id);
+                        }
+                        return;
+                    }
                     Some(Err(status)) => {
                         tracing::debug!(%status, "replication stream ended");
+                        if let Some(id) = stream_session {
+                            crate::postcopy::stream_ended(&shared, id);
+                        }
                         return;
                     }
                     Some(Ok(msg)) => msg,
                 };
+                stream_session = Some(msg.session);
+                if !msg.postcopy_pages.is_empty() || msg.postcopy_done {
+                    let shared2 = shared.clone();
+                    let result =
+                        tokio::task::block_in_place(|| crate::postcopy::receive(&shared2, &msg));
+                    match result {
+                        Ok(None) => {}
+                        Ok(Some(ack)) => {
+                            if tx.send(Ok(ack)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 // Replay-mode sessions only: checkpoint mode never takes
                 // the state lock between its messages.
                 if !msg.trace_segment.is_empty() {
@@ -373,6 +426,35 @@ impl Replication for ReplicationService {
             "primary hands the VM over (switchover): promoting now"
         );
         let shared2 = shared.clone();
+        if req.postcopy {
+            if !shared.opts.incoming {
+                return Err(Status::failed_precondition(
+                    "handover refused: post-copy is for a live migration's destination \
+                     (`understudyd primary --incoming`)",
+                ));
+            }
+            return match tokio::task::block_in_place(|| {
+                crate::postcopy::promote(
+                    &shared2,
+                    req.session,
+                    req.epoch,
+                    &req.valid_pages,
+                    &req.postcopy_state,
+                )
+            }) {
+                Ok(p) => Ok(Response::new(HandoverReply {
+                    generation: p.generation.0,
+                    resume_micros: p.resumed.as_micros() as u64,
+                })),
+                Err(e) => {
+                    tracing::warn!(error = %wire::chain(&e), "post-copy handover refused");
+                    Err(Status::failed_precondition(format!(
+                        "handover refused: {}",
+                        wire::chain(&e)
+                    )))
+                }
+            };
+        }
         let trigger = Trigger::Handover {
             session: req.session,
             epoch: req.epoch,

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod metrics;
 pub mod operator;
 pub mod payload;
+pub mod postcopy;
 pub mod role;
 pub mod status;
 pub mod wire;

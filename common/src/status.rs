@@ -110,6 +110,9 @@ pub enum StateKind {
     /// A host started with `--incoming`: waiting for a migration, or
     /// receiving one.
     Incoming,
+    /// A post-copy migration's destination: the VM runs here while its
+    /// pages arrive from the source.
+    Postcopy,
 }
 
 impl StateKind {
@@ -139,6 +142,7 @@ impl StateKind {
             Self::Migrating => "migrating",
             Self::MigratedAway => "migrated-away",
             Self::Incoming => "incoming",
+            Self::Postcopy => "postcopy",
         }
     }
 }

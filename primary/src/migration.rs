@@ -36,6 +36,7 @@ use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::codec::Codec;
 use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
 use understudy_common::ids::Incarnation;
+use understudy_common::postcopy::PageRecords;
 use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
 use understudy_vmm::{DirtyBitmap, Vm};
 
@@ -52,6 +53,8 @@ const THROTTLE_AFTER_ROUNDS: u32 = 2;
 const THROTTLE_INITIAL: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
+/// Auto-converge holds the vCPU its share of every slice this long.
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// A pre-copy that has not converged after this many rounds gives up (the
 /// VM runs on here).
 const MAX_ROUNDS: u32 = 60;
@@ -64,6 +67,12 @@ const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 const SWITCH_FIXED: Duration = Duration::from_millis(20);
 /// A round this small always converges.
 const CONVERGED_PAGES: usize = 64;
+/// Post-copy: pages sent after each faulting page (pre-paging).
+const PREPAGE: usize = 16;
+/// Post-copy: pages per pushed message.
+const POSTCOPY_BATCH: usize = 64;
+/// Post-copy: pushed messages queued ahead of a fault's page at most.
+const POSTCOPY_QUEUED: usize = 2;
 /// Chunks queued to the destination's stream before sending waits.
 const LINK_DEPTH: usize = 64;
 /// Bytes sent and not yet committed by the destination before more pages
@@ -83,6 +92,11 @@ pub enum MigrationMode {
     /// Rounds of dirty pages while the guest runs, then a stop that fits the
     /// downtime budget.
     Precopy,
+    /// Switch at once: the destination runs the VM and fetches its pages
+    /// on demand (userfaultfd) while the rest is pushed.
+    Postcopy,
+    /// One pre-copy round, then post-copy for what it dirtied.
+    Hybrid,
 }
 
 impl MigrationMode {
@@ -91,7 +105,14 @@ impl MigrationMode {
         match self {
             Self::StopAndCopy => "stop-and-copy",
             Self::Precopy => "precopy",
+            Self::Postcopy => "postcopy",
+            Self::Hybrid => "hybrid",
         }
+    }
+
+    /// The destination runs the VM before all its pages are there.
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Self::Postcopy | Self::Hybrid)
     }
 }
 
@@ -102,11 +123,15 @@ impl FromStr for MigrationMode {
         match s {
             "stop-and-copy" => Ok(Self::StopAndCopy),
             "precopy" | "" => Ok(Self::Precopy),
-            "postcopy" | "hybrid" | "replay" => Err(format!(
-                "migration mode {s:?} is not built yet: choose stop-and-copy or precopy"
+            "postcopy" => Ok(Self::Postcopy),
+            "hybrid" => Ok(Self::Hybrid),
+            "replay" => Err(format!(
+                "migration mode {s:?} is not built yet: choose stop-and-copy, precopy, postcopy \
+                 or hybrid"
             )),
             other => Err(format!(
-                "unknown migration mode {other:?}: choose stop-and-copy or precopy"
+                "unknown migration mode {other:?}: choose stop-and-copy, precopy, postcopy or \
+                 hybrid"
             )),
         }
     }
@@ -186,6 +211,10 @@ pub(crate) struct Link {
     first_send: Option<Instant>,
     /// The last time the destination took or committed anything.
     progress_at: Instant,
+    /// Post-copy: pages the destination's VM waits for, and its word that
+    /// every page is in (faults, fault wait p50 and p99 in µs).
+    wanted: Arc<Mutex<Vec<u32>>>,
+    done: Arc<Mutex<Option<(u64, u64, u64)>>>,
 }
 
 impl Link {
@@ -217,13 +246,31 @@ impl Link {
         let broken = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let why = Arc::new(Mutex::new(None));
+        let wanted = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(Mutex::new(None));
         tokio::spawn({
             let (broken, acked, why) = (broken.clone(), acked.clone(), why.clone());
+            let (wanted, done) = (wanted.clone(), done.clone());
             async move {
                 let reason = loop {
                     match acks.next().await {
                         Some(Ok(ack)) => {
-                            acked.fetch_max(ack.epoch + 1, Ordering::AcqRel);
+                            if !ack.want_pages.is_empty() {
+                                wanted
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .extend_from_slice(&ack.want_pages);
+                            }
+                            if ack.postcopy_done {
+                                *done.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                                    ack.postcopy_faults,
+                                    ack.fault_wait_p50_micros,
+                                    ack.fault_wait_p99_micros,
+                                ));
+                            }
+                            if ack.epoch > 0 {
+                                acked.fetch_max(ack.epoch + 1, Ordering::AcqRel);
+                            }
                         }
                         Some(Err(s)) => {
                             break format!("lost the destination ({}: {})", s.code(), s.message());
@@ -249,7 +296,38 @@ impl Link {
             acked_epochs: 0,
             first_send: None,
             progress_at: Instant::now(),
+            wanted,
+            done,
         })
+    }
+
+    /// Post-copy: queues page records (first: ahead of what waits).
+    fn queue_pages(&mut self, records: Vec<u8>, done: bool, first: bool) {
+        let msg = EpochChunk {
+            session: self.id,
+            generation: self.generation,
+            postcopy_pages: records.into(),
+            postcopy_done: done,
+            ..Default::default()
+        };
+        if first {
+            self.outbox.push_front(msg);
+        } else {
+            self.outbox.push_back(msg);
+        }
+    }
+
+    /// Messages handed to the stream that it has not taken yet.
+    fn queued(&self) -> usize {
+        LINK_DEPTH - self.chunks.capacity()
+    }
+
+    fn take_wanted(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.wanted.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn postcopy_done(&self) -> Option<(u64, u64, u64)> {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues the first chunks of an epoch still being encoded.
@@ -259,7 +337,7 @@ impl Link {
                 session: self.id,
                 generation: self.generation,
                 chunk: chunk.into(),
-                trace_segment: Default::default(),
+                ..Default::default()
             });
         }
     }
@@ -271,7 +349,7 @@ impl Link {
                 session: self.id,
                 generation: self.generation,
                 chunk: chunk.into(),
-                trace_segment: Default::default(),
+                ..Default::default()
             });
         }
         self.unacked.push_back((epoch, bytes));
@@ -474,6 +552,8 @@ pub(crate) struct Migration {
     duplicate_pages: u64,
     dirtied: u64,
     held: Duration,
+    /// Auto-converge: the guest has run since then without a hold.
+    ran_since: Instant,
     rate: f64,
     dirty_rate: f64,
     ram_pages: usize,
@@ -509,6 +589,7 @@ impl Migration {
             duplicate_pages: 0,
             dirtied: 0,
             held: Duration::ZERO,
+            ran_since: Instant::now(),
             rate: 0.0,
             dirty_rate: 0.0,
             ram_pages,
@@ -578,6 +659,21 @@ impl Migration {
         loop {
             self.link_mut()?.pump()?;
             if self.next >= self.round_pages.len() {
+                if self.round > 0 && self.request.mode == MigrationMode::Hybrid {
+                    // One round, then post-copy for what it dirtied.
+                    return Ok(Step::Switch);
+                }
+                if self.round > 0 && self.link_mut()?.unacked_bytes > 0 {
+                    // A round ends when the destination has it all: rounds
+                    // then follow the link's pace, and the measurements
+                    // below are of what it did.
+                    if Instant::now() >= deadline {
+                        return Ok(Step::Continue);
+                    }
+                    std::thread::sleep(LINK_POLL);
+                    self.throttle_tick(vm, may_hold)?;
+                    continue;
+                }
                 if self.round > 0 {
                     if harvest {
                         let dirty = vm
@@ -668,6 +764,7 @@ impl Migration {
             } else {
                 std::thread::sleep(LINK_POLL);
             }
+            self.throttle_tick(vm, may_hold)?;
         }
     }
 
@@ -720,16 +817,34 @@ impl Migration {
         link.pump()?;
         self.account(&encoded.report);
         self.next = end;
-        let took = started.elapsed();
-        let hold = hold_for(took, self.throttle);
-        if may_hold && !hold.is_zero() {
-            vm.pause()
-                .map_err(|e| format!("cannot hold the vCPU: {e}"))?;
-            std::thread::sleep(hold);
-            vm.resume()
-                .map_err(|e| format!("cannot resume the vCPU: {e}"))?;
-            self.held += hold;
+        let _ = (started, may_hold);
+        Ok(())
+    }
+
+    /// Auto-converge's duty cycle over wall time (sending or waiting for
+    /// the link alike): after [`THROTTLE_SLICE`] of running, less the held
+    /// share, the vCPU is held for that share.
+    fn throttle_tick(&mut self, vm: &Vm, may_hold: bool) -> Result<(), String> {
+        let ran = self.ran_since.elapsed();
+        if self.throttle == 0 || !may_hold {
+            self.ran_since = Instant::now();
+            return Ok(());
         }
+        let share = f64::from(self.throttle.min(THROTTLE_MAX)) / 100.0;
+        let run_slice = THROTTLE_SLICE.mul_f64(1.0 - share);
+        if ran < run_slice {
+            return Ok(());
+        }
+        // One slice's hold, however long the guest ran unwatched (the time
+        // between checkpoints is not the migration's to hold).
+        let hold = hold_for(ran.min(run_slice), self.throttle);
+        vm.pause()
+            .map_err(|e| format!("cannot hold the vCPU: {e}"))?;
+        std::thread::sleep(hold);
+        vm.resume()
+            .map_err(|e| format!("cannot resume the vCPU: {e}"))?;
+        self.held += hold;
+        self.ran_since = Instant::now();
         Ok(())
     }
 
@@ -782,6 +897,133 @@ impl Migration {
         Ok((epoch, pages.len() as u64, report.bytes_out))
     }
 
+    /// Post-copy's switch: waits until the destination committed every
+    /// pre-copy epoch; returns the last one (0: none) and the bitmap (u64 LE
+    /// words) of the pages it holds current (sent, and not dirtied since).
+    pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>), String> {
+        for &p in &self.round_pages[self.next..] {
+            self.pending.set(p as usize);
+        }
+        self.round_pages.clear();
+        self.next = 0;
+        let last = self.next_epoch - 1;
+        if last > 0 {
+            self.link_mut()?.flush_acked(last, FINAL_ACK_TIMEOUT)?;
+        }
+        let valid: Vec<u8> = self
+            .pending
+            .words()
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &w)| {
+                // Bits past the last page stay clear.
+                let bits = (self.ram_pages - i * 64).min(64);
+                let mask = if bits == 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << bits) - 1
+                };
+                (!w & mask).to_le_bytes()
+            })
+            .collect();
+        Ok((last, valid))
+    }
+
+    /// Post-copy, after the switch: sends every page the destination lacks,
+    /// those its VM faults on first (with the next [`PREPAGE`] pages), the
+    /// rest in order; returns once the destination says every page is in.
+    /// The guest here stays paused throughout (it runs there now).
+    pub(crate) fn postcopy_serve(
+        &mut self,
+        vm: &Vm,
+        page: &mut [u8; PAGE_SIZE],
+    ) -> Result<PostcopyFigures, String> {
+        let started = Instant::now();
+        let order: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
+        let mut sent = DirtyBitmap::new(self.ram_pages);
+        let mut next = 0;
+        let mut requests = 0u64;
+        let mut pages = 0u64;
+        let mut done_sent = false;
+        let ram_pages = self.ram_pages;
+        let pending = std::mem::replace(&mut self.pending, DirtyBitmap::new(ram_pages));
+        let mut read = |p: u32, records: &mut PageRecords| -> Result<(), String> {
+            vm.ram()
+                .copy_page(p as usize, page)
+                .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
+            records.push(p, page);
+            Ok(())
+        };
+        loop {
+            let link = self
+                .link
+                .as_mut()
+                .ok_or_else(|| "not connected".to_string())?;
+            link.pump()?;
+            let wanted = link.take_wanted();
+            if !wanted.is_empty() {
+                let mut records = PageRecords::new();
+                for p in wanted {
+                    requests += 1;
+                    let end = (p as usize + 1 + PREPAGE).min(ram_pages) as u32;
+                    for q in p..end {
+                        if pending.contains(q as usize) && !sent.contains(q as usize) {
+                            read(q, &mut records)?;
+                            sent.set(q as usize);
+                        }
+                    }
+                }
+                if !records.is_empty() {
+                    pages += records.pages() as u64;
+                    self.zero_pages += records.zero_pages() as u64;
+                    self.bytes += records.len() as u64;
+                    link.queue_pages(records.into_bytes(), false, true);
+                    link.pump()?;
+                }
+                continue;
+            }
+            // Pushed pages wait behind at most a couple of messages, so that
+            // a fault's page overtakes the push.
+            if link.outbox.is_empty() && link.queued() <= POSTCOPY_QUEUED {
+                if next < order.len() {
+                    let mut records = PageRecords::new();
+                    while records.pages() < POSTCOPY_BATCH && next < order.len() {
+                        let p = order[next];
+                        next += 1;
+                        if !sent.contains(p as usize) {
+                            read(p, &mut records)?;
+                            sent.set(p as usize);
+                        }
+                    }
+                    if !records.is_empty() {
+                        pages += records.pages() as u64;
+                        self.zero_pages += records.zero_pages() as u64;
+                        self.bytes += records.len() as u64;
+                        link.queue_pages(records.into_bytes(), false, false);
+                    }
+                    continue;
+                }
+                if !done_sent {
+                    link.queue_pages(Vec::new(), true, false);
+                    done_sent = true;
+                    continue;
+                }
+            }
+            if let Some((faults, p50, p99)) = link.postcopy_done() {
+                self.pages += pages;
+                return Ok(PostcopyFigures {
+                    requests,
+                    pages,
+                    took: started.elapsed(),
+                    faults,
+                    fault_wait_p50_us: p50,
+                    fault_wait_p99_us: p99,
+                });
+            }
+            std::thread::sleep(LINK_POLL);
+        }
+    }
+
     /// The session the destination knows this migration by.
     pub(crate) fn session(&self) -> u64 {
         self.link.as_ref().map_or(0, |l| l.id)
@@ -826,8 +1068,8 @@ impl Migration {
             zero_pages: self.zero_pages,
             duplicate_pages: self.duplicate_pages,
             rounds: match self.request.mode {
-                MigrationMode::StopAndCopy => 0,
-                MigrationMode::Precopy => self.round,
+                MigrationMode::StopAndCopy | MigrationMode::Postcopy => 0,
+                MigrationMode::Precopy | MigrationMode::Hybrid => self.round,
             },
             dirty_pages_per_second: self.dirty_rate,
             final_pages: done.final_pages,
@@ -836,6 +1078,11 @@ impl Migration {
             resume_micros: done.resume.as_micros() as u64,
             destination: self.request.target.addr.to_string(),
             guest_run_share,
+            postcopy_requests: done.postcopy.map_or(0, |p| p.faults),
+            postcopy_pages: done.postcopy.map_or(0, |p| p.pages),
+            postcopy_micros: done.postcopy.map_or(0, |p| p.took.as_micros() as u64),
+            fault_wait_p50_micros: done.postcopy.map_or(0, |p| p.fault_wait_p50_us),
+            fault_wait_p99_micros: done.postcopy.map_or(0, |p| p.fault_wait_p99_us),
         }
     }
 }
@@ -847,6 +1094,23 @@ pub(crate) struct SwitchFigures {
     pub resume: Duration,
     pub final_pages: u64,
     pub final_bytes: u64,
+    pub postcopy: Option<PostcopyFigures>,
+}
+
+/// What post-copy measured after the switch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PostcopyFigures {
+    /// Page requests that came from the destination.
+    pub requests: u64,
+    /// Pages sent after the switch.
+    pub pages: u64,
+    /// Switch → the last page in.
+    pub took: Duration,
+    /// Faults the destination asked pages for (its own count), and how
+    /// long they waited.
+    pub faults: u64,
+    pub fault_wait_p50_us: u64,
+    pub fault_wait_p99_us: u64,
 }
 
 #[cfg(test)]
@@ -945,7 +1209,9 @@ mod tests {
     fn modes_parse_and_unbuilt_ones_say_so() {
         assert_eq!("precopy".parse(), Ok(MigrationMode::Precopy));
         assert_eq!("stop-and-copy".parse(), Ok(MigrationMode::StopAndCopy));
-        let e = "postcopy".parse::<MigrationMode>().unwrap_err();
+        assert_eq!("postcopy".parse(), Ok(MigrationMode::Postcopy));
+        assert_eq!("hybrid".parse(), Ok(MigrationMode::Hybrid));
+        let e = "replay".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("not built yet"), "{e}");
         let e = "teleport".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("unknown migration mode"), "{e}");

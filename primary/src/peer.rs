@@ -342,16 +342,27 @@ pub(crate) async fn handover(
     session: u64,
     epoch: u64,
 ) -> HandoverOutcome {
-    handover_to(opts, &Target::backup(opts), generation, session, epoch).await
+    handover_to(
+        opts,
+        &Target::backup(opts),
+        generation,
+        session,
+        epoch,
+        None,
+    )
+    .await
 }
 
-/// [`handover`] to `target`.
+/// [`handover`] to `target`; `postcopy`: a post-copy migration's handover,
+/// with the bitmap of the pages the destination holds current and the VM's
+/// state.
 pub(crate) async fn handover_to(
     opts: &PrimaryOptions,
     target: &Target,
     generation: u64,
     session: u64,
     epoch: u64,
+    postcopy: Option<(&[u8], &[u8])>,
 ) -> HandoverOutcome {
     let channel = match connect_to(opts, target).await {
         Ok(c) => c,
@@ -362,6 +373,9 @@ pub(crate) async fn handover_to(
         generation,
         session,
         epoch,
+        postcopy: postcopy.is_some(),
+        valid_pages: postcopy.map(|(v, _)| v.to_vec()).unwrap_or_default().into(),
+        postcopy_state: postcopy.map(|(_, s)| s.to_vec()).unwrap_or_default().into(),
     });
     match tokio::time::timeout(HANDOVER_TIMEOUT, request).await {
         Ok(Ok(reply)) => HandoverOutcome::Done(reply.into_inner()),

@@ -338,7 +338,7 @@ impl Replicator {
                 session: link.id,
                 generation: self.shared.generation,
                 chunk: chunk.into(),
-                trace_segment: Default::default(),
+                ..Default::default()
             };
             if link.broken.load(Ordering::Acquire) || link.chunks.blocking_send(msg).is_err() {
                 return false;
@@ -834,8 +834,8 @@ impl Replicator {
         let msg = EpochChunk {
             session: link.id,
             generation: self.shared.generation,
-            chunk: Default::default(),
             trace_segment: segment.bytes.into(),
+            ..Default::default()
         };
         !link.broken.load(Ordering::Acquire) && link.chunks.blocking_send(msg).is_ok()
     }
@@ -1014,8 +1014,8 @@ impl Replicator {
             tracing::info!(destination = %m.request.target.addr, mode = m.request.mode.name(), "migration: connected to the destination");
         }
         let step = match m.request.mode {
-            MigrationMode::StopAndCopy => Ok(Step::Switch),
-            MigrationMode::Precopy => {
+            MigrationMode::StopAndCopy | MigrationMode::Postcopy => Ok(Step::Switch),
+            MigrationMode::Precopy | MigrationMode::Hybrid => {
                 let may_hold = !self.held_for_output && !self.held_for_lag;
                 let vm = self
                     .vm
@@ -1061,7 +1061,7 @@ impl Replicator {
     ) -> Option<SessionEnd> {
         let phase = match m.request.mode {
             MigrationMode::StopAndCopy => "stop-and-copy",
-            MigrationMode::Precopy => "switch",
+            _ => "switch",
         };
         self.shared.stats.set_migration(m.progress(phase, ""));
         let started = Instant::now();
@@ -1123,12 +1123,21 @@ impl Replicator {
             self.fail_migration(m, "the primary is stopping".into());
             return Some(SessionEnd::Stop);
         }
-        // 2. The rest to the destination, committed there.
+        // 2. The rest to the destination, committed there; in post-copy
+        // only the state, and which pages it holds current.
         let vm = self
             .vm
             .as_ref()
             .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
-        let (epoch, final_pages, final_bytes) = match m.send_final(vm, &mut self.page, &payload) {
+        let postcopy = m.request.mode.is_postcopy();
+        let sent = if postcopy {
+            m.flush_for_postcopy()
+                .map(|(epoch, valid)| (epoch, 0, 0, Some(valid)))
+        } else {
+            m.send_final(vm, &mut self.page, &payload)
+                .map(|(epoch, pages, bytes)| (epoch, pages, bytes, None))
+        };
+        let (epoch, final_pages, final_bytes, valid) = match sent {
             Ok(sent) => sent,
             Err(why) => {
                 self.shared.end_handover(None);
@@ -1163,11 +1172,23 @@ impl Replicator {
         let session_id = m.session();
         let outcome = self.runtime.block_on(async {
             let give_up = Instant::now() + MIGRATION_HANDOVER_RETRY;
+            // After an unanswered request, a refusal proves nothing: the
+            // first may have promoted it (it then refuses a second one).
+            let mut uncertain = None;
             loop {
-                match handover_to(&opts, &target, generation, session_id, epoch).await {
+                let postcopy_args = valid.as_deref().map(|v| (v, payload.as_slice()));
+                match handover_to(&opts, &target, generation, session_id, epoch, postcopy_args)
+                    .await
+                {
                     HandoverOutcome::Unknown(why) if Instant::now() < give_up => {
                         tracing::warn!(%why, "no answer to the migration's handover yet: asking again");
+                        uncertain = Some(why);
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    HandoverOutcome::NotTaken(why) if uncertain.is_some() => {
+                        break HandoverOutcome::Unknown(format!(
+                            "a first request went unanswered, a second was refused ({why})"
+                        ));
                     }
                     other => break other,
                 }
@@ -1202,6 +1223,42 @@ impl Replicator {
             ),
         };
         let downtime = started.elapsed();
+        // Post-copy: the destination runs the VM on the pages it has; the
+        // rest go from here, the guest here paused for good.
+        let (postcopy_figures, error) = if postcopy {
+            self.shared.stats.set_migration(m.progress("postcopy", ""));
+            self.shared.stats.set_state(
+                StateKind::Migrating,
+                "post-copy: the destination runs the VM; sending it the rest",
+            );
+            let vm = self
+                .vm
+                .as_ref()
+                .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+            match m.postcopy_serve(vm, &mut self.page) {
+                Ok(f) => {
+                    tracing::info!(
+                        requests = f.requests,
+                        pages = f.pages,
+                        took_ms = f.took.as_secs_f64() * 1e3,
+                        fault_wait_p50_us = f.fault_wait_p50_us,
+                        fault_wait_p99_us = f.fault_wait_p99_us,
+                        "post-copy done: every page is at the destination"
+                    );
+                    (Some(f), error)
+                }
+                Err(why) => (
+                    None,
+                    Some(format!(
+                        "post-copy failed after the switch ({why}): the VM ran at the destination, \
+                         which cannot go on without the pages it lacks, and cannot run here \
+                         again: it is lost"
+                    )),
+                ),
+            }
+        } else {
+            (None, error)
+        };
         self.finish_migration(
             m,
             SwitchFigures {
@@ -1210,6 +1267,7 @@ impl Replicator {
                 resume,
                 final_pages,
                 final_bytes,
+                postcopy: postcopy_figures,
             },
             error,
         );

@@ -87,6 +87,21 @@ impl Pair {
 
     /// Like `new`, with extra lines for the `[primary]` and `[backup]` tables.
     pub fn new_with(guest: &str, settings: &str, primary_extra: &str, backup_extra: &str) -> Self {
+        Self::new_full(guest, 16, settings, primary_extra, backup_extra)
+    }
+
+    /// Like `new`, with `memory_mib` MiB of guest RAM.
+    pub fn with_memory(guest: &str, memory_mib: usize, settings: &str) -> Self {
+        Self::new_full(guest, memory_mib, settings, "", "")
+    }
+
+    fn new_full(
+        guest: &str,
+        memory_mib: usize,
+        settings: &str,
+        primary_extra: &str,
+        backup_extra: &str,
+    ) -> Self {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
         let addrs = Addrs {
@@ -102,7 +117,7 @@ impl Pair {
             format!(
                 r#"name = "test-vm"
 guest = "{guest}"
-memory_mib = 16
+memory_mib = {memory_mib}
 state_dir = "{state}"
 {settings}
 [primary]

@@ -57,7 +57,7 @@ async fn send(tx: &tokio::sync::mpsc::Sender<EpochChunk>, id: u64, chunks: Vec<V
             session: id,
             generation: 1,
             chunk: c.into(),
-            trace_segment: Default::default(),
+            ..Default::default()
         };
         tx.send(msg).await.unwrap();
     }

@@ -23,7 +23,7 @@ pub struct MigrateOptions {
     pub to: SocketAddr,
     /// The name its certificate carries (default: its IP).
     pub to_name: Option<String>,
-    /// "stop-and-copy" or "precopy".
+    /// "stop-and-copy", "precopy", "postcopy" or "hybrid".
     pub mode: String,
     /// The stop a pre-copy switch may take.
     pub max_downtime: Duration,
@@ -145,6 +145,28 @@ pub fn render(r: &MigrateReply) -> String {
         ),
         ("restore there", ms(r.resume_micros)),
     ];
+    let mut rows = rows;
+    if r.postcopy_pages > 0 || r.mode == "postcopy" || r.mode == "hybrid" {
+        rows.extend([
+            (
+                "post-copy",
+                format!(
+                    "{} pages after the switch in {}, {} asked for at a fault",
+                    r.postcopy_pages,
+                    ms(r.postcopy_micros),
+                    r.postcopy_requests
+                ),
+            ),
+            (
+                "fault wait",
+                format!(
+                    "p50 {}, p99 {}",
+                    ms(r.fault_wait_p50_micros),
+                    ms(r.fault_wait_p99_micros)
+                ),
+            ),
+        ]);
+    }
     let mut out = String::from("migration done: the destination runs the VM\n");
     for (k, v) in rows {
         out.push_str(&format!("  {k:<14}{v}\n"));
@@ -172,5 +194,10 @@ pub fn to_json(r: &MigrateReply) -> serde_json::Value {
         "throttle_percent": r.throttle_percent,
         "guest_run_share": r.guest_run_share,
         "resume_micros": r.resume_micros,
+        "postcopy_requests": r.postcopy_requests,
+        "postcopy_pages": r.postcopy_pages,
+        "postcopy_micros": r.postcopy_micros,
+        "fault_wait_p50_micros": r.fault_wait_p50_micros,
+        "fault_wait_p99_micros": r.fault_wait_p99_micros,
     })
 }

@@ -146,12 +146,8 @@ impl Uffd {
     /// present (written before this call) never fault.
     pub fn register(ram: &GuestRam) -> Result<Self, UffdError> {
         // SAFETY: a plain syscall returning a new fd or -1.
-        let raw = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             return Err(UffdError::Create(std::io::Error::last_os_error()));
         }
@@ -250,9 +246,7 @@ impl Uffd {
         };
         match ioctl(&self.fd, UFFDIO_COPY, &mut copy, "COPY") {
             Ok(()) => Ok(true),
-            Err(UffdError::Ioctl { source, .. })
-                if source.raw_os_error() == Some(libc::EEXIST) =>
-            {
+            Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -271,9 +265,7 @@ impl Uffd {
         };
         match ioctl(&self.fd, UFFDIO_ZEROPAGE, &mut zero, "ZEROPAGE") {
             Ok(()) => Ok(true),
-            Err(UffdError::Ioctl { source, .. })
-                if source.raw_os_error() == Some(libc::EEXIST) =>
-            {
+            Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(false)
             }
             Err(e) => Err(e),

@@ -429,7 +429,9 @@ fn a_vm_restored_with_no_ram_runs_on_pages_served_at_its_faults() {
     // The kv guest then answers from the data it had.
     use understudy_vmm::uffd::Uffd;
     let (vm, console) = boot(BuiltinBoot::new(BuiltinGuest::Kv), false);
-    read_until(&console.output, Duration::from_secs(20), |l| l == "kv ready");
+    read_until(&console.output, Duration::from_secs(20), |l| {
+        l == "kv ready"
+    });
     for line in ["SET color blue\n", "SET shape round\n"] {
         console.input.send(line.as_bytes());
         read_until(&console.output, Duration::from_secs(20), |l| l == "OK");
@@ -472,5 +474,8 @@ fn a_vm_restored_with_no_ram_runs_on_pages_served_at_its_faults() {
     restored.stop();
     stop.store(true, std::sync::atomic::Ordering::Release);
     let served = server.join().unwrap();
-    assert!(served > 0 && served < pages, "{served} of {pages} pages faulted in");
+    assert!(
+        served > 0 && served < pages,
+        "{served} of {pages} pages faulted in"
+    );
 }

@@ -133,8 +133,10 @@ enum Command {
         /// The name the destination's certificate carries (default: its IP).
         #[arg(long, value_name = "NAME")]
         to_name: Option<String>,
-        /// stop-and-copy (pause, copy everything, resume there) or precopy
-        /// (rounds while the guest runs, then a short stop).
+        /// stop-and-copy (pause, copy everything, resume there), precopy
+        /// (rounds while the guest runs, then a short stop), postcopy (run
+        /// there at once, pages fetched at faults and pushed), or hybrid (one
+        /// pre-copy round, then post-copy).
         #[arg(long, default_value = "precopy")]
         mode: String,
         /// Pre-copy: the guest stop the switch may take.

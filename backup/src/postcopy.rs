@@ -1,0 +1,553 @@
+//! Post-copy migration, on the destination: the VM runs before its memory
+//! has arrived.
+//!
+//! ```text
+//!  Handover{postcopy, valid pages} ─▶ RAM: fresh anonymous memory, the valid
+//!  pages copied in from the image, the rest registered with userfaultfd ─▶
+//!  VM restored and resumed ─▶ Postcopy phase:
+//!    fault thread: a missing page faults ─▶ its index goes to the source on
+//!                  the session's ack stream (`Ack.want_pages`)
+//!    stream:       pages arrive (pushed in order, or asked for) ─▶ installed
+//!                  with UFFDIO_COPY / ZEROPAGE, which wakes the waiter
+//!    `postcopy_done` and no page missing ─▶ unregister ─▶ the VM goes to
+//!                  the primary role (HandedOver), like after a handover
+//!  the source's stream ends, a bad message, or a fault waits 10 s ─▶ the VM
+//!    cannot go on without its pages: it is stopped and the role fails
+//! ```
+//!
+//! Until the last page is in, the VM depends on the source: that is
+//! post-copy's price (QEMU's too), said in the docs and tested.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+use understudy_common::ids::{Generation, Incarnation};
+use understudy_common::payload::CheckpointPayload;
+use understudy_common::role::RunningVm;
+use understudy_common::status::StateKind;
+use understudy_common::wire;
+use understudy_proto::{Ack, EpochChunk};
+use understudy_vmm::uffd::Uffd;
+use understudy_vmm::{DirtyBitmap, GuestRam, PAGE_SIZE, RamBacking, Vm, VmState};
+
+use crate::promotion::{Promoted, PromotionError};
+use crate::{Phase, Shared};
+
+/// A fault that waits this long for its page means the source is gone.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the fault thread looks at its stop flag and at old faults.
+const FAULT_POLL: Duration = Duration::from_millis(20);
+
+/// The pages of a VM running here before they all arrived (shared by the
+/// fault thread and the stream that installs pages).
+#[derive(Debug)]
+pub(crate) struct Pager {
+    pub session: u64,
+    uffd: Uffd,
+    pages: usize,
+    state: Mutex<PagerState>,
+    missing: AtomicUsize,
+    faults: AtomicU64,
+    stop: AtomicBool,
+}
+
+#[derive(Debug)]
+struct PagerState {
+    have: DirtyBitmap,
+    /// Faulted pages not here yet, since when.
+    waiting: HashMap<u32, Instant>,
+    /// Pages to ask the source for.
+    requests: Vec<u32>,
+    /// Microseconds each fault waited.
+    waits_us: Vec<u64>,
+}
+
+impl Pager {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PagerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs one page (None: zero). Counts it the first time.
+    fn install(&self, page: u32, content: Option<&[u8; PAGE_SIZE]>) -> Result<(), String> {
+        let p = page as usize;
+        if p >= self.pages {
+            return Err(format!(
+                "page {page} is outside guest RAM ({} pages)",
+                self.pages
+            ));
+        }
+        let installed = match content {
+            None => self.uffd.zero(p),
+            Some(c) => self.uffd.copy(p, c),
+        }
+        .map_err(|e| wire::chain(&e))?;
+        let mut state = self.lock();
+        if !state.have.contains(p) {
+            state.have.set(p);
+            self.missing.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(since) = state.waiting.remove(&page) {
+            state.waits_us.push(since.elapsed().as_micros() as u64);
+        }
+        drop(state);
+        if !installed {
+            // Present already (the guest's own fault raced it): wake anyone.
+            let _ = self.uffd.wake(p);
+        }
+        Ok(())
+    }
+
+    /// The pages to ask the source for now.
+    pub(crate) fn take_requests(&self) -> Vec<u32> {
+        std::mem::take(&mut self.lock().requests)
+    }
+
+    /// Fault waits: count, p50, p99 (µs).
+    fn waits(&self) -> (u64, u64, u64) {
+        let mut w = self.lock().waits_us.clone();
+        w.sort_unstable();
+        let q = |f: f64| {
+            if w.is_empty() {
+                0
+            } else {
+                w[((w.len() - 1) as f64 * f).round() as usize]
+            }
+        };
+        (self.faults.load(Ordering::Acquire), q(0.5), q(0.99))
+    }
+}
+
+/// The fault thread: every missing page the VM touches becomes a request.
+fn serve_faults(pager: Arc<Pager>, shared: Arc<Shared>) {
+    while !pager.stop.load(Ordering::Acquire) {
+        match pager.uffd.next_fault(FAULT_POLL) {
+            Ok(Some(page)) => {
+                let mut state = pager.lock();
+                if state.have.contains(page) {
+                    drop(state);
+                    let _ = pager.uffd.wake(page);
+                    continue;
+                }
+                let page = page as u32;
+                if let std::collections::hash_map::Entry::Vacant(e) = state.waiting.entry(page) {
+                    e.insert(Instant::now());
+                    pager.faults.fetch_add(1, Ordering::AcqRel);
+                    state.requests.push(page);
+                    drop(state);
+                    shared.postcopy_notify.notify_one();
+                }
+            }
+            Ok(None) => {
+                let stuck = pager
+                    .lock()
+                    .waiting
+                    .iter()
+                    .find(|(_, since)| since.elapsed() > PAGE_TIMEOUT)
+                    .map(|(&p, _)| p);
+                if let Some(page) = stuck {
+                    fail(
+                        &shared,
+                        format!("page {page} did not come from the source within {PAGE_TIMEOUT:?}"),
+                    );
+                    return;
+                }
+            }
+            Err(e) => {
+                fail(&shared, format!("userfaultfd: {}", wire::chain(&e)));
+                return;
+            }
+        }
+    }
+}
+
+/// The VM while its pages arrive (the role's phase).
+pub(crate) struct PostcopyVm {
+    pub vm: Vm,
+    output: crossbeam_channel::Receiver<u8>,
+    generation: Generation,
+    incarnation: Option<Incarnation>,
+    pager: Arc<Pager>,
+    console_stop: Arc<AtomicBool>,
+    console_thread: Option<std::thread::JoinHandle<()>>,
+    fault_thread: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for PostcopyVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyVm")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses the handover's bitmap of valid pages.
+fn valid_pages(bytes: &[u8], pages: usize) -> Result<DirtyBitmap, PromotionError> {
+    let words = pages.div_ceil(64);
+    if bytes.len() != words * 8 {
+        return Err(PromotionError::Postcopy(format!(
+            "the valid-page bitmap has {} bytes, not {} for {pages} pages",
+            bytes.len(),
+            words * 8
+        )));
+    }
+    let words = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+        .collect();
+    Ok(DirtyBitmap::from_words(words, pages))
+}
+
+/// A post-copy handover: runs the VM here from `state` (the source's
+/// checkpoint payload at the switch) on the image's `valid` pages, the rest
+/// to come from the source over session `session`'s stream, whose pre-copy
+/// epochs up to `epoch` are committed. Nothing changes if a check fails.
+pub(crate) fn promote(
+    shared: &Arc<Shared>,
+    session: u64,
+    epoch: u64,
+    valid: &[u8],
+    state_bytes: &[u8],
+) -> Result<Promoted, PromotionError> {
+    let started = Instant::now();
+    let mut state = shared.lock();
+    let Phase::Standby(standby) = &mut state.phase else {
+        return Err(PromotionError::AlreadyRunning(shared.generation()));
+    };
+    let ours = standby
+        .session
+        .as_ref()
+        .is_some_and(|s| s.id == session && s.migration);
+    if !ours {
+        return Err(PromotionError::HandoverMismatch {
+            epoch,
+            session,
+            committed: standby.store.committed_epoch(),
+        });
+    }
+    let payload = CheckpointPayload::decode(state_bytes).map_err(PromotionError::Payload)?;
+    let vm_state = VmState::decode(&payload.vm_state).map_err(PromotionError::VmState)?;
+    if vm_state.memory.size_bytes != shared.opts.ram_bytes {
+        return Err(PromotionError::Postcopy(format!(
+            "the state is of a VM with {} bytes of RAM, not {}",
+            vm_state.memory.size_bytes, shared.opts.ram_bytes
+        )));
+    }
+    let incarnation = standby.store.incarnation();
+    let size = vm_state.memory.size_bytes as usize;
+    let pages = size / PAGE_SIZE;
+    let valid = valid_pages(valid, pages)?;
+    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(PromotionError::Ram)?;
+    // The pages the image holds current, copied in before the registration
+    // (present pages never fault).
+    let path = standby.store.memory_path();
+    let open_err = |source| PromotionError::OpenRam {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::File::open(&path).map_err(open_err)?;
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut pos = 0usize;
+    let mut zero = Vec::new();
+    for page in valid.iter() {
+        use std::io::Seek;
+        if pos != page {
+            file.seek(std::io::SeekFrom::Start((page * PAGE_SIZE) as u64))
+                .map_err(open_err)?;
+        }
+        file.read_exact(&mut buf).map_err(open_err)?;
+        pos = page + 1;
+        if buf.iter().any(|&b| b != 0) {
+            ram.write_at((page * PAGE_SIZE) as u64, &buf)
+                .map_err(PromotionError::Ram)?;
+        } else {
+            zero.push(page);
+        }
+    }
+    let uffd = Uffd::register(&ram).map_err(|e| PromotionError::Postcopy(wire::chain(&e)))?;
+    // Valid zero pages: the shared zero page, without allocating them.
+    for &page in &zero {
+        uffd.zero(page)
+            .map_err(|e| PromotionError::Postcopy(wire::chain(&e)))?;
+    }
+    // Zero pages among the valid ones: installed now (anonymous memory
+    // would fault on them otherwise).
+    let mut have = DirtyBitmap::new(pages);
+    for page in valid.iter() {
+        have.set(page);
+    }
+    let (vm, console) = Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
+    let missing = pages - have.count();
+    let pager = Arc::new(Pager {
+        session,
+        uffd,
+        pages,
+        state: Mutex::new(PagerState {
+            have,
+            waiting: HashMap::new(),
+            requests: Vec::new(),
+            waits_us: Vec::new(),
+        }),
+        missing: AtomicUsize::new(missing),
+        faults: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let new_generation = standby.generation.next();
+    let console_stop = Arc::new(AtomicBool::new(false));
+    let console_thread = {
+        let (output, log, stop) = (
+            console.output.clone(),
+            shared.host.log.clone(),
+            console_stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("postcopy-console".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    if let Ok(first) = output.recv_timeout(Duration::from_millis(20)) {
+                        let mut bytes = vec![first];
+                        bytes.extend(output.try_iter());
+                        log.append(&bytes);
+                        log.release_all();
+                    }
+                }
+            })
+            .map_err(PromotionError::Thread)?
+    };
+    let fault_thread = {
+        let (pager, shared) = (pager.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || serve_faults(pager, shared))
+            .map_err(PromotionError::Thread)?
+    };
+    // ── Point of no return: the generation that fences the source. ──
+    if let Err(source) = standby.store.go_live(new_generation.0) {
+        pager.stop.store(true, Ordering::Release);
+        console_stop.store(true, Ordering::Release);
+        return Err(PromotionError::RecordGeneration {
+            generation: new_generation,
+            source,
+        });
+    }
+    shared.set_generation(new_generation, true);
+    shared.watch.arm(false);
+    shared.watch.set_session(None);
+    let host = &shared.host;
+    host.log.set_generation(new_generation.0);
+    host.log
+        .take_over(payload.console_offset, &payload.console_out);
+    host.log.set_raw_start(Some(payload.console_offset));
+    host.input.set(Some(console.input));
+    *shared.postcopy.lock().unwrap_or_else(|p| p.into_inner()) = Some(pager.clone());
+    if let Err(e) = vm.resume() {
+        tracing::error!(error = %e, "the post-copy VM did not resume");
+    }
+    let resumed = started.elapsed();
+    let stats = &host.stats;
+    stats.generation.store(new_generation.0, Ordering::Release);
+    stats.set_role(understudy_common::ids::Role::Primary);
+    stats.set_incarnation(Incarnation::from_raw(incarnation));
+    stats.protected.store(false, Ordering::Release);
+    stats
+        .promotion_resume_us
+        .store(resumed.as_micros() as u64, Ordering::Relaxed);
+    stats.promotion_detect_us.store(0, Ordering::Relaxed);
+    stats.metrics.switchovers.inc();
+    stats.set_state(
+        StateKind::Postcopy,
+        format!("post-copy: running, {missing} of {pages} pages still at the source"),
+    );
+    tracing::info!(
+        epoch,
+        generation = %new_generation,
+        missing,
+        pages,
+        resume_us = resumed.as_micros() as u64,
+        "post-copy: VM running here; fetching the rest from the source"
+    );
+    state.phase = Phase::Postcopy(Box::new(PostcopyVm {
+        vm,
+        output: console.output,
+        generation: new_generation,
+        incarnation: Incarnation::from_raw(incarnation),
+        pager,
+        console_stop,
+        console_thread: Some(console_thread),
+        fault_thread: Some(fault_thread),
+        started,
+    }));
+    Ok(Promoted {
+        generation: new_generation,
+        epoch,
+        resumed,
+    })
+}
+
+/// Pages from the source (or its `done`). Returns the ack that says every
+/// page is in, once it is.
+pub(crate) fn receive(shared: &Arc<Shared>, msg: &EpochChunk) -> Result<Option<Ack>, Status> {
+    let pager = shared
+        .postcopy
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|p| p.session == msg.session)
+        .ok_or_else(|| {
+            Status::failed_precondition("no post-copy migration of this session runs here")
+        })?;
+    if !msg.postcopy_pages.is_empty() {
+        if let Err(point) = understudy_common::fault::check("backup.postcopy.pages") {
+            fail(shared, format!("injected fault ({point})"));
+            return Err(Status::internal(format!("injected fault ({point})")));
+        }
+        let installed =
+            understudy_common::postcopy::decode(&msg.postcopy_pages, |page, content| {
+                pager.install(page, content)
+            });
+        let why = match installed {
+            Ok(Ok(())) => None,
+            Ok(Err(why)) => Some(why),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            fail(shared, format!("a bad page message from the source: {why}"));
+            return Err(Status::invalid_argument(format!(
+                "post-copy pages refused: {why}"
+            )));
+        }
+        shared
+            .host
+            .stats
+            .bytes_shipped
+            .fetch_add(msg.postcopy_pages.len() as u64, Ordering::Relaxed);
+    }
+    if !msg.postcopy_done {
+        return Ok(None);
+    }
+    let missing = pager.missing.load(Ordering::Acquire);
+    if missing > 0 {
+        let why = format!("the source says it sent every page, yet {missing} are missing");
+        fail(shared, why.clone());
+        return Err(Status::data_loss(why));
+    }
+    let (faults, p50, p99) = pager.waits();
+    finish(shared);
+    Ok(Some(Ack {
+        generation: shared.generation().0,
+        postcopy_done: true,
+        postcopy_faults: faults,
+        fault_wait_p50_micros: p50,
+        fault_wait_p99_micros: p99,
+        ..Ack::default()
+    }))
+}
+
+/// Every page is in: the VM no longer needs the source; it goes to the
+/// primary role.
+fn finish(shared: &Arc<Shared>) {
+    let mut state = shared.lock();
+    let phase = std::mem::replace(&mut state.phase, Phase::HandedOver(None));
+    let Phase::Postcopy(mut p) = phase else {
+        state.phase = phase;
+        return;
+    };
+    p.pager.stop.store(true, Ordering::Release);
+    p.console_stop.store(true, Ordering::Release);
+    if let Some(t) = p.fault_thread.take() {
+        let _ = t.join();
+    }
+    if let Some(t) = p.console_thread.take() {
+        let _ = t.join();
+    }
+    let (faults, p50, p99) = p.pager.waits();
+    *shared.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    tracing::info!(
+        took_ms = p.started.elapsed().as_secs_f64() * 1e3,
+        faults,
+        fault_wait_p50_us = p50,
+        fault_wait_p99_us = p99,
+        "post-copy done: every page is here; the VM no longer needs the source"
+    );
+    shared
+        .host
+        .stats
+        .set_state(StateKind::Promoted, "post-copy done: running");
+    // Faults are ordinary from here on (the pager's fd closes with it).
+    let PostcopyVm {
+        vm,
+        output,
+        generation,
+        incarnation,
+        pager,
+        ..
+    } = *p;
+    drop(pager);
+    state.phase = Phase::HandedOver(Some(Box::new(RunningVm {
+        vm,
+        output,
+        generation,
+        incarnation,
+        trace: None,
+        output_taken: 0,
+    })));
+    drop(state);
+    shared.handed_over.cancel();
+}
+
+/// The VM cannot go on without the source: it is stopped, and the role
+/// ends with the reason.
+pub(crate) fn fail(shared: &Arc<Shared>, why: String) {
+    let mut state = shared.lock();
+    let phase = std::mem::replace(&mut state.phase, Phase::HandedOver(None));
+    let Phase::Postcopy(p) = phase else {
+        state.phase = phase;
+        return;
+    };
+    let PostcopyVm {
+        vm,
+        pager,
+        console_stop,
+        ..
+    } = *p;
+    let missing = pager.missing.load(Ordering::Acquire);
+    let why = format!(
+        "post-copy migration failed after the switch: {why}; {missing} pages never arrived, so \
+         the VM cannot run here (it ran here after leaving the source, so the source cannot \
+         resume it either): the VM is lost"
+    );
+    tracing::error!("{why}");
+    pager.stop.store(true, Ordering::Release);
+    console_stop.store(true, Ordering::Release);
+    *shared.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    // Stopping kicks a vCPU waiting in a fault out of it.
+    vm.stop();
+    shared.host.input.set(None);
+    shared
+        .host
+        .stats
+        .set_state(StateKind::PromotionFailed, why.clone());
+    state.phase = Phase::Failed(why);
+    drop(state);
+    shared.handed_over.cancel();
+}
+
+/// The session's stream ended: if it carried a post-copy, the VM is lost.
+pub(crate) fn stream_ended(shared: &Arc<Shared>, session: u64) {
+    let running = shared
+        .postcopy
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.session == session);
+    if running {
+        fail(
+            shared,
+            "the source's stream ended before the last page".into(),
+        );
+    }
+}
