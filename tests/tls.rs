@@ -495,3 +495,66 @@ async fn the_console_over_tls_serves_operators_and_console_clients_only() {
         pair.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_takes_a_migration_only_from_the_hosts_it_names() {
+    // Under mutual TLS the destination's replication service admits only
+    // the hosts `incoming_from` names; the source checks the destination's
+    // certificate against the address it was given; migrate is an operator's
+    // call.
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (dc, dk) = make_cert(d, "ca", "dest");
+    let (oc, ok) = make_operator(d, "ca", "operator");
+    let ca = d.join("ca.pem");
+    let mut pair = Pair::new("kv", "");
+    start(
+        &mut pair,
+        tls_overrides(&ca, &bc, &bk),
+        tls_overrides(&ca, &pc, &pk),
+    );
+    wait_log(&pair, "VM protected");
+    let operator = operator_config(&pair, &ca, &oc, &ok);
+    let tls = format!(
+        "ca = {:?}\ncert = {:?}\nkey = {:?}",
+        ca.display().to_string(),
+        dc.display().to_string(),
+        dk.display().to_string()
+    );
+    let migrate = |dest: &common::Destination, config: &Path| {
+        Command::new(common::CTL)
+            .args(["migrate", "--quiet", "--config"])
+            .arg(config)
+            .args(["--to", &dest.replication.to_string(), "--mode", "precopy"])
+            .output()
+            .unwrap()
+    };
+    // A destination that names another source refuses this one.
+    let stranger =
+        common::Destination::start_config("kv", 16, "incoming_from = [\"10.9.9.9\"]", &tls, "");
+    let out = migrate(&stranger, &operator);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the VM runs on here"), "{err}");
+    assert!(stranger.logs().contains("refused"), "{}", stranger.logs());
+    drop(stranger);
+    // Without an operator certificate, migrate is refused outright.
+    let dest =
+        common::Destination::start_config("kv", 16, "incoming_from = [\"127.0.0.1\"]", &tls, "");
+    let out = migrate(&dest, &pair.config);
+    assert!(!out.status.success());
+    // The named source, asked by an operator: the VM moves.
+    let out = migrate(&dest, &operator);
+    common::assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the destination runs the VM"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let code = pair.wait_primary_exit(Duration::from_secs(10));
+    assert!(code.success(), "{}", pair.logs());
+}

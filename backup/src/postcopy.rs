@@ -57,6 +57,9 @@ pub(crate) struct Pager {
 
 #[derive(Debug)]
 struct PagerState {
+    /// When the source last sent pages (it pushes without pause until the
+    /// last one, so a long silence means it is gone).
+    heard: Instant,
     have: DirtyBitmap,
     /// Faulted pages not here yet, since when.
     waiting: HashMap<u32, Instant>,
@@ -142,12 +145,21 @@ fn serve_faults(pager: Arc<Pager>, shared: Arc<Shared>) {
                 }
             }
             Ok(None) => {
-                let stuck = pager
-                    .lock()
+                let state = pager.lock();
+                let silent = state.heard.elapsed();
+                let stuck = state
                     .waiting
                     .iter()
                     .find(|(_, since)| since.elapsed() > PAGE_TIMEOUT)
                     .map(|(&p, _)| p);
+                drop(state);
+                if silent > PAGE_TIMEOUT && pager.missing.load(Ordering::Acquire) > 0 {
+                    fail(
+                        &shared,
+                        format!("the source sent no page for {PAGE_TIMEOUT:?}"),
+                    );
+                    return;
+                }
                 if let Some(page) = stuck {
                     fail(
                         &shared,
@@ -287,6 +299,7 @@ pub(crate) fn promote(
         uffd,
         pages,
         state: Mutex::new(PagerState {
+            heard: Instant::now(),
             have,
             waiting: HashMap::new(),
             requests: Vec::new(),
@@ -400,6 +413,7 @@ pub(crate) fn receive(shared: &Arc<Shared>, msg: &EpochChunk) -> Result<Option<A
         .ok_or_else(|| {
             Status::failed_precondition("no post-copy migration of this session runs here")
         })?;
+    pager.lock().heard = Instant::now();
     if !msg.postcopy_pages.is_empty() {
         if let Err(point) = understudy_common::fault::check("backup.postcopy.pages") {
             fail(shared, format!("injected fault ({point})"));

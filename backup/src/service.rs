@@ -292,6 +292,15 @@ impl Replication for ReplicationService {
                     Some(Ok(msg)) => msg,
                 };
                 stream_session = Some(msg.session);
+                if msg.chunk.is_empty()
+                    && msg.trace_segment.is_empty()
+                    && msg.postcopy_pages.is_empty()
+                    && !msg.postcopy_done
+                {
+                    // A stream's opening word: which session it carries (a
+                    // post-copy learns of its source's loss by it).
+                    continue;
+                }
                 if !msg.postcopy_pages.is_empty() || msg.postcopy_done {
                     let shared2 = shared.clone();
                     let result =

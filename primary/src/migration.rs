@@ -243,6 +243,15 @@ impl Link {
             .await
             .map_err(|s| format!("{}: {}", s.code(), s.message()))?
             .into_inner();
+        // The stream's opening word: the destination learns which session
+        // it carries before any data (a post-copy that loses it must know).
+        tx.send(EpochChunk {
+            session: offer.id,
+            generation,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| "the stream to the destination closed at once".to_string())?;
         let broken = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let why = Arc::new(Mutex::new(None));

@@ -509,3 +509,138 @@ pub async fn kill_with_a_write_in_flight(pair: &mut Pair, client: &mut Lines, wr
         );
     }
 }
+
+/// A host waiting for the VM (`understudyd primary --incoming`), with its own
+/// config: the same VM, its own addresses, a backup that is not running.
+pub struct Destination {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub console: SocketAddr,
+    pub control: SocketAddr,
+    pub replication: SocketAddr,
+    pub child: Option<Child>,
+}
+
+impl Destination {
+    pub fn start(guest: &str) -> Self {
+        Self::start_with_faults(guest, "")
+    }
+
+    /// With `UNDERSTUDY_FAULTS=faults` (e.g. `backup.apply~40`: every commit
+    /// takes 40 ms longer, a slow destination).
+    pub fn start_with_faults(guest: &str, faults: &str) -> Self {
+        Self::start_full(guest, 16, "", faults)
+    }
+
+    /// `memory_mib` MiB, `settings` (TOML lines), faults.
+    pub fn start_full(guest: &str, memory_mib: usize, settings: &str, faults: &str) -> Self {
+        Self::start_config(guest, memory_mib, settings, "insecure = true", faults)
+    }
+
+    /// With `tls` as the `[tls]` table's lines.
+    pub fn start_config(
+        guest: &str,
+        memory_mib: usize,
+        settings: &str,
+        tls: &str,
+        faults: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (console, control, replication) =
+            (addr(free_port()), addr(free_port()), addr(free_port()));
+        let config = dir.path().join("dest.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "test-vm"
+guest = "{guest}"
+memory_mib = {memory_mib}
+state_dir = "{state}"
+{settings}
+[primary]
+console = "{console}"
+control = "{control}"
+replication = "{replication}"
+[backup]
+replication = "{}"
+console = "{}"
+control = "{}"
+[tls]
+{tls}
+"#,
+                addr(free_port()),
+                addr(free_port()),
+                addr(free_port()),
+                state = dir.path().join("state").display(),
+            ),
+        )
+        .unwrap();
+        let mut d = Self {
+            dir,
+            config,
+            console,
+            control,
+            replication,
+            child: None,
+        };
+        d.spawn(faults);
+        d
+    }
+
+    pub fn spawn(&mut self, faults: &str) {
+        let log = std::fs::File::create(self.dir.path().join("dest.log")).unwrap();
+        self.child = Some(
+            Command::new(DAEMON)
+                .args(["primary", "--incoming", "--config"])
+                .arg(&self.config)
+                .env("UNDERSTUDY_LOG", "info")
+                .env("UNDERSTUDY_FAULTS", faults)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dest.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub async fn wait_incoming(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = status(self.control).await
+                && s.state_kind == "incoming"
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the destination never waited for the VM\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

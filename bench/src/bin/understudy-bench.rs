@@ -18,11 +18,12 @@ use anyhow::{Context, Result, bail};
 use understudy_bench::{OUT_ENV, Report, chart, markdown};
 
 /// (package, bench target), in the order they run and appear.
-const SUITE: [(&str, &str); 7] = [
+const SUITE: [(&str, &str); 8] = [
     ("understudy-vmm", "vmm"),
     ("understudy-vmm", "replay"),
     ("understudy", "failover"),
     ("understudy", "modes"),
+    ("understudy", "migration"),
     ("understudy", "slowdown"),
     ("understudy", "pipeline"),
     ("understudy-checkpoint", "codec"),
