@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 use common::{CTL, Destination, Lines, Pair, status};
 
+/// What `migrate` said and every daemon's log, for failure messages.
+fn both_logs(stderr: &str, pair: &Pair, dest: &Destination) -> String {
+    format!(
+        "{stderr}\n{}\n--- destination ---\n{}",
+        pair.logs(),
+        dest.logs()
+    )
+}
+
 fn migrate(pair: &Pair, dest: &Destination, mode: &str) -> Child {
     migrate_with(pair, dest, mode, &[])
 }
@@ -220,9 +229,10 @@ async fn a_destination_killed_or_frozen_before_the_switch_leaves_the_vm_protecte
     let mut acked = Vec::new();
     let mut next = 0u64;
     for (trial, how) in ["kill", "freeze", "kill"].into_iter().enumerate() {
-        // A slow destination: every commit there takes 60 ms longer, so a
-        // migration takes about a second and the fault lands inside it.
-        let mut dest = Destination::start_with_faults("kv", "backup.apply~60");
+        // A slow destination: every commit there takes 400 ms longer, so a
+        // migration (two pre-copy epochs and the final) takes over a second
+        // and the fault lands inside it.
+        let mut dest = Destination::start_with_faults("kv", "backup.apply~400");
         dest.wait_incoming().await;
         let child = migrate(&pair, &dest, "precopy");
         let at = random_ms(&mut rng, 50, 700);
@@ -295,7 +305,7 @@ async fn a_source_killed_before_the_switch_fails_over_to_its_backup_and_the_dest
     let mut rng = seed();
     for trial in 0..2 {
         let mut pair = Pair::protected("kv", "").await;
-        let dest = Destination::start_with_faults("kv", "backup.apply~60");
+        let dest = Destination::start_with_faults("kv", "backup.apply~400");
         dest.wait_incoming().await;
         let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
         wait_ready(&mut client, &pair).await;
@@ -350,25 +360,18 @@ async fn a_source_killed_before_the_switch_fails_over_to_its_backup_and_the_dest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn precopy_of_a_guest_that_outruns_the_link_converges_by_holding_the_vcpu() {
     let _serial = common::serial().await;
-    // The dirtier rewrites 2048 pages flat out; the destination commits
-    // slowly (20 ms a batch): rounds never shrink until auto-converge holds
-    // the vCPU.
-    let pair = Pair::protected(
-        "dirtier",
-        "[guest_params]\nworking_set = 2048\ndirty_rate = 0\nreport_ms = 100",
-    )
-    .await;
-    let dest = Destination::start_with_faults("dirtier", "backup.apply~20");
+    // The dirtier rewrites 8192 pages (32 MiB) flat out, sent raw; the
+    // destination commits slowly (40 ms more per 2048-page epoch): rounds
+    // never shrink until auto-converge holds the vCPU.
+    let guest = "[guest_params]\nworking_set = 8192\ndirty_rate = 0\nreport_ms = 100\n[codec]\npolicy = \"raw\"";
+    let mut pair = Pair::with_memory("dirtier", 64, guest);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let dest = Destination::start_full("dirtier", 64, guest, "backup.apply~40");
     dest.wait_incoming().await;
     let child = migrate_with(&pair, &dest, "precopy", &["--max-downtime", "100ms"]);
     let (ok, stdout, stderr) = finished(child);
-    let logs = || {
-        format!(
-            "{stderr}\n{}\n--- destination ---\n{}",
-            pair.logs(),
-            dest.logs()
-        )
-    };
+    let logs = || both_logs(&stderr, &pair, &dest);
     assert!(ok, "{}", logs());
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     eprintln!("{report}");
@@ -446,13 +449,7 @@ async fn postcopy_serves_the_pages_a_busy_guest_faults_on_before_they_are_pushed
     dest.wait_incoming().await;
     let child = migrate(&pair, &dest, "postcopy");
     let (ok, stdout, stderr) = finished(child);
-    let logs = || {
-        format!(
-            "{stderr}\n{}\n--- destination ---\n{}",
-            pair.logs(),
-            dest.logs()
-        )
-    };
+    let logs = || both_logs(&stderr, &pair, &dest);
     assert!(ok, "{}", logs());
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     eprintln!("{report}");

@@ -276,20 +276,16 @@ impl Replication for ReplicationService {
                     }
                 };
                 let msg = match next {
-                    None => {
-                        if let Some(id) = stream_session {
-                            crate::postcopy::stream_ended(&shared, id);
-                        }
-                        return;
-                    }
-                    Some(Err(status)) => {
-                        tracing::debug!(%status, "replication stream ended");
-                        if let Some(id) = stream_session {
-                            crate::postcopy::stream_ended(&shared, id);
-                        }
-                        return;
-                    }
                     Some(Ok(msg)) => msg,
+                    end => {
+                        if let Some(Err(status)) = end {
+                            tracing::debug!(%status, "replication stream ended");
+                        }
+                        if let Some(id) = stream_session {
+                            crate::postcopy::stream_ended(&shared, id);
+                        }
+                        return;
+                    }
                 };
                 stream_session = Some(msg.session);
                 if msg.chunk.is_empty()
@@ -301,32 +297,20 @@ impl Replication for ReplicationService {
                     // post-copy learns of its source's loss by it).
                     continue;
                 }
-                if !msg.postcopy_pages.is_empty() || msg.postcopy_done {
-                    let shared2 = shared.clone();
-                    let result =
-                        tokio::task::block_in_place(|| crate::postcopy::receive(&shared2, &msg));
-                    match result {
-                        Ok(None) => {}
-                        Ok(Some(ack)) => {
-                            if tx.send(Ok(ack)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                    }
-                    continue;
-                }
                 // Replay-mode sessions only: checkpoint mode never takes
                 // the state lock between its messages.
                 if !msg.trace_segment.is_empty() {
                     session.get_or_insert(msg.session);
                 }
+                let postcopy = !msg.postcopy_pages.is_empty() || msg.postcopy_done;
                 let shared2 = shared.clone();
-                let result =
-                    tokio::task::block_in_place(|| crate::receiver::receive_chunk(&shared2, msg));
+                let result = tokio::task::block_in_place(|| {
+                    if postcopy {
+                        crate::postcopy::receive(&shared2, &msg)
+                    } else {
+                        crate::receiver::receive_chunk(&shared2, msg)
+                    }
+                });
                 match result {
                     Ok(None) => {}
                     Ok(Some(ack)) => {

@@ -1226,6 +1226,9 @@ impl Replicator {
         // Post-copy: the destination runs the VM on the pages it has; the
         // rest go from here, the guest here paused for good.
         let (postcopy_figures, error) = if postcopy {
+            // The guest answers there from now on: its clients go now, not
+            // when the last page is in.
+            self.log.disconnect_clients();
             self.shared.stats.set_migration(m.progress("postcopy", ""));
             self.shared.stats.set_state(
                 StateKind::Migrating,
