@@ -198,6 +198,7 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "dangerously_allow_insecure_network",
         "max_held_output_kib",
         "console_max_clients",
+        "incoming_from",
     ] {
         assert!(
             text.contains(&format!("{field} =")),
