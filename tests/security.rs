@@ -387,6 +387,10 @@ async fn hostile_round(
                     let n = (rng.next() % 2000) as usize;
                     rng.bytes(n).into()
                 },
+                zero_pages: {
+                    let n = (rng.next() % 600) as usize;
+                    rng.bytes(n).into()
+                },
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }

@@ -310,6 +310,7 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 postcopy: true,
                 valid_pages: vec![0xff; 512].into(),
                 postcopy_state: vec![1, 2, 3].into(),
+                zero_pages: Default::default(),
             },
             "handover refused",
         ),

@@ -255,7 +255,8 @@ fn valid_pages(bytes: &[u8], pages: usize) -> Result<DirtyBitmap, PromotionError
 }
 
 /// A post-copy handover: runs the VM here from `state` (the source's
-/// checkpoint payload at the switch) on the image's `valid` pages, the rest
+/// checkpoint payload at the switch) on the image's `valid` pages (`zero`
+/// of them all zero, not read), the rest
 /// to come from the source over session `session`'s stream, whose pre-copy
 /// epochs up to `epoch` are committed. Nothing changes if a check fails.
 pub(crate) fn promote(
@@ -263,6 +264,7 @@ pub(crate) fn promote(
     session: u64,
     epoch: u64,
     valid: &[u8],
+    zero: &[u8],
     state_bytes: &[u8],
 ) -> Result<Promoted, PromotionError> {
     let started = Instant::now();
@@ -293,6 +295,13 @@ pub(crate) fn promote(
     let size = vm_state.memory.size_bytes as usize;
     let pages = size / PAGE_SIZE;
     let valid = valid_pages(valid, pages)?;
+    // Valid pages the source saw all zero: not read, installed at their
+    // first touch (an empty bitmap: none known).
+    let known_zero = if zero.is_empty() {
+        DirtyBitmap::new(pages)
+    } else {
+        valid_pages(zero, pages)?
+    };
     let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(PromotionError::Ram)?;
     // The pages the image holds current, copied in before the registration
     // (present pages never fault). Only the image's data extents are read:
@@ -319,9 +328,17 @@ pub(crate) fn promote(
     for run_start in (0..pages).step_by(RUN) {
         use std::os::unix::fs::FileExt;
         let run_end = (run_start + RUN).min(pages);
-        let wanted: Vec<usize> = (run_start..run_end)
-            .filter(|&p| valid.contains(p))
-            .collect();
+        let mut wanted = Vec::new();
+        for p in run_start..run_end {
+            if !valid.contains(p) {
+                continue;
+            }
+            if known_zero.contains(p) {
+                lazy_zero.set(p);
+            } else {
+                wanted.push(p);
+            }
+        }
         if wanted.is_empty() {
             continue;
         }

@@ -432,6 +432,7 @@ impl Replication for ReplicationService {
                     req.session,
                     req.epoch,
                     &req.valid_pages,
+                    &req.zero_pages,
                     &req.postcopy_state,
                 )
             }) {

@@ -551,6 +551,8 @@ pub(crate) struct Migration {
     next: usize,
     /// Pages dirtied since this round's list was taken.
     pending: DirtyBitmap,
+    /// Pages whose last content sent was all zero.
+    sent_zero: DirtyBitmap,
     round: u32,
     round_started: Instant,
     throttle: u32,
@@ -589,6 +591,7 @@ impl Migration {
             round_pages: Vec::new(),
             next: 0,
             pending: DirtyBitmap::full(ram_pages),
+            sent_zero: DirtyBitmap::new(ram_pages),
             round: 0,
             round_started: Instant::now(),
             throttle: 0,
@@ -823,6 +826,11 @@ impl Migration {
                 .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
             enc.add_page(p, page)
                 .map_err(|e| format!("cannot encode: {e}"))?;
+            if page.iter().all(|&b| b == 0) {
+                self.sent_zero.set(p as usize);
+            } else {
+                self.sent_zero.unset(p as usize);
+            }
         }
         let encoded = enc.finish(&[]).map_err(|e| format!("cannot encode: {e}"))?;
         link.queue(epoch, encoded.report.bytes_out, encoded.chunks);
@@ -910,9 +918,10 @@ impl Migration {
     }
 
     /// Post-copy's switch: waits until the destination committed every
-    /// pre-copy epoch; returns the last one (0: none) and the bitmap (u64 LE
-    /// words) of the pages it holds current (sent, and not dirtied since).
-    pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>), String> {
+    /// pre-copy epoch; returns the last one (0: none), the bitmap (u64 LE
+    /// words) of the pages it holds current (sent, and not dirtied since),
+    /// and of those that are all zero.
+    pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>, Vec<u8>), String> {
         for &p in &self.round_pages[self.next..] {
             self.pending.set(p as usize);
         }
@@ -922,12 +931,12 @@ impl Migration {
         if last > 0 {
             self.link_mut()?.flush_acked(last, FINAL_ACK_TIMEOUT)?;
         }
-        let valid: Vec<u8> = self
+        let valid: Vec<u64> = self
             .pending
             .words()
             .iter()
             .enumerate()
-            .flat_map(|(i, &w)| {
+            .map(|(i, &w)| {
                 // Bits past the last page stay clear.
                 let bits = (self.ram_pages - i * 64).min(64);
                 let mask = if bits == 64 {
@@ -935,10 +944,17 @@ impl Migration {
                 } else {
                     (1u64 << bits) - 1
                 };
-                (!w & mask).to_le_bytes()
+                !w & mask
             })
             .collect();
-        Ok((last, valid))
+        let zero: Vec<u64> = valid
+            .iter()
+            .zip(self.sent_zero.words())
+            .map(|(v, z)| v & z)
+            .collect();
+        let bytes =
+            |words: &[u64]| -> Vec<u8> { words.iter().flat_map(|w| w.to_le_bytes()).collect() };
+        Ok((last, bytes(&valid), bytes(&zero)))
     }
 
     /// Post-copy, after the switch: sends every page the destination lacks,

@@ -353,6 +353,14 @@ pub(crate) async fn handover(
     .await
 }
 
+/// What a post-copy handover carries (see `HandoverRequest`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PostcopyHandover<'a> {
+    pub valid: &'a [u8],
+    pub zero: &'a [u8],
+    pub state: &'a [u8],
+}
+
 /// [`handover`] to `target`; `postcopy`: a post-copy migration's handover,
 /// with the bitmap of the pages the destination holds current and the VM's
 /// state.
@@ -362,7 +370,7 @@ pub(crate) async fn handover_to(
     generation: u64,
     session: u64,
     epoch: u64,
-    postcopy: Option<(&[u8], &[u8])>,
+    postcopy: Option<PostcopyHandover<'_>>,
 ) -> HandoverOutcome {
     let channel = match connect_to(opts, target).await {
         Ok(c) => c,
@@ -374,8 +382,15 @@ pub(crate) async fn handover_to(
         session,
         epoch,
         postcopy: postcopy.is_some(),
-        valid_pages: postcopy.map(|(v, _)| v.to_vec()).unwrap_or_default().into(),
-        postcopy_state: postcopy.map(|(_, s)| s.to_vec()).unwrap_or_default().into(),
+        valid_pages: postcopy
+            .map(|p| p.valid.to_vec())
+            .unwrap_or_default()
+            .into(),
+        postcopy_state: postcopy
+            .map(|p| p.state.to_vec())
+            .unwrap_or_default()
+            .into(),
+        zero_pages: postcopy.map(|p| p.zero.to_vec()).unwrap_or_default().into(),
     });
     match tokio::time::timeout(HANDOVER_TIMEOUT, request).await {
         Ok(Ok(reply)) => HandoverOutcome::Done(reply.into_inner()),

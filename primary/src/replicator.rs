@@ -21,7 +21,7 @@ use understudy_vmm::deterministic::Sealed;
 use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::migration::{Migration, MigrationMode, Step, SwitchFigures};
-use crate::peer::{HandoverOutcome, handover, handover_to, say_goodbye};
+use crate::peer::{HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye};
 use crate::{
     MAX_SYNC_ROUNDS, Phase, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared,
     SwitchoverResponder,
@@ -1132,7 +1132,7 @@ impl Replicator {
         let postcopy = m.request.mode.is_postcopy();
         let sent = if postcopy {
             m.flush_for_postcopy()
-                .map(|(epoch, valid)| (epoch, 0, 0, Some(valid)))
+                .map(|(epoch, valid, zero)| (epoch, 0, 0, Some((valid, zero))))
         } else {
             m.send_final(vm, &mut self.page, &payload)
                 .map(|(epoch, pages, bytes)| (epoch, pages, bytes, None))
@@ -1176,7 +1176,11 @@ impl Replicator {
             // first may have promoted it (it then refuses a second one).
             let mut uncertain = None;
             loop {
-                let postcopy_args = valid.as_deref().map(|v| (v, payload.as_slice()));
+                let postcopy_args = valid.as_ref().map(|(valid, zero)| PostcopyHandover {
+                    valid,
+                    zero,
+                    state: &payload,
+                });
                 match handover_to(&opts, &target, generation, session_id, epoch, postcopy_args)
                     .await
                 {

@@ -72,6 +72,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks `page` clean. Pages outside the set are ignored.
+    pub fn unset(&mut self, page: usize) {
+        if page < self.pages {
+            self.words[page / 64] &= !(1 << (page % 64));
+        }
+    }
+
     /// Whether `page` is dirty.
     pub fn contains(&self, page: usize) -> bool {
         page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
