@@ -25,7 +25,8 @@ async fn control_channel(
     control_client(addr, tls, Duration::from_secs(5)).await
 }
 
-/// [`control_channel`] whose calls may take up to `timeout`.
+/// A client of the control service at `addr` (mutual TLS when `tls` is
+/// given) whose calls may take up to `timeout`.
 pub async fn control_client(
     addr: SocketAddr,
     tls: Option<&TlsFiles>,
