@@ -14,6 +14,21 @@ use std::time::{Duration, Instant};
 
 use common::{CTL, Destination, Lines, Pair, status};
 
+/// A protected dirtier pair of `mib` MiB with `guest` settings, and a
+/// destination for it (with `faults`), waiting.
+async fn dirtier_pair_and_destination(
+    mib: usize,
+    guest: &str,
+    faults: &str,
+) -> (Pair, Destination) {
+    let mut pair = Pair::with_memory("dirtier", mib, guest);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let dest = Destination::start_full("dirtier", mib, guest, faults);
+    dest.wait_incoming().await;
+    (pair, dest)
+}
+
 /// What `migrate` said and every daemon's log, for failure messages.
 fn both_logs(stderr: &str, pair: &Pair, dest: &Destination) -> String {
     format!(
@@ -363,12 +378,12 @@ async fn precopy_of_a_guest_that_outruns_the_link_converges_by_holding_the_vcpu(
     // The dirtier rewrites 8192 pages (32 MiB) flat out, sent raw; the
     // destination commits slowly (40 ms more per 2048-page epoch): rounds
     // never shrink until auto-converge holds the vCPU.
-    let guest = "[guest_params]\nworking_set = 8192\ndirty_rate = 0\nreport_ms = 100\n[codec]\npolicy = \"raw\"";
-    let mut pair = Pair::with_memory("dirtier", 64, guest);
-    pair.start_primary();
-    pair.wait_protected().await;
-    let dest = Destination::start_full("dirtier", 64, guest, "backup.apply~40");
-    dest.wait_incoming().await;
+    let (pair, dest) = dirtier_pair_and_destination(
+        64,
+        "[guest_params]\nworking_set = 8192\ndirty_rate = 0\nreport_ms = 100\n[codec]\npolicy = \"raw\"",
+        "backup.apply~40",
+    )
+    .await;
     let child = migrate_with(&pair, &dest, "precopy", &["--max-downtime", "100ms"]);
     let (ok, stdout, stderr) = finished(child);
     let logs = || both_logs(&stderr, &pair, &dest);
@@ -441,12 +456,12 @@ async fn postcopy_serves_the_pages_a_busy_guest_faults_on_before_they_are_pushed
     // switch it touches pages the push has not reached, and each fault is
     // served on demand.
     let _serial = common::serial().await;
-    let guest = "[guest_params]\nworking_set = 16384\ndirty_rate = 0\nreport_ms = 100";
-    let mut pair = Pair::with_memory("dirtier", 128, guest);
-    pair.start_primary();
-    pair.wait_protected().await;
-    let dest = Destination::start_full("dirtier", 128, guest, "");
-    dest.wait_incoming().await;
+    let (mut pair, dest) = dirtier_pair_and_destination(
+        128,
+        "[guest_params]\nworking_set = 16384\ndirty_rate = 0\nreport_ms = 100",
+        "",
+    )
+    .await;
     let child = migrate(&pair, &dest, "postcopy");
     let (ok, stdout, stderr) = finished(child);
     let logs = || both_logs(&stderr, &pair, &dest);

@@ -465,6 +465,20 @@ impl Link {
     }
 }
 
+/// Reads guest page `p` into `page` and adds it to the epoch.
+fn encode_page(
+    vm: &Vm,
+    p: u32,
+    page: &mut [u8; PAGE_SIZE],
+    enc: &mut understudy_checkpoint::epoch::EpochEncoder<'_>,
+) -> Result<(), String> {
+    vm.ram()
+        .copy_page(p as usize, page)
+        .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
+    enc.add_page(p, page)
+        .map_err(|e| format!("cannot encode: {e}"))
+}
+
 /// What the pre-copy loop does after a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -821,11 +835,7 @@ impl Migration {
             .begin(epoch, EpochKind::SyncRound)
             .map_err(|e| format!("cannot encode: {e}"))?;
         for &p in &self.round_pages[self.next..end] {
-            vm.ram()
-                .copy_page(p as usize, page)
-                .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
-            enc.add_page(p, page)
-                .map_err(|e| format!("cannot encode: {e}"))?;
+            encode_page(vm, p, page, &mut enc)?;
             if page.iter().all(|&b| b == 0) {
                 self.sent_zero.set(p as usize);
             } else {
@@ -894,11 +904,7 @@ impl Migration {
             .begin(epoch, EpochKind::Checkpoint)
             .map_err(|e| format!("cannot encode: {e}"))?;
         for (i, &p) in pages.iter().enumerate() {
-            vm.ram()
-                .copy_page(p as usize, page)
-                .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
-            enc.add_page(p, page)
-                .map_err(|e| format!("cannot encode: {e}"))?;
+            encode_page(vm, p, page, &mut enc)?;
             if i % BATCH_PAGES == BATCH_PAGES - 1 {
                 // Out while the rest is read (queued as one epoch below).
                 link.queue_chunks(enc.take_chunks());
