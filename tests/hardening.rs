@@ -238,8 +238,13 @@ async fn a_promotion_that_fails_leaves_the_generation_and_the_running_primary_al
     let mut client = Lines::connect_now(pair.addrs.primary_console)
         .await
         .unwrap();
-    for _ in 0..10 {
+    for i in 0..10 {
         let l = client.next(Duration::from_secs(10)).await.unwrap().unwrap();
+        // Following output "from now on" can start inside a line (CI once
+        // saw "8", the tail of a count): only the first may be cut.
+        if i == 0 && !l.starts_with("count ") {
+            continue;
+        }
         assert!(l.starts_with("count "), "{l}");
     }
     let s = common::status(pair.addrs.primary_control).await.unwrap();
