@@ -393,7 +393,7 @@ pub async fn run(
     let phase = std::mem::replace(&mut shared.lock().phase, Phase::HandedOver(None));
     match phase {
         Phase::Promoted(vm) => drop(vm.stop()),
-        Phase::Postcopy(p) => drop(p.vm.stop()),
+        Phase::Postcopy(p) => p.stop(),
         _ => {}
     }
     exit

@@ -19,7 +19,7 @@
 //! post-copy's price (QEMU's too), said in the docs and tested.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,6 @@ pub(crate) struct Pager {
     uffd: Uffd,
     pages: usize,
     state: Mutex<PagerState>,
-    missing: AtomicUsize,
     faults: AtomicU64,
     stop: AtomicBool,
 }
@@ -91,10 +90,7 @@ impl Pager {
         }
         .map_err(|e| wire::chain(&e))?;
         let mut state = self.lock();
-        if !state.have.contains(p) {
-            state.have.set(p);
-            self.missing.fetch_sub(1, Ordering::AcqRel);
-        }
+        state.have.set(p);
         if let Some(since) = state.waiting.remove(&page) {
             state.waits_us.push(since.elapsed().as_micros() as u64);
         }
@@ -104,6 +100,11 @@ impl Pager {
             let _ = self.uffd.wake(p);
         }
         Ok(())
+    }
+
+    /// Pages still at the source.
+    fn missing(&self) -> usize {
+        self.pages - self.lock().have.count()
     }
 
     /// The pages to ask the source for now.
@@ -161,24 +162,27 @@ fn serve_faults(pager: Arc<Pager>, shared: Arc<Shared>) {
                     .iter()
                     .find(|(_, since)| since.elapsed() > PAGE_TIMEOUT)
                     .map(|(&p, _)| p);
+                let missing = pager.pages - state.have.count();
                 drop(state);
-                if silent > PAGE_TIMEOUT && pager.missing.load(Ordering::Acquire) > 0 {
-                    fail(
+                if silent > PAGE_TIMEOUT && missing > 0 {
+                    fail_from(
                         &shared,
                         format!("the source sent no page for {PAGE_TIMEOUT:?}"),
+                        true,
                     );
                     return;
                 }
                 if let Some(page) = stuck {
-                    fail(
+                    fail_from(
                         &shared,
                         format!("page {page} did not come from the source within {PAGE_TIMEOUT:?}"),
+                        true,
                     );
                     return;
                 }
             }
             Err(e) => {
-                fail(&shared, format!("userfaultfd: {}", wire::chain(&e)));
+                fail_from(&shared, format!("userfaultfd: {}", wire::chain(&e)), true);
                 return;
             }
         }
@@ -361,10 +365,7 @@ pub(crate) fn promote(
         }
     }
     let uffd = Uffd::register(&ram).map_err(|e| PromotionError::Postcopy(wire::chain(&e)))?;
-    let mut have = DirtyBitmap::new(pages);
-    for page in valid.iter() {
-        have.set(page);
-    }
+    let have = valid.clone();
     let (vm, console) = Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
     let missing = pages - have.count();
     let pager = Arc::new(Pager {
@@ -379,32 +380,16 @@ pub(crate) fn promote(
             requests: Vec::new(),
             waits_us: Vec::new(),
         }),
-        missing: AtomicUsize::new(missing),
         faults: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
     let new_generation = standby.generation.next();
     let console_stop = Arc::new(AtomicBool::new(false));
-    let console_thread = {
-        let (output, log, stop) = (
-            console.output.clone(),
-            shared.host.log.clone(),
-            console_stop.clone(),
-        );
-        std::thread::Builder::new()
-            .name("postcopy-console".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    if let Ok(first) = output.recv_timeout(Duration::from_millis(20)) {
-                        let mut bytes = vec![first];
-                        bytes.extend(output.try_iter());
-                        log.append(&bytes);
-                        log.release_all();
-                    }
-                }
-            })
-            .map_err(PromotionError::Thread)?
-    };
+    let console_thread = crate::promotion::start_console_output(
+        console.output.clone(),
+        shared.host.log.clone(),
+        console_stop.clone(),
+    )?;
     let fault_thread = {
         let (pager, shared) = (pager.clone(), shared.clone());
         std::thread::Builder::new()
@@ -435,17 +420,15 @@ pub(crate) fn promote(
         tracing::error!(error = %e, "the post-copy VM did not resume");
     }
     let resumed = started.elapsed();
-    let stats = &host.stats;
-    stats.generation.store(new_generation.0, Ordering::Release);
-    stats.set_role(understudy_common::ids::Role::Primary);
-    stats.set_incarnation(Incarnation::from_raw(incarnation));
-    stats.protected.store(false, Ordering::Release);
-    stats
-        .promotion_resume_us
-        .store(resumed.as_micros() as u64, Ordering::Relaxed);
-    stats.promotion_detect_us.store(0, Ordering::Relaxed);
-    stats.metrics.switchovers.inc();
-    stats.set_state(
+    crate::promotion::record(
+        shared,
+        crate::promotion::Trigger::Handover { session, epoch },
+        epoch,
+        new_generation,
+        resumed,
+        Incarnation::from_raw(incarnation),
+    );
+    host.stats.set_state(
         StateKind::Postcopy,
         format!("post-copy: running, {missing} of {pages} pages still at the source"),
     );
@@ -517,7 +500,7 @@ pub(crate) fn receive(shared: &Arc<Shared>, msg: &EpochChunk) -> Result<Option<A
     if !msg.postcopy_done {
         return Ok(None);
     }
-    let missing = pager.missing.load(Ordering::Acquire);
+    let missing = pager.missing();
     if missing > 0 {
         let why = format!("the source says it sent every page, yet {missing} are missing");
         fail(shared, why.clone());
@@ -535,6 +518,32 @@ pub(crate) fn receive(shared: &Arc<Shared>, msg: &EpochChunk) -> Result<Option<A
     }))
 }
 
+impl PostcopyVm {
+    /// Stops the helper threads (joined unless `from_fault_thread`: the
+    /// fault thread itself may be the caller) and ends the registration:
+    /// faults are ordinary from here on, and a vCPU waiting on a page that
+    /// will never come is let go (a stop alone would wait for it forever).
+    fn release(&mut self, from_fault_thread: bool) {
+        self.pager.stop.store(true, Ordering::Release);
+        self.console_stop.store(true, Ordering::Release);
+        if let Err(e) = self.pager.uffd.unregister() {
+            tracing::error!(error = %wire::chain(&e), "cannot end the post-copy registration");
+        }
+        if !from_fault_thread && let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.console_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The role ends while pages are still missing: the VM stops.
+    pub(crate) fn stop(mut self) {
+        self.release(false);
+        drop(self.vm.stop());
+    }
+}
+
 /// Every page is in: the VM no longer needs the source; it goes to the
 /// primary role.
 fn finish(shared: &Arc<Shared>) {
@@ -544,14 +553,7 @@ fn finish(shared: &Arc<Shared>) {
         state.phase = phase;
         return;
     };
-    p.pager.stop.store(true, Ordering::Release);
-    p.console_stop.store(true, Ordering::Release);
-    if let Some(t) = p.fault_thread.take() {
-        let _ = t.join();
-    }
-    if let Some(t) = p.console_thread.take() {
-        let _ = t.join();
-    }
+    p.release(false);
     let (faults, p50, p99) = p.pager.waits();
     *shared.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = None;
     tracing::info!(
@@ -565,16 +567,13 @@ fn finish(shared: &Arc<Shared>) {
         .host
         .stats
         .set_state(StateKind::Promoted, "post-copy done: running");
-    // Faults are ordinary from here on (the pager's fd closes with it).
     let PostcopyVm {
         vm,
         output,
         generation,
         incarnation,
-        pager,
         ..
     } = *p;
-    drop(pager);
     state.phase = Phase::HandedOver(Some(Box::new(RunningVm {
         vm,
         output,
@@ -588,32 +587,24 @@ fn finish(shared: &Arc<Shared>) {
 }
 
 /// The VM cannot go on without the source: it is stopped, and the role
-/// ends with the reason.
-pub(crate) fn fail(shared: &Arc<Shared>, why: String) {
+/// ends with the reason. `from_fault_thread`: the fault thread calls.
+fn fail_from(shared: &Arc<Shared>, why: String, from_fault_thread: bool) {
     let mut state = shared.lock();
     let phase = std::mem::replace(&mut state.phase, Phase::HandedOver(None));
-    let Phase::Postcopy(p) = phase else {
+    let Phase::Postcopy(mut p) = phase else {
         state.phase = phase;
         return;
     };
-    let PostcopyVm {
-        vm,
-        pager,
-        console_stop,
-        ..
-    } = *p;
-    let missing = pager.missing.load(Ordering::Acquire);
+    let missing = p.pager.missing();
     let why = format!(
         "post-copy migration failed after the switch: {why}; {missing} pages never arrived, so \
          the VM cannot run here (it ran here after leaving the source, so the source cannot \
          resume it either): the VM is lost"
     );
     tracing::error!("{why}");
-    pager.stop.store(true, Ordering::Release);
-    console_stop.store(true, Ordering::Release);
     *shared.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    // Stopping kicks a vCPU waiting in a fault out of it.
-    vm.stop();
+    p.release(from_fault_thread);
+    drop(p.vm.stop());
     shared.host.input.set(None);
     shared
         .host
@@ -622,6 +613,11 @@ pub(crate) fn fail(shared: &Arc<Shared>, why: String) {
     state.phase = Phase::Failed(why);
     drop(state);
     shared.handed_over.cancel();
+}
+
+/// [`fail_from`] anywhere but the fault thread.
+pub(crate) fn fail(shared: &Arc<Shared>, why: String) {
+    fail_from(shared, why, false);
 }
 
 /// The session's stream ended: if it carried a post-copy, the VM is lost.

@@ -321,7 +321,11 @@ pub(crate) fn promote(
     let serves_here = !(matches!(trigger, Trigger::Handover { .. })
         || shared.opts.handover_unavailable.is_none());
     let output_thread = if serves_here {
-        Some(start_console_output(prepared.output.clone(), log.clone())?)
+        Some(start_console_output(
+            prepared.output.clone(),
+            log.clone(),
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )?)
     } else {
         None
     };
@@ -417,14 +421,22 @@ pub(crate) fn promote(
     }))
 }
 
-fn start_console_output(
+/// Serves the VM's console output, released at once, until the VM is gone
+/// or `stop` is set (a post-copy hands the output on to the primary role).
+pub(crate) fn start_console_output(
     output: crossbeam_channel::Receiver<u8>,
     log: Arc<understudy_common::console::ConsoleLog>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, PromotionError> {
     std::thread::Builder::new()
         .name("console-out".into())
         .spawn(move || {
-            while let Ok(first) = output.recv() {
+            while !stop.load(Ordering::Acquire) {
+                let first = match output.recv_timeout(Duration::from_millis(20)) {
+                    Ok(b) => b,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                };
                 let mut bytes = vec![first];
                 bytes.extend(output.try_iter());
                 log.append(&bytes);
@@ -434,7 +446,7 @@ fn start_console_output(
         .map_err(PromotionError::Thread)
 }
 
-fn record(
+pub(crate) fn record(
     shared: &Shared,
     trigger: Trigger,
     epoch: u64,

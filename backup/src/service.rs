@@ -256,7 +256,7 @@ impl Replication for ReplicationService {
                                 ..Ack::default()
                             };
                             if tx.send(Ok(ack)).await.is_err() {
-                                return;
+                                break;
                             }
                         }
                         continue;
@@ -270,7 +270,7 @@ impl Replication for ReplicationService {
                         if let Some(ack) = ack
                             && tx.send(Ok(ack)).await.is_err()
                         {
-                            return;
+                            break;
                         }
                         continue;
                     }
@@ -281,10 +281,7 @@ impl Replication for ReplicationService {
                         if let Some(Err(status)) = end {
                             tracing::debug!(%status, "replication stream ended");
                         }
-                        if let Some(id) = stream_session {
-                            crate::postcopy::stream_ended(&shared, id);
-                        }
-                        return;
+                        break;
                     }
                 };
                 stream_session = Some(msg.session);
@@ -315,15 +312,20 @@ impl Replication for ReplicationService {
                     Ok(None) => {}
                     Ok(Some(ack)) => {
                         if tx.send(Ok(ack)).await.is_err() {
-                            return;
+                            break;
                         }
                     }
                     Err(status) => {
                         tracing::warn!(%status, "epoch refused; session ended, the primary must resync");
                         let _ = tx.send(Err(status)).await;
-                        return;
+                        break;
                     }
                 }
+            }
+            // However the stream ended (the peer's end, a refused message, or
+            // acks nobody reads any more): a post-copy it carried is lost.
+            if let Some(id) = stream_session {
+                crate::postcopy::stream_ended(&shared, id);
             }
         });
         Ok(Response::new(Box::pin(

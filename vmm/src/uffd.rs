@@ -282,8 +282,12 @@ impl Uffd {
         ioctl(&self.fd, UFFDIO_WAKE, &mut range, "WAKE")
     }
 
-    /// Every page is here: unregisters (faults are ordinary again).
-    pub fn unregister(self) -> Result<(), UffdError> {
+    /// Unregisters guest RAM: faults are ordinary again (a missing page
+    /// reads as zero), and every thread waiting on a missing page is woken.
+    /// Call it once every page is here, and before stopping a VM whose pages
+    /// will never come: a vCPU waiting on a missing page inside KVM does not
+    /// leave `KVM_RUN` for a stop until then (tested in `vmm/tests/kvm.rs`).
+    pub fn unregister(&self) -> Result<(), UffdError> {
         let mut range = UffdioRange {
             start: self.base,
             len: (self.pages * PAGE_SIZE) as u64,

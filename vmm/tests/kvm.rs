@@ -479,3 +479,36 @@ fn a_vm_restored_with_no_ram_runs_on_pages_served_at_its_faults() {
         "{served} of {pages} pages faulted in"
     );
 }
+
+#[test]
+fn a_vcpu_waiting_on_a_missing_page_stops_only_once_the_ram_is_unregistered() {
+    // Post-copy's failure path: the page a vCPU waits for inside KVM will
+    // never come. A stop does not get the vCPU out of that wait; removing
+    // the registration does (the fault then resolves), and the stop ends.
+    use understudy_vmm::uffd::Uffd;
+    let (vm, console) = boot(BuiltinBoot::new(BuiltinGuest::Kv), false);
+    read_until(&console.output, Duration::from_secs(20), |l| {
+        l == "kv ready"
+    });
+    vm.pause().unwrap();
+    let state = vm.save_state(false).unwrap();
+    let pages = vm.ram().pages();
+    vm.stop();
+    let ram = GuestRam::new(pages * PAGE_SIZE, RamBacking::Anonymous).unwrap();
+    let uffd = Uffd::register(&ram).unwrap();
+    let (restored, _console) = Vm::restore(&state, ram, false).unwrap();
+    // The vCPU faults on its first instruction's page; nobody serves it.
+    let fault = uffd.next_fault(Duration::from_secs(10)).unwrap();
+    assert!(fault.is_some(), "the restored vCPU never faulted");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(restored.stop()).unwrap());
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the stop got a vCPU out of a fault wait: the unregister-first rule is not needed"
+    );
+    uffd.unregister().unwrap();
+    let end = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the vCPU still waits after the unregister");
+    assert_eq!(end, VmEnd::Stopped);
+}
