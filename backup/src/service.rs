@@ -113,23 +113,26 @@ impl ReplicationService {
         stats.set_incarnation(Some(incarnation));
         stats.protected.store(false, Ordering::Release);
         stats.link_up.store(true, Ordering::Release);
-        if req.migration {
-            stats.set_state(StateKind::Incoming, "incoming: receiving a live migration");
-            tracing::info!(
-                session = req.session,
-                generation = req.generation,
-                %incarnation,
-                "a live migration starts: receiving the VM"
-            );
+        let (kind, state, what) = if req.migration {
+            (
+                StateKind::Incoming,
+                "incoming: receiving a live migration",
+                "a live migration starts: receiving the VM",
+            )
         } else {
-            stats.set_state(StateKind::Syncing, "syncing");
-            tracing::info!(
-                session = req.session,
-                generation = req.generation,
-                %incarnation,
-                "primary connected: full sync"
-            );
-        }
+            (
+                StateKind::Syncing,
+                "syncing",
+                "primary connected: full sync",
+            )
+        };
+        stats.set_state(kind, state);
+        tracing::info!(
+            session = req.session,
+            generation = req.generation,
+            %incarnation,
+            "{what}"
+        );
         Ok(())
     }
 }

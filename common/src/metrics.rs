@@ -256,7 +256,7 @@ impl Metrics {
         );
         registry.register(
             "migrations",
-            "Live migrations from this host, by outcome (done: the destination runs the VM; failed: it runs on here)",
+            "Live migrations from this host, by outcome (done: the destination runs the VM; failed: it runs on here; lost: after the switch, not known to run anywhere)",
             m.migrations.clone(),
         );
         registry.register_with_unit(

@@ -915,9 +915,9 @@ async fn accept_operator_requests(
 fn accept_migration(
     shared: &Shared,
     req: &understudy_proto::MigrateRequest,
-    responder: tokio::sync::oneshot::Sender<Result<understudy_proto::MigrateReply, tonic::Status>>,
+    responder: migration::Responder,
 ) {
-    let refuse = |responder: tokio::sync::oneshot::Sender<_>, why: String| {
+    let refuse = |responder: migration::Responder, why: String| {
         let _ = responder.send(Err(tonic::Status::failed_precondition(format!(
             "migrate refused: {why}"
         ))));
@@ -1108,7 +1108,7 @@ async fn run_session(
                     }
                     {
                         let mut acked = shared.acked_plus_one();
-                        *acked = (*acked).max(ack.epoch + 1);
+                        *acked = (*acked).max(ack.epoch.saturating_add(1));
                         shared.record_lag(*acked);
                     }
                     shared.acked_cv.notify_all();

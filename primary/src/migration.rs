@@ -41,7 +41,7 @@ use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgre
 use understudy_vmm::{DirtyBitmap, Vm};
 
 use crate::PrimaryOptions;
-use crate::peer::{HelloOutcome, SessionOffer, Target, hello_to};
+use crate::peer::{HandoverOutcome, HelloOutcome, SessionOffer, Target, hello_to};
 
 /// The guest stop a pre-copy switch may take unless asked otherwise (QEMU's
 /// default).
@@ -139,57 +139,53 @@ impl FromStr for MigrationMode {
     }
 }
 
+/// Where a migration's outcome goes (the operator's `Migrate` call).
+pub(crate) type Responder = tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>;
+
 /// One operator request, checked.
 #[derive(Debug)]
 pub(crate) struct Request {
     pub target: Target,
     pub mode: MigrationMode,
     pub max_downtime: Duration,
-    pub responder: tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>,
+    pub responder: Responder,
 }
 
 impl Request {
-    /// Checks an operator's request; the error names what to fix.
+    /// Checks an operator's request (the answer goes to `responder`); the
+    /// error names what to fix.
     pub(crate) fn parse(
         req: &MigrateRequest,
-        responder: tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>,
-    ) -> Result<
-        Self,
-        (
-            String,
-            tokio::sync::oneshot::Sender<Result<MigrateReply, tonic::Status>>,
-        ),
-    > {
-        let addr = match req.destination.parse() {
-            Ok(a) => a,
-            Err(_) => {
-                return Err((
-                    format!(
-                        "destination {:?} is not an address: give the destination's replication \
-                         address as IP:PORT",
-                        req.destination
-                    ),
-                    responder,
-                ));
-            }
-        };
-        let mode = match req.mode.parse() {
-            Ok(m) => m,
-            Err(e) => return Err((e, responder)),
+        responder: Responder,
+    ) -> Result<Self, (String, Responder)> {
+        match Self::check(req) {
+            Ok((target, mode, max_downtime)) => Ok(Self {
+                target,
+                mode,
+                max_downtime,
+                responder,
+            }),
+            Err(why) => Err((why, responder)),
+        }
+    }
+
+    fn check(req: &MigrateRequest) -> Result<(Target, MigrationMode, Duration), String> {
+        let addr = req.destination.parse().map_err(|_| {
+            format!(
+                "destination {:?} is not an address: give the destination's replication address \
+                 as IP:PORT",
+                req.destination
+            )
+        })?;
+        let target = Target {
+            addr,
+            name: Some(req.destination_name.clone()).filter(|n| !n.is_empty()),
         };
         let max_downtime = match req.max_downtime_micros {
             0 => DEFAULT_MAX_DOWNTIME,
             us => Duration::from_micros(us),
         };
-        Ok(Self {
-            target: Target {
-                addr,
-                name: Some(req.destination_name.clone()).filter(|n| !n.is_empty()),
-            },
-            mode,
-            max_downtime,
-            responder,
-        })
+        Ok((target, req.mode.parse()?, max_downtime))
     }
 }
 
@@ -280,7 +276,7 @@ impl Link {
                                 ));
                             }
                             if ack.epoch > 0 {
-                                acked.fetch_max(ack.epoch + 1, Ordering::AcqRel);
+                                acked.fetch_max(ack.epoch.saturating_add(1), Ordering::AcqRel);
                             }
                         }
                         Some(Err(s)) => {
@@ -353,16 +349,10 @@ impl Link {
         }
     }
 
-    /// Queues `chunks` of `epoch` (its `bytes` in all) for the destination.
+    /// Queues the last `chunks` of `epoch` (its `bytes` in all) for the
+    /// destination.
     fn queue(&mut self, epoch: u64, bytes: u64, chunks: Vec<Vec<u8>>) {
-        for chunk in chunks {
-            self.outbox.push_back(EpochChunk {
-                session: self.id,
-                generation: self.generation,
-                chunk: chunk.into(),
-                ..Default::default()
-            });
-        }
+        self.queue_chunks(chunks);
         self.unacked.push_back((epoch, bytes));
         self.unacked_bytes += bytes;
         self.first_send.get_or_insert_with(Instant::now);
@@ -423,20 +413,20 @@ impl Link {
         }
     }
 
-    /// How long the destination would take to commit what is in flight
-    /// plus `more` bytes in one more epoch, at its measured pace in bytes
-    /// and in epochs (a commit has a cost of its own, whatever its size);
-    /// None until it committed something.
-    fn drain_estimate(&self, more: u64) -> Option<Duration> {
-        let since = self.first_send?.elapsed().as_secs_f64().max(1e-6);
+    /// How long the destination would take to commit `bytes` more in one
+    /// epoch, at its measured pace in bytes and in epochs (a commit has a
+    /// cost of its own, whatever its size); unbounded until it committed
+    /// something.
+    fn commit_estimate(&self, bytes: u64) -> Duration {
+        let Some(since) = self.first_send.map(|t| t.elapsed().as_secs_f64().max(1e-6)) else {
+            return Duration::MAX;
+        };
         if self.acked_epochs == 0 {
-            return None;
+            return Duration::MAX;
         }
-        let bytes_rate = self.acked_bytes as f64 / since;
-        let epoch_rate = self.acked_epochs as f64 / since;
-        let by_bytes = (self.unacked_bytes + more) as f64 / bytes_rate.max(1.0);
-        let by_epochs = (self.unacked.len() + 1) as f64 / epoch_rate;
-        Some(Duration::from_secs_f64(by_bytes.max(by_epochs)))
+        let by_bytes = bytes as f64 / self.rate().max(1.0);
+        let by_epochs = since / self.acked_epochs as f64;
+        Duration::from_secs_f64(by_bytes.max(by_epochs))
     }
 
     /// Pumps until everything up to `epoch` is handed over and committed.
@@ -479,48 +469,68 @@ fn encode_page(
         .map_err(|e| format!("cannot encode: {e}"))
 }
 
+/// Sends the migration's handover (`ask`) until it is answered, for at most
+/// `give_up`, `pause` between tries. Once a request went unanswered, a later
+/// refusal proves nothing (the first may have promoted the destination,
+/// which then refuses a second): the outcome stays unknown, and the source
+/// must not resume.
+pub(crate) async fn handover_until_answered<F, Fut>(
+    give_up: Duration,
+    pause: Duration,
+    mut ask: F,
+) -> HandoverOutcome
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = HandoverOutcome>,
+{
+    let deadline = Instant::now() + give_up;
+    let mut unanswered: Option<String> = None;
+    loop {
+        match ask().await {
+            HandoverOutcome::Unknown(why) if Instant::now() < deadline => {
+                tracing::warn!(%why, "no answer to the migration's handover yet: asking again");
+                unanswered = Some(why);
+                tokio::time::sleep(pause).await;
+            }
+            HandoverOutcome::NotTaken(why) => {
+                return match unanswered {
+                    Some(first) => HandoverOutcome::Unknown(format!(
+                        "a first request went unanswered ({first}), a later one was refused ({why})"
+                    )),
+                    None => HandoverOutcome::NotTaken(why),
+                };
+            }
+            other => return other,
+        }
+    }
+}
+
 /// What the pre-copy loop does after a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Next {
     /// Stop the guest and send the rest.
     Switch,
-    /// Let the link drain first: what is in flight decides whether the
-    /// switch fits (no new round).
-    Wait,
     /// Another round, holding the vCPU this share (percent) of the time.
     Round { throttle: u32 },
     /// Not converging even at the highest hold: give up.
     GiveUp,
 }
 
-/// After round `round` (1 = the first), with `remaining` pages dirtied
-/// meanwhile, data still in flight or not, and `estimate`: how long the
-/// destination would take to commit the rest and what is in flight (None
-/// until its pace is measured). Switch if that fits `budget`; otherwise
-/// another round, holding the vCPU more once the rounds stop shrinking the
-/// set (auto-converge).
+/// After round `round` (1 = the first, committed by the destination), with
+/// `remaining` pages dirtied meanwhile and `estimate`: how long the
+/// destination would take to commit them, at its measured pace. Switch if
+/// that fits `budget`, or when the set is so small that the link, not the
+/// guest, is the limit; otherwise another round, holding the vCPU more once
+/// the rounds stop shrinking the set (auto-converge).
 pub(crate) fn next_step(
     round: u32,
     remaining: usize,
-    in_flight: bool,
-    estimate: Option<Duration>,
+    estimate: Duration,
     budget: Duration,
     throttle: u32,
 ) -> Next {
-    match estimate {
-        // Its pace is unknown while data is in flight: no gamble on it
-        // (found by the slow destination test: a 1 s stop against a 300 ms
-        // budget).
-        None if in_flight => return Next::Wait,
-        None if remaining <= CONVERGED_PAGES => return Next::Switch,
-        None => {}
-        Some(e) if e + SWITCH_FIXED <= budget => return Next::Switch,
-        // The guest is not the limit, the link is: drain it, then stop
-        // (nothing better can come).
-        Some(_) if remaining <= CONVERGED_PAGES => {
-            return if in_flight { Next::Wait } else { Next::Switch };
-        }
-        Some(_) => {}
+    if estimate.saturating_add(SWITCH_FIXED) <= budget || remaining <= CONVERGED_PAGES {
+        return Next::Switch;
     }
     if round >= MAX_ROUNDS {
         return Next::GiveUp;
@@ -545,6 +555,19 @@ pub(crate) fn hold_for(ran: Duration, throttle: u32) -> Duration {
     ran.mul_f64(t / (1.0 - t))
 }
 
+/// Auto-converge's duty cycle: after the guest ran `ran` unheld, the hold
+/// due now (None: not yet). One slice's hold at most, however long the guest
+/// ran unwatched (the time between checkpoints is not the migration's to
+/// hold: a hold proportional to it starved the migration).
+pub(crate) fn slice_hold(ran: Duration, throttle: u32) -> Option<Duration> {
+    if throttle == 0 {
+        return None;
+    }
+    let share = f64::from(throttle.min(THROTTLE_MAX)) / 100.0;
+    let run_slice = THROTTLE_SLICE.mul_f64(1.0 - share);
+    (ran >= run_slice).then(|| hold_for(run_slice, throttle))
+}
+
 /// What the pre-copy loop wants from the replicator.
 pub(crate) enum Step {
     /// Carry on (more rounds, or the deadline came).
@@ -556,6 +579,9 @@ pub(crate) enum Step {
 /// A migration under way (owned by the replicator thread).
 pub(crate) struct Migration {
     pub request: Request,
+    /// What the host's status said before (said again if the migration
+    /// fails).
+    pub state_before: (understudy_common::status::StateKind, String),
     link: Option<Link>,
     sender: Option<SenderState>,
     requested: Instant,
@@ -577,7 +603,6 @@ pub(crate) struct Migration {
     pages: u64,
     zero_pages: u64,
     duplicate_pages: u64,
-    dirtied: u64,
     held: Duration,
     /// Auto-converge: the guest has run since then without a hold.
     ran_since: Instant,
@@ -595,9 +620,14 @@ impl std::fmt::Debug for Link {
 }
 
 impl Migration {
-    pub(crate) fn new(request: Request, ram_pages: usize) -> Self {
+    pub(crate) fn new(
+        request: Request,
+        ram_pages: usize,
+        state_before: (understudy_common::status::StateKind, String),
+    ) -> Self {
         Self {
             request,
+            state_before,
             link: None,
             sender: None,
             requested: Instant::now(),
@@ -615,7 +645,6 @@ impl Migration {
             pages: 0,
             zero_pages: 0,
             duplicate_pages: 0,
-            dirtied: 0,
             held: Duration::ZERO,
             ran_since: Instant::now(),
             rate: 0.0,
@@ -656,12 +685,10 @@ impl Migration {
         for &p in pages {
             self.pending.set(p as usize);
         }
-        self.dirtied += pages.len() as u64;
     }
 
     /// As [`Self::dirtied`], from a bitmap.
     pub(crate) fn dirtied_bitmap(&mut self, dirty: &DirtyBitmap) {
-        self.dirtied += dirty.count() as u64;
         self.pending.union_words(dirty.words());
     }
 
@@ -718,19 +745,12 @@ impl Migration {
                         PAGE_SIZE as f64
                     };
                     let remaining = self.pending.count();
-                    let (rate, in_flight, estimate) = {
-                        let link = self.link_mut()?;
-                        (
-                            link.rate(),
-                            link.unacked_bytes > 0,
-                            link.drain_estimate((remaining as f64 * per_page) as u64),
-                        )
-                    };
-                    self.rate = rate;
+                    let link = self.link_mut()?;
+                    let estimate = link.commit_estimate((remaining as f64 * per_page) as u64);
+                    self.rate = link.rate();
                     match next_step(
                         self.round,
                         remaining,
-                        in_flight,
                         estimate,
                         self.request.max_downtime,
                         self.throttle,
@@ -739,17 +759,10 @@ impl Migration {
                             tracing::info!(
                                 round = self.round,
                                 remaining,
-                                estimate_ms = estimate.map(|e| e.as_secs_f64() * 1e3),
+                                estimate_ms = estimate.as_secs_f64() * 1e3,
                                 "migration: the rest fits the downtime budget: switching"
                             );
                             return Ok(Step::Switch);
-                        }
-                        Next::Wait => {
-                            if Instant::now() >= deadline {
-                                return Ok(Step::Continue);
-                            }
-                            std::thread::sleep(Duration::from_millis(1));
-                            continue;
                         }
                         Next::GiveUp => {
                             return Err(format!(
@@ -789,7 +802,7 @@ impl Migration {
                 return Ok(Step::Continue);
             }
             if self.link_mut()?.has_room() {
-                self.send_batch(vm, page, may_hold)?;
+                self.send_batch(vm, page)?;
             } else {
                 std::thread::sleep(LINK_POLL);
             }
@@ -816,15 +829,24 @@ impl Migration {
         );
     }
 
+    /// At the switch: the pages of this round not sent yet are pending
+    /// like those dirtied since.
+    fn end_round_early(&mut self) {
+        for &p in &self.round_pages[self.next..] {
+            self.pending.set(p as usize);
+        }
+        self.round_pages.clear();
+        self.next = 0;
+    }
+
+    /// Bytes sent to the destination so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// One batch of this round's pages, as one epoch, read while the guest
-    /// runs; then the auto-converge hold.
-    fn send_batch(
-        &mut self,
-        vm: &Vm,
-        page: &mut [u8; PAGE_SIZE],
-        may_hold: bool,
-    ) -> Result<(), String> {
-        let started = Instant::now();
+    /// runs.
+    fn send_batch(&mut self, vm: &Vm, page: &mut [u8; PAGE_SIZE]) -> Result<(), String> {
         let end = (self.next + BATCH_PAGES).min(self.round_pages.len());
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -847,7 +869,6 @@ impl Migration {
         link.pump()?;
         self.account(&encoded.report);
         self.next = end;
-        let _ = (started, may_hold);
         Ok(())
     }
 
@@ -855,19 +876,17 @@ impl Migration {
     /// the link alike): after [`THROTTLE_SLICE`] of running, less the held
     /// share, the vCPU is held for that share.
     fn throttle_tick(&mut self, vm: &Vm, may_hold: bool) -> Result<(), String> {
-        let ran = self.ran_since.elapsed();
-        if self.throttle == 0 || !may_hold {
-            self.ran_since = Instant::now();
+        let hold = if may_hold {
+            slice_hold(self.ran_since.elapsed(), self.throttle)
+        } else {
+            None
+        };
+        let Some(hold) = hold else {
+            if self.throttle == 0 || !may_hold {
+                self.ran_since = Instant::now();
+            }
             return Ok(());
-        }
-        let share = f64::from(self.throttle.min(THROTTLE_MAX)) / 100.0;
-        let run_slice = THROTTLE_SLICE.mul_f64(1.0 - share);
-        if ran < run_slice {
-            return Ok(());
-        }
-        // One slice's hold, however long the guest ran unwatched (the time
-        // between checkpoints is not the migration's to hold).
-        let hold = hold_for(ran.min(run_slice), self.throttle);
+        };
         vm.pause()
             .map_err(|e| format!("cannot hold the vCPU: {e}"))?;
         std::thread::sleep(hold);
@@ -888,12 +907,7 @@ impl Migration {
         page: &mut [u8; PAGE_SIZE],
         payload: &[u8],
     ) -> Result<(u64, u64, u64), String> {
-        // The rest of this round and everything dirtied since.
-        for &p in &self.round_pages[self.next..] {
-            self.pending.set(p as usize);
-        }
-        self.round_pages.clear();
-        self.next = 0;
+        self.end_round_early();
         let pages: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -928,11 +942,7 @@ impl Migration {
     /// words) of the pages it holds current (sent, and not dirtied since),
     /// and of those that are all zero.
     pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>, Vec<u8>), String> {
-        for &p in &self.round_pages[self.next..] {
-            self.pending.set(p as usize);
-        }
-        self.round_pages.clear();
-        self.next = 0;
+        self.end_round_early();
         let last = self.next_epoch - 1;
         if last > 0 {
             self.link_mut()?.flush_acked(last, FINAL_ACK_TIMEOUT)?;
@@ -1159,38 +1169,23 @@ mod tests {
     fn a_round_that_fits_the_budget_switches() {
         let ms = Duration::from_millis;
         assert_eq!(
-            next_step(1, 1000, true, Some(ms(4)), DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, 1000, ms(4), DEFAULT_MAX_DOWNTIME, 0),
             Next::Switch
         );
-        // A handful of pages with nothing in flight: nothing better can come.
+        // Over the budget: another round.
         assert_eq!(
-            next_step(1, 10, false, None, Duration::ZERO, 0),
-            Next::Switch
-        );
-        // Nothing measured yet, a large set: another round.
-        assert_eq!(
-            next_step(1, 1000, false, None, DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, 1000, ms(900), DEFAULT_MAX_DOWNTIME, 0),
             Next::Round { throttle: 0 }
         );
-    }
-
-    #[test]
-    fn data_in_flight_is_waited_for_not_gambled_on() {
-        let ms = Duration::from_millis;
-        // All in flight, nothing committed yet: the pace is unknown.
+        // A handful of pages: the link is the limit, nothing better can come.
         assert_eq!(
-            next_step(1, 3, true, None, DEFAULT_MAX_DOWNTIME, 0),
-            Next::Wait
-        );
-        // Known pace, little dirtied, too much in flight: drain first.
-        assert_eq!(
-            next_step(2, 3, true, Some(ms(900)), DEFAULT_MAX_DOWNTIME, 0),
-            Next::Wait
-        );
-        // Drained enough: switch.
-        assert_eq!(
-            next_step(2, 3, true, Some(ms(200)), DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, 10, Duration::MAX, Duration::ZERO, 0),
             Next::Switch
+        );
+        // Nothing measured (an unbounded estimate), a large set: a round.
+        assert_eq!(
+            next_step(1, 1000, Duration::MAX, DEFAULT_MAX_DOWNTIME, 0),
+            Next::Round { throttle: 0 }
         );
     }
 
@@ -1198,16 +1193,16 @@ mod tests {
     fn a_guest_that_outruns_the_link_is_held_more_each_round_then_given_up() {
         // 1 GiB dirty at 100 MB/s: ~10 s, far over the budget.
         let big = 1 << 18;
-        let estimate = Some(Duration::from_secs(10));
+        let estimate = Duration::from_secs(10);
         assert_eq!(
-            next_step(1, big, true, estimate, DEFAULT_MAX_DOWNTIME, 0),
+            next_step(1, big, estimate, DEFAULT_MAX_DOWNTIME, 0),
             Next::Round { throttle: 0 },
             "the first rounds run free"
         );
         let mut throttle = 0;
         let mut seen = Vec::new();
         for round in THROTTLE_AFTER_ROUNDS..MAX_ROUNDS {
-            match next_step(round, big, true, estimate, DEFAULT_MAX_DOWNTIME, throttle) {
+            match next_step(round, big, estimate, DEFAULT_MAX_DOWNTIME, throttle) {
                 Next::Round { throttle: t } => {
                     assert!(t >= throttle && t <= THROTTLE_MAX);
                     throttle = t;
@@ -1219,16 +1214,68 @@ mod tests {
         assert_eq!(seen[0], THROTTLE_INITIAL);
         assert_eq!(*seen.last().unwrap(), THROTTLE_MAX);
         assert_eq!(
-            next_step(
-                MAX_ROUNDS,
-                big,
-                true,
-                estimate,
-                DEFAULT_MAX_DOWNTIME,
-                throttle
-            ),
+            next_step(MAX_ROUNDS, big, estimate, DEFAULT_MAX_DOWNTIME, throttle),
             Next::GiveUp
         );
+    }
+
+    /// `handover_until_answered` over a script of answers.
+    fn answered(script: Vec<HandoverOutcome>) -> (HandoverOutcome, usize) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut script = script.into_iter();
+        let mut asked = 0;
+        let outcome = runtime.block_on(handover_until_answered(
+            Duration::from_secs(10),
+            Duration::ZERO,
+            || {
+                asked += 1;
+                let next = script.next().unwrap();
+                async move { next }
+            },
+        ));
+        (outcome, asked)
+    }
+
+    #[test]
+    fn a_refusal_after_an_unanswered_handover_is_not_trusted() {
+        let unknown = || HandoverOutcome::Unknown("timed out".into());
+        let refused = || HandoverOutcome::NotTaken("this host already runs the VM".into());
+        // The first may have promoted it: the source must not resume.
+        match answered(vec![unknown(), refused()]) {
+            (HandoverOutcome::Unknown(why), 2) => assert!(why.contains("went unanswered"), "{why}"),
+            (other, n) => panic!("{n} asks: {other:?}"),
+        }
+        // A refusal at the first ask is one.
+        assert!(matches!(
+            answered(vec![refused()]),
+            (HandoverOutcome::NotTaken(_), 1)
+        ));
+        // Asked again after a lost answer, it says it runs the VM: done.
+        assert!(matches!(
+            answered(vec![unknown(), unknown(), HandoverOutcome::Deposed(2)]),
+            (HandoverOutcome::Deposed(2), 3)
+        ));
+    }
+
+    #[test]
+    fn a_hold_is_one_slice_however_long_the_guest_ran_unwatched() {
+        assert_eq!(slice_hold(Duration::from_secs(3), 0), None);
+        // At 99 % the guest runs 0.1 ms of each 10 ms slice.
+        assert_eq!(slice_hold(Duration::from_micros(50), 99), None);
+        for ran in [
+            Duration::from_micros(100),
+            Duration::from_millis(25),
+            Duration::from_secs(3),
+        ] {
+            let hold = slice_hold(ran, 99).unwrap();
+            assert!(hold <= THROTTLE_SLICE, "{ran:?} unwatched: held {hold:?}");
+            assert!(hold >= THROTTLE_SLICE.mul_f64(0.98), "{hold:?}");
+        }
+        let hold = slice_hold(Duration::from_secs(1), 20).unwrap();
+        assert!((hold.as_secs_f64() - 0.002).abs() < 1e-9, "{hold:?}");
     }
 
     #[test]

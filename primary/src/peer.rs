@@ -327,6 +327,7 @@ impl Replication for RunsHere {
 }
 
 /// What the backup said to a handover.
+#[derive(Debug)]
 pub(crate) enum HandoverOutcome {
     Done(HandoverReply),
     /// It certainly did not promote (refused, or never reached).

@@ -20,7 +20,7 @@ use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
 use understudy_vmm::deterministic::Sealed;
 use understudy_vmm::{Vm, VmEnd, VmError};
 
-use crate::migration::{Migration, MigrationMode, Step, SwitchFigures};
+use crate::migration::{Migration, MigrationMode, Step, SwitchFigures, handover_until_answered};
 use crate::peer::{HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye};
 use crate::{
     MAX_SYNC_ROUNDS, Phase, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared,
@@ -972,10 +972,13 @@ impl Replicator {
     /// A migration is requested or under way.
     fn migration_active(&mut self) -> bool {
         if self.migration.is_none()
+            && self.shared.migrating.load(Ordering::Acquire)
             && let Some(request) = self.shared.take_migration()
         {
             let ram_pages = self.shared.opts.ram_bytes / PAGE_SIZE;
-            self.migration = Some(Migration::new(request, ram_pages));
+            let stats = &self.shared.stats;
+            let before = (stats.state_kind(), stats.state());
+            self.migration = Some(Migration::new(request, ram_pages, before));
         }
         self.migration.is_some()
     }
@@ -1170,34 +1173,18 @@ impl Replicator {
         // 4. The destination takes the VM.
         let target = m.request.target.clone();
         let session_id = m.session();
-        let outcome = self.runtime.block_on(async {
-            let give_up = Instant::now() + MIGRATION_HANDOVER_RETRY;
-            // After an unanswered request, a refusal proves nothing: the
-            // first may have promoted it (it then refuses a second one).
-            let mut uncertain = None;
-            loop {
+        let outcome = self.runtime.block_on(handover_until_answered(
+            MIGRATION_HANDOVER_RETRY,
+            Duration::from_millis(100),
+            || {
                 let postcopy_args = valid.as_ref().map(|(valid, zero)| PostcopyHandover {
                     valid,
                     zero,
                     state: &payload,
                 });
-                match handover_to(&opts, &target, generation, session_id, epoch, postcopy_args)
-                    .await
-                {
-                    HandoverOutcome::Unknown(why) if Instant::now() < give_up => {
-                        tracing::warn!(%why, "no answer to the migration's handover yet: asking again");
-                        uncertain = Some(why);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    HandoverOutcome::NotTaken(why) if uncertain.is_some() => {
-                        break HandoverOutcome::Unknown(format!(
-                            "a first request went unanswered, a second was refused ({why})"
-                        ));
-                    }
-                    other => break other,
-                }
-            }
-        });
+                handover_to(&opts, &target, generation, session_id, epoch, postcopy_args)
+            },
+        ));
         let (new_generation, resume, error) = match outcome {
             HandoverOutcome::Done(reply) => (
                 reply.generation,
@@ -1319,23 +1306,13 @@ impl Replicator {
     /// The migration failed before the switch: the VM runs on here.
     fn fail_migration(&mut self, m: Migration, why: String) {
         tracing::warn!(%why, destination = %m.request.target.addr, "live migration failed; the VM runs on here");
-        self.shared.stats.set_migration(m.progress("failed", &why));
-        let metrics = &self.shared.stats.metrics;
-        metrics.migration_ended("failed");
-        metrics
-            .migration_bytes
-            .inc_by(m.progress("failed", "").bytes_transferred);
-        let protected = self.shared.stats.protected.load(Ordering::Acquire);
-        if protected {
-            self.shared
-                .stats
-                .set_state(StateKind::Protected, "protected");
-        } else {
-            self.shared.stats.set_state(
-                StateKind::Reconnecting,
-                format!("live migration failed ({why}); reconnecting to the backup"),
-            );
-        }
+        let stats = &self.shared.stats;
+        stats.set_migration(m.progress("failed", &why));
+        stats.metrics.migration_ended("failed");
+        stats.metrics.migration_bytes.inc_by(m.bytes());
+        // The state the host was in (a broken session says its own next).
+        let (kind, text) = &m.state_before;
+        stats.set_state(*kind, text.clone());
         self.shared.migrating.store(false, Ordering::Release);
         let _ = m.request.responder.send(Err(tonic::Status::aborted(format!(
             "migration failed, the VM runs on here: {why}"
@@ -1362,7 +1339,9 @@ impl Replicator {
         self.log.disconnect_clients();
         let report = m.report(figures);
         let metrics = &self.shared.stats.metrics;
-        metrics.migration_ended("done");
+        // After the switch: done, or (no answer to the handover, a post-copy
+        // that broke off) the VM is not known to run anywhere.
+        metrics.migration_ended(if error.is_none() { "done" } else { "lost" });
         metrics.migration_bytes.inc_by(report.bytes_transferred);
         metrics
             .migration_downtime
