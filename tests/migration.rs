@@ -501,20 +501,29 @@ async fn a_source_killed_during_postcopy_loses_the_vm_and_nothing_runs_a_half_vm
     // guest idles between requests; the dirtier is waiting on a page inside
     // KVM when the source dies (a stop alone never got it out: the
     // destination hung).
+    //
+    // Third case: the source is killed before it sent a single page; the
+    // destination learns of it from the stream's end too (its opening word
+    // named the session), not from 10 s of silence.
     let _serial = common::serial().await;
-    for (guest, settings) in [
-        ("kv", ""),
-        (
-            "dirtier",
-            "[guest_params]\nworking_set = 2048\ndirty_rate = 0\nreport_ms = 100",
-        ),
+    let busy = "[guest_params]\nworking_set = 2048\ndirty_rate = 0\nreport_ms = 100";
+    for (guest, settings, source_faults) in [
+        ("kv", "", ""),
+        ("dirtier", busy, ""),
+        ("kv", "", "primary.postcopy.serve~60000"),
     ] {
-        killed_during_postcopy(guest, settings).await;
+        killed_during_postcopy(guest, settings, source_faults).await;
     }
 }
 
-async fn killed_during_postcopy(guest: &str, settings: &str) {
-    let mut pair = Pair::protected(guest, settings).await;
+async fn killed_during_postcopy(guest: &str, settings: &str, source_faults: &str) {
+    let mut pair = Pair::new(guest, settings);
+    pair.primary = Some(pair.spawn_with_env(
+        "primary",
+        &[],
+        &[("UNDERSTUDY_FAULTS", source_faults.to_owned())],
+    ));
+    pair.wait_protected().await;
     // Every page message takes 30 ms to install: a long post-copy.
     let mut dest = Destination::start_full(guest, 16, settings, "backup.postcopy.pages~30");
     dest.wait_incoming().await;
@@ -596,4 +605,25 @@ async fn precopy_keeps_its_stop_within_the_budget_on_a_slow_destination() {
         downtime_ms <= 300.0,
         "stopped {downtime_ms} ms against a 300 ms budget\n{report}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_stop_does_not_grow_with_the_ram_of_a_mostly_zero_vm() {
+    // An idle 256 MiB counter by hybrid: the destination must not read back
+    // (or install) the pre-copied zero pages while the guest is stopped: the
+    // source names them in the handover. Reading them stopped the guest
+    // ~235 ms (the benchmark).
+    let _serial = common::serial().await;
+    let settings = "[guest_params]\ninterval_ms = 500";
+    let mut pair = Pair::with_memory("counter", 256, settings);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let dest = Destination::start_full("counter", 256, settings, "");
+    dest.wait_incoming().await;
+    let (ok, stdout, stderr) = finished(migrate(&pair, &dest, "hybrid"));
+    assert!(ok, "{}", both_logs(&stderr, &pair, &dest));
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("{report}");
+    let downtime_ms = report["downtime_micros"].as_u64().unwrap() as f64 / 1e3;
+    assert!(downtime_ms < 120.0, "stopped {downtime_ms} ms\n{report}");
 }

@@ -983,6 +983,10 @@ impl Migration {
         page: &mut [u8; PAGE_SIZE],
     ) -> Result<PostcopyFigures, String> {
         let started = Instant::now();
+        // A test's stall: the source silent between the switch and its
+        // first page.
+        understudy_common::fault::check("primary.postcopy.serve")
+            .map_err(|point| format!("injected fault ({point})"))?;
         let order: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
         let mut sent = DirtyBitmap::new(self.ram_pages);
         let mut next = 0;
