@@ -486,10 +486,10 @@ fn a_vcpu_waiting_on_a_missing_page_stops_only_once_the_ram_is_unregistered() {
     // never come. A stop does not get the vCPU out of that wait; removing
     // the registration does (the fault then resolves), and the stop ends.
     use understudy_vmm::uffd::Uffd;
-    let (vm, console) = boot(BuiltinBoot::new(BuiltinGuest::Kv), false);
-    read_until(&console.output, Duration::from_secs(20), |l| {
-        l == "kv ready"
-    });
+    // The counter wakes every 3 ms, so it touches its memory at once (an
+    // idle kv guest halts until input comes and would never fault).
+    let (vm, console) = boot(BuiltinBoot::counter(3), false);
+    read_until(&console.output, Duration::from_secs(20), |l| l == "count 2");
     vm.pause().unwrap();
     let state = vm.save_state(false).unwrap();
     let pages = vm.ram().pages();
@@ -497,8 +497,13 @@ fn a_vcpu_waiting_on_a_missing_page_stops_only_once_the_ram_is_unregistered() {
     let ram = GuestRam::new(pages * PAGE_SIZE, RamBacking::Anonymous).unwrap();
     let uffd = Uffd::register(&ram).unwrap();
     let (restored, _console) = Vm::restore(&state, ram, false).unwrap();
-    // The vCPU faults on its first instruction's page; nobody serves it.
-    let fault = uffd.next_fault(Duration::from_secs(10)).unwrap();
+    // The vCPU faults on a page it needs; nobody serves it.
+    // (A wait for an event may end early, e.g. interrupted: ask again.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fault = None;
+    while fault.is_none() && Instant::now() < deadline {
+        fault = uffd.next_fault(Duration::from_millis(100)).unwrap();
+    }
     assert!(fault.is_some(), "the restored vCPU never faulted");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(restored.stop()).unwrap());
