@@ -627,3 +627,175 @@ async fn a_hybrid_stop_does_not_grow_with_the_ram_of_a_mostly_zero_vm() {
     let downtime_ms = report["downtime_micros"].as_u64().unwrap() as f64 / 1e3;
     assert!(downtime_ms < 120.0, "stopped {downtime_ms} ms\n{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_at_any_moment_never_leaves_two_running_copies() {
+    // The destination in its own network namespace; the replication link
+    // between it and the source is cut at a random moment of each mode
+    // (its console and control stay reachable on a management network).
+    // Whatever the moment: the source's clients get no answer once the
+    // destination has given one (never two copies serving), a move that
+    // reports success serves every acked write from the destination, and
+    // one that reports failure leaves the VM serving on the source.
+    let _serial = common::serial().await;
+    let mut rng = seed();
+    for mode in ["precopy", "postcopy", "hybrid", "stop-and-copy"] {
+        link_cut_during(mode, &mut rng).await;
+    }
+}
+
+/// Sends a kv command on `client` every few ms until `stop`; returns the
+/// times of the answers that start with `answer`, and the keys set (when
+/// `set`) that were acked.
+async fn serve_times(
+    mut client: Lines,
+    command: impl Fn(u64) -> String,
+    answer: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<Instant>, Vec<u64>) {
+    let (mut times, mut acked) = (Vec::new(), Vec::new());
+    let mut i = 0u64;
+    while !*stop.borrow() {
+        if client.send(&command(i)).await.is_err() {
+            break;
+        }
+        match client.next(Duration::from_secs(2)).await {
+            Ok(Some(l)) if l.starts_with(answer) => {
+                times.push(Instant::now());
+                acked.push(i);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            // No answer while the link is cut: ask again.
+            Err(_) => {}
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (times, acked)
+}
+
+async fn link_cut_during(mode: &str, rng: &mut u64) {
+    use understudy_bench::wan::{LinkSpec, Wan};
+    let wan = Wan::new(&LinkSpec::new(1000, Duration::ZERO))
+        .unwrap_or_else(|e| panic!("this test needs root and iproute2: {e:#}"));
+    let pair = Pair::protected("kv", "").await;
+    // A slow destination: every commit takes 150 ms longer and every
+    // post-copy page message 20 ms, so each mode takes long enough for the
+    // cut to land anywhere in it.
+    let dest = Destination::start_in(
+        &wan,
+        "kv",
+        16,
+        "",
+        "backup.apply~150,backup.postcopy.pages~20",
+    );
+    dest.wait_incoming().await;
+    let logs = logs_of(&pair, &dest);
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    assert_eq!(
+        ask(&mut client, "SET marker here")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("OK")
+    );
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let source = tokio::spawn(serve_times(
+        client,
+        |i| format!("SET keycut-{i} value-{i}"),
+        "OK",
+        stop.clone(),
+    ));
+    // The destination serves once a client there gets an answer.
+    let dest_console = dest.console;
+    let destination = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut times = Vec::new();
+            while !*stop.borrow() {
+                // Until it runs the VM, the destination's console may take a
+                // connection without answering it.
+                let connect = Lines::connect_now(dest_console);
+                if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
+                    let (t, _) =
+                        serve_times(c, |_| "GET marker".into(), "VALUE", stop.clone()).await;
+                    times.extend(t);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            times
+        }
+    });
+    let child = migrate(&pair, &dest, mode);
+    let at = random_ms(rng, 0, 600);
+    tokio::time::sleep(at).await;
+    wan.cut(true).unwrap();
+    // A source waiting for a word the cut link never carries must give up
+    // (before its stall rule, a post-copy source waited forever).
+    let (ok, stdout, stderr) = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || finished(child)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{mode}, cut after {at:?}: migrate never ended\n{}", logs()))
+    .unwrap();
+    // Long enough for a post-copy destination to give up on its pages.
+    let settle = if matches!(mode, "postcopy" | "hybrid") {
+        12
+    } else {
+        3
+    };
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    wan.cut(false).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send_replace(true);
+    let (source_times, acked) = source.await.unwrap();
+    let dest_times = destination.await.unwrap();
+    let what = format!(
+        "{mode}, cut after {at:?}: migrate {}: {}{}",
+        if ok { "succeeded" } else { "failed" },
+        stdout.trim(),
+        stderr.trim()
+    );
+    eprintln!(
+        "{what}; the source answered {} times, the destination {}",
+        source_times.len(),
+        dest_times.len()
+    );
+    if let (Some(last), Some(first)) = (source_times.last(), dest_times.first()) {
+        assert!(
+            last < first,
+            "{what}: two copies served: the source answered {:?} after the destination's first \
+             answer\n{}",
+            *last - *first,
+            logs()
+        );
+    }
+    if ok {
+        assert!(
+            !dest_times.is_empty(),
+            "{what}: the destination never served\n{}",
+            logs()
+        );
+        let mut c = Lines::connect_now(dest.console).await.unwrap();
+        check_all(&mut c, &logs(), "cut", &acked).await;
+    } else if stderr.contains("the VM runs on here") {
+        assert!(
+            dest_times.is_empty(),
+            "{what}: the destination served\n{}",
+            logs()
+        );
+        let mut c = Lines::connect_now(pair.addrs.primary_console)
+            .await
+            .unwrap();
+        assert_eq!(
+            ask(&mut c, "GET marker").await.unwrap().as_deref(),
+            Some("VALUE here"),
+            "{what}: the source does not serve\n{}",
+            logs()
+        );
+        check_all(&mut c, &logs(), "cut", &acked).await;
+    }
+}

@@ -91,6 +91,11 @@ pub struct Wan {
     pub near: Ipv4Addr,
     /// The far namespace's address on the link.
     pub far: Ipv4Addr,
+    /// This namespace's and the far one's addresses on a second, plain veth
+    /// pair that [`cut`](Self::cut) leaves alone: a management network, for
+    /// clients and operators who must reach both sides of a cut link.
+    pub mgmt_near: Ipv4Addr,
+    pub mgmt_far: Ipv4Addr,
     /// The link's shape.
     pub spec: LinkSpec,
     near_dev: String,
@@ -137,6 +142,8 @@ impl Wan {
             ns: format!("us-wan-{tag}"),
             near: Ipv4Addr::new(10, 78, subnet, 1),
             far: Ipv4Addr::new(10, 78, subnet, 2),
+            mgmt_near: Ipv4Addr::new(10, 79, subnet, 1),
+            mgmt_far: Ipv4Addr::new(10, 79, subnet, 2),
             spec: spec.clone(),
             near_dev: format!("uw{tag}n"),
             far_dev: format!("uw{tag}f"),
@@ -181,6 +188,30 @@ impl Wan {
             &["-n", &ns, "addr", "add", &far, "dev", &far_dev],
         ))?;
         run(&mut cmd("ip", &["-n", &ns, "link", "set", &far_dev, "up"]))?;
+        let (mgmt, mgmt_peer) = (
+            self.near_dev.replace("uw", "um"),
+            far_dev.replace("uw", "um"),
+        );
+        run(&mut cmd(
+            "ip",
+            &[
+                "link", "add", &mgmt, "type", "veth", "peer", "name", &mgmt_peer, "netns", &ns,
+            ],
+        ))?;
+        let (near, far) = (
+            format!("{}/24", self.mgmt_near),
+            format!("{}/24", self.mgmt_far),
+        );
+        run(&mut cmd("ip", &["addr", "add", &near, "dev", &mgmt]))?;
+        run(&mut cmd("ip", &["link", "set", &mgmt, "up"]))?;
+        run(&mut cmd(
+            "ip",
+            &["-n", &ns, "addr", "add", &far, "dev", &mgmt_peer],
+        ))?;
+        run(&mut cmd(
+            "ip",
+            &["-n", &ns, "link", "set", &mgmt_peer, "up"],
+        ))?;
 
         // Bandwidth: a token bucket on each end. Its burst holds a whole GSO
         // packet (64 KiB) and at least 2 ms at the rate; its queue holds
@@ -289,7 +320,8 @@ impl Wan {
         c
     }
 
-    /// Cuts the link (both directions), or heals it.
+    /// Cuts the link (both directions; the management network stays up), or
+    /// heals it.
     pub fn cut(&self, cut: bool) -> Result<()> {
         let state = if cut { "down" } else { "up" };
         run(&mut cmd("ip", &["link", "set", &self.near_dev, state]))?;
@@ -403,6 +435,7 @@ impl Drop for Wan {
         // far rule.
         let _ = cmd("ip", &["netns", "del", &self.ns]).output();
         let _ = cmd("ip", &["link", "del", &self.near_dev]).output();
+        let _ = cmd("ip", &["link", "del", &self.near_dev.replace("uw", "um")]).output();
         for line in self.lines.drain(..) {
             line.stop();
         }

@@ -32,11 +32,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::codec::Codec;
 use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
 use understudy_common::ids::Incarnation;
 use understudy_common::postcopy::PageRecords;
+use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
 use understudy_vmm::{DirtyBitmap, Vm};
 
@@ -213,6 +215,9 @@ pub(crate) struct Link {
     /// every page is in (faults, fault wait p50 and p99 in µs).
     wanted: Arc<Mutex<Vec<u32>>>,
     done: Arc<Mutex<Option<(u64, u64, u64)>>>,
+    /// The connection the stream runs on, for the handover: a new one would
+    /// cost the switch a round trip or two (TCP, then HTTP/2) on a long link.
+    client: ReplicationClient<Channel>,
 }
 
 impl Link {
@@ -236,6 +241,7 @@ impl Link {
             | HelloOutcome::Unreachable(why) => return Err(why),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
+        let handover_client = client.clone();
         let mut acks = client
             .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -305,6 +311,7 @@ impl Link {
             progress_at: Instant::now(),
             wanted,
             done,
+            client: handover_client,
         })
     }
 
@@ -329,8 +336,13 @@ impl Link {
         LINK_DEPTH - self.chunks.capacity()
     }
 
-    fn take_wanted(&self) -> Vec<u32> {
-        std::mem::take(&mut *self.wanted.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Pages the destination asked for since the last call (a sign of life).
+    fn take_wanted(&mut self) -> Vec<u32> {
+        let wanted = std::mem::take(&mut *self.wanted.lock().unwrap_or_else(|p| p.into_inner()));
+        if !wanted.is_empty() {
+            self.progress_at = Instant::now();
+        }
+        wanted
     }
 
     fn postcopy_done(&self) -> Option<(u64, u64, u64)> {
@@ -981,7 +993,7 @@ impl Migration {
         &mut self,
         vm: &Vm,
         page: &mut [u8; PAGE_SIZE],
-    ) -> Result<PostcopyFigures, String> {
+    ) -> Result<PostcopyFigures, PostcopyFailure> {
         let started = Instant::now();
         // A test's stall: the source silent between the switch and its
         // first page.
@@ -1046,6 +1058,18 @@ impl Migration {
                     continue;
                 }
             }
+            // Waiting on the destination (for room in the stream, or for its
+            // word that every page is in): a cut link shows no error, only
+            // silence.
+            if link.progress_at.elapsed() > STALL_TIMEOUT && link.postcopy_done().is_none() {
+                return Err(PostcopyFailure {
+                    why: format!(
+                        "the destination took nothing and said nothing for {STALL_TIMEOUT:?} (a \
+                         cut link or a frozen host)"
+                    ),
+                    all_sent: done_sent && link.queued() == 0,
+                });
+            }
             if let Some((faults, p50, p99)) = link.postcopy_done() {
                 self.pages += pages;
                 return Ok(PostcopyFigures {
@@ -1079,6 +1103,16 @@ impl Migration {
     /// The session the destination knows this migration by.
     pub(crate) fn session(&self) -> u64 {
         self.link.as_ref().map_or(0, |l| l.id)
+    }
+
+    /// A client on the stream's connection, for the handover; None once the
+    /// stream broke (a request on a dead connection would leave its fate
+    /// unknown, where a new connection that fails proves it never arrived).
+    pub(crate) fn client(&self) -> Option<ReplicationClient<Channel>> {
+        self.link
+            .as_ref()
+            .filter(|l| !l.broken.load(Ordering::Acquire))
+            .map(|l| l.client.clone())
     }
 
     /// Where the migration stands, for status.
@@ -1147,6 +1181,24 @@ pub(crate) struct SwitchFigures {
     pub final_pages: u64,
     pub final_bytes: u64,
     pub postcopy: Option<PostcopyFigures>,
+}
+
+/// Why post-copy ended before the destination confirmed every page.
+#[derive(Debug)]
+pub(crate) struct PostcopyFailure {
+    pub why: String,
+    /// Every page had left this host: the destination may hold them all and
+    /// run the VM (only its confirmation was missing).
+    pub all_sent: bool,
+}
+
+impl From<String> for PostcopyFailure {
+    fn from(why: String) -> Self {
+        Self {
+            why,
+            all_sent: false,
+        }
+    }
 }
 
 /// What post-copy measured after the switch.

@@ -350,6 +350,7 @@ pub(crate) async fn handover(
         session,
         epoch,
         None,
+        None,
     )
     .await
 }
@@ -364,7 +365,7 @@ pub(crate) struct PostcopyHandover<'a> {
 
 /// [`handover`] to `target`; `postcopy`: a post-copy migration's handover,
 /// with the bitmap of the pages the destination holds current and the VM's
-/// state.
+/// state. `client`: a connection to `target` already open (else a new one).
 pub(crate) async fn handover_to(
     opts: &PrimaryOptions,
     target: &Target,
@@ -372,12 +373,15 @@ pub(crate) async fn handover_to(
     session: u64,
     epoch: u64,
     postcopy: Option<PostcopyHandover<'_>>,
+    client: Option<ReplicationClient<Channel>>,
 ) -> HandoverOutcome {
-    let channel = match connect_to(opts, target).await {
-        Ok(c) => c,
-        Err(e) => return HandoverOutcome::NotTaken(wire::chain(&e)),
+    let mut client = match client {
+        Some(c) => c,
+        None => match connect_to(opts, target).await {
+            Ok(c) => ReplicationClient::new(c),
+            Err(e) => return HandoverOutcome::NotTaken(wire::chain(&e)),
+        },
     };
-    let mut client = ReplicationClient::new(channel);
     let request = client.handover(HandoverRequest {
         generation,
         session,

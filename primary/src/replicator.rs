@@ -1173,6 +1173,9 @@ impl Replicator {
         // 4. The destination takes the VM.
         let target = m.request.target.clone();
         let session_id = m.session();
+        // The first request goes on the stream's connection (no new round
+        // trips at the switch); a retry opens a new one.
+        let mut stream_client = m.client();
         let outcome = self.runtime.block_on(handover_until_answered(
             MIGRATION_HANDOVER_RETRY,
             Duration::from_millis(100),
@@ -1182,7 +1185,15 @@ impl Replicator {
                     zero,
                     state: &payload,
                 });
-                handover_to(&opts, &target, generation, session_id, epoch, postcopy_args)
+                handover_to(
+                    &opts,
+                    &target,
+                    generation,
+                    session_id,
+                    epoch,
+                    postcopy_args,
+                    stream_client.take(),
+                )
             },
         ));
         let (new_generation, resume, error) = match outcome {
@@ -1241,12 +1252,22 @@ impl Replicator {
                     );
                     (Some(f), error)
                 }
-                Err(why) => (
+                Err(failure) if failure.all_sent => (
                     None,
                     Some(format!(
-                        "post-copy failed after the switch ({why}): the VM ran at the destination, \
+                        "post-copy sent every page but the destination never confirmed it holds \
+                         them ({}): it may run the VM (check `understudyctl status` there); it \
+                         never runs here again",
+                        failure.why
+                    )),
+                ),
+                Err(failure) => (
+                    None,
+                    Some(format!(
+                        "post-copy failed after the switch ({}): the VM ran at the destination, \
                          which cannot go on without the pages it lacks, and cannot run here \
-                         again: it is lost"
+                         again: it is lost",
+                        failure.why
                     )),
                 ),
             }

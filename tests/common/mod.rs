@@ -587,10 +587,67 @@ control = "{}"
         d
     }
 
+    /// In the far namespace of `wan`: replication on the link, console and
+    /// control on its management network (reachable while the link is cut).
+    pub fn start_in(
+        wan: &understudy_bench::wan::Wan,
+        guest: &str,
+        memory_mib: usize,
+        settings: &str,
+        faults: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |ip: std::net::Ipv4Addr| SocketAddr::from((ip, free_port()));
+        let (console, control, replication) = (at(wan.mgmt_far), at(wan.mgmt_far), at(wan.far));
+        let config = dir.path().join("dest.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "test-vm"
+guest = "{guest}"
+memory_mib = {memory_mib}
+state_dir = "{state}"
+{settings}
+[primary]
+console = "{console}"
+control = "{control}"
+replication = "{replication}"
+[backup]
+replication = "{}"
+console = "{}"
+control = "{}"
+[tls]
+insecure = true
+dangerously_allow_insecure_network = true
+"#,
+                at(wan.far),
+                at(wan.mgmt_far),
+                at(wan.mgmt_far),
+                state = dir.path().join("state").display(),
+            ),
+        )
+        .unwrap();
+        let mut d = Self {
+            dir,
+            config,
+            console,
+            control,
+            replication,
+            child: None,
+        };
+        let mut command = wan.command(DAEMON);
+        d.spawn_with(&mut command, faults);
+        d
+    }
+
     pub fn spawn(&mut self, faults: &str) {
+        self.spawn_with(&mut Command::new(DAEMON), faults);
+    }
+
+    fn spawn_with(&mut self, command: &mut Command, faults: &str) {
         let log = std::fs::File::create(self.dir.path().join("dest.log")).unwrap();
         self.child = Some(
-            Command::new(DAEMON)
+            command
                 .args(["primary", "--incoming", "--config"])
                 .arg(&self.config)
                 .env("UNDERSTUDY_LOG", "info")

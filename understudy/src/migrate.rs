@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use understudy_proto::{MigrateReply, MigrateRequest, MigrationProgress};
 
 use crate::config::Config;
@@ -56,10 +56,17 @@ pub async fn run(config: &Config, opts: &MigrateOptions) -> Result<MigrateReply>
                 if opts.progress && !last.is_empty() {
                     eprintln!();
                 }
-                return reply
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| anyhow::anyhow!("{}", status.message()))
-                    .context("the migration did not happen");
+                return reply.map(tonic::Response::into_inner).map_err(|status| {
+                    // `Unknown`: the source handed the VM over and then lost
+                    // track of it (see `finish_migration`); anything else:
+                    // it failed before the switch, the VM runs on there.
+                    let context = if status.code() == tonic::Code::Unknown {
+                        "the migration's outcome is not known"
+                    } else {
+                        "the migration did not happen"
+                    };
+                    anyhow::anyhow!("{}", status.message()).context(context)
+                });
             }
             _ = tick.tick(), if opts.progress => {
                 let Ok(status) = crate::remote::fetch_status(control, tls.as_ref()).await else {
