@@ -121,9 +121,15 @@ fn finished(child: Child) -> (bool, String, String) {
 /// Migrates the protected pair's kv VM by `mode` while a client writes;
 /// checks every acked write on the destination, exactly once.
 async fn migrate_under_load(mode: &str) {
+    migrate_under_load_with(mode, "").await;
+}
+
+/// [`migrate_under_load`] of a VM with `settings` (TOML lines) on both
+/// hosts.
+async fn migrate_under_load_with(mode: &str, settings: &str) {
     let _serial = common::serial().await;
-    let mut pair = Pair::protected("kv", "").await;
-    let dest = Destination::start("kv");
+    let mut pair = Pair::protected("kv", settings).await;
+    let dest = Destination::start_full("kv", 16, settings, "");
     dest.wait_incoming().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     wait_ready(&mut client, &pair).await;
@@ -152,6 +158,15 @@ async fn migrate_under_load(mode: &str) {
         .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", all_logs()));
     assert_eq!(report["mode"], mode);
     eprintln!("{mode}: {report}");
+    if mode == "replay" {
+        // The destination followed the log: the writes after the base went
+        // as log, not pages.
+        assert!(
+            report["log_bytes"].as_u64().unwrap() > 0,
+            "no log went to the destination: {report}\n{}",
+            all_logs()
+        );
+    }
     // The source's daemon ends: the VM runs at the destination only.
     let code = pair.wait_primary_exit(Duration::from_secs(10));
     assert!(code.success(), "source exit {code:?}\n{}", all_logs());
@@ -188,6 +203,17 @@ async fn migrate_under_load(mode: &str) {
         .await
         .expect("backup status");
     assert_eq!(b.role, "backup", "the old backup took the VM too: {b:?}");
+}
+
+/// A VM replicated by its log (and recorded, so that it can migrate by
+/// replay).
+const REPLAY: &str = "mode = \"replay\"\ncheckpoint_interval = \"500ms\"";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_moves_a_kv_vm_replicated_by_its_log_losing_no_acked_write() {
+    // Pre-copy, the base checkpoint, then only the log while the
+    // destination's replica replays it; the switch ships the log's tail.
+    migrate_under_load_with("replay", REPLAY).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -797,5 +823,105 @@ async fn link_cut_during(mode: &str, rng: &mut u64) {
             logs()
         );
         check_all(&mut c, &logs(), "cut", &acked).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_with_a_host_killed_while_the_log_flows_leaves_one_copy_and_every_acked_write() {
+    // Replay migration's log phase: the base is at the destination (slow to
+    // commit it, so the phase lasts), the log flows to both the backup and
+    // the destination. Killing the destination then leaves the VM on the
+    // source, still protected; killing the source fails the VM over to its
+    // backup, and the destination, whose replica followed the same log,
+    // never runs it.
+    let _serial = common::serial().await;
+    let mut rng = seed();
+    for victim in ["destination", "source"] {
+        let mut pair = Pair::protected("kv", REPLAY).await;
+        let mut dest = Destination::start_full("kv", 16, REPLAY, "backup.apply~1500");
+        dest.wait_incoming().await;
+        let logs = logs_of(&pair, &dest);
+        let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+        wait_ready(&mut client, &pair).await;
+        let child = migrate(&pair, &dest, "replay");
+        let mut acked = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = status(pair.addrs.primary_control).await;
+            if s.and_then(|s| s.migration)
+                .is_some_and(|m| m.phase == "log")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no log phase\n{}", logs());
+            let more = write_for(
+                &mut client,
+                "r",
+                acked.len() as u64,
+                Duration::from_millis(20),
+                &logs,
+            )
+            .await;
+            acked.extend(more);
+        }
+        let at = random_ms(&mut rng, 0, 800);
+        let more = write_for(&mut client, "r", acked.len() as u64, at, &logs).await;
+        acked.extend(more);
+        if victim == "destination" {
+            dest.kill();
+            let (ok, _, stderr) = finished(child);
+            assert!(!ok, "migrate succeeded without its destination\n{}", logs());
+            assert!(
+                stderr.contains("the VM runs on here"),
+                "{stderr}\n{}",
+                logs()
+            );
+            // The source serves on, protected by its backup.
+            let more = write_for(
+                &mut client,
+                "r",
+                acked.len() as u64,
+                Duration::from_millis(300),
+                &logs,
+            )
+            .await;
+            acked.extend(more);
+            common::wait_status_or(
+                pair.addrs.primary_control,
+                "the source protected again",
+                Duration::from_secs(10),
+                |s| s.protected,
+                logs_of(&pair, &dest),
+            )
+            .await;
+        } else {
+            let i = acked.len() as u64;
+            common::kill_with_a_write_in_flight(
+                &mut pair,
+                &mut client,
+                &format!("SET keyr-{i} value-{i}"),
+            )
+            .await;
+            acked.push(i);
+            let (ok, _, _) = finished(child);
+            assert!(!ok, "migrate succeeded with its source killed\n{}", logs());
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let d = status(dest.control).await.expect("destination status");
+            assert_eq!(
+                d.role,
+                "backup",
+                "the destination runs the VM too: {d:?}\n{}",
+                logs()
+            );
+            let b = status(pair.addrs.backup_control)
+                .await
+                .expect("backup status");
+            assert_eq!(b.role, "primary", "{b:?}\n{}", logs());
+        }
+        check_all(&mut client, &logs(), "r", &acked).await;
+        eprintln!(
+            "{victim} killed {at:?} into the log phase: {} acked writes kept",
+            acked.len()
+        );
     }
 }

@@ -396,6 +396,8 @@ async fn hostile_round(
                     let n = (rng.next() % 600) as usize;
                     rng.bytes(n).into()
                 },
+                // Or a replay migration's, asking for a replica.
+                replay: rng.next() % 2 == 0,
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }

@@ -311,6 +311,18 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 valid_pages: vec![0xff; 512].into(),
                 postcopy_state: vec![1, 2, 3].into(),
                 zero_pages: Default::default(),
+                replay: false,
+            },
+            "handover refused",
+        ),
+        (
+            // Nor is a replay migration's.
+            HandoverRequest {
+                generation: 1,
+                session: 12345,
+                epoch: status.last_epoch,
+                replay: true,
+                ..Default::default()
             },
             "handover refused",
         ),

@@ -422,7 +422,11 @@ pub(crate) fn promote(
     let resumed = started.elapsed();
     crate::promotion::record(
         shared,
-        crate::promotion::Trigger::Handover { session, epoch },
+        crate::promotion::Trigger::Handover {
+            session,
+            epoch,
+            replay: false,
+        },
         epoch,
         new_generation,
         resumed,

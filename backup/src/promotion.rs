@@ -34,8 +34,14 @@ use crate::{Phase, Shared, Standby};
 pub(crate) enum Trigger {
     /// The primary was silent this long.
     Silence(Duration),
-    /// The primary handed over after `epoch` of `session` (a switchover).
-    Handover { session: u64, epoch: u64 },
+    /// The primary handed over after `epoch` of `session` (a switchover or
+    /// a migration); `replay`: a replay migration's, which runs the replica
+    /// that replayed the log after `epoch` to its end.
+    Handover {
+        session: u64,
+        epoch: u64,
+        replay: bool,
+    },
     /// The primary's host restarted and lost the VM it protected.
     Restart,
     /// An operator asked (`understudyctl promote`).
@@ -108,6 +114,10 @@ pub enum PromotionError {
     /// userfaultfd).
     #[error("post-copy: {0}")]
     Postcopy(String),
+    /// A replay migration's handover whose log cannot be replayed to its
+    /// end here (the source runs on).
+    #[error("replay: {0}")]
+    Replay(String),
 }
 
 /// A promotion that happened.
@@ -151,10 +161,19 @@ fn prepare_from_replica(
     standby: &mut Standby,
     trigger: Trigger,
 ) -> Option<Result<Prepared, PromotionError>> {
-    if matches!(trigger, Trigger::Handover { .. }) {
+    // A replay migration's handover: the replica is the VM, or nothing is
+    // (its base is older than what the source ran since).
+    let replay_handover = matches!(trigger, Trigger::Handover { replay: true, .. });
+    if matches!(trigger, Trigger::Handover { replay: false, .. }) {
         return None;
     }
-    let follower = standby.session.as_mut()?.follower.as_mut()?;
+    let Some(follower) = standby.session.as_mut().and_then(|s| s.follower.as_mut()) else {
+        return replay_handover.then(|| {
+            Err(PromotionError::Replay(
+                "no log follows this image (the session is not replayed)".into(),
+            ))
+        });
+    };
     let first_try = if follower.has_replica() {
         follower.finish(REPLICA_FINISH_TIMEOUT)
     } else {
@@ -166,6 +185,11 @@ fn prepare_from_replica(
             tracing::error!(%why, "replay mode: the replica cannot finish the log; replaying it again from the last checkpoint");
             match follower.finish_from_base(&standby.store, REPLICA_FINISH_TIMEOUT) {
                 Ok(f) => f,
+                Err(why) if replay_handover => {
+                    return Some(Err(PromotionError::Replay(format!(
+                        "the log cannot be replayed to its end: {why}"
+                    ))));
+                }
                 Err(why) => {
                     tracing::error!(%why, "replay mode: the log cannot be replayed from the last checkpoint either; promoting from the checkpoint alone (output the primary released after it is not in this VM)");
                     return None;
@@ -273,7 +297,7 @@ pub(crate) fn promote(
         }
     };
     match trigger {
-        Trigger::Handover { session, epoch } => {
+        Trigger::Handover { session, epoch, .. } => {
             let committed = standby.store.committed_epoch();
             let ours = standby
                 .session

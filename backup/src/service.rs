@@ -102,8 +102,10 @@ impl ReplicationService {
             protected: false,
             goodbye: false,
             migration: req.migration,
-            follower: (mode == ReplicationMode::Replay && !req.migration)
-                .then(crate::replica::Follower::new),
+            // Replay mode: a backup's replica follows the log, and so does a
+            // replay migration's destination (a VM replicated by its log
+            // migrates only by replay).
+            follower: (mode == ReplicationMode::Replay).then(crate::replica::Follower::new),
         });
         shared.host.stats.set_mode(mode);
         shared.watch.arm(false);
@@ -457,6 +459,7 @@ impl Replication for ReplicationService {
         let trigger = Trigger::Handover {
             session: req.session,
             epoch: req.epoch,
+            replay: req.replay,
         };
         match tokio::task::block_in_place(|| promotion::promote(&shared2, trigger)) {
             Ok(Some(p)) => Ok(Response::new(HandoverReply {

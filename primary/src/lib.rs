@@ -926,13 +926,28 @@ fn accept_migration(
         Ok(r) => r,
         Err((why, responder)) => return refuse(responder, why),
     };
-    if shared.opts.mode == ReplicationMode::Replay {
-        return refuse(
-            request.responder,
-            "the VM is replicated by its log (mode = \"replay\"); migrating such a VM is not \
-             built yet: run it with mode = \"checkpoint\" to migrate it"
-                .into(),
-        );
+    let by_log = shared.opts.mode == ReplicationMode::Replay;
+    match (by_log, request.mode == migration::MigrationMode::Replay) {
+        (true, false) => {
+            return refuse(
+                request.responder,
+                format!(
+                    "the VM is replicated by its log (mode = \"replay\"): it migrates by replay \
+                     (--mode replay), not {}",
+                    request.mode.name()
+                ),
+            );
+        }
+        (false, true) => {
+            return refuse(
+                request.responder,
+                "--mode replay ships the VM's log, and this VM is not recorded (mode = \
+                 \"checkpoint\"): choose precopy, postcopy, hybrid or stop-and-copy, or run the \
+                 VM with mode = \"replay\""
+                    .into(),
+            );
+        }
+        _ => {}
     }
     if shared.phase() != Phase::Running {
         return refuse(

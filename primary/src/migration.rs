@@ -85,6 +85,14 @@ const MAX_UNACKED_BYTES: u64 = 8 << 20;
 /// A destination that takes nothing for this long is given up (a cut link
 /// or a frozen host); the VM runs on here.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Replay mode: the least time the destination's replica follows the log
+/// before the switch (a replica that just started proves little).
+const MIN_LOG_PHASE: Duration = Duration::from_millis(200);
+
+/// Replay mode: how long the destination's replica may take to catch up
+/// with the log before the migration gives up (the VM stays here).
+const REPLAY_CATCH_UP: Duration = Duration::from_secs(30);
 /// How often a full link is looked at again.
 const LINK_POLL: Duration = Duration::from_micros(250);
 
@@ -101,6 +109,11 @@ pub enum MigrationMode {
     Postcopy,
     /// One pre-copy round, then post-copy for what it dirtied.
     Hybrid,
+    /// CR/TR-Motion: pre-copy rounds, then a checkpoint (the base) while the
+    /// source goes on recording; from there only its log goes, and the
+    /// destination replays it as it comes; the switch ships the log's tail.
+    /// For a VM replicated by its log (`mode = "replay"`).
+    Replay,
 }
 
 impl MigrationMode {
@@ -111,6 +124,7 @@ impl MigrationMode {
             Self::Precopy => "precopy",
             Self::Postcopy => "postcopy",
             Self::Hybrid => "hybrid",
+            Self::Replay => "replay",
         }
     }
 
@@ -129,13 +143,10 @@ impl FromStr for MigrationMode {
             "precopy" | "" => Ok(Self::Precopy),
             "postcopy" => Ok(Self::Postcopy),
             "hybrid" => Ok(Self::Hybrid),
-            "replay" => Err(format!(
-                "migration mode {s:?} is not built yet: choose stop-and-copy, precopy, postcopy \
-                 or hybrid"
-            )),
+            "replay" => Ok(Self::Replay),
             other => Err(format!(
-                "unknown migration mode {other:?}: choose stop-and-copy, precopy, postcopy or \
-                 hybrid"
+                "unknown migration mode {other:?}: choose stop-and-copy, precopy, postcopy, \
+                 hybrid or replay"
             )),
         }
     }
@@ -215,6 +226,10 @@ pub(crate) struct Link {
     /// every page is in (faults, fault wait p50 and p99 in µs).
     wanted: Arc<Mutex<Vec<u32>>>,
     done: Arc<Mutex<Option<(u64, u64, u64)>>>,
+    /// Replay: the exit up to which the destination holds the log, and the
+    /// one its replica replayed to (0: none yet).
+    log_exits: Arc<AtomicU64>,
+    replica_exits: Arc<AtomicU64>,
     /// The connection the stream runs on, for the handover: a new one would
     /// cost the switch a round trip or two (TCP, then HTTP/2) on a long link.
     client: ReplicationClient<Channel>,
@@ -261,13 +276,18 @@ impl Link {
         let why = Arc::new(Mutex::new(None));
         let wanted = Arc::new(Mutex::new(Vec::new()));
         let done = Arc::new(Mutex::new(None));
+        let log_exits = Arc::new(AtomicU64::new(0));
+        let replica_exits = Arc::new(AtomicU64::new(0));
         tokio::spawn({
             let (broken, acked, why) = (broken.clone(), acked.clone(), why.clone());
             let (wanted, done) = (wanted.clone(), done.clone());
+            let (log_exits, replica_exits) = (log_exits.clone(), replica_exits.clone());
             async move {
                 let reason = loop {
                     match acks.next().await {
                         Some(Ok(ack)) => {
+                            log_exits.fetch_max(ack.log_exits, Ordering::AcqRel);
+                            replica_exits.fetch_max(ack.replica_exits, Ordering::AcqRel);
                             if !ack.want_pages.is_empty() {
                                 wanted
                                     .lock()
@@ -311,6 +331,8 @@ impl Link {
             progress_at: Instant::now(),
             wanted,
             done,
+            log_exits,
+            replica_exits,
             client: handover_client,
         })
     }
@@ -621,6 +643,26 @@ pub(crate) struct Migration {
     rate: f64,
     dirty_rate: f64,
     ram_pages: usize,
+    /// Replay mode, once the base is sent: the log's progress there.
+    replay: Option<ReplayLog>,
+    /// Replay mode: the pre-copy converged; the next checkpoint is the base.
+    base_wanted: bool,
+}
+
+/// Replay mode after the base: the log sent to the destination and how far
+/// its replica has replayed it.
+#[derive(Debug)]
+struct ReplayLog {
+    /// The base checkpoint's epoch (the handover names it).
+    base_epoch: u64,
+    sent_at: Instant,
+    /// Segments sent and not yet replayed there: (their last exit, when sent).
+    unreplayed: std::collections::VecDeque<(u64, Instant)>,
+    /// The last exit sent.
+    last_exit: u64,
+    log_bytes: u64,
+    /// The guest's stop for the base (from its pause to its resume).
+    base_pause: Duration,
 }
 
 impl std::fmt::Debug for Link {
@@ -662,6 +704,8 @@ impl Migration {
             rate: 0.0,
             dirty_rate: 0.0,
             ram_pages,
+            replay: None,
+            base_wanted: false,
         }
     }
 
@@ -909,11 +953,49 @@ impl Migration {
         Ok(())
     }
 
-    /// The switch: the pages still pending (and `more`, dirtied up to the
-    /// pause) read from the paused guest, with the device state and console
-    /// payload, as one checkpoint; returns once the destination committed
-    /// it, with its epoch and the pages and bytes it took.
+    /// The switch: the pages still pending (dirtied up to the pause) read
+    /// from the paused guest, with the device state and console payload, as
+    /// one checkpoint; returns once the destination committed it, with its
+    /// epoch and the pages and bytes it took.
     pub(crate) fn send_final(
+        &mut self,
+        vm: &Vm,
+        page: &mut [u8; PAGE_SIZE],
+        payload: &[u8],
+    ) -> Result<(u64, u64, u64), String> {
+        let (epoch, pages, bytes) = self.queue_checkpoint(vm, page, payload)?;
+        self.link_mut()?.flush_acked(epoch, FINAL_ACK_TIMEOUT)?;
+        Ok((epoch, pages, bytes))
+    }
+
+    /// Replay mode's base: [`send_final`](Self::send_final)'s checkpoint,
+    /// queued (the guest runs on and its log follows it on the stream), not
+    /// waited for. From here on, the log goes instead of pages.
+    pub(crate) fn send_base(
+        &mut self,
+        vm: &Vm,
+        page: &mut [u8; PAGE_SIZE],
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let (epoch, _, _) = self.queue_checkpoint(vm, page, payload)?;
+        self.replay = Some(ReplayLog {
+            base_epoch: epoch,
+            sent_at: Instant::now(),
+            unreplayed: Default::default(),
+            last_exit: 0,
+            log_bytes: 0,
+            base_pause: Duration::ZERO,
+        });
+        tracing::info!(
+            epoch,
+            "migration: the base checkpoint is on its way; the log follows it"
+        );
+        Ok(())
+    }
+
+    /// Encodes the pending pages and `payload` as one checkpoint and queues
+    /// it: its epoch, pages and bytes.
+    fn queue_checkpoint(
         &mut self,
         vm: &Vm,
         page: &mut [u8; PAGE_SIZE],
@@ -942,11 +1024,124 @@ impl Migration {
             .map_err(|e| format!("cannot encode: {e}"))?;
         let report = encoded.report;
         link.queue(epoch, report.bytes_out, encoded.chunks);
-        let waited = link.flush_acked(epoch, FINAL_ACK_TIMEOUT);
+        let pumped = link.pump();
         self.account(&report);
-        waited?;
+        pumped?;
         self.pending = DirtyBitmap::new(self.ram_pages);
         Ok((epoch, pages.len() as u64, report.bytes_out))
+    }
+
+    /// Replay mode: the pre-copy converged: the next checkpoint is the base.
+    pub(crate) fn want_base(&mut self) {
+        self.base_wanted = true;
+    }
+
+    /// Replay mode: the next checkpoint is the base (not sent yet).
+    pub(crate) fn base_wanted(&self) -> bool {
+        self.base_wanted && self.replay.is_none()
+    }
+
+    /// Replay mode: the base's stop, from the checkpoint's pause to the
+    /// guest's resume.
+    pub(crate) fn base_paused(&mut self, pause: Duration) {
+        if let Some(log) = self.replay.as_mut() {
+            log.base_pause = pause;
+        }
+    }
+
+    /// Bytes sent so far.
+    pub(crate) fn bytes_sent(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Replay mode: whether the base is sent (the log goes from here on).
+    pub(crate) fn log_phase(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Replay mode: one segment of the log (sealed after the base's pause),
+    /// ending at exit `exits_end`, to the destination.
+    pub(crate) fn forward_segment(&mut self, bytes: &[u8], exits_end: u64) -> Result<(), String> {
+        let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_mut()) else {
+            return Err("not connected".into());
+        };
+        link.outbox.push_back(EpochChunk {
+            session: link.id,
+            generation: link.generation,
+            trace_segment: bytes.to_vec().into(),
+            ..Default::default()
+        });
+        log.unreplayed.push_back((exits_end, Instant::now()));
+        log.last_exit = exits_end;
+        log.log_bytes += bytes.len() as u64;
+        self.bytes += bytes.len() as u64;
+        link.pump()
+    }
+
+    /// Replay mode after the base: switch once the destination committed
+    /// the base and its replica is within half the downtime budget of the
+    /// log (the rest replays within it at the switch), and has followed the
+    /// log for at least [`MIN_LOG_PHASE`]; give up if it does not catch up
+    /// within [`REPLAY_CATCH_UP`].
+    pub(crate) fn replay_step(&mut self) -> Result<Step, String> {
+        let budget = self.request.max_downtime;
+        let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_mut()) else {
+            return Err("not connected".into());
+        };
+        link.pump()?;
+        let replayed = link.replica_exits.load(Ordering::Acquire);
+        while log.unreplayed.front().is_some_and(|(e, _)| *e <= replayed) {
+            log.unreplayed.pop_front();
+        }
+        let base_committed = link.acked.load(Ordering::Acquire) > log.base_epoch;
+        let lag = log
+            .unreplayed
+            .front()
+            .map_or(Duration::ZERO, |(_, at)| at.elapsed());
+        let since = log.sent_at.elapsed();
+        if base_committed && replayed > 0 && lag <= budget / 2 && since >= MIN_LOG_PHASE {
+            tracing::info!(
+                log_bytes = log.log_bytes,
+                lag_ms = lag.as_secs_f64() * 1e3,
+                "migration: the destination's replica keeps up with the log: switching"
+            );
+            return Ok(Step::Switch);
+        }
+        if since > REPLAY_CATCH_UP {
+            return Err(format!(
+                "the destination's replica did not catch up with the log within \
+                 {REPLAY_CATCH_UP:?} (base committed: {base_committed}, replayed to exit \
+                 {replayed}, {lag:?} behind)"
+            ));
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Replay mode's switch, the guest paused and its last segment sent:
+    /// waits until the destination holds the log up to the last exit sent;
+    /// returns the base's epoch (the handover names it).
+    pub(crate) fn flush_log(&mut self) -> Result<u64, String> {
+        let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_ref()) else {
+            return Err("not connected".into());
+        };
+        let (last, base) = (log.last_exit, log.base_epoch);
+        let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
+        loop {
+            link.pump()?;
+            if link.outbox.is_empty()
+                && link.acked.load(Ordering::Acquire) > base
+                && link.log_exits.load(Ordering::Acquire) >= last
+            {
+                return Ok(base);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the destination did not confirm the log up to exit {last} within \
+                     {FINAL_ACK_TIMEOUT:?}"
+                ));
+            }
+            std::thread::sleep(LINK_POLL);
+        }
     }
 
     /// Post-copy's switch: waits until the destination committed every
@@ -1155,7 +1350,9 @@ impl Migration {
             duplicate_pages: self.duplicate_pages,
             rounds: match self.request.mode {
                 MigrationMode::StopAndCopy | MigrationMode::Postcopy => 0,
-                MigrationMode::Precopy | MigrationMode::Hybrid => self.round,
+                MigrationMode::Precopy | MigrationMode::Hybrid | MigrationMode::Replay => {
+                    self.round
+                }
             },
             dirty_pages_per_second: self.dirty_rate,
             final_pages: done.final_pages,
@@ -1169,6 +1366,17 @@ impl Migration {
             postcopy_micros: done.postcopy.map_or(0, |p| p.took.as_micros() as u64),
             fault_wait_p50_micros: done.postcopy.map_or(0, |p| p.fault_wait_p50_us),
             fault_wait_p99_micros: done.postcopy.map_or(0, |p| p.fault_wait_p99_us),
+            log_bytes: self.replay.as_ref().map_or(0, |l| l.log_bytes),
+            base_pause_micros: self
+                .replay
+                .as_ref()
+                .map_or(0, |l| l.base_pause.as_micros() as u64),
+            log_phase_micros: self.replay.as_ref().map_or(0, |l| {
+                l.sent_at
+                    .elapsed()
+                    .saturating_sub(done.downtime)
+                    .as_micros() as u64
+            }),
         }
     }
 }
@@ -1347,13 +1555,16 @@ mod tests {
     }
 
     #[test]
-    fn modes_parse_and_unbuilt_ones_say_so() {
-        assert_eq!("precopy".parse(), Ok(MigrationMode::Precopy));
-        assert_eq!("stop-and-copy".parse(), Ok(MigrationMode::StopAndCopy));
-        assert_eq!("postcopy".parse(), Ok(MigrationMode::Postcopy));
-        assert_eq!("hybrid".parse(), Ok(MigrationMode::Hybrid));
-        let e = "replay".parse::<MigrationMode>().unwrap_err();
-        assert!(e.contains("not built yet"), "{e}");
+    fn modes_parse_and_unknown_ones_say_which_exist() {
+        for mode in [
+            MigrationMode::StopAndCopy,
+            MigrationMode::Precopy,
+            MigrationMode::Postcopy,
+            MigrationMode::Hybrid,
+            MigrationMode::Replay,
+        ] {
+            assert_eq!(mode.name().parse(), Ok(mode));
+        }
         let e = "teleport".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("unknown migration mode"), "{e}");
     }

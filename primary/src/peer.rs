@@ -349,7 +349,7 @@ pub(crate) async fn handover(
         generation,
         session,
         epoch,
-        None,
+        HandoverKind::Plain,
         None,
     )
     .await
@@ -363,16 +363,27 @@ pub(crate) struct PostcopyHandover<'a> {
     pub state: &'a [u8],
 }
 
-/// [`handover`] to `target`; `postcopy`: a post-copy migration's handover,
-/// with the bitmap of the pages the destination holds current and the VM's
-/// state. `client`: a connection to `target` already open (else a new one).
+/// What a handover asks of the host taking the VM.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum HandoverKind<'a> {
+    /// Run the committed checkpoint named by the epoch.
+    Plain,
+    /// A post-copy migration: run now, fetching the pages it lacks.
+    Postcopy(PostcopyHandover<'a>),
+    /// A replay migration: run the replica that replayed the log from the
+    /// committed checkpoint (the base) to its end.
+    Replay,
+}
+
+/// [`handover`] to `target`, of `kind`. `client`: a connection to `target`
+/// already open (else a new one).
 pub(crate) async fn handover_to(
     opts: &PrimaryOptions,
     target: &Target,
     generation: u64,
     session: u64,
     epoch: u64,
-    postcopy: Option<PostcopyHandover<'_>>,
+    kind: HandoverKind<'_>,
     client: Option<ReplicationClient<Channel>>,
 ) -> HandoverOutcome {
     let mut client = match client {
@@ -381,6 +392,10 @@ pub(crate) async fn handover_to(
             Ok(c) => ReplicationClient::new(c),
             Err(e) => return HandoverOutcome::NotTaken(wire::chain(&e)),
         },
+    };
+    let postcopy = match kind {
+        HandoverKind::Postcopy(p) => Some(p),
+        _ => None,
     };
     let request = client.handover(HandoverRequest {
         generation,
@@ -396,6 +411,7 @@ pub(crate) async fn handover_to(
             .unwrap_or_default()
             .into(),
         zero_pages: postcopy.map(|p| p.zero.to_vec()).unwrap_or_default().into(),
+        replay: matches!(kind, HandoverKind::Replay),
     });
     match tokio::time::timeout(HANDOVER_TIMEOUT, request).await {
         Ok(Ok(reply)) => HandoverOutcome::Done(reply.into_inner()),

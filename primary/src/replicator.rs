@@ -21,7 +21,9 @@ use understudy_vmm::deterministic::Sealed;
 use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::migration::{Migration, MigrationMode, Step, SwitchFigures, handover_until_answered};
-use crate::peer::{HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye};
+use crate::peer::{
+    HandoverKind, HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye,
+};
 use crate::{
     MAX_SYNC_ROUNDS, Phase, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared,
     SwitchoverResponder,
@@ -394,10 +396,17 @@ impl Replicator {
         let mut next_tick = Instant::now();
         let mut protected = false;
         loop {
-            match self.checkpoint(link, &mut sender, false, !protected) {
+            // Replay migration: this checkpoint is also the destination's
+            // base, read from the guest before it runs on.
+            let base = self.migration.as_ref().is_some_and(Migration::base_wanted);
+            let paused_at = Instant::now();
+            match self.checkpoint(link, &mut sender, base, !protected) {
                 Ok(true) => {}
                 Ok(false) => return SessionEnd::Broken,
                 Err(end) => return end,
+            }
+            if base {
+                self.send_replay_base(paused_at);
             }
             if !protected {
                 if !self.wait_acked(link, self.next_epoch - 1) {
@@ -831,6 +840,15 @@ impl Replicator {
         let stats = &self.shared.stats;
         stats.bytes_shipped.fetch_add(len as u64, Ordering::Relaxed);
         stats.metrics.log_bytes.inc_by(len as u64);
+        // Replay migration, after the base: the destination's replica
+        // follows the same log.
+        if let Some(m) = self.migration.as_mut()
+            && m.log_phase()
+            && let Err(why) = m.forward_segment(&segment.bytes, segment.exits_end)
+            && let Some(m) = self.migration.take()
+        {
+            self.fail_migration(m, format!("lost the destination: {why}"));
+        }
         let msg = EpochChunk {
             session: link.id,
             generation: self.shared.generation,
@@ -880,6 +898,13 @@ impl Replicator {
                 || self.shared.want_checkpoint.swap(false, Ordering::AcqRel)
             {
                 return Ok(true);
+            }
+            if self.migration_active() {
+                match self.replay_migration_tick(link) {
+                    Tick::Carry => {}
+                    Tick::Checkpoint => return Ok(true),
+                    Tick::Ended(end) => return Err(end),
+                }
             }
             self.hold_for_lag();
             match trace.recv_timeout(FORWARD_POLL) {
@@ -1018,6 +1043,12 @@ impl Replicator {
         }
         let step = match m.request.mode {
             MigrationMode::StopAndCopy | MigrationMode::Postcopy => Ok(Step::Switch),
+            // The replay-mode loop drives it (`replay_migration_tick`); here
+            // the VM is not protected, and the log has nowhere to go.
+            MigrationMode::Replay => Err("a replay migration runs beside the backup's session, \
+                 and this VM is not protected now: retry once `understudyctl status` says \
+                 protected"
+                .into()),
             MigrationMode::Precopy | MigrationMode::Hybrid => {
                 let may_hold = !self.held_for_output && !self.held_for_lag;
                 let vm = self
@@ -1149,11 +1180,48 @@ impl Replicator {
                 return None;
             }
         };
+        let kind = match &valid {
+            Some((valid, zero)) => SwitchKind::Postcopy { valid, zero },
+            None => SwitchKind::Plain,
+        };
+        self.complete_switch(
+            m,
+            backup.as_ref(),
+            Switched {
+                started,
+                epoch,
+                final_pages,
+                final_bytes,
+            },
+            kind,
+            &payload,
+        )
+    }
+
+    /// A migration's switch from step 3, the guest paused and its state at
+    /// the destination (`switched`): the backup stands down, the
+    /// destination takes the VM, post-copy serves the rest. Returns how the
+    /// session ends (None: no session, the VM runs on here).
+    fn complete_switch(
+        &mut self,
+        mut m: Migration,
+        backup: Option<&SessionLink>,
+        switched: Switched,
+        kind: SwitchKind<'_>,
+        payload: &[u8],
+    ) -> Option<SessionEnd> {
+        let Switched {
+            started,
+            epoch,
+            final_pages,
+            final_bytes,
+        } = switched;
+        let postcopy = matches!(kind, SwitchKind::Postcopy { .. });
         let opts = self.shared.opts.clone();
         let generation = self.shared.generation;
         // 3. The backup stands down (from here its silence rule would make a
         // second copy). Unconfirmed: the VM runs on here, protected.
-        if let Some(link) = &backup
+        if let Some(link) = backup
             && !self
                 .runtime
                 .block_on(say_goodbye(&opts, generation, link.id))
@@ -1180,18 +1248,24 @@ impl Replicator {
             MIGRATION_HANDOVER_RETRY,
             Duration::from_millis(100),
             || {
-                let postcopy_args = valid.as_ref().map(|(valid, zero)| PostcopyHandover {
-                    valid,
-                    zero,
-                    state: &payload,
-                });
+                let handover_kind = match kind {
+                    SwitchKind::Plain => HandoverKind::Plain,
+                    SwitchKind::Replay => HandoverKind::Replay,
+                    SwitchKind::Postcopy { valid, zero } => {
+                        HandoverKind::Postcopy(PostcopyHandover {
+                            valid,
+                            zero,
+                            state: payload,
+                        })
+                    }
+                };
                 handover_to(
                     &opts,
                     &target,
                     generation,
                     session_id,
                     epoch,
-                    postcopy_args,
+                    handover_kind,
                     stream_client.take(),
                 )
             },
@@ -1207,7 +1281,7 @@ impl Replicator {
             HandoverOutcome::NotTaken(why) => {
                 self.shared.end_handover(None);
                 self.resume_after_failed_switchover();
-                if let Some(link) = &backup {
+                if let Some(link) = backup {
                     // The backup stood down: it resyncs.
                     link.broken.store(true, Ordering::Release);
                 }
@@ -1287,6 +1361,200 @@ impl Replicator {
             error,
         );
         Some(SessionEnd::HandedOver)
+    }
+
+    /// Replay migration, called between segments of the log: connects,
+    /// sends a slice of pre-copy, asks for the checkpoint that makes the
+    /// base, or (the base sent) watches the destination's replica and
+    /// switches once it keeps up.
+    fn replay_migration_tick(&mut self, link: &SessionLink) -> Tick {
+        let Some(mut m) = self.migration.take() else {
+            return Tick::Carry;
+        };
+        if self.shared.phase() != Phase::Running {
+            self.fail_migration(m, "the primary is stopping".into());
+            return Tick::Carry;
+        }
+        if m.request.mode != MigrationMode::Replay {
+            // Refused when asked (`lib.rs`); here for a request that raced
+            // a change of mode.
+            self.fail_migration(
+                m,
+                "a VM replicated by its log migrates by replay (--mode replay)".into(),
+            );
+            return Tick::Carry;
+        }
+        if !m.connected() {
+            self.shared.stats.set_migration(m.progress("setup", ""));
+            self.shared.stats.set_state(
+                StateKind::Migrating,
+                format!("migrating to {}: connecting", m.request.target.addr),
+            );
+            let opts = self.shared.opts.clone();
+            if let Err(why) = m.connect(
+                &self.runtime,
+                &opts,
+                self.shared.generation,
+                self.shared.incarnation,
+            ) {
+                self.fail_migration(m, format!("cannot reach the destination: {why}"));
+                return Tick::Carry;
+            }
+            tracing::info!(destination = %m.request.target.addr, "migration by replay: connected to the destination");
+        }
+        if m.log_phase() {
+            return match m.replay_step() {
+                Ok(Step::Continue) => {
+                    let progress = m.progress("log", "");
+                    self.shared.stats.set_state(
+                        StateKind::Migrating,
+                        format!(
+                            "migrating to {}: the destination replays the log",
+                            progress.destination
+                        ),
+                    );
+                    self.shared.stats.set_migration(progress);
+                    self.migration = Some(m);
+                    Tick::Carry
+                }
+                Ok(Step::Switch) => match self.replay_switch(link, m) {
+                    Some(end) => Tick::Ended(end),
+                    None => Tick::Carry,
+                },
+                Err(why) => {
+                    self.fail_migration(m, why);
+                    Tick::Carry
+                }
+            };
+        }
+        if m.base_wanted() {
+            self.migration = Some(m);
+            return Tick::Checkpoint;
+        }
+        let may_hold = !self.held_for_output && !self.held_for_lag;
+        let vm = self
+            .vm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+        let deadline = Instant::now() + REPLAY_PRECOPY_SLICE;
+        match m.precopy_until(vm, &mut self.page, deadline, false, may_hold) {
+            Ok(Step::Continue) => {
+                let progress = m.progress("precopy", "");
+                self.shared.stats.set_state(
+                    StateKind::Migrating,
+                    format!(
+                        "migrating to {}: pre-copy round {} before the base, {} pages to go",
+                        progress.destination, progress.round, progress.remaining_pages
+                    ),
+                );
+                self.shared.stats.set_migration(progress);
+                self.migration = Some(m);
+                Tick::Carry
+            }
+            Ok(Step::Switch) => {
+                m.want_base();
+                self.migration = Some(m);
+                Tick::Checkpoint
+            }
+            Err(why) => {
+                self.fail_migration(m, why);
+                Tick::Carry
+            }
+        }
+    }
+
+    /// Replay migration: the checkpoint just taken (guest left paused) is
+    /// the base: the pages the destination lacks and the state go to it,
+    /// then the guest runs on, recording.
+    fn send_replay_base(&mut self, paused_at: Instant) {
+        let Some(mut m) = self.migration.take() else {
+            return;
+        };
+        let payload = std::mem::take(&mut self.last_payload);
+        let vm = self
+            .vm
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+        let sent = m.send_base(vm, &mut self.page, &payload);
+        if !self.hold_for_output() && !self.held_for_lag {
+            self.resume_after_failed_switchover();
+        }
+        m.base_paused(paused_at.elapsed());
+        match sent {
+            Ok(()) => {
+                self.shared.stats.set_migration(m.progress("log", ""));
+                self.migration = Some(m);
+            }
+            Err(why) => self.fail_migration(m, why),
+        }
+    }
+
+    /// Replay migration's switch: the guest stops, the log up to the stop
+    /// goes to the backup and the destination, and once the destination
+    /// holds all of it, it takes the VM from its replica (which replays the
+    /// rest there).
+    fn replay_switch(&mut self, link: &SessionLink, m: Migration) -> Option<SessionEnd> {
+        self.shared.stats.set_migration(m.progress("switch", ""));
+        let started = Instant::now();
+        // The guest stops for the switch, not for the lag (a hold must not
+        // be lifted after the VM left).
+        self.held_for_lag = false;
+        if let Err(e) = self.vm().pause() {
+            self.fail_migration(m, format!("cannot pause the VM: {e}"));
+            return None;
+        }
+        let bytes_before = m.bytes_sent();
+        // The log up to the pause, sealed by it: ship_segment sends it to
+        // the backup and, in the log phase, to the destination.
+        let segments: Vec<Sealed> = self
+            .trace
+            .as_ref()
+            .map(|t| t.try_iter().collect())
+            .unwrap_or_default();
+        self.migration = Some(m);
+        let mut shipped = true;
+        for segment in segments {
+            if !self.ship_segment(link, segment) {
+                shipped = false;
+                break;
+            }
+        }
+        let Some(mut m) = self.migration.take() else {
+            // Forwarding failed: the migration failed with it.
+            self.resume_after_failed_switchover();
+            return (!shipped).then_some(SessionEnd::Broken);
+        };
+        if !shipped {
+            self.resume_after_failed_switchover();
+            self.fail_migration(m, "the backup's session broke at the switch".into());
+            return Some(SessionEnd::Broken);
+        }
+        if !self.shared.begin_handover() {
+            self.fail_migration(m, "the primary is stopping".into());
+            return Some(SessionEnd::Stop);
+        }
+        let epoch = match m.flush_log() {
+            Ok(epoch) => epoch,
+            Err(why) => {
+                self.shared.end_handover(None);
+                self.resume_after_failed_switchover();
+                self.fail_migration(m, why);
+                return None;
+            }
+        };
+        let final_bytes = m.bytes_sent() - bytes_before;
+        self.complete_switch(
+            m,
+            Some(link),
+            Switched {
+                started,
+                epoch,
+                final_pages: 0,
+                final_bytes,
+            },
+            SwitchKind::Replay,
+            &[],
+        )
     }
 
     /// No backup session: pauses the guest and captures its state and the
@@ -1394,3 +1662,40 @@ impl Replicator {
 
 /// How long the migration's handover is asked again while its answer is lost.
 const MIGRATION_HANDOVER_RETRY: Duration = Duration::from_secs(10);
+
+/// Where a migration's switch stands once the destination holds the state.
+#[derive(Clone, Copy, Debug)]
+struct Switched {
+    /// When the guest stopped.
+    started: Instant,
+    /// The epoch the handover names.
+    epoch: u64,
+    final_pages: u64,
+    final_bytes: u64,
+}
+
+/// How the destination takes the VM at a migration's switch.
+#[derive(Clone, Copy, Debug)]
+enum SwitchKind<'a> {
+    Plain,
+    /// With the bitmaps of the pages it holds current and of those all zero.
+    Postcopy {
+        valid: &'a [u8],
+        zero: &'a [u8],
+    },
+    Replay,
+}
+
+/// What a replay migration's tick asks of the log loop.
+enum Tick {
+    /// Go on forwarding the log.
+    Carry,
+    /// Take a checkpoint now (the destination's base).
+    Checkpoint,
+    /// The session ends (the VM moved).
+    Ended(SessionEnd),
+}
+
+/// Replay migration before the base: how long one slice of pre-copy may
+/// keep the log from the backup.
+const REPLAY_PRECOPY_SLICE: Duration = Duration::from_millis(20);

@@ -23,7 +23,7 @@ pub struct MigrateOptions {
     pub to: SocketAddr,
     /// The name its certificate carries (default: its IP).
     pub to_name: Option<String>,
-    /// "stop-and-copy", "precopy", "postcopy" or "hybrid".
+    /// "stop-and-copy", "precopy", "postcopy", "hybrid" or "replay".
     pub mode: String,
     /// The stop a pre-copy switch may take.
     pub max_downtime: Duration,
@@ -174,6 +174,25 @@ pub fn render(r: &MigrateReply) -> String {
             ),
         ]);
     }
+    if r.mode == "replay" {
+        rows.extend([
+            (
+                "base stop",
+                format!(
+                    "{} (the checkpoint the log follows)",
+                    ms(r.base_pause_micros)
+                ),
+            ),
+            (
+                "log",
+                format!(
+                    "{} in {}, replayed there as it came",
+                    human_bytes(r.log_bytes as f64),
+                    ms(r.log_phase_micros)
+                ),
+            ),
+        ]);
+    }
     let mut out = String::from("migration done: the destination runs the VM\n");
     for (k, v) in rows {
         out.push_str(&format!("  {k:<14}{v}\n"));
@@ -206,5 +225,8 @@ pub fn to_json(r: &MigrateReply) -> serde_json::Value {
         "postcopy_micros": r.postcopy_micros,
         "fault_wait_p50_micros": r.fault_wait_p50_micros,
         "fault_wait_p99_micros": r.fault_wait_p99_micros,
+        "log_bytes": r.log_bytes,
+        "base_pause_micros": r.base_pause_micros,
+        "log_phase_micros": r.log_phase_micros,
     })
 }

@@ -135,8 +135,10 @@ enum Command {
         to_name: Option<String>,
         /// stop-and-copy (pause, copy everything, resume there), precopy
         /// (rounds while the guest runs, then a short stop), postcopy (run
-        /// there at once, pages fetched at faults and pushed), or hybrid (one
-        /// pre-copy round, then post-copy).
+        /// there at once, pages fetched at faults and pushed), hybrid (one
+        /// pre-copy round, then post-copy), or replay (for a VM with mode =
+        /// "replay": pre-copy, a checkpoint, then only its log, replayed
+        /// there as it arrives; CR/TR-Motion).
         #[arg(long, default_value = "precopy")]
         mode: String,
         /// Pre-copy: the guest stop the switch may take.
