@@ -665,7 +665,7 @@ async fn a_link_cut_at_any_moment_never_leaves_two_running_copies() {
     // one that reports failure leaves the VM serving on the source.
     let _serial = common::serial().await;
     let mut rng = seed();
-    for mode in ["precopy", "postcopy", "hybrid", "stop-and-copy"] {
+    for mode in ["precopy", "postcopy", "hybrid", "stop-and-copy", "replay"] {
         link_cut_during(mode, &mut rng).await;
     }
 }
@@ -705,7 +705,9 @@ async fn link_cut_during(mode: &str, rng: &mut u64) {
     use understudy_bench::wan::{LinkSpec, Wan};
     let wan = Wan::new(&LinkSpec::new(1000, Duration::ZERO))
         .unwrap_or_else(|e| panic!("this test needs root and iproute2: {e:#}"));
-    let pair = Pair::protected("kv", "").await;
+    // A VM replicated by its log migrates by replay.
+    let settings = if mode == "replay" { REPLAY } else { "" };
+    let pair = Pair::protected("kv", settings).await;
     // A slow destination: every commit takes 150 ms longer and every
     // post-copy page message 20 ms, so each mode takes long enough for the
     // cut to land anywhere in it.
@@ -713,7 +715,7 @@ async fn link_cut_during(mode: &str, rng: &mut u64) {
         &wan,
         "kv",
         16,
-        "",
+        settings,
         "backup.apply~150,backup.postcopy.pages~20",
     );
     dest.wait_incoming().await;

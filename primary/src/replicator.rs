@@ -1022,24 +1022,9 @@ impl Replicator {
             self.fail_migration(m, "the primary is stopping".into());
             return None;
         }
-        if !m.connected() {
-            let phase = m.progress("setup", "");
-            self.shared.stats.set_migration(phase);
-            self.shared.stats.set_state(
-                StateKind::Migrating,
-                format!("migrating to {}: connecting", m.request.target.addr),
-            );
-            let opts = self.shared.opts.clone();
-            if let Err(why) = m.connect(
-                &self.runtime,
-                &opts,
-                self.shared.generation,
-                self.shared.incarnation,
-            ) {
-                self.fail_migration(m, format!("cannot reach the destination: {why}"));
-                return None;
-            }
-            tracing::info!(destination = %m.request.target.addr, mode = m.request.mode.name(), "migration: connected to the destination");
+        if let Err(why) = self.connect_migration(&mut m) {
+            self.fail_migration(m, why);
+            return None;
         }
         let step = match m.request.mode {
             MigrationMode::StopAndCopy | MigrationMode::Postcopy => Ok(Step::Switch),
@@ -1363,6 +1348,29 @@ impl Replicator {
         Some(SessionEnd::HandedOver)
     }
 
+    /// Connects the migration to its destination, once (the status says so
+    /// meanwhile).
+    fn connect_migration(&mut self, m: &mut Migration) -> Result<(), String> {
+        if m.connected() {
+            return Ok(());
+        }
+        self.shared.stats.set_migration(m.progress("setup", ""));
+        self.shared.stats.set_state(
+            StateKind::Migrating,
+            format!("migrating to {}: connecting", m.request.target.addr),
+        );
+        let opts = self.shared.opts.clone();
+        m.connect(
+            &self.runtime,
+            &opts,
+            self.shared.generation,
+            self.shared.incarnation,
+        )
+        .map_err(|why| format!("cannot reach the destination: {why}"))?;
+        tracing::info!(destination = %m.request.target.addr, mode = m.request.mode.name(), "migration: connected to the destination");
+        Ok(())
+    }
+
     /// Replay migration, called between segments of the log: connects,
     /// sends a slice of pre-copy, asks for the checkpoint that makes the
     /// base, or (the base sent) watches the destination's replica and
@@ -1384,23 +1392,9 @@ impl Replicator {
             );
             return Tick::Carry;
         }
-        if !m.connected() {
-            self.shared.stats.set_migration(m.progress("setup", ""));
-            self.shared.stats.set_state(
-                StateKind::Migrating,
-                format!("migrating to {}: connecting", m.request.target.addr),
-            );
-            let opts = self.shared.opts.clone();
-            if let Err(why) = m.connect(
-                &self.runtime,
-                &opts,
-                self.shared.generation,
-                self.shared.incarnation,
-            ) {
-                self.fail_migration(m, format!("cannot reach the destination: {why}"));
-                return Tick::Carry;
-            }
-            tracing::info!(destination = %m.request.target.addr, "migration by replay: connected to the destination");
+        if let Err(why) = self.connect_migration(&mut m) {
+            self.fail_migration(m, why);
+            return Tick::Carry;
         }
         if m.log_phase() {
             return match m.replay_step() {

@@ -545,10 +545,53 @@ impl Destination {
         tls: &str,
         faults: &str,
     ) -> Self {
+        let local = || addr(free_port());
+        let mut d = Self::configure(
+            guest,
+            memory_mib,
+            settings,
+            tls,
+            [local(), local(), local()],
+        );
+        d.spawn(faults);
+        d
+    }
+
+    /// In the far namespace of `wan`: replication on the link, console and
+    /// control on its management network (reachable while the link is cut).
+    pub fn start_in(
+        wan: &understudy_bench::wan::Wan,
+        guest: &str,
+        memory_mib: usize,
+        settings: &str,
+        faults: &str,
+    ) -> Self {
+        let at = |ip: std::net::Ipv4Addr| SocketAddr::from((ip, free_port()));
+        let mut d = Self::configure(
+            guest,
+            memory_mib,
+            settings,
+            "insecure = true\ndangerously_allow_insecure_network = true",
+            [at(wan.mgmt_far), at(wan.mgmt_far), at(wan.far)],
+        );
+        let mut command = wan.command(DAEMON);
+        d.spawn_with(&mut command, faults);
+        d
+    }
+
+    /// Writes the destination's configuration: `[console, control,
+    /// replication]` addresses (its unused `[backup]` on the replication
+    /// address's host).
+    fn configure(
+        guest: &str,
+        memory_mib: usize,
+        settings: &str,
+        tls: &str,
+        [console, control, replication]: [SocketAddr; 3],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (console, control, replication) =
-            (addr(free_port()), addr(free_port()), addr(free_port()));
         let config = dir.path().join("dest.toml");
+        let unused = || SocketAddr::new(replication.ip(), free_port());
         std::fs::write(
             &config,
             format!(
@@ -568,76 +611,21 @@ control = "{}"
 [tls]
 {tls}
 "#,
-                addr(free_port()),
-                addr(free_port()),
-                addr(free_port()),
+                unused(),
+                unused(),
+                unused(),
                 state = dir.path().join("state").display(),
             ),
         )
         .unwrap();
-        let mut d = Self {
+        Self {
             dir,
             config,
             console,
             control,
             replication,
             child: None,
-        };
-        d.spawn(faults);
-        d
-    }
-
-    /// In the far namespace of `wan`: replication on the link, console and
-    /// control on its management network (reachable while the link is cut).
-    pub fn start_in(
-        wan: &understudy_bench::wan::Wan,
-        guest: &str,
-        memory_mib: usize,
-        settings: &str,
-        faults: &str,
-    ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let at = |ip: std::net::Ipv4Addr| SocketAddr::from((ip, free_port()));
-        let (console, control, replication) = (at(wan.mgmt_far), at(wan.mgmt_far), at(wan.far));
-        let config = dir.path().join("dest.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"name = "test-vm"
-guest = "{guest}"
-memory_mib = {memory_mib}
-state_dir = "{state}"
-{settings}
-[primary]
-console = "{console}"
-control = "{control}"
-replication = "{replication}"
-[backup]
-replication = "{}"
-console = "{}"
-control = "{}"
-[tls]
-insecure = true
-dangerously_allow_insecure_network = true
-"#,
-                at(wan.far),
-                at(wan.mgmt_far),
-                at(wan.mgmt_far),
-                state = dir.path().join("state").display(),
-            ),
-        )
-        .unwrap();
-        let mut d = Self {
-            dir,
-            config,
-            console,
-            control,
-            replication,
-            child: None,
-        };
-        let mut command = wan.command(DAEMON);
-        d.spawn_with(&mut command, faults);
-        d
+        }
     }
 
     pub fn spawn(&mut self, faults: &str) {

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p understudy-bench            # everything, ~8 minutes
 //! cargo run --release -p understudy-bench -- --out /tmp/bench   # elsewhere
+//! cargo run --release -p understudy-bench -- --only migration  # one, the rest kept
 //! ```
 //!
 //! Runs every `cargo bench` target of the workspace one after another (never
@@ -83,6 +84,27 @@ fn machine() -> Vec<(String, String)> {
     ]
 }
 
+/// The reports of the last run (`results.json`), and its run time less
+/// theirs is not known: the whole of it is kept (an upper bound).
+fn last_reports(path: &Path) -> (Vec<Report>, f64) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (Vec::new(), 0.0);
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return (Vec::new(), 0.0);
+    };
+    let reports = v
+        .get("reports")
+        .cloned()
+        .and_then(|r| serde_json::from_value(r).ok())
+        .unwrap_or_default();
+    let seconds = v
+        .get("suite_seconds")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
+    (reports, seconds)
+}
+
 fn main() -> Result<()> {
     let mut out = workspace().join("docs");
     let mut only: Vec<String> = Vec::new();
@@ -95,7 +117,8 @@ fn main() -> Result<()> {
                 println!(
                     "usage: understudy-bench [--out DIR] [--only BENCH]...\n\
                      runs the benchmark suite ({}) and writes DIR/BENCHMARKS.md \
-                     (default DIR: docs/)",
+                     (default DIR: docs/); with --only, the other reports are kept \
+                     from DIR/bench/results.json",
                     SUITE.map(|s| s.1).join(", ")
                 );
                 return Ok(());
@@ -130,22 +153,44 @@ fn main() -> Result<()> {
         reports.push(Report::load(&raw.join(format!("{bench}.json")))?);
     }
     let elapsed = started.elapsed();
+    let mut seconds = elapsed.as_secs_f64();
+    if !only.is_empty() {
+        // A partial run: the other reports stay as the last full run left
+        // them (each names its own command and figures).
+        let (kept, kept_seconds) = last_reports(&assets.join("results.json"));
+        seconds += kept_seconds;
+        let mut merged = Vec::new();
+        for (_, bench) in SUITE {
+            if let Some(r) = reports.iter().find(|r| r.name == bench) {
+                merged.push(r.clone());
+            } else if let Some(r) = kept.iter().find(|r| r.name == bench) {
+                merged.push(r.clone());
+            }
+        }
+        reports = merged;
+    }
     for r in &reports {
         for c in &r.charts {
             chart::draw(c, &assets.join(format!("{}.svg", c.name)))?;
         }
     }
-    let machine = machine();
+    let mut machine = machine();
+    if !only.is_empty() {
+        machine.push((
+            "re-run in this run".into(),
+            format!("{} (every other section: the run before)", only.join(", ")),
+        ));
+    }
     let json = serde_json::json!({
         "machine": machine.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-        "suite_seconds": elapsed.as_secs_f64(),
+        "suite_seconds": seconds,
         "reports": reports,
     });
     std::fs::write(
         assets.join("results.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    let md = markdown(&reports, &machine, elapsed.as_secs_f64());
+    let md = markdown(&reports, &machine, seconds);
     std::fs::write(out.join("BENCHMARKS.md"), md)?;
     let _ = std::fs::remove_dir_all(&raw);
     println!(
