@@ -550,8 +550,10 @@ async fn killed_during_postcopy(guest: &str, settings: &str, source_faults: &str
         &[("UNDERSTUDY_FAULTS", source_faults.to_owned())],
     ));
     pair.wait_protected().await;
-    // Every page message takes 30 ms to install: a long post-copy.
-    let mut dest = Destination::start_full(guest, 16, settings, "backup.postcopy.pages~30");
+    // Every page message takes 60 ms to install: a post-copy of ~4 s, long
+    // enough that the kill below lands inside it on a loaded machine (at
+    // 30 ms it once ended, ~2 s in, before the kill came).
+    let mut dest = Destination::start_full(guest, 16, settings, "backup.postcopy.pages~60");
     dest.wait_incoming().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     let child = migrate(&pair, &dest, "postcopy");

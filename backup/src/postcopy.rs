@@ -30,7 +30,7 @@ use understudy_common::role::RunningVm;
 use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
-use understudy_vmm::uffd::Uffd;
+use understudy_vmm::uffd::{Uffd, UffdError};
 use understudy_vmm::{DirtyBitmap, GuestRam, PAGE_SIZE, RamBacking, Vm, VmState};
 
 use crate::promotion::{Promoted, PromotionError};
@@ -40,6 +40,19 @@ use crate::{Phase, Shared};
 const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the fault thread looks at its stop flag and at old faults.
 const FAULT_POLL: Duration = Duration::from_millis(20);
+
+/// Why a page from the source cannot be installed.
+#[derive(Debug, thiserror::Error)]
+enum InstallError {
+    #[error("page {page} is outside guest RAM ({pages} pages)")]
+    OutsideRam { page: u32, pages: usize },
+    #[error("cannot install page {page}")]
+    Uffd {
+        page: u32,
+        #[source]
+        source: UffdError,
+    },
+}
 
 /// The pages of a VM running here before they all arrived (shared by the
 /// fault thread and the stream that installs pages).
@@ -76,19 +89,19 @@ impl Pager {
     }
 
     /// Installs one page (None: zero). Counts it the first time.
-    fn install(&self, page: u32, content: Option<&[u8; PAGE_SIZE]>) -> Result<(), String> {
+    fn install(&self, page: u32, content: Option<&[u8; PAGE_SIZE]>) -> Result<(), InstallError> {
         let p = page as usize;
         if p >= self.pages {
-            return Err(format!(
-                "page {page} is outside guest RAM ({} pages)",
-                self.pages
-            ));
+            return Err(InstallError::OutsideRam {
+                page,
+                pages: self.pages,
+            });
         }
         let installed = match content {
             None => self.uffd.zero(p),
             Some(c) => self.uffd.copy(p, c),
         }
-        .map_err(|e| wire::chain(&e))?;
+        .map_err(|source| InstallError::Uffd { page, source })?;
         let mut state = self.lock();
         state.have.set(p);
         if let Some(since) = state.waiting.remove(&page) {
@@ -486,8 +499,8 @@ pub(crate) fn receive(shared: &Arc<Shared>, msg: &EpochChunk) -> Result<Option<A
             });
         let why = match installed {
             Ok(Ok(())) => None,
-            Ok(Err(why)) => Some(why),
-            Err(e) => Some(e.to_string()),
+            Ok(Err(why)) => Some(wire::chain(&why)),
+            Err(e) => Some(wire::chain(&e)),
         };
         if let Some(why) = why {
             fail(shared, format!("a bad page message from the source: {why}"));

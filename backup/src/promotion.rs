@@ -114,10 +114,13 @@ pub enum PromotionError {
     /// userfaultfd).
     #[error("post-copy: {0}")]
     Postcopy(String),
+    /// A replay migration's handover to a host that follows no log.
+    #[error("replay: no log follows this image (the session is not replayed)")]
+    NoLog,
     /// A replay migration's handover whose log cannot be replayed to its
     /// end here (the source runs on).
-    #[error("replay: {0}")]
-    Replay(String),
+    #[error("replay: the log cannot be replayed to its end")]
+    Replay(#[source] crate::replica::ReplicaError),
 }
 
 /// A promotion that happened.
@@ -168,29 +171,25 @@ fn prepare_from_replica(
         return None;
     }
     let Some(follower) = standby.session.as_mut().and_then(|s| s.follower.as_mut()) else {
-        return replay_handover.then(|| {
-            Err(PromotionError::Replay(
-                "no log follows this image (the session is not replayed)".into(),
-            ))
-        });
+        return replay_handover.then_some(Err(PromotionError::NoLog));
     };
     let first_try = if follower.has_replica() {
         follower.finish(REPLICA_FINISH_TIMEOUT)
     } else {
-        Err("no replica runs".into())
+        Err(crate::replica::ReplicaError::NoReplica)
     };
     let finished = match first_try {
         Ok(f) => f,
         Err(why) => {
+            let why = understudy_common::wire::chain(&why);
             tracing::error!(%why, "replay mode: the replica cannot finish the log; replaying it again from the last checkpoint");
             match follower.finish_from_base(&standby.store, REPLICA_FINISH_TIMEOUT) {
                 Ok(f) => f,
                 Err(why) if replay_handover => {
-                    return Some(Err(PromotionError::Replay(format!(
-                        "the log cannot be replayed to its end: {why}"
-                    ))));
+                    return Some(Err(PromotionError::Replay(why)));
                 }
                 Err(why) => {
+                    let why = understudy_common::wire::chain(&why);
                     tracing::error!(%why, "replay mode: the log cannot be replayed from the last checkpoint either; promoting from the checkpoint alone (output the primary released after it is not in this VM)");
                     return None;
                 }

@@ -135,6 +135,7 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
             // The VM stays protected by this checkpoint; output waits for
             // the next ones.
             Err(why) => {
+                let why = wire::chain(&why);
                 tracing::error!(epoch, %why, "replay mode: no replica follows the log");
                 shared.host.stats.set_state(
                     StateKind::ReplicaStopped,
@@ -175,7 +176,8 @@ fn receive_segment(
     if let Err(why) = follower.segment(msg.trace_segment.into()) {
         session.decoder = None;
         return Err(Status::data_loss(format!(
-            "trace segment refused, the primary must resync: {why}"
+            "trace segment refused, the primary must resync: {}",
+            wire::chain(&why)
         )));
     }
     shared.watch.heard();

@@ -26,12 +26,65 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use understudy_checkpoint::store::ImageStore;
-use understudy_checkpoint::trace::parse_segment;
+use understudy_checkpoint::trace::{TraceError, parse_segment};
 use understudy_common::backlog::Backlog;
-use understudy_common::payload::CheckpointPayload;
-use understudy_common::wire;
+use understudy_common::payload::{CheckpointPayload, PayloadError};
 use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
-use understudy_vmm::{ConsoleInput, GuestRam, RamBacking, Vm, VmState};
+use understudy_vmm::memory::MemoryError;
+use understudy_vmm::state::StateError;
+use understudy_vmm::{ConsoleInput, GuestRam, RamBacking, Vm, VmEnd, VmError, VmState};
+
+/// Why the log cannot be followed, or a replica cannot run it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("a bad trace segment")]
+    Segment(#[source] TraceError),
+    #[error("a trace message holds {0} bytes after its segment")]
+    TrailingBytes(usize),
+    #[error("trace segment of stream {got:#x}, the VM records stream {recording:#x}")]
+    WrongStream { got: u64, recording: u64 },
+    #[error(
+        "trace segment {seq} (first exit {first_exit}) does not follow the log (next: segment \
+         {next_seq:?}, exit {next_exit:?}): the primary must resync"
+    )]
+    OutOfOrder {
+        seq: u32,
+        first_exit: u64,
+        next_seq: Option<u32>,
+        next_exit: Option<u64>,
+    },
+    #[error("cannot read the checkpoint's payload")]
+    Payload(#[source] PayloadError),
+    #[error("cannot read the checkpoint's VM state")]
+    State(#[source] StateError),
+    #[error(
+        "the primary's checkpoint was not taken in the deterministic mode, so its log cannot be \
+         replayed"
+    )]
+    NotDeterministic,
+    #[error("the checkpoint's VM records stream {checkpoint:#x}, its log is stream {log:#x?}")]
+    StreamMismatch { checkpoint: u64, log: Option<u64> },
+    #[error("the log after the checkpoint at exit {base} starts at exit {first}")]
+    LogGap { base: u64, first: u64 },
+    #[error("the replica stopped: {0}")]
+    Stopped(VmEnd),
+    #[error("no replica runs")]
+    NoReplica,
+    #[error("the replica did not reach the log's end")]
+    Replay(#[source] VmError),
+    #[error("the kernel gave no randomness")]
+    NoRandomness,
+    #[error("cannot start the replica")]
+    Start(#[source] VmError),
+    #[error("cannot fill the replica's RAM")]
+    Ram(#[source] MemoryError),
+    #[error("cannot read the image {}", path.display())]
+    ReadImage {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The log and replica of one replay-mode session.
 pub(crate) struct Follower {
@@ -54,7 +107,7 @@ pub(crate) struct Follower {
     replica: Option<Replica>,
     /// Why the last replica stopped (no log is acked until a checkpoint
     /// commits and a new replica starts from it).
-    stopped: Option<String>,
+    stopped: Option<VmEnd>,
     /// Ask the primary for a checkpoint in the next ack.
     want_checkpoint: bool,
     /// The replica's position in the last ack (progress acks go out only
@@ -128,30 +181,28 @@ impl Follower {
     /// A segment arrived: checks that it follows the log so far, keeps it
     /// and feeds it to the replica. An error ends the session (the primary
     /// resyncs).
-    pub(crate) fn segment(&mut self, bytes: Vec<u8>) -> Result<(), String> {
-        let (header, _, used) = parse_segment(&bytes).map_err(|e| wire::chain(&e))?;
+    pub(crate) fn segment(&mut self, bytes: Vec<u8>) -> Result<(), ReplicaError> {
+        let (header, _, used) = parse_segment(&bytes).map_err(ReplicaError::Segment)?;
         if used != bytes.len() {
-            return Err(format!(
-                "a trace message holds {} bytes after its segment",
-                bytes.len() - used
-            ));
+            return Err(ReplicaError::TrailingBytes(bytes.len() - used));
         }
         if let Some(stream) = self.stream
             && stream != header.stream
         {
-            return Err(format!(
-                "trace segment of stream {:#x}, the VM records stream {stream:#x}",
-                header.stream
-            ));
+            return Err(ReplicaError::WrongStream {
+                got: header.stream,
+                recording: stream,
+            });
         }
         let out_of_order = self.next_seq.is_some_and(|seq| seq != header.seq);
         let gap = self.next_exit.is_some_and(|exit| exit != header.first_exit);
         if out_of_order || gap {
-            return Err(format!(
-                "trace segment {} (first exit {}) does not follow the log (next: segment {:?}, \
-                 exit {:?}): the primary must resync",
-                header.seq, header.first_exit, self.next_seq, self.next_exit
-            ));
+            return Err(ReplicaError::OutOfOrder {
+                seq: header.seq,
+                first_exit: header.first_exit,
+                next_seq: self.next_seq,
+                next_exit: self.next_exit,
+            });
         }
         let exits_end = header.first_exit + u64::from(header.exits);
         self.stream = Some(header.stream);
@@ -192,24 +243,20 @@ impl Follower {
     pub(crate) fn checkpoint_committed(
         &mut self,
         store: &ImageStore,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<Option<u64>, ReplicaError> {
         self.checkpoint_open = false;
         self.tail = std::mem::take(&mut self.next_tail);
         let payload =
-            CheckpointPayload::decode(store.device_state()).map_err(|e| wire::chain(&e))?;
-        let state = VmState::decode(&payload.vm_state).map_err(|e| wire::chain(&e))?;
+            CheckpointPayload::decode(store.device_state()).map_err(ReplicaError::Payload)?;
+        let state = VmState::decode(&payload.vm_state).map_err(ReplicaError::State)?;
         let Some(det) = state.deterministic else {
-            return Err(
-                "the primary's checkpoint was not taken in the deterministic mode, so its log \
-                 cannot be replayed"
-                    .into(),
-            );
+            return Err(ReplicaError::NotDeterministic);
         };
         if self.stream.is_some_and(|s| s != det.stream) {
-            return Err(format!(
-                "the checkpoint's VM records stream {:#x}, its log is stream {:#x?}",
-                det.stream, self.stream
-            ));
+            return Err(ReplicaError::StreamMismatch {
+                checkpoint: det.stream,
+                log: self.stream,
+            });
         }
         self.base_exit = Some(det.exit_index);
         self.stream = Some(det.stream);
@@ -217,12 +264,12 @@ impl Follower {
         // checkpoints: the log before it was sealed there, so it follows on).
         match self.tail.first() {
             Some(first) => {
-                let (header, _, _) = parse_segment(first).map_err(|e| wire::chain(&e))?;
+                let (header, _, _) = parse_segment(first).map_err(ReplicaError::Segment)?;
                 if header.first_exit != det.exit_index {
-                    return Err(format!(
-                        "the log after the checkpoint at exit {} starts at exit {}",
-                        det.exit_index, header.first_exit
-                    ));
+                    return Err(ReplicaError::LogGap {
+                        base: det.exit_index,
+                        first: header.first_exit,
+                    });
                 }
             }
             None => {
@@ -246,7 +293,7 @@ impl Follower {
         let end = replica.vm.ended()?;
         let why = format!("the replica stopped: {end}");
         self.replica = None;
-        self.stopped = Some(why.clone());
+        self.stopped = Some(end);
         self.want_checkpoint = true;
         Some(why)
     }
@@ -307,12 +354,12 @@ impl Follower {
         &mut self,
         store: &ImageStore,
         timeout: Duration,
-    ) -> Result<Finished, String> {
+    ) -> Result<Finished, ReplicaError> {
         let payload =
-            CheckpointPayload::decode(store.device_state()).map_err(|e| wire::chain(&e))?;
-        let state = VmState::decode(&payload.vm_state).map_err(|e| wire::chain(&e))?;
+            CheckpointPayload::decode(store.device_state()).map_err(ReplicaError::Payload)?;
+        let state = VmState::decode(&payload.vm_state).map_err(ReplicaError::State)?;
         if state.deterministic.is_none() {
-            return Err("the committed checkpoint was not taken in the deterministic mode".into());
+            return Err(ReplicaError::NotDeterministic);
         }
         self.replica = Some(Replica::start(store, &state, &payload, &self.tail)?);
         self.stopped = None;
@@ -321,12 +368,12 @@ impl Follower {
 
     /// Promotion: the replica replays the rest of the log and parks at its
     /// end (within `timeout`), ready to run and record a new stream.
-    pub(crate) fn finish(&mut self, timeout: Duration) -> Result<Finished, String> {
+    pub(crate) fn finish(&mut self, timeout: Duration) -> Result<Finished, ReplicaError> {
         let Some(replica) = self.replica.take() else {
-            return Err(self
-                .stopped
-                .clone()
-                .unwrap_or_else(|| "no replica runs".into()));
+            return Err(match self.stopped.clone() {
+                Some(end) => ReplicaError::Stopped(end),
+                None => ReplicaError::NoReplica,
+            });
         };
         let Replica {
             feed,
@@ -339,7 +386,7 @@ impl Follower {
             output_taken,
         } = replica;
         drop(feed);
-        let outcome = vm.wait_replay(timeout).map_err(|e| wire::chain(&e))?;
+        let outcome = vm.wait_replay(timeout).map_err(ReplicaError::Replay)?;
         let ReplayOutcome::Reached { exit, .. } = outcome;
         let mut finished = Finished {
             vm,
@@ -367,15 +414,14 @@ impl Replica {
         state: &VmState,
         payload: &CheckpointPayload,
         tail: &[Vec<u8>],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ReplicaError> {
         let ram = copy_image(store, state.memory.size_bytes as usize)?;
         let (feed, source) = crossbeam_channel::unbounded();
         for segment in tail {
             let _ = feed.send(segment.clone());
         }
         let (sink, trace) = crossbeam_channel::unbounded();
-        let stream = understudy_common::ids::random_stream()
-            .ok_or_else(|| "the kernel gave no randomness".to_string())?;
+        let stream = understudy_common::ids::random_stream().ok_or(ReplicaError::NoRandomness)?;
         let (vm, console) = Vm::restore_deterministic(
             state,
             ram,
@@ -385,7 +431,7 @@ impl Replica {
                 then: AfterReplay::Record { stream, sink },
             },
         )
-        .map_err(|e| format!("cannot start the replica: {}", wire::chain(&e)))?;
+        .map_err(ReplicaError::Start)?;
         Ok(Self {
             feed,
             vm,
@@ -419,21 +465,23 @@ impl Replica {
 
 /// The committed image's RAM, copied (the image keeps changing under
 /// later commits; the replica's RAM must not).
-fn copy_image(store: &ImageStore, size: usize) -> Result<GuestRam, String> {
-    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(|e| wire::chain(&e))?;
+fn copy_image(store: &ImageStore, size: usize) -> Result<GuestRam, ReplicaError> {
+    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(ReplicaError::Ram)?;
     let path = store.memory_path();
-    let mut file =
-        std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let read_error = |source| ReplicaError::ReadImage {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::File::open(&path).map_err(read_error)?;
     let mut chunk = vec![0u8; 1 << 20];
     let mut at = 0usize;
     while at < size {
         let want = chunk.len().min(size - at);
-        file.read_exact(&mut chunk[..want])
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        file.read_exact(&mut chunk[..want]).map_err(read_error)?;
         // Fresh anonymous RAM is zero already.
         if chunk[..want].iter().any(|&b| b != 0) {
             ram.write_at(at as u64, &chunk[..want])
-                .map_err(|e| wire::chain(&e))?;
+                .map_err(ReplicaError::Ram)?;
         }
         at += want;
     }

@@ -924,7 +924,7 @@ fn accept_migration(
     };
     let request = match migration::Request::parse(req, responder) {
         Ok(r) => r,
-        Err((why, responder)) => return refuse(responder, why),
+        Err((why, responder)) => return refuse(responder, why.to_string()),
     };
     let by_log = shared.opts.mode == ReplicationMode::Replay;
     match (by_log, request.mode == migration::MigrationMode::Replay) {

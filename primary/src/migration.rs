@@ -35,12 +35,14 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::codec::Codec;
+use understudy_checkpoint::epoch::EncodeError;
 use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
 use understudy_common::ids::Incarnation;
 use understudy_common::postcopy::PageRecords;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
-use understudy_vmm::{DirtyBitmap, Vm};
+use understudy_vmm::memory::MemoryError;
+use understudy_vmm::{DirtyBitmap, Vm, VmError};
 
 use crate::PrimaryOptions;
 use crate::peer::{HandoverOutcome, HelloOutcome, SessionOffer, Target, hello_to};
@@ -135,20 +137,122 @@ impl MigrationMode {
 }
 
 impl FromStr for MigrationMode {
-    type Err = String;
+    type Err = RequestError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, RequestError> {
         match s {
             "stop-and-copy" => Ok(Self::StopAndCopy),
             "precopy" | "" => Ok(Self::Precopy),
             "postcopy" => Ok(Self::Postcopy),
             "hybrid" => Ok(Self::Hybrid),
             "replay" => Ok(Self::Replay),
-            other => Err(format!(
-                "unknown migration mode {other:?}: choose stop-and-copy, precopy, postcopy, \
-                 hybrid or replay"
-            )),
+            other => Err(RequestError::UnknownMode(other.into())),
         }
+    }
+}
+
+/// An operator's request that cannot be carried out as given (the refusal
+/// names what to fix).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// `--mode` names no mode.
+    #[error(
+        "unknown migration mode {0:?}: choose stop-and-copy, precopy, postcopy, hybrid or replay"
+    )]
+    UnknownMode(String),
+    /// `--to` is not an address.
+    #[error(
+        "destination {0:?} is not an address: give the destination's replication address as \
+         IP:PORT"
+    )]
+    BadDestination(String),
+}
+
+/// Why a migration cannot go on (before the switch: the VM runs on here).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MigrationError {
+    /// No session with the destination (yet, or any more).
+    #[error("not connected")]
+    NotConnected,
+    /// The destination refused the session or could not be reached; its
+    /// own words, or the transport's.
+    #[error("{0}")]
+    Refused(String),
+    /// The destination runs the VM already.
+    #[error("the destination runs the VM already (generation {0})")]
+    Deposed(u64),
+    /// The stream to the destination ended (how its end was seen).
+    #[error("{0}")]
+    LinkLost(String),
+    /// The destination took nothing queued for it this long.
+    #[error("the destination took nothing for {0:?} (a cut link or a frozen host)")]
+    Stalled(Duration),
+    /// Post-copy: the destination neither took nor asked for anything.
+    #[error(
+        "the destination took nothing and said nothing for {0:?} (a cut link or a frozen host)"
+    )]
+    Silent(Duration),
+    /// An epoch was not committed in time.
+    #[error("the destination did not commit epoch {epoch} within {timeout:?}")]
+    NotCommitted { epoch: u64, timeout: Duration },
+    /// Replay: the log's end was not confirmed in time.
+    #[error("the destination did not confirm the log up to exit {exit} within {timeout:?}")]
+    LogNotHeld { exit: u64, timeout: Duration },
+    /// Replay: the destination's replica fell behind for good.
+    #[error(
+        "the destination's replica did not catch up with the log within {limit:?} (base \
+         committed: {base_committed}, replayed to exit {replayed}, {lag:?} behind)"
+    )]
+    ReplicaBehind {
+        limit: Duration,
+        base_committed: bool,
+        replayed: u64,
+        lag: Duration,
+    },
+    /// Pre-copy: the rounds never fit the budget, even throttled.
+    #[error(
+        "pre-copy did not converge in {MAX_ROUNDS} rounds: the guest dirties {dirty_rate:.0} \
+         pages/s against {mb_per_s:.1} MB/s to the destination even with the vCPU held \
+         {throttle}% of the time; try stop-and-copy or a larger --max-downtime"
+    )]
+    NoConvergence {
+        dirty_rate: f64,
+        mb_per_s: f64,
+        throttle: u32,
+    },
+    #[error("cannot start the encoder")]
+    Encoder(#[source] EncodeError),
+    #[error("cannot encode")]
+    Encode(#[source] EncodeError),
+    #[error("cannot read guest page {page}")]
+    ReadPage {
+        page: u32,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("cannot read the dirty log")]
+    DirtyLog(#[source] VmError),
+    #[error("cannot hold the vCPU")]
+    Hold(#[source] VmError),
+    #[error("cannot resume the vCPU")]
+    Resume(#[source] VmError),
+    #[error("cannot open a session")]
+    Session(#[source] crate::PrimaryError),
+    /// Replay: the log has nowhere to go without the backup's session.
+    #[error(
+        "a replay migration runs beside the backup's session, and this VM is not protected now: \
+         retry once `understudyctl status` says protected"
+    )]
+    NotProtected,
+    /// A test's fault injection (`UNDERSTUDY_FAULTS`).
+    #[error("injected fault ({0})")]
+    Fault(&'static str),
+}
+
+impl MigrationError {
+    /// The whole story, sources included, for the operator.
+    pub(crate) fn explain(&self) -> String {
+        understudy_common::wire::chain(self)
     }
 }
 
@@ -170,7 +274,7 @@ impl Request {
     pub(crate) fn parse(
         req: &MigrateRequest,
         responder: Responder,
-    ) -> Result<Self, (String, Responder)> {
+    ) -> Result<Self, (RequestError, Responder)> {
         match Self::check(req) {
             Ok((target, mode, max_downtime)) => Ok(Self {
                 target,
@@ -182,14 +286,11 @@ impl Request {
         }
     }
 
-    fn check(req: &MigrateRequest) -> Result<(Target, MigrationMode, Duration), String> {
-        let addr = req.destination.parse().map_err(|_| {
-            format!(
-                "destination {:?} is not an address: give the destination's replication address \
-                 as IP:PORT",
-                req.destination
-            )
-        })?;
+    fn check(req: &MigrateRequest) -> Result<(Target, MigrationMode, Duration), RequestError> {
+        let addr = req
+            .destination
+            .parse()
+            .map_err(|_| RequestError::BadDestination(req.destination.clone()))?;
         let target = Target {
             addr,
             name: Some(req.destination_name.clone()).filter(|n| !n.is_empty()),
@@ -242,25 +343,24 @@ impl Link {
         target: &Target,
         generation: u64,
         incarnation: Incarnation,
-    ) -> Result<Self, String> {
-        let offer = SessionOffer::new(generation, incarnation, None).map_err(|e| e.to_string())?;
+    ) -> Result<Self, MigrationError> {
+        let offer =
+            SessionOffer::new(generation, incarnation, None).map_err(MigrationError::Session)?;
         let mut client = match hello_to(opts, target, &offer, true).await {
             HelloOutcome::Accepted(c) => c,
             HelloOutcome::Deposed(g) => {
-                return Err(format!(
-                    "the destination runs the VM already (generation {g})"
-                ));
+                return Err(MigrationError::Deposed(g));
             }
             HelloOutcome::HoldsVm(why)
             | HelloOutcome::Refused(why)
-            | HelloOutcome::Unreachable(why) => return Err(why),
+            | HelloOutcome::Unreachable(why) => return Err(MigrationError::Refused(why)),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
         let handover_client = client.clone();
         let mut acks = client
             .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .map_err(|s| MigrationError::Refused(format!("{}: {}", s.code(), s.message())))?
             .into_inner();
         // The stream's opening word: the destination learns which session
         // it carries before any data (a post-copy that loses it must know).
@@ -270,7 +370,9 @@ impl Link {
             ..Default::default()
         })
         .await
-        .map_err(|_| "the stream to the destination closed at once".to_string())?;
+        .map_err(|_| {
+            MigrationError::LinkLost("the stream to the destination closed at once".into())
+        })?;
         let broken = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let why = Arc::new(Mutex::new(None));
@@ -395,9 +497,9 @@ impl Link {
     /// Hands queued chunks to the stream as far as it takes them, and
     /// accounts for the destination's acks. Never blocks. An error says why
     /// the link is gone (broken, or stalled for [`STALL_TIMEOUT`]).
-    fn pump(&mut self) -> Result<(), String> {
+    fn pump(&mut self) -> Result<(), MigrationError> {
         if self.broken.load(Ordering::Acquire) {
-            return Err(self.why());
+            return Err(MigrationError::LinkLost(self.why()));
         }
         let acked = self.acked.load(Ordering::Acquire);
         while let Some(&(epoch, bytes)) = self.unacked.front() {
@@ -417,15 +519,15 @@ impl Link {
                     self.outbox.push_front(msg);
                     break;
                 }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Err(self.why()),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(MigrationError::LinkLost(self.why()));
+                }
             }
         }
         if (!self.outbox.is_empty() || !self.unacked.is_empty())
             && self.progress_at.elapsed() > STALL_TIMEOUT
         {
-            return Err(format!(
-                "the destination took nothing for {STALL_TIMEOUT:?} (a cut link or a frozen host)"
-            ));
+            return Err(MigrationError::Stalled(STALL_TIMEOUT));
         }
         Ok(())
     }
@@ -464,7 +566,7 @@ impl Link {
     }
 
     /// Pumps until everything up to `epoch` is handed over and committed.
-    fn flush_acked(&mut self, epoch: u64, timeout: Duration) -> Result<(), String> {
+    fn flush_acked(&mut self, epoch: u64, timeout: Duration) -> Result<(), MigrationError> {
         let deadline = Instant::now() + timeout;
         loop {
             self.pump()?;
@@ -472,9 +574,7 @@ impl Link {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "the destination did not commit epoch {epoch} within {timeout:?}"
-                ));
+                return Err(MigrationError::NotCommitted { epoch, timeout });
             }
             std::thread::sleep(LINK_POLL);
         }
@@ -495,12 +595,11 @@ fn encode_page(
     p: u32,
     page: &mut [u8; PAGE_SIZE],
     enc: &mut understudy_checkpoint::epoch::EpochEncoder<'_>,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     vm.ram()
         .copy_page(p as usize, page)
-        .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
-    enc.add_page(p, page)
-        .map_err(|e| format!("cannot encode: {e}"))
+        .map_err(|source| MigrationError::ReadPage { page: p, source })?;
+    enc.add_page(p, page).map_err(MigrationError::Encode)
 }
 
 /// Sends the migration's handover (`ask`) until it is answered, for at most
@@ -716,7 +815,7 @@ impl Migration {
         opts: &PrimaryOptions,
         generation: u64,
         incarnation: Incarnation,
-    ) -> Result<(), String> {
+    ) -> Result<(), MigrationError> {
         let link = runtime.block_on(Link::open(
             opts,
             &self.request.target,
@@ -724,7 +823,7 @@ impl Migration {
             incarnation,
         ))?;
         let sender = SenderState::new(&opts.vm_id, self.ram_pages as u32, generation, opts.codec)
-            .map_err(|e| format!("cannot start the encoder: {e}"))?;
+            .map_err(MigrationError::Encoder)?;
         self.link = Some(link);
         self.sender = Some(sender);
         self.setup = self.requested.elapsed();
@@ -766,7 +865,7 @@ impl Migration {
         deadline: Instant,
         harvest: bool,
         may_hold: bool,
-    ) -> Result<Step, String> {
+    ) -> Result<Step, MigrationError> {
         loop {
             self.link_mut()?.pump()?;
             if self.next >= self.round_pages.len() {
@@ -788,9 +887,7 @@ impl Migration {
                 }
                 if self.round > 0 {
                     if harvest {
-                        let dirty = vm
-                            .harvest_dirty()
-                            .map_err(|e| format!("cannot read the dirty log: {e}"))?;
+                        let dirty = vm.harvest_dirty().map_err(MigrationError::DirtyLog)?;
                         self.dirtied_bitmap(&dirty);
                     }
                     let took = self.round_started.elapsed().as_secs_f64().max(1e-6);
@@ -821,14 +918,11 @@ impl Migration {
                             return Ok(Step::Switch);
                         }
                         Next::GiveUp => {
-                            return Err(format!(
-                                "pre-copy did not converge in {MAX_ROUNDS} rounds: the guest dirties \
-                                 {:.0} pages/s against {:.1} MB/s to the destination even with the \
-                                 vCPU held {}% of the time; try stop-and-copy or a larger --max-downtime",
-                                self.dirty_rate,
-                                self.rate / 1e6,
-                                self.throttle
-                            ));
+                            return Err(MigrationError::NoConvergence {
+                                dirty_rate: self.dirty_rate,
+                                mb_per_s: self.rate / 1e6,
+                                throttle: self.throttle,
+                            });
                         }
                         Next::Round { throttle } => {
                             if throttle != self.throttle {
@@ -866,10 +960,8 @@ impl Migration {
         }
     }
 
-    fn link_mut(&mut self) -> Result<&mut Link, String> {
-        self.link
-            .as_mut()
-            .ok_or_else(|| "not connected".to_string())
+    fn link_mut(&mut self) -> Result<&mut Link, MigrationError> {
+        self.link.as_mut().ok_or(MigrationError::NotConnected)
     }
 
     fn start_round(&mut self) {
@@ -902,16 +994,16 @@ impl Migration {
 
     /// One batch of this round's pages, as one epoch, read while the guest
     /// runs.
-    fn send_batch(&mut self, vm: &Vm, page: &mut [u8; PAGE_SIZE]) -> Result<(), String> {
+    fn send_batch(&mut self, vm: &Vm, page: &mut [u8; PAGE_SIZE]) -> Result<(), MigrationError> {
         let end = (self.next + BATCH_PAGES).min(self.round_pages.len());
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
-            return Err("not connected".into());
+            return Err(MigrationError::NotConnected);
         };
         let mut enc = sender
             .begin(epoch, EpochKind::SyncRound)
-            .map_err(|e| format!("cannot encode: {e}"))?;
+            .map_err(MigrationError::Encode)?;
         for &p in &self.round_pages[self.next..end] {
             encode_page(vm, p, page, &mut enc)?;
             if page.iter().all(|&b| b == 0) {
@@ -920,7 +1012,7 @@ impl Migration {
                 self.sent_zero.unset(p as usize);
             }
         }
-        let encoded = enc.finish(&[]).map_err(|e| format!("cannot encode: {e}"))?;
+        let encoded = enc.finish(&[]).map_err(MigrationError::Encode)?;
         link.queue(epoch, encoded.report.bytes_out, encoded.chunks);
         link.pump()?;
         self.account(&encoded.report);
@@ -931,7 +1023,7 @@ impl Migration {
     /// Auto-converge's duty cycle over wall time (sending or waiting for
     /// the link alike): after [`THROTTLE_SLICE`] of running, less the held
     /// share, the vCPU is held for that share.
-    fn throttle_tick(&mut self, vm: &Vm, may_hold: bool) -> Result<(), String> {
+    fn throttle_tick(&mut self, vm: &Vm, may_hold: bool) -> Result<(), MigrationError> {
         let hold = if may_hold {
             slice_hold(self.ran_since.elapsed(), self.throttle)
         } else {
@@ -943,11 +1035,9 @@ impl Migration {
             }
             return Ok(());
         };
-        vm.pause()
-            .map_err(|e| format!("cannot hold the vCPU: {e}"))?;
+        vm.pause().map_err(MigrationError::Hold)?;
         std::thread::sleep(hold);
-        vm.resume()
-            .map_err(|e| format!("cannot resume the vCPU: {e}"))?;
+        vm.resume().map_err(MigrationError::Resume)?;
         self.held += hold;
         self.ran_since = Instant::now();
         Ok(())
@@ -962,7 +1052,7 @@ impl Migration {
         vm: &Vm,
         page: &mut [u8; PAGE_SIZE],
         payload: &[u8],
-    ) -> Result<(u64, u64, u64), String> {
+    ) -> Result<(u64, u64, u64), MigrationError> {
         let (epoch, pages, bytes) = self.queue_checkpoint(vm, page, payload)?;
         self.link_mut()?.flush_acked(epoch, FINAL_ACK_TIMEOUT)?;
         Ok((epoch, pages, bytes))
@@ -976,7 +1066,7 @@ impl Migration {
         vm: &Vm,
         page: &mut [u8; PAGE_SIZE],
         payload: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), MigrationError> {
         let (epoch, _, _) = self.queue_checkpoint(vm, page, payload)?;
         self.replay = Some(ReplayLog {
             base_epoch: epoch,
@@ -1000,17 +1090,17 @@ impl Migration {
         vm: &Vm,
         page: &mut [u8; PAGE_SIZE],
         payload: &[u8],
-    ) -> Result<(u64, u64, u64), String> {
+    ) -> Result<(u64, u64, u64), MigrationError> {
         self.end_round_early();
         let pages: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
-            return Err("not connected".into());
+            return Err(MigrationError::NotConnected);
         };
         let mut enc = sender
             .begin(epoch, EpochKind::Checkpoint)
-            .map_err(|e| format!("cannot encode: {e}"))?;
+            .map_err(MigrationError::Encode)?;
         for (i, &p) in pages.iter().enumerate() {
             encode_page(vm, p, page, &mut enc)?;
             if i % BATCH_PAGES == BATCH_PAGES - 1 {
@@ -1019,9 +1109,7 @@ impl Migration {
                 link.pump()?;
             }
         }
-        let encoded = enc
-            .finish(payload)
-            .map_err(|e| format!("cannot encode: {e}"))?;
+        let encoded = enc.finish(payload).map_err(MigrationError::Encode)?;
         let report = encoded.report;
         link.queue(epoch, report.bytes_out, encoded.chunks);
         let pumped = link.pump();
@@ -1061,9 +1149,13 @@ impl Migration {
 
     /// Replay mode: one segment of the log (sealed after the base's pause),
     /// ending at exit `exits_end`, to the destination.
-    pub(crate) fn forward_segment(&mut self, bytes: &[u8], exits_end: u64) -> Result<(), String> {
+    pub(crate) fn forward_segment(
+        &mut self,
+        bytes: &[u8],
+        exits_end: u64,
+    ) -> Result<(), MigrationError> {
         let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_mut()) else {
-            return Err("not connected".into());
+            return Err(MigrationError::NotConnected);
         };
         link.outbox.push_back(EpochChunk {
             session: link.id,
@@ -1083,10 +1175,10 @@ impl Migration {
     /// log (the rest replays within it at the switch), and has followed the
     /// log for at least [`MIN_LOG_PHASE`]; give up if it does not catch up
     /// within [`REPLAY_CATCH_UP`].
-    pub(crate) fn replay_step(&mut self) -> Result<Step, String> {
+    pub(crate) fn replay_step(&mut self) -> Result<Step, MigrationError> {
         let budget = self.request.max_downtime;
         let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_mut()) else {
-            return Err("not connected".into());
+            return Err(MigrationError::NotConnected);
         };
         link.pump()?;
         let replayed = link.replica_exits.load(Ordering::Acquire);
@@ -1108,11 +1200,12 @@ impl Migration {
             return Ok(Step::Switch);
         }
         if since > REPLAY_CATCH_UP {
-            return Err(format!(
-                "the destination's replica did not catch up with the log within \
-                 {REPLAY_CATCH_UP:?} (base committed: {base_committed}, replayed to exit \
-                 {replayed}, {lag:?} behind)"
-            ));
+            return Err(MigrationError::ReplicaBehind {
+                limit: REPLAY_CATCH_UP,
+                base_committed,
+                replayed,
+                lag,
+            });
         }
         Ok(Step::Continue)
     }
@@ -1120,9 +1213,9 @@ impl Migration {
     /// Replay mode's switch, the guest paused and its last segment sent:
     /// waits until the destination holds the log up to the last exit sent;
     /// returns the base's epoch (the handover names it).
-    pub(crate) fn flush_log(&mut self) -> Result<u64, String> {
+    pub(crate) fn flush_log(&mut self) -> Result<u64, MigrationError> {
         let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_ref()) else {
-            return Err("not connected".into());
+            return Err(MigrationError::NotConnected);
         };
         let (last, base) = (log.last_exit, log.base_epoch);
         let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
@@ -1135,10 +1228,10 @@ impl Migration {
                 return Ok(base);
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "the destination did not confirm the log up to exit {last} within \
-                     {FINAL_ACK_TIMEOUT:?}"
-                ));
+                return Err(MigrationError::LogNotHeld {
+                    exit: last,
+                    timeout: FINAL_ACK_TIMEOUT,
+                });
             }
             std::thread::sleep(LINK_POLL);
         }
@@ -1148,7 +1241,7 @@ impl Migration {
     /// pre-copy epoch; returns the last one (0: none), the bitmap (u64 LE
     /// words) of the pages it holds current (sent, and not dirtied since),
     /// and of those that are all zero.
-    pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>, Vec<u8>), String> {
+    pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>, Vec<u8>), MigrationError> {
         self.end_round_early();
         let last = self.next_epoch - 1;
         if last > 0 {
@@ -1192,8 +1285,7 @@ impl Migration {
         let started = Instant::now();
         // A test's stall: the source silent between the switch and its
         // first page.
-        understudy_common::fault::check("primary.postcopy.serve")
-            .map_err(|point| format!("injected fault ({point})"))?;
+        understudy_common::fault::check("primary.postcopy.serve").map_err(MigrationError::Fault)?;
         let order: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
         let mut sent = DirtyBitmap::new(self.ram_pages);
         let mut next = 0;
@@ -1202,18 +1294,15 @@ impl Migration {
         let mut done_sent = false;
         let ram_pages = self.ram_pages;
         let pending = std::mem::replace(&mut self.pending, DirtyBitmap::new(ram_pages));
-        let mut read = |p: u32, records: &mut PageRecords| -> Result<(), String> {
+        let mut read = |p: u32, records: &mut PageRecords| -> Result<(), MigrationError> {
             vm.ram()
                 .copy_page(p as usize, page)
-                .map_err(|e| format!("cannot read guest page {p}: {e}"))?;
+                .map_err(|source| MigrationError::ReadPage { page: p, source })?;
             records.push(p, page);
             Ok(())
         };
         loop {
-            let link = self
-                .link
-                .as_mut()
-                .ok_or_else(|| "not connected".to_string())?;
+            let link = self.link.as_mut().ok_or(MigrationError::NotConnected)?;
             link.pump()?;
             let wanted = link.take_wanted();
             if !wanted.is_empty() {
@@ -1258,10 +1347,7 @@ impl Migration {
             // silence.
             if link.progress_at.elapsed() > STALL_TIMEOUT && link.postcopy_done().is_none() {
                 return Err(PostcopyFailure {
-                    why: format!(
-                        "the destination took nothing and said nothing for {STALL_TIMEOUT:?} (a \
-                         cut link or a frozen host)"
-                    ),
+                    why: MigrationError::Silent(STALL_TIMEOUT),
                     all_sent: done_sent && link.queued() == 0,
                 });
             }
@@ -1282,7 +1368,7 @@ impl Migration {
 
     /// Post-copy: queues page records for the destination (`first`: ahead
     /// of the push) and counts them; returns the pages.
-    fn queue_records(&mut self, records: PageRecords, first: bool) -> Result<u64, String> {
+    fn queue_records(&mut self, records: PageRecords, first: bool) -> Result<u64, MigrationError> {
         if records.is_empty() {
             return Ok(0);
         }
@@ -1394,14 +1480,14 @@ pub(crate) struct SwitchFigures {
 /// Why post-copy ended before the destination confirmed every page.
 #[derive(Debug)]
 pub(crate) struct PostcopyFailure {
-    pub why: String,
+    pub why: MigrationError,
     /// Every page had left this host: the destination may hold them all and
     /// run the VM (only its confirmation was missing).
     pub all_sent: bool,
 }
 
-impl From<String> for PostcopyFailure {
-    fn from(why: String) -> Self {
+impl From<MigrationError> for PostcopyFailure {
+    fn from(why: MigrationError) -> Self {
         Self {
             why,
             all_sent: false,
@@ -1566,6 +1652,7 @@ mod tests {
             assert_eq!(mode.name().parse(), Ok(mode));
         }
         let e = "teleport".parse::<MigrationMode>().unwrap_err();
-        assert!(e.contains("unknown migration mode"), "{e}");
+        assert_eq!(e, RequestError::UnknownMode("teleport".into()));
+        assert!(e.to_string().contains("choose stop-and-copy"), "{e}");
     }
 }

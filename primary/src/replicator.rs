@@ -20,7 +20,9 @@ use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
 use understudy_vmm::deterministic::Sealed;
 use understudy_vmm::{Vm, VmEnd, VmError};
 
-use crate::migration::{Migration, MigrationMode, Step, SwitchFigures, handover_until_answered};
+use crate::migration::{
+    Migration, MigrationError, MigrationMode, Step, SwitchFigures, handover_until_answered,
+};
 use crate::peer::{
     HandoverKind, HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye,
 };
@@ -847,7 +849,7 @@ impl Replicator {
             && let Err(why) = m.forward_segment(&segment.bytes, segment.exits_end)
             && let Some(m) = self.migration.take()
         {
-            self.fail_migration(m, format!("lost the destination: {why}"));
+            self.fail_migration(m, format!("lost the destination: {}", why.explain()));
         }
         let msg = EpochChunk {
             session: link.id,
@@ -1023,6 +1025,7 @@ impl Replicator {
             return None;
         }
         if let Err(why) = self.connect_migration(&mut m) {
+            let why = format!("cannot reach the destination: {}", why.explain());
             self.fail_migration(m, why);
             return None;
         }
@@ -1030,10 +1033,7 @@ impl Replicator {
             MigrationMode::StopAndCopy | MigrationMode::Postcopy => Ok(Step::Switch),
             // The replay-mode loop drives it (`replay_migration_tick`); here
             // the VM is not protected, and the log has nowhere to go.
-            MigrationMode::Replay => Err("a replay migration runs beside the backup's session, \
-                 and this VM is not protected now: retry once `understudyctl status` says \
-                 protected"
-                .into()),
+            MigrationMode::Replay => Err(MigrationError::NotProtected),
             MigrationMode::Precopy | MigrationMode::Hybrid => {
                 let may_hold = !self.held_for_output && !self.held_for_lag;
                 let vm = self
@@ -1063,7 +1063,7 @@ impl Replicator {
                     self.fail_migration(m, "the guest ended".into());
                     return Some(SessionEnd::VmEnded(end));
                 }
-                self.fail_migration(m, why);
+                self.fail_migration(m, why.explain());
                 None
             }
         }
@@ -1161,7 +1161,7 @@ impl Replicator {
             Err(why) => {
                 self.shared.end_handover(None);
                 self.resume_after_failed_switchover();
-                self.fail_migration(m, why);
+                self.fail_migration(m, why.explain());
                 return None;
             }
         };
@@ -1317,7 +1317,7 @@ impl Replicator {
                         "post-copy sent every page but the destination never confirmed it holds \
                          them ({}): it may run the VM (check `understudyctl status` there); it \
                          never runs here again",
-                        failure.why
+                        failure.why.explain()
                     )),
                 ),
                 Err(failure) => (
@@ -1326,7 +1326,7 @@ impl Replicator {
                         "post-copy failed after the switch ({}): the VM ran at the destination, \
                          which cannot go on without the pages it lacks, and cannot run here \
                          again: it is lost",
-                        failure.why
+                        failure.why.explain()
                     )),
                 ),
             }
@@ -1350,7 +1350,7 @@ impl Replicator {
 
     /// Connects the migration to its destination, once (the status says so
     /// meanwhile).
-    fn connect_migration(&mut self, m: &mut Migration) -> Result<(), String> {
+    fn connect_migration(&mut self, m: &mut Migration) -> Result<(), MigrationError> {
         if m.connected() {
             return Ok(());
         }
@@ -1365,8 +1365,7 @@ impl Replicator {
             &opts,
             self.shared.generation,
             self.shared.incarnation,
-        )
-        .map_err(|why| format!("cannot reach the destination: {why}"))?;
+        )?;
         tracing::info!(destination = %m.request.target.addr, mode = m.request.mode.name(), "migration: connected to the destination");
         Ok(())
     }
@@ -1393,6 +1392,7 @@ impl Replicator {
             return Tick::Carry;
         }
         if let Err(why) = self.connect_migration(&mut m) {
+            let why = format!("cannot reach the destination: {}", why.explain());
             self.fail_migration(m, why);
             return Tick::Carry;
         }
@@ -1416,7 +1416,7 @@ impl Replicator {
                     None => Tick::Carry,
                 },
                 Err(why) => {
-                    self.fail_migration(m, why);
+                    self.fail_migration(m, why.explain());
                     Tick::Carry
                 }
             };
@@ -1451,7 +1451,7 @@ impl Replicator {
                 Tick::Checkpoint
             }
             Err(why) => {
-                self.fail_migration(m, why);
+                self.fail_migration(m, why.explain());
                 Tick::Carry
             }
         }
@@ -1479,7 +1479,7 @@ impl Replicator {
                 self.shared.stats.set_migration(m.progress("log", ""));
                 self.migration = Some(m);
             }
-            Err(why) => self.fail_migration(m, why),
+            Err(why) => self.fail_migration(m, why.explain()),
         }
     }
 
@@ -1532,7 +1532,7 @@ impl Replicator {
             Err(why) => {
                 self.shared.end_handover(None);
                 self.resume_after_failed_switchover();
-                self.fail_migration(m, why);
+                self.fail_migration(m, why.explain());
                 return None;
             }
         };
