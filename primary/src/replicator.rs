@@ -404,7 +404,14 @@ impl Replicator {
             let paused_at = Instant::now();
             match self.checkpoint(link, &mut sender, base, !protected) {
                 Ok(true) => {}
-                Ok(false) => return SessionEnd::Broken,
+                Ok(false) => {
+                    // A base's checkpoint left the guest paused: it runs on
+                    // (the migration fails with the session, see `migrate`).
+                    if base {
+                        self.resume_after_failed_switchover();
+                    }
+                    return SessionEnd::Broken;
+                }
                 Err(end) => return end,
             }
             if base {
