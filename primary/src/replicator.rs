@@ -710,6 +710,9 @@ impl Replicator {
         first: bool,
     ) -> Result<bool, SessionEnd> {
         let epoch = self.next_epoch;
+        // A migration's switch or base takes this checkpoint's payload (they
+        // are the callers that leave the guest paused).
+        let keep_payload = leave_paused && self.migration.is_some();
         let vm = self.vm.as_ref().ok_or(SessionEnd::Stop)?;
         let ended_or = |vm: &Vm, e: InternalError| match vm.ended() {
             Some(end) => SessionEnd::VmEnded(end),
@@ -794,7 +797,7 @@ impl Replicator {
             console_out,
         }
         .encode();
-        if self.migration.is_some() {
+        if keep_payload {
             self.last_payload.clone_from(&payload);
         }
         self.shared
@@ -1052,15 +1055,12 @@ impl Replicator {
         };
         match step {
             Ok(Step::Continue) => {
-                let progress = m.progress("precopy", "");
-                self.shared.stats.set_state(
-                    StateKind::Migrating,
+                self.show_migration(&m, "precopy", |p| {
                     format!(
                         "migrating to {}: pre-copy round {}, {} pages to go",
-                        progress.destination, progress.round, progress.remaining_pages
-                    ),
-                );
-                self.shared.stats.set_migration(progress);
+                        p.destination, p.round, p.remaining_pages
+                    )
+                });
                 self.migration = Some(m);
                 None
             }
@@ -1355,17 +1355,30 @@ impl Replicator {
         Some(SessionEnd::HandedOver)
     }
 
+    /// Shows a migration's progress in status: its `phase`, and the state
+    /// line `line` writes from it.
+    fn show_migration(
+        &self,
+        m: &Migration,
+        phase: &str,
+        line: impl FnOnce(&understudy_proto::MigrationProgress) -> String,
+    ) {
+        let progress = m.progress(phase, "");
+        self.shared
+            .stats
+            .set_state(StateKind::Migrating, line(&progress));
+        self.shared.stats.set_migration(progress);
+    }
+
     /// Connects the migration to its destination, once (the status says so
     /// meanwhile).
     fn connect_migration(&mut self, m: &mut Migration) -> Result<(), MigrationError> {
         if m.connected() {
             return Ok(());
         }
-        self.shared.stats.set_migration(m.progress("setup", ""));
-        self.shared.stats.set_state(
-            StateKind::Migrating,
-            format!("migrating to {}: connecting", m.request.target.addr),
-        );
+        self.show_migration(m, "setup", |p| {
+            format!("migrating to {}: connecting", p.destination)
+        });
         let opts = self.shared.opts.clone();
         m.connect(
             &self.runtime,
@@ -1406,15 +1419,12 @@ impl Replicator {
         if m.log_phase() {
             return match m.replay_step() {
                 Ok(Step::Continue) => {
-                    let progress = m.progress("log", "");
-                    self.shared.stats.set_state(
-                        StateKind::Migrating,
+                    self.show_migration(&m, "log", |p| {
                         format!(
                             "migrating to {}: the destination replays the log",
-                            progress.destination
-                        ),
-                    );
-                    self.shared.stats.set_migration(progress);
+                            p.destination
+                        )
+                    });
                     self.migration = Some(m);
                     Tick::Carry
                 }
@@ -1440,15 +1450,12 @@ impl Replicator {
         let deadline = Instant::now() + REPLAY_PRECOPY_SLICE;
         match m.precopy_until(vm, &mut self.page, deadline, false, may_hold) {
             Ok(Step::Continue) => {
-                let progress = m.progress("precopy", "");
-                self.shared.stats.set_state(
-                    StateKind::Migrating,
+                self.show_migration(&m, "precopy", |p| {
                     format!(
                         "migrating to {}: pre-copy round {} before the base, {} pages to go",
-                        progress.destination, progress.round, progress.remaining_pages
-                    ),
-                );
-                self.shared.stats.set_migration(progress);
+                        p.destination, p.round, p.remaining_pages
+                    )
+                });
                 self.migration = Some(m);
                 Tick::Carry
             }
