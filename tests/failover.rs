@@ -303,6 +303,7 @@ mod fake_primary {
             heartbeat_key: vec![7; 32].into(),
             mode: 0,
             migration: false,
+            witness_key: String::new(),
         }
     }
 

@@ -290,6 +290,11 @@ async fn hostile_round(
                 mode: (rng.next() % 3) as i32,
                 // A stranger claiming to migrate a VM here is refused too.
                 migration: rng.next() % 4 == 0,
+                witness_key: if rng.next() % 4 == 0 {
+                    "/understudy/test-vm".into()
+                } else {
+                    String::new()
+                },
             };
             let _ = tokio::time::timeout(deadline, client.hello(hello)).await;
         }

@@ -428,6 +428,7 @@ fn fake_hello() -> understudy_proto::HelloRequest {
         heartbeat_key: vec![0; 32].into(),
         mode: 0,
         migration: false,
+        witness_key: String::new(),
     }
 }
 

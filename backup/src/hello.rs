@@ -4,8 +4,8 @@
 //!
 //! The rules, in order:
 //!
-//! 1. The protocol version, VM id and RAM size must match (else refused for
-//!    good: the configurations differ), and so must the purpose: a host
+//! 1. The protocol version, VM id, RAM size and witness key must match (else
+//!    refused for good: the configurations differ), and so must the purpose: a host
 //!    started with `--incoming` takes live migrations only, any other host
 //!    protects its pair's VM only.
 //! 2. A generation older than this host's, or a VM that already runs here,
@@ -39,6 +39,8 @@ pub(crate) struct Facts {
     pub primary_heard: bool,
     /// This host waits for a live migration (`--incoming`).
     pub incoming: bool,
+    /// The witness key this host claims the VM on ("" without a witness).
+    pub witness_key: String,
 }
 
 /// A committed, promotable image.
@@ -59,6 +61,8 @@ pub(crate) struct Claim<'a> {
     pub previous: Option<(Incarnation, RunState)>,
     /// The caller migrates its VM here (not a pair's protection).
     pub migration: bool,
+    /// The witness key the caller claims the VM on ("" without a witness).
+    pub witness_key: &'a str,
 }
 
 /// The answer.
@@ -112,6 +116,24 @@ pub(crate) fn decide(facts: &Facts, claim: &Claim<'_>) -> Decision {
             format!(
                 "VM {:?} has {} bytes of RAM here but the primary has {}: the configurations differ",
                 claim.vm_id, facts.ram_bytes, claim.ram_bytes
+            ),
+        );
+    }
+    if claim.witness_key != facts.witness_key {
+        let name = |key: &str| {
+            if key.is_empty() {
+                "no witness".to_owned()
+            } else {
+                format!("the witness key {key:?}")
+            }
+        };
+        return refuse(
+            false,
+            format!(
+                "the primary uses {} and this host {}: with a witness on one host only, a cut \
+                 link could leave both running the VM. Give both hosts the same [witness] section",
+                name(claim.witness_key),
+                name(&facts.witness_key)
             ),
         );
     }
@@ -218,6 +240,7 @@ mod tests {
             }),
             primary_heard: false,
             incoming: false,
+            witness_key: String::new(),
         }
     }
 
@@ -230,6 +253,7 @@ mod tests {
             incarnation: Some(inc(7)),
             previous: None,
             migration: false,
+            witness_key: "",
         }
     }
 
@@ -279,6 +303,13 @@ mod tests {
                     ..claim()
                 },
                 "configurations differ",
+            ),
+            (
+                Claim {
+                    witness_key: "/understudy/web1",
+                    ..claim()
+                },
+                "the primary uses the witness key \"/understudy/web1\" and this host no witness",
             ),
             (
                 Claim {

@@ -91,6 +91,9 @@ pub struct BackupOptions {
     /// --incoming`): it takes migration sessions only, never promotes on
     /// silence, and runs the VM when the source hands it over.
     pub incoming: bool,
+    /// The etcd witness whose key must move to this host before it runs the
+    /// VM (None: promotion needs no one's consent).
+    pub witness: Option<understudy_common::witness::Witness>,
 }
 
 /// Why the backup stopped.
@@ -459,6 +462,10 @@ fn open_store(opts: &BackupOptions) -> Result<ImageStore, BackupError> {
     Ok(store)
 }
 
+/// After a silence the witness could not be asked about, the detector is
+/// armed again this much later (it reports again if the silence lasts).
+const WITNESS_RETRY: Duration = Duration::from_millis(200);
+
 /// Acts on what the heartbeat thread reports.
 async fn handle_events(
     shared: Arc<Shared>,
@@ -477,14 +484,38 @@ async fn handle_events(
                     .await
                 {
                     Ok(Ok(_)) => {}
+                    Ok(Err(e @ promotion::PromotionError::Witness(_))) => {
+                        // Nobody takes a new role without the witness: ask
+                        // again while the primary stays silent.
+                        tracing::warn!(error = %wire::chain(&e), "not promoting: the witness cannot be asked; asking again");
+                        shared.host.stats.set_state(
+                            StateKind::WitnessUnreachable,
+                            format!("primary silent, not promoting: {}", wire::chain(&e)),
+                        );
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(WITNESS_RETRY).await;
+                            let standby = matches!(&shared.lock().phase, Phase::Standby(s)
+                                if s.stale.is_none() && s.session.as_ref().is_some_and(|s| s.protected && !s.goodbye));
+                            if standby {
+                                shared.watch.arm(true);
+                            }
+                        });
+                    }
                     Ok(Err(e)) => {
                         // Nothing changed; a primary that comes back resyncs.
                         tracing::error!(error = %wire::chain(&e), "promotion failed; waiting for a primary");
                         shared.host.stats.protected.store(false, Ordering::Release);
-                        shared.host.stats.set_state(
-                            StateKind::PromotionFailed,
-                            format!("promotion failed: {}", wire::chain(&e)),
-                        );
+                        let kind = match e {
+                            promotion::PromotionError::WitnessRefused(_) => {
+                                StateKind::WitnessRefused
+                            }
+                            _ => StateKind::PromotionFailed,
+                        };
+                        shared
+                            .host
+                            .stats
+                            .set_state(kind, format!("promotion failed: {}", wire::chain(&e)));
                     }
                     Err(e) => tracing::error!(error = %e, "promotion task failed"),
                 }

@@ -397,6 +397,21 @@ pub(crate) fn promote(
         stop: AtomicBool::new(false),
     });
     let new_generation = standby.generation.next();
+    // The witness's key moves here, or the source runs on (asked before
+    // the helper threads start: a refusal just drops the VM).
+    let witnessed = match &shared.opts.witness {
+        Some(w) => Some((
+            w,
+            crate::promotion::claim_witness(
+                w,
+                "take over by post-copy",
+                false,
+                standby.generation,
+                new_generation,
+            )?,
+        )),
+        None => None,
+    };
     let console_stop = Arc::new(AtomicBool::new(false));
     let console_thread = crate::promotion::start_console_output(
         console.output.clone(),
@@ -414,6 +429,9 @@ pub(crate) fn promote(
     if let Err(source) = standby.store.go_live(new_generation.0) {
         pager.stop.store(true, Ordering::Release);
         console_stop.store(true, Ordering::Release);
+        if let Some((w, won)) = witnessed {
+            crate::promotion::give_back(w, &won);
+        }
         return Err(PromotionError::RecordGeneration {
             generation: new_generation,
             source,

@@ -24,6 +24,7 @@ use understudy_common::ids::{Generation, Incarnation};
 use understudy_common::payload::{CheckpointPayload, PayloadError};
 use understudy_common::role::RunningVm;
 use understudy_common::status::StateKind;
+use understudy_common::witness::{Claim, Held, Swap, Witness, WitnessError};
 use understudy_vmm::deterministic::{Sealed, TraceMode};
 use understudy_vmm::{GuestRam, RamBacking, Vm, VmState};
 
@@ -121,6 +122,110 @@ pub enum PromotionError {
     /// end here (the source runs on).
     #[error("replay: the log cannot be replayed to its end")]
     Replay(#[source] crate::replica::ReplicaError),
+    /// The witness could not be asked: no host takes a new role without it.
+    #[error("the witness cannot be asked")]
+    Witness(#[source] understudy_common::witness::WitnessError),
+    /// The witness's key says this host may not run the VM.
+    #[error("the witness refuses: {0}")]
+    WitnessRefused(String),
+}
+
+/// What set off a promotion, as the witness's decision names it.
+fn decision(trigger: Trigger) -> &'static str {
+    match trigger {
+        Trigger::Silence(_) => "promote after silence",
+        Trigger::Handover { .. } => "take over by handover",
+        Trigger::Restart => "promote after the primary's restart",
+        Trigger::Operator => "promote by an operator",
+    }
+}
+
+/// Moves the witness's key to this host, from the primary's claim at
+/// `generation` to this host's at `next` (see `understudy_common::witness`),
+/// or says why not. A silence or a restart needs the claim protected: a
+/// primary that released output alone holds state this image lacks. A
+/// handover (the source is paused and asked for it) or an operator takes any
+/// claim at `generation`.
+pub(crate) fn claim_witness(
+    witness: &Witness,
+    decision: &str,
+    needs_protected: bool,
+    generation: Generation,
+    next: Generation,
+) -> Result<Witnessed, PromotionError> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+        PromotionError::Witness(WitnessError::Unreachable(format!(
+            "no async runtime here: {e}"
+        )))
+    })?;
+    let held = runtime
+        .block_on(witness.read())
+        .map_err(PromotionError::Witness)?
+        .ok_or_else(|| {
+            PromotionError::WitnessRefused(format!(
+                "its key {} holds no claim: no primary registered the VM there (is [witness] \
+                 set on both hosts, with the same prefix?)",
+                witness.key()
+            ))
+        })?;
+    let claim = &held.claim;
+    if claim.generation != generation || claim.owner == witness.me() {
+        return Err(PromotionError::WitnessRefused(format!(
+            "it holds \"{claim}\", not this host's primary at generation {generation}: another \
+             host took the VM since"
+        )));
+    }
+    if needs_protected && !claim.protected {
+        return Err(PromotionError::WitnessRefused(format!(
+            "it holds \"{claim}\": the primary released output no backup holds, so this image \
+             is older than what clients saw (an operator can still promote it: understudyctl \
+             promote)"
+        )));
+    }
+    let to = Claim {
+        generation: next,
+        owner: witness.me().to_owned(),
+        protected: false,
+    };
+    match runtime.block_on(witness.swap(decision, Some(&held), &to)) {
+        Ok(Swap::Won(won)) => Ok(Witnessed {
+            previous: held.claim,
+            won,
+        }),
+        Ok(Swap::Lost(now)) => Err(PromotionError::WitnessRefused(format!(
+            "another host moved its key first: it holds {}",
+            now.map_or("nothing".into(), |h| format!("\"{}\"", h.claim))
+        ))),
+        Err(e) => Err(PromotionError::Witness(e)),
+    }
+}
+
+/// The witness's key, moved to this host.
+pub(crate) struct Witnessed {
+    /// What it held before.
+    previous: Claim,
+    /// What it holds now.
+    won: Held,
+}
+
+/// A promotion that won the witness but could not pass its point of no
+/// return gives the key back, so the primary (if it lives) may go on.
+pub(crate) fn give_back(witness: &Witness, witnessed: &Witnessed) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let swap = witness.swap(
+        "give the key back",
+        Some(&witnessed.won),
+        &witnessed.previous,
+    );
+    match runtime.block_on(swap) {
+        Ok(Swap::Won(_)) => {}
+        Ok(Swap::Lost(_)) | Err(_) => tracing::error!(
+            "the witness's key names this host, which could not run the VM: only an operator can \
+             bring it back (understudyctl promote on a host with its image)"
+        ),
+    }
 }
 
 /// A promotion that happened.
@@ -338,6 +443,23 @@ pub(crate) fn promote(
         None => prepare(standby, replay)?,
     };
     let new_generation = standby.generation.next();
+    // The witness agrees, or nothing happens (see `claim_witness`). Asked
+    // before any helper thread starts: a refusal drops the prepared VM, and
+    // nothing may take that for the end of a running one.
+    let witnessed = match &shared.opts.witness {
+        Some(w) => {
+            let needs_protected = matches!(trigger, Trigger::Silence(_) | Trigger::Restart);
+            let won = claim_witness(
+                w,
+                decision(trigger),
+                needs_protected,
+                standby.generation,
+                new_generation,
+            )?;
+            Some((w, won))
+        }
+        None => None,
+    };
     // Start the helper threads before the point of no return (they only
     // wait; a failure to start them changes nothing).
     let log = shared.host.log.clone();
@@ -374,6 +496,9 @@ pub(crate) fn promote(
         // its channels). The old generation stands.
         drop(prepared);
         drop((output_thread, watch_thread));
+        if let Some((w, won)) = witnessed {
+            give_back(w, &won);
+        }
         return Err(PromotionError::RecordGeneration {
             generation: new_generation,
             source,

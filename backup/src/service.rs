@@ -60,6 +60,12 @@ impl ReplicationService {
             kept,
             primary_heard: heard,
             incoming: shared.opts.incoming,
+            witness_key: shared
+                .opts
+                .witness
+                .as_ref()
+                .map(|w| w.key())
+                .unwrap_or_default(),
         }
     }
 
@@ -162,6 +168,7 @@ impl Replication for ReplicationService {
             incarnation: Incarnation::from_raw(req.incarnation),
             previous,
             migration: req.migration,
+            witness_key: &req.witness_key,
         };
         let decision = {
             let state = shared.lock();

@@ -19,5 +19,6 @@ pub mod postcopy;
 pub mod role;
 pub mod status;
 pub mod wire;
+pub mod witness;
 
 pub use understudy_proto::control_server::Control;

@@ -35,6 +35,8 @@ pub struct Gauges {
     pub replica_lag_exits: u64,
     /// `understudy_replica_lag_seconds`.
     pub replica_lag_seconds: f64,
+    /// `understudy_witness_reachable`: None without a witness.
+    pub witness_reachable: Option<bool>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +104,9 @@ pub struct Metrics {
     /// `understudy_migration_downtime_seconds`: the guest stop of each
     /// migration from this host.
     pub migration_downtime: Histogram,
+    witness_reachable: Gauge,
+    witness_decisions: Family<OutcomeLabel, Counter>,
+    witness_decision_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -141,6 +146,9 @@ impl Metrics {
             migrations: Family::default(),
             migration_bytes: Counter::default(),
             migration_downtime: seconds(),
+            witness_reachable: Gauge::default(),
+            witness_decisions: Family::default(),
+            witness_decision_seconds: seconds(),
         };
         let mut registry = Registry::with_prefix("understudy");
         registry.register_with_unit(
@@ -271,7 +279,33 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.migration_downtime.clone(),
         );
+        registry.register(
+            "witness_reachable",
+            "1 when the last request to the etcd witness was answered, 0 when not, -1 without a witness",
+            m.witness_reachable.clone(),
+        );
+        registry.register(
+            "witness_decisions",
+            "Role decisions taken through the etcd witness, by outcome (won, lost, unreachable)",
+            m.witness_decisions.clone(),
+        );
+        registry.register_with_unit(
+            "witness_decision",
+            "Time of each compare-and-swap on the witness's key",
+            prometheus_client::registry::Unit::Seconds,
+            m.witness_decision_seconds.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts and times one decision taken through the witness.
+    pub fn witness_decision(&self, outcome: &str, took: std::time::Duration) {
+        self.witness_decisions
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.witness_decision_seconds.observe(took.as_secs_f64());
     }
 
     /// Counts a request refused for want of authority.
@@ -316,6 +350,10 @@ impl Metrics {
             .set(1);
         set(&self.replica_lag_exits, gauges.replica_lag_exits);
         self.replica_lag.set(gauges.replica_lag_seconds);
+        self.witness_reachable.set(match gauges.witness_reachable {
+            None => -1,
+            Some(r) => i64::from(r),
+        });
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -113,6 +113,13 @@ pub enum StateKind {
     /// A post-copy migration's destination: the VM runs here while its
     /// pages arrive from the source.
     Postcopy,
+    /// A role change waits for the etcd witness, which does not answer: a
+    /// primary without its backup holds output, a backup whose primary is
+    /// silent does not promote.
+    WitnessUnreachable,
+    /// Backup: the witness's key says another host runs the VM, or its
+    /// primary released output alone; no promotion.
+    WitnessRefused,
 }
 
 impl StateKind {
@@ -143,6 +150,8 @@ impl StateKind {
             Self::MigratedAway => "migrated-away",
             Self::Incoming => "incoming",
             Self::Postcopy => "postcopy",
+            Self::WitnessUnreachable => "witness-unreachable",
+            Self::WitnessRefused => "witness-refused",
         }
     }
 }
@@ -193,6 +202,8 @@ pub struct Stats {
     pub replica_lag_us: AtomicU64,
     /// The last live migration from this host (while it runs, and after).
     migration: Mutex<Option<understudy_proto::MigrationProgress>>,
+    /// How this host stands with the etcd witness (None: none configured).
+    witness: Mutex<Option<understudy_proto::WitnessStatus>>,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
@@ -228,6 +239,7 @@ impl Stats {
             replica_lag_exits: AtomicU64::new(0),
             replica_lag_us: AtomicU64::new(0),
             migration: Mutex::new(None),
+            witness: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
             recent: Mutex::default(),
@@ -251,6 +263,7 @@ impl Stats {
             mode: self.mode().as_str(),
             replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
             replica_lag_seconds: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e6,
+            witness_reachable: lock(&self.witness).as_ref().map(|w| w.reachable),
         }
     }
 
@@ -400,7 +413,25 @@ impl Stats {
             replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
             replica_lag_millis: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e3,
             migration: lock(&self.migration).clone(),
+            witness: lock(&self.witness).clone(),
         }
+    }
+
+    /// Reports a witness (a daemon with one starts with a default report).
+    pub fn set_witness(&self, status: understudy_proto::WitnessStatus) {
+        *lock(&self.witness) = Some(status);
+    }
+
+    /// Updates the witness report (if a witness is configured).
+    pub fn update_witness(&self, update: impl FnOnce(&mut understudy_proto::WitnessStatus)) {
+        if let Some(w) = lock(&self.witness).as_mut() {
+            update(w);
+        }
+    }
+
+    /// The witness report, if a witness is configured.
+    pub fn witness(&self) -> Option<understudy_proto::WitnessStatus> {
+        lock(&self.witness).clone()
     }
 
     /// Reports the progress of a live migration from this host.

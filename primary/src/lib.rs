@@ -35,6 +35,7 @@ pub mod migration;
 mod peer;
 mod releaser;
 mod replicator;
+mod witness;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -64,6 +65,7 @@ use crate::host_state::{HostState, HostStateError, RunRecord};
 use crate::peer::{HelloOutcome, RunsHere, SessionOffer, hello, probe};
 use crate::releaser::Releaser;
 use crate::replicator::Replicator;
+use crate::witness::{Seat, Verdict};
 
 pub use crate::peer::PeerError;
 pub use crate::replicator::InternalError;
@@ -127,6 +129,9 @@ pub struct PrimaryOptions {
     /// Replay mode: how far the backup's replica may fall behind the log
     /// before the guest is paused until it catches up (back-pressure).
     pub max_replica_lag: Duration,
+    /// The etcd witness that must agree before output goes out without a
+    /// backup (None: the backup-loss policy alone decides).
+    pub witness: Option<understudy_common::witness::Witness>,
 }
 
 /// How the primary gets its VM.
@@ -319,6 +324,8 @@ struct Shared {
     log_acked: AtomicU64,
     replica_exits: AtomicU64,
     want_checkpoint: AtomicBool,
+    /// This host's claims on the witness's key (None: no witness).
+    seat: Option<Arc<Seat>>,
 }
 
 impl Shared {
@@ -543,6 +550,10 @@ pub async fn run(
             )
         }
     };
+    let seat = opts
+        .witness
+        .clone()
+        .map(|w| Arc::new(Seat::new(w, generation)));
     stats.generation.store(generation, Ordering::Release);
     stats.set_incarnation(Some(incarnation));
     host.log.set_generation(generation);
@@ -601,6 +612,27 @@ pub async fn run(
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
                             _ = tokio::time::sleep(FIRST_HELLO_RETRY) => {}
+                        }
+                    }
+                }
+            }
+            // The witness's key names this host before the VM runs here.
+            if let Some(seat) = &seat {
+                loop {
+                    match seat.claim("boot the VM", false, || true).await {
+                        Verdict::Granted | Verdict::Moot => break,
+                        Verdict::Deposed(g) => return Err(fenced(g)),
+                        Verdict::Unreachable(e) => {
+                            let why = wire::chain(&e);
+                            tracing::warn!(%why, "waiting for the witness before booting the VM");
+                            stats.set_state(
+                                StateKind::WitnessUnreachable,
+                                format!("waiting for the witness before booting: {why}"),
+                            );
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return Ok(PrimaryExit::Shutdown),
+                                _ = tokio::time::sleep(seat.check_interval()) => {}
+                            }
                         }
                     }
                 }
@@ -713,6 +745,7 @@ pub async fn run(
         log_acked: AtomicU64::new(0),
         replica_exits: AtomicU64::new(0),
         want_checkpoint: AtomicBool::new(false),
+        seat,
         opts: opts.clone(),
     });
     if adopted {
@@ -760,6 +793,10 @@ pub async fn run(
         first_session,
         shutdown.clone(),
     ));
+    let witness_watch = shared
+        .seat
+        .clone()
+        .map(|seat| tokio::spawn(watch_witness(shared.clone(), seat)));
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = shared.done.cancelled() => {}
@@ -776,6 +813,9 @@ pub async fn run(
     host.input.set(None);
     host.log.disconnect_clients();
     let _ = manager.await;
+    if let Some(w) = witness_watch {
+        w.abort();
+    }
     beats.stop();
     let _ = tokio::task::spawn_blocking(move || beat_thread.join()).await;
     // Stop answering for the VM: the next role takes its turn on the socket.
@@ -855,6 +895,103 @@ fn unprotected(shared: &Shared, why: &str) {
                 StateKind::UnprotectedHolding,
                 format!("unprotected: {why}, holding output"),
             );
+        }
+    }
+}
+
+/// How asking the witness about a lost backup ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Loss {
+    /// The backup-loss policy applies (with a witness: the key agreed).
+    Settled,
+    /// The witness did not answer: output stays held; ask again.
+    Pending,
+    /// The key names another host: this one is fenced.
+    Deposed,
+}
+
+/// No backup holds the VM (`why`). With a witness and keep-running, output
+/// goes out alone only once the key says this host runs the VM unprotected:
+/// a backup that promoted first wins, and this host fences.
+async fn lose_backup(shared: &Shared, why: &str) -> Loss {
+    let Some(seat) = shared
+        .seat
+        .as_ref()
+        .filter(|_| shared.opts.backup_loss == BackupLoss::KeepRunning)
+    else {
+        unprotected(shared, why);
+        return Loss::Settled;
+    };
+    shared.stats.set_state(
+        StateKind::UnprotectedHolding,
+        format!("unprotected: {why}, asking the witness before releasing output"),
+    );
+    let no_backup = || !shared.stats.protected.load(Ordering::Acquire);
+    match seat
+        .claim("release output without a backup", false, no_backup)
+        .await
+    {
+        Verdict::Granted => {
+            unprotected(shared, why);
+            Loss::Settled
+        }
+        Verdict::Moot => Loss::Settled,
+        Verdict::Deposed(g) => {
+            shared.fence(g);
+            Loss::Deposed
+        }
+        Verdict::Unreachable(e) => {
+            let e = wire::chain(&e);
+            tracing::warn!(error = %e, "the witness cannot be asked: holding output");
+            shared.stats.set_state(
+                StateKind::WitnessUnreachable,
+                format!("unprotected: {why}; the witness cannot be asked ({e}): holding output"),
+            );
+            Loss::Pending
+        }
+    }
+}
+
+/// While this host runs the VM, reads the witness's key every
+/// `check_interval`: a host that could hear neither its backup nor the
+/// witness learns it was deposed as soon as it hears the witness again.
+async fn watch_witness(shared: Arc<Shared>, seat: Arc<Seat>) {
+    loop {
+        tokio::select! {
+            _ = shared.done.cancelled() => return,
+            _ = tokio::time::sleep(seat.check_interval()) => {}
+        }
+        if shared.phase().ending() {
+            return;
+        }
+        if let Ok(Some(g)) = seat.check().await {
+            tracing::error!(generation = g, "the witness gave the VM to another host");
+            shared.fence(g);
+            return;
+        }
+    }
+}
+
+/// Once a backup holds the VM, the key says so, which lets that backup
+/// promote. Asked again while etcd does not answer and the VM stays
+/// protected.
+pub(crate) async fn claim_protected(shared: Arc<Shared>, seat: Arc<Seat>) {
+    loop {
+        let protected =
+            || shared.stats.protected.load(Ordering::Acquire) && !shared.phase().ending();
+        match seat.claim("protected by a backup", true, protected).await {
+            Verdict::Granted | Verdict::Moot => return,
+            Verdict::Deposed(g) => {
+                shared.fence(g);
+                return;
+            }
+            Verdict::Unreachable(e) => {
+                tracing::warn!(error = %wire::chain(&e), "the witness cannot be told the VM is protected: the backup cannot promote until it is");
+                tokio::select! {
+                    _ = shared.done.cancelled() => return,
+                    _ = tokio::time::sleep(seat.check_interval()) => {}
+                }
+            }
         }
     }
 }
@@ -982,6 +1119,8 @@ async fn session_manager(
     // switchover), then back off to the heartbeat timeout.
     let max_retry = opts.heartbeat_timeout.max(MIN_RECONNECT_BACKOFF);
     let mut retry = opts.heartbeat_interval;
+    // Why the backup was lost, while the witness has not answered about it.
+    let mut pending: Option<String> = None;
     loop {
         if shared.phase().ending() {
             return;
@@ -1004,7 +1143,12 @@ async fn session_manager(
                     }
                     HelloOutcome::HoldsVm(why) => {
                         tracing::warn!(%why, "the backup holds another VM: this one stays unprotected until an operator decides");
-                        unprotected(&shared, &format!("the backup holds another VM ({why})"));
+                        let why = format!("the backup holds another VM ({why})");
+                        match lose_backup(&shared, &why).await {
+                            Loss::Deposed => return,
+                            Loss::Pending => pending = Some(why),
+                            Loss::Settled => pending = None,
+                        }
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = shared.done.cancelled() => return,
@@ -1014,6 +1158,13 @@ async fn session_manager(
                     }
                     HelloOutcome::Refused(message) | HelloOutcome::Unreachable(message) => {
                         tracing::debug!(%message, "backup not available yet");
+                        if let Some(why) = pending.take() {
+                            match lose_backup(&shared, &why).await {
+                                Loss::Deposed => return,
+                                Loss::Pending => pending = Some(why),
+                                Loss::Settled => {}
+                            }
+                        }
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = shared.done.cancelled() => return,
@@ -1026,6 +1177,7 @@ async fn session_manager(
             }
         };
         retry = opts.heartbeat_interval;
+        pending = None;
         shared.releaser.new_session();
         shared.stats.set_state(StateKind::Syncing, "syncing");
         let reason = run_session(&shared, offer, client).await;
@@ -1055,7 +1207,11 @@ async fn session_manager(
             Ok(_) => tracing::info!("backup still there: resyncing"),
             Err(why) => {
                 tracing::warn!(why = %wire::chain(&why), policy = ?opts.backup_loss, "backup unreachable");
-                unprotected(&shared, "backup lost");
+                match lose_backup(&shared, "backup lost").await {
+                    Loss::Deposed => return,
+                    Loss::Pending => pending = Some("backup lost".into()),
+                    Loss::Settled => {}
+                }
             }
         }
     }

@@ -176,6 +176,7 @@ pub(crate) async fn hello_to(
             }
         } as i32,
         migration,
+        witness_key: opts.witness.as_ref().map(|w| w.key()).unwrap_or_default(),
     };
     match tokio::time::timeout(PEER_CALL_TIMEOUT, client.hello(req)).await {
         Err(_) => {

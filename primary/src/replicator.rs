@@ -435,6 +435,10 @@ impl Replicator {
                 self.shared
                     .stats
                     .set_state(StateKind::Protected, "protected");
+                if let Some(seat) = self.shared.seat.clone() {
+                    self.runtime
+                        .spawn(crate::claim_protected(self.shared.clone(), seat));
+                }
                 tracing::info!(
                     sync_ms = sync_started.elapsed().as_millis() as u64,
                     epoch = self.next_epoch - 1,

@@ -21,3 +21,16 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// The subset of etcd's v3 API (`etcdserverpb`, `mvccpb`) the witness uses:
+/// a client of etcd's `KV` service, for reads and transactions on one key.
+pub mod etcd {
+    /// etcd's `mvccpb` package.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// etcd's `etcdserverpb` package.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}

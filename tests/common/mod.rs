@@ -689,3 +689,161 @@ impl Drop for Destination {
         self.kill();
     }
 }
+
+/// A one-member etcd cluster (Debian's `etcd-server`), as a witness: in
+/// `netns` (None: this namespace), serving clients on `client` and its own
+/// peer port on loopback, with its data in a temporary directory. Killed
+/// when dropped.
+pub struct Etcd {
+    child: Option<Child>,
+    pub client: SocketAddr,
+    netns: Option<String>,
+    data: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Etcd {
+    /// Starts it and waits until it answers.
+    pub fn start(netns: Option<&str>, client: SocketAddr) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let log = data.path().join("etcd.log");
+        let mut etcd = Self {
+            child: None,
+            client,
+            netns: netns.map(str::to_owned),
+            data,
+            log,
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let which = Command::new("etcd").arg("--version").output();
+        assert!(
+            which.is_ok_and(|o| o.status.success()),
+            "these tests need etcd as the witness: apt-get install etcd-server"
+        );
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let url = format!("http://{}", self.client);
+        let listen = format!("http://{}", self.client);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        cmd.args(["--name", "witness", "--data-dir"])
+            .arg(self.data.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &listen,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("witness={peer}"),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log).unwrap());
+        self.child = Some(cmd.spawn().unwrap());
+        let started = Instant::now();
+        loop {
+            let put = self.ctl(&["put", "/understudy-test/ready", "1"]);
+            if put.status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "etcd did not start: {}\n{}",
+                String::from_utf8_lossy(&put.stderr),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `etcdctl` (v3 API) against it.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let endpoint = format!("--endpoints=http://{}", self.client);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        cmd.env("ETCDCTL_API", "3")
+            .arg(endpoint)
+            .arg("--command-timeout=2s")
+            .args(args)
+            .output()
+            .expect("these tests need etcdctl: apt-get install etcd-client")
+    }
+
+    /// The value of `key` ("" if none).
+    pub fn get(&self, key: &str) -> String {
+        let out = self.ctl(&["get", "--print-value-only", key]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) it: a witness that does not
+    /// answer.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // With `ip netns exec` the child execs etcd: same pid.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+        }
+    }
+
+    /// Kills it (SIGKILL); `restart` brings it back with its data.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            self.freeze(false);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again after `kill`, with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback address nobody listens on.
+pub fn free_addr() -> SocketAddr {
+    addr(free_port())
+}
+
+/// Polls `pred` every 50 ms for up to `limit`.
+pub fn wait_for(limit: Duration, mut pred: impl FnMut() -> bool) -> Result<(), ()> {
+    let started = Instant::now();
+    while !pred() {
+        if started.elapsed() > limit {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

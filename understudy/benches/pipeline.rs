@@ -95,6 +95,7 @@ impl Session {
             heartbeat_key: key.as_bytes().to_vec().into(),
             mode: 0,
             migration: false,
+            witness_key: String::new(),
         };
         client.hello(hello).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(64);

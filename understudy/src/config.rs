@@ -167,6 +167,11 @@ pub struct Config {
     /// Mutual TLS, or `insecure` on loopback.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// The etcd witness that decides who may release the VM's output
+    /// (optional; without it a cut link can leave both hosts serving under
+    /// keep-running).
+    #[serde(default)]
+    pub witness: Option<WitnessSection>,
     /// The `[primary]` host's addresses.
     pub primary: PrimaryAddrs,
     /// The `[backup]` host's addresses.
@@ -255,6 +260,37 @@ pub struct TlsConfig {
     pub console: bool,
 }
 
+/// `[witness]`: an etcd cluster both hosts reach, holding one key per VM
+/// (see `understudy_common::witness`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSection {
+    /// etcd client URLs, e.g. `["http://10.0.0.3:2379"]` (`https://` with
+    /// ca, cert and key).
+    pub endpoints: Vec<String>,
+    /// The CA that signs etcd's certificates (PEM).
+    pub ca: Option<PathBuf>,
+    /// This host's client certificate for etcd (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificates carry (default: each endpoint's host).
+    pub server_name: Option<String>,
+    /// Keys live under this prefix; the VM's key is the prefix and its name.
+    #[serde(default = "defaults::witness_prefix")]
+    pub prefix: String,
+    /// One request's limit, past which etcd counts as unreachable.
+    #[serde(default = "defaults::witness_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// How often the host that runs the VM reads its key (to learn that it
+    /// was deposed while it could not hear the other host).
+    #[serde(
+        default = "defaults::witness_check_interval",
+        deserialize_with = "duration"
+    )]
+    pub check_interval: Duration,
+}
+
 /// The primary host's addresses.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,6 +357,11 @@ mod bounds {
     pub const MAX_HELD_OUTPUT_KIB: RangeInclusive<u64> = 64..=8192;
     /// Each client holds a descriptor and a task.
     pub const CONSOLE_MAX_CLIENTS: RangeInclusive<usize> = 1..=4096;
+    /// Under 10 ms a loaded etcd reads as down; over 10 s a failover waits
+    /// that long on it.
+    pub const WITNESS_TIMEOUT: RangeInclusive<Duration> = ms(10)..=ms(10_000);
+    /// Reads of the key by the host that runs the VM.
+    pub const WITNESS_CHECK_INTERVAL: RangeInclusive<Duration> = ms(100)..=ms(60_000);
 }
 
 mod defaults {
@@ -378,6 +419,15 @@ mod defaults {
     }
     pub fn delta_cache_pages() -> usize {
         8192
+    }
+    pub fn witness_prefix() -> String {
+        "/understudy/".into()
+    }
+    pub fn witness_timeout() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn witness_check_interval() -> Duration {
+        Duration::from_secs(1)
     }
 }
 
@@ -546,6 +596,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(w) = &self.witness {
+            validate_witness(w)?;
+        }
         if t.dangerously_allow_insecure_network && !t.insecure {
             return Err(
                 "tls.dangerously_allow_insecure_network is set but tls.insecure is not: remove it"
@@ -565,6 +618,27 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The witness, if `[witness]` is set.
+    pub fn witness_config(&self) -> Option<understudy_common::witness::WitnessConfig> {
+        let w = self.witness.as_ref()?;
+        let tls = match (&w.ca, &w.cert, &w.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(understudy_common::wire::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        Some(understudy_common::witness::WitnessConfig {
+            endpoints: w.endpoints.clone(),
+            tls,
+            server_name: w.server_name.clone(),
+            prefix: w.prefix.clone(),
+            timeout: w.timeout,
+            check_interval: w.check_interval,
+        })
     }
 
     /// Every address in the file, by field name.
@@ -698,6 +772,7 @@ impl Config {
             mode: self.mode,
             checkpoint_interval: self.checkpoint_interval,
             max_replica_lag: self.max_replica_lag,
+            witness: None,
         })
     }
 
@@ -757,6 +832,7 @@ impl Config {
             tls: self.tls_files(),
             auth: self.authority(home, None),
             incoming: false,
+            witness: None,
         })
     }
 
@@ -784,6 +860,60 @@ impl Config {
         names.dedup();
         understudy_common::auth::Authority::mutual_tls(names, on_refusal)
     }
+}
+
+fn validate_witness(w: &WitnessSection) -> Result<(), String> {
+    if w.endpoints.is_empty() {
+        return Err(
+            "witness.endpoints is empty: list etcd's client URLs, e.g. [\"http://10.0.0.3:2379\"]"
+                .into(),
+        );
+    }
+    let tls = match (&w.ca, &w.cert, &w.key) {
+        (None, None, None) => false,
+        (Some(_), Some(_), Some(_)) => true,
+        _ => {
+            return Err(
+                "witness: set all of ca, cert and key (TLS to etcd), or none (plaintext)".into(),
+            );
+        }
+    };
+    let scheme = if tls { "https://" } else { "http://" };
+    for e in &w.endpoints {
+        if !e.starts_with(scheme) {
+            return Err(format!(
+                "witness.endpoints: {e:?} must start with {scheme} ({})",
+                if tls {
+                    "ca, cert and key are set"
+                } else {
+                    "no TLS files are set; add ca, cert and key for https"
+                }
+            ));
+        }
+    }
+    if w.prefix.is_empty() || w.prefix.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "witness.prefix {:?}: use a non-empty prefix without spaces, e.g. \"/understudy/\"",
+            w.prefix
+        ));
+    }
+    for (field, value, range) in [
+        ("witness.timeout", w.timeout, bounds::WITNESS_TIMEOUT),
+        (
+            "witness.check_interval",
+            w.check_interval,
+            bounds::WITNESS_CHECK_INTERVAL,
+        ),
+    ] {
+        if !range.contains(&value) {
+            return Err(format!(
+                "{field} {value:?} is out of range: use {:?} to {:?}",
+                range.start(),
+                range.end()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -907,6 +1037,26 @@ insecure = true
                 &["tls.ca=/ca.pem"],
                 "insecure = true but ca/cert/key are set",
             ),
+            (&["witness.endpoints=[]"], "witness.endpoints is empty"),
+            (
+                &["witness.endpoints=[\"10.0.0.3:2379\"]"],
+                "must start with http://",
+            ),
+            (
+                &[
+                    "witness.endpoints=[\"http://10.0.0.3:2379\"]",
+                    "witness.ca=/ca.pem",
+                ],
+                "set all of ca, cert and key",
+            ),
+            (
+                &[
+                    "witness.endpoints=[\"http://10.0.0.3:2379\"]",
+                    "witness.timeout=1h",
+                ],
+                "witness.timeout 3600s is out of range",
+            ),
+            (&["witness.prefix=x"], "missing field `endpoints`"),
         ];
         for (overrides, needle) in cases {
             let err = parse(GOOD, overrides).unwrap_err().to_string();
@@ -918,5 +1068,20 @@ insecure = true
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing field `guest`"), "{err}");
+    }
+
+    #[test]
+    fn a_witness_section_becomes_the_witness_config() {
+        assert!(parse(GOOD, &[]).unwrap().witness_config().is_none());
+        let c = parse(
+            GOOD,
+            &["witness.endpoints=[\"http://127.0.0.1:2379\", \"http://127.0.0.2:2379\"]"],
+        )
+        .unwrap();
+        let w = c.witness_config().unwrap();
+        assert_eq!(w.endpoints.len(), 2);
+        assert_eq!(w.prefix, "/understudy/");
+        assert_eq!(w.timeout, Duration::from_millis(500));
+        assert!(w.tls.is_none());
     }
 }

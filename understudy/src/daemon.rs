@@ -131,6 +131,21 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
                 "tls.insecure = true: replication and control run in plaintext (loopback only)"
             );
         }
+        // One handle on the witness for every role this host takes: its
+        // name in claims is its control address.
+        let witness = match config.witness_config() {
+            Some(w) => {
+                let witness = understudy_common::witness::Witness::new(
+                    &w,
+                    &config.name,
+                    addrs.control.to_string(),
+                    stats.clone(),
+                )?;
+                tracing::info!(endpoints = ?w.endpoints, key = %witness.key(), "witness: role changes go through etcd");
+                Some(witness)
+            }
+            None => None,
+        };
         let supervisor = tokio::spawn(supervise::supervise(stats.clone(), shutdown.clone()));
         // Bound once: the roles take turns serving on it.
         let replication = match addrs.replication {
@@ -200,6 +215,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
                 Role::Primary => {
                     let mut opts = config.primary_options(home).map_err(anyhow::Error::msg)?;
                     opts.auth = config.authority(home, Some(stats.clone()));
+                    opts.witness = witness.clone();
                     stats.start_role(Role::Primary, opts.backup.to_string());
                     let start = adopted
                         .take()
@@ -236,6 +252,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
                 Role::Backup => {
                     let mut opts = config.backup_options(home).map_err(anyhow::Error::msg)?;
                     opts.auth = config.authority(home, Some(stats.clone()));
+                    opts.witness = witness.clone();
                     if incoming {
                         opts.incoming = true;
                         opts.auth = config.incoming_authority(Some(stats.clone()));
