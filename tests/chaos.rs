@@ -80,6 +80,8 @@ struct Host {
     console: SocketAddr,
     child: Option<Child>,
     frozen: bool,
+    /// The etcd witness as this host reaches it (None: no witness).
+    witness_endpoint: Option<String>,
 }
 
 impl Host {
@@ -90,6 +92,11 @@ impl Host {
             .arg(config)
             .arg("--set")
             .arg(format!("state_dir={:?}", self.state.display().to_string()))
+            .args(
+                self.witness_endpoint
+                    .iter()
+                    .flat_map(|e| ["--set".to_owned(), format!("witness.endpoints=[\"{e}\"]")]),
+            )
             .env("UNDERSTUDY_LOG", "info,understudy::release=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -133,7 +140,8 @@ impl Host {
 }
 
 /// A pair of hosts in namespaces, linked by a replication veth; each host has
-/// a client veth to the test's namespace.
+/// a client veth to the test's namespace, and with a witness a veth to the
+/// witness's namespace, where etcd runs.
 struct Cluster {
     id: usize,
     dir: PathBuf,
@@ -141,10 +149,73 @@ struct Cluster {
     hosts: [Host; 2],
     link: String,
     runs: usize,
+    witness: Option<WitnessNet>,
+}
+
+/// The third party: etcd in its own namespace, one veth to each host.
+struct WitnessNet {
+    etcd: common::Etcd,
+    ns: String,
+    /// Each host's end of its link to the witness (in the host's namespace).
+    links: [String; 2],
+}
+
+impl WitnessNet {
+    /// Namespace `ns`; host `i` (in `hosts[i]`) reaches etcd at
+    /// 10.{net}.{4+i}.1 and is 10.{net}.{4+i}.2.
+    fn new(id: usize, pid: u32, net: usize, hosts: [&str; 2]) -> Self {
+        let ns = format!("ch{id}w{pid}");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let mut links = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let (near, far) = (format!("c{id}w{i}{pid}"), format!("c{id}x{i}{pid}"));
+            ip(&[
+                "link", "add", &near, "netns", host, "type", "veth", "peer", "name", &far, "netns",
+                &ns,
+            ]);
+            let sub = 4 + i;
+            ip(&[
+                "-n",
+                host,
+                "addr",
+                "add",
+                &format!("10.{net}.{sub}.2/24"),
+                "dev",
+                &near,
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.{net}.{sub}.1/24"),
+                "dev",
+                &far,
+            ]);
+            ip(&["-n", host, "link", "set", &near, "up"]);
+            ip(&["-n", &ns, "link", "set", &far, "up"]);
+            links.push(near);
+        }
+        let listen: Vec<SocketAddr> = (0..2)
+            .map(|i| format!("10.{net}.{}.1:2379", 4 + i).parse().unwrap())
+            .collect();
+        let etcd = common::Etcd::start_on(Some(&ns), &listen);
+        Self {
+            etcd,
+            ns,
+            links: [links[0].clone(), links[1].clone()],
+        }
+    }
 }
 
 impl Cluster {
     fn new(id: usize, dir: &Path, hold_output: bool, mode: Mode) -> Self {
+        Self::new_with(id, dir, hold_output, mode, false)
+    }
+
+    fn new_with(id: usize, dir: &Path, hold_output: bool, mode: Mode, witness: bool) -> Self {
         let pid = std::process::id() % 10_000;
         let net = 80 + id * 4;
         let ns = [format!("ch{id}a{pid}"), format!("ch{id}b{pid}")];
@@ -205,6 +276,7 @@ impl Cluster {
             ]);
             ip(&["-n", n, "link", "set", &inside, "up"]);
         }
+        let witness = witness.then(|| WitnessNet::new(id, pid, net, [&ns[0], &ns[1]]));
         let dir = dir.join(format!("cluster{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
@@ -233,7 +305,15 @@ control = "{b_control}"
 [tls]
 insecure = true
 dangerously_allow_insecure_network = true
+{witness}
 "#,
+                witness = if witness.is_some() {
+                    format!(
+                        "[witness]\nendpoints = [\"http://10.{net}.4.1:2379\"]\ntimeout = \"300ms\"\ncheck_interval = \"300ms\""
+                    )
+                } else {
+                    String::new()
+                },
                 state = dir.join("a").display(),
                 policy = if hold_output {
                     "hold-output"
@@ -247,18 +327,21 @@ dangerously_allow_insecure_network = true
             ),
         )
         .unwrap();
-        let host = |ns: &str, home, state: &str, control, console| Host {
-            ns: ns.to_owned(),
+        let host = |i: usize, home, state: &str, control, console| Host {
+            ns: ns[i].clone(),
             home,
             state: dir.join(state),
             control,
             console,
             child: None,
             frozen: false,
+            witness_endpoint: witness
+                .as_ref()
+                .map(|_| format!("http://10.{net}.{}.1:2379", 4 + i)),
         };
         let hosts = [
-            host(&ns[0], "primary", "a", a_control, a_console),
-            host(&ns[1], "backup", "b", b_control, b_console),
+            host(0, "primary", "a", a_control, a_console),
+            host(1, "backup", "b", b_control, b_console),
         ];
         let mut cluster = Self {
             id,
@@ -267,6 +350,7 @@ dangerously_allow_insecure_network = true
             link,
             runs: 0,
             dir,
+            witness,
         };
         cluster.start(1);
         cluster.start(0);
@@ -282,6 +366,19 @@ dangerously_allow_insecure_network = true
     fn cut(&self, cut: bool) {
         let state = if cut { "down" } else { "up" };
         ip(&["-n", &self.hosts[0].ns, "link", "set", &self.link, state]);
+    }
+
+    /// Cuts (or restores) host `h`'s link to the witness.
+    fn cut_witness(&self, h: usize, cut: bool) {
+        let w = self.witness.as_ref().expect("a cluster with a witness");
+        let state = if cut { "down" } else { "up" };
+        ip(&["-n", &self.hosts[h].ns, "link", "set", &w.links[h], state]);
+    }
+
+    /// Freezes (or thaws) etcd: a witness that does not answer anyone.
+    fn freeze_witness(&self, frozen: bool) {
+        let w = self.witness.as_ref().expect("a cluster with a witness");
+        w.etcd.freeze(frozen);
     }
 
     fn logs(&self) -> String {
@@ -334,6 +431,10 @@ impl Drop for Cluster {
         for h in &mut self.hosts {
             h.kill();
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
+        }
+        if let Some(mut w) = self.witness.take() {
+            w.etcd.kill();
+            let _ = Command::new("ip").args(["netns", "del", &w.ns]).output();
         }
     }
 }
@@ -404,22 +505,35 @@ async fn writer(
             match client.next(Duration::from_secs(3)).await {
                 Ok(Some(l)) => answers.push(l),
                 _ => {
-                    // Find the host that runs the VM and follow it there.
+                    // Find the host that runs the VM and follow it there:
+                    // first one that says it releases output (a primary
+                    // cut off from everything holds its output, and says
+                    // so), then any primary.
                     shared.lock().unwrap().reconnects += 1;
-                    for h in 0..2 {
+                    let mut candidates = Vec::new();
+                    for (h, control) in controls.iter().enumerate() {
                         let s = tokio::time::timeout(
                             Duration::from_millis(500),
-                            common::status(controls[h]),
+                            common::status(*control),
                         )
                         .await
                         .ok()
                         .flatten();
-                        if s.is_some_and(|s| s.role == "primary")
-                            && let Ok(Ok(())) = tokio::time::timeout(
-                                Duration::from_secs(2),
-                                client.reconnect(consoles[h]),
-                            )
-                            .await
+                        if let Some(s) = s.filter(|s| s.role == "primary") {
+                            let serving = matches!(
+                                s.state_kind.as_str(),
+                                "protected" | "unprotected-releasing" | "syncing"
+                            );
+                            candidates.push((!serving, h));
+                        }
+                    }
+                    candidates.sort();
+                    for (_, h) in candidates {
+                        if let Ok(Ok(())) = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            client.reconnect(consoles[h]),
+                        )
+                        .await
                         {
                             break;
                         }
@@ -482,17 +596,57 @@ const KEYS: u64 = 2000;
 /// The faults the check injects.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
-    KillPrimary { restart_after: Duration },
-    KillBackup { restart_after: Duration },
+    KillPrimary {
+        restart_after: Duration,
+    },
+    KillBackup {
+        restart_after: Duration,
+    },
     FreezePrimary(Duration),
     FreezeBackup(Duration),
     Switchover,
     CutLink(Duration),
+    /// With a witness: the primary cut from the backup and the witness.
+    CutPrimaryFromAll(Duration),
+    /// With a witness: the backup cut from the primary and the witness.
+    CutBackupFromAll(Duration),
+    /// With a witness: one host's link to the witness only.
+    CutWitnessLink {
+        primary: bool,
+        d: Duration,
+    },
+    /// With a witness: etcd frozen (answers nobody).
+    WitnessDown(Duration),
+    /// The replication link cut and healed `cuts` times in quick succession.
+    Flap {
+        cuts: u32,
+    },
 }
 
 impl Fault {
-    fn pick(rng: &mut Rng, hold_output: bool) -> Self {
-        match rng.below(if hold_output { 6 } else { 5 }) {
+    /// A random fault. Cuts of the replication link only where they cannot
+    /// split the pair: under hold-output, or with a witness.
+    fn pick(rng: &mut Rng, cuts_allowed: bool, witness: bool) -> Self {
+        if witness {
+            match rng.below(12) {
+                6 => return Fault::CutPrimaryFromAll(rng.millis(500, 4000)),
+                7 => return Fault::CutBackupFromAll(rng.millis(500, 4000)),
+                8 | 9 => {
+                    return Fault::CutWitnessLink {
+                        primary: rng.below(2) == 0,
+                        d: rng.millis(300, 3000),
+                    };
+                }
+                10 => return Fault::WitnessDown(rng.millis(300, 3000)),
+                11 => {
+                    return Fault::Flap {
+                        cuts: 2 + rng.below(6) as u32,
+                    };
+                }
+                _ => {}
+            }
+        }
+        match rng.below(if cuts_allowed { 6 } else { 5 }) {
             0 => Fault::KillPrimary {
                 // Quick restarts meet a backup still protecting the VM.
                 restart_after: if rng.below(2) == 0 {
@@ -557,6 +711,37 @@ async fn inject(cluster: &mut Cluster, primary: usize, fault: Fault, rng: &mut R
             cluster.cut(true);
             tokio::time::sleep(d).await;
             cluster.cut(false);
+        }
+        Fault::CutPrimaryFromAll(d) | Fault::CutBackupFromAll(d) => {
+            let h = if matches!(fault, Fault::CutPrimaryFromAll(_)) {
+                primary
+            } else {
+                backup
+            };
+            cluster.cut(true);
+            cluster.cut_witness(h, true);
+            tokio::time::sleep(d).await;
+            cluster.cut_witness(h, false);
+            cluster.cut(false);
+        }
+        Fault::CutWitnessLink { primary: p, d } => {
+            let h = if p { primary } else { backup };
+            cluster.cut_witness(h, true);
+            tokio::time::sleep(d).await;
+            cluster.cut_witness(h, false);
+        }
+        Fault::WitnessDown(d) => {
+            cluster.freeze_witness(true);
+            tokio::time::sleep(d).await;
+            cluster.freeze_witness(false);
+        }
+        Fault::Flap { cuts } => {
+            for _ in 0..cuts {
+                cluster.cut(true);
+                tokio::time::sleep(rng.millis(50, 400)).await;
+                cluster.cut(false);
+                tokio::time::sleep(rng.millis(50, 400)).await;
+            }
         }
     }
 }
@@ -626,8 +811,9 @@ async fn run_cluster(
     mode: Mode,
     faults: usize,
     seed: u64,
+    witness: bool,
 ) {
-    let mut cluster = Cluster::new(id, &dir, hold_output, mode);
+    let mut cluster = Cluster::new_with(id, &dir, hold_output, mode, witness);
     let mut rng = Rng(seed);
     cluster
         .wait_protected(Duration::from_secs(60))
@@ -651,7 +837,7 @@ async fn run_cluster(
         };
         // Let the writer get some work acked under protection.
         tokio::time::sleep(rng.millis(200, 800)).await;
-        let fault = Fault::pick(&mut rng, hold_output);
+        let fault = Fault::pick(&mut rng, hold_output || witness, witness);
         eprintln!("cluster {id}: fault {n}: {fault:?} (primary: host {primary})");
         inject(&mut cluster, primary, fault, &mut rng).await;
         if let Err(e) = cluster.wait_protected(Duration::from_secs(90)).await {
@@ -711,7 +897,7 @@ async fn run_cluster(
             / 1e3
     };
     eprintln!(
-        "cluster {id} ({mode:?} mode, {}): {faults} faults in {:?}, {} acked writes all present after every \
+        "cluster {id} ({mode:?} mode, {}{}): {faults} faults in {:?}, {} acked writes all present after every \
          recovery, {} answers exactly once ({} reconnects), 0 windows with two primaries serving; \
          SET round trip p50 {:.1} ms, p99 {:.1} ms",
         if hold_output {
@@ -719,6 +905,7 @@ async fn run_cluster(
         } else {
             "keep-running"
         },
+        if witness { ", etcd witness" } else { "" },
         started.elapsed(),
         s.acked.len(),
         s.answered,
@@ -751,6 +938,7 @@ async fn chaos(faults: usize, mode: Mode) {
         mode,
         faults,
         seed,
+        false,
     ));
     let b = tokio::spawn(run_cluster(
         1,
@@ -759,6 +947,7 @@ async fn chaos(faults: usize, mode: Mode) {
         mode,
         faults,
         seed ^ 0x5555,
+        false,
     ));
     let (a, b) = tokio::join!(a, b);
     if a.is_err() || b.is_err() {
@@ -793,7 +982,55 @@ async fn chaos_long() {
         Ok("replay") => Mode::Replay,
         _ => Mode::Checkpoint,
     };
-    chaos(faults, mode).await;
+    if std::env::var("UNDERSTUDY_CHAOS_WITNESS").is_ok_and(|v| v == "1") {
+        chaos_witness(faults, mode).await;
+    } else {
+        chaos(faults, mode).await;
+    }
+}
+
+/// One keep-running pair with an etcd witness in a third namespace, under
+/// every fault of `chaos` plus partitions of each host from the witness,
+/// from everything, a frozen witness and a flapping link.
+async fn chaos_witness(faults: usize, mode: Mode) {
+    common::require_kvm();
+    let _serial = common::serial().await;
+    let seed = std::env::var("UNDERSTUDY_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("chaos seed {seed} (UNDERSTUDY_CHAOS_SEED={seed} repeats this run)");
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("daemon logs in {}", dir.path().display());
+    let run = tokio::spawn(run_cluster(
+        3,
+        dir.path().to_owned(),
+        false,
+        mode,
+        faults,
+        seed,
+        true,
+    ));
+    if run.await.is_err() {
+        let kept = dir.keep();
+        panic!(
+            "the fault check failed (see above); daemon logs kept in {}",
+            kept.display()
+        );
+    }
+}
+
+/// Random partitions with a witness (CI's short run; the long one is
+/// `UNDERSTUDY_CHAOS_WITNESS=1 UNDERSTUDY_CHAOS_FAULTS=120 … chaos_long`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_witness() {
+    chaos_witness(10, Mode::Checkpoint).await;
 }
 
 #[test]
@@ -850,4 +1087,120 @@ async fn the_checker_sees_two_primaries_when_a_partition_splits_a_keep_running_p
         cluster.logs()
     );
     eprintln!("the checker saw: {}", dual[0]);
+}
+
+/// The partitions of a pair with an etcd witness, one at a time, under
+/// keep-running with a kv writer: never two hosts releasing output, no
+/// acked write lost, and the VM served during each partition in which a
+/// majority of the three parties can talk:
+///
+/// | partition | majority | who serves |
+/// |---|---|---|
+/// | replication link cut | both hosts with the witness | whoever swaps first |
+/// | primary cut from everything | backup + witness | the backup (promotes) |
+/// | backup cut from everything | primary + witness | the primary (alone) |
+/// | witness frozen | primary + backup | the primary (protected) |
+/// | replication link flapping | all | either |
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_witness_no_partition_splits_a_keep_running_pair_and_a_majority_serves() {
+    common::require_kvm();
+    let _serial = common::serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new_with(4, dir.path(), false, Mode::Checkpoint, true);
+    let mut rng = Rng(0x5eed);
+    let mut primary = cluster
+        .wait_protected(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(1);
+    let writer = tokio::spawn(writer(
+        [cluster.hosts[0].console, cluster.hosts[1].console],
+        [cluster.hosts[0].control, cluster.hosts[1].control],
+        shared.clone(),
+        verify_rx,
+        stop.clone(),
+    ));
+    let hold = Duration::from_secs(8);
+    let scenarios = [
+        Fault::CutLink(hold),
+        Fault::CutPrimaryFromAll(hold),
+        Fault::CutBackupFromAll(hold),
+        Fault::WitnessDown(hold),
+        Fault::Flap { cuts: 6 },
+    ];
+    for fault in scenarios {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let answered = || shared.lock().unwrap().answered;
+        // What was answered in the second half of the partition.
+        let halfway = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                // inject() waits up to 400 ms before it cuts.
+                tokio::time::sleep(Duration::from_millis(400) + hold / 2).await;
+                shared.lock().unwrap().answered
+            })
+        };
+        eprintln!("witness partitions: {fault:?} (primary: host {primary})");
+        let before = common::status(cluster.hosts[primary].control).await;
+        inject(&mut cluster, primary, fault, &mut rng).await;
+        let at_end = answered();
+        let halfway = halfway.await.unwrap();
+        if !matches!(fault, Fault::Flap { .. }) {
+            assert!(
+                at_end > halfway,
+                "nothing served in the second half of {fault:?} though a majority could talk\n{}",
+                cluster.logs()
+            );
+        }
+        let now = cluster
+            .wait_protected(Duration::from_secs(90))
+            .await
+            .unwrap_or_else(|e| panic!("after {fault:?}: {e}\n{}", cluster.logs()));
+        match fault {
+            Fault::CutPrimaryFromAll(_) => assert_eq!(now, 1 - primary, "the backup took over"),
+            Fault::CutBackupFromAll(_) => assert_eq!(now, primary, "the primary ran on"),
+            Fault::WitnessDown(_) => {
+                assert_eq!(now, primary, "nothing moved");
+                let after = common::status(cluster.hosts[now].control).await.unwrap();
+                assert_eq!(
+                    before.map(|s| s.generation),
+                    Some(after.generation),
+                    "a witness that is down moves no one"
+                );
+            }
+            _ => {}
+        }
+        primary = now;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        verify_tx.send(tx).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(180), rx)
+            .await
+            .unwrap_or_else(|_| panic!("the check of acked keys stalled\n{}", cluster.logs()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the writer stopped after {fault:?}: {:?}\n{}",
+                    shared.lock().unwrap().violations,
+                    cluster.logs()
+                )
+            });
+        let v = shared.lock().unwrap().violations.clone();
+        assert!(v.is_empty(), "after {fault:?}: {v:?}\n{}", cluster.logs());
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    let dual = check_releases(&releases(&cluster.dir));
+    assert!(
+        dual.is_empty(),
+        "two primaries served: {dual:?}\n{}",
+        cluster.logs()
+    );
+    let s = shared.lock().unwrap();
+    eprintln!(
+        "with a witness: 5 partitions, {} acked writes all present, {} answers, 0 windows with two \
+         primaries serving",
+        s.acked.len(),
+        s.answered
+    );
 }

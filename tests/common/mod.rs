@@ -697,6 +697,7 @@ impl Drop for Destination {
 pub struct Etcd {
     child: Option<Child>,
     pub client: SocketAddr,
+    listen: String,
     netns: Option<String>,
     data: tempfile::TempDir,
     log: PathBuf,
@@ -705,11 +706,22 @@ pub struct Etcd {
 impl Etcd {
     /// Starts it and waits until it answers.
     pub fn start(netns: Option<&str>, client: SocketAddr) -> Self {
+        Self::start_on(netns, &[client])
+    }
+
+    /// Starts it serving clients on every address of `listen` (the first
+    /// is the one it advertises and `ctl` uses).
+    pub fn start_on(netns: Option<&str>, listen: &[SocketAddr]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let log = data.path().join("etcd.log");
         let mut etcd = Self {
             child: None,
-            client,
+            client: listen[0],
+            listen: listen
+                .iter()
+                .map(|a| format!("http://{a}"))
+                .collect::<Vec<_>>()
+                .join(","),
             netns: netns.map(str::to_owned),
             data,
             log,
@@ -726,7 +738,7 @@ impl Etcd {
         );
         let peer = format!("http://127.0.0.1:{}", free_port());
         let url = format!("http://{}", self.client);
-        let listen = format!("http://{}", self.client);
+        let listen = self.listen.clone();
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
