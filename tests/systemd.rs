@@ -199,6 +199,11 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "max_held_output_kib",
         "console_max_clients",
         "incoming_from",
+        "endpoints",
+        "prefix",
+        "timeout",
+        "check_interval",
+        "server_name",
     ] {
         assert!(
             text.contains(&format!("{field} =")),

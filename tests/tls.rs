@@ -559,3 +559,82 @@ async fn a_destination_takes_a_migration_only_from_the_hosts_it_names() {
     let code = pair.wait_primary_exit(Duration::from_secs(10));
     assert!(code.success(), "{}", pair.logs());
 }
+
+/// The witness over mutual TLS: etcd requires client certificates from its
+/// CA; a host with the right files swaps the key, one whose certificate
+/// another CA signed is not let in (the witness is unreachable to it, so it
+/// takes no role), and neither is one that expects another server name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_witness_speaks_to_etcd_over_mutual_tls_only() {
+    use understudy_common::witness::{Claim, Swap, Witness, WitnessConfig, WitnessError};
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "etcd-ca");
+    make_ca(d, "other-ca");
+    let (server_cert, server_key) = make_cert(d, "etcd-ca", "etcd");
+    let (client_cert, client_key) = make_cert(d, "etcd-ca", "host-a");
+    let (stranger_cert, stranger_key) = make_cert(d, "other-ca", "stranger");
+    let ca = d.join("etcd-ca.pem");
+    let etcd = common::Etcd::start_tls(common::free_addr(), [ca.clone(), server_cert, server_key]);
+    let stats = std::sync::Arc::new(understudy_common::status::Stats::new(
+        "vm1",
+        understudy_common::ids::Role::Primary,
+        String::new(),
+        1,
+    ));
+    let config = |cert: &Path, key: &Path, server_name: Option<&str>| WitnessConfig {
+        endpoints: vec![format!("https://{}", etcd.client)],
+        tls: Some(understudy_common::wire::TlsFiles {
+            ca: ca.clone(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        }),
+        server_name: server_name.map(str::to_owned),
+        prefix: "/understudy/".into(),
+        timeout: Duration::from_secs(2),
+        check_interval: Duration::from_secs(1),
+    };
+    let claim = Claim {
+        generation: understudy_common::ids::Generation(1),
+        owner: "a".into(),
+        protected: false,
+    };
+    let host = Witness::new(
+        &config(&client_cert, &client_key, None),
+        "vm1",
+        "a".into(),
+        stats.clone(),
+    )
+    .unwrap();
+    let won = host.swap("boot", None, &claim).await.unwrap();
+    assert!(matches!(won, Swap::Won(_)), "{won:?}");
+    assert_eq!(
+        etcd.get("/understudy/vm1"),
+        "generation=1 owner=a state=unprotected"
+    );
+    for (what, witness) in [
+        (
+            "a certificate from another CA",
+            Witness::new(
+                &config(&stranger_cert, &stranger_key, None),
+                "vm1",
+                "s".into(),
+                stats.clone(),
+            )
+            .unwrap(),
+        ),
+        (
+            "another server name",
+            Witness::new(
+                &config(&client_cert, &client_key, Some("elsewhere.example")),
+                "vm1",
+                "a".into(),
+                stats.clone(),
+            )
+            .unwrap(),
+        ),
+    ] {
+        let e = witness.read().await.unwrap_err();
+        assert!(matches!(e, WitnessError::Unreachable(_)), "{what}: {e}");
+    }
+}

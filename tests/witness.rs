@@ -269,8 +269,40 @@ async fn without_an_answer_from_the_witness_nobody_takes_a_new_role() {
         |s| s.state_kind == "witness-unreachable",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    // Hellos keep the backup's async side taking its state lock while the
+    // backup asks the witness again and again. A promotion that held that
+    // lock across its request to etcd once starved the runtime that carries
+    // the request, and the backup hung for good (found by the long chaos run).
+    let replication = pair.addrs.replication;
+    let callers: Vec<_> = (0..4u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until {
+                    let Ok(mut c) =
+                        understudy_proto::replication_client::ReplicationClient::connect(format!(
+                            "http://{replication}"
+                        ))
+                        .await
+                    else {
+                        continue;
+                    };
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(500), c.hello(hello(i))).await;
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
+    let s = tokio::time::timeout(
+        Duration::from_secs(2),
+        common::status(pair.addrs.backup_control),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the backup stopped answering\n{}", pair.logs()))
+    .unwrap();
     assert_eq!(s.role, "backup", "promoted without the witness: {s:?}");
 
     let thawed = Instant::now();
@@ -285,6 +317,23 @@ async fn without_an_answer_from_the_witness_nobody_takes_a_new_role() {
         "{}",
         etcd.get(key)
     );
+}
+
+/// A Hello as a primary of the test pair would send it (session `n`).
+fn hello(n: u64) -> understudy_proto::HelloRequest {
+    understudy_proto::HelloRequest {
+        protocol_version: understudy_proto::PROTOCOL_VERSION,
+        vm_id: "test-vm".into(),
+        generation: 1,
+        ram_bytes: 16 << 20,
+        session: n + 1,
+        incarnation: 0x1234_5678,
+        previous: None,
+        heartbeat_key: vec![7; 32].into(),
+        mode: 0,
+        migration: false,
+        witness_key: "/understudy/test-vm".into(),
+    }
 }
 
 /// One host with a witness and one without: the primary is refused at its

@@ -285,10 +285,68 @@ pub(crate) fn promote(
     state_bytes: &[u8],
 ) -> Result<Promoted, PromotionError> {
     let started = Instant::now();
+    // The witness's key moves here first, or the source runs on; asked
+    // without the state lock (see `promotion::promote`).
+    let witnessed = match &shared.opts.witness {
+        Some(w) => {
+            let generation = {
+                let state = shared.lock();
+                let Phase::Standby(standby) = &state.phase else {
+                    return Err(PromotionError::AlreadyRunning(shared.generation()));
+                };
+                standby.generation
+            };
+            let won = crate::promotion::claim_witness(
+                w,
+                "take over by post-copy",
+                false,
+                generation,
+                generation.next(),
+            )?;
+            Some((w, won, generation))
+        }
+        None => None,
+    };
+    let result = promote_locked(
+        shared,
+        started,
+        session,
+        epoch,
+        valid,
+        zero,
+        state_bytes,
+        witnessed.as_ref().map(|w| w.2),
+    );
+    if let Some((w, won, _)) = &witnessed
+        && result.is_err()
+    {
+        crate::promotion::give_back(w, won);
+    }
+    result
+}
+
+/// The post-copy promotion under the state lock; `seen`: the generation the
+/// witness's claim was for (None: no witness).
+#[allow(clippy::too_many_arguments)]
+fn promote_locked(
+    shared: &Arc<Shared>,
+    started: Instant,
+    session: u64,
+    epoch: u64,
+    valid: &[u8],
+    zero: &[u8],
+    state_bytes: &[u8],
+    seen: Option<Generation>,
+) -> Result<Promoted, PromotionError> {
     let mut state = shared.lock();
     let Phase::Standby(standby) = &mut state.phase else {
         return Err(PromotionError::AlreadyRunning(shared.generation()));
     };
+    if seen.is_some_and(|g| g != standby.generation) {
+        return Err(PromotionError::WitnessRefused(
+            "this host's generation changed while the witness was asked".into(),
+        ));
+    }
     let ours = standby
         .session
         .as_ref()
@@ -397,21 +455,6 @@ pub(crate) fn promote(
         stop: AtomicBool::new(false),
     });
     let new_generation = standby.generation.next();
-    // The witness's key moves here, or the source runs on (asked before
-    // the helper threads start: a refusal just drops the VM).
-    let witnessed = match &shared.opts.witness {
-        Some(w) => Some((
-            w,
-            crate::promotion::claim_witness(
-                w,
-                "take over by post-copy",
-                false,
-                standby.generation,
-                new_generation,
-            )?,
-        )),
-        None => None,
-    };
     let console_stop = Arc::new(AtomicBool::new(false));
     let console_thread = crate::promotion::start_console_output(
         console.output.clone(),
@@ -429,9 +472,6 @@ pub(crate) fn promote(
     if let Err(source) = standby.store.go_live(new_generation.0) {
         pager.stop.store(true, Ordering::Release);
         console_stop.store(true, Ordering::Release);
-        if let Some((w, won)) = witnessed {
-            crate::promotion::give_back(w, &won);
-        }
         return Err(PromotionError::RecordGeneration {
             generation: new_generation,
             source,

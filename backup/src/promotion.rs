@@ -390,8 +390,57 @@ pub(crate) fn promote(
     trigger: Trigger,
 ) -> Result<Option<Promoted>, PromotionError> {
     let started = Instant::now();
-    let mut state = shared.lock();
-    let standby = match &mut state.phase {
+    // The witness agrees first, or nothing happens (see `claim_witness`). It
+    // is asked without the state lock: the async side takes that lock, and
+    // a runtime whose workers wait for it cannot carry the request to etcd.
+    let witnessed = match &shared.opts.witness {
+        Some(w) => {
+            let seen = {
+                let mut state = shared.lock();
+                match trigger_holds(shared, &mut state.phase, trigger)? {
+                    Some(seen) => seen,
+                    None => return Ok(None),
+                }
+            };
+            let needs_protected = matches!(trigger, Trigger::Silence(_) | Trigger::Restart);
+            let won = claim_witness(
+                w,
+                decision(trigger),
+                needs_protected,
+                seen.generation,
+                seen.generation.next(),
+            )?;
+            Some((w, won, seen))
+        }
+        None => None,
+    };
+    let result = promote_locked(shared, trigger, started, witnessed.as_ref().map(|w| w.2));
+    if let Some((w, won, _)) = &witnessed
+        && !matches!(result, Ok(Some(_)))
+    {
+        // The key moved here but the VM does not run here: give it back,
+        // so the primary (if it lives) may go on.
+        give_back(w, won);
+    }
+    result
+}
+
+/// What a promotion checked before it asked the witness: the same must hold
+/// once it holds the state lock again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    generation: Generation,
+    session: Option<u64>,
+}
+
+/// Whether `trigger` still calls for a promotion (None: it no longer does,
+/// nothing to do), and what it saw.
+fn trigger_holds(
+    shared: &Shared,
+    phase: &mut Phase,
+    trigger: Trigger,
+) -> Result<Option<Seen>, PromotionError> {
+    let standby = match phase {
         Phase::Standby(s) => s,
         Phase::Promoted(_) | Phase::HandedOver(_) | Phase::Postcopy(_) | Phase::Failed(_) => {
             return match trigger {
@@ -434,6 +483,43 @@ pub(crate) fn promote(
         }
         Trigger::Restart => {}
     }
+    Ok(Some(Seen {
+        generation: standby.generation,
+        session: standby.session.as_ref().map(|s| s.id),
+    }))
+}
+
+/// The promotion itself, under the state lock; `seen` is what the checks
+/// saw before the witness was asked (None: no witness).
+fn promote_locked(
+    shared: &Arc<Shared>,
+    trigger: Trigger,
+    started: Instant,
+    seen: Option<Seen>,
+) -> Result<Option<Promoted>, PromotionError> {
+    let mut state = shared.lock();
+    let now = match trigger_holds(shared, &mut state.phase, trigger)? {
+        Some(now) => now,
+        None => return Ok(None),
+    };
+    if seen.is_some_and(|seen| seen != now) {
+        // A new session or another promotion while the witness answered:
+        // the claim was for a state that is gone.
+        tracing::warn!(
+            ?seen,
+            ?now,
+            "the backup's state changed while the witness was asked: not promoting"
+        );
+        return match trigger {
+            Trigger::Silence(_) => Ok(None),
+            _ => Err(PromotionError::WitnessRefused(
+                "this host's state changed while the witness was asked; ask again".into(),
+            )),
+        };
+    }
+    let Phase::Standby(standby) = &mut state.phase else {
+        return Ok(None);
+    };
     let replay = standby
         .session
         .as_ref()
@@ -443,23 +529,6 @@ pub(crate) fn promote(
         None => prepare(standby, replay)?,
     };
     let new_generation = standby.generation.next();
-    // The witness agrees, or nothing happens (see `claim_witness`). Asked
-    // before any helper thread starts: a refusal drops the prepared VM, and
-    // nothing may take that for the end of a running one.
-    let witnessed = match &shared.opts.witness {
-        Some(w) => {
-            let needs_protected = matches!(trigger, Trigger::Silence(_) | Trigger::Restart);
-            let won = claim_witness(
-                w,
-                decision(trigger),
-                needs_protected,
-                standby.generation,
-                new_generation,
-            )?;
-            Some((w, won))
-        }
-        None => None,
-    };
     // Start the helper threads before the point of no return (they only
     // wait; a failure to start them changes nothing).
     let log = shared.host.log.clone();
@@ -496,9 +565,6 @@ pub(crate) fn promote(
         // its channels). The old generation stands.
         drop(prepared);
         drop((output_thread, watch_thread));
-        if let Some((w, won)) = witnessed {
-            give_back(w, &won);
-        }
         return Err(PromotionError::RecordGeneration {
             generation: new_generation,
             source,

@@ -699,6 +699,9 @@ pub struct Etcd {
     pub client: SocketAddr,
     listen: String,
     netns: Option<String>,
+    /// Client TLS: the CA, etcd's certificate and key (clients must present
+    /// a certificate the CA signed).
+    tls: Option<[PathBuf; 3]>,
     data: tempfile::TempDir,
     log: PathBuf,
 }
@@ -723,11 +726,35 @@ impl Etcd {
                 .collect::<Vec<_>>()
                 .join(","),
             netns: netns.map(str::to_owned),
+            tls: None,
             data,
             log,
         };
         etcd.spawn();
         etcd
+    }
+
+    /// Starts it serving clients over mutual TLS on `client` (https):
+    /// `tls` is the CA, etcd's certificate and its key; `ctl` presents the
+    /// same certificate as a client.
+    pub fn start_tls(client: SocketAddr, tls: [PathBuf; 3]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let log = data.path().join("etcd.log");
+        let mut etcd = Self {
+            child: None,
+            client,
+            listen: format!("https://{client}"),
+            netns: None,
+            tls: Some(tls),
+            data,
+            log,
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     fn spawn(&mut self) {
@@ -737,7 +764,7 @@ impl Etcd {
             "these tests need etcd as the witness: apt-get install etcd-server"
         );
         let peer = format!("http://127.0.0.1:{}", free_port());
-        let url = format!("http://{}", self.client);
+        let url = format!("{}://{}", self.scheme(), self.client);
         let listen = self.listen.clone();
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -765,6 +792,14 @@ impl Etcd {
                 "--election-timeout",
                 "500",
             ])
+            .args(self.tls.iter().flat_map(|[ca, cert, key]| {
+                [
+                    "--client-cert-auth".into(),
+                    format!("--trusted-ca-file={}", ca.display()),
+                    format!("--cert-file={}", cert.display()),
+                    format!("--key-file={}", key.display()),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.log).unwrap());
@@ -787,7 +822,7 @@ impl Etcd {
 
     /// Runs `etcdctl` (v3 API) against it.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let endpoint = format!("--endpoints=http://{}", self.client);
+        let endpoint = format!("--endpoints={}://{}", self.scheme(), self.client);
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -798,6 +833,13 @@ impl Etcd {
         };
         cmd.env("ETCDCTL_API", "3")
             .arg(endpoint)
+            .args(self.tls.iter().flat_map(|[ca, cert, key]| {
+                [
+                    format!("--cacert={}", ca.display()),
+                    format!("--cert={}", cert.display()),
+                    format!("--key={}", key.display()),
+                ]
+            }))
             .arg("--command-timeout=2s")
             .args(args)
             .output()

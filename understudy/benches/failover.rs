@@ -4,8 +4,12 @@
 //! planned switchovers back and forth on one pair: how long the guest stops,
 //! the gap a console client sees, and the re-protection sync.
 //!
+//! The SIGKILL drills alternate between a pair without a witness and one
+//! with an etcd witness on loopback (Debian's `etcd-server`), so the two
+//! figures come from the same run.
+//!
 //! Run: `cargo bench -p understudy --bench failover`; `UNDERSTUDY_DRILLS=N`
-//! sets the trial count (default 20; half as many switchovers).
+//! sets the trial count (default 20 of each; half as many switchovers).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
@@ -28,6 +32,61 @@ struct Swap {
     restore: f64,
     gap: f64,
     reprotect: f64,
+}
+
+/// etcd on a loopback port, killed when dropped.
+struct Etcd {
+    child: std::process::Child,
+    url: String,
+    data: std::path::PathBuf,
+}
+
+impl Etcd {
+    fn start(dir: &std::path::Path) -> Self {
+        let client = understudy::pair::unused_loopback_addr().unwrap();
+        let peer = understudy::pair::unused_loopback_addr().unwrap();
+        let data = dir.join("etcd");
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(dir).unwrap();
+        let url = format!("http://{client}");
+        let peer_url = format!("http://{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "witness", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("witness={peer_url}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("the failover bench needs etcd (apt-get install etcd-server): {e}")
+            });
+        let started = Instant::now();
+        while std::net::TcpStream::connect(client).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "etcd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, url, data }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
 }
 
 /// `n` switchovers back and forth on one pair (counter guest, a line every
@@ -114,8 +173,11 @@ fn main() {
         .unwrap();
     let dir =
         std::env::temp_dir().join(format!("understudy-bench-failover-{}", std::process::id()));
+    let etcd = Etcd::start(&dir.join("witness"));
     let mut reports = Vec::new();
-    for i in 0..trials {
+    let mut witnessed = Vec::new();
+    for i in 0..trials * 2 {
+        let with_witness = i % 2 == 1;
         let opts = DemoOptions {
             run_for: Duration::from_millis(700 + 37 * i as u64 % 300),
             after: Duration::from_millis(200),
@@ -126,11 +188,18 @@ fn main() {
             kind: understudy::drill::DrillKind::Kill,
             progress: false,
             mode: understudy_common::ids::ReplicationMode::Checkpoint,
+            // A fresh key per drill: each pair starts at generation 1.
+            witness: with_witness.then(|| (etcd.url.clone(), format!("/bench/{i}/"))),
         };
         let r = runtime.block_on(drill(&opts)).unwrap();
         assert!(r.seamless, "drill {i}: console sequence broken");
-        reports.push(r);
+        if with_witness {
+            witnessed.push(r);
+        } else {
+            reports.push(r);
+        }
     }
+    drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
     let mut report = Report::new(
         "failover",
@@ -170,6 +239,48 @@ fn main() {
         &ms(|r| r.output_gap),
     );
     report.table(table);
+    let mut table = Table::new(
+        "The same drills with an etcd witness (one member on loopback, default timeouts), \
+         alternating with the drills above in one run: the backup swaps the witness's key \
+         before its VM runs",
+        &["ms", "p50", "p99", "min", "max"],
+    );
+    let wms = |f: fn(&understudy::demo::DrillReport) -> Duration| {
+        witnessed
+            .iter()
+            .map(|r| f(r).as_secs_f64() * 1e3)
+            .collect::<Vec<_>>()
+    };
+    let w_failover = wms(|r| r.failover);
+    quantiles(
+        &mut table,
+        "failover: SIGKILL → backup's first byte",
+        &w_failover,
+    );
+    quantiles(
+        &mut table,
+        "  detection: silence before promoting",
+        &wms(|r| r.detection),
+    );
+    quantiles(
+        &mut table,
+        "  resume: promotion → VM running",
+        &wms(|r| r.resume),
+    );
+    let swap: Vec<f64> = witnessed
+        .iter()
+        .filter_map(|r| r.witness.as_ref())
+        .filter(|w| w.last_outcome == "won")
+        .map(|w| w.last_decision_micros as f64 / 1e3)
+        .collect();
+    assert_eq!(
+        swap.len(),
+        witnessed.len(),
+        "every promotion won the witness's swap"
+    );
+    quantiles(&mut table, "    of which the etcd swap", &swap);
+    report.table(table);
+    let w_p50 = quantile(&w_failover, 0.5);
     report.chart(Chart {
         name: "failover-distribution".into(),
         title: format!("Failover time over {trials} SIGKILL drills (cumulative)"),
@@ -179,6 +290,7 @@ fn main() {
         log_y: false,
         series: vec![
             cdf("failover (SIGKILL → first byte)", &failover),
+            cdf("failover with the etcd witness", &w_failover),
             cdf("detection", &detection),
             cdf("resume", &resume),
         ],
@@ -222,6 +334,12 @@ fn main() {
         "under 300 ms",
         format!("{p99:.0} ms"),
         p99 < 300.0,
+    );
+    report.target(
+        "failover median with the etcd witness",
+        "under 200 ms",
+        format!("{w_p50:.0} ms"),
+        w_p50 < 200.0,
     );
     report.finish().unwrap();
 }

@@ -49,6 +49,9 @@ pub struct DemoOptions {
     pub kind: DrillKind,
     /// How the pair replicates.
     pub mode: ReplicationMode,
+    /// An etcd witness for the pair: its client URL and the key prefix (a
+    /// new one for each drill: a new pair starts at generation 1), or none.
+    pub witness: Option<(String, String)>,
 }
 
 /// Guests a drill can run: both print a number per line that must carry on.
@@ -140,6 +143,9 @@ pub struct DrillReport {
     /// Replay mode: how far the backup's replica was behind the primary's
     /// log just before the failure.
     pub replica_lag_ms: f64,
+    /// The promoted host's last decision through the etcd witness (a pair
+    /// with `[witness]`).
+    pub witness: Option<understudy_proto::WitnessStatus>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -245,9 +251,15 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         &dir,
         "demo",
         &format!(
-            "{}\nmemory_mib = {DEMO_MIB}\nmode = \"{}\"",
+            "{}\nmemory_mib = {DEMO_MIB}\nmode = \"{}\"\n{}",
             opts.guest.config(),
-            opts.mode
+            opts.mode,
+            opts.witness
+                .as_ref()
+                .map(|(url, prefix)| format!(
+                    "[witness]\nendpoints = [\"{url}\"]\nprefix = \"{prefix}\"\n"
+                ))
+                .unwrap_or_default()
         ),
     )?;
     let PairAddrs {
@@ -382,5 +394,6 @@ pub async fn drill(opts: &DemoOptions) -> Result<DrillReport> {
         values,
         mode: before.mode.clone(),
         replica_lag_ms: before.replica_lag_millis,
+        witness: after.witness.clone(),
     })
 }

@@ -96,6 +96,14 @@ pub struct Report {
     pub pause_p99_us: f64,
     /// The guest's progress carried on across the failover.
     pub continued: bool,
+    /// A pair with an etcd witness: the promoted host's decision through it
+    /// (e.g. "promote after silence"), how it ended and how long the swap
+    /// took (part of the resume time).
+    pub witness_decision: Option<String>,
+    /// See `witness_decision`.
+    pub witness_outcome: Option<String>,
+    /// See `witness_decision`.
+    pub witness_ms: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -196,6 +204,12 @@ fn analyse(
         pause_p50_us: r.pause_p50_us,
         pause_p99_us: r.pause_p99_us,
         continued: r.seamless,
+        witness_decision: r.witness.as_ref().map(|w| w.last_decision.clone()),
+        witness_outcome: r.witness.as_ref().map(|w| w.last_outcome.clone()),
+        witness_ms: r
+            .witness
+            .as_ref()
+            .map(|w| w.last_decision_micros as f64 / 1e3),
     }
 }
 
@@ -220,9 +234,19 @@ pub fn render(r: &Report) -> String {
         )),
     }
     text.push_str(&format!(
-        "\x20 resume            {:>10.1} ms   promotion → VM running\n\
-         disruption          {:>10.1} ms   {event} → console back at its normal pace\n",
-        r.resume_ms, r.disruption_ms,
+        "\x20 resume            {:>10.1} ms   promotion → VM running\n",
+        r.resume_ms,
+    ));
+    if let (Some(decision), Some(outcome), Some(ms)) =
+        (&r.witness_decision, &r.witness_outcome, r.witness_ms)
+    {
+        text.push_str(&format!(
+            "\x20   witness         {ms:>10.1} ms   the etcd swap ({decision}: {outcome}), part of resume\n"
+        ));
+    }
+    text.push_str(&format!(
+        "disruption          {:>10.1} ms   {event} → console back at its normal pace\n",
+        r.disruption_ms,
     ));
     match r.sync_seconds {
         Some(sync) => text.push_str(&format!(
@@ -351,6 +375,7 @@ pub async fn run(opts: DrillOptions) -> Result<Report> {
                 guest: DrillGuest::Dirtier,
                 kind: opts.kind,
                 mode: opts.mode,
+                witness: None,
             })
             .await?;
             let report = analyse(
@@ -498,6 +523,7 @@ async fn remote(opts: &DrillOptions, config_path: &Path) -> Result<(DrillReport,
         bytes_both_ways: after.bytes_shipped.saturating_sub(new_before.bytes_shipped),
         mode: before.mode.clone(),
         replica_lag_ms: before.replica_lag_millis,
+        witness: after.witness.clone(),
     };
     Ok((report, config.guest.to_string()))
 }

@@ -376,5 +376,30 @@ pub fn render(s: &StatusReply) -> String {
             ),
         ));
     }
+    if let Some(w) = &s.witness {
+        let mut line = if w.reachable {
+            format!(
+                "reachable; key holds \"{}\"",
+                if w.claim.is_empty() {
+                    "nothing yet"
+                } else {
+                    &w.claim
+                }
+            )
+        } else if w.error.is_empty() {
+            "not asked yet".to_owned()
+        } else {
+            format!("UNREACHABLE ({})", w.error)
+        };
+        if !w.last_decision.is_empty() {
+            line.push_str(&format!(
+                "; last decision: {} ({}, {:.1} ms)",
+                w.last_decision,
+                w.last_outcome,
+                w.last_decision_micros as f64 / 1e3
+            ));
+        }
+        rows.push(("witness", line));
+    }
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
 }

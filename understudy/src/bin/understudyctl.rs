@@ -387,6 +387,7 @@ fn main() -> ExitCode {
             guest: understudy::demo::DrillGuest::Counter,
             kind: understudy::drill::DrillKind::Kill,
             progress: false,
+            witness: None,
         })),
     };
     match result {
