@@ -35,6 +35,8 @@ mod promotion;
 mod receiver;
 mod replica;
 mod service;
+#[cfg(test)]
+mod tests;
 mod watch;
 
 use std::net::SocketAddr;

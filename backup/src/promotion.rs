@@ -428,14 +428,14 @@ pub(crate) fn promote(
 /// What a promotion checked before it asked the witness: the same must hold
 /// once it holds the state lock again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Seen {
+pub(crate) struct Seen {
     generation: Generation,
     session: Option<u64>,
 }
 
 /// Whether `trigger` still calls for a promotion (None: it no longer does,
 /// nothing to do), and what it saw.
-fn trigger_holds(
+pub(crate) fn trigger_holds(
     shared: &Shared,
     phase: &mut Phase,
     trigger: Trigger,

@@ -1,0 +1,305 @@
+//! The backup's decisions without KVM or sockets: the real `Hello` handler,
+//! epoch receiver and promotion checks over an image store in a temporary
+//! directory, fed chunks made by the primary's own encoder.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request};
+use understudy_checkpoint::epoch::StagingBuffers;
+use understudy_checkpoint::store::{ImageStore, StoreOptions};
+use understudy_checkpoint::{CodecPolicy, EpochKind, SenderState};
+use understudy_common::ids::{Generation, Role};
+use understudy_common::role::HostIo;
+use understudy_common::status::Stats;
+use understudy_proto::replication_server::Replication;
+use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
+
+use crate::promotion::{PromotionError, Trigger};
+use crate::service::ReplicationService;
+use crate::{BackupOptions, Phase, Shared, Standby, State};
+
+const RAM: u64 = 1 << 20;
+const PAGES: u32 = (RAM / 4096) as u32;
+
+/// A standby backup of VM "vm" over a fresh image in `dir`.
+fn backup(dir: &std::path::Path) -> Arc<Shared> {
+    let opts = BackupOptions {
+        vm_id: "vm".into(),
+        ram_bytes: RAM,
+        image_dir: dir.join("image"),
+        replication_listen: "127.0.0.1:1".parse().unwrap(),
+        handover_unavailable: None,
+        heartbeat_interval: Duration::from_millis(10),
+        heartbeat_timeout: Duration::from_millis(100),
+        primary_releases_alone: true,
+        fsync: false,
+        tls: None,
+        auth: understudy_common::auth::Authority::insecure(),
+        incoming: false,
+        witness: None,
+    };
+    let store = ImageStore::create(
+        &opts.image_dir,
+        &opts.vm_id,
+        opts.ram_bytes,
+        StoreOptions { fsync: false },
+    )
+    .unwrap();
+    let stats = Arc::new(Stats::new("vm", Role::Backup, String::new(), 0));
+    let (vm_ended, _) = tokio::sync::watch::channel(None);
+    Arc::new(Shared {
+        state: Mutex::new(State {
+            phase: Phase::Standby(Box::new(Standby {
+                store,
+                generation: Generation(0),
+                buffers: StagingBuffers::default(),
+                session: None,
+                stale: None,
+            })),
+        }),
+        watch: crate::watch::Watch::new(),
+        generation: AtomicU64::new(0),
+        runs_here: AtomicBool::new(false),
+        handed_over: CancellationToken::new(),
+        postcopy: Mutex::new(None),
+        postcopy_notify: tokio::sync::Notify::new(),
+        vm_ended,
+        opts,
+        host: HostIo::new(stats, None),
+    })
+}
+
+fn hello(session: u64, generation: u64) -> HelloRequest {
+    HelloRequest {
+        protocol_version: PROTOCOL_VERSION,
+        vm_id: "vm".into(),
+        generation,
+        ram_bytes: RAM,
+        session,
+        incarnation: 0x77,
+        previous: None,
+        heartbeat_key: vec![3; 32].into(),
+        mode: 0,
+        migration: false,
+        witness_key: String::new(),
+    }
+}
+
+/// The primary's side: its encoder, one epoch at a time.
+struct Primary {
+    sender: SenderState,
+    session: u64,
+    generation: u64,
+}
+
+impl Primary {
+    fn new(session: u64, generation: u64) -> Self {
+        Self {
+            sender: SenderState::new("vm", PAGES, generation, CodecPolicy::ADAPTIVE).unwrap(),
+            session,
+            generation,
+        }
+    }
+
+    fn epoch(&mut self, epoch: u64, kind: EpochKind, pages: &[u32]) -> Vec<EpochChunk> {
+        let mut enc = self.sender.begin(epoch, kind).unwrap();
+        for &p in pages {
+            let mut page = [0u8; 4096];
+            page[..8].copy_from_slice(&(epoch * 1000 + u64::from(p)).to_le_bytes());
+            enc.add_page(p, &page).unwrap();
+        }
+        enc.finish(b"device state")
+            .unwrap()
+            .chunks
+            .into_iter()
+            .map(|c| EpochChunk {
+                session: self.session,
+                generation: self.generation,
+                chunk: c.into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+}
+
+/// Feeds `chunks`; the ack's epoch if the last one completed an epoch.
+fn feed(shared: &Shared, chunks: Vec<EpochChunk>) -> Result<Option<u64>, tonic::Status> {
+    let mut acked = None;
+    for c in chunks {
+        acked = crate::receiver::receive_chunk(shared, c)?.map(|a| a.epoch);
+    }
+    Ok(acked)
+}
+
+fn committed(shared: &Shared) -> Option<u64> {
+    match &shared.lock().phase {
+        Phase::Standby(s) => s.store.committed_epoch(),
+        _ => None,
+    }
+}
+
+fn would_promote(shared: &Shared, trigger: Trigger) -> Result<bool, PromotionError> {
+    let mut state = shared.lock();
+    crate::promotion::trigger_holds(shared, &mut state.phase, trigger).map(|seen| seen.is_some())
+}
+
+/// Whether a silence now would promote.
+fn silence_promotes(shared: &Shared) -> bool {
+    would_promote(shared, Trigger::Silence(Duration::from_secs(1))).unwrap()
+}
+
+/// A Hello, a full sync round and a first checkpoint: protected and armed.
+async fn protected(shared: &Arc<Shared>, primary: &mut Primary) {
+    ReplicationService(shared.clone())
+        .hello(Request::new(hello(primary.session, primary.generation)))
+        .await
+        .unwrap();
+    let all: Vec<u32> = (0..PAGES).collect();
+    assert_eq!(
+        feed(shared, primary.epoch(1, EpochKind::SyncRound, &all)).unwrap(),
+        Some(1)
+    );
+    assert!(!shared.watch.armed(), "a sync round alone protects nothing");
+    assert_eq!(
+        feed(shared, primary.epoch(2, EpochKind::Checkpoint, &[1, 2, 3])).unwrap(),
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_commits_acks_and_arms_the_detector() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    assert!(
+        !silence_promotes(&shared),
+        "nothing to promote before a session"
+    );
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+    assert_eq!(committed(&shared), Some(2));
+    assert!(shared.watch.armed());
+    assert!(
+        shared
+            .host
+            .stats
+            .protected
+            .load(std::sync::atomic::Ordering::Acquire)
+    );
+    assert_eq!(shared.host.stats.state_kind().name(), "protecting");
+    assert!(silence_promotes(&shared));
+}
+
+#[tokio::test]
+async fn chunks_outside_the_session_are_refused_and_the_image_keeps_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+
+    // Another session's chunk: the stream must say Hello first.
+    let mut stranger = Primary::new(7, 1);
+    let e = feed(&shared, stranger.epoch(3, EpochKind::SyncRound, &[1])).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+
+    // An older generation: deposed, with the backup's generation on it.
+    let mut old = Primary::new(42, 0);
+    let e = feed(&shared, old.epoch(3, EpochKind::SyncRound, &[1])).unwrap_err();
+    assert!(
+        understudy_common::wire::deposed_generation(&e).is_some(),
+        "{e}"
+    );
+
+    // A damaged chunk: the session ends, the image stays at epoch 2, and a
+    // silence would still promote that commit.
+    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[1, 2]);
+    let last = chunks.last_mut().unwrap();
+    let mut bytes = last.chunk.to_vec();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    last.chunk = bytes.into();
+    let e = feed(&shared, chunks).unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e}");
+    assert_eq!(committed(&shared), Some(2));
+    let e = feed(&shared, primary.epoch(4, EpochKind::Checkpoint, &[1])).unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "a refused stream stays closed until a new Hello: {e}"
+    );
+    assert!(silence_promotes(&shared));
+}
+
+#[tokio::test]
+async fn the_promotion_checks_follow_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+
+    // A handover names the committed checkpoint of this session, or nothing.
+    let handover = |session, epoch| Trigger::Handover {
+        session,
+        epoch,
+        replay: false,
+    };
+    assert!(would_promote(&shared, handover(42, 2)).unwrap());
+    for (session, epoch) in [(42, 1), (42, 3), (7, 2)] {
+        assert!(
+            matches!(
+                would_promote(&shared, handover(session, epoch)),
+                Err(PromotionError::HandoverMismatch { .. })
+            ),
+            "session {session} epoch {epoch}"
+        );
+    }
+
+    // An operator may not promote while the primary is heard.
+    shared.watch.heard();
+    assert!(matches!(
+        would_promote(&shared, Trigger::Operator),
+        Err(PromotionError::PrimaryHeard(_))
+    ));
+
+    // A stale image does not promote on silence.
+    if let Phase::Standby(s) = &mut shared.lock().phase {
+        s.stale = Some("test".into());
+    }
+    assert!(!silence_promotes(&shared));
+
+    // A new session (the primary came back): silence promotes nothing until
+    // that session's first checkpoint commits.
+    let mut again = Primary::new(43, 1);
+    ReplicationService(shared.clone())
+        .hello(Request::new(hello(again.session, again.generation)))
+        .await
+        .unwrap();
+    assert!(!silence_promotes(&shared));
+    let all: Vec<u32> = (0..PAGES).collect();
+    feed(&shared, again.epoch(1, EpochKind::SyncRound, &all)).unwrap();
+    feed(&shared, again.epoch(2, EpochKind::Checkpoint, &[9])).unwrap();
+    assert!(silence_promotes(&shared));
+
+    // A goodbye: the primary stopped on purpose; silence never promotes,
+    // and the image is retired (a restarted backup does not resume it).
+    ReplicationService(shared.clone())
+        .goodbye(Request::new(understudy_proto::GoodbyeRequest {
+            generation: 1,
+            session: 43,
+        }))
+        .await
+        .unwrap();
+    assert!(!silence_promotes(&shared));
+    assert!(!shared.watch.armed());
+    if let Phase::Standby(s) = &shared.lock().phase {
+        assert!(
+            s.store.promotable().is_err(),
+            "a retired image is not promotable"
+        );
+    }
+}
