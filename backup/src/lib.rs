@@ -26,8 +26,6 @@
 //! The console and the Control service belong to the host ([`HostIo`]), so
 //! clients stay connected across a promotion and a switchover.
 
-#![warn(missing_docs)]
-
 mod hello;
 mod operator;
 mod postcopy;

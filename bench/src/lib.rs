@@ -21,10 +21,13 @@ pub const OUT_ENV: &str = "UNDERSTUDY_BENCH_OUT";
 pub struct Report {
     /// File stem: `<name>.json`, and the section anchor in BENCHMARKS.md.
     pub name: String,
+    /// The section heading.
     pub title: String,
     /// How to run this benchmark alone.
     pub command: String,
+    /// Its tables, in order.
     pub tables: Vec<Table>,
+    /// Its charts, in order.
     pub charts: Vec<Chart>,
     /// Target checks: what the issue asks, what was measured, met or not.
     pub targets: Vec<Target>,
@@ -33,8 +36,11 @@ pub struct Report {
 /// A table: a title, column headings and rows of formatted cells.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Table {
+    /// What the table shows (printed in bold above it).
     pub title: String,
+    /// Column headings.
     pub columns: Vec<String>,
+    /// Formatted cells, row by row.
     pub rows: Vec<Vec<String>>,
     /// Raw numbers behind the rows (same shape; `null` for text cells).
     pub values: Vec<Vec<Option<f64>>>,
@@ -45,18 +51,26 @@ pub struct Table {
 pub struct Chart {
     /// File stem of the SVG.
     pub name: String,
+    /// The chart's title.
     pub title: String,
+    /// The x axis's label.
     pub x_label: String,
+    /// The y axis's label.
     pub y_label: String,
+    /// A logarithmic x axis.
     pub log_x: bool,
+    /// A logarithmic y axis.
     pub log_y: bool,
+    /// The lines.
     pub series: Vec<Series>,
 }
 
 /// One line (or set of points) on a chart.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Series {
+    /// The legend's name.
     pub name: String,
+    /// (x, y) points, in x order.
     pub points: Vec<(f64, f64)>,
     /// Draw markers only, no line (for distributions).
     pub points_only: bool,
@@ -65,16 +79,22 @@ pub struct Series {
 /// A performance target and whether this run met it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
+    /// What is measured.
     pub what: String,
+    /// The goal, in words.
     pub goal: String,
+    /// What this run measured, in words.
     pub measured: String,
+    /// Whether the goal was met.
     pub met: bool,
 }
 
 /// A table cell: a number formatted with `decimals`, kept raw for the JSON.
 #[derive(Clone, Debug)]
 pub enum Cell {
+    /// Text as is.
     Text(String),
+    /// A number and its decimal places.
     Num(f64, usize),
 }
 
@@ -96,6 +116,7 @@ pub fn num(v: f64, decimals: usize) -> Cell {
 }
 
 impl Table {
+    /// An empty table with these headings.
     pub fn new(title: impl Into<String>, columns: &[&str]) -> Self {
         Self {
             title: title.into(),
@@ -104,6 +125,7 @@ impl Table {
         }
     }
 
+    /// Adds a row (one cell per column).
     pub fn row(&mut self, cells: Vec<Cell>) {
         let mut text = Vec::with_capacity(cells.len());
         let mut values = Vec::with_capacity(cells.len());
@@ -184,6 +206,7 @@ impl Table {
 }
 
 impl Report {
+    /// An empty report: its file stem, heading and the command that runs it.
     pub fn new(name: &str, title: &str, command: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -199,6 +222,7 @@ impl Report {
         self.tables.push(table);
     }
 
+    /// Adds a chart (drawn by the suite).
     pub fn chart(&mut self, chart: Chart) {
         self.charts.push(chart);
     }
@@ -270,6 +294,7 @@ pub fn real_memory(bytes: usize) -> Vec<u8> {
 pub struct XorShift(pub u64);
 
 impl XorShift {
+    /// The next number.
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;

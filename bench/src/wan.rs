@@ -95,6 +95,7 @@ pub struct Wan {
     /// pair that [`cut`](Self::cut) leaves alone: a management network, for
     /// clients and operators who must reach both sides of a cut link.
     pub mgmt_near: Ipv4Addr,
+    /// See `mgmt_near`.
     pub mgmt_far: Ipv4Addr,
     /// The link's shape.
     pub spec: LinkSpec,

@@ -23,9 +23,14 @@ pub const MAX_CHUNK_BODY: usize = 256 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ChunkKind {
+    /// The epoch's header: its kind, generation and what the receiver must
+    /// hold to apply it.
     Begin = 1,
+    /// Encoded pages.
     Pages = 2,
+    /// The device state (the checkpoint payload).
     Device = 3,
+    /// The epoch's trailer: page count and digest; the epoch is complete.
     End = 4,
 }
 
@@ -44,31 +49,56 @@ impl ChunkKind {
 /// A parsed chunk header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// What the chunk carries.
     pub kind: ChunkKind,
+    /// The epoch it belongs to.
     pub epoch: u64,
+    /// Its place in the epoch (0, 1, …): chunks arrive in order.
     pub seq: u32,
 }
 
 /// Why bytes are not a valid chunk.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
+    /// Shorter than a header.
     #[error("chunk of {len} bytes is shorter than its {CHUNK_HEADER_LEN}-byte header")]
-    Truncated { len: usize },
+    Truncated {
+        /// The chunk's length.
+        len: usize,
+    },
+    /// Not a chunk at all.
     #[error("not an understudy epoch chunk (magic {found:02x?})")]
-    BadMagic { found: [u8; 4] },
+    BadMagic {
+        /// The first four bytes.
+        found: [u8; 4],
+    },
+    /// A format version this build does not speak.
     #[error(
         "epoch chunk format version {found} is not supported (this build speaks {CHUNK_FORMAT_VERSION}): \
          run the same understudy release on both hosts"
     )]
-    UnsupportedVersion { found: u16 },
+    UnsupportedVersion {
+        /// The version the chunk says.
+        found: u16,
+    },
+    /// The header's CRC does not match.
     #[error("chunk header checksum mismatch: the chunk is corrupt")]
     HeaderChecksum,
+    /// A kind this build does not know.
     #[error("chunk kind {0} is unknown")]
     UnknownKind(u8),
+    /// The body is not as long as the header says.
     #[error("chunk body claims {claimed} bytes but {actual} arrived")]
-    LengthMismatch { claimed: usize, actual: usize },
+    LengthMismatch {
+        /// What the header says.
+        claimed: usize,
+        /// What arrived.
+        actual: usize,
+    },
+    /// The body is over [`MAX_CHUNK_BODY`].
     #[error("chunk body of {0} bytes exceeds the {MAX_CHUNK_BODY}-byte limit")]
     TooLarge(usize),
+    /// The body's CRC does not match.
     #[error("chunk body checksum mismatch: the chunk is corrupt")]
     BodyChecksum,
 }

@@ -25,17 +25,26 @@ pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Codec {
+    /// All zero: no payload.
     Zero = 0,
+    /// The page as is.
     Raw = 1,
+    /// lz4-compressed.
     Lz4 = 2,
+    /// zstd-compressed.
     Zstd = 3,
+    /// The same as another page of the committed image (dedup).
     SameAs = 4,
+    /// The same as a page sent earlier in this epoch.
     RepeatOf = 5,
+    /// A few changed words against this page as committed.
     DeltaWords = 6,
+    /// lz4 of the XOR against this page as committed.
     DeltaLz4 = 7,
 }
 
 impl Codec {
+    /// Every codec, indexed by its id.
     pub const ALL: [Codec; 8] = [
         Self::Zero,
         Self::Raw,
@@ -47,10 +56,12 @@ impl Codec {
         Self::DeltaLz4,
     ];
 
+    /// The codec with wire id `v`, if any.
     pub fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.get(v as usize).copied()
     }
 
+    /// Its name in reports and metrics.
     pub fn name(self) -> &'static str {
         match self {
             Self::Zero => "zero",
@@ -68,7 +79,9 @@ impl Codec {
 /// How full pages are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
+    /// Never: full pages go raw.
     None,
+    /// lz4: fast, for LAN links.
     Lz4,
     /// zstd at the given level (1–19): for slow links.
     Zstd(i32),
@@ -196,14 +209,30 @@ pub fn encode_compressed(page: &[u8], compression: Compression, out: &mut Vec<u8
 /// Why a page payload could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
+    /// The payload ends early.
     #[error("{codec} payload is cut short")]
-    Truncated { codec: &'static str },
+    Truncated {
+        /// The codec's name.
+        codec: &'static str,
+    },
+    /// Compressed bytes that do not make one page.
     #[error("{codec} payload does not decompress to one page")]
-    BadCompressed { codec: &'static str },
+    BadCompressed {
+        /// The codec's name.
+        codec: &'static str,
+    },
+    /// A word delta names a word beyond the page.
     #[error("delta word index {index} is outside the page")]
-    BadWordIndex { index: u16 },
+    BadWordIndex {
+        /// The index it names.
+        index: u16,
+    },
+    /// A word delta with more words than a page has.
     #[error("delta has {count} words, more than a page holds")]
-    BadWordCount { count: u16 },
+    BadWordCount {
+        /// The count it claims.
+        count: u16,
+    },
 }
 
 /// A cursor over untrusted bytes.
@@ -214,18 +243,22 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A cursor at the start of `bytes`.
     pub fn new(bytes: &'a [u8]) -> Self {
         Self { bytes, pos: 0 }
     }
 
+    /// Nothing is left.
     pub fn is_empty(&self) -> bool {
         self.pos >= self.bytes.len()
     }
 
+    /// Bytes left.
     pub fn remaining(&self) -> usize {
         self.bytes.len() - self.pos
     }
 
+    /// The next `n` bytes, or None (and nothing consumed) if fewer are left.
     pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let end = self.pos.checked_add(n)?;
         let out = self.bytes.get(self.pos..end)?;
@@ -233,26 +266,31 @@ impl<'a> Reader<'a> {
         Some(out)
     }
 
+    /// The next byte.
     pub fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
 
+    /// The next little-endian u16.
     pub fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
 
+    /// The next little-endian u32.
     pub fn u32(&mut self) -> Option<u32> {
         let mut a = [0u8; 4];
         a.copy_from_slice(self.take(4)?);
         Some(u32::from_le_bytes(a))
     }
 
+    /// The next little-endian u64.
     pub fn u64(&mut self) -> Option<u64> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Some(u64::from_le_bytes(a))
     }
 
+    /// The next little-endian u128.
     pub fn u128(&mut self) -> Option<u128> {
         let mut a = [0u8; 16];
         a.copy_from_slice(self.take(16)?);

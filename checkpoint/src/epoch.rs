@@ -53,10 +53,15 @@ pub enum EpochKind {
 /// Identity and position of an epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EpochHeader {
+    /// The VM it belongs to.
     pub vm_id: String,
+    /// The sender's fencing generation.
     pub generation: u64,
+    /// Its number: each epoch follows the last committed one.
     pub epoch: u64,
+    /// Guest RAM in pages.
     pub ram_pages: u32,
+    /// A sync round or a checkpoint.
     pub kind: EpochKind,
 }
 
@@ -65,12 +70,17 @@ pub struct EpochHeader {
 pub struct EncodeReport {
     /// Pages per codec, indexed by `Codec as usize`.
     pub pages_by_codec: [u64; 8],
+    /// Pages in the epoch.
     pub pages: u64,
-    /// Guest bytes in (pages × 4 KiB) and bytes out (all chunks, framing included).
+    /// Guest bytes in (pages × 4 KiB).
     pub bytes_in: u64,
+    /// Bytes out: all chunks, framing included.
     pub bytes_out: u64,
+    /// The device state's size.
     pub device_state_bytes: u64,
+    /// Chunks made.
     pub chunks: u32,
+    /// Time spent encoding (pages and device state, not waiting).
     pub encode_time: Duration,
 }
 
@@ -87,16 +97,40 @@ impl EncodeReport {
 /// Why an epoch could not be encoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
+    /// A page beyond guest RAM.
     #[error("page {page} is outside guest RAM ({ram_pages} pages)")]
-    PageOutOfRange { page: u32, ram_pages: u32 },
+    PageOutOfRange {
+        /// The page.
+        page: u32,
+        /// Guest RAM in pages.
+        ram_pages: u32,
+    },
+    /// Pages out of order, or one twice.
     #[error("pages must be added in ascending order without repeats: {page} after {after}")]
-    NotAscending { page: u32, after: u32 },
+    NotAscending {
+        /// The page added.
+        page: u32,
+        /// The page before it.
+        after: u32,
+    },
+    /// A checkpoint before every page was sent once.
     #[error("{unknown} pages were never sent: a checkpoint needs a complete first sync round")]
-    ReceiverStateUnknown { unknown: usize },
+    ReceiverStateUnknown {
+        /// Pages never sent.
+        unknown: usize,
+    },
+    /// An epoch number that does not follow the last.
     #[error("epoch {got} does not follow epoch {last}")]
-    EpochOrder { last: u64, got: u64 },
+    EpochOrder {
+        /// The last epoch encoded.
+        last: u64,
+        /// The one asked for.
+        got: u64,
+    },
+    /// Device state over [`MAX_DEVICE_STATE`].
     #[error("device state of {0} bytes exceeds the {MAX_DEVICE_STATE}-byte limit")]
     DeviceStateTooLarge(usize),
+    /// An empty or too long VM id.
     #[error("VM id must be 1 to {MAX_VM_ID_LEN} bytes")]
     BadVmId,
 }
@@ -160,6 +194,7 @@ impl SenderState {
         self.unknown
     }
 
+    /// How pages are encoded.
     pub fn policy(&self) -> CodecPolicy {
         self.policy
     }
@@ -236,11 +271,13 @@ pub struct EpochEncoder<'a> {
 /// An encoded epoch.
 #[derive(Debug)]
 pub struct EncodedEpoch {
+    /// Which epoch.
     pub header: EpochHeader,
     /// Chunks not yet taken with [`EpochEncoder::take_chunks`].
     pub chunks: Vec<Vec<u8>>,
     /// Digest of the receiver's image once this epoch is applied.
     pub digest: ImageDigest,
+    /// What encoding it cost.
     pub report: EncodeReport,
 }
 
@@ -488,95 +525,186 @@ impl EpochEncoder<'_> {
 
 /// The receiver's committed image, as the decoder needs it.
 pub trait CommittedImage {
+    /// The VM the image holds.
     fn vm_id(&self) -> &str;
+    /// Its RAM in pages.
     fn ram_pages(&self) -> u32;
+    /// The generation of the last commit (an older sender was deposed).
     fn generation(&self) -> u64;
     /// The epoch number a checkpoint must carry to be accepted (`None`: any,
     /// i.e. the checkpoint that completes an initial sync).
     fn next_checkpoint(&self) -> Option<u64>;
     /// Whether sync rounds are accepted (an initial sync is in progress).
     fn syncing(&self) -> bool;
+    /// A page as committed.
     fn page(&self, page: u32) -> &Page;
+    /// Its hash as committed.
     fn page_hash(&self, page: u32) -> PageHash;
+    /// The digest of every page as committed.
     fn digest(&self) -> ImageDigest;
 }
 
 /// Why an epoch was refused. The committed image is untouched in every case.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EpochError {
+    /// A chunk that is not valid in itself.
     #[error("chunk {seq} is invalid")]
     Chunk {
+        /// Its place in the epoch.
         seq: u32,
+        /// Why.
         #[source]
         source: ChunkError,
     },
+    /// Chunks lost or reordered.
     #[error(
         "chunk {got} arrived where chunk {expected} was due: the stream lost or reordered chunks"
     )]
-    OutOfOrder { expected: u32, got: u32 },
+    OutOfOrder {
+        /// The chunk due.
+        expected: u32,
+        /// The chunk that came.
+        got: u32,
+    },
+    /// A chunk of another epoch.
     #[error("chunk belongs to epoch {got}, not epoch {expected}")]
-    MixedEpochs { expected: u64, got: u64 },
+    MixedEpochs {
+        /// The epoch being received.
+        expected: u64,
+        /// The chunk's.
+        got: u64,
+    },
+    /// A chunk kind out of place (e.g. Pages before Begin).
     #[error("a {got:?} chunk is not allowed {when}")]
-    UnexpectedChunk { got: ChunkKind, when: &'static str },
+    UnexpectedChunk {
+        /// Its kind.
+        got: ChunkKind,
+        /// Where it came.
+        when: &'static str,
+    },
+    /// A Begin chunk that does not parse.
     #[error("the Begin chunk is malformed: {0}")]
     BadBegin(&'static str),
+    /// An epoch of another VM.
     #[error("epoch is for VM {got:?}, this image holds VM {expected:?}")]
-    WrongVm { expected: String, got: String },
+    WrongVm {
+        /// The image's VM.
+        expected: String,
+        /// The epoch's.
+        got: String,
+    },
+    /// An epoch for another RAM size.
     #[error("epoch is for {got} pages of RAM, the image has {expected}")]
-    WrongRamSize { expected: u32, got: u32 },
+    WrongRamSize {
+        /// The image's, in pages.
+        expected: u32,
+        /// The epoch's.
+        got: u32,
+    },
+    /// A sender older than the image: it was deposed.
     #[error(
         "epoch generation {got} is older than the image's generation {image}: the sender was deposed"
     )]
-    StaleGeneration { image: u64, got: u64 },
+    StaleGeneration {
+        /// The image's generation.
+        image: u64,
+        /// The epoch's.
+        got: u64,
+    },
+    /// An epoch that skips or repeats one.
     #[error(
         "epoch {got} does not follow the committed epoch (expected {expected}): epochs cannot be skipped or replayed"
     )]
-    WrongEpoch { expected: u64, got: u64 },
+    WrongEpoch {
+        /// The epoch due.
+        expected: u64,
+        /// The epoch that came.
+        got: u64,
+    },
+    /// A sync round outside an initial sync.
     #[error("a sync round arrived but no initial sync is in progress")]
     NotSyncing,
+    /// A checkpoint the sync cannot take yet.
     #[error(
         "the image is in an initial sync: only sync rounds and the checkpoint that completes the sync are accepted"
     )]
     SyncIncomplete,
+    /// A Pages chunk that does not parse.
     #[error("Pages chunk is malformed: {0}")]
     BadPages(&'static str),
+    /// A page beyond guest RAM.
     #[error("page {page} is outside guest RAM ({ram_pages} pages)")]
-    PageOutOfRange { page: u32, ram_pages: u32 },
+    PageOutOfRange {
+        /// The page.
+        page: u32,
+        /// Guest RAM in pages.
+        ram_pages: u32,
+    },
+    /// Pages out of order or repeated.
     #[error("page {page} follows page {after}: pages must ascend without repeats")]
-    PagesNotAscending { page: u32, after: u32 },
+    PagesNotAscending {
+        /// The page.
+        page: u32,
+        /// The one before it.
+        after: u32,
+    },
+    /// A codec id this build does not know.
     #[error("page {page} has unknown codec {codec}")]
-    UnknownCodec { page: u32, codec: u8 },
+    UnknownCodec {
+        /// The page.
+        page: u32,
+        /// The codec id.
+        codec: u8,
+    },
+    /// A page payload that does not decode.
     #[error("page {page} cannot be decoded")]
     Codec {
+        /// The page.
         page: u32,
+        /// Why.
         #[source]
         source: CodecError,
     },
+    /// A dedup or repeat reference to a page it cannot refer to.
     #[error("page {page} refers to page {to}, which is {why}")]
     BadReference {
+        /// The page.
         page: u32,
+        /// The page it refers to.
         to: u32,
+        /// Why that page cannot be used.
         why: &'static str,
     },
+    /// An End chunk that does not parse.
     #[error("the End chunk is malformed")]
     BadEnd,
+    /// End's counts disagree with what arrived.
     #[error("End says {claimed} {what} but {actual} arrived")]
     CountMismatch {
+        /// What was counted (pages, chunks, bytes).
         what: &'static str,
+        /// End's count.
         claimed: u64,
+        /// The count received.
         actual: u64,
     },
+    /// The device state does not match its checksum.
     #[error("device state checksum mismatch")]
     DeviceChecksum,
+    /// Device state over [`MAX_DEVICE_STATE`].
     #[error("device state exceeds {MAX_DEVICE_STATE} bytes")]
     DeviceStateTooLarge,
+    /// The image after this epoch would differ from the sender's.
     #[error(
         "image digest after this epoch would be {computed}, the sender says {expected}: refusing a diverged image"
     )]
     DigestMismatch {
+        /// The sender's digest.
         expected: ImageDigest,
+        /// The receiver's.
         computed: ImageDigest,
     },
+    /// A chunk after End.
     #[error("the epoch is already complete; chunk {0} is extra")]
     AfterEnd(u32),
 }
@@ -595,12 +723,15 @@ pub struct StagingBuffers {
 /// A fully received, verified epoch, not yet applied.
 #[derive(Debug)]
 pub struct StagedEpoch {
+    /// Which epoch.
     pub header: EpochHeader,
     /// Page numbers, ascending.
     pub pages: Vec<u32>,
     /// `pages.len()` × 4 KiB of new content, in the same order.
     pub data: Vec<u8>,
+    /// Each staged page's hash, in the same order.
     pub hashes: Vec<PageHash>,
+    /// The checkpoint payload (device state and held output).
     pub device_state: Vec<u8>,
     /// The image digest after applying (verified for checkpoints).
     pub digest: ImageDigest,
@@ -633,7 +764,9 @@ impl StagedEpoch {
 /// Progress of an epoch's reception.
 #[derive(Debug)]
 pub enum Received {
+    /// The epoch is not complete yet.
     NeedMore,
+    /// The epoch is complete and verified: apply it.
     Complete(Box<StagedEpoch>),
 }
 
@@ -665,6 +798,7 @@ impl Default for EpochDecoder {
 }
 
 impl EpochDecoder {
+    /// A decoder with fresh staging buffers.
     pub fn new() -> Self {
         Self::with_buffers(StagingBuffers::default())
     }

@@ -67,52 +67,93 @@ const JOURNAL_HEAD_LEN: usize = 4 + 4 + 8 + 8 + 4 + 4 + 16;
 /// Errors of the image store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file operation failed.
     #[error("{action} {path}")]
     Io {
+        /// What was being done ("cannot write", …).
         action: &'static str,
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// `create` over an existing image.
     #[error("{path} already holds an image; open it, or remove it to start over")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The image directory.
+        path: PathBuf,
+    },
+    /// A directory or record understudy did not write.
     #[error("{path} is not an understudy image ({why})")]
-    NotAnImage { path: PathBuf, why: String },
+    NotAnImage {
+        /// The image directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A record format this build does not read.
     #[error(
         "image format version {found} is not supported (this build uses {FORMAT_VERSION}): \
          use the understudy release that wrote it, or resync"
     )]
-    UnsupportedVersion { found: u32 },
+    UnsupportedVersion {
+        /// The record's version.
+        found: u32,
+    },
+    /// The pages do not hash to the committed digest.
     #[error(
         "image in {path} is corrupt: its pages hash to digest {computed} but epoch {epoch} \
          committed {expected}; remove the directory and let the primary resync"
     )]
     DigestMismatch {
+        /// The image directory.
         path: PathBuf,
+        /// The committed epoch.
         epoch: u64,
+        /// Its committed digest.
         expected: ImageDigest,
+        /// What the pages hash to.
         computed: ImageDigest,
     },
+    /// A RAM size that is not whole pages.
     #[error("guest RAM of {0} bytes is not a positive multiple of 4 KiB")]
     BadRamSize(u64),
+    /// An empty or too long VM id.
     #[error("VM id must be 1 to {MAX_VM_ID_LEN} bytes")]
     BadVmId,
+    /// An epoch staged against another state of the image.
     #[error("the staged epoch no longer fits this image: {0}")]
     StaleStaging(String),
+    /// `go_live` with a generation that does not move forward.
     #[error("generation {requested} is not newer than the image's generation {current}")]
-    GenerationNotNewer { current: u64, requested: u64 },
+    GenerationNotNewer {
+        /// The image's generation.
+        current: u64,
+        /// The one asked for.
+        requested: u64,
+    },
+    /// No committed checkpoint to promote.
     #[error("the image holds no committed checkpoint ({0})")]
     NotCommitted(&'static str),
+    /// The primary stopped this VM on purpose.
     #[error(
         "the image of epoch {epoch} was retired: the primary stopped that VM on purpose, so it \
          must not be resumed"
     )]
-    Retired { epoch: u64 },
+    Retired {
+        /// The retired epoch.
+        epoch: u64,
+    },
+    /// Pages of an uncommitted epoch beside the committed record.
     #[error(
         "the image is not a committed epoch ({why}): it must not be promoted; the primary's next \
          sync repairs it"
     )]
-    Torn { why: String },
+    Torn {
+        /// What was found.
+        why: String,
+    },
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -131,7 +172,10 @@ pub enum ImageStatus {
     /// An initial sync is writing into it: not a consistent VM, never promote.
     Syncing,
     /// Exactly the state of this committed epoch.
-    Committed { epoch: u64 },
+    Committed {
+        /// The epoch.
+        epoch: u64,
+    },
 }
 
 impl ImageStatus {
@@ -159,26 +203,38 @@ pub enum Recovery {
     /// No journal: the image was at rest.
     Clean,
     /// A complete journal of this epoch was replayed: it had committed.
-    Replayed { epoch: u64 },
+    Replayed {
+        /// The epoch.
+        epoch: u64,
+    },
     /// An incomplete or stale journal was discarded: that epoch never committed.
-    Discarded { reason: String },
+    Discarded {
+        /// Why it was incomplete or stale.
+        reason: String,
+    },
 }
 
 /// Figures of one applied epoch.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyReport {
+    /// Pages written.
     pub pages: usize,
+    /// Bytes written to the redo journal.
     pub journal_bytes: u64,
+    /// Journal, image and record, start to end.
     pub apply_time: Duration,
 }
 
 /// What a promotion needs from a promotable image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Promotable {
+    /// The committed epoch.
     pub epoch: u64,
+    /// The image's generation.
     pub generation: u64,
     /// The VM incarnation (0: unknown, an image from before version 2).
     pub incarnation: u64,
+    /// The checkpoint payload (VM state, console offset, held output).
     pub device_state: Vec<u8>,
 }
 
@@ -606,6 +662,7 @@ impl ImageStore {
         self.dir.join(MEMORY_FILE)
     }
 
+    /// What the image holds.
     pub fn status(&self) -> ImageStatus {
         self.meta.status
     }
@@ -623,6 +680,7 @@ impl ImageStore {
         &self.meta.device_state
     }
 
+    /// Guest RAM in bytes.
     pub fn ram_bytes(&self) -> u64 {
         u64::from(self.meta.ram_pages) * PAGE_SIZE as u64
     }

@@ -50,14 +50,20 @@ pub const FLAG_END: u16 = 1;
 pub enum Exit {
     /// `out`: `size` bytes (1, 2 or 4) of `value` to `port`.
     Out {
+        /// The I/O port.
         port: u16,
+        /// Bytes written: 1, 2 or 4.
         size: u8,
+        /// The value written.
         value: u32,
     },
     /// `in`: the `value` the guest read (what the devices answered).
     In {
+        /// The I/O port.
         port: u16,
+        /// Bytes read: 1, 2 or 4.
         size: u8,
+        /// The value the guest got.
         value: u32,
     },
     /// `hlt`.
@@ -66,11 +72,16 @@ pub enum Exit {
     Window,
     /// A memory access outside RAM (read: the data the guest got).
     MmioRead {
+        /// The guest-physical address.
         addr: u64,
+        /// The bytes the guest got.
         data: Vec<u8>,
     },
+    /// A memory write outside RAM.
     MmioWrite {
+        /// The guest-physical address.
         addr: u64,
+        /// The bytes written.
         data: Vec<u8>,
     },
 }
@@ -93,45 +104,114 @@ pub enum Record {
 /// A log that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TraceError {
+    /// Fewer bytes than a segment needs.
     #[error("trace segment cut short ({got} bytes, {need} needed): the log is truncated")]
-    Truncated { got: usize, need: usize },
+    Truncated {
+        /// Bytes there.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// Not a trace log.
     #[error("not an understudy trace log (magic {found:02x?})")]
-    BadMagic { found: [u8; 4] },
+    BadMagic {
+        /// The first four bytes.
+        found: [u8; 4],
+    },
+    /// A format version this build does not read.
     #[error(
         "trace format version {found} is not supported (this build reads {TRACE_FORMAT_VERSION}): \
          replay it with the understudy release that recorded it"
     )]
-    UnsupportedVersion { found: u16 },
+    UnsupportedVersion {
+        /// The segment's version.
+        found: u16,
+    },
+    /// The header's CRC does not match.
     #[error("trace segment {seq}: header checksum mismatch: the log is corrupt")]
-    HeaderChecksum { seq: u32 },
+    HeaderChecksum {
+        /// The segment.
+        seq: u32,
+    },
+    /// The body's CRC does not match.
     #[error("trace segment {seq}: body checksum mismatch: the log is corrupt")]
-    BodyChecksum { seq: u32 },
+    BodyChecksum {
+        /// The segment.
+        seq: u32,
+    },
+    /// A body over [`MAX_SEGMENT_BODY`].
     #[error("trace segment {seq} claims a {len}-byte body (at most {MAX_SEGMENT_BODY})")]
-    BodyTooLong { seq: u32, len: usize },
+    BodyTooLong {
+        /// The segment.
+        seq: u32,
+        /// The length it claims.
+        len: usize,
+    },
+    /// A segment of another recording.
     #[error(
         "trace segment of stream {found:#018x} in a log of stream {expected:#018x}: a segment \
          of another recording"
     )]
-    ForeignStream { expected: u64, found: u64 },
+    ForeignStream {
+        /// The log's stream.
+        expected: u64,
+        /// The segment's.
+        found: u64,
+    },
+    /// Segments missing or reordered.
     #[error(
         "trace segment {found} where segment {expected} was due: segments missing or reordered"
     )]
-    OutOfOrder { expected: u32, found: u32 },
+    OutOfOrder {
+        /// The segment due.
+        expected: u32,
+        /// The segment that came.
+        found: u32,
+    },
+    /// Exits missing between segments.
     #[error(
         "trace segment {seq} starts at exit {found} but the log so far ends at exit {expected}: \
          exits missing"
     )]
-    ExitGap { seq: u32, expected: u64, found: u64 },
+    ExitGap {
+        /// The segment.
+        seq: u32,
+        /// The exit the log so far ends at.
+        expected: u64,
+        /// The segment's first exit.
+        found: u64,
+    },
+    /// A segment recorded from another snapshot.
     #[error("trace segment {seq} starts from the snapshot at exit {found}, not {expected}")]
-    WrongBase { seq: u32, expected: u64, found: u64 },
+    WrongBase {
+        /// The segment.
+        seq: u32,
+        /// The snapshot's exit.
+        expected: u64,
+        /// The segment's base.
+        found: u64,
+    },
+    /// A record that does not parse.
     #[error("trace segment {seq}: record {record} is malformed ({why})")]
     BadRecord {
+        /// The segment.
         seq: u32,
+        /// The record's index in it.
         record: usize,
+        /// What is wrong.
         why: &'static str,
     },
+    /// The header's exit count disagrees with the records.
     #[error("trace segment {seq} holds {found} exits but says {claimed}")]
-    ExitCount { seq: u32, claimed: u32, found: u32 },
+    ExitCount {
+        /// The segment.
+        seq: u32,
+        /// The header's count.
+        claimed: u32,
+        /// The records'.
+        found: u32,
+    },
+    /// A segment after the one flagged as the end.
     #[error("a trace segment after the end of the stream")]
     AfterEnd,
 }
@@ -139,15 +219,20 @@ pub enum TraceError {
 /// A segment's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// [`FLAG_END`] on the last segment.
     pub flags: u16,
+    /// The recording it belongs to.
     pub stream: u64,
+    /// Its place in the stream (0, 1, …).
     pub seq: u32,
     /// The exit index of the snapshot the stream starts from.
     pub base_exit: u64,
     /// The exit index of the first exit in this segment (exits are counted
     /// from the VM's boot).
     pub first_exit: u64,
+    /// Exits recorded in it.
     pub exits: u32,
+    /// The body's length in bytes.
     pub body_len: u32,
 }
 
@@ -522,6 +607,7 @@ pub struct TraceReader {
 }
 
 impl TraceReader {
+    /// A reader that takes the first segment's stream.
     pub fn new() -> Self {
         Self::default()
     }

@@ -3,8 +3,6 @@
 //! (VM state + unreleased console output), and live status figures with the
 //! Control service. No replication logic lives here.
 
-#![warn(missing_docs)]
-
 pub mod auth;
 pub mod backlog;
 pub mod console;

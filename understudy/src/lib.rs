@@ -2,8 +2,6 @@
 //! `understudyd` and `understudyctl`. The binaries only parse arguments and
 //! call in here.
 
-#![warn(missing_docs)]
-
 pub mod config;
 pub mod console;
 pub mod daemon;

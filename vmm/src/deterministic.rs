@@ -96,7 +96,12 @@ pub enum AfterReplay {
     /// Record a new stream (id `stream`, segments to `sink`) from exactly
     /// that point: the vCPU parks first, so that the caller can take the new
     /// recording's start snapshot, and records once resumed.
-    Record { stream: u64, sink: Sink },
+    Record {
+        /// The new stream's id.
+        stream: u64,
+        /// Where its sealed segments go.
+        sink: Sink,
+    },
 }
 
 /// How the deterministic mode runs.
@@ -104,12 +109,20 @@ pub enum AfterReplay {
 pub enum TraceMode {
     /// Live, and every exit and input goes to the log (sealed segments to
     /// `sink`).
-    Record { writer: TraceWriter, sink: Sink },
+    Record {
+        /// Seals records into segments.
+        writer: TraceWriter,
+        /// Where sealed segments go.
+        sink: Sink,
+    },
     /// Inputs from the log (segments from `source`), exits checked against
     /// it, until exit `until` (or the log's end).
     Replay {
+        /// The log's segments, in order.
         source: Receiver<Vec<u8>>,
+        /// Stop at this exit (None: at the log's end).
         until: Option<u64>,
+        /// What to do once there.
         then: AfterReplay,
     },
     /// A replica: replays a log that another host is still recording and
@@ -118,7 +131,9 @@ pub enum TraceMode {
     /// There is no end exit: the replay ends when `source` closes and the
     /// log received so far is used up, then does what `then` says.
     Follow {
+        /// The log's segments as they arrive.
         source: Receiver<Vec<u8>>,
+        /// What to do once the log is used up.
         then: AfterReplay,
     },
     /// Live with deterministic devices, no log.
@@ -130,7 +145,12 @@ pub enum TraceMode {
 pub enum ReplayOutcome {
     /// It reached `exit` (the requested one, or the log's end) and parked
     /// or went live.
-    Reached { exit: u64, went_live: bool },
+    Reached {
+        /// The exit it stopped at.
+        exit: u64,
+        /// It went live there (else it parked).
+        went_live: bool,
+    },
 }
 
 /// Why a deterministic run cannot go on.

@@ -33,7 +33,9 @@ const I8042_LEN: u16 = 5;
 /// the next exit.
 #[derive(Debug)]
 pub enum IrqLine {
+    /// KVM's in-kernel irqchip: an irqfd.
     Kvm(EventFd),
+    /// The deterministic mode: a flag the vCPU thread reads at its next exit.
     Flag(Arc<AtomicBool>),
 }
 
@@ -56,6 +58,7 @@ impl Trigger for IrqLine {
 pub struct ResetRequest(Arc<AtomicBool>);
 
 impl ResetRequest {
+    /// The guest asked for a reset.
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
@@ -80,6 +83,7 @@ pub struct ConsoleWriter {
 }
 
 impl ConsoleWriter {
+    /// A writer into `tx` (the console's output channel).
     pub fn new(tx: Sender<u8>) -> Self {
         Self { tx, written: 0 }
     }
@@ -118,6 +122,7 @@ impl std::fmt::Debug for SerialDevice {
 }
 
 impl SerialDevice {
+    /// A UART raising `irq`, writing to `out`.
     pub fn new(irq: IrqLine, out: ConsoleWriter) -> Self {
         Self {
             uart: Serial::new(irq, out),
@@ -239,13 +244,16 @@ impl Persist for SerialDevice {
 /// in userspace (the kernel mode has KVM's own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Legacy {
+    /// The master and slave 8259s.
     pub pics: crate::pic::Pics,
+    /// The 8254 timer.
     pub pit: crate::pit::Pit,
 }
 
 /// The devices on the port-I/O bus.
 #[derive(Debug)]
 pub struct PortIoBus {
+    /// COM1.
     pub serial: SerialDevice,
     i8042: I8042Device<ResetRequest>,
     reset: ResetRequest,
@@ -254,6 +262,7 @@ pub struct PortIoBus {
 }
 
 impl PortIoBus {
+    /// The bus with `serial` on COM1 and the i8042.
     pub fn new(serial: SerialDevice) -> Self {
         let reset = ResetRequest::default();
         Self {

@@ -41,17 +41,26 @@ static KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.bin"));
 /// Errors from loading a guest.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// Guest RAM refused the write.
     #[error("cannot write the guest into RAM")]
     Memory(#[from] MemoryError),
+    /// An image over the loader's limit.
     #[error("guest image of {bytes} bytes is larger than the {MAX_IMAGE_BYTES} bytes allowed")]
-    ImageTooLarge { bytes: usize },
+    ImageTooLarge {
+        /// The image's size.
+        bytes: usize,
+    },
+    /// The dirtier's working set does not fit in RAM.
     #[error(
         "dirtier working set of {pages} pages does not fit in {ram_mib} MiB of RAM \
          (it starts at 4 MiB): use at most {max_pages} pages or more memory"
     )]
     WorkingSetTooLarge {
+        /// The working set asked for.
         pages: u64,
+        /// Guest RAM.
         ram_mib: usize,
+        /// The most that fits.
         max_pages: u64,
     },
 }
@@ -59,7 +68,9 @@ pub enum LoadError {
 /// Where the vCPU starts after a loader ran: 64-bit mode on the boot page tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootEntry {
+    /// The first instruction.
     pub rip: u64,
+    /// The initial stack pointer.
     pub rsp: u64,
 }
 
@@ -76,12 +87,16 @@ pub trait Loader: fmt::Debug + Send {
 /// The built-in guests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BuiltinGuest {
+    /// Prints `count N` at an interval.
     Counter,
+    /// Writes pages of a working set at a rate and reports its work.
     Dirtier,
+    /// A key-value store on the console (`SET k v`, `GET k`).
     Kv,
 }
 
 impl BuiltinGuest {
+    /// Every built-in guest.
     pub const ALL: [BuiltinGuest; 3] = [Self::Counter, Self::Dirtier, Self::Kv];
 
     /// The flat binary built from `guests/<name>.c`.
@@ -93,6 +108,7 @@ impl BuiltinGuest {
         }
     }
 
+    /// Its name in configurations.
     pub fn name(self) -> &'static str {
         match self {
             Self::Counter => "counter",
@@ -135,7 +151,10 @@ impl FromStr for BuiltinGuest {
 /// A built-in guest with its parameters (see `guests/README.md`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuiltinBoot {
+    /// Which guest.
     pub guest: BuiltinGuest,
+    /// Its parameters, as the boot-info page passes them (per guest; see
+    /// `guests/README.md`).
     pub params: [u64; 8],
 }
 

@@ -33,26 +33,48 @@ pub const MIN_RAM_BYTES: usize = 8 << 20;
 /// Errors from creating or accessing guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// A RAM size outside the supported range, or not whole pages.
     #[error(
         "guest RAM of {bytes} bytes is not supported: use a multiple of 4 KiB between {} MiB and {} MiB",
         MIN_RAM_BYTES >> 20,
         MAX_RAM_BYTES >> 20
     )]
-    BadSize { bytes: usize },
+    BadSize {
+        /// The size asked for.
+        bytes: usize,
+    },
+    /// mmap failed.
     #[error("cannot map {bytes} bytes of guest RAM")]
     Map {
+        /// The size asked for.
         bytes: usize,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A RAM file of the wrong size.
     #[error("RAM file holds {actual} bytes but the VM needs {expected}")]
-    FileSize { expected: u64, actual: u64 },
+    FileSize {
+        /// The VM's RAM.
+        expected: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// The RAM file's size cannot be read.
     #[error("cannot read the RAM file's size")]
     FileMetadata(#[source] std::io::Error),
+    /// vm-memory refused the region.
     #[error("cannot describe guest RAM to vm-memory: {0}")]
     Region(String),
+    /// An access beyond guest RAM.
     #[error("guest access of {len} bytes at gpa {gpa:#x} is outside guest RAM")]
-    OutOfRange { gpa: u64, len: usize },
+    OutOfRange {
+        /// The guest-physical address.
+        gpa: u64,
+        /// The access's length.
+        len: usize,
+    },
+    /// Writing RAM out to a file failed.
     #[error("cannot write guest RAM to a file")]
     Dump(#[source] std::io::Error),
 }

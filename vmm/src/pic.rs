@@ -121,14 +121,19 @@ impl Pic {
 /// The cascaded pair.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pics {
+    /// IRQs 0–7; the slave cascades on IRQ 2.
     pub master: Pic,
+    /// IRQs 8–15.
     pub slave: Pic,
 }
 
-/// The pair's I/O ports.
+/// The master's command port.
 pub const MASTER_COMMAND: u16 = 0x20;
+/// The master's data port.
 pub const MASTER_DATA: u16 = 0x21;
+/// The slave's command port.
 pub const SLAVE_COMMAND: u16 = 0xa0;
+/// The slave's data port.
 pub const SLAVE_DATA: u16 = 0xa1;
 
 impl Pics {

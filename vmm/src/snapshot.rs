@@ -20,40 +20,63 @@ pub const MEMORY_FILE: &str = "memory.bin";
 /// Errors writing or reading a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// A file operation failed.
     #[error("{action} {path}")]
     Io {
+        /// What was being done.
         action: &'static str,
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The state file does not decode.
     #[error("snapshot state {path} is unusable")]
     State {
+        /// The state file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: StateError,
     },
+    /// The RAM file does not match the state's checksum.
     #[error(
         "snapshot RAM {path} does not match its state (CRC-32C {computed:#010x}, state records \
          {stored:#010x}): the memory file is corrupt or from another snapshot"
     )]
     RamChecksum {
+        /// The RAM file.
         path: PathBuf,
+        /// The state's CRC.
         stored: u32,
+        /// The file's.
         computed: u32,
     },
+    /// The RAM file's size is not the state's.
     #[error(
         "snapshot RAM {path} holds {actual} bytes but the state says {expected}: the file is truncated"
     )]
     RamSize {
+        /// The RAM file.
         path: PathBuf,
+        /// The state's RAM size.
         expected: u64,
+        /// The file's.
         actual: u64,
     },
+    /// A state written without a RAM checksum (not a full snapshot).
     #[error("snapshot state has no RAM checksum: it was not written as a full snapshot")]
     NoRamChecksum,
+    /// A verification found the VM different from the snapshot.
     #[error("the VM differs from the snapshot in {dir}: {what}")]
-    Differs { dir: PathBuf, what: String },
+    Differs {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// What differs.
+        what: String,
+    },
+    /// The VM refused (save or restore).
     #[error(transparent)]
     Vm(#[from] VmError),
 }
@@ -72,7 +95,9 @@ fn io<'a>(
 /// What a snapshot holds.
 #[derive(Clone, Debug)]
 pub struct SnapshotInfo {
+    /// Guest RAM written.
     pub ram_bytes: u64,
+    /// The state file's size.
     pub state_bytes: usize,
 }
 

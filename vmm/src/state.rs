@@ -59,43 +59,78 @@ const MAX_PAYLOAD: u64 = 16 << 20;
 /// Errors decoding or validating a saved state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// Shorter than the header.
     #[error(
         "state is {len} bytes, shorter than its {HEADER_LEN}-byte header: the file is truncated"
     )]
-    TruncatedHeader { len: usize },
+    TruncatedHeader {
+        /// The state's length.
+        len: usize,
+    },
+    /// Not a VM state.
     #[error("not an understudy VM state (magic {found:02x?}, expected {STATE_MAGIC:02x?})")]
-    BadMagic { found: [u8; 8] },
+    BadMagic {
+        /// The first eight bytes.
+        found: [u8; 8],
+    },
+    /// A format version this build does not read.
     #[error(
         "VM state format version {found} is not supported (this build reads versions {OLDEST_READABLE_VERSION} to {STATE_FORMAT_VERSION}): \
          restore it with the understudy release that wrote it"
     )]
-    UnsupportedVersion { found: u32 },
+    UnsupportedVersion {
+        /// The state's version.
+        found: u32,
+    },
+    /// The payload is not as long as the header says.
     #[error(
         "state payload claims {claimed} bytes but {actual} follow the header: the file is truncated or padded"
     )]
-    LengthMismatch { claimed: u64, actual: u64 },
+    LengthMismatch {
+        /// The header's length.
+        claimed: u64,
+        /// The bytes after the header.
+        actual: u64,
+    },
+    /// The payload does not match its CRC.
     #[error(
         "state checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt"
     )]
-    Checksum { stored: u32, computed: u32 },
+    Checksum {
+        /// The header's CRC.
+        stored: u32,
+        /// The payload's.
+        computed: u32,
+    },
+    /// The payload does not decode.
     #[error("cannot decode the VM state payload")]
     Decode(#[source] postcard::Error),
+    /// The state cannot be encoded.
     #[error("cannot encode the VM state")]
     Encode(#[source] postcard::Error),
+    /// A field that decodes but cannot be true.
     #[error("invalid {field} in VM state: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Everything needed to bring a paused VM back, except the RAM contents.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
+    /// Guest RAM's size and (snapshots) checksum.
     pub memory: MemoryState,
     /// What was booted (kept so tools can tell which guest a snapshot holds).
     pub boot: Option<BuiltinBoot>,
+    /// The vCPU's registers.
     pub vcpu: VcpuState,
     /// KVM's in-kernel devices (the kernel mode; all zero in the
     /// deterministic mode, which has none).
     pub kvm: KvmVmState,
+    /// understudy's own device models.
     pub devices: DeviceStates,
     /// The deterministic mode: its userspace PIC and PIT, and where the VM
     /// is in its exit count (None: the kernel mode).
@@ -113,7 +148,9 @@ pub struct DeterministicState {
     /// Event records logged after the latest exit when the state was taken
     /// (a replay from this state skips that many).
     pub events_after_exit: u32,
+    /// The userspace 8259 pair.
     pub pics: crate::pic::Pics,
+    /// The userspace 8254 timer.
     pub pit: crate::pit::Pit,
     /// Timer ticks delivered since boot (the guest's virtual time).
     pub ticks: u64,
@@ -128,6 +165,7 @@ pub struct DeterministicState {
 /// Guest RAM layout and a checksum of its contents when saved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryState {
+    /// Guest RAM in bytes.
     pub size_bytes: u64,
     /// CRC-32C of all RAM, for snapshots (epoch checkpoints use page digests).
     pub crc32c: Option<u32>,
@@ -136,6 +174,7 @@ pub struct MemoryState {
 /// Device models' state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStates {
+    /// COM1.
     pub serial: SerialDeviceState,
     // The i8042 has no state: it only turns a reset command into a VM exit.
 }
@@ -143,16 +182,27 @@ pub struct DeviceStates {
 /// The 8250 UART on COM1, plus console input accepted but not yet in its FIFO.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialDeviceState {
+    /// DLL: the baud divisor's low byte.
     pub baud_divisor_low: u8,
+    /// DLM: the baud divisor's high byte.
     pub baud_divisor_high: u8,
+    /// IER.
     pub interrupt_enable: u8,
+    /// IIR.
     pub interrupt_identification: u8,
+    /// LCR.
     pub line_control: u8,
+    /// LSR.
     pub line_status: u8,
+    /// MCR.
     pub modem_control: u8,
+    /// MSR.
     pub modem_status: u8,
+    /// SCR.
     pub scratch: u8,
+    /// The receive FIFO.
     pub in_buffer: Vec<u8>,
+    /// Console input accepted but not yet in the FIFO.
     pub pending_input: Vec<u8>,
     /// Console input bytes the device has taken since the VM booted (the
     /// FIFO and `pending_input` hold the last of them): the input offset a
@@ -230,152 +280,248 @@ mod v1 {
 /// One vCPU: every register set KVM exposes for x86-64.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// The CPUID the guest sees (KVM_SET_CPUID2).
     pub cpuid: Vec<CpuidEntry>,
+    /// KVM's mp_state (running, halted, …).
     pub mp_state: u32,
+    /// General-purpose registers.
     pub regs: Regs,
+    /// Segment, control and descriptor-table registers.
     pub sregs: Sregs,
     /// KVM_GET_XSAVE region (legacy FPU/SSE area + extended state), 1024 words.
     pub xsave: Vec<u32>,
+    /// Extended control registers (XCR0).
     pub xcrs: Vec<Xcr>,
     /// The local APIC register page, 1024 bytes.
     pub lapic: Vec<u8>,
+    /// The MSRs KVM saves (index and value).
     pub msrs: Vec<Msr>,
+    /// Debug registers.
     pub debug_regs: DebugRegs,
+    /// Pending events.
     pub events: VcpuEvents,
 }
 
+/// One CPUID leaf (`kvm_cpuid_entry2`, fields by its names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuidEntry {
+    /// The leaf (EAX in).
     pub function: u32,
+    /// The subleaf (ECX in).
     pub index: u32,
+    /// KVM_CPUID_FLAG_*.
     pub flags: u32,
+    /// EAX out.
     pub eax: u32,
+    /// EBX out.
     pub ebx: u32,
+    /// ECX out.
     pub ecx: u32,
+    /// EDX out.
     pub edx: u32,
 }
 
+/// `kvm_regs`: rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8–r15 in `gpr`, then rip and rflags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Regs {
+    /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8–r15.
     pub gpr: [u64; 16],
+    /// The instruction pointer.
     pub rip: u64,
+    /// The flags.
     pub rflags: u64,
 }
 
+/// A segment register (`kvm_segment`, fields by its names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
+    /// Base address.
     pub base: u64,
+    /// Limit.
     pub limit: u32,
+    /// Selector.
     pub selector: u16,
+    /// Type (`type` in KVM).
     pub type_: u8,
+    /// Present bit.
     pub present: u8,
+    /// Descriptor privilege level.
     pub dpl: u8,
+    /// Default operand size (D/B).
     pub db: u8,
+    /// Code/data (1) or system (0).
     pub s: u8,
+    /// 64-bit code segment.
     pub l: u8,
+    /// Granularity.
     pub g: u8,
+    /// Available bit.
     pub avl: u8,
+    /// Unusable (a null selector).
     pub unusable: u8,
 }
 
+/// The GDT or IDT register (`kvm_dtable`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorTable {
+    /// Base address.
     pub base: u64,
+    /// Limit.
     pub limit: u16,
 }
 
+/// `kvm_sregs`: segments, descriptor tables, control registers, EFER, the APIC base and the pending-interrupt bitmap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sregs {
     /// cs, ds, es, fs, gs, ss, tr, ldt.
     pub segments: [Segment; 8],
+    /// The GDT register.
     pub gdt: DescriptorTable,
+    /// The IDT register.
     pub idt: DescriptorTable,
+    /// CR0.
     pub cr0: u64,
+    /// CR2 (the last page-fault address).
     pub cr2: u64,
+    /// CR3 (the page tables).
     pub cr3: u64,
+    /// CR4.
     pub cr4: u64,
+    /// CR8 (the task priority).
     pub cr8: u64,
+    /// The EFER MSR.
     pub efer: u64,
+    /// The APIC base MSR.
     pub apic_base: u64,
+    /// External interrupts pending injection.
     pub interrupt_bitmap: [u64; 4],
 }
 
+/// One extended control register (`kvm_xcr`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Xcr {
+    /// Which register.
     pub xcr: u32,
+    /// Its value.
     pub value: u64,
 }
 
+/// One MSR (`kvm_msr_entry`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Msr {
+    /// The MSR.
     pub index: u32,
+    /// Its value.
     pub data: u64,
 }
 
+/// `kvm_debugregs`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DebugRegs {
+    /// DR0–DR3.
     pub db: [u64; 4],
+    /// DR6.
     pub dr6: u64,
+    /// DR7.
     pub dr7: u64,
+    /// KVM's flags.
     pub flags: u64,
 }
 
 /// Pending exceptions, interrupts, NMIs and SMIs (KVM_GET_VCPU_EVENTS).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuEvents {
-    pub exception: [u8; 4], // injected, nr, has_error_code, pending
+    /// Injected, number, has an error code, pending.
+    pub exception: [u8; 4],
+    /// The exception's error code.
     pub exception_error_code: u32,
-    pub interrupt: [u8; 4], // injected, nr, soft, shadow
-    pub nmi: [u8; 3],       // injected, pending, masked
+    /// Injected, number, soft, shadow.
+    pub interrupt: [u8; 4],
+    /// Injected, pending, masked.
+    pub nmi: [u8; 3],
+    /// The SIPI vector.
     pub sipi_vector: u32,
+    /// KVM_VCPUEVENT_VALID_*.
     pub flags: u32,
-    pub smi: [u8; 4], // smm, pending, smm_inside_nmi, latched_init
+    /// In SMM, pending, in SMM inside an NMI, latched INIT.
+    pub smi: [u8; 4],
+    /// A triple fault is pending.
     pub triple_fault_pending: u8,
+    /// The exception carries a payload.
     pub exception_has_payload: u8,
+    /// The payload (e.g. CR2 of a page fault).
     pub exception_payload: u64,
 }
 
 /// VM-wide in-kernel device state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvmVmState {
+    /// The 8254.
     pub pit: PitState,
+    /// The KVM clock.
     pub clock: ClockState,
+    /// The master 8259.
     pub pic_master: PicState,
+    /// The slave 8259.
     pub pic_slave: PicState,
+    /// The IOAPIC.
     pub ioapic: IoapicState,
 }
 
+/// One channel of KVM's in-kernel 8254 (`kvm_pit_channel_state`, fields by its names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PitChannel {
+    /// The reload count.
     pub count: u32,
+    /// The latched count.
     pub latched_count: u16,
+    /// A count is latched.
     pub count_latched: u8,
+    /// A status is latched.
     pub status_latched: u8,
+    /// The latched status.
     pub status: u8,
+    /// Which byte a read returns next.
     pub read_state: u8,
+    /// Which byte a write sets next.
     pub write_state: u8,
+    /// The first byte of a 16-bit write.
     pub write_latch: u8,
+    /// The access mode.
     pub rw_mode: u8,
+    /// The counter mode (0–5).
     pub mode: u8,
+    /// BCD counting.
     pub bcd: u8,
+    /// The gate input.
     pub gate: u8,
+    /// When the count was loaded (host ns).
     pub count_load_time: i64,
 }
 
+/// KVM's in-kernel 8254 (`kvm_pit_state2`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PitState {
+    /// Channels 0–2.
     pub channels: [PitChannel; 3],
+    /// KVM_PIT_FLAGS_*.
     pub flags: u32,
 }
 
+/// KVM's clock (`kvm_clock_data`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClockState {
+    /// The guest's kvmclock value (ns).
     pub clock: u64,
+    /// KVM_CLOCK_*.
     pub flags: u32,
+    /// Host realtime when saved (ns).
     pub realtime: u64,
+    /// Host TSC when saved.
     pub host_tsc: u64,
 }
 
+/// One of KVM's in-kernel 8259s (`kvm_pic_state`, as bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PicState {
     /// last_irr, irr, imr, isr, priority_add, irq_base, read_reg_select, poll,
@@ -384,12 +530,18 @@ pub struct PicState {
     pub regs: [u8; 16],
 }
 
+/// KVM's in-kernel IOAPIC (`kvm_ioapic_state`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoapicState {
+    /// Its MMIO base.
     pub base_address: u64,
+    /// The register select.
     pub ioregsel: u32,
+    /// Its id.
     pub id: u32,
+    /// Interrupt request lines.
     pub irr: u32,
+    /// The redirection table.
     pub redirection: [u64; 24],
 }
 

@@ -44,25 +44,36 @@ use crate::state::{
 /// Errors from the vCPU thread and its control.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
+    /// The thread did not start.
     #[error("cannot start the vCPU thread")]
     Spawn(#[source] std::io::Error),
+    /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// A KVM vCPU ioctl failed.
     #[error("vCPU {step} failed")]
     Kvm {
+        /// Which ioctl.
         step: &'static str,
+        /// Why.
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The vCPU thread did not answer a request in time.
     #[error("the vCPU did not {what} within {timeout:?}")]
     Timeout {
+        /// What it was asked.
         what: &'static str,
+        /// How long it had.
         timeout: Duration,
     },
+    /// The VM is over.
     #[error("the VM has ended ({0})")]
     Ended(VmEnd),
+    /// A request that needs the vCPU paused.
     #[error("the vCPU must be paused to {0}")]
     NotPaused(&'static str),
+    /// A saved state KVM or the devices refuse.
     #[error("saved vCPU state is not usable: {0}")]
     BadState(String),
 }
@@ -119,8 +130,11 @@ type SaveResult = Result<SavedVcpu, VcpuError>;
 /// deterministic mode's devices.
 #[derive(Debug)]
 pub struct SavedVcpu {
+    /// Every register set.
     pub vcpu: VcpuState,
+    /// The UART.
     pub serial: SerialDeviceState,
+    /// The deterministic mode's devices and position (None: kernel mode).
     pub deterministic: Option<DeterministicState>,
 }
 

@@ -41,35 +41,52 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 /// Errors creating, running or capturing a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// No usable /dev/kvm.
     #[error(
         "cannot open /dev/kvm: this host needs KVM. Load the kvm module (or run on a host that \
          has /dev/kvm) and make /dev/kvm readable and writable by this user"
     )]
     KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A KVM VM ioctl failed.
     #[error("KVM {step} failed")]
     Kvm {
+        /// Which ioctl.
         step: &'static str,
+        /// Why.
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// No eventfd for the serial interrupt.
     #[error("cannot create an eventfd for the serial interrupt")]
     EventFd(#[source] std::io::Error),
+    /// Guest RAM.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// Loading the guest.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The vCPU.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A saved state.
     #[error(transparent)]
     State(#[from] StateError),
+    /// RAM of another size than the state's.
     #[error("snapshot is for {expected} bytes of RAM but {actual} bytes were given")]
-    RamSizeMismatch { expected: u64, actual: u64 },
+    RamSizeMismatch {
+        /// The state's RAM.
+        expected: u64,
+        /// The RAM given.
+        actual: u64,
+    },
+    /// A kernel-mode snapshot given to the deterministic mode.
     #[error(
         "this snapshot was taken in the kernel mode (KVM's own interrupt controller and timer), \
          which no trace can replay: record a run with `understudyctl run --record` and replay \
          from its snapshots"
     )]
     NotDeterministic,
+    /// A guest or state the deterministic mode cannot run faithfully.
     #[error("{0}")]
     Nondeterministic(String),
 }
@@ -81,7 +98,9 @@ fn kvm_step(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// The guest's console: input to COM1, and every byte COM1 outputs.
 #[derive(Debug)]
 pub struct Console {
+    /// Bytes for the guest's COM1.
     pub input: ConsoleInput,
+    /// Every byte the guest writes to COM1.
     pub output: Receiver<u8>,
 }
 
