@@ -48,7 +48,7 @@ use tonic::Status;
 use understudy_checkpoint::epoch::{EpochDecoder, StagingBuffers};
 use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CommittedImage, StoreError};
-use understudy_common::ids::{Generation, Incarnation};
+use understudy_common::ids::{Generation, Incarnation, SessionId};
 use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
@@ -173,7 +173,7 @@ struct Standby {
 
 /// The current primary's replication session.
 struct Session {
-    id: u64,
+    id: SessionId,
     /// None once a refusal ended the stream: only a new Hello continues.
     decoder: Option<EpochDecoder>,
     /// A checkpoint of this session is committed.

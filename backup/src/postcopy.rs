@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tonic::Status;
-use understudy_common::ids::{Generation, Incarnation};
+use understudy_common::ids::{Generation, Incarnation, SessionId};
 use understudy_common::payload::CheckpointPayload;
 use understudy_common::role::RunningVm;
 use understudy_common::status::StateKind;
@@ -58,7 +58,7 @@ enum InstallError {
 /// fault thread and the stream that installs pages).
 #[derive(Debug)]
 pub(crate) struct Pager {
-    pub session: u64,
+    pub session: SessionId,
     uffd: Uffd,
     pages: usize,
     state: Mutex<PagerState>,
@@ -278,7 +278,7 @@ fn valid_pages(bytes: &[u8], pages: usize) -> Result<DirtyBitmap, PromotionError
 /// epochs up to `epoch` are committed. Nothing changes if a check fails.
 pub(crate) fn promote(
     shared: &Arc<Shared>,
-    session: u64,
+    session: SessionId,
     epoch: u64,
     valid: &[u8],
     zero: &[u8],
@@ -331,7 +331,7 @@ pub(crate) fn promote(
 fn promote_locked(
     shared: &Arc<Shared>,
     started: Instant,
-    session: u64,
+    session: SessionId,
     epoch: u64,
     valid: &[u8],
     zero: &[u8],
@@ -541,7 +541,7 @@ pub(crate) fn receive(shared: &Arc<Shared>, msg: &EpochChunk) -> Result<Option<A
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .filter(|p| p.session == msg.session)
+        .filter(|p| SessionId::from_raw(msg.session) == Some(p.session))
         .ok_or_else(|| {
             Status::failed_precondition("no post-copy migration of this session runs here")
         })?;
@@ -696,7 +696,7 @@ pub(crate) fn fail(shared: &Arc<Shared>, why: String) {
 }
 
 /// The session's stream ended: if it carried a post-copy, the VM is lost.
-pub(crate) fn stream_ended(shared: &Arc<Shared>, session: u64) {
+pub(crate) fn stream_ended(shared: &Arc<Shared>, session: SessionId) {
     let running = shared
         .postcopy
         .lock()

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::StoreError;
 use understudy_checkpoint::trace::TraceWriter;
 use understudy_common::fault;
-use understudy_common::ids::{Generation, Incarnation};
+use understudy_common::ids::{Generation, Incarnation, SessionId};
 use understudy_common::payload::{CheckpointPayload, PayloadError};
 use understudy_common::role::RunningVm;
 use understudy_common::status::StateKind;
@@ -39,7 +39,7 @@ pub(crate) enum Trigger {
     /// a migration); `replay`: a replay migration's, which runs the replica
     /// that replayed the log after `epoch` to its end.
     Handover {
-        session: u64,
+        session: SessionId,
         epoch: u64,
         replay: bool,
     },
@@ -64,7 +64,7 @@ pub enum PromotionError {
         /// The final checkpoint the primary named.
         epoch: u64,
         /// The session it named.
-        session: u64,
+        session: SessionId,
         /// What the image holds.
         committed: Option<u64>,
     },
@@ -430,7 +430,7 @@ pub(crate) fn promote(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Seen {
     generation: Generation,
-    session: Option<u64>,
+    session: Option<SessionId>,
 }
 
 /// Whether `trigger` still calls for a promotion (None: it no longer does,

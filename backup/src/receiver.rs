@@ -11,7 +11,7 @@ use std::time::Instant;
 use tonic::Status;
 use understudy_checkpoint::epoch::{EpochDecoder, Received};
 use understudy_checkpoint::{EpochError, EpochKind};
-use understudy_common::ids::Generation;
+use understudy_common::ids::{Generation, SessionId};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
@@ -50,7 +50,7 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
     let Some(session) = standby
         .session
         .as_mut()
-        .filter(|s| s.id == msg.session && s.decoder.is_some())
+        .filter(|s| SessionId::from_raw(msg.session) == Some(s.id) && s.decoder.is_some())
     else {
         return Err(Status::failed_precondition(
             "no such replication session: say Hello first",
@@ -202,7 +202,7 @@ fn log_ack(generation: Generation, log: LogAck) -> Ack {
 
 /// Replay mode, between messages: an ack of log alone when the replica
 /// moved since the last ack (see `Follower::progressed`).
-pub(crate) fn progress_ack(shared: &Shared, session_id: u64) -> Option<Ack> {
+pub(crate) fn progress_ack(shared: &Shared, session_id: SessionId) -> Option<Ack> {
     let mut state = shared.lock();
     let Phase::Standby(standby) = &mut state.phase else {
         return None;

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use understudy_checkpoint::epoch::EpochDecoder;
 use understudy_common::auth::Access;
 use understudy_common::heartbeat::SessionKey;
-use understudy_common::ids::{Generation, Incarnation, ReplicationMode, Role, RunState};
+use understudy_common::ids::{Generation, Incarnation, ReplicationMode, Role, RunState, SessionId};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::replication_server::Replication;
@@ -75,6 +75,9 @@ impl ReplicationService {
         let key = SessionKey::from_bytes(&req.heartbeat_key).ok_or_else(|| {
             Status::invalid_argument("the Hello carries no 32-byte heartbeat key")
         })?;
+        let session_id = SessionId::from_raw(req.session).ok_or_else(|| {
+            Status::invalid_argument("the Hello names no session (0): a primary picks a random one")
+        })?;
         let mode = match understudy_proto::ReplicationMode::try_from(req.mode) {
             Ok(understudy_proto::ReplicationMode::Checkpoint) => ReplicationMode::Checkpoint,
             Ok(understudy_proto::ReplicationMode::Replay) => ReplicationMode::Replay,
@@ -103,7 +106,7 @@ impl ReplicationService {
         standby.generation = Generation(req.generation);
         standby.stale = None;
         standby.session = Some(Session {
-            id: req.session,
+            id: session_id,
             decoder: Some(EpochDecoder::with_buffers(buffers)),
             protected: false,
             goodbye: false,
@@ -115,7 +118,7 @@ impl ReplicationService {
         });
         shared.host.stats.set_mode(mode);
         shared.watch.arm(false);
-        shared.watch.set_session(Some((req.session, key)));
+        shared.watch.set_session(Some((session_id, key)));
         shared.set_generation(Generation(req.generation), false);
         let stats = &shared.host.stats;
         stats.set_incarnation(Some(incarnation));
@@ -296,7 +299,7 @@ impl Replication for ReplicationService {
                         break;
                     }
                 };
-                stream_session = Some(msg.session);
+                stream_session = SessionId::from_raw(msg.session);
                 if msg.chunk.is_empty()
                     && msg.trace_segment.is_empty()
                     && msg.postcopy_pages.is_empty()
@@ -308,8 +311,10 @@ impl Replication for ReplicationService {
                 }
                 // Replay-mode sessions only: checkpoint mode never takes
                 // the state lock between its messages.
-                if !msg.trace_segment.is_empty() {
-                    session.get_or_insert(msg.session);
+                if !msg.trace_segment.is_empty()
+                    && let Some(id) = SessionId::from_raw(msg.session)
+                {
+                    session.get_or_insert(id);
                 }
                 let postcopy = !msg.postcopy_pages.is_empty() || msg.postcopy_done;
                 let shared2 = shared.clone();
@@ -362,7 +367,11 @@ impl Replication for ReplicationService {
         if Generation(req.generation) < standby.generation {
             return Err(shared.deposed(Generation(req.generation)));
         }
-        let Some(session) = standby.session.as_mut().filter(|s| s.id == req.session) else {
+        let Some(session) = standby
+            .session
+            .as_mut()
+            .filter(|s| SessionId::from_raw(req.session) == Some(s.id))
+        else {
             return Ok(Response::new(GoodbyeReply {}));
         };
         session.goodbye = true;
@@ -413,6 +422,11 @@ impl Replication for ReplicationService {
                 "handover refused: {why}"
             )));
         }
+        let Some(handover_session) = SessionId::from_raw(req.session) else {
+            return Err(Status::invalid_argument(
+                "handover refused: it names no session (0)",
+            ));
+        };
         {
             let state = shared.lock();
             let Phase::Standby(standby) = &state.phase else {
@@ -443,7 +457,7 @@ impl Replication for ReplicationService {
             return match tokio::task::block_in_place(|| {
                 crate::postcopy::promote(
                     &shared2,
-                    req.session,
+                    handover_session,
                     req.epoch,
                     &req.valid_pages,
                     &req.zero_pages,
@@ -464,7 +478,7 @@ impl Replication for ReplicationService {
             };
         }
         let trigger = Trigger::Handover {
-            session: req.session,
+            session: handover_session,
             epoch: req.epoch,
             replay: req.replay,
         };

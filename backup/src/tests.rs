@@ -243,8 +243,8 @@ async fn the_promotion_checks_follow_the_session() {
     protected(&shared, &mut primary).await;
 
     // A handover names the committed checkpoint of this session, or nothing.
-    let handover = |session, epoch| Trigger::Handover {
-        session,
+    let handover = |session: u64, epoch| Trigger::Handover {
+        session: understudy_common::ids::SessionId::from_raw(session).unwrap(),
         epoch,
         replay: false,
     };

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use understudy_common::heartbeat::{
     DATAGRAM_LEN, Datagram, Kind, Liveness, SessionKey, Verdict, raise_priority, wait_readable,
 };
+use understudy_common::ids::SessionId;
 
 /// What the thread tells the async side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub(crate) enum Event {
 /// The session whose beats count.
 #[derive(Clone, Debug)]
 struct Watched {
-    id: u64,
+    id: SessionId,
     key: SessionKey,
 }
 
@@ -77,7 +78,7 @@ impl Watch {
 
     /// Beats of session `id` signed with `key` count from now on (None:
     /// none count).
-    pub(crate) fn set_session(&self, session: Option<(u64, SessionKey)>) {
+    pub(crate) fn set_session(&self, session: Option<(SessionId, SessionKey)>) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) =
             session.map(|(id, key)| Watched { id, key });
         self.session_seq.fetch_add(1, Ordering::AcqRel);
@@ -184,14 +185,14 @@ fn run(
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             if let Some(w) = current {
-                match Datagram::open(&buf[..n], w.id, &w.key) {
+                match Datagram::open(&buf[..n], w.id.raw(), &w.key) {
                     Ok(beat) if beat.kind == Kind::Beat && beat.seq > last_seq => {
                         last_seq = beat.seq;
                         liveness.heard();
                         watch.heard();
                         let echo = Datagram {
                             kind: Kind::Echo,
-                            session: w.id,
+                            session: w.id.raw(),
                             seq: beat.seq,
                             echo_seq: beat.seq,
                             generation: beat.generation,
@@ -265,7 +266,7 @@ mod tests {
                 .unwrap();
             let watch = Watch::new();
             let key = SessionKey::random().unwrap();
-            watch.set_session(Some((5, key.clone())));
+            watch.set_session(Some((SessionId::from_raw(5).unwrap(), key.clone())));
             let (tx, events) = tokio::sync::mpsc::unbounded_channel();
             let thread = spawn(watch.clone(), socket, settings, tx).unwrap();
             Self {

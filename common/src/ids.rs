@@ -43,6 +43,40 @@ impl FromStr for Generation {
     }
 }
 
+/// One replication or migration session: a fresh random id per `Hello`,
+/// never 0 (the wire's 0 means "no session", and never parses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionId(std::num::NonZeroU64);
+
+impl SessionId {
+    /// A new random id, or None if the kernel gives no randomness.
+    pub fn random() -> Option<Self> {
+        random_stream().and_then(Self::from_raw)
+    }
+
+    /// From the wire form; None for 0.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        std::num::NonZeroU64::new(raw).map(Self)
+    }
+
+    /// The wire form.
+    pub fn raw(self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl fmt::LowerHex for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0.get(), f)
+    }
+}
+
 /// A random id for a new trace stream (never 0), or None if the kernel
 /// gives no randomness.
 pub fn random_stream() -> Option<u64> {
@@ -241,6 +275,11 @@ mod tests {
         }
         assert_eq!(RunState::from_proto(0), None);
         assert_eq!(Generation(7).next(), Generation(8));
+        let s = SessionId::random().unwrap();
+        assert_eq!(SessionId::from_raw(s.raw()), Some(s));
+        assert_eq!(SessionId::from_raw(0), None);
+        assert_eq!(SessionId::from_raw(0x2a).unwrap().to_string(), "0x2a");
+        assert_eq!(format!("{:#x}", SessionId::from_raw(0x2a).unwrap()), "0x2a");
         assert!(!Generation(1 << 40).is_plausible());
         assert_eq!(Generation(u64::MAX).next(), Generation(u64::MAX));
     }

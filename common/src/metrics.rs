@@ -402,6 +402,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.refused("Hello");
         metrics.migration_ended("done");
+        metrics.witness_decision("won", std::time::Duration::from_millis(1));
         metrics
             .render(&Gauges {
                 role: "primary",

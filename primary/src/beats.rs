@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use understudy_common::heartbeat::{
     DATAGRAM_LEN, Datagram, Kind, SessionKey, raise_priority, wait_readable,
 };
+use understudy_common::ids::SessionId;
 use understudy_common::status::Stats;
 
 /// What the session manager and the heartbeat thread share.
 #[derive(Debug)]
 pub(crate) struct Beats {
     clock: Instant,
-    session: Mutex<Option<(u64, SessionKey)>>,
+    session: Mutex<Option<(SessionId, SessionKey)>>,
     /// Nanoseconds since `clock` of the last valid echo of the session.
     last_echo: AtomicU64,
     stop: AtomicBool,
@@ -39,7 +40,7 @@ impl Beats {
     }
 
     /// Beats for session `id` with `key` from now on (None: no beats).
-    pub(crate) fn set_session(&self, session: Option<(u64, SessionKey)>) {
+    pub(crate) fn set_session(&self, session: Option<(SessionId, SessionKey)>) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
         self.last_echo
             .store(self.clock.elapsed().as_nanos() as u64, Ordering::Release);
@@ -111,7 +112,7 @@ fn run(
                 seq += 1;
                 let beat = Datagram {
                     kind: Kind::Beat,
-                    session: *id,
+                    session: id.raw(),
                     seq,
                     echo_seq: 0,
                     generation,
@@ -136,7 +137,7 @@ fn run(
             continue;
         }
         let Some((id, key)) = &session else { continue };
-        match Datagram::open(&buf[..n], *id, key) {
+        match Datagram::open(&buf[..n], id.raw(), key) {
             Ok(echo) if echo.kind == Kind::Echo => {
                 beats
                     .last_echo

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use understudy_checkpoint::CodecPolicy;
 use understudy_checkpoint::trace::TraceWriter;
-use understudy_common::ids::{Incarnation, ReplicationMode, Role, RunState};
+use understudy_common::ids::{Incarnation, ReplicationMode, Role, RunState, SessionId};
 use understudy_common::operator::{OperatorRequest, SwitchoverResult};
 use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::{StateKind, Stats};
@@ -249,7 +249,7 @@ type SwitchoverResponder = tokio::sync::oneshot::Sender<SwitchoverResult>;
 /// A live replication session, as the replicator thread sees it.
 #[derive(Debug, Clone)]
 struct SessionLink {
-    id: u64,
+    id: SessionId,
     chunks: tokio::sync::mpsc::Sender<EpochChunk>,
     broken: Arc<AtomicBool>,
 }

@@ -37,7 +37,7 @@ use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::codec::Codec;
 use understudy_checkpoint::epoch::EncodeError;
 use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
-use understudy_common::ids::Incarnation;
+use understudy_common::ids::{Incarnation, SessionId};
 use understudy_common::postcopy::PageRecords;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
@@ -305,7 +305,7 @@ impl Request {
 
 /// The replication stream to the destination.
 pub(crate) struct Link {
-    pub id: u64,
+    pub id: SessionId,
     chunks: tokio::sync::mpsc::Sender<EpochChunk>,
     broken: Arc<AtomicBool>,
     /// Last acked epoch + 1.
@@ -365,7 +365,7 @@ impl Link {
         // The stream's opening word: the destination learns which session
         // it carries before any data (a post-copy that loses it must know).
         tx.send(EpochChunk {
-            session: offer.id,
+            session: offer.id.raw(),
             generation,
             ..Default::default()
         })
@@ -442,7 +442,7 @@ impl Link {
     /// Post-copy: queues page records (first: ahead of what waits).
     fn queue_pages(&mut self, records: Vec<u8>, done: bool, first: bool) {
         let msg = EpochChunk {
-            session: self.id,
+            session: self.id.raw(),
             generation: self.generation,
             postcopy_pages: records.into(),
             postcopy_done: done,
@@ -477,7 +477,7 @@ impl Link {
     fn queue_chunks(&mut self, chunks: Vec<Vec<u8>>) {
         for chunk in chunks {
             self.outbox.push_back(EpochChunk {
-                session: self.id,
+                session: self.id.raw(),
                 generation: self.generation,
                 chunk: chunk.into(),
                 ..Default::default()
@@ -1158,7 +1158,7 @@ impl Migration {
             return Err(MigrationError::NotConnected);
         };
         link.outbox.push_back(EpochChunk {
-            session: link.id,
+            session: link.id.raw(),
             generation: link.generation,
             trace_segment: bytes.to_vec().into(),
             ..Default::default()
@@ -1382,8 +1382,8 @@ impl Migration {
     }
 
     /// The session the destination knows this migration by.
-    pub(crate) fn session(&self) -> u64 {
-        self.link.as_ref().map_or(0, |l| l.id)
+    pub(crate) fn session(&self) -> Option<SessionId> {
+        self.link.as_ref().map(|l| l.id)
     }
 
     /// A client on the stream's connection, for the handover; None once the

@@ -12,7 +12,7 @@ use understudy_proto::{
 };
 
 use understudy_common::heartbeat::SessionKey;
-use understudy_common::ids::{Incarnation, Role};
+use understudy_common::ids::{Incarnation, Role, SessionId};
 
 use crate::host_state::RunRecord;
 use crate::{PrimaryError, PrimaryOptions};
@@ -110,7 +110,7 @@ pub(crate) enum HelloOutcome {
 /// One replication session's identity, as the primary opens it.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionOffer {
-    pub id: u64,
+    pub id: SessionId,
     pub generation: u64,
     pub incarnation: Incarnation,
     /// Only before the VM boots: what this host ran before.
@@ -126,10 +126,8 @@ impl SessionOffer {
         previous: Option<RunRecord>,
     ) -> Result<Self, PrimaryError> {
         let key = SessionKey::random().ok_or(PrimaryError::NoRandomness)?;
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|_| PrimaryError::NoRandomness)?;
         Ok(Self {
-            id: u64::from_le_bytes(id) | 1,
+            id: SessionId::random().ok_or(PrimaryError::NoRandomness)?,
             generation,
             incarnation,
             previous,
@@ -160,7 +158,7 @@ pub(crate) async fn hello_to(
         vm_id: opts.vm_id.clone(),
         generation,
         ram_bytes: opts.ram_bytes as u64,
-        session: offer.id,
+        session: offer.id.raw(),
         incarnation: offer.incarnation.raw(),
         previous: offer.previous.map(|r| PreviousRun {
             incarnation: r.incarnation.raw(),
@@ -210,12 +208,16 @@ pub(crate) async fn hello_to(
 }
 
 /// Tells the backup not to promote for `session`; true if it said so.
-pub(crate) async fn say_goodbye(opts: &PrimaryOptions, generation: u64, session: u64) -> bool {
+pub(crate) async fn say_goodbye(
+    opts: &PrimaryOptions,
+    generation: u64,
+    session: SessionId,
+) -> bool {
     let attempt = async {
         ReplicationClient::new(connect(opts).await?)
             .goodbye(GoodbyeRequest {
                 generation,
-                session,
+                session: session.raw(),
             })
             .await
             .map_err(PeerError::Status)
@@ -341,14 +343,14 @@ pub(crate) enum HandoverOutcome {
 pub(crate) async fn handover(
     opts: &PrimaryOptions,
     generation: u64,
-    session: u64,
+    session: SessionId,
     epoch: u64,
 ) -> HandoverOutcome {
     handover_to(
         opts,
         &Target::backup(opts),
         generation,
-        session,
+        Some(session),
         epoch,
         HandoverKind::Plain,
         None,
@@ -377,12 +379,13 @@ pub(crate) enum HandoverKind<'a> {
 }
 
 /// [`handover`] to `target`, of `kind`. `client`: a connection to `target`
-/// already open (else a new one).
+/// already open (else a new one). `session` None: the stream is gone, and
+/// the request names no session, which the target refuses.
 pub(crate) async fn handover_to(
     opts: &PrimaryOptions,
     target: &Target,
     generation: u64,
-    session: u64,
+    session: Option<SessionId>,
     epoch: u64,
     kind: HandoverKind<'_>,
     client: Option<ReplicationClient<Channel>>,
@@ -400,7 +403,7 @@ pub(crate) async fn handover_to(
     };
     let request = client.handover(HandoverRequest {
         generation,
-        session,
+        session: session.map_or(0, SessionId::raw),
         epoch,
         postcopy: postcopy.is_some(),
         valid_pages: postcopy

@@ -13,7 +13,7 @@ use understudy_checkpoint::epoch::{EncodeError, EpochKind, SenderState};
 use understudy_common::backlog::Backlog;
 use understudy_common::console::ConsoleLog;
 use understudy_common::fault;
-use understudy_common::ids::RunState;
+use understudy_common::ids::{RunState, SessionId};
 use understudy_common::payload::CheckpointPayload;
 use understudy_common::status::StateKind;
 use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
@@ -80,7 +80,7 @@ pub(crate) struct Replicator {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     /// The session the last checkpoint was acked in (for the goodbye).
-    last_session: Option<u64>,
+    last_session: Option<SessionId>,
     vm: Option<Vm>,
     output: crossbeam_channel::Receiver<u8>,
     log: Arc<ConsoleLog>,
@@ -339,7 +339,7 @@ impl Replicator {
     fn send(&self, link: &SessionLink, chunks: Vec<Vec<u8>>) -> bool {
         for chunk in chunks {
             let msg = EpochChunk {
-                session: link.id,
+                session: link.id.raw(),
                 generation: self.shared.generation,
                 chunk: chunk.into(),
                 ..Default::default()
@@ -866,7 +866,7 @@ impl Replicator {
             self.fail_migration(m, format!("lost the destination: {}", why.explain()));
         }
         let msg = EpochChunk {
-            session: link.id,
+            session: link.id.raw(),
             generation: self.shared.generation,
             trace_segment: segment.bytes.into(),
             ..Default::default()
