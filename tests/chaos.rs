@@ -915,9 +915,10 @@ async fn run_cluster(
     );
 }
 
-async fn chaos(faults: usize, mode: Mode) {
-    common::require_kvm();
-    let _serial = common::serial().await;
+/// The run's seed (`UNDERSTUDY_CHAOS_SEED`, else the clock) and a directory
+/// for the daemons' logs, both printed so a failing run can be repeated and
+/// read.
+fn seed_and_logs() -> (u64, tempfile::TempDir) {
     let seed = std::env::var("UNDERSTUDY_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -931,6 +932,13 @@ async fn chaos(faults: usize, mode: Mode) {
     eprintln!("chaos seed {seed} (UNDERSTUDY_CHAOS_SEED={seed} repeats this run)");
     let dir = tempfile::tempdir().unwrap();
     eprintln!("daemon logs in {}", dir.path().display());
+    (seed, dir)
+}
+
+async fn chaos(faults: usize, mode: Mode) {
+    common::require_kvm();
+    let _serial = common::serial().await;
+    let (seed, dir) = seed_and_logs();
     let a = tokio::spawn(run_cluster(
         0,
         dir.path().to_owned(),
@@ -995,19 +1003,7 @@ async fn chaos_long() {
 async fn chaos_witness(faults: usize, mode: Mode) {
     common::require_kvm();
     let _serial = common::serial().await;
-    let seed = std::env::var("UNDERSTUDY_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("chaos seed {seed} (UNDERSTUDY_CHAOS_SEED={seed} repeats this run)");
-    let dir = tempfile::tempdir().unwrap();
-    eprintln!("daemon logs in {}", dir.path().display());
+    let (seed, dir) = seed_and_logs();
     let run = tokio::spawn(run_cluster(
         3,
         dir.path().to_owned(),

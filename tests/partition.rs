@@ -225,7 +225,15 @@ dangerously_allow_insecure_network = true
     client.reconnect(b_console).await.unwrap();
     let before = counts(&seen).len();
     while counts(&seen).len() < before + 20 {
-        seen.push(client.next(Duration::from_secs(10)).await.unwrap().unwrap());
+        let line = client.next(Duration::from_secs(10)).await;
+        let Ok(Some(line)) = line else {
+            panic!(
+                "the promoted host served no line ({line:?}; the client is at offset {})\n{}",
+                client.offset(),
+                common::logs_in(logs)
+            );
+        };
+        seen.push(line);
     }
 
     // Healed: the old primary meets the higher generation, is fenced, drops

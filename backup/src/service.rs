@@ -422,11 +422,6 @@ impl Replication for ReplicationService {
                 "handover refused: {why}"
             )));
         }
-        let Some(handover_session) = SessionId::from_raw(req.session) else {
-            return Err(Status::invalid_argument(
-                "handover refused: it names no session (0)",
-            ));
-        };
         {
             let state = shared.lock();
             let Phase::Standby(standby) = &state.phase else {
@@ -442,6 +437,12 @@ impl Replication for ReplicationService {
                 )));
             }
         }
+        // After the generation: a deposed caller learns that first.
+        let Some(handover_session) = SessionId::from_raw(req.session) else {
+            return Err(Status::invalid_argument(
+                "handover refused: it names no session (0)",
+            ));
+        };
         tracing::info!(
             epoch = req.epoch,
             "primary hands the VM over (switchover): promoting now"
