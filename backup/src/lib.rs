@@ -176,15 +176,40 @@ struct Session {
     id: SessionId,
     /// None once a refusal ended the stream: only a new Hello continues.
     decoder: Option<EpochDecoder>,
-    /// A checkpoint of this session is committed.
-    protected: bool,
-    /// The primary stopped on purpose: never promote for it.
-    goodbye: bool,
+    /// Where the session stands.
+    phase: SessionPhase,
     /// A live migration to this host (`--incoming`): only a Handover makes
     /// it run the VM, never silence.
     migration: bool,
     /// Replay mode: the log and the replica that follows it.
     follower: Option<replica::Follower>,
+}
+
+/// Where a session stands, as the backup sees its primary.
+///
+/// ```text
+///  Syncing ──first checkpoint commits──▶ Protected
+///     └──────── goodbye / discard ────────┴──▶ Retired
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionPhase {
+    /// No checkpoint of this session is committed yet: silence promotes
+    /// nothing (the image is not this session's VM).
+    Syncing,
+    /// A checkpoint of this session is committed: the image is the newest
+    /// state the primary may have released, and silence may promote it.
+    Protected,
+    /// The primary stopped on purpose (or an operator discarded the image):
+    /// nothing promotes for this session.
+    Retired,
+}
+
+impl Session {
+    /// A checkpoint of this session is committed and the primary did not
+    /// stop on purpose.
+    fn protected(&self) -> bool {
+        self.phase == SessionPhase::Protected
+    }
 }
 
 struct State {
@@ -496,7 +521,7 @@ async fn handle_events(
                         tokio::spawn(async move {
                             tokio::time::sleep(WITNESS_RETRY).await;
                             let standby = matches!(&shared.lock().phase, Phase::Standby(s)
-                                if s.stale.is_none() && s.session.as_ref().is_some_and(|s| s.protected && !s.goodbye));
+                                if s.stale.is_none() && s.session.as_ref().is_some_and(Session::protected));
                             if standby {
                                 shared.watch.arm(true);
                             }

@@ -79,7 +79,7 @@ fn discard(shared: &Shared) -> Result<DiscardImageReply, Status> {
         .retire()
         .map_err(|e| Status::internal(format!("cannot record the discard: {}", wire::chain(&e))))?;
     if let Some(session) = standby.session.as_mut() {
-        session.goodbye = true;
+        session.phase = crate::SessionPhase::Retired;
     }
     shared.watch.arm(false);
     shared.host.stats.protected.store(false, Ordering::Release);

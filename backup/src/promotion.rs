@@ -455,7 +455,7 @@ pub(crate) fn trigger_holds(
             let ours = standby
                 .session
                 .as_ref()
-                .is_some_and(|s| s.id == session && s.protected);
+                .is_some_and(|s| s.id == session && s.protected());
             if !ours || committed != Some(epoch) {
                 return Err(PromotionError::HandoverMismatch {
                     epoch,
@@ -470,7 +470,7 @@ pub(crate) fn trigger_holds(
             let protected = standby
                 .session
                 .as_ref()
-                .is_some_and(|s| s.protected && !s.goodbye);
+                .is_some_and(crate::Session::protected);
             if !protected || standby.stale.is_some() {
                 return Ok(None);
             }

@@ -17,7 +17,7 @@ use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
 
 use crate::replica::{Follower, LogAck};
-use crate::{Phase, Session, Shared};
+use crate::{Phase, Session, SessionPhase, Shared};
 
 /// The one mapping from epoch errors to gRPC status.
 fn epoch_status(e: &EpochError) -> Status {
@@ -104,13 +104,15 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
     }
     session.decoder = Some(EpochDecoder::with_buffers(staged.recycle()));
     if checkpoint {
-        session.protected = true;
+        if session.phase == SessionPhase::Syncing {
+            session.phase = SessionPhase::Protected;
+        }
         // A checkpoint of a live session: the image is the newest state the
         // primary may have released (whatever made it stale is over).
         standby.stale = None;
         // A migration's image is the source's to hand over: silence never
         // promotes it (the source's own backup protects the VM meanwhile).
-        shared.watch.arm(!session.goodbye && !session.migration);
+        shared.watch.arm(session.protected() && !session.migration);
         shared.host.stats.protected.store(true, Ordering::Release);
         shared.host.stats.set_last_epoch(epoch);
         if session.migration {

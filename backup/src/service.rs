@@ -23,7 +23,7 @@ use understudy_proto::{
 
 use crate::hello::{self, Claim, Decision, Facts, Kept};
 use crate::promotion::{self, Trigger};
-use crate::{Phase, Session, Shared};
+use crate::{Phase, Session, SessionPhase, Shared};
 
 #[derive(Clone)]
 pub(crate) struct ReplicationService(pub(crate) Arc<Shared>);
@@ -108,8 +108,7 @@ impl ReplicationService {
         standby.session = Some(Session {
             id: session_id,
             decoder: Some(EpochDecoder::with_buffers(buffers)),
-            protected: false,
-            goodbye: false,
+            phase: SessionPhase::Syncing,
             migration: req.migration,
             // Replay mode: a backup's replica follows the log, and so does a
             // replay migration's destination (a VM replicated by its log
@@ -374,7 +373,7 @@ impl Replication for ReplicationService {
         else {
             return Ok(Response::new(GoodbyeReply {}));
         };
-        session.goodbye = true;
+        session.phase = SessionPhase::Retired;
         shared.watch.arm(false);
         // Persisted: a restarted backup must not resume a VM stopped on purpose.
         if let Err(e) = standby.store.retire() {
