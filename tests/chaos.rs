@@ -590,6 +590,93 @@ async fn writer(
     }
 }
 
+/// The kv writer on a cluster's VM and the checks of what it saw.
+struct Load {
+    shared: Arc<Mutex<Shared>>,
+    stop: tokio_util::sync::CancellationToken,
+    verify: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    /// Starts the writer on the VM of `cluster` (protected already).
+    fn start(cluster: &Cluster) -> Self {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (verify, verify_rx) = tokio::sync::mpsc::channel(1);
+        let writer = tokio::spawn(writer(
+            [cluster.hosts[0].console, cluster.hosts[1].console],
+            [cluster.hosts[0].control, cluster.hosts[1].control],
+            shared.clone(),
+            verify_rx,
+            stop.clone(),
+        ));
+        Self {
+            shared,
+            stop,
+            verify,
+            writer,
+        }
+    }
+
+    fn violations(&self) -> Vec<String> {
+        self.shared.lock().unwrap().violations.clone()
+    }
+
+    /// After a recovery (`after`: what it recovered from): every acked key
+    /// reads back, and the writer saw nothing wrong. Fails with the logs.
+    async fn verify(&self, cluster: &Cluster, after: &str) {
+        let id = cluster.id;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.verify.send(tx).await.is_err() {
+            panic!(
+                "cluster {id}: the writer stopped: {:?}\n{}",
+                self.violations(),
+                cluster.logs()
+            );
+        }
+        let checked = tokio::time::timeout(Duration::from_secs(180), rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "cluster {id}: the check of acked keys stalled\n{}",
+                    cluster.logs()
+                )
+            });
+        if checked.is_err() {
+            panic!(
+                "cluster {id}: the writer stopped after {after}: {:?}\n{}",
+                self.violations(),
+                cluster.logs()
+            );
+        }
+        let v = self.violations();
+        assert!(
+            v.is_empty(),
+            "cluster {id} after {after}: {v:?}\n{}",
+            cluster.logs()
+        );
+    }
+
+    /// Stops the writer; then no violation, and never two primaries serving
+    /// (every release's generation checked). Returns what the writer saw.
+    async fn finish(self, cluster: &Cluster) -> Shared {
+        self.stop.cancel();
+        let Self { shared, writer, .. } = self;
+        let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+        let s = std::mem::take(&mut *shared.lock().unwrap());
+        let v = &s.violations;
+        assert!(v.is_empty(), "{v:?}\n{}", cluster.logs());
+        let dual = check_releases(&releases(&cluster.dir));
+        assert!(
+            dual.is_empty(),
+            "two primaries served: {dual:?}\n{}",
+            cluster.logs()
+        );
+        s
+    }
+}
+
 /// Distinct keys the writer cycles through (the kv guest holds 4096).
 const KEYS: u64 = 2000;
 
@@ -819,16 +906,7 @@ async fn run_cluster(
         .wait_protected(Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(1);
-    let writer = tokio::spawn(writer(
-        [cluster.hosts[0].console, cluster.hosts[1].console],
-        [cluster.hosts[0].control, cluster.hosts[1].control],
-        shared.clone(),
-        verify_rx,
-        stop.clone(),
-    ));
+    let load = Load::start(&cluster);
     let started = Instant::now();
     for n in 0..faults {
         let primary = match cluster.wait_protected(Duration::from_secs(90)).await {
@@ -843,51 +921,9 @@ async fn run_cluster(
         if let Err(e) = cluster.wait_protected(Duration::from_secs(90)).await {
             panic!("after {fault:?}: {e}\n{}", cluster.logs());
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if verify_tx.send(tx).await.is_err() {
-            let v = shared.lock().unwrap().violations.clone();
-            panic!(
-                "cluster {id}: the writer stopped: {v:?}\n{}",
-                cluster.logs()
-            );
-        }
-        let checked = tokio::time::timeout(Duration::from_secs(180), rx)
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "cluster {id}: the check of acked keys stalled\n{}",
-                    cluster.logs()
-                )
-            });
-        if checked.is_err() {
-            let v = shared.lock().unwrap().violations.clone();
-            panic!(
-                "cluster {id}: the writer stopped after {fault:?}: {v:?}\n{}",
-                cluster.logs()
-            );
-        }
-        let v = shared.lock().unwrap().violations.clone();
-        assert!(
-            v.is_empty(),
-            "cluster {id} after {fault:?}: {v:?}\n{}",
-            cluster.logs()
-        );
+        load.verify(&cluster, &format!("{fault:?}")).await;
     }
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
-    let s = shared.lock().unwrap();
-    assert!(
-        s.violations.is_empty(),
-        "{:?}\n{}",
-        s.violations,
-        cluster.logs()
-    );
-    let dual = check_releases(&releases(&cluster.dir));
-    assert!(
-        dual.is_empty(),
-        "two primaries served: {dual:?}\n{}",
-        cluster.logs()
-    );
+    let s = load.finish(&cluster).await;
     let mut lat = s.latencies.clone();
     lat.sort_unstable();
     let pct = |q: f64| {
@@ -1108,16 +1144,8 @@ async fn with_a_witness_no_partition_splits_a_keep_running_pair_and_a_majority_s
         .wait_protected(Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(1);
-    let writer = tokio::spawn(writer(
-        [cluster.hosts[0].console, cluster.hosts[1].console],
-        [cluster.hosts[0].control, cluster.hosts[1].control],
-        shared.clone(),
-        verify_rx,
-        stop.clone(),
-    ));
+    let load = Load::start(&cluster);
+    let shared = load.shared.clone();
     let hold = Duration::from_secs(8);
     let scenarios = [
         Fault::CutLink(hold),
@@ -1169,30 +1197,9 @@ async fn with_a_witness_no_partition_splits_a_keep_running_pair_and_a_majority_s
             _ => {}
         }
         primary = now;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        verify_tx.send(tx).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(180), rx)
-            .await
-            .unwrap_or_else(|_| panic!("the check of acked keys stalled\n{}", cluster.logs()))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the writer stopped after {fault:?}: {:?}\n{}",
-                    shared.lock().unwrap().violations,
-                    cluster.logs()
-                )
-            });
-        let v = shared.lock().unwrap().violations.clone();
-        assert!(v.is_empty(), "after {fault:?}: {v:?}\n{}", cluster.logs());
+        load.verify(&cluster, &format!("{fault:?}")).await;
     }
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
-    let dual = check_releases(&releases(&cluster.dir));
-    assert!(
-        dual.is_empty(),
-        "two primaries served: {dual:?}\n{}",
-        cluster.logs()
-    );
-    let s = shared.lock().unwrap();
+    let s = load.finish(&cluster).await;
     eprintln!(
         "with a witness: 5 partitions, {} acked writes all present, {} answers, 0 windows with two \
          primaries serving",

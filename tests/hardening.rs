@@ -38,15 +38,7 @@ async fn ask(c: &mut Lines, line: &str, timeout: Duration) -> std::io::Result<Op
 async fn a_frozen_backup_under_keep_running_leaves_the_primary_answering_within_seconds() {
     let _serial = common::serial().await;
     let pair = Pair::protected("kv", "backup_loss = \"keep-running\"").await;
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    assert_eq!(
-        client
-            .next(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("kv ready")
-    );
+    let mut client = common::kv_client(pair.addrs.primary_console).await;
     let answer = ask(&mut client, "SET a 1", Duration::from_secs(5)).await;
     assert_eq!(answer.unwrap().as_deref(), Some("OK"));
     let backup = pair.backup.as_ref().unwrap().id() as libc::pid_t;

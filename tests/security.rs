@@ -76,15 +76,7 @@ async fn held_output_is_bounded_by_pausing_the_guest_until_a_backup_acks_it() {
         "backup_loss = \"hold-output\"\nmax_held_output_kib = 64",
     )
     .await;
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    assert_eq!(
-        client
-            .next(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("kv ready")
-    );
+    let mut client = common::kv_client(pair.addrs.primary_console).await;
     let value = "v".repeat(200);
     client.send(&format!("SET big {value}")).await.unwrap();
     assert_eq!(

@@ -380,15 +380,7 @@ async fn a_primary_killed_at_any_point_of_a_switchover_loses_no_acked_write() {
         pair.start_primary();
         pair.wait_protected().await;
         let a = pair.addrs.clone();
-        let mut client = Lines::connect(a.primary_console, 0).await.unwrap();
-        assert_eq!(
-            client
-                .next(Duration::from_secs(10))
-                .await
-                .unwrap()
-                .as_deref(),
-            Some("kv ready")
-        );
+        let mut client = common::kv_client(a.primary_console).await;
         let mut acked = Vec::new();
         for i in 0..10u64 {
             assert_eq!(

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Etcd, Lines, Pair};
+use common::{Etcd, Pair};
 use understudy_common::ids::Generation;
 use understudy_common::status::Stats;
 use understudy_common::witness::{Claim, Swap, Witness, WitnessConfig, WitnessError};
@@ -185,15 +185,7 @@ async fn a_failover_moves_the_key_to_the_promoted_host() {
     let w = status.witness.expect("status shows the witness");
     assert!(w.reachable && w.claim.contains("state=protected"), "{w:?}");
 
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    assert_eq!(
-        client
-            .next(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("kv ready")
-    );
+    let mut client = common::kv_client(pair.addrs.primary_console).await;
     for i in 0..20 {
         client.send(&format!("SET k{i} v{i}")).await.unwrap();
         assert_eq!(

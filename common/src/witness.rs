@@ -242,22 +242,8 @@ impl Witness {
             key: self.key.clone(),
             ..Default::default()
         };
-        let result = tokio::time::timeout(self.timeout, self.kv.clone().range(request)).await;
-        let reply = match result {
-            Ok(Ok(reply)) => reply.into_inner(),
-            Ok(Err(status)) => return Err(self.unreachable(status.message().to_owned())),
-            Err(_) => return Err(self.unreachable(format!("no answer in {:?}", self.timeout))),
-        };
-        let held = self.held(reply)?;
-        self.stats.update_witness(|w| {
-            w.reachable = true;
-            w.error.clear();
-            w.claim = held
-                .as_ref()
-                .map(|h| h.claim.to_string())
-                .unwrap_or_default();
-        });
-        Ok(held)
+        let reply = self.ask(self.kv.clone().range(request)).await?;
+        self.held(reply)
     }
 
     /// Replaces the claim `from` (as read, by its revision; None: only if
@@ -331,12 +317,7 @@ impl Witness {
             success: vec![put, range.clone()],
             failure: vec![range],
         };
-        let result = tokio::time::timeout(self.timeout, self.kv.clone().txn(request)).await;
-        let reply = match result {
-            Ok(Ok(reply)) => reply.into_inner(),
-            Ok(Err(status)) => return Err(self.unreachable(status.message().to_owned())),
-            Err(_) => return Err(self.unreachable(format!("no answer in {:?}", self.timeout))),
-        };
+        let reply = self.ask(self.kv.clone().txn(request)).await?;
         let now = reply
             .responses
             .into_iter()
@@ -345,42 +326,56 @@ impl Witness {
                 _ => None,
             })
             .unwrap_or_default();
-        let now = self.held(now)?;
-        self.stats.update_witness(|w| {
-            w.reachable = true;
-            w.error.clear();
-            w.claim = now
-                .as_ref()
-                .map(|h| h.claim.to_string())
-                .unwrap_or_default();
-        });
-        Ok(match now {
+        Ok(match self.held(now)? {
             Some(held) if reply.succeeded || held.claim == *to => Swap::Won(held),
             other => Swap::Lost(other),
         })
     }
 
-    fn held(&self, reply: RangeResponse) -> Result<Option<Held>, WitnessError> {
-        let Some(kv) = reply.kvs.into_iter().next() else {
-            return Ok(None);
-        };
-        match Claim::decode(&kv.value) {
-            Some(claim) => Ok(Some(Held {
-                claim,
-                revision: kv.mod_revision,
-            })),
-            None => {
-                let error = WitnessError::Garbled {
-                    key: self.key(),
-                    value: String::from_utf8_lossy(&kv.value).into_owned(),
-                };
-                self.stats.update_witness(|w| {
-                    w.reachable = true;
-                    w.error = error.to_string();
-                });
-                Err(error)
-            }
+    /// One request to etcd, within the timeout.
+    async fn ask<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, WitnessError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(self.unreachable(status.message().to_owned())),
+            Err(_) => Err(self.unreachable(format!("no answer in {:?}", self.timeout))),
         }
+    }
+
+    /// The claim in an answer from etcd (and, in status, that etcd answered
+    /// with it).
+    fn held(&self, reply: RangeResponse) -> Result<Option<Held>, WitnessError> {
+        let held = match reply.kvs.into_iter().next() {
+            None => None,
+            Some(kv) => match Claim::decode(&kv.value) {
+                Some(claim) => Some(Held {
+                    claim,
+                    revision: kv.mod_revision,
+                }),
+                None => {
+                    let error = WitnessError::Garbled {
+                        key: self.key(),
+                        value: String::from_utf8_lossy(&kv.value).into_owned(),
+                    };
+                    self.stats.update_witness(|w| {
+                        w.reachable = true;
+                        w.error = error.to_string();
+                    });
+                    return Err(error);
+                }
+            },
+        };
+        self.stats.update_witness(|w| {
+            w.reachable = true;
+            w.error.clear();
+            w.claim = held
+                .as_ref()
+                .map(|h| h.claim.to_string())
+                .unwrap_or_default();
+        });
+        Ok(held)
     }
 
     fn unreachable(&self, why: String) -> WitnessError {

@@ -885,6 +885,20 @@ impl Drop for Etcd {
     }
 }
 
+/// A console client of a kv guest, past its "kv ready" greeting.
+pub async fn kv_client(console: SocketAddr) -> Lines {
+    let mut client = Lines::connect(console, 0).await.unwrap();
+    assert_eq!(
+        client
+            .next(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("kv ready")
+    );
+    client
+}
+
 /// A loopback address nobody listens on.
 pub fn free_addr() -> SocketAddr {
     addr(free_port())
