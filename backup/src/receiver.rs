@@ -11,7 +11,7 @@ use std::time::Instant;
 use tonic::Status;
 use understudy_checkpoint::epoch::{EpochDecoder, Received};
 use understudy_checkpoint::{EpochError, EpochKind};
-use understudy_common::ids::{Generation, SessionId};
+use understudy_common::ids::{Epoch, Generation, SessionId};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
@@ -114,7 +114,7 @@ pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<A
         // promotes it (the source's own backup protects the VM meanwhile).
         shared.watch.arm(session.protected() && !session.migration);
         shared.host.stats.protected.store(true, Ordering::Release);
-        shared.host.stats.set_last_epoch(epoch);
+        shared.host.stats.set_last_epoch(Epoch(epoch));
         if session.migration {
             shared.host.stats.set_state(
                 StateKind::Incoming,

@@ -43,6 +43,82 @@ impl FromStr for Generation {
     }
 }
 
+/// A checkpoint's number in its session's sequence (sync rounds and
+/// checkpoints share it; the first is 1). Where "none yet" is meant, the
+/// code says `Option<Epoch>` (or an [`EpochCell`]), never a 0 or a `+ 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// From the wire, where 0 means "no epoch" (an ack of log alone).
+    pub fn from_wire(raw: u64) -> Option<Self> {
+        (raw != 0).then_some(Self(raw))
+    }
+
+    /// The epoch before this one; None before the first.
+    pub fn previous(self) -> Option<Self> {
+        self.0.checked_sub(1).filter(|&e| e > 0).map(Self)
+    }
+
+    /// How many epochs `newer` is past `older` (none counts as before the
+    /// first): the epochs in flight between a sent and an acked mark.
+    pub fn distance(newer: Option<Self>, older: Option<Self>) -> u64 {
+        let n = newer.map_or(0, |e| e.0);
+        let o = older.map_or(0, |e| e.0);
+        n.saturating_sub(o)
+    }
+
+    /// Whether `mark` (the latest acked or committed epoch) covers this one.
+    pub fn covered_by(self, mark: Option<Self>) -> bool {
+        mark.is_some_and(|m| m >= self)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The latest epoch something reached (acked, committed, sent), or none
+/// yet: an atomic `Option<Epoch>` that only the owner resets and that
+/// otherwise only moves forward. Epoch 0 is never a real epoch, so the cell
+/// stores it as "none" (the one place that encoding lives).
+#[derive(Debug, Default)]
+pub struct EpochCell(std::sync::atomic::AtomicU64);
+
+impl EpochCell {
+    /// A cell holding no epoch.
+    pub const fn new() -> Self {
+        Self(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// The latest epoch, or None.
+    pub fn get(&self) -> Option<Epoch> {
+        let raw = self.0.load(std::sync::atomic::Ordering::Acquire);
+        (raw != 0).then_some(Epoch(raw))
+    }
+
+    /// Sets the latest epoch (None: starts over).
+    pub fn set(&self, epoch: Option<Epoch>) {
+        self.0.store(
+            epoch.map_or(0, |e| e.0),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// Moves the mark forward to `epoch` if it is newer.
+    pub fn raise(&self, epoch: Epoch) {
+        self.0
+            .fetch_max(epoch.0, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether the mark covers `epoch`.
+    pub fn covers(&self, epoch: Epoch) -> bool {
+        epoch.covered_by(self.get())
+    }
+}
+
 /// One replication or migration session: a fresh random id per `Hello`,
 /// never 0 (the wire's 0 means "no session", and never parses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -255,6 +331,26 @@ impl fmt::Display for RunState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_epoch_mark_starts_at_none_and_only_moves_forward() {
+        let cell = EpochCell::new();
+        assert_eq!(cell.get(), None);
+        assert!(!cell.covers(Epoch(1)));
+        cell.raise(Epoch(3));
+        cell.raise(Epoch(2));
+        assert_eq!(cell.get(), Some(Epoch(3)));
+        assert!(cell.covers(Epoch(3)) && cell.covers(Epoch(1)) && !cell.covers(Epoch(4)));
+        cell.set(None);
+        assert_eq!(cell.get(), None);
+        assert_eq!(Epoch(1).previous(), None);
+        assert_eq!(Epoch(5).previous(), Some(Epoch(4)));
+        assert_eq!(Epoch::from_wire(0), None);
+        assert_eq!(Epoch::distance(Some(Epoch(7)), Some(Epoch(4))), 3);
+        assert_eq!(Epoch::distance(Some(Epoch(2)), None), 2);
+        assert_eq!(Epoch::distance(None, Some(Epoch(2))), 0);
+        assert!(None < Some(Epoch(1)), "an ack raises the mark from none");
+    }
 
     #[test]
     fn identities_round_trip_through_text_and_wire() {

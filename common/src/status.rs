@@ -10,6 +10,7 @@ use understudy_proto::control_server::Control;
 use understudy_proto::{StatusReply, StatusRequest};
 
 use crate::auth::Access;
+use crate::ids::{Epoch, EpochCell};
 use crate::operator::{OperatorRequest, OperatorSlot};
 
 const SAMPLES: usize = 1024;
@@ -176,8 +177,8 @@ pub struct Stats {
     pub protected: AtomicBool,
     /// A backup: a primary has connected (the link is up).
     pub link_up: AtomicBool,
-    /// Last acked (primary) or committed (backup) epoch, +1 (0 = none yet).
-    last_epoch_plus_one: AtomicU64,
+    /// Last acked (primary) or committed (backup) epoch.
+    last_epoch: EpochCell,
     /// Checkpoints taken (primary) or committed (backup).
     pub epochs: AtomicU64,
     /// Bytes shipped (primary) or received (backup): epochs and log.
@@ -227,7 +228,7 @@ impl Stats {
             generation: AtomicU64::new(generation),
             protected: AtomicBool::new(false),
             link_up: AtomicBool::new(false),
-            last_epoch_plus_one: AtomicU64::new(0),
+            last_epoch: EpochCell::new(),
             epochs: AtomicU64::new(0),
             bytes_shipped: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -258,7 +259,7 @@ impl Stats {
             protected: self.protected.load(Ordering::Acquire),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             held_output: self.held_output.load(Ordering::Relaxed),
-            last_epoch: self.last_epoch().unwrap_or_default(),
+            last_epoch: self.last_epoch().map_or(0, |e| e.0),
             role: self.role().name(),
             mode: self.mode().as_str(),
             replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
@@ -296,7 +297,7 @@ impl Stats {
         self.protected.store(false, Ordering::Release);
         self.link_up.store(false, Ordering::Release);
         self.in_flight.store(0, Ordering::Relaxed);
-        self.last_epoch_plus_one.store(0, Ordering::Release);
+        self.last_epoch.set(None);
         self.set_state(StateKind::Starting, "starting");
     }
 
@@ -326,15 +327,13 @@ impl Stats {
     }
 
     /// The last acked (primary) or committed (backup) epoch.
-    pub fn set_last_epoch(&self, epoch: u64) {
-        self.last_epoch_plus_one.store(epoch + 1, Ordering::Release);
+    pub fn set_last_epoch(&self, epoch: Epoch) {
+        self.last_epoch.set(Some(epoch));
     }
 
     /// See [`Stats::set_last_epoch`]; None before the first.
-    pub fn last_epoch(&self) -> Option<u64> {
-        self.last_epoch_plus_one
-            .load(Ordering::Acquire)
-            .checked_sub(1)
+    pub fn last_epoch(&self) -> Option<Epoch> {
+        self.last_epoch.get()
     }
 
     /// Records one checkpoint taken on the primary: guest stop time, dirty
@@ -390,7 +389,7 @@ impl Stats {
             role: self.role().name().to_owned(),
             generation: self.generation.load(Ordering::Acquire),
             protected: self.protected.load(Ordering::Acquire),
-            last_epoch: last.unwrap_or_default(),
+            last_epoch: last.map_or(0, |e| e.0),
             has_epoch: last.is_some(),
             epochs_per_second: self.epochs.load(Ordering::Relaxed) as f64 / elapsed,
             pause_p50_micros: pauses.quantile(0.5),

@@ -47,7 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use understudy_checkpoint::CodecPolicy;
 use understudy_checkpoint::trace::TraceWriter;
-use understudy_common::ids::{Incarnation, ReplicationMode, Role, RunState, SessionId};
+use understudy_common::ids::{
+    Epoch, EpochCell, Incarnation, ReplicationMode, Role, RunState, SessionId,
+};
 use understudy_common::operator::{OperatorRequest, SwitchoverResult};
 use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::{StateKind, Stats};
@@ -298,11 +300,12 @@ struct Shared {
     stats: Arc<Stats>,
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
-    /// Last acked epoch + 1 (0 = none), with a condvar for back-pressure.
-    acked: Mutex<u64>,
+    /// The last acked epoch (None: none of this session's yet, nor any
+    /// before it), with a condvar for back-pressure.
+    acked: Mutex<Option<Epoch>>,
     acked_cv: Condvar,
-    /// Last epoch handed to the session (sync round or checkpoint) + 1.
-    sent: AtomicU64,
+    /// The last epoch handed to the session (sync round or checkpoint).
+    sent: EpochCell,
     phase: tokio::sync::watch::Sender<Phase>,
     vm_ended: Mutex<Option<VmEnd>>,
     failure: Mutex<Option<InternalError>>,
@@ -331,12 +334,11 @@ impl Shared {
         *self.phase.borrow()
     }
 
-    /// Replication lag: epochs sent and not yet acked (`acked` = last acked + 1).
-    fn record_lag(&self, acked: u64) {
-        let sent = self.sent.load(Ordering::Acquire);
+    /// Replication lag: epochs sent and not yet acked.
+    fn record_lag(&self, acked: Option<Epoch>) {
         self.stats
             .in_flight
-            .store(sent.saturating_sub(acked), Ordering::Relaxed);
+            .store(Epoch::distance(self.sent.get(), acked), Ordering::Relaxed);
     }
 
     /// Whether a switchover waits for the replicator.
@@ -478,7 +480,7 @@ impl Shared {
 
     /// Wakes a replicator waiting for acks.
     fn wake(&self) {
-        drop(self.acked_plus_one());
+        drop(self.acked());
         self.acked_cv.notify_all();
     }
 
@@ -486,7 +488,7 @@ impl Shared {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = link;
     }
 
-    fn acked_plus_one(&self) -> MutexGuard<'_, u64> {
+    fn acked(&self) -> MutexGuard<'_, Option<Epoch>> {
         self.acked.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -728,9 +730,9 @@ pub async fn run(
         stats: stats.clone(),
         releaser: Releaser::new(host.log.clone()),
         session: Mutex::new(None),
-        acked: Mutex::new(0),
+        acked: Mutex::new(None),
         acked_cv: Condvar::new(),
-        sent: AtomicU64::new(0),
+        sent: EpochCell::new(),
         phase: tokio::sync::watch::Sender::new(Phase::Running),
         vm_ended: Mutex::new(None),
         failure: Mutex::new(None),
@@ -1271,17 +1273,17 @@ async fn run_session(
                             }
                         }
                     }
-                    if ack.epoch == 0 {
+                    let Some(epoch) = Epoch::from_wire(ack.epoch) else {
                         // An ack of log alone.
                         continue;
-                    }
+                    };
                     {
-                        let mut acked = shared.acked_plus_one();
-                        *acked = (*acked).max(ack.epoch.saturating_add(1));
+                        let mut acked = shared.acked();
+                        *acked = (*acked).max(Some(epoch));
                         shared.record_lag(*acked);
                     }
                     shared.acked_cv.notify_all();
-                    shared.stats.set_last_epoch(ack.epoch);
+                    shared.stats.set_last_epoch(epoch);
                     let mut taken = shared.taken_at.lock().unwrap_or_else(|p| p.into_inner());
                     while let Some(&(epoch, at)) = taken.front() {
                         if epoch > ack.epoch {

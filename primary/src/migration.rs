@@ -37,7 +37,7 @@ use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::codec::Codec;
 use understudy_checkpoint::epoch::EncodeError;
 use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
-use understudy_common::ids::{Incarnation, SessionId};
+use understudy_common::ids::{Epoch, EpochCell, Incarnation, SessionId};
 use understudy_common::postcopy::PageRecords;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
@@ -308,8 +308,8 @@ pub(crate) struct Link {
     pub id: SessionId,
     chunks: tokio::sync::mpsc::Sender<EpochChunk>,
     broken: Arc<AtomicBool>,
-    /// Last acked epoch + 1.
-    acked: Arc<AtomicU64>,
+    /// The last epoch the destination committed.
+    acked: Arc<EpochCell>,
     why: Arc<Mutex<Option<String>>>,
     generation: u64,
     /// Chunks encoded and not yet handed to the stream.
@@ -374,7 +374,7 @@ impl Link {
             MigrationError::LinkLost("the stream to the destination closed at once".into())
         })?;
         let broken = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(EpochCell::new());
         let why = Arc::new(Mutex::new(None));
         let wanted = Arc::new(Mutex::new(Vec::new()));
         let done = Arc::new(Mutex::new(None));
@@ -403,8 +403,8 @@ impl Link {
                                     ack.fault_wait_p99_micros,
                                 ));
                             }
-                            if ack.epoch > 0 {
-                                acked.fetch_max(ack.epoch.saturating_add(1), Ordering::AcqRel);
+                            if let Some(epoch) = Epoch::from_wire(ack.epoch) {
+                                acked.raise(epoch);
                             }
                         }
                         Some(Err(s)) => {
@@ -501,9 +501,9 @@ impl Link {
         if self.broken.load(Ordering::Acquire) {
             return Err(MigrationError::LinkLost(self.why()));
         }
-        let acked = self.acked.load(Ordering::Acquire);
+        let acked = self.acked.get();
         while let Some(&(epoch, bytes)) = self.unacked.front() {
-            if epoch >= acked {
+            if !Epoch(epoch).covered_by(acked) {
                 break;
             }
             self.unacked.pop_front();
@@ -570,7 +570,7 @@ impl Link {
         let deadline = Instant::now() + timeout;
         loop {
             self.pump()?;
-            if self.outbox.is_empty() && self.acked.load(Ordering::Acquire) > epoch {
+            if self.outbox.is_empty() && self.acked.covers(Epoch(epoch)) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -1185,7 +1185,7 @@ impl Migration {
         while log.unreplayed.front().is_some_and(|(e, _)| *e <= replayed) {
             log.unreplayed.pop_front();
         }
-        let base_committed = link.acked.load(Ordering::Acquire) > log.base_epoch;
+        let base_committed = link.acked.covers(Epoch(log.base_epoch));
         let lag = log
             .unreplayed
             .front()
@@ -1222,7 +1222,7 @@ impl Migration {
         loop {
             link.pump()?;
             if link.outbox.is_empty()
-                && link.acked.load(Ordering::Acquire) > base
+                && link.acked.covers(Epoch(base))
                 && link.log_exits.load(Ordering::Acquire) >= last
             {
                 return Ok(base);

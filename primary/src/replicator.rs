@@ -13,7 +13,7 @@ use understudy_checkpoint::epoch::{EncodeError, EpochKind, SenderState};
 use understudy_common::backlog::Backlog;
 use understudy_common::console::ConsoleLog;
 use understudy_common::fault;
-use understudy_common::ids::{RunState, SessionId};
+use understudy_common::ids::{Epoch, RunState, SessionId};
 use understudy_common::payload::CheckpointPayload;
 use understudy_common::status::StateKind;
 use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
@@ -357,7 +357,7 @@ impl Replicator {
         let sync_started = Instant::now();
         // A new session owes acks only for its own epochs, and its backup
         // has none of the log yet.
-        *self.shared.acked_plus_one() = self.next_epoch;
+        *self.shared.acked() = Epoch(self.next_epoch).previous();
         self.shared.log_acked.store(0, Ordering::Release);
         self.shared.replica_exits.store(0, Ordering::Release);
         self.shared.want_checkpoint.store(false, Ordering::Release);
@@ -458,7 +458,7 @@ impl Replicator {
             }
             // Back-pressure: at most max_in_flight epochs unacked.
             let oldest_allowed = (self.next_epoch - 1).saturating_sub(opts.max_in_flight);
-            if !self.wait_acked(link, oldest_allowed) {
+            if oldest_allowed > 0 && !self.wait_acked(link, oldest_allowed) {
                 return if self.shared.phase().ending() {
                     SessionEnd::Stop
                 } else {
@@ -638,19 +638,20 @@ impl Replicator {
 
     /// [`Self::wait_acked`], for at most `timeout`.
     fn wait_acked_for(&self, link: &SessionLink, epoch: u64, timeout: Duration) -> bool {
-        let guard = self.shared.acked_plus_one();
+        let epoch = Epoch(epoch);
+        let guard = self.shared.acked();
         let deadline = Instant::now() + timeout;
         let (guard, _) = self
             .shared
             .acked_cv
             .wait_timeout_while(guard, timeout, |acked| {
-                *acked < epoch + 1
+                !epoch.covered_by(*acked)
                     && !link.broken.load(Ordering::Acquire)
                     && !matches!(self.shared.phase(), Phase::Fenced(_))
                     && Instant::now() < deadline
             })
             .unwrap_or_else(|p| p.into_inner());
-        *guard > epoch
+        epoch.covered_by(*guard)
     }
 
     /// Ships `pages` read from the running guest as one sync round.
@@ -698,8 +699,8 @@ impl Replicator {
             .stats
             .bytes_shipped
             .fetch_add(encoded.report.bytes_out, Ordering::Relaxed);
-        self.shared.sent.store(epoch + 1, Ordering::Release);
-        self.shared.record_lag(*self.shared.acked_plus_one());
+        self.shared.sent.set(Some(Epoch(epoch)));
+        self.shared.record_lag(*self.shared.acked());
         Ok(self.send(link, encoded.chunks))
     }
 
@@ -832,8 +833,8 @@ impl Replicator {
             encoded.report.bytes_in,
             encoded.report.bytes_out,
         );
-        self.shared.sent.store(epoch + 1, Ordering::Release);
-        self.shared.record_lag(*self.shared.acked_plus_one());
+        self.shared.sent.set(Some(Epoch(epoch)));
+        self.shared.record_lag(*self.shared.acked());
         Ok(self.send(link, encoded.chunks))
     }
 
