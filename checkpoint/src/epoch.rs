@@ -33,7 +33,9 @@ use crate::codec::{
     self, Adaptive, Codec, CodecError, CodecPolicy, Compression, Reader, encode_compressed,
     encode_delta_words,
 };
-use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, is_zero, page_hash};
+use crate::page::{
+    ImageDigest, PAGE_SIZE, Page, PageHash, ZERO_PAGE, is_zero, page_hash, zero_page_hash,
+};
 
 /// Longest VM id.
 pub const MAX_VM_ID_LEN: usize = 128;
@@ -300,6 +302,18 @@ impl EpochEncoder<'_> {
 
     /// Adds dirty page `page` with its content at the pause.
     pub fn add_page(&mut self, page: u32, content: &Page) -> Result<(), EncodeError> {
+        let zero = self.state.policy.zero && is_zero(content);
+        self.add(page, content, zero)
+    }
+
+    /// Adds page `page`, known to be all zeros without reading it (a page
+    /// the guest never touched). Under a policy without zero pages it goes
+    /// raw, like any other.
+    pub fn add_zero_page(&mut self, page: u32) -> Result<(), EncodeError> {
+        self.add(page, &ZERO_PAGE, self.state.policy.zero)
+    }
+
+    fn add(&mut self, page: u32, content: &Page, zero: bool) -> Result<(), EncodeError> {
         if page >= self.header.ram_pages {
             return Err(EncodeError::PageOutOfRange {
                 page,
@@ -312,8 +326,13 @@ impl EpochEncoder<'_> {
             return Err(EncodeError::NotAscending { page, after });
         }
         self.last_page = Some(page);
-        let hash = page_hash(content);
-        let codec = self.encode_entry(page, hash, content);
+        // A zero page's hash is known without hashing it.
+        let hash = if zero {
+            zero_page_hash()
+        } else {
+            page_hash(content)
+        };
+        let codec = self.encode_entry(page, hash, content, zero);
         self.report.pages_by_codec[codec as usize] += 1;
         self.report.pages += 1;
         self.report.bytes_in += PAGE_SIZE as u64;
@@ -324,9 +343,17 @@ impl EpochEncoder<'_> {
             // Hits are updated in place. Misses are inserted only at finish():
             // pages arrive in ascending order, and inserting each miss at once
             // would evict the cached pages further up that this same epoch is
-            // about to hit (LRU scan pollution).
+            // about to hit (LRU scan pollution). Zero pages and sync rounds'
+            // pages are not cached (a sync round streams all of RAM through
+            // it; a zero page deltas as well against nothing): an older
+            // version of such a page is dropped, never left stale.
+            let cacheable = !zero && self.header.kind == EpochKind::Checkpoint;
             match cache.get_mut(&page) {
+                Some(_) if !cacheable => {
+                    cache.pop(&page);
+                }
                 Some(old) => old.copy_from_slice(content),
+                None if !cacheable => {}
                 None => {
                     if self.cache_misses.len() == cache.cap().get() {
                         self.cache_misses.pop_front();
@@ -341,7 +368,7 @@ impl EpochEncoder<'_> {
     }
 
     /// Chooses the codec for one page and writes `codec + payload` to `self.entry`.
-    fn encode_entry(&mut self, page: u32, hash: PageHash, content: &Page) -> Codec {
+    fn encode_entry(&mut self, page: u32, hash: PageHash, content: &Page, zero: bool) -> Codec {
         let s = &mut *self.state;
         let policy = s.policy;
         let out = &mut self.entry;
@@ -349,7 +376,7 @@ impl EpochEncoder<'_> {
         out.push(0);
         let checkpoint = self.header.kind == EpochKind::Checkpoint;
         let codec = 'choose: {
-            if policy.zero && is_zero(content) {
+            if zero {
                 break 'choose Codec::Zero;
             }
             if policy.dedup {
@@ -715,6 +742,7 @@ pub enum EpochError {
 #[derive(Debug, Default)]
 pub struct StagingBuffers {
     pages: Vec<u32>,
+    slots: Vec<u32>,
     data: Vec<u8>,
     hashes: Vec<PageHash>,
     device_state: Vec<u8>,
@@ -727,7 +755,10 @@ pub struct StagedEpoch {
     pub header: EpochHeader,
     /// Page numbers, ascending.
     pub pages: Vec<u32>,
-    /// `pages.len()` × 4 KiB of new content, in the same order.
+    /// Where each page's content is: its index in `data` (in pages), or
+    /// [`ZERO_SLOT`] for a zero page, which is not staged at all.
+    pub slots: Vec<u32>,
+    /// The new content of the non-zero pages, 4 KiB each, in page order.
     pub data: Vec<u8>,
     /// Each staged page's hash, in the same order.
     pub hashes: Vec<PageHash>,
@@ -735,6 +766,9 @@ pub struct StagedEpoch {
     pub device_state: Vec<u8>,
     /// The image digest after applying (verified for checkpoints).
     pub digest: ImageDigest,
+    /// The image digest it was decoded and verified against (checkpoints):
+    /// an image that still has it holds the content the decoder saw.
+    pub base_digest: ImageDigest,
     /// Bytes of chunks received.
     pub wire_bytes: u64,
 }
@@ -742,22 +776,63 @@ pub struct StagedEpoch {
 impl StagedEpoch {
     /// Returns the buffers (emptied, capacity kept) for the next epoch.
     pub fn recycle(self) -> StagingBuffers {
-        let mut b = StagingBuffers {
+        StagingBuffers {
             pages: self.pages,
+            slots: self.slots,
             data: self.data,
             hashes: self.hashes,
             device_state: self.device_state,
-        };
-        b.pages.clear();
-        b.data.clear();
-        b.hashes.clear();
-        b.device_state.clear();
-        b
+        }
+        .cleared()
     }
 
     /// The new content of the `i`-th staged page.
-    pub fn page_data(&self, i: usize) -> &[u8] {
-        &self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    pub fn page_data(&self, i: usize) -> &Page {
+        slot_data(&self.data, self.slots[i])
+    }
+
+    /// The staged pages' content in page order, as runs of contiguous bytes
+    /// (the staged non-zero pages, and the zero page once per zero page):
+    /// for writing and checksumming them without copying.
+    pub fn runs(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            let slot = *self.slots.get(i)?;
+            i += 1;
+            if slot == ZERO_SLOT {
+                return Some(&ZERO_PAGE[..]);
+            }
+            let mut end = slot + 1;
+            while self.slots.get(i) == Some(&end) {
+                end += 1;
+                i += 1;
+            }
+            Some(&self.data[slot as usize * PAGE_SIZE..end as usize * PAGE_SIZE])
+        })
+    }
+}
+
+/// A staged page that is all zeros: no content is staged for it.
+pub const ZERO_SLOT: u32 = u32::MAX;
+
+fn slot_data(data: &[u8], slot: u32) -> &Page {
+    if slot == ZERO_SLOT {
+        return &ZERO_PAGE;
+    }
+    let at = slot as usize * PAGE_SIZE;
+    data[at..at + PAGE_SIZE]
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("a slot names a whole staged page"))
+}
+
+impl StagingBuffers {
+    fn cleared(mut self) -> Self {
+        self.pages.clear();
+        self.slots.clear();
+        self.data.clear();
+        self.hashes.clear();
+        self.device_state.clear();
+        self
     }
 }
 
@@ -785,6 +860,7 @@ pub struct EpochDecoder {
     next_seq: u32,
     header: Option<EpochHeader>,
     pages: Vec<u32>,
+    slots: Vec<u32>,
     data: Vec<u8>,
     hashes: Vec<PageHash>,
     device_state: Vec<u8>,
@@ -810,6 +886,7 @@ impl EpochDecoder {
             next_seq: 0,
             header: None,
             pages: buffers.pages,
+            slots: buffers.slots,
             data: buffers.data,
             hashes: buffers.hashes,
             device_state: buffers.device_state,
@@ -820,17 +897,14 @@ impl EpochDecoder {
     /// Gives the staging memory back (emptied, capacity kept), for a
     /// decoder of another session.
     pub fn into_buffers(self) -> StagingBuffers {
-        let mut b = StagingBuffers {
+        StagingBuffers {
             pages: self.pages,
+            slots: self.slots,
             data: self.data,
             hashes: self.hashes,
             device_state: self.device_state,
-        };
-        b.pages.clear();
-        b.data.clear();
-        b.hashes.clear();
-        b.device_state.clear();
-        b
+        }
+        .cleared()
     }
 
     /// The header, once the Begin chunk has been accepted.
@@ -930,10 +1004,12 @@ impl EpochDecoder {
                     page,
                     codec: codec_byte,
                 })?;
-                // Decoded onto the end of the staging buffer.
+                // Decoded onto the end of the staging buffer (a zero page
+                // is not staged: its slot says so).
                 let at = self.data.len();
                 let decoded = decode_one(
                     &self.pages,
+                    &self.slots,
                     &mut self.data,
                     page,
                     codec,
@@ -941,11 +1017,20 @@ impl EpochDecoder {
                     &mut r,
                     image,
                 );
-                if let Err(e) = decoded {
-                    self.data.truncate(at);
-                    return Err(e);
+                match decoded {
+                    Err(e) => {
+                        self.data.truncate(at);
+                        return Err(e);
+                    }
+                    Ok(Staged::Zero) => {
+                        self.slots.push(ZERO_SLOT);
+                        self.hashes.push(zero_page_hash());
+                    }
+                    Ok(Staged::Data) => {
+                        self.slots.push((at / PAGE_SIZE) as u32);
+                        self.hashes.push(page_hash(&self.data[at..]));
+                    }
                 }
-                self.hashes.push(page_hash(&self.data[at..]));
                 self.pages.push(page);
             }
         }
@@ -953,20 +1038,31 @@ impl EpochDecoder {
     }
 }
 
+/// Where [`decode_one`] put a page.
+enum Staged {
+    /// All zeros: nothing staged.
+    Zero,
+    /// Appended to the staging buffer.
+    Data,
+}
+
 /// Decodes one page entry onto the end of `data`, which holds the pages staged
-/// so far in this epoch (numbered by `pages`, for `RepeatOf`). Content that
-/// is copied whole (raw, same-as, repeat) is appended directly; the staging
-/// buffer is zero-filled only for codecs that decode in place. On error
-/// `data` may hold part of a page: the caller truncates it.
+/// so far in this epoch (numbered by `pages`, found through `slots`, for
+/// `RepeatOf`). Content that is copied whole (raw, same-as, repeat) is
+/// appended directly; the staging buffer is zero-filled only for codecs that
+/// decode in place. On error `data` may hold part of a page: the caller
+/// truncates it.
+#[allow(clippy::too_many_arguments)]
 fn decode_one(
     pages: &[u32],
+    slots: &[u32],
     data: &mut Vec<u8>,
     page: u32,
     codec: Codec,
     checkpoint: bool,
     r: &mut Reader<'_>,
     image: &dyn CommittedImage,
-) -> Result<(), EpochError> {
+) -> Result<Staged, EpochError> {
     let codec_err = |source| EpochError::Codec { page, source };
     let truncated = || EpochError::Codec {
         page,
@@ -976,9 +1072,7 @@ fn decode_one(
     };
     let at = data.len();
     match codec {
-        Codec::Zero => {
-            in_place(data, at);
-        }
+        Codec::Zero => return Ok(Staged::Zero),
         Codec::Raw => data.extend_from_slice(r.take(PAGE_SIZE).ok_or_else(truncated)?),
         Codec::Lz4 | Codec::Zstd => {
             codec::decode_compressed(codec, r, in_place(data, at)).map_err(codec_err)?
@@ -1010,7 +1104,13 @@ fn decode_one(
                     to,
                     why: "not earlier in this epoch",
                 })?;
-            data.extend_from_within(i * PAGE_SIZE..(i + 1) * PAGE_SIZE);
+            match slots[i] {
+                ZERO_SLOT => return Ok(Staged::Zero),
+                slot => {
+                    let from = slot as usize * PAGE_SIZE;
+                    data.extend_from_within(from..from + PAGE_SIZE);
+                }
+            }
         }
         Codec::DeltaWords | Codec::DeltaLz4 => {
             if !checkpoint {
@@ -1025,7 +1125,7 @@ fn decode_one(
             codec::apply_delta(codec, r, out).map_err(codec_err)?;
         }
     }
-    Ok(())
+    Ok(Staged::Data)
 }
 
 /// Grows `data` by one zeroed page at `at` and returns it, for codecs that
@@ -1074,8 +1174,9 @@ impl EpochDecoder {
             return Err(EpochError::DeviceChecksum);
         }
         let header = self.header.take().ok_or(EpochError::BadEnd)?;
+        let base_digest = image.digest();
         if header.kind == EpochKind::Checkpoint {
-            let mut computed = image.digest();
+            let mut computed = base_digest;
             for (&page, &hash) in self.pages.iter().zip(&self.hashes) {
                 computed.replace(page, image.page_hash(page), hash);
             }
@@ -1089,10 +1190,12 @@ impl EpochDecoder {
         Ok(StagedEpoch {
             header,
             pages: std::mem::take(&mut self.pages),
+            slots: std::mem::take(&mut self.slots),
             data: std::mem::take(&mut self.data),
             hashes: std::mem::take(&mut self.hashes),
             device_state: std::mem::take(&mut self.device_state),
             digest,
+            base_digest,
             wire_bytes: self.wire_bytes,
         })
     }

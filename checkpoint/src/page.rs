@@ -17,16 +17,19 @@ pub type Page = [u8; PAGE_SIZE];
 /// Content hash of a page.
 pub type PageHash = u128;
 
-static ZERO_PAGE: Page = [0; PAGE_SIZE];
+/// The all-zero page.
+pub static ZERO_PAGE: Page = [0; PAGE_SIZE];
 
 /// Hash of a page's content.
 pub fn page_hash(page: &[u8]) -> PageHash {
     xxh3_128(page)
 }
 
-/// Hash of the all-zero page.
+/// Hash of the all-zero page (computed once: zero pages are the common
+/// case of a sync, and both sides know their hash without reading them).
 pub fn zero_page_hash() -> PageHash {
-    page_hash(&ZERO_PAGE)
+    static HASH: std::sync::OnceLock<PageHash> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| page_hash(&ZERO_PAGE))
 }
 
 /// Whether a page is all zeros (compares in 256-byte blocks and stops at the

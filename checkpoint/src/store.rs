@@ -458,6 +458,7 @@ impl ImageStore {
         let file = File::create(&mem_path).map_err(io("cannot create", &mem_path))?;
         file.set_len(ram_bytes)
             .map_err(io("cannot size", &mem_path))?;
+        reserve_blocks(&file, ram_bytes).map_err(io("cannot allocate the image", &mem_path))?;
         let meta = Meta {
             vm_id: vm_id.to_owned(),
             ram_pages,
@@ -477,15 +478,6 @@ impl ImageStore {
         fs::rename(&tmp, dir).map_err(io("cannot move into place", dir))?;
         // A fresh image is all zero pages: no need to read it back to hash it.
         let mut store = Self::map(dir, options, meta)?;
-        // Allocate its blocks and page tables now, not page by page during
-        // the first sync; a disk too small for the image fails here, not
-        // with a SIGBUS mid-sync. (EINVAL: a kernel before 5.14 without
-        // MADV_POPULATE_WRITE, where the first sync pays instead.)
-        if let Err(e) = store.mem.advise(memmap2::Advice::PopulateWrite)
-            && e.raw_os_error() != Some(libc::EINVAL)
-        {
-            return Err(io("cannot allocate the image", &dir.join(MEMORY_FILE))(e));
-        }
         store.hashes = vec![zero_page_hash(); ram_pages as usize];
         store.digest = store.meta.digest;
         Ok(store)
@@ -855,11 +847,9 @@ impl ImageStore {
                 {
                     return stale(format!("epoch {} after committed {epoch}", h.epoch));
                 }
-                let mut digest = self.digest;
-                for (&page, &hash) in staged.pages.iter().zip(&staged.hashes) {
-                    digest.replace(page, self.hashes[page as usize], hash);
-                }
-                if digest != staged.digest {
+                // The decoder verified `digest` from `base_digest`; an image
+                // still at that digest holds what the decoder read.
+                if self.digest != staged.base_digest {
                     return stale("decoded against different image contents".into());
                 }
                 Ok(())
@@ -867,12 +857,28 @@ impl ImageStore {
         }
     }
 
+    /// Writes the staged pages into the image. A page whose content the
+    /// image already holds (same hash: a zero page over a fresh image, an
+    /// unchanged page) is not written: no copy, no page-cache page, no
+    /// block allocation. A checkpoint's digest is the one its decoder
+    /// verified (`check_fits` made sure the image is the one it decoded
+    /// against); a sync round's is kept page by page.
     fn write_pages(&mut self, staged: &StagedEpoch) {
+        let checkpoint = staged.header.kind == EpochKind::Checkpoint;
         for (i, (&page, &hash)) in staged.pages.iter().zip(&staged.hashes).enumerate() {
+            let old = self.hashes[page as usize];
+            if old == hash {
+                continue;
+            }
             let at = page as usize * PAGE_SIZE;
             self.mem[at..at + PAGE_SIZE].copy_from_slice(staged.page_data(i));
-            self.digest.replace(page, self.hashes[page as usize], hash);
+            if !checkpoint {
+                self.digest.replace(page, old, hash);
+            }
             self.hashes[page as usize] = hash;
+        }
+        if checkpoint {
+            self.digest = staged.digest;
         }
     }
 
@@ -880,7 +886,11 @@ impl ImageStore {
         let path = self.dir.join(JOURNAL_FILE);
         let head = encode_journal_head(staged);
         let mut crc = crc32c::crc32c(&head);
-        crc = crc32c::crc32c_append(crc, &staged.data);
+        let mut data_len = 0;
+        for run in staged.runs() {
+            crc = crc32c::crc32c_append(crc, run);
+            data_len += run.len();
+        }
         crc = crc32c::crc32c_append(crc, &staged.device_state);
         // Overwritten in place, never truncated: a crash mid-write leaves a
         // journal whose CRC does not match, which recovery discards.
@@ -892,7 +902,10 @@ impl ImageStore {
             .map_err(io("cannot open journal", &path))?;
         let mut trailer = crc.to_le_bytes().to_vec();
         trailer.extend_from_slice(&JOURNAL_END);
-        for part in [&head[..], &staged.data, &staged.device_state, &trailer] {
+        let parts = std::iter::once(&head[..])
+            .chain(staged.runs())
+            .chain([&staged.device_state[..], &trailer[..]]);
+        for part in parts {
             file.write_all(part)
                 .map_err(io("cannot write journal", &path))?;
         }
@@ -900,8 +913,29 @@ impl ImageStore {
             file.sync_all().map_err(io("cannot sync journal", &path))?;
             self.sync_dir()?;
         }
-        Ok((head.len() + staged.data.len() + staged.device_state.len() + trailer.len()) as u64)
+        Ok((head.len() + data_len + staged.device_state.len() + trailer.len()) as u64)
     }
+}
+
+/// Reserves the image's disk blocks without writing them (`fallocate`:
+/// unwritten extents, no zeroing, no page cache), so a disk too small for the
+/// image fails here, not with a SIGBUS mid-sync. Zero pages are then never
+/// written at all (see `write_pages`): an idle VM's image stays mostly
+/// unwritten extents. A filesystem without fallocate (EOPNOTSUPP) gets a
+/// sparse file, as before the reservation existed.
+fn reserve_blocks(file: &File, bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(bytes).map_err(std::io::Error::other)?;
+    // SAFETY: fallocate on a file descriptor we own, no memory passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return Ok(());
+    }
+    Err(e)
 }
 
 fn write_file_atomically(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), StoreError> {
@@ -977,17 +1011,21 @@ mod tests {
                 kind: EpochKind::Checkpoint,
             },
             pages: pages.to_vec(),
+            slots: (0..pages.len() as u32).collect(),
             data: pages.iter().flat_map(|&p| [p as u8; PAGE_SIZE]).collect(),
             hashes: Vec::new(),
             device_state: b"device".to_vec(),
             digest: ImageDigest(0xabc),
+            base_digest: ImageDigest(0),
             wire_bytes: 0,
         }
     }
 
     fn journal_bytes(s: &StagedEpoch) -> Vec<u8> {
         let mut bytes = encode_journal_head(s);
-        bytes.extend_from_slice(&s.data);
+        for run in s.runs() {
+            bytes.extend_from_slice(run);
+        }
         bytes.extend_from_slice(&s.device_state);
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());

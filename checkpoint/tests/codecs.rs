@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::{Model, Rng, ship, synced_store};
+use common::{Model, Rng, decode, ship, synced_store};
 use proptest::prelude::*;
-use understudy_checkpoint::epoch::EpochKind;
+use understudy_checkpoint::PAGE_SIZE;
+use understudy_checkpoint::epoch::{EpochKind, SenderState};
 use understudy_checkpoint::store::ImageStatus;
+use understudy_checkpoint::store::ImageStore;
 use understudy_checkpoint::{Codec, CodecPolicy, CommittedImage, Compression};
 
 fn policies() -> Vec<(&'static str, CodecPolicy)> {
@@ -181,4 +183,80 @@ fn a_checkpoint_before_every_page_was_sent_is_refused_by_the_sender() {
         err,
         understudy_checkpoint::epoch::EncodeError::ReceiverStateUnknown { unknown: 4 }
     );
+}
+
+#[test]
+fn zero_pages_are_neither_staged_nor_rewritten_and_leave_no_stale_delta_base() {
+    const PAGES: u32 = 64;
+    let policy = CodecPolicy {
+        delta_cache_pages: 16,
+        ..CodecPolicy::ADAPTIVE
+    };
+    let mut model = Model::new(PAGES);
+    for p in 0..PAGES / 2 {
+        model.mem[p as usize * PAGE_SIZE..][..8].copy_from_slice(&u64::from(p + 1).to_le_bytes());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = ImageStore::create(
+        &dir.path().join("img"),
+        "vm-test",
+        model.mem.len() as u64,
+        Default::default(),
+    )
+    .unwrap();
+    store.begin_sync(1, 7).unwrap();
+    let mut sender = SenderState::new("vm-test", PAGES, 1, policy).unwrap();
+    // A sync round with the upper half "never touched": sent without reading.
+    let mut enc = sender.begin(1, EpochKind::SyncRound).unwrap();
+    for p in 0..PAGES {
+        if p < PAGES / 2 {
+            enc.add_page(p, model.page(p)).unwrap();
+        } else {
+            enc.add_zero_page(p).unwrap();
+        }
+    }
+    let encoded = enc.finish(b"").unwrap();
+    assert_eq!(
+        encoded.report.pages_by_codec[Codec::Zero as usize],
+        u64::from(PAGES / 2)
+    );
+    let staged = decode(&store, &encoded.chunks).unwrap();
+    assert_eq!(
+        staged.data.len(),
+        (PAGES / 2) as usize * PAGE_SIZE,
+        "zero pages take no staging memory"
+    );
+    assert_eq!(staged.page_data(PAGES as usize - 1), &[0u8; PAGE_SIZE]);
+    store.apply(&staged).unwrap();
+    ship(
+        &mut sender,
+        &mut store,
+        &model,
+        2,
+        EpochKind::Checkpoint,
+        &[],
+    );
+    assert_eq!(store.memory(), &model.mem[..]);
+
+    // Page 3 is cached as a delta base, then zeroed, then written again:
+    // a stale cached version would make the last delta wrong.
+    let mut epoch = 3;
+    let mut step = |model: &mut Model, f: &dyn Fn(&mut [u8])| {
+        f(&mut model.mem[3 * PAGE_SIZE..4 * PAGE_SIZE]);
+        ship(
+            &mut sender,
+            &mut store,
+            model,
+            epoch,
+            EpochKind::Checkpoint,
+            &[3],
+        );
+        epoch += 1;
+        assert_eq!(store.memory(), &model.mem[..], "epoch {}", epoch - 1);
+    };
+    step(&mut model, &|p| p[100] = 9);
+    step(&mut model, &|p| p[200] = 7);
+    step(&mut model, &|p| p.fill(0));
+    step(&mut model, &|p| p[300] = 5);
+    store.promotable().unwrap();
 }

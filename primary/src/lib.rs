@@ -230,6 +230,11 @@ const SYNC_CONVERGED_PAGES: usize = 256;
 const MAX_SYNC_ROUNDS: usize = 8;
 /// Pages encoded between chunk hand-offs during a sync round.
 const STREAM_EVERY_PAGES: usize = 512;
+/// Pages per epoch of a sync round: the backup stages an epoch whole before
+/// it writes it, so a round of all RAM as one epoch would make it stage all
+/// of RAM (and fault in that much fresh memory); 32 MiB epochs reuse one
+/// staging buffer and let it write while the next epoch arrives.
+const SYNC_EPOCH_PAGES: usize = 8192;
 /// How long a primary waits before asking again while the backup holds
 /// another VM that an operator has to decide about.
 const HOLDS_VM_RETRY: Duration = Duration::from_secs(1);

@@ -589,13 +589,18 @@ impl Link {
     }
 }
 
-/// Reads guest page `p` into `page` and adds it to the epoch.
+/// Reads guest page `p` into `page` and adds it to the epoch; a page known
+/// to be zero (never touched) is not read.
 fn encode_page(
     vm: &Vm,
     p: u32,
     page: &mut [u8; PAGE_SIZE],
+    known_zero: bool,
     enc: &mut understudy_checkpoint::epoch::EpochEncoder<'_>,
 ) -> Result<(), MigrationError> {
+    if known_zero {
+        return enc.add_zero_page(p).map_err(MigrationError::Encode);
+    }
     vm.ram()
         .copy_page(p as usize, page)
         .map_err(|source| MigrationError::ReadPage { page: p, source })?;
@@ -726,6 +731,9 @@ pub(crate) struct Migration {
     pending: DirtyBitmap,
     /// Pages whose last content sent was all zero.
     sent_zero: DirtyBitmap,
+    /// The first round: pages nothing had touched when it began (zero
+    /// without reading them; a later write is in the dirty log).
+    untouched: Option<Vec<bool>>,
     round: u32,
     round_started: Instant,
     throttle: u32,
@@ -789,6 +797,7 @@ impl Migration {
             next: 0,
             pending: DirtyBitmap::full(ram_pages),
             sent_zero: DirtyBitmap::new(ram_pages),
+            untouched: None,
             round: 0,
             round_started: Instant::now(),
             throttle: 0,
@@ -969,6 +978,7 @@ impl Migration {
         self.round_pages = pending.iter().map(|p| p as u32).collect();
         self.next = 0;
         self.round += 1;
+        self.untouched = None;
         self.round_started = Instant::now();
         tracing::debug!(
             round = self.round,
@@ -1004,9 +1014,13 @@ impl Migration {
         let mut enc = sender
             .begin(epoch, EpochKind::SyncRound)
             .map_err(MigrationError::Encode)?;
+        if self.round == 1 && self.next == 0 {
+            self.untouched = vm.ram().untouched_pages();
+        }
         for &p in &self.round_pages[self.next..end] {
-            encode_page(vm, p, page, &mut enc)?;
-            if page.iter().all(|&b| b == 0) {
+            let known_zero = self.untouched.as_ref().is_some_and(|u| u[p as usize]);
+            encode_page(vm, p, page, known_zero, &mut enc)?;
+            if known_zero || understudy_checkpoint::page::is_zero(page) {
                 self.sent_zero.set(p as usize);
             } else {
                 self.sent_zero.unset(p as usize);
@@ -1102,7 +1116,7 @@ impl Migration {
             .begin(epoch, EpochKind::Checkpoint)
             .map_err(MigrationError::Encode)?;
         for (i, &p) in pages.iter().enumerate() {
-            encode_page(vm, p, page, &mut enc)?;
+            encode_page(vm, p, page, false, &mut enc)?;
             if i % BATCH_PAGES == BATCH_PAGES - 1 {
                 // Out while the rest is read (queued as one epoch below).
                 link.queue_chunks(enc.take_chunks());

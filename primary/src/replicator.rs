@@ -654,7 +654,8 @@ impl Replicator {
         epoch.covered_by(*guard)
     }
 
-    /// Ships `pages` read from the running guest as one sync round.
+    /// Ships `pages` read from the running guest as one sync round, in
+    /// epochs of [`SYNC_EPOCH_PAGES`](crate::SYNC_EPOCH_PAGES).
     fn sync_round(
         &mut self,
         link: &SessionLink,
@@ -662,6 +663,33 @@ impl Replicator {
         pages: &[u32],
         round: usize,
     ) -> Result<bool, InternalError> {
+        // The first round reads all of RAM: pages the guest never touched
+        // are zero without reading them (the dirty log was cleared first).
+        let untouched = if round == 1 {
+            self.vm().ram().untouched_pages()
+        } else {
+            None
+        };
+        for (n, batch) in pages.chunks(crate::SYNC_EPOCH_PAGES).enumerate() {
+            let progress = (round, n * crate::SYNC_EPOCH_PAGES, pages.len());
+            if !self.sync_epoch(link, sender, batch, untouched.as_deref(), progress)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One epoch of a sync round; `progress` = (round, pages before this
+    /// epoch, pages in the round), for the status.
+    fn sync_epoch(
+        &mut self,
+        link: &SessionLink,
+        sender: &mut SenderState,
+        pages: &[u32],
+        untouched: Option<&[bool]>,
+        progress: (usize, usize, usize),
+    ) -> Result<bool, InternalError> {
+        let (round, before, total) = progress;
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let mut enc = sender
@@ -672,10 +700,15 @@ impl Replicator {
                 .vm
                 .as_ref()
                 .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
-            vm.ram()
-                .copy_page(p as usize, &mut self.page)
-                .map_err(|e| InternalError::Capture(e.into()))?;
-            enc.add_page(p, &self.page).map_err(InternalError::Encode)?;
+            if untouched.is_some_and(|u| u[p as usize]) {
+                enc.add_zero_page(p)
+            } else {
+                vm.ram()
+                    .copy_page(p as usize, &mut self.page)
+                    .map_err(|e| InternalError::Capture(e.into()))?;
+                enc.add_page(p, &self.page)
+            }
+            .map_err(InternalError::Encode)?;
             if i % STREAM_EVERY_PAGES == STREAM_EVERY_PAGES - 1 {
                 if !self.send(link, enc.take_chunks()) {
                     return Ok(false);
@@ -687,9 +720,8 @@ impl Replicator {
                 self.shared.stats.set_state(
                     StateKind::Syncing,
                     format!(
-                        "syncing: round {round}, {}% of {} pages",
-                        i * 100 / pages.len().max(1),
-                        pages.len()
+                        "syncing: round {round}, {}% of {total} pages",
+                        (before + i) * 100 / total.max(1),
                     ),
                 );
             }

@@ -187,6 +187,9 @@ async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
             .flat_map(|l| l.split_whitespace())
             .find_map(|w| w.strip_prefix("sync_ms=")?.parse::<u64>().ok());
         if let Some(ms) = sync_ms {
+            if std::env::var_os("UNDERSTUDY_BENCH_SHOW_LOG").is_some() {
+                eprintln!("{text}");
+            }
             return Duration::from_millis(ms);
         }
         assert!(
@@ -196,6 +199,18 @@ async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `UNDERSTUDY_BENCH_PARTS=pipeline` (or `resync`) runs one part, e.g. under perf.
+fn part(name: &str) -> bool {
+    std::env::var("UNDERSTUDY_BENCH_PARTS")
+        .map_or(true, |parts| parts.split(',').any(|p| p == name))
+}
+
+/// `UNDERSTUDY_BENCH_CODECS=raw` (or `adaptive`) runs one codec.
+fn only_codec(name: &str) -> bool {
+    std::env::var("UNDERSTUDY_BENCH_CODECS")
+        .map_or(true, |codecs| codecs.split(',').any(|c| c == name))
 }
 
 fn main() {
@@ -244,13 +259,14 @@ fn main() {
     );
     let mut raw_ratios = Vec::new();
     runtime.block_on(async {
-        // UNDERSTUDY_BENCH_CODECS=raw (or adaptive) runs one codec, e.g. under perf.
-        let only = std::env::var("UNDERSTUDY_BENCH_CODECS").unwrap_or_default();
+        if !part("pipeline") {
+            return;
+        }
         for (name, policy) in [
             ("raw", CodecPolicy::RAW),
             ("adaptive", CodecPolicy::ADAPTIVE),
         ] {
-            if !only.is_empty() && !only.split(',').any(|c| c == name) {
+            if !only_codec(name) {
                 continue;
             }
             let mut s = Session::open(repl, policy, 1000 + name.len() as u64).await;
@@ -343,6 +359,9 @@ fn main() {
     );
     for mib in [256usize, 1024] {
         for codec in ["raw", "adaptive"] {
+            if !part("resync") || !only_codec(codec) {
+                continue;
+            }
             let sync = runtime
                 .block_on(protect_from_cold(mib, codec))
                 .as_secs_f64();

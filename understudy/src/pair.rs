@@ -159,7 +159,8 @@ impl LocalPair {
         self.dir.join(format!("{}.log", role_name(role)))
     }
 
-    /// Starts `role`'s daemon (logging at info to its log file); returns its pid.
+    /// Starts `role`'s daemon (logging to its log file at info, or at
+    /// `UNDERSTUDY_PAIR_LOG` if set, e.g. `debug`); returns its pid.
     pub fn start(&mut self, role: Role) -> Result<u32> {
         let name = role_name(role);
         let log = std::fs::File::create(self.log_path(role))
@@ -171,7 +172,10 @@ impl LocalPair {
             cmd.arg("--set").arg(format!("state_dir={state:?}"));
         }
         let child = cmd
-            .env("UNDERSTUDY_LOG", "info")
+            .env(
+                "UNDERSTUDY_LOG",
+                std::env::var("UNDERSTUDY_PAIR_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

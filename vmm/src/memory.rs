@@ -99,6 +99,8 @@ pub struct GuestRam {
     memory: GuestMemoryMmap<AtomicBitmap>,
     _mapping: MmapMut,
     size: usize,
+    /// Anonymous memory: a page never touched is zero (see `untouched_pages`).
+    anonymous: bool,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -135,6 +137,7 @@ impl GuestRam {
             }
             Ok(())
         };
+        let anonymous = matches!(backing, RamBacking::Anonymous);
         let mut mapping = match backing {
             RamBacking::Anonymous => MmapOptions::new().len(size).map_anon().map_err(map_err)?,
             RamBacking::SharedFile(file) => {
@@ -172,6 +175,7 @@ impl GuestRam {
             memory,
             _mapping: mapping,
             size,
+            anonymous,
         })
     }
 
@@ -268,6 +272,37 @@ impl GuestRam {
         Ok(crc)
     }
 
+    /// The pages of anonymous RAM that nothing ever touched (neither
+    /// resident nor swapped out, says `/proc/self/pagemap`): they read as
+    /// zero, and reading them would fault each one in. A full sync sends
+    /// them as zero pages without reading them. A page touched after this
+    /// call is dirty in the next harvest, so a caller that cleared the dirty
+    /// log before asking never misses a write. None for file-backed RAM (a
+    /// page not mapped here may hold the file's content) or when pagemap
+    /// cannot be read.
+    pub fn untouched_pages(&self) -> Option<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        if !self.anonymous {
+            return None;
+        }
+        let pagemap = File::open("/proc/self/pagemap").ok()?;
+        let first = self.host_address() / PAGE_SIZE as u64;
+        let mut untouched = Vec::with_capacity(self.pages());
+        let mut buf = vec![0u8; 8 * 8192];
+        while untouched.len() < self.pages() {
+            let n = (self.pages() - untouched.len()).min(buf.len() / 8);
+            let at = (first + untouched.len() as u64) * 8;
+            pagemap.read_exact_at(&mut buf[..n * 8], at).ok()?;
+            untouched.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+                let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                entry & (PRESENT | SWAPPED) == 0
+            }));
+        }
+        Some(untouched)
+    }
+
     /// Takes (and clears) the pages the VMM wrote since the last call.
     pub fn take_vmm_dirty(&self) -> DirtyBitmap {
         let words = self.bitmap().get_and_reset();
@@ -329,6 +364,28 @@ mod tests {
         assert_eq!(
             ram.take_vmm_dirty().iter().collect::<Vec<_>>(),
             vec![3, 7, 8]
+        );
+    }
+
+    #[test]
+    fn untouched_anonymous_pages_are_known_zero_and_file_backed_ram_is_not() {
+        let ram = GuestRam::new(MIN_RAM_BYTES, RamBacking::Anonymous).unwrap();
+        ram.write_at(5 * PAGE_SIZE as u64 + 7, &[1]).unwrap();
+        let mut out = [0u8; PAGE_SIZE];
+        ram.copy_page(9, &mut out).unwrap();
+        let untouched = ram.untouched_pages().expect("pagemap is readable");
+        assert_eq!(untouched.len(), ram.pages());
+        assert!(!untouched[5], "a written page is touched");
+        // A read maps the shared zero page: present, so no longer "untouched"
+        // (reading it again is what the sync avoids; both answers are safe).
+        assert!(untouched[4] && untouched[6] && untouched[ram.pages() - 1]);
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(MIN_RAM_BYTES as u64).unwrap();
+        let mapped = GuestRam::new(MIN_RAM_BYTES, RamBacking::PrivateFile(file)).unwrap();
+        assert_eq!(
+            mapped.untouched_pages(),
+            None,
+            "a file's pages may hold data"
         );
     }
 
