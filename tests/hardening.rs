@@ -509,9 +509,10 @@ async fn with_two_diverged_copies_an_operator_resumes_the_backups_or_boots_anew(
     );
     assert!(out.contains("may now boot a new VM"), "{out}");
     pair.wait_protected().await;
-    let mut c = Lines::connect_now(pair.addrs.primary_console)
-        .await
-        .unwrap();
+    // A new VM: protected as soon as it is synced, which can be before the
+    // guest has greeted (its greeting is the first line of the new console).
+    let mut c = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    kv_ready(&mut c, &pair).await;
     let answer = ask(&mut c, "GET k0", Duration::from_secs(20)).await;
     assert_eq!(answer.unwrap().as_deref(), Some("NOTFOUND"), "a new VM");
 }

@@ -180,6 +180,10 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
             >= value(&second, "understudy_epoch_bytes_out_bytes_total") * 0.5
     );
     assert_eq!(value(&second, "understudy_protected"), 1.0);
+    // The adaptive codec's gauges: -1 before its first decision, else 0/1.
+    let compressing = value(&second, "understudy_codec_compressing");
+    assert!([-1.0, 0.0, 1.0].contains(&compressing), "{compressing}");
+    assert!(value(&second, "understudy_link_bytes_per_second") >= 0.0);
     assert_eq!(value(&second, "understudy_generation"), 1.0);
     assert!(
         second.contains("understudy_role{role=\"primary\"} 1"),

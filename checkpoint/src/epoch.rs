@@ -30,8 +30,8 @@ use lru::LruCache;
 
 use crate::chunk::{self, CHUNK_HEADER_LEN, ChunkError, ChunkKind, MAX_CHUNK_BODY};
 use crate::codec::{
-    self, Adaptive, Codec, CodecError, CodecPolicy, Compression, Reader, encode_compressed,
-    encode_delta_words,
+    self, Adaptive, AdaptiveReport, Codec, CodecError, CodecPolicy, Compression, Reader,
+    encode_compressed, encode_delta_words,
 };
 use crate::page::{
     ImageDigest, PAGE_SIZE, Page, PageHash, ZERO_PAGE, is_zero, page_hash, zero_page_hash,
@@ -199,6 +199,18 @@ impl SenderState {
     /// How pages are encoded.
     pub fn policy(&self) -> CodecPolicy {
         self.policy
+    }
+
+    /// The link's measured rate, bytes per second, for the adaptive policy
+    /// (None: not known; it then compresses when that saves an eighth).
+    pub fn set_link_rate(&mut self, bytes_per_second: Option<f64>) {
+        self.adaptive.set_link_rate(bytes_per_second);
+    }
+
+    /// The adaptive policy's last decision (None: not an adaptive policy).
+    pub fn adaptive(&self) -> Option<AdaptiveReport> {
+        (self.policy.adaptive && self.policy.compression != Compression::None)
+            .then(|| self.adaptive.report())
     }
 
     /// Starts encoding epoch `epoch`.
@@ -417,9 +429,12 @@ impl EpochEncoder<'_> {
             if policy.compression != Compression::None
                 && (!policy.adaptive || s.adaptive.should_try())
             {
+                let started = Instant::now();
                 let ok = encode_compressed(content, policy.compression, out);
-                s.adaptive
-                    .record(if ok { out.len() - 3 } else { PAGE_SIZE });
+                s.adaptive.record(
+                    if ok { out.len() - 3 } else { PAGE_SIZE },
+                    started.elapsed(),
+                );
                 if ok {
                     break 'choose match policy.compression {
                         Compression::Zstd(_) => Codec::Zstd,

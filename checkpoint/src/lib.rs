@@ -13,7 +13,7 @@ pub mod page;
 pub mod store;
 pub mod trace;
 
-pub use codec::{Codec, CodecError, CodecPolicy, Compression};
+pub use codec::{AdaptiveReport, Codec, CodecError, CodecPolicy, Compression};
 pub use epoch::{
     CommittedImage, EncodeReport, EncodedEpoch, EpochDecoder, EpochError, EpochHeader, EpochKind,
     Received, SenderState, StagedEpoch, StagingBuffers,

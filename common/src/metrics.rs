@@ -37,6 +37,10 @@ pub struct Gauges {
     pub replica_lag_seconds: f64,
     /// `understudy_witness_reachable`: None without a witness.
     pub witness_reachable: Option<bool>,
+    /// `understudy_codec_compressing`, `understudy_link_bytes_per_second`,
+    /// `understudy_codec_compress_bytes_per_second`: None before the
+    /// adaptive codec decided.
+    pub codec: Option<understudy_proto::CodecStatus>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,6 +109,9 @@ pub struct Metrics {
     /// migration from this host.
     pub migration_downtime: Histogram,
     witness_reachable: Gauge,
+    codec_compressing: Gauge,
+    link_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    compress_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     witness_decisions: Family<OutcomeLabel, Counter>,
     witness_decision_seconds: Histogram,
 }
@@ -147,6 +154,9 @@ impl Metrics {
             migration_bytes: Counter::default(),
             migration_downtime: seconds(),
             witness_reachable: Gauge::default(),
+            codec_compressing: Gauge::default(),
+            link_rate: Gauge::default(),
+            compress_rate: Gauge::default(),
             witness_decisions: Family::default(),
             witness_decision_seconds: seconds(),
         };
@@ -285,6 +295,21 @@ impl Metrics {
             m.witness_reachable.clone(),
         );
         registry.register(
+            "codec_compressing",
+            "Adaptive codec: 1 while full pages are compressed, 0 while they go raw (the link outruns the compressor), -1 before its first decision",
+            m.codec_compressing.clone(),
+        );
+        registry.register(
+            "link_bytes_per_second",
+            "Adaptive codec: the replication link's measured rate (windowed maximum of recent checkpoints' delivery rates); 0 while unknown",
+            m.link_rate.clone(),
+        );
+        registry.register(
+            "codec_compress_bytes_per_second",
+            "Adaptive codec: the compressor's measured rate on this host, guest bytes per second",
+            m.compress_rate.clone(),
+        );
+        registry.register(
             "witness_decisions",
             "Role decisions taken through the etcd witness, by outcome (won, lost, unreachable)",
             m.witness_decisions.clone(),
@@ -354,6 +379,13 @@ impl Metrics {
             None => -1,
             Some(r) => i64::from(r),
         });
+        let codec = gauges.codec.unwrap_or_default();
+        self.codec_compressing.set(match &gauges.codec {
+            None => -1,
+            Some(c) => i64::from(c.compressing),
+        });
+        self.link_rate.set(codec.link_bytes_per_second);
+        self.compress_rate.set(codec.compress_bytes_per_second);
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

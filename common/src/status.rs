@@ -205,6 +205,8 @@ pub struct Stats {
     migration: Mutex<Option<understudy_proto::MigrationProgress>>,
     /// How this host stands with the etcd witness (None: none configured).
     witness: Mutex<Option<understudy_proto::WitnessStatus>>,
+    /// The adaptive codec's last decision (None: none yet, or not adaptive).
+    codec: Mutex<Option<understudy_proto::CodecStatus>>,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
@@ -241,6 +243,7 @@ impl Stats {
             replica_lag_us: AtomicU64::new(0),
             migration: Mutex::new(None),
             witness: Mutex::new(None),
+            codec: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
             recent: Mutex::default(),
@@ -265,6 +268,7 @@ impl Stats {
             replica_lag_exits: self.replica_lag_exits.load(Ordering::Relaxed),
             replica_lag_seconds: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e6,
             witness_reachable: lock(&self.witness).as_ref().map(|w| w.reachable),
+            codec: *lock(&self.codec),
         }
     }
 
@@ -413,7 +417,14 @@ impl Stats {
             replica_lag_millis: self.replica_lag_us.load(Ordering::Relaxed) as f64 / 1e3,
             migration: lock(&self.migration).clone(),
             witness: lock(&self.witness).clone(),
+            codec: *lock(&self.codec),
         }
+    }
+
+    /// Reports the adaptive codec's last decision (None: no longer adapting,
+    /// e.g. a new role).
+    pub fn set_codec(&self, codec: Option<understudy_proto::CodecStatus>) {
+        *lock(&self.codec) = codec;
     }
 
     /// Reports a witness (a daemon with one starts with a default report).

@@ -29,6 +29,7 @@
 
 mod beats;
 pub mod host_state;
+mod link_rate;
 pub mod migration;
 mod peer;
 mod releaser;
@@ -317,6 +318,8 @@ struct Shared {
     done: CancellationToken,
     /// When each unacked checkpoint was taken, for ack latency.
     taken_at: Mutex<VecDeque<(u64, Instant)>>,
+    /// The link's measured rate, for the adaptive codec.
+    link_rate: Mutex<link_rate::LinkRate>,
     /// A switchover the replicator is to carry out at its next checkpoint.
     switchover: Mutex<Option<SwitchoverResponder>>,
     /// A live migration the replicator is to start.
@@ -743,6 +746,7 @@ pub async fn run(
         failure: Mutex::new(None),
         done: CancellationToken::new(),
         taken_at: Mutex::default(),
+        link_rate: Mutex::default(),
         switchover: Mutex::new(None),
         migration: Mutex::new(None),
         migrating: AtomicBool::new(false),
@@ -1289,6 +1293,11 @@ async fn run_session(
                     }
                     shared.acked_cv.notify_all();
                     shared.stats.set_last_epoch(epoch);
+                    shared
+                        .link_rate
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .acked(epoch.0, Instant::now());
                     let mut taken = shared.taken_at.lock().unwrap_or_else(|p| p.into_inner());
                     while let Some(&(epoch, at)) = taken.front() {
                         if epoch > ack.epoch {

@@ -358,6 +358,7 @@ impl Replicator {
         // A new session owes acks only for its own epochs, and its backup
         // has none of the log yet.
         *self.shared.acked() = Epoch(self.next_epoch).previous();
+        self.link_rate().new_session();
         self.shared.log_acked.store(0, Ordering::Release);
         self.shared.replica_exits.store(0, Ordering::Release);
         self.shared.want_checkpoint.store(false, Ordering::Release);
@@ -855,10 +856,21 @@ impl Replicator {
             }
             enc.finish(&payload)
         };
+        sender.set_link_rate(self.link_rate().rate());
         let encoded = match encode(sender, &self.staging) {
             Ok(e) => e,
             Err(e) => return Err(SessionEnd::Failed(InternalError::Encode(e))),
         };
+        self.shared
+            .stats
+            .set_codec(sender.adaptive().filter(|r| r.decided).map(|r| {
+                understudy_proto::CodecStatus {
+                    compressing: r.compressing,
+                    link_bytes_per_second: r.link_rate.unwrap_or_default(),
+                    compress_bytes_per_second: r.compress_rate,
+                    saved_share: r.saved_share,
+                }
+            }));
         self.shared.stats.record_epoch(
             pause,
             pages.len(),
@@ -867,7 +879,16 @@ impl Replicator {
         );
         self.shared.sent.set(Some(Epoch(epoch)));
         self.shared.record_lag(*self.shared.acked());
+        self.link_rate()
+            .shipped(epoch, Instant::now(), encoded.report.bytes_out);
         Ok(self.send(link, encoded.chunks))
+    }
+
+    fn link_rate(&self) -> std::sync::MutexGuard<'_, crate::link_rate::LinkRate> {
+        self.shared
+            .link_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replay mode: ships one log segment; the output its exits produced

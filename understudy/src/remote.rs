@@ -376,6 +376,22 @@ pub fn render(s: &StatusReply) -> String {
             ),
         ));
     }
+    if let Some(c) = &s.codec {
+        let link = if c.link_bytes_per_second > 0.0 {
+            format!("{}/s", human_bytes(c.link_bytes_per_second))
+        } else {
+            "not measured yet".to_owned()
+        };
+        rows.push((
+            "codec",
+            format!(
+                "{} (link {link}, compressor {}/s saving {:.0} %)",
+                if c.compressing { "compressing" } else { "raw" },
+                human_bytes(c.compress_bytes_per_second),
+                c.saved_share * 100.0
+            ),
+        ));
+    }
     if let Some(w) = &s.witness {
         let mut line = if w.reachable {
             format!(
