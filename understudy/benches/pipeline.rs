@@ -278,10 +278,15 @@ fn main() {
             s.encode = Duration::ZERO;
             s.commit_us = 0;
             let t = Instant::now();
-            let wire = s.ship(1, EpochKind::SyncRound, &base, &all).await;
-            assert_eq!(s.ack().await, 1);
-            s.ship(2, EpochKind::Checkpoint, &base, &[]).await;
-            assert_eq!(s.ack().await, 2);
+            // In epochs of 8192 pages, as the primary sends a sync round.
+            let mut wire = 0;
+            let mut epoch = 1;
+            for batch in all.chunks(8192) {
+                wire += s.ship(epoch, EpochKind::SyncRound, &base, batch).await;
+                epoch += 1;
+            }
+            s.ship(epoch, EpochKind::Checkpoint, &base, &[]).await;
+            while s.ack().await != epoch {}
             let sync = t.elapsed().as_secs_f64();
             let tcp = tcp_seconds(RAM).await;
             row(
@@ -293,7 +298,7 @@ fn main() {
                 wire as f64,
                 &s,
             );
-            let mut epoch = 3;
+            epoch += 1;
             let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
             for n in [1_000usize, 10_000, 50_000] {
                 let mut pages: Vec<u32> = (0..n).map(|_| rng.below(PAGES.into()) as u32).collect();
