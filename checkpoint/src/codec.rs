@@ -118,6 +118,13 @@ impl CodecPolicy {
         adaptive: false,
     };
 
+    /// Zero, dedup, delta, and lz4 on every full page (a page lz4 does not
+    /// shrink still goes raw), whatever the link.
+    pub const LZ4: CodecPolicy = CodecPolicy {
+        adaptive: false,
+        ..Self::ADAPTIVE
+    };
+
     /// The default: zero, dedup, delta, lz4, adaptive.
     pub const ADAPTIVE: CodecPolicy = CodecPolicy {
         zero: true,
@@ -367,18 +374,26 @@ pub fn apply_delta(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(
 }
 
 /// Adaptive compression: samples whether compressing full pages pays, on
-/// this link and this CPU. Every [`SAMPLE_PAGES`] compressed pages it weighs
-/// the time the compression took against the time the bytes it saved would
-/// have taken on the link (`saved ÷ link rate`): when the link outruns the
-/// compressor, pages go raw for the next [`SKIP_PAGES`]; when the link is
-/// slow, they stay compressed. Without a measured link rate, compression
-/// pays when it saves an eighth of the bytes.
+/// this link and this CPU. Encoding and the link work at the same time, so a
+/// stream of pages goes at the pace of the slower of the two: raw, at the
+/// link's (the encoder's raw copy is far faster); compressed, at the slower
+/// of the compressor and the link carrying the smaller pages. Compression
+/// therefore pays when it saves at least an eighth of the bytes (less is not
+/// worth a core) *and* the compressor, measured over the last
+/// [`SAMPLE_PAGES`] compressed pages, takes in guest bytes faster than the
+/// link carries them. When it does not pay, pages go raw for the next
+/// [`SKIP_PAGES`], then it samples again; each decision against in a row
+/// doubles that (up to [`MAX_SKIP_PAGES`]), so on a fast link sampling costs
+/// well under 1 % of the pages. Without a measured link rate, the eighth
+/// alone decides.
 #[derive(Clone, Debug, Default)]
 pub struct Adaptive {
     tried: u32,
     saved: u64,
     spent: std::time::Duration,
     skip: u32,
+    /// Pages to go raw after the next decision against (doubles in a row).
+    skip_len: u32,
     link: Option<f64>,
     last: AdaptiveReport,
 }
@@ -387,6 +402,8 @@ pub struct Adaptive {
 pub const SAMPLE_PAGES: u32 = 256;
 /// Pages sent raw after a decision against compressing, before sampling again.
 pub const SKIP_PAGES: u32 = 4096;
+/// The longest raw stretch between samples.
+pub const MAX_SKIP_PAGES: u32 = 65536;
 
 /// The adaptive codec's last decision and what it was made from.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -427,12 +444,14 @@ impl Adaptive {
         if self.tried == SAMPLE_PAGES {
             let sampled = (SAMPLE_PAGES as u64 * PAGE_SIZE as u64) as f64;
             let spent = self.spent.as_secs_f64().max(1e-9);
-            let pays = match self.link {
-                Some(link) => self.saved as f64 / link > spent,
-                None => self.saved as f64 >= sampled / 8.0,
-            };
-            if !pays {
-                self.skip = SKIP_PAGES;
+            let shrinks = self.saved as f64 >= sampled / 8.0;
+            let pays = shrinks && self.link.is_none_or(|link| spent < sampled / link);
+            if pays {
+                self.skip_len = SKIP_PAGES;
+            } else {
+                self.skip_len = self.skip_len.clamp(SKIP_PAGES, MAX_SKIP_PAGES);
+                self.skip = self.skip_len;
+                self.skip_len = self.skip_len.saturating_mul(2).min(MAX_SKIP_PAGES);
             }
             self.last = AdaptiveReport {
                 compressing: pays,
@@ -445,6 +464,15 @@ impl Adaptive {
             self.saved = 0;
             self.spent = std::time::Duration::ZERO;
         }
+    }
+
+    /// Whether the last decision found the link faster than the compressor:
+    /// then bytes saved are worth less than the encoder's time, and word
+    /// deltas (and keeping the pages they need) are skipped too.
+    pub fn link_outruns_compressor(&self) -> bool {
+        self.last.decided
+            && !self.last.compressing
+            && self.link.is_some_and(|link| self.last.compress_rate < link)
     }
 
     /// The last decision.
@@ -480,9 +508,15 @@ mod tests {
             );
             report
         };
-        // Halving pages saves 2 KiB each: 20 µs at 100 MB/s, 0.2 µs at 10 GB/s.
+        // The compressor takes 4 KiB in 9 µs (455 MB/s): slower than a
+        // 1.1 GB/s link (raw goes faster), faster than a 1 Gbit/s one, where
+        // even a quarter saved pays (the link then sets the pace).
         assert!(decide(Some(100e6), PAGE_SIZE / 2).compressing);
+        assert!(decide(Some(122e6), PAGE_SIZE * 3 / 4).compressing);
+        assert!(!decide(Some(1.1e9), PAGE_SIZE / 2).compressing);
         assert!(!decide(Some(10e9), PAGE_SIZE / 2).compressing);
+        // Saving less than an eighth is not worth a core, however slow the link.
+        assert!(!decide(Some(1e6), PAGE_SIZE - 100).compressing);
         // Unknown link: an eighth saved is the bar.
         assert!(decide(None, PAGE_SIZE / 2).compressing);
         assert!(!decide(None, PAGE_SIZE - 100).compressing);
@@ -500,6 +534,33 @@ mod tests {
         }
         assert_eq!((0..SKIP_PAGES).filter(|_| a.should_try()).count(), 0);
         assert!(a.should_try());
+        // Each decision against in a row doubles the raw stretch, up to a cap;
+        // one in favour starts over.
+        let mut stretches = Vec::new();
+        for _ in 0..6 {
+            for _ in 0..SAMPLE_PAGES {
+                a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
+            }
+            let mut raw = 0;
+            while !a.should_try() {
+                raw += 1;
+            }
+            stretches.push(raw);
+        }
+        assert_eq!(stretches, [8192, 16384, 32768, 65536, 65536, 65536]);
+        a.set_link_rate(Some(100e6));
+        for _ in 0..SAMPLE_PAGES {
+            a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
+        }
+        assert!(a.should_try() && a.report().compressing);
+        a.set_link_rate(Some(10e9));
+        for _ in 0..SAMPLE_PAGES {
+            a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
+        }
+        assert_eq!(
+            (0..SKIP_PAGES + 1).take_while(|_| !a.should_try()).count(),
+            SKIP_PAGES as usize
+        );
     }
 
     #[test]

@@ -359,7 +359,11 @@ impl EpochEncoder<'_> {
             // pages are not cached (a sync round streams all of RAM through
             // it; a zero page deltas as well against nothing): an older
             // version of such a page is dropped, never left stale.
-            let cacheable = !zero && self.header.kind == EpochKind::Checkpoint;
+            // Nor, while the link outruns the encoder, any page: deltas are
+            // not tried then (see `Adaptive::link_outruns_compressor`).
+            let cacheable = !zero
+                && self.header.kind == EpochKind::Checkpoint
+                && !(self.state.policy.adaptive && self.state.adaptive.link_outruns_compressor());
             match cache.get_mut(&page) {
                 Some(_) if !cacheable => {
                     cache.pop(&page);
@@ -405,7 +409,11 @@ impl EpochEncoder<'_> {
                     break 'choose Codec::SameAs;
                 }
             }
-            if checkpoint && let Some(old) = s.cache.as_mut().and_then(|c| c.peek(&page)) {
+            let deltas = !(policy.adaptive && s.adaptive.link_outruns_compressor());
+            if checkpoint
+                && deltas
+                && let Some(old) = s.cache.as_mut().and_then(|c| c.peek(&page))
+            {
                 match encode_delta_words(old, content, out) {
                     Ok(()) => break 'choose Codec::DeltaWords,
                     // A dense but partial change: the XOR is mostly zeros and

@@ -29,7 +29,7 @@
 
 mod beats;
 pub mod host_state;
-mod link_rate;
+pub mod link_rate;
 pub mod migration;
 mod peer;
 mod releaser;

@@ -1,51 +1,65 @@
 //! The replication link's rate, as the adaptive codec needs it: how fast
-//! the link and the backup behind it take a checkpoint's bytes once the
+//! the link and the backup behind it take checkpoints' bytes once the
 //! encoder has handed them over.
 //!
-//! Each checkpoint is encoded whole, then handed to the stream; its
-//! delivery time runs from then (or from the previous ack, if it queued
-//! behind that epoch) to its ack. The rate is the windowed maximum of recent
-//! checkpoints' delivery rates, as BBR estimates a bottleneck: a delivery is
-//! slower than the link when something else held it up (a small epoch's
-//! round trip, a busy backup), never faster. Small checkpoints measure the
-//! round trip, not the rate, and are not sampled.
+//! Each checkpoint is encoded whole, then handed to the stream; its service
+//! runs from then (or from the previous ack, if it queued behind that
+//! epoch) to its ack. One checkpoint's service alone can mislead: acks
+//! arrive in bursts when the backup commits epochs whose bytes were already
+//! in its socket buffer, and such an epoch's service is its commit, not its
+//! transfer (which the epoch before it was charged for). So a sample spans
+//! the last [`SPAN`] acked checkpoints: their bytes over the sum of their
+//! services, that is, over the time the link was busy with them (sampled
+//! once they carry at least [`MIN_SAMPLE_BYTES`]). Time the link sat idle
+//! waiting for the encoder is in no service, so a slow compressor does not
+//! make the link look slow. The rate is the
+//! maximum of the last [`WINDOW`] samples, as BBR estimates a bottleneck: a
+//! delivery is slowed by other things (a busy backup, a small epoch's round
+//! trip), never sped up past the link.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-/// Checkpoints smaller than this (wire bytes) are not sampled.
-const MIN_SAMPLE_BYTES: u64 = 256 << 10;
+/// Checkpoints one sample spans.
+pub const SPAN: usize = 4;
+/// A sample needs at least these many bytes in its span.
+pub const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 /// Samples the maximum is taken over.
-const WINDOW: usize = 16;
+pub const WINDOW: usize = 16;
 
 /// The link rate estimate and the checkpoints it waits to hear about.
 #[derive(Debug, Default)]
-pub(crate) struct LinkRate {
+pub struct LinkRate {
     /// (epoch, when its chunks were handed to the stream, wire bytes).
     shipping: VecDeque<(u64, Instant, u64)>,
+    /// The last acked checkpoints: (service time, wire bytes).
+    span: VecDeque<(std::time::Duration, u64)>,
     samples: VecDeque<f64>,
     last_ack: Option<Instant>,
 }
 
 impl LinkRate {
     /// A checkpoint of `bytes` handed to the stream `at`.
-    pub(crate) fn shipped(&mut self, epoch: u64, at: Instant, bytes: u64) {
+    pub fn shipped(&mut self, epoch: u64, at: Instant, bytes: u64) {
         self.shipping.push_back((epoch, at, bytes));
     }
 
     /// `epoch` (and every one before it) acked `at`.
-    pub(crate) fn acked(&mut self, epoch: u64, at: Instant) {
+    pub fn acked(&mut self, epoch: u64, at: Instant) {
         while let Some(&(e, sent, bytes)) = self.shipping.front() {
             if e > epoch {
                 break;
             }
             self.shipping.pop_front();
-            if e != epoch || bytes < MIN_SAMPLE_BYTES {
-                continue;
-            }
             let start = self.last_ack.map_or(sent, |last| last.max(sent));
-            let took = at.saturating_duration_since(start).as_secs_f64();
-            if took > 0.0 {
+            if self.span.len() == SPAN {
+                self.span.pop_front();
+            }
+            self.span
+                .push_back((at.saturating_duration_since(start), bytes));
+            let bytes: u64 = self.span.iter().map(|&(_, b)| b).sum();
+            let took: f64 = self.span.iter().map(|(t, _)| t.as_secs_f64()).sum();
+            if bytes >= MIN_SAMPLE_BYTES && took > 0.0 {
                 if self.samples.len() == WINDOW {
                     self.samples.pop_front();
                 }
@@ -56,14 +70,15 @@ impl LinkRate {
     }
 
     /// The estimate in bytes per second; None before the first sample.
-    pub(crate) fn rate(&self) -> Option<f64> {
+    pub fn rate(&self) -> Option<f64> {
         self.samples.iter().copied().reduce(f64::max)
     }
 
     /// A new session: checkpoints in flight will never be acked; the rate
     /// measured so far still describes the link.
-    pub(crate) fn new_session(&mut self) {
+    pub fn new_session(&mut self) {
         self.shipping.clear();
+        self.span.clear();
         self.last_ack = None;
     }
 }
@@ -75,7 +90,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_rate_is_the_best_recent_delivery_of_a_sizable_checkpoint() {
+    fn the_rate_spans_several_checkpoints_and_keeps_the_best_recent_sample() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let mut r = LinkRate::default();
@@ -84,25 +99,43 @@ mod tests {
         r.shipped(1, ms(0), 10_000_000);
         r.acked(1, ms(10));
         assert_eq!(r.rate(), Some(1e9));
-        // Queued behind epoch 1's delivery until its ack at 10 ms: counted
-        // from there (2 GB/s), not from its own handover at 5 ms.
+        // Queued behind epoch 1 until its ack at 10 ms: counted from there;
+        // the span is both: 20 MB in 20 ms.
         r.shipped(2, ms(5), 10_000_000);
-        r.acked(2, ms(15));
-        assert_eq!(r.rate(), Some(2e9));
-        // A small checkpoint measures the round trip: not sampled.
-        r.shipped(3, ms(20), 4096);
-        r.acked(3, ms(21));
-        assert_eq!(r.rate(), Some(2e9));
-        // A slow delivery does not lower the maximum until it leaves the window.
-        for e in 4..4 + WINDOW as u64 {
+        r.acked(2, ms(20));
+        assert_eq!(r.rate(), Some(1e9));
+        // A burst of acks (epoch 3's bytes arrived while 2 committed): its
+        // own service is 10 µs, but the span says 30 MB in 20.01 ms.
+        r.shipped(3, ms(6), 10_000_000);
+        r.acked(3, ms(20) + Duration::from_micros(10));
+        let rate = r.rate().unwrap();
+        assert!(rate < 1.6e9, "a burst of acks is not a fast link: {rate}");
+        // Idle time between an ack and the next handover (the encoder was
+        // busy) is not the link's: 1.2 MB served in 2 ms, with 100 ms
+        // between the two checkpoints.
+        let mut gaps = LinkRate::default();
+        gaps.shipped(1, ms(0), 600_000);
+        gaps.acked(1, ms(1));
+        assert_eq!(gaps.rate(), None, "600 kB alone is no sample");
+        gaps.shipped(2, ms(101), 600_000);
+        gaps.acked(2, ms(102));
+        assert_eq!(gaps.rate(), Some(6e8));
+        // Small checkpoints alone never make a sample.
+        let mut small = LinkRate::default();
+        small.shipped(1, ms(0), 4096);
+        small.acked(1, ms(1));
+        assert_eq!(small.rate(), None);
+        // A slow stretch does not lower the maximum until it leaves the window.
+        for e in 4..4 + (WINDOW + SPAN) as u64 {
             r.shipped(e, ms(e * 100), 1_000_000);
             r.acked(e, ms(e * 100 + 10));
         }
-        assert_eq!(r.rate(), Some(1e8));
-        // One ack covers the ones before it; a new session forgets in-flight ones.
-        r.shipped(40, ms(4000), 1_000_000);
+        let slow = r.rate().unwrap();
+        assert!(slow < 1.1e8, "{slow}");
+        // A new session forgets what is in flight.
+        r.shipped(99, ms(9000), 100_000_000);
         r.new_session();
-        r.acked(40, ms(4001));
-        assert_eq!(r.rate(), Some(1e8));
+        r.acked(99, ms(9001));
+        assert_eq!(r.rate(), Some(slow));
     }
 }

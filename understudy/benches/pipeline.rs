@@ -22,6 +22,7 @@ use understudy::pair::LocalPair;
 use understudy_bench::{Report, Table, XorShift, num, real_memory};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
 use understudy_common::heartbeat::{Beater, SessionKey};
+use understudy_primary::link_rate::LinkRate;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
 
@@ -66,7 +67,7 @@ async fn send(tx: &tokio::sync::mpsc::Sender<EpochChunk>, id: u64, chunks: Vec<V
 
 struct Session {
     tx: tokio::sync::mpsc::Sender<EpochChunk>,
-    acks: tonic::Streaming<understudy_proto::Ack>,
+    acks: Option<tonic::Streaming<understudy_proto::Ack>>,
     sender: SenderState,
     id: u64,
     _beater: Beater,
@@ -77,6 +78,10 @@ struct Session {
 
 impl Session {
     async fn open(addr: SocketAddr, policy: CodecPolicy, id: u64) -> Self {
+        Self::open_with(addr, policy, id, RAM).await
+    }
+
+    async fn open_with(addr: SocketAddr, policy: CodecPolicy, id: u64, ram: usize) -> Self {
         let mut client = loop {
             if let Ok(c) = ReplicationClient::connect(format!("http://{addr}")).await {
                 break c;
@@ -88,7 +93,7 @@ impl Session {
             protocol_version: PROTOCOL_VERSION,
             vm_id: "bench".into(),
             generation: 1,
-            ram_bytes: RAM as u64,
+            ram_bytes: ram as u64,
             session: id,
             incarnation: 0xbe4c,
             previous: None,
@@ -106,10 +111,10 @@ impl Session {
             .into_inner();
         // Heartbeats, as a real primary sends them (or the backup promotes).
         let beater = Beater::start(addr, id, key, Duration::from_millis(10)).unwrap();
-        let sender = SenderState::new("bench", PAGES, 1, policy).unwrap();
+        let sender = SenderState::new("bench", (ram / PAGE_SIZE) as u32, 1, policy).unwrap();
         Self {
             tx,
-            acks,
+            acks: Some(acks),
             sender,
             id,
             _beater: beater,
@@ -142,8 +147,30 @@ impl Session {
         wire + send(&tx, id, encoded.chunks).await
     }
 
+    /// Encodes one checkpoint whole, then hands it to the stream, as the
+    /// primary does (`link` hears when it was handed over).
+    async fn ship_whole(
+        &mut self,
+        epoch: u64,
+        mem: &[u8],
+        pages: &[u32],
+        link: &mut LinkRate,
+    ) -> u64 {
+        let t = Instant::now();
+        let mut enc = self.sender.begin(epoch, EpochKind::Checkpoint).unwrap();
+        for &p in pages {
+            let at = p as usize * PAGE_SIZE;
+            enc.add_page(p, mem[at..at + PAGE_SIZE].try_into().unwrap())
+                .unwrap();
+        }
+        let encoded = enc.finish(b"bench device state").unwrap();
+        self.encode += t.elapsed();
+        link.shipped(epoch, Instant::now(), encoded.report.bytes_out);
+        send(&self.tx, self.id, encoded.chunks).await
+    }
+
     async fn ack(&mut self) -> u64 {
-        let ack = self.acks.next().await.unwrap().unwrap();
+        let ack = self.acks.as_mut().unwrap().next().await.unwrap().unwrap();
         self.commit_us += ack.commit_micros;
         ack.epoch
     }
@@ -201,7 +228,220 @@ async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
     }
 }
 
-/// `UNDERSTUDY_BENCH_PARTS=pipeline` (or `resync`) runs one part, e.g. under perf.
+/// RAM of the VM the codec-by-link table ships (a full sync of it crosses
+/// the 100 Mbit/s link once per policy).
+const LINK_RAM: usize = 64 << 20;
+/// Changed pages per checkpoint in that table, and checkpoints per policy.
+const LINK_PAGES: usize = 2000;
+const LINK_EPOCHS: u64 = 12;
+const LINK_WARMUP: u64 = 8;
+
+/// The codec against the link it runs on: a backup daemon at the far end
+/// of each link (loopback; 1 Gbit/s with a 1 ms round trip; 100 Mbit/s
+/// with 50 ms, shaped as the migration bench shapes them), a VM of real
+/// memory synced, then checkpoints that each rewrite 2000 pages with new
+/// content, by each policy in turn. The adaptive policy is told the link's
+/// rate by the primary's own estimator (`understudy_primary::link_rate`),
+/// fed by these checkpoints' handovers and acks.
+fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
+    use understudy_bench::wan::{LinkSpec, Wan};
+    let daemon = Path::new(env!("CARGO_BIN_EXE_understudyd"));
+    let mut table = Table::new(
+        format!(
+            "The codec against the link: checkpoints of {LINK_PAGES} rewritten pages of real \
+             memory ({} MiB VM) to a backup daemon at the far end of each link, MB/s of guest \
+             pages by policy, same run; adaptive ÷ best = adaptive against the faster of raw \
+             and lz4 on that link",
+            LINK_RAM >> 20
+        ),
+        &[
+            "link",
+            "raw MB/s",
+            "lz4 MB/s",
+            "adaptive MB/s",
+            "adaptive ÷ best",
+            "link rate it measured",
+            "adaptive wire ÷ dirtied",
+        ],
+    );
+    let base = real_memory(LINK_RAM);
+    let mut shifted = base.clone();
+    shifted.rotate_left(7_654_321);
+    let mut worst = f64::INFINITY;
+    let links = [
+        ("loopback", None),
+        (
+            "1 Gbit/s, 1 ms",
+            Some(LinkSpec::new(1000, Duration::from_millis(1))),
+        ),
+        (
+            "100 Mbit/s, 50 ms",
+            Some(LinkSpec::new(100, Duration::from_millis(50))),
+        ),
+    ];
+    for (name, spec) in links {
+        let wan = spec.map(|s| Wan::new(&s).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let mut pair = LocalPair::new(
+            Some(daemon),
+            dir.path(),
+            "bench",
+            &format!("guest = \"counter\"\nmemory_mib = {}", LINK_RAM >> 20),
+        )
+        .unwrap();
+        let mut backup = None;
+        let addr = match &wan {
+            None => {
+                pair.start(Role::Backup).unwrap();
+                pair.addrs.replication
+            }
+            Some(wan) => {
+                let text = std::fs::read_to_string(&pair.config).unwrap();
+                let text = text.replace("127.0.0.1", &wan.far.to_string()).replace(
+                    "insecure = true",
+                    "insecure = true\ndangerously_allow_insecure_network = true",
+                );
+                std::fs::write(&pair.config, text).unwrap();
+                let log = std::fs::File::create(dir.path().join("far-backup.log")).unwrap();
+                backup = Some(
+                    wan.command(daemon)
+                        .args(["backup", "--config"])
+                        .arg(&pair.config)
+                        .arg("--set")
+                        .arg(format!(
+                            "state_dir={:?}",
+                            dir.path().join("backup").display().to_string()
+                        ))
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap(),
+                );
+                let mut a = pair.addrs.replication;
+                a.set_ip(wan.far.into());
+                a
+            }
+        };
+        let mut rates = Vec::new();
+        let mut measured = None;
+        let mut adaptive_wire = f64::NAN;
+        for (i, policy) in [CodecPolicy::RAW, CodecPolicy::LZ4, CodecPolicy::ADAPTIVE]
+            .into_iter()
+            .enumerate()
+        {
+            let (rate, link, wire) =
+                runtime.block_on(link_run(addr, policy, 2000 + i as u64, &base, &shifted));
+            rates.push(rate);
+            if policy.adaptive {
+                measured = link;
+                adaptive_wire = wire;
+            }
+        }
+        if let Some(mut child) = backup {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(pair);
+        let best = rates[0].max(rates[1]);
+        let ratio = rates[2] / best;
+        worst = worst.min(ratio);
+        println!(
+            "{name}: raw {:.1}, lz4 {:.1}, adaptive {:.1} MB/s",
+            rates[0], rates[1], rates[2]
+        );
+        table.row(vec![
+            name.into(),
+            num(rates[0], 1),
+            num(rates[1], 1),
+            num(rates[2], 1),
+            num(ratio, 2),
+            measured
+                .map_or_else(|| "-".to_owned(), |r| format!("{:.0} MB/s", r / 1e6))
+                .into(),
+            num(adaptive_wire, 3),
+        ]);
+        drop(wan);
+    }
+    report.table(table);
+    report.target(
+        "the adaptive codec on every link",
+        "never slower than the faster of raw and lz4 (≥ 0.9×, same run)",
+        format!("worst {worst:.2}× over loopback, 1 Gbit/s and 100 Mbit/s"),
+        worst >= 0.9,
+    );
+}
+
+/// One policy over one link: a full sync, [`LINK_WARMUP`] checkpoints, then
+/// [`LINK_EPOCHS`] measured checkpoints of [`LINK_PAGES`] pages; returns MB/s of guest pages over the
+/// checkpoints, the link rate the estimator ended with, and wire ÷ dirtied.
+async fn link_run(
+    addr: SocketAddr,
+    policy: CodecPolicy,
+    id: u64,
+    base: &[u8],
+    shifted: &[u8],
+) -> (f64, Option<f64>, f64) {
+    let mut s = Session::open_with(addr, policy, id, LINK_RAM).await;
+    let pages = (LINK_RAM / PAGE_SIZE) as u32;
+    let all: Vec<u32> = (0..pages).collect();
+    let mut epoch = 1;
+    for batch in all.chunks(8192) {
+        s.ship(epoch, EpochKind::SyncRound, base, batch).await;
+        epoch += 1;
+    }
+    s.ship(epoch, EpochKind::Checkpoint, base, &[]).await;
+    while s.ack().await != epoch {}
+    let mut rng = XorShift(0x5851_f42d_4c95_7f2d);
+    let mut dirty: Vec<u32> = (0..LINK_PAGES)
+        .map(|_| rng.below(pages.into()) as u32)
+        .collect();
+    dirty.sort_unstable();
+    dirty.dedup();
+    let mut link = LinkRate::default();
+    // Acks are timed as they arrive, as the primary's session task does
+    // (not when this loop, busy encoding, gets to them).
+    let mut acks = s.acks.take().unwrap();
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(ack)) = acks.next().await {
+            if ack_tx.send((ack.epoch, Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    // Warm-up (the estimator's first samples, the adaptive codec's first
+    // decisions), then the measured run: the same for every policy.
+    let (mut t, mut wire, mut in_flight) = (Instant::now(), 0, 0);
+    for r in 0..LINK_WARMUP + LINK_EPOCHS {
+        if r == LINK_WARMUP {
+            (t, wire) = (Instant::now(), 0);
+        }
+        while let Ok((acked, at)) = ack_rx.try_recv() {
+            link.acked(acked, at);
+            in_flight -= 1;
+        }
+        epoch += 1;
+        s.sender.set_link_rate(link.rate());
+        let mem = if r % 2 == 0 { shifted } else { base };
+        wire += s.ship_whole(epoch, mem, &dirty, &mut link).await;
+        in_flight += 1;
+        let last_of_part = r == LINK_WARMUP - 1 || r == LINK_WARMUP + LINK_EPOCHS - 1;
+        while in_flight > 4 || (last_of_part && in_flight > 0) {
+            let (acked, at) = ack_rx.recv().await.unwrap();
+            link.acked(acked, at);
+            in_flight -= 1;
+        }
+    }
+    let bytes = (LINK_EPOCHS as usize * dirty.len() * PAGE_SIZE) as f64;
+    (
+        bytes / t.elapsed().as_secs_f64() / 1e6,
+        link.rate(),
+        wire as f64 / bytes,
+    )
+}
+
+/// `UNDERSTUDY_BENCH_PARTS=pipeline` (or `resync`, `links`) runs one part, e.g. under perf.
 fn part(name: &str) -> bool {
     std::env::var("UNDERSTUDY_BENCH_PARTS")
         .map_or(true, |parts| parts.split(',').any(|p| p == name))
@@ -386,5 +626,8 @@ fn main() {
         }
     }
     report.table(table);
+    if part("links") {
+        codec_by_link(&runtime, &mut report);
+    }
     report.finish().unwrap();
 }

@@ -672,10 +672,7 @@ impl Config {
         let mut policy = match c.policy.as_str() {
             "adaptive" => CodecPolicy::ADAPTIVE,
             "raw" => CodecPolicy::RAW,
-            "lz4" => CodecPolicy {
-                compression: Compression::Lz4,
-                ..CodecPolicy::ADAPTIVE
-            },
+            "lz4" => CodecPolicy::LZ4,
             "zstd" => {
                 if !(1..=19).contains(&c.zstd_level) {
                     return Err(format!("codec.zstd_level {} must be 1 to 19", c.zstd_level));
@@ -959,6 +956,21 @@ insecure = true
         assert_eq!(c.backup_loss, BackupLoss::HoldOutput);
         assert_eq!(c.guest_params.interval_ms, 7);
         assert_eq!(c.memory_mib, 32);
+    }
+
+    #[test]
+    fn a_fixed_codec_is_fixed_and_only_adaptive_adapts() {
+        let policy = |name: &str| {
+            parse(GOOD, &[&format!("codec.policy={name:?}")])
+                .unwrap()
+                .codec_policy()
+                .unwrap()
+        };
+        assert!(policy("adaptive").adaptive);
+        for fixed in ["lz4", "zstd", "raw"] {
+            assert!(!policy(fixed).adaptive, "{fixed} must not adapt");
+        }
+        assert_eq!(policy("lz4").compression, Compression::Lz4);
     }
 
     #[test]
