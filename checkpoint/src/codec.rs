@@ -395,7 +395,7 @@ pub struct Adaptive {
     /// Pages to go raw after the next decision against (doubles in a row).
     skip_len: u32,
     link: Option<f64>,
-    last: AdaptiveReport,
+    last: Option<AdaptiveReport>,
 }
 
 /// Pages compressed per decision.
@@ -406,7 +406,7 @@ pub const SKIP_PAGES: u32 = 4096;
 pub const MAX_SKIP_PAGES: u32 = 65536;
 
 /// The adaptive codec's last decision and what it was made from.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdaptiveReport {
     /// Whether full pages are being compressed.
     pub compressing: bool,
@@ -416,8 +416,6 @@ pub struct AdaptiveReport {
     pub saved_share: f64,
     /// The link rate the decision used, bytes per second (None: unknown).
     pub link_rate: Option<f64>,
-    /// Whether a decision was made yet.
-    pub decided: bool,
 }
 
 impl Adaptive {
@@ -453,13 +451,12 @@ impl Adaptive {
                 self.skip = self.skip_len;
                 self.skip_len = self.skip_len.saturating_mul(2).min(MAX_SKIP_PAGES);
             }
-            self.last = AdaptiveReport {
+            self.last = Some(AdaptiveReport {
                 compressing: pays,
                 compress_rate: sampled / spent,
                 saved_share: self.saved as f64 / sampled,
                 link_rate: self.link,
-                decided: true,
-            };
+            });
             self.tried = 0;
             self.saved = 0;
             self.spent = std::time::Duration::ZERO;
@@ -470,13 +467,13 @@ impl Adaptive {
     /// then bytes saved are worth less than the encoder's time, and word
     /// deltas (and keeping the pages they need) are skipped too.
     pub fn link_outruns_compressor(&self) -> bool {
-        self.last.decided
-            && !self.last.compressing
-            && self.link.is_some_and(|link| self.last.compress_rate < link)
+        self.last.is_some_and(|last| {
+            !last.compressing && self.link.is_some_and(|link| last.compress_rate < link)
+        })
     }
 
-    /// The last decision.
-    pub fn report(&self) -> AdaptiveReport {
+    /// The last decision; None before the first.
+    pub fn report(&self) -> Option<AdaptiveReport> {
         self.last
     }
 }
@@ -499,8 +496,7 @@ mod tests {
                 // lz4's measured speed on these machines: ~0.45 GB/s a core.
                 a.record(out_len, std::time::Duration::from_micros(9));
             }
-            let report = a.report();
-            assert!(report.decided);
+            let report = a.report().expect("decided after a sample");
             assert_eq!(
                 report.compressing,
                 a.should_try(),
@@ -526,6 +522,21 @@ mod tests {
             (r.compress_rate - PAGE_SIZE as f64 / 9e-6).abs() < 1.0,
             "{r:?}"
         );
+        // Word deltas are skipped only when the link outran the compressor
+        // (not when pages merely did not shrink, nor when the link is unknown).
+        let outruns = |link: Option<f64>, out_len: usize| {
+            let mut a = Adaptive::default();
+            a.set_link_rate(link);
+            assert!(!a.link_outruns_compressor(), "no decision yet");
+            for _ in 0..SAMPLE_PAGES {
+                a.record(out_len, std::time::Duration::from_micros(9));
+            }
+            a.link_outruns_compressor()
+        };
+        assert!(outruns(Some(10e9), PAGE_SIZE / 2));
+        assert!(!outruns(Some(100e6), PAGE_SIZE / 2));
+        assert!(!outruns(Some(100e6), PAGE_SIZE - 100));
+        assert!(!outruns(None, PAGE_SIZE - 100));
         // Raw for SKIP_PAGES after a decision against, then sampling again.
         let mut a = Adaptive::default();
         a.set_link_rate(Some(10e9));
@@ -552,7 +563,7 @@ mod tests {
         for _ in 0..SAMPLE_PAGES {
             a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
         }
-        assert!(a.should_try() && a.report().compressing);
+        assert!(a.should_try() && a.report().is_some_and(|r| r.compressing));
         a.set_link_rate(Some(10e9));
         for _ in 0..SAMPLE_PAGES {
             a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));

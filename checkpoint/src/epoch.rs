@@ -207,10 +207,12 @@ impl SenderState {
         self.adaptive.set_link_rate(bytes_per_second);
     }
 
-    /// The adaptive policy's last decision (None: not an adaptive policy).
+    /// The adaptive policy's last decision (None: not an adaptive policy,
+    /// or no decision yet).
     pub fn adaptive(&self) -> Option<AdaptiveReport> {
         (self.policy.adaptive && self.policy.compression != Compression::None)
             .then(|| self.adaptive.report())
+            .flatten()
     }
 
     /// Starts encoding epoch `epoch`.
@@ -344,7 +346,10 @@ impl EpochEncoder<'_> {
         } else {
             page_hash(content)
         };
-        let codec = self.encode_entry(page, hash, content, zero);
+        // Word deltas (and the cached pages they need) are skipped while the
+        // link outruns the encoder (see `Adaptive::link_outruns_compressor`).
+        let deltas = !(self.state.policy.adaptive && self.state.adaptive.link_outruns_compressor());
+        let codec = self.encode_entry(page, hash, content, zero, deltas);
         self.report.pages_by_codec[codec as usize] += 1;
         self.report.pages += 1;
         self.report.bytes_in += PAGE_SIZE as u64;
@@ -358,12 +363,9 @@ impl EpochEncoder<'_> {
             // about to hit (LRU scan pollution). Zero pages and sync rounds'
             // pages are not cached (a sync round streams all of RAM through
             // it; a zero page deltas as well against nothing): an older
-            // version of such a page is dropped, never left stale.
-            // Nor, while the link outruns the encoder, any page: deltas are
-            // not tried then (see `Adaptive::link_outruns_compressor`).
-            let cacheable = !zero
-                && self.header.kind == EpochKind::Checkpoint
-                && !(self.state.policy.adaptive && self.state.adaptive.link_outruns_compressor());
+            // version of such a page is dropped, never left stale. Nor is
+            // any page while deltas are skipped.
+            let cacheable = !zero && deltas && self.header.kind == EpochKind::Checkpoint;
             match cache.get_mut(&page) {
                 Some(_) if !cacheable => {
                     cache.pop(&page);
@@ -384,7 +386,14 @@ impl EpochEncoder<'_> {
     }
 
     /// Chooses the codec for one page and writes `codec + payload` to `self.entry`.
-    fn encode_entry(&mut self, page: u32, hash: PageHash, content: &Page, zero: bool) -> Codec {
+    fn encode_entry(
+        &mut self,
+        page: u32,
+        hash: PageHash,
+        content: &Page,
+        zero: bool,
+        deltas: bool,
+    ) -> Codec {
         let s = &mut *self.state;
         let policy = s.policy;
         let out = &mut self.entry;
@@ -409,7 +418,6 @@ impl EpochEncoder<'_> {
                     break 'choose Codec::SameAs;
                 }
             }
-            let deltas = !(policy.adaptive && s.adaptive.link_outruns_compressor());
             if checkpoint
                 && deltas
                 && let Some(old) = s.cache.as_mut().and_then(|c| c.peek(&page))

@@ -865,7 +865,6 @@ impl ImageStore {
     /// against); a sync round's is kept page by page.
     fn write_pages(&mut self, staged: &StagedEpoch) {
         let checkpoint = staged.header.kind == EpochKind::Checkpoint;
-        self.populate_runs(staged);
         for (i, (&page, &hash)) in staged.pages.iter().zip(&staged.hashes).enumerate() {
             let old = self.hashes[page as usize];
             if old == hash {
@@ -881,41 +880,6 @@ impl ImageStore {
         if checkpoint {
             self.digest = staged.digest;
         }
-    }
-
-    /// Faults in, one `madvise` per run, the image pages a long run of
-    /// consecutive staged pages is about to write (a fresh image's blocks
-    /// are reserved but not in the page cache): the kernel fills a run in
-    /// one pass instead of taking a page fault per page. A hint: on error
-    /// the copy faults them in one by one.
-    fn populate_runs(&self, staged: &StagedEpoch) {
-        const MIN_RUN: usize = 16;
-        let mut run: Option<(u32, usize)> = None;
-        let flush = |run: Option<(u32, usize)>| {
-            if let Some((first, len)) = run.filter(|&(_, len)| len >= MIN_RUN) {
-                let _ = self.mem.advise_range(
-                    memmap2::Advice::PopulateWrite,
-                    first as usize * PAGE_SIZE,
-                    len * PAGE_SIZE,
-                );
-            }
-        };
-        for (&page, &hash) in staged.pages.iter().zip(&staged.hashes) {
-            if self.hashes[page as usize] == hash {
-                flush(run.take());
-                continue;
-            }
-            run = match run {
-                Some((first, len)) if first as usize + len == page as usize => {
-                    Some((first, len + 1))
-                }
-                other => {
-                    flush(other);
-                    Some((page, 1))
-                }
-            };
-        }
-        flush(run);
     }
 
     fn write_journal(&self, staged: &StagedEpoch) -> Result<u64, StoreError> {

@@ -302,6 +302,7 @@ impl Stats {
         self.link_up.store(false, Ordering::Release);
         self.in_flight.store(0, Ordering::Relaxed);
         self.last_epoch.set(None);
+        *lock(&self.codec) = None;
         self.set_state(StateKind::Starting, "starting");
     }
 
@@ -568,6 +569,21 @@ impl Control for ControlService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_role_starts_without_the_last_roles_link_figures() {
+        let stats = Stats::new("vm", crate::ids::Role::Primary, "b:1".into(), 1);
+        stats.set_last_epoch(crate::ids::Epoch(7));
+        stats.set_codec(Some(understudy_proto::CodecStatus {
+            compressing: true,
+            ..Default::default()
+        }));
+        assert!(stats.reply().codec.is_some() && stats.reply().has_epoch);
+        stats.start_role(crate::ids::Role::Backup, "a:1".into());
+        let reply = stats.reply();
+        assert_eq!((reply.codec, reply.has_epoch), (None, false));
+        assert_eq!(stats.gauges().codec, None);
+    }
 
     #[test]
     fn window_quantiles() {

@@ -472,6 +472,16 @@ impl Lines {
         }
     }
 
+    /// Asserts that the next line, within 10 s, is `want`.
+    pub async fn expect_line(&mut self, want: &str) {
+        let got = self.next(Duration::from_secs(10)).await;
+        assert_eq!(
+            got.as_ref().ok().and_then(|l| l.as_deref()),
+            Some(want),
+            "{got:?}"
+        );
+    }
+
     /// Reconnects to `addr` where this client left off (partial line kept;
     /// input the VM there has not taken is sent again).
     pub async fn reconnect(&mut self, addr: SocketAddr) -> std::io::Result<()> {
@@ -888,14 +898,7 @@ impl Drop for Etcd {
 /// A console client of a kv guest, past its "kv ready" greeting.
 pub async fn kv_client(console: SocketAddr) -> Lines {
     let mut client = Lines::connect(console, 0).await.unwrap();
-    assert_eq!(
-        client
-            .next(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("kv ready")
-    );
+    client.expect_line("kv ready").await;
     client
 }
 

@@ -72,20 +72,7 @@ fn spawn_destination(
     let mut dest = LocalPair::new(Some(daemon), &dir.join("dest"), "moved", settings).unwrap();
     let mut command = match wan {
         Some(wan) => {
-            let far = wan.far.to_string();
-            let text = std::fs::read_to_string(&dest.config).unwrap();
-            let text = text.replace("127.0.0.1", &far).replace(
-                "insecure = true",
-                "insecure = true\ndangerously_allow_insecure_network = true",
-            );
-            std::fs::write(&dest.config, text).unwrap();
-            for a in [
-                &mut dest.addrs.primary_console,
-                &mut dest.addrs.primary_control,
-                &mut dest.addrs.primary_replication,
-            ] {
-                a.set_ip(wan.far.into());
-            }
+            dest.listen_on(wan.far.into()).unwrap();
             wan.command(daemon)
         }
         None => Command::new(daemon),

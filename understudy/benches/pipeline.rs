@@ -5,9 +5,16 @@
 //!
 //! Reports: full sync of 256 MiB (resync) ÷ streaming 256 MiB over TCP, and
 //! checkpoints of 1k/10k/50k dirty pages in MB/s of guest pages, raw and
-//! adaptive, with bytes on the wire ÷ bytes dirtied.
+//! adaptive, with bytes on the wire ÷ bytes dirtied; the time to protect an
+//! idle VM from cold with real daemons; and raw, lz4 and adaptive to a
+//! backup at the far end of loopback, a 1 Gbit/s and a 100 Mbit/s link
+//! (root and `iptables-legacy`, as for the migration bench).
 //!
 //! Run: `cargo bench -p understudy --bench pipeline`.
+//! `UNDERSTUDY_BENCH_PARTS=pipeline,resync,links` picks parts,
+//! `UNDERSTUDY_BENCH_CODECS=raw,adaptive` codecs (e.g. under `perf`),
+//! `UNDERSTUDY_BENCH_SHOW_LOG=1` prints the primary's log of each resync, and
+//! `UNDERSTUDY_PAIR_LOG=debug` sets the daemons' log level.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
@@ -27,6 +34,8 @@ use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
 
 const RAM: usize = 256 << 20;
+/// Pages per sync-round epoch, as the primary sends them.
+const SYNC_EPOCH_PAGES: usize = 8192;
 const PAGES: u32 = (RAM / PAGE_SIZE) as u32;
 
 /// Single-stream loopback TCP: seconds to move `bytes` (rounded up to MiB)
@@ -296,12 +305,7 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
                 pair.addrs.replication
             }
             Some(wan) => {
-                let text = std::fs::read_to_string(&pair.config).unwrap();
-                let text = text.replace("127.0.0.1", &wan.far.to_string()).replace(
-                    "insecure = true",
-                    "insecure = true\ndangerously_allow_insecure_network = true",
-                );
-                std::fs::write(&pair.config, text).unwrap();
+                pair.listen_on(wan.far.into()).unwrap();
                 let log = std::fs::File::create(dir.path().join("far-backup.log")).unwrap();
                 backup = Some(
                     wan.command(daemon)
@@ -318,9 +322,7 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
                         .spawn()
                         .unwrap(),
                 );
-                let mut a = pair.addrs.replication;
-                a.set_ip(wan.far.into());
-                a
+                pair.addrs.replication
             }
         };
         let mut rates = Vec::new();
@@ -386,7 +388,7 @@ async fn link_run(
     let pages = (LINK_RAM / PAGE_SIZE) as u32;
     let all: Vec<u32> = (0..pages).collect();
     let mut epoch = 1;
-    for batch in all.chunks(8192) {
+    for batch in all.chunks(SYNC_EPOCH_PAGES) {
         s.ship(epoch, EpochKind::SyncRound, base, batch).await;
         epoch += 1;
     }
@@ -518,10 +520,10 @@ fn main() {
             s.encode = Duration::ZERO;
             s.commit_us = 0;
             let t = Instant::now();
-            // In epochs of 8192 pages, as the primary sends a sync round.
+            // In epochs, as the primary sends a sync round.
             let mut wire = 0;
             let mut epoch = 1;
-            for batch in all.chunks(8192) {
+            for batch in all.chunks(SYNC_EPOCH_PAGES) {
                 wire += s.ship(epoch, EpochKind::SyncRound, &base, batch).await;
                 epoch += 1;
             }

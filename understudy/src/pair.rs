@@ -154,6 +154,34 @@ impl LocalPair {
         })
     }
 
+    /// Moves every address to `ip`, keeping the ports: the far end of a
+    /// test link in another network namespace, where the daemons are then
+    /// started. Plaintext stays allowed there
+    /// (`tls.dangerously_allow_insecure_network`): the link is still this
+    /// machine's.
+    pub fn listen_on(&mut self, ip: std::net::IpAddr) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("cannot read {}", self.config.display()))?;
+        let text = text.replace("127.0.0.1", &ip.to_string()).replace(
+            "insecure = true",
+            "insecure = true\ndangerously_allow_insecure_network = true",
+        );
+        std::fs::write(&self.config, text)
+            .with_context(|| format!("cannot write {}", self.config.display()))?;
+        let a = &mut self.addrs;
+        for addr in [
+            &mut a.primary_console,
+            &mut a.primary_control,
+            &mut a.primary_replication,
+            &mut a.replication,
+            &mut a.backup_console,
+            &mut a.backup_control,
+        ] {
+            addr.set_ip(ip);
+        }
+        Ok(())
+    }
+
     /// The log file of `role`'s daemon.
     pub fn log_path(&self, role: Role) -> PathBuf {
         self.dir.join(format!("{}.log", role_name(role)))
