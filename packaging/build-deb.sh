@@ -44,11 +44,12 @@ name="understudy_${version}_${arch}"
 root="target/deb/$name"
 rm -rf "$root"
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" \
-  "$root/etc/understudy" "$root/usr/share/doc/understudy"
+  "$root/lib/udev/rules.d" "$root/etc/understudy" "$root/usr/share/doc/understudy"
 install -m 0755 "$bindir/understudyd" "$bindir/understudyctl" "$root/usr/bin/"
 strip --strip-debug "$root/usr/bin/understudyd" "$root/usr/bin/understudyctl"
 install -m 0644 systemd/understudy-primary@.service systemd/understudy-backup@.service \
   "$root/lib/systemd/system/"
+install -m 0644 packaging/udev/60-understudy-userfaultfd.rules "$root/lib/udev/rules.d/"
 install -m 0644 systemd/example.toml "$root/etc/understudy/example.toml"
 install -m 0644 README.md docs/OPERATIONS.md docs/ARCHITECTURE.md "$root/usr/share/doc/understudy/"
 install -m 0644 docs/grafana/understudy.json "$root/usr/share/doc/understudy/grafana-dashboard.json"

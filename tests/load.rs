@@ -16,15 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::Pair;
 
-fn scrape(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// The upper bound of the highest histogram bucket that holds a sample.
 fn worst_bucket(text: &str, name: &str) -> String {
     let mut last_count = 0.0;
@@ -90,7 +81,7 @@ async fn no_false_promotion_while_another_process_saturates_the_cpu() {
     let p = common::status(pair.addrs.primary_control).await.unwrap();
     assert_eq!((p.role.as_str(), p.generation), ("primary", 1), "{p:?}");
     assert!(!pair.logs().contains("promoting"), "{}", pair.logs());
-    let text = scrape(metrics);
+    let text = common::scrape(metrics);
     eprintln!(
         "{secs} s under stress-ng: no promotion; {} checkpoints; worst heartbeat round trip ≤ {} s",
         p.epochs,

@@ -115,35 +115,14 @@ async fn status_shows_role_generation_protection_and_replication_figures() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is understudyd running there?"));
 }
 
-/// Fetches `/metrics` with a bare HTTP/1.0 request.
-fn scrape(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
-        "{out}"
-    );
-    out
-}
-
-fn value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_replication_runs_and_after_a_failover() {
     let _serial = common::serial().await;
     let (pm, bm) = (common::free_port(), common::free_port());
     let mut pair = Pair::new_with(
         "dirtier",
-        "guest_params = { working_set = 512, dirty_rate = 5000 }",
+        // 500 pages an epoch: enough for the copy after the resume.
+        "guest_params = { working_set = 512, dirty_rate = 20000 }",
         &format!("metrics = \"127.0.0.1:{pm}\""),
         &format!("metrics = \"127.0.0.1:{bm}\""),
     );
@@ -151,7 +130,7 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
     wait_epochs_flowing(&pair).await;
     let pm: std::net::SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
     let bm: std::net::SocketAddr = format!("127.0.0.1:{bm}").parse().unwrap();
-    let first = scrape(pm);
+    let first = common::scrape(pm);
     let counters = [
         "understudy_epochs_total",
         "understudy_epoch_pause_seconds_count",
@@ -160,14 +139,15 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
         "understudy_ack_latency_seconds_count",
         "understudy_heartbeat_rtt_seconds_count",
         "understudy_epoch_interval_seconds_count",
+        "understudy_epoch_pages_copied_after_resume_total",
     ];
     // Every counter moves while replication runs (scrapes until they have).
     let deadline = Instant::now() + Duration::from_secs(20);
     let second = loop {
-        let now = scrape(pm);
+        let now = common::scrape(pm);
         let stuck: Vec<_> = counters
             .iter()
-            .filter(|c| value(&now, c) <= value(&first, c))
+            .filter(|c| common::metric(&now, c) <= common::metric(&first, c))
             .collect();
         if stuck.is_empty() {
             break now;
@@ -176,28 +156,28 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
-        value(&second, "understudy_epoch_bytes_in_bytes_total")
-            >= value(&second, "understudy_epoch_bytes_out_bytes_total") * 0.5
+        common::metric(&second, "understudy_epoch_bytes_in_bytes_total")
+            >= common::metric(&second, "understudy_epoch_bytes_out_bytes_total") * 0.5
     );
-    assert_eq!(value(&second, "understudy_protected"), 1.0);
+    assert_eq!(common::metric(&second, "understudy_protected"), 1.0);
     // The adaptive codec's gauges: -1 before its first decision, else 0/1.
-    let compressing = value(&second, "understudy_codec_compressing");
+    let compressing = common::metric(&second, "understudy_codec_compressing");
     assert!([-1.0, 0.0, 1.0].contains(&compressing), "{compressing}");
-    assert!(value(&second, "understudy_link_bytes_per_second") >= 0.0);
-    assert_eq!(value(&second, "understudy_generation"), 1.0);
+    assert!(common::metric(&second, "understudy_link_bytes_per_second") >= 0.0);
+    assert_eq!(common::metric(&second, "understudy_generation"), 1.0);
     assert!(
         second.contains("understudy_role{role=\"primary\"} 1"),
         "{second}"
     );
-    let pause_sum = value(&second, "understudy_epoch_pause_seconds_sum");
-    let pause_n = value(&second, "understudy_epoch_pause_seconds_count");
+    let pause_sum = common::metric(&second, "understudy_epoch_pause_seconds_sum");
+    let pause_n = common::metric(&second, "understudy_epoch_pause_seconds_count");
     assert!(
         pause_sum / pause_n > 1e-6 && pause_sum / pause_n < 0.1,
         "plausible mean pause"
     );
-    let backup = scrape(bm);
-    assert_eq!(value(&backup, "understudy_failovers_total"), 0.0);
-    assert!(value(&backup, "understudy_epochs_total") > 5.0);
+    let backup = common::scrape(bm);
+    assert_eq!(common::metric(&backup, "understudy_failovers_total"), 0.0);
+    assert!(common::metric(&backup, "understudy_epochs_total") > 5.0);
     pair.kill_primary();
     wait_status(
         &pair,
@@ -207,9 +187,9 @@ async fn metrics_move_as_replication_runs_and_after_a_failover() {
         |s| s.role == "primary",
     )
     .await;
-    let after = scrape(bm);
-    assert_eq!(value(&after, "understudy_failovers_total"), 1.0);
-    assert_eq!(value(&after, "understudy_generation"), 2.0);
+    let after = common::scrape(bm);
+    assert_eq!(common::metric(&after, "understudy_failovers_total"), 1.0);
+    assert_eq!(common::metric(&after, "understudy_generation"), 2.0);
     assert!(
         after.contains("understudy_role{role=\"primary\"} 1"),
         "{after}"

@@ -79,6 +79,12 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// `understudy_epochs_total`.
     pub epochs: Counter,
+    /// `understudy_epoch_pages_copied_after_resume_total`: dirty pages
+    /// copied while the guest ran (write-protected until copied).
+    pub copied_after_resume: Counter,
+    /// `understudy_epoch_write_waits_total`: guest (or VMM) writes that
+    /// waited for their page's copy after the resume.
+    pub write_waits: Counter,
     /// `understudy_ack_latency_seconds`.
     pub ack_latency: Histogram,
     /// `understudy_heartbeat_rtt_seconds`.
@@ -134,6 +140,8 @@ impl Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             epochs: Counter::default(),
+            copied_after_resume: Counter::default(),
+            write_waits: Counter::default(),
             ack_latency: seconds(),
             heartbeat_rtt: seconds(),
             failovers: Counter::default(),
@@ -194,6 +202,16 @@ impl Metrics {
             "epochs",
             "Checkpoints taken (primary) or committed (backup)",
             m.epochs.clone(),
+        );
+        registry.register(
+            "epoch_pages_copied_after_resume",
+            "Dirty pages copied after the guest resumed (write-protected until copied) instead of in the stop",
+            m.copied_after_resume.clone(),
+        );
+        registry.register(
+            "epoch_write_waits",
+            "Writes that waited for their page to be copied after the resume",
+            m.write_waits.clone(),
         );
         registry.register_with_unit(
             "ack_latency",

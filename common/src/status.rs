@@ -373,6 +373,13 @@ impl Stats {
         lock(&self.epoch_bytes).push(bytes as f64);
     }
 
+    /// A checkpoint copied `pages` after the guest resumed; `waits` writes
+    /// waited for their page's copy.
+    pub fn record_copy_after_resume(&self, pages: usize, waits: usize) {
+        self.metrics.copied_after_resume.inc_by(pages as u64);
+        self.metrics.write_waits.inc_by(waits as u64);
+    }
+
     /// A checkpoint was acked `latency` after it was taken.
     pub fn record_ack(&self, latency: Duration) {
         self.metrics.ack_latency.observe(latency.as_secs_f64());

@@ -109,6 +109,9 @@ pub struct PrimaryOptions {
     /// Console output held unreleased beyond which the guest is paused until
     /// output goes out again.
     pub max_held_output: usize,
+    /// Let checkpoints copy their dirty pages after the guest resumed
+    /// (write-protected until copied) when that shortens the stop.
+    pub copy_after_resume: bool,
     /// Boot without a first handshake with the backup (never by default: a
     /// primary that cannot ask the backup cannot know it was not deposed).
     pub start_unprotected: bool,
@@ -653,6 +656,8 @@ pub async fn run(
             })?;
             let ram = GuestRam::new(opts.ram_bytes, RamBacking::Anonymous)
                 .map_err(|e| PrimaryError::Vm(e.into()))?;
+            // Huge pages: the copy after the resume protects them faster.
+            ram.advise_huge_pages();
             let boot_options = BootOptions {
                 boot_record: Some(opts.boot.clone()),
                 start_paused: false,

@@ -153,6 +153,13 @@ pub struct Config {
     /// fsync the backup's image at every commit (power-loss safety).
     #[serde(default)]
     pub fsync: bool,
+    /// Copy a checkpoint's dirty pages after the guest resumed, with the
+    /// pages write-protected until copied, so the guest's stop does not grow
+    /// with its dirty set (each checkpoint chooses; RAM mapped from a file,
+    /// as on a promoted host, always copies in the stop). `false`: always
+    /// copy inside the stop.
+    #[serde(default = "defaults::copy_after_resume")]
+    pub copy_after_resume: bool,
     /// Hosts that may migrate the VM to this one while it waits with
     /// `understudyd primary --incoming`: the IP addresses or DNS names their
     /// certificates carry (mutual TLS; ignored in insecure mode).
@@ -392,6 +399,9 @@ mod defaults {
     }
     pub fn console_max_clients() -> usize {
         understudy_common::console::DEFAULT_MAX_CLIENTS
+    }
+    pub fn copy_after_resume() -> bool {
+        true
     }
     pub fn max_held_output_kib() -> u64 {
         4096
@@ -760,6 +770,7 @@ impl Config {
             codec: self.codec_policy()?,
             max_in_flight: self.max_in_flight,
             max_held_output: (self.max_held_output_kib << 10) as usize,
+            copy_after_resume: self.copy_after_resume,
             start_unprotected: self.start_unprotected,
             tls: self.tls_files(),
             // The name on the other host's certificate, when not its IP.

@@ -23,6 +23,7 @@ pub mod state;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;
+pub mod wp;
 
 pub use dirty::DirtyBitmap;
 pub use loader::{BootEntry, BuiltinBoot, BuiltinGuest, Loader, RawCode};

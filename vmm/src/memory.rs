@@ -179,6 +179,37 @@ impl GuestRam {
         })
     }
 
+    /// Asks for transparent huge pages for anonymous RAM, as QEMU does for
+    /// its guest RAM: fewer TLB misses for the guest and the checkpoint
+    /// copy, and the kernel write-protects a large folio's pages in batches
+    /// (the copy after the resume protected 10k dirty pages in 0.86 ms on
+    /// 4 KiB pages, 0.17 ms on huge ones: docs/ARCHITECTURE.md). Only a
+    /// hint, ignored for file-backed RAM and on a kernel without THP.
+    ///
+    /// Not for RAM that post-copy fills page by page before registering it
+    /// for missing-page faults: writing one page of a huge page makes its
+    /// 511 neighbours present (zero), and a present page never faults, so
+    /// the guest would read zeros where the source's pages belong.
+    pub fn advise_huge_pages(&self) {
+        if !self.anonymous {
+            return;
+        }
+        // SAFETY: advice on our own mapping; it changes no content.
+        let rc = unsafe {
+            libc::madvise(
+                self._mapping.as_ptr().cast_mut().cast(),
+                self.size,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "guest RAM without transparent huge pages"
+            );
+        }
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.size
@@ -414,6 +445,9 @@ mod tests {
         assert!(!untouched[5], "a written page is touched");
         // A read maps the shared zero page: present, so no longer "untouched"
         // (reading it again is what the sync avoids; both answers are safe).
+        // The neighbours of a written page stay untouched: RAM gets no huge
+        // pages unless asked (`advise_huge_pages`), which post-copy relies
+        // on (a page it copies in must not make its neighbours present).
         assert!(untouched[4] && untouched[6] && untouched[ram.pages() - 1]);
         let file = tempfile::tempfile().unwrap();
         file.set_len(MIN_RAM_BYTES as u64).unwrap();

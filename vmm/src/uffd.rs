@@ -1,7 +1,11 @@
-//! userfaultfd over guest RAM, for post-copy migration: the VM runs before
-//! its memory has arrived, and each page it touches that is not here yet
-//! stops the toucher (the vCPU inside KVM, or a VMM thread) until the page
-//! is installed.
+//! userfaultfd over guest RAM, in two modes:
+//! - *missing pages*, for post-copy migration: the VM runs before its memory
+//!   has arrived, and each page it touches that is not here yet stops the
+//!   toucher (the vCPU inside KVM, or a VMM thread) until the page is
+//!   installed;
+//! - *write-protect*, for checkpoints copied after the guest resumed
+//!   ([`crate::wp`]): a write to a protected page stops the writer until the
+//!   page is unprotected, so its content can be copied first.
 //!
 //! The kernel ABI (`linux/userfaultfd.h`) is small and stable: create the fd,
 //! agree on the API, register the RAM for missing-page faults, read fault
@@ -10,9 +14,13 @@
 //! `userfaultfd` crate, whose bindings are generated with bindgen at build
 //! time and would make libclang a build dependency of the whole project.
 //!
-//! Needs root, `CAP_SYS_PTRACE`, or `vm.unprivileged_userfaultfd = 1`:
-//! faults raised inside the kernel (KVM reading guest RAM) must be handled,
-//! so `UFFD_USER_MODE_ONLY` cannot be used.
+//! Faults raised inside the kernel (KVM touching guest RAM) must be
+//! handled, so `UFFD_USER_MODE_ONLY` cannot be used. The fd comes from
+//! `/dev/userfaultfd` (Linux 6.1) where this process may open it: the
+//! Debian package gives it to group `kvm`, which the daemons run in,
+//! unprivileged. Otherwise from the `userfaultfd` system call, which for
+//! kernel faults needs root, `CAP_SYS_PTRACE` or
+//! `vm.unprivileged_userfaultfd = 1`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
@@ -21,6 +29,13 @@ use crate::memory::{GuestRam, PAGE_SIZE};
 
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+/// Fault messages say whether a fault was a write-protect one.
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// Protecting a page not populated yet protects it too (a marker in its
+/// page-table entry), so "protect this range" has no hole (Linux 6.4).
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 
 /// `_IOWR(0xAA, nr, size)` and `_IOR(0xAA, nr, size)`.
@@ -32,11 +47,14 @@ const fn ior(nr: u64, size: u64) -> u64 {
 }
 
 const UFFDIO_API: u64 = iowr(0x3F, 24);
+/// `_IO(0xAA, 0x00)` on `/dev/userfaultfd`: a new userfaultfd.
+const USERFAULTFD_IOC_NEW: u64 = 0xAA << 8;
 const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
 const UFFDIO_UNREGISTER: u64 = ior(0x01, 16);
 const UFFDIO_WAKE: u64 = ior(0x02, 16);
 const UFFDIO_COPY: u64 = iowr(0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, 32);
+const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, 24);
 
 #[repr(C)]
 struct UffdioApi {
@@ -69,6 +87,12 @@ struct UffdioCopy {
 }
 
 #[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
 struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
@@ -94,7 +118,8 @@ pub enum UffdError {
     /// The fd cannot be made (no permission: run as root, or set
     /// `vm.unprivileged_userfaultfd = 1`; or a kernel without it).
     #[error(
-        "cannot create a userfaultfd (post-copy needs root, CAP_SYS_PTRACE or \
+        "cannot create a userfaultfd (it needs read-write access to /dev/userfaultfd, which \
+         the package's udev rule gives to group kvm; or root, CAP_SYS_PTRACE or \
          vm.unprivileged_userfaultfd = 1)"
     )]
     Create(#[source] std::io::Error),
@@ -120,12 +145,38 @@ pub enum UffdError {
     },
 }
 
-/// Guest RAM registered for missing-page faults.
+/// Guest RAM registered for missing-page or write-protect faults.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
     base: u64,
     pages: usize,
+}
+
+/// A new userfaultfd (non-blocking reads), from `/dev/userfaultfd` if this
+/// process may open it, else from the system call.
+fn create() -> Result<OwnedFd, UffdError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    if let Ok(dev) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns
+        // a new fd or -1.
+        let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+        if raw >= 0 {
+            // SAFETY: `raw` is a new fd this process owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(raw) });
+        }
+    }
+    // SAFETY: a plain syscall returning a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if raw < 0 {
+        return Err(UffdError::Create(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a new fd this process owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
 
 fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T, what: &'static str) -> Result<(), UffdError> {
@@ -145,17 +196,26 @@ impl Uffd {
     /// Registers all of `ram` for missing-page faults. Pages already
     /// present (written before this call) never fault.
     pub fn register(ram: &GuestRam) -> Result<Self, UffdError> {
-        // SAFETY: a plain syscall returning a new fd or -1.
-        let raw =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if raw < 0 {
-            return Err(UffdError::Create(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a new fd this process owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        Self::register_mode(ram, 0, UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    /// Registers all of `ram` for write-protect faults: nothing faults
+    /// until [`Self::write_protect`] protects pages. Fails (`REGISTER`,
+    /// EINVAL) where the kernel cannot write-protect the mapping: RAM
+    /// mapped from a regular file (a promoted host runs on its image).
+    pub fn register_write_protect(ram: &GuestRam) -> Result<Self, UffdError> {
+        Self::register_mode(
+            ram,
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
+            UFFDIO_REGISTER_MODE_WP,
+        )
+    }
+
+    fn register_mode(ram: &GuestRam, features: u64, mode: u64) -> Result<Self, UffdError> {
+        let fd = create()?;
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         ioctl(&fd, UFFDIO_API, &mut api, "API")?;
@@ -165,7 +225,7 @@ impl Uffd {
                 start: base,
                 len: ram.size() as u64,
             },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
         ioctl(&fd, UFFDIO_REGISTER, &mut register, "REGISTER")?;
@@ -206,6 +266,18 @@ impl Uffd {
         if n == 0 {
             return Ok(None);
         }
+        self.read_fault()
+    }
+
+    /// The fd, for polling it together with others (readable: a fault
+    /// event waits for [`Self::read_fault`]).
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The next queued fault's page without waiting (None: none queued, or
+    /// an event that is not a page fault in guest RAM).
+    pub fn read_fault(&self) -> Result<Option<usize>, UffdError> {
         let mut msg = std::mem::MaybeUninit::<UffdMsg>::uninit();
         // SAFETY: reads at most one 32-byte message into `msg`.
         let got = unsafe {
@@ -217,7 +289,10 @@ impl Uffd {
         };
         if got < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
                 return Ok(None);
             }
             return Err(UffdError::Read(e));
@@ -270,6 +345,35 @@ impl Uffd {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Write-protects (`protect`) or unprotects `count` pages from `first`.
+    /// Unprotecting wakes whoever waits to write them. Protecting a page
+    /// also makes KVM drop its writable mapping of it, so a vCPU's next
+    /// write faults too.
+    pub fn write_protect(
+        &self,
+        first: usize,
+        count: usize,
+        protect: bool,
+    ) -> Result<(), UffdError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let start = self.address(first)?;
+        self.address(first + count - 1)?;
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange {
+                start,
+                len: (count * PAGE_SIZE) as u64,
+            },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
+        };
+        ioctl(&self.fd, UFFDIO_WRITEPROTECT, &mut wp, "WRITEPROTECT")
     }
 
     /// Wakes whoever waits on `page` (it was installed while its fault
