@@ -44,8 +44,8 @@ use std::time::{Duration, Instant};
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::codec::Reader;
-use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch};
-use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash, zero_page_hash};
+use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch, ZERO_SLOT};
+use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, ZERO_PAGE, page_hash, zero_page_hash};
 
 /// Guest RAM inside an image directory.
 pub const MEMORY_FILE: &str = "memory.img";
@@ -62,6 +62,12 @@ const OLDEST_READABLE_VERSION: u32 = 1;
 const JOURNAL_VERSION: u32 = 1;
 /// Journal header: magic, version, epoch, generation, page count, device-state
 /// length, digest (the page list, pages, device state and trailer follow).
+/// Runs of at least this many pages are written with `pwrite` rather than
+/// copied into the mapping (see `ImageStore::write_pages`).
+const WRITE_RUN_PAGES: usize = 16;
+/// The recorded hash of a page whose write failed: no content hashes to it
+/// (an xxh3-128 of all ones), so the page is rewritten by the next sync.
+const UNKNOWN_CONTENT: PageHash = u128::MAX;
 const JOURNAL_HEAD_LEN: usize = 4 + 4 + 8 + 8 + 4 + 4 + 16;
 
 /// Errors of the image store.
@@ -419,6 +425,8 @@ fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
 #[derive(Debug)]
 pub struct ImageStore {
     dir: PathBuf,
+    /// memory.img, mapped as `mem` and written through both.
+    file: File,
     mem: MmapMut,
     meta: Meta,
     hashes: Vec<PageHash>,
@@ -529,6 +537,7 @@ impl ImageStore {
             .map_err(io("cannot map", &mem_path))?;
         Ok(Self {
             dir: dir.to_owned(),
+            file,
             mem,
             hashes: Vec::new(),
             digest: ImageDigest::default(),
@@ -799,15 +808,17 @@ impl ImageStore {
         };
         match staged.header.kind {
             EpochKind::SyncRound => {
-                self.write_pages(staged);
+                self.write_pages(staged)?;
                 if staged.header.generation > self.meta.generation {
                     self.begin_sync(staged.header.generation, self.meta.incarnation)?;
                 }
             }
             EpochKind::Checkpoint => {
                 report.journal_bytes = self.write_journal(staged)?;
-                // Commit point passed: the epoch is durable in the journal.
-                self.write_pages(staged);
+                // Commit point passed: the epoch is durable in the journal
+                // (a failed write leaves the image torn, not promotable;
+                // a restart would redo the journal).
+                self.write_pages(staged)?;
                 self.commit_meta(
                     staged.header.epoch,
                     staged.header.generation,
@@ -863,23 +874,93 @@ impl ImageStore {
     /// block allocation. A checkpoint's digest is the one its decoder
     /// verified (`check_fits` made sure the image is the one it decoded
     /// against); a sync round's is kept page by page.
-    fn write_pages(&mut self, staged: &StagedEpoch) {
+    ///
+    /// Runs of at least [`WRITE_RUN_PAGES`] pages that lie together both in
+    /// the image and in the staging buffer go in with one `pwrite`; shorter
+    /// ones are copied into the mapping. Through the mapping, a page not in
+    /// the page cache yet costs a fault that reads (zero-fills) it before
+    /// the copy overwrites it: a full sync paid that for every page.
+    ///
+    /// If a write fails, the pages it was writing hold unknown bytes: their
+    /// recorded hash becomes one no content has, so the digest no longer
+    /// matches any committed one (the image is not promotable, and the
+    /// next epoch does not fit) until a resync rewrites them.
+    fn write_pages(&mut self, staged: &StagedEpoch) -> Result<(), StoreError> {
         let checkpoint = staged.header.kind == EpochKind::Checkpoint;
+        // The run being gathered: (first page, first slot, pages).
+        let mut run: Option<(u32, u32, u32)> = None;
         for (i, (&page, &hash)) in staged.pages.iter().zip(&staged.hashes).enumerate() {
             let old = self.hashes[page as usize];
             if old == hash {
                 continue;
             }
-            let at = page as usize * PAGE_SIZE;
-            self.mem[at..at + PAGE_SIZE].copy_from_slice(staged.page_data(i));
+            let slot = staged.slots[i];
+            run = match run {
+                Some((first, first_slot, n))
+                    if slot != ZERO_SLOT && page == first + n && slot == first_slot + n =>
+                {
+                    Some((first, first_slot, n + 1))
+                }
+                _ => {
+                    if let Some(done) = run {
+                        self.write_run(staged, done)?;
+                    }
+                    if slot == ZERO_SLOT {
+                        self.write_run(staged, (page, ZERO_SLOT, 1))?;
+                        None
+                    } else {
+                        Some((page, slot, 1))
+                    }
+                }
+            };
             if !checkpoint {
                 self.digest.replace(page, old, hash);
             }
             self.hashes[page as usize] = hash;
         }
+        if let Some(done) = run {
+            self.write_run(staged, done)?;
+        }
         if checkpoint {
             self.digest = staged.digest;
         }
+        Ok(())
+    }
+
+    /// Writes `pages` pages from `first` whose staged content starts at
+    /// `slot` (a zero page: `ZERO_SLOT`, one page).
+    fn write_run(
+        &mut self,
+        staged: &StagedEpoch,
+        (first, slot, pages): (u32, u32, u32),
+    ) -> Result<(), StoreError> {
+        let at = first as usize * PAGE_SIZE;
+        let len = pages as usize * PAGE_SIZE;
+        if slot == ZERO_SLOT {
+            self.mem[at..at + PAGE_SIZE].copy_from_slice(&ZERO_PAGE);
+            return Ok(());
+        }
+        let from = slot as usize * PAGE_SIZE;
+        if (pages as usize) < WRITE_RUN_PAGES {
+            self.mem[at..at + len].copy_from_slice(&staged.data[from..from + len]);
+            return Ok(());
+        }
+        use std::os::unix::fs::FileExt;
+        if let Err(source) = self
+            .file
+            .write_all_at(&staged.data[from..from + len], at as u64)
+        {
+            for p in first..first + pages {
+                self.hashes[p as usize] = UNKNOWN_CONTENT;
+            }
+            self.digest = ImageDigest::of_hashes(&self.hashes);
+            return Err(StoreError::Io {
+                action: "cannot write pages into",
+                path: self.dir.join(MEMORY_FILE),
+                source,
+            });
+        }
+        Ok(())
     }
 
     fn write_journal(&self, staged: &StagedEpoch) -> Result<u64, StoreError> {
@@ -1067,6 +1148,67 @@ mod tests {
             Meta::decode(&v3, Path::new("meta")),
             Err(StoreError::UnsupportedVersion { found: 3 })
         ));
+    }
+
+    /// A sync round of `pages` whose content is `fill` (all bytes).
+    fn sync_round(pages: std::ops::Range<u32>, fill: u8) -> StagedEpoch {
+        let pages: Vec<u32> = pages.collect();
+        let data = vec![fill; pages.len() * PAGE_SIZE];
+        StagedEpoch {
+            header: EpochHeader {
+                vm_id: "vm".into(),
+                generation: 2,
+                epoch: 1,
+                ram_pages: 64,
+                kind: EpochKind::SyncRound,
+            },
+            slots: (0..pages.len() as u32).collect(),
+            hashes: vec![page_hash(&data[..PAGE_SIZE]); pages.len()],
+            pages,
+            data,
+            device_state: Vec::new(),
+            digest: ImageDigest(0),
+            base_digest: ImageDigest(0),
+            wire_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn long_runs_are_written_through_the_file_and_a_failed_write_is_rewritten_by_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let mut store =
+            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        store.begin_sync(2, 7).unwrap();
+        // 32 pages in a row (a pwrite) and 3 (copied into the mapping).
+        store.apply(&sync_round(0..32, 0x11)).unwrap();
+        store.apply(&sync_round(40..43, 0x22)).unwrap();
+        assert!(store.memory()[..32 * PAGE_SIZE].iter().all(|&b| b == 0x11));
+        assert!(
+            store.memory()[40 * PAGE_SIZE..43 * PAGE_SIZE]
+                .iter()
+                .all(|&b| b == 0x22)
+        );
+        assert!(
+            store.memory()[32 * PAGE_SIZE..40 * PAGE_SIZE]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        // A write that fails (here: the file is read-only) leaves its pages
+        // unknown: the digest matches nothing, and the next sync writes them
+        // even where its content is what they held before.
+        let writable =
+            std::mem::replace(&mut store.file, File::open(img.join(MEMORY_FILE)).unwrap());
+        let before = store.digest;
+        let err = store.apply(&sync_round(0..32, 0x33)).unwrap_err();
+        assert!(err.to_string().contains("cannot write pages into"), "{err}");
+        assert!(store.hashes[..32].iter().all(|&h| h == UNKNOWN_CONTENT));
+        assert_ne!(store.digest, before);
+        store.file = writable;
+        store.apply(&sync_round(0..32, 0x11)).unwrap();
+        assert!(store.memory()[..32 * PAGE_SIZE].iter().all(|&b| b == 0x11));
+        assert_eq!(store.digest, before);
+        assert_eq!(store.digest, ImageDigest::of_hashes(&store.hashes));
     }
 
     #[test]

@@ -35,6 +35,16 @@ pub enum WpError {
     /// Reading guest RAM failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The pages to protect are not in ascending order, each once (a fault
+    /// could then not find its page, and would let a write through before
+    /// the copy).
+    #[error("the pages to protect are not ascending: page {page} after {after}")]
+    NotAscending {
+        /// The page out of order.
+        page: u32,
+        /// The page before it.
+        after: u32,
+    },
     /// The staging buffer does not hold the protected pages.
     #[error("the staging buffer holds {have} bytes, the protected pages need {need}")]
     Staging {
@@ -148,6 +158,12 @@ impl WriteProtectCopy {
     }
 
     fn protect_ranges(&self, pages: &[u32], ranges: Vec<Range>) -> Result<Protected<'_>, WpError> {
+        if let Some(w) = pages.windows(2).find(|w| w[1] <= w[0]) {
+            return Err(WpError::NotAscending {
+                page: w[1],
+                after: w[0],
+            });
+        }
         let mut protected = Protected {
             owner: self,
             pages: pages.to_vec(),
@@ -450,6 +466,54 @@ mod tests {
             ]
         );
         assert!(ranges_of(&[]).is_empty());
+    }
+
+    #[test]
+    fn pages_out_of_order_or_outside_ram_protect_nothing() {
+        let ram = GuestRam::new(
+            crate::memory::MIN_RAM_BYTES,
+            crate::memory::RamBacking::Anonymous,
+        )
+        .unwrap();
+        let wp = WriteProtectCopy::new(&ram).unwrap();
+        let err = wp.protect(&[5, 9, 7]).unwrap_err();
+        assert!(
+            matches!(err, WpError::NotAscending { page: 7, after: 9 }),
+            "{err}"
+        );
+        let err = wp.protect(&[5, 5]).unwrap_err();
+        assert!(matches!(err, WpError::NotAscending { .. }), "{err}");
+        let beyond = ram.pages() as u32;
+        assert!(wp.protect(&[1, beyond]).is_err());
+        // What was protected before the bad range is unprotected again: a
+        // write goes through (with nobody to handle its fault, it would wait
+        // until the registration is gone).
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let ram = &ram;
+            s.spawn(move || {
+                ram.write_at(PAGE_SIZE as u64, &[1]).unwrap();
+                tx.send(()).unwrap();
+            });
+            let written = rx.recv_timeout(std::time::Duration::from_secs(5));
+            if written.is_err() {
+                wp.uffd.write_protect(0, ram.pages(), false).unwrap();
+                panic!("page 1 stayed protected after a failed protect");
+            }
+        });
+        let protected = wp.protect(&[1, 2, 3]).unwrap();
+        assert_eq!((protected.pages(), protected.requests()), (3, 1));
+        let mut staging = vec![0u8; 3 * PAGE_SIZE];
+        let report = protected.copy(&ram, &mut staging).unwrap();
+        assert_eq!(
+            report,
+            CopyReport {
+                pages: 3,
+                faults: 0
+            }
+        );
+        assert_eq!(staging[0], 1);
+        ram.write_at(2 * PAGE_SIZE as u64, &[2]).unwrap();
     }
 
     #[test]
