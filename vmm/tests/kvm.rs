@@ -19,8 +19,12 @@ fn require_kvm() {
 }
 
 fn boot(boot: BuiltinBoot, dirty_logging: bool) -> (Vm, Console) {
-    require_kvm();
     let ram = GuestRam::new(32 << 20, RamBacking::Anonymous).unwrap();
+    boot_on(ram, boot, dirty_logging)
+}
+
+fn boot_on(ram: GuestRam, boot: BuiltinBoot, dirty_logging: bool) -> (Vm, Console) {
+    require_kvm();
     Vm::boot(
         ram,
         &boot.clone(),
@@ -31,6 +35,23 @@ fn boot(boot: BuiltinBoot, dirty_logging: bool) -> (Vm, Console) {
         },
     )
     .unwrap()
+}
+
+/// The dirtier's pages written so far.
+fn work(vm: &Vm) -> u64 {
+    vm.ram()
+        .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
+        .unwrap()
+}
+
+/// Waits until the dirtier has written `pages` more pages.
+fn wait_work(vm: &Vm, pages: u64, what: &str) {
+    let target = work(vm) + pages;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while work(vm) < target {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Reads console output until a full line satisfying `pred` arrives.
@@ -537,16 +558,7 @@ fn a_guest_write_to_a_write_protected_page_waits_until_it_is_unprotected() {
     use understudy_vmm::uffd::Uffd;
     let working_set = 64usize;
     let (vm, _console) = boot(BuiltinBoot::dirtier(working_set as u64, 0, 1000), true);
-    let work = |vm: &Vm| {
-        vm.ram()
-            .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
-            .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while work(&vm) < 1000 {
-        assert!(Instant::now() < deadline, "the dirtier never got going");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_work(&vm, 1000, "the dirtier never got going");
     let uffd = Uffd::register_write_protect(vm.ram()).unwrap();
     let first = DIRTIER_WORKING_SET_GPA as usize / PAGE_SIZE;
     vm.pause().unwrap();
@@ -566,14 +578,7 @@ fn a_guest_write_to_a_write_protected_page_waits_until_it_is_unprotected() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(work(&vm), stuck, "the guest wrote past a protected page");
     uffd.write_protect(first, working_set, false).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while work(&vm) < stuck + 10_000 {
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not go on once unprotected"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_work(&vm, 10_000, "the guest did not go on once unprotected");
     vm.stop();
 }
 
@@ -594,41 +599,20 @@ fn pages_copied_after_the_resume_are_the_pages_of_the_pause() {
 fn copies_after_the_resume_match_the_pause(huge: bool) {
     use understudy_vmm::wp::WriteProtectCopy;
     let working_set = 4000usize;
-    require_kvm();
     let ram = GuestRam::new(32 << 20, RamBacking::Anonymous).unwrap();
     if huge {
         ram.advise_huge_pages();
     }
-    let boot = BuiltinBoot::dirtier(working_set as u64, 0, 1000);
-    let (vm, _console) = Vm::boot(
-        ram,
-        &boot.clone(),
-        BootOptions {
-            boot_record: Some(boot),
-            start_paused: false,
-            dirty_logging: true,
-        },
-    )
-    .unwrap();
+    let (vm, _console) = boot_on(ram, BuiltinBoot::dirtier(working_set as u64, 0, 1000), true);
     let wp = WriteProtectCopy::new(vm.ram()).unwrap();
     let mut staging = vec![0u8; (working_set + 64) * PAGE_SIZE];
     let mut reference = staging.clone();
     let mut faults = 0;
-    let work = |vm: &Vm| {
-        vm.ram()
-            .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
-            .unwrap()
-    };
     for round in 0..30 {
         // Let the guest write its whole working set: it writes in order, so
         // its next writes after the resume go to pages of this dirty set
         // (protected), some of them before the copy gets there.
-        let target = work(&vm) + working_set as u64 + 64;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while work(&vm) < target {
-            assert!(Instant::now() < deadline, "the dirtier stalled");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_work(&vm, working_set as u64 + 64, "the dirtier stalled");
         vm.pause().unwrap();
         let pages: Vec<u32> = vm
             .harvest_dirty()
@@ -670,15 +654,7 @@ fn copies_after_the_resume_match_the_pause(huge: bool) {
     );
     assert_eq!(wp.faults(), faults as u64);
     // The guest still runs, with nothing left protected.
-    let before = work(&vm);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while work(&vm) < before + 10_000 {
-        assert!(
-            Instant::now() < deadline,
-            "the guest stalled after the copies"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_work(&vm, 10_000, "the guest stalled after the copies");
     vm.stop();
 }
 
@@ -704,16 +680,7 @@ fn pages_protected_for_a_checkpoint_that_fails_are_unprotected_again() {
     use understudy_vmm::wp::WriteProtectCopy;
     let working_set = 64usize;
     let (vm, _console) = boot(BuiltinBoot::dirtier(working_set as u64, 0, 1000), true);
-    let work = |vm: &Vm| {
-        vm.ram()
-            .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
-            .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while work(&vm) < 1000 {
-        assert!(Instant::now() < deadline, "the dirtier never got going");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_work(&vm, 1000, "the dirtier never got going");
     let wp = WriteProtectCopy::new(vm.ram()).unwrap();
     vm.pause().unwrap();
     let pages: Vec<u32> = vm
@@ -726,14 +693,10 @@ fn pages_protected_for_a_checkpoint_that_fails_are_unprotected_again() {
     assert_eq!(protected.pages(), pages.len());
     drop(protected);
     vm.resume().unwrap();
-    let before = work(&vm);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while work(&vm) < before + 10_000 {
-        assert!(
-            Instant::now() < deadline,
-            "the guest waits on a page protected for a checkpoint that was dropped"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_work(
+        &vm,
+        10_000,
+        "the guest waits on a page protected for a checkpoint that was dropped",
+    );
     vm.stop();
 }
