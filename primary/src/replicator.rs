@@ -138,7 +138,7 @@ pub(crate) struct Replicator {
 /// Whether checkpoints may copy their pages after the guest resumed
 /// ([`understudy_vmm::wp`]).
 enum LateCopy {
-    /// Not needed yet (registered at the first dirty set worth it).
+    /// Not tried yet (the RAM is registered at the first checkpoint).
     Untried,
     /// Off by configuration, or the kernel refused this VM's RAM.
     Off,
@@ -821,7 +821,6 @@ impl Replicator {
         };
         let (staging, copy_ns_per_page) = (&mut self.staging, &mut self.copy_ns_per_page);
         let mut late_failed = false;
-        let late_failed = &mut late_failed;
         let captured = (|| {
             fault_point("primary.dirty_log")?;
             let dirty = vm.harvest_dirty().map_err(InternalError::DirtyLog)?;
@@ -836,7 +835,7 @@ impl Replicator {
                     // What was protected is unprotected again; this and
                     // later checkpoints copy in the stop.
                     tracing::warn!(error = %understudy_common::wire::chain(&e), "cannot write-protect the dirty pages: copying in the stop from now on");
-                    *late_failed = true;
+                    late_failed = true;
                     None
                 }
                 None => None,
@@ -881,7 +880,7 @@ impl Replicator {
         };
         // The dirty pages protected in the stop are copied now, while the
         // guest runs; a write to one not copied yet waits for its copy.
-        if *late_failed {
+        if late_failed {
             self.late_copy = LateCopy::Off;
         }
         if let Some(protected) = protected {
