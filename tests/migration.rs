@@ -270,6 +270,51 @@ fn seed() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_never_answers_its_stream_leaves_the_vm_on_the_source() {
+    // The destination takes the Hello, then never answers the stream (a
+    // link cut right after the Hello, or a host frozen there: here a stall
+    // in its handler). The source must give up by its stall rule, not wait
+    // for ever (it did: the link-cut test caught it once with a cut 22 ms
+    // into a hybrid migration), and keep the VM.
+    let _serial = common::serial().await;
+    let pair = Pair::protected("kv", "").await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    let dest = Destination::start_with_faults("kv", "backup.replicate~60000");
+    dest.wait_incoming().await;
+    let logs = logs_of(&pair, &dest);
+    let started = Instant::now();
+    let child = migrate(&pair, &dest, "hybrid");
+    let (ok, stdout, stderr) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || finished(child)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("migrate never ended\n{}", logs()))
+    .unwrap();
+    assert!(!ok, "the migration succeeded?\n{stdout}\n{}", logs());
+    assert!(
+        stderr.contains("the VM runs on here") && stderr.contains("took nothing"),
+        "{stderr}\n{}",
+        logs()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        ask(&mut client, "SET after stall")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("OK"),
+        "the source does not serve\n{}",
+        logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_killed_or_frozen_before_the_switch_leaves_the_vm_protected_on_the_source() {
     let _serial = common::serial().await;
     let mut rng = seed();

@@ -239,6 +239,10 @@ impl Replication for ReplicationService {
             .opts
             .auth
             .check(&req, "Replication.Replicate", Access::PeerHost)?;
+        // Tests: a host that took the session but never answers its stream
+        // (`backup.replicate~ms` stalls here).
+        understudy_common::fault::check("backup.replicate")
+            .map_err(|point| Status::unavailable(format!("injected fault ({point})")))?;
         let mut incoming = req.into_inner();
         let shared = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);

@@ -357,11 +357,17 @@ impl Link {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
         let handover_client = client.clone();
-        let mut acks = client
-            .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| MigrationError::Refused(format!("{}: {}", s.code(), s.message())))?
-            .into_inner();
+        // A destination that took the Hello may still never answer the
+        // stream (the link cut right after it, a frozen host): the stall rule
+        // holds here too, or the migration would wait for ever.
+        let mut acks = tokio::time::timeout(
+            STALL_TIMEOUT,
+            client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| MigrationError::Stalled(STALL_TIMEOUT))?
+        .map_err(|s| MigrationError::Refused(format!("{}: {}", s.code(), s.message())))?
+        .into_inner();
         // The stream's opening word: the destination learns which session
         // it carries before any data (a post-copy that loses it must know).
         tx.send(EpochChunk {
