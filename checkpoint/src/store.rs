@@ -1195,8 +1195,10 @@ mod tests {
                 .all(|&b| b == 0)
         );
         // A write that fails (here: the file is read-only) leaves its pages
-        // unknown: the digest matches nothing, and the next sync writes them
-        // even where its content is what they held before.
+        // unknown: the digest matches nothing, and the next sync writes them.
+        // Sent again, the same round must land: had the failed pages kept the
+        // new hash, it would be skipped as "already there" and the image
+        // would hold the old bytes under the new hash.
         let writable =
             std::mem::replace(&mut store.file, File::open(img.join(MEMORY_FILE)).unwrap());
         let before = store.digest;
@@ -1205,10 +1207,13 @@ mod tests {
         assert!(store.hashes[..32].iter().all(|&h| h == UNKNOWN_CONTENT));
         assert_ne!(store.digest, before);
         store.file = writable;
+        store.apply(&sync_round(0..32, 0x33)).unwrap();
+        assert!(store.memory()[..32 * PAGE_SIZE].iter().all(|&b| b == 0x33));
+        assert_eq!(store.digest, ImageDigest::of_hashes(&store.hashes));
+        // And the content it held before comes back the same way.
         store.apply(&sync_round(0..32, 0x11)).unwrap();
         assert!(store.memory()[..32 * PAGE_SIZE].iter().all(|&b| b == 0x11));
         assert_eq!(store.digest, before);
-        assert_eq!(store.digest, ImageDigest::of_hashes(&store.hashes));
     }
 
     #[test]

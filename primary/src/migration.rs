@@ -981,7 +981,7 @@ impl Migration {
 
     fn start_round(&mut self) {
         let pending = std::mem::replace(&mut self.pending, DirtyBitmap::new(self.ram_pages));
-        self.round_pages = pending.iter().map(|p| p as u32).collect();
+        self.round_pages = pending.page_numbers();
         self.next = 0;
         self.round += 1;
         self.untouched = None;
@@ -1112,7 +1112,7 @@ impl Migration {
         payload: &[u8],
     ) -> Result<(u64, u64, u64), MigrationError> {
         self.end_round_early();
-        let pages: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
+        let pages = self.pending.page_numbers();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
@@ -1306,7 +1306,7 @@ impl Migration {
         // A test's stall: the source silent between the switch and its
         // first page.
         understudy_common::fault::check("primary.postcopy.serve").map_err(MigrationError::Fault)?;
-        let order: Vec<u32> = self.pending.iter().map(|p| p as u32).collect();
+        let order = self.pending.page_numbers();
         let mut sent = DirtyBitmap::new(self.ram_pages);
         let mut next = 0;
         let mut requests = 0u64;

@@ -426,7 +426,7 @@ impl Replicator {
                 Ok(d) => d,
                 Err(e) => return SessionEnd::Failed(InternalError::DirtyLog(e)),
             };
-            let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
+            let pages = dirty.page_numbers();
             tracing::debug!(round, pages = pages.len(), "sync round");
             match self.sync_round(link, &mut sender, &pages, round) {
                 Ok(true) => {}
@@ -798,6 +798,10 @@ impl Replicator {
             Some(end) => SessionEnd::VmEnded(end),
             None => SessionEnd::Failed(e),
         };
+        // Registering the RAM (once) is not the guest's stop's business.
+        if matches!(self.late_copy, LateCopy::Untried) {
+            self.late_copy = late_copy_for(vm, self.shared.opts.copy_after_resume);
+        }
         let started = Instant::now();
         if let Err(e) =
             fault_point("primary.pause").and_then(|()| vm.pause().map_err(InternalError::Pause))
@@ -811,9 +815,6 @@ impl Replicator {
             .as_ref()
             .map(|t| t.try_iter().collect())
             .unwrap_or_default();
-        if matches!(self.late_copy, LateCopy::Untried) {
-            self.late_copy = late_copy_for(vm, self.shared.opts.copy_after_resume);
-        }
         let late = match &self.late_copy {
             // A guest left paused gains nothing from a copy after the resume.
             LateCopy::Ready(wp) if !leave_paused => Some(wp.clone()),
@@ -824,7 +825,7 @@ impl Replicator {
         let captured = (|| {
             fault_point("primary.dirty_log")?;
             let dirty = vm.harvest_dirty().map_err(InternalError::DirtyLog)?;
-            let pages: Vec<u32> = dirty.iter().map(|p| p as u32).collect();
+            let pages = dirty.page_numbers();
             staging.resize(pages.len() * PAGE_SIZE, 0);
             let protected = match late
                 .as_ref()

@@ -159,12 +159,7 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
             continue;
         }
         vm.pause().unwrap();
-        let pages: Vec<u32> = vm
-            .harvest_dirty()
-            .unwrap()
-            .iter()
-            .map(|p| p as u32)
-            .collect();
+        let pages = vm.harvest_dirty().unwrap().page_numbers();
         let protected = match stop {
             LocalStop::CopyAfterResume => Some(wp.protect(&pages).unwrap()),
             LocalStop::CopyInStop => {

@@ -109,6 +109,12 @@ impl DirtyBitmap {
         })
     }
 
+    /// Dirty page numbers in ascending order, as the checkpoint encoder and
+    /// the write-protected copy take them.
+    pub fn page_numbers(&self) -> Vec<u32> {
+        self.iter().map(|p| p as u32).collect()
+    }
+
     /// Maximal runs of consecutive dirty pages, ascending.
     pub fn ranges(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         let mut pages = self.iter().peekable();

@@ -30,8 +30,6 @@ use crate::memory::{GuestRam, PAGE_SIZE};
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
-/// Fault messages say whether a fault was a write-protect one.
-const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// Protecting a page not populated yet protects it too (a marker in its
 /// page-table entry), so "protect this range" has no hole (Linux 6.4).
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
@@ -204,11 +202,7 @@ impl Uffd {
     /// EINVAL) where the kernel cannot write-protect the mapping: RAM
     /// mapped from a regular file (a promoted host runs on its image).
     pub fn register_write_protect(ram: &GuestRam) -> Result<Self, UffdError> {
-        Self::register_mode(
-            ram,
-            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
-            UFFDIO_REGISTER_MODE_WP,
-        )
+        Self::register_mode(ram, UFFD_FEATURE_WP_UNPOPULATED, UFFDIO_REGISTER_MODE_WP)
     }
 
     fn register_mode(ram: &GuestRam, features: u64, mode: u64) -> Result<Self, UffdError> {

@@ -17,7 +17,7 @@
 //! on its image) cannot be registered; callers then copy in the pause.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 use crate::uffd::{Uffd, UffdError};
@@ -29,6 +29,9 @@ pub enum WpError {
     /// The eventfd that ends the fault handler cannot be made.
     #[error("cannot create the write-protect handler's eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The fault handler thread panicked.
+    #[error("the write-protect fault handler panicked")]
+    HandlerPanicked,
     /// A userfaultfd request failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
@@ -63,7 +66,6 @@ pub struct WriteProtectCopy {
     /// Ends the fault handler once a copy is complete.
     done: OwnedFd,
     pages: usize,
-    faults: AtomicU64,
 }
 
 /// Pages write-protected in a pause, waiting for [`Protected::copy`].
@@ -122,13 +124,7 @@ impl WriteProtectCopy {
             uffd,
             done,
             pages: ram.pages(),
-            faults: AtomicU64::new(0),
         })
-    }
-
-    /// Writes that waited for their page to be copied, since the start.
-    pub fn faults(&self) -> u64 {
-        self.faults.load(Ordering::Relaxed)
     }
 
     /// Write-protects `pages` (ascending, each once), one request per run
@@ -378,9 +374,7 @@ impl Protected<'_> {
             let handler = s.spawn(|| handle_faults(owner, &job));
             let copied = copy_runs(owner, &job);
             owner.signal_done();
-            let handled = handler
-                .join()
-                .unwrap_or_else(|_| Err(WpError::EventFd(std::io::Error::other("panicked"))));
+            let handled = handler.join().unwrap_or(Err(WpError::HandlerPanicked));
             (copied, handled)
         });
         // All runs are unprotected on success; on failure make sure of it.
@@ -398,9 +392,6 @@ impl Protected<'_> {
         // The runs are unprotected: nothing left for Drop to do.
         let mut this = self;
         this.ranges.clear();
-        if let Ok(r) = &result {
-            owner.faults.fetch_add(r.faults as u64, Ordering::Relaxed);
-        }
         result
     }
 }

