@@ -78,10 +78,12 @@ fn run(
         }
         let encoded = enc.finish(&[0u8; 12_000]).unwrap();
         let encode = t.elapsed();
+        // As the receiver gets them: in buffers of their own (no copy).
+        let chunks: Vec<bytes::Bytes> = encoded.chunks.into_iter().map(Into::into).collect();
         let t = Instant::now();
         let mut dec = EpochDecoder::with_buffers(buffers.take().unwrap_or_default());
         let mut staged = None;
-        for c in &encoded.chunks {
+        for c in &chunks {
             if let Received::Complete(s) = dec.push(c, store).unwrap() {
                 staged = Some(s);
             }

@@ -26,6 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use lru::LruCache;
 
 use crate::chunk::{self, CHUNK_HEADER_LEN, ChunkError, ChunkKind, MAX_CHUNK_BODY};
@@ -773,10 +774,33 @@ pub enum EpochError {
 #[derive(Debug, Default)]
 pub struct StagingBuffers {
     pages: Vec<u32>,
-    slots: Vec<u32>,
+    slots: Vec<Slot>,
     data: Vec<u8>,
+    wire: Vec<Bytes>,
     hashes: Vec<PageHash>,
     device_state: Vec<u8>,
+}
+
+/// Where a staged page's content is.
+///
+/// A page sent raw is not copied at all: it stays in the chunk it arrived
+/// in (the receive buffer the transport handed over, kept alive by
+/// [`StagedEpoch::wire`]) until the store has written it. Only pages that
+/// had to be decoded (compressed, delta, copies of image pages) take
+/// staging memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// All zeros: nothing is staged for it.
+    Zero,
+    /// Decoded into [`StagedEpoch::data`]: its index there, in pages.
+    Staged(u32),
+    /// Raw in received chunk `chunk` ([`StagedEpoch::wire`]), from byte `at`.
+    Wire {
+        /// Index into [`StagedEpoch::wire`].
+        chunk: u32,
+        /// Byte offset of the page in that chunk.
+        at: u32,
+    },
 }
 
 /// A fully received, verified epoch, not yet applied.
@@ -786,11 +810,12 @@ pub struct StagedEpoch {
     pub header: EpochHeader,
     /// Page numbers, ascending.
     pub pages: Vec<u32>,
-    /// Where each page's content is: its index in `data` (in pages), or
-    /// [`ZERO_SLOT`] for a zero page, which is not staged at all.
-    pub slots: Vec<u32>,
-    /// The new content of the non-zero pages, 4 KiB each, in page order.
+    /// Where each page's content is.
+    pub slots: Vec<Slot>,
+    /// The decoded pages' content, 4 KiB each ([`Slot::Staged`]).
     pub data: Vec<u8>,
+    /// The received chunks that hold pages sent raw ([`Slot::Wire`]).
+    pub wire: Vec<Bytes>,
     /// Each staged page's hash, in the same order.
     pub hashes: Vec<PageHash>,
     /// The checkpoint payload (device state and held output).
@@ -811,6 +836,7 @@ impl StagedEpoch {
             pages: self.pages,
             slots: self.slots,
             data: self.data,
+            wire: self.wire,
             hashes: self.hashes,
             device_state: self.device_state,
         }
@@ -819,41 +845,54 @@ impl StagedEpoch {
 
     /// The new content of the `i`-th staged page.
     pub fn page_data(&self, i: usize) -> &Page {
-        slot_data(&self.data, self.slots[i])
+        slot_data(&self.data, &self.wire, self.slots[i])
     }
 
-    /// The staged pages' content in page order, as runs of contiguous bytes
-    /// (the staged non-zero pages, and the zero page once per zero page):
-    /// for writing and checksumming them without copying.
-    pub fn runs(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut i = 0;
+    /// The content of staged pages `range` in page order, as pieces of
+    /// contiguous bytes (pages decoded one after another in the staging
+    /// buffer are one piece; a page still in its chunk, or a zero page, is a
+    /// piece of its own): for writing and checksumming without copying.
+    pub fn pieces(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> + '_ {
+        let end = range.end.min(self.slots.len());
+        let mut i = range.start;
         std::iter::from_fn(move || {
-            let slot = *self.slots.get(i)?;
-            i += 1;
-            if slot == ZERO_SLOT {
-                return Some(&ZERO_PAGE[..]);
+            if i >= end {
+                return None;
             }
-            let mut end = slot + 1;
-            while self.slots.get(i) == Some(&end) {
-                end += 1;
+            let slot = self.slots[i];
+            i += 1;
+            let Slot::Staged(first) = slot else {
+                return Some(&slot_data(&self.data, &self.wire, slot)[..]);
+            };
+            let mut next = first + 1;
+            while i < end && self.slots[i] == Slot::Staged(next) {
+                next += 1;
                 i += 1;
             }
-            Some(&self.data[slot as usize * PAGE_SIZE..end as usize * PAGE_SIZE])
+            Some(&self.data[first as usize * PAGE_SIZE..next as usize * PAGE_SIZE])
         })
+    }
+
+    /// All staged pages' content in page order ([`Self::pieces`]).
+    pub fn runs(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.pieces(0..self.slots.len())
     }
 }
 
-/// A staged page that is all zeros: no content is staged for it.
-pub const ZERO_SLOT: u32 = u32::MAX;
+/// Pages chunks with a body at least this long keep their raw pages where
+/// they arrived (16 pages): a shorter one has them copied, so a stream of
+/// small chunks cannot make the receiver keep a receive buffer per page.
+pub const KEEP_CHUNK_BODY: usize = 16 * PAGE_SIZE;
 
-fn slot_data(data: &[u8], slot: u32) -> &Page {
-    if slot == ZERO_SLOT {
-        return &ZERO_PAGE;
-    }
-    let at = slot as usize * PAGE_SIZE;
-    data[at..at + PAGE_SIZE]
+fn slot_data<'a>(data: &'a [u8], wire: &'a [Bytes], slot: Slot) -> &'a Page {
+    let (bytes, at) = match slot {
+        Slot::Zero => return &ZERO_PAGE,
+        Slot::Staged(i) => (data, i as usize * PAGE_SIZE),
+        Slot::Wire { chunk, at } => (&wire[chunk as usize][..], at as usize),
+    };
+    bytes[at..at + PAGE_SIZE]
         .try_into()
-        .unwrap_or_else(|_| unreachable!("a slot names a whole staged page"))
+        .unwrap_or_else(|_| unreachable!("a slot names a whole page"))
 }
 
 impl StagingBuffers {
@@ -861,6 +900,7 @@ impl StagingBuffers {
         self.pages.clear();
         self.slots.clear();
         self.data.clear();
+        self.wire.clear();
         self.hashes.clear();
         self.device_state.clear();
         self
@@ -891,8 +931,9 @@ pub struct EpochDecoder {
     next_seq: u32,
     header: Option<EpochHeader>,
     pages: Vec<u32>,
-    slots: Vec<u32>,
+    slots: Vec<Slot>,
     data: Vec<u8>,
+    wire: Vec<Bytes>,
     hashes: Vec<PageHash>,
     device_state: Vec<u8>,
     wire_bytes: u64,
@@ -919,6 +960,7 @@ impl EpochDecoder {
             pages: buffers.pages,
             slots: buffers.slots,
             data: buffers.data,
+            wire: buffers.wire,
             hashes: buffers.hashes,
             device_state: buffers.device_state,
             wire_bytes: 0,
@@ -932,6 +974,7 @@ impl EpochDecoder {
             pages: self.pages,
             slots: self.slots,
             data: self.data,
+            wire: self.wire,
             hashes: self.hashes,
             device_state: self.device_state,
         }
@@ -943,10 +986,11 @@ impl EpochDecoder {
         self.header.as_ref()
     }
 
-    /// Feeds one chunk.
+    /// Feeds one chunk. Pages it carries raw are not copied: the decoder
+    /// keeps a reference to `bytes` until the epoch is applied.
     pub fn push(
         &mut self,
-        bytes: &[u8],
+        bytes: &Bytes,
         image: &dyn CommittedImage,
     ) -> Result<Received, EpochError> {
         let seq = self.next_seq;
@@ -975,7 +1019,11 @@ impl EpochDecoder {
                 self.header = Some(parse_begin(h.epoch, body, image)?);
                 self.phase = Phase::Pages;
             }
-            (ChunkKind::Pages, Phase::Pages) => self.decode_pages(body, image)?,
+            (ChunkKind::Pages, Phase::Pages) => {
+                // `parse` returns the body as the rest of the chunk.
+                let body_at = bytes.len() - body.len();
+                self.decode_pages(bytes, body_at, image)?;
+            }
             (ChunkKind::Device, Phase::Pages | Phase::Device) => {
                 if self.device_state.len() + body.len() > MAX_DEVICE_STATE {
                     return Err(EpochError::DeviceStateTooLarge);
@@ -1004,10 +1052,22 @@ impl EpochDecoder {
         Ok(Received::NeedMore)
     }
 
-    fn decode_pages(&mut self, body: &[u8], image: &dyn CommittedImage) -> Result<(), EpochError> {
+    fn decode_pages(
+        &mut self,
+        chunk: &Bytes,
+        body_at: usize,
+        image: &dyn CommittedImage,
+    ) -> Result<(), EpochError> {
         let ram_pages = image.ram_pages();
         let checkpoint = self.header.as_ref().map(|h| h.kind) == Some(EpochKind::Checkpoint);
+        let body = &chunk[body_at..];
         let mut r = Reader::new(body);
+        // This chunk's index among those kept for their raw pages, once the
+        // first is staged from it. A short chunk's raw pages are copied
+        // instead: keeping it would keep its whole receive buffer.
+        let chunk_index = self.wire.len() as u32;
+        let keep = body.len() >= KEEP_CHUNK_BODY;
+        let mut kept = false;
         while !r.is_empty() {
             let first = r
                 .u32()
@@ -1041,6 +1101,7 @@ impl EpochDecoder {
                 let decoded = decode_one(
                     &self.pages,
                     &self.slots,
+                    &self.hashes,
                     &mut self.data,
                     page,
                     codec,
@@ -1048,20 +1109,38 @@ impl EpochDecoder {
                     &mut r,
                     image,
                 );
-                match decoded {
+                let (slot, hash) = match decoded {
                     Err(e) => {
                         self.data.truncate(at);
                         return Err(e);
                     }
-                    Ok(Staged::Zero) => {
-                        self.slots.push(ZERO_SLOT);
-                        self.hashes.push(zero_page_hash());
+                    Ok(Staged::Zero) => (Slot::Zero, zero_page_hash()),
+                    Ok(Staged::Data) => (
+                        Slot::Staged((at / PAGE_SIZE) as u32),
+                        page_hash(&self.data[at..]),
+                    ),
+                    Ok(Staged::Same(i)) => (self.slots[i], self.hashes[i]),
+                    Ok(Staged::Raw(content)) if !keep => {
+                        self.data.extend_from_slice(content);
+                        (Slot::Staged((at / PAGE_SIZE) as u32), page_hash(content))
                     }
-                    Ok(Staged::Data) => {
-                        self.slots.push((at / PAGE_SIZE) as u32);
-                        self.hashes.push(page_hash(&self.data[at..]));
+                    Ok(Staged::Raw(content)) => {
+                        // Left where it arrived: hashed there, written
+                        // from there.
+                        if !kept {
+                            self.wire.push(chunk.clone());
+                            kept = true;
+                        }
+                        let at = content.as_ptr() as usize - chunk.as_ptr() as usize;
+                        let slot = Slot::Wire {
+                            chunk: chunk_index,
+                            at: at as u32,
+                        };
+                        (slot, page_hash(content))
                     }
-                }
+                };
+                self.slots.push(slot);
+                self.hashes.push(hash);
                 self.pages.push(page);
             }
         }
@@ -1070,30 +1149,36 @@ impl EpochDecoder {
 }
 
 /// Where [`decode_one`] put a page.
-enum Staged {
+enum Staged<'a> {
+    /// Sent raw: this is its content, in the chunk.
+    Raw(&'a [u8]),
     /// All zeros: nothing staged.
     Zero,
     /// Appended to the staging buffer.
     Data,
+    /// The same content as the `i`-th page staged before it: it shares
+    /// that page's slot and hash.
+    Same(usize),
 }
 
-/// Decodes one page entry onto the end of `data`, which holds the pages staged
-/// so far in this epoch (numbered by `pages`, found through `slots`, for
-/// `RepeatOf`). Content that is copied whole (raw, same-as, repeat) is
-/// appended directly; the staging buffer is zero-filled only for codecs that
-/// decode in place. On error `data` may hold part of a page: the caller
-/// truncates it.
+/// Decodes one page entry onto the end of `data` (a raw page stays in its
+/// chunk: its content is returned), which holds the pages staged so far in this epoch
+/// (numbered by `pages`, for `RepeatOf`). Content that is copied whole
+/// (same-as) is appended directly; the staging buffer is zero-filled only
+/// for codecs that decode in place. On error `data` may hold part of a
+/// page: the caller truncates it.
 #[allow(clippy::too_many_arguments)]
-fn decode_one(
+fn decode_one<'a>(
     pages: &[u32],
-    slots: &[u32],
+    slots: &[Slot],
+    hashes: &[PageHash],
     data: &mut Vec<u8>,
     page: u32,
     codec: Codec,
     checkpoint: bool,
-    r: &mut Reader<'_>,
+    r: &mut Reader<'a>,
     image: &dyn CommittedImage,
-) -> Result<Staged, EpochError> {
+) -> Result<Staged<'a>, EpochError> {
     let codec_err = |source| EpochError::Codec { page, source };
     let truncated = || EpochError::Codec {
         page,
@@ -1104,7 +1189,7 @@ fn decode_one(
     let at = data.len();
     match codec {
         Codec::Zero => return Ok(Staged::Zero),
-        Codec::Raw => data.extend_from_slice(r.take(PAGE_SIZE).ok_or_else(truncated)?),
+        Codec::Raw => return Ok(Staged::Raw(r.take(PAGE_SIZE).ok_or_else(truncated)?)),
         Codec::Lz4 | Codec::Zstd => {
             codec::decode_compressed(codec, r, in_place(data, at)).map_err(codec_err)?
         }
@@ -1135,13 +1220,8 @@ fn decode_one(
                     to,
                     why: "not earlier in this epoch",
                 })?;
-            match slots[i] {
-                ZERO_SLOT => return Ok(Staged::Zero),
-                slot => {
-                    let from = slot as usize * PAGE_SIZE;
-                    data.extend_from_within(from..from + PAGE_SIZE);
-                }
-            }
+            debug_assert_eq!(slots.len(), hashes.len());
+            return Ok(Staged::Same(i));
         }
         Codec::DeltaWords | Codec::DeltaLz4 => {
             if !checkpoint {
@@ -1223,6 +1303,7 @@ impl EpochDecoder {
             pages: std::mem::take(&mut self.pages),
             slots: std::mem::take(&mut self.slots),
             data: std::mem::take(&mut self.data),
+            wire: std::mem::take(&mut self.wire),
             hashes: std::mem::take(&mut self.hashes),
             device_state: std::mem::take(&mut self.device_state),
             digest,
@@ -1378,7 +1459,7 @@ pub mod fuzzing {
             } else {
                 piece
             };
-            match decoder.push(chunk, &image) {
+            match decoder.push(&Bytes::copy_from_slice(chunk), &image) {
                 Ok(Received::Complete(staged)) => return Some(*staged),
                 Ok(Received::NeedMore) => {}
                 Err(_) => return None,

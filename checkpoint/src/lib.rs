@@ -16,7 +16,7 @@ pub mod trace;
 pub use codec::{AdaptiveReport, Codec, CodecError, CodecPolicy, Compression};
 pub use epoch::{
     CommittedImage, EncodeReport, EncodedEpoch, EpochDecoder, EpochError, EpochHeader, EpochKind,
-    Received, SenderState, StagedEpoch, StagingBuffers,
+    Received, SenderState, Slot, StagedEpoch, StagingBuffers,
 };
 pub use page::{ImageDigest, PAGE_SIZE, Page, PageHash};
 pub use store::{ImageStore, Promotable, StoreError};

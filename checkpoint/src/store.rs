@@ -37,15 +37,15 @@
 //! be promoted), and the checkpoint that completes the sync commits it as above.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::codec::Reader;
-use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch, ZERO_SLOT};
-use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, ZERO_PAGE, page_hash, zero_page_hash};
+use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch};
+use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash, zero_page_hash};
 
 /// Guest RAM inside an image directory.
 pub const MEMORY_FILE: &str = "memory.img";
@@ -875,11 +875,13 @@ impl ImageStore {
     /// verified (`check_fits` made sure the image is the one it decoded
     /// against); a sync round's is kept page by page.
     ///
-    /// Runs of at least [`WRITE_RUN_PAGES`] pages that lie together both in
-    /// the image and in the staging buffer go in with one `pwrite`; shorter
-    /// ones are copied into the mapping. Through the mapping, a page not in
-    /// the page cache yet costs a fault that reads (zero-fills) it before
-    /// the copy overwrites it: a full sync paid that for every page.
+    /// Runs of at least [`WRITE_RUN_PAGES`] pages that lie together in the
+    /// image go in with one vectored write (`pwritev`) straight from where
+    /// the pages are staged (the staging buffer, or the chunk a raw page
+    /// arrived in); shorter ones are copied into the mapping. Through the
+    /// mapping, a page not in the page cache yet costs a fault that reads
+    /// (zero-fills) it before the copy overwrites it: a full sync paid that
+    /// for every page.
     ///
     /// If a write fails, the pages it was writing hold unknown bytes: their
     /// recorded hash becomes one no content has, so the digest no longer
@@ -887,30 +889,21 @@ impl ImageStore {
     /// next epoch does not fit) until a resync rewrites them.
     fn write_pages(&mut self, staged: &StagedEpoch) -> Result<(), StoreError> {
         let checkpoint = staged.header.kind == EpochKind::Checkpoint;
-        // The run being gathered: (first page, first slot, pages).
-        let mut run: Option<(u32, u32, u32)> = None;
+        // The run being gathered: (index of its first staged page, pages).
+        let mut run: Option<(usize, u32)> = None;
         for (i, (&page, &hash)) in staged.pages.iter().zip(&staged.hashes).enumerate() {
             let old = self.hashes[page as usize];
             if old == hash {
                 continue;
             }
-            let slot = staged.slots[i];
             run = match run {
-                Some((first, first_slot, n))
-                    if slot != ZERO_SLOT && page == first + n && slot == first_slot + n =>
-                {
-                    Some((first, first_slot, n + 1))
-                }
+                // Pages ascend, so the next page number is the next staged page.
+                Some((first, n)) if page == staged.pages[first] + n => Some((first, n + 1)),
                 _ => {
                     if let Some(done) = run {
                         self.write_run(staged, done)?;
                     }
-                    if slot == ZERO_SLOT {
-                        self.write_run(staged, (page, ZERO_SLOT, 1))?;
-                        None
-                    } else {
-                        Some((page, slot, 1))
-                    }
+                    Some((i, 1))
                 }
             };
             if !checkpoint {
@@ -927,30 +920,26 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Writes `pages` pages from `first` whose staged content starts at
-    /// `slot` (a zero page: `ZERO_SLOT`, one page).
+    /// Writes the `pages` staged pages from the `first`-th on, which follow
+    /// one another in the image.
     fn write_run(
         &mut self,
         staged: &StagedEpoch,
-        (first, slot, pages): (u32, u32, u32),
+        (first, pages): (usize, u32),
     ) -> Result<(), StoreError> {
-        let at = first as usize * PAGE_SIZE;
-        let len = pages as usize * PAGE_SIZE;
-        if slot == ZERO_SLOT {
-            self.mem[at..at + PAGE_SIZE].copy_from_slice(&ZERO_PAGE);
-            return Ok(());
-        }
-        let from = slot as usize * PAGE_SIZE;
+        let start = staged.pages[first];
+        let mut at = start as usize * PAGE_SIZE;
+        let staged_range = first..first + pages as usize;
         if (pages as usize) < WRITE_RUN_PAGES {
-            self.mem[at..at + len].copy_from_slice(&staged.data[from..from + len]);
+            for piece in staged.pieces(staged_range) {
+                self.mem[at..at + piece.len()].copy_from_slice(piece);
+                at += piece.len();
+            }
             return Ok(());
         }
-        use std::os::unix::fs::FileExt;
-        if let Err(source) = self
-            .file
-            .write_all_at(&staged.data[from..from + len], at as u64)
-        {
-            for p in first..first + pages {
+        let mut slices: Vec<IoSlice<'_>> = staged.pieces(staged_range).map(IoSlice::new).collect();
+        if let Err(source) = pwrite_all(&self.file, &mut slices, at as u64) {
+            for p in start..start + pages {
                 self.hashes[p as usize] = UNKNOWN_CONTENT;
             }
             self.digest = ImageDigest::of_hashes(&self.hashes);
@@ -983,13 +972,12 @@ impl ImageStore {
             .map_err(io("cannot open journal", &path))?;
         let mut trailer = crc.to_le_bytes().to_vec();
         trailer.extend_from_slice(&JOURNAL_END);
-        let parts = std::iter::once(&head[..])
+        let mut parts: Vec<IoSlice<'_>> = std::iter::once(&head[..])
             .chain(staged.runs())
-            .chain([&staged.device_state[..], &trailer[..]]);
-        for part in parts {
-            file.write_all(part)
-                .map_err(io("cannot write journal", &path))?;
-        }
+            .chain([&staged.device_state[..], &trailer[..]])
+            .map(IoSlice::new)
+            .collect();
+        write_all(&mut file, &mut parts).map_err(io("cannot write journal", &path))?;
         if self.options.fsync {
             file.sync_all().map_err(io("cannot sync journal", &path))?;
             self.sync_dir()?;
@@ -997,6 +985,50 @@ impl ImageStore {
         Ok((head.len() + data_len + staged.device_state.len() + trailer.len()) as u64)
     }
 }
+
+/// Writes all of `bufs` at the file's position (`write_all` for a vectored
+/// write; std's own is not stable yet).
+fn write_all(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        match file.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `bufs` at `offset` (`pwritev`, at most [`IOV_MAX`] slices a
+/// call).
+fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !bufs.is_empty() {
+        let count = bufs.len().min(IOV_MAX) as libc::c_int;
+        let at = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix (std
+        // guarantees it); the slices outlive the call; the fd is ours.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), bufs.as_ptr().cast(), count, at) };
+        match n {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n if n > 0 => {
+                IoSlice::advance_slices(&mut bufs, n as usize);
+                offset += n as u64;
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Slices one `pwritev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
 
 /// Reserves the image's disk blocks without writing them (`fallocate`:
 /// unwritten extents, no zeroing, no page cache), so a disk too small for the
@@ -1080,7 +1112,7 @@ impl CommittedImage for ImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::epoch::EpochHeader;
+    use crate::epoch::{EpochHeader, Slot};
 
     fn staged(epoch: u64, pages: &[u32]) -> StagedEpoch {
         StagedEpoch {
@@ -1092,8 +1124,9 @@ mod tests {
                 kind: EpochKind::Checkpoint,
             },
             pages: pages.to_vec(),
-            slots: (0..pages.len() as u32).collect(),
+            slots: (0..pages.len() as u32).map(Slot::Staged).collect(),
             data: pages.iter().flat_map(|&p| [p as u8; PAGE_SIZE]).collect(),
+            wire: Vec::new(),
             hashes: Vec::new(),
             device_state: b"device".to_vec(),
             digest: ImageDigest(0xabc),
@@ -1150,10 +1183,16 @@ mod tests {
         ));
     }
 
-    /// A sync round of `pages` whose content is `fill` (all bytes).
+    /// A sync round of `pages` whose content is `fill` (all bytes), sent
+    /// raw: the pages are in a received chunk, each after its one-byte codec
+    /// tag, as the decoder leaves them.
     fn sync_round(pages: std::ops::Range<u32>, fill: u8) -> StagedEpoch {
         let pages: Vec<u32> = pages.collect();
-        let data = vec![fill; pages.len() * PAGE_SIZE];
+        let page = [fill; PAGE_SIZE];
+        let chunk: Vec<u8> = pages
+            .iter()
+            .flat_map(|_| std::iter::once(0xee).chain(page))
+            .collect();
         StagedEpoch {
             header: EpochHeader {
                 vm_id: "vm".into(),
@@ -1162,10 +1201,16 @@ mod tests {
                 ram_pages: 64,
                 kind: EpochKind::SyncRound,
             },
-            slots: (0..pages.len() as u32).collect(),
-            hashes: vec![page_hash(&data[..PAGE_SIZE]); pages.len()],
+            slots: (0..pages.len())
+                .map(|i| Slot::Wire {
+                    chunk: 0,
+                    at: (i * (PAGE_SIZE + 1) + 1) as u32,
+                })
+                .collect(),
+            hashes: vec![page_hash(&page); pages.len()],
             pages,
-            data,
+            data: Vec::new(),
+            wire: vec![chunk.into()],
             device_state: Vec::new(),
             digest: ImageDigest(0),
             base_digest: ImageDigest(0),

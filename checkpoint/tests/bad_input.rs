@@ -75,9 +75,10 @@ fn every_flipped_bit_is_refused_and_the_image_is_untouched() {
             let mut bad = chunks.clone();
             bad[c][i] ^= 1 << (i % 8);
             let mut dec = understudy_checkpoint::EpochDecoder::new();
-            let result = bad
-                .iter()
-                .try_for_each(|ch| dec.push(ch, &f.store).map(|_| ()));
+            let result = bad.iter().try_for_each(|ch| {
+                dec.push(&bytes::Bytes::copy_from_slice(ch), &f.store)
+                    .map(|_| ())
+            });
             assert!(result.is_err(), "flip in chunk {c} byte {i} accepted");
             refused += 1;
         }
@@ -99,7 +100,9 @@ fn truncated_missing_reordered_and_duplicated_chunks_are_refused() {
     let feed = |chunks: &[Vec<u8>], store: &ImageStore| -> Result<(), EpochError> {
         let mut dec = understudy_checkpoint::EpochDecoder::new();
         for c in chunks {
-            if let understudy_checkpoint::Received::Complete(_) = dec.push(c, store)? {
+            if let understudy_checkpoint::Received::Complete(_) =
+                dec.push(&bytes::Bytes::copy_from_slice(c), store)?
+            {
                 return Ok(());
             }
         }
@@ -152,7 +155,7 @@ fn begin_body(kind: u8, generation: u64, pages: u32, vm: &str) -> Vec<u8> {
 fn first_error(store: &ImageStore, chunks: &[Vec<u8>]) -> EpochError {
     let mut dec = understudy_checkpoint::EpochDecoder::new();
     for c in chunks {
-        if let Err(e) = dec.push(c, store) {
+        if let Err(e) = dec.push(&bytes::Bytes::copy_from_slice(c), store) {
             return e;
         }
     }

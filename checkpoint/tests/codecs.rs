@@ -260,3 +260,78 @@ fn zero_pages_are_neither_staged_nor_rewritten_and_leave_no_stale_delta_base() {
     step(&mut model, &|p| p[300] = 5);
     store.promotable().unwrap();
 }
+
+#[test]
+fn raw_pages_are_applied_from_the_chunks_they_arrived_in() {
+    const PAGES: u32 = 64;
+    let mut rng = Rng(0x5eed_1234);
+    let mut model = Model::new(PAGES);
+    let fill = |model: &mut Model, rng: &mut Rng| {
+        for word in model.mem.chunks_mut(8) {
+            word.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        // Page 9 repeats page 3: sent as a reference to it.
+        let page3 = *model.page(3);
+        model.mem[9 * PAGE_SIZE..10 * PAGE_SIZE].copy_from_slice(&page3);
+    };
+    fill(&mut model, &mut rng);
+    let policy = CodecPolicy {
+        dedup: true,
+        ..CodecPolicy::RAW
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sender, mut store) = synced_store(&dir.path().join("img"), &model, policy);
+    fill(&mut model, &mut rng);
+    let all: Vec<u32> = (0..PAGES).collect();
+    let epoch = store.committed_epoch().unwrap() + 1;
+    let encoded = common::encode(&mut sender, &model, epoch, EpochKind::Checkpoint, &all, b"");
+    assert_eq!(encoded.report.pages_by_codec[Codec::RepeatOf as usize], 1);
+    // As the receiver holds them: each chunk in a buffer of its own.
+    let chunks: Vec<bytes::Bytes> = encoded.chunks.into_iter().map(Into::into).collect();
+    let mut dec = understudy_checkpoint::EpochDecoder::new();
+    let mut staged = None;
+    for c in &chunks {
+        if let understudy_checkpoint::Received::Complete(s) = dec.push(c, &store).unwrap() {
+            staged = Some(s);
+        }
+    }
+    let staged = staged.unwrap();
+    assert!(
+        staged.data.is_empty(),
+        "raw pages were copied into the staging buffer"
+    );
+    let in_a_chunk = |page: &[u8]| {
+        chunks.iter().any(|c| {
+            let range = c.as_ptr_range();
+            range.contains(&page.as_ptr()) && page.len() <= c.len()
+        })
+    };
+    for i in 0..PAGES as usize {
+        assert_eq!(staged.page_data(i), model.page(i as u32), "page {i}");
+        assert!(
+            in_a_chunk(staged.page_data(i)),
+            "page {i} is not in its chunk"
+        );
+    }
+    assert_eq!(staged.slots[9], staged.slots[3], "a repeat shares its page");
+    store.apply(&staged).unwrap();
+    assert!(store.memory() == &model.mem[..]);
+
+    // A short chunk's raw pages are copied: it is not kept.
+    for p in [20u32, 21, 40] {
+        model.mem[p as usize * PAGE_SIZE] ^= 0x5a;
+    }
+    let encoded = common::encode(
+        &mut sender,
+        &model,
+        epoch + 1,
+        EpochKind::Checkpoint,
+        &[20, 21, 40],
+        b"",
+    );
+    let staged = decode(&store, &encoded.chunks).unwrap();
+    assert!(staged.wire.is_empty(), "a short chunk was kept");
+    assert_eq!(staged.data.len(), 3 * PAGE_SIZE);
+    store.apply(&staged).unwrap();
+    assert!(store.memory() == &model.mem[..]);
+}

@@ -3,6 +3,7 @@
 //! (VM state + unreleased console output), and live status figures with the
 //! Control service. No replication logic lives here.
 
+pub mod alloc;
 pub mod auth;
 pub mod backlog;
 pub mod console;

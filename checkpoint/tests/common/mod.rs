@@ -124,7 +124,7 @@ pub fn encode(
 pub fn decode(store: &ImageStore, chunks: &[Vec<u8>]) -> Result<StagedEpoch, EpochError> {
     let mut dec = EpochDecoder::new();
     for (i, c) in chunks.iter().enumerate() {
-        match dec.push(c, store)? {
+        match dec.push(&bytes::Bytes::copy_from_slice(c), store)? {
             Received::Complete(staged) => {
                 assert_eq!(i, chunks.len() - 1, "complete before the last chunk");
                 return Ok(*staged);

@@ -215,6 +215,8 @@ fn parse_mode(text: &str) -> Result<ReplicationMode, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: chunk-sized buffers are reused, not faulted in anew.
+    understudy_common::alloc::keep_freed_memory();
     understudy::init_logging("warn", &[]);
     let cli = Cli::parse();
     let result = match cli.command {

@@ -53,6 +53,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread: chunk-sized buffers are reused, not faulted in anew.
+    understudy_common::alloc::keep_freed_memory();
     // tonic reports refused TLS handshakes (a peer without a certificate
     // from our CA) at debug level: always show them.
     understudy::init_logging("info", &["tonic::transport::server::io_stream=debug"]);
