@@ -516,3 +516,82 @@ async fn with_two_diverged_copies_an_operator_resumes_the_backups_or_boots_anew(
     let answer = ask(&mut c, "GET k0", Duration::from_secs(20)).await;
     assert_eq!(answer.unwrap().as_deref(), Some("NOTFOUND"), "a new VM");
 }
+
+/// The copy after the resume, failing: a write-protect that fails turns it
+/// off (later checkpoints copy in the stop; no resync, still protected); a
+/// copy after the resume that fails drops its checkpoint, unsent, and the
+/// session starts over with a full sync. Either way the backup's image stays
+/// one the VM resumes from: the primary is then killed and the backup takes
+/// over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_that_fails_falls_back_to_the_stop_and_the_vm_stays_protected() {
+    let _serial = common::serial().await;
+    for (point, fallback, resyncs) in [
+        ("primary.protect", "cannot write-protect the dirty pages", 1),
+        (
+            "primary.late_copy",
+            "cannot copy the checkpoint's pages after the resume",
+            2,
+        ),
+    ] {
+        let pm = common::free_port();
+        // 500 pages an epoch: every checkpoint takes the copy after the resume.
+        let mut pair = Pair::new_with(
+            "dirtier",
+            "guest_params = { working_set = 512, dirty_rate = 20000 }",
+            &format!("metrics = \"127.0.0.1:{pm}\""),
+            "",
+        );
+        pair.primary = Some(pair.spawn_with_env(
+            "primary",
+            &[],
+            &[("UNDERSTUDY_FAULTS", format!("{point}@20"))],
+        ));
+        pair.wait_protected().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pair.logs().contains(fallback) {
+            assert!(
+                Instant::now() < deadline,
+                "{point}: no fallback\n{}",
+                pair.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Protected again (after the resync, for a failed copy), then
+        // checkpoints flow with no page copied after the resume.
+        pair.wait_protected().await;
+        let pm: std::net::SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
+        let before = common::scrape(pm);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = common::scrape(pm);
+        let late = "understudy_epoch_pages_copied_after_resume_total";
+        assert!(
+            common::metric(&before, late) > 0.0,
+            "{point}: no page was ever copied after the resume"
+        );
+        assert_eq!(
+            common::metric(&after, late),
+            common::metric(&before, late),
+            "{point}: pages still copied after the resume"
+        );
+        let epochs = |m: &str| common::metric(m, "understudy_epochs_total");
+        assert!(
+            epochs(&after) >= epochs(&before) + 5.0,
+            "{point}: checkpoints stopped: {} → {}\n{}",
+            epochs(&before),
+            epochs(&after),
+            pair.logs()
+        );
+        assert_eq!(common::metric(&after, "understudy_protected"), 1.0);
+        let logs = pair.logs();
+        assert_eq!(
+            logs.matches("primary connected: full sync").count(),
+            resyncs,
+            "{point}: full syncs\n{logs}"
+        );
+        // The backup's image is one the VM resumes from.
+        pair.kill_primary();
+        pair.wait_promoted().await;
+        eprintln!("{point}: fell back, stayed protected, the backup took over");
+    }
+}

@@ -827,15 +827,19 @@ impl Replicator {
             let dirty = vm.harvest_dirty().map_err(InternalError::DirtyLog)?;
             let pages = dirty.page_numbers();
             staging.resize(pages.len() * PAGE_SIZE, 0);
-            let protected = match late
-                .as_ref()
-                .map(|wp| wp.protect_if_shorter(&pages, *copy_ns_per_page))
-            {
+            let protected = match late.as_ref().map(|wp| {
+                fault::check("primary.protect")
+                    .map_err(|point| format!("injected fault ({point})"))
+                    .and_then(|()| {
+                        wp.protect_if_shorter(&pages, *copy_ns_per_page)
+                            .map_err(|e| understudy_common::wire::chain(&e))
+                    })
+            }) {
                 Some(Ok(protected)) => protected,
-                Some(Err(e)) => {
+                Some(Err(error)) => {
                     // What was protected is unprotected again; this and
                     // later checkpoints copy in the stop.
-                    tracing::warn!(error = %understudy_common::wire::chain(&e), "cannot write-protect the dirty pages: copying in the stop from now on");
+                    tracing::warn!(%error, "cannot write-protect the dirty pages: copying in the stop from now on");
                     late_failed = true;
                     None
                 }
@@ -885,17 +889,26 @@ impl Replicator {
             self.late_copy = LateCopy::Off;
         }
         if let Some(protected) = protected {
-            match protected.copy(vm.ram(), &mut self.staging) {
+            // An injected failure drops `protected` uncopied: its pages are
+            // unprotected, as after a copy that fails half way.
+            let copied = fault::check("primary.late_copy")
+                .map_err(|point| format!("injected fault ({point})"))
+                .and_then(|()| {
+                    protected
+                        .copy(vm.ram(), &mut self.staging)
+                        .map_err(|e| understudy_common::wire::chain(&e))
+                });
+            match copied {
                 Ok(report) => self
                     .shared
                     .stats
                     .record_copy_after_resume(report.pages, report.faults),
-                Err(e) => {
+                Err(error) => {
                     // The staged pages may be a mix: this checkpoint is not
                     // sent. Its dirty log is spent, so the session starts
                     // over (a new session syncs all of RAM), copying in the
                     // stop from now on.
-                    tracing::error!(error = %understudy_common::wire::chain(&e), "cannot copy the checkpoint's pages after the resume: resyncing, copying in the stop from now on");
+                    tracing::error!(%error, "cannot copy the checkpoint's pages after the resume: resyncing, copying in the stop from now on");
                     self.late_copy = LateCopy::Off;
                     return Ok(false);
                 }
