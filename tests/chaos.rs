@@ -218,6 +218,7 @@ impl Cluster {
     fn new_with(id: usize, dir: &Path, hold_output: bool, mode: Mode, witness: bool) -> Self {
         let pid = std::process::id() % 10_000;
         let net = 80 + id * 4;
+        remove_stale_clusters(id);
         let ns = [format!("ch{id}a{pid}"), format!("ch{id}b{pid}")];
         for n in &ns {
             let _ = Command::new("ip").args(["netns", "del", n]).output();
@@ -423,6 +424,51 @@ dangerously_allow_insecure_network = true
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Deletes the namespaces of cluster `id` that another test process left
+/// (one that was killed, or panicked while building its cluster, before any
+/// `Drop` could run). They hold the same subnets, so their routes would
+/// shadow this cluster's; two clusters of one id cannot share a host anyway.
+/// The host-side veth ends go too: a namespace outlives its name while a
+/// process of the old run is still inside it.
+fn remove_stale_clusters(id: usize) {
+    let pid = std::process::id() % 10_000;
+    let named = |name: &str, prefixes: &[String]| {
+        prefixes.iter().any(|p| {
+            name.strip_prefix(p.as_str()).is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest.bytes().all(|b| b.is_ascii_digit())
+                    && rest != pid.to_string()
+            })
+        })
+    };
+    let list = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let namespaces = [format!("ch{id}a"), format!("ch{id}b"), format!("ch{id}w")];
+    for name in list(&["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| named(name, &namespaces))
+    {
+        eprintln!("cluster {id}: removing namespace {name} left by another test run");
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+    }
+    // `ip -o link`: "7: c4o07049@if3: <…>".
+    let links = [format!("c{id}o0"), format!("c{id}o1")];
+    for name in list(&["-o", "link"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1)?.split('@').next())
+        .filter(|name| named(name, &links))
+    {
+        eprintln!("cluster {id}: removing link {name} left by another test run");
+        let _ = Command::new("ip").args(["link", "del", name]).output();
     }
 }
 
