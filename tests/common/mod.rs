@@ -870,6 +870,20 @@ impl Etcd {
             // With `ip netns exec` the child execs etcd: same pid.
             // SAFETY: signalling our own child.
             unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+            // A stop is delivered asynchronously: until etcd shows as
+            // stopped, it may still answer (seen once in CI).
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while frozen && Instant::now() < deadline {
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next());
+                if matches!(state, Some('T' | 't')) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 
