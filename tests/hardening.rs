@@ -561,9 +561,22 @@ async fn a_late_copy_that_fails_falls_back_to_the_stop_and_the_vm_stays_protecte
         // checkpoints flow with no page copied after the resume.
         pair.wait_protected().await;
         let pm: std::net::SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
+        let epochs = |m: &str| common::metric(m, "understudy_epochs_total");
         let before = common::scrape(pm);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let after = common::scrape(pm);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let after = loop {
+            let now = common::scrape(pm);
+            if epochs(&now) >= epochs(&before) + 5.0 {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{point}: checkpoints stopped at {}\n{}",
+                epochs(&now),
+                pair.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let late = "understudy_epoch_pages_copied_after_resume_total";
         assert!(
             common::metric(&before, late) > 0.0,
@@ -573,14 +586,6 @@ async fn a_late_copy_that_fails_falls_back_to_the_stop_and_the_vm_stays_protecte
             common::metric(&after, late),
             common::metric(&before, late),
             "{point}: pages still copied after the resume"
-        );
-        let epochs = |m: &str| common::metric(m, "understudy_epochs_total");
-        assert!(
-            epochs(&after) >= epochs(&before) + 5.0,
-            "{point}: checkpoints stopped: {} → {}\n{}",
-            epochs(&before),
-            epochs(&after),
-            pair.logs()
         );
         assert_eq!(common::metric(&after, "understudy_protected"), 1.0);
         let logs = pair.logs();

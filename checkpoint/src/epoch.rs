@@ -853,19 +853,16 @@ impl StagedEpoch {
     /// buffer are one piece; a page still in its chunk, or a zero page, is a
     /// piece of its own): for writing and checksumming without copying.
     pub fn pieces(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> + '_ {
-        let end = range.end.min(self.slots.len());
-        let mut i = range.start;
+        let slots = &self.slots[range];
+        let mut i = 0;
         std::iter::from_fn(move || {
-            if i >= end {
-                return None;
-            }
-            let slot = self.slots[i];
+            let slot = *slots.get(i)?;
             i += 1;
             let Slot::Staged(first) = slot else {
                 return Some(&slot_data(&self.data, &self.wire, slot)[..]);
             };
             let mut next = first + 1;
-            while i < end && self.slots[i] == Slot::Staged(next) {
+            while slots.get(i) == Some(&Slot::Staged(next)) {
                 next += 1;
                 i += 1;
             }
@@ -1100,8 +1097,6 @@ impl EpochDecoder {
                 let at = self.data.len();
                 let decoded = decode_one(
                     &self.pages,
-                    &self.slots,
-                    &self.hashes,
                     &mut self.data,
                     page,
                     codec,
@@ -1131,10 +1126,10 @@ impl EpochDecoder {
                             self.wire.push(chunk.clone());
                             kept = true;
                         }
-                        let at = content.as_ptr() as usize - chunk.as_ptr() as usize;
+                        let offset = content.as_ptr() as usize - chunk.as_ptr() as usize;
                         let slot = Slot::Wire {
                             chunk: chunk_index,
-                            at: at as u32,
+                            at: offset as u32,
                         };
                         (slot, page_hash(content))
                     }
@@ -1161,17 +1156,14 @@ enum Staged<'a> {
     Same(usize),
 }
 
-/// Decodes one page entry onto the end of `data` (a raw page stays in its
-/// chunk: its content is returned), which holds the pages staged so far in this epoch
-/// (numbered by `pages`, for `RepeatOf`). Content that is copied whole
-/// (same-as) is appended directly; the staging buffer is zero-filled only
-/// for codecs that decode in place. On error `data` may hold part of a
-/// page: the caller truncates it.
-#[allow(clippy::too_many_arguments)]
+/// Decodes one page entry onto the end of `data`, the staging buffer. A raw
+/// page stays in its chunk (its content is returned), a `RepeatOf` names the
+/// earlier page of this epoch (numbered by `pages`) it repeats; content that
+/// is copied whole (same-as) is appended directly; the staging buffer is
+/// zero-filled only for codecs that decode in place. On error `data` may
+/// hold part of a page: the caller truncates it.
 fn decode_one<'a>(
     pages: &[u32],
-    slots: &[Slot],
-    hashes: &[PageHash],
     data: &mut Vec<u8>,
     page: u32,
     codec: Codec,
@@ -1220,7 +1212,6 @@ fn decode_one<'a>(
                     to,
                     why: "not earlier in this epoch",
                 })?;
-            debug_assert_eq!(slots.len(), hashes.len());
             return Ok(Staged::Same(i));
         }
         Codec::DeltaWords | Codec::DeltaLz4 => {

@@ -938,7 +938,7 @@ impl ImageStore {
             return Ok(());
         }
         let mut slices: Vec<IoSlice<'_>> = staged.pieces(staged_range).map(IoSlice::new).collect();
-        if let Err(source) = pwrite_all(&self.file, &mut slices, at as u64) {
+        if let Err(source) = pwrite_all_vectored(&self.file, &mut slices, at as u64) {
             for p in start..start + pages {
                 self.hashes[p as usize] = UNKNOWN_CONTENT;
             }
@@ -977,7 +977,7 @@ impl ImageStore {
             .chain([&staged.device_state[..], &trailer[..]])
             .map(IoSlice::new)
             .collect();
-        write_all(&mut file, &mut parts).map_err(io("cannot write journal", &path))?;
+        write_all_vectored(&mut file, &mut parts).map_err(io("cannot write journal", &path))?;
         if self.options.fsync {
             file.sync_all().map_err(io("cannot sync journal", &path))?;
             self.sync_dir()?;
@@ -986,9 +986,9 @@ impl ImageStore {
     }
 }
 
-/// Writes all of `bufs` at the file's position (`write_all` for a vectored
-/// write; std's own is not stable yet).
-fn write_all(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+/// Writes all of `bufs` at the file's position (std's `write_all_vectored`
+/// is not stable yet).
+fn write_all_vectored(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
     while !bufs.is_empty() {
         match file.write_vectored(bufs) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -1002,7 +1002,11 @@ fn write_all(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<(
 
 /// Writes all of `bufs` at `offset` (`pwritev`, at most [`IOV_MAX`] slices a
 /// call).
-fn pwrite_all(file: &File, mut bufs: &mut [IoSlice<'_>], mut offset: u64) -> std::io::Result<()> {
+fn pwrite_all_vectored(
+    file: &File,
+    mut bufs: &mut [IoSlice<'_>],
+    mut offset: u64,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     while !bufs.is_empty() {
         let count = bufs.len().min(IOV_MAX) as libc::c_int;

@@ -42,8 +42,8 @@ pub const ARENAS: usize = 1;
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only sets allocator parameters; both values are
-        // in the ranges glibc documents (it returns 0 for others).
+        // SAFETY: mallopt only sets allocator parameters; all three values
+        // are in the ranges glibc documents (it returns 0 for others).
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int) == 1

@@ -18,7 +18,7 @@ use understudy_common::payload::CheckpointPayload;
 use understudy_common::status::StateKind;
 use understudy_proto::{EpochChunk, HandoverReply, SwitchoverReply};
 use understudy_vmm::deterministic::Sealed;
-use understudy_vmm::wp::WriteProtectCopy;
+use understudy_vmm::wp::{WpError, WriteProtectCopy};
 use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::migration::{
@@ -81,6 +81,17 @@ fn late_copy_for(vm: &Vm, allowed: bool) -> LateCopy {
 
 fn fault_point(point: &'static str) -> Result<(), InternalError> {
     fault::check(point).map_err(InternalError::Fault)
+}
+
+/// A step of the copy after the resume behind its fault point. Its failure
+/// is not an internal error (the primary falls back to copying in the
+/// stop), so it comes back as its chain of causes, for the log.
+fn late_copy_step<T>(
+    point: &'static str,
+    step: impl FnOnce() -> Result<T, WpError>,
+) -> Result<T, String> {
+    fault_point(point).map_err(|e| e.to_string())?;
+    step().map_err(|e| understudy_common::wire::chain(&e))
 }
 
 /// How long a checkpoint may wait for its ack before the session counts as
@@ -828,12 +839,9 @@ impl Replicator {
             let pages = dirty.page_numbers();
             staging.resize(pages.len() * PAGE_SIZE, 0);
             let protected = match late.as_ref().map(|wp| {
-                fault::check("primary.protect")
-                    .map_err(|point| format!("injected fault ({point})"))
-                    .and_then(|()| {
-                        wp.protect_if_shorter(&pages, *copy_ns_per_page)
-                            .map_err(|e| understudy_common::wire::chain(&e))
-                    })
+                late_copy_step("primary.protect", || {
+                    wp.protect_if_shorter(&pages, *copy_ns_per_page)
+                })
             }) {
                 Some(Ok(protected)) => protected,
                 Some(Err(error)) => {
@@ -891,13 +899,9 @@ impl Replicator {
         if let Some(protected) = protected {
             // An injected failure drops `protected` uncopied: its pages are
             // unprotected, as after a copy that fails half way.
-            let copied = fault::check("primary.late_copy")
-                .map_err(|point| format!("injected fault ({point})"))
-                .and_then(|()| {
-                    protected
-                        .copy(vm.ram(), &mut self.staging)
-                        .map_err(|e| understudy_common::wire::chain(&e))
-                });
+            let copied = late_copy_step("primary.late_copy", || {
+                protected.copy(vm.ram(), &mut self.staging)
+            });
             match copied {
                 Ok(report) => self
                     .shared
