@@ -379,9 +379,11 @@ pub fn apply_delta(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(
 /// link's (the encoder's raw copy is far faster); compressed, at the slower
 /// of the compressor and the link carrying the smaller pages. Compression
 /// therefore pays when it saves at least an eighth of the bytes (less is not
-/// worth a core) *and* the compressor, measured over the last
-/// [`SAMPLE_PAGES`] compressed pages, takes in guest bytes faster than the
-/// link carries them. When it does not pay, pages go raw for the next
+/// worth a core) *and* the encoder while compressing, measured over the last
+/// [`SAMPLE_PAGES`] pages it compressed (its whole time for each: hash,
+/// compress, frame; not the compressor's alone, which on a fast link made
+/// it compress at a third of raw's pace), takes in guest bytes faster than
+/// the link carries them. When it does not pay, pages go raw for the next
 /// [`SKIP_PAGES`], then it samples again; each decision against in a row
 /// doubles that (up to [`MAX_SKIP_PAGES`]), so on a fast link sampling costs
 /// well under 1 % of the pages. Without a measured link rate, the eighth
@@ -410,7 +412,8 @@ pub const MAX_SKIP_PAGES: u32 = 65536;
 pub struct AdaptiveReport {
     /// Whether full pages are being compressed.
     pub compressing: bool,
-    /// The compressor's rate over the last sample, guest bytes per second.
+    /// The encoder's rate while compressing, over the last sample (its
+    /// whole time for each page it compressed), guest bytes per second.
     pub compress_rate: f64,
     /// Share of the sampled bytes compression saved.
     pub saved_share: f64,
@@ -434,7 +437,7 @@ impl Adaptive {
     }
 
     /// Records the outcome of one attempt (`out_len` = PAGE_SIZE if it did
-    /// not pay) and the time it took.
+    /// not pay) and the encoder's whole time for that page.
     pub fn record(&mut self, out_len: usize, took: std::time::Duration) {
         self.tried += 1;
         self.saved += (PAGE_SIZE - out_len.min(PAGE_SIZE)) as u64;

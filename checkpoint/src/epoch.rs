@@ -341,6 +341,10 @@ impl EpochEncoder<'_> {
             return Err(EncodeError::NotAscending { page, after });
         }
         self.last_page = Some(page);
+        // The adaptive codec weighs the encoder's whole time for a page it
+        // tried to compress (hash, compress, append), not the compressor's
+        // alone: that is the pace the stream goes at while compressing.
+        let started = self.state.policy.adaptive.then(Instant::now);
         // A zero page's hash is known without hashing it.
         let hash = if zero {
             zero_page_hash()
@@ -350,7 +354,7 @@ impl EpochEncoder<'_> {
         // Word deltas (and the cached pages they need) are skipped while the
         // link outruns the encoder (see `Adaptive::link_outruns_compressor`).
         let deltas = !(self.state.policy.adaptive && self.state.adaptive.link_outruns_compressor());
-        let codec = self.encode_entry(page, hash, content, zero, deltas);
+        let (codec, tried) = self.encode_entry(page, hash, content, zero, deltas);
         self.report.pages_by_codec[codec as usize] += 1;
         self.report.pages += 1;
         self.report.bytes_in += PAGE_SIZE as u64;
@@ -383,10 +387,16 @@ impl EpochEncoder<'_> {
         }
         self.updates.push((page, hash));
         self.append_entry(page);
+        if let (Some(started), Some(out_len)) = (started, tried) {
+            self.state.adaptive.record(out_len, started.elapsed());
+        }
         Ok(())
     }
 
-    /// Chooses the codec for one page and writes `codec + payload` to `self.entry`.
+    /// Chooses the codec for one page and writes `codec + payload` to
+    /// `self.entry`; with it, the compressed length of a full-page
+    /// compression it tried (`PAGE_SIZE` if it did not pay), for the
+    /// adaptive codec.
     fn encode_entry(
         &mut self,
         page: u32,
@@ -394,13 +404,14 @@ impl EpochEncoder<'_> {
         content: &Page,
         zero: bool,
         deltas: bool,
-    ) -> Codec {
+    ) -> (Codec, Option<usize>) {
         let s = &mut *self.state;
         let policy = s.policy;
         let out = &mut self.entry;
         out.clear();
         out.push(0);
         let checkpoint = self.header.kind == EpochKind::Checkpoint;
+        let mut tried = None;
         let codec = 'choose: {
             if zero {
                 break 'choose Codec::Zero;
@@ -446,12 +457,8 @@ impl EpochEncoder<'_> {
             if policy.compression != Compression::None
                 && (!policy.adaptive || s.adaptive.should_try())
             {
-                let started = Instant::now();
                 let ok = encode_compressed(content, policy.compression, out);
-                s.adaptive.record(
-                    if ok { out.len() - 3 } else { PAGE_SIZE },
-                    started.elapsed(),
-                );
+                tried = Some(if ok { out.len() - 3 } else { PAGE_SIZE });
                 if ok {
                     break 'choose match policy.compression {
                         Compression::Zstd(_) => Codec::Zstd,
@@ -463,7 +470,7 @@ impl EpochEncoder<'_> {
             Codec::Raw
         };
         out[0] = codec as u8;
-        codec
+        (codec, tried)
     }
 
     /// Appends `self.entry` for `page` to the current Pages chunk, continuing the
