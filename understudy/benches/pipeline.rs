@@ -1,7 +1,8 @@
 //! Replication pipeline throughput against the link it runs on, in one run:
 //! a real backup daemon on loopback receives epochs from a sender that
 //! encodes real memory (binaries from /usr), stages, verifies and commits
-//! them; next to it, single-stream loopback TCP moves the same bytes.
+//! them; next to it, single-stream loopback TCP moves the same bytes (the
+//! fastest of three runs).
 //!
 //! Reports: full sync of 256 MiB (resync) ÷ streaming 256 MiB over TCP, and
 //! checkpoints of 1k/10k/50k dirty pages in MB/s of guest pages, raw and
@@ -38,9 +39,21 @@ const RAM: usize = 256 << 20;
 const SYNC_EPOCH_PAGES: usize = 8192;
 const PAGES: u32 = (RAM / PAGE_SIZE) as u32;
 
-/// Single-stream loopback TCP: seconds to move `bytes` (rounded up to MiB)
-/// in 1 MiB writes, until the receiver has read them all.
+/// Single-stream loopback TCP: the fastest of three runs moving `bytes`
+/// (rounded up to MiB), in seconds. One run swings by ±30 % on these
+/// machines, so the best of three is the link's limit, as the memcpy
+/// baseline of the stop is the copy's.
 async fn tcp_seconds(bytes: usize) -> f64 {
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        best = best.min(tcp_once(bytes).await);
+    }
+    best
+}
+
+/// One run of [`tcp_seconds`]: 1 MiB writes, until the receiver has read
+/// them all.
+async fn tcp_once(bytes: usize) -> f64 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let reader = tokio::spawn(async move {
@@ -486,8 +499,8 @@ fn main() {
     let mut table = Table::new(
         format!(
             "Replication pipeline (encode → gRPC → stage, verify → commit on a real backup \
-             daemon) vs single-stream loopback TCP moving the same bytes in the same run; \
-             {} MiB of real memory (binaries from /usr); MB/s of guest pages; encode and \
+             daemon) vs single-stream loopback TCP moving the same bytes in the same run \
+             (fastest of three); {} MiB of real memory (binaries from /usr); MB/s of guest pages; encode and \
              commit as a share of the wall time",
             RAM >> 20
         ),
@@ -605,7 +618,8 @@ fn main() {
     let mut table = Table::new(
         "Resync: time to protect a VM from cold (fresh backup image, counter guest; the \
          primary's initial sync, first page sent → first checkpoint acked) ÷ time to \
-         stream the same bytes over single-stream loopback TCP in the same run",
+         stream the same bytes over single-stream loopback TCP in the same run (fastest of \
+         three)",
         &[
             "guest RAM",
             "codec",
