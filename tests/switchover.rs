@@ -2,7 +2,9 @@
 //! roles swap in the running processes, the console output carries on with no
 //! gap and no repeat, the VM is protected again in the other direction (a
 //! SIGKILL afterwards fails it over back), a restarted host keeps its new
-//! role, and a pair that cannot swap refuses without disturbing the VM.
+//! role, a pair that cannot swap refuses without disturbing the VM, and a
+//! host that took the VM over copies checkpoints after the resume when its
+//! image is on tmpfs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +12,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{CTL, Lines, Pair, assert_success, free_port, serial, wait_status};
 
@@ -539,4 +541,81 @@ async fn a_kill_drill_runs_against_a_running_pair() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     assert_role(a.backup_control, "primary", 2).await;
+}
+
+/// A host that took the VM over runs it on its image, a file mapped shared.
+/// On a disk file system the kernel cannot write-protect that file's pages,
+/// so its checkpoints copy their pages in the stop; with `image_dir` on
+/// tmpfs it can, and they copy after the resume, as on the host that
+/// booted the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_took_over_copies_after_the_resume_when_its_image_is_on_tmpfs() {
+    let _serial = serial().await;
+    for tmpfs in [false, true] {
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm (tmpfs)");
+        let metrics = loopback(free_port());
+        let primary_replication = loopback(free_port());
+        // 500 pages an epoch, in a row: every checkpoint that can takes the
+        // copy after the resume.
+        let mut pair = Pair::new_with(
+            "dirtier",
+            "guest_params = { working_set = 512, dirty_rate = 20000 }",
+            &format!("replication = \"{primary_replication}\""),
+            &format!("metrics = \"{metrics}\""),
+        );
+        if tmpfs {
+            let mut backup = pair.backup.take().unwrap();
+            backup.kill().unwrap();
+            backup.wait().unwrap();
+            let image_dir = format!(
+                "image_dir={:?}",
+                shm.path().join("image").display().to_string()
+            );
+            pair.backup = Some(pair.spawn("backup", &[&pair.backup_state(), &image_dir]));
+        }
+        pair.start_primary();
+        pair.wait_protected().await;
+        let text = common::switchover(&pair, &pair.config);
+        assert!(
+            text.contains("now runs on the [backup] table's host"),
+            "{text}"
+        );
+        wait_protected_as(
+            &pair,
+            pair.addrs.backup_control,
+            "primary",
+            "the backup's host protected as the primary",
+        )
+        .await;
+        let epochs = |m: &str| common::metric(m, "understudy_epochs_total");
+        let before = common::scrape(metrics);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let after = loop {
+            let now = common::scrape(metrics);
+            if epochs(&now) >= epochs(&before) + 10.0 {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tmpfs {tmpfs}: checkpoints stopped at {}\n{}",
+                epochs(&now),
+                pair.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let late = common::metric(&after, "understudy_epoch_pages_copied_after_resume_total");
+        let logs = pair.logs();
+        let refused = "this VM's RAM cannot be write-protected";
+        if tmpfs {
+            assert!(
+                late > 0.0 && !logs.contains(refused),
+                "image on tmpfs: {late} pages copied after the resume\n{logs}"
+            );
+        } else {
+            assert!(
+                late == 0.0 && logs.contains(refused),
+                "image on disk: {late} pages copied after the resume\n{logs}"
+            );
+        }
+    }
 }

@@ -171,6 +171,7 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "guest",
         "memory_mib",
         "state_dir",
+        "image_dir",
         "epoch_interval",
         "heartbeat_interval",
         "heartbeat_timeout",

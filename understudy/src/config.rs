@@ -105,8 +105,16 @@ pub struct Config {
     #[serde(default = "defaults::memory_mib")]
     pub memory_mib: usize,
     /// Where this host keeps state: the primary its generation and fence
-    /// marker, the backup its image.
+    /// marker, the backup its image (unless `image_dir` says elsewhere).
     pub state_dir: PathBuf,
+    /// Where the backup keeps its image (`memory.img`, `meta`, `journal`);
+    /// default `<state_dir>/image`. On tmpfs, a promoted host (which runs
+    /// the VM on its image) can still copy checkpoints' pages after the
+    /// resume, and the image costs no disk writes; it does not survive a
+    /// reboot of the host (the primary then resyncs it). The state files
+    /// stay in `state_dir`, which must be on disk.
+    #[serde(default)]
+    pub image_dir: Option<PathBuf>,
     /// How the pair replicates: "checkpoint" (a checkpoint every epoch) or
     /// "replay" (the VM's input log streams to a replica on the backup).
     #[serde(default, deserialize_with = "mode")]
@@ -718,6 +726,13 @@ impl Config {
         self.memory_mib << 20
     }
 
+    /// Where the backup keeps its image: `image_dir`, or `state_dir/image`.
+    pub fn image_dir(&self) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("image"))
+    }
+
     /// The addresses of the host listed under `[primary]` or `[backup]`.
     pub fn host(&self, section: Role) -> HostAddrs {
         match section {
@@ -830,7 +845,7 @@ impl Config {
         Ok(understudy_backup::BackupOptions {
             vm_id: self.name.clone(),
             ram_bytes: self.ram_bytes() as u64,
-            image_dir: self.state_dir.join("image"),
+            image_dir: self.image_dir(),
             replication_listen,
             handover_unavailable: self.switchover_unavailable(),
             heartbeat_interval: self.heartbeat_interval,

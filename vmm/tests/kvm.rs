@@ -590,17 +590,26 @@ fn pages_copied_after_the_resume_are_the_pages_of_the_pause() {
     // some of the guest's writes must have hit pages not copied yet (the
     // fault path ran), or the test proves nothing.
     // On 4 KiB pages and on huge pages (what a primary asks for), where
-    // the kernel protects a large folio's pages in batches.
-    for huge in [false, true] {
-        copies_after_the_resume_match_the_pause(huge);
+    // the kernel protects a large folio's pages in batches; and on a file
+    // in tmpfs mapped shared (a promoted host whose state_dir is on tmpfs
+    // runs on such a file, its image).
+    for ram in ["4 KiB pages", "huge pages", "a tmpfs file"] {
+        copies_after_the_resume_match_the_pause(ram);
     }
 }
 
-fn copies_after_the_resume_match_the_pause(huge: bool) {
+fn copies_after_the_resume_match_the_pause(kind: &str) {
     use understudy_vmm::wp::WriteProtectCopy;
     let working_set = 4000usize;
-    let ram = GuestRam::new(32 << 20, RamBacking::Anonymous).unwrap();
-    if huge {
+    let backing = if kind == "a tmpfs file" {
+        let file = tempfile::tempfile_in("/dev/shm").expect("a file in /dev/shm (tmpfs)");
+        file.set_len(32 << 20).unwrap();
+        RamBacking::SharedFile(file)
+    } else {
+        RamBacking::Anonymous
+    };
+    let ram = GuestRam::new(32 << 20, backing).unwrap();
+    if kind == "huge pages" {
         ram.advise_huge_pages();
     }
     let (vm, _console) = boot_on(ram, BuiltinBoot::dirtier(working_set as u64, 0, 1000), true);
@@ -645,7 +654,7 @@ fn copies_after_the_resume_match_the_pause(huge: bool) {
     }
     assert!(
         faults > 0,
-        "the guest never wrote a page before it was copied (huge pages: {huge})"
+        "the guest never wrote a page before it was copied ({kind})"
     );
     // The guest still runs, with nothing left protected.
     wait_work(&vm, 10_000, "the guest stalled after the copies");
@@ -654,11 +663,13 @@ fn copies_after_the_resume_match_the_pause(huge: bool) {
 
 #[test]
 fn ram_mapped_from_a_file_is_refused_for_the_copy_after_the_resume() {
-    // A promoted host runs on its image, a regular file mapped shared: the
-    // kernel cannot write-protect it per page, so the caller must copy in
-    // the pause. Refused at registration, not half-protected later.
+    // A promoted host runs on its image, a file mapped shared: on a disk
+    // file system the kernel cannot write-protect it per page, so the
+    // caller must copy in the pause. Refused at registration, not
+    // half-protected later. (In tmpfs it can: the test above.)
     use understudy_vmm::wp::WriteProtectCopy;
-    let file = tempfile::tempfile().unwrap();
+    // In the target directory: /tmp may be tmpfs.
+    let file = tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     file.set_len(32 << 20).unwrap();
     let ram = GuestRam::new(32 << 20, RamBacking::SharedFile(file)).unwrap();
     assert!(WriteProtectCopy::new(&ram).is_err());
