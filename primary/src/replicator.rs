@@ -61,7 +61,8 @@ pub enum InternalError {
 }
 
 /// Registers `vm`'s RAM for the copy after the resume, if allowed and the
-/// kernel can (it cannot for RAM mapped from a file: a promoted host's).
+/// kernel can (it cannot for a disk file mapped shared: a promoted host's
+/// image, unless `image_dir` is on tmpfs).
 fn late_copy_for(vm: &Vm, allowed: bool) -> LateCopy {
     if !allowed {
         tracing::info!("checkpoints copy their pages in the stop (copy_after_resume = false)");
@@ -70,9 +71,15 @@ fn late_copy_for(vm: &Vm, allowed: bool) -> LateCopy {
     match WriteProtectCopy::new(vm.ram()) {
         Ok(wp) => LateCopy::Ready(Arc::new(wp)),
         Err(e) => {
+            let hint = if vm.ram().is_anonymous() {
+                ""
+            } else {
+                " (it is the image file of a host that took the VM over: an image_dir on tmpfs \
+                 can be write-protected)"
+            };
             tracing::info!(
                 error = %understudy_common::wire::chain(&e),
-                "checkpoints copy their pages in the stop: this VM's RAM cannot be write-protected"
+                "checkpoints copy their pages in the stop: this VM's RAM cannot be write-protected{hint}"
             );
             LateCopy::Off
         }

@@ -163,9 +163,9 @@ pub struct Config {
     pub fsync: bool,
     /// Copy a checkpoint's dirty pages after the guest resumed, with the
     /// pages write-protected until copied, so the guest's stop does not grow
-    /// with its dirty set (each checkpoint chooses; RAM mapped from a file,
-    /// as on a promoted host, always copies in the stop). `false`: always
-    /// copy inside the stop.
+    /// with its dirty set (each checkpoint chooses; a promoted host, whose
+    /// RAM is its image, copies in the stop unless `image_dir` is on tmpfs).
+    /// `false`: always copy inside the stop.
     #[serde(default = "defaults::copy_after_resume")]
     pub copy_after_resume: bool,
     /// Hosts that may migrate the VM to this one while it waits with

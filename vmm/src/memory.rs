@@ -179,6 +179,11 @@ impl GuestRam {
         })
     }
 
+    /// Whether the RAM is anonymous memory (not mapped from a file).
+    pub fn is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
     /// Asks for transparent huge pages for anonymous RAM, as QEMU does for
     /// its guest RAM: fewer TLB misses for the guest and the checkpoint
     /// copy, and the kernel write-protects a large folio's pages in batches
