@@ -257,6 +257,8 @@ const LINK_RAM: usize = 64 << 20;
 const LINK_PAGES: usize = 2000;
 const LINK_EPOCHS: u64 = 12;
 const LINK_WARMUP: u64 = 8;
+/// Turns the policies take on loopback (each keeps its best run).
+const LOOPBACK_TURNS: usize = 3;
 
 /// The codec against the link it runs on: a backup daemon at the far end
 /// of each link (loopback; 1 Gbit/s with a 1 ms round trip; 100 Mbit/s
@@ -272,8 +274,8 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
         format!(
             "The codec against the link: checkpoints of {LINK_PAGES} rewritten pages of real \
              memory ({} MiB VM) to a backup daemon at the far end of each link, MB/s of guest \
-             pages by policy, same run; adaptive ÷ best = adaptive against the faster of raw \
-             and lz4 on that link",
+             pages by policy, same run (on loopback the best of {LOOPBACK_TURNS} turns each); \
+             adaptive ÷ best = adaptive against the faster of raw and lz4 on that link",
             LINK_RAM >> 20
         ),
         &[
@@ -338,19 +340,30 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
                 pair.addrs.replication
             }
         };
-        let mut rates = Vec::new();
+        // On loopback a policy's checkpoints take ~0.1 s, and one such run
+        // swings by a third on the two shared cores: the policies take turns
+        // three times and each keeps its best. On the shaped links the link
+        // sets the pace and one run lasts seconds.
+        let turns = if wan.is_none() { LOOPBACK_TURNS } else { 1 };
+        let mut rates = [0.0f64; 3];
         let mut measured = None;
         let mut adaptive_wire = f64::NAN;
-        for (i, policy) in [CodecPolicy::RAW, CodecPolicy::LZ4, CodecPolicy::ADAPTIVE]
-            .into_iter()
-            .enumerate()
-        {
-            let (rate, link, wire) =
-                runtime.block_on(link_run(addr, policy, 2000 + i as u64, &base, &shifted));
-            rates.push(rate);
-            if policy.adaptive {
-                measured = link;
-                adaptive_wire = wire;
+        let mut id = 2000;
+        for _ in 0..turns {
+            for (i, policy) in [CodecPolicy::RAW, CodecPolicy::LZ4, CodecPolicy::ADAPTIVE]
+                .into_iter()
+                .enumerate()
+            {
+                id += 1;
+                let (rate, link, wire) =
+                    runtime.block_on(link_run(addr, policy, id, &base, &shifted));
+                if rate > rates[i] {
+                    rates[i] = rate;
+                    if policy.adaptive {
+                        measured = link;
+                        adaptive_wire = wire;
+                    }
+                }
             }
         }
         if let Some(mut child) = backup {
