@@ -24,6 +24,15 @@ const MEASURE: Duration = Duration::from_secs(2);
 /// Rounds of the local decomposition (each run lasts LOCAL_MEASURE).
 const LOCAL_ROUNDS: usize = 5;
 const LOCAL_MEASURE: Duration = Duration::from_secs(1);
+/// Turns of the heavy dirtier's table (each a protected run next to a run
+/// of the guest alone, per mode).
+const HEAVY_TURNS: usize = 3;
+
+/// The median of `v` (sorted in place); NaN when empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
 
 /// How a pair replicates in one column of the table.
 #[derive(Clone, Copy)]
@@ -259,11 +268,16 @@ fn main() {
         series,
     });
     // The heavy dirtier with its pages copied after the resume (the
-    // default) and inside the stop, taking turns in the same run.
+    // default) and inside the stop, taking turns in the same run, each run
+    // next to a run of the guest alone (this machine's rate moves between
+    // seconds by more than the effect measured).
     let mut table = Table::new(
-        "heavy dirtier (flat out, 2048-page working set): pages copied after the resume \
-         (write-protected until copied, the default) against inside the stop, same run, two \
-         turns each; stop = the primary's median guest stop",
+        format!(
+            "heavy dirtier (flat out, 2048-page working set): pages copied after the resume \
+             (write-protected until copied, the default) against inside the stop, same run; \
+             each ratio is a protected run ÷ a run of the guest alone right before it, median \
+             of {HEAVY_TURNS} turns (range in brackets); stop = the primary's median guest stop"
+        ),
         &[
             "epoch interval",
             "ratio, copy after resume",
@@ -272,28 +286,35 @@ fn main() {
             "stop µs, copy in stop",
         ],
     );
-    let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
     let mut heavy_25 = (f64::NAN, f64::NAN);
     for epoch_ms in [10u64, 25] {
         let (mut after, mut inside) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            after.push(runtime.block_on(protected_rate(0, Protection::Epochs(epoch_ms))));
-            inside
-                .push(runtime.block_on(protected_rate(0, Protection::EpochsCopyInStop(epoch_ms))));
+        let (mut after_stop, mut inside_stop) = (Vec::new(), Vec::new());
+        for _ in 0..HEAVY_TURNS {
+            let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
+            let (rate, _, stop) = runtime.block_on(protected_rate(0, Protection::Epochs(epoch_ms)));
+            after.push(rate / alone);
+            after_stop.push(stop);
+            let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
+            let (rate, _, stop) =
+                runtime.block_on(protected_rate(0, Protection::EpochsCopyInStop(epoch_ms)));
+            inside.push(rate / alone);
+            inside_stop.push(stop);
         }
-        let mean = |v: &[(f64, u64, f64)], f: fn(&(f64, u64, f64)) -> f64| {
-            v.iter().map(f).sum::<f64>() / v.len() as f64
+        let (ratio_after, ratio_inside) = (median(&mut after), median(&mut inside));
+        let with_range = |m: f64, v: &[f64]| {
+            format!(
+                "{m:.3} ({:.3}–{:.3})",
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+            )
         };
-        let (ratio_after, ratio_inside) = (
-            mean(&after, |r| r.0) / alone,
-            mean(&inside, |r| r.0) / alone,
-        );
         table.row(vec![
             format!("{epoch_ms} ms").into(),
-            num(ratio_after, 3),
-            num(ratio_inside, 3),
-            num(mean(&after, |r| r.2), 0),
-            num(mean(&inside, |r| r.2), 0),
+            with_range(ratio_after, &after).into(),
+            with_range(ratio_inside, &inside).into(),
+            num(median(&mut after_stop), 0),
+            num(median(&mut inside_stop), 0),
         ]);
         if epoch_ms == 25 {
             heavy_25 = (ratio_after, ratio_inside);
