@@ -561,22 +561,7 @@ async fn a_late_copy_that_fails_falls_back_to_the_stop_and_the_vm_stays_protecte
         // checkpoints flow with no page copied after the resume.
         pair.wait_protected().await;
         let pm: std::net::SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
-        let epochs = |m: &str| common::metric(m, "understudy_epochs_total");
-        let before = common::scrape(pm);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let after = loop {
-            let now = common::scrape(pm);
-            if epochs(&now) >= epochs(&before) + 5.0 {
-                break now;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{point}: checkpoints stopped at {}\n{}",
-                epochs(&now),
-                pair.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let (before, after) = common::scrape_after_epochs(&pair, pm, 5.0, point).await;
         let late = "understudy_epoch_pages_copied_after_resume_total";
         assert!(
             common::metric(&before, late) > 0.0,

@@ -12,7 +12,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{CTL, Lines, Pair, assert_success, free_port, serial, wait_status};
 
@@ -587,22 +587,8 @@ async fn a_host_that_took_over_copies_after_the_resume_when_its_image_is_on_tmpf
             "the backup's host protected as the primary",
         )
         .await;
-        let epochs = |m: &str| common::metric(m, "understudy_epochs_total");
-        let before = common::scrape(metrics);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let after = loop {
-            let now = common::scrape(metrics);
-            if epochs(&now) >= epochs(&before) + 10.0 {
-                break now;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tmpfs {tmpfs}: checkpoints stopped at {}\n{}",
-                epochs(&now),
-                pair.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let (_, after) =
+            common::scrape_after_epochs(&pair, metrics, 10.0, &format!("tmpfs {tmpfs}")).await;
         let late = common::metric(&after, "understudy_epoch_pages_copied_after_resume_total");
         let logs = pair.logs();
         let refused = "this VM's RAM cannot be write-protected";

@@ -948,6 +948,33 @@ pub fn scrape(addr: std::net::SocketAddr) -> String {
     out
 }
 
+/// Scrapes `metrics` until `more` checkpoints have been taken since the
+/// first scrape (20 s at most, then fails with `what` and the pair's logs);
+/// returns the first scrape and the last.
+pub async fn scrape_after_epochs(
+    pair: &Pair,
+    metrics: std::net::SocketAddr,
+    more: f64,
+    what: &str,
+) -> (String, String) {
+    let epochs = |m: &str| metric(m, "understudy_epochs_total");
+    let before = scrape(metrics);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = scrape(metrics);
+        if epochs(&now) >= epochs(&before) + more {
+            return (before, now);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: checkpoints stopped at {}\n{}",
+            epochs(&now),
+            pair.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The value of the first sample of `name` in a scrape.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
