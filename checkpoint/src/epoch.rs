@@ -344,7 +344,8 @@ impl EpochEncoder<'_> {
         // The adaptive codec weighs the encoder's whole time for a page it
         // tried to compress (hash, compress, append), not the compressor's
         // alone: that is the pace the stream goes at while compressing.
-        let started = self.state.policy.adaptive.then(Instant::now);
+        // (Zero pages are never compressed, and a sync is mostly them.)
+        let started = (self.state.policy.adaptive && !zero).then(Instant::now);
         // A zero page's hash is known without hashing it.
         let hash = if zero {
             zero_page_hash()
