@@ -515,6 +515,17 @@ impl Config {
         }
         understudy_vmm::memory::validate_ram_size(self.memory_mib.saturating_mul(1 << 20))
             .map_err(|e| format!("memory_mib: {e}"))?;
+        if let Some(image_dir) = &self.image_dir
+            && self.state_dir.starts_with(image_dir)
+        {
+            return Err(format!(
+                "image_dir {} holds state_dir {}: the image needs a directory of its own \
+                 (e.g. {}), or leave image_dir out for <state_dir>/image",
+                image_dir.display(),
+                self.state_dir.display(),
+                image_dir.join(&self.name).join("image").display()
+            ));
+        }
         for (field, value, range) in [
             (
                 "epoch_interval",
@@ -1032,6 +1043,17 @@ insecure = true
                 "choose adaptive, raw, lz4 or zstd",
             ),
             (&["name=a b"], "letters, digits"),
+            (
+                &["state_dir=\"/var/lib/u/web1\"", "image_dir=\"/var/lib/u\""],
+                "image_dir /var/lib/u holds state_dir /var/lib/u/web1",
+            ),
+            (
+                &[
+                    "state_dir=\"/var/lib/u/web1\"",
+                    "image_dir=\"/var/lib/u/web1\"",
+                ],
+                "needs a directory of its own",
+            ),
             (&["backup.replication=nowhere"], "invalid socket address"),
             (&["oops"], "write key=value"),
             (
