@@ -552,7 +552,13 @@ async fn a_kill_drill_runs_against_a_running_pair() {
 async fn a_host_that_took_over_copies_after_the_resume_when_its_image_is_on_tmpfs() {
     let _serial = serial().await;
     for tmpfs in [false, true] {
-        let shm = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm (tmpfs)");
+        // The image's place is named either way: the pair's directory is
+        // under /tmp, which may be tmpfs; the target directory is on disk.
+        let images = if tmpfs {
+            tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm (tmpfs)")
+        } else {
+            tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+        };
         let metrics = loopback(free_port());
         let primary_replication = loopback(free_port());
         // 500 pages an epoch, in a row: every checkpoint that can takes the
@@ -563,16 +569,11 @@ async fn a_host_that_took_over_copies_after_the_resume_when_its_image_is_on_tmpf
             &format!("replication = \"{primary_replication}\""),
             &format!("metrics = \"{metrics}\""),
         );
-        if tmpfs {
-            let mut backup = pair.backup.take().unwrap();
-            backup.kill().unwrap();
-            backup.wait().unwrap();
-            let image_dir = format!(
-                "image_dir={:?}",
-                shm.path().join("image").display().to_string()
-            );
-            pair.backup = Some(pair.spawn("backup", &[&pair.backup_state(), &image_dir]));
-        }
+        let image_dir = format!(
+            "image_dir={:?}",
+            images.path().join("image").display().to_string()
+        );
+        pair.restart_backup(&[&image_dir], &[]);
         pair.start_primary();
         pair.wait_protected().await;
         let text = common::switchover(&pair, &pair.config);

@@ -432,6 +432,12 @@ impl Adaptive {
         true
     }
 
+    /// Whether the next full page will be tried ([`Self::should_try`] says
+    /// yes): the encoder times only the pages of a sample.
+    pub fn sampling(&self) -> bool {
+        self.skip == 0
+    }
+
     /// The link's measured rate in bytes per second (None: not known).
     pub fn set_link_rate(&mut self, bytes_per_second: Option<f64>) {
         self.link = bytes_per_second.filter(|r| r.is_finite() && *r > 0.0);
@@ -578,7 +584,9 @@ mod tests {
         for _ in 0..SAMPLE_PAGES {
             a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
         }
+        assert!(!a.sampling(), "the encoder would time raw pages");
         assert_eq!((0..SKIP_PAGES).filter(|_| a.should_try()).count(), 0);
+        assert!(a.sampling(), "the encoder would not time the sample");
         assert!(a.should_try());
         // Each decision against in a row doubles the raw stretch, up to a cap;
         // one in favour starts over.

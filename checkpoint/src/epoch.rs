@@ -344,8 +344,11 @@ impl EpochEncoder<'_> {
         // The adaptive codec weighs the encoder's whole time for a page it
         // tried to compress (hash, compress, append), not the compressor's
         // alone: that is the pace the stream goes at while compressing.
-        // (Zero pages are never compressed, and a sync is mostly them.)
-        let started = (self.state.policy.adaptive && !zero).then(Instant::now);
+        // Only pages of a sample are timed (zero pages are never tried, and
+        // while the link outruns the compressor a sample is 256 pages in
+        // thousands).
+        let timed = self.state.policy.adaptive && !zero && self.state.adaptive.sampling();
+        let started = timed.then(Instant::now);
         // A zero page's hash is known without hashing it.
         let hash = if zero {
             zero_page_hash()

@@ -394,15 +394,18 @@ fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
         return None;
     }
     let version = r.u32()?;
-    r.take(8 + 8)?;
+    let epoch = r.u64()?;
+    let generation = r.u64()?;
     let count = r.u32()? as usize;
     let device_len = r.u32()? as usize;
-    // Version 2 lists a hash after each page number.
-    let listed = match version {
-        1 => 4,
-        2 => 4 + 16,
+    let digest = ImageDigest(r.u128()?);
+    // Each page number, then (version 2) each page's hash.
+    let hash_list = match version {
+        1 => false,
+        2 => true,
         _ => return None,
     };
+    let listed = if hash_list { 4 + 16 } else { 4 };
     let pages_at = JOURNAL_HEAD_LEN.checked_add(count.checked_mul(listed)?)?;
     let device_at = pages_at.checked_add(count.checked_mul(PAGE_SIZE)?)?;
     let len = device_at.checked_add(device_len)?;
@@ -412,53 +415,40 @@ fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
         return None;
     }
     let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
-    let computed = if version == 1 {
-        crc32c::crc32c(body)
-    } else {
+    let computed = if hash_list {
         crc32c::crc32c_append(crc32c::crc32c(&body[..pages_at]), &body[device_at..])
+    } else {
+        crc32c::crc32c(body)
     };
     if computed != crc {
         return None;
     }
-    let mut r = Reader::new(body);
-    r.take(4 + 4)?;
-    let epoch = r.u64()?;
-    let generation = r.u64()?;
-    r.take(4 + 4)?;
-    let digest = ImageDigest(r.u128()?);
+    let mut list = Reader::new(&body[JOURNAL_HEAD_LEN..pages_at]);
     let mut pages = Vec::with_capacity(count.min(ram_pages as usize));
     for _ in 0..count {
-        let page = r.u32()?;
+        let page = list.u32()?;
         if page >= ram_pages {
             return None;
         }
         pages.push(page);
     }
-    let hashes = if version == 2 {
-        (0..count).map(|_| r.u128()).collect::<Option<Vec<_>>>()?
-    } else {
-        Vec::new()
-    };
-    let data = r.take(count.checked_mul(PAGE_SIZE)?)?;
+    let data = &body[pages_at..device_at];
     // Version 2: the CRC left the pages out; each must be what was hashed
     // (a crash mid-write leaves an older journal's bytes under new hashes).
-    if !hashes.is_empty()
-        && data
-            .chunks_exact(PAGE_SIZE)
-            .zip(&hashes)
-            .any(|(page, &hash)| page_hash(page) != hash)
-    {
-        return None;
+    if hash_list {
+        for page in data.chunks_exact(PAGE_SIZE) {
+            if page_hash(page) != list.u128()? {
+                return None;
+            }
+        }
     }
-    let data = data.to_vec();
-    let device_state = r.take(device_len)?.to_vec();
-    r.is_empty().then_some(Journal {
+    Some(Journal {
         epoch,
         generation,
         digest,
         pages,
-        data,
-        device_state,
+        data: data.to_vec(),
+        device_state: body[device_at..].to_vec(),
     })
 }
 

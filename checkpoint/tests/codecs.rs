@@ -335,3 +335,36 @@ fn raw_pages_are_applied_from_the_chunks_they_arrived_in() {
     store.apply(&staged).unwrap();
     assert!(store.memory() == &model.mem[..]);
 }
+
+#[test]
+fn the_encoder_feeds_the_adaptive_codec_a_sample_of_the_pages_it_compresses() {
+    // Compressible pages (text-like, never zero): every full page is a
+    // candidate. The encoder must time the pages of a sample and hand them
+    // to the adaptive codec, which then decides; with no link rate known,
+    // saving an eighth is enough to go on compressing.
+    const PAGES: u32 = 2 * understudy_checkpoint::codec::SAMPLE_PAGES;
+    let mut sender = SenderState::new("vm", PAGES, 1, CodecPolicy::ADAPTIVE).unwrap();
+    assert_eq!(sender.adaptive(), None, "no decision before any page");
+    // Text, and each page's number at its start: no two alike (a repeat
+    // would be sent as a reference, not compressed).
+    let page = |p: u32| -> [u8; PAGE_SIZE] {
+        let mut page: [u8; PAGE_SIZE] =
+            std::array::from_fn(|i| b"understudy keeps a VM alive "[i % 28]);
+        page[..4].copy_from_slice(&p.to_le_bytes());
+        page
+    };
+    let mut enc = sender.begin(1, EpochKind::SyncRound).unwrap();
+    for p in 0..PAGES {
+        enc.add_page(p, &page(p)).unwrap();
+    }
+    enc.finish(b"").unwrap();
+    let report = sender
+        .adaptive()
+        .expect("the encoder fed the adaptive codec");
+    assert!(report.compressing, "{report:?}");
+    assert!(report.saved_share > 0.5, "{report:?}");
+    assert!(
+        report.compress_rate.is_finite() && report.compress_rate > 0.0,
+        "{report:?}"
+    );
+}

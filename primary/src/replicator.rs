@@ -74,8 +74,8 @@ fn late_copy_for(vm: &Vm, allowed: bool) -> LateCopy {
             let hint = if vm.ram().is_anonymous() {
                 ""
             } else {
-                " (it is the image file of a host that took the VM over: an image_dir on tmpfs \
-                 can be write-protected)"
+                " (it is mapped from a file; a host that took the VM over runs on its image, \
+                 which can be write-protected in an image_dir on tmpfs)"
             };
             tracing::info!(
                 error = %understudy_common::wire::chain(&e),

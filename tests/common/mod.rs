@@ -165,15 +165,21 @@ insecure = true
     /// Kills the backup and starts it again on the same state with
     /// `UNDERSTUDY_FAULTS=faults` (see `common/src/fault.rs`).
     pub fn restart_backup_with_faults(&mut self, faults: &str) {
+        self.restart_backup(&[], &[("UNDERSTUDY_FAULTS", faults.to_owned())]);
+    }
+
+    /// Kills the backup and starts it again on the same state directory,
+    /// with more `--set` overrides and environment.
+    pub fn restart_backup(&mut self, overrides: &[&str], env: &[(&str, String)]) {
         if let Some(mut backup) = self.backup.take() {
             backup.kill().unwrap();
             backup.wait().unwrap();
         }
-        self.backup = Some(self.spawn_with_env(
-            "backup",
-            &[&self.backup_state()],
-            &[("UNDERSTUDY_FAULTS", faults.to_owned())],
-        ));
+        let state = self.backup_state();
+        let overrides: Vec<&str> = std::iter::once(state.as_str())
+            .chain(overrides.iter().copied())
+            .collect();
+        self.backup = Some(self.spawn_with_env("backup", &overrides, env));
     }
 
     pub fn spawn(&self, role: &str, overrides: &[&str]) -> Child {
@@ -872,17 +878,24 @@ impl Etcd {
             unsafe { libc::kill(c.id() as libc::pid_t, signal) };
             // A stop is delivered asynchronously: until etcd shows as
             // stopped, it may still answer (seen once in CI).
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while frozen && Instant::now() < deadline {
-                let stat =
-                    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
-                let state = stat
-                    .rsplit_once(") ")
-                    .and_then(|(_, rest)| rest.chars().next());
-                if matches!(state, Some('T' | 't')) {
-                    break;
+            if frozen {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                loop {
+                    let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                        .unwrap_or_default();
+                    let state = stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next());
+                    if matches!(state, Some('T' | 't')) {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "etcd (pid {}) not stopped 2 s after SIGSTOP: state {state:?}",
+                        c.id()
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }

@@ -513,8 +513,8 @@ fn main() {
         format!(
             "Replication pipeline (encode → gRPC → stage, verify → commit on a real backup \
              daemon) vs single-stream loopback TCP moving the same bytes in the same run \
-             (fastest of three); {} MiB of real memory (binaries from /usr); MB/s of guest pages; encode and \
-             commit as a share of the wall time",
+             (fastest of three); {} MiB of real memory (binaries from /usr); MB/s of guest \
+             pages; encode and commit as a share of the wall time",
             RAM >> 20
         ),
         &[

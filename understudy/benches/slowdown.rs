@@ -28,10 +28,12 @@ const LOCAL_MEASURE: Duration = Duration::from_secs(1);
 /// of the guest alone, per mode).
 const HEAVY_TURNS: usize = 3;
 
-/// The median of `v` (sorted in place); NaN when empty.
-fn median(v: &mut [f64]) -> f64 {
+/// The median, smallest and largest of `v` (sorted in place); NaN when
+/// empty.
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    let at = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
+    (at(v.len() / 2), at(0), at(v.len().wrapping_sub(1)))
 }
 
 /// How a pair replicates in one column of the table.
@@ -301,20 +303,15 @@ fn main() {
             inside.push(rate / alone);
             inside_stop.push(stop);
         }
-        let (ratio_after, ratio_inside) = (median(&mut after), median(&mut inside));
-        let with_range = |m: f64, v: &[f64]| {
-            format!(
-                "{m:.3} ({:.3}–{:.3})",
-                v.iter().copied().fold(f64::INFINITY, f64::min),
-                v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-            )
-        };
+        let (after, inside) = (spread(&mut after), spread(&mut inside));
+        let (ratio_after, ratio_inside) = (after.0, inside.0);
+        let with_range = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3} ({lo:.3}–{hi:.3})");
         table.row(vec![
             format!("{epoch_ms} ms").into(),
-            with_range(ratio_after, &after).into(),
-            with_range(ratio_inside, &inside).into(),
-            num(median(&mut after_stop), 0),
-            num(median(&mut inside_stop), 0),
+            with_range(after).into(),
+            with_range(inside).into(),
+            num(spread(&mut after_stop).0, 0),
+            num(spread(&mut inside_stop).0, 0),
         ]);
         if epoch_ms == 25 {
             heavy_25 = (ratio_after, ratio_inside);
@@ -350,11 +347,11 @@ fn main() {
         }
     }
     for ((name, _), mut r) in steps.into_iter().zip(ratios) {
-        r.sort_by(f64::total_cmp);
+        let (median, lo, hi) = spread(&mut r);
         table.row(vec![
             name.into(),
-            num(r[r.len() / 2], 3),
-            format!("{:.3}–{:.3}", r[0], r[r.len() - 1]).into(),
+            num(median, 3),
+            format!("{lo:.3}–{hi:.3}").into(),
         ]);
     }
     report.table(table);

@@ -591,17 +591,25 @@ fn pages_copied_after_the_resume_are_the_pages_of_the_pause() {
     // fault path ran), or the test proves nothing.
     // On 4 KiB pages and on huge pages (what a primary asks for), where
     // the kernel protects a large folio's pages in batches; and on a file
-    // in tmpfs mapped shared (a promoted host whose state_dir is on tmpfs
-    // runs on such a file, its image).
-    for ram in ["4 KiB pages", "huge pages", "a tmpfs file"] {
+    // in tmpfs mapped shared (a host that took the VM over with its
+    // image_dir on tmpfs runs on such a file, its image).
+    for ram in [Ram::SmallPages, Ram::HugePages, Ram::TmpfsFile] {
         copies_after_the_resume_match_the_pause(ram);
     }
 }
 
-fn copies_after_the_resume_match_the_pause(kind: &str) {
+/// The guest RAM a copy-after-the-resume test runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ram {
+    SmallPages,
+    HugePages,
+    TmpfsFile,
+}
+
+fn copies_after_the_resume_match_the_pause(kind: Ram) {
     use understudy_vmm::wp::WriteProtectCopy;
     let working_set = 4000usize;
-    let backing = if kind == "a tmpfs file" {
+    let backing = if kind == Ram::TmpfsFile {
         let file = tempfile::tempfile_in("/dev/shm").expect("a file in /dev/shm (tmpfs)");
         file.set_len(32 << 20).unwrap();
         RamBacking::SharedFile(file)
@@ -609,7 +617,7 @@ fn copies_after_the_resume_match_the_pause(kind: &str) {
         RamBacking::Anonymous
     };
     let ram = GuestRam::new(32 << 20, backing).unwrap();
-    if kind == "huge pages" {
+    if kind == Ram::HugePages {
         ram.advise_huge_pages();
     }
     let (vm, _console) = boot_on(ram, BuiltinBoot::dirtier(working_set as u64, 0, 1000), true);
@@ -654,7 +662,7 @@ fn copies_after_the_resume_match_the_pause(kind: &str) {
     }
     assert!(
         faults > 0,
-        "the guest never wrote a page before it was copied ({kind})"
+        "the guest never wrote a page before it was copied ({kind:?})"
     );
     // The guest still runs, with nothing left protected.
     wait_work(&vm, 10_000, "the guest stalled after the copies");
