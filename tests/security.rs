@@ -238,16 +238,89 @@ impl Rng {
 }
 
 /// One round of hostile requests against the backup's replication port.
+/// Sends `body` as the whole request body of a Replicate call (gRPC
+/// framing or not) on `channel`; returns the stream's status from its
+/// trailers (or the headers of a trailers-only answer), if one came within
+/// `deadline`.
+async fn raw_replicate(
+    channel: &mut tonic::transport::Channel,
+    body: bytes::Bytes,
+    deadline: Duration,
+) -> Option<tonic::Status> {
+    use http_body_util::BodyExt;
+    use tonic::codegen::Service;
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(understudy_proto::framing::REPLICATE_PATH)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(body)))
+        .unwrap();
+    tokio::time::timeout(deadline, async {
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .ok()?;
+        let response = channel.call(request).await.ok()?;
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            return Some(status);
+        }
+        let collected = response.into_body().collect().await.ok()?;
+        tonic::Status::from_header_map(collected.trailers()?)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Malformed gRPC framing on the replication stream, as a peer that does
+/// not use a gRPC library could send it.
+fn hostile_framing(rng: &mut Rng) -> bytes::Bytes {
+    let mut out = Vec::new();
+    let message = |flag: u8, len: u32, body: &[u8]| {
+        let mut m = vec![flag];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    match rng.next() % 5 {
+        // Compressed (this stream takes no gRPC compression).
+        0 => out.extend(message(1, 8, &rng.bytes(8))),
+        // Longer than the limit.
+        1 => out.extend(message(
+            0,
+            u32::MAX - (rng.next() % 1000) as u32,
+            &rng.bytes(64),
+        )),
+        // Cut short: the stream ends inside the message.
+        2 => {
+            let len = (rng.next() % 5000) as u32 + 10;
+            out.extend(message(0, len, &rng.bytes(len as usize / 2)));
+        }
+        // Well framed, but not an EpochChunk.
+        3 => {
+            let n = (rng.next() % 300) as usize;
+            out.extend(message(0, n as u32, &rng.bytes(n)));
+        }
+        // Noise.
+        _ => {
+            let n = (rng.next() % 300) as usize;
+            out.extend(rng.bytes(n));
+        }
+    }
+    out.into()
+}
+
 async fn hostile_round(
     rng: &mut Rng,
     client: &mut understudy_proto::replication_client::ReplicationClient<tonic::transport::Channel>,
+    channel: &mut tonic::transport::Channel,
     udp: &std::net::UdpSocket,
     target: std::net::SocketAddr,
 ) {
     use understudy_checkpoint::{CodecPolicy, EpochKind, SenderState};
     use understudy_proto::*;
     let deadline = Duration::from_millis(500);
-    match rng.next() % 7 {
+    match rng.next() % 8 {
         0 => {
             let hello = HelloRequest {
                 protocol_version: if rng.next() % 2 == 0 {
@@ -392,6 +465,10 @@ async fn hostile_round(
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }
         5 => {
+            let body = hostile_framing(rng);
+            let _ = raw_replicate(channel, body, deadline).await;
+        }
+        6 => {
             // Heartbeats signed with keys the backup never gave out.
             let key = understudy_common::heartbeat::SessionKey::random().unwrap();
             let beat = understudy_common::heartbeat::Datagram {
@@ -410,6 +487,63 @@ async fn hostile_round(
     }
 }
 
+/// Malformed gRPC framing on the replication stream (which the backup reads
+/// itself, not through tonic): each kind ends that stream with a status
+/// naming it, and the pair stays protected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_framing_on_the_replication_stream_is_refused_by_name() {
+    let _serial = common::serial().await;
+    let pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
+    let mut channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", pair.addrs.replication))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let framed = |flag: u8, len: u32, body: &[u8]| {
+        let mut m = vec![flag];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(body);
+        bytes::Bytes::from(m)
+    };
+    let cases = [
+        (
+            "compressed",
+            framed(1, 3, b"abc"),
+            tonic::Code::Unimplemented,
+            "compressed",
+        ),
+        (
+            "too long",
+            framed(0, 64 << 20, b"abc"),
+            tonic::Code::OutOfRange,
+            "over its limit",
+        ),
+        (
+            "cut short",
+            framed(0, 1000, &[0; 10]),
+            tonic::Code::Internal,
+            "inside a message",
+        ),
+        (
+            "not an EpochChunk",
+            framed(0, 2, &[0xff, 0xff]),
+            tonic::Code::InvalidArgument,
+            "malformed EpochChunk",
+        ),
+    ];
+    for (what, body, code, names) in cases {
+        let status = raw_replicate(&mut channel, body, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{what}: no status came back\n{}", pair.logs()));
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(names), "{what}: {status:?}");
+    }
+    checkpoints_continue(&pair, 5).await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!((s.role.as_str(), s.generation), ("backup", 1), "{s:?}");
+}
+
 /// A client speaking the replication protocol with random and mutated
 /// messages against a protected pair: no panic, no promotion while the real
 /// primary lives, the committed image intact, the VM protected at the end.
@@ -423,15 +557,26 @@ async fn a_hostile_peer_speaking_the_replication_protocol_cannot_take_the_vm_dow
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
-    let mut client = ReplicationClient::connect(format!("http://{}", pair.addrs.replication))
-        .await
-        .unwrap();
+    let mut channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", pair.addrs.replication))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut client = ReplicationClient::new(channel.clone());
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()));
     let started = Instant::now();
     let mut rounds = 0;
     while started.elapsed() < Duration::from_secs(secs) {
-        hostile_round(&mut rng, &mut client, &udp, pair.addrs.replication).await;
+        hostile_round(
+            &mut rng,
+            &mut client,
+            &mut channel,
+            &udp,
+            pair.addrs.replication,
+        )
+        .await;
         rounds += 1;
         if rounds % 50 == 0 {
             for (what, control, role) in [

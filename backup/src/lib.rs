@@ -33,6 +33,7 @@ mod promotion;
 mod receiver;
 mod replica;
 mod service;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -52,7 +53,6 @@ use understudy_common::ids::{Generation, Incarnation, SessionId};
 use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::StateKind;
 use understudy_common::wire;
-use understudy_proto::replication_server::ReplicationServer;
 use understudy_vmm::{Vm, VmEnd};
 
 pub use promotion::PromotionError;
@@ -372,7 +372,7 @@ pub async fn run(
         .initial_connection_window_size(wire::CONNECTION_WINDOW)
         .max_frame_size(wire::MAX_FRAME)
         .tcp_nodelay(true)
-        .add_service(ReplicationServer::new(service::ReplicationService(
+        .add_service(stream::Router::new(service::ReplicationService(
             shared.clone(),
         )))
         .serve_with_incoming_shutdown(

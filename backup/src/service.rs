@@ -35,6 +35,136 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(10)
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 
 impl ReplicationService {
+    /// Opens a Replicate stream whose request `req` (its metadata, no
+    /// message) came from the pair's other host: each message of
+    /// `incoming` goes to the receiver, and the acks come out of the
+    /// channel returned.
+    pub(crate) fn open_replicate<S>(
+        &self,
+        req: &Request<()>,
+        mut incoming: S,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<Ack, Status>>, Status>
+    where
+        S: Stream<Item = Result<EpochChunk, Status>> + Send + Unpin + 'static,
+    {
+        self.0
+            .opts
+            .auth
+            .check(req, "Replication.Replicate", Access::PeerHost)?;
+        // Tests: a host that took the session but never answers its stream
+        // (`backup.replicate~ms` stalls here).
+        understudy_common::fault::check("backup.replicate")
+            .map_err(|point| Status::unavailable(format!("injected fault ({point})")))?;
+        let shared = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);
+        tokio::spawn(async move {
+            // Replay mode: the replica's progress goes to the primary even
+            // while no message comes (it may be holding its guest back).
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut session = None;
+            // The session this stream carries (for a post-copy that loses it).
+            let mut stream_session = None;
+            loop {
+                let next = tokio::select! {
+                    next = incoming.next() => next,
+                    // Post-copy: pages the VM here faulted on.
+                    _ = shared.postcopy_notify.notified() => {
+                        let wanted = shared
+                            .postcopy
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .filter(|p| Some(p.session) == stream_session)
+                            .map(|p| p.take_requests())
+                            .unwrap_or_default();
+                        if !wanted.is_empty() {
+                            let ack = Ack {
+                                generation: shared.generation().0,
+                                want_pages: wanted,
+                                ..Ack::default()
+                            };
+                            if tx.send(Ok(ack)).await.is_err() {
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                    _ = progress.tick() => {
+                        let Some(id) = session else { continue };
+                        let shared2 = shared.clone();
+                        let ack = tokio::task::block_in_place(|| {
+                            crate::receiver::progress_ack(&shared2, id)
+                        });
+                        if let Some(ack) = ack
+                            && tx.send(Ok(ack)).await.is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let msg = match next {
+                    Some(Ok(msg)) => msg,
+                    end => {
+                        if let Some(Err(status)) = end {
+                            // The peer hears why (malformed framing or an
+                            // undecodable message), if it still listens.
+                            tracing::debug!(%status, "replication stream ended");
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        break;
+                    }
+                };
+                stream_session = SessionId::from_raw(msg.session);
+                if msg.chunk.is_empty()
+                    && msg.trace_segment.is_empty()
+                    && msg.postcopy_pages.is_empty()
+                    && !msg.postcopy_done
+                {
+                    // A stream's opening word: which session it carries (a
+                    // post-copy learns of its source's loss by it).
+                    continue;
+                }
+                // Replay-mode sessions only: checkpoint mode never takes
+                // the state lock between its messages.
+                if !msg.trace_segment.is_empty()
+                    && let Some(id) = SessionId::from_raw(msg.session)
+                {
+                    session.get_or_insert(id);
+                }
+                let postcopy = !msg.postcopy_pages.is_empty() || msg.postcopy_done;
+                let shared2 = shared.clone();
+                let result = tokio::task::block_in_place(|| {
+                    if postcopy {
+                        crate::postcopy::receive(&shared2, &msg)
+                    } else {
+                        crate::receiver::receive_chunk(&shared2, msg)
+                    }
+                });
+                match result {
+                    Ok(None) => {}
+                    Ok(Some(ack)) => {
+                        if tx.send(Ok(ack)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(%status, "epoch refused; session ended, the primary must resync");
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+            // However the stream ended (the peer's end, a refused message, or
+            // acks nobody reads any more): a post-copy it carried is lost.
+            if let Some(id) = stream_session {
+                crate::postcopy::stream_ended(&shared, id);
+            }
+        });
+        Ok(rx)
+    }
+
     /// What the backup knows, for `hello::decide`.
     fn facts(&self, phase: &Phase) -> Facts {
         let shared = &self.0;
@@ -235,121 +365,13 @@ impl Replication for ReplicationService {
         &self,
         req: Request<Streaming<EpochChunk>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
-        self.0
-            .opts
-            .auth
-            .check(&req, "Replication.Replicate", Access::PeerHost)?;
-        // Tests: a host that took the session but never answers its stream
-        // (`backup.replicate~ms` stalls here).
-        understudy_common::fault::check("backup.replicate")
-            .map_err(|point| Status::unavailable(format!("injected fault ({point})")))?;
-        let mut incoming = req.into_inner();
-        let shared = self.0.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Ack, Status>>(64);
-        tokio::spawn(async move {
-            // Replay mode: the replica's progress goes to the primary even
-            // while no message comes (it may be holding its guest back).
-            let mut progress = tokio::time::interval(PROGRESS_EVERY);
-            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut session = None;
-            // The session this stream carries (for a post-copy that loses it).
-            let mut stream_session = None;
-            loop {
-                let next = tokio::select! {
-                    next = incoming.next() => next,
-                    // Post-copy: pages the VM here faulted on.
-                    _ = shared.postcopy_notify.notified() => {
-                        let wanted = shared
-                            .postcopy
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .as_ref()
-                            .filter(|p| Some(p.session) == stream_session)
-                            .map(|p| p.take_requests())
-                            .unwrap_or_default();
-                        if !wanted.is_empty() {
-                            let ack = Ack {
-                                generation: shared.generation().0,
-                                want_pages: wanted,
-                                ..Ack::default()
-                            };
-                            if tx.send(Ok(ack)).await.is_err() {
-                                break;
-                            }
-                        }
-                        continue;
-                    }
-                    _ = progress.tick() => {
-                        let Some(id) = session else { continue };
-                        let shared2 = shared.clone();
-                        let ack = tokio::task::block_in_place(|| {
-                            crate::receiver::progress_ack(&shared2, id)
-                        });
-                        if let Some(ack) = ack
-                            && tx.send(Ok(ack)).await.is_err()
-                        {
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                let msg = match next {
-                    Some(Ok(msg)) => msg,
-                    end => {
-                        if let Some(Err(status)) = end {
-                            tracing::debug!(%status, "replication stream ended");
-                        }
-                        break;
-                    }
-                };
-                stream_session = SessionId::from_raw(msg.session);
-                if msg.chunk.is_empty()
-                    && msg.trace_segment.is_empty()
-                    && msg.postcopy_pages.is_empty()
-                    && !msg.postcopy_done
-                {
-                    // A stream's opening word: which session it carries (a
-                    // post-copy learns of its source's loss by it).
-                    continue;
-                }
-                // Replay-mode sessions only: checkpoint mode never takes
-                // the state lock between its messages.
-                if !msg.trace_segment.is_empty()
-                    && let Some(id) = SessionId::from_raw(msg.session)
-                {
-                    session.get_or_insert(id);
-                }
-                let postcopy = !msg.postcopy_pages.is_empty() || msg.postcopy_done;
-                let shared2 = shared.clone();
-                let result = tokio::task::block_in_place(|| {
-                    if postcopy {
-                        crate::postcopy::receive(&shared2, &msg)
-                    } else {
-                        crate::receiver::receive_chunk(&shared2, msg)
-                    }
-                });
-                match result {
-                    Ok(None) => {}
-                    Ok(Some(ack)) => {
-                        if tx.send(Ok(ack)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(status) => {
-                        tracing::warn!(%status, "epoch refused; session ended, the primary must resync");
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                }
-            }
-            // However the stream ended (the peer's end, a refused message, or
-            // acks nobody reads any more): a post-copy it carried is lost.
-            if let Some(id) = stream_session {
-                crate::postcopy::stream_ended(&shared, id);
-            }
-        });
+        // The daemon's server reads this RPC without tonic's copies
+        // (`crate::stream`); this path serves a `ReplicationServer` built
+        // without it, with the same checks and the same session.
+        let (metadata, extensions, incoming) = req.into_parts();
+        let acks = self.open_replicate(&Request::from_parts(metadata, extensions, ()), incoming)?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(acks),
         )))
     }
 

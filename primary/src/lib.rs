@@ -56,7 +56,6 @@ use understudy_common::role::{HostIo, RunningVm};
 use understudy_common::status::{StateKind, Stats};
 use understudy_common::wire;
 use understudy_proto::EpochChunk;
-use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::replication_server::ReplicationServer;
 use understudy_vmm::deterministic::TraceMode;
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
@@ -593,8 +592,8 @@ pub async fn run(
             loop {
                 let offer = SessionOffer::new(generation, incarnation, previous)?;
                 match hello(&opts, &offer).await {
-                    HelloOutcome::Accepted(client) => {
-                        first_session = Some((offer, client));
+                    HelloOutcome::Accepted(channel) => {
+                        first_session = Some((offer, channel));
                         break;
                     }
                     HelloOutcome::Deposed(g) => return Err(fenced(g)),
@@ -1125,7 +1124,7 @@ fn accept_migration(
 /// Owns the gRPC side of each session until the primary stops or is fenced.
 async fn session_manager(
     shared: Arc<Shared>,
-    mut first: Option<(SessionOffer, ReplicationClient<Channel>)>,
+    mut first: Option<(SessionOffer, Channel)>,
     shutdown: CancellationToken,
 ) {
     let opts = shared.opts.clone();
@@ -1150,7 +1149,7 @@ async fn session_manager(
                     }
                 };
                 match hello(&opts, &offer).await {
-                    HelloOutcome::Accepted(client) => (offer, client),
+                    HelloOutcome::Accepted(channel) => (offer, channel),
                     HelloOutcome::Deposed(g) => {
                         shared.fence(g);
                         return;
@@ -1233,19 +1232,17 @@ async fn session_manager(
 
 /// One session: chunk stream out, acks in; the heartbeat thread beats for
 /// it. Returns why it ended.
-async fn run_session(
-    shared: &Arc<Shared>,
-    offer: SessionOffer,
-    mut client: ReplicationClient<Channel>,
-) -> String {
+async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, channel: Channel) -> String {
     let opts = &shared.opts;
     let generation = shared.generation;
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<EpochChunk>(64);
-    let acks = client
-        .replicate(tokio_stream::wrappers::ReceiverStream::new(chunk_rx))
-        .await;
+    let acks = understudy_proto::framing::replicate(
+        channel,
+        tokio_stream::wrappers::ReceiverStream::new(chunk_rx),
+    )
+    .await;
     let mut acks = match acks {
-        Ok(r) => r.into_inner(),
+        Ok(acks) => acks,
         Err(status) => return session_error(shared, &status),
     };
     shared

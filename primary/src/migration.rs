@@ -346,8 +346,8 @@ impl Link {
     ) -> Result<Self, MigrationError> {
         let offer =
             SessionOffer::new(generation, incarnation, None).map_err(MigrationError::Session)?;
-        let mut client = match hello_to(opts, target, &offer, true).await {
-            HelloOutcome::Accepted(c) => c,
+        let channel = match hello_to(opts, target, &offer, true).await {
+            HelloOutcome::Accepted(channel) => channel,
             HelloOutcome::Deposed(g) => {
                 return Err(MigrationError::Deposed(g));
             }
@@ -356,18 +356,20 @@ impl Link {
             | HelloOutcome::Unreachable(why) => return Err(MigrationError::Refused(why)),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
-        let handover_client = client.clone();
+        let handover_client = ReplicationClient::new(channel.clone());
         // A destination that took the Hello may still never answer the
         // stream (the link cut right after it, a frozen host): the stall rule
         // holds here too, or the migration would wait for ever.
         let mut acks = tokio::time::timeout(
             STALL_TIMEOUT,
-            client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            understudy_proto::framing::replicate(
+                channel,
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ),
         )
         .await
         .map_err(|_| MigrationError::Stalled(STALL_TIMEOUT))?
-        .map_err(|s| MigrationError::Refused(format!("{}: {}", s.code(), s.message())))?
-        .into_inner();
+        .map_err(|s| MigrationError::Refused(format!("{}: {}", s.code(), s.message())))?;
         // The stream's opening word: the destination learns which session
         // it carries before any data (a post-copy that loses it must know).
         tx.send(EpochChunk {

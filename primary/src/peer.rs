@@ -98,7 +98,8 @@ async fn connect_to(opts: &PrimaryOptions, target: &Target) -> Result<Channel, P
 
 /// What the backup said to a Hello.
 pub(crate) enum HelloOutcome {
-    Accepted(ReplicationClient<Channel>),
+    /// The connection the Hello went on: the session's stream goes on it.
+    Accepted(Channel),
     Deposed(u64),
     /// The backup holds another VM this primary would boot over: an
     /// operator decides; the primary waits.
@@ -151,7 +152,7 @@ pub(crate) async fn hello_to(
         Ok(c) => c,
         Err(e) => return HelloOutcome::Unreachable(wire::chain(&e)),
     };
-    let mut client = ReplicationClient::new(channel);
+    let mut client = ReplicationClient::new(channel.clone());
     let generation = offer.generation;
     let req = HelloRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -180,7 +181,7 @@ pub(crate) async fn hello_to(
         Err(_) => {
             HelloOutcome::Unreachable(format!("no answer to Hello within {PEER_CALL_TIMEOUT:?}"))
         }
-        Ok(Ok(_)) => HelloOutcome::Accepted(client),
+        Ok(Ok(_)) => HelloOutcome::Accepted(channel),
         // Only the backup's deliberate answers refuse us for good (wrong VM,
         // RAM size or protocol); anything else, such as a TLS handshake the
         // backup broke off or a reset connection, is worth another try.

@@ -30,6 +30,7 @@ use understudy::pair::LocalPair;
 use understudy_bench::{Report, Table, XorShift, num, real_memory};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
 use understudy_common::heartbeat::{Beater, SessionKey};
+use understudy_common::wire;
 use understudy_primary::link_rate::LinkRate;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
@@ -104,12 +105,19 @@ impl Session {
     }
 
     async fn open_with(addr: SocketAddr, policy: CodecPolicy, id: u64, ram: usize) -> Self {
-        let mut client = loop {
-            if let Ok(c) = ReplicationClient::connect(format!("http://{addr}")).await {
+        // The primary's connection settings (`understudy_primary::peer`).
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(wire::STREAM_WINDOW)
+            .initial_connection_window_size(wire::CONNECTION_WINDOW);
+        let channel = loop {
+            if let Ok(c) = endpoint.connect().await {
                 break c;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let mut client = ReplicationClient::new(channel.clone());
         let key = SessionKey::random().unwrap();
         let hello = HelloRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -126,11 +134,13 @@ impl Session {
         };
         client.hello(hello).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let acks = client
-            .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        // The stream as the primary opens it (chunks sent without a copy).
+        let acks = understudy_proto::framing::replicate(
+            channel,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )
+        .await
+        .unwrap();
         // Heartbeats, as a real primary sends them (or the backup promotes).
         let beater = Beater::start(addr, id, key, Duration::from_millis(10)).unwrap();
         let sender = SenderState::new("bench", (ram / PAGE_SIZE) as u32, 1, policy).unwrap();
