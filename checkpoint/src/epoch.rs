@@ -390,7 +390,7 @@ impl EpochEncoder<'_> {
             }
         }
         self.updates.push((page, hash));
-        self.append_entry(page);
+        self.append_entry(page, (codec == Codec::Raw).then_some(content));
         if let (Some(started), Some(out_len)) = (started, tried) {
             self.state.adaptive.record(out_len, started.elapsed());
         }
@@ -398,7 +398,8 @@ impl EpochEncoder<'_> {
     }
 
     /// Chooses the codec for one page and writes `codec + payload` to
-    /// `self.entry`; with it, the compressed length of a full-page
+    /// `self.entry` (for a raw page the codec byte alone: its content is
+    /// appended from where it is); with it, the compressed length of a full-page
     /// compression it tried (`PAGE_SIZE` if it did not pay), for the
     /// adaptive codec.
     fn encode_entry(
@@ -470,7 +471,8 @@ impl EpochEncoder<'_> {
                     };
                 }
             }
-            out.extend_from_slice(content);
+            // A raw page goes from `content` straight into the chunk
+            // (`append_entry`), not through `entry`.
             Codec::Raw
         };
         out[0] = codec as u8;
@@ -478,8 +480,9 @@ impl EpochEncoder<'_> {
     }
 
     /// Appends `self.entry` for `page` to the current Pages chunk, continuing the
-    /// current run if `page` follows it.
-    fn append_entry(&mut self, page: u32) {
+    /// current run if `page` follows it; a raw page's content is `raw`
+    /// (copied once, from where it is).
+    fn append_entry(&mut self, page: u32, raw: Option<&Page>) {
         if self.body.len() - CHUNK_HEADER_LEN + RUN_HEADER_LEN + MAX_ENTRY > MAX_CHUNK_BODY {
             self.flush_pages();
         }
@@ -498,6 +501,9 @@ impl EpochEncoder<'_> {
             }
         }
         self.body.extend_from_slice(&self.entry);
+        if let Some(content) = raw {
+            self.body.extend_from_slice(content);
+        }
     }
 
     fn push_chunk(&mut self, kind: ChunkKind, body: &[u8]) {
