@@ -588,18 +588,19 @@ async fn a_source_killed_during_postcopy_loses_the_vm_and_nothing_runs_a_half_vm
 }
 
 async fn killed_during_postcopy(guest: &str, settings: &str, source_faults: &str) {
-    // 64 MiB: more than the socket and HTTP/2 buffers between the hosts hold
-    // (with 16 MiB the source had sometimes pushed every page into them
-    // before the kill, and the destination rightly ran on).
-    let mut pair = Pair::with_memory(guest, 64, settings);
+    // 160 MiB: more than the socket and HTTP/2 buffers between the hosts
+    // hold (`wire::STREAM_WINDOW` is 64 MiB; with a VM that fitted in them
+    // the source had sometimes pushed every page before the kill, and the
+    // destination rightly ran on).
+    let mut pair = Pair::with_memory(guest, 160, settings);
     pair.primary = Some(pair.spawn_with_env(
         "primary",
         &[],
         &[("UNDERSTUDY_FAULTS", source_faults.to_owned())],
     ));
     pair.wait_protected().await;
-    // Every page message takes 30 ms to install: a post-copy of ~8 s.
-    let mut dest = Destination::start_full(guest, 64, settings, "backup.postcopy.pages~30");
+    // Every page message takes 30 ms to install: a post-copy of many seconds.
+    let mut dest = Destination::start_full(guest, 160, settings, "backup.postcopy.pages~30");
     dest.wait_incoming().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     let child = migrate(&pair, &dest, "postcopy");
