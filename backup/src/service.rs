@@ -316,6 +316,9 @@ impl Replication for ReplicationService {
                     protocol_version: PROTOCOL_VERSION,
                     generation: req.generation,
                     image_status: "syncing".into(),
+                    // The decoder hashes every page it stages and checks the
+                    // epoch's digest: no body CRC needed on Pages chunks.
+                    pages_by_hash: true,
                 }))
             }
             Decision::Deposed(_) => Err(shared.deposed(claim.generation)),

@@ -7,6 +7,15 @@
 //! ```
 //! All integers little-endian; CRCs are CRC-32C. An epoch is the sequence
 //! `Begin, Pages*, Device*, End` with `seq` counting from 0 (see `epoch.rs`).
+//!
+//! A Pages chunk may carry [`FLAG_PAGES_BY_HASH`]: its body CRC is 0 and not
+//! checked, because its pages are checked another way: the decoder hashes
+//! every page it stages, and a checkpoint's End digest must match the image
+//! those hashes make (a sync round's pages by the first checkpoint after
+//! it). The CRC was a third pass over every byte on each side (after the
+//! copy and the page hash). A primary sets the flag only for a backup that
+//! says in its `HelloReply` that it takes it (`pages_by_hash`); a release
+//! before the flag refuses such a chunk as corrupt.
 
 use crate::codec::Reader;
 
@@ -18,6 +27,9 @@ pub const CHUNK_FORMAT_VERSION: u16 = 1;
 pub const CHUNK_HEADER_LEN: usize = 32;
 /// Largest chunk body: a stream can carry any epoch in chunks well under 1 MiB.
 pub const MAX_CHUNK_BODY: usize = 256 * 1024;
+/// Header flag: a Pages chunk whose body is checked by its page hashes
+/// against the epoch's digest, not by a CRC (see the module's doc).
+pub const FLAG_PAGES_BY_HASH: u8 = 0x01;
 
 /// What a chunk carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +113,17 @@ pub enum ChunkError {
     /// The body's CRC does not match.
     #[error("chunk body checksum mismatch: the chunk is corrupt")]
     BodyChecksum,
+    /// Header flags this build does not know, or on a kind they do not fit.
+    #[error(
+        "chunk flags {flags:#04x} are not valid on a {kind:?} chunk (this build knows \
+         {FLAG_PAGES_BY_HASH:#04x}, on Pages chunks only)"
+    )]
+    BadFlags {
+        /// The flags byte.
+        flags: u8,
+        /// The chunk's kind.
+        kind: ChunkKind,
+    },
 }
 
 /// Frames `body` as a chunk.
@@ -115,17 +138,32 @@ pub fn frame(kind: ChunkKind, epoch: u64, seq: u32, body: &[u8]) -> Vec<u8> {
 /// Frames in place: `buf` holds [`CHUNK_HEADER_LEN`] bytes of room followed by
 /// the body, and gets its header written (no copy of the body).
 pub fn seal(kind: ChunkKind, epoch: u64, seq: u32, buf: &mut [u8]) {
+    seal_with(kind, 0, epoch, seq, buf);
+}
+
+/// [`seal`] for a Pages chunk whose pages the receiver checks by their
+/// hashes ([`FLAG_PAGES_BY_HASH`]): no CRC over the body.
+pub fn seal_pages_by_hash(epoch: u64, seq: u32, buf: &mut [u8]) {
+    seal_with(ChunkKind::Pages, FLAG_PAGES_BY_HASH, epoch, seq, buf);
+}
+
+fn seal_with(kind: ChunkKind, flags: u8, epoch: u64, seq: u32, buf: &mut [u8]) {
     debug_assert!(buf.len() >= CHUNK_HEADER_LEN);
     let (header, body) = buf.split_at_mut(CHUNK_HEADER_LEN);
     debug_assert!(body.len() <= MAX_CHUNK_BODY);
     header[0..4].copy_from_slice(&CHUNK_MAGIC);
     header[4..6].copy_from_slice(&CHUNK_FORMAT_VERSION.to_le_bytes());
     header[6] = kind as u8;
-    header[7] = 0;
+    header[7] = flags;
     header[8..16].copy_from_slice(&epoch.to_le_bytes());
     header[16..20].copy_from_slice(&seq.to_le_bytes());
     header[20..24].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    header[24..28].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let body_crc = if flags & FLAG_PAGES_BY_HASH != 0 {
+        0
+    } else {
+        crc32c::crc32c(body)
+    };
+    header[24..28].copy_from_slice(&body_crc.to_le_bytes());
     let header_crc = crc32c::crc32c(&header[..28]);
     header[28..32].copy_from_slice(&header_crc.to_le_bytes());
 }
@@ -154,7 +192,10 @@ pub fn parse(bytes: &[u8]) -> Result<(ChunkHeader, &[u8]), ChunkError> {
     }
     let kind_byte = r.u8().ok_or(truncated.clone())?;
     let kind = ChunkKind::from_u8(kind_byte).ok_or(ChunkError::UnknownKind(kind_byte))?;
-    let _flags = r.u8();
+    let flags = r.u8().ok_or(truncated.clone())?;
+    if flags & !FLAG_PAGES_BY_HASH != 0 || (flags != 0 && kind != ChunkKind::Pages) {
+        return Err(ChunkError::BadFlags { flags, kind });
+    }
     let epoch = r.u64().ok_or(truncated.clone())?;
     let seq = r.u32().ok_or(truncated.clone())?;
     let body_len = r.u32().ok_or(truncated.clone())? as usize;
@@ -168,7 +209,13 @@ pub fn parse(bytes: &[u8]) -> Result<(ChunkHeader, &[u8]), ChunkError> {
             actual: body.len(),
         });
     }
-    if crc32c::crc32c(body) != body_crc {
+    let checked = if flags & FLAG_PAGES_BY_HASH != 0 {
+        // Checked by the decoder's page hashes; the field must say so.
+        body_crc == 0
+    } else {
+        crc32c::crc32c(body) == body_crc
+    };
+    if !checked {
         return Err(ChunkError::BodyChecksum);
     }
     Ok((ChunkHeader { kind, epoch, seq }, body))
@@ -218,6 +265,36 @@ mod tests {
             parse(&longer),
             Err(ChunkError::LengthMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_pages_chunk_checked_by_hash_has_no_body_crc_and_only_pages_may() {
+        let mut chunk = vec![0u8; CHUNK_HEADER_LEN];
+        chunk.extend_from_slice(b"pages");
+        seal_pages_by_hash(9, 2, &mut chunk);
+        assert_eq!(&chunk[24..28], &[0; 4]);
+        let (h, body) = parse(&chunk).unwrap();
+        assert_eq!(
+            (h.kind, h.epoch, h.seq, body),
+            (ChunkKind::Pages, 9, 2, &b"pages"[..])
+        );
+        // The header is still checked, and the body's CRC field must be 0.
+        for i in 0..CHUNK_HEADER_LEN {
+            let mut bad = chunk.clone();
+            bad[i] ^= 0x01;
+            assert!(parse(&bad).is_err(), "flip of header byte {i} accepted");
+        }
+        // The flag on another kind, or an unknown flag: refused by name.
+        for (kind, flags) in [
+            (ChunkKind::Begin, FLAG_PAGES_BY_HASH),
+            (ChunkKind::Device, FLAG_PAGES_BY_HASH),
+            (ChunkKind::End, FLAG_PAGES_BY_HASH),
+            (ChunkKind::Pages, 0x02),
+        ] {
+            let mut c = vec![0u8; CHUNK_HEADER_LEN + 3];
+            seal_with(kind, flags, 1, 0, &mut c);
+            assert_eq!(parse(&c), Err(ChunkError::BadFlags { flags, kind }));
+        }
     }
 
     #[test]

@@ -153,6 +153,8 @@ pub struct SenderState {
     cache: Option<LruCache<u32, Box<Page>>>,
     adaptive: Adaptive,
     last_epoch: Option<u64>,
+    /// Pages chunks go without a body CRC ([`chunk::FLAG_PAGES_BY_HASH`]).
+    pages_by_hash: bool,
 }
 
 impl SenderState {
@@ -183,6 +185,7 @@ impl SenderState {
             cache,
             adaptive: Adaptive::default(),
             last_epoch: None,
+            pages_by_hash: false,
         })
     }
 
@@ -200,6 +203,13 @@ impl SenderState {
     /// How pages are encoded.
     pub fn policy(&self) -> CodecPolicy {
         self.policy
+    }
+
+    /// Seals Pages chunks without a body CRC, their pages checked by hash
+    /// ([`chunk::FLAG_PAGES_BY_HASH`]): only for a receiver that said it
+    /// takes them (off by default; a receiver before the flag refuses them).
+    pub fn set_pages_by_hash(&mut self, on: bool) {
+        self.pages_by_hash = on;
     }
 
     /// The link's measured rate, bytes per second, for the adaptive policy
@@ -318,17 +328,26 @@ impl EpochEncoder<'_> {
     /// Adds dirty page `page` with its content at the pause.
     pub fn add_page(&mut self, page: u32, content: &Page) -> Result<(), EncodeError> {
         let zero = self.state.policy.zero && is_zero(content);
-        self.add(page, content, zero)
+        self.add(page, content, zero, zero)
     }
 
     /// Adds page `page`, known to be all zeros without reading it (a page
     /// the guest never touched). Under a policy without zero pages it goes
     /// raw, like any other.
     pub fn add_zero_page(&mut self, page: u32) -> Result<(), EncodeError> {
-        self.add(page, &ZERO_PAGE, self.state.policy.zero)
+        self.add(page, &ZERO_PAGE, self.state.policy.zero, true)
     }
 
-    fn add(&mut self, page: u32, content: &Page, zero: bool) -> Result<(), EncodeError> {
+    /// `zero`: the page goes as a zero page; `known_zero`: its content is
+    /// known to be zeros (its hash is known without hashing it, even when
+    /// the policy sends it raw).
+    fn add(
+        &mut self,
+        page: u32,
+        content: &Page,
+        zero: bool,
+        known_zero: bool,
+    ) -> Result<(), EncodeError> {
         if page >= self.header.ram_pages {
             return Err(EncodeError::PageOutOfRange {
                 page,
@@ -350,7 +369,7 @@ impl EpochEncoder<'_> {
         let timed = self.state.policy.adaptive && !zero && self.state.adaptive.sampling();
         let started = timed.then(Instant::now);
         // A zero page's hash is known without hashing it.
-        let hash = if zero {
+        let hash = if known_zero {
             zero_page_hash()
         } else {
             page_hash(content)
@@ -520,7 +539,11 @@ impl EpochEncoder<'_> {
     fn flush_pages(&mut self) {
         if self.body.len() > CHUNK_HEADER_LEN {
             let mut framed = std::mem::replace(&mut self.body, fresh_body());
-            chunk::seal(ChunkKind::Pages, self.header.epoch, self.seq, &mut framed);
+            if self.state.pages_by_hash {
+                chunk::seal_pages_by_hash(self.header.epoch, self.seq, &mut framed);
+            } else {
+                chunk::seal(ChunkKind::Pages, self.header.epoch, self.seq, &mut framed);
+            }
             self.push_framed(framed);
         }
         self.run_header = None;

@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use understudy_checkpoint::CodecPolicy;
 use understudy_checkpoint::trace::TraceWriter;
 use understudy_common::ids::{
@@ -62,7 +61,7 @@ use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
 
 use crate::beats::Beats;
 use crate::host_state::{HostState, HostStateError, RunRecord};
-use crate::peer::{HelloOutcome, RunsHere, SessionOffer, hello, probe};
+use crate::peer::{Accepted, HelloOutcome, RunsHere, SessionOffer, hello, probe};
 use crate::releaser::Releaser;
 use crate::replicator::Replicator;
 use crate::witness::{Seat, Verdict};
@@ -262,6 +261,8 @@ struct SessionLink {
     id: SessionId,
     chunks: tokio::sync::mpsc::Sender<EpochChunk>,
     broken: Arc<AtomicBool>,
+    /// The backup takes Pages chunks checked by hash (no body CRC).
+    pages_by_hash: bool,
 }
 
 /// The role's phase.
@@ -592,8 +593,8 @@ pub async fn run(
             loop {
                 let offer = SessionOffer::new(generation, incarnation, previous)?;
                 match hello(&opts, &offer).await {
-                    HelloOutcome::Accepted(channel) => {
-                        first_session = Some((offer, channel));
+                    HelloOutcome::Accepted(accepted) => {
+                        first_session = Some((offer, accepted));
                         break;
                     }
                     HelloOutcome::Deposed(g) => return Err(fenced(g)),
@@ -1124,7 +1125,7 @@ fn accept_migration(
 /// Owns the gRPC side of each session until the primary stops or is fenced.
 async fn session_manager(
     shared: Arc<Shared>,
-    mut first: Option<(SessionOffer, Channel)>,
+    mut first: Option<(SessionOffer, Accepted)>,
     shutdown: CancellationToken,
 ) {
     let opts = shared.opts.clone();
@@ -1149,7 +1150,7 @@ async fn session_manager(
                     }
                 };
                 match hello(&opts, &offer).await {
-                    HelloOutcome::Accepted(channel) => (offer, channel),
+                    HelloOutcome::Accepted(accepted) => (offer, accepted),
                     HelloOutcome::Deposed(g) => {
                         shared.fence(g);
                         return;
@@ -1232,12 +1233,12 @@ async fn session_manager(
 
 /// One session: chunk stream out, acks in; the heartbeat thread beats for
 /// it. Returns why it ended.
-async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, channel: Channel) -> String {
+async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, accepted: Accepted) -> String {
     let opts = &shared.opts;
     let generation = shared.generation;
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<EpochChunk>(64);
     let acks = understudy_proto::framing::replicate(
-        channel,
+        accepted.channel,
         tokio_stream::wrappers::ReceiverStream::new(chunk_rx),
     )
     .await;
@@ -1253,6 +1254,7 @@ async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, channel: Channel
         id: offer.id,
         chunks: chunk_tx,
         broken: broken.clone(),
+        pages_by_hash: accepted.pages_by_hash,
     }));
     let give_up = understudy_common::heartbeat::primary_gives_up(opts.heartbeat_timeout);
     let mut last_ack = Instant::now();

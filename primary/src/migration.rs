@@ -347,7 +347,8 @@ impl Link {
         let offer =
             SessionOffer::new(generation, incarnation, None).map_err(MigrationError::Session)?;
         let channel = match hello_to(opts, target, &offer, true).await {
-            HelloOutcome::Accepted(channel) => channel,
+            // A migration's stream seals every chunk with its CRC.
+            HelloOutcome::Accepted(accepted) => accepted.channel,
             HelloOutcome::Deposed(g) => {
                 return Err(MigrationError::Deposed(g));
             }

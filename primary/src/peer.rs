@@ -98,14 +98,21 @@ async fn connect_to(opts: &PrimaryOptions, target: &Target) -> Result<Channel, P
 
 /// What the backup said to a Hello.
 pub(crate) enum HelloOutcome {
-    /// The connection the Hello went on: the session's stream goes on it.
-    Accepted(Channel),
+    Accepted(Accepted),
     Deposed(u64),
     /// The backup holds another VM this primary would boot over: an
     /// operator decides; the primary waits.
     HoldsVm(String),
     Refused(String),
     Unreachable(String),
+}
+
+/// A backup that took the Hello.
+pub(crate) struct Accepted {
+    /// The connection the Hello went on: the session's stream goes on it.
+    pub channel: Channel,
+    /// It takes Pages chunks checked by their page hashes (no body CRC).
+    pub pages_by_hash: bool,
 }
 
 /// One replication session's identity, as the primary opens it.
@@ -181,7 +188,10 @@ pub(crate) async fn hello_to(
         Err(_) => {
             HelloOutcome::Unreachable(format!("no answer to Hello within {PEER_CALL_TIMEOUT:?}"))
         }
-        Ok(Ok(_)) => HelloOutcome::Accepted(channel),
+        Ok(Ok(reply)) => HelloOutcome::Accepted(Accepted {
+            channel,
+            pages_by_hash: reply.into_inner().pages_by_hash,
+        }),
         // Only the backup's deliberate answers refuse us for good (wrong VM,
         // RAM size or protocol); anything else, such as a TLS handshake the
         // backup broke off or a reset connection, is worth another try.

@@ -428,6 +428,7 @@ impl Replicator {
                 Ok(s) => s,
                 Err(e) => return SessionEnd::Failed(InternalError::Encode(e)),
             };
+        sender.set_pages_by_hash(link.pages_by_hash);
         // Clear the dirty log, then copy everything while the guest runs: any
         // page written after the clear is dirty again for the next round.
         if let Err(e) = self.vm().harvest_dirty() {

@@ -132,7 +132,7 @@ impl Session {
             migration: false,
             witness_key: String::new(),
         };
-        client.hello(hello).await.unwrap();
+        let reply = client.hello(hello).await.unwrap().into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         // The stream as the primary opens it (chunks sent without a copy).
         let acks = understudy_proto::framing::replicate(
@@ -143,7 +143,10 @@ impl Session {
         .unwrap();
         // Heartbeats, as a real primary sends them (or the backup promotes).
         let beater = Beater::start(addr, id, key, Duration::from_millis(10)).unwrap();
-        let sender = SenderState::new("bench", (ram / PAGE_SIZE) as u32, 1, policy).unwrap();
+        let mut sender = SenderState::new("bench", (ram / PAGE_SIZE) as u32, 1, policy).unwrap();
+        // As the primary does: no body CRC on Pages chunks for a backup that
+        // checks them by their page hashes.
+        sender.set_pages_by_hash(reply.pages_by_hash);
         Self {
             tx,
             acks: Some(acks),
