@@ -272,16 +272,29 @@ async fn raw_replicate(
     .flatten()
 }
 
+/// A channel to `addr` without TLS.
+async fn plaintext_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// One gRPC message as it goes on the wire: `flag`, the length it claims
+/// (not checked against `body`), `body`.
+fn grpc_message(flag: u8, len: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![flag];
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
 /// Malformed gRPC framing on the replication stream, as a peer that does
 /// not use a gRPC library could send it.
 fn hostile_framing(rng: &mut Rng) -> bytes::Bytes {
     let mut out = Vec::new();
-    let message = |flag: u8, len: u32, body: &[u8]| {
-        let mut m = vec![flag];
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    };
+    let message = grpc_message;
     match rng.next() % 5 {
         // Compressed (this stream takes no gRPC compression).
         0 => out.extend(message(1, 8, &rng.bytes(8))),
@@ -494,18 +507,8 @@ async fn hostile_round(
 async fn malformed_framing_on_the_replication_stream_is_refused_by_name() {
     let _serial = common::serial().await;
     let pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
-    let mut channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", pair.addrs.replication))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let framed = |flag: u8, len: u32, body: &[u8]| {
-        let mut m = vec![flag];
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(body);
-        bytes::Bytes::from(m)
-    };
+    let mut channel = plaintext_channel(pair.addrs.replication).await;
+    let framed = |flag, len, body: &[u8]| bytes::Bytes::from(grpc_message(flag, len, body));
     let cases = [
         (
             "compressed",
@@ -557,12 +560,7 @@ async fn a_hostile_peer_speaking_the_replication_protocol_cannot_take_the_vm_dow
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
-    let mut channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", pair.addrs.replication))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+    let mut channel = plaintext_channel(pair.addrs.replication).await;
     let mut client = ReplicationClient::new(channel.clone());
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()));

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Model, Rng, decode, encode, synced_store};
+use common::{Model, Rng, decode, encode, synced_store, syncing_store};
 use understudy_checkpoint::chunk::{self, ChunkKind};
 use understudy_checkpoint::epoch::{EpochKind, SenderState};
 use understudy_checkpoint::store::{ImageStatus, ImageStore, Recovery, StoreError};
@@ -140,14 +140,7 @@ fn a_page_flipped_in_a_sync_round_checked_by_hash_is_caught_by_the_first_checkpo
         model.mutate(&mut rng);
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut store = ImageStore::create(
-        &dir.path().join("img"),
-        "vm-test",
-        model.mem.len() as u64,
-        Default::default(),
-    )
-    .unwrap();
-    store.begin_sync(1, 7).unwrap();
+    let mut store = syncing_store(&dir.path().join("img"), &model);
     let mut sender = SenderState::new("vm-test", model.pages(), 1, CodecPolicy::RAW).unwrap();
     sender.set_pages_by_hash(true);
     let all: Vec<u32> = (0..model.pages()).collect();

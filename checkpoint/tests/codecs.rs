@@ -10,7 +10,6 @@ use proptest::prelude::*;
 use understudy_checkpoint::PAGE_SIZE;
 use understudy_checkpoint::epoch::{EpochKind, SenderState};
 use understudy_checkpoint::store::ImageStatus;
-use understudy_checkpoint::store::ImageStore;
 use understudy_checkpoint::{Codec, CodecPolicy, CommittedImage, Compression};
 
 fn policies() -> Vec<(&'static str, CodecPolicy)> {
@@ -197,14 +196,7 @@ fn zero_pages_are_neither_staged_nor_rewritten_and_leave_no_stale_delta_base() {
         model.mem[p as usize * PAGE_SIZE..][..8].copy_from_slice(&u64::from(p + 1).to_le_bytes());
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut store = ImageStore::create(
-        &dir.path().join("img"),
-        "vm-test",
-        model.mem.len() as u64,
-        Default::default(),
-    )
-    .unwrap();
-    store.begin_sync(1, 7).unwrap();
+    let mut store = common::syncing_store(&dir.path().join("img"), &model);
     let mut sender = SenderState::new("vm-test", PAGES, 1, policy).unwrap();
     // A sync round with the upper half "never touched": sent without reading.
     let mut enc = sender.begin(1, EpochKind::SyncRound).unwrap();

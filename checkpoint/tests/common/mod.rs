@@ -158,14 +158,20 @@ pub fn ship(
 }
 
 /// A fresh store fully synced with `model` and committed at epoch 0.
+/// A new image store for `model`'s VM (`vm-test`), its first sync begun.
+pub fn syncing_store(dir: &std::path::Path, model: &Model) -> ImageStore {
+    let mut store =
+        ImageStore::create(dir, "vm-test", model.mem.len() as u64, Default::default()).unwrap();
+    store.begin_sync(1, 7).unwrap();
+    store
+}
+
 pub fn synced_store(
     dir: &std::path::Path,
     model: &Model,
     policy: CodecPolicy,
 ) -> (SenderState, ImageStore) {
-    let mut store =
-        ImageStore::create(dir, "vm-test", model.mem.len() as u64, Default::default()).unwrap();
-    store.begin_sync(1, 7).unwrap();
+    let mut store = syncing_store(dir, model);
     let mut sender = SenderState::new("vm-test", model.pages(), 1, policy).unwrap();
     let all: Vec<u32> = (0..model.pages()).collect();
     ship(
