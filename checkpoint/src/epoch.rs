@@ -381,7 +381,8 @@ impl EpochEncoder<'_> {
         self.report.pages_by_codec[codec as usize] += 1;
         self.report.pages += 1;
         self.report.bytes_in += PAGE_SIZE as u64;
-        if codec != Codec::Zero {
+        // Only dedup looks pages up by content (`RepeatOf`).
+        if codec != Codec::Zero && self.state.policy.dedup {
             self.seen.entry(hash).or_insert(page);
         }
         if let Some(cache) = &mut self.state.cache {

@@ -312,6 +312,8 @@ pub(crate) struct Link {
     acked: Arc<EpochCell>,
     why: Arc<Mutex<Option<String>>>,
     generation: u64,
+    /// The destination takes Pages chunks checked by hash (no body CRC).
+    pages_by_hash: bool,
     /// Chunks encoded and not yet handed to the stream.
     outbox: std::collections::VecDeque<EpochChunk>,
     /// Epochs sent and not yet acked, with their bytes.
@@ -346,9 +348,8 @@ impl Link {
     ) -> Result<Self, MigrationError> {
         let offer =
             SessionOffer::new(generation, incarnation, None).map_err(MigrationError::Session)?;
-        let channel = match hello_to(opts, target, &offer, true).await {
-            // A migration's stream seals every chunk with its CRC.
-            HelloOutcome::Accepted(accepted) => accepted.channel,
+        let accepted = match hello_to(opts, target, &offer, true).await {
+            HelloOutcome::Accepted(accepted) => accepted,
             HelloOutcome::Deposed(g) => {
                 return Err(MigrationError::Deposed(g));
             }
@@ -357,14 +358,14 @@ impl Link {
             | HelloOutcome::Unreachable(why) => return Err(MigrationError::Refused(why)),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
-        let handover_client = ReplicationClient::new(channel.clone());
+        let handover_client = ReplicationClient::new(accepted.channel.clone());
         // A destination that took the Hello may still never answer the
         // stream (the link cut right after it, a frozen host): the stall rule
         // holds here too, or the migration would wait for ever.
         let mut acks = tokio::time::timeout(
             STALL_TIMEOUT,
             understudy_proto::framing::replicate(
-                channel,
+                accepted.channel,
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ),
         )
@@ -433,6 +434,7 @@ impl Link {
             acked,
             why,
             generation,
+            pages_by_hash: accepted.pages_by_hash,
             outbox: Default::default(),
             unacked: Default::default(),
             unacked_bytes: 0,
@@ -840,8 +842,10 @@ impl Migration {
             generation,
             incarnation,
         ))?;
-        let sender = SenderState::new(&opts.vm_id, self.ram_pages as u32, generation, opts.codec)
-            .map_err(MigrationError::Encoder)?;
+        let mut sender =
+            SenderState::new(&opts.vm_id, self.ram_pages as u32, generation, opts.codec)
+                .map_err(MigrationError::Encoder)?;
+        sender.set_pages_by_hash(link.pages_by_hash);
         self.link = Some(link);
         self.sender = Some(sender);
         self.setup = self.requested.elapsed();
