@@ -42,12 +42,10 @@ impl NamedService for Router {
     const NAME: &'static str = <ReplicationServer<ReplicationService> as NamedService>::NAME;
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
-
 impl tonic::codegen::Service<http::Request<Body>> for Router {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<Self::Response>;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Infallible>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

@@ -202,12 +202,17 @@ pub fn decode_epoch_chunk(message: Segments) -> Result<EpochChunk, Status> {
     })
 }
 
+/// The prefix of an uncompressed message of `len` bytes.
+fn put_prefix(out: &mut BytesMut, len: usize) {
+    out.put_u8(0);
+    out.put_u32(len as u32);
+}
+
 /// A small message with its gRPC prefix, in one buffer.
 pub fn encode_message<M: Message>(message: &M) -> Bytes {
     let len = message.encoded_len();
     let mut out = BytesMut::with_capacity(PREFIX_LEN + len);
-    out.put_u8(0);
-    out.put_u32(len as u32);
+    put_prefix(&mut out, len);
     // A BytesMut grows as needed: encoding into it cannot fail.
     let _ = message.encode(&mut out);
     out.freeze()
@@ -229,8 +234,7 @@ pub fn epoch_chunk_frames(mut msg: EpochChunk) -> [Bytes; 2] {
             + chunk.len()
     };
     let mut head = BytesMut::with_capacity(PREFIX_LEN + head_len + 16);
-    head.put_u8(0);
-    head.put_u32((head_len + chunk_field) as u32);
+    put_prefix(&mut head, head_len + chunk_field);
     let _ = msg.encode(&mut head);
     if !chunk.is_empty() {
         prost::encoding::encode_key(
