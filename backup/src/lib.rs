@@ -225,6 +225,9 @@ struct Shared {
     /// lock (probes answer at once even while a commit waits for the disk).
     generation: AtomicU64,
     runs_here: AtomicBool,
+    /// Set when a primary says Hello: a fresh image stops being read ahead
+    /// (`warm_in_background`).
+    warm_stop: Arc<AtomicBool>,
     /// Cancelled when the VM goes to the primary role (it leaves this role),
     /// or a post-copy failed.
     handed_over: CancellationToken,
@@ -278,7 +281,8 @@ pub async fn run(
     host: HostIo,
     shutdown: CancellationToken,
 ) -> Result<BackupExit, BackupError> {
-    let store = open_store(&opts)?;
+    let warm_stop = Arc::new(AtomicBool::new(false));
+    let store = open_store(&opts, &warm_stop)?;
     let generation = Generation(store.generation());
     let stats = &host.stats;
     stats.generation.store(generation.0, Ordering::Release);
@@ -316,6 +320,7 @@ pub async fn run(
         watch: watch.clone(),
         generation: AtomicU64::new(generation.0),
         runs_here: AtomicBool::new(false),
+        warm_stop,
         handed_over: CancellationToken::new(),
         postcopy: Mutex::new(None),
         postcopy_notify: tokio::sync::Notify::new(),
@@ -431,14 +436,20 @@ pub async fn run(
 /// record or pages are damaged, as a power loss without fsync can leave
 /// them) is moved aside to `<image_dir>.discarded` and replaced by an empty
 /// one, so the primary resyncs: a backup that cannot start helps nobody.
-fn open_store(opts: &BackupOptions) -> Result<ImageStore, BackupError> {
+fn open_store(
+    opts: &BackupOptions,
+    warm_stop: &Arc<AtomicBool>,
+) -> Result<ImageStore, BackupError> {
     let store_opts = StoreOptions { fsync: opts.fsync };
     let image = |source| BackupError::Image {
         dir: opts.image_dir.clone(),
         source,
     };
-    let create = || {
-        ImageStore::create(&opts.image_dir, &opts.vm_id, opts.ram_bytes, store_opts).map_err(image)
+    let create = || -> Result<ImageStore, BackupError> {
+        let store = ImageStore::create(&opts.image_dir, &opts.vm_id, opts.ram_bytes, store_opts)
+            .map_err(image)?;
+        warm_in_background(store.memory_path(), warm_stop.clone());
+        Ok(store)
     };
     let store = if opts.image_dir.join("meta").exists() {
         match ImageStore::open(&opts.image_dir, store_opts) {
@@ -485,6 +496,32 @@ fn open_store(opts: &BackupOptions) -> Result<ImageStore, BackupError> {
         }));
     }
     Ok(store)
+}
+
+/// Takes a fresh image's memory while the backup waits for its first
+/// primary (see [`understudy_checkpoint::store::warm_image`]); `stop` ends
+/// it early. The daemon does not wait for it.
+fn warm_in_background(memory: PathBuf, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("image-warm".into())
+        .spawn(
+            move || match understudy_checkpoint::store::warm_image(&memory, &stop) {
+                Ok(w) => tracing::info!(
+                    mib = w.bytes >> 20,
+                    took_ms = w.took.as_millis() as u64,
+                    stopped_by_a_primary = w.stopped,
+                    "read the new image into the page cache ahead of the first sync"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    path = %memory.display(),
+                    "cannot read the new image ahead of the first sync (it only runs slower)"
+                ),
+            },
+        );
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the thread that reads the new image ahead");
+    }
 }
 
 /// After a silence the witness could not be asked about, the detector is

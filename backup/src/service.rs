@@ -219,6 +219,9 @@ impl ReplicationService {
                 )));
             }
         };
+        // A sync is about to write the image: reading it ahead would only
+        // compete with it now.
+        shared.warm_stop.store(true, Ordering::Relaxed);
         let mut state = shared.lock();
         let Phase::Standby(standby) = &mut state.phase else {
             return Err(shared.deposed(Generation(req.generation)));

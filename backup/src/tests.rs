@@ -66,6 +66,7 @@ fn backup(dir: &std::path::Path) -> Arc<Shared> {
         watch: crate::watch::Watch::new(),
         generation: AtomicU64::new(0),
         runs_here: AtomicBool::new(false),
+        warm_stop: Default::default(),
         handed_over: CancellationToken::new(),
         postcopy: Mutex::new(None),
         postcopy_notify: tokio::sync::Notify::new(),
@@ -181,7 +182,12 @@ async fn a_checkpoint_commits_acks_and_arms_the_detector() {
         "nothing to promote before a session"
     );
     let mut primary = Primary::new(42, 1);
+    assert!(!shared.warm_stop.load(std::sync::atomic::Ordering::Relaxed));
     protected(&shared, &mut primary).await;
+    assert!(
+        shared.warm_stop.load(std::sync::atomic::Ordering::Relaxed),
+        "a Hello stops the image being read ahead"
+    );
     assert_eq!(committed(&shared), Some(2));
     assert!(shared.watch.armed());
     assert!(
