@@ -319,7 +319,7 @@ fn prepare_from_replica(
     }))
 }
 
-fn prepare(standby: &Standby, replay: bool) -> Result<Prepared, PromotionError> {
+fn prepare(standby: &mut Standby, replay: bool) -> Result<Prepared, PromotionError> {
     let promotable = standby
         .store
         .promotable()
@@ -328,24 +328,27 @@ fn prepare(standby: &Standby, replay: bool) -> Result<Prepared, PromotionError> 
         CheckpointPayload::decode(&promotable.device_state).map_err(PromotionError::Payload)?;
     let vm_state = VmState::decode(&payload.vm_state).map_err(PromotionError::VmState)?;
     let path = standby.store.memory_path();
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|source| PromotionError::OpenRam {
-            path: path.clone(),
-            source,
-        })?;
-    let ram = GuestRam::new(
-        vm_state.memory.size_bytes as usize,
-        RamBacking::SharedFile(file),
-    )
-    .map_err(PromotionError::Ram)?;
+    let open_ram = || {
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| PromotionError::OpenRam {
+                path: path.clone(),
+                source,
+            })?;
+        GuestRam::new(
+            vm_state.memory.size_bytes as usize,
+            RamBacking::SharedFile(file),
+        )
+        .map_err(PromotionError::Ram)
+    };
     fault::check("backup.promote.restore").map_err(PromotionError::Fault)?;
     // Replay mode: the VM records from its checkpoint on, so that the new
     // primary protects it by its log too.
     let (vm, console, trace) = match (replay, vm_state.deterministic) {
         (true, Some(det)) => {
+            let ram = open_ram()?;
             let (sink, trace) = crossbeam_channel::unbounded();
             let stream = understudy_common::ids::random_stream().ok_or_else(|| {
                 PromotionError::Thread(std::io::Error::other("the kernel gave no randomness"))
@@ -363,8 +366,13 @@ fn prepare(standby: &Standby, replay: bool) -> Result<Prepared, PromotionError> 
             (vm, console, Some(trace))
         }
         _ => {
-            let (vm, console) =
-                Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
+            // Into the VM built ahead over the image, if there is one (a
+            // failed restore used it up: the next promotion builds its own).
+            let (vm, console) = match standby.shell.take() {
+                Some(shell) => Vm::restore_in(shell, &vm_state, true),
+                None => Vm::restore(&vm_state, open_ram()?, true),
+            }
+            .map_err(PromotionError::Restore)?;
             (vm, console, None)
         }
     };

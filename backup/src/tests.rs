@@ -61,6 +61,7 @@ fn backup(dir: &std::path::Path) -> Arc<Shared> {
                 buffers: StagingBuffers::default(),
                 session: None,
                 stale: None,
+                shell: None,
             })),
         }),
         watch: crate::watch::Watch::new(),

@@ -692,6 +692,12 @@ impl ImageStore {
         &self.dir
     }
 
+    /// The RAM file, opened again (the same file the store writes, even if
+    /// its path were replaced): for a VM that maps it.
+    pub fn ram_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Path of the RAM file (what the VM maps on promotion).
     pub fn memory_path(&self) -> PathBuf {
         self.dir.join(MEMORY_FILE)

@@ -177,7 +177,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         if r.mode == "replay" {
             "the replica replays the rest of the log"
         } else {
-            "map image, restore state"
+            "restore state into the VM built ahead"
         }
     );
     println!(

@@ -30,4 +30,4 @@ pub use loader::{BootEntry, BuiltinBoot, BuiltinGuest, Loader, RawCode};
 pub use memory::{GuestRam, PAGE_SIZE, RamBacking};
 pub use state::{Persist, VmState};
 pub use vcpu::{ConsoleInput, EndWatch, InputRefused, VmEnd};
-pub use vm::{BootOptions, Console, Vm, VmError, open_kvm};
+pub use vm::{BootOptions, Console, Vm, VmError, VmShell, open_kvm};

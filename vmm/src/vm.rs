@@ -128,6 +128,57 @@ pub struct Vm {
     progress: Option<Arc<AtomicU64>>,
 }
 
+/// A VM built ahead of the state it will run: KVM's VM, its irqchip and
+/// PIT, the RAM slot over `ram` and the vCPU exist; nothing runs and no
+/// state is loaded. [`Vm::restore_in`] finishes it. Registering the RAM slot
+/// waits for a grace period of KVM's memslot SRCU, which on these machines
+/// takes ~5–10 ms whatever the RAM size (the larger part of a restore):
+/// a backup builds its VM while it waits, not while the guest is down.
+///
+/// Until it is restored the VM never runs, so the RAM may change under it
+/// (a backup keeps committing epochs into the mapped image): KVM maps guest
+/// pages only when the vCPU first touches them.
+pub struct VmShell {
+    // Drop order: the VM before the RAM it maps.
+    parts: Parts,
+    ram: GuestRam,
+}
+
+impl VmShell {
+    /// Builds the VM over `ram` (a VM of the ordinary mode: with KVM's
+    /// irqchip and PIT).
+    pub fn new(ram: GuestRam) -> Result<Self, VmError> {
+        let kvm = open_kvm()?;
+        let parts = create_parts(&kvm, &ram, false, None)?;
+        Ok(Self { parts, ram })
+    }
+
+    /// The RAM it maps.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
+
+impl std::fmt::Debug for VmShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShell")
+            .field("ram_bytes", &self.ram.size())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A state `ram` can take: valid, and of `ram`'s size.
+fn check_restorable(state: &VmState, ram: &GuestRam) -> Result<(), VmError> {
+    state.validate()?;
+    if ram.size() as u64 != state.memory.size_bytes {
+        return Err(VmError::RamSizeMismatch {
+            expected: state.memory.size_bytes,
+            actual: ram.size() as u64,
+        });
+    }
+    Ok(())
+}
+
 /// Opens /dev/kvm with a clear error when it is missing.
 pub fn open_kvm() -> Result<Kvm, VmError> {
     Kvm::new().map_err(VmError::KvmUnavailable)
@@ -306,19 +357,31 @@ impl Vm {
         Self::restore_inner(state, ram, start_paused, Some(trace))
     }
 
+    /// [`Vm::restore`] into a VM built ahead ([`VmShell`]): what is left is
+    /// the state (registers, irqchip, devices) and the vCPU thread. A state
+    /// of the deterministic mode needs a VM built differently: the shell is
+    /// dropped and the VM built as `restore` does.
+    pub fn restore_in(
+        shell: VmShell,
+        state: &VmState,
+        start_paused: bool,
+    ) -> Result<(Self, Console), VmError> {
+        if state.deterministic.is_some() {
+            let VmShell { parts, ram } = shell;
+            drop(parts);
+            return Self::restore(state, ram, start_paused);
+        }
+        check_restorable(state, &shell.ram)?;
+        Self::restore_parts(state, shell.parts, shell.ram, start_paused, None, None)
+    }
+
     fn restore_inner(
         state: &VmState,
         ram: GuestRam,
         start_paused: bool,
         trace: Option<TraceMode>,
     ) -> Result<(Self, Console), VmError> {
-        state.validate()?;
-        if ram.size() as u64 != state.memory.size_bytes {
-            return Err(VmError::RamSizeMismatch {
-                expected: state.memory.size_bytes,
-                actual: ram.size() as u64,
-            });
-        }
+        check_restorable(state, &ram)?;
         let kvm = open_kvm()?;
         let det_state = match (&trace, state.deterministic) {
             (Some(_), Some(d)) => Some(d),
@@ -327,6 +390,21 @@ impl Vm {
         };
         let flag = det_state.map(|d| Arc::new(AtomicBool::new(d.serial_irq_pending)));
         let parts = create_parts(&kvm, &ram, false, flag.clone())?;
+        Self::restore_parts(state, parts, ram, start_paused, trace, flag)
+    }
+
+    /// The rest of a restore, into `parts` built for `state` (with `flag`
+    /// exactly when `state` is of the deterministic mode and `trace` says
+    /// how to run it).
+    fn restore_parts(
+        state: &VmState,
+        parts: Parts,
+        ram: GuestRam,
+        start_paused: bool,
+        trace: Option<TraceMode>,
+        flag: Option<Arc<AtomicBool>>,
+    ) -> Result<(Self, Console), VmError> {
+        let det_state = trace.as_ref().and(state.deterministic);
         if det_state.is_none() {
             // VM-wide state before the first KVM_RUN, and before the serial
             // device exists (so its first interrupt meets a restored irqchip).

@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 use understudy_vmm::loader::{BOOT_INFO_GPA, BOOT_INFO_WORK_DONE, DIRTIER_WORKING_SET_GPA};
 use understudy_vmm::{
     BootOptions, BuiltinBoot, BuiltinGuest, Console, GuestRam, PAGE_SIZE, RamBacking, RawCode, Vm,
-    VmEnd, snapshot,
+    VmEnd, VmShell, snapshot,
 };
 
 fn require_kvm() {
@@ -299,6 +299,61 @@ fn counts(bytes: &[u8]) -> Vec<u64> {
         .lines()
         .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
         .collect()
+}
+
+/// A backup's case: the VM is built over a shared file mapping before the
+/// RAM it will run is written into that file (as epochs are committed into
+/// the image), then restored into: it runs on what the file holds then.
+#[test]
+fn a_vm_built_ahead_runs_the_ram_written_into_its_file_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory.img");
+    let (vm, console) = boot(BuiltinBoot::counter(3), false);
+    read_until(&console.output, Duration::from_secs(20), |l| l == "count 5");
+    vm.pause().unwrap();
+    let state = vm.save_state(false).unwrap();
+    let mut ram = Vec::new();
+    vm.ram().dump_to(&mut ram).unwrap();
+    let mut bytes: Vec<u8> = b"count 0\ncount 1\ncount 2\ncount 3\ncount 4\ncount 5\n".to_vec();
+    bytes.extend(console.output.try_iter());
+    vm.stop();
+
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(ram.len() as u64).unwrap();
+    let shared = || {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        GuestRam::new(ram.len(), RamBacking::SharedFile(f)).unwrap()
+    };
+    let shell = VmShell::new(shared()).unwrap();
+    // Written after the VM exists, through another descriptor.
+    std::os::unix::fs::FileExt::write_all_at(&file, &ram, 0).unwrap();
+    let (restored, console2) = Vm::restore_in(shell, &state, false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counts(&bytes).last().copied().unwrap_or(0) < 15 {
+        assert!(
+            Instant::now() < deadline,
+            "restored counter stalled: {:?}",
+            counts(&bytes)
+        );
+        if let Ok(b) = console2.output.recv_timeout(Duration::from_millis(100)) {
+            bytes.push(b);
+        }
+    }
+    restored.stop();
+    let seen = counts(&bytes);
+    assert_eq!(
+        seen,
+        (0..seen.len() as u64).collect::<Vec<_>>(),
+        "one unbroken sequence"
+    );
+    // A state of another RAM size is refused by name, not run.
+    let shell = VmShell::new(GuestRam::new(ram.len() * 2, RamBacking::Anonymous).unwrap()).unwrap();
+    let err = Vm::restore_in(shell, &state, true).unwrap_err();
+    assert!(err.to_string().contains("RAM"), "{err}");
 }
 
 #[test]
