@@ -175,6 +175,10 @@ struct Standby {
     /// (no /dev/kvm) or a failed promotion used it: a promotion then builds
     /// its VM itself.
     shell: Option<VmShell>,
+    /// For a post-copy, whose VM runs on anonymous memory that faults for
+    /// pages not there yet: a VM built ahead over such memory when a
+    /// migration's session begins (`build_postcopy_shell`).
+    postcopy_shell: Option<VmShell>,
 }
 
 impl Drop for Standby {
@@ -183,10 +187,11 @@ impl Drop for Standby {
     /// its own: KVM takes ~10 ms to destroy a VM, which would otherwise
     /// count in a post-copy's downtime.
     fn drop(&mut self) {
-        if let Some(shell) = self.shell.take() {
+        let shells = [self.shell.take(), self.postcopy_shell.take()];
+        if shells.iter().any(Option::is_some) {
             let spawned = std::thread::Builder::new()
                 .name("vm-teardown".into())
-                .spawn(move || drop(shell));
+                .spawn(move || drop(shells));
             // Without a thread, here and now (the Err holds nothing to drop).
             drop(spawned);
         }
@@ -333,6 +338,7 @@ pub async fn run(
         state: Mutex::new(State {
             phase: Phase::Standby(Box::new(Standby {
                 shell: build_shell(&store),
+                postcopy_shell: None,
                 store,
                 generation,
                 buffers: StagingBuffers::default(),
@@ -525,27 +531,42 @@ fn open_store(
 /// [`VmShell`]). A backup that cannot build it still protects: its
 /// promotion builds the VM itself, and says why if it cannot either.
 fn build_shell(store: &ImageStore) -> Option<VmShell> {
+    built_ahead(
+        "a promotion",
+        store
+            .ram_file()
+            .map_err(|e| format!("cannot open the image's RAM file again: {e}"))
+            .and_then(|file| {
+                GuestRam::new(store.ram_bytes() as usize, RamBacking::SharedFile(file))
+                    .map_err(|e| wire::chain(&e))
+            }),
+    )
+}
+
+/// The VM a post-copy will restore into, over fresh anonymous memory of
+/// `ram_bytes` (nothing is touched until the post-copy fills it).
+fn build_postcopy_shell(ram_bytes: u64) -> Option<VmShell> {
+    built_ahead(
+        "a post-copy",
+        GuestRam::new(ram_bytes as usize, RamBacking::Anonymous).map_err(|e| wire::chain(&e)),
+    )
+}
+
+/// A VM built over `ram` for `what`, or None with a warning saying why.
+fn built_ahead(what: &str, ram: Result<GuestRam, String>) -> Option<VmShell> {
     let started = std::time::Instant::now();
-    let built = store
-        .ram_file()
-        .map_err(|e| format!("cannot open the image's RAM file again: {e}"))
-        .and_then(|file| {
-            GuestRam::new(store.ram_bytes() as usize, RamBacking::SharedFile(file))
-                .map_err(|e| wire::chain(&e))
-        })
-        .and_then(|ram| VmShell::new(ram).map_err(|e| wire::chain(&e)));
-    match built {
+    match ram.and_then(|ram| VmShell::new(ram).map_err(|e| wire::chain(&e))) {
         Ok(shell) => {
             tracing::debug!(
                 took_us = started.elapsed().as_micros() as u64,
-                "built the VM a promotion restores into"
+                "built the VM {what} restores into"
             );
             Some(shell)
         }
         Err(why) => {
             tracing::warn!(
                 %why,
-                "cannot build the VM ahead: a promotion will build it (slower by ~10 ms)"
+                "cannot build the VM ahead: {what} will build it (slower by ~10 ms)"
             );
             None
         }

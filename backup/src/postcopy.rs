@@ -31,7 +31,7 @@ use understudy_common::status::StateKind;
 use understudy_common::wire;
 use understudy_proto::{Ack, EpochChunk};
 use understudy_vmm::uffd::{Uffd, UffdError};
-use understudy_vmm::{DirtyBitmap, GuestRam, PAGE_SIZE, RamBacking, Vm, VmState};
+use understudy_vmm::{DirtyBitmap, GuestRam, PAGE_SIZE, RamBacking, Vm, VmShell, VmState};
 
 use crate::promotion::{Promoted, PromotionError};
 use crate::{Phase, Shared};
@@ -377,7 +377,20 @@ fn promote_locked(
     } else {
         valid_pages(zero, pages)?
     };
-    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(PromotionError::Ram)?;
+    // The VM built ahead for this (over fresh memory: nothing touched yet),
+    // or one built now.
+    let shell = match standby
+        .postcopy_shell
+        .take()
+        .filter(|s| s.ram().size() == size && s.ram().is_anonymous())
+    {
+        Some(shell) => shell,
+        None => {
+            VmShell::new(GuestRam::new(size, RamBacking::Anonymous).map_err(PromotionError::Ram)?)
+                .map_err(PromotionError::Restore)?
+        }
+    };
+    let ram = shell.ram();
     // The pages the image holds current, copied in before the registration
     // (present pages never fault). Only the image's data extents are read:
     // a valid page in a hole is zero, installed when first touched.
@@ -435,9 +448,9 @@ fn promote_locked(
             }
         }
     }
-    let uffd = Uffd::register(&ram).map_err(|e| PromotionError::Postcopy(wire::chain(&e)))?;
+    let uffd = Uffd::register(ram).map_err(|e| PromotionError::Postcopy(wire::chain(&e)))?;
     let have = valid.clone();
-    let (vm, console) = Vm::restore(&vm_state, ram, true).map_err(PromotionError::Restore)?;
+    let (vm, console) = Vm::restore_in(shell, &vm_state, true).map_err(PromotionError::Restore)?;
     let missing = pages - have.count();
     let pager = Arc::new(Pager {
         session,

@@ -238,6 +238,10 @@ impl ReplicationService {
         };
         standby.generation = Generation(req.generation);
         standby.stale = None;
+        if req.migration && standby.postcopy_shell.is_none() {
+            // The source may switch by post-copy (it decides later).
+            standby.postcopy_shell = crate::build_postcopy_shell(shared.opts.ram_bytes);
+        }
         standby.session = Some(Session {
             id: session_id,
             decoder: Some(EpochDecoder::with_buffers(buffers)),

@@ -62,6 +62,7 @@ fn backup(dir: &std::path::Path) -> Arc<Shared> {
                 session: None,
                 stale: None,
                 shell: None,
+                postcopy_shell: None,
             })),
         }),
         watch: crate::watch::Watch::new(),
