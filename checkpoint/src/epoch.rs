@@ -248,6 +248,18 @@ impl SenderState {
         begin.extend_from_slice(&header.ram_pages.to_le_bytes());
         begin.extend_from_slice(&(header.vm_id.len() as u16).to_le_bytes());
         begin.extend_from_slice(header.vm_id.as_bytes());
+        // Dedup by content is skipped for an epoch while the link outruns
+        // the compressor, as word deltas are: its index lookups and upkeep
+        // cost more than the bytes they save there. The image-wide index is
+        // emptied then, so that keeping it true (`finish` drops the entry of
+        // every page that changes) costs nothing meanwhile: an empty map
+        // answers without hashing. It fills again from the pages sent once
+        // dedup is back.
+        let dedup =
+            self.policy.dedup && !(self.policy.adaptive && self.adaptive.link_outruns_compressor());
+        if !dedup {
+            self.dedup.clear();
+        }
         let first = chunk::frame(ChunkKind::Begin, epoch, 0, &begin);
         let report = EncodeReport {
             bytes_out: first.len() as u64,
@@ -263,6 +275,7 @@ impl SenderState {
             run_header: None,
             last_page: None,
             seen: HashMap::new(),
+            dedup,
             updates: Vec::new(),
             cache_misses: VecDeque::new(),
             entry: Vec::with_capacity(PAGE_SIZE + 16),
@@ -287,6 +300,9 @@ pub struct EpochEncoder<'a> {
     last_page: Option<u32>,
     /// Content hash → page already in this epoch (for `RepeatOf`).
     seen: HashMap<PageHash, u32>,
+    /// Whether this epoch dedups by content (`RepeatOf`, and `SameAs` of
+    /// another page): the policy's dedup, unless skipped (see `begin`).
+    dedup: bool,
     updates: Vec<(u32, PageHash)>,
     /// New content of pages that missed the delta cache, inserted at finish().
     cache_misses: VecDeque<(u32, Box<Page>)>,
@@ -382,7 +398,7 @@ impl EpochEncoder<'_> {
         self.report.pages += 1;
         self.report.bytes_in += PAGE_SIZE as u64;
         // Only dedup looks pages up by content (`RepeatOf`).
-        if codec != Codec::Zero && self.state.policy.dedup {
+        if codec != Codec::Zero && self.dedup {
             self.seen.entry(hash).or_insert(page);
         }
         if let Some(cache) = &mut self.state.cache {
@@ -441,11 +457,17 @@ impl EpochEncoder<'_> {
             if zero {
                 break 'choose Codec::Zero;
             }
-            if policy.dedup {
-                if checkpoint && s.known[page as usize] && s.hashes[page as usize] == hash {
-                    out.extend_from_slice(&page.to_le_bytes());
-                    break 'choose Codec::SameAs;
-                }
+            // An unchanged page: no lookup by content needed.
+            if policy.dedup
+                && checkpoint
+                && s.known[page as usize]
+                && s.hashes[page as usize] == hash
+            {
+                out.extend_from_slice(&page.to_le_bytes());
+                break 'choose Codec::SameAs;
+            }
+            // By content (unless skipped this epoch, see `begin`).
+            if self.dedup {
                 if let Some(&earlier) = self.seen.get(&hash) {
                     out.extend_from_slice(&earlier.to_le_bytes());
                     break 'choose Codec::RepeatOf;
@@ -572,6 +594,7 @@ impl EpochEncoder<'_> {
             }
         }
         let all_known_before = s.unknown == 0;
+        let dedup = self.dedup;
         for &(page, hash) in &self.updates {
             let p = page as usize;
             if s.known[p] {
@@ -587,7 +610,7 @@ impl EpochEncoder<'_> {
                 s.unknown -= 1;
             }
             s.hashes[p] = hash;
-            if s.policy.dedup {
+            if dedup {
                 s.dedup.entry(hash).or_insert(page);
             }
         }

@@ -360,3 +360,81 @@ fn the_encoder_feeds_the_adaptive_codec_a_sample_of_the_pages_it_compresses() {
         "{report:?}"
     );
 }
+
+/// While the link outruns the compressor the adaptive codec skips dedup by
+/// content for whole epochs (its image-wide index emptied), and once the
+/// link is slow again it dedups from what it sends next. The image is exact
+/// after every epoch, so no reference ever named a page that had changed
+/// since it was indexed.
+#[test]
+fn dedup_skipped_while_the_link_outruns_the_compressor_resumes_without_stale_references() {
+    const PAGES: u32 = 700;
+    let mut rng = Rng(5);
+    let mut model = Model::new(PAGES);
+    let fill = |model: &mut Model, page: u32, rng: &mut Rng| {
+        for word in model.mem[page as usize * PAGE_SIZE..][..PAGE_SIZE].chunks_mut(8) {
+            word.copy_from_slice(&rng.next().to_le_bytes());
+        }
+    };
+    for p in 0..PAGES {
+        fill(&mut model, p, &mut rng);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sender, mut store) =
+        synced_store(&dir.path().join("img"), &model, CodecPolicy::ADAPTIVE);
+    let copy = |model: &mut Model, from: u32, to: u32| {
+        let content = *model.page(from);
+        model.mem[to as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&content);
+    };
+    let mut epoch = 2;
+    let mut step = |sender: &mut SenderState,
+                    store: &mut understudy_checkpoint::ImageStore,
+                    model: &Model,
+                    pages: &[u32]| {
+        let encoded = ship(sender, store, model, epoch, EpochKind::Checkpoint, pages);
+        assert!(
+            store.memory() == &model.mem[..],
+            "image differs after epoch {epoch}"
+        );
+        epoch += 1;
+        encoded.report.pages_by_codec
+    };
+    // A link far faster than any compressor: the first sample decides.
+    sender.set_link_rate(Some(1e15));
+    let sample: Vec<u32> = (0..400).collect();
+    for &p in &sample {
+        fill(&mut model, p, &mut rng);
+    }
+    step(&mut sender, &mut store, &model, &sample);
+    // Copies of content the image holds, and that content's page changed:
+    // an index kept through these epochs would name it stale.
+    for round in 0..3u32 {
+        let holder = 500 + round;
+        let mut pages: Vec<u32> = (600 + round * 10..610 + round * 10).collect();
+        for &p in &pages {
+            copy(&mut model, holder, p);
+        }
+        fill(&mut model, holder, &mut rng);
+        pages.push(holder);
+        let by_codec = step(&mut sender, &mut store, &model, &pages);
+        assert_eq!(by_codec[Codec::RepeatOf as usize], 0, "{by_codec:?}");
+        assert_eq!(by_codec[Codec::SameAs as usize], 0, "{by_codec:?}");
+    }
+    // A slow link: dedup again, from what is sent from now on.
+    sender.set_link_rate(Some(1.0));
+    let pages: Vec<u32> = (100..110).collect();
+    fill(&mut model, 100, &mut rng);
+    for &p in &pages[1..] {
+        copy(&mut model, 100, p);
+    }
+    let by_codec = step(&mut sender, &mut store, &model, &pages);
+    assert_eq!(by_codec[Codec::RepeatOf as usize], 9, "{by_codec:?}");
+    let pages: Vec<u32> = (200..205).collect();
+    for &p in &pages {
+        copy(&mut model, 105, p);
+    }
+    // The first refers to page 100 by the index, the rest to the first.
+    let by_codec = step(&mut sender, &mut store, &model, &pages);
+    assert_eq!(by_codec[Codec::SameAs as usize], 1, "{by_codec:?}");
+    assert_eq!(by_codec[Codec::RepeatOf as usize], 4, "{by_codec:?}");
+}
