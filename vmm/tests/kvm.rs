@@ -301,6 +301,30 @@ fn counts(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Reads a restored counter's console on from `bytes` (what the VM printed
+/// before it was saved) to count 15, stops it, and checks the counts make
+/// one unbroken sequence.
+fn counts_on_without_a_gap(restored: Vm, console: &Console, mut bytes: Vec<u8>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counts(&bytes).last().copied().unwrap_or(0) < 15 {
+        assert!(
+            Instant::now() < deadline,
+            "restored counter stalled: {:?}",
+            counts(&bytes)
+        );
+        if let Ok(b) = console.output.recv_timeout(Duration::from_millis(100)) {
+            bytes.push(b);
+        }
+    }
+    restored.stop();
+    let seen = counts(&bytes);
+    assert_eq!(
+        seen,
+        (0..seen.len() as u64).collect::<Vec<_>>(),
+        "one unbroken sequence"
+    );
+}
+
 /// A backup's case: the VM is built over a shared file mapping before the
 /// RAM it will run is written into that file (as epochs are committed into
 /// the image), then restored into: it runs on what the file holds then.
@@ -332,24 +356,7 @@ fn a_vm_built_ahead_runs_the_ram_written_into_its_file_afterwards() {
     // Written after the VM exists, through another descriptor.
     std::os::unix::fs::FileExt::write_all_at(&file, &ram, 0).unwrap();
     let (restored, console2) = Vm::restore_in(shell, &state, false).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while counts(&bytes).last().copied().unwrap_or(0) < 15 {
-        assert!(
-            Instant::now() < deadline,
-            "restored counter stalled: {:?}",
-            counts(&bytes)
-        );
-        if let Ok(b) = console2.output.recv_timeout(Duration::from_millis(100)) {
-            bytes.push(b);
-        }
-    }
-    restored.stop();
-    let seen = counts(&bytes);
-    assert_eq!(
-        seen,
-        (0..seen.len() as u64).collect::<Vec<_>>(),
-        "one unbroken sequence"
-    );
+    counts_on_without_a_gap(restored, &console2, bytes);
     // A state of another RAM size is refused by name, not run.
     let shell = VmShell::new(GuestRam::new(ram.len() * 2, RamBacking::Anonymous).unwrap()).unwrap();
     let err = Vm::restore_in(shell, &state, true).unwrap_err();
@@ -368,24 +375,7 @@ fn counter_snapshot_restores_in_a_new_vm_and_continues_without_a_gap() {
     bytes.extend(console.output.try_iter());
 
     let (restored, console2) = snapshot::restore_snapshot(dir.path(), false).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while counts(&bytes).last().copied().unwrap_or(0) < 15 {
-        assert!(
-            Instant::now() < deadline,
-            "restored counter stalled: {:?}",
-            counts(&bytes)
-        );
-        if let Ok(b) = console2.output.recv_timeout(Duration::from_millis(100)) {
-            bytes.push(b);
-        }
-    }
-    restored.stop();
-    let seen = counts(&bytes);
-    assert_eq!(
-        seen,
-        (0..seen.len() as u64).collect::<Vec<_>>(),
-        "one unbroken sequence"
-    );
+    counts_on_without_a_gap(restored, &console2, bytes);
 }
 
 #[test]
