@@ -215,8 +215,21 @@ pub fn restore_deterministic(
 /// deterministic mode runs reads them.
 pub const CLOCK_MSRS: [u32; 2] = [0x10, 0x6e0];
 
+/// Words of the `KVM_GET_XSAVE` region holding XSTATE_BV (bytes 512–519:
+/// which state components are not in their initial configuration). The
+/// CPU's init tracking sets a component's bit when anything loads its
+/// registers, even with the values they had: here a replay once ended with
+/// the SSE bit set over all-zero XMM registers where the recording had it
+/// clear (about 1 run in 10–25 of
+/// `snapshots_at_random_moments_each_replay_to_the_same_end`, on this
+/// stop's code and the stop's before alike). A clear bit
+/// reads back as the component's initial values, which the rest of the
+/// region holds word for word, so the comparison leaves these two out and
+/// compares the registers themselves.
+const XSTATE_BV_WORDS: std::ops::Range<usize> = 128..130;
+
 /// Checks a paused VM against a full snapshot: RAM page for page, the vCPU
-/// (but [`CLOCK_MSRS`]), the devices and the deterministic mode's state. The
+/// (but [`CLOCK_MSRS`] and XSTATE_BV, see `XSTATE_BV_WORDS`), the devices and the deterministic mode's state. The
 /// error names the first difference.
 pub fn compare_with_snapshot(vm: &Vm, dir: &Path) -> Result<(), SnapshotError> {
     let differs = |what: String| SnapshotError::Differs {
@@ -268,6 +281,9 @@ pub fn compare_with_snapshot(vm: &Vm, dir: &Path) -> Result<(), SnapshotError> {
     let strip = |v: &crate::state::VcpuState| {
         let mut v = v.clone();
         v.msrs.retain(|m| !CLOCK_MSRS.contains(&m.index));
+        if let Some(words) = v.xsave.get_mut(XSTATE_BV_WORDS) {
+            words.fill(0);
+        }
         v
     };
     let (a, b) = (strip(&current.vcpu), strip(&recorded.vcpu));
@@ -278,9 +294,50 @@ pub fn compare_with_snapshot(vm: &Vm, dir: &Path) -> Result<(), SnapshotError> {
         )));
     }
     if a != b {
-        return Err(differs(
-            "the vCPU's system state (sregs, FPU, MSRs or events) differs".into(),
-        ));
+        // Name the part (and an MSR by its index): a replay that drifts
+        // says where.
+        let mut parts = Vec::new();
+        if a.cpuid != b.cpuid {
+            parts.push("CPUID".to_owned());
+        }
+        if a.mp_state != b.mp_state {
+            parts.push(format!("mp_state {} (snapshot {})", a.mp_state, b.mp_state));
+        }
+        if a.sregs != b.sregs {
+            parts.push(format!("sregs {:?} (snapshot {:?})", a.sregs, b.sregs));
+        }
+        if a.xsave != b.xsave || a.xcrs != b.xcrs {
+            let words: Vec<String> = (0..a.xsave.len().min(b.xsave.len()))
+                .filter(|&i| a.xsave[i] != b.xsave[i])
+                .map(|i| format!("{i}: {:#x} (snapshot {:#x})", a.xsave[i], b.xsave[i]))
+                .collect();
+            parts.push(format!("FPU/xsave words {words:?}"));
+        }
+        if a.lapic != b.lapic {
+            let at: Vec<usize> = (0..a.lapic.len().min(b.lapic.len()))
+                .filter(|&i| a.lapic[i] != b.lapic[i])
+                .collect();
+            parts.push(format!("local APIC bytes {at:?}"));
+        }
+        if a.msrs != b.msrs {
+            let differing: Vec<String> = a
+                .msrs
+                .iter()
+                .filter(|m| !b.msrs.contains(m))
+                .map(|m| format!("{:#x}={:#x}", m.index, m.data))
+                .collect();
+            parts.push(format!("MSRs {differing:?}"));
+        }
+        if a.debug_regs != b.debug_regs {
+            parts.push("debug registers".to_owned());
+        }
+        if a.events != b.events {
+            parts.push(format!("events {:?} (snapshot {:?})", a.events, b.events));
+        }
+        return Err(differs(format!(
+            "the vCPU's system state differs: {}",
+            parts.join("; ")
+        )));
     }
     Ok(())
 }
