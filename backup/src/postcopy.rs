@@ -377,13 +377,10 @@ fn promote_locked(
     } else {
         valid_pages(zero, pages)?
     };
-    // The VM built ahead for this (over fresh memory: nothing touched yet),
-    // or one built now.
-    let shell = match standby
-        .postcopy_shell
-        .take()
-        .filter(|s| s.ram().size() == size && s.ram().is_anonymous())
-    {
+    // The VM built ahead for this (over fresh anonymous memory of the
+    // configured size, which the state's was checked against above), or
+    // one built now.
+    let shell = match standby.postcopy_shell.take() {
         Some(shell) => shell,
         None => {
             VmShell::new(GuestRam::new(size, RamBacking::Anonymous).map_err(PromotionError::Ram)?)

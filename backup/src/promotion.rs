@@ -327,14 +327,13 @@ fn prepare(standby: &mut Standby, replay: bool) -> Result<Prepared, PromotionErr
     let payload =
         CheckpointPayload::decode(&promotable.device_state).map_err(PromotionError::Payload)?;
     let vm_state = VmState::decode(&payload.vm_state).map_err(PromotionError::VmState)?;
-    let path = standby.store.memory_path();
     let open_ram = || {
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open(&path)
+        // The store's own file, as the VM built ahead maps it.
+        let file = standby
+            .store
+            .ram_file()
             .map_err(|source| PromotionError::OpenRam {
-                path: path.clone(),
+                path: standby.store.memory_path(),
                 source,
             })?;
         GuestRam::new(

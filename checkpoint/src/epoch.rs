@@ -257,7 +257,7 @@ impl SenderState {
         // dedup is back.
         let dedup =
             self.policy.dedup && !(self.policy.adaptive && self.adaptive.link_outruns_compressor());
-        if !dedup {
+        if !dedup && !self.dedup.is_empty() {
             self.dedup.clear();
         }
         let first = chunk::frame(ChunkKind::Begin, epoch, 0, &begin);

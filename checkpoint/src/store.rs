@@ -1128,7 +1128,8 @@ pub struct Warmed {
 /// store, and a failure changes nothing but the head start.
 pub fn warm_image(memory: &Path, stop: &AtomicBool) -> std::io::Result<Warmed> {
     // SAFETY: sets the calling thread's scheduling policy; the parameter
-    // is a valid, initialised struct.
+    // is a valid, initialised struct. If the kernel refuses, the thread
+    // reads at normal priority: still only until a primary says Hello.
     unsafe {
         let param = libc::sched_param { sched_priority: 0 };
         libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
@@ -1137,27 +1138,22 @@ pub fn warm_image(memory: &Path, stop: &AtomicBool) -> std::io::Result<Warmed> {
     let mut file = File::open(memory)?;
     let mut buf = vec![0u8; WARM_READ];
     let mut bytes = 0;
-    loop {
+    let stopped = loop {
         if stop.load(Ordering::Relaxed) {
-            return Ok(Warmed {
-                bytes,
-                took: start.elapsed(),
-                stopped: true,
-            });
+            break true;
         }
         match std::io::Read::read(&mut file, &mut buf) {
-            Ok(0) => {
-                return Ok(Warmed {
-                    bytes,
-                    took: start.elapsed(),
-                    stopped: false,
-                });
-            }
+            Ok(0) => break false,
             Ok(n) => bytes += n as u64,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-    }
+    };
+    Ok(Warmed {
+        bytes,
+        took: start.elapsed(),
+        stopped,
+    })
 }
 
 fn write_file_atomically(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), StoreError> {

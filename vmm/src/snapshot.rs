@@ -218,19 +218,70 @@ pub const CLOCK_MSRS: [u32; 2] = [0x10, 0x6e0];
 /// Words of the `KVM_GET_XSAVE` region holding XSTATE_BV (bytes 512–519:
 /// which state components are not in their initial configuration). The
 /// CPU's init tracking sets a component's bit when anything loads its
-/// registers, even with the values they had: here a replay once ended with
-/// the SSE bit set over all-zero XMM registers where the recording had it
-/// clear (about 1 run in 10–25 of
-/// `snapshots_at_random_moments_each_replay_to_the_same_end`, on this
-/// stop's code and the stop's before alike). A clear bit
-/// reads back as the component's initial values, which the rest of the
-/// region holds word for word, so the comparison leaves these two out and
-/// compares the registers themselves.
+/// registers, even with the values they had: a replay can end with the SSE
+/// bit set over all-zero XMM registers where the recording had it clear
+/// (about 1 run in 10–25 of
+/// `snapshots_at_random_moments_each_replay_to_the_same_end` did). A clear
+/// bit reads back as the component's initial values, which the rest of the
+/// region holds word for word, so the comparison leaves these two words
+/// out and compares the registers themselves (test
+/// `a_snapshot_check_ignores_xstate_bv_but_not_the_registers`).
 const XSTATE_BV_WORDS: std::ops::Range<usize> = 128..130;
 
+/// What differs between the vCPU states `a` (the VM) and `b` (the
+/// snapshot), part by part, naming an MSR by its index and xsave words and
+/// APIC bytes by their offsets: a replay that drifts says where.
+fn vcpu_differences(a: &crate::state::VcpuState, b: &crate::state::VcpuState) -> String {
+    fn at<T: PartialEq>(a: &[T], b: &[T]) -> Vec<usize> {
+        (0..a.len().min(b.len()))
+            .filter(|&i| a[i] != b[i])
+            .collect()
+    }
+    let mut parts = Vec::new();
+    if a.cpuid != b.cpuid {
+        parts.push("CPUID".to_owned());
+    }
+    if a.mp_state != b.mp_state {
+        parts.push(format!("mp_state {} (snapshot {})", a.mp_state, b.mp_state));
+    }
+    if a.sregs != b.sregs {
+        parts.push(format!("sregs {:?} (snapshot {:?})", a.sregs, b.sregs));
+    }
+    if a.xsave != b.xsave {
+        let words: Vec<String> = at(&a.xsave, &b.xsave)
+            .into_iter()
+            .map(|i| format!("{i}: {:#x} (snapshot {:#x})", a.xsave[i], b.xsave[i]))
+            .collect();
+        parts.push(format!("FPU/xsave words {words:?}"));
+    }
+    if a.xcrs != b.xcrs {
+        parts.push(format!("XCRs {:?} (snapshot {:?})", a.xcrs, b.xcrs));
+    }
+    if a.lapic != b.lapic {
+        parts.push(format!("local APIC bytes {:?}", at(&a.lapic, &b.lapic)));
+    }
+    if a.msrs != b.msrs {
+        let differing: Vec<String> = a
+            .msrs
+            .iter()
+            .filter(|m| !b.msrs.contains(m))
+            .map(|m| format!("{:#x}={:#x}", m.index, m.data))
+            .collect();
+        parts.push(format!("MSRs {differing:?}"));
+    }
+    if a.debug_regs != b.debug_regs {
+        parts.push("debug registers".to_owned());
+    }
+    if a.events != b.events {
+        parts.push(format!("events {:?} (snapshot {:?})", a.events, b.events));
+    }
+    parts.join("; ")
+}
+
 /// Checks a paused VM against a full snapshot: RAM page for page, the vCPU
-/// (but [`CLOCK_MSRS`] and XSTATE_BV, see `XSTATE_BV_WORDS`), the devices and the deterministic mode's state. The
-/// error names the first difference.
+/// (but [`CLOCK_MSRS`] and XSTATE_BV, see `XSTATE_BV_WORDS`), the devices
+/// and the deterministic mode's state. The error names the first
+/// difference.
 pub fn compare_with_snapshot(vm: &Vm, dir: &Path) -> Result<(), SnapshotError> {
     let differs = |what: String| SnapshotError::Differs {
         dir: dir.to_owned(),
@@ -294,49 +345,9 @@ pub fn compare_with_snapshot(vm: &Vm, dir: &Path) -> Result<(), SnapshotError> {
         )));
     }
     if a != b {
-        // Name the part (and an MSR by its index): a replay that drifts
-        // says where.
-        let mut parts = Vec::new();
-        if a.cpuid != b.cpuid {
-            parts.push("CPUID".to_owned());
-        }
-        if a.mp_state != b.mp_state {
-            parts.push(format!("mp_state {} (snapshot {})", a.mp_state, b.mp_state));
-        }
-        if a.sregs != b.sregs {
-            parts.push(format!("sregs {:?} (snapshot {:?})", a.sregs, b.sregs));
-        }
-        if a.xsave != b.xsave || a.xcrs != b.xcrs {
-            let words: Vec<String> = (0..a.xsave.len().min(b.xsave.len()))
-                .filter(|&i| a.xsave[i] != b.xsave[i])
-                .map(|i| format!("{i}: {:#x} (snapshot {:#x})", a.xsave[i], b.xsave[i]))
-                .collect();
-            parts.push(format!("FPU/xsave words {words:?}"));
-        }
-        if a.lapic != b.lapic {
-            let at: Vec<usize> = (0..a.lapic.len().min(b.lapic.len()))
-                .filter(|&i| a.lapic[i] != b.lapic[i])
-                .collect();
-            parts.push(format!("local APIC bytes {at:?}"));
-        }
-        if a.msrs != b.msrs {
-            let differing: Vec<String> = a
-                .msrs
-                .iter()
-                .filter(|m| !b.msrs.contains(m))
-                .map(|m| format!("{:#x}={:#x}", m.index, m.data))
-                .collect();
-            parts.push(format!("MSRs {differing:?}"));
-        }
-        if a.debug_regs != b.debug_regs {
-            parts.push("debug registers".to_owned());
-        }
-        if a.events != b.events {
-            parts.push(format!("events {:?} (snapshot {:?})", a.events, b.events));
-        }
         return Err(differs(format!(
             "the vCPU's system state differs: {}",
-            parts.join("; ")
+            vcpu_differences(&a, &b)
         )));
     }
     Ok(())
