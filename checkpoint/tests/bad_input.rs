@@ -534,6 +534,61 @@ fn a_commit_that_fails_after_writing_pages_leaves_the_image_unpromotable_until_r
 }
 
 #[test]
+fn a_journal_holds_only_the_changed_pages_and_redoes_the_whole_epoch_after_a_crash() {
+    let mut f = fixture();
+    let dir = f.store.dir().to_owned();
+    let committed = f.store.committed_epoch().unwrap();
+    // The image as it was committed, as a crash right after the next
+    // epoch's journal would leave it (the journal added below).
+    let crashed = f._dir.path().join("crashed");
+    std::fs::create_dir(&crashed).unwrap();
+    for file in ["memory.img", "meta"] {
+        std::fs::copy(dir.join(file), crashed.join(file)).unwrap();
+    }
+    // The next checkpoint: 3 pages changed, and 30 sent whose content the
+    // image holds already (dirtied to the same bytes, zero over zero).
+    let changed = [3, 4, 40];
+    for &p in &changed {
+        f.model.page_mut(p)[100] ^= 0x5a;
+    }
+    let zero = (0..64).find(|&p| f.model.page(p).iter().all(|&b| b == 0));
+    let mut touched: Vec<u32> = (10..40).chain(changed).collect();
+    touched.extend(zero);
+    let chunks = encode(
+        &mut f.sender,
+        &f.model,
+        committed + 1,
+        EpochKind::Checkpoint,
+        &touched,
+        b"devstate",
+    )
+    .chunks;
+    let staged = decode(&f.store, &chunks).unwrap();
+    assert!(
+        staged.pages.len() > 30,
+        "{} pages staged",
+        staged.pages.len()
+    );
+    let report = f.store.apply(&staged).unwrap();
+    // Head (48 bytes), 3 × (number, hash, page), device state, trailer.
+    assert_eq!(report.journal_bytes, 48 + 3 * (4 + 16 + 4096) + 8 + 8);
+    assert_eq!(f.store.memory(), &f.model.mem[..]);
+    // The crash: the journal is on disk, the image and record are not.
+    std::fs::copy(dir.join("journal"), crashed.join("journal")).unwrap();
+    let (recovered, recovery) = ImageStore::open(&crashed, Default::default()).unwrap();
+    assert_eq!(
+        recovery,
+        Recovery::Replayed {
+            epoch: committed + 1
+        }
+    );
+    assert_eq!(recovered.memory(), &f.model.mem[..]);
+    assert_eq!(recovered.digest(), f.store.digest());
+    assert_eq!(recovered.promotable().unwrap().epoch, committed + 1);
+    assert_eq!(recovered.device_state(), b"devstate");
+}
+
+#[test]
 fn a_retired_image_is_not_promotable_until_the_next_sync_commits() {
     let Fixture {
         _dir: keep,

@@ -22,6 +22,7 @@ use understudy_checkpoint::store::{ImageStatus, ImageStore, Recovery};
 
 const PAGES: u32 = 4096;
 const WRITES_PER_EPOCH: usize = 1500;
+const UNCHANGED_PER_EPOCH: usize = 500;
 const TRIALS: u64 = 60;
 
 fn initial_model(seed: u64) -> (Model, Rng) {
@@ -51,9 +52,13 @@ fn child(dir: &str, seed: u64) {
     let mut out = std::io::stdout();
     writeln!(out, "committed 1").unwrap();
     for epoch in 2.. {
-        let touched: Vec<u32> = (0..WRITES_PER_EPOCH)
+        let mut touched: Vec<u32> = (0..WRITES_PER_EPOCH)
             .map(|_| model.mutate(&mut rng))
             .collect();
+        // Pages dirtied to the bytes they had: staged, not journaled (the
+        // journal holds only what the image must change).
+        let mut same = Rng(seed ^ epoch);
+        touched.extend((0..UNCHANGED_PER_EPOCH).map(|_| same.below(PAGES.into()) as u32));
         let device = format!("device@{epoch}");
         let encoded = encode(
             &mut sender,

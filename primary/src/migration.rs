@@ -73,6 +73,9 @@ const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// ahead; kept at the older figure for a destination of an older release
 /// or one without the VM built ahead), for the downtime estimate.
 const SWITCH_FIXED: Duration = Duration::from_millis(20);
+/// A final checkpoint asks which pages were never touched when at least
+/// this share (1/n) of RAM is pending.
+const UNTOUCHED_LOOK_SHARE: usize = 8;
 /// A round this small always converges.
 const CONVERGED_PAGES: usize = 64;
 /// Post-copy: pages sent after each faulting page (pre-paging).
@@ -1130,8 +1133,16 @@ impl Migration {
         let mut enc = sender
             .begin(epoch, EpochKind::Checkpoint)
             .map_err(MigrationError::Encode)?;
+        // A stop-and-copy stops the guest for every page of RAM: those
+        // nothing ever touched go as zero pages without a read (reading one
+        // costs a fault). The look costs a read of the page table's entries,
+        // worth it only when many pages are pending.
+        let untouched = (pages.len() >= self.ram_pages / UNTOUCHED_LOOK_SHARE)
+            .then(|| vm.ram().untouched_pages())
+            .flatten();
         for (i, &p) in pages.iter().enumerate() {
-            encode_page(vm, p, page, false, &mut enc)?;
+            let known_zero = untouched.as_ref().is_some_and(|u| u[p as usize]);
+            encode_page(vm, p, page, known_zero, &mut enc)?;
             if i % BATCH_PAGES == BATCH_PAGES - 1 {
                 // Out while the rest is read (queued as one epoch below).
                 link.queue_chunks(enc.take_chunks());

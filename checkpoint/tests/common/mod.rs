@@ -48,7 +48,7 @@ impl Model {
             .unwrap()
     }
 
-    fn page_mut(&mut self, p: u32) -> &mut [u8] {
+    pub fn page_mut(&mut self, p: u32) -> &mut [u8] {
         &mut self.mem[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE]
     }
 
