@@ -474,6 +474,8 @@ async fn hostile_round(
                 },
                 // Or a replay migration's, asking for a replica.
                 replay: rng.next() % 2 == 0,
+                // Or one that waits for its epoch (bounded there).
+                commit_wait_millis: (rng.next() % 3) as u32 * 40,
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }

@@ -314,6 +314,18 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 postcopy_state: vec![1, 2, 3].into(),
                 zero_pages: Default::default(),
                 replay: false,
+                commit_wait_millis: 0,
+            },
+            "handover refused",
+        ),
+        (
+            // Nor one that waits for an epoch to commit.
+            HandoverRequest {
+                generation: 1,
+                session: 12345,
+                epoch: status.last_epoch + 1,
+                commit_wait_millis: 300,
+                ..Default::default()
             },
             "handover refused",
         ),

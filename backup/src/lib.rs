@@ -262,6 +262,9 @@ struct Shared {
     postcopy: Mutex<Option<Arc<postcopy::Pager>>>,
     /// Post-copy: pages to ask the source for (the stream's task sends them).
     postcopy_notify: tokio::sync::Notify,
+    /// Woken when an epoch commits or a session's stream ends (a handover
+    /// waiting for its epoch, `service::await_commit`).
+    commits: tokio::sync::Notify,
     vm_ended: tokio::sync::watch::Sender<Option<VmEnd>>,
 }
 
@@ -353,6 +356,7 @@ pub async fn run(
         handed_over: CancellationToken::new(),
         postcopy: Mutex::new(None),
         postcopy_notify: tokio::sync::Notify::new(),
+        commits: tokio::sync::Notify::new(),
         vm_ended,
         opts: opts.clone(),
         host: host.clone(),

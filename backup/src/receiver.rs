@@ -36,6 +36,16 @@ fn epoch_status(e: &EpochError) -> Status {
 /// Feeds one chunk to the session's decoder; commits and returns an ack
 /// when an epoch completes.
 pub(crate) fn receive_chunk(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
+    let result = receive(shared, msg);
+    if !matches!(result, Ok(None)) {
+        // An epoch committed, or the session ended: a handover waiting for
+        // its epoch (`service::await_commit`) looks again.
+        shared.commits.notify_waiters();
+    }
+    result
+}
+
+fn receive(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
     let started = Instant::now();
     let mut state = shared.lock();
     let standby = match &mut state.phase {

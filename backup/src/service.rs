@@ -6,6 +6,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -326,6 +327,7 @@ impl Replication for ReplicationService {
                     // The decoder hashes every page it stages and checks the
                     // epoch's digest: no body CRC needed on Pages chunks.
                     pages_by_hash: true,
+                    handover_awaits_commit: true,
                 }))
             }
             Decision::Deposed(_) => Err(shared.deposed(claim.generation)),
@@ -513,6 +515,10 @@ impl Replication for ReplicationService {
                 }
             };
         }
+        if req.commit_wait_millis > 0 && !req.replay {
+            let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
+            await_commit(shared, handover_session, req.epoch, wait).await?;
+        }
         let trigger = Trigger::Handover {
             session: handover_session,
             epoch: req.epoch,
@@ -534,5 +540,59 @@ impl Replication for ReplicationService {
                 )))
             }
         }
+    }
+}
+
+/// The longest a handover waits for its epoch's commit, whatever it asks.
+const MAX_COMMIT_WAIT: Duration = Duration::from_secs(60);
+
+/// A handover sent with its migration's final epoch still on the way
+/// (`commit_wait_millis`): returns once `epoch` committed, or once the
+/// session can commit nothing more (the promotion's own checks then refuse
+/// it). Refuses at the end of `wait`, after closing the session under the
+/// state lock, so the epoch cannot commit after the refusal: the source,
+/// told no, resumes the VM, and nothing here may run it.
+pub(crate) async fn await_commit(
+    shared: &Shared,
+    session: SessionId,
+    epoch: u64,
+    wait: Duration,
+) -> Result<(), Status> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = shared.commits.notified();
+        tokio::pin!(notified);
+        // Registered before the look: a commit right after it still wakes us.
+        notified.as_mut().enable();
+        {
+            let mut state = shared.lock();
+            let Phase::Standby(standby) = &mut state.phase else {
+                return Ok(());
+            };
+            let committed = standby.store.committed_epoch();
+            let Some(live) = standby
+                .session
+                .as_mut()
+                .filter(|s| s.id == session && s.decoder.is_some())
+            else {
+                return Ok(());
+            };
+            if committed >= Some(epoch) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                live.decoder = None;
+                tracing::warn!(
+                    epoch,
+                    ?wait,
+                    "handover refused: its epoch did not commit in time; the session is closed"
+                );
+                return Err(Status::failed_precondition(format!(
+                    "handover refused: epoch {epoch} did not commit within {wait:?} (committed: \
+                     {committed:?}); the session is closed, so it never will"
+                )));
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
     }
 }

@@ -72,6 +72,7 @@ fn backup(dir: &std::path::Path) -> Arc<Shared> {
         handed_over: CancellationToken::new(),
         postcopy: Mutex::new(None),
         postcopy_notify: tokio::sync::Notify::new(),
+        commits: tokio::sync::Notify::new(),
         vm_ended,
         opts,
         host: HostIo::new(stats, None),
@@ -310,4 +311,120 @@ async fn the_promotion_checks_follow_the_session() {
             "a retired image is not promotable"
         );
     }
+}
+
+/// A migration's handover sent right behind its final epoch waits for the
+/// epoch, and returns as soon as it commits.
+#[tokio::test]
+async fn a_handover_waiting_for_its_epoch_goes_on_when_the_epoch_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+    let session = understudy_common::ids::SessionId::from_raw(42).unwrap();
+    let waiting = tokio::spawn({
+        let shared = shared.clone();
+        async move { crate::service::await_commit(&shared, session, 3, Duration::from_secs(30)).await }
+    });
+    // The wait registered and found epoch 3 missing.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !waiting.is_finished(),
+        "returned before its epoch committed"
+    );
+    // Part of the epoch: still waiting.
+    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
+    let last = chunks.pop().unwrap();
+    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished(), "returned on part of its epoch");
+    assert_eq!(feed(&shared, vec![last]).unwrap(), Some(3));
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the commit woke the handover")
+        .unwrap()
+        .unwrap();
+    let handover = Trigger::Handover {
+        session,
+        epoch: 3,
+        replay: false,
+    };
+    assert!(would_promote(&shared, handover).unwrap());
+}
+
+/// A handover whose epoch does not commit within its wait is refused, and
+/// the session is closed first: the epoch can never commit afterwards (the
+/// source, told no, resumes the VM; nothing here may run it too).
+#[tokio::test]
+async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+    let session = understudy_common::ids::SessionId::from_raw(42).unwrap();
+    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
+    let last = chunks.pop().unwrap();
+    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    let e = crate::service::await_commit(&shared, session, 3, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("did not commit within"), "{e}");
+    // The rest of the epoch arrives late: refused, nothing committed.
+    let e = feed(&shared, vec![last]).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert_eq!(committed(&shared), Some(2));
+    let handover = Trigger::Handover {
+        session,
+        epoch: 3,
+        replay: false,
+    };
+    assert!(matches!(
+        would_promote(&shared, handover),
+        Err(PromotionError::HandoverMismatch { .. })
+    ));
+    // A session that ended while a handover waited (a damaged chunk): the
+    // wait ends at once and the promotion's own check refuses.
+    let mut again = Primary::new(43, 1);
+    ReplicationService(shared.clone())
+        .hello(Request::new(hello(again.session, again.generation)))
+        .await
+        .unwrap();
+    let all: Vec<u32> = (0..PAGES).collect();
+    feed(&shared, again.epoch(1, EpochKind::SyncRound, &all)).unwrap();
+    feed(&shared, again.epoch(2, EpochKind::Checkpoint, &[9])).unwrap();
+    let session = understudy_common::ids::SessionId::from_raw(43).unwrap();
+    let waiting = tokio::spawn({
+        let shared = shared.clone();
+        async move { crate::service::await_commit(&shared, session, 3, Duration::from_secs(30)).await }
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished());
+    let mut chunks = again.epoch(3, EpochKind::Checkpoint, &[1, 2]);
+    let last = chunks.last_mut().unwrap();
+    let mut bytes = last.chunk.to_vec();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    last.chunk = bytes.into();
+    feed(&shared, chunks).unwrap_err();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the session's end woke the handover")
+        .unwrap()
+        .unwrap();
+    let handover = Trigger::Handover {
+        session,
+        epoch: 3,
+        replay: false,
+    };
+    assert!(matches!(
+        would_promote(&shared, handover),
+        Err(PromotionError::HandoverMismatch { .. })
+    ));
 }

@@ -9,7 +9,7 @@
 //!    │                                                              ▼
 //!    └─ precopy: rounds while the guest runs (in the time between    switch:
 //!       checkpoints): round 1 = every page, round n = the pages       pause (the backup's final checkpoint, acked),
-//!       dirtied during round n−1 ── remaining × rate ≤ budget ──▶     the rest to the destination (acked),
+//!       dirtied during round n−1 ── remaining × rate ≤ budget ──▶     the rest to the destination (acked; ≤ 1 MiB: not waited for),
 //!       ── not converging: auto-converge holds the vCPU a growing     goodbye to the backup, Handover ─▶ the
 //!          share of the time (20 %, +10 % a round, ≤ 99 %)           destination runs the VM: MigratedAway
 //! ```
@@ -21,7 +21,11 @@
 //! to its backup. The one window without an automatic outcome is between the
 //! backup's goodbye and the handover's answer: a source that dies there
 //! leaves the VM paused with its final state on the destination, which an
-//! operator resumes with `understudyctl promote` on the destination.
+//! operator resumes with `understudyctl promote` on the destination. A rest
+//! of at most 1 MiB goes with the handover, not acked first (one round trip
+//! less): the handover asks the destination to wait for its commit, and a
+//! destination that refuses has closed the session first, so the rest never
+//! commits after; that window then starts when the rest is sent.
 //!
 //! This module holds the migration's state, its link to the destination and
 //! its decisions; the replicator thread, which owns the VM, drives it.
@@ -73,6 +77,19 @@ const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// ahead; kept at the older figure for a destination of an older release
 /// or one without the VM built ahead), for the downtime estimate.
 const SWITCH_FIXED: Duration = Duration::from_millis(20);
+/// The largest final epoch sent together with the handover (a larger one
+/// is waited for first). Together, a link cut while the epoch is on its
+/// way leaves the handover unanswered, and the switch's outcome unknown
+/// until the link is back (the source must not resume, see
+/// `handover_until_answered`); waited for, such a cut resumes the VM here.
+/// So only an epoch that goes in about a round trip on a slow link is
+/// sent together: the saving is that round trip, the risk a window as
+/// short.
+const PIPELINED_FINAL_BYTES: u64 = 1 << 20;
+/// How long the destination may wait for a final epoch sent together with
+/// its handover before it refuses (and closes the session, so the epoch
+/// never commits after the refusal).
+const HANDOVER_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// A final checkpoint asks which pages were never touched when at least
 /// this share (1/n) of RAM is pending.
 const UNTOUCHED_LOOK_SHARE: usize = 8;
@@ -308,6 +325,17 @@ impl Request {
     }
 }
 
+/// A switch's final epoch, sent (see [`Migration::send_final`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FinalSent {
+    pub epoch: u64,
+    pub pages: u64,
+    pub bytes: u64,
+    /// Zero: committed. Else sent with the handover, which asks the
+    /// destination to wait this long for the commit.
+    pub commit_wait: Duration,
+}
+
 /// The replication stream to the destination.
 pub(crate) struct Link {
     pub id: SessionId,
@@ -319,6 +347,8 @@ pub(crate) struct Link {
     generation: u64,
     /// The destination takes Pages chunks checked by hash (no body CRC).
     pages_by_hash: bool,
+    /// The destination's handover can wait for its epoch's commit.
+    awaits_commit: bool,
     /// Chunks encoded and not yet handed to the stream.
     outbox: std::collections::VecDeque<EpochChunk>,
     /// Epochs sent and not yet acked, with their bytes.
@@ -440,6 +470,7 @@ impl Link {
             why,
             generation,
             pages_by_hash: accepted.pages_by_hash,
+            awaits_commit: accepted.handover_awaits_commit,
             outbox: Default::default(),
             unacked: Default::default(),
             unacked_bytes: 0,
@@ -581,6 +612,21 @@ impl Link {
         Duration::from_secs_f64(by_bytes.max(by_epochs))
     }
 
+    /// Pumps until everything queued is handed to the stream.
+    fn flush_sent(&mut self, timeout: Duration) -> Result<(), MigrationError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pump()?;
+            if self.outbox.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(MigrationError::Stalled(timeout));
+            }
+            std::thread::sleep(LINK_POLL);
+        }
+    }
+
     /// Pumps until everything up to `epoch` is handed over and committed.
     fn flush_acked(&mut self, epoch: u64, timeout: Duration) -> Result<(), MigrationError> {
         let deadline = Instant::now() + timeout;
@@ -621,6 +667,18 @@ fn encode_page(
         .copy_page(p as usize, page)
         .map_err(|source| MigrationError::ReadPage { page: p, source })?;
     enc.add_page(p, page).map_err(MigrationError::Encode)
+}
+
+/// How long the handover asks the destination to wait for a final epoch of
+/// `bytes` sent right before it: zero (the epoch is acked before the
+/// handover goes) for a destination that cannot wait (`awaits_commit`
+/// false: an older release) or an epoch over [`PIPELINED_FINAL_BYTES`].
+fn final_commit_wait(awaits_commit: bool, bytes: u64) -> Duration {
+    if awaits_commit && bytes <= PIPELINED_FINAL_BYTES {
+        HANDOVER_COMMIT_WAIT
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// Sends the migration's handover (`ask`) until it is answered, for at most
@@ -1077,17 +1135,31 @@ impl Migration {
 
     /// The switch: the pages still pending (dirtied up to the pause) read
     /// from the paused guest, with the device state and console payload, as
-    /// one checkpoint; returns once the destination committed it, with its
-    /// epoch and the pages and bytes it took.
+    /// one checkpoint. A destination that can wait for it at the handover
+    /// (`handover_awaits_commit`) gets the handover right behind it when it
+    /// is small (at most [`PIPELINED_FINAL_BYTES`]): this returns once the
+    /// stream took it, and the handover names the wait. Otherwise this
+    /// returns once the destination committed it, and the handover follows.
     pub(crate) fn send_final(
         &mut self,
         vm: &Vm,
         page: &mut [u8; PAGE_SIZE],
         payload: &[u8],
-    ) -> Result<(u64, u64, u64), MigrationError> {
+    ) -> Result<FinalSent, MigrationError> {
         let (epoch, pages, bytes) = self.queue_checkpoint(vm, page, payload)?;
-        self.link_mut()?.flush_acked(epoch, FINAL_ACK_TIMEOUT)?;
-        Ok((epoch, pages, bytes))
+        let link = self.link_mut()?;
+        let commit_wait = final_commit_wait(link.awaits_commit, bytes);
+        if commit_wait.is_zero() {
+            link.flush_acked(epoch, FINAL_ACK_TIMEOUT)?;
+        } else {
+            link.flush_sent(FINAL_ACK_TIMEOUT)?;
+        }
+        Ok(FinalSent {
+            epoch,
+            pages,
+            bytes,
+            commit_wait,
+        })
     }
 
     /// Replay mode's base: [`send_final`](Self::send_final)'s checkpoint,
@@ -1648,6 +1720,25 @@ mod tests {
             answered(vec![unknown(), unknown(), HandoverOutcome::Deposed(2)]),
             (HandoverOutcome::Deposed(2), 3)
         ));
+    }
+
+    #[test]
+    fn only_a_small_final_epoch_goes_with_the_handover_and_only_to_a_host_that_waits() {
+        // A destination of this release, a converged pre-copy's rest.
+        assert_eq!(final_commit_wait(true, 80_000), HANDOVER_COMMIT_WAIT);
+        assert_eq!(
+            final_commit_wait(true, PIPELINED_FINAL_BYTES),
+            HANDOVER_COMMIT_WAIT
+        );
+        // A bigger rest (a stop-and-copy of a busy VM): acked first, so
+        // that a cut link while it goes resumes the VM here.
+        assert_eq!(
+            final_commit_wait(true, PIPELINED_FINAL_BYTES + 1),
+            Duration::ZERO
+        );
+        // A destination of the release before: it would refuse a handover
+        // for an epoch it has not committed yet.
+        assert_eq!(final_commit_wait(false, 80_000), Duration::ZERO);
     }
 
     #[test]

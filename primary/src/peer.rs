@@ -2,6 +2,8 @@
 //! `Hello`, `Probe`, `Goodbye`, `Handover`), and the replication service a
 //! host answers with while its primary role runs the VM.
 
+use std::time::Duration;
+
 use tonic::transport::{Channel, Endpoint};
 use understudy_common::wire;
 use understudy_proto::replication_client::ReplicationClient;
@@ -17,14 +19,14 @@ use understudy_common::ids::{Incarnation, Role, SessionId};
 use crate::host_state::RunRecord;
 use crate::{PrimaryError, PrimaryOptions};
 
-const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a Hello may take (the backup may resume a lost VM first).
-const PEER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long telling the backup of a clean stop may take, connection included
 /// (a backup that is gone or frozen must not hold the primary's exit up).
-const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a handover may take (the backup maps its image and restores).
-const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A call to the backup that did not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,9 @@ pub(crate) struct Accepted {
     pub channel: Channel,
     /// It takes Pages chunks checked by their page hashes (no body CRC).
     pub pages_by_hash: bool,
+    /// A handover may wait there for its epoch's commit
+    /// (`HandoverRequest.commit_wait_millis`).
+    pub handover_awaits_commit: bool,
 }
 
 /// One replication session's identity, as the primary opens it.
@@ -188,10 +193,14 @@ pub(crate) async fn hello_to(
         Err(_) => {
             HelloOutcome::Unreachable(format!("no answer to Hello within {PEER_CALL_TIMEOUT:?}"))
         }
-        Ok(Ok(reply)) => HelloOutcome::Accepted(Accepted {
-            channel,
-            pages_by_hash: reply.into_inner().pages_by_hash,
-        }),
+        Ok(Ok(reply)) => {
+            let reply = reply.into_inner();
+            HelloOutcome::Accepted(Accepted {
+                channel,
+                pages_by_hash: reply.pages_by_hash,
+                handover_awaits_commit: reply.handover_awaits_commit,
+            })
+        }
         // Only the backup's deliberate answers refuse us for good (wrong VM,
         // RAM size or protocol); anything else, such as a TLS handshake the
         // backup broke off or a reset connection, is worth another try.
@@ -363,7 +372,9 @@ pub(crate) async fn handover(
         generation,
         Some(session),
         epoch,
-        HandoverKind::Plain,
+        HandoverKind::Plain {
+            commit_wait: Duration::ZERO,
+        },
         None,
     )
     .await
@@ -380,8 +391,10 @@ pub(crate) struct PostcopyHandover<'a> {
 /// What a handover asks of the host taking the VM.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum HandoverKind<'a> {
-    /// Run the committed checkpoint named by the epoch.
-    Plain,
+    /// Run the checkpoint named by the epoch once committed: at once, or
+    /// (a migration's final epoch sent together with the handover, only to
+    /// a host that said `handover_awaits_commit`) within `commit_wait`.
+    Plain { commit_wait: Duration },
     /// A post-copy migration: run now, fetching the pages it lacks.
     Postcopy(PostcopyHandover<'a>),
     /// A replay migration: run the replica that replayed the log from the
@@ -412,6 +425,10 @@ pub(crate) async fn handover_to(
         HandoverKind::Postcopy(p) => Some(p),
         _ => None,
     };
+    let commit_wait = match kind {
+        HandoverKind::Plain { commit_wait } => commit_wait,
+        _ => Duration::ZERO,
+    };
     let request = client.handover(HandoverRequest {
         generation,
         session: session.map_or(0, SessionId::raw),
@@ -427,8 +444,11 @@ pub(crate) async fn handover_to(
             .into(),
         zero_pages: postcopy.map(|p| p.zero.to_vec()).unwrap_or_default().into(),
         replay: matches!(kind, HandoverKind::Replay),
+        commit_wait_millis: u32::try_from(commit_wait.as_millis()).unwrap_or(u32::MAX),
     });
-    match tokio::time::timeout(HANDOVER_TIMEOUT, request).await {
+    // The answer may wait for the commit, then for the promotion.
+    let timeout = HANDOVER_TIMEOUT + commit_wait;
+    match tokio::time::timeout(timeout, request).await {
         Ok(Ok(reply)) => HandoverOutcome::Done(reply.into_inner()),
         Ok(Err(status)) => match wire::deposed_generation(&status) {
             Some(g) if g > generation => HandoverOutcome::Deposed(g),
@@ -437,7 +457,7 @@ pub(crate) async fn handover_to(
             }
             _ => HandoverOutcome::Unknown(status.to_string()),
         },
-        Err(_) => HandoverOutcome::Unknown(format!("no answer within {HANDOVER_TIMEOUT:?}")),
+        Err(_) => HandoverOutcome::Unknown(format!("no answer within {timeout:?}")),
     }
 }
 

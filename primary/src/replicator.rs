@@ -22,7 +22,8 @@ use understudy_vmm::wp::{WpError, WriteProtectCopy};
 use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::migration::{
-    Migration, MigrationError, MigrationMode, Step, SwitchFigures, handover_until_answered,
+    FinalSent, Migration, MigrationError, MigrationMode, Step, SwitchFigures,
+    handover_until_answered,
 };
 use crate::peer::{
     HandoverKind, HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye,
@@ -1334,13 +1335,20 @@ impl Replicator {
             .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
         let postcopy = m.request.mode.is_postcopy();
         let sent = if postcopy {
-            m.flush_for_postcopy()
-                .map(|(epoch, valid, zero)| (epoch, 0, 0, Some((valid, zero))))
+            m.flush_for_postcopy().map(|(epoch, valid, zero)| {
+                let sent = FinalSent {
+                    epoch,
+                    pages: 0,
+                    bytes: 0,
+                    commit_wait: Duration::ZERO,
+                };
+                (sent, Some((valid, zero)))
+            })
         } else {
             m.send_final(vm, &mut self.page, &payload)
-                .map(|(epoch, pages, bytes)| (epoch, pages, bytes, None))
+                .map(|sent| (sent, None))
         };
-        let (epoch, final_pages, final_bytes, valid) = match sent {
+        let (final_sent, valid) = match sent {
             Ok(sent) => sent,
             Err(why) => {
                 self.shared.end_handover(None);
@@ -1351,16 +1359,18 @@ impl Replicator {
         };
         let kind = match &valid {
             Some((valid, zero)) => SwitchKind::Postcopy { valid, zero },
-            None => SwitchKind::Plain,
+            None => SwitchKind::Plain {
+                commit_wait: final_sent.commit_wait,
+            },
         };
         self.complete_switch(
             m,
             backup.as_ref(),
             Switched {
                 started,
-                epoch,
-                final_pages,
-                final_bytes,
+                epoch: final_sent.epoch,
+                final_pages: final_sent.pages,
+                final_bytes: final_sent.bytes,
             },
             kind,
             &payload,
@@ -1413,12 +1423,18 @@ impl Replicator {
         // The first request goes on the stream's connection (no new round
         // trips at the switch); a retry opens a new one.
         let mut stream_client = m.client();
+        // A handover that waits for its epoch's commit may take that long
+        // more to answer.
+        let commit_wait = match kind {
+            SwitchKind::Plain { commit_wait } => commit_wait,
+            _ => Duration::ZERO,
+        };
         let outcome = self.runtime.block_on(handover_until_answered(
-            MIGRATION_HANDOVER_RETRY,
+            MIGRATION_HANDOVER_RETRY + commit_wait,
             Duration::from_millis(100),
             || {
                 let handover_kind = match kind {
-                    SwitchKind::Plain => HandoverKind::Plain,
+                    SwitchKind::Plain { commit_wait } => HandoverKind::Plain { commit_wait },
                     SwitchKind::Replay => HandoverKind::Replay,
                     SwitchKind::Postcopy { valid, zero } => {
                         HandoverKind::Postcopy(PostcopyHandover {
@@ -1862,7 +1878,10 @@ struct Switched {
 /// How the destination takes the VM at a migration's switch.
 #[derive(Clone, Copy, Debug)]
 enum SwitchKind<'a> {
-    Plain,
+    /// The final epoch committed, or (`commit_wait` not zero) on its way.
+    Plain {
+        commit_wait: Duration,
+    },
     /// With the bitmaps of the pages it holds current and of those all zero.
     Postcopy {
         valid: &'a [u8],
