@@ -141,6 +141,17 @@ fn feed(shared: &Shared, chunks: Vec<EpochChunk>) -> Result<Option<u64>, tonic::
     Ok(acked)
 }
 
+/// `chunks` with a bit flipped in the middle of the last one.
+fn damaged(mut chunks: Vec<EpochChunk>) -> Vec<EpochChunk> {
+    if let Some(last) = chunks.last_mut() {
+        let mut bytes = last.chunk.to_vec();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x40;
+        last.chunk = bytes.into();
+    }
+    chunks
+}
+
 fn committed(shared: &Shared) -> Option<u64> {
     match &shared.lock().phase {
         Phase::Standby(s) => s.store.committed_epoch(),
@@ -226,13 +237,11 @@ async fn chunks_outside_the_session_are_refused_and_the_image_keeps_its_commit()
 
     // A damaged chunk: the session ends, the image stays at epoch 2, and a
     // silence would still promote that commit.
-    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[1, 2]);
-    let last = chunks.last_mut().unwrap();
-    let mut bytes = last.chunk.to_vec();
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x40;
-    last.chunk = bytes.into();
-    let e = feed(&shared, chunks).unwrap_err();
+    let e = feed(
+        &shared,
+        damaged(primary.epoch(3, EpochKind::Checkpoint, &[1, 2])),
+    )
+    .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e}");
     assert_eq!(committed(&shared), Some(2));
     let e = feed(&shared, primary.epoch(4, EpochKind::Checkpoint, &[1])).unwrap_err();
@@ -313,6 +322,50 @@ async fn the_promotion_checks_follow_the_session() {
     }
 }
 
+/// A handover of epoch 3 of `session` waiting for its commit (at most
+/// `wait`), once it has looked and found the epoch missing.
+async fn waiting_handover(
+    shared: &Arc<Shared>,
+    session: u64,
+    wait: Duration,
+) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+    let session = understudy_common::ids::SessionId::from_raw(session).unwrap();
+    let waiting = tokio::spawn({
+        let shared = shared.clone();
+        async move { crate::service::await_commit(&shared, session, 3, wait).await }
+    });
+    settle().await;
+    waiting
+}
+
+/// Lets spawned tasks run as far as they can.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The waiting handover's result once `why` woke it.
+async fn woken(
+    waiting: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    why: &str,
+) -> Result<(), tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("{why} did not wake the handover"))
+        .unwrap()
+}
+
+/// Whether a handover of epoch 3 of `session` would promote now.
+fn handover_of_3(shared: &Shared, session: u64) -> Result<bool, PromotionError> {
+    let trigger = Trigger::Handover {
+        session: understudy_common::ids::SessionId::from_raw(session).unwrap(),
+        epoch: 3,
+        replay: false,
+    };
+    would_promote(shared, trigger)
+}
+
 /// A migration's handover sent right behind its final epoch waits for the
 /// epoch, and returns as soon as it commits.
 #[tokio::test]
@@ -321,15 +374,7 @@ async fn a_handover_waiting_for_its_epoch_goes_on_when_the_epoch_commits() {
     let shared = backup(dir.path());
     let mut primary = Primary::new(42, 1);
     protected(&shared, &mut primary).await;
-    let session = understudy_common::ids::SessionId::from_raw(42).unwrap();
-    let waiting = tokio::spawn({
-        let shared = shared.clone();
-        async move { crate::service::await_commit(&shared, session, 3, Duration::from_secs(30)).await }
-    });
-    // The wait registered and found epoch 3 missing.
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    let waiting = waiting_handover(&shared, 42, Duration::from_secs(30)).await;
     assert!(
         !waiting.is_finished(),
         "returned before its epoch committed"
@@ -338,22 +383,11 @@ async fn a_handover_waiting_for_its_epoch_goes_on_when_the_epoch_commits() {
     let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
     let last = chunks.pop().unwrap();
     assert_eq!(feed(&shared, chunks).unwrap(), None);
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     assert!(!waiting.is_finished(), "returned on part of its epoch");
     assert_eq!(feed(&shared, vec![last]).unwrap(), Some(3));
-    tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("the commit woke the handover")
-        .unwrap()
-        .unwrap();
-    let handover = Trigger::Handover {
-        session,
-        epoch: 3,
-        replay: false,
-    };
-    assert!(would_promote(&shared, handover).unwrap());
+    woken(waiting, "the commit").await.unwrap();
+    assert!(handover_of_3(&shared, 42).unwrap());
 }
 
 /// A handover whose epoch does not commit within its wait is refused, and
@@ -365,26 +399,19 @@ async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_comm
     let shared = backup(dir.path());
     let mut primary = Primary::new(42, 1);
     protected(&shared, &mut primary).await;
-    let session = understudy_common::ids::SessionId::from_raw(42).unwrap();
     let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
     let last = chunks.pop().unwrap();
     assert_eq!(feed(&shared, chunks).unwrap(), None);
-    let e = crate::service::await_commit(&shared, session, 3, Duration::from_millis(50))
-        .await
-        .unwrap_err();
+    let waiting = waiting_handover(&shared, 42, Duration::from_millis(50)).await;
+    let e = woken(waiting, "the end of the wait").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("did not commit within"), "{e}");
     // The rest of the epoch arrives late: refused, nothing committed.
     let e = feed(&shared, vec![last]).unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert_eq!(committed(&shared), Some(2));
-    let handover = Trigger::Handover {
-        session,
-        epoch: 3,
-        replay: false,
-    };
     assert!(matches!(
-        would_promote(&shared, handover),
+        handover_of_3(&shared, 42),
         Err(PromotionError::HandoverMismatch { .. })
     ));
     // A session that ended while a handover waited (a damaged chunk): the
@@ -397,34 +424,16 @@ async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_comm
     let all: Vec<u32> = (0..PAGES).collect();
     feed(&shared, again.epoch(1, EpochKind::SyncRound, &all)).unwrap();
     feed(&shared, again.epoch(2, EpochKind::Checkpoint, &[9])).unwrap();
-    let session = understudy_common::ids::SessionId::from_raw(43).unwrap();
-    let waiting = tokio::spawn({
-        let shared = shared.clone();
-        async move { crate::service::await_commit(&shared, session, 3, Duration::from_secs(30)).await }
-    });
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    let waiting = waiting_handover(&shared, 43, Duration::from_secs(30)).await;
     assert!(!waiting.is_finished());
-    let mut chunks = again.epoch(3, EpochKind::Checkpoint, &[1, 2]);
-    let last = chunks.last_mut().unwrap();
-    let mut bytes = last.chunk.to_vec();
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x40;
-    last.chunk = bytes.into();
-    feed(&shared, chunks).unwrap_err();
-    tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("the session's end woke the handover")
-        .unwrap()
-        .unwrap();
-    let handover = Trigger::Handover {
-        session,
-        epoch: 3,
-        replay: false,
-    };
+    feed(
+        &shared,
+        damaged(again.epoch(3, EpochKind::Checkpoint, &[1, 2])),
+    )
+    .unwrap_err();
+    woken(waiting, "the session's end").await.unwrap();
     assert!(matches!(
-        would_promote(&shared, handover),
+        handover_of_3(&shared, 43),
         Err(PromotionError::HandoverMismatch { .. })
     ));
 }
