@@ -232,9 +232,14 @@ pub(crate) async fn say_goodbye(
     opts: &PrimaryOptions,
     generation: u64,
     session: SessionId,
+    channel: Option<Channel>,
 ) -> bool {
     let attempt = async {
-        ReplicationClient::new(connect(opts).await?)
+        let channel = match channel {
+            Some(channel) => channel,
+            None => connect(opts).await?,
+        };
+        ReplicationClient::new(channel)
             .goodbye(GoodbyeRequest {
                 generation,
                 session: session.raw(),
@@ -360,11 +365,14 @@ pub(crate) enum HandoverOutcome {
     Unknown(String),
 }
 
+/// A switchover's handover to the backup; `channel`: the session's own
+/// connection while its stream lives (else a new one).
 pub(crate) async fn handover(
     opts: &PrimaryOptions,
     generation: u64,
     session: SessionId,
     epoch: u64,
+    channel: Option<Channel>,
 ) -> HandoverOutcome {
     handover_to(
         opts,
@@ -375,7 +383,7 @@ pub(crate) async fn handover(
         HandoverKind::Plain {
             commit_wait: Duration::ZERO,
         },
-        None,
+        channel.map(ReplicationClient::new),
     )
     .await
 }

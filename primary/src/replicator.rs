@@ -248,7 +248,7 @@ impl Replicator {
                 let opts = self.shared.opts.clone();
                 let generation = self.shared.generation;
                 self.runtime
-                    .block_on(say_goodbye(&opts, generation, session));
+                    .block_on(say_goodbye(&opts, generation, session, None));
             }
         }
         let vm = self.vm.take();
@@ -615,9 +615,16 @@ impl Replicator {
             fail(responder, "the primary is stopping".into());
             return Some(SessionEnd::Stop);
         }
-        let outcome = self
-            .runtime
-            .block_on(handover(&opts, generation, link.id, epoch));
+        let outcome = self.runtime.block_on(handover(
+            &opts,
+            generation,
+            link.id,
+            epoch,
+            // On the session's connection while its stream lives: no
+            // new connection (nor TLS handshake) while the guest is
+            // stopped.
+            (!link.broken.load(Ordering::Acquire)).then(|| link.channel.clone()),
+        ));
         let seen = match self.shared.phase() {
             Phase::HandingOver { seen } => seen,
             _ => 0,
@@ -1323,6 +1330,7 @@ impl Replicator {
                 }
             },
         };
+        let state_taken = started.elapsed();
         if !self.shared.begin_handover() {
             self.fail_migration(m, "the primary is stopping".into());
             return Some(SessionEnd::Stop);
@@ -1368,6 +1376,8 @@ impl Replicator {
             backup.as_ref(),
             Switched {
                 started,
+                state_taken,
+                rest_sent: started.elapsed(),
                 epoch: final_sent.epoch,
                 final_pages: final_sent.pages,
                 final_bytes: final_sent.bytes,
@@ -1391,6 +1401,8 @@ impl Replicator {
     ) -> Option<SessionEnd> {
         let Switched {
             started,
+            state_taken,
+            rest_sent,
             epoch,
             final_pages,
             final_bytes,
@@ -1401,9 +1413,13 @@ impl Replicator {
         // 3. The backup stands down (from here its silence rule would make a
         // second copy). Unconfirmed: the VM runs on here, protected.
         if let Some(link) = backup
-            && !self
-                .runtime
-                .block_on(say_goodbye(&opts, generation, link.id))
+            && !self.runtime.block_on(say_goodbye(
+                &opts,
+                generation,
+                link.id,
+                // On the session's connection while its stream lives.
+                (!link.broken.load(Ordering::Acquire)).then(|| link.channel.clone()),
+            ))
         {
             self.shared.end_handover(None);
             self.resume_after_failed_switchover();
@@ -1417,6 +1433,7 @@ impl Replicator {
             );
             return Some(SessionEnd::Broken);
         }
+        let stood_down = started.elapsed();
         // 4. The destination takes the VM.
         let target = m.request.target.clone();
         let session_id = m.session();
@@ -1484,6 +1501,16 @@ impl Replicator {
             ),
         };
         let downtime = started.elapsed();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::info!(
+            downtime_ms = ms(downtime),
+            state_ms = ms(state_taken),
+            rest_sent_ms = ms(rest_sent),
+            backup_stood_down_ms = ms(stood_down),
+            restore_there_ms = ms(resume),
+            "the switch, from the guest's stop: its state taken, the rest sent to the \
+             destination, the backup stood down, the handover answered (downtime)"
+        );
         // Post-copy: the destination runs the VM on the pages it has; the
         // rest go from here, the guest here paused for good.
         let (postcopy_figures, error) = if postcopy {
@@ -1749,6 +1776,8 @@ impl Replicator {
             Some(link),
             Switched {
                 started,
+                state_taken: Duration::ZERO,
+                rest_sent: started.elapsed(),
                 epoch,
                 final_pages: 0,
                 final_bytes,
@@ -1869,6 +1898,11 @@ const MIGRATION_HANDOVER_RETRY: Duration = Duration::from_secs(10);
 struct Switched {
     /// When the guest stopped.
     started: Instant,
+    /// From then: the state taken (the backup's final checkpoint acked, or
+    /// read here without a backup), and the rest sent to the destination
+    /// (committed there, or handed to the stream to go with the handover).
+    state_taken: Duration,
+    rest_sent: Duration,
     /// The epoch the handover names.
     epoch: u64,
     final_pages: u64,
