@@ -933,11 +933,6 @@ impl StagedEpoch {
             Some(&self.data[first as usize * PAGE_SIZE..next as usize * PAGE_SIZE])
         })
     }
-
-    /// All staged pages' content in page order ([`Self::pieces`]).
-    pub fn runs(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        self.pieces(0..self.slots.len())
-    }
 }
 
 /// Pages chunks with a body at least this long keep their raw pages where

@@ -45,6 +45,7 @@
 
 use std::fs::{self, File};
 use std::io::{IoSlice, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -369,20 +370,17 @@ struct Journal {
 }
 
 /// The journal's head for checkpoint `staged` journaling the staged pages
-/// of `runs` (`(index of the first staged page, pages)`): the epoch, the
-/// digest after it, and each journaled page's number and hash.
-fn encode_journal_head(staged: &StagedEpoch, runs: &[(usize, u32)]) -> Vec<u8> {
-    let journaled = || {
-        runs.iter()
-            .flat_map(|&(first, n)| first..first + n as usize)
-    };
-    let count = runs.iter().map(|&(_, n)| n).sum::<u32>();
-    let mut head = Vec::with_capacity(JOURNAL_HEAD_LEN + count as usize * 20);
+/// of `runs` (ranges of staged indices): the epoch, the digest after it,
+/// and each journaled page's number and hash.
+fn encode_journal_head(staged: &StagedEpoch, runs: &[Range<usize>]) -> Vec<u8> {
+    let journaled = || runs.iter().flat_map(Range::clone);
+    let count = runs.iter().map(Range::len).sum::<usize>();
+    let mut head = Vec::with_capacity(JOURNAL_HEAD_LEN + count * 20);
     head.extend_from_slice(&JOURNAL_MAGIC);
     head.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
     head.extend_from_slice(&staged.header.epoch.to_le_bytes());
     head.extend_from_slice(&staged.header.generation.to_le_bytes());
-    head.extend_from_slice(&count.to_le_bytes());
+    head.extend_from_slice(&(count as u32).to_le_bytes());
     head.extend_from_slice(&(staged.device_state.len() as u32).to_le_bytes());
     head.extend_from_slice(&staged.digest.0.to_le_bytes());
     debug_assert_eq!(head.len(), JOURNAL_HEAD_LEN);
@@ -923,21 +921,22 @@ impl ImageStore {
         }
     }
 
-    /// The staged pages the image must change, as runs `(index of the
-    /// first staged page, pages)` that lie together in the image. A page
-    /// whose content the image already holds (same hash: a zero page over a
-    /// fresh image, an unchanged page) is in none: it is neither journaled
-    /// nor written (no copy, no page-cache page, no block allocation).
-    fn changed_runs(&self, staged: &StagedEpoch) -> Vec<(usize, u32)> {
-        let mut runs: Vec<(usize, u32)> = Vec::new();
+    /// The staged pages the image must change, as runs of staged indices
+    /// whose pages lie together in the image. A page whose content the
+    /// image already holds (same hash: a zero page over a fresh image, an
+    /// unchanged page) is in none: it is neither journaled nor written (no
+    /// copy, no page-cache page, no block allocation).
+    fn changed_runs(&self, staged: &StagedEpoch) -> Vec<Range<usize>> {
+        let mut runs: Vec<Range<usize>> = Vec::new();
         for (i, (&page, &hash)) in staged.pages.iter().zip(&staged.hashes).enumerate() {
             if self.hashes[page as usize] == hash {
                 continue;
             }
             match runs.last_mut() {
-                // Pages ascend, so the next page number is the next staged page.
-                Some((first, n)) if page == staged.pages[*first] + *n => *n += 1,
-                _ => runs.push((i, 1)),
+                // Pages ascend: the run goes on if this is the next page
+                // number and the next staged page.
+                Some(run) if run.end == i && page == staged.pages[i - 1] + 1 => run.end += 1,
+                _ => runs.push(i..i + 1),
             }
         }
         runs
@@ -962,12 +961,12 @@ impl ImageStore {
     fn write_pages(
         &mut self,
         staged: &StagedEpoch,
-        runs: &[(usize, u32)],
+        runs: &[Range<usize>],
     ) -> Result<(), StoreError> {
         let checkpoint = staged.header.kind == EpochKind::Checkpoint;
-        for &(first, n) in runs {
-            self.write_run(staged, (first, n))?;
-            for i in first..first + n as usize {
+        for run in runs {
+            self.write_run(staged, run.clone())?;
+            for i in run.clone() {
                 let (page, hash) = (staged.pages[i] as usize, staged.hashes[i]);
                 if !checkpoint {
                     self.digest.replace(page as u32, self.hashes[page], hash);
@@ -983,22 +982,18 @@ impl ImageStore {
 
     /// Writes the `pages` staged pages from the `first`-th on, which follow
     /// one another in the image.
-    fn write_run(
-        &mut self,
-        staged: &StagedEpoch,
-        (first, pages): (usize, u32),
-    ) -> Result<(), StoreError> {
-        let start = staged.pages[first];
+    fn write_run(&mut self, staged: &StagedEpoch, run: Range<usize>) -> Result<(), StoreError> {
+        let start = staged.pages[run.start];
+        let pages = run.len() as u32;
         let mut at = start as usize * PAGE_SIZE;
-        let staged_range = first..first + pages as usize;
-        if (pages as usize) < WRITE_RUN_PAGES {
-            for piece in staged.pieces(staged_range) {
+        if run.len() < WRITE_RUN_PAGES {
+            for piece in staged.pieces(run) {
                 self.mem[at..at + piece.len()].copy_from_slice(piece);
                 at += piece.len();
             }
             return Ok(());
         }
-        let mut slices: Vec<IoSlice<'_>> = staged.pieces(staged_range).map(IoSlice::new).collect();
+        let mut slices: Vec<IoSlice<'_>> = staged.pieces(run).map(IoSlice::new).collect();
         if let Err(source) = pwrite_all_vectored(&self.file, &mut slices, at as u64) {
             for p in start..start + pages {
                 self.hashes[p as usize] = UNKNOWN_CONTENT;
@@ -1018,13 +1013,13 @@ impl ImageStore {
     fn write_journal(
         &self,
         staged: &StagedEpoch,
-        runs: &[(usize, u32)],
+        runs: &[Range<usize>],
     ) -> Result<u64, StoreError> {
         let path = self.dir.join(JOURNAL_FILE);
         let head = encode_journal_head(staged, runs);
         // The pages are checked by their listed hashes, not by the CRC.
         let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &staged.device_state);
-        let data_len = runs.iter().map(|&(_, n)| n as usize).sum::<usize>() * PAGE_SIZE;
+        let data_len = runs.iter().map(Range::len).sum::<usize>() * PAGE_SIZE;
         // Overwritten in place, never truncated: a crash mid-write leaves a
         // journal whose CRC or page hashes do not match, which recovery
         // discards.
@@ -1037,10 +1032,7 @@ impl ImageStore {
         let mut trailer = crc.to_le_bytes().to_vec();
         trailer.extend_from_slice(&JOURNAL_END);
         let mut parts: Vec<IoSlice<'_>> = std::iter::once(&head[..])
-            .chain(
-                runs.iter()
-                    .flat_map(|&(first, n)| staged.pieces(first..first + n as usize)),
-            )
+            .chain(runs.iter().flat_map(|run| staged.pieces(run.clone())))
             .chain([&staged.device_state[..], &trailer[..]])
             .map(IoSlice::new)
             .collect();
@@ -1274,8 +1266,9 @@ mod tests {
     }
 
     /// Every staged page of `s` as one run (for the journal).
-    fn every_page(s: &StagedEpoch) -> [(usize, u32); 1] {
-        [(0, s.pages.len() as u32)]
+    #[allow(clippy::single_range_in_vec_init)] // one run, not a list of indices
+    fn every_page(s: &StagedEpoch) -> [Range<usize>; 1] {
+        [0..s.pages.len()]
     }
 
     /// The journal `write_journal` writes for `s`, every page journaled.
@@ -1300,8 +1293,8 @@ mod tests {
         let mut bytes = encode_journal_head(s, &every_page(s));
         bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
         bytes.truncate(JOURNAL_HEAD_LEN + 4 * s.pages.len());
-        for run in s.runs() {
-            bytes.extend_from_slice(run);
+        for piece in s.pieces(0..s.pages.len()) {
+            bytes.extend_from_slice(piece);
         }
         bytes.extend_from_slice(&s.device_state);
         let crc = crc32c::crc32c(&bytes);

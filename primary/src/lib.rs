@@ -269,6 +269,15 @@ struct SessionLink {
     channel: tonic::transport::Channel,
 }
 
+impl SessionLink {
+    /// The session's connection while its stream lives (None once it broke:
+    /// a call then opens a new one), for the calls made while the guest is
+    /// stopped (a switchover's handover, a migration's goodbye).
+    fn live_channel(&self) -> Option<tonic::transport::Channel> {
+        (!self.broken.load(Ordering::Acquire)).then(|| self.channel.clone())
+    }
+}
+
 /// The role's phase.
 ///
 /// ```text

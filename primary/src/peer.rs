@@ -410,6 +410,16 @@ pub(crate) enum HandoverKind<'a> {
     Replay,
 }
 
+impl HandoverKind<'_> {
+    /// How long the host taking the VM may wait for the epoch's commit.
+    pub(crate) fn commit_wait(&self) -> Duration {
+        match self {
+            Self::Plain { commit_wait } => *commit_wait,
+            Self::Postcopy(_) | Self::Replay => Duration::ZERO,
+        }
+    }
+}
+
 /// [`handover`] to `target`, of `kind`. `client`: a connection to `target`
 /// already open (else a new one). `session` None: the stream is gone, and
 /// the request names no session, which the target refuses.
@@ -433,10 +443,7 @@ pub(crate) async fn handover_to(
         HandoverKind::Postcopy(p) => Some(p),
         _ => None,
     };
-    let commit_wait = match kind {
-        HandoverKind::Plain { commit_wait } => commit_wait,
-        _ => Duration::ZERO,
-    };
+    let commit_wait = kind.commit_wait();
     let request = client.handover(HandoverRequest {
         generation,
         session: session.map_or(0, SessionId::raw),

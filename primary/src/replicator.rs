@@ -620,10 +620,7 @@ impl Replicator {
             generation,
             link.id,
             epoch,
-            // On the session's connection while its stream lives: no
-            // new connection (nor TLS handshake) while the guest is
-            // stopped.
-            (!link.broken.load(Ordering::Acquire)).then(|| link.channel.clone()),
+            link.live_channel(),
         ));
         let seen = match self.shared.phase() {
             Phase::HandingOver { seen } => seen,
@@ -1366,8 +1363,12 @@ impl Replicator {
             }
         };
         let kind = match &valid {
-            Some((valid, zero)) => SwitchKind::Postcopy { valid, zero },
-            None => SwitchKind::Plain {
+            Some((valid, zero)) => HandoverKind::Postcopy(PostcopyHandover {
+                valid,
+                zero,
+                state: &payload,
+            }),
+            None => HandoverKind::Plain {
                 commit_wait: final_sent.commit_wait,
             },
         };
@@ -1383,7 +1384,6 @@ impl Replicator {
                 final_bytes: final_sent.bytes,
             },
             kind,
-            &payload,
         )
     }
 
@@ -1396,8 +1396,7 @@ impl Replicator {
         mut m: Migration,
         backup: Option<&SessionLink>,
         switched: Switched,
-        kind: SwitchKind<'_>,
-        payload: &[u8],
+        kind: HandoverKind<'_>,
     ) -> Option<SessionEnd> {
         let Switched {
             started,
@@ -1407,19 +1406,15 @@ impl Replicator {
             final_pages,
             final_bytes,
         } = switched;
-        let postcopy = matches!(kind, SwitchKind::Postcopy { .. });
+        let postcopy = matches!(kind, HandoverKind::Postcopy(_));
         let opts = self.shared.opts.clone();
         let generation = self.shared.generation;
         // 3. The backup stands down (from here its silence rule would make a
         // second copy). Unconfirmed: the VM runs on here, protected.
         if let Some(link) = backup
-            && !self.runtime.block_on(say_goodbye(
-                &opts,
-                generation,
-                link.id,
-                // On the session's connection while its stream lives.
-                (!link.broken.load(Ordering::Acquire)).then(|| link.channel.clone()),
-            ))
+            && !self
+                .runtime
+                .block_on(say_goodbye(&opts, generation, link.id, link.live_channel()))
         {
             self.shared.end_handover(None);
             self.resume_after_failed_switchover();
@@ -1442,32 +1437,17 @@ impl Replicator {
         let mut stream_client = m.client();
         // A handover that waits for its epoch's commit may take that long
         // more to answer.
-        let commit_wait = match kind {
-            SwitchKind::Plain { commit_wait } => commit_wait,
-            _ => Duration::ZERO,
-        };
         let outcome = self.runtime.block_on(handover_until_answered(
-            MIGRATION_HANDOVER_RETRY + commit_wait,
+            MIGRATION_HANDOVER_RETRY + kind.commit_wait(),
             Duration::from_millis(100),
             || {
-                let handover_kind = match kind {
-                    SwitchKind::Plain { commit_wait } => HandoverKind::Plain { commit_wait },
-                    SwitchKind::Replay => HandoverKind::Replay,
-                    SwitchKind::Postcopy { valid, zero } => {
-                        HandoverKind::Postcopy(PostcopyHandover {
-                            valid,
-                            zero,
-                            state: payload,
-                        })
-                    }
-                };
                 handover_to(
                     &opts,
                     &target,
                     generation,
                     session_id,
                     epoch,
-                    handover_kind,
+                    kind,
                     stream_client.take(),
                 )
             },
@@ -1782,8 +1762,7 @@ impl Replicator {
                 final_pages: 0,
                 final_bytes,
             },
-            SwitchKind::Replay,
-            &[],
+            HandoverKind::Replay,
         )
     }
 
@@ -1907,21 +1886,6 @@ struct Switched {
     epoch: u64,
     final_pages: u64,
     final_bytes: u64,
-}
-
-/// How the destination takes the VM at a migration's switch.
-#[derive(Clone, Copy, Debug)]
-enum SwitchKind<'a> {
-    /// The final epoch committed, or (`commit_wait` not zero) on its way.
-    Plain {
-        commit_wait: Duration,
-    },
-    /// With the bitmaps of the pages it holds current and of those all zero.
-    Postcopy {
-        valid: &'a [u8],
-        zero: &'a [u8],
-    },
-    Replay,
 }
 
 /// What a replay migration's tick asks of the log loop.
