@@ -20,6 +20,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use understudy_checkpoint::epoch::SenderState;
+use understudy_proto::CodecStatus;
+
 /// Checkpoints one sample spans.
 pub const SPAN: usize = 4;
 /// A sample needs at least these many bytes in its span.
@@ -81,6 +84,17 @@ impl LinkRate {
         self.span.clear();
         self.last_ack = None;
     }
+}
+
+/// The adaptive codec's last decision, as status and metrics show it
+/// (None: not adaptive, or nothing decided yet).
+pub(crate) fn codec_status(sender: &SenderState) -> Option<CodecStatus> {
+    sender.adaptive().map(|r| CodecStatus {
+        compressing: r.compressing,
+        link_bytes_per_second: r.link_rate.unwrap_or_default(),
+        compress_bytes_per_second: r.compress_rate,
+        saved_share: r.saved_share,
+    })
 }
 
 #[cfg(test)]

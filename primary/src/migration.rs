@@ -49,6 +49,7 @@ use understudy_vmm::memory::MemoryError;
 use understudy_vmm::{DirtyBitmap, Vm, VmError};
 
 use crate::PrimaryOptions;
+use crate::link_rate::LinkRate;
 use crate::peer::{HandoverOutcome, HelloOutcome, SessionOffer, Target, hello_to};
 
 /// The guest stop a pre-copy switch may take unless asked otherwise (QEMU's
@@ -371,6 +372,9 @@ pub(crate) struct Link {
     /// The connection the stream runs on, for the handover: a new one would
     /// cost the switch a round trip or two (TCP, then HTTP/2) on a long link.
     client: ReplicationClient<Channel>,
+    /// How fast the link and the destination behind it take epochs, for the
+    /// adaptive codec (as the replication link's, from the acks).
+    delivery: LinkRate,
 }
 
 impl Link {
@@ -483,6 +487,7 @@ impl Link {
             log_exits,
             replica_exits,
             client: handover_client,
+            delivery: LinkRate::default(),
         })
     }
 
@@ -538,7 +543,9 @@ impl Link {
         self.queue_chunks(chunks);
         self.unacked.push_back((epoch, bytes));
         self.unacked_bytes += bytes;
-        self.first_send.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        self.first_send.get_or_insert(now);
+        self.delivery.shipped(epoch, now, bytes);
     }
 
     /// Hands queued chunks to the stream as far as it takes them, and
@@ -549,6 +556,7 @@ impl Link {
             return Err(MigrationError::LinkLost(self.why()));
         }
         let acked = self.acked.get();
+        let mut newest = None;
         while let Some(&(epoch, bytes)) = self.unacked.front() {
             if !Epoch(epoch).covered_by(acked) {
                 break;
@@ -558,6 +566,11 @@ impl Link {
             self.acked_bytes += bytes;
             self.acked_epochs += 1;
             self.progress_at = Instant::now();
+            newest = Some(epoch);
+        }
+        if let Some(epoch) = newest {
+            // Seen here, up to one poll after the ack came.
+            self.delivery.acked(epoch, self.progress_at);
         }
         while let Some(msg) = self.outbox.pop_front() {
             match self.chunks.try_send(msg) {
@@ -1087,6 +1100,7 @@ impl Migration {
         let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
             return Err(MigrationError::NotConnected);
         };
+        sender.set_link_rate(link.delivery.rate());
         let mut enc = sender
             .begin(epoch, EpochKind::SyncRound)
             .map_err(MigrationError::Encode)?;
@@ -1202,6 +1216,7 @@ impl Migration {
         let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
             return Err(MigrationError::NotConnected);
         };
+        sender.set_link_rate(link.delivery.rate());
         let mut enc = sender
             .begin(epoch, EpochKind::Checkpoint)
             .map_err(MigrationError::Encode)?;
@@ -1524,6 +1539,7 @@ impl Migration {
             throttle_percent: self.throttle,
             elapsed_micros: self.requested.elapsed().as_micros() as u64,
             error: error.into(),
+            codec: self.codec(),
         }
     }
 
@@ -1575,7 +1591,15 @@ impl Migration {
                     .saturating_sub(done.downtime)
                     .as_micros() as u64
             }),
+            codec: self.codec(),
         }
+    }
+
+    /// The adaptive codec's last decision for this migration's pages.
+    fn codec(&self) -> Option<understudy_proto::CodecStatus> {
+        self.sender
+            .as_ref()
+            .and_then(crate::link_rate::codec_status)
     }
 }
 
@@ -1626,6 +1650,62 @@ pub(crate) struct PostcopyFigures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link around a plain channel (no destination): the test plays the
+    /// stream (takes the chunks) and the destination's acks.
+    fn detached_link() -> (Link, tokio::sync::mpsc::Receiver<EpochChunk>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
+        let channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let link = Link {
+            id: SessionId::from_raw(7).unwrap(),
+            chunks: tx,
+            broken: Arc::new(AtomicBool::new(false)),
+            acked: Arc::new(EpochCell::new()),
+            why: Arc::new(Mutex::new(None)),
+            generation: 1,
+            pages_by_hash: true,
+            awaits_commit: true,
+            outbox: Default::default(),
+            unacked: Default::default(),
+            unacked_bytes: 0,
+            acked_bytes: 0,
+            acked_epochs: 0,
+            first_send: None,
+            progress_at: Instant::now(),
+            wanted: Default::default(),
+            done: Default::default(),
+            log_exits: Default::default(),
+            replica_exits: Default::default(),
+            client: ReplicationClient::new(channel),
+            delivery: LinkRate::default(),
+        };
+        (link, rx)
+    }
+
+    #[tokio::test]
+    async fn the_link_measures_its_rate_from_the_acks_for_the_codec() {
+        let (mut link, mut stream) = detached_link();
+        assert_eq!(link.delivery.rate(), None);
+        // Four epochs of 1 MB each, taken by the stream, acked 40 ms later:
+        // about 4 MB in 40 ms (the span), 100 MB/s.
+        for epoch in 1..=4 {
+            link.queue(epoch, 1_000_000, vec![vec![0u8; 64]]);
+        }
+        link.pump().unwrap();
+        for _ in 1..=4 {
+            assert!(stream.try_recv().is_ok(), "the chunks went to the stream");
+        }
+        assert_eq!(link.delivery.rate(), None, "nothing acked yet");
+        std::thread::sleep(Duration::from_millis(40));
+        link.acked.raise(Epoch(4));
+        link.pump().unwrap();
+        let rate = link.delivery.rate().expect("a rate once 4 MB were acked");
+        // Taken as sent at their queueing, acked at the pump after the
+        // sleep: at most 100 MB/s, less by whatever this machine added.
+        assert!((20e6..=100e6).contains(&rate), "{rate}");
+        assert_eq!(link.unacked_bytes, 0);
+        assert_eq!(link.acked_bytes, 4_000_000);
+    }
 
     #[test]
     fn a_round_that_fits_the_budget_switches() {

@@ -989,12 +989,7 @@ impl Replicator {
         };
         self.shared
             .stats
-            .set_codec(sender.adaptive().map(|r| understudy_proto::CodecStatus {
-                compressing: r.compressing,
-                link_bytes_per_second: r.link_rate.unwrap_or_default(),
-                compress_bytes_per_second: r.compress_rate,
-                saved_share: r.saved_share,
-            }));
+            .set_codec(crate::link_rate::codec_status(sender));
         self.shared.stats.record_epoch(
             pause,
             pages.len(),

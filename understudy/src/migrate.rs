@@ -9,6 +9,7 @@ use anyhow::Result;
 use understudy_proto::{MigrateReply, MigrateRequest, MigrationProgress};
 
 use crate::config::Config;
+use crate::remote::{codec_line, human_bytes};
 
 /// How long a migration may take before the CLI stops waiting (the
 /// primary carries on and reports in its status).
@@ -99,18 +100,6 @@ pub fn progress_line(p: &MigrationProgress, elapsed: Duration) -> String {
     )
 }
 
-fn human_bytes(b: f64) -> String {
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else if b >= 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{b:.0} B")
-    }
-}
-
 /// The report as text.
 pub fn render(r: &MigrateReply) -> String {
     let ms = |us: u64| format!("{:.1} ms", us as f64 / 1e3);
@@ -153,6 +142,9 @@ pub fn render(r: &MigrateReply) -> String {
         ("restore there", ms(r.resume_micros)),
     ];
     let mut rows = rows;
+    if let Some(c) = &r.codec {
+        rows.push(("codec", codec_line(c)));
+    }
     if r.postcopy_pages > 0 || r.mode == "postcopy" || r.mode == "hybrid" {
         rows.extend([
             (
@@ -228,5 +220,11 @@ pub fn to_json(r: &MigrateReply) -> serde_json::Value {
         "log_bytes": r.log_bytes,
         "base_pause_micros": r.base_pause_micros,
         "log_phase_micros": r.log_phase_micros,
+        "codec": r.codec.as_ref().map(|c| serde_json::json!({
+            "compressing": c.compressing,
+            "link_bytes_per_second": c.link_bytes_per_second,
+            "compress_bytes_per_second": c.compress_bytes_per_second,
+            "saved_share": c.saved_share,
+        })),
     })
 }

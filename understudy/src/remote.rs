@@ -181,13 +181,29 @@ pub async fn request_discard(
         .into_inner())
 }
 
-fn human_bytes(b: f64) -> String {
+/// A byte count for people (B, KiB, MiB, GiB).
+pub(crate) fn human_bytes(b: f64) -> String {
     match b {
         b if b >= (1u64 << 30) as f64 => format!("{:.2} GiB", b / (1u64 << 30) as f64),
         b if b >= (1 << 20) as f64 => format!("{:.2} MiB", b / (1 << 20) as f64),
         b if b >= 1024.0 => format!("{:.1} KiB", b / 1024.0),
         b => format!("{b:.0} B"),
     }
+}
+
+/// The adaptive codec's decision and what it was made from.
+pub(crate) fn codec_line(c: &understudy_proto::CodecStatus) -> String {
+    let link = if c.link_bytes_per_second > 0.0 {
+        format!("{}/s", human_bytes(c.link_bytes_per_second))
+    } else {
+        "not measured yet".to_owned()
+    };
+    format!(
+        "{} (link {link}, compressor {}/s saving {:.0} %)",
+        if c.compressing { "compressing" } else { "raw" },
+        human_bytes(c.compress_bytes_per_second),
+        c.saved_share * 100.0
+    )
 }
 
 /// Renders the pair's view: who runs the VM, who protects it, then each
@@ -376,21 +392,11 @@ pub fn render(s: &StatusReply) -> String {
             ),
         ));
     }
+    if let Some(c) = s.migration.as_ref().and_then(|m| m.codec.as_ref()) {
+        rows.push(("migration codec", codec_line(c)));
+    }
     if let Some(c) = &s.codec {
-        let link = if c.link_bytes_per_second > 0.0 {
-            format!("{}/s", human_bytes(c.link_bytes_per_second))
-        } else {
-            "not measured yet".to_owned()
-        };
-        rows.push((
-            "codec",
-            format!(
-                "{} (link {link}, compressor {}/s saving {:.0} %)",
-                if c.compressing { "compressing" } else { "raw" },
-                human_bytes(c.compress_bytes_per_second),
-                c.saved_share * 100.0
-            ),
-        ));
+        rows.push(("codec", codec_line(c)));
     }
     if let Some(w) = &s.witness {
         let mut line = if w.reachable {
