@@ -481,7 +481,7 @@ fn open_store(
     let create = || -> Result<ImageStore, BackupError> {
         let store = ImageStore::create(&opts.image_dir, &opts.vm_id, opts.ram_bytes, store_opts)
             .map_err(image)?;
-        warm_in_background(store.memory_path(), warm_stop.clone());
+        warm_in_background(store.journal_path(), store.memory_path(), warm_stop.clone());
         Ok(store)
     };
     let store = if opts.image_dir.join("meta").exists() {
@@ -577,15 +577,16 @@ fn built_ahead(what: &str, ram: Result<GuestRam, String>) -> Option<VmShell> {
     }
 }
 
-/// Takes a fresh image's memory while the backup waits for its first
+/// Takes a fresh image's journal and memory while the backup waits for its first
 /// primary (see [`understudy_checkpoint::store::warm_image`]); `stop` ends
 /// it early. The daemon does not wait for it.
-fn warm_in_background(memory: PathBuf, stop: Arc<AtomicBool>) {
+fn warm_in_background(journal: PathBuf, memory: PathBuf, stop: Arc<AtomicBool>) {
     let spawned = std::thread::Builder::new()
         .name("image-warm".into())
         .spawn(
-            move || match understudy_checkpoint::store::warm_image(&memory, &stop) {
+            move || match understudy_checkpoint::store::warm_image(&journal, &memory, &stop) {
                 Ok(w) => tracing::info!(
+                    journal_mib = w.journal_bytes >> 20,
                     mib = w.bytes >> 20,
                     took_ms = w.took.as_millis() as u64,
                     stopped_by_a_primary = w.stopped,

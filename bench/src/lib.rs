@@ -289,6 +289,51 @@ pub fn real_memory(bytes: usize) -> Vec<u8> {
     out
 }
 
+/// CPU time the hypervisor under this machine took from it ("steal" in
+/// `/proc/stat`) while a measurement ran: this machine is itself a VM, and
+/// a guest's work rate here moves with it by more than some effects
+/// measured, so benches report it beside their ratios.
+#[derive(Clone, Copy, Debug)]
+pub struct Steal {
+    ticks: u64,
+    at: std::time::Instant,
+}
+
+impl Steal {
+    /// Starts counting.
+    pub fn start() -> Self {
+        Self {
+            ticks: steal_ticks(),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// The share of the machine's CPU time (all cores) stolen since
+    /// [`Self::start`]; NaN where `/proc/stat` cannot be read.
+    pub fn share(&self) -> f64 {
+        // SAFETY: sysconf reads a constant of the running system.
+        let (hz, cpus) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
+            )
+        };
+        let stolen = steal_ticks().saturating_sub(self.ticks) as f64 / hz.max(1) as f64;
+        stolen / (self.at.elapsed().as_secs_f64() * cpus.max(1) as f64)
+    }
+}
+
+/// The machine's stolen CPU time so far, in clock ticks (0 if unknown).
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            // "cpu  user nice system idle iowait irq softirq steal ..."
+            stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// xorshift64: cheap, repeatable page picks (never seed with 0).
 #[derive(Clone, Debug)]
 pub struct XorShift(pub u64);

@@ -589,6 +589,49 @@ fn a_journal_holds_only_the_changed_pages_and_redoes_the_whole_epoch_after_a_cra
 }
 
 #[test]
+fn a_journal_emptied_by_a_new_sync_keeps_its_room_and_is_never_replayed() {
+    let mut f = fixture();
+    let dir = f.store.dir().to_owned();
+    let journal = dir.join("journal");
+    let room = std::fs::metadata(&journal).unwrap().len();
+    assert_eq!(
+        room,
+        u64::from(f.model.pages()) * 4096,
+        "a fresh image's journal room"
+    );
+    // A checkpoint journals its pages: a complete journal of the committed
+    // epoch stays in the file.
+    let committed = f.store.committed_epoch().unwrap();
+    for p in [3, 4, 40] {
+        f.model.page_mut(p)[7] ^= 0x33;
+    }
+    let chunks = encode(
+        &mut f.sender,
+        &f.model,
+        committed + 1,
+        EpochKind::Checkpoint,
+        &[3, 4, 40],
+        b"devstate",
+    )
+    .chunks;
+    let staged = decode(&f.store, &chunks).unwrap();
+    f.store.apply(&staged).unwrap();
+    assert_eq!(&std::fs::read(&journal).unwrap()[..4], b"USJN");
+    // A new sync empties it (a syncing image takes any journal as its own
+    // work, so one left readable would be replayed over the sync): its
+    // magic is gone, the file and its pages are kept.
+    f.store.begin_sync(2, 0xbe4c).unwrap();
+    let bytes = std::fs::read(&journal).unwrap();
+    assert_eq!(bytes.len() as u64, room);
+    assert_eq!(&bytes[..4], [0; 4]);
+    drop(f.store);
+    let (store, recovery) = ImageStore::open(&dir, Default::default()).unwrap();
+    assert_eq!(recovery, Recovery::Clean);
+    assert_eq!(store.status(), ImageStatus::Syncing);
+    assert!(store.promotable().is_err());
+}
+
+#[test]
 fn a_retired_image_is_not_promotable_until_the_next_sync_commits() {
     let Fixture {
         _dir: keep,

@@ -15,7 +15,10 @@
 //! Run: `cargo bench -p understudy --bench migration`;
 //! `UNDERSTUDY_MIGRATION_ROUNDS=N` sets the rounds (default 2),
 //! `UNDERSTUDY_MIGRATION_MIB=N` the guest RAM (default 256),
-//! `UNDERSTUDY_MIGRATION_LINKS=loopback,lan,wan` the links (default all).
+//! `UNDERSTUDY_MIGRATION_LINKS=loopback,lan,wan` the links (default all);
+//! `UNDERSTUDY_MIGRATION_ONLY=GUEST/MODE` (e.g. `dirtier/stop-and-copy`,
+//! a guest by its name's first word) runs that pair alone, its lines
+//! printed and no report (an A/B of one change), the last run's logs kept.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
@@ -369,6 +372,18 @@ fn links() -> Vec<(&'static str, Option<LinkSpec>)> {
         .collect()
 }
 
+/// `UNDERSTUDY_MIGRATION_ONLY`: (guest's first word, mode).
+fn only() -> Option<(String, String)> {
+    let only = std::env::var("UNDERSTUDY_MIGRATION_ONLY").ok()?;
+    let (guest, mode) = only.split_once('/')?;
+    Some((guest.trim().to_owned(), mode.trim().to_owned()))
+}
+
+/// Whether this run moves `guest` by `mode`.
+fn chosen(guest: &str, mode: &str) -> bool {
+    only().is_none_or(|(g, m)| guest.split(' ').next() == Some(g.as_str()) && mode == m)
+}
+
 fn link_name(spec: &Option<LinkSpec>) -> String {
     spec.as_ref().map_or("loopback".into(), |s| s.name.clone())
 }
@@ -431,6 +446,9 @@ fn main() {
             for (g, (guest, settings)) in GUESTS.iter().enumerate() {
                 let settings = settings.replace("{mib}", &mib.to_string());
                 for (m, mode) in MODES.iter().enumerate() {
+                    if !chosen(guest, mode) {
+                        continue;
+                    }
                     let run =
                         runtime.block_on(one(&daemon, &dir, guest, &settings, mode, wan.as_ref()));
                     let r = &run.reply;
@@ -453,7 +471,7 @@ fn main() {
         }
         // QEMU, an idle VM of the same RAM over the same link.
         let mut q = Vec::new();
-        if let Some(qemu) = &qemu {
+        if let Some(qemu) = qemu.as_ref().filter(|_| only().is_none()) {
             for tuned in [false, true] {
                 let runs: Vec<(f64, f64, f64)> = (0..rounds)
                     .map(|i| {
@@ -486,6 +504,11 @@ fn main() {
         }
         per_link.push(results);
         qemu_rows.push(q);
+    }
+    if only().is_some() {
+        // One guest and mode: its lines above are the result.
+        println!("the last run's daemons' logs: {}", dir.display());
+        return;
     }
     let _ = std::fs::remove_dir_all(&dir);
     if !probes.rows.is_empty() {

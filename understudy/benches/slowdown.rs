@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use understudy::pair::{LocalPair, read_lines};
 
-use understudy_bench::{Chart, Report, Series, Table, num};
+use understudy_bench::{Chart, Report, Series, Steal, Table, num};
 use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
@@ -26,7 +26,7 @@ const LOCAL_ROUNDS: usize = 5;
 const LOCAL_MEASURE: Duration = Duration::from_secs(1);
 /// Turns of the heavy dirtier's table (each a protected run next to a run
 /// of the guest alone, per mode).
-const HEAVY_TURNS: usize = 3;
+const HEAVY_TURNS: usize = 5;
 
 /// The median, smallest and largest of `v` (sorted in place); NaN when
 /// empty.
@@ -278,7 +278,9 @@ fn main() {
             "heavy dirtier (flat out, 2048-page working set): pages copied after the resume \
              (write-protected until copied, the default) against inside the stop, same run; \
              each ratio is a protected run ÷ a run of the guest alone right before it, median \
-             of {HEAVY_TURNS} turns (range in brackets); stop = the primary's median guest stop"
+             of {HEAVY_TURNS} turns (range in brackets); stop = the primary's median guest stop; \
+             stolen = CPU time the hypervisor under this machine took while the turns ran \
+             (median and range over the runs)"
         ),
         &[
             "epoch interval",
@@ -286,23 +288,30 @@ fn main() {
             "ratio, copy in stop",
             "stop µs, copy after resume",
             "stop µs, copy in stop",
+            "stolen",
         ],
     );
     let mut heavy_25 = (f64::NAN, f64::NAN);
     for epoch_ms in [10u64, 25] {
         let (mut after, mut inside) = (Vec::new(), Vec::new());
         let (mut after_stop, mut inside_stop) = (Vec::new(), Vec::new());
+        let mut stolen = Vec::new();
         for _ in 0..HEAVY_TURNS {
+            let steal = Steal::start();
             let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
             let (rate, _, stop) = runtime.block_on(protected_rate(0, Protection::Epochs(epoch_ms)));
             after.push(rate / alone);
             after_stop.push(stop);
+            stolen.push(steal.share());
+            let steal = Steal::start();
             let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
             let (rate, _, stop) =
                 runtime.block_on(protected_rate(0, Protection::EpochsCopyInStop(epoch_ms)));
             inside.push(rate / alone);
             inside_stop.push(stop);
+            stolen.push(steal.share());
         }
+        let (steal, steal_lo, steal_hi) = spread(&mut stolen);
         let (after, inside) = (spread(&mut after), spread(&mut inside));
         let (ratio_after, ratio_inside) = (after.0, inside.0);
         let with_range = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3} ({lo:.3}–{hi:.3})");
@@ -312,6 +321,13 @@ fn main() {
             with_range(inside).into(),
             num(spread(&mut after_stop).0, 0),
             num(spread(&mut inside_stop).0, 0),
+            format!(
+                "{:.0} % ({:.0}–{:.0} %)",
+                steal * 100.0,
+                steal_lo * 100.0,
+                steal_hi * 100.0
+            )
+            .into(),
         ]);
         if epoch_ms == 25 {
             heavy_25 = (ratio_after, ratio_inside);
