@@ -152,9 +152,69 @@ pub struct SenderState {
     dedup: HashMap<PageHash, u32>,
     cache: Option<LruCache<u32, Box<Page>>>,
     adaptive: Adaptive,
+    /// Whether word deltas pay on their own (see [`DeltaPayoff`]).
+    deltas: DeltaPayoff,
     last_epoch: Option<u64>,
     /// Pages chunks go without a body CRC ([`chunk::FLAG_PAGES_BY_HASH`]).
     pages_by_hash: bool,
+}
+
+/// Checkpoints with at least this many delta attempts decide whether
+/// deltas pay.
+pub const DELTA_SAMPLE_TRIES: u64 = 64;
+/// Checkpoints without deltas before they are tried again (two epochs: one
+/// fills the cache, the next measures).
+pub const DELTA_PROBE_EPOCHS: u32 = 32;
+
+/// Whether word deltas pay while the link outruns the compressor (bytes
+/// saved then buy no link time). A delta that hits sends a few words for a
+/// 4 KiB page: less for the encoder to append, for the kernel to copy on
+/// both hosts and for the backup to decode, so on any link it costs less
+/// than the page it replaces. One that misses (a page rewritten whole) costs
+/// a compare and a cached copy for nothing. So deltas stay on while at
+/// least half of those tried in the last measured checkpoint hit; otherwise
+/// they (and the cache they need) are off, and tried again for two
+/// checkpoints every [`DELTA_PROBE_EPOCHS`]. Before, the link rule alone
+/// decided: once a burst of large checkpoints had measured the link faster
+/// than lz4, deltas stayed off for good, and a guest back to sparse writes
+/// (one word a page, the heavy dirtier's pattern) shipped every dirty page
+/// whole, with the kernel copies and the backup's decoding that go with it.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaPayoff {
+    on: bool,
+    /// Checkpoints since deltas went off.
+    off_for: u32,
+}
+
+impl Default for DeltaPayoff {
+    fn default() -> Self {
+        Self {
+            on: true,
+            off_for: 0,
+        }
+    }
+}
+
+impl DeltaPayoff {
+    /// Whether deltas pay, as far as the last checkpoints measured.
+    pub fn pays(&self) -> bool {
+        self.on
+    }
+
+    /// A checkpoint ended after `tried` delta attempts of which `hit` went
+    /// as a delta.
+    pub fn checkpoint_done(&mut self, tried: u64, hit: u64) {
+        if tried >= DELTA_SAMPLE_TRIES {
+            self.on = hit.saturating_mul(2) >= tried;
+            self.off_for = 0;
+        } else if !self.on {
+            self.off_for += 1;
+            if self.off_for >= DELTA_PROBE_EPOCHS {
+                self.on = true;
+                self.off_for = 0;
+            }
+        }
+    }
 }
 
 impl SenderState {
@@ -184,6 +244,7 @@ impl SenderState {
             dedup: HashMap::new(),
             cache,
             adaptive: Adaptive::default(),
+            deltas: DeltaPayoff::default(),
             last_epoch: None,
             pages_by_hash: false,
         })
@@ -280,6 +341,7 @@ impl SenderState {
             cache_misses: VecDeque::new(),
             entry: Vec::with_capacity(PAGE_SIZE + 16),
             report,
+            delta_tried: 0,
             started: Instant::now(),
         })
     }
@@ -308,6 +370,8 @@ pub struct EpochEncoder<'a> {
     cache_misses: VecDeque<(u32, Box<Page>)>,
     entry: Vec<u8>,
     report: EncodeReport,
+    /// Pages tried as a word delta (their previous version was cached).
+    delta_tried: u64,
     started: Instant,
 }
 
@@ -391,8 +455,10 @@ impl EpochEncoder<'_> {
             page_hash(content)
         };
         // Word deltas (and the cached pages they need) are skipped while the
-        // link outruns the encoder (see `Adaptive::link_outruns_compressor`).
-        let deltas = !(self.state.policy.adaptive && self.state.adaptive.link_outruns_compressor());
+        // link outruns the encoder (see `Adaptive::link_outruns_compressor`)
+        // and they do not pay on their own (see `DeltaPayoff`).
+        let deltas = !(self.state.policy.adaptive && self.state.adaptive.link_outruns_compressor())
+            || self.state.deltas.pays();
         let (codec, tried) = self.encode_entry(page, hash, content, zero, deltas);
         self.report.pages_by_codec[codec as usize] += 1;
         self.report.pages += 1;
@@ -481,6 +547,7 @@ impl EpochEncoder<'_> {
                 && deltas
                 && let Some(old) = s.cache.as_mut().and_then(|c| c.peek(&page))
             {
+                self.delta_tried += 1;
                 match encode_delta_words(old, content, out) {
                     Ok(()) => break 'choose Codec::DeltaWords,
                     // A dense but partial change: the XOR is mostly zeros and
@@ -619,6 +686,11 @@ impl EpochEncoder<'_> {
         }
         if self.header.kind == EpochKind::Checkpoint && s.unknown > 0 {
             return Err(EncodeError::ReceiverStateUnknown { unknown: s.unknown });
+        }
+        if self.header.kind == EpochKind::Checkpoint && s.cache.is_some() {
+            let by_codec = &self.report.pages_by_codec;
+            let hit = by_codec[Codec::DeltaWords as usize] + by_codec[Codec::DeltaLz4 as usize];
+            s.deltas.checkpoint_done(self.delta_tried, hit);
         }
         s.last_epoch = Some(self.header.epoch);
         let digest = if s.unknown == 0 {

@@ -438,3 +438,86 @@ fn dedup_skipped_while_the_link_outruns_the_compressor_resumes_without_stale_ref
     assert_eq!(by_codec[Codec::SameAs as usize], 1, "{by_codec:?}");
     assert_eq!(by_codec[Codec::RepeatOf as usize], 4, "{by_codec:?}");
 }
+
+/// On a link faster than the compressor, word deltas stay on while they
+/// hit (a page with one word changed goes as that word, not 4 KiB), go off
+/// once pages are rewritten whole, and are tried again after
+/// `DELTA_PROBE_EPOCHS` checkpoints. The image is exact after every epoch.
+#[test]
+fn deltas_on_a_fast_link_follow_their_own_payoff() {
+    use understudy_checkpoint::epoch::{DELTA_PROBE_EPOCHS, DELTA_SAMPLE_TRIES};
+    const PAGES: u32 = 600;
+    let mut rng = Rng(11);
+    let mut model = Model::new(PAGES);
+    let rewrite = |model: &mut Model, page: u32, rng: &mut Rng| {
+        for word in model.mem[page as usize * PAGE_SIZE..][..PAGE_SIZE].chunks_mut(8) {
+            word.copy_from_slice(&rng.next().to_le_bytes());
+        }
+    };
+    for p in 0..PAGES {
+        rewrite(&mut model, p, &mut rng);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sender, mut store) =
+        synced_store(&dir.path().join("img"), &model, CodecPolicy::ADAPTIVE);
+    let mut epoch = 2;
+    let mut step = |sender: &mut SenderState,
+                    store: &mut understudy_checkpoint::ImageStore,
+                    model: &Model,
+                    pages: &[u32]| {
+        let encoded = ship(sender, store, model, epoch, EpochKind::Checkpoint, pages);
+        assert!(
+            store.memory() == &model.mem[..],
+            "image differs after epoch {epoch}"
+        );
+        epoch += 1;
+        encoded.report.pages_by_codec
+    };
+    // A link far faster than any compressor; the first sample decides it
+    // (incompressible pages: lz4 saves nothing either).
+    sender.set_link_rate(Some(1e15));
+    let working: Vec<u32> = (0..400).collect();
+    for &p in &working {
+        rewrite(&mut model, p, &mut rng);
+    }
+    step(&mut sender, &mut store, &model, &working);
+    let report = sender.adaptive().expect("a decision");
+    assert!(!report.compressing, "{report:?}");
+    // One word of each page changes per epoch (the heavy dirtier's
+    // pattern): the first epoch fills the cache, then every page is a delta.
+    let touch = |model: &mut Model, rng: &mut Rng| {
+        for &p in &working {
+            let at = p as usize * PAGE_SIZE + (rng.next() % 512) as usize * 8;
+            model.mem[at] ^= 0x11;
+        }
+    };
+    touch(&mut model, &mut rng);
+    step(&mut sender, &mut store, &model, &working);
+    for _ in 0..3 {
+        touch(&mut model, &mut rng);
+        let by_codec = step(&mut sender, &mut store, &model, &working);
+        assert_eq!(by_codec[Codec::DeltaWords as usize], 400, "{by_codec:?}");
+    }
+    // Pages rewritten whole: one checkpoint of misses turns deltas off.
+    assert!(working.len() as u64 >= DELTA_SAMPLE_TRIES);
+    for &p in &working {
+        rewrite(&mut model, p, &mut rng);
+    }
+    let by_codec = step(&mut sender, &mut store, &model, &working);
+    assert_eq!(by_codec[Codec::Raw as usize], 400, "{by_codec:?}");
+    // Off for DELTA_PROBE_EPOCHS checkpoints: even one-word changes go raw
+    // (the cache is not kept meanwhile)...
+    for _ in 0..DELTA_PROBE_EPOCHS {
+        touch(&mut model, &mut rng);
+        let by_codec = step(&mut sender, &mut store, &model, &working);
+        assert_eq!(by_codec[Codec::Raw as usize], 400, "{by_codec:?}");
+    }
+    // ... until the probe: one checkpoint fills the cache, the next finds
+    // deltas paying again.
+    touch(&mut model, &mut rng);
+    let by_codec = step(&mut sender, &mut store, &model, &working);
+    assert_eq!(by_codec[Codec::Raw as usize], 400, "{by_codec:?}");
+    touch(&mut model, &mut rng);
+    let by_codec = step(&mut sender, &mut store, &model, &working);
+    assert_eq!(by_codec[Codec::DeltaWords as usize], 400, "{by_codec:?}");
+}
