@@ -361,6 +361,87 @@ fn the_encoder_feeds_the_adaptive_codec_a_sample_of_the_pages_it_compresses() {
     );
 }
 
+/// A synced adaptive sender and its image over pages of random words, the
+/// link far faster than any compressor and its first sample taken (pages
+/// 0..400 rewritten, shipped in one checkpoint, incompressible: lz4 saves
+/// nothing either).
+struct FastLink {
+    _dir: tempfile::TempDir,
+    model: Model,
+    rng: Rng,
+    sender: SenderState,
+    store: understudy_checkpoint::ImageStore,
+    epoch: u64,
+}
+
+impl FastLink {
+    const SAMPLE: std::ops::Range<u32> = 0..400;
+
+    fn new(pages: u32, seed: u64) -> Self {
+        let mut rng = Rng(seed);
+        let mut model = Model::new(pages);
+        for p in 0..pages {
+            fill_random(&mut model, p, &mut rng);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sender, store) =
+            synced_store(&dir.path().join("img"), &model, CodecPolicy::ADAPTIVE);
+        sender.set_link_rate(Some(1e15));
+        let mut f = Self {
+            _dir: dir,
+            model,
+            rng,
+            sender,
+            store,
+            epoch: 2,
+        };
+        for p in Self::SAMPLE {
+            fill_random(&mut f.model, p, &mut f.rng);
+        }
+        f.step(&Self::SAMPLE.collect::<Vec<_>>());
+        let report = f.sender.adaptive().expect("a decision");
+        assert!(!report.compressing, "{report:?}");
+        f
+    }
+
+    /// Ships a checkpoint of `pages` and checks the image; its pages by codec.
+    fn step(&mut self, pages: &[u32]) -> [u64; 8] {
+        let epoch = self.epoch;
+        let (sender, store) = (&mut self.sender, &mut self.store);
+        let encoded = ship(
+            sender,
+            store,
+            &self.model,
+            epoch,
+            EpochKind::Checkpoint,
+            pages,
+        );
+        assert!(
+            self.store.memory() == &self.model.mem[..],
+            "image differs after epoch {epoch}"
+        );
+        self.epoch += 1;
+        encoded.report.pages_by_codec
+    }
+
+    /// Page `to` takes page `from`'s content.
+    fn copy(&mut self, from: u32, to: u32) {
+        let content = *self.model.page(from);
+        self.model.mem[to as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&content);
+    }
+
+    fn fill(&mut self, page: u32) {
+        fill_random(&mut self.model, page, &mut self.rng);
+    }
+}
+
+/// Fills `page` of `model` with random words.
+fn fill_random(model: &mut Model, page: u32, rng: &mut Rng) {
+    for word in model.mem[page as usize * PAGE_SIZE..][..PAGE_SIZE].chunks_mut(8) {
+        word.copy_from_slice(&rng.next().to_le_bytes());
+    }
+}
+
 /// While the link outruns the compressor the adaptive codec skips dedup by
 /// content for whole epochs (its image-wide index emptied), and once the
 /// link is slow again it dedups from what it sends next. The image is exact
@@ -368,73 +449,36 @@ fn the_encoder_feeds_the_adaptive_codec_a_sample_of_the_pages_it_compresses() {
 /// since it was indexed.
 #[test]
 fn dedup_skipped_while_the_link_outruns_the_compressor_resumes_without_stale_references() {
-    const PAGES: u32 = 700;
-    let mut rng = Rng(5);
-    let mut model = Model::new(PAGES);
-    let fill = |model: &mut Model, page: u32, rng: &mut Rng| {
-        for word in model.mem[page as usize * PAGE_SIZE..][..PAGE_SIZE].chunks_mut(8) {
-            word.copy_from_slice(&rng.next().to_le_bytes());
-        }
-    };
-    for p in 0..PAGES {
-        fill(&mut model, p, &mut rng);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (mut sender, mut store) =
-        synced_store(&dir.path().join("img"), &model, CodecPolicy::ADAPTIVE);
-    let copy = |model: &mut Model, from: u32, to: u32| {
-        let content = *model.page(from);
-        model.mem[to as usize * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&content);
-    };
-    let mut epoch = 2;
-    let mut step = |sender: &mut SenderState,
-                    store: &mut understudy_checkpoint::ImageStore,
-                    model: &Model,
-                    pages: &[u32]| {
-        let encoded = ship(sender, store, model, epoch, EpochKind::Checkpoint, pages);
-        assert!(
-            store.memory() == &model.mem[..],
-            "image differs after epoch {epoch}"
-        );
-        epoch += 1;
-        encoded.report.pages_by_codec
-    };
-    // A link far faster than any compressor: the first sample decides.
-    sender.set_link_rate(Some(1e15));
-    let sample: Vec<u32> = (0..400).collect();
-    for &p in &sample {
-        fill(&mut model, p, &mut rng);
-    }
-    step(&mut sender, &mut store, &model, &sample);
+    let mut f = FastLink::new(700, 5);
     // Copies of content the image holds, and that content's page changed:
     // an index kept through these epochs would name it stale.
     for round in 0..3u32 {
         let holder = 500 + round;
         let mut pages: Vec<u32> = (600 + round * 10..610 + round * 10).collect();
         for &p in &pages {
-            copy(&mut model, holder, p);
+            f.copy(holder, p);
         }
-        fill(&mut model, holder, &mut rng);
+        f.fill(holder);
         pages.push(holder);
-        let by_codec = step(&mut sender, &mut store, &model, &pages);
+        let by_codec = f.step(&pages);
         assert_eq!(by_codec[Codec::RepeatOf as usize], 0, "{by_codec:?}");
         assert_eq!(by_codec[Codec::SameAs as usize], 0, "{by_codec:?}");
     }
     // A slow link: dedup again, from what is sent from now on.
-    sender.set_link_rate(Some(1.0));
+    f.sender.set_link_rate(Some(1.0));
     let pages: Vec<u32> = (100..110).collect();
-    fill(&mut model, 100, &mut rng);
+    f.fill(100);
     for &p in &pages[1..] {
-        copy(&mut model, 100, p);
+        f.copy(100, p);
     }
-    let by_codec = step(&mut sender, &mut store, &model, &pages);
+    let by_codec = f.step(&pages);
     assert_eq!(by_codec[Codec::RepeatOf as usize], 9, "{by_codec:?}");
     let pages: Vec<u32> = (200..205).collect();
     for &p in &pages {
-        copy(&mut model, 105, p);
+        f.copy(105, p);
     }
     // The first refers to page 100 by the index, the rest to the first.
-    let by_codec = step(&mut sender, &mut store, &model, &pages);
+    let by_codec = f.step(&pages);
     assert_eq!(by_codec[Codec::SameAs as usize], 1, "{by_codec:?}");
     assert_eq!(by_codec[Codec::RepeatOf as usize], 4, "{by_codec:?}");
 }
@@ -446,78 +490,43 @@ fn dedup_skipped_while_the_link_outruns_the_compressor_resumes_without_stale_ref
 #[test]
 fn deltas_on_a_fast_link_follow_their_own_payoff() {
     use understudy_checkpoint::epoch::{DELTA_PROBE_EPOCHS, DELTA_SAMPLE_TRIES};
-    const PAGES: u32 = 600;
-    let mut rng = Rng(11);
-    let mut model = Model::new(PAGES);
-    let rewrite = |model: &mut Model, page: u32, rng: &mut Rng| {
-        for word in model.mem[page as usize * PAGE_SIZE..][..PAGE_SIZE].chunks_mut(8) {
-            word.copy_from_slice(&rng.next().to_le_bytes());
-        }
-    };
-    for p in 0..PAGES {
-        rewrite(&mut model, p, &mut rng);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (mut sender, mut store) =
-        synced_store(&dir.path().join("img"), &model, CodecPolicy::ADAPTIVE);
-    let mut epoch = 2;
-    let mut step = |sender: &mut SenderState,
-                    store: &mut understudy_checkpoint::ImageStore,
-                    model: &Model,
-                    pages: &[u32]| {
-        let encoded = ship(sender, store, model, epoch, EpochKind::Checkpoint, pages);
-        assert!(
-            store.memory() == &model.mem[..],
-            "image differs after epoch {epoch}"
-        );
-        epoch += 1;
-        encoded.report.pages_by_codec
-    };
-    // A link far faster than any compressor; the first sample decides it
-    // (incompressible pages: lz4 saves nothing either).
-    sender.set_link_rate(Some(1e15));
-    let working: Vec<u32> = (0..400).collect();
-    for &p in &working {
-        rewrite(&mut model, p, &mut rng);
-    }
-    step(&mut sender, &mut store, &model, &working);
-    let report = sender.adaptive().expect("a decision");
-    assert!(!report.compressing, "{report:?}");
+    let mut f = FastLink::new(600, 11);
+    let working: Vec<u32> = FastLink::SAMPLE.collect();
     // One word of each page changes per epoch (the heavy dirtier's
     // pattern): the first epoch fills the cache, then every page is a delta.
-    let touch = |model: &mut Model, rng: &mut Rng| {
+    let touch = |f: &mut FastLink| {
         for &p in &working {
-            let at = p as usize * PAGE_SIZE + (rng.next() % 512) as usize * 8;
-            model.mem[at] ^= 0x11;
+            let at = p as usize * PAGE_SIZE + (f.rng.next() % 512) as usize * 8;
+            f.model.mem[at] ^= 0x11;
         }
     };
-    touch(&mut model, &mut rng);
-    step(&mut sender, &mut store, &model, &working);
+    touch(&mut f);
+    f.step(&working);
     for _ in 0..3 {
-        touch(&mut model, &mut rng);
-        let by_codec = step(&mut sender, &mut store, &model, &working);
+        touch(&mut f);
+        let by_codec = f.step(&working);
         assert_eq!(by_codec[Codec::DeltaWords as usize], 400, "{by_codec:?}");
     }
     // Pages rewritten whole: one checkpoint of misses turns deltas off.
     assert!(working.len() as u64 >= DELTA_SAMPLE_TRIES);
     for &p in &working {
-        rewrite(&mut model, p, &mut rng);
+        f.fill(p);
     }
-    let by_codec = step(&mut sender, &mut store, &model, &working);
+    let by_codec = f.step(&working);
     assert_eq!(by_codec[Codec::Raw as usize], 400, "{by_codec:?}");
     // Off for DELTA_PROBE_EPOCHS checkpoints: even one-word changes go raw
     // (the cache is not kept meanwhile)...
     for _ in 0..DELTA_PROBE_EPOCHS {
-        touch(&mut model, &mut rng);
-        let by_codec = step(&mut sender, &mut store, &model, &working);
+        touch(&mut f);
+        let by_codec = f.step(&working);
         assert_eq!(by_codec[Codec::Raw as usize], 400, "{by_codec:?}");
     }
     // ... until the probe: one checkpoint fills the cache, the next finds
     // deltas paying again.
-    touch(&mut model, &mut rng);
-    let by_codec = step(&mut sender, &mut store, &model, &working);
+    touch(&mut f);
+    let by_codec = f.step(&working);
     assert_eq!(by_codec[Codec::Raw as usize], 400, "{by_codec:?}");
-    touch(&mut model, &mut rng);
-    let by_codec = step(&mut sender, &mut store, &model, &working);
+    touch(&mut f);
+    let by_codec = f.step(&working);
     assert_eq!(by_codec[Codec::DeltaWords as usize], 400, "{by_codec:?}");
 }
