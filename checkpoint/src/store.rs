@@ -4,10 +4,11 @@
 //! digest and the device state of that epoch.
 //!
 //! Directory layout: `memory.img` (RAM), `meta` (the record), and `journal`
-//! (the last checkpoint's redo record, overwritten in place by the next; no
-//! magic at its start: none. The file is kept [`JOURNAL_ROOM_MAX`] long, or
-//! the RAM's size if less, sparse where never written, so the page cache
-//! can hold its pages before the first checkpoint needs them).
+//! (the last checkpoint's redo record, overwritten in place by the next; a
+//! zero where its magic goes means there is none. The file is kept at least
+//! [`JOURNAL_ROOM_MAX`] long, or the RAM's size if less, sparse where never
+//! written, so the page cache can hold its pages before the first checkpoint
+//! needs them).
 //!
 //! The record also names the VM *incarnation* the image belongs to (one boot
 //! of the VM; the backup refuses to let a fresh boot sync over a committed
