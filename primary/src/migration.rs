@@ -422,17 +422,18 @@ impl Link {
         .map_err(|_| {
             MigrationError::LinkLost("the stream to the destination closed at once".into())
         })?;
-        let broken = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(EpochCell::new());
-        let why = Arc::new(Mutex::new(None));
-        let wanted = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(Mutex::new(None));
-        let log_exits = Arc::new(AtomicU64::new(0));
-        let replica_exits = Arc::new(AtomicU64::new(0));
+        let link = Self::new(
+            offer.id,
+            tx,
+            handover_client,
+            generation,
+            accepted.pages_by_hash,
+            accepted.handover_awaits_commit,
+        );
         tokio::spawn({
-            let (broken, acked, why) = (broken.clone(), acked.clone(), why.clone());
-            let (wanted, done) = (wanted.clone(), done.clone());
-            let (log_exits, replica_exits) = (log_exits.clone(), replica_exits.clone());
+            let (broken, acked, why) = (link.broken.clone(), link.acked.clone(), link.why.clone());
+            let (wanted, done) = (link.wanted.clone(), link.done.clone());
+            let (log_exits, replica_exits) = (link.log_exits.clone(), link.replica_exits.clone());
             async move {
                 let reason = loop {
                     match acks.next().await {
@@ -466,15 +467,28 @@ impl Link {
                 broken.store(true, Ordering::Release);
             }
         });
-        Ok(Self {
-            id: offer.id,
-            chunks: tx,
-            broken,
-            acked,
-            why,
+        Ok(link)
+    }
+
+    /// A link on the stream `chunks` goes to, nothing sent or heard yet
+    /// (the acks are fed in by `open`'s task).
+    fn new(
+        id: SessionId,
+        chunks: tokio::sync::mpsc::Sender<EpochChunk>,
+        client: ReplicationClient<Channel>,
+        generation: u64,
+        pages_by_hash: bool,
+        awaits_commit: bool,
+    ) -> Self {
+        Self {
+            id,
+            chunks,
+            broken: Default::default(),
+            acked: Arc::new(EpochCell::new()),
+            why: Default::default(),
             generation,
-            pages_by_hash: accepted.pages_by_hash,
-            awaits_commit: accepted.handover_awaits_commit,
+            pages_by_hash,
+            awaits_commit,
             outbox: Default::default(),
             unacked: Default::default(),
             unacked_bytes: 0,
@@ -482,13 +496,13 @@ impl Link {
             acked_epochs: 0,
             first_send: None,
             progress_at: Instant::now(),
-            wanted,
-            done,
-            log_exits,
-            replica_exits,
-            client: handover_client,
+            wanted: Default::default(),
+            done: Default::default(),
+            log_exits: Default::default(),
+            replica_exits: Default::default(),
+            client,
             delivery: LinkRate::default(),
-        })
+        }
     }
 
     /// Post-copy: queues page records (first: ahead of what waits).
@@ -1656,29 +1670,14 @@ mod tests {
     fn detached_link() -> (Link, tokio::sync::mpsc::Receiver<EpochChunk>) {
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
         let channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
-        let link = Link {
-            id: SessionId::from_raw(7).unwrap(),
-            chunks: tx,
-            broken: Arc::new(AtomicBool::new(false)),
-            acked: Arc::new(EpochCell::new()),
-            why: Arc::new(Mutex::new(None)),
-            generation: 1,
-            pages_by_hash: true,
-            awaits_commit: true,
-            outbox: Default::default(),
-            unacked: Default::default(),
-            unacked_bytes: 0,
-            acked_bytes: 0,
-            acked_epochs: 0,
-            first_send: None,
-            progress_at: Instant::now(),
-            wanted: Default::default(),
-            done: Default::default(),
-            log_exits: Default::default(),
-            replica_exits: Default::default(),
-            client: ReplicationClient::new(channel),
-            delivery: LinkRate::default(),
-        };
+        let link = Link::new(
+            SessionId::from_raw(7).unwrap(),
+            tx,
+            ReplicationClient::new(channel),
+            1,
+            true,
+            true,
+        );
         (link, rx)
     }
 
