@@ -386,8 +386,13 @@ pub fn apply_delta(codec: Codec, r: &mut Reader<'_>, out: &mut Page) -> Result<(
 /// the link carries them. When it does not pay, pages go raw for the next
 /// [`SKIP_PAGES`], then it samples again; each decision against in a row
 /// doubles that (up to [`MAX_SKIP_PAGES`]), so on a fast link sampling costs
-/// well under 1 % of the pages. Without a measured link rate, the eighth
-/// alone decides.
+/// well under 1 % of the pages. A decision against because the link is at
+/// least [`CLEAR_MARGIN`] times the compressor's pace skips the longest
+/// stretch at once (a sample costs the encoder three times a raw page's
+/// time, and on a short burst of checkpoints the doubling never got that
+/// far), and a link measured slower than that compressor pace since then
+/// ends the stretch: the next page samples. Without a measured link rate,
+/// the eighth alone decides.
 #[derive(Clone, Debug, Default)]
 pub struct Adaptive {
     tried: u32,
@@ -407,6 +412,9 @@ pub const SAMPLE_PAGES: u32 = 256;
 pub const SKIP_PAGES: u32 = 4096;
 /// The longest raw stretch between samples.
 pub const MAX_SKIP_PAGES: u32 = 65536;
+/// A link this many times faster than the compressor decides against
+/// compressing for the longest stretch at once.
+pub const CLEAR_MARGIN: f64 = 2.0;
 
 /// The adaptive codec's last decision and what it was made from.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -441,6 +449,17 @@ impl Adaptive {
     /// The link's measured rate in bytes per second (None: not known).
     pub fn set_link_rate(&mut self, bytes_per_second: Option<f64>) {
         self.link = bytes_per_second.filter(|r| r.is_finite() && *r > 0.0);
+        // Raw because the link outran the compressor, and now it does not:
+        // the next page samples (the stretch may be long, see `record`).
+        if self.skip > 0
+            && let (Some(link), Some(last)) = (self.link, self.last)
+            && !last.compressing
+            && last.saved_share >= 1.0 / 8.0
+            && link < last.compress_rate
+        {
+            self.skip = 0;
+            self.skip_len = SKIP_PAGES;
+        }
     }
 
     /// Records the outcome of one attempt (`out_len` = PAGE_SIZE if it did
@@ -460,8 +479,15 @@ impl Adaptive {
             let spent = (f64::from(median_ns) * 1e-9 * f64::from(SAMPLE_PAGES)).max(1e-9);
             let shrinks = self.saved as f64 >= sampled / 8.0;
             let pays = shrinks && self.link.is_none_or(|link| spent < sampled / link);
+            let clearly_outrun = self
+                .link
+                .is_some_and(|link| link >= CLEAR_MARGIN * sampled / spent);
             if pays {
                 self.skip_len = SKIP_PAGES;
+            } else if shrinks && clearly_outrun {
+                // `set_link_rate` ends the stretch if the link slows.
+                self.skip = MAX_SKIP_PAGES;
+                self.skip_len = MAX_SKIP_PAGES;
             } else {
                 self.skip_len = self.skip_len.clamp(SKIP_PAGES, MAX_SKIP_PAGES);
                 self.skip = self.skip_len;
@@ -578,9 +604,10 @@ mod tests {
         assert!(!outruns(Some(100e6), PAGE_SIZE / 2));
         assert!(!outruns(Some(100e6), PAGE_SIZE - 100));
         assert!(!outruns(None, PAGE_SIZE - 100));
-        // Raw for SKIP_PAGES after a decision against, then sampling again.
+        // Raw for SKIP_PAGES after a decision against, then sampling again
+        // (a link under CLEAR_MARGIN times the compressor's 455 MB/s).
         let mut a = Adaptive::default();
-        a.set_link_rate(Some(10e9));
+        a.set_link_rate(Some(0.8e9));
         for _ in 0..SAMPLE_PAGES {
             a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
         }
@@ -607,7 +634,7 @@ mod tests {
             a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
         }
         assert!(a.should_try() && a.report().is_some_and(|r| r.compressing));
-        a.set_link_rate(Some(10e9));
+        a.set_link_rate(Some(0.8e9));
         for _ in 0..SAMPLE_PAGES {
             a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
         }
@@ -615,6 +642,46 @@ mod tests {
             (0..SKIP_PAGES + 1).take_while(|_| !a.should_try()).count(),
             SKIP_PAGES as usize
         );
+    }
+
+    #[test]
+    fn a_link_far_faster_than_the_compressor_skips_long_until_it_slows() {
+        // The compressor at 455 MB/s (4 KiB in 9 µs), halving the pages.
+        let sample = |a: &mut Adaptive| {
+            for _ in 0..SAMPLE_PAGES {
+                assert!(a.should_try());
+                a.record(PAGE_SIZE / 2, std::time::Duration::from_micros(9));
+            }
+        };
+        let stretch = |a: &mut Adaptive| (0..).take_while(|_| !a.should_try()).count();
+        // A 10 GB/s link: the longest stretch at once.
+        let mut a = Adaptive::default();
+        a.set_link_rate(Some(10e9));
+        sample(&mut a);
+        assert_eq!(stretch(&mut a), MAX_SKIP_PAGES as usize);
+        // Mid-stretch, the link still outruns the compressor: it goes on.
+        sample(&mut a);
+        assert!((0..1000).all(|_| !a.should_try()));
+        a.set_link_rate(Some(0.6e9));
+        assert!(
+            !a.sampling(),
+            "a link still faster than lz4 ended the stretch"
+        );
+        // It slows below the compressor's pace: the next page samples, and
+        // compressing pays again.
+        a.set_link_rate(Some(0.3e9));
+        assert!(a.sampling(), "the stretch went on over a slow link");
+        sample(&mut a);
+        assert!(a.report().is_some_and(|r| r.compressing));
+        // Pages that do not shrink on a fast link: the doubling stretches,
+        // and a slower link does not end them (compressing would not pay).
+        let mut a = Adaptive::default();
+        a.set_link_rate(Some(10e9));
+        for _ in 0..SAMPLE_PAGES {
+            a.record(PAGE_SIZE, std::time::Duration::from_micros(9));
+        }
+        a.set_link_rate(Some(1e6));
+        assert_eq!(stretch(&mut a), SKIP_PAGES as usize);
     }
 
     #[test]

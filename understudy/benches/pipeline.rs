@@ -307,9 +307,12 @@ const LINK_RAM: usize = 64 << 20;
 /// Changed pages per checkpoint in that table, and checkpoints per policy.
 const LINK_PAGES: usize = 2000;
 const LINK_EPOCHS: u64 = 12;
+/// Measured checkpoints per policy on loopback, where 12 pass in ~0.1 s
+/// and one such run swings by a third on the two shared cores.
+const LOOPBACK_EPOCHS: u64 = 36;
 const LINK_WARMUP: u64 = 8;
 /// Turns the policies take on loopback (each keeps its best run).
-const LOOPBACK_TURNS: usize = 3;
+const LOOPBACK_TURNS: usize = 5;
 
 /// The codec against the link it runs on: a backup daemon at the far end
 /// of each link (loopback; 1 Gbit/s with a 1 ms round trip; 100 Mbit/s
@@ -325,7 +328,8 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
         format!(
             "The codec against the link: checkpoints of {LINK_PAGES} rewritten pages of real \
              memory ({} MiB VM) to a backup daemon at the far end of each link, MB/s of guest \
-             pages by policy, same run (on loopback the best of {LOOPBACK_TURNS} turns each); \
+             pages by policy, same run (on loopback {LOOPBACK_EPOCHS} checkpoints a run, the \
+             best of {LOOPBACK_TURNS} turns each); \
              adaptive ÷ best = adaptive against the faster of raw and lz4 on that link",
             LINK_RAM >> 20
         ),
@@ -355,6 +359,9 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
         ),
     ];
     for (name, spec) in links {
+        if !only_link(name) {
+            continue;
+        }
         let wan = spec.map(|s| Wan::new(&s).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let mut pair = LocalPair::new(
@@ -391,11 +398,16 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
                 pair.addrs.replication
             }
         };
-        // On loopback a policy's checkpoints take ~0.1 s, and one such run
-        // swings by a third on the two shared cores: the policies take turns
-        // three times and each keeps its best. On the shaped links the link
-        // sets the pace and one run lasts seconds.
-        let turns = if wan.is_none() { LOOPBACK_TURNS } else { 1 };
+        // On loopback twelve checkpoints take ~0.1 s, and one such run
+        // swings by a third on the two shared cores: a run there is
+        // LOOPBACK_EPOCHS checkpoints, and the policies take turns
+        // LOOPBACK_TURNS times, each keeping its best. On the shaped links
+        // the link sets the pace and one run lasts seconds.
+        let (turns, epochs) = if wan.is_none() {
+            (LOOPBACK_TURNS, LOOPBACK_EPOCHS)
+        } else {
+            (1, LINK_EPOCHS)
+        };
         let mut rates = [0.0f64; 3];
         let mut measured = None;
         let mut adaptive_wire = f64::NAN;
@@ -407,7 +419,7 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
             {
                 id += 1;
                 let (rate, link, wire) =
-                    runtime.block_on(link_run(addr, policy, id, &base, &shifted));
+                    runtime.block_on(link_run(addr, policy, id, epochs, &base, &shifted));
                 if rate > rates[i] {
                     rates[i] = rate;
                     if policy.adaptive {
@@ -452,12 +464,13 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
 }
 
 /// One policy over one link: a full sync, [`LINK_WARMUP`] checkpoints, then
-/// [`LINK_EPOCHS`] measured checkpoints of [`LINK_PAGES`] pages; returns MB/s of guest pages over the
+/// `epochs` measured checkpoints of [`LINK_PAGES`] pages; returns MB/s of guest pages over the
 /// checkpoints, the link rate the estimator ended with, and wire ÷ dirtied.
 async fn link_run(
     addr: SocketAddr,
     policy: CodecPolicy,
     id: u64,
+    epochs: u64,
     base: &[u8],
     shifted: &[u8],
 ) -> (f64, Option<f64>, f64) {
@@ -492,7 +505,7 @@ async fn link_run(
     // Warm-up (the estimator's first samples, the adaptive codec's first
     // decisions), then the measured run: the same for every policy.
     let (mut t, mut wire, mut in_flight) = (Instant::now(), 0, 0);
-    for r in 0..LINK_WARMUP + LINK_EPOCHS {
+    for r in 0..LINK_WARMUP + epochs {
         if r == LINK_WARMUP {
             (t, wire) = (Instant::now(), 0);
         }
@@ -505,14 +518,14 @@ async fn link_run(
         let mem = if r % 2 == 0 { shifted } else { base };
         wire += s.ship_whole(epoch, mem, &dirty, &mut link).await;
         in_flight += 1;
-        let last_of_part = r == LINK_WARMUP - 1 || r == LINK_WARMUP + LINK_EPOCHS - 1;
+        let last_of_part = r == LINK_WARMUP - 1 || r == LINK_WARMUP + epochs - 1;
         while in_flight > 4 || (last_of_part && in_flight > 0) {
             let (acked, at) = ack_rx.recv().await.unwrap();
             link.acked(acked, at);
             in_flight -= 1;
         }
     }
-    let bytes = (LINK_EPOCHS as usize * dirty.len() * PAGE_SIZE) as f64;
+    let bytes = (epochs as usize * dirty.len() * PAGE_SIZE) as f64;
     (
         bytes / t.elapsed().as_secs_f64() / 1e6,
         link.rate(),
@@ -530,6 +543,13 @@ fn part(name: &str) -> bool {
 fn only_codec(name: &str) -> bool {
     std::env::var("UNDERSTUDY_BENCH_CODECS")
         .map_or(true, |codecs| codecs.split(',').any(|c| c == name))
+}
+
+/// `UNDERSTUDY_BENCH_LINKS=loopback` (or a shaped link's name, as its row
+/// gives it: `1 Gbit/s, 1 ms`) runs the codec-by-link table on that link.
+fn only_link(name: &str) -> bool {
+    std::env::var("UNDERSTUDY_BENCH_LINKS")
+        .map_or(true, |links| links.split(';').any(|l| l.trim() == name))
 }
 
 fn main() {
