@@ -504,6 +504,56 @@ async fn an_unprotected_primary_migrates_too() {
     check_all(&mut client, &dest.logs(), "u", &acked).await;
 }
 
+/// The switch says goodbye to the source's backup while its final
+/// checkpoint may still be on the way: the backup stands down only once
+/// that checkpoint committed (and a session that stood down takes no
+/// more epochs). A backup that commits slowly makes the goodbye wait: the
+/// migration completes, and the backup ends stood down, its image retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("kv", "").await;
+    // Every commit of the source's backup takes 40 ms from now on (the
+    // goodbye's round trip on loopback: ~1 ms).
+    pair.restart_backup_with_faults("backup.apply~40");
+    common::wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "the restarted backup protecting",
+        Duration::from_secs(30),
+        |s| s.state_kind == "protecting",
+    )
+    .await;
+    let dest = Destination::start("kv");
+    dest.wait_incoming().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    let mut child = migrate(&pair, &dest, "precopy");
+    let (mut acked, in_flight) = write_while(&mut client, &mut child, "s").await;
+    let (ok, stdout, stderr) = finished(child);
+    assert!(ok, "{stderr}\n{}\n{}", pair.logs(), dest.logs());
+    eprintln!("{}", stdout.trim());
+    let code = pair.wait_primary_exit(Duration::from_secs(10));
+    assert!(code.success(), "source exit {code:?}\n{}", pair.logs());
+    let backup = status(pair.addrs.backup_control)
+        .await
+        .expect("the source's backup answers");
+    assert_eq!(
+        backup.state_kind,
+        "primary-stopped",
+        "{backup:?}\n{}",
+        pair.logs()
+    );
+    assert_eq!(backup.role, "backup", "{backup:?}");
+    client.reconnect(dest.console).await.unwrap();
+    if let Some(i) = in_flight {
+        let l = client.next(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(l.as_deref(), Some("OK"));
+        acked.push(i);
+    }
+    check_all(&mut client, &dest.logs(), "s", &acked).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_moves_a_protected_kv_vm_under_load_losing_no_acked_write() {
     migrate_under_load("postcopy").await;

@@ -444,6 +444,8 @@ async fn hostile_round(
             let g = GoodbyeRequest {
                 generation: rng.pick(1),
                 session: rng.next(),
+                after_epoch: rng.pick(3),
+                commit_wait_millis: (rng.next() % 50) as u32,
             };
             let _ = tokio::time::timeout(deadline, client.goodbye(g)).await;
         }

@@ -66,6 +66,16 @@ fn receive(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
             "no such replication session: say Hello first",
         ));
     };
+    // A session that stood down commits nothing more: a late commit would
+    // record the image as not retired again, and a restarted backup could
+    // then resume a VM that runs elsewhere.
+    if session.phase == SessionPhase::Retired {
+        session.decoder = None;
+        return Err(Status::failed_precondition(
+            "this replication session said goodbye: it takes no more epochs (say Hello for a \
+             new one)",
+        ));
+    }
     if !msg.trace_segment.is_empty() {
         return receive_segment(shared, session, msg, standby.generation);
     }

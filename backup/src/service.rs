@@ -397,6 +397,25 @@ impl Replication for ReplicationService {
             .check(&req, "Replication.Goodbye", Access::PeerHost)?;
         let req = req.into_inner();
         let shared = &self.0;
+        // A switch's goodbye: once its final checkpoint committed (or the
+        // session can commit nothing more: the checks below answer then).
+        // Only the session's own primary may make it wait: a deposed one
+        // learns that first.
+        if req.after_epoch > 0
+            && let Some(session) = SessionId::from_raw(req.session)
+        {
+            {
+                let state = shared.lock();
+                let Phase::Standby(standby) = &state.phase else {
+                    return Err(shared.deposed(Generation(req.generation)));
+                };
+                if Generation(req.generation) < standby.generation {
+                    return Err(shared.deposed(Generation(req.generation)));
+                }
+            }
+            let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
+            await_commit(shared, session, req.after_epoch, wait, "goodbye").await?;
+        }
         let mut state = shared.lock();
         let Phase::Standby(standby) = &mut state.phase else {
             return Err(shared.deposed(Generation(req.generation)));
@@ -404,12 +423,13 @@ impl Replication for ReplicationService {
         if Generation(req.generation) < standby.generation {
             return Err(shared.deposed(Generation(req.generation)));
         }
+        let committed_epoch = standby.store.committed_epoch().unwrap_or(0);
         let Some(session) = standby
             .session
             .as_mut()
             .filter(|s| SessionId::from_raw(req.session) == Some(s.id))
         else {
-            return Ok(Response::new(GoodbyeReply {}));
+            return Ok(Response::new(GoodbyeReply { committed_epoch: 0 }));
         };
         session.phase = SessionPhase::Retired;
         shared.watch.arm(false);
@@ -421,8 +441,11 @@ impl Replication for ReplicationService {
             StateKind::PrimaryStopped,
             "primary stopped on purpose: not promoting",
         );
-        tracing::info!("primary said goodbye: it stopped on purpose, no promotion");
-        Ok(Response::new(GoodbyeReply {}))
+        tracing::info!(
+            committed_epoch,
+            "primary said goodbye: it stopped on purpose, no promotion"
+        );
+        Ok(Response::new(GoodbyeReply { committed_epoch }))
     }
 
     async fn probe(&self, req: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
@@ -517,7 +540,7 @@ impl Replication for ReplicationService {
         }
         if req.commit_wait_millis > 0 && !req.replay {
             let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
-            await_commit(shared, handover_session, req.epoch, wait).await?;
+            await_commit(shared, handover_session, req.epoch, wait, "handover").await?;
         }
         let trigger = Trigger::Handover {
             session: handover_session,
@@ -546,17 +569,19 @@ impl Replication for ReplicationService {
 /// The longest a handover waits for its epoch's commit, whatever it asks.
 const MAX_COMMIT_WAIT: Duration = Duration::from_secs(60);
 
-/// A handover sent with its migration's final epoch still on the way
-/// (`commit_wait_millis`): returns once `epoch` committed, or once the
-/// session can commit nothing more (the promotion's own checks then refuse
-/// it). Refuses at the end of `wait`, after closing the session under the
-/// state lock, so the epoch cannot commit after the refusal: the source,
-/// told no, resumes the VM, and nothing here may run it.
+/// A handover (or a goodbye) sent with its migration's final epoch still
+/// on the way (`commit_wait_millis`): returns once `epoch` committed, or
+/// once the session can commit nothing more (the promotion's, or the
+/// goodbye's, own checks then answer). Refuses at the end of `wait`, after
+/// closing the session under the state lock, so the epoch cannot commit
+/// after the refusal: the source, told no, resumes the VM, and nothing
+/// here may run it. `what` names the request in the refusal.
 pub(crate) async fn await_commit(
     shared: &Shared,
     session: SessionId,
     epoch: u64,
     wait: Duration,
+    what: &str,
 ) -> Result<(), Status> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -585,10 +610,10 @@ pub(crate) async fn await_commit(
                 tracing::warn!(
                     epoch,
                     ?wait,
-                    "handover refused: its epoch did not commit in time; the session is closed"
+                    "{what} refused: its epoch did not commit in time; the session is closed"
                 );
                 return Err(Status::failed_precondition(format!(
-                    "handover refused: epoch {epoch} did not commit within {wait:?} (committed: \
+                    "{what} refused: epoch {epoch} did not commit within {wait:?} (committed: \
                      {committed:?}); the session is closed, so it never will"
                 )));
             }

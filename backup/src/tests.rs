@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request};
 use understudy_checkpoint::epoch::StagingBuffers;
-use understudy_checkpoint::store::{ImageStore, StoreOptions};
+use understudy_checkpoint::store::{ImageStore, StoreError, StoreOptions};
 use understudy_checkpoint::{CodecPolicy, EpochKind, SenderState};
 use understudy_common::ids::{Generation, Role};
 use understudy_common::role::HostIo;
@@ -305,13 +305,16 @@ async fn the_promotion_checks_follow_the_session() {
 
     // A goodbye: the primary stopped on purpose; silence never promotes,
     // and the image is retired (a restarted backup does not resume it).
-    ReplicationService(shared.clone())
+    let reply = ReplicationService(shared.clone())
         .goodbye(Request::new(understudy_proto::GoodbyeRequest {
             generation: 1,
             session: 43,
+            ..Default::default()
         }))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.committed_epoch, 2);
     assert!(!silence_promotes(&shared));
     assert!(!shared.watch.armed());
     if let Phase::Standby(s) = &shared.lock().phase {
@@ -320,6 +323,88 @@ async fn the_promotion_checks_follow_the_session() {
             "a retired image is not promotable"
         );
     }
+    // The session that stood down takes no more epochs: a late commit
+    // would record the image as not retired again.
+    let e = feed(&shared, again.epoch(3, EpochKind::Checkpoint, &[9])).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("said goodbye"), "{e}");
+    assert_eq!(committed(&shared), Some(2));
+    if let Phase::Standby(s) = &shared.lock().phase {
+        assert!(s.store.promotable().is_err(), "the image is retired still");
+    }
+}
+
+/// A migration's switch says goodbye behind its final checkpoint: the
+/// backup stands down once that epoch commits, and says which epoch it
+/// held; an epoch that does not come in time closes the session and
+/// refuses the goodbye (the source resumes the VM, protected no more).
+#[tokio::test]
+async fn a_goodbye_after_an_epoch_stands_down_once_it_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+    let goodbye = |wait: u32| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            ReplicationService(shared)
+                .goodbye(Request::new(understudy_proto::GoodbyeRequest {
+                    generation: 1,
+                    session: 42,
+                    after_epoch: 3,
+                    commit_wait_millis: wait,
+                }))
+                .await
+                .map(|r| r.into_inner().committed_epoch)
+        })
+    };
+    let waiting = goodbye(30_000);
+    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
+    let last = chunks.pop().unwrap();
+    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    settle().await;
+    assert!(
+        !waiting.is_finished(),
+        "stood down before its epoch committed"
+    );
+    assert!(silence_promotes(&shared), "protected until then");
+    assert_eq!(feed(&shared, vec![last]).unwrap(), Some(3));
+    let held = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the commit did not wake the goodbye")
+        .unwrap()
+        .unwrap();
+    assert_eq!(held, 3);
+    assert!(!silence_promotes(&shared));
+    if let Phase::Standby(s) = &shared.lock().phase {
+        assert!(matches!(
+            s.store.promotable(),
+            Err(StoreError::Retired { epoch: 3 })
+        ));
+    }
+
+    // Its epoch never completes: refused at the end of the wait, and the
+    // session is closed, so the epoch cannot commit after the refusal.
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
+    let last = chunks.pop().unwrap();
+    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    let e = ReplicationService(shared.clone())
+        .goodbye(Request::new(understudy_proto::GoodbyeRequest {
+            generation: 1,
+            session: 42,
+            after_epoch: 3,
+            commit_wait_millis: 50,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("goodbye refused"), "{e}");
+    assert!(feed(&shared, vec![last]).is_err());
+    assert_eq!(committed(&shared), Some(2));
 }
 
 /// A handover of epoch 3 of `session` waiting for its commit (at most
@@ -332,7 +417,7 @@ async fn waiting_handover(
     let session = understudy_common::ids::SessionId::from_raw(session).unwrap();
     let waiting = tokio::spawn({
         let shared = shared.clone();
-        async move { crate::service::await_commit(&shared, session, 3, wait).await }
+        async move { crate::service::await_commit(&shared, session, 3, wait, "handover").await }
     });
     settle().await;
     waiting

@@ -227,13 +227,18 @@ pub(crate) async fn hello_to(
     }
 }
 
-/// Tells the backup not to promote for `session`; true if it said so.
+/// Tells the backup not to promote for `session` (once epoch `after.0` has
+/// committed there, waiting at most `after.1` for it); the epoch the
+/// backup said it held when it stood down (0: a backup that does not say),
+/// or None if it did not confirm.
 pub(crate) async fn say_goodbye(
     opts: &PrimaryOptions,
     generation: u64,
     session: SessionId,
     channel: Option<Channel>,
-) -> bool {
+    after: Option<(u64, Duration)>,
+) -> Option<u64> {
+    let (after_epoch, wait) = after.unwrap_or_default();
     let attempt = async {
         let channel = match channel {
             Some(channel) => channel,
@@ -243,22 +248,26 @@ pub(crate) async fn say_goodbye(
             .goodbye(GoodbyeRequest {
                 generation,
                 session: session.raw(),
+                after_epoch,
+                commit_wait_millis: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             })
             .await
             .map_err(PeerError::Status)
     };
-    match tokio::time::timeout(GOODBYE_TIMEOUT, attempt).await {
-        Ok(Ok(_)) => {
-            tracing::info!("told the backup we stop on purpose");
-            true
+    let timeout = GOODBYE_TIMEOUT + wait;
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(reply)) => {
+            let held = reply.into_inner().committed_epoch;
+            tracing::info!(held, "told the backup we stop on purpose");
+            Some(held)
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %wire::chain(&e), "goodbye not delivered");
-            false
+            None
         }
         Err(_) => {
-            tracing::warn!(timeout = ?GOODBYE_TIMEOUT, "goodbye not delivered: no answer");
-            false
+            tracing::warn!(?timeout, "goodbye not delivered: no answer");
+            None
         }
     }
 }
