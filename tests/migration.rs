@@ -509,13 +509,17 @@ async fn an_unprotected_primary_migrates_too() {
 /// that checkpoint committed (and a session that stood down takes no
 /// more epochs). A backup that commits slowly makes the goodbye wait: the
 /// migration completes, and the backup ends stood down, its image retired.
+/// Slower than the epoch rate, its acks hold the replicator's loop past
+/// every tick: the migration still gets its share of time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
     let _serial = common::serial().await;
     let mut pair = Pair::protected("kv", "").await;
-    // Every commit of the source's backup takes 40 ms from now on (the
-    // goodbye's round trip on loopback: ~1 ms).
-    pair.restart_backup_with_faults("backup.apply~40");
+    // Every commit of the source's backup takes 300 ms from now on: longer
+    // than an epoch interval (the acks hold the replicator's loop past each
+    // tick; the migration must still get time), and far longer than the
+    // goodbye's round trip on loopback (~1 ms).
+    pair.restart_backup_with_faults("backup.apply~300");
     common::wait_status(
         &pair,
         pair.addrs.backup_control,
@@ -529,7 +533,20 @@ async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     wait_ready(&mut client, &pair).await;
     let mut child = migrate(&pair, &dest, "precopy");
-    let (mut acked, in_flight) = write_while(&mut client, &mut child, "s").await;
+    let Ok((mut acked, in_flight)) = tokio::time::timeout(
+        Duration::from_secs(60),
+        write_while(&mut client, &mut child, "s"),
+    )
+    .await
+    else {
+        let _ = child.kill();
+        let (_, _, stderr) = finished(child);
+        panic!(
+            "the migration did not finish in 60 s\n{stderr}\n{}\n{}",
+            pair.logs(),
+            dest.logs()
+        );
+    };
     let (ok, stdout, stderr) = finished(child);
     assert!(ok, "{stderr}\n{}\n{}", pair.logs(), dest.logs());
     eprintln!("{}", stdout.trim());

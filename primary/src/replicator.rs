@@ -543,8 +543,12 @@ impl Replicator {
             }
             next_tick += opts.epoch_interval;
             if self.migration_active() {
-                // A live migration uses the time between checkpoints.
-                let deadline = next_tick.max(Instant::now());
+                // A live migration uses the time between checkpoints, and at
+                // least a quarter of an epoch interval: when the backup's acks
+                // hold the loop past the next tick (a backup slower than the
+                // epoch rate), the migration got no time at all and never
+                // finished, nor failed (0 bytes sent in 40 s).
+                let deadline = next_tick.max(Instant::now() + opts.epoch_interval / 4);
                 if let Some(end) = self.migrate(Some((link, &mut sender)), deadline) {
                     return end;
                 }
