@@ -170,6 +170,18 @@ fn silence_promotes(shared: &Shared) -> bool {
 }
 
 /// A Hello, a full sync round and a first checkpoint: protected and armed.
+/// A backup of session 42 (generation 1) protected at epoch 2, with all of
+/// epoch 3 fed but its last chunk, which is returned.
+async fn epoch_3_under_way(dir: &std::path::Path) -> (Arc<Shared>, EpochChunk) {
+    let shared = backup(dir);
+    let mut primary = Primary::new(42, 1);
+    protected(&shared, &mut primary).await;
+    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
+    let last = chunks.pop().unwrap();
+    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    (shared, last)
+}
+
 async fn protected(shared: &Arc<Shared>, primary: &mut Primary) {
     ReplicationService(shared.clone())
         .hello(Request::new(hello(primary.session, primary.generation)))
@@ -341,9 +353,7 @@ async fn the_promotion_checks_follow_the_session() {
 #[tokio::test]
 async fn a_goodbye_after_an_epoch_stands_down_once_it_commits() {
     let dir = tempfile::tempdir().unwrap();
-    let shared = backup(dir.path());
-    let mut primary = Primary::new(42, 1);
-    protected(&shared, &mut primary).await;
+    let (shared, last) = epoch_3_under_way(dir.path()).await;
     let goodbye = |wait: u32| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -359,9 +369,6 @@ async fn a_goodbye_after_an_epoch_stands_down_once_it_commits() {
         })
     };
     let waiting = goodbye(30_000);
-    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
-    let last = chunks.pop().unwrap();
-    assert_eq!(feed(&shared, chunks).unwrap(), None);
     settle().await;
     assert!(
         !waiting.is_finished(),
@@ -386,12 +393,7 @@ async fn a_goodbye_after_an_epoch_stands_down_once_it_commits() {
     // Its epoch never completes: refused at the end of the wait, and the
     // session is closed, so the epoch cannot commit after the refusal.
     let dir = tempfile::tempdir().unwrap();
-    let shared = backup(dir.path());
-    let mut primary = Primary::new(42, 1);
-    protected(&shared, &mut primary).await;
-    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
-    let last = chunks.pop().unwrap();
-    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    let (shared, last) = epoch_3_under_way(dir.path()).await;
     let e = ReplicationService(shared.clone())
         .goodbye(Request::new(understudy_proto::GoodbyeRequest {
             generation: 1,
@@ -481,12 +483,7 @@ async fn a_handover_waiting_for_its_epoch_goes_on_when_the_epoch_commits() {
 #[tokio::test]
 async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_commits() {
     let dir = tempfile::tempdir().unwrap();
-    let shared = backup(dir.path());
-    let mut primary = Primary::new(42, 1);
-    protected(&shared, &mut primary).await;
-    let mut chunks = primary.epoch(3, EpochKind::Checkpoint, &[4, 5]);
-    let last = chunks.pop().unwrap();
-    assert_eq!(feed(&shared, chunks).unwrap(), None);
+    let (shared, last) = epoch_3_under_way(dir.path()).await;
     let waiting = waiting_handover(&shared, 42, Duration::from_millis(50)).await;
     let e = woken(waiting, "the end of the wait").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
