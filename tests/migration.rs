@@ -468,6 +468,35 @@ async fn precopy_of_a_guest_that_outruns_the_link_converges_by_holding_the_vcpu(
     assert_eq!(s.role, "primary");
 }
 
+/// A kv destination waiting, a client of `pair`'s console ready, and a
+/// pre-copy migration of its VM to that destination under way.
+async fn precopy_to_a_new_destination(pair: &Pair) -> (Destination, Lines, Child) {
+    let dest = Destination::start("kv");
+    dest.wait_incoming().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, pair).await;
+    let child = migrate(pair, &dest, "precopy");
+    (dest, client, child)
+}
+
+/// On the destination: the write in flight at the switch is answered
+/// exactly once, and every acked write of `tag` is there.
+async fn check_moved(
+    client: &mut Lines,
+    dest: &Destination,
+    tag: &str,
+    mut acked: Vec<u64>,
+    in_flight: Option<u64>,
+) {
+    client.reconnect(dest.console).await.unwrap();
+    if let Some(i) = in_flight {
+        let l = client.next(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(l.as_deref(), Some("OK"));
+        acked.push(i);
+    }
+    check_all(client, &dest.logs(), tag, &acked).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unprotected_primary_migrates_too() {
     // Its backup gone (keep-running): the migration harvests the dirty log
@@ -486,22 +515,12 @@ async fn an_unprotected_primary_migrates_too() {
         |s| s.state_kind == "unprotected-releasing",
     )
     .await;
-    let dest = Destination::start("kv");
-    dest.wait_incoming().await;
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    wait_ready(&mut client, &pair).await;
-    let mut child = migrate(&pair, &dest, "precopy");
-    let (mut acked, in_flight) = write_while(&mut client, &mut child, "u").await;
+    let (dest, mut client, mut child) = precopy_to_a_new_destination(&pair).await;
+    let (acked, in_flight) = write_while(&mut client, &mut child, "u").await;
     let (ok, stdout, stderr) = finished(child);
     assert!(ok, "{stderr}\n{}\n{}", pair.logs(), dest.logs());
     eprintln!("{}", stdout.trim());
-    client.reconnect(dest.console).await.unwrap();
-    if let Some(i) = in_flight {
-        let l = client.next(Duration::from_secs(20)).await.unwrap();
-        assert_eq!(l.as_deref(), Some("OK"));
-        acked.push(i);
-    }
-    check_all(&mut client, &dest.logs(), "u", &acked).await;
+    check_moved(&mut client, &dest, "u", acked, in_flight).await;
 }
 
 /// The switch says goodbye to the source's backup while its final
@@ -528,12 +547,8 @@ async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
         |s| s.state_kind == "protecting",
     )
     .await;
-    let dest = Destination::start("kv");
-    dest.wait_incoming().await;
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    wait_ready(&mut client, &pair).await;
-    let mut child = migrate(&pair, &dest, "precopy");
-    let Ok((mut acked, in_flight)) = tokio::time::timeout(
+    let (dest, mut client, mut child) = precopy_to_a_new_destination(&pair).await;
+    let Ok((acked, in_flight)) = tokio::time::timeout(
         Duration::from_secs(60),
         write_while(&mut client, &mut child, "s"),
     )
@@ -562,13 +577,7 @@ async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
         pair.logs()
     );
     assert_eq!(backup.role, "backup", "{backup:?}");
-    client.reconnect(dest.console).await.unwrap();
-    if let Some(i) = in_flight {
-        let l = client.next(Duration::from_secs(20)).await.unwrap();
-        assert_eq!(l.as_deref(), Some("OK"));
-        acked.push(i);
-    }
-    check_all(&mut client, &dest.logs(), "s", &acked).await;
+    check_moved(&mut client, &dest, "s", acked, in_flight).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,6 +286,19 @@ impl Shared {
             .store(generation.0, Ordering::Release);
     }
 
+    /// The standby state for a caller at `claimed`, or "you were deposed"
+    /// (nothing stands by here, or the image is of a newer generation).
+    fn standby_for<'a>(
+        &self,
+        phase: &'a mut Phase,
+        claimed: Generation,
+    ) -> Result<&'a mut Standby, Status> {
+        match phase {
+            Phase::Standby(standby) if claimed >= standby.generation => Ok(standby),
+            _ => Err(self.deposed(claimed)),
+        }
+    }
+
     /// "You were deposed" for a caller at `claimed`.
     fn deposed(&self, claimed: Generation) -> Status {
         let generation = self.generation();

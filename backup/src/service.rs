@@ -401,28 +401,16 @@ impl Replication for ReplicationService {
         // session can commit nothing more: the checks below answer then).
         // Only the session's own primary may make it wait: a deposed one
         // learns that first.
+        let generation = Generation(req.generation);
         if req.after_epoch > 0
             && let Some(session) = SessionId::from_raw(req.session)
         {
-            {
-                let state = shared.lock();
-                let Phase::Standby(standby) = &state.phase else {
-                    return Err(shared.deposed(Generation(req.generation)));
-                };
-                if Generation(req.generation) < standby.generation {
-                    return Err(shared.deposed(Generation(req.generation)));
-                }
-            }
+            shared.standby_for(&mut shared.lock().phase, generation)?;
             let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
             await_commit(shared, session, req.after_epoch, wait, "goodbye").await?;
         }
         let mut state = shared.lock();
-        let Phase::Standby(standby) = &mut state.phase else {
-            return Err(shared.deposed(Generation(req.generation)));
-        };
-        if Generation(req.generation) < standby.generation {
-            return Err(shared.deposed(Generation(req.generation)));
-        }
+        let standby = shared.standby_for(&mut state.phase, generation)?;
         let committed_epoch = standby.store.committed_epoch().unwrap_or(0);
         let Some(session) = standby
             .session
@@ -483,13 +471,8 @@ impl Replication for ReplicationService {
             )));
         }
         {
-            let state = shared.lock();
-            let Phase::Standby(standby) = &state.phase else {
-                return Err(shared.deposed(Generation(req.generation)));
-            };
-            if Generation(req.generation) < standby.generation {
-                return Err(shared.deposed(Generation(req.generation)));
-            }
+            let mut state = shared.lock();
+            let standby = shared.standby_for(&mut state.phase, Generation(req.generation))?;
             if Generation(req.generation) != standby.generation {
                 return Err(Status::failed_precondition(format!(
                     "handover refused: generation {} is not this session's ({})",

@@ -412,6 +412,9 @@ pub const SAMPLE_PAGES: u32 = 256;
 pub const SKIP_PAGES: u32 = 4096;
 /// The longest raw stretch between samples.
 pub const MAX_SKIP_PAGES: u32 = 65536;
+/// Compression pays only if it saves at least this share of the bytes
+/// (less is not worth a core).
+pub const MIN_SAVED_SHARE: f64 = 1.0 / 8.0;
 /// A link this many times faster than the compressor decides against
 /// compressing for the longest stretch at once.
 pub const CLEAR_MARGIN: f64 = 2.0;
@@ -454,7 +457,7 @@ impl Adaptive {
         if self.skip > 0
             && let (Some(link), Some(last)) = (self.link, self.last)
             && !last.compressing
-            && last.saved_share >= 1.0 / 8.0
+            && last.saved_share >= MIN_SAVED_SHARE
             && link < last.compress_rate
         {
             self.skip = 0;
@@ -477,11 +480,13 @@ impl Adaptive {
             let middle = self.spent.len() / 2;
             let median_ns = *self.spent.select_nth_unstable(middle).1;
             let spent = (f64::from(median_ns) * 1e-9 * f64::from(SAMPLE_PAGES)).max(1e-9);
-            let shrinks = self.saved as f64 >= sampled / 8.0;
-            let pays = shrinks && self.link.is_none_or(|link| spent < sampled / link);
+            let compress_rate = sampled / spent;
+            let saved_share = self.saved as f64 / sampled;
+            let shrinks = saved_share >= MIN_SAVED_SHARE;
+            let pays = shrinks && self.link.is_none_or(|link| compress_rate > link);
             let clearly_outrun = self
                 .link
-                .is_some_and(|link| link >= CLEAR_MARGIN * sampled / spent);
+                .is_some_and(|link| link >= CLEAR_MARGIN * compress_rate);
             if pays {
                 self.skip_len = SKIP_PAGES;
             } else if shrinks && clearly_outrun {
@@ -495,8 +500,8 @@ impl Adaptive {
             }
             self.last = Some(AdaptiveReport {
                 compressing: pays,
-                compress_rate: sampled / spent,
-                saved_share: self.saved as f64 / sampled,
+                compress_rate,
+                saved_share,
                 link_rate: self.link,
             });
             self.tried = 0;

@@ -1259,10 +1259,11 @@ impl Replicator {
 
     /// The switch: the guest stops here (the backup's final checkpoint),
     /// the rest goes to the destination (committed there), the backup
-    /// stands down and has acked the final checkpoint, and the destination
-    /// takes the VM by a Handover. The backup's commit and ack of the final
-    /// checkpoint overlap the destination's part and the goodbye (awaited
-    /// in turn, they were a third of an idle VM's ~4 ms stop on loopback).
+    /// stands down once it committed the final checkpoint, and the
+    /// destination takes the VM by a Handover. The backup's commit of the
+    /// final checkpoint overlaps the destination's part and the goodbye
+    /// (awaited in turn, its ack and the goodbye were a third of an idle
+    /// VM's ~4 ms stop on loopback).
     /// Before the handover is sent any failure resumes the guest here.
     fn migration_switch(
         &mut self,
@@ -1303,9 +1304,9 @@ impl Replicator {
                         return Some(end);
                     }
                 }
-                // Its ack is awaited after the goodbye, before the handover
-                // (see `complete_switch`): meanwhile the rest goes to the
-                // destination and the goodbye to the backup.
+                // Not awaited here: the goodbye names it, and the backup
+                // stands down once it committed (`backup_stands_down`);
+                // meanwhile the rest goes to the destination.
                 backup_final = Some(self.next_epoch - 1);
                 std::mem::take(&mut self.last_payload)
             }
@@ -1379,6 +1380,45 @@ impl Replicator {
         )
     }
 
+    /// A migration's goodbye: the backup stands down once it has committed
+    /// `final_checkpoint` (if the switch took one) in this session, and
+    /// says which epoch it held. Why not, if it did not confirm.
+    fn backup_stands_down(
+        &self,
+        link: &SessionLink,
+        final_checkpoint: Option<u64>,
+    ) -> Result<(), String> {
+        const UNCONFIRMED: &str = "the backup did not confirm that it stands down; the VM runs \
+                                   on here and the backup resyncs";
+        let opts = &self.shared.opts;
+        let goodbye = |after| {
+            self.runtime.block_on(say_goodbye(
+                opts,
+                self.shared.generation,
+                link.id,
+                link.live_channel(),
+                after,
+            ))
+        };
+        let held = goodbye(final_checkpoint.map(|e| (e, ACK_TIMEOUT))).ok_or(UNCONFIRMED)?;
+        match final_checkpoint {
+            // A backup before `after_epoch` stood down at once (it answers
+            // 0): its ack says the epoch committed, and a second goodbye
+            // retires the image that commit recorded as not retired.
+            Some(epoch) if held < epoch => {
+                if !self.wait_acked(link, epoch) {
+                    return Err(format!(
+                        "the backup did not ack the final checkpoint {epoch}"
+                    ));
+                }
+                goodbye(None)
+                    .map(|_| ())
+                    .ok_or_else(|| UNCONFIRMED.to_owned())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A migration's switch from step 3, the guest paused and its state at
     /// the destination (`switched`): the backup stands down, the
     /// destination takes the VM, post-copy serves the rest. Returns how the
@@ -1406,58 +1446,22 @@ impl Replicator {
         // second copy), once it has committed the final checkpoint in this
         // session (it says which epoch it held). Unconfirmed: the VM runs on
         // here, protected.
-        if let Some(link) = backup {
-            let goodbye = |after| {
-                self.runtime.block_on(say_goodbye(
-                    &opts,
-                    generation,
-                    link.id,
-                    link.live_channel(),
-                    after,
-                ))
-            };
-            let held = goodbye(backup_final.map(|e| (e, ACK_TIMEOUT)));
-            let stood_down = match (held, backup_final) {
-                (None, _) => Err(
-                    "the backup did not confirm that it stands down; the VM runs on here and the \
-                     backup resyncs"
-                        .to_owned(),
-                ),
-                (Some(held), Some(epoch)) if held < epoch => {
-                    // A backup before `after_epoch` stood down at once: its
-                    // ack says the epoch committed, and a second goodbye
-                    // retires the image that commit recorded.
-                    if !self.wait_acked(link, epoch) {
-                        Err(format!(
-                            "the backup did not ack the final checkpoint {epoch}"
-                        ))
-                    } else if goodbye(None).is_none() {
-                        Err(
-                            "the backup did not confirm that it stands down; the VM runs on \
-                             here and the backup resyncs"
-                                .to_owned(),
-                        )
-                    } else {
-                        Ok(())
-                    }
-                }
-                (Some(_), _) => Ok(()),
-            };
-            if let Err(why) = stood_down {
-                let fenced = matches!(self.shared.phase(), Phase::Fenced(_));
-                self.shared.end_handover(None);
-                if !fenced {
-                    self.resume_after_failed_switchover();
-                }
-                // The goodbye may have arrived: resync before relying on it.
-                link.broken.store(true, Ordering::Release);
-                self.fail_migration(m, why);
-                return Some(if fenced {
-                    SessionEnd::Stop
-                } else {
-                    SessionEnd::Broken
-                });
+        if let Some(link) = backup
+            && let Err(why) = self.backup_stands_down(link, backup_final)
+        {
+            let fenced = matches!(self.shared.phase(), Phase::Fenced(_));
+            self.shared.end_handover(None);
+            if !fenced {
+                self.resume_after_failed_switchover();
             }
+            // The goodbye may have arrived: resync before relying on it.
+            link.broken.store(true, Ordering::Release);
+            self.fail_migration(m, why);
+            return Some(if fenced {
+                SessionEnd::Stop
+            } else {
+                SessionEnd::Broken
+            });
         }
         let stood_down = started.elapsed();
         // 4. The destination takes the VM.
@@ -1910,16 +1914,17 @@ struct Switched {
     /// When the guest stopped.
     started: Instant,
     /// From then: the state taken (the backup's final checkpoint handed to
-    /// its stream, or read here without a backup), and the rest sent to the destination
-    /// (committed there, or handed to the stream to go with the handover).
+    /// its stream, or read here without a backup), and the rest sent to the
+    /// destination (committed there, or handed to the stream to go with
+    /// the handover).
     state_taken: Duration,
     rest_sent: Duration,
     /// The epoch the handover names.
     epoch: u64,
     final_pages: u64,
     final_bytes: u64,
-    /// The backup's final checkpoint, if its ack is still to come: awaited
-    /// once the goodbye is answered, before the handover.
+    /// The backup's final checkpoint, if the switch took one: the goodbye
+    /// names it (see `backup_stands_down`).
     backup_final: Option<u64>,
 }
 

@@ -304,7 +304,8 @@ async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
 /// RAM of the VM the codec-by-link table ships (a full sync of it crosses
 /// the 100 Mbit/s link once per policy).
 const LINK_RAM: usize = 64 << 20;
-/// Changed pages per checkpoint in that table, and checkpoints per policy.
+/// Changed pages per checkpoint in that table, and measured checkpoints
+/// per policy on the shaped links.
 const LINK_PAGES: usize = 2000;
 const LINK_EPOCHS: u64 = 12;
 /// Measured checkpoints per policy on loopback, where 12 pass in ~0.1 s
@@ -464,8 +465,9 @@ fn codec_by_link(runtime: &tokio::runtime::Runtime, report: &mut Report) {
 }
 
 /// One policy over one link: a full sync, [`LINK_WARMUP`] checkpoints, then
-/// `epochs` measured checkpoints of [`LINK_PAGES`] pages; returns MB/s of guest pages over the
-/// checkpoints, the link rate the estimator ended with, and wire ÷ dirtied.
+/// `epochs` measured checkpoints of [`LINK_PAGES`] pages; returns MB/s of
+/// guest pages over the checkpoints, the link rate the estimator ended
+/// with, and wire ÷ dirtied.
 async fn link_run(
     addr: SocketAddr,
     policy: CodecPolicy,
