@@ -511,23 +511,32 @@ impl Engine {
             return After::End(stop);
         }
         self.flush(bus, false);
-        // A replay that reached its end (the requested exit, or the log's).
-        if let Mode::Replay { until, .. } = &self.mode {
-            let until = *until;
-            let at_end = until.is_some_and(|u| self.state.exit_index >= u)
-                || match self.peek_logged() {
-                    Ok(next) => next.is_none(),
-                    Err(stop) => return After::End(stop),
-                };
-            if at_end {
-                return self.finish_replay();
-            }
+        if let Some(parked) = self.park_if_ended() {
+            return parked;
         }
         if self.state.halted {
             After::Halted
         } else {
             After::Run
         }
+    }
+
+    /// A replay that reached its end (the requested exit, or the log's:
+    /// its source closed and used up) parks, or goes on as `then` says;
+    /// None while it has more to replay (or it is no replay). Called after
+    /// every exit, and once before the first run: a log that ends at the
+    /// snapshot (a replay migration whose guest made no progress after its
+    /// base) must not let the guest run to an exit the log never saw.
+    pub(crate) fn park_if_ended(&mut self) -> Option<After> {
+        let Mode::Replay { until, .. } = &self.mode else {
+            return None;
+        };
+        let at_end = until.is_some_and(|u| self.state.exit_index >= u)
+            || match self.peek_logged() {
+                Ok(next) => next.is_none(),
+                Err(stop) => return Some(After::End(stop)),
+            };
+        at_end.then(|| self.finish_replay())
     }
 
     fn finish_replay(&mut self) -> After {

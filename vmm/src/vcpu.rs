@@ -858,6 +858,11 @@ impl VcpuThread {
                 return VmEnd::Diverged(stop.to_string());
             }
             det.prepare(&mut self.fd);
+            match det.park_if_ended() {
+                Some(After::End(stop)) => return VmEnd::Diverged(stop.to_string()),
+                Some(After::Parked(outcome)) => self.report_replay(outcome),
+                Some(After::Run | After::Halted) | None => {}
+            }
         }
         loop {
             self.fd.set_kvm_immediate_exit(0);

@@ -754,3 +754,47 @@ fn a_replica_joins_a_recording_at_a_pause_and_follows_it_to_the_same_state() {
     );
     replica.stop();
 }
+
+#[test]
+fn a_replica_whose_log_ends_at_its_snapshot_parks_there_without_running() {
+    // A replay migration whose guest made no progress after its base
+    // checkpoint (held back by its own backup, or stopped at once) ships
+    // an empty log: the destination's replica must park at the snapshot's
+    // exit, not run the guest to an exit the log never saw and diverge.
+    // The dirtier flat out is never halted at a pause, so nothing but the
+    // end check stands between the restore and its next exit.
+    let dir = tempfile::tempdir().unwrap();
+    let boot = BuiltinBoot::dirtier(512, 0, 100);
+    let rec = record(&boot, dir.path(), Duration::from_millis(300), &[], None);
+    let end = dir.path().join("end");
+    let (state, _) = snapshot::read_snapshot(&end).unwrap();
+    assert!(!state.deterministic.unwrap().halted, "a running guest");
+    // A replica gets nothing after its snapshot; a replay of the whole log
+    // is asked to stop at the snapshot's own exit.
+    for followed in [true, false] {
+        let trace = if followed {
+            TraceMode::Follow {
+                source: source(&[]),
+                then: AfterReplay::Stop,
+            }
+        } else {
+            TraceMode::Replay {
+                source: source(&rec.segments),
+                until: Some(end_exit(&end)),
+                then: AfterReplay::Stop,
+            }
+        };
+        let (vm, _console) = snapshot::restore_deterministic(&end, false, trace).unwrap();
+        let outcome = vm.wait_replay(Duration::from_secs(30));
+        assert_eq!(
+            outcome.map_err(|e| e.to_string()),
+            Ok(ReplayOutcome::Reached {
+                exit: end_exit(&end),
+                went_live: false
+            }),
+            "followed: {followed}"
+        );
+        assert_same_as(&vm, &end);
+        vm.stop();
+    }
+}
