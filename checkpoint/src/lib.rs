@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod codec;
 pub mod epoch;
 pub mod page;
+pub mod record_file;
 pub mod store;
 pub mod trace;
 

@@ -25,8 +25,13 @@
 //! ```text
 //!  decode + verify (image untouched)  →  write journal (pages, their hashes,
 //!  device state, digest, trailer CRC)  →  ── commit point: a complete
-//!  journal ──  →  copy pages into memory.img  →  rename new meta into place
+//!  journal ──  →  copy pages into memory.img  →  write the new record
 //! ```
+//!
+//! The record is replaced in place, in whichever of the `meta` file's two
+//! slots does not hold the current one ([`crate::record_file`]): a write cut
+//! short leaves the record before it, as a rename over the old file did, at
+//! ~2–6 µs a commit instead of the rename's ~200.
 //!
 //! A journal is complete when its trailer CRC matches (it covers everything
 //! but the pages) and every page hashes to the hash listed for it. The pages
@@ -59,6 +64,7 @@ use memmap2::{MmapMut, MmapOptions};
 use crate::codec::Reader;
 use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch};
 use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash, zero_page_hash};
+use crate::record_file::{RecordFile, RecordFileError};
 
 /// Guest RAM inside an image directory.
 pub const MEMORY_FILE: &str = "memory.img";
@@ -185,6 +191,17 @@ pub enum StoreError {
         /// What was found.
         why: String,
     },
+}
+
+/// The store's error for a record file that cannot be read.
+fn record_error(e: RecordFileError, path: &Path) -> StoreError {
+    match e {
+        RecordFileError::Io { source, .. } => io("cannot read image metadata", path)(source),
+        RecordFileError::Damaged { why, .. } => StoreError::NotAnImage {
+            path: path.to_owned(),
+            why: why.to_owned(),
+        },
+    }
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -481,6 +498,8 @@ pub struct ImageStore {
     file: File,
     mem: MmapMut,
     meta: Meta,
+    /// `meta` on disk, replaced in place (see [`crate::record_file`]).
+    record: RecordFile,
     hashes: Vec<PageHash>,
     /// Digest of the current content (equals `meta.digest` when committed).
     digest: ImageDigest,
@@ -529,7 +548,9 @@ impl ImageStore {
             incarnation: 0,
             retired: false,
         };
-        write_file_atomically(&tmp.join(META_FILE), &meta.encode(), options.fsync)?;
+        let meta_path = tmp.join(META_FILE);
+        RecordFile::create(&meta_path, &meta.encode(), options.fsync)
+            .map_err(io("cannot write", &meta_path))?;
         if dir.exists() {
             // An empty directory made by the operator (or a leftover without
             // metadata): replace it.
@@ -537,7 +558,11 @@ impl ImageStore {
         }
         fs::rename(&tmp, dir).map_err(io("cannot move into place", dir))?;
         // A fresh image is all zero pages: no need to read it back to hash it.
-        let mut store = Self::map(dir, options, meta)?;
+        let meta_path = dir.join(META_FILE);
+        let record = RecordFile::open(&meta_path, options.fsync)
+            .map_err(|e| record_error(e, &meta_path))?
+            .file;
+        let mut store = Self::map(dir, options, meta, record)?;
         store.hashes = vec![zero_page_hash(); ram_pages as usize];
         store.digest = store.meta.digest;
         store.clear_journal()?;
@@ -548,9 +573,10 @@ impl ImageStore {
     /// every page against the committed digest.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<(Self, Recovery), StoreError> {
         let meta_path = dir.join(META_FILE);
-        let bytes = fs::read(&meta_path).map_err(io("cannot read image metadata", &meta_path))?;
-        let meta = Meta::decode(&bytes, &meta_path)?;
-        let mut store = Self::map(dir, options, meta)?;
+        let opened =
+            RecordFile::open(&meta_path, options.fsync).map_err(|e| record_error(e, &meta_path))?;
+        let meta = Meta::decode(&opened.record, &meta_path)?;
+        let mut store = Self::map(dir, options, meta, opened.file)?;
         let recovery = store.recover()?;
         store.hashes = (0..store.meta.ram_pages)
             .map(|p| page_hash(store.page(p)))
@@ -570,7 +596,12 @@ impl ImageStore {
     }
 
     /// Maps `memory.img` of the image `meta` describes (hashes not yet known).
-    fn map(dir: &Path, options: StoreOptions, meta: Meta) -> Result<Self, StoreError> {
+    fn map(
+        dir: &Path,
+        options: StoreOptions,
+        meta: Meta,
+        record: RecordFile,
+    ) -> Result<Self, StoreError> {
         let mem_path = dir.join(MEMORY_FILE);
         let file = File::options()
             .read(true)
@@ -595,6 +626,7 @@ impl ImageStore {
             hashes: Vec::new(),
             digest: ImageDigest::default(),
             meta,
+            record,
             options,
         })
     }
@@ -655,7 +687,7 @@ impl ImageStore {
     }
 
     /// Makes `epoch` the committed one: syncs the image (with fsync on), then
-    /// renames the new metadata into place. The pages are already written.
+    /// writes the new record. The pages are already written.
     fn commit_meta(
         &mut self,
         epoch: u64,
@@ -679,13 +711,12 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Makes `meta` the record on disk (atomically, by rename) and in memory.
+    /// Makes `meta` the record on disk (in place, crash-safely: see
+    /// [`crate::record_file`]) and in memory.
     fn replace_meta(&mut self, meta: Meta) -> Result<(), StoreError> {
-        write_file_atomically(
-            &self.dir.join(META_FILE),
-            &meta.encode(),
-            self.options.fsync,
-        )?;
+        self.record
+            .replace(&meta.encode())
+            .map_err(io("cannot write", &self.dir.join(META_FILE)))?;
         self.meta = meta;
         Ok(())
     }
@@ -1239,22 +1270,6 @@ fn read_through(path: &Path, buf: &mut [u8], stop: &AtomicBool) -> std::io::Resu
             Err(e) => return Err(e),
         }
     }
-}
-
-fn write_file_atomically(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
-    file.write_all(bytes).map_err(io("cannot write", &tmp))?;
-    if fsync {
-        file.sync_all().map_err(io("cannot sync", &tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io("cannot rename into place", path))?;
-    if fsync && let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("cannot sync", dir))?;
-    }
-    Ok(())
 }
 
 impl CommittedImage for ImageStore {

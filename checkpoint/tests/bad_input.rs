@@ -433,7 +433,12 @@ fn damaged_metadata_or_image_is_reported_on_open() {
     assert!(matches!(store.status(), ImageStatus::Committed { .. }));
     drop(store);
 
-    flip_bit(&dir.join("meta"), 20);
+    // The record file keeps the current record and the one before it (a
+    // write cut short leaves the older): damaged in both, it is refused.
+    let meta = std::fs::read(dir.join("meta")).unwrap();
+    let slot_len = u32::from_le_bytes(meta[8..12].try_into().unwrap()) as usize;
+    flip_bit(&dir.join("meta"), 16 + 20);
+    flip_bit(&dir.join("meta"), 16 + slot_len + 20);
     let err = ImageStore::open(&dir, Default::default()).unwrap_err();
     assert!(
         err.to_string().contains("metadata checksum mismatch"),
@@ -503,10 +508,21 @@ fn a_commit_that_fails_after_writing_pages_leaves_the_image_unpromotable_until_r
     let mut f = fixture();
     let committed = f.store.promotable().unwrap();
     assert_eq!(committed.incarnation, 7);
-    let chunks = f.next_epoch();
+    // A device state too big for the record file's slots (as much held
+    // console output makes it): the record is rewritten whole, and cannot
+    // be (its temporary name is taken by a directory: a real EISDIR, as a
+    // full or failing disk would give).
+    let touched: Vec<u32> = (0..40).map(|_| f.model.mutate(&mut f.rng)).collect();
+    let chunks = encode(
+        &mut f.sender,
+        &f.model,
+        committed.epoch + 1,
+        EpochKind::Checkpoint,
+        &touched,
+        &[0x5a; 40 << 10],
+    )
+    .chunks;
     let staged = decode(&f.store, &chunks).unwrap();
-    // The record cannot be replaced (its temporary name is taken by a
-    // directory: a real EISDIR, as a full or failing disk would give).
     let dir = f.store.dir().to_owned();
     std::fs::create_dir(dir.join("meta.tmp")).unwrap();
     let err = f.store.apply(&staged).unwrap_err();
