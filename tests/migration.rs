@@ -1052,3 +1052,82 @@ async fn replay_with_a_host_killed_while_the_log_flows_leaves_one_copy_and_every
         );
     }
 }
+
+/// The destination restores the VM ahead of the handover while the
+/// source's backup stands down (`PrepareHandover`). A backup that will not
+/// stand down fails the switch: the source keeps the VM, the VM restored
+/// ahead never runs, and a second migration to the same destination moves
+/// the newer state, not the one restored ahead: every write acked before,
+/// between and during both attempts is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_restored_ahead_of_a_failed_switch_never_runs_and_a_retry_moves_the_newer_state() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::protected("kv", "").await;
+    pair.restart_backup_with_faults("backup.goodbye");
+    backup_protecting(&pair, "the backup that will not stand down").await;
+    let (dest, mut client, mut child) = precopy_to_a_new_destination(&pair).await;
+    let (mut acked, in_flight) = write_while(&mut client, &mut child, "r").await;
+    let (ok, _, stderr) = finished(child);
+    assert!(
+        !ok,
+        "the switch went on without the backup standing down\n{stderr}"
+    );
+    assert!(stderr.contains("the VM runs on here"), "{stderr}");
+    assert!(
+        dest.logs()
+            .contains("restored the VM ahead of the handover"),
+        "no VM restored ahead\n{}",
+        dest.logs()
+    );
+    let s = status(dest.control).await.unwrap();
+    assert_ne!(
+        s.role,
+        "primary",
+        "the VM restored ahead runs\n{}",
+        dest.logs()
+    );
+    // The source runs on: a write in flight at the failed switch is answered
+    // there (or, if its connection closed, not counted).
+    if let Some(i) = in_flight {
+        match client.next(Duration::from_secs(20)).await {
+            Ok(Some(l)) if l == "OK" => acked.push(i),
+            _ => client.reconnect(pair.addrs.primary_console).await.unwrap(),
+        }
+    }
+    for i in 1000..1020u64 {
+        let answer = ask(&mut client, &format!("SET keyr-{i} value-{i}")).await;
+        assert_eq!(answer.unwrap().as_deref(), Some("OK"));
+        acked.push(i);
+    }
+    pair.restart_backup_with_faults("");
+    backup_protecting(&pair, "the backup restarted without the fault").await;
+    let mut child = migrate(&pair, &dest, "precopy");
+    let (acked_t, in_flight) = write_while(&mut client, &mut child, "t").await;
+    let (ok, stdout, stderr) = finished(child);
+    assert!(ok, "{stderr}\n{}\n{}", pair.logs(), dest.logs());
+    eprintln!("{}", stdout.trim());
+    check_moved(&mut client, &dest, "t", acked_t, in_flight).await;
+    check_all(&mut client, &dest.logs(), "r", &acked).await;
+    // Each attempt restored its own VM ahead: the second's final epoch has
+    // the first's number (epochs count per session) and the same memory
+    // (the image, which the paused VM maps), but not its vCPU and devices.
+    assert_eq!(
+        dest.logs()
+            .matches("restored the VM ahead of the handover")
+            .count(),
+        2,
+        "the VM restored for the failed switch was used for the second\n{}",
+        dest.logs()
+    );
+}
+
+async fn backup_protecting(pair: &Pair, what: &str) {
+    common::wait_status(
+        pair,
+        pair.addrs.backup_control,
+        what,
+        Duration::from_secs(30),
+        |s| s.state_kind == "protecting",
+    )
+    .await;
+}

@@ -333,7 +333,7 @@ async fn hostile_round(
     use understudy_checkpoint::{CodecPolicy, EpochKind, SenderState};
     use understudy_proto::*;
     let deadline = Duration::from_millis(500);
-    match rng.next() % 8 {
+    match rng.next() % 9 {
         0 => {
             let hello = HelloRequest {
                 protocol_version: if rng.next() % 2 == 0 {
@@ -480,6 +480,17 @@ async fn hostile_round(
                 commit_wait_millis: (rng.next() % 3) as u32 * 40,
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
+        }
+        8 => {
+            // A VM restored ahead for a handover out of nowhere: refused, or
+            // (had it matched) restored paused and never run.
+            let p = PrepareHandoverRequest {
+                generation: rng.pick(1),
+                session: rng.next(),
+                epoch: rng.pick(3),
+                commit_wait_millis: (rng.next() % 50) as u32,
+            };
+            let _ = tokio::time::timeout(deadline, client.prepare_handover(p)).await;
         }
         5 => {
             let body = hostile_framing(rng);

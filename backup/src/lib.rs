@@ -179,6 +179,9 @@ struct Standby {
     /// pages not there yet: a VM built ahead over such memory when a
     /// migration's session begins (`build_postcopy_shell`).
     postcopy_shell: Option<VmShell>,
+    /// A migration's VM restored ahead of its handover, paused
+    /// (`promotion::prepare_ahead`).
+    prepared: Option<Box<promotion::PreparedAhead>>,
 }
 
 impl Drop for Standby {
@@ -187,6 +190,7 @@ impl Drop for Standby {
     /// its own: KVM takes ~10 ms to destroy a VM, which would otherwise
     /// count in a post-copy's downtime.
     fn drop(&mut self) {
+        promotion::tear_down_in_background(self.prepared.take());
         let shells = [self.shell.take(), self.postcopy_shell.take()];
         if shells.iter().any(Option::is_some) {
             let spawned = std::thread::Builder::new()
@@ -355,6 +359,7 @@ pub async fn run(
             phase: Phase::Standby(Box::new(Standby {
                 shell: build_shell(&store),
                 postcopy_shell: None,
+                prepared: None,
                 store,
                 generation,
                 buffers: StagingBuffers::default(),

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::StoreError;
 use understudy_checkpoint::trace::TraceWriter;
+use understudy_checkpoint::{CommittedImage, ImageDigest, StoreError};
 use understudy_common::fault;
 use understudy_common::ids::{Generation, Incarnation, SessionId};
 use understudy_common::payload::{CheckpointPayload, PayloadError};
@@ -319,6 +319,103 @@ fn prepare_from_replica(
     }))
 }
 
+/// A VM restored ahead of its handover ([`prepare_ahead`]): what it was
+/// restored from, so that a promotion uses it only for exactly that image.
+pub(crate) struct PreparedAhead {
+    session: SessionId,
+    epoch: u64,
+    digest: ImageDigest,
+    prepared: Prepared,
+}
+
+impl PreparedAhead {
+    /// Whether it is the VM of the image as it stands: the same session
+    /// (epochs count per session), committed epoch and content (nothing
+    /// written since). Its memory is the image itself, which it maps; its
+    /// vCPU and devices are the epoch's.
+    fn holds(&self, standby: &Standby) -> bool {
+        standby
+            .session
+            .as_ref()
+            .is_some_and(|s| s.id == self.session)
+            && standby.store.committed_epoch() == Some(self.epoch)
+            && standby.store.digest() == self.digest
+    }
+}
+
+/// A live migration's switch, while the source's backup stands down
+/// (`PrepareHandover`): restores the VM of `epoch`, committed in `session`,
+/// paused, so that the handover only resumes it. Nothing runs and nothing
+/// is recorded: a promotion uses it only if the image is still exactly that
+/// (`PreparedAhead::holds`), else restores anew. Returns how long the
+/// restore took.
+pub(crate) fn prepare_ahead(
+    shared: &Shared,
+    generation: Generation,
+    session: SessionId,
+    epoch: u64,
+) -> Result<Duration, PromotionError> {
+    let started = Instant::now();
+    let mut state = shared.lock();
+    let Phase::Standby(standby) = &mut state.phase else {
+        return Err(PromotionError::AlreadyRunning(shared.generation()));
+    };
+    // A replay session's VM is its replica, finished at the handover.
+    let ours = standby
+        .session
+        .as_ref()
+        .is_some_and(|s| s.id == session && s.protected() && s.follower.is_none());
+    let committed = standby.store.committed_epoch();
+    if generation != standby.generation || !ours || committed != Some(epoch) {
+        return Err(PromotionError::HandoverMismatch {
+            epoch,
+            session,
+            committed,
+        });
+    }
+    if standby.prepared.as_ref().is_some_and(|p| p.holds(standby)) {
+        return Ok(Duration::ZERO);
+    }
+    tear_down_in_background(standby.prepared.take());
+    let prepared = prepare(standby, false)?;
+    standby.prepared = Some(Box::new(PreparedAhead {
+        session,
+        epoch,
+        digest: standby.store.digest(),
+        prepared,
+    }));
+    let took = started.elapsed();
+    tracing::info!(
+        epoch,
+        took_us = took.as_micros() as u64,
+        "restored the VM ahead of the handover (paused: it runs only if the handover comes)"
+    );
+    Ok(took)
+}
+
+/// The VM restored ahead, if it is the image's as it stands (and the
+/// promotion is not a replay's); one that is not is torn down.
+fn take_prepared_ahead(standby: &mut Standby, replay: bool) -> Option<Prepared> {
+    let ahead = standby.prepared.take()?;
+    if !replay && ahead.holds(standby) {
+        return Some(ahead.prepared);
+    }
+    tear_down_in_background(Some(ahead));
+    None
+}
+
+/// Drops a VM restored ahead and never used on a thread of its own: KVM
+/// takes ~10 ms to destroy a VM (see `Standby`'s `Drop`).
+pub(crate) fn tear_down_in_background(ahead: Option<Box<PreparedAhead>>) {
+    if let Some(ahead) = ahead {
+        let spawned = std::thread::Builder::new()
+            .name("vm-teardown".into())
+            .spawn(move || drop(ahead));
+        // Without a thread, here and now (the Err holds nothing to drop).
+        drop(spawned);
+    }
+}
+
 fn prepare(standby: &mut Standby, replay: bool) -> Result<Prepared, PromotionError> {
     let promotable = standby
         .store
@@ -531,9 +628,13 @@ fn promote_locked(
         .session
         .as_ref()
         .is_some_and(|s| s.follower.is_some());
+    let ahead = take_prepared_ahead(standby, replay);
     let prepared = match prepare_from_replica(standby, trigger) {
         Some(prepared) => prepared?,
-        None => prepare(standby, replay)?,
+        None => match ahead {
+            Some(prepared) => prepared,
+            None => prepare(standby, replay)?,
+        },
     };
     let new_generation = standby.generation.next();
     // Start the helper threads before the point of no return (they only

@@ -19,7 +19,8 @@ use understudy_common::wire;
 use understudy_proto::replication_server::Replication;
 use understudy_proto::{
     Ack, EpochChunk, GoodbyeReply, GoodbyeRequest, HandoverReply, HandoverRequest, HelloReply,
-    HelloRequest, PROTOCOL_VERSION, ProbeReply, ProbeRequest,
+    HelloRequest, PROTOCOL_VERSION, PrepareHandoverReply, PrepareHandoverRequest, ProbeReply,
+    ProbeRequest,
 };
 
 use crate::hello::{self, Claim, Decision, Facts, Kept};
@@ -328,6 +329,7 @@ impl Replication for ReplicationService {
                     // epoch's digest: no body CRC needed on Pages chunks.
                     pages_by_hash: true,
                     handover_awaits_commit: true,
+                    prepares_handover: true,
                 }))
             }
             Decision::Deposed(_) => Err(shared.deposed(claim.generation)),
@@ -395,6 +397,9 @@ impl Replication for ReplicationService {
             .opts
             .auth
             .check(&req, "Replication.Goodbye", Access::PeerHost)?;
+        // Tests: a backup that will not stand down (the source keeps the VM).
+        understudy_common::fault::check("backup.goodbye")
+            .map_err(|point| Status::unavailable(format!("injected fault ({point})")))?;
         let req = req.into_inner();
         let shared = &self.0;
         // A switch's goodbye: once its final checkpoint committed (or the
@@ -452,6 +457,50 @@ impl Replication for ReplicationService {
             }
             .name()
             .into(),
+        }))
+    }
+
+    async fn prepare_handover(
+        &self,
+        req: Request<PrepareHandoverRequest>,
+    ) -> Result<Response<PrepareHandoverReply>, Status> {
+        self.0
+            .opts
+            .auth
+            .check(&req, "Replication.PrepareHandover", Access::PeerHost)?;
+        let req = req.into_inner();
+        let shared = &self.0;
+        if shared.opts.handover_unavailable.is_some() {
+            return Err(Status::failed_precondition(
+                "prepare refused: this host takes no handover",
+            ));
+        }
+        let generation = Generation(req.generation);
+        shared.standby_for(&mut shared.lock().phase, generation)?;
+        let Some(session) = SessionId::from_raw(req.session) else {
+            return Err(Status::invalid_argument(
+                "prepare refused: it names no session (0)",
+            ));
+        };
+        let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
+        await_commit_then(
+            shared,
+            session,
+            req.epoch,
+            wait,
+            "prepare",
+            AtDeadline::Refuse,
+        )
+        .await?;
+        let shared2 = shared.clone();
+        let took = tokio::task::block_in_place(|| {
+            promotion::prepare_ahead(&shared2, generation, session, req.epoch)
+        })
+        .map_err(|e| {
+            Status::failed_precondition(format!("prepare refused: {}", wire::chain(&e)))
+        })?;
+        Ok(Response::new(PrepareHandoverReply {
+            prepare_micros: took.as_micros() as u64,
         }))
     }
 
@@ -566,6 +615,28 @@ pub(crate) async fn await_commit(
     wait: Duration,
     what: &str,
 ) -> Result<(), Status> {
+    await_commit_then(shared, session, epoch, wait, what, AtDeadline::CloseSession).await
+}
+
+/// What [`await_commit_then`] does when its wait runs out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AtDeadline {
+    /// Close the session (the epoch can then never commit) and refuse: for
+    /// a request whose refusal the source acts on.
+    CloseSession,
+    /// Only refuse: for a request that changes nothing (a prepare).
+    Refuse,
+}
+
+/// [`await_commit`], with what to do at the deadline.
+pub(crate) async fn await_commit_then(
+    shared: &Shared,
+    session: SessionId,
+    epoch: u64,
+    wait: Duration,
+    what: &str,
+    at_deadline: AtDeadline,
+) -> Result<(), Status> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let notified = shared.commits.notified();
@@ -589,6 +660,12 @@ pub(crate) async fn await_commit(
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
+                if at_deadline == AtDeadline::Refuse {
+                    return Err(Status::deadline_exceeded(format!(
+                        "{what} refused: epoch {epoch} did not commit within {wait:?} \
+                         (committed: {committed:?})"
+                    )));
+                }
                 live.decoder = None;
                 tracing::warn!(
                     epoch,

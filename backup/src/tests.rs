@@ -63,6 +63,7 @@ fn backup(dir: &std::path::Path) -> Arc<Shared> {
                 stale: None,
                 shell: None,
                 postcopy_shell: None,
+                prepared: None,
             })),
         }),
         watch: crate::watch::Watch::new(),

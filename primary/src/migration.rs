@@ -44,13 +44,15 @@ use understudy_checkpoint::epoch::{EncodeReport, EpochKind, SenderState};
 use understudy_common::ids::{Epoch, EpochCell, Incarnation, SessionId};
 use understudy_common::postcopy::PageRecords;
 use understudy_proto::replication_client::ReplicationClient;
-use understudy_proto::{EpochChunk, MigrateReply, MigrateRequest, MigrationProgress};
+use understudy_proto::{
+    EpochChunk, MigrateReply, MigrateRequest, MigrationProgress, PrepareHandoverRequest,
+};
 use understudy_vmm::memory::MemoryError;
 use understudy_vmm::{DirtyBitmap, Vm, VmError};
 
 use crate::PrimaryOptions;
 use crate::link_rate::LinkRate;
-use crate::peer::{HandoverOutcome, HelloOutcome, SessionOffer, Target, hello_to};
+use crate::peer::{Accepted, HandoverOutcome, HelloOutcome, SessionOffer, Target, hello_to};
 
 /// The guest stop a pre-copy switch may take unless asked otherwise (QEMU's
 /// default).
@@ -350,6 +352,8 @@ pub(crate) struct Link {
     pages_by_hash: bool,
     /// The destination's handover can wait for its epoch's commit.
     awaits_commit: bool,
+    /// The destination restores the VM ahead of the handover when asked.
+    prepares_handover: bool,
     /// Chunks encoded and not yet handed to the stream.
     outbox: std::collections::VecDeque<EpochChunk>,
     /// Epochs sent and not yet acked, with their bytes.
@@ -398,13 +402,14 @@ impl Link {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
         let handover_client = ReplicationClient::new(accepted.channel.clone());
+        let channel = accepted.channel.clone();
         // A destination that took the Hello may still never answer the
         // stream (the link cut right after it, a frozen host): the stall rule
         // holds here too, or the migration would wait for ever.
         let mut acks = tokio::time::timeout(
             STALL_TIMEOUT,
             understudy_proto::framing::replicate(
-                accepted.channel,
+                channel,
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ),
         )
@@ -422,14 +427,7 @@ impl Link {
         .map_err(|_| {
             MigrationError::LinkLost("the stream to the destination closed at once".into())
         })?;
-        let link = Self::new(
-            offer.id,
-            tx,
-            handover_client,
-            generation,
-            accepted.pages_by_hash,
-            accepted.handover_awaits_commit,
-        );
+        let link = Self::new(offer.id, tx, handover_client, generation, &accepted);
         tokio::spawn({
             let (broken, acked, why) = (link.broken.clone(), link.acked.clone(), link.why.clone());
             let (wanted, done) = (link.wanted.clone(), link.done.clone());
@@ -477,8 +475,7 @@ impl Link {
         chunks: tokio::sync::mpsc::Sender<EpochChunk>,
         client: ReplicationClient<Channel>,
         generation: u64,
-        pages_by_hash: bool,
-        awaits_commit: bool,
+        accepted: &Accepted,
     ) -> Self {
         Self {
             id,
@@ -487,8 +484,9 @@ impl Link {
             acked: Arc::new(EpochCell::new()),
             why: Default::default(),
             generation,
-            pages_by_hash,
-            awaits_commit,
+            pages_by_hash: accepted.pages_by_hash,
+            awaits_commit: accepted.handover_awaits_commit,
+            prepares_handover: accepted.prepares_handover,
             outbox: Default::default(),
             unacked: Default::default(),
             unacked_bytes: 0,
@@ -1527,6 +1525,52 @@ impl Migration {
         self.link.as_ref().map(|l| l.id)
     }
 
+    /// The switch, as the source's backup stands down: asks the destination
+    /// to restore the VM of `epoch` (once it committed, within
+    /// `commit_wait`) ahead of the handover (`PrepareHandover`), so that the
+    /// handover only resumes it (~0.5 ms less downtime on loopback). Not
+    /// awaited, and its answer changes nothing here: a handover that finds
+    /// no VM restored ahead, or one of another image, restores its own.
+    pub(crate) fn prepare_handover(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        epoch: u64,
+        commit_wait: Duration,
+    ) {
+        let Some(link) = self
+            .link
+            .as_ref()
+            .filter(|l| l.prepares_handover && !l.broken.load(Ordering::Acquire))
+        else {
+            return;
+        };
+        let mut client = link.client.clone();
+        let request = PrepareHandoverRequest {
+            generation: link.generation,
+            session: link.id.raw(),
+            epoch,
+            commit_wait_millis: u32::try_from(commit_wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        runtime.spawn(async move {
+            let answer = tokio::time::timeout(
+                commit_wait + STALL_TIMEOUT,
+                client.prepare_handover(request),
+            )
+            .await;
+            match answer {
+                Ok(Ok(reply)) => tracing::debug!(
+                    prepare_us = reply.into_inner().prepare_micros,
+                    "the destination restored the VM ahead of the handover"
+                ),
+                Ok(Err(status)) => tracing::debug!(
+                    %status,
+                    "the destination did not restore the VM ahead (its handover will)"
+                ),
+                Err(_) => tracing::debug!("no answer to the prepare (the handover restores)"),
+            }
+        });
+    }
+
     /// A client on the stream's connection, for the handover; None once the
     /// stream broke (a request on a dead connection would leave its fate
     /// unknown, where a new connection that fails proves it never arrived).
@@ -1673,10 +1717,14 @@ mod tests {
         let link = Link::new(
             SessionId::from_raw(7).unwrap(),
             tx,
-            ReplicationClient::new(channel),
+            ReplicationClient::new(channel.clone()),
             1,
-            true,
-            true,
+            &Accepted {
+                channel,
+                pages_by_hash: true,
+                handover_awaits_commit: true,
+                prepares_handover: true,
+            },
         );
         (link, rx)
     }

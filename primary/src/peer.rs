@@ -118,6 +118,9 @@ pub(crate) struct Accepted {
     /// A handover may wait there for its epoch's commit
     /// (`HandoverRequest.commit_wait_millis`).
     pub handover_awaits_commit: bool,
+    /// It restores a migration's VM ahead of the handover when asked
+    /// (`PrepareHandover`).
+    pub prepares_handover: bool,
 }
 
 /// One replication session's identity, as the primary opens it.
@@ -199,6 +202,7 @@ pub(crate) async fn hello_to(
                 channel,
                 pages_by_hash: reply.pages_by_hash,
                 handover_awaits_commit: reply.handover_awaits_commit,
+                prepares_handover: reply.prepares_handover,
             })
         }
         // Only the backup's deliberate answers refuse us for good (wrong VM,
@@ -357,6 +361,18 @@ impl Replication for RunsHere {
         self.auth.check(
             &req,
             "Replication.Handover",
+            understudy_common::auth::Access::PeerHost,
+        )?;
+        self.deposed()
+    }
+
+    async fn prepare_handover(
+        &self,
+        req: tonic::Request<understudy_proto::PrepareHandoverRequest>,
+    ) -> Result<tonic::Response<understudy_proto::PrepareHandoverReply>, tonic::Status> {
+        self.auth.check(
+            &req,
+            "Replication.PrepareHandover",
             understudy_common::auth::Access::PeerHost,
         )?;
         self.deposed()

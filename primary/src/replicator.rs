@@ -1442,6 +1442,10 @@ impl Replicator {
         let postcopy = matches!(kind, HandoverKind::Postcopy(_));
         let opts = self.shared.opts.clone();
         let generation = self.shared.generation;
+        // Meanwhile the destination may restore the VM, paused.
+        if let HandoverKind::Plain { commit_wait } = kind {
+            m.prepare_handover(&self.runtime, epoch, commit_wait);
+        }
         // 3. The backup stands down (from here its silence rule would make a
         // second copy), once it has committed the final checkpoint in this
         // session (it says which epoch it held). Unconfirmed: the VM runs on
