@@ -93,16 +93,21 @@ pub struct Opened {
 impl RecordFile {
     /// Writes a new file at `path` holding `record` (whole, by rename).
     pub fn create(path: &Path, record: &[u8], fsync: bool) -> std::io::Result<Self> {
-        let mut file = Self {
+        let mut file = Self::unwritten(path, fsync);
+        file.rewrite(record)?;
+        Ok(file)
+    }
+
+    /// A file not (yet) in this form: its first replacement writes it whole.
+    fn unwritten(path: &Path, fsync: bool) -> Self {
+        Self {
             path: path.to_owned(),
             file: None,
             slot_len: 0,
             current: 0,
             seq: 0,
             fsync,
-        };
-        file.rewrite(record)?;
-        Ok(file)
+        }
     }
 
     /// Reads the record at `path` (a file in an older release's form is
@@ -119,14 +124,7 @@ impl RecordFile {
         if bytes.get(..4) != Some(&MAGIC[..]) {
             // An older release's record, whole.
             return Ok(Opened {
-                file: Self {
-                    path: path.to_owned(),
-                    file: None,
-                    slot_len: 0,
-                    current: 0,
-                    seq: 0,
-                    fsync,
-                },
+                file: Self::unwritten(path, fsync),
                 record: bytes,
                 other_damaged: false,
             });
