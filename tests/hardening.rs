@@ -249,10 +249,12 @@ async fn a_promotion_that_fails_leaves_the_generation_and_the_running_primary_al
 async fn a_torn_image_after_a_failed_commit_is_never_promoted() {
     let _serial = common::serial().await;
     let mut pair = Pair::protected("counter", "guest_params = { interval_ms = 10 }").await;
-    // The record cannot be replaced any more (as with a full or failing
-    // disk): the next commit writes its pages but not its record.
+    // The record cannot be written any more (as with a failing disk: here
+    // a directory where the record file was, a real EISDIR): the next
+    // commit writes its pages but not its record.
     let image = pair.dir.path().join("backup/image");
-    std::fs::create_dir(image.join("meta.tmp")).unwrap();
+    std::fs::rename(image.join("meta"), image.join("meta.moved")).unwrap();
+    std::fs::create_dir(image.join("meta")).unwrap();
     common::wait_status(
         &pair,
         pair.addrs.backup_control,

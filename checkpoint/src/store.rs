@@ -31,7 +31,7 @@
 //! The record is replaced in place, in whichever of the `meta` file's two
 //! slots does not hold the current one ([`crate::record_file`]): a write cut
 //! short leaves the record before it, as a rename over the old file did, at
-//! ~2–6 µs a commit instead of the rename's ~200.
+//! ~6 µs a commit instead of the rename's ~200.
 //!
 //! A journal is complete when its trailer CRC matches (it covers everything
 //! but the pages) and every page hashes to the hash listed for it. The pages

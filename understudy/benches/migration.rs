@@ -40,7 +40,7 @@ const MODES: [&str; 5] = ["stop-and-copy", "precopy", "postcopy", "hybrid", "rep
 /// timeout of 300 ms: in replay mode three guests are emulated at once (the
 /// source's, its backup's replica, the destination's replica), and on this
 /// two-core machine (a kernel without preemption, `PREEMPT_NONE`) the
-/// source's heartbeat thread was seen silent past 100 ms in 3 of 5 suite
+/// source's heartbeat thread was seen silent past 100 ms in 3 of 4 suite
 /// runs, always in these rows: its backup then promoted (fenced correctly:
 /// one copy ran) and the migration failed. The bench measures the
 /// migration, not the detector on a saturated host.
