@@ -4,10 +4,11 @@
 //! Replacing a file by writing a new one and renaming it over the old costs
 //! ~190–210 µs on these machines' ext4 (ext4 starts writing the new file's
 //! data back at a rename over an existing file, `auto_da_alloc`), against
-//! ~6 µs to open the file and `pwrite` into it (~2 µs of that the `pwrite`). The store replaced its
-//! record at every commit, and three times on a migration's switch (the
-//! final commit, the goodbye's retirement, the destination's new
-//! generation), so the rename was most of an idle epoch's commit.
+//! ~6 µs to open the file and `pwrite` into it (~2 µs of that the
+//! `pwrite`). The store replaced its record at every commit, and three
+//! times on a migration's switch (the final commit, the goodbye's
+//! retirement, the destination's new generation), so the rename was most
+//! of an idle epoch's commit.
 //!
 //! So the file holds two slots and a write goes to the one not holding the
 //! current record: a write cut short (a crash, `kill -9` between the pages
