@@ -539,14 +539,7 @@ async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
     // tick; the migration must still get time), and far longer than the
     // goodbye's round trip on loopback (~1 ms).
     pair.restart_backup_with_faults("backup.apply~300");
-    common::wait_status(
-        &pair,
-        pair.addrs.backup_control,
-        "the restarted backup protecting",
-        Duration::from_secs(30),
-        |s| s.state_kind == "protecting",
-    )
-    .await;
+    backup_protecting(&pair, "the restarted backup protecting").await;
     let (dest, mut client, mut child) = precopy_to_a_new_destination(&pair).await;
     let Ok((acked, in_flight)) = tokio::time::timeout(
         Duration::from_secs(60),

@@ -481,17 +481,6 @@ async fn hostile_round(
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }
-        8 => {
-            // A VM restored ahead for a handover out of nowhere: refused, or
-            // (had it matched) restored paused and never run.
-            let p = PrepareHandoverRequest {
-                generation: rng.pick(1),
-                session: rng.next(),
-                epoch: rng.pick(3),
-                commit_wait_millis: (rng.next() % 50) as u32,
-            };
-            let _ = tokio::time::timeout(deadline, client.prepare_handover(p)).await;
-        }
         5 => {
             let body = hostile_framing(rng);
             let _ = raw_replicate(channel, body, deadline).await;
@@ -507,6 +496,17 @@ async fn hostile_round(
                 generation: rng.pick(1),
             };
             let _ = udp.send_to(&beat.seal(&key), target);
+        }
+        8 => {
+            // A VM restored ahead for a handover out of nowhere: refused, or
+            // (had it matched) restored paused and never run.
+            let p = PrepareHandoverRequest {
+                generation: rng.pick(1),
+                session: rng.next(),
+                epoch: rng.pick(3),
+                commit_wait_millis: (rng.next() % 50) as u32,
+            };
+            let _ = tokio::time::timeout(deadline, client.prepare_handover(p)).await;
         }
         _ => {
             let n = (rng.next() % 100) as usize;

@@ -190,16 +190,24 @@ impl Drop for Standby {
     /// its own: KVM takes ~10 ms to destroy a VM, which would otherwise
     /// count in a post-copy's downtime.
     fn drop(&mut self) {
-        promotion::tear_down_in_background(self.prepared.take());
         let shells = [self.shell.take(), self.postcopy_shell.take()];
         if shells.iter().any(Option::is_some) {
-            let spawned = std::thread::Builder::new()
-                .name("vm-teardown".into())
-                .spawn(move || drop(shells));
-            // Without a thread, here and now (the Err holds nothing to drop).
-            drop(spawned);
+            tear_down_in_background(shells);
+        }
+        if let Some(prepared) = self.prepared.take() {
+            tear_down_in_background(prepared);
         }
     }
+}
+
+/// Drops VMs (built ahead, or restored ahead) on a thread of their own:
+/// KVM takes ~10 ms to destroy a VM. Without a thread, here and now.
+fn tear_down_in_background<T: Send + 'static>(vms: T) {
+    let spawned = std::thread::Builder::new()
+        .name("vm-teardown".into())
+        .spawn(move || drop(vms));
+    // The Err holds nothing to drop: `vms` went with the closure.
+    drop(spawned);
 }
 
 /// The current primary's replication session.

@@ -376,7 +376,9 @@ pub(crate) fn prepare_ahead(
     if standby.prepared.as_ref().is_some_and(|p| p.holds(standby)) {
         return Ok(Duration::ZERO);
     }
-    tear_down_in_background(standby.prepared.take());
+    if let Some(stale) = standby.prepared.take() {
+        crate::tear_down_in_background(stale);
+    }
     let prepared = prepare(standby, false)?;
     standby.prepared = Some(Box::new(PreparedAhead {
         session,
@@ -400,20 +402,8 @@ fn take_prepared_ahead(standby: &mut Standby, replay: bool) -> Option<Prepared> 
     if !replay && ahead.holds(standby) {
         return Some(ahead.prepared);
     }
-    tear_down_in_background(Some(ahead));
+    crate::tear_down_in_background(ahead);
     None
-}
-
-/// Drops a VM restored ahead and never used on a thread of its own: KVM
-/// takes ~10 ms to destroy a VM (see `Standby`'s `Drop`).
-pub(crate) fn tear_down_in_background(ahead: Option<Box<PreparedAhead>>) {
-    if let Some(ahead) = ahead {
-        let spawned = std::thread::Builder::new()
-            .name("vm-teardown".into())
-            .spawn(move || drop(ahead));
-        // Without a thread, here and now (the Err holds nothing to drop).
-        drop(spawned);
-    }
 }
 
 fn prepare(standby: &mut Standby, replay: bool) -> Result<Prepared, PromotionError> {

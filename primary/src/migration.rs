@@ -402,14 +402,13 @@ impl Link {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
         let handover_client = ReplicationClient::new(accepted.channel.clone());
-        let channel = accepted.channel.clone();
         // A destination that took the Hello may still never answer the
         // stream (the link cut right after it, a frozen host): the stall rule
         // holds here too, or the migration would wait for ever.
         let mut acks = tokio::time::timeout(
             STALL_TIMEOUT,
             understudy_proto::framing::replicate(
-                channel,
+                accepted.channel.clone(),
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ),
         )
