@@ -16,15 +16,22 @@ use common::{CTL, Destination, Lines, Pair, status};
 
 /// A protected dirtier pair of `mib` MiB with `guest` settings, and a
 /// destination for it (with `faults`), waiting.
+///
+/// Its heartbeat timeout is 300 ms, not the default 100: three daemons and
+/// a guest that dirties flat out on two cores starved the source's beats
+/// past 100 ms once in CI (at the destination's start), and its backup
+/// rightly promoted. These tests are about the migration; the detector and
+/// a promotion in the middle of a switch have tests of their own.
 async fn dirtier_pair_and_destination(
     mib: usize,
     guest: &str,
     faults: &str,
 ) -> (Pair, Destination) {
-    let mut pair = Pair::with_memory("dirtier", mib, guest);
+    let settings = format!("heartbeat_timeout = \"300ms\"\n{guest}");
+    let mut pair = Pair::with_memory("dirtier", mib, &settings);
     pair.start_primary();
     pair.wait_protected().await;
-    let dest = Destination::start_full("dirtier", mib, guest, faults);
+    let dest = Destination::start_full("dirtier", mib, &settings, faults);
     dest.wait_incoming().await;
     (pair, dest)
 }
@@ -571,6 +578,74 @@ async fn a_slow_backup_stands_down_behind_the_final_checkpoint_at_the_switch() {
     );
     assert_eq!(backup.role, "backup", "{backup:?}");
     check_moved(&mut client, &dest, "s", acked, in_flight).await;
+}
+
+/// The source's backup promotes while the source is in its switch (here:
+/// the source frozen there; in CI once, a heartbeat starved on a saturated
+/// host): the final checkpoint is refused, the source learns it was
+/// deposed, leaves the VM paused and stops, fenced; the migration says
+/// where the VM runs (its backup), the destination never runs it, and the
+/// backup has every acked write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_deposed_in_its_switch_leaves_the_vm_paused_and_says_where_it_runs() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::new("kv", "");
+    // The switch stalls 400 ms before its final checkpoint: time to freeze
+    // the source inside it.
+    pair.primary = Some(pair.spawn_with_env(
+        "primary",
+        &[],
+        &[("UNDERSTUDY_FAULTS", "primary.switch~400".to_owned())],
+    ));
+    pair.wait_protected().await;
+    let dest = Destination::start("kv");
+    dest.wait_incoming().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    let logs = logs_of(&pair, &dest);
+    let acked = write_for(&mut client, "d", 0, Duration::from_millis(300), &logs).await;
+    let child = migrate(&pair, &dest, "precopy");
+    common::wait_status_or(
+        pair.addrs.primary_control,
+        "the source in its switch",
+        Duration::from_secs(30),
+        |s| s.migration.as_ref().is_some_and(|m| m.phase == "switch"),
+        &logs,
+    )
+    .await;
+    let switching = Instant::now();
+    pair.signal_primary(libc::SIGSTOP);
+    common::wait_status_or(
+        pair.addrs.backup_control,
+        "the backup promoted",
+        Duration::from_secs(10),
+        |s| s.role == "primary",
+        &logs,
+    )
+    .await;
+    // Thawed once the stall is over (and long before the source would give
+    // its backup up, 1 s): its final checkpoint meets the promoted backup.
+    tokio::time::sleep(Duration::from_millis(500).saturating_sub(switching.elapsed())).await;
+    pair.signal_primary(libc::SIGCONT);
+    let (ok, _, stderr) = finished(child);
+    assert!(!ok, "migrate succeeded\n{}", logs());
+    assert!(
+        stderr.contains("this host was deposed") && stderr.contains("runs there, not here"),
+        "migrate does not say the VM runs on the backup: {stderr}\n{}",
+        logs()
+    );
+    let code = pair.wait_primary_exit(Duration::from_secs(10));
+    assert!(!code.success(), "a deposed source exits non-zero: {code:?}");
+    let source_log = common::logs_in(pair.dir.path());
+    assert!(
+        !source_log.contains("the VM runs on here after the failed switch"),
+        "the deposed source resumed its VM\n{}",
+        logs()
+    );
+    client.reconnect(pair.addrs.backup_console).await.unwrap();
+    check_all(&mut client, &logs(), "d", &acked).await;
+    let d = status(dest.control).await.expect("destination status");
+    assert_eq!(d.role, "backup", "the destination runs the VM too: {d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,14 +234,15 @@ pub(crate) async fn hello_to(
 /// Tells the backup not to promote for `session` (once epoch `after.0` has
 /// committed there, waiting at most `after.1` for it); the epoch the
 /// backup said it held when it stood down (0: a backup that does not say),
-/// or None if it did not confirm.
+/// the generation that deposed the sender if the backup promoted, or that
+/// it did not confirm.
 pub(crate) async fn say_goodbye(
     opts: &PrimaryOptions,
     generation: u64,
     session: SessionId,
     channel: Option<Channel>,
     after: Option<(u64, Duration)>,
-) -> Option<u64> {
+) -> Goodbye {
     let (after_epoch, wait) = after.unwrap_or_default();
     let attempt = async {
         let channel = match channel {
@@ -263,17 +264,38 @@ pub(crate) async fn say_goodbye(
         Ok(Ok(reply)) => {
             let held = reply.into_inner().committed_epoch;
             tracing::info!(held, "told the backup we stop on purpose");
-            Some(held)
+            Goodbye::Held(held)
         }
         Ok(Err(e)) => {
+            let deposed_by = match &e {
+                PeerError::Status(status) => {
+                    wire::deposed_generation(status).filter(|&g| g > generation)
+                }
+                _ => None,
+            };
+            if let Some(g) = deposed_by {
+                tracing::warn!(generation = g, "goodbye refused: the backup promoted");
+                return Goodbye::Deposed(g);
+            }
             tracing::warn!(error = %wire::chain(&e), "goodbye not delivered");
-            None
+            Goodbye::Undelivered
         }
         Err(_) => {
             tracing::warn!(?timeout, "goodbye not delivered: no answer");
-            None
+            Goodbye::Undelivered
         }
     }
+}
+
+/// How a goodbye ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Goodbye {
+    /// The backup stands down, holding this committed epoch.
+    Held(u64),
+    /// The backup promoted: this generation deposed the sender.
+    Deposed(u64),
+    /// No answer, or a refusal for another reason: unknown.
+    Undelivered,
 }
 
 /// The replication service of a host whose primary role runs the VM: it

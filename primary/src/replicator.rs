@@ -26,7 +26,7 @@ use crate::migration::{
     handover_until_answered,
 };
 use crate::peer::{
-    HandoverKind, HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye,
+    Goodbye, HandoverKind, HandoverOutcome, PostcopyHandover, handover, handover_to, say_goodbye,
 };
 use crate::{
     MAX_SYNC_ROUNDS, Phase, STREAM_EVERY_PAGES, SYNC_CONVERGED_PAGES, SessionLink, Shared,
@@ -87,6 +87,19 @@ fn late_copy_for(vm: &Vm, allowed: bool) -> LateCopy {
     }
 }
 
+/// Where the VM runs after a switchover or migration failed before the VM
+/// ran elsewhere, for the operator: here, unless this host was deposed
+/// meanwhile.
+fn after_a_failed_switch(phase: Phase) -> String {
+    match phase {
+        Phase::Fenced(generation) => format!(
+            "this host was deposed (its backup promoted, generation {generation}): the VM \
+             runs there, not here"
+        ),
+        _ => "the VM runs on here".to_owned(),
+    }
+}
+
 fn fault_point(point: &'static str) -> Result<(), InternalError> {
     fault::check(point).map_err(InternalError::Fault)
 }
@@ -101,6 +114,10 @@ fn late_copy_step<T>(
     fault_point(point).map_err(|e| e.to_string())?;
     step().map_err(|e| understudy_common::wire::chain(&e))
 }
+
+/// How long a switch whose session broke waits for the session's task to
+/// say how it ended (it notices a break within a heartbeat interval).
+const SESSION_VERDICT_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a checkpoint may wait for its ack before the session counts as
 /// broken (a backup that is slow but alive acks well within it).
@@ -576,16 +593,19 @@ impl Replicator {
         responder: SwitchoverResponder,
     ) -> Option<SessionEnd> {
         let started = Instant::now();
+        let shared = self.shared.clone();
         let fail = |responder: SwitchoverResponder, why: String| {
-            tracing::warn!(%why, "switchover failed; still the primary");
+            let whereabouts = after_a_failed_switch(shared.phase());
+            tracing::warn!(%why, "switchover failed; {whereabouts}");
             let _ = responder.send(Err(tonic::Status::unavailable(format!(
-                "switchover failed, the VM runs on here: {why}"
+                "switchover failed, {whereabouts}: {why}"
             ))));
         };
         let bytes_before = self.shared.stats.bytes_shipped.load(Ordering::Relaxed);
         let pages = match self.checkpoint(link, sender, true, false) {
             Ok(true) => self.staging.len() / PAGE_SIZE,
             Ok(false) => {
+                self.await_session_verdict(link);
                 self.resume_after_failed_switchover();
                 fail(
                     responder,
@@ -694,11 +714,41 @@ impl Replicator {
         Some(SessionEnd::HandedOver)
     }
 
+    /// Waits, briefly, until the task of `link`'s broken session has ended:
+    /// a refusal from a promoted backup fences this host there, and the
+    /// replicator may see the break first (a send that failed).
+    fn await_session_verdict(&self, link: &SessionLink) {
+        let ended = || {
+            matches!(self.shared.phase(), Phase::Fenced(_))
+                || !matches!(
+                    &*self.shared.session.lock().unwrap_or_else(|p| p.into_inner()),
+                    Some(l) if l.id == link.id
+                )
+        };
+        let guard = self.shared.acked();
+        let _ = self
+            .shared
+            .acked_cv
+            .wait_timeout_while(guard, SESSION_VERDICT_WAIT, |_| !ended());
+    }
+
+    /// After a switch that failed before the VM ran elsewhere, the guest
+    /// runs on here, unless this host was deposed meanwhile (the session
+    /// broke because its backup promoted): then it stays paused and the
+    /// host stops, fenced.
     fn resume_after_failed_switchover(&mut self) {
+        if let Phase::Fenced(generation) = self.shared.phase() {
+            tracing::warn!(
+                generation,
+                "the switch failed because the backup promoted: the VM stays paused here"
+            );
+            return;
+        }
         // The guest runs again: a hold for the replica's lag starts anew.
         self.held_for_lag = false;
-        if let Err(e) = self.vm().resume() {
-            tracing::error!(error = %e, "cannot resume the VM after a failed switchover");
+        match self.vm().resume() {
+            Ok(()) => tracing::info!("the VM runs on here after the failed switch"),
+            Err(e) => tracing::error!(error = %e, "cannot resume the VM after a failed switchover"),
         }
     }
 
@@ -1275,6 +1325,10 @@ impl Replicator {
             _ => "switch",
         };
         self.shared.stats.set_migration(m.progress(phase, ""));
+        if let Err(e) = fault_point("primary.switch") {
+            self.fail_migration(m, e.to_string());
+            return None;
+        }
         let started = Instant::now();
         let backup = session.as_ref().map(|(link, _)| (*link).clone());
         let mut backup_final = None;
@@ -1292,6 +1346,7 @@ impl Replicator {
                 match taken {
                     Ok(true) => {}
                     Ok(false) => {
+                        self.await_session_verdict(link);
                         self.resume_after_failed_switchover();
                         self.fail_migration(
                             m,
@@ -1400,7 +1455,20 @@ impl Replicator {
                 after,
             ))
         };
-        let held = goodbye(final_checkpoint.map(|e| (e, ACK_TIMEOUT))).ok_or(UNCONFIRMED)?;
+        let confirmed = |answer| match answer {
+            Goodbye::Held(held) => Ok(held),
+            // Its silence rule promoted it (this host was frozen, or its
+            // heartbeats starved): the VM must never run here again.
+            Goodbye::Deposed(g) => {
+                // Not the promotion a handover expects (the destination's):
+                // the handover ends, and this host is fenced.
+                self.shared.end_handover(None);
+                self.shared.fence(g);
+                Err(format!("the backup promoted (generation {g})"))
+            }
+            Goodbye::Undelivered => Err(UNCONFIRMED.to_owned()),
+        };
+        let held = confirmed(goodbye(final_checkpoint.map(|e| (e, ACK_TIMEOUT))))?;
         match final_checkpoint {
             // A backup before `after_epoch` stood down at once (it answers
             // 0): its ack says the epoch committed, and a second goodbye
@@ -1411,9 +1479,7 @@ impl Replicator {
                         "the backup did not ack the final checkpoint {epoch}"
                     ));
                 }
-                goodbye(None)
-                    .map(|_| ())
-                    .ok_or_else(|| UNCONFIRMED.to_owned())
+                confirmed(goodbye(None)).map(|_| ())
             }
             _ => Ok(()),
         }
@@ -1841,9 +1907,11 @@ impl Replicator {
         .encode())
     }
 
-    /// The migration failed before the switch: the VM runs on here.
+    /// The migration failed before the switch: the VM runs on here, or, if
+    /// this host was deposed meanwhile, on its backup.
     fn fail_migration(&mut self, m: Migration, why: String) {
-        tracing::warn!(%why, destination = %m.request.target.addr, "live migration failed; the VM runs on here");
+        let whereabouts = after_a_failed_switch(self.shared.phase());
+        tracing::warn!(%why, destination = %m.request.target.addr, "live migration failed; {whereabouts}");
         let stats = &self.shared.stats;
         stats.set_migration(m.progress("failed", &why));
         stats.metrics.migration_ended("failed");
@@ -1853,7 +1921,7 @@ impl Replicator {
         stats.set_state(*kind, text.clone());
         self.shared.migrating.store(false, Ordering::Release);
         let _ = m.request.responder.send(Err(tonic::Status::aborted(format!(
-            "migration failed, the VM runs on here: {why}"
+            "migration failed, {whereabouts}: {why}"
         ))));
     }
 
