@@ -333,6 +333,53 @@ pub fn raise_priority() -> Result<(), std::io::Error> {
     }
 }
 
+/// How many CPUs the primary beats from, each sender pinned to its own.
+pub const BEAT_SENDERS: usize = 2;
+
+/// Up to `n` CPUs this process may run on (its affinity mask), lowest
+/// first; empty if the mask cannot be read (then the senders run unpinned).
+///
+/// One real-time sender is not enough on a host whose CPUs can stop for
+/// ~100 ms: a virtual CPU the hypervisor preempts, or one inside a long
+/// non-preemptible kernel section (guest emulation). The thread is stuck on
+/// that CPU as far as the kernel can tell (it is "running"), so nothing
+/// moves it. On the 2-core test VMs, each of two pinned senders went up to
+/// 79 ms between sends while migrations ran, both at once never beyond
+/// 23 ms (`docs/OPERATIONS.md`, "Heartbeat timeout").
+pub fn beat_cpus(n: usize) -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t (plain integers) is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most the size given into `set`.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .take(n)
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to(cpu: usize) -> Result<(), std::io::Error> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: a zeroed cpu_set_t (plain integers) is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sets the calling thread's own affinity from a valid set.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Waits until `socket` has a datagram or `timeout` passes; true if one is
 /// there. (A socket read timeout counts in scheduler ticks, 4 ms here,
 /// which stretches a 10 ms heartbeat interval to 12–16 ms; `ppoll` uses

@@ -741,7 +741,7 @@ pub async fn run(
     };
 
     let beats = Beats::new();
-    let beat_thread = beats::spawn(
+    let beat_threads = beats::spawn(
         beats.clone(),
         opts.backup,
         opts.heartbeat_interval,
@@ -844,7 +844,12 @@ pub async fn run(
         w.abort();
     }
     beats.stop();
-    let _ = tokio::task::spawn_blocking(move || beat_thread.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in beat_threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     // Stop answering for the VM: the next role takes its turn on the socket.
     shutdown.cancel();
     if let Some(mut answers) = answers {
