@@ -175,7 +175,22 @@ fn run(
         if session_seq != seen_session {
             seen_session = session_seq;
             last_seq = 0;
-            liveness.reset(Instant::now());
+            // A session that began right after this thread was stopped
+            // (the async side can win the race at a thaw): the stall is
+            // not reported (the new session resyncs the image and arms the
+            // detector only at its first checkpoint), but it is said.
+            let now = Instant::now();
+            let _ = liveness.tick(now);
+            let stall = liveness.take_longest_stall();
+            if stall > settings.primary_gives_up && settings.primary_releases_alone {
+                tracing::warn!(
+                    stall_ms = stall.as_millis() as u64,
+                    "this backup was not running for {:.1} s, past the primary's give-up \
+                     window; a new session began meanwhile and resyncs the image",
+                    stall.as_secs_f64()
+                );
+            }
+            liveness.reset(now);
         }
         let readable = wait_readable(socket, next_tick.saturating_duration_since(Instant::now()));
         if let Some(Ok((n, from))) = readable.then(|| socket.recv_from(&mut buf)) {
