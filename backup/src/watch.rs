@@ -183,12 +183,7 @@ fn run(
             let _ = liveness.tick(now);
             let stall = liveness.take_longest_stall();
             if stall > settings.primary_gives_up && settings.primary_releases_alone {
-                tracing::warn!(
-                    stall_ms = stall.as_millis() as u64,
-                    "this backup was not running for {:.1} s, past the primary's give-up \
-                     window; a new session began meanwhile and resyncs the image",
-                    stall.as_secs_f64()
-                );
+                said_stall(stall, "a new session began meanwhile");
             }
             liveness.reset(now);
         }
@@ -233,14 +228,16 @@ fn run(
         }
         let verdict = liveness.tick(now);
         let stall = liveness.take_longest_stall();
-        if stall > settings.primary_gives_up
-            && settings.primary_releases_alone
-            && watch.armed.load(Ordering::Acquire)
-        {
-            watch.stalled.store(true, Ordering::Release);
-            watch.armed.store(false, Ordering::Release);
-            let _ = events.send(Event::Stalled(stall));
-            continue;
+        if stall > settings.primary_gives_up && settings.primary_releases_alone {
+            if watch.armed.load(Ordering::Acquire) {
+                watch.stalled.store(true, Ordering::Release);
+                watch.armed.store(false, Ordering::Release);
+                let _ = events.send(Event::Stalled(stall));
+                continue;
+            }
+            // Disarmed meanwhile (at a thaw, the primary's new session can
+            // reach the async side first): that session resyncs the image.
+            said_stall(stall, "it was not armed by then");
         }
         if let Verdict::Silent(silence) = verdict
             && watch.armed.swap(false, Ordering::AcqRel)
@@ -248,6 +245,17 @@ fn run(
             let _ = events.send(Event::Silent(silence));
         }
     }
+}
+
+/// Logs a stall past the primary's give-up window with no armed session
+/// to mark stale (nothing could promote from the image on silence).
+fn said_stall(stall: Duration, why: &str) {
+    tracing::warn!(
+        stall_ms = stall.as_millis() as u64,
+        "this backup was not running for {:.1} s, past the primary's give-up window; {why}, \
+         so there was no session to mark stale",
+        stall.as_secs_f64()
+    );
 }
 
 #[cfg(test)]
