@@ -195,8 +195,8 @@ mod tests {
     use super::*;
     use understudy_common::ids::Role;
 
-    /// Two senders on two CPUs (this machine has two), one numbering: every
-    /// beat a new number, beats from both sockets.
+    /// Two senders on two CPUs (where the process has two), one numbering:
+    /// every beat a new number, beats from both sockets.
     #[test]
     fn two_pinned_senders_share_one_count() {
         let backup = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -216,7 +216,9 @@ mod tests {
             stats,
         )
         .unwrap();
-        let cpus = beat_cpus(BEAT_SENDERS).len().max(1);
+        // Two senders wherever the process may use two CPUs (counted
+        // independently of `BEAT_SENDERS`, so lowering it fails here).
+        let cpus = beat_cpus(usize::MAX).len().clamp(1, 2);
         assert_eq!(threads.len(), cpus);
         let mut seqs = Vec::new();
         let mut senders = std::collections::HashSet::new();

@@ -1521,9 +1521,8 @@ impl Replicator {
         {
             let fenced = matches!(self.shared.phase(), Phase::Fenced(_));
             self.shared.end_handover(None);
-            if !fenced {
-                self.resume_after_failed_switchover();
-            }
+            // Not if deposed (the function checks): the backup runs it.
+            self.resume_after_failed_switchover();
             // The goodbye may have arrived: resync before relying on it.
             link.broken.store(true, Ordering::Release);
             self.fail_migration(m, why);
