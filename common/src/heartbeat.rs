@@ -345,7 +345,7 @@ pub const BEAT_SENDERS: usize = 2;
 /// that CPU as far as the kernel can tell (it is "running"), so nothing
 /// moves it. On the 2-core test VMs, each of two pinned senders went up to
 /// 79 ms between sends while migrations ran, both at once never beyond
-/// 23 ms (`docs/OPERATIONS.md`, "Heartbeat timeout").
+/// 23 ms (`docs/ARCHITECTURE.md`, "Liveness").
 pub fn beat_cpus(n: usize) -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t (plain integers) is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
