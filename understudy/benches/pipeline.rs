@@ -632,8 +632,9 @@ fn main() {
     let mut raw_ratios = Vec::new();
     // Full sync of real memory, raw: time ÷ TCP's for the same bytes.
     let mut full_sync_raw = None;
+    // Into a backup just started: its time ÷ TCP's, and writing the bytes
+    // alone into a just-created image file ÷ TCP's.
     let mut full_sync_cold = None;
-    let mut fresh_image_floor = None;
     runtime.block_on(async {
         if !part("pipeline") {
             return;
@@ -675,7 +676,6 @@ fn main() {
                 let mut c = Session::open(cold.addrs.replication, policy, 999).await;
                 let (sync, wire, _) = full_sync(&mut c, &base).await;
                 let tcp = tcp_seconds(RAM).await;
-                full_sync_cold = Some(sync / tcp);
                 row(
                     &mut table,
                     "full sync, backup just started, raw",
@@ -692,7 +692,7 @@ fn main() {
                 // freed just before a run is cheap for it).
                 let floor_dir = tempfile::tempdir().unwrap();
                 let floor = fresh_image_write_seconds(floor_dir.path(), &base);
-                fresh_image_floor = Some(floor / tcp);
+                full_sync_cold = Some((sync / tcp, floor / tcp));
                 table.row(vec![
                     "writing the same bytes into a just-created image file, one thread".into(),
                     num(RAM as f64 / floor / 1e6, 0),
@@ -823,7 +823,7 @@ fn main() {
         }
     }
     report.table(table);
-    if let (Some(full), Some(cold)) = (full_sync_raw, full_sync_cold)
+    if let (Some(full), Some((cold, floor))) = (full_sync_raw, full_sync_cold)
         && !resync_raw.is_empty()
     {
         // Every row counts, the cold image's too.
@@ -841,9 +841,8 @@ fn main() {
             format!(
                 "256 MiB of real memory, every page written: {full:.1}× into an image the \
                  backup read ahead while it waited, {cold:.1}× into one just created (where \
-                 writing the bytes alone into a just-created image file takes {}); daemons \
-                 from cold: {}",
-                fresh_image_floor.map_or_else(|| "—".into(), |f| format!("{f:.1}×")),
+                 writing the bytes alone into a just-created image file takes {floor:.1}×); \
+                 daemons from cold: {}",
                 daemons.join(", ")
             ),
             worst <= 2.0,
