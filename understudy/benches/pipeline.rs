@@ -695,10 +695,12 @@ fn main() {
             "Replication pipeline (encode → gRPC → stage, verify → commit on a real backup \
              daemon) vs single-stream loopback TCP moving the same bytes in the same run; \
              {} MiB of real memory (binaries from /usr); MB/s of guest pages; encode and \
-             commit as a share of the wall time. A full sync against the fastest of three \
-             TCP runs; checkpoints in {CHECKPOINT_TURNS} turns, each a run of checkpoints \
-             then a TCP run of the same bytes: the fastest of each, and the range of the \
-             turns' own ratios",
+             commit as a share of the wall time. TCP: one hot 1 MiB buffer written over and \
+             over; TCP, same memory: each page from its place in the same memory into its \
+             place in a region of the same size (writev/readv, nothing else). A full sync \
+             against the fastest of three TCP runs of each; checkpoints in {CHECKPOINT_TURNS} \
+             turns, each a run of checkpoints then a TCP run of the same bytes, both ways: \
+             the fastest of each, and the range of the turns' own ratios to the hot buffer",
             RAM >> 20
         ),
         &[
