@@ -682,9 +682,6 @@ fn main() {
     // Each checkpoint rewrites its pages with content from elsewhere (new to the receiver).
     let mut shifted = base.clone();
     shifted.rotate_left(1_234_567);
-    // Where the same-memory TCP baseline puts what it receives.
-    let mut dest = touched(RAM);
-    let all_pages: Vec<u32> = (0..PAGES).collect();
     let mut report = Report::new(
         "pipeline",
         "Replication throughput and resync",
@@ -726,6 +723,9 @@ fn main() {
         if !part("pipeline") {
             return;
         }
+        // Where the same-memory TCP baseline puts what it receives.
+        let mut dest = touched(RAM);
+        let all_pages: Vec<u32> = (0..PAGES).collect();
         for (name, policy) in [
             ("raw", CodecPolicy::RAW),
             ("adaptive", CodecPolicy::ADAPTIVE),
