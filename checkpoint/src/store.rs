@@ -1142,11 +1142,11 @@ fn write_all_vectored(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io:
 /// it) or evicting the next chunk's pages to make room for it. The stores
 /// are ordered with everything written after them by [`store_fence`].
 fn copy_streaming(dst: &mut [u8], src: &[u8]) {
-    debug_assert_eq!(dst.len(), src.len());
+    assert_eq!(dst.len(), src.len(), "a copy between slices of one length");
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
-        let len = dst.len().min(src.len());
+        let len = dst.len();
         let whole = len & !15;
         if dst.as_ptr().align_offset(16) == 0 {
             let (d, s) = (
@@ -1154,8 +1154,9 @@ fn copy_streaming(dst: &mut [u8], src: &[u8]) {
                 src.as_ptr().cast::<__m128i>(),
             );
             for i in 0..whole / 16 {
-                // SAFETY: SSE2 is part of x86_64; i * 16 + 16 <= whole <= len
-                // for both slices, and `d` is 16-byte aligned (checked above).
+                // SAFETY: SSE2 is part of x86_64; i * 16 + 16 <= whole <= len,
+                // the length of both slices, and `d` is 16-byte aligned
+                // (checked above).
                 unsafe { _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i))) };
             }
             dst[whole..len].copy_from_slice(&src[whole..len]);
@@ -1428,19 +1429,18 @@ mod tests {
     #[test]
     fn a_streaming_copy_equals_a_plain_one_at_any_alignment_and_length() {
         let src: Vec<u8> = (0..3 * PAGE_SIZE + 64).map(|i| (i * 7 + 3) as u8).collect();
-        // glibc aligns a Vec's bytes to 16: offsets 0 and 16 take the
+        // Destinations 0 and 16 bytes past a 16-byte boundary take the
         // streaming path, 1 and 8 the plain one.
         for dst_off in [0usize, 1, 8, 16] {
             for src_off in [0usize, 1, 5, 16] {
                 for len in [0usize, 1, 15, 16, 17, 100, PAGE_SIZE, 2 * PAGE_SIZE + 9] {
-                    let mut dst = vec![0xeeu8; dst_off + len + 32];
-                    copy_streaming(
-                        &mut dst[dst_off..dst_off + len],
-                        &src[src_off..src_off + len],
-                    );
+                    let mut dst = vec![0xeeu8; 16 + dst_off + len + 32];
+                    let at = dst.as_ptr().align_offset(16) + dst_off;
+                    assert_eq!(dst[at..].as_ptr().align_offset(16) == 0, dst_off % 16 == 0);
+                    copy_streaming(&mut dst[at..at + len], &src[src_off..src_off + len]);
                     store_fence();
-                    assert_eq!(&dst[dst_off..dst_off + len], &src[src_off..src_off + len]);
-                    let around = dst[..dst_off].iter().chain(&dst[dst_off + len..]);
+                    assert_eq!(&dst[at..at + len], &src[src_off..src_off + len]);
+                    let around = dst[..at].iter().chain(&dst[at + len..]);
                     assert!(around.copied().all(|b| b == 0xee), "wrote outside");
                 }
             }

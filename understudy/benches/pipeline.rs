@@ -107,17 +107,18 @@ fn tcp_memory_once(rounds: &[&[u8]], pages: &[u32], dest: &mut [u8]) -> f64 {
             let (mut s, _) = listener.accept().unwrap();
             for _ in rounds {
                 for batch in pages.chunks(BATCH) {
-                    let mut rest: &mut [u8] = &mut *dest;
-                    let mut base = 0;
-                    let mut slices = Vec::with_capacity(batch.len());
-                    for &p in batch {
-                        let at = p as usize * PAGE_SIZE - base;
-                        let (_, tail) = rest.split_at_mut(at);
-                        let (page, tail) = tail.split_at_mut(PAGE_SIZE);
-                        slices.push(IoSliceMut::new(page));
-                        rest = tail;
-                        base += at + PAGE_SIZE;
-                    }
+                    // `pages` is sorted and has no repeats: each page's frame
+                    // lies past the one before it.
+                    let mut frames = dest.chunks_exact_mut(PAGE_SIZE);
+                    let mut next = 0;
+                    let mut slices: Vec<IoSliceMut<'_>> = batch
+                        .iter()
+                        .map(|&p| {
+                            let frame = frames.nth(p as usize - next).unwrap();
+                            next = p as usize + 1;
+                            IoSliceMut::new(frame)
+                        })
+                        .collect();
                     let mut slices = &mut slices[..];
                     while !slices.is_empty() {
                         let n = s.read_vectored(slices).unwrap();
@@ -807,6 +808,10 @@ fn main() {
                 // bytes (this machine's pace moves between seconds by more
                 // than a third).
                 let mut turns = Vec::new();
+                // The memory each checkpoint of a run reads its pages from.
+                let memory: Vec<&[u8]> = (0..rounds)
+                    .map(|r| if r % 2 == 0 { &shifted[..] } else { &base[..] })
+                    .collect();
                 for _ in 0..CHECKPOINT_TURNS {
                     s.encode = Duration::ZERO;
                     s.commit_us = 0;
@@ -829,9 +834,6 @@ fn main() {
                     }
                     let secs = t.elapsed().as_secs_f64();
                     let tcp = tcp_once(bytes as usize).await;
-                    let memory: Vec<&[u8]> = (0..rounds)
-                        .map(|r| if r % 2 == 0 { &shifted[..] } else { &base[..] })
-                        .collect();
                     let tcp_memory = tcp_memory_once(&memory, &pages, &mut dest);
                     turns.push((
                         tcp / secs,
