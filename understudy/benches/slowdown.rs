@@ -24,9 +24,9 @@ const MEASURE: Duration = Duration::from_secs(2);
 /// Rounds of the local decomposition (each run lasts LOCAL_MEASURE).
 const LOCAL_ROUNDS: usize = 5;
 const LOCAL_MEASURE: Duration = Duration::from_secs(1);
-/// Turns of the heavy dirtier's table (each a protected run next to a run
-/// of the guest alone, per mode).
-const HEAVY_TURNS: usize = 5;
+/// Turns of the heavy dirtier's table (each a protected run per mode, each
+/// followed by a run of the guest alone).
+const HEAVY_TURNS: usize = 7;
 
 /// The median, smallest and largest of `v` (sorted in place); NaN when
 /// empty.
@@ -271,16 +271,18 @@ fn main() {
     });
     // The heavy dirtier with its pages copied after the resume (the
     // default) and inside the stop, taking turns in the same run, each run
-    // next to a run of the guest alone (this machine's rate moves between
+    // between two runs of the guest alone (this machine's rate moves between
     // seconds by more than the effect measured).
     let mut table = Table::new(
         format!(
             "heavy dirtier (flat out, 2048-page working set): pages copied after the resume \
              (write-protected until copied, the default) against inside the stop, same run; \
-             each ratio is a protected run ÷ a run of the guest alone right before it, median \
-             of {HEAVY_TURNS} turns (range in brackets); stop = the primary's median guest stop; \
-             stolen = CPU time the hypervisor under this machine took while the turns ran \
-             (median and range over the runs)"
+             each ratio is a protected run ÷ the mean of the runs of the guest alone right \
+             before and after it, median of {HEAVY_TURNS} turns (range in brackets); stop = the \
+             primary's median guest stop; stolen = CPU time the hypervisor under this machine \
+             took while the turns ran (median and range over the runs); alone moved = how much \
+             the guest alone's rate changed between the two runs around a protected run \
+             (median): the noise floor of one ratio"
         ),
         &[
             "epoch interval",
@@ -289,6 +291,7 @@ fn main() {
             "stop µs, copy after resume",
             "stop µs, copy in stop",
             "stolen",
+            "alone moved",
         ],
     );
     let mut heavy_25 = (f64::NAN, f64::NAN);
@@ -296,20 +299,30 @@ fn main() {
         let (mut after, mut inside) = (Vec::new(), Vec::new());
         let (mut after_stop, mut inside_stop) = (Vec::new(), Vec::new());
         let mut stolen = Vec::new();
+        let mut moved = Vec::new();
+        // Every protected run lies between two runs of the guest alone and
+        // is divided by their mean: this machine's rate drifts by more than
+        // the effect between runs seconds apart, and one run before each
+        // protected run counted all of that drift as protection's.
+        let mut before = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
         for _ in 0..HEAVY_TURNS {
-            let steal = Steal::start();
-            let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
-            let (rate, _, stop) = runtime.block_on(protected_rate(0, Protection::Epochs(epoch_ms)));
-            after.push(rate / alone);
-            after_stop.push(stop);
-            stolen.push(steal.share());
-            let steal = Steal::start();
-            let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
-            let (rate, _, stop) =
-                runtime.block_on(protected_rate(0, Protection::EpochsCopyInStop(epoch_ms)));
-            inside.push(rate / alone);
-            inside_stop.push(stop);
-            stolen.push(steal.share());
+            for (protection, ratios, stops) in [
+                (Protection::Epochs(epoch_ms), &mut after, &mut after_stop),
+                (
+                    Protection::EpochsCopyInStop(epoch_ms),
+                    &mut inside,
+                    &mut inside_stop,
+                ),
+            ] {
+                let steal = Steal::start();
+                let (rate, _, stop) = runtime.block_on(protected_rate(0, protection));
+                let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
+                stolen.push(steal.share());
+                ratios.push(rate / ((before + alone) / 2.0));
+                stops.push(stop);
+                moved.push((alone / before - 1.0).abs());
+                before = alone;
+            }
         }
         let (steal, steal_lo, steal_hi) = spread(&mut stolen);
         let (after, inside) = (spread(&mut after), spread(&mut inside));
@@ -328,6 +341,7 @@ fn main() {
                 steal_hi * 100.0
             )
             .into(),
+            format!("{:.1} %", spread(&mut moved).0 * 100.0).into(),
         ]);
         if epoch_ms == 25 {
             heavy_25 = (ratio_after, ratio_inside);
