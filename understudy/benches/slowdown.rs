@@ -2,7 +2,8 @@
 //! written per second) with protection ÷ without, for epoch intervals of 10,
 //! 25, 50 and 100 ms and in replay mode (log shipping, a checkpoint every
 //! second), at a light (1k pages/s), medium (10k pages/s) and heavy (flat
-//! out) dirty rate. Both rates are measured in the same run. Both hosts
+//! out) dirty rate. Both rates are measured in the same run; "without" is
+//! the same daemon running the same guest with no backup. Both hosts
 //! share this machine's two cores, so in replay mode the backup's replica,
 //! which runs the guest a second time, competes with it for CPU.
 //!
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use understudy::daemon::Role;
 use understudy::pair::{LocalPair, read_lines};
 
 use understudy_bench::{Chart, Report, Series, Steal, Table, num};
@@ -39,6 +41,9 @@ fn spread(v: &mut [f64]) -> (f64, f64, f64) {
 /// How a pair replicates in one column of the table.
 #[derive(Clone, Copy)]
 enum Protection {
+    /// No backup: the same daemon running the guest unprotected, the
+    /// baseline every ratio divides by.
+    Unprotected,
     /// Checkpoints every this many ms.
     Epochs(u64),
     /// Checkpoints every this many ms, their pages always copied inside the
@@ -51,6 +56,7 @@ enum Protection {
 impl Protection {
     fn settings(self) -> String {
         match self {
+            Self::Unprotected => "start_unprotected = true".into(),
             Self::Epochs(ms) => format!("epoch_interval = \"{ms}ms\""),
             Self::EpochsCopyInStop(ms) => {
                 format!("epoch_interval = \"{ms}ms\"\ncopy_after_resume = false")
@@ -60,9 +66,9 @@ impl Protection {
     }
 }
 
-/// Work rate of the dirtier on a protected pair, the largest replication
-/// lag (epochs sent, not yet acked) seen meanwhile, and the median stop (µs)
-/// at the end.
+/// Work rate of the dirtier on a pair protected as `protection` says, the
+/// largest replication lag (epochs sent, not yet acked) seen meanwhile, and
+/// the median stop (µs) at the end. Unprotected, only the primary runs.
 async fn protected_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = LocalPair::new(
@@ -78,8 +84,24 @@ async fn protected_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
     .unwrap();
     // Wait for protection, then read "work N" lines for MEASURE while
     // sampling the lag.
-    pair.start_protected(Duration::from_secs(60)).await.unwrap();
     let pk = pair.addrs.primary_control;
+    if let Protection::Unprotected = protection {
+        pair.start(Role::Primary).unwrap();
+        let started = std::time::Instant::now();
+        while !understudy::remote::fetch_status(pk, None)
+            .await
+            .is_ok_and(|s| s.state.starts_with("unprotected"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the primary did not start unprotected; see {}",
+                pair.log_path(Role::Primary).display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        pair.start_protected(Duration::from_secs(60)).await.unwrap();
+    }
     let max_lag = Arc::new(AtomicU64::new(0));
     let lag_watch = tokio::spawn({
         let max_lag = max_lag.clone();
@@ -201,6 +223,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // The guest alone: the same daemon, the same guest and the same way of
+    // counting its work (its own report lines), with no backup. (An earlier
+    // baseline ran the guest in this process and divided its work counter by
+    // wall time: a different process and a different clock than the
+    // protected runs had.)
+    let alone = |rate| {
+        runtime
+            .block_on(protected_rate(rate, Protection::Unprotected))
+            .0
+    };
     let intervals = [10u64, 25, 50, 100];
     let mut report = Report::new(
         "slowdown",
@@ -208,10 +240,10 @@ fn main() {
         "cargo bench -p understudy --bench slowdown",
     );
     let mut table = Table::new(
-        "dirtier work rate with protection ÷ without, by epoch interval and in replay mode, \
-         same run (2048-page working set, 64 MiB guest); max lag = most checkpoint epochs in \
-         flight (sent, not acked); in replay mode the backup's replica shares the two cores \
-         with the guest it follows",
+        "dirtier work rate with protection ÷ without (the same daemon, no backup), by epoch \
+         interval and in replay mode, same run (2048-page working set, 64 MiB guest); max lag \
+         = most checkpoint epochs in flight (sent, not acked); in replay mode the backup's \
+         replica shares the two cores with the guest it follows",
         &[
             "dirty rate",
             "unprotected pages/s",
@@ -231,7 +263,7 @@ fn main() {
         ("medium (10k pages/s)", 10_000),
         ("heavy (flat out)", 0),
     ] {
-        let alone = understudy::drill::unprotected_rate(rate, MEASURE).unwrap();
+        let alone = alone(rate);
         let mut row = vec![name.into(), num(alone, 0)];
         let mut points = Vec::new();
         let mut max_lag = 0;
@@ -277,8 +309,8 @@ fn main() {
         format!(
             "heavy dirtier (flat out, 2048-page working set): pages copied after the resume \
              (write-protected until copied, the default) against inside the stop, same run; \
-             each ratio is a protected run ÷ the mean of the runs of the guest alone right \
-             before and after it, median of {HEAVY_TURNS} turns (range in brackets); stop = the \
+             each ratio is a protected run ÷ the mean of the runs of the guest alone (the same \
+             daemon, no backup) right before and after it, median of {HEAVY_TURNS} turns (range in brackets); stop = the \
              primary's median guest stop; stolen = CPU time the hypervisor under this machine \
              took while the turns ran (median and range over the runs); alone moved = how much \
              the guest alone's rate changed between the two runs around a protected run \
@@ -304,7 +336,7 @@ fn main() {
         // is divided by their mean: this machine's rate drifts by more than
         // the effect between runs seconds apart, and one run before each
         // protected run counted all of that drift as protection's.
-        let mut before = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
+        let mut before = alone(0);
         for _ in 0..HEAVY_TURNS {
             for (protection, ratios, stops) in [
                 (Protection::Epochs(epoch_ms), &mut after, &mut after_stop),
@@ -316,7 +348,7 @@ fn main() {
             ] {
                 let steal = Steal::start();
                 let (rate, _, stop) = runtime.block_on(protected_rate(0, protection));
-                let alone = understudy::drill::unprotected_rate(0, MEASURE).unwrap();
+                let alone = alone(0);
                 stolen.push(steal.share());
                 ratios.push(rate / ((before + alone) / 2.0));
                 stops.push(stop);
