@@ -69,7 +69,7 @@ impl Protection {
 /// Work rate of the dirtier on a pair protected as `protection` says, the
 /// largest replication lag (epochs sent, not yet acked) seen meanwhile, and
 /// the median stop (µs) at the end. Unprotected, only the primary runs.
-async fn protected_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
+async fn pair_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = LocalPair::new(
         Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
@@ -82,8 +82,8 @@ async fn protected_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
         ),
     )
     .unwrap();
-    // Wait for protection, then read "work N" lines for MEASURE while
-    // sampling the lag.
+    // Wait for protection (unprotected: for the primary to run), then read
+    // "work N" lines for MEASURE while sampling the lag.
     let pk = pair.addrs.primary_control;
     if let Protection::Unprotected = protection {
         pair.start(Role::Primary).unwrap();
@@ -228,11 +228,7 @@ fn main() {
     // baseline ran the guest in this process and divided its work counter by
     // wall time: a different process and a different clock than the
     // protected runs had.)
-    let alone = |rate| {
-        runtime
-            .block_on(protected_rate(rate, Protection::Unprotected))
-            .0
-    };
+    let alone = |rate| runtime.block_on(pair_rate(rate, Protection::Unprotected)).0;
     let intervals = [10u64, 25, 50, 100];
     let mut report = Report::new(
         "slowdown",
@@ -269,7 +265,7 @@ fn main() {
         let mut max_lag = 0;
         for epoch_ms in intervals {
             let (protected, lag, _) =
-                runtime.block_on(protected_rate(rate, Protection::Epochs(epoch_ms)));
+                runtime.block_on(pair_rate(rate, Protection::Epochs(epoch_ms)));
             let ratio = protected / alone;
             row.push(num(ratio, 3));
             points.push((epoch_ms as f64, ratio));
@@ -278,7 +274,7 @@ fn main() {
                 light_25 = ratio;
             }
         }
-        let (replayed, _, _) = runtime.block_on(protected_rate(rate, Protection::Replay));
+        let (replayed, _, _) = runtime.block_on(pair_rate(rate, Protection::Replay));
         row.push(num(replayed / alone, 3));
         if rate == 0 {
             heavy_lag = max_lag;
@@ -347,7 +343,7 @@ fn main() {
                 ),
             ] {
                 let steal = Steal::start();
-                let (rate, _, stop) = runtime.block_on(protected_rate(0, protection));
+                let (rate, _, stop) = runtime.block_on(pair_rate(0, protection));
                 let alone = alone(0);
                 stolen.push(steal.share());
                 ratios.push(rate / ((before + alone) / 2.0));
