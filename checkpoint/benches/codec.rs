@@ -153,13 +153,13 @@ fn run(
     }
 }
 
-/// Nanoseconds a page for `f` over every page of `pages`, `rounds` times.
-fn per_page(pages: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) -> f64 {
+/// How long `f` takes over every page of `pages`, `rounds` times.
+fn time_pages(pages: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) -> Duration {
     let started = Instant::now();
     for _ in 0..rounds {
         pages.chunks_exact(PAGE_SIZE).for_each(&mut f);
     }
-    started.elapsed().as_nanos() as f64 / (rounds * pages.len() / PAGE_SIZE) as f64
+    started.elapsed()
 }
 
 /// The page hash against a memcpy of the same pages: (hash, memcpy) ns a
@@ -167,22 +167,22 @@ fn per_page(pages: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) -> f64 {
 /// as the backup hashes a page it just received) and for every page of
 /// `mem` once (from memory, as the sender hashes guest RAM).
 fn hash_costs(mem: &[u8]) -> [(f64, f64); 2] {
-    let mut out = [PAGE_SIZE as u8; PAGE_SIZE];
+    let mut out = [0u8; PAGE_SIZE];
     let hot = &mem[..16 * PAGE_SIZE];
     [(hot, 4096), (mem, 1)].map(|(pages, rounds)| {
         let (mut hash, mut copy) = (Vec::new(), Vec::new());
         for _ in 0..REPEATS {
-            hash.push(per_page(pages, rounds, |p| {
+            hash.push(time_pages(pages, rounds, |p| {
                 std::hint::black_box(understudy_checkpoint::page::page_hash(p));
             }));
-            copy.push(per_page(pages, rounds, |p| {
+            copy.push(time_pages(pages, rounds, |p| {
                 out.copy_from_slice(p);
                 std::hint::black_box(&mut out);
             }));
         }
-        hash.sort_by(f64::total_cmp);
-        copy.sort_by(f64::total_cmp);
-        (hash[REPEATS / 2], copy[REPEATS / 2])
+        let per_page =
+            |d: Duration| d.as_nanos() as f64 / (rounds * pages.len() / PAGE_SIZE) as f64;
+        (per_page(median(hash)), per_page(median(copy)))
     })
 }
 
