@@ -344,12 +344,12 @@ fn main() {
             ] {
                 let steal = Steal::start();
                 let (rate, _, stop) = runtime.block_on(pair_rate(0, protection));
-                let alone = alone(0);
+                let next = alone(0);
                 stolen.push(steal.share());
-                ratios.push(rate / ((before + alone) / 2.0));
+                ratios.push(rate / ((before + next) / 2.0));
                 stops.push(stop);
-                moved.push((alone / before - 1.0).abs());
-                before = alone;
+                moved.push((next / before - 1.0).abs());
+                before = next;
             }
         }
         let (steal, steal_lo, steal_hi) = spread(&mut stolen);
