@@ -744,6 +744,52 @@ fn copies_after_the_resume_match_the_pause(kind: Ram) {
 }
 
 #[test]
+fn a_guest_writing_in_order_waits_once_per_stretch_not_at_every_page() {
+    // The dirtier writes its working set in order, one page after the
+    // other. With all of it protected after a pause, each write ahead of
+    // the copier faults; the fault copies its page and the next ones
+    // (FAULT_AROUND_PAGES) and unprotects them together, and the copier
+    // unprotects what it copied piece by piece (UNPROTECT_PIECE_PAGES), so
+    // the guest waits about once per stretch it gets ahead, not once per
+    // page it writes while the copy runs (which a copy that unprotects
+    // each page alone, or a whole range only at its end, costs).
+    use understudy_vmm::wp::{FAULT_AROUND_PAGES, WriteProtectCopy};
+    let working_set = 4000usize;
+    let (vm, _console) = boot(BuiltinBoot::dirtier(working_set as u64, 0, 1000), true);
+    let wp = WriteProtectCopy::new(vm.ram()).unwrap();
+    let mut staging = vec![0u8; (working_set + 64) * PAGE_SIZE];
+    let (mut faults, mut written) = (0, 0);
+    for _ in 0..30 {
+        wait_work(&vm, working_set as u64 + 64, "the dirtier stalled");
+        vm.pause().unwrap();
+        let pages = vm.harvest_dirty().unwrap().page_numbers();
+        let protected = wp.protect(&pages).unwrap();
+        let before = work(&vm);
+        vm.resume().unwrap();
+        let report = protected.copy(vm.ram(), &mut staging).unwrap();
+        written += work(&vm) - before;
+        faults += report.faults as u64;
+    }
+    // The guest reports its work every 64 pages: count only what it wrote
+    // past the first report while the copies ran.
+    assert!(
+        written >= 64 * 30,
+        "the guest wrote only {written} pages during 30 copies: too few to tell"
+    );
+    assert!(
+        faults > 0,
+        "the guest never wrote a page before it was copied"
+    );
+    assert!(
+        faults * 4 <= written,
+        "{faults} writes waited while the guest wrote {written} pages in order: \
+         one per {} pages (a fault copies and unprotects {FAULT_AROUND_PAGES})",
+        written / faults
+    );
+    vm.stop();
+}
+
+#[test]
 fn ram_mapped_from_a_file_is_refused_for_the_copy_after_the_resume() {
     // A promoted host runs on its image, a file mapped shared: on a disk
     // file system the kernel cannot write-protect it per page, so the
