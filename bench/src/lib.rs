@@ -334,6 +334,83 @@ fn steal_ticks() -> u64 {
         .unwrap_or(0)
 }
 
+/// The median, smallest and largest of `v` (sorted in place); NaN when
+/// empty.
+pub fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
+    (at(v.len() / 2), at(0), at(v.len().wrapping_sub(1)))
+}
+
+/// CPU seconds (user and system) this process has used so far, threads
+/// that have ended included.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// CPU time of each thread of one process so far, from the scheduler's
+/// own accounting (`/proc/<pid>/task/<tid>/schedstat`: time on a core, time
+/// runnable but waiting for one). Two snapshots say where a thread's wall
+/// time went between them: running, waiting for a core, or blocked (asleep:
+/// a guest stop, a write-protect fault, a lock).
+#[derive(Clone, Debug, Default)]
+pub struct ThreadTimes {
+    /// (thread id, name, ns on a core, ns runnable and waiting).
+    threads: Vec<(u32, String, u64, u64)>,
+}
+
+impl ThreadTimes {
+    /// A snapshot of `pid`'s threads (empty if it is gone or `/proc` cannot
+    /// be read).
+    pub fn of(pid: u32) -> Self {
+        let mut threads = Vec::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Self::default();
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).ok();
+            let (Some(comm), Some(stat)) = (read("comm"), read("schedstat")) else {
+                continue; // the thread ended meanwhile
+            };
+            let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+            if let (Some(Some(run)), Some(Some(wait))) = (fields.next(), fields.next()) {
+                threads.push((tid, comm.trim().to_string(), run, wait));
+            }
+        }
+        Self { threads }
+    }
+
+    /// Seconds on a core and seconds waiting for one since `earlier`, summed
+    /// over the threads whose name starts with `prefix` (all with ""); a
+    /// thread born since counts from zero.
+    pub fn since(&self, earlier: &Self, prefix: &str) -> (f64, f64) {
+        let (mut run, mut wait) = (0, 0);
+        for (tid, name, r, w) in &self.threads {
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let (r0, w0) = earlier
+                .threads
+                .iter()
+                .find(|t| t.0 == *tid)
+                .map_or((0, 0), |t| (t.2, t.3));
+            run += r.saturating_sub(r0);
+            wait += w.saturating_sub(w0);
+        }
+        (run as f64 / 1e9, wait as f64 / 1e9)
+    }
+}
+
 /// xorshift64: cheap, repeatable page picks (never seed with 0).
 #[derive(Clone, Debug)]
 pub struct XorShift(pub u64);
@@ -443,6 +520,62 @@ pub fn markdown(reports: &[Report], machine: &[(String, String)], seconds: f64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_cpu_counts_a_thread_that_has_ended() {
+        let before = process_cpu_seconds();
+        std::thread::spawn(|| {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_millis(100) {
+                std::hint::spin_loop();
+            }
+        })
+        .join()
+        .unwrap();
+        let used = process_cpu_seconds() - before;
+        // 0.1 s of spinning, on a core shared with other tests.
+        assert!(used >= 0.02, "{used} s");
+    }
+
+    #[test]
+    fn thread_times_tell_a_busy_thread_from_a_sleeping_one() {
+        let pid = std::process::id();
+        let before = ThreadTimes::of(pid);
+        assert!(
+            !before.threads.is_empty(),
+            "this process's threads are in /proc"
+        );
+        let spawn = |name: &str, busy: bool| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_millis(200) {
+                        if busy {
+                            std::hint::spin_loop();
+                        } else {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                    }
+                    ThreadTimes::of(std::process::id())
+                })
+                .unwrap()
+        };
+        let (busy, idle) = (spawn("tt-busy", true), spawn("tt-idle", false));
+        let (after_busy, after_idle) = (busy.join().unwrap(), idle.join().unwrap());
+        // Each thread read its own times just before it ended. Both shared
+        // two cores with the rest of the tests, so only the order of
+        // magnitude is certain.
+        let (run, wait) = after_busy.since(&before, "tt-busy");
+        assert!(
+            run + wait >= 0.15,
+            "the spinning thread: {run} s run, {wait} s waiting"
+        );
+        assert!(run >= 0.02, "the spinning thread ran {run} s");
+        let (run, _) = after_idle.since(&before, "tt-idle");
+        assert!(run < 0.02, "the sleeping thread ran {run} s");
+        assert_eq!(after_busy.since(&before, "no-such-thread"), (0.0, 0.0));
+    }
 
     #[test]
     fn tables_keep_text_and_values_in_step() {

@@ -33,7 +33,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use understudy::daemon::Role;
 use understudy::pair::LocalPair;
-use understudy_bench::{Report, Table, XorShift, num, real_memory};
+use understudy_bench::{
+    Report, Table, ThreadTimes, XorShift, num, process_cpu_seconds, real_memory, spread,
+};
 use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
 use understudy_common::heartbeat::{Beater, SessionKey};
@@ -641,6 +643,17 @@ async fn link_run(
     )
 }
 
+/// "a–b %" over `values` (ratios), or "-" if there are none.
+fn percent_range(values: impl Iterator<Item = f64>) -> String {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if lo > hi {
+        return "-".into();
+    }
+    format!("{:.0}–{:.0} %", lo * 100.0, hi * 100.0)
+}
+
 /// `UNDERSTUDY_BENCH_PARTS=pipeline` (or `resync`, `links`) runs one part, e.g. under perf.
 fn part(name: &str) -> bool {
     std::env::var("UNDERSTUDY_BENCH_PARTS")
@@ -715,6 +728,33 @@ fn main() {
         ],
     );
     let mut raw_ratios = Vec::new();
+    let mut cpu_table = Table::new(
+        "CPU time per GB of guest pages in the raw checkpoint rows above, the same turns \
+         (medians): the sender (this process: encode, gRPC, its side of TCP), the backup \
+         daemon (all its threads), both, and how many of this machine's two cores they \
+         kept busy; TCP moving the same bytes (both ends in this process): the hot \
+         buffer, and the same memory; ceiling = the most the pipeline could move with both \
+         cores busy for it alone (2 cores ÷ its CPU a byte), against TCP's rate in the \
+         same turns (from the hot buffer)",
+        &[
+            "",
+            "sender CPU-s/GB",
+            "backup CPU-s/GB",
+            "pipeline CPU-s/GB",
+            "cores busy",
+            "TCP CPU-s/GB",
+            "TCP, same memory CPU-s/GB",
+            "pipeline CPU ÷ TCP's",
+            "pipeline CPU ÷ TCP's, same memory",
+            "ceiling MB/s",
+            "ceiling ÷ TCP",
+        ],
+    );
+    // Per raw checkpoint row: the pipeline's CPU ceiling ÷ TCP's rate, and
+    // TCP moving the same memory's own ceiling ÷ TCP's rate.
+    let mut ceilings = Vec::new();
+    let backup_pid = pair.pid(Role::Backup);
+    let backup_times = || backup_pid.map(ThreadTimes::of).unwrap_or_default();
     // Full sync of real memory, raw: time ÷ TCP's for the same bytes.
     let mut full_sync_raw = None;
     // Into a backup just started: its time ÷ TCP's, and writing the bytes
@@ -812,9 +852,14 @@ fn main() {
                 let memory: Vec<&[u8]> = (0..rounds)
                     .map(|r| if r % 2 == 0 { &shifted[..] } else { &base[..] })
                     .collect();
+                // Per turn: CPU seconds of the sender, the backup, TCP from
+                // the hot buffer and from the same memory, and the run's wall
+                // time.
+                let mut cpu = Vec::new();
                 for _ in 0..CHECKPOINT_TURNS {
                     s.encode = Duration::ZERO;
                     s.commit_us = 0;
+                    let (sender_0, backup_0) = (process_cpu_seconds(), backup_times());
                     let t = Instant::now();
                     let mut wire = 0;
                     let mut in_flight = 0;
@@ -833,8 +878,15 @@ fn main() {
                         in_flight -= 1;
                     }
                     let secs = t.elapsed().as_secs_f64();
+                    let sender = process_cpu_seconds() - sender_0;
+                    let backup = backup_times().since(&backup_0, "").0;
+                    let c = process_cpu_seconds();
                     let tcp = tcp_once(bytes as usize).await;
+                    let tcp_cpu = process_cpu_seconds() - c;
+                    let c = process_cpu_seconds();
                     let tcp_memory = tcp_memory_once(&memory, &pages, &mut dest);
+                    let tcp_memory_cpu = process_cpu_seconds() - c;
+                    cpu.push([sender, backup, tcp_cpu, tcp_memory_cpu, secs, tcp]);
                     turns.push((
                         tcp / secs,
                         secs,
@@ -870,6 +922,28 @@ fn main() {
                 );
                 if name == "raw" {
                     raw_ratios.push((ratio, tcp_memory / secs));
+                    let gb = bytes / 1e9;
+                    let median_of = |f: &dyn Fn(&[f64; 6]) -> f64| {
+                        spread(&mut cpu.iter().map(f).collect::<Vec<_>>()).0
+                    };
+                    let pipeline = median_of(&|c| (c[0] + c[1]) / gb);
+                    let tcp = median_of(&|c| c[2] / gb);
+                    let tcp_memory = median_of(&|c| c[3] / gb);
+                    let tcp_rate = median_of(&|c| gb / c[5]);
+                    ceilings.push((2.0 / pipeline / tcp_rate, 2.0 / tcp_memory / tcp_rate));
+                    cpu_table.row(vec![
+                        format!("checkpoints of {n} pages").into(),
+                        num(median_of(&|c| c[0] / gb), 2),
+                        num(median_of(&|c| c[1] / gb), 2),
+                        num(pipeline, 2),
+                        num(median_of(&|c| (c[0] + c[1]) / c[4]), 2),
+                        num(tcp, 2),
+                        num(tcp_memory, 2),
+                        num(pipeline / tcp, 1),
+                        num(pipeline / tcp_memory, 1),
+                        num(2.0 / pipeline * 1e3, 0),
+                        num(2.0 / pipeline / tcp_rate, 2),
+                    ]);
                 }
             }
         }
@@ -879,6 +953,7 @@ fn main() {
     // for this table's target.
     if !raw_ratios.is_empty() {
         report.table(table);
+        report.table(cpu_table);
         let best = raw_ratios.iter().map(|r| r.0).fold(f64::NAN, f64::max);
         let best_memory = raw_ratios.iter().map(|r| r.1).fold(f64::NAN, f64::max);
         report.target(
@@ -886,9 +961,13 @@ fn main() {
             "≥ 50 % of same-run loopback TCP",
             format!(
                 "{:.0} % (best raw checkpoint row; {:.0} % of TCP moving the same pages \
-                 between regions of guest-RAM size)",
+                 between regions of guest-RAM size). What limits it: CPU. Both cores busy, \
+                 it could reach at most {} of TCP (its CPU a byte ÷ 2 cores); TCP alone moving \
+                 the same memory at most {}",
                 best * 100.0,
-                best_memory * 100.0
+                best_memory * 100.0,
+                percent_range(ceilings.iter().map(|c| c.0)),
+                percent_range(ceilings.iter().map(|c| c.1)),
             ),
             best >= 0.5,
         );

@@ -7,7 +7,8 @@
 //! share this machine's two cores, so in replay mode the backup's replica,
 //! which runs the guest a second time, competes with it for CPU.
 //!
-//! Run: `cargo bench -p understudy --bench slowdown`.
+//! Run: `cargo bench -p understudy --bench slowdown`;
+//! `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`) runs one part.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
@@ -19,7 +20,7 @@ use std::time::Duration;
 use understudy::daemon::Role;
 use understudy::pair::{LocalPair, read_lines};
 
-use understudy_bench::{Chart, Report, Series, Steal, Table, num};
+use understudy_bench::{Chart, Report, Series, Steal, Table, ThreadTimes, num, spread};
 use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
@@ -29,14 +30,6 @@ const LOCAL_MEASURE: Duration = Duration::from_secs(1);
 /// Turns of the heavy dirtier's table (each a protected run per mode, each
 /// followed by a run of the guest alone).
 const HEAVY_TURNS: usize = 7;
-
-/// The median, smallest and largest of `v` (sorted in place); NaN when
-/// empty.
-fn spread(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let at = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
-    (at(v.len() / 2), at(0), at(v.len().wrapping_sub(1)))
-}
 
 /// How a pair replicates in one column of the table.
 #[derive(Clone, Copy)]
@@ -66,10 +59,44 @@ impl Protection {
     }
 }
 
-/// Work rate of the dirtier on a pair protected as `protection` says, the
-/// largest replication lag (epochs sent, not yet acked) seen meanwhile, and
-/// the median stop (µs) at the end. Unprotected, only the primary runs.
-async fn pair_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
+/// One run of the dirtier on a pair.
+struct PairRun {
+    /// Pages written per second of the guest's own time.
+    rate: f64,
+    /// The largest replication lag (epochs sent, not yet acked) seen.
+    max_lag: u64,
+    /// The primary's median guest stop at the end, µs.
+    stop: f64,
+    /// Where the time went while the work was counted.
+    split: Split,
+}
+
+/// Shares of the wall time while a run's work was counted, from the
+/// scheduler's accounting of each daemon thread (`ThreadTimes`).
+#[derive(Clone, Copy, Default)]
+struct Split {
+    /// The vCPU thread on a core.
+    vcpu_run: f64,
+    /// The vCPU thread runnable, waiting for a core.
+    vcpu_wait: f64,
+    /// The primary's other threads on a core (cores' worth).
+    primary_rest: f64,
+    /// The backup's threads on a core (cores' worth; 0 unprotected).
+    backup: f64,
+}
+
+impl Split {
+    /// The vCPU thread neither running nor runnable: in a stop, waiting
+    /// for a write-protected page to be copied, or on a lock.
+    fn vcpu_blocked(&self) -> f64 {
+        (1.0 - self.vcpu_run - self.vcpu_wait).max(0.0)
+    }
+}
+
+/// Work rate of the dirtier on a pair protected as `protection` says, with
+/// the lag, the stop and where the time went. Unprotected, only the
+/// primary runs.
+async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = LocalPair::new(
         Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
@@ -120,6 +147,9 @@ async fn pair_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
     // off by up to an epoch; the guest prints every 50 ms of its own (PIT)
     // time, so count lines for time instead.
     let mut values = Vec::new();
+    let pids = (pair.pid(Role::Primary), pair.pid(Role::Backup));
+    let times = |pid: Option<u32>| pid.map(ThreadTimes::of).unwrap_or_default();
+    let (primary_0, backup_0, t0) = (times(pids.0), times(pids.1), std::time::Instant::now());
     read_lines(&mut client, &mut Vec::new(), MEASURE, |line, _| {
         if let Some(v) = line
             .trim()
@@ -130,6 +160,16 @@ async fn pair_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
         }
     })
     .await;
+    let wall = t0.elapsed().as_secs_f64();
+    let (primary_1, backup_1) = (times(pids.0), times(pids.1));
+    let (vcpu_run, vcpu_wait) = primary_1.since(&primary_0, "vcpu");
+    let (primary_all, _) = primary_1.since(&primary_0, "");
+    let split = Split {
+        vcpu_run: vcpu_run / wall,
+        vcpu_wait: vcpu_wait / wall,
+        primary_rest: (primary_all - vcpu_run) / wall,
+        backup: backup_1.since(&backup_0, "").0 / wall,
+    };
     lag_watch.abort();
     let pause = understudy::remote::fetch_status(pk, None)
         .await
@@ -139,7 +179,12 @@ async fn pair_rate(rate: u64, protection: Protection) -> (f64, u64, f64) {
         [first, .., last] => (last - first) as f64 / ((values.len() - 1) as f64 * 0.05),
         _ => 0.0,
     };
-    (rate, max_lag.load(Ordering::Relaxed), pause)
+    PairRun {
+        rate,
+        max_lag: max_lag.load(Ordering::Relaxed),
+        stop: pause,
+        split,
+    }
 }
 
 /// What a local stop does, for the decomposition of the heavy dirtier's
@@ -217,6 +262,14 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
     (w1 - w0) as f64 / (t1 - t0).as_secs_f64()
 }
 
+/// `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`, comma-separated)
+/// runs those parts only, e.g. to compare two daemons; the others' tables
+/// and targets then read "-".
+fn part(name: &str) -> bool {
+    std::env::var("UNDERSTUDY_BENCH_PARTS")
+        .map_or(true, |parts| parts.split(',').any(|p| p == name))
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -228,7 +281,7 @@ fn main() {
     // baseline ran the guest in this process and divided its work counter by
     // wall time: a different process and a different clock than the
     // protected runs had.)
-    let alone = |rate| runtime.block_on(pair_rate(rate, Protection::Unprotected)).0;
+    let alone = |rate| runtime.block_on(pair_rate(rate, Protection::Unprotected));
     let intervals = [10u64, 25, 50, 100];
     let mut report = Report::new(
         "slowdown",
@@ -258,14 +311,20 @@ fn main() {
         ("light (1k pages/s)", 1_000u64),
         ("medium (10k pages/s)", 10_000),
         ("heavy (flat out)", 0),
-    ] {
-        let alone = alone(rate);
+    ]
+    .into_iter()
+    .filter(|_| part("intervals"))
+    {
+        let alone = alone(rate).rate;
         let mut row = vec![name.into(), num(alone, 0)];
         let mut points = Vec::new();
         let mut max_lag = 0;
         for epoch_ms in intervals {
-            let (protected, lag, _) =
-                runtime.block_on(pair_rate(rate, Protection::Epochs(epoch_ms)));
+            let PairRun {
+                rate: protected,
+                max_lag: lag,
+                ..
+            } = runtime.block_on(pair_rate(rate, Protection::Epochs(epoch_ms)));
             let ratio = protected / alone;
             row.push(num(ratio, 3));
             points.push((epoch_ms as f64, ratio));
@@ -274,7 +333,7 @@ fn main() {
                 light_25 = ratio;
             }
         }
-        let (replayed, _, _) = runtime.block_on(pair_rate(rate, Protection::Replay));
+        let replayed = runtime.block_on(pair_rate(rate, Protection::Replay)).rate;
         row.push(num(replayed / alone, 3));
         if rate == 0 {
             heavy_lag = max_lag;
@@ -323,7 +382,11 @@ fn main() {
         ],
     );
     let mut heavy_25 = (f64::NAN, f64::NAN);
-    for epoch_ms in [10u64, 25] {
+    // Where the time went in the 25 ms turns: the alone runs, then each mode.
+    let mut splits: [Vec<Split>; 3] = Default::default();
+    // Each mode's work per second on a core ÷ the alone runs' around it.
+    let mut per_core: [Vec<f64>; 2] = Default::default();
+    for epoch_ms in [10u64, 25].into_iter().filter(|_| part("heavy")) {
         let (mut after, mut inside) = (Vec::new(), Vec::new());
         let (mut after_stop, mut inside_stop) = (Vec::new(), Vec::new());
         let mut stolen = Vec::new();
@@ -334,21 +397,31 @@ fn main() {
         // protected run counted all of that drift as protection's.
         let mut before = alone(0);
         for _ in 0..HEAVY_TURNS {
-            for (protection, ratios, stops) in [
+            for (k, (protection, ratios, stops)) in [
                 (Protection::Epochs(epoch_ms), &mut after, &mut after_stop),
                 (
                     Protection::EpochsCopyInStop(epoch_ms),
                     &mut inside,
                     &mut inside_stop,
                 ),
-            ] {
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 let steal = Steal::start();
-                let (rate, _, stop) = runtime.block_on(pair_rate(0, protection));
+                let run = runtime.block_on(pair_rate(0, protection));
                 let next = alone(0);
                 stolen.push(steal.share());
-                ratios.push(rate / ((before + next) / 2.0));
-                stops.push(stop);
-                moved.push((next / before - 1.0).abs());
+                ratios.push(run.rate / ((before.rate + next.rate) / 2.0));
+                stops.push(run.stop);
+                moved.push((next.rate / before.rate - 1.0).abs());
+                if epoch_ms == 25 {
+                    let on_core = |r: &PairRun| r.rate / r.split.vcpu_run;
+                    let alone_on_core = (on_core(&before) + on_core(&next)) / 2.0;
+                    per_core[k].push(on_core(&run) / alone_on_core);
+                    splits[k + 1].push(run.split);
+                    splits[0].push(next.split);
+                }
                 before = next;
             }
         }
@@ -376,6 +449,59 @@ fn main() {
         }
     }
     report.table(table);
+    let mut table = Table::new(
+        "where the heavy dirtier's wall time goes at 25 ms epochs, the daemons of the turns \
+         above (medians over their runs, from the kernel's accounting of each thread while \
+         the work was counted): the vCPU thread on a core, runnable but waiting for one, or \
+         blocked (in a stop, waiting for a write-protected page to be copied); work per \
+         second on a core = the work rate ÷ the vCPU's time on a core, against the alone \
+         runs around it; the daemons' other threads in cores (this machine has two)",
+        &[
+            "run",
+            "vCPU on a core",
+            "vCPU waiting for a core",
+            "vCPU blocked",
+            "work per second on a core ÷ alone",
+            "primary's other threads",
+            "backup",
+            "all threads",
+        ],
+    );
+    let pct = |v: f64| format!("{:.1} %", v * 100.0);
+    // The copy after the resume's medians, for the target line: the vCPU
+    // blocked, waiting for a core, and its work a second on a core ÷ alone.
+    let mut heavy_split = (f64::NAN, f64::NAN, f64::NAN);
+    for (k, name) in [
+        "guest alone (no backup)",
+        "copy after resume",
+        "copy in stop",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let field =
+            |f: fn(&Split) -> f64| spread(&mut splits[k].iter().map(f).collect::<Vec<_>>()).0;
+        let all = field(|s| s.vcpu_run + s.primary_rest + s.backup);
+        let (wait, blocked) = (field(|s| s.vcpu_wait), field(Split::vcpu_blocked));
+        let on_core = match k {
+            0 => 1.0,
+            _ => spread(&mut per_core[k - 1]).0,
+        };
+        if k == 1 {
+            heavy_split = (blocked, wait, on_core);
+        }
+        table.row(vec![
+            name.into(),
+            pct(field(|s| s.vcpu_run)).into(),
+            pct(wait).into(),
+            pct(blocked).into(),
+            num(on_core, 3),
+            num(field(|s| s.primary_rest), 2),
+            num(field(|s| s.backup), 2),
+            num(all, 2),
+        ]);
+    }
+    report.table(table);
     // Where the rest goes: the same guest in this process, no backup.
     let mut table = Table::new(
         "where the heavy dirtier's time goes at 25 ms epochs: the same guest in this process \
@@ -398,7 +524,7 @@ fn main() {
     // Rounds of every step next to a run of the guest alone; the median
     // of each step's ratios (this machine's rate moves between seconds).
     let mut ratios = vec![Vec::new(); steps.len()];
-    for _ in 0..LOCAL_ROUNDS {
+    for _ in 0..LOCAL_ROUNDS * usize::from(part("local")) {
         for (k, &(_, stop)) in steps.iter().enumerate() {
             let alone = local_rate(LocalStop::None, epoch);
             ratios[k].push(local_rate(stop, epoch) / alone);
@@ -417,8 +543,15 @@ fn main() {
         "guest slowdown, heavy dirtier, 25 ms epochs",
         "ratio ≥ 0.97 (pages copied after the resume)",
         format!(
-            "ratio {:.3} (copying inside the stop: {:.3}, same run)",
-            heavy_25.0, heavy_25.1
+            "ratio {:.3} (copying inside the stop: {:.3}, same run). Where it goes: the vCPU \
+             off a core {:.1} % of the time (blocked in stops and write-protect waits {:.1} %, \
+             waiting for a core {:.1} %), and {:.1} % less work a second on a core",
+            heavy_25.0,
+            heavy_25.1,
+            (heavy_split.0 + heavy_split.1) * 100.0,
+            heavy_split.0 * 100.0,
+            heavy_split.1 * 100.0,
+            (1.0 - heavy_split.2) * 100.0
         ),
         heavy_25.0 >= 0.97,
     );

@@ -253,6 +253,15 @@ impl LocalPair {
         }
     }
 
+    /// The process id of `role`'s daemon, if started.
+    pub fn pid(&self, role: Role) -> Option<u32> {
+        match role {
+            Role::Primary => self.primary.as_ref(),
+            Role::Backup => self.backup.as_ref(),
+        }
+        .map(Child::id)
+    }
+
     /// SIGKILL to `role`'s daemon; returns when the signal was sent (the
     /// start of a failover), after waiting until the daemon is gone.
     pub fn kill(&mut self, role: Role) -> Result<Instant> {
