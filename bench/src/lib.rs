@@ -334,6 +334,14 @@ fn steal_ticks() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether a bench runs its part `name`: all parts unless
+/// `UNDERSTUDY_BENCH_PARTS` lists some (comma-separated), e.g. to run one
+/// part under perf or to compare two daemons on it.
+pub fn part(name: &str) -> bool {
+    std::env::var("UNDERSTUDY_BENCH_PARTS")
+        .map_or(true, |parts| parts.split(',').any(|p| p == name))
+}
+
 /// The median, smallest and largest of `v` (sorted in place); NaN when
 /// empty.
 pub fn spread(v: &mut [f64]) -> (f64, f64, f64) {

@@ -34,7 +34,7 @@ use tokio_stream::StreamExt;
 use understudy::daemon::Role;
 use understudy::pair::LocalPair;
 use understudy_bench::{
-    Report, Table, ThreadTimes, XorShift, num, process_cpu_seconds, real_memory, spread,
+    Report, Table, ThreadTimes, XorShift, num, part, process_cpu_seconds, real_memory, spread,
 };
 use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
@@ -652,12 +652,6 @@ fn percent_range(values: impl Iterator<Item = f64>) -> String {
         return "-".into();
     }
     format!("{:.0}–{:.0} %", lo * 100.0, hi * 100.0)
-}
-
-/// `UNDERSTUDY_BENCH_PARTS=pipeline` (or `resync`, `links`) runs one part, e.g. under perf.
-fn part(name: &str) -> bool {
-    std::env::var("UNDERSTUDY_BENCH_PARTS")
-        .map_or(true, |parts| parts.split(',').any(|p| p == name))
 }
 
 /// `UNDERSTUDY_BENCH_CODECS=raw` (or `adaptive`) runs one codec.

@@ -8,7 +8,8 @@
 //! which runs the guest a second time, competes with it for CPU.
 //!
 //! Run: `cargo bench -p understudy --bench slowdown`;
-//! `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`) runs one part.
+//! `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`) runs one part;
+//! the tables of the others stay empty and their targets read NaN.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
@@ -20,7 +21,7 @@ use std::time::Duration;
 use understudy::daemon::Role;
 use understudy::pair::{LocalPair, read_lines};
 
-use understudy_bench::{Chart, Report, Series, Steal, Table, ThreadTimes, num, spread};
+use understudy_bench::{Chart, Report, Series, Steal, Table, ThreadTimes, num, part, spread};
 use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
@@ -73,7 +74,7 @@ struct PairRun {
 
 /// Shares of the wall time while a run's work was counted, from the
 /// scheduler's accounting of each daemon thread (`ThreadTimes`).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Split {
     /// The vCPU thread on a core.
     vcpu_run: f64,
@@ -260,14 +261,6 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
     let (w1, t1) = (work(&vm), std::time::Instant::now());
     vm.stop();
     (w1 - w0) as f64 / (t1 - t0).as_secs_f64()
-}
-
-/// `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`, comma-separated)
-/// runs those parts only, e.g. to compare two daemons; the others' tables
-/// and targets then read "-".
-fn part(name: &str) -> bool {
-    std::env::var("UNDERSTUDY_BENCH_PARTS")
-        .map_or(true, |parts| parts.split(',').any(|p| p == name))
 }
 
 fn main() {
