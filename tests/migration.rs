@@ -1157,7 +1157,10 @@ async fn replay_with_a_host_killed_while_the_log_flows_leaves_one_copy_and_every
 async fn a_vm_restored_ahead_of_a_failed_switch_never_runs_and_a_retry_moves_the_newer_state() {
     let _serial = common::serial().await;
     let mut pair = Pair::protected("kv", "").await;
-    pair.restart_backup_with_faults("backup.goodbye");
+    // It refuses only after the destination restored the VM ahead (asked
+    // for just before the goodbye, and not awaited by the source): refused
+    // at once, the failed switch could beat the restore ahead.
+    pair.restart_backup_with_faults("backup.goodbye.slow~1500,backup.goodbye");
     backup_protecting(&pair, "the backup that will not stand down").await;
     let (dest, mut client, mut child) = precopy_to_a_new_destination(&pair).await;
     let (mut acked, in_flight) = write_while(&mut client, &mut child, "r").await;

@@ -397,7 +397,12 @@ impl Replication for ReplicationService {
             .opts
             .auth
             .check(&req, "Replication.Goodbye", Access::PeerHost)?;
-        // Tests: a backup that will not stand down (the source keeps the VM).
+        // Tests: a backup slow to answer (`backup.goodbye.slow~ms`: the
+        // destination's restore ahead runs meanwhile), and one that will not
+        // stand down (the source keeps the VM).
+        understudy_common::fault::check_async("backup.goodbye.slow")
+            .await
+            .map_err(|point| Status::unavailable(format!("injected fault ({point})")))?;
         understudy_common::fault::check("backup.goodbye")
             .map_err(|point| Status::unavailable(format!("injected fault ({point})")))?;
         let req = req.into_inner();

@@ -69,26 +69,38 @@ pub fn describe() -> Option<String> {
 
 /// Fails (with the point's name) if `point` is armed and its turn has come.
 pub fn check(point: &'static str) -> Result<(), &'static str> {
-    let Some(armed) = armed() else {
-        return Ok(());
-    };
-    let stall = {
-        let mut points = armed.points.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(p) = points.get_mut(point) else {
-            return Ok(());
-        };
-        p.calls += 1;
-        if p.calls < p.from {
-            return Ok(());
-        }
-        tracing::warn!(point, call = p.calls, stall = ?p.stall, "injected fault");
-        match p.stall {
-            Some(stall) => stall,
-            None => return Err(point),
-        }
-    };
-    std::thread::sleep(stall);
+    if let Some(stall) = turn(point)? {
+        std::thread::sleep(stall);
+    }
     Ok(())
+}
+
+/// [`check`] for async code: a stall sleeps the task, not its thread.
+pub async fn check_async(point: &'static str) -> Result<(), &'static str> {
+    if let Some(stall) = turn(point)? {
+        tokio::time::sleep(stall).await;
+    }
+    Ok(())
+}
+
+/// Counts a call at `point`: its failure, or how long it stalls.
+fn turn(point: &'static str) -> Result<Option<std::time::Duration>, &'static str> {
+    let Some(armed) = armed() else {
+        return Ok(None);
+    };
+    let mut points = armed.points.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(p) = points.get_mut(point) else {
+        return Ok(None);
+    };
+    p.calls += 1;
+    if p.calls < p.from {
+        return Ok(None);
+    }
+    tracing::warn!(point, call = p.calls, stall = ?p.stall, "injected fault");
+    match p.stall {
+        Some(stall) => Ok(Some(stall)),
+        None => Err(point),
+    }
 }
 
 #[cfg(test)]
