@@ -881,8 +881,10 @@ impl Replicator {
             self.late_copy = late_copy_for(vm, self.shared.opts.copy_after_resume);
         }
         let started = Instant::now();
-        if let Err(e) =
-            fault_point("primary.pause").and_then(|()| vm.pause().map_err(InternalError::Pause))
+        // The vCPU thread captures its state while this thread harvests and
+        // copies (`save_state` below collects it).
+        if let Err(e) = fault_point("primary.pause")
+            .and_then(|()| vm.pause_saving().map_err(InternalError::Pause))
         {
             return Err(ended_or(vm, e));
         }
@@ -1878,7 +1880,8 @@ impl Replicator {
             .vm
             .as_ref()
             .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
-        vm.pause()
+        // The vCPU thread captures its state while this one harvests.
+        vm.pause_saving()
             .map_err(|e| format!("cannot pause the VM: {e}"))?;
         let dirty = vm
             .harvest_dirty()

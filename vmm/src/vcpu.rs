@@ -17,6 +17,12 @@
 //! with `immediate_exit` set, which completes a pending port read/write (its
 //! data would otherwise be lost from the saved registers).
 //!
+//! A pause may ask for a save with it (`pause_saving`, a checkpoint's stop):
+//! the thread reports itself parked, then saves with the control lock
+//! released, so the pausing thread harvests and copies meanwhile and
+//! collects the save after. A save is only ever of the pause it was taken
+//! in: a resume drops one asked for, done or under way.
+//!
 //! Every vCPU ioctl (setup, state save and restore) runs on this thread, as
 //! KVM's API documentation asks; all device state is owned by it as well.
 
@@ -140,7 +146,11 @@ pub struct SavedVcpu {
 
 struct ControlInner {
     state: RunState,
+    /// A save asked for and not begun yet.
     request: Option<Request>,
+    /// The vCPU thread is saving (with the lock released meanwhile).
+    saving: bool,
+    /// A save of the pause the vCPU is in (a resume clears it).
     response: Option<SaveResult>,
     /// Where a replay stopped (the deterministic mode).
     replay: Option<ReplayOutcome>,
@@ -381,6 +391,7 @@ impl VcpuHandle {
                     RunState::Running
                 },
                 request: None,
+                saving: false,
                 response: None,
                 replay: None,
             }),
@@ -456,13 +467,34 @@ impl VcpuHandle {
 
     /// Stops the guest and waits until the vCPU thread is parked.
     pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.pause_with(timeout, false)
+    }
+
+    /// [`Self::pause`], and the vCPU thread saves its state as soon as it
+    /// parks, while the caller goes on (harvesting the dirty log, copying
+    /// pages): the next [`Self::save`] of this pause collects that save
+    /// instead of asking for one. The capture overlaps the rest of a
+    /// checkpoint's stop, and a hand-over between the threads is saved.
+    pub fn pause_saving(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.pause_with(timeout, true)
+    }
+
+    fn pause_with(&self, timeout: Duration, save: bool) -> Result<(), VcpuError> {
         let deadline = Instant::now() + timeout;
         let mut inner = self.control.lock();
         match &inner.state {
-            RunState::Paused => return Ok(()),
             RunState::Ended(end) => return Err(VcpuError::Ended(end.clone())),
             RunState::StopRequested => return Err(VcpuError::Ended(VmEnd::Stopped)),
+            RunState::Paused => {
+                if save {
+                    self.ask_save(&mut inner);
+                }
+                return Ok(());
+            }
             RunState::Running | RunState::PauseRequested => {}
+        }
+        if save {
+            self.ask_save(&mut inner);
         }
         inner.state = RunState::PauseRequested;
         self.kick(&inner);
@@ -489,6 +521,10 @@ impl VcpuHandle {
         match &inner.state {
             RunState::Paused | RunState::PauseRequested => {
                 inner.state = RunState::Running;
+                // A save of this pause is of a state the guest now leaves
+                // (one under way is dropped when it ends).
+                inner.request = None;
+                inner.response = None;
                 self.control.changed.notify_all();
                 Ok(())
             }
@@ -498,16 +534,24 @@ impl VcpuHandle {
         }
     }
 
-    /// Captures vCPU and serial state. The vCPU must be paused.
+    /// Asks the parked (or parking) vCPU thread for a save, unless one of
+    /// this pause is asked for, under way or done.
+    fn ask_save(&self, inner: &mut ControlInner) {
+        if inner.request.is_none() && !inner.saving && inner.response.is_none() {
+            inner.request = Some(Request::Save);
+            self.control.changed.notify_all();
+        }
+    }
+
+    /// Captures vCPU and serial state (or collects the capture that
+    /// [`Self::pause_saving`] began). The vCPU must be paused.
     pub fn save(&self, timeout: Duration) -> SaveResult {
         let deadline = Instant::now() + timeout;
         let mut inner = self.control.lock();
         if inner.state != RunState::Paused {
             return Err(VcpuError::NotPaused("save its state"));
         }
-        inner.response = None;
-        inner.request = Some(Request::Save);
-        self.control.changed.notify_all();
+        self.ask_save(&mut inner);
         loop {
             if let Some(response) = inner.response.take() {
                 return response;
@@ -971,7 +1015,19 @@ impl VcpuThread {
                 }
                 RunState::Paused => {
                     if let Some(Request::Save) = inner.request.take() {
-                        inner.response = Some(self.save());
+                        // Unlocked: a `pause_saving` caller goes on (and
+                        // may resume the guest) while the state is read.
+                        inner.saving = true;
+                        drop(inner);
+                        let saved = self.save();
+                        inner = control.lock();
+                        inner.saving = false;
+                        // Only this thread parks the vCPU, so still Paused
+                        // means still the same pause; otherwise the guest
+                        // was resumed and the save is of a state left behind.
+                        if inner.state == RunState::Paused {
+                            inner.response = Some(saved);
+                        }
                         control.changed.notify_all();
                         continue;
                     }

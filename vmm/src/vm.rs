@@ -486,6 +486,15 @@ impl Vm {
         Ok(self.vcpu.pause(CONTROL_TIMEOUT)?)
     }
 
+    /// Stops the guest as [`Self::pause`] does, and its vCPU thread
+    /// captures the vCPU's state as soon as it parks while the caller goes
+    /// on (harvests the dirty log, copies or protects pages): the next
+    /// [`Self::save_state`] of this pause collects that capture. A
+    /// checkpoint's stop no longer waits for the capture after the rest.
+    pub fn pause_saving(&self) -> Result<(), VmError> {
+        Ok(self.vcpu.pause_saving(CONTROL_TIMEOUT)?)
+    }
+
     /// Lets the guest run again.
     pub fn resume(&self) -> Result<(), VmError> {
         Ok(self.vcpu.resume()?)

@@ -249,6 +249,42 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     vm.stop();
 }
 
+/// A capture the vCPU thread begins as it parks (`pause_saving`, as a
+/// checkpoint's stop takes it) is that pause's state: collected, its
+/// registers equal those of a capture asked for afterwards in the same pause.
+/// And a capture left behind by a resume (collected or not, finished or
+/// not) is never handed to a later pause.
+#[test]
+fn a_capture_begun_at_the_pause_is_of_that_pause_never_an_earlier_one() {
+    let (vm, _console) = boot(BuiltinBoot::dirtier(256, 0, 1000), true);
+    wait_work(&vm, 256, "the dirtier runs");
+    for round in 0..40 {
+        // A capture begun, then left: resumed at once or once it finished.
+        vm.pause_saving().unwrap();
+        if round % 4 >= 2 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        vm.resume().unwrap();
+        wait_work(&vm, 128, "the dirtier runs on");
+        // Then a stop as a checkpoint takes it, or a plain pause.
+        if round % 2 == 0 {
+            vm.pause_saving().unwrap();
+            vm.harvest_dirty().unwrap();
+        } else {
+            vm.pause().unwrap();
+        }
+        let first = vm.save_state(false).unwrap();
+        let again = vm.save_state(false).unwrap();
+        assert_eq!(
+            (first.vcpu.regs, first.vcpu.sregs),
+            (again.vcpu.regs, again.vcpu.sregs),
+            "round {round}: the collected capture is not of this pause"
+        );
+        vm.resume().unwrap();
+    }
+    vm.stop();
+}
+
 #[test]
 fn kv_answers_its_protocol_and_shutdown_ends_the_vm_cleanly() {
     let (vm, console) = boot(BuiltinBoot::new(BuiltinGuest::Kv), false);
