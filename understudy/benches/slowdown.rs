@@ -237,7 +237,8 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
         if stop == LocalStop::None {
             continue;
         }
-        vm.pause().unwrap();
+        // As the replicator stops the guest: the vCPU captures meanwhile.
+        vm.pause_saving().unwrap();
         let pages = vm.harvest_dirty().unwrap().page_numbers();
         let protected = match stop {
             LocalStop::CopyAfterResume => Some(wp.protect(&pages).unwrap()),

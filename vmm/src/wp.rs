@@ -7,7 +7,9 @@
 //! then [`Protected::copy`] copies them while it runs, unprotecting each
 //! piece of a run once copied ([`UNPROTECT_PIECE_PAGES`]). A write to a page
 //! not copied yet (by a vCPU inside KVM or by a VMM thread) stops the
-//! writer; a handler thread copies that page and the next few first
+//! writer; its fault is served by the copier itself, which looks for one
+//! every few pages ([`SERVE_EVERY_PAGES`]), or by a handler thread, whichever
+//! reads it first: it copies that page and the next few first
 //! ([`FAULT_AROUND_PAGES`]), then unprotects them, which lets the writer go
 //! on. Every page is copied
 //! exactly once, by whoever claims it first, before anything can write it:
@@ -387,9 +389,9 @@ impl Protected<'_> {
         });
         // All runs are unprotected on success; on failure make sure of it.
         let result = match (copied, handled) {
-            (Ok(()), Ok(faults)) => Ok(CopyReport {
+            (Ok(served), Ok(faults)) => Ok(CopyReport {
                 pages: self.pages.len(),
-                faults,
+                faults: faults + served,
             }),
             (Err(e), _) | (_, Err(e)) => {
                 owner.unprotect_all();
@@ -423,7 +425,8 @@ pub const FAULT_AROUND_PAGES: usize = 16;
 
 /// The copier: range by range and piece by piece, copy what nobody
 /// claimed, wait for what the handler claimed, then unprotect the piece.
-fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<(), WpError> {
+fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> {
+    let mut faults = 0;
     for r in job.ranges {
         let end = r.first + r.count;
         let (mut piece, mut i) = (r.first, r.from);
@@ -433,6 +436,11 @@ fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<(), WpError> {
             while i < r.to && (job.pages[i] as usize) < piece_end {
                 job.claim(i, job.pages[i] as usize)?;
                 i += 1;
+                if i % SERVE_EVERY_PAGES == 0 {
+                    while let Some(page) = owner.uffd.read_fault()? {
+                        faults += usize::from(serve_fault(owner, job, page)?);
+                    }
+                }
             }
             for k in start..i {
                 job.wait_done(k);
@@ -441,10 +449,48 @@ fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<(), WpError> {
             piece = piece_end;
         }
     }
-    Ok(())
+    Ok(faults)
 }
 
-/// The fault handler: a writer waits on a protected page; copy it and the
+/// The copier looks for a queued write fault every this many pages and
+/// serves it itself: it is on a core already, where the handler thread must
+/// first be woken while the writer waits. Measured with the flat-out
+/// dirtier (2048 pages, a stop every 25 ms, nothing shipped, three runs
+/// each): its work rate 0.945–0.948 of the guest alone with the handler
+/// thread only, 0.973–0.979 with the copier serving every 2, 8 or 32 pages
+/// (the interval made no difference). A look costs one `read(2)` (~1 µs,
+/// against ~8 page copies).
+pub const SERVE_EVERY_PAGES: usize = 8;
+
+/// Serves the write fault at `page`: copies it and the job's pages after it
+/// (see [`FAULT_AROUND_PAGES`]), then unprotects them, which wakes the
+/// writer. True if it was one of the job's pages.
+fn serve_fault(owner: &WriteProtectCopy, job: &Job<'_>, page: usize) -> Result<bool, WpError> {
+    let Some(i) = job.index_of(page) else {
+        // A clean page of a merged gap (or a fault left from an
+        // earlier copy): nothing to copy.
+        owner.uffd.write_protect(page, 1, false)?;
+        return Ok(false);
+    };
+    // This page and the job's next ones up to FAULT_AROUND_PAGES from
+    // it in its range, each copied (by whoever claims it) before any
+    // is unprotected.
+    let r = job.range_of(i);
+    let end = (page + FAULT_AROUND_PAGES).min(r.first + r.count);
+    let mut j = i;
+    while j < r.to && (job.pages[j] as usize) < end {
+        job.claim(j, job.pages[j] as usize)?;
+        j += 1;
+    }
+    for k in i..j {
+        job.wait_done(k);
+    }
+    owner.uffd.write_protect(page, end - page, false)?;
+    Ok(true)
+}
+
+/// The fault handler, for the faults the copier does not read first
+/// ([`SERVE_EVERY_PAGES`]): a writer waits on a protected page; copy it and the
 /// job's pages just after it first (or wait for the copier's copies, see
 /// [`FAULT_AROUND_PAGES`]), then unprotect them, which wakes the writer. A
 /// page of a merged gap is only unprotected. Ends when the copier is done
@@ -458,27 +504,7 @@ fn handle_faults(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpErr
         let Some(page) = owner.uffd.read_fault()? else {
             continue;
         };
-        let Some(i) = job.index_of(page) else {
-            // A clean page of a merged gap (or a fault left from an
-            // earlier copy): nothing to copy.
-            owner.uffd.write_protect(page, 1, false)?;
-            continue;
-        };
-        // This page and the job's next ones up to FAULT_AROUND_PAGES from
-        // it in its range, each copied (by whoever claims it) before any
-        // is unprotected.
-        let r = job.range_of(i);
-        let end = (page + FAULT_AROUND_PAGES).min(r.first + r.count);
-        let mut j = i;
-        while j < r.to && (job.pages[j] as usize) < end {
-            job.claim(j, job.pages[j] as usize)?;
-            j += 1;
-        }
-        for k in i..j {
-            job.wait_done(k);
-        }
-        faults += 1;
-        owner.uffd.write_protect(page, end - page, false)?;
+        faults += usize::from(serve_fault(owner, job, page)?);
     }
     Ok(faults)
 }
