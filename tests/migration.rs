@@ -478,7 +478,15 @@ async fn precopy_of_a_guest_that_outruns_the_link_converges_by_holding_the_vcpu(
 /// A kv destination waiting, a client of `pair`'s console ready, and a
 /// pre-copy migration of its VM to that destination under way.
 async fn precopy_to_a_new_destination(pair: &Pair) -> (Destination, Lines, Child) {
-    let dest = Destination::start("kv");
+    precopy_to_a_new_destination_with_faults(pair, "").await
+}
+
+/// The same, the destination started with `UNDERSTUDY_FAULTS=faults`.
+async fn precopy_to_a_new_destination_with_faults(
+    pair: &Pair,
+    faults: &str,
+) -> (Destination, Lines, Child) {
+    let dest = Destination::start_with_faults("kv", faults);
     dest.wait_incoming().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     wait_ready(&mut client, pair).await;
@@ -1159,10 +1167,13 @@ async fn a_vm_restored_ahead_of_a_failed_switch_never_runs_and_a_retry_moves_the
     let mut pair = Pair::protected("kv", "").await;
     // It refuses only after the destination restored the VM ahead (asked
     // for just before the goodbye, and not awaited by the source): refused
-    // at once, the failed switch could beat the restore ahead.
+    // at once, the failed switch could beat the restore ahead. The
+    // destination restores slowly (300 ms more), so without the backup's
+    // stall the switch fails first every time, not only on a loaded machine.
     pair.restart_backup_with_faults("backup.goodbye.slow~1500,backup.goodbye");
     backup_protecting(&pair, "the backup that will not stand down").await;
-    let (dest, mut client, mut child) = precopy_to_a_new_destination(&pair).await;
+    let (dest, mut client, mut child) =
+        precopy_to_a_new_destination_with_faults(&pair, "backup.promote.restore~300").await;
     let (mut acked, in_flight) = write_while(&mut client, &mut child, "r").await;
     let (ok, _, stderr) = finished(child);
     assert!(

@@ -485,16 +485,13 @@ impl VcpuHandle {
         match &inner.state {
             RunState::Ended(end) => return Err(VcpuError::Ended(end.clone())),
             RunState::StopRequested => return Err(VcpuError::Ended(VmEnd::Stopped)),
-            RunState::Paused => {
-                if save {
-                    self.ask_save(&mut inner);
-                }
-                return Ok(());
-            }
-            RunState::Running | RunState::PauseRequested => {}
+            RunState::Running | RunState::PauseRequested | RunState::Paused => {}
         }
         if save {
             self.ask_save(&mut inner);
+        }
+        if inner.state == RunState::Paused {
+            return Ok(());
         }
         inner.state = RunState::PauseRequested;
         self.kick(&inner);

@@ -539,7 +539,8 @@ impl Vm {
     }
 
     /// Captures vCPU, in-kernel and device state (not RAM). The VM must be
-    /// paused. `ram_crc` adds a checksum of all RAM (for snapshots).
+    /// paused; the vCPU's part is the capture [`Self::pause_saving`] began,
+    /// if it did. `ram_crc` adds a checksum of all RAM (for snapshots).
     pub fn save_state(&self, ram_crc: bool) -> Result<VmState, VmError> {
         let saved = self.vcpu.save(CONTROL_TIMEOUT)?;
         // The deterministic mode has no in-kernel devices to save.

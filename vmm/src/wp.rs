@@ -424,7 +424,9 @@ pub const UNPROTECT_PIECE_PAGES: usize = 256;
 pub const FAULT_AROUND_PAGES: usize = 16;
 
 /// The copier: range by range and piece by piece, copy what nobody
-/// claimed, wait for what the handler claimed, then unprotect the piece.
+/// claimed, wait for what a fault's server claimed, then unprotect the
+/// piece; every [`SERVE_EVERY_PAGES`] pages it serves the queued faults
+/// itself. Returns how many of the job's pages it served faults for.
 fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> {
     let mut faults = 0;
     for r in job.ranges {

@@ -259,7 +259,10 @@ fn a_capture_begun_at_the_pause_is_of_that_pause_never_an_earlier_one() {
     let (vm, _console) = boot(BuiltinBoot::dirtier(256, 0, 1000), true);
     wait_work(&vm, 256, "the dirtier runs");
     for round in 0..40 {
-        // A capture begun, then left: resumed at once or once it finished.
+        // A capture begun, then left: resumed at once (it is likely still
+        // under way) or a little later (likely finished, not collected:
+        // what a resume must drop). The assertions hold either way; the
+        // sleep only makes the second case likely, no step waits on it.
         vm.pause_saving().unwrap();
         if round % 4 >= 2 {
             std::thread::sleep(Duration::from_millis(2));
