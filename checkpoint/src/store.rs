@@ -6,9 +6,10 @@
 //! Directory layout: `memory.img` (RAM), `meta` (the record), and `journal`
 //! (the last checkpoint's redo record, overwritten in place by the next; a
 //! zero where its magic goes means there is none. The file is kept at least
-//! [`JOURNAL_ROOM_MAX`] long, or the RAM's size if less, sparse where never
-//! written, so the page cache can hold its pages before the first checkpoint
-//! needs them).
+//! [`JOURNAL_ROOM_MAX`] long, or the RAM's size if less, so the page cache can
+//! hold its pages before the first checkpoint needs them; the first
+//! checkpoint reserves its blocks and maps it, and journals are copied in
+//! through that mapping).
 //!
 //! The record also names the VM *incarnation* the image belongs to (one boot
 //! of the VM; the backup refuses to let a fresh boot sync over a committed
@@ -37,8 +38,11 @@
 //! but the pages) and every page hashes to the hash listed for it. The pages
 //! are not run through the CRC: the decoder already hashed each one, so
 //! listing the hashes (16 bytes a page) checks them for one pass less over
-//! every byte of the epoch. Version 1 journals (one CRC over everything) are
-//! still read.
+//! every byte of the epoch. The pages start on a page boundary of the file
+//! (version 3), so each lands in one page-cache page and is copied in with
+//! non-temporal stores through a mapping of the journal (see
+//! `ImageStore::write_journal`). Version 1 journals (one CRC over everything)
+//! and version 2 journals (pages right after the hashes) are still read.
 //!
 //! Recovery at [`ImageStore::open`]: a complete journal for the next epoch is
 //! replayed (idempotently); an incomplete one is discarded (its epoch was never
@@ -53,7 +57,7 @@
 //! be promoted), and the checkpoint that completes the sync commits it as above.
 
 use std::fs::{self, File};
-use std::io::{IoSlice, Write};
+use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,10 +81,11 @@ const JOURNAL_END: [u8; 4] = *b"USJE";
 /// version 1 records are still read (incarnation unknown, not retired).
 const FORMAT_VERSION: u32 = 2;
 const OLDEST_READABLE_VERSION: u32 = 1;
-/// The journal's own format. Version 2 lists each page's hash after the
-/// page list and leaves the pages out of the trailer CRC; version 1 journals
-/// (one CRC over everything) are still recovered.
-const JOURNAL_VERSION: u32 = 2;
+/// The journal's own format. Version 3 starts the pages on a page boundary
+/// (zeros pad the hash list); version 2 listed each page's hash after the
+/// page list and left the pages out of the trailer CRC; version 1 journals
+/// (one CRC over everything) are still recovered, as are version 2 ones.
+const JOURNAL_VERSION: u32 = 3;
 /// Runs of at least this many pages are written with `pwrite` rather than
 /// copied into the mapping (see `ImageStore::write_pages`).
 const WRITE_RUN_PAGES: usize = 16;
@@ -404,7 +409,7 @@ struct Journal {
 fn encode_journal_head(staged: &StagedEpoch, runs: &[Range<usize>]) -> Vec<u8> {
     let journaled = || runs.iter().flat_map(Range::clone);
     let count = runs.iter().map(Range::len).sum::<usize>();
-    let mut head = Vec::with_capacity(JOURNAL_HEAD_LEN + count * 20);
+    let mut head = Vec::with_capacity(journal_pages_at(count));
     head.extend_from_slice(&JOURNAL_MAGIC);
     head.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
     head.extend_from_slice(&staged.header.epoch.to_le_bytes());
@@ -421,6 +426,12 @@ fn encode_journal_head(staged: &StagedEpoch, runs: &[Range<usize>]) -> Vec<u8> {
         head.extend_from_slice(&staged.hashes[i].to_le_bytes());
     }
     head
+}
+
+/// Where a version 3 journal of `count` pages puts its first page: the
+/// head and the page and hash lists, rounded up to a whole page.
+fn journal_pages_at(count: usize) -> usize {
+    (JOURNAL_HEAD_LEN + count * (4 + 16)).next_multiple_of(PAGE_SIZE)
 }
 
 /// Parses a journal; `None` if it is incomplete or damaged in any way. The
@@ -440,11 +451,17 @@ fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
     // Each page number, then (version 2) each page's hash.
     let hash_list = match version {
         1 => false,
-        2 => true,
+        2 | 3 => true,
         _ => return None,
     };
     let listed = if hash_list { 4 + 16 } else { 4 };
-    let pages_at = JOURNAL_HEAD_LEN.checked_add(count.checked_mul(listed)?)?;
+    let lists_end = JOURNAL_HEAD_LEN.checked_add(count.checked_mul(listed)?)?;
+    // Version 3: zeros (not checked) up to the next page boundary.
+    let pages_at = if version == 3 {
+        lists_end.checked_next_multiple_of(PAGE_SIZE)?
+    } else {
+        lists_end
+    };
     let device_at = pages_at.checked_add(count.checked_mul(PAGE_SIZE)?)?;
     let len = device_at.checked_add(device_len)?;
     let body = bytes.get(..len)?;
@@ -454,14 +471,14 @@ fn decode_journal(bytes: &[u8], ram_pages: u32) -> Option<Journal> {
     }
     let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
     let computed = if hash_list {
-        crc32c::crc32c_append(crc32c::crc32c(&body[..pages_at]), &body[device_at..])
+        crc32c::crc32c_append(crc32c::crc32c(&body[..lists_end]), &body[device_at..])
     } else {
         crc32c::crc32c(body)
     };
     if computed != crc {
         return None;
     }
-    let mut list = Reader::new(&body[JOURNAL_HEAD_LEN..pages_at]);
+    let mut list = Reader::new(&body[JOURNAL_HEAD_LEN..lists_end]);
     let mut pages = Vec::with_capacity(count.min(ram_pages as usize));
     for _ in 0..count {
         let page = list.u32()?;
@@ -504,6 +521,10 @@ pub struct ImageStore {
     /// Digest of the current content (equals `meta.digest` when committed).
     digest: ImageDigest,
     options: StoreOptions,
+    /// The journal file and a shared mapping of its first
+    /// [`Self::journal_room`] bytes, made at the first checkpoint
+    /// ([`Self::write_journal`]).
+    journal: Option<(File, MmapMut)>,
 }
 
 impl ImageStore {
@@ -628,6 +649,7 @@ impl ImageStore {
             meta,
             record,
             options,
+            journal: None,
         })
     }
 
@@ -1086,38 +1108,119 @@ impl ImageStore {
 
     /// Writes the journal of checkpoint `staged`: the pages of `runs`
     /// ([`Self::changed_runs`]), the device state, the digest after it.
+    ///
+    /// Overwritten in place, never truncated: a crash mid-write leaves a
+    /// journal whose CRC or page hashes do not match, which recovery
+    /// discards. A journal that fits the mapped room (every checkpoint of
+    /// up to ~16k changed pages, see [`JOURNAL_ROOM_MAX`]) is copied into the
+    /// mapping, its pages with non-temporal stores ([`copy_streaming`], as
+    /// the image's are): a `write(2)` into the page cache cost ~0.3 µs a page
+    /// more than the copy itself (the pipeline bench's backup spent ~28 % of
+    /// its time there). A journal longer than the mapping (the first one
+    /// past the room) is written with `writev`, growing the file; the next
+    /// maps all of it. Both ways leave the same bytes in the file (a unit
+    /// test compares them).
     fn write_journal(
-        &self,
+        &mut self,
         staged: &StagedEpoch,
         runs: &[Range<usize>],
     ) -> Result<u64, StoreError> {
         let path = self.journal_path();
-        let head = encode_journal_head(staged, runs);
+        let mut head = encode_journal_head(staged, runs);
         // The pages are checked by their listed hashes, not by the CRC.
         let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &staged.device_state);
-        let data_len = runs.iter().map(Range::len).sum::<usize>() * PAGE_SIZE;
-        // Overwritten in place, never truncated: a crash mid-write leaves a
-        // journal whose CRC or page hashes do not match, which recovery
-        // discards.
-        let mut file = File::options()
+        let count = runs.iter().map(Range::len).sum::<usize>();
+        let lists_end = head.len();
+        let pages_at = journal_pages_at(count);
+        let mut trailer = [0; 8];
+        trailer[..4].copy_from_slice(&crc.to_le_bytes());
+        trailer[4..].copy_from_slice(&JOURNAL_END);
+        let device_at = pages_at + count * PAGE_SIZE;
+        let end = device_at + staged.device_state.len() + trailer.len();
+        let fsync = self.options.fsync;
+        let (file, map) = self.journal_map()?;
+        if end <= map.len() {
+            let mut at = pages_at;
+            for piece in runs.iter().flat_map(|run| staged.pieces(run.clone())) {
+                copy_streaming(&mut map[at..at + piece.len()], piece);
+                at += piece.len();
+            }
+            store_fence();
+            map[..lists_end].copy_from_slice(&head);
+            map[lists_end..pages_at].fill(0);
+            map[device_at..end - trailer.len()].copy_from_slice(&staged.device_state);
+            map[end - trailer.len()..end].copy_from_slice(&trailer);
+            if fsync {
+                // fsync writes back the pages stored through the mapping
+                // too (each was marked dirty at its first store).
+                file.sync_all().map_err(io("cannot sync journal", &path))?;
+            }
+        } else {
+            head.resize(pages_at, 0);
+            file.seek(SeekFrom::Start(0))
+                .map_err(io("cannot write journal", &path))?;
+            let mut parts: Vec<IoSlice<'_>> = std::iter::once(&head[..])
+                .chain(runs.iter().flat_map(|run| staged.pieces(run.clone())))
+                .chain([&staged.device_state[..], &trailer[..]])
+                .map(IoSlice::new)
+                .collect();
+            write_all_vectored(file, &mut parts).map_err(io("cannot write journal", &path))?;
+            if fsync {
+                file.sync_all().map_err(io("cannot sync journal", &path))?;
+            }
+            // The file now holds this journal's length: the next journal
+            // maps it all.
+            self.journal = None;
+        }
+        if fsync {
+            self.sync_dir()?;
+        }
+        // Bytes written: the padding before the pages left out.
+        Ok((end - (pages_at - lists_end)) as u64)
+    }
+
+    /// The journal file and a mapping of all of it, at least its room,
+    /// mapped at the first call (and again after a journal longer than the
+    /// mapping grew the file). The room's blocks are reserved first
+    /// (`fallocate`; an image of an older build may have a sparse journal),
+    /// so a store into the mapping never meets a hole a full disk could not
+    /// fill (a `SIGBUS` instead of an error); what lies past the room was
+    /// written, so allocated, by the journal that grew the file.
+    fn journal_map(&mut self) -> Result<(&mut File, &mut MmapMut), StoreError> {
+        let journal = match self.journal.take() {
+            Some(journal) => journal,
+            None => self.map_journal()?,
+        };
+        let (file, map) = self.journal.insert(journal);
+        Ok((file, map))
+    }
+
+    fn map_journal(&self) -> Result<(File, MmapMut), StoreError> {
+        let path = self.journal_path();
+        let room = self.journal_room();
+        let file = File::options()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
             .map_err(io("cannot open journal", &path))?;
-        let mut trailer = crc.to_le_bytes().to_vec();
-        trailer.extend_from_slice(&JOURNAL_END);
-        let mut parts: Vec<IoSlice<'_>> = std::iter::once(&head[..])
-            .chain(runs.iter().flat_map(|run| staged.pieces(run.clone())))
-            .chain([&staged.device_state[..], &trailer[..]])
-            .map(IoSlice::new)
-            .collect();
-        write_all_vectored(&mut file, &mut parts).map_err(io("cannot write journal", &path))?;
-        if self.options.fsync {
-            file.sync_all().map_err(io("cannot sync journal", &path))?;
-            self.sync_dir()?;
+        let len = file.metadata().map_err(io("cannot stat", &path))?.len();
+        if len < room {
+            file.set_len(room)
+                .map_err(io("cannot size journal", &path))?;
         }
-        Ok((head.len() + data_len + staged.device_state.len() + trailer.len()) as u64)
+        reserve_blocks(&file, room).map_err(io("cannot allocate the journal", &path))?;
+        let len = usize::try_from(len.max(room)).map_err(|e| StoreError::Io {
+            action: "cannot map",
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        // SAFETY: the image directory belongs to this daemon; nothing
+        // truncates the journal (it only ever grows: `clear_journal`).
+        let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }
+            .map_err(io("cannot map", &path))?;
+        Ok((file, map))
     }
 }
 
@@ -1392,21 +1495,49 @@ mod tests {
         [0..s.pages.len()]
     }
 
-    /// The journal `write_journal` writes for `s`, every page journaled.
-    fn journal_bytes(s: &StagedEpoch) -> Vec<u8> {
+    /// The journal `write_journal` writes for `s`, every page journaled,
+    /// into the journal of an image of `ram_pages` pages.
+    fn journal_bytes_in(s: &StagedEpoch, ram_pages: u64) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore::create(
+        let mut store = ImageStore::create(
             &dir.path().join("img"),
             "vm",
-            16 * PAGE_SIZE as u64,
+            ram_pages * PAGE_SIZE as u64,
             Default::default(),
         )
         .unwrap();
-        let len = store.write_journal(s, &every_page(s)).unwrap();
+        let written = store.write_journal(s, &every_page(s)).unwrap();
+        let count = s.pages.len();
+        let lists_end = JOURNAL_HEAD_LEN + 20 * count;
+        let len = journal_pages_at(count) + count * PAGE_SIZE + s.device_state.len() + 8;
+        assert_eq!(
+            written as usize,
+            len - (journal_pages_at(count) - lists_end)
+        );
         let mut bytes = fs::read(store.journal_path()).unwrap();
         // Its room past the journal's end stays zero.
-        assert!(bytes[len as usize..].iter().all(|&b| b == 0));
-        bytes.truncate(len as usize);
+        assert!(bytes[len..].iter().all(|&b| b == 0));
+        bytes.truncate(len);
+        bytes
+    }
+
+    /// The journal `write_journal` writes for `s` into a 16-page image.
+    fn journal_bytes(s: &StagedEpoch) -> Vec<u8> {
+        journal_bytes_in(s, 16)
+    }
+
+    /// The journal a version 2 build wrote for `s`: the pages right after
+    /// the hashes.
+    fn journal_v2_bytes(s: &StagedEpoch) -> Vec<u8> {
+        let mut bytes = encode_journal_head(s, &every_page(s));
+        bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes), &s.device_state);
+        for piece in s.pieces(0..s.pages.len()) {
+            bytes.extend_from_slice(piece);
+        }
+        bytes.extend_from_slice(&s.device_state);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes.extend_from_slice(&JOURNAL_END);
         bytes
     }
 
@@ -1576,7 +1707,8 @@ mod tests {
     #[test]
     fn journal_round_trips_even_over_a_longer_stale_journal() {
         for (version, encode) in [
-            (2, journal_bytes as fn(&StagedEpoch) -> Vec<u8>),
+            (3, journal_bytes as fn(&StagedEpoch) -> Vec<u8>),
+            (2, journal_v2_bytes),
             (1, journal_v1_bytes),
         ] {
             let long = encode(&staged(4, &[1, 2, 3, 4, 5]));
@@ -1596,9 +1728,13 @@ mod tests {
                 );
             }
             // A new header over an old body (crash mid-write): the old
-            // pages fail the new hashes (version 2) or the CRC (version 1).
+            // pages fail the new hashes (versions 2, 3) or the CRC (version 1).
             let new = encode(&staged(5, &[1, 2, 3, 4, 5]));
-            let head = JOURNAL_HEAD_LEN + if version == 2 { 20 } else { 4 } * 5;
+            let head = match version {
+                3 => journal_pages_at(5),
+                2 => JOURNAL_HEAD_LEN + 20 * 5,
+                _ => JOURNAL_HEAD_LEN + 4 * 5,
+            };
             let mut torn = long.clone();
             torn[..head].copy_from_slice(&new[..head]);
             assert!(decode_journal(&torn, 16).is_none(), "version {version}");
@@ -1614,11 +1750,73 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_copied_into_its_mapping_is_the_one_writev_writes() {
+        // 15 pages: a journal 14 bytes longer than a 16-page image's room
+        // (written with writev), inside a 64-page image's (mapped).
+        let s = staged(4, &(0..15).collect::<Vec<_>>());
+        let written = journal_bytes_in(&s, 16);
+        assert_eq!(written.len(), 16 * PAGE_SIZE + 14);
+        let mapped = journal_bytes_in(&s, 64);
+        assert!(written == mapped, "the two ways write different journals");
+        // The file grown by the longer journal is mapped whole after it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut small = ImageStore::create(
+            &dir.path().join("img"),
+            "vm",
+            16 * PAGE_SIZE as u64,
+            Default::default(),
+        )
+        .unwrap();
+        small.write_journal(&s, &every_page(&s)).unwrap();
+        assert!(
+            small.journal.is_none(),
+            "written with writev, mapping dropped"
+        );
+        small.write_journal(&s, &every_page(&s)).unwrap();
+        let map_len = small.journal.as_ref().map(|(_, map)| map.len());
+        assert_eq!(map_len, Some(mapped.len()), "mapped whole");
+        let bytes = fs::read(small.journal_path()).unwrap();
+        assert!(bytes == mapped, "the grown file's journal, mapped");
+        let j = decode_journal(&mapped, 16).unwrap();
+        assert_eq!(j.pages, s.pages);
+        assert_eq!(j.data, s.data);
+        // The mapped journal written over a longer one, and again over its
+        // own bytes: the same journal each time (the padding rezeroed).
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ImageStore::create(
+            &dir.path().join("img"),
+            "vm",
+            64 * PAGE_SIZE as u64,
+            Default::default(),
+        )
+        .unwrap();
+        let long = staged(3, &(0..40).collect::<Vec<_>>());
+        store.write_journal(&long, &every_page(&long)).unwrap();
+        store.write_journal(&s, &every_page(&s)).unwrap();
+        let bytes = fs::read(store.journal_path()).unwrap();
+        assert!(bytes[..mapped.len()] == mapped[..], "over a longer journal");
+        use std::os::unix::fs::FileExt;
+        let file = File::options()
+            .write(true)
+            .open(store.journal_path())
+            .unwrap();
+        file.write_all_at(&vec![0xa5; 64 * PAGE_SIZE], 0).unwrap();
+        store.write_journal(&s, &every_page(&s)).unwrap();
+        let bytes = fs::read(store.journal_path()).unwrap();
+        assert!(bytes[..mapped.len()] == mapped[..], "over other bytes");
+    }
+
+    #[test]
     fn any_flipped_bit_in_a_journal_is_refused() {
         let bytes = journal_bytes(&staged(3, &[0, 7]));
         assert!(decode_journal(&bytes, 16).is_some());
         let mut bad = bytes.clone();
+        let padding = JOURNAL_HEAD_LEN + 2 * 20..journal_pages_at(2);
         for at in (0..bytes.len()).step_by(61).chain([bytes.len() - 1]) {
+            if padding.contains(&at) {
+                // The padding before the pages is not checked (nothing reads it).
+                continue;
+            }
             bad[at] ^= 0x10;
             assert!(decode_journal(&bad, 16).is_none(), "flip at byte {at}");
             bad[at] ^= 0x10;
