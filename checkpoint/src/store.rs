@@ -1498,12 +1498,17 @@ mod tests {
     /// The journal `write_journal` writes for `s`, every page journaled,
     /// into the journal of an image of `ram_pages` pages.
     fn journal_bytes_in(s: &StagedEpoch, ram_pages: u64) -> Vec<u8> {
+        journal_bytes_with(s, ram_pages, StoreOptions::default())
+    }
+
+    /// The same, with `options` (fsync or not).
+    fn journal_bytes_with(s: &StagedEpoch, ram_pages: u64, options: StoreOptions) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
         let mut store = ImageStore::create(
             &dir.path().join("img"),
             "vm",
             ram_pages * PAGE_SIZE as u64,
-            Default::default(),
+            options,
         )
         .unwrap();
         let written = store.write_journal(s, &every_page(s)).unwrap();
@@ -1758,6 +1763,10 @@ mod tests {
         assert_eq!(written.len(), 16 * PAGE_SIZE + 14);
         let mapped = journal_bytes_in(&s, 64);
         assert!(written == mapped, "the two ways write different journals");
+        // Both ways with fsync (the file synced after the copy).
+        let fsync = StoreOptions { fsync: true };
+        assert!(journal_bytes_with(&s, 16, fsync) == mapped, "writev, fsync");
+        assert!(journal_bytes_with(&s, 64, fsync) == mapped, "mapped, fsync");
         // The file grown by the longer journal is mapped whole after it.
         let dir = tempfile::tempdir().unwrap();
         let mut small = ImageStore::create(
