@@ -521,9 +521,9 @@ pub struct ImageStore {
     /// Digest of the current content (equals `meta.digest` when committed).
     digest: ImageDigest,
     options: StoreOptions,
-    /// The journal file and a shared mapping of its first
-    /// [`Self::journal_room`] bytes, made at the first checkpoint
-    /// ([`Self::write_journal`]).
+    /// The journal file and a shared mapping of all of it (at least
+    /// [`Self::journal_room`] bytes), made at the first checkpoint
+    /// ([`Self::journal_map`]).
     journal: Option<(File, MmapMut)>,
 }
 
@@ -1501,16 +1501,21 @@ mod tests {
         journal_bytes_with(s, ram_pages, StoreOptions::default())
     }
 
-    /// The same, with `options` (fsync or not).
-    fn journal_bytes_with(s: &StagedEpoch, ram_pages: u64, options: StoreOptions) -> Vec<u8> {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = ImageStore::create(
-            &dir.path().join("img"),
+    /// A fresh image of `ram_pages` pages in `dir`.
+    fn image_in(dir: &Path, ram_pages: u64, options: StoreOptions) -> ImageStore {
+        ImageStore::create(
+            &dir.join("img"),
             "vm",
             ram_pages * PAGE_SIZE as u64,
             options,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// The same, with `options` (fsync or not).
+    fn journal_bytes_with(s: &StagedEpoch, ram_pages: u64, options: StoreOptions) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = image_in(dir.path(), ram_pages, options);
         let written = store.write_journal(s, &every_page(s)).unwrap();
         let count = s.pages.len();
         let lists_end = JOURNAL_HEAD_LEN + 20 * count;
@@ -1769,13 +1774,7 @@ mod tests {
         assert!(journal_bytes_with(&s, 64, fsync) == mapped, "mapped, fsync");
         // The file grown by the longer journal is mapped whole after it.
         let dir = tempfile::tempdir().unwrap();
-        let mut small = ImageStore::create(
-            &dir.path().join("img"),
-            "vm",
-            16 * PAGE_SIZE as u64,
-            Default::default(),
-        )
-        .unwrap();
+        let mut small = image_in(dir.path(), 16, Default::default());
         small.write_journal(&s, &every_page(&s)).unwrap();
         assert!(
             small.journal.is_none(),
@@ -1792,13 +1791,7 @@ mod tests {
         // The mapped journal written over a longer one, and again over its
         // own bytes: the same journal each time (the padding rezeroed).
         let dir = tempfile::tempdir().unwrap();
-        let mut store = ImageStore::create(
-            &dir.path().join("img"),
-            "vm",
-            64 * PAGE_SIZE as u64,
-            Default::default(),
-        )
-        .unwrap();
+        let mut store = image_in(dir.path(), 64, Default::default());
         let long = staged(3, &(0..40).collect::<Vec<_>>());
         store.write_journal(&long, &every_page(&long)).unwrap();
         store.write_journal(&s, &every_page(&s)).unwrap();
