@@ -45,8 +45,9 @@ use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
 
 const RAM: usize = 256 << 20;
-/// Pages per sync-round epoch, as the primary sends them.
-const SYNC_EPOCH_PAGES: usize = 8192;
+/// Pages per sync-round epoch, as the primary sends them
+/// (`understudy_primary`'s `SYNC_EPOCH_PAGES`).
+const SYNC_EPOCH_PAGES: usize = 2048;
 /// Turns of each checkpoint row: a run of checkpoints, then a TCP run of
 /// the same bytes (the row compares the fastest of each).
 const CHECKPOINT_TURNS: usize = 3;
