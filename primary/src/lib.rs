@@ -240,7 +240,7 @@ const STREAM_EVERY_PAGES: usize = 512;
 /// 367–394 ms, 8 MiB ones in 352–354 and 2 MiB ones in 344–352 (the resync
 /// bench's log, primary daemons taking turns, three runs each): a backup
 /// holding less of a round at once touches less fresh memory.
-const SYNC_EPOCH_PAGES: usize = 2048;
+pub const SYNC_EPOCH_PAGES: usize = 2048;
 /// How long a primary waits before asking again while the backup holds
 /// another VM that an operator has to decide about.
 const HOLDS_VM_RETRY: Duration = Duration::from_secs(1);

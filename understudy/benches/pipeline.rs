@@ -40,14 +40,12 @@ use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
 use understudy_common::heartbeat::{Beater, SessionKey};
 use understudy_common::wire;
+use understudy_primary::SYNC_EPOCH_PAGES;
 use understudy_primary::link_rate::LinkRate;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
 
 const RAM: usize = 256 << 20;
-/// Pages per sync-round epoch, as the primary sends them
-/// (`understudy_primary`'s `SYNC_EPOCH_PAGES`).
-const SYNC_EPOCH_PAGES: usize = 2048;
 /// Turns of each checkpoint row: a run of checkpoints, then a TCP run of
 /// the same bytes (the row compares the fastest of each).
 const CHECKPOINT_TURNS: usize = 3;
@@ -299,7 +297,8 @@ impl Session {
     }
 }
 
-/// A full sync of `mem` in sync-round epochs, as the primary sends one,
+/// A full sync of `mem` in sync-round epochs of the primary's size
+/// ([`SYNC_EPOCH_PAGES`]), as the primary sends one,
 /// and the checkpoint that completes it: seconds until that checkpoint is
 /// acked, bytes on the wire, and the last epoch number.
 async fn full_sync(s: &mut Session, mem: &[u8]) -> (f64, u64, u64) {
