@@ -521,10 +521,26 @@ pub struct ImageStore {
     /// Digest of the current content (equals `meta.digest` when committed).
     digest: ImageDigest,
     options: StoreOptions,
-    /// The journal file and a shared mapping of all of it (at least
-    /// [`Self::journal_room`] bytes), made at the first checkpoint
-    /// ([`Self::journal_map`]).
-    journal: Option<(File, MmapMut)>,
+    /// Whether memory.img's blocks are reserved ([`reserve_blocks`]), so a
+    /// store through `mem` cannot meet a hole a full disk could not fill
+    /// (the kernel's answer to that is a `SIGBUS`, not an error). Without
+    /// the reservation (a filesystem without `fallocate`, or an image of an
+    /// older build on a disk that filled since) every page goes in with
+    /// `pwrite`, which reports a full disk as an error.
+    reserved: bool,
+    /// The journal file, and a shared mapping of all of it (at least
+    /// [`Self::journal_room`] bytes) where its blocks could be reserved;
+    /// opened at the first checkpoint ([`Self::journal_file`]).
+    journal: Option<JournalFile>,
+}
+
+/// The journal file as the store writes it.
+#[derive(Debug)]
+enum JournalFile {
+    /// Its room reserved and mapped: a journal that fits is copied in.
+    Mapped(File, MmapMut),
+    /// Its blocks could not be reserved: every journal goes in with `writev`.
+    Unmapped(File),
 }
 
 impl ImageStore {
@@ -559,6 +575,15 @@ impl ImageStore {
         file.set_len(ram_bytes)
             .map_err(io("cannot size", &mem_path))?;
         reserve_blocks(&file, ram_bytes).map_err(io("cannot allocate the image", &mem_path))?;
+        // The journal's room too: a disk too small for the image and the
+        // journals of its checkpoints fails here, not at the first one.
+        let journal_path = tmp.join(JOURNAL_FILE);
+        let journal = File::create(&journal_path).map_err(io("cannot create", &journal_path))?;
+        let room = ram_bytes.min(JOURNAL_ROOM_MAX);
+        journal
+            .set_len(room)
+            .map_err(io("cannot size", &journal_path))?;
+        reserve_blocks(&journal, room).map_err(io("cannot allocate the journal", &journal_path))?;
         let meta = Meta {
             vm_id: vm_id.to_owned(),
             ram_pages,
@@ -640,6 +665,17 @@ impl ImageStore {
         // truncates memory.img while it is mapped.
         let mem = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
             .map_err(io("cannot map", &mem_path))?;
+        // `create` reserved the blocks already (there, a disk too small is an
+        // error); an image opened may be one an older build left sparse.
+        let reserved = match reserve_blocks(&file, len) {
+            Ok(reserved) => reserved,
+            Err(e) => {
+                tracing::warn!(path = %mem_path.display(), error = %e,
+                    "cannot reserve the image's blocks: writing its pages with pwrite, which \
+                     reports a full disk as an error");
+                false
+            }
+        };
         Ok(Self {
             dir: dir.to_owned(),
             file,
@@ -649,6 +685,7 @@ impl ImageStore {
             meta,
             record,
             options,
+            reserved,
             journal: None,
         })
     }
@@ -694,10 +731,17 @@ impl ImageStore {
 
     /// Applies a committed journal: pages into the image, then the new meta.
     fn redo(&mut self, journal: &Journal) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
         for (i, &page) in journal.pages.iter().enumerate() {
             let at = page as usize * PAGE_SIZE;
-            self.mem[at..at + PAGE_SIZE]
-                .copy_from_slice(&journal.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            let content = &journal.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            if self.reserved {
+                self.mem[at..at + PAGE_SIZE].copy_from_slice(content);
+            } else {
+                self.file
+                    .write_all_at(content, at as u64)
+                    .map_err(io("cannot redo the journal into", &self.memory_path()))?;
+            }
         }
         self.commit_meta(
             journal.epoch,
@@ -1084,7 +1128,7 @@ impl ImageStore {
         let start = staged.pages[run.start];
         let pages = run.len() as u32;
         let mut at = start as usize * PAGE_SIZE;
-        if run.len() < WRITE_RUN_PAGES {
+        if run.len() < WRITE_RUN_PAGES && self.reserved {
             for piece in staged.pieces(run) {
                 copy_streaming(&mut self.mem[at..at + piece.len()], piece);
                 at += piece.len();
@@ -1139,8 +1183,10 @@ impl ImageStore {
         let end = device_at + staged.device_state.len() + trailer.len();
         let fsync = self.options.fsync;
         let pieces = || runs.iter().flat_map(|run| staged.pieces(run.clone()));
-        let (file, map) = self.journal_map()?;
-        if end <= map.len() {
+        let journal = self.journal_file()?;
+        if let JournalFile::Mapped(file, map) = journal
+            && end <= map.len()
+        {
             let mut at = pages_at;
             for piece in pieces() {
                 copy_streaming(&mut map[at..at + piece.len()], piece);
@@ -1157,6 +1203,7 @@ impl ImageStore {
                 file.sync_all().map_err(io("cannot sync journal", &path))?;
             }
         } else {
+            let (JournalFile::Mapped(file, _) | JournalFile::Unmapped(file)) = journal;
             head.resize(pages_at, 0);
             file.seek(SeekFrom::Start(0))
                 .map_err(io("cannot write journal", &path))?;
@@ -1171,7 +1218,9 @@ impl ImageStore {
             }
             // The file now holds this journal's length: the next journal
             // maps it all.
-            self.journal = None;
+            if matches!(journal, JournalFile::Mapped(..)) {
+                self.journal = None;
+            }
         }
         if fsync {
             self.sync_dir()?;
@@ -1180,23 +1229,25 @@ impl ImageStore {
         Ok((end - (pages_at - lists_end)) as u64)
     }
 
-    /// The journal file and a mapping of all of it, at least its room,
-    /// mapped at the first call (and again after a journal longer than the
-    /// mapping grew the file). The room's blocks are reserved first
-    /// (`fallocate`; an image of an older build may have a sparse journal),
-    /// so a store into the mapping never meets a hole a full disk could not
-    /// fill (a `SIGBUS` instead of an error); what lies past the room was
-    /// written, so allocated, by the journal that grew the file.
-    fn journal_map(&mut self) -> Result<(&mut File, &mut MmapMut), StoreError> {
+    /// The journal file, and a mapping of all of it, at least its room,
+    /// opened at the first call (and mapped again after a journal longer
+    /// than the mapping grew the file). The room's blocks are reserved
+    /// first (`fallocate`; an image of an older build may have a sparse
+    /// journal), so a store into the mapping never meets a hole a full disk
+    /// could not fill (a `SIGBUS` instead of an error); what lies past the
+    /// room was written, so allocated, by the journal that grew the file.
+    /// Where the room cannot be reserved (no `fallocate`, or the disk is
+    /// full), the file is not mapped: journals go in with `writev`, whose
+    /// errors say a disk is full.
+    fn journal_file(&mut self) -> Result<&mut JournalFile, StoreError> {
         let journal = match self.journal.take() {
             Some(journal) => journal,
-            None => self.map_journal()?,
+            None => self.open_journal()?,
         };
-        let (file, map) = self.journal.insert(journal);
-        Ok((file, map))
+        Ok(self.journal.insert(journal))
     }
 
-    fn map_journal(&self) -> Result<(File, MmapMut), StoreError> {
+    fn open_journal(&self) -> Result<JournalFile, StoreError> {
         let path = self.journal_path();
         let room = self.journal_room();
         let file = File::options()
@@ -1211,7 +1262,15 @@ impl ImageStore {
             file.set_len(room)
                 .map_err(io("cannot size journal", &path))?;
         }
-        reserve_blocks(&file, room).map_err(io("cannot allocate the journal", &path))?;
+        match reserve_blocks(&file, room) {
+            Ok(true) => {}
+            Ok(false) => return Ok(JournalFile::Unmapped(file)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot reserve the journal's blocks: writing journals with writev");
+                return Ok(JournalFile::Unmapped(file));
+            }
+        }
         let len = usize::try_from(len.max(room)).map_err(|e| StoreError::Io {
             action: "cannot map",
             path: path.clone(),
@@ -1221,7 +1280,7 @@ impl ImageStore {
         // truncates the journal (it only ever grows: `clear_journal`).
         let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }
             .map_err(io("cannot map", &path))?;
-        Ok((file, map))
+        Ok(JournalFile::Mapped(file, map))
     }
 }
 
@@ -1319,18 +1378,23 @@ const IOV_MAX: usize = 1024;
 /// image fails here, not with a SIGBUS mid-sync. Zero pages are then never
 /// written at all (see `write_pages`): an idle VM's image stays mostly
 /// unwritten extents. A filesystem without fallocate (EOPNOTSUPP) gets a
-/// sparse file, as before the reservation existed.
-fn reserve_blocks(file: &File, bytes: u64) -> std::io::Result<()> {
+/// sparse file, as before the reservation existed: `Ok(false)`, and the
+/// store then writes with system calls only (see [`ImageStore::reserved`]).
+fn reserve_blocks(file: &File, bytes: u64) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
+    #[cfg(test)]
+    if tests::NO_FALLOCATE.get() {
+        return Ok(false);
+    }
     let len = libc::off_t::try_from(bytes).map_err(std::io::Error::other)?;
     // SAFETY: fallocate on a file descriptor we own, no memory passed.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
     if rc == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        return Ok(());
+        return Ok(false);
     }
     Err(e)
 }
@@ -1465,6 +1529,12 @@ impl CommittedImage for ImageStore {
 mod tests {
     use super::*;
     use crate::epoch::{EpochHeader, Slot};
+
+    thread_local! {
+        /// Set: [`reserve_blocks`] answers as on a filesystem without
+        /// `fallocate` (on this test's thread only).
+        pub(super) static NO_FALLOCATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     /// A checkpoint of `pages`, each filled with its page number plus
     /// `epoch` (so two epochs' journals differ in every page).
@@ -1782,7 +1852,10 @@ mod tests {
             "written with writev, mapping dropped"
         );
         small.write_journal(&s, &every_page(&s)).unwrap();
-        let map_len = small.journal.as_ref().map(|(_, map)| map.len());
+        let map_len = match &small.journal {
+            Some(JournalFile::Mapped(_, map)) => Some(map.len()),
+            _ => None,
+        };
         assert_eq!(map_len, Some(mapped.len()), "mapped whole");
         let bytes = fs::read(small.journal_path()).unwrap();
         assert!(bytes == mapped, "the grown file's journal, mapped");
@@ -1807,6 +1880,204 @@ mod tests {
         store.write_journal(&s, &every_page(&s)).unwrap();
         let bytes = fs::read(store.journal_path()).unwrap();
         assert!(bytes[..mapped.len()] == mapped[..], "over other bytes");
+    }
+
+    /// A checkpoint of a 64-page image (`sync_round`'s) that sets `pages`
+    /// to `fill`, staged against `store` as it is now.
+    fn checkpoint_over(store: &ImageStore, epoch: u64, pages: Range<u32>, fill: u8) -> StagedEpoch {
+        let page = [fill; PAGE_SIZE];
+        let pages: Vec<u32> = pages.collect();
+        let mut hashes = store.hashes.clone();
+        for &p in &pages {
+            hashes[p as usize] = page_hash(&page);
+        }
+        StagedEpoch {
+            header: EpochHeader {
+                vm_id: "vm".into(),
+                generation: 2,
+                epoch,
+                ram_pages: 64,
+                kind: EpochKind::Checkpoint,
+            },
+            slots: (0..pages.len() as u32).map(Slot::Staged).collect(),
+            data: pages.iter().flat_map(|_| page).collect(),
+            wire: Vec::new(),
+            hashes: vec![page_hash(&page); pages.len()],
+            pages,
+            device_state: vec![epoch as u8; 100],
+            digest: ImageDigest::of_hashes(&hashes),
+            base_digest: store.digest,
+            wire_bytes: 0,
+        }
+    }
+
+    /// Where `fallocate` is missing, nothing is mapped for writing: every
+    /// page and journal goes in with a system call, and the image, its
+    /// journal and a recovery from it come out as they do through the
+    /// mappings.
+    #[test]
+    fn without_fallocate_the_store_writes_the_same_image_and_journal_with_system_calls() {
+        let run = |no_fallocate: bool| {
+            NO_FALLOCATE.set(no_fallocate);
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = image_in(dir.path(), 64, Default::default());
+            assert_eq!(store.reserved, !no_fallocate);
+            store.begin_sync(2, 7).unwrap();
+            // A long run (pwritev either way) and a short one (through the
+            // mapping, or pwrite without fallocate).
+            store.apply(&sync_round(0..32, 0x11)).unwrap();
+            store.apply(&sync_round(40..43, 0x22)).unwrap();
+            let first = checkpoint_over(&store, 1, 2..5, 0x33);
+            store.apply(&first).unwrap();
+            let mapped = matches!(store.journal, Some(JournalFile::Mapped(..)));
+            assert_eq!(mapped, !no_fallocate, "journal mapped");
+            // A journal left behind by a crash right after its commit point
+            // is redone at the next open (pwrite without fallocate).
+            let second = checkpoint_over(&store, 2, 10..20, 0x44);
+            let runs = store.changed_runs(&second);
+            store.write_journal(&second, &runs).unwrap();
+            let journal = fs::read(store.journal_path()).unwrap();
+            drop(store);
+            let (store, recovery) =
+                ImageStore::open(&dir.path().join("img"), Default::default()).unwrap();
+            assert_eq!(recovery, Recovery::Replayed { epoch: 2 });
+            assert_eq!(store.reserved, !no_fallocate);
+            NO_FALLOCATE.set(false);
+            (store.memory().to_vec(), journal, store.digest)
+        };
+        let (memory, journal, digest) = run(false);
+        let (memory_without, journal_without, digest_without) = run(true);
+        assert!(memory == memory_without, "the images differ");
+        assert!(journal == journal_without, "the journals differ");
+        assert_eq!(digest, digest_without);
+        assert!(
+            memory[10 * PAGE_SIZE..20 * PAGE_SIZE]
+                .iter()
+                .all(|&b| b == 0x44)
+        );
+    }
+
+    /// A disk that fills up under the image: with the blocks reserved,
+    /// checkpoints whose journal fits the reserved room still commit and
+    /// one past it fails cleanly; without (no `fallocate`), a page or a
+    /// journal that meets the full disk is an error (a store through a
+    /// mapping would have been a `SIGBUS`, killing the process). Either
+    /// way the committed image stays as it was and opens. Runs
+    /// [`full_disk_child`] in a mount namespace of its own, on a 1 MiB
+    /// tmpfs (needs root, as CI has).
+    #[test]
+    fn a_full_disk_is_an_error_never_a_crash_and_never_damages_the_committed_image() {
+        let exe = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("unshare")
+            .args([
+                "--mount",
+                "sh",
+                "-c",
+                r#"mount -t tmpfs -o size=1m none "$1" && exec "$0" --exact --ignored --nocapture store::tests::full_disk_child"#,
+            ])
+            .arg(&exe)
+            .arg(dir.path())
+            .env("UNDERSTUDY_FULL_DISK_DIR", dir.path())
+            .output()
+            .expect("unshare (util-linux) runs");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{}\n{stdout}\n{stderr}",
+            out.status
+        );
+    }
+
+    /// Fills `dir` until the filesystem is full.
+    fn fill_up(dir: &Path) {
+        let mut filler = File::create(dir.join("filler")).unwrap();
+        loop {
+            match filler.write(&[0xff; PAGE_SIZE]) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The child of the full-disk test, in its own mount namespace with a
+    /// 1 MiB tmpfs at `UNDERSTUDY_FULL_DISK_DIR`.
+    #[test]
+    #[ignore = "run by a_full_disk_is_an_error_never_a_crash_and_never_damages_the_committed_image"]
+    fn full_disk_child() {
+        let root = PathBuf::from(
+            std::env::var_os("UNDERSTUDY_FULL_DISK_DIR")
+                .expect("run by the full-disk test, which sets UNDERSTUDY_FULL_DISK_DIR"),
+        );
+        let img = root.join("img");
+        let reopen = || ImageStore::open(&img, Default::default()).unwrap().0;
+        let no_space = |e: StoreError| match &e {
+            StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {}
+            _ => panic!("not a full disk: {e:?}"),
+        };
+
+        // Reserved: 64 pages of image, 64 of journal room, then a full disk.
+        let mut store = image_in(&root, 64, Default::default());
+        assert!(store.reserved);
+        fill_up(&root);
+        store.begin_sync(2, 7).unwrap();
+        store.apply(&sync_round(0..32, 0x11)).unwrap();
+        store.apply(&sync_round(40..43, 0x22)).unwrap();
+        let first = checkpoint_over(&store, 1, 2..5, 0x33);
+        store.apply(&first).unwrap();
+        let committed = store.memory().to_vec();
+        // Every page changed: a journal one header longer than its room.
+        let all = checkpoint_over(&store, 2, 0..64, 0x55);
+        no_space(store.apply(&all).unwrap_err());
+        assert_eq!(store.committed_epoch(), Some(1));
+        assert!(store.memory() == &committed[..], "the image changed");
+        drop(store);
+        let store = reopen();
+        assert_eq!(store.committed_epoch(), Some(1));
+        assert!(
+            store.memory() == &committed[..],
+            "the image reopened changed"
+        );
+        drop(store);
+        fs::remove_dir_all(&img).unwrap();
+        fs::remove_file(root.join("filler")).unwrap();
+
+        // Not reserved: a sparse image and journal on a full disk.
+        NO_FALLOCATE.set(true);
+        let mut store = image_in(&root, 64, Default::default());
+        assert!(!store.reserved);
+        fill_up(&root);
+        store.begin_sync(2, 7).unwrap();
+        // A short run (once through the mapping: a SIGBUS) and a long one.
+        no_space(store.apply(&sync_round(40..43, 0x22)).unwrap_err());
+        no_space(store.apply(&sync_round(0..32, 0x11)).unwrap_err());
+        // Room again: the same rounds land.
+        fs::remove_file(root.join("filler")).unwrap();
+        store.apply(&sync_round(0..32, 0x11)).unwrap();
+        store.apply(&sync_round(40..43, 0x22)).unwrap();
+        let first = checkpoint_over(&store, 1, 2..5, 0x33);
+        store.apply(&first).unwrap();
+        let committed = store.memory().to_vec();
+        fill_up(&root);
+        let second = checkpoint_over(&store, 2, 8..40, 0x66);
+        no_space(store.apply(&second).unwrap_err());
+        assert_eq!(store.committed_epoch(), Some(1));
+        assert!(store.memory() == &committed[..], "the image changed");
+        drop(store);
+        let store = reopen();
+        assert_eq!(store.committed_epoch(), Some(1));
+        assert!(
+            store.memory() == &committed[..],
+            "the image reopened changed"
+        );
+        NO_FALLOCATE.set(false);
     }
 
     #[test]
