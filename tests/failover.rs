@@ -87,6 +87,51 @@ async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     }
 }
 
+/// A backup whose image's blocks are not reserved (`backup.image.unreserved`
+/// answers as a filesystem without `fallocate` would) promotes onto a copy
+/// of the image in anonymous memory, never onto the file mapped shared (a
+/// guest store into a hole a full disk cannot fill would end the VM with a
+/// `SIGBUS`): the count goes on as one sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_image_is_not_reserved_promotes_onto_a_copy_of_it() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
+    pair.restart_backup_with_faults("backup.image.unreserved");
+    pair.start_primary();
+    pair.wait_protected().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut client, &pair, |l| l == "count 20", &mut seen).await;
+    pair.kill_primary();
+    while let Ok(Some(l)) = client.next(Duration::from_millis(200)).await {
+        seen.push(l);
+    }
+    client.reconnect(pair.addrs.backup_console).await.unwrap();
+    let first = client.next(Duration::from_secs(5)).await.unwrap().unwrap();
+    seen.push(first);
+    let last = counts(&seen).last().copied().unwrap();
+    read_until(
+        &mut client,
+        &pair,
+        |l| l == format!("count {}", last + 20),
+        &mut seen,
+    )
+    .await;
+    let got = counts(&seen);
+    assert_eq!(
+        got,
+        (0..got.len() as u64).collect::<Vec<_>>(),
+        "one sequence, no gap, no repeat\n{}",
+        pair.logs()
+    );
+    assert!(
+        pair.logs()
+            .contains("runs on a copy of it in anonymous memory"),
+        "{}",
+        pair.logs()
+    );
+}
+
 /// Sends a kv command and returns its answer line.
 async fn ask(c: &mut Lines, line: &str) -> std::io::Result<Option<String>> {
     c.send(line).await?;

@@ -559,8 +559,13 @@ fn open_store(
 
 /// The VM a promotion will restore into, over the image's RAM file (see
 /// [`VmShell`]). A backup that cannot build it still protects: its
-/// promotion builds the VM itself, and says why if it cannot either.
+/// promotion builds the VM itself, and says why if it cannot either. None
+/// for an image a VM may not map ([`image_mappable`]): a promotion runs the
+/// VM on a copy of it.
 fn build_shell(store: &ImageStore) -> Option<VmShell> {
+    if !image_mappable(store) {
+        return None;
+    }
     built_ahead(
         "a promotion",
         store
@@ -571,6 +576,44 @@ fn build_shell(store: &ImageStore) -> Option<VmShell> {
                     .map_err(|e| wire::chain(&e))
             }),
     )
+}
+
+/// Whether a promoted VM may map the image's RAM file shared as its RAM:
+/// only where all its blocks are reserved (`ImageStore::blocks_reserved`;
+/// a guest store into a hole a full disk cannot fill would end the VM with
+/// a `SIGBUS`). The fault point `backup.image.unreserved` answers no, as a
+/// filesystem without `fallocate` would.
+pub(crate) fn image_mappable(store: &ImageStore) -> bool {
+    store.blocks_reserved() && understudy_common::fault::check("backup.image.unreserved").is_ok()
+}
+
+/// The committed image's RAM copied into fresh anonymous memory of `size`
+/// bytes (pages that read as zeros are left untouched); `ram_error` and
+/// `read_error` say what failed in the caller's terms.
+pub(crate) fn copy_image<E>(
+    store: &ImageStore,
+    size: usize,
+    ram_error: impl Fn(understudy_vmm::memory::MemoryError) -> E,
+    read_error: impl Fn(PathBuf, std::io::Error) -> E,
+) -> Result<GuestRam, E> {
+    use std::io::Read;
+    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(&ram_error)?;
+    let path = store.memory_path();
+    let mut file = std::fs::File::open(&path).map_err(|e| read_error(path.clone(), e))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0usize;
+    while at < size {
+        let want = chunk.len().min(size - at);
+        file.read_exact(&mut chunk[..want])
+            .map_err(|e| read_error(path.clone(), e))?;
+        // Fresh anonymous RAM is zero already.
+        if chunk[..want].iter().any(|&b| b != 0) {
+            ram.write_at(at as u64, &chunk[..want])
+                .map_err(&ram_error)?;
+        }
+        at += want;
+    }
+    Ok(ram)
 }
 
 /// The VM a post-copy will restore into, over fresh anonymous memory of

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::store::ImageStore;
 use understudy_checkpoint::trace::TraceWriter;
 use understudy_checkpoint::{CommittedImage, ImageDigest, StoreError};
 use understudy_common::fault;
@@ -406,6 +407,28 @@ fn take_prepared_ahead(standby: &mut Standby, replay: bool) -> Option<Prepared> 
     None
 }
 
+/// The RAM a promoted VM runs on: the store's own file, mapped shared (as
+/// the VM built ahead maps it), where a VM may map it
+/// ([`crate::image_mappable`]); else a copy of it in anonymous memory. The
+/// copy costs the promotion a read of the image.
+fn promoted_ram(store: &ImageStore, size: usize) -> Result<GuestRam, PromotionError> {
+    if !crate::image_mappable(store) {
+        tracing::warn!(
+            path = %store.memory_path().display(),
+            "the image's blocks are not reserved (no fallocate here, or a sparse image on a full \
+             disk): the promoted VM runs on a copy of it in anonymous memory"
+        );
+        return crate::copy_image(store, size, PromotionError::Ram, |path, source| {
+            PromotionError::OpenRam { path, source }
+        });
+    }
+    let file = store.ram_file().map_err(|source| PromotionError::OpenRam {
+        path: store.memory_path(),
+        source,
+    })?;
+    GuestRam::new(size, RamBacking::SharedFile(file)).map_err(PromotionError::Ram)
+}
+
 fn prepare(standby: &mut Standby, replay: bool) -> Result<Prepared, PromotionError> {
     let promotable = standby
         .store
@@ -414,21 +437,7 @@ fn prepare(standby: &mut Standby, replay: bool) -> Result<Prepared, PromotionErr
     let payload =
         CheckpointPayload::decode(&promotable.device_state).map_err(PromotionError::Payload)?;
     let vm_state = VmState::decode(&payload.vm_state).map_err(PromotionError::VmState)?;
-    let open_ram = || {
-        // The store's own file, as the VM built ahead maps it.
-        let file = standby
-            .store
-            .ram_file()
-            .map_err(|source| PromotionError::OpenRam {
-                path: standby.store.memory_path(),
-                source,
-            })?;
-        GuestRam::new(
-            vm_state.memory.size_bytes as usize,
-            RamBacking::SharedFile(file),
-        )
-        .map_err(PromotionError::Ram)
-    };
+    let open_ram = || promoted_ram(&standby.store, vm_state.memory.size_bytes as usize);
     fault::check("backup.promote.restore").map_err(PromotionError::Fault)?;
     // Replay mode: the VM records from its checkpoint on, so that the new
     // primary protects it by its log too.

@@ -21,7 +21,6 @@
 //! the newest one while it follows the log.
 
 use std::collections::VecDeque;
-use std::io::Read;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -32,7 +31,7 @@ use understudy_common::payload::{CheckpointPayload, PayloadError};
 use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
 use understudy_vmm::memory::MemoryError;
 use understudy_vmm::state::StateError;
-use understudy_vmm::{ConsoleInput, GuestRam, RamBacking, Vm, VmEnd, VmError, VmState};
+use understudy_vmm::{ConsoleInput, Vm, VmEnd, VmError, VmState};
 
 /// Why the log cannot be followed, or a replica cannot run it.
 #[derive(Debug, thiserror::Error)]
@@ -415,7 +414,14 @@ impl Replica {
         payload: &CheckpointPayload,
         tail: &[Vec<u8>],
     ) -> Result<Self, ReplicaError> {
-        let ram = copy_image(store, state.memory.size_bytes as usize)?;
+        // A copy: the image keeps changing under later commits; the
+        // replica's RAM must not.
+        let ram = crate::copy_image(
+            store,
+            state.memory.size_bytes as usize,
+            ReplicaError::Ram,
+            |path, source| ReplicaError::ReadImage { path, source },
+        )?;
         let (feed, source) = crossbeam_channel::unbounded();
         for segment in tail {
             let _ = feed.send(segment.clone());
@@ -461,29 +467,4 @@ impl Replica {
         self.output_kept.drain(..drop as usize);
         self.output_start += drop;
     }
-}
-
-/// The committed image's RAM, copied (the image keeps changing under
-/// later commits; the replica's RAM must not).
-fn copy_image(store: &ImageStore, size: usize) -> Result<GuestRam, ReplicaError> {
-    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(ReplicaError::Ram)?;
-    let path = store.memory_path();
-    let read_error = |source| ReplicaError::ReadImage {
-        path: path.clone(),
-        source,
-    };
-    let mut file = std::fs::File::open(&path).map_err(read_error)?;
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut at = 0usize;
-    while at < size {
-        let want = chunk.len().min(size - at);
-        file.read_exact(&mut chunk[..want]).map_err(read_error)?;
-        // Fresh anonymous RAM is zero already.
-        if chunk[..want].iter().any(|&b| b != 0) {
-            ram.write_at(at as u64, &chunk[..want])
-                .map_err(ReplicaError::Ram)?;
-        }
-        at += want;
-    }
-    Ok(ram)
 }

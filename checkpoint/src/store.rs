@@ -838,6 +838,16 @@ impl ImageStore {
         &self.dir
     }
 
+    /// Whether every block of the RAM file is reserved: a VM may then map
+    /// the file shared as its RAM, since no store of its guest can meet a
+    /// hole a full disk cannot fill (the kernel's answer to that is a
+    /// `SIGBUS`, which would end the VM). Where it is not (a filesystem
+    /// without `fallocate`, or an older build's sparse image on a disk that
+    /// has filled since), a VM runs on a copy of the image instead.
+    pub fn blocks_reserved(&self) -> bool {
+        self.reserved
+    }
+
     /// The RAM file, opened again (the same file the store writes, even if
     /// its path were replaced): for a VM that maps it.
     pub fn ram_file(&self) -> std::io::Result<File> {
