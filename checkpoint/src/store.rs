@@ -668,7 +668,13 @@ impl ImageStore {
         // `create` reserved the blocks already (there, a disk too small is an
         // error); an image opened may be one an older build left sparse.
         let reserved = match reserve_blocks(&file, len) {
-            Ok(reserved) => reserved,
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(path = %mem_path.display(),
+                    "this filesystem cannot reserve the image's blocks (no fallocate): writing its \
+                     pages with pwrite, which reports a full disk as an error");
+                false
+            }
             Err(e) => {
                 tracing::warn!(path = %mem_path.display(), error = %e,
                     "cannot reserve the image's blocks: writing its pages with pwrite, which \
