@@ -33,6 +33,39 @@ async fn read_until(
     }
 }
 
+/// Kills the counter's primary, reads on from the backup's console until 20
+/// counts past the first line it gives, and checks that the counts `seen`
+/// (those read before, then all these) are one sequence from 0, nothing
+/// else among them. Returns the time from the kill to the backup's first
+/// line, and the counts.
+async fn kill_and_count_on(
+    pair: &mut Pair,
+    client: &mut Lines,
+    seen: &mut Vec<String>,
+) -> (Duration, Vec<u64>) {
+    pair.kill_primary();
+    let killed = Instant::now();
+    // Drain what the dead primary had already delivered.
+    while let Ok(Some(l)) = client.next(Duration::from_millis(200)).await {
+        seen.push(l);
+    }
+    client.reconnect(pair.addrs.backup_console).await.unwrap();
+    let first = client.next(Duration::from_secs(5)).await.unwrap().unwrap();
+    let failover = killed.elapsed();
+    seen.push(first);
+    let last = counts(seen).last().copied().unwrap();
+    read_until(client, pair, |l| l == format!("count {}", last + 20), seen).await;
+    let got = counts(seen);
+    assert_eq!(got.len(), seen.len(), "only count lines: {seen:?}");
+    assert_eq!(
+        got,
+        (0..got.len() as u64).collect::<Vec<_>>(),
+        "one sequence, no gap, no repeat\n{}",
+        pair.logs()
+    );
+    (failover, got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     let _serial = common::serial().await;
@@ -50,32 +83,7 @@ async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
         .await;
         // Kill at a point that is not aligned to anything.
         tokio::time::sleep(Duration::from_micros(1000 + trial * 7777)).await;
-        pair.kill_primary();
-        let killed = Instant::now();
-        // Drain what the dead primary had already delivered.
-        while let Ok(Some(l)) = client.next(Duration::from_millis(200)).await {
-            seen.push(l);
-        }
-        client.reconnect(pair.addrs.backup_console).await.unwrap();
-        let first = client.next(Duration::from_secs(5)).await.unwrap().unwrap();
-        let failover = killed.elapsed();
-        seen.push(first);
-        let last = counts(&seen).last().copied().unwrap();
-        read_until(
-            &mut client,
-            &pair,
-            |l| l == format!("count {}", last + 20),
-            &mut seen,
-        )
-        .await;
-        let got = counts(&seen);
-        assert_eq!(got.len(), seen.len(), "only count lines: {seen:?}");
-        assert_eq!(
-            got,
-            (0..got.len() as u64).collect::<Vec<_>>(),
-            "one sequence, no gap, no repeat\n{}",
-            pair.logs()
-        );
+        let (failover, got) = kill_and_count_on(&mut pair, &mut client, &mut seen).await;
         assert!(
             failover < Duration::from_secs(1),
             "SIGKILL → first byte from the backup took {failover:?}"
@@ -102,28 +110,7 @@ async fn a_backup_whose_image_is_not_reserved_promotes_onto_a_copy_of_it() {
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     let mut seen = Vec::new();
     read_until(&mut client, &pair, |l| l == "count 20", &mut seen).await;
-    pair.kill_primary();
-    while let Ok(Some(l)) = client.next(Duration::from_millis(200)).await {
-        seen.push(l);
-    }
-    client.reconnect(pair.addrs.backup_console).await.unwrap();
-    let first = client.next(Duration::from_secs(5)).await.unwrap().unwrap();
-    seen.push(first);
-    let last = counts(&seen).last().copied().unwrap();
-    read_until(
-        &mut client,
-        &pair,
-        |l| l == format!("count {}", last + 20),
-        &mut seen,
-    )
-    .await;
-    let got = counts(&seen);
-    assert_eq!(
-        got,
-        (0..got.len() as u64).collect::<Vec<_>>(),
-        "one sequence, no gap, no repeat\n{}",
-        pair.logs()
-    );
+    kill_and_count_on(&mut pair, &mut client, &mut seen).await;
     assert!(
         pair.logs()
             .contains("runs on a copy of it in anonymous memory"),
