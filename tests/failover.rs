@@ -50,7 +50,10 @@ async fn kill_and_count_on(
         seen.push(l);
     }
     client.reconnect(pair.addrs.backup_console).await.unwrap();
-    let first = client.next(Duration::from_secs(5)).await.unwrap().unwrap();
+    let first = match client.next(Duration::from_secs(5)).await {
+        Ok(Some(line)) => line,
+        other => panic!("no line from the backup ({other:?})\n{}", pair.logs()),
+    };
     let failover = killed.elapsed();
     seen.push(first);
     let last = counts(seen).last().copied().unwrap();
@@ -117,6 +120,125 @@ async fn a_backup_whose_image_is_not_reserved_promotes_onto_a_copy_of_it() {
         "{}",
         pair.logs()
     );
+}
+
+/// A tmpfs of `size` mounted at a directory for a test, unmounted when
+/// dropped (needs root, as CI has).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "none"])
+            .arg(at)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (needs root): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_owned())
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.0.join("filler")).unwrap();
+        while filler.write(&[0xff; 4096]).is_ok_and(|n| n > 0) {}
+        let e = std::fs::write(self.0.join("probe"), b"p").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "not full: {e}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A backup whose disk fills up keeps protecting (its image and its
+/// journal's room were reserved when the image was made) and, when the
+/// primary is killed, promotes and runs the VM on: a promotion writes the
+/// image's record and the host's generation and role, and none of those
+/// writes needs a new disk block (the record is replaced in place, the
+/// state files through spares kept for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
+    let _serial = common::serial().await;
+    // Roles can change (the primary's host has a replication address): the
+    // promoted host takes the primary role, recording it.
+    let mut pair = Pair::new_with(
+        "counter",
+        "guest_params = { interval_ms = 10 }",
+        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
+        "",
+    );
+    // The backup's state directory on a tmpfs of its own: 16 MiB of guest
+    // RAM, so an image and a journal's room of 16 MiB each.
+    if let Some(mut backup) = pair.backup.take() {
+        backup.kill().unwrap();
+        backup.wait().unwrap();
+    }
+    let disk = Tmpfs::mount(&pair.dir.path().join("backup"), "40m");
+    pair.restart_backup(&[], &[]);
+    pair.start_primary();
+    pair.wait_protected().await;
+    disk.fill();
+    // Epochs still commit.
+    let committed = |s: &understudy_proto::StatusReply| s.has_epoch.then_some(s.last_epoch);
+    let before = committed(&common::status(pair.addrs.backup_control).await.unwrap());
+    wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "epochs committed on the full disk",
+        LONG,
+        |s| committed(s) > before.map(|e| e + 10),
+    )
+    .await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut client, &pair, |l| l == "count 20", &mut seen).await;
+    kill_and_count_on(&mut pair, &mut client, &mut seen).await;
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(
+        (s.role.as_str(), s.generation),
+        ("primary", 2),
+        "{s:?}\n{}",
+        pair.logs()
+    );
+    // The host recorded its new role and generation, and runs on.
+    let state = |name: &str| std::fs::read_to_string(disk.0.join(name)).unwrap_or_default();
+    wait_status(
+        &pair,
+        pair.addrs.backup_control,
+        "the primary role",
+        LONG,
+        |s| s.role == "primary",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        (state("role"), state("generation")),
+        ("primary\n".into(), "2\n".into()),
+        "{}",
+        pair.logs()
+    );
+    let next = counts(&seen).last().unwrap() + 20;
+    read_until(
+        &mut client,
+        &pair,
+        |l| l == format!("count {next}"),
+        &mut seen,
+    )
+    .await;
+    drop(pair);
+    drop(disk);
 }
 
 /// Sends a kv command and returns its answer line.

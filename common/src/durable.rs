@@ -4,11 +4,25 @@
 //! fsynced, renamed over the old one, and the directory fsynced, so a crash or
 //! a power loss at any instant leaves the old content or the new one.
 //!
+//! A full disk must not stop such a write either: a promotion records the
+//! host's new generation and role, and a write that failed there would
+//! leave the VM it just resumed without a host to run it. So the temporary
+//! file is kept between writes as a *spare* of [`SPARE_LEN`] bytes, its
+//! blocks allocated: a write overwrites it in place (no new block, so no
+//! `ENOSPC` for a file that fits it), renames it over the old file (which
+//! frees the old file's blocks), and allocates the next spare in their
+//! place. [`reserve`] makes a spare ahead of a file's first write; a daemon
+//! reserves all of its state files when it starts.
+//!
 //! This module knows nothing of what the files mean.
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// The size of a state file's spare: every state file fits it.
+pub const SPARE_LEN: usize = 4096;
 
 /// A state file that cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -31,22 +45,57 @@ fn err<'a>(
     }
 }
 
-/// Replaces `path` with `bytes` atomically and durably (see the module doc).
-/// The directory must exist.
-pub fn write(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
-    let dir = path
-        .parent()
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+}
+
+/// The temporary file of `path`, kept as its spare between writes.
+fn spare_of(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");
-    let tmp = dir.join(name);
-    let mut file = File::create(&tmp).map_err(err("create", &tmp))?;
-    file.write_all(bytes).map_err(err("write", &tmp))?;
+    dir_of(path).join(name)
+}
+
+/// Replaces `path` with `bytes` atomically and durably, through its spare
+/// (see the module doc). The directory must exist.
+pub fn write(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
+    let dir = dir_of(path);
+    let tmp = spare_of(path);
+    // Into the spare where there is one: its blocks are there already.
+    let file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&tmp)
+        .map_err(err("create", &tmp))?;
+    file.write_all_at(bytes, 0).map_err(err("write", &tmp))?;
+    file.set_len(bytes.len() as u64)
+        .map_err(err("write", &tmp))?;
     file.sync_all().map_err(err("sync", &tmp))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(err("rename into place", path))?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    // The next write's spare, in the blocks the rename just freed. The
+    // write is done either way: without a spare, the next one allocates.
+    if let Err(e) = reserve(path) {
+        tracing::warn!(error = %e, "cannot keep a spare for the next write of a state file");
+    }
+    Ok(())
+}
+
+/// Makes the spare of `path` (see the module doc) unless it has one, so that
+/// a write of `path` needs no new disk block.
+pub fn reserve(path: &Path) -> Result<(), DurableError> {
+    let tmp = spare_of(path);
+    if tmp.metadata().is_ok_and(|m| m.len() >= SPARE_LEN as u64) {
+        return Ok(());
+    }
+    let mut file = File::create(&tmp).map_err(err("create", &tmp))?;
+    file.write_all(&[0; SPARE_LEN])
+        .map_err(err("write", &tmp))?;
+    file.sync_all().map_err(err("sync", &tmp))
 }
 
 /// Removes `path` durably (absent is fine).
@@ -125,6 +174,70 @@ mod tests {
         }
     }
 
+    /// On a full disk, a state file with a spare is still written, again
+    /// and again; one without fails with `ENOSPC` and leaves nothing
+    /// half-written. Runs [`full_disk_child`] in a mount namespace of its
+    /// own on a 64 KiB tmpfs (needs root, as CI has).
+    #[test]
+    fn a_state_file_with_a_spare_is_written_on_a_full_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("unshare")
+            .args([
+                "--mount",
+                "sh",
+                "-c",
+                r#"mount -t tmpfs -o size=64k none "$1" && exec "$0" --exact --ignored --nocapture durable::tests::full_disk_child"#,
+            ])
+            .arg(std::env::current_exe().unwrap())
+            .arg(dir.path())
+            .env("UNDERSTUDY_FULL_DISK_DIR", dir.path())
+            .output()
+            .expect("unshare (util-linux) runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    #[ignore = "run by a_state_file_with_a_spare_is_written_on_a_full_disk"]
+    fn full_disk_child() {
+        let dir = PathBuf::from(
+            std::env::var_os("UNDERSTUDY_FULL_DISK_DIR")
+                .expect("run by the full-disk test, which sets UNDERSTUDY_FULL_DISK_DIR"),
+        );
+        let (generation, role, never) = (dir.join("generation"), dir.join("role"), dir.join("x"));
+        write(&generation, b"1\n").unwrap();
+        reserve(&role).unwrap();
+        // Fill the disk.
+        let mut filler = File::create(dir.join("filler")).unwrap();
+        while filler.write(&[0xff; 4096]).is_ok_and(|n| n > 0) {}
+        let e = std::fs::write(dir.join("probe"), b"p").unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ENOSPC),
+            "the disk is not full: {e}"
+        );
+        for g in 2..10 {
+            write(&generation, format!("{g}\n").as_bytes()).unwrap();
+            assert_eq!(read(&generation).unwrap(), Some(format!("{g}\n")));
+        }
+        write(&role, b"primary\n").unwrap();
+        assert_eq!(read(&role).unwrap().as_deref(), Some("primary\n"));
+        // Without a spare: ENOSPC, and the file as it was (absent).
+        let e = write(&never, b"y\n").unwrap_err();
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            source.and_then(std::io::Error::raw_os_error),
+            Some(libc::ENOSPC),
+            "{e}"
+        );
+        assert_eq!(read(&never).unwrap(), None);
+    }
+
     #[test]
     fn read_and_remove_treat_absence_as_none() {
         let dir = tempfile::tempdir().unwrap();
@@ -135,6 +248,10 @@ mod tests {
         remove(&path).unwrap();
         remove(&path).unwrap();
         assert_eq!(read(&path).unwrap(), None);
-        assert!(!dir.path().join("role.tmp").exists());
+        // The spare stays, for the next write.
+        let spare = dir.path().join("role.tmp");
+        assert_eq!(std::fs::metadata(&spare).unwrap().len(), SPARE_LEN as u64);
+        write(&path, b"primary\n").unwrap();
+        assert_eq!(read(&path).unwrap().as_deref(), Some("primary\n"));
     }
 }

@@ -175,6 +175,17 @@ impl HostState {
         }
     }
 
+    /// Makes the spares of this host's state files (see
+    /// `understudy_common::durable`): their writes then need no new disk
+    /// block, so a promotion on a disk that has filled since still records
+    /// the new generation.
+    pub fn reserve(&self) -> Result<(), HostStateError> {
+        for name in [GENERATION_FILE, FENCED_FILE, RECORD_FILE] {
+            durable::reserve(&self.path(name))?;
+        }
+        Ok(())
+    }
+
     /// Records how the VM's run on this host stands.
     pub fn set_record(&self, record: RunRecord) -> Result<(), HostStateError> {
         Ok(durable::write(

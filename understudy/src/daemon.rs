@@ -54,10 +54,33 @@ pub fn starting_role(home: Role, config: &Config) -> Result<Role> {
 fn record_role(config: &Config, role: Role) -> Result<()> {
     let dir = &config.state_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join("role.tmp");
-    std::fs::write(&tmp, format!("{}\n", role.name()))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(ROLE_FILE)))
-        .with_context(|| format!("cannot record the role in {}", dir.display()))
+    understudy_common::durable::write(
+        &dir.join(ROLE_FILE),
+        format!("{}\n", role.name()).as_bytes(),
+    )
+    .with_context(|| format!("cannot record the role in {}", dir.display()))
+}
+
+/// Makes the spares of the state files a promotion writes (the role, and
+/// the primary's generation, fence marker and VM record; see
+/// `understudy_common::durable`), so that a promotion on a disk that has
+/// filled since still records them. A host that cannot (its disk full
+/// already) starts anyway, and says so.
+fn reserve_state_files(config: &Config) {
+    let reserved = understudy_primary::host_state::HostState::open(&config.state_dir)
+        .map_err(|e| understudy_common::wire::chain(&e))
+        .and_then(|state| {
+            state
+                .reserve()
+                .map_err(|e| understudy_common::wire::chain(&e))
+        })
+        .and_then(|()| {
+            understudy_common::durable::reserve(&config.state_dir.join(ROLE_FILE))
+                .map_err(|e| understudy_common::wire::chain(&e))
+        });
+    if let Err(why) = reserved {
+        tracing::warn!(%why, "cannot reserve room for the state files: on a full disk, a promotion here could not record its generation");
+    }
 }
 
 /// How the daemon starts.
@@ -115,6 +138,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
                 role.name()
             );
         }
+        reserve_state_files(config);
         let addrs = config.host(home);
         let stats = Arc::new(Stats::new(&config.name, role, String::new(), 0));
         stats.set_mode(config.mode);
