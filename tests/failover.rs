@@ -171,14 +171,8 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
     let _serial = common::serial().await;
-    // Roles can change (the primary's host has a replication address): the
-    // promoted host takes the primary role, recording it.
-    let mut pair = Pair::new_with(
-        "counter",
-        "guest_params = { interval_ms = 10 }",
-        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
-        "",
-    );
+    // The promoted host takes the primary role, recording it.
+    let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
     // The backup's state directory on a tmpfs of its own: 16 MiB of guest
     // RAM, so an image and a journal's room of 16 MiB each.
     if let Some(mut backup) = pair.backup.take() {

@@ -190,12 +190,7 @@ async fn an_internal_error_on_the_primary_ends_like_a_crash_and_the_backup_takes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promotion_that_fails_leaves_the_generation_and_the_running_primary_alone() {
     let _serial = common::serial().await;
-    let mut pair = Pair::new_with(
-        "counter",
-        "guest_params = { interval_ms = 10 }",
-        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
-        "",
-    );
+    let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
     // Replace the backup with one whose restore fails.
     pair.restart_backup_with_faults("backup.promote.restore");
     pair.start_primary();
@@ -358,12 +353,7 @@ async fn a_backup_with_a_corrupt_image_discards_it_and_is_resynced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resuming_writer_loses_no_request_across_switchovers() {
     let _serial = common::serial().await;
-    let mut pair = Pair::new_with(
-        "kv",
-        "",
-        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
-        "",
-    );
+    let mut pair = Pair::switchable("kv", "");
     pair.start_primary();
     pair.wait_protected().await;
     let consoles = [pair.addrs.primary_console, pair.addrs.backup_console];

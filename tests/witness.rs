@@ -164,14 +164,8 @@ fn witness_settings(etcd: &Etcd) -> String {
 async fn a_failover_moves_the_key_to_the_promoted_host() {
     let _serial = common::serial().await;
     let etcd = Etcd::start(None, common::free_addr());
-    // The primary's host has a replication address: deposed, it rejoins as
-    // the backup.
-    let mut pair = Pair::new_with(
-        "kv",
-        &witness_settings(&etcd),
-        &format!("replication = \"127.0.0.1:{}\"", common::free_port()),
-        "",
-    );
+    // Deposed, the primary rejoins as the backup.
+    let mut pair = Pair::switchable("kv", &witness_settings(&etcd));
     pair.start_primary();
     pair.wait_protected().await;
     let key = "/understudy/test-vm";

@@ -90,6 +90,18 @@ impl Pair {
         Self::new_full(guest, 16, settings, primary_extra, backup_extra)
     }
 
+    /// Like `new`, for a pair whose roles can change: the primary's host
+    /// has a replication address, so a promoted backup takes the primary
+    /// role and a deposed primary rejoins as the backup.
+    pub fn switchable(guest: &str, settings: &str) -> Self {
+        Self::new_with(
+            guest,
+            settings,
+            &format!("replication = \"127.0.0.1:{}\"", free_port()),
+            "",
+        )
+    }
+
     /// Like `new`, with `memory_mib` MiB of guest RAM.
     pub fn with_memory(guest: &str, memory_mib: usize, settings: &str) -> Self {
         Self::new_full(guest, memory_mib, settings, "", "")
