@@ -83,6 +83,10 @@ pub struct BackupOptions {
     pub primary_releases_alone: bool,
     /// fsync the image at every commit (power-loss safety).
     pub fsync: bool,
+    /// The largest device state a checkpoint may carry (the VM's state and
+    /// the console output the primary may hold for an ack): the image's
+    /// record keeps room for it ([`ImageStore::reserve_record`]).
+    pub max_device_state: usize,
     /// Mutual TLS for the replication and control services (None: plaintext).
     pub tls: Option<wire::TlsFiles>,
     /// Who may call the replication service (only the other host).
@@ -553,6 +557,12 @@ fn open_store(
                 opts.ram_bytes
             ),
         }));
+    }
+    let mut store = store;
+    // Room in the image's record for the largest checkpoint, made now,
+    // while the disk has room to spare.
+    if let Err(e) = store.reserve_record(opts.max_device_state) {
+        tracing::warn!(error = %wire::chain(&e), "cannot make room in the image's record: on a full disk, a checkpoint larger than any before could not commit");
     }
     Ok(store)
 }

@@ -39,6 +39,7 @@ fn backup(dir: &std::path::Path) -> Arc<Shared> {
         heartbeat_timeout: Duration::from_millis(100),
         primary_releases_alone: true,
         fsync: false,
+        max_device_state: 64 << 10,
         tls: None,
         auth: understudy_common::auth::Authority::insecure(),
         incoming: false,

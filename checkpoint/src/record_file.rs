@@ -202,10 +202,29 @@ impl RecordFile {
         Ok(())
     }
 
+    /// Makes room in place for records of up to `record_len` bytes: if the
+    /// slots are smaller, the file is rewritten now (by rename) holding
+    /// `current`, the current record, with slots of that size. A later
+    /// replacement by a record that size then writes into the file as it
+    /// is, needing no new disk block.
+    pub fn reserve(&mut self, current: &[u8], record_len: usize) -> std::io::Result<()> {
+        if self.slotted && record_len + SLOT_OVERHEAD <= self.slot_len {
+            return Ok(());
+        }
+        self.rewrite_with(current, record_len + SLOT_OVERHEAD)
+    }
+
     /// Writes the whole file anew (by rename) with `record` in slot 0 and
     /// slots big enough for it twice over.
     fn rewrite(&mut self, record: &[u8]) -> std::io::Result<()> {
-        let slot_len = ((record.len() + SLOT_OVERHEAD) * 2).max(MIN_SLOT_LEN);
+        self.rewrite_with(record, 0)
+    }
+
+    /// [`Self::rewrite`] with slots of at least `min_slot` bytes.
+    fn rewrite_with(&mut self, record: &[u8], min_slot: usize) -> std::io::Result<()> {
+        let slot_len = ((record.len() + SLOT_OVERHEAD) * 2)
+            .max(MIN_SLOT_LEN)
+            .max(min_slot);
         let slot_len_word = u32::try_from(slot_len)
             .map_err(|_| std::io::Error::other("record too large for a record file"))?;
         let seq = self.seq + 1;

@@ -785,6 +785,21 @@ impl ImageStore {
 
     /// Makes `meta` the record on disk (in place, crash-safely: see
     /// [`crate::record_file`]) and in memory.
+    /// Makes room in the image's record (`meta`, replaced in place at every
+    /// commit) for a device state of up to `device_state_len` bytes, so
+    /// that a commit carrying one needs no new disk block: a record that
+    /// outgrows its slots is rewritten into a new file, and on a full disk
+    /// that commit would fail after its journal (the backup then reports
+    /// its image torn until a restart redoes the journal). Rewrites the
+    /// record now if its slots are smaller.
+    pub fn reserve_record(&mut self, device_state_len: usize) -> Result<(), StoreError> {
+        let current = self.meta.encode();
+        let len = current.len() - self.meta.device_state.len() + device_state_len;
+        self.record
+            .reserve(&current, len)
+            .map_err(io("cannot make room in", &self.dir.join(META_FILE)))
+    }
+
     fn replace_meta(&mut self, meta: Meta) -> Result<(), StoreError> {
         self.record
             .replace(&meta.encode())
@@ -2038,36 +2053,73 @@ mod tests {
             StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {}
             _ => panic!("not a full disk: {e:?}"),
         };
-        // `checkpoint` refused for the full disk; epoch 1 and its image
-        // (`committed`, read while there was room: on tmpfs even a read
-        // through a shared mapping allocates a hole's page) kept, in the
-        // store and once it is opened again.
+        // `checkpoint` refused for the full disk; the last epoch and its
+        // image (`committed`, read while there was room: on tmpfs even a
+        // read through a shared mapping allocates a hole's page) kept, in
+        // the store and once it is opened again.
         let refused_and_kept =
             |mut store: ImageStore, checkpoint: &StagedEpoch, committed: &[u8]| {
+                let last = store.committed_epoch();
                 no_space(store.apply(checkpoint).unwrap_err());
-                assert_eq!(store.committed_epoch(), Some(1));
+                assert_eq!(store.committed_epoch(), last);
                 assert!(store.memory() == committed, "the image changed");
                 drop(store);
                 let store = reopen();
-                assert_eq!(store.committed_epoch(), Some(1));
+                assert_eq!(store.committed_epoch(), last);
                 assert!(store.memory() == committed, "the image reopened changed");
             };
+        // A sync round and checkpoint 1 into a fresh image.
+        let synced = |store: &mut ImageStore| {
+            store.begin_sync(2, 7).unwrap();
+            store.apply(&sync_round(0..32, 0x11)).unwrap();
+            store.apply(&sync_round(40..43, 0x22)).unwrap();
+            let first = checkpoint_over(store, 1, 2..5, 0x33);
+            store.apply(&first).unwrap();
+        };
+        // A checkpoint whose device state (40 KiB) is larger than any
+        // before: past the record's first slots (16 KiB).
+        let large = |store: &ImageStore, epoch: u64| {
+            let mut large = checkpoint_over(store, epoch, 2..5, epoch as u8);
+            large.device_state = vec![0x42; 40 << 10];
+            large
+        };
 
-        // Reserved: 64 pages of image, 64 of journal room, then a full disk.
+        // Reserved: 64 pages of image, 64 of journal room, and the record's
+        // room for the large device state, then a full disk.
         let mut store = image_in(&root, 64, Default::default());
         assert!(store.reserved);
+        store.reserve_record(40 << 10).unwrap();
         fill_up(&root);
-        store.begin_sync(2, 7).unwrap();
-        store.apply(&sync_round(0..32, 0x11)).unwrap();
-        store.apply(&sync_round(40..43, 0x22)).unwrap();
-        let first = checkpoint_over(&store, 1, 2..5, 0x33);
-        store.apply(&first).unwrap();
+        synced(&mut store);
+        let large_one = large(&store, 2);
+        store.apply(&large_one).unwrap();
         // Every page changed: a journal one header longer than its room.
-        let all = checkpoint_over(&store, 2, 0..64, 0x55);
+        let all = checkpoint_over(&store, 3, 0..64, 0x55);
         let committed = store.memory().to_vec();
         refused_and_kept(store, &all, &committed);
         fs::remove_dir_all(&img).unwrap();
         fs::remove_file(root.join("filler")).unwrap();
+
+        // Without that room (the limit `reserve_record` is for): the large
+        // record is rewritten into a new file, which fails after the
+        // journal. The epoch is committed (the journal is whole); the store
+        // says its image is torn until it is opened again, which redoes it.
+        let mut store = image_in(&root, 64, Default::default());
+        fill_up(&root);
+        synced(&mut store);
+        let large_one = large(&store, 2);
+        no_space(store.apply(&large_one).unwrap_err());
+        assert!(matches!(store.promotable(), Err(StoreError::Torn { .. })));
+        drop(store);
+        fs::remove_file(root.join("filler")).unwrap();
+        let (store, recovery) = ImageStore::open(&img, Default::default()).unwrap();
+        assert_eq!(recovery, Recovery::Replayed { epoch: 2 });
+        assert_eq!(
+            store.promotable().unwrap().device_state,
+            large_one.device_state
+        );
+        drop(store);
+        fs::remove_dir_all(&img).unwrap();
 
         // Not reserved: a sparse image and journal on a full disk.
         NO_FALLOCATE.set(true);

@@ -863,6 +863,9 @@ impl Config {
             heartbeat_timeout: self.heartbeat_timeout,
             primary_releases_alone: self.backup_loss == BackupLoss::KeepRunning,
             fsync: self.fsync,
+            // The output a primary may hold, its last epoch's past the
+            // limit, and the VM's own state (a few KiB) with room to spare.
+            max_device_state: ((self.max_held_output_kib << 10) + (1 << 20)) as usize,
             tls: self.tls_files(),
             auth: self.authority(home, None),
             incoming: false,
