@@ -174,12 +174,13 @@ async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
     // The promoted host takes the primary role, recording it.
     let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
     // The backup's state directory on a tmpfs of its own: 16 MiB of guest
-    // RAM, so an image and a journal's room of 16 MiB each.
+    // RAM, so an image and a journal's room of 16 MiB each, and the image's
+    // record with room for the largest device state (5 MiB twice).
     if let Some(mut backup) = pair.backup.take() {
         backup.kill().unwrap();
         backup.wait().unwrap();
     }
-    let disk = Tmpfs::mount(&pair.dir.path().join("backup"), "40m");
+    let disk = Tmpfs::mount(&pair.dir.path().join("backup"), "48m");
     pair.restart_backup(&[], &[]);
     pair.start_primary();
     pair.wait_protected().await;
@@ -206,6 +207,8 @@ async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
         "{s:?}\n{}",
         pair.logs()
     );
+    // The record had its room made before the disk filled.
+    assert!(!pair.logs().contains("cannot make room"), "{}", pair.logs());
     // The host recorded its new role and generation, and runs on.
     let state = |name: &str| std::fs::read_to_string(disk.0.join(name)).unwrap_or_default();
     wait_status(
