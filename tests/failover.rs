@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Lines, Pair, counts, wait_status};
+use understudy_bench::full_disk::{self, Tmpfs};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -122,46 +123,6 @@ async fn a_backup_whose_image_is_not_reserved_promotes_onto_a_copy_of_it() {
     );
 }
 
-/// A tmpfs of `size` mounted at a directory for a test, unmounted when
-/// dropped (needs root, as CI has).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "none"])
-            .arg(at)
-            .output()
-            .expect("mount runs");
-        assert!(
-            out.status.success(),
-            "cannot mount a tmpfs at {} (needs root): {}",
-            at.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(at.to_owned())
-    }
-
-    /// Writes a file until the filesystem is full.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(self.0.join("filler")).unwrap();
-        while filler.write(&[0xff; 4096]).is_ok_and(|n| n > 0) {}
-        let e = std::fs::write(self.0.join("probe"), b"p").unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "not full: {e}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A backup whose disk fills up keeps protecting (its image and its
 /// journal's room were reserved when the image was made) and, when the
 /// primary is killed, promotes and runs the VM on: a promotion writes the
@@ -184,7 +145,7 @@ async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
     pair.restart_backup(&[], &[]);
     pair.start_primary();
     pair.wait_protected().await;
-    disk.fill();
+    full_disk::fill_up(disk.path());
     // Epochs still commit.
     let committed = |s: &understudy_proto::StatusReply| s.has_epoch.then_some(s.last_epoch);
     let before = committed(&common::status(pair.addrs.backup_control).await.unwrap());
@@ -210,20 +171,15 @@ async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
     // The record had its room made before the disk filled.
     assert!(!pair.logs().contains("cannot make room"), "{}", pair.logs());
     // The host recorded its new role and generation, and runs on.
-    let state = |name: &str| std::fs::read_to_string(disk.0.join(name)).unwrap_or_default();
-    wait_status(
-        &pair,
-        pair.addrs.backup_control,
-        "the primary role",
-        LONG,
-        |s| s.role == "primary",
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        (state("role"), state("generation")),
-        ("primary\n".into(), "2\n".into()),
-        "{}",
+    let state = |name: &str| std::fs::read_to_string(disk.path().join(name)).unwrap_or_default();
+    let recorded = common::wait_for(LONG, || {
+        state("role") == "primary\n" && state("generation") == "2\n"
+    });
+    assert!(
+        recorded.is_ok(),
+        "role {:?}, generation {:?}\n{}",
+        state("role"),
+        state("generation"),
         pair.logs()
     );
     let next = counts(&seen).last().unwrap() + 20;
@@ -234,6 +190,7 @@ async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
         &mut seen,
     )
     .await;
+    // The daemons go before their disk does.
     drop(pair);
     drop(disk);
 }

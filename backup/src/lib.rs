@@ -514,7 +514,7 @@ fn open_store(
         warm_in_background(store.journal_path(), store.memory_path(), warm_stop.clone());
         Ok(store)
     };
-    let store = if opts.image_dir.join("meta").exists() {
+    let mut store = if opts.image_dir.join("meta").exists() {
         match ImageStore::open(&opts.image_dir, store_opts) {
             Ok((store, recovery)) => {
                 tracing::info!(?recovery, status = ?store.status(), "image opened");
@@ -558,7 +558,6 @@ fn open_store(
             ),
         }));
     }
-    let mut store = store;
     // Room in the image's record for the largest checkpoint, made now,
     // while the disk has room to spare.
     if let Err(e) = store.reserve_record(opts.max_device_state) {

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub mod chart;
+pub mod full_disk;
 pub mod wan;
 
 /// Where the suite runner asks benchmarks to write their JSON.

@@ -1560,6 +1560,7 @@ impl CommittedImage for ImageStore {
 mod tests {
     use super::*;
     use crate::epoch::{EpochHeader, Slot};
+    use understudy_bench::full_disk;
 
     thread_local! {
         /// Set: [`reserve_blocks`] answers as on a filesystem without
@@ -1998,55 +1999,15 @@ mod tests {
     /// tmpfs (needs root, as CI has).
     #[test]
     fn a_full_disk_is_an_error_never_a_crash_and_never_damages_the_committed_image() {
-        let exe = std::env::current_exe().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("unshare")
-            .args([
-                "--mount",
-                "sh",
-                "-c",
-                r#"mount -t tmpfs -o size=1m none "$1" && exec "$0" --exact --ignored --nocapture store::tests::full_disk_child"#,
-            ])
-            .arg(&exe)
-            .arg(dir.path())
-            .env("UNDERSTUDY_FULL_DISK_DIR", dir.path())
-            .output()
-            .expect("unshare (util-linux) runs");
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "{}\n{stdout}\n{stderr}",
-            out.status
-        );
-    }
-
-    /// Fills `dir` until the filesystem is full.
-    fn fill_up(dir: &Path) {
-        let mut filler = File::create(dir.join("filler")).unwrap();
-        loop {
-            match filler.write(&[0xff; PAGE_SIZE]) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-                    break;
-                }
-            }
-        }
+        full_disk::run_child_on_tmpfs("store::tests::full_disk_child", "1m");
     }
 
     /// The child of the full-disk test, in its own mount namespace with a
-    /// 1 MiB tmpfs at `UNDERSTUDY_FULL_DISK_DIR`.
+    /// 1 MiB tmpfs.
     #[test]
     #[ignore = "run by a_full_disk_is_an_error_never_a_crash_and_never_damages_the_committed_image"]
     fn full_disk_child() {
-        let root = PathBuf::from(
-            std::env::var_os("UNDERSTUDY_FULL_DISK_DIR")
-                .expect("run by the full-disk test, which sets UNDERSTUDY_FULL_DISK_DIR"),
-        );
+        let root = full_disk::child_dir();
         let img = root.join("img");
         let reopen = || ImageStore::open(&img, Default::default()).unwrap().0;
         let no_space = |e: StoreError| match &e {
@@ -2089,7 +2050,7 @@ mod tests {
         let mut store = image_in(&root, 64, Default::default());
         assert!(store.reserved);
         store.reserve_record(40 << 10).unwrap();
-        fill_up(&root);
+        full_disk::fill_up(&root);
         synced(&mut store);
         let large_one = large(&store, 2);
         store.apply(&large_one).unwrap();
@@ -2105,7 +2066,7 @@ mod tests {
         // journal. The epoch is committed (the journal is whole); the store
         // says its image is torn until it is opened again, which redoes it.
         let mut store = image_in(&root, 64, Default::default());
-        fill_up(&root);
+        full_disk::fill_up(&root);
         synced(&mut store);
         let large_one = large(&store, 2);
         no_space(store.apply(&large_one).unwrap_err());
@@ -2125,7 +2086,7 @@ mod tests {
         NO_FALLOCATE.set(true);
         let mut store = image_in(&root, 64, Default::default());
         assert!(!store.reserved);
-        fill_up(&root);
+        full_disk::fill_up(&root);
         store.begin_sync(2, 7).unwrap();
         // A short run (once through the mapping: a SIGBUS) and a long one.
         no_space(store.apply(&sync_round(40..43, 0x22)).unwrap_err());
@@ -2137,7 +2098,7 @@ mod tests {
         let first = checkpoint_over(&store, 1, 2..5, 0x33);
         store.apply(&first).unwrap();
         let committed = store.memory().to_vec();
-        fill_up(&root);
+        full_disk::fill_up(&root);
         let second = checkpoint_over(&store, 2, 8..40, 0x66);
         refused_and_kept(store, &second, &committed);
         NO_FALLOCATE.set(false);

@@ -131,6 +131,7 @@ mod tests {
     use super::*;
     use std::process::Command;
     use std::time::Duration;
+    use understudy_bench::full_disk;
 
     /// The child side of the crash test: rewrites the file with one of two
     /// long values, forever, until killed.
@@ -180,47 +181,17 @@ mod tests {
     /// own on a 64 KiB tmpfs (needs root, as CI has).
     #[test]
     fn a_state_file_with_a_spare_is_written_on_a_full_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("unshare")
-            .args([
-                "--mount",
-                "sh",
-                "-c",
-                r#"mount -t tmpfs -o size=64k none "$1" && exec "$0" --exact --ignored --nocapture durable::tests::full_disk_child"#,
-            ])
-            .arg(std::env::current_exe().unwrap())
-            .arg(dir.path())
-            .env("UNDERSTUDY_FULL_DISK_DIR", dir.path())
-            .output()
-            .expect("unshare (util-linux) runs");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "{}\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        full_disk::run_child_on_tmpfs("durable::tests::full_disk_child", "64k");
     }
 
     #[test]
     #[ignore = "run by a_state_file_with_a_spare_is_written_on_a_full_disk"]
     fn full_disk_child() {
-        let dir = PathBuf::from(
-            std::env::var_os("UNDERSTUDY_FULL_DISK_DIR")
-                .expect("run by the full-disk test, which sets UNDERSTUDY_FULL_DISK_DIR"),
-        );
+        let dir = full_disk::child_dir();
         let (generation, role, never) = (dir.join("generation"), dir.join("role"), dir.join("x"));
         write(&generation, b"1\n").unwrap();
         reserve(&role).unwrap();
-        // Fill the disk.
-        let mut filler = File::create(dir.join("filler")).unwrap();
-        while filler.write(&[0xff; 4096]).is_ok_and(|n| n > 0) {}
-        let e = std::fs::write(dir.join("probe"), b"p").unwrap_err();
-        assert_eq!(
-            e.raw_os_error(),
-            Some(libc::ENOSPC),
-            "the disk is not full: {e}"
-        );
+        full_disk::fill_up(&dir);
         for g in 2..10 {
             write(&generation, format!("{g}\n").as_bytes()).unwrap();
             assert_eq!(read(&generation).unwrap(), Some(format!("{g}\n")));

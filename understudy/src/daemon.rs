@@ -67,19 +67,13 @@ fn record_role(config: &Config, role: Role) -> Result<()> {
 /// filled since still records them. A host that cannot (its disk full
 /// already) starts anyway, and says so.
 fn reserve_state_files(config: &Config) {
-    let reserved = understudy_primary::host_state::HostState::open(&config.state_dir)
-        .map_err(|e| understudy_common::wire::chain(&e))
-        .and_then(|state| {
-            state
-                .reserve()
-                .map_err(|e| understudy_common::wire::chain(&e))
-        })
-        .and_then(|()| {
-            understudy_common::durable::reserve(&config.state_dir.join(ROLE_FILE))
-                .map_err(|e| understudy_common::wire::chain(&e))
-        });
-    if let Err(why) = reserved {
-        tracing::warn!(%why, "cannot reserve room for the state files: on a full disk, a promotion here could not record its generation");
+    let reserved = || -> Result<()> {
+        understudy_primary::host_state::HostState::open(&config.state_dir)?.reserve()?;
+        understudy_common::durable::reserve(&config.state_dir.join(ROLE_FILE))?;
+        Ok(())
+    };
+    if let Err(why) = reserved() {
+        tracing::warn!(why = %format!("{why:#}"), "cannot reserve room for the state files: on a full disk, a promotion here could not record its generation");
     }
 }
 
