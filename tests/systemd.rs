@@ -197,6 +197,7 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "primary_name",
         "insecure",
         "dangerously_allow_insecure_network",
+        "expiry_warning_days",
         "max_held_output_kib",
         "console_max_clients",
         "incoming_from",

@@ -267,6 +267,112 @@ async fn mutual_tls_admits_the_right_ca_and_refuses_others() {
     );
 }
 
+/// Certificates that end within the warning window (those made here last two
+/// days) are named in each daemon's status and log, and every file's end of
+/// validity is a metric; with a window shorter than what is left, nothing is
+/// said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (oc, ok) = make_operator(d, "ca", "operator");
+    let ca = d.join("ca.pem");
+    let metrics = common::free_port();
+    let mut pair = Pair::new_with(
+        "counter",
+        "",
+        &format!("metrics = \"127.0.0.1:{metrics}\""),
+        "",
+    );
+    let mut backup_tls = tls_overrides(&ca, &bc, &bk);
+    // The backup warns only once a certificate has expired.
+    backup_tls.push("tls.expiry_warning_days=0".into());
+    start(&mut pair, backup_tls, tls_overrides(&ca, &pc, &pk));
+    wait_log(&pair, "VM protected");
+
+    let operator_config = operator_config(&pair, &ca, &oc, &ok);
+    let status = |control: std::net::SocketAddr| {
+        let out = Command::new(common::CTL)
+            .args(["status", "--control", &control.to_string(), "--config"])
+            .arg(&operator_config)
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The primary (default window, 30 days): its certificate and the CA.
+    let primary = status(pair.addrs.primary_control);
+    let warnings: Vec<&str> = primary
+        .lines()
+        .filter(|l| l.starts_with("WARNING"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{primary}");
+    assert!(
+        warnings.iter().any(|w| w.contains(&format!(
+            "the TLS certificate {} (CN=primary) expires in",
+            pc.display()
+        ))),
+        "{primary}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("the TLS CA certificate") && w.contains("(CN=ca) expires in")),
+        "{primary}"
+    );
+    assert!(warnings.iter().all(|w| w.contains("renew it")), "{primary}");
+    let logs = pair.logs();
+    assert!(logs.contains("(CN=primary) expires in"), "{logs}");
+    // The backup (window 0): nothing to say.
+    let backup = status(pair.addrs.backup_control);
+    assert!(!backup.contains("WARNING"), "{backup}");
+    assert!(!logs.contains("(CN=backup) expires in"), "{logs}");
+
+    // `understudyd check` says the same of the files, with their dates.
+    let mut check = Command::new(common::DAEMON);
+    check.arg("check").arg("--config").arg(&pair.config);
+    for o in tls_overrides(&ca, &pc, &pk) {
+        check.arg("--set").arg(o);
+    }
+    let out = check.output().unwrap();
+    common::assert_success(&out);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "TLS certificate {} (CN=primary): valid until",
+            pc.display()
+        )) && said.contains("TLS CA certificate")
+            && said.contains("warning: the TLS certificate")
+            && said.contains("(CN=primary) expires in"),
+        "{said}"
+    );
+
+    // Each file's end, in Unix time: within the two days the files were made for.
+    let scraped = common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    for file in ["certificate", "CA certificate"] {
+        let line = scraped
+            .lines()
+            .find(|l| {
+                l.starts_with("understudy_tls_not_after_seconds{")
+                    && l.contains(&format!("file=\"{file}\""))
+            })
+            .unwrap_or_else(|| panic!("no end of validity for the {file}\n{scraped}"));
+        let end: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(
+            end > now + 86_400.0 && end <= now + 2.0 * 86_400.0 + 60.0,
+            "{line} (now {now})"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
     let _serial = common::serial().await;

@@ -17,6 +17,7 @@ pub mod payload;
 pub mod postcopy;
 pub mod role;
 pub mod status;
+pub mod tls_validity;
 pub mod wire;
 pub mod witness;
 

@@ -63,6 +63,12 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabel {
+    file: String,
+    path: String,
+}
+
 /// Every metric a daemon exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -120,6 +126,7 @@ pub struct Metrics {
     compress_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     witness_decisions: Family<OutcomeLabel, Counter>,
     witness_decision_seconds: Histogram,
+    tls_not_after: Family<CertLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -167,6 +174,7 @@ impl Metrics {
             compress_rate: Gauge::default(),
             witness_decisions: Family::default(),
             witness_decision_seconds: seconds(),
+            tls_not_after: Family::default(),
         };
         let mut registry = Registry::with_prefix("understudy");
         registry.register_with_unit(
@@ -338,7 +346,25 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.witness_decision_seconds.clone(),
         );
+        registry.register_with_unit(
+            "tls_not_after",
+            "When each TLS certificate file this host presents or trusts stops being valid \
+             (Unix time; the earliest of the file's certificates)",
+            prometheus_client::registry::Unit::Seconds,
+            m.tls_not_after.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Sets when the TLS certificate file `path` (`file`: what it is for)
+    /// stops being valid, in Unix seconds.
+    pub fn set_tls_not_after(&self, file: &str, path: &str, not_after: i64) {
+        self.tls_not_after
+            .get_or_create(&CertLabel {
+                file: file.to_owned(),
+                path: path.to_owned(),
+            })
+            .set(not_after);
     }
 
     /// Counts and times one decision taken through the witness.

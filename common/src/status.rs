@@ -207,6 +207,8 @@ pub struct Stats {
     witness: Mutex<Option<understudy_proto::WitnessStatus>>,
     /// The adaptive codec's last decision (None: none yet, or not adaptive).
     codec: Mutex<Option<understudy_proto::CodecStatus>>,
+    /// What the TLS certificates need (`tls_validity::warnings`).
+    tls_warnings: Mutex<Vec<String>>,
     /// Prometheus metrics (histograms and counters updated as things happen).
     pub metrics: crate::metrics::Metrics,
     last_epoch_at: Mutex<Option<Instant>>,
@@ -244,6 +246,7 @@ impl Stats {
             migration: Mutex::new(None),
             witness: Mutex::new(None),
             codec: Mutex::new(None),
+            tls_warnings: Mutex::default(),
             metrics: crate::metrics::Metrics::new(),
             last_epoch_at: Mutex::new(None),
             recent: Mutex::default(),
@@ -426,7 +429,17 @@ impl Stats {
             migration: lock(&self.migration).clone(),
             witness: lock(&self.witness).clone(),
             codec: *lock(&self.codec),
+            warnings: lock(&self.tls_warnings).clone(),
         }
+    }
+
+    /// Reports what the TLS certificates need (none: nothing); returns
+    /// whether that changed.
+    pub fn set_tls_warnings(&self, warnings: Vec<String>) -> bool {
+        let mut held = lock(&self.tls_warnings);
+        let changed = *held != warnings;
+        *held = warnings;
+        changed
     }
 
     /// Reports the adaptive codec's last decision (None: no longer adapting,

@@ -273,6 +273,17 @@ pub struct TlsConfig {
     /// signed for an operator or a console client (`urn:understudy:console:`).
     #[serde(default)]
     pub console: bool,
+    /// Days before a certificate (this host's, the CA's, the witness's) ends
+    /// from which the daemon warns in its status and log (default 30; 0: only
+    /// once it has expired). See `understudy_common::tls_validity`.
+    pub expiry_warning_days: Option<u32>,
+}
+
+impl TlsConfig {
+    /// Days before a certificate's end from which the daemon warns.
+    pub fn expiry_warning_days(&self) -> u32 {
+        self.expiry_warning_days.unwrap_or(30)
+    }
 }
 
 /// `[witness]`: an etcd cluster both hosts reach, holding one key per VM

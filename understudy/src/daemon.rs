@@ -139,6 +139,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
         if let Some(faults) = understudy_common::fault::describe() {
             tracing::warn!(%faults, "fault injection is armed ({}): for tests only", understudy_common::fault::ENV);
         }
+        crate::tls_watch::spawn(config, stats.clone(), shutdown.clone());
         if config.tls.dangerously_allow_insecure_network {
             tracing::warn!(
                 "tls.insecure = true on network addresses (tls.dangerously_allow_insecure_network): anyone \

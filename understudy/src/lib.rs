@@ -14,6 +14,7 @@ pub mod record;
 pub mod remote;
 pub mod supervise;
 pub mod switchover;
+pub mod tls_watch;
 
 /// Logs to standard error, filtered by `UNDERSTUDY_LOG` (default `default`)
 /// plus `always` directives; colours only on a terminal, so the journal and

@@ -423,5 +423,8 @@ pub fn render(s: &StatusReply) -> String {
         }
         rows.push(("witness", line));
     }
+    for warning in &s.warnings {
+        rows.push(("WARNING", warning.clone()));
+    }
     rows.iter().map(|(k, v)| format!("{k:<16}{v}\n")).collect()
 }

@@ -78,6 +78,11 @@ fn main() -> ExitCode {
             config.name,
             config.guest
         );
+        // What the daemon would say of its certificates (a file it cannot
+        // read yet is said, not refused: the check is of the file).
+        for line in understudy::tls_watch::report(&config) {
+            println!("{line}");
+        }
         return ExitCode::SUCCESS;
     };
     let start = if incoming {

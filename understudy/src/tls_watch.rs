@@ -1,0 +1,152 @@
+//! The daemon's watch over the TLS certificates it presents and trusts
+//! (`understudy_common::tls_validity` says why): checked when it starts and
+//! every hour, each file's end of validity a metric, what needs doing in the
+//! status and the log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use understudy_common::status::Stats;
+use understudy_common::tls_validity::{self, Presented, Validity};
+
+use crate::config::Config;
+
+/// How often the files are read again.
+pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
+
+/// This host's certificate (the one its servers present).
+const HOST: &str = "certificate";
+/// The certificate it presents to the witness.
+const WITNESS_CLIENT: &str = "witness client certificate";
+
+/// The certificate files a daemon with `config` presents or trusts: the
+/// pair's, and the witness's. Empty in insecure mode.
+fn files(config: &Config) -> Vec<(&'static str, PathBuf)> {
+    let mut files = Vec::new();
+    if let Some(tls) = config.tls_files() {
+        files.push((HOST, tls.cert));
+        files.push(("CA certificate", tls.ca));
+    }
+    if let Some(tls) = config.witness_config().and_then(|w| w.tls) {
+        files.push((WITNESS_CLIENT, tls.cert));
+        files.push(("witness CA certificate", tls.ca));
+    }
+    files
+}
+
+fn read(files: &[(&'static str, PathBuf)]) -> Result<Vec<Validity>, tls_validity::ValidityError> {
+    let refs: Vec<(&'static str, &std::path::Path)> =
+        files.iter().map(|(w, p)| (*w, p.as_path())).collect();
+    tls_validity::read(&refs)
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// One look at the files: the metrics, the status, and a log line for each
+/// warning when they changed.
+fn check(
+    files: &[(&'static str, PathBuf)],
+    presented: &Presented,
+    window: Duration,
+    stats: &Stats,
+) {
+    let warnings = match read(files) {
+        Ok(certs) => {
+            for (what, path) in files {
+                let end = certs
+                    .iter()
+                    .filter(|c| c.what == *what)
+                    .map(|c| c.not_after)
+                    .min();
+                if let Some(end) = end {
+                    stats
+                        .metrics
+                        .set_tls_not_after(what, &path.display().to_string(), end);
+                }
+            }
+            tls_validity::warnings(&certs, presented, now(), window)
+        }
+        Err(e) => vec![format!(
+            "{}: this daemon cannot tell when its certificates expire",
+            understudy_common::wire::chain(&e)
+        )],
+    };
+    if stats.set_tls_warnings(warnings.clone()) {
+        if warnings.is_empty() {
+            tracing::info!("TLS certificates: none expires within the warning window any more");
+        }
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
+    }
+}
+
+/// What `understudyd check` says of the certificates of `config`: each
+/// file's end of validity, then what needs doing (as the daemon would warn).
+pub fn report(config: &Config) -> Vec<String> {
+    let files = files(config);
+    if files.is_empty() {
+        return Vec::new();
+    }
+    let window = Duration::from_secs(u64::from(config.tls.expiry_warning_days()) * 86_400);
+    match read(&files) {
+        Ok(certs) => {
+            let mut lines: Vec<String> = certs
+                .iter()
+                .map(|c| {
+                    format!(
+                        "TLS {} {} ({}): valid until {}",
+                        c.what,
+                        c.path.display(),
+                        c.subject,
+                        tls_validity::utc(c.not_after)
+                    )
+                })
+                .collect();
+            lines.extend(
+                tls_validity::warnings(&certs, &Presented::default(), now(), window)
+                    .into_iter()
+                    .map(|w| format!("warning: {w}")),
+            );
+            lines
+        }
+        Err(e) => vec![format!("warning: {}", understudy_common::wire::chain(&e))],
+    }
+}
+
+/// Watches the certificates of `config` until `shutdown` (nothing to do in
+/// insecure mode). The servers, and the witness's channel, loaded their
+/// certificates when the daemon started: what they present is read here
+/// first, before any renewal of the files.
+pub fn spawn(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) {
+    let files = files(config);
+    if files.is_empty() {
+        return;
+    }
+    let window = Duration::from_secs(u64::from(config.tls.expiry_warning_days()) * 86_400);
+    let presented = Presented(
+        read(&files)
+            .map(|certs| {
+                certs
+                    .into_iter()
+                    .filter(|c| c.what == HOST || c.what == WITNESS_CLIENT)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
+    check(&files, &presented, window, &stats);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(CHECK_EVERY) => check(&files, &presented, window, &stats),
+            }
+        }
+    });
+}
