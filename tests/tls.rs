@@ -373,6 +373,90 @@ async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
     }
 }
 
+/// The subject of the certificate the server at `addr` presents to a new
+/// connection (`openssl s_client`, as the operator `cert`/`key`).
+fn presented(addr: std::net::SocketAddr, ca: &Path, cert: &Path, key: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-CAfile"])
+        .arg(ca)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl (Debian package openssl) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .unwrap_or_else(|| panic!("no server certificate in\n{text}"))
+        .trim()
+        .to_owned()
+}
+
+/// Certificates renewed in place are presented at the next connection, with
+/// no restart (the pair stays up and protected), and a renewal that does not
+/// load keeps the last good one and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_presented_without_a_restart() {
+    let _serial = common::serial().await;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "ca");
+    let (pc, pk) = make_cert(d, "ca", "primary");
+    let (bc, bk) = make_cert(d, "ca", "backup");
+    let (oc, ok) = make_operator(d, "ca", "operator");
+    let (rc, rk) = make_cert(d, "ca", "backup-renewed");
+    let ca = d.join("ca.pem");
+    let mut pair = Pair::new("counter", "");
+    start(
+        &mut pair,
+        tls_overrides(&ca, &bc, &bk),
+        tls_overrides(&ca, &pc, &pk),
+    );
+    wait_log(&pair, "VM protected");
+    let control = pair.addrs.backup_control;
+    assert_eq!(presented(control, &ca, &oc, &ok), "CN = backup");
+
+    // Renewed as a tool would: a new file renamed over the old one.
+    for (from, to) in [(&rk, &bk), (&rc, &bc)] {
+        let tmp = to.with_extension("new");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+    assert_eq!(presented(control, &ca, &oc, &ok), "CN = backup-renewed");
+    wait_log(
+        &pair,
+        "TLS files changed: new connections use what they hold now",
+    );
+    let operator_config = operator_config(&pair, &ca, &oc, &ok);
+    let status = || {
+        let out = Command::new(common::CTL)
+            .args(["status", "--control", &control.to_string(), "--config"])
+            .arg(&operator_config)
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status().contains("protected       yes"), "{}", status());
+
+    // A renewal that does not load: the last good certificate stays.
+    std::fs::write(
+        &bc,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    assert_eq!(presented(control, &ca, &oc, &ok), "CN = backup-renewed");
+    wait_log(&pair, "TLS files changed but do not load");
+    assert!(status().contains("protected       yes"), "{}", status());
+    assert!(
+        pair.backup.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the backup runs on\n{}",
+        pair.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
     let _serial = common::serial().await;

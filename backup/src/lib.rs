@@ -434,19 +434,21 @@ pub async fn run(
     // The server stops accepting when the role ends (shutdown or handover);
     // connections it already has (the handover's answer) finish on their own.
     let role_done = shutdown.child_token();
-    let server = wire::server(opts.tls.as_ref())
-        .map_err(BackupError::Tls)?
+    let tls = wire::server_tls(opts.tls.as_ref()).map_err(BackupError::Tls)?;
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(wire::STREAM_WINDOW)
         .initial_connection_window_size(wire::CONNECTION_WINDOW)
         .max_frame_size(wire::MAX_FRAME)
         .tcp_nodelay(true)
         .add_service(stream::Router::new(service::ReplicationService(
             shared.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            wire::incoming(replication),
-            role_done.clone().cancelled_owned(),
-        );
+        )));
+    let server = wire::serve(
+        router,
+        replication,
+        tls,
+        role_done.clone().cancelled_owned(),
+    );
     let mut server = tokio::spawn(server);
     let exit = tokio::select! {
         // Stopping: the primary's streams never end on their own, so the

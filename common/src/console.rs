@@ -42,6 +42,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use understudy_vmm::{ConsoleInput, InputRefused};
 
+use crate::server_tls::HANDSHAKE_TIMEOUT;
+
 /// Magic of the resume request and reply.
 pub const RESUME_MAGIC: [u8; 8] = *b"USCONSOL";
 /// Magic of the resume request and reply that also carry the input offset.
@@ -378,8 +380,8 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// and console clients whose certificates the pair's CA signed).
 #[derive(Clone)]
 pub struct ConsoleTls {
-    /// The host's certificate and the client verifier.
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// The host's certificate and the client verifier, following the files.
+    pub server: std::sync::Arc<crate::server_tls::ServerTls>,
     /// Who may connect.
     pub auth: crate::auth::Authority,
 }
@@ -485,9 +487,11 @@ pub async fn serve(
             match tls {
                 None => client(stream, log, input, shutdown).await,
                 Some(tls) => {
-                    let accepted =
-                        tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(stream))
-                            .await;
+                    let accepted = tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        tls.server.acceptor().accept(stream),
+                    )
+                    .await;
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {

@@ -16,6 +16,7 @@ pub mod operator;
 pub mod payload;
 pub mod postcopy;
 pub mod role;
+pub mod server_tls;
 pub mod status;
 pub mod tls_validity;
 pub mod wire;

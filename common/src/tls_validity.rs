@@ -12,10 +12,10 @@
 //! (`tls.expiry_warning_days`), one that has expired, and one that is not
 //! valid yet (a clock or a certificate that is wrong).
 //!
-//! A renewed file takes effect for each new connection this host makes, and
-//! for the servers when the daemon next starts: until then the servers
-//! present the certificate they loaded, so the daemon also checks that one
-//! ([`Presented`]).
+//! A renewed file takes effect at the next handshake (`crate::server_tls`),
+//! except where a connection loaded its certificate once, when the daemon
+//! started (the witness's channel): the daemon also checks what that one
+//! presents ([`Presented`]) until it restarts.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -118,8 +118,9 @@ pub fn read(files: &[(&'static str, &Path)]) -> Result<Vec<Validity>, ValidityEr
     Ok(all)
 }
 
-/// The certificates this daemon's servers loaded when they started, which
-/// they present until it restarts whatever the files hold since.
+/// The certificates this daemon loaded once, when it started, and presents
+/// until it restarts whatever the files hold since (the witness's client
+/// certificate).
 #[derive(Clone, Debug, Default)]
 pub struct Presented(pub Vec<Validity>);
 
@@ -150,7 +151,8 @@ pub fn warnings(
 fn warning(c: &Validity, now: i64, window: Duration, replaced: bool) -> Option<String> {
     let name = if replaced {
         format!(
-            "the TLS {} this daemon's servers loaded from {} ({}), since replaced in the file,",
+            "the TLS {} this daemon loaded from {} when it started ({}), since replaced in \
+             the file,",
             c.what,
             c.path.display(),
             c.subject
@@ -159,8 +161,8 @@ fn warning(c: &Validity, now: i64, window: Duration, replaced: bool) -> Option<S
         format!("the TLS {} {} ({})", c.what, c.path.display(), c.subject)
     };
     let fix = if replaced {
-        "the servers present the renewed file once the daemon restarts (on the primary, \
-         switch over first: docs/OPERATIONS.md, \"Renewing certificates\")"
+        "the daemon presents the renewed file once it restarts (on the primary, switch \
+         over first: docs/OPERATIONS.md, \"Renewing certificates\")"
     } else {
         "renew it (docs/OPERATIONS.md, \"Renewing certificates\")"
     };
@@ -357,9 +359,9 @@ smSi8mH1GWx0
         let w = warnings(&now_on_disk, &Presented(loaded.clone()), now, window(30));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            w[0].contains("this daemon's servers loaded")
+            w[0].contains("this daemon loaded from")
                 && w[0].contains("expires in 5 days")
-                && w[0].contains("once the daemon restarts"),
+                && w[0].contains("once it restarts"),
             "{}",
             w[0]
         );

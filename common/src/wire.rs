@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tonic::Status;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 const GENERATION_KEY: &str = "understudy-generation";
 
@@ -132,13 +132,6 @@ impl TlsFiles {
         Ok(Certificate::from_pem(read("CA certificate", &self.ca)?))
     }
 
-    /// A server that requires clients to present a certificate signed by the CA.
-    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
-            .client_ca_root(self.ca_cert()?))
-    }
-
     /// A client that presents this host's certificate and accepts only a
     /// server whose certificate the CA signed for `server_name` (a DNS name or
     /// an IP address in the certificate's subjectAltName).
@@ -171,14 +164,35 @@ pub fn incoming(
     })
 }
 
-/// A gRPC server builder, with mutual TLS when `tls` is given.
-pub fn server(tls: Option<&TlsFiles>) -> Result<tonic::transport::Server, String> {
-    let builder = tonic::transport::Server::builder();
+/// A gRPC server's TLS (mutual, following its files: see
+/// [`crate::server_tls`]) when `tls` is given; the error names a file that
+/// does not load.
+pub fn server_tls(
+    tls: Option<&TlsFiles>,
+) -> Result<Option<std::sync::Arc<crate::server_tls::ServerTls>>, String> {
+    tls.map(crate::server_tls::ServerTls::grpc)
+        .transpose()
+        .map_err(|e| chain(&e))
+}
+
+/// Serves `router` on `listener` until `signal`: over TLS with `tls`
+/// ([`server_tls`]), else in plaintext.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<crate::server_tls::ServerTls>>,
+    signal: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     match tls {
-        None => Ok(builder),
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), signal)
+                .await
+        }
         Some(tls) => {
-            let config = tls.server().map_err(|e| chain(&e))?;
-            builder.tls_config(config).map_err(|e| chain(&e))
+            router
+                .serve_with_incoming_shutdown(crate::server_tls::incoming(listener, tls), signal)
+                .await
         }
     }
 }
@@ -210,9 +224,10 @@ pub async fn listen(
         .map_err(|source| ListenError { what, addr, source })
 }
 
-/// TLS material for the console that cannot be used.
+/// TLS material for a server (control, replication, the console) that
+/// cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ConsoleTlsError {
+pub enum ServerTlsError {
     /// A PEM file cannot be read.
     #[error("cannot read the TLS {what} {path}")]
     Read {
@@ -246,20 +261,20 @@ pub enum ConsoleTlsError {
     },
 }
 
-mod console_tls {
+mod server_tls_config {
     use std::path::Path;
     use std::sync::Arc;
 
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-    use super::{ConsoleTlsError, TlsFiles};
+    use super::{ServerTlsError, TlsFiles};
 
     fn certs(
         what: &'static str,
         path: &Path,
-    ) -> Result<Vec<CertificateDer<'static>>, ConsoleTlsError> {
-        let read = |source| ConsoleTlsError::Read {
+    ) -> Result<Vec<CertificateDer<'static>>, ServerTlsError> {
+        let read = |source| ServerTlsError::Read {
             what,
             path: path.to_owned(),
             source,
@@ -270,18 +285,18 @@ mod console_tls {
             .map_err(read)
     }
 
-    fn key(path: &Path) -> Result<PrivateKeyDer<'static>, ConsoleTlsError> {
-        PrivateKeyDer::from_pem_file(path).map_err(|source| ConsoleTlsError::Read {
+    fn key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerTlsError> {
+        PrivateKeyDer::from_pem_file(path).map_err(|source| ServerTlsError::Read {
             what: "key",
             path: path.to_owned(),
             source,
         })
     }
 
-    fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, ConsoleTlsError> {
+    fn roots(files: &TlsFiles) -> Result<rustls::RootCertStore, ServerTlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in certs("CA certificate", &files.ca)? {
-            roots.add(cert).map_err(|source| ConsoleTlsError::Rustls {
+            roots.add(cert).map_err(|source| ServerTlsError::Rustls {
                 what: "CA certificate",
                 path: files.ca.clone(),
                 source,
@@ -297,8 +312,8 @@ mod console_tls {
     fn rustls_err<'a>(
         what: &'static str,
         path: &'a Path,
-    ) -> impl FnOnce(rustls::Error) -> ConsoleTlsError + 'a {
-        move |source| ConsoleTlsError::Rustls {
+    ) -> impl FnOnce(rustls::Error) -> ServerTlsError + 'a {
+        move |source| ServerTlsError::Rustls {
             what,
             path: path.to_owned(),
             source,
@@ -306,32 +321,36 @@ mod console_tls {
     }
 
     impl TlsFiles {
-        /// The console's TLS server: this host's certificate, and clients
-        /// must present a certificate the CA signed (who they are is
-        /// checked per connection).
-        pub fn console_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, ConsoleTlsError> {
+        /// A TLS server's configuration: this host's certificate, and
+        /// clients must present a certificate the CA signed (who they are
+        /// is checked per call); `alpn`: the protocols offered.
+        pub fn server_config(
+            &self,
+            alpn: Vec<Vec<u8>>,
+        ) -> Result<rustls::ServerConfig, ServerTlsError> {
             let provider = provider();
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(self)?),
                 provider.clone(),
             )
             .build()
-            .map_err(|source| ConsoleTlsError::Verifier {
+            .map_err(|source| ServerTlsError::Verifier {
                 path: self.ca.clone(),
                 source,
             })?;
-            let config = rustls::ServerConfig::builder_with_provider(provider)
+            let mut config = rustls::ServerConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(rustls_err("protocol versions", &self.ca))?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs("certificate", &self.cert)?, key(&self.key)?)
                 .map_err(rustls_err("certificate", &self.cert))?;
-            Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            config.alpn_protocols = alpn;
+            Ok(config)
         }
 
         /// A console client that presents this certificate and accepts only
         /// a server the CA signed (for the IP it dials).
-        pub fn console_connector(&self) -> Result<tokio_rustls::TlsConnector, ConsoleTlsError> {
+        pub fn console_connector(&self) -> Result<tokio_rustls::TlsConnector, ServerTlsError> {
             let config = rustls::ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(rustls_err("protocol versions", &self.ca))?

@@ -729,16 +729,13 @@ pub async fn run(
             let listener = shared
                 .take_turn()
                 .map_err(|source| wire::ListenError::new("replication", shared.addr, source))?;
-            let server = wire::server(opts.tls.as_ref())
-                .map_err(PrimaryError::Tls)?
-                .add_service(ReplicationServer::new(RunsHere {
+            let tls = wire::server_tls(opts.tls.as_ref()).map_err(PrimaryError::Tls)?;
+            let router =
+                tonic::transport::Server::builder().add_service(ReplicationServer::new(RunsHere {
                     generation,
                     auth: opts.auth.clone(),
-                }))
-                .serve_with_incoming_shutdown(
-                    wire::incoming(listener),
-                    shutdown.clone().cancelled_owned(),
-                );
+                }));
+            let server = wire::serve(router, listener, tls, shutdown.clone().cancelled_owned());
             Some(tokio::spawn(server))
         }
         None => None,

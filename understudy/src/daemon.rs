@@ -180,7 +180,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
         let console_listener = wire::listen("console", addrs.console).await?;
         let console_tls = match (config.tls.console, config.tls_files()) {
             (true, Some(files)) => Some(console::ConsoleTls {
-                acceptor: files.console_acceptor()?,
+                server: understudy_common::server_tls::ServerTls::console(&files)?,
                 auth: config.authority(home, Some(stats.clone())),
             }),
             _ => None,
@@ -196,19 +196,20 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
             shutdown.clone(),
         ));
         let control = wire::listen("control", addrs.control).await?;
-        let control_server = tokio::spawn(
-            wire::server(config.tls_files().as_ref())
-                .map_err(anyhow::Error::msg)?
-                .add_service(ControlServer::new(ControlService {
-                    stats: stats.clone(),
-                    operator: host.operator.clone(),
-                    auth: config.authority(home, Some(stats.clone())),
-                }))
-                .serve_with_incoming_shutdown(
-                    wire::incoming(control),
-                    shutdown.clone().cancelled_owned(),
-                ),
-        );
+        let control_tls =
+            wire::server_tls(config.tls_files().as_ref()).map_err(anyhow::Error::msg)?;
+        let control_router =
+            tonic::transport::Server::builder().add_service(ControlServer::new(ControlService {
+                stats: stats.clone(),
+                operator: host.operator.clone(),
+                auth: config.authority(home, Some(stats.clone())),
+            }));
+        let control_server = tokio::spawn(wire::serve(
+            control_router,
+            control,
+            control_tls,
+            shutdown.clone().cancelled_owned(),
+        ));
         if let Some(addr) = addrs.metrics {
             let listener = wire::listen("metrics", addr).await?;
             let scrape = stats.clone();

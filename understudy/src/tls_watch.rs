@@ -16,9 +16,10 @@ use crate::config::Config;
 /// How often the files are read again.
 pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
 
-/// This host's certificate (the one its servers present).
+/// This host's certificate.
 const HOST: &str = "certificate";
-/// The certificate it presents to the witness.
+/// The certificate it presents to the witness (loaded once, with the
+/// witness's channel, when the daemon starts).
 const WITNESS_CLIENT: &str = "witness client certificate";
 
 /// The certificate files a daemon with `config` presents or trusts: the
@@ -121,9 +122,10 @@ pub fn report(config: &Config) -> Vec<String> {
 }
 
 /// Watches the certificates of `config` until `shutdown` (nothing to do in
-/// insecure mode). The servers, and the witness's channel, loaded their
-/// certificates when the daemon started: what they present is read here
-/// first, before any renewal of the files.
+/// insecure mode). The servers and the connections to the other host read
+/// the files at each handshake (`understudy_common::server_tls`), but the
+/// witness's channel loaded its client certificate when the daemon started:
+/// that one is read here first, before any renewal of the file.
 pub fn spawn(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) {
     let files = files(config);
     if files.is_empty() {
@@ -135,7 +137,7 @@ pub fn spawn(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) {
             .map(|certs| {
                 certs
                     .into_iter()
-                    .filter(|c| c.what == HOST || c.what == WITNESS_CLIENT)
+                    .filter(|c| c.what == WITNESS_CLIENT)
                     .collect()
             })
             .unwrap_or_default(),

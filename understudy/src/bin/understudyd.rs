@@ -55,9 +55,9 @@ enum Command {
 fn main() -> ExitCode {
     // Before any thread: chunk-sized buffers are reused, not faulted in anew.
     understudy_common::alloc::keep_freed_memory();
-    // tonic reports refused TLS handshakes (a peer without a certificate
-    // from our CA) at debug level: always show them.
-    understudy::init_logging("info", &["tonic::transport::server::io_stream=debug"]);
+    // Refused TLS handshakes (a peer without a certificate from our CA) and
+    // certificate files that changed are always logged (`server_tls`).
+    understudy::init_logging("info", &["understudy_common::server_tls=info"]);
     let cli = Cli::parse();
     let (role, args, incoming) = match &cli.command {
         Command::Primary(a) => (Some(Role::Primary), &a.config, a.incoming),

@@ -1,0 +1,185 @@
+//! The TLS side of this host's servers (control, replication, the console),
+//! following its files: each handshake uses what the certificate, key and CA
+//! files hold now, so renewed certificates take effect at the next connection,
+//! with no restart (a restart of the primary's daemon would stop its VM).
+//! Connections already up keep the session they have: TLS checks certificates
+//! only in the handshake.
+//!
+//! The files are looked at (size, time, inode) at each handshake and loaded
+//! again when one changed. A change that does not load (a file half written,
+//! a key that does not match its certificate) keeps the last configuration
+//! that did, and a warning names the file: a renewal done badly never takes a
+//! working pair down.
+//!
+//! The gRPC servers take their connections through [`incoming`]: handshakes
+//! run side by side, each within [`HANDSHAKE_TIMEOUT`], so a client that
+//! connects and says nothing holds up no one else.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+
+use crate::wire::{ServerTlsError, TlsFiles};
+
+/// How long a client may take over its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a file looked like when it was loaded.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// A server's TLS configuration, loaded again from its files when they change.
+pub struct ServerTls {
+    files: TlsFiles,
+    /// ALPN protocols offered (`h2` for gRPC; none for the console).
+    alpn: Vec<Vec<u8>>,
+    /// The files' stamps (CA, certificate, key) and what they loaded.
+    current: Mutex<([Stamp; 3], Arc<rustls::ServerConfig>)>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// For a gRPC server (HTTP/2 by ALPN). Fails if the files do not load now.
+    pub fn grpc(files: &TlsFiles) -> Result<Arc<Self>, ServerTlsError> {
+        Self::new(files, vec![b"h2".to_vec()])
+    }
+
+    /// For the console (plain TLS). Fails if the files do not load now.
+    pub fn console(files: &TlsFiles) -> Result<Arc<Self>, ServerTlsError> {
+        Self::new(files, Vec::new())
+    }
+
+    fn new(files: &TlsFiles, alpn: Vec<Vec<u8>>) -> Result<Arc<Self>, ServerTlsError> {
+        let stamps = stamps(files);
+        let config = files.server_config(alpn.clone())?;
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            alpn,
+            current: Mutex::new((stamps, Arc::new(config))),
+        }))
+    }
+
+    /// The configuration for the next handshake: what the files hold now, or
+    /// the last that loaded if they do not load.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        let now = stamps(&self.files);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if now != current.0 {
+            // Looked at once per change, whatever comes of it.
+            current.0 = now;
+            match self.files.server_config(self.alpn.clone()) {
+                Ok(config) => {
+                    current.1 = Arc::new(config);
+                    tracing::info!(
+                        cert = %self.files.cert.display(),
+                        "TLS files changed: new connections use what they hold now"
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    error = %crate::wire::chain(&e),
+                    "TLS files changed but do not load: new connections still use what was \
+                     loaded before (fix the files; they are read again when they change)"
+                ),
+            }
+        }
+        current.1.clone()
+    }
+
+    /// An acceptor for the next handshake.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config())
+    }
+}
+
+fn stamps(files: &TlsFiles) -> [Stamp; 3] {
+    [stamp(&files.ca), stamp(&files.cert), stamp(&files.key)]
+}
+
+/// A handshake's outcome, with whom.
+type Handshake = (
+    std::net::SocketAddr,
+    Result<std::io::Result<TlsStream<TcpStream>>, tokio::time::error::Elapsed>,
+);
+
+/// The TLS connections a gRPC server accepts on `listener`: Nagle's
+/// algorithm off (as [`crate::wire::incoming`]), each handshake on its own
+/// task. A refused handshake is logged (`tls accept error`) and skipped.
+/// Dropping the stream closes `listener` and drops the handshakes under
+/// way (a role that ends gives its listener back).
+pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>) -> Incoming {
+    Incoming {
+        listener,
+        tls,
+        handshakes: JoinSet::new(),
+    }
+}
+
+/// See [`incoming`].
+#[derive(Debug)]
+pub struct Incoming {
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    handshakes: JoinSet<Handshake>,
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<TlsStream<TcpStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // Every connection waiting is taken into a handshake first.
+        loop {
+            match self.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, peer))) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    let acceptor = self.tls.acceptor();
+                    self.handshakes.spawn(async move {
+                        let done =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                        (peer, done)
+                    });
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match self.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok((_, Ok(Ok(stream)))))) => {
+                    return Poll::Ready(Some(Ok(stream)));
+                }
+                Poll::Ready(Some(Ok((peer, Ok(Err(error)))))) => {
+                    tracing::info!(%peer, %error, "tls accept error");
+                }
+                Poll::Ready(Some(Ok((peer, Err(_))))) => {
+                    tracing::info!(
+                        %peer,
+                        "tls accept error: no handshake within {HANDSHAKE_TIMEOUT:?}"
+                    );
+                }
+                // A handshake task that panicked: nothing to serve.
+                Poll::Ready(Some(Err(_))) => {}
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
