@@ -153,6 +153,59 @@ fn operator_config(pair: &Pair, ca: &Path, cert: &Path, key: &Path) -> PathBuf {
     path
 }
 
+/// A CA and the certificates of a pair's hosts (`primary`, `backup`, for
+/// 127.0.0.1) and of an operator (`operator`), in a directory of their own
+/// (`dir`, for more).
+struct PairCerts {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    primary: (PathBuf, PathBuf),
+    backup: (PathBuf, PathBuf),
+    operator: (PathBuf, PathBuf),
+}
+
+impl PairCerts {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        make_ca(d, "ca");
+        Self {
+            ca: d.join("ca.pem"),
+            primary: make_cert(d, "ca", "primary"),
+            backup: make_cert(d, "ca", "backup"),
+            operator: make_operator(d, "ca", "operator"),
+            dir,
+        }
+    }
+
+    /// Starts `pair` under mutual TLS (`backup_extra`: more overrides for
+    /// the backup), waits until the VM is protected, and returns the pair's
+    /// config as the operator's.
+    fn start(&self, pair: &mut Pair, backup_extra: &[&str]) -> PathBuf {
+        let mut backup = tls_overrides(&self.ca, &self.backup.0, &self.backup.1);
+        backup.extend(backup_extra.iter().map(|o| o.to_string()));
+        start(
+            pair,
+            backup,
+            tls_overrides(&self.ca, &self.primary.0, &self.primary.1),
+        );
+        wait_log(pair, "VM protected");
+        operator_config(pair, &self.ca, &self.operator.0, &self.operator.1)
+    }
+}
+
+/// `understudyctl status` of the daemon at `control`, as the operator of
+/// `config`.
+fn operator_status(control: std::net::SocketAddr, config: &Path) -> String {
+    let out = Command::new(common::CTL)
+        .args(["status", "--control", &control.to_string(), "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    common::assert_success(&out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Waits until `needle` has been logged `times` times.
 fn wait_logged(pair: &Pair, needle: &str, times: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -274,13 +327,8 @@ async fn mutual_tls_admits_the_right_ca_and_refuses_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
     let _serial = common::serial().await;
-    let certs = tempfile::tempdir().unwrap();
-    let d = certs.path();
-    make_ca(d, "ca");
-    let (pc, pk) = make_cert(d, "ca", "primary");
-    let (bc, bk) = make_cert(d, "ca", "backup");
-    let (oc, ok) = make_operator(d, "ca", "operator");
-    let ca = d.join("ca.pem");
+    let certs = PairCerts::new();
+    let (ca, (pc, pk)) = (&certs.ca, &certs.primary);
     let metrics = common::free_port();
     let mut pair = Pair::new_with(
         "counter",
@@ -288,22 +336,9 @@ async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
         &format!("metrics = \"127.0.0.1:{metrics}\""),
         "",
     );
-    let mut backup_tls = tls_overrides(&ca, &bc, &bk);
     // The backup warns only once a certificate has expired.
-    backup_tls.push("tls.expiry_warning_days=0".into());
-    start(&mut pair, backup_tls, tls_overrides(&ca, &pc, &pk));
-    wait_log(&pair, "VM protected");
-
-    let operator_config = operator_config(&pair, &ca, &oc, &ok);
-    let status = |control: std::net::SocketAddr| {
-        let out = Command::new(common::CTL)
-            .args(["status", "--control", &control.to_string(), "--config"])
-            .arg(&operator_config)
-            .output()
-            .unwrap();
-        common::assert_success(&out);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let operator_config = certs.start(&mut pair, &["tls.expiry_warning_days=0"]);
+    let status = |control| operator_status(control, &operator_config);
     // The primary (default window, 30 days): its certificate and the CA.
     let primary = status(pair.addrs.primary_control);
     let warnings: Vec<&str> = primary
@@ -335,7 +370,7 @@ async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
     // `understudyd check` says the same of the files, with their dates.
     let mut check = Command::new(common::DAEMON);
     check.arg("check").arg("--config").arg(&pair.config);
-    for o in tls_overrides(&ca, &pc, &pk) {
+    for o in tls_overrides(ca, pc, pk) {
         check.arg("--set").arg(o);
     }
     let out = check.output().unwrap();
@@ -400,54 +435,36 @@ fn presented(addr: std::net::SocketAddr, ca: &Path, cert: &Path, key: &Path) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewed_certificates_are_presented_without_a_restart() {
     let _serial = common::serial().await;
-    let certs = tempfile::tempdir().unwrap();
-    let d = certs.path();
-    make_ca(d, "ca");
-    let (pc, pk) = make_cert(d, "ca", "primary");
-    let (bc, bk) = make_cert(d, "ca", "backup");
-    let (oc, ok) = make_operator(d, "ca", "operator");
-    let (rc, rk) = make_cert(d, "ca", "backup-renewed");
-    let ca = d.join("ca.pem");
+    let certs = PairCerts::new();
+    let (rc, rk) = make_cert(certs.dir.path(), "ca", "backup-renewed");
+    let (ca, (bc, bk), (oc, ok)) = (&certs.ca, &certs.backup, &certs.operator);
     let mut pair = Pair::new("counter", "");
-    start(
-        &mut pair,
-        tls_overrides(&ca, &bc, &bk),
-        tls_overrides(&ca, &pc, &pk),
-    );
-    wait_log(&pair, "VM protected");
+    let operator_config = certs.start(&mut pair, &[]);
     let control = pair.addrs.backup_control;
-    assert_eq!(presented(control, &ca, &oc, &ok), "CN = backup");
+    let presented = || presented(control, ca, oc, ok);
+    let status = || operator_status(control, &operator_config);
+    assert_eq!(presented(), "CN = backup");
 
     // Renewed as a tool would: a new file renamed over the old one.
-    for (from, to) in [(&rk, &bk), (&rc, &bc)] {
+    for (from, to) in [(&rk, bk), (&rc, bc)] {
         let tmp = to.with_extension("new");
         std::fs::copy(from, &tmp).unwrap();
         std::fs::rename(&tmp, to).unwrap();
     }
-    assert_eq!(presented(control, &ca, &oc, &ok), "CN = backup-renewed");
+    assert_eq!(presented(), "CN = backup-renewed");
     wait_log(
         &pair,
         "TLS files changed: new connections use what they hold now",
     );
-    let operator_config = operator_config(&pair, &ca, &oc, &ok);
-    let status = || {
-        let out = Command::new(common::CTL)
-            .args(["status", "--control", &control.to_string(), "--config"])
-            .arg(&operator_config)
-            .output()
-            .unwrap();
-        common::assert_success(&out);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     assert!(status().contains("protected       yes"), "{}", status());
 
     // A renewal that does not load: the last good certificate stays.
     std::fs::write(
-        &bc,
+        bc,
         "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    assert_eq!(presented(control, &ca, &oc, &ok), "CN = backup-renewed");
+    assert_eq!(presented(), "CN = backup-renewed");
     wait_log(&pair, "TLS files changed but do not load");
     assert!(status().contains("protected       yes"), "{}", status());
     assert!(
@@ -460,27 +477,9 @@ async fn renewed_certificates_are_presented_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
     let _serial = common::serial().await;
-    let certs = tempfile::tempdir().unwrap();
-    let d = certs.path();
-    make_ca(d, "ca");
-    let (pc, pk) = make_cert(d, "ca", "primary");
-    let (bc, bk) = make_cert(d, "ca", "backup");
-    let (oc, ok) = make_operator(d, "ca", "operator");
-    let ca = d.join("ca.pem");
-    let primary_replication = format!("127.0.0.1:{}", common::free_port());
-    let mut pair = Pair::new_with(
-        "counter",
-        "",
-        &format!("replication = \"{primary_replication}\""),
-        "",
-    );
-    start(
-        &mut pair,
-        tls_overrides(&ca, &bc, &bk),
-        tls_overrides(&ca, &pc, &pk),
-    );
-    wait_log(&pair, "VM protected");
-    let operator_config = operator_config(&pair, &ca, &oc, &ok);
+    let certs = PairCerts::new();
+    let mut pair = Pair::switchable("counter", "");
+    let operator_config = certs.start(&mut pair, &[]);
     // There and back: the handover, the new primary's replication to the
     // old one and the operator's requests all run over mutual TLS.
     for _ in 0..2 {
@@ -694,22 +693,11 @@ async fn a_destination_takes_a_migration_only_from_the_hosts_it_names() {
     // certificate against the address it was given; migrate is an operator's
     // call.
     let _serial = common::serial().await;
-    let certs = tempfile::tempdir().unwrap();
-    let d = certs.path();
-    make_ca(d, "ca");
-    let (pc, pk) = make_cert(d, "ca", "primary");
-    let (bc, bk) = make_cert(d, "ca", "backup");
-    let (dc, dk) = make_cert(d, "ca", "dest");
-    let (oc, ok) = make_operator(d, "ca", "operator");
-    let ca = d.join("ca.pem");
+    let certs = PairCerts::new();
+    let (dc, dk) = make_cert(certs.dir.path(), "ca", "dest");
+    let ca = &certs.ca;
     let mut pair = Pair::new("kv", "");
-    start(
-        &mut pair,
-        tls_overrides(&ca, &bc, &bk),
-        tls_overrides(&ca, &pc, &pk),
-    );
-    wait_log(&pair, "VM protected");
-    let operator = operator_config(&pair, &ca, &oc, &ok);
+    let operator = certs.start(&mut pair, &[]);
     let tls = format!(
         "ca = {:?}\ncert = {:?}\nkey = {:?}",
         ca.display().to_string(),
