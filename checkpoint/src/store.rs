@@ -783,8 +783,6 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Makes `meta` the record on disk (in place, crash-safely: see
-    /// [`crate::record_file`]) and in memory.
     /// Makes room in the image's record (`meta`, replaced in place at every
     /// commit) for a device state of up to `device_state_len` bytes, so
     /// that a commit carrying one needs no new disk block: a record that
@@ -800,6 +798,8 @@ impl ImageStore {
             .map_err(io("cannot make room in", &self.dir.join(META_FILE)))
     }
 
+    /// Makes `meta` the record on disk (in place, crash-safely: see
+    /// [`crate::record_file`]) and in memory.
     fn replace_meta(&mut self, meta: Meta) -> Result<(), StoreError> {
         self.record
             .replace(&meta.encode())

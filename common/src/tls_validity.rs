@@ -20,8 +20,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// One certificate of a PEM file, and when it is valid.
@@ -42,17 +40,9 @@ pub struct Validity {
 /// A certificate file that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ValidityError {
-    /// Not readable, or not PEM.
-    #[error("cannot read the TLS {what} {path}")]
-    Read {
-        /// What the file is for.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
+    /// Not readable, or not PEM (as the servers read it).
+    #[error(transparent)]
+    Read(#[from] crate::wire::ServerTlsError),
     /// A PEM block that is not an X.509 certificate.
     #[error("the TLS {what} {path} holds a certificate that does not parse: {why}")]
     Parse {
@@ -75,15 +65,7 @@ pub enum ValidityError {
 
 /// Every certificate in the PEM file `path` (`what` names it in messages).
 pub fn read_file(what: &'static str, path: &Path) -> Result<Vec<Validity>, ValidityError> {
-    let read = |source| ValidityError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    };
-    let ders: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(read)?
-        .collect::<Result<_, _>>()
-        .map_err(read)?;
+    let ders = crate::wire::server_tls_config::certs(what, path)?;
     if ders.is_empty() {
         return Err(ValidityError::Empty {
             what,

@@ -261,7 +261,7 @@ pub enum ServerTlsError {
     },
 }
 
-mod server_tls_config {
+pub(crate) mod server_tls_config {
     use std::path::Path;
     use std::sync::Arc;
 
@@ -270,7 +270,8 @@ mod server_tls_config {
 
     use super::{ServerTlsError, TlsFiles};
 
-    fn certs(
+    /// Every certificate in the PEM file `path` (`what` names it in errors).
+    pub(crate) fn certs(
         what: &'static str,
         path: &Path,
     ) -> Result<Vec<CertificateDer<'static>>, ServerTlsError> {

@@ -280,9 +280,10 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
-    /// Days before a certificate's end from which the daemon warns.
-    pub fn expiry_warning_days(&self) -> u32 {
-        self.expiry_warning_days.unwrap_or(30)
+    /// How long before a certificate's end the daemon warns
+    /// (`expiry_warning_days`, default 30).
+    pub fn expiry_warning(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.expiry_warning_days.unwrap_or(30)) * 86_400)
     }
 }
 

@@ -95,7 +95,7 @@ pub fn report(config: &Config) -> Vec<String> {
     if files.is_empty() {
         return Vec::new();
     }
-    let window = Duration::from_secs(u64::from(config.tls.expiry_warning_days()) * 86_400);
+    let window = config.tls.expiry_warning();
     match read(&files) {
         Ok(certs) => {
             let mut lines: Vec<String> = certs
@@ -131,7 +131,7 @@ pub fn spawn(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) {
     if files.is_empty() {
         return;
     }
-    let window = Duration::from_secs(u64::from(config.tls.expiry_warning_days()) * 86_400);
+    let window = config.tls.expiry_warning();
     let presented = Presented(
         read(&files)
             .map(|certs| {
