@@ -742,8 +742,10 @@ async fn a_destination_takes_a_migration_only_from_the_hosts_it_names() {
 /// CA; a host with the right files swaps the key, one whose certificate
 /// another CA signed is not let in (the witness is unreachable to it, so it
 /// takes no role), and neither is one that expects another server name.
+/// Renewed files are presented at the next request, with no restart; files
+/// that do not load keep what loaded last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_witness_speaks_to_etcd_over_mutual_tls_only() {
+async fn the_witness_speaks_to_etcd_over_mutual_tls_only_and_follows_renewals() {
     use understudy_common::witness::{Claim, Swap, Witness, WitnessConfig, WitnessError};
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
@@ -790,17 +792,15 @@ async fn the_witness_speaks_to_etcd_over_mutual_tls_only() {
         etcd.get("/understudy/vm1"),
         "generation=1 owner=a state=unprotected"
     );
+    let stranger = Witness::new(
+        &config(&stranger_cert, &stranger_key, None),
+        "vm1",
+        "s".into(),
+        stats.clone(),
+    )
+    .unwrap();
     for (what, witness) in [
-        (
-            "a certificate from another CA",
-            Witness::new(
-                &config(&stranger_cert, &stranger_key, None),
-                "vm1",
-                "s".into(),
-                stats.clone(),
-            )
-            .unwrap(),
-        ),
+        ("a certificate from another CA", stranger.clone()),
         (
             "another server name",
             Witness::new(
@@ -815,4 +815,22 @@ async fn the_witness_speaks_to_etcd_over_mutual_tls_only() {
         let e = witness.read().await.unwrap_err();
         assert!(matches!(e, WitnessError::Unreachable(_)), "{what}: {e}");
     }
+
+    // The stranger's files renewed with a certificate etcd's CA signed (each
+    // renamed over, as a renewal should): the same handle presents it at its
+    // next request, with no restart.
+    let renew = |from: &Path, to: &Path| {
+        let staged = to.with_extension("new");
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    };
+    renew(&client_cert, &stranger_cert);
+    renew(&client_key, &stranger_key);
+    let held = stranger.read().await.unwrap();
+    assert_eq!(held.map(|h| h.claim), Some(claim.clone()));
+    // A renewal gone wrong (not a certificate) keeps what loaded last.
+    std::fs::write(d.join("garbage.new"), "not a certificate\n").unwrap();
+    std::fs::rename(d.join("garbage.new"), &stranger_cert).unwrap();
+    let held = stranger.read().await.unwrap();
+    assert_eq!(held.map(|h| h.claim), Some(claim));
 }

@@ -15,37 +15,27 @@
 //! run side by side, each within [`HANDSHAKE_TIMEOUT`], so a client that
 //! connects and says nothing holds up no one else.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 
-use crate::wire::{ServerTlsError, TlsFiles};
+use crate::wire::{ServerTlsError, TlsFiles, TlsStamp};
 
 /// How long a client may take over its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a file looked like when it was loaded.
-type Stamp = Option<(SystemTime, u64, u64)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
 
 /// A server's TLS configuration, loaded again from its files when they change.
 pub struct ServerTls {
     files: TlsFiles,
     /// ALPN protocols offered (`h2` for gRPC; none for the console).
     alpn: Vec<Vec<u8>>,
-    /// The files' stamps (CA, certificate, key) and what they loaded.
-    current: Mutex<([Stamp; 3], Arc<rustls::ServerConfig>)>,
+    /// What the files looked like when last loaded, and what they loaded.
+    current: Mutex<(TlsStamp, Arc<rustls::ServerConfig>)>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -68,7 +58,7 @@ impl ServerTls {
     }
 
     fn new(files: &TlsFiles, alpn: Vec<Vec<u8>>) -> Result<Arc<Self>, ServerTlsError> {
-        let stamps = stamps(files);
+        let stamps = files.stamp();
         let config = files.server_config(alpn.clone())?;
         Ok(Arc::new(Self {
             files: files.clone(),
@@ -80,7 +70,7 @@ impl ServerTls {
     /// The configuration for the next handshake: what the files hold now, or
     /// the last that loaded if they do not load.
     pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        let now = stamps(&self.files);
+        let now = self.files.stamp();
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if now != current.0 {
             // Looked at once per change, whatever comes of it.
@@ -107,10 +97,6 @@ impl ServerTls {
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config())
     }
-}
-
-fn stamps(files: &TlsFiles) -> [Stamp; 3] {
-    [stamp(&files.ca), stamp(&files.cert), stamp(&files.key)]
 }
 
 /// A handshake's outcome, with whom.

@@ -12,10 +12,11 @@
 //! (`tls.expiry_warning_days`), one that has expired, and one that is not
 //! valid yet (a clock or a certificate that is wrong).
 //!
-//! A renewed file takes effect at the next handshake (`crate::server_tls`),
-//! except where a connection loaded its certificate once, when the daemon
-//! started (the witness's channel): the daemon also checks what that one
-//! presents ([`Presented`]) until it restarts.
+//! A renewed file takes effect at the next handshake: the servers load their
+//! files again when they change (`crate::server_tls`), the clients read them
+//! at each connection, and the witness's client is built again when its
+//! files change (`crate::witness`). So what the files hold is what the daemon
+//! presents, and the files are what is checked.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -100,54 +101,18 @@ pub fn read(files: &[(&'static str, &Path)]) -> Result<Vec<Validity>, ValidityEr
     Ok(all)
 }
 
-/// The certificates this daemon loaded once, when it started, and presents
-/// until it restarts whatever the files hold since (the witness's client
-/// certificate).
-#[derive(Clone, Debug, Default)]
-pub struct Presented(pub Vec<Validity>);
-
 /// What needs doing about `certs` at `now` (Unix seconds), one sentence each:
-/// expired, not valid yet, or expiring within `window`. `presented`: the
-/// certificates the servers loaded; one the files no longer hold is checked
-/// too, and its sentence says the renewal waits for a restart.
-pub fn warnings(
-    certs: &[Validity],
-    presented: &Presented,
-    now: i64,
-    window: Duration,
-) -> Vec<String> {
-    let mut out: Vec<String> = certs
+/// expired, not valid yet, or expiring within `window`.
+pub fn warnings(certs: &[Validity], now: i64, window: Duration) -> Vec<String> {
+    certs
         .iter()
-        .filter_map(|c| warning(c, now, window, false))
-        .collect();
-    out.extend(
-        presented
-            .0
-            .iter()
-            .filter(|p| !certs.contains(p))
-            .filter_map(|p| warning(p, now, window, true)),
-    );
-    out
+        .filter_map(|c| warning(c, now, window))
+        .collect()
 }
 
-fn warning(c: &Validity, now: i64, window: Duration, replaced: bool) -> Option<String> {
-    let name = if replaced {
-        format!(
-            "the TLS {} this daemon loaded from {} when it started ({}), since replaced in \
-             the file,",
-            c.what,
-            c.path.display(),
-            c.subject
-        )
-    } else {
-        format!("the TLS {} {} ({})", c.what, c.path.display(), c.subject)
-    };
-    let fix = if replaced {
-        "the daemon presents the renewed file once it restarts (on the primary, switch \
-         over first: docs/OPERATIONS.md, \"Renewing certificates\")"
-    } else {
-        "renew it (docs/OPERATIONS.md, \"Renewing certificates\")"
-    };
+fn warning(c: &Validity, now: i64, window: Duration) -> Option<String> {
+    let name = format!("the TLS {} {} ({})", c.what, c.path.display(), c.subject);
+    let fix = "renew it (docs/OPERATIONS.md, \"Renewing certificates\")";
     if now >= c.not_after {
         Some(format!(
             "{name} expired {} ago, at {}: the pair cannot connect again with it (after a \
@@ -295,12 +260,11 @@ smSi8mH1GWx0
         let dir = tempfile::tempdir().unwrap();
         let (ca, host) = files(dir.path());
         let certs = read(&[("certificate", &host), ("CA certificate", &ca)]).unwrap();
-        let none = Presented::default();
         // Twenty days before the host's certificate ends: nothing within 14
         // days, the host's certificate within 30.
         let now = HOST_UNTIL - 20 * DAY;
-        assert!(warnings(&certs, &none, now, window(14)).is_empty());
-        let w = warnings(&certs, &none, now, window(30));
+        assert!(warnings(&certs, now, window(14)).is_empty());
+        let w = warnings(&certs, now, window(30));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
             w[0].starts_with("the TLS certificate ")
@@ -310,10 +274,10 @@ smSi8mH1GWx0
             w[0]
         );
         // Three hours left.
-        let w = warnings(&certs, &none, HOST_UNTIL - 3 * 3_600, window(1));
+        let w = warnings(&certs, HOST_UNTIL - 3 * 3_600, window(1));
         assert!(w[0].contains("expires in 3 hours"), "{w:?}");
         // Expired an hour ago.
-        let w = warnings(&certs, &none, HOST_UNTIL + 3_600, window(0));
+        let w = warnings(&certs, HOST_UNTIL + 3_600, window(0));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
             w[0].contains("expired 60 minutes ago") && w[0].contains("cannot connect again"),
@@ -321,42 +285,10 @@ smSi8mH1GWx0
             w[0]
         );
         // A clock a day behind the certificates.
-        let w = warnings(&certs, &none, FROM - DAY, window(0));
+        let w = warnings(&certs, FROM - DAY, window(0));
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w.iter().all(|w| w.contains("is not valid before")), "{w:?}");
         // Past the CA's end: both.
-        assert_eq!(warnings(&certs, &none, CA_UNTIL, window(0)).len(), 2);
-    }
-
-    #[test]
-    fn a_renewed_file_still_warns_about_the_certificate_the_servers_present() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, host) = files(dir.path());
-        let loaded = read(&[("certificate", &host)]).unwrap();
-        // The file now holds a certificate valid ten years (the CA's, as a
-        // stand-in for a renewed one).
-        std::fs::write(&host, CA).unwrap();
-        let now_on_disk = read(&[("certificate", &host), ("CA certificate", &ca)]).unwrap();
-        let now = HOST_UNTIL - 5 * DAY;
-        let w = warnings(&now_on_disk, &Presented(loaded.clone()), now, window(30));
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].contains("this daemon loaded from")
-                && w[0].contains("expires in 5 days")
-                && w[0].contains("once it restarts"),
-            "{}",
-            w[0]
-        );
-        // While the file still holds what the servers loaded, one warning.
-        let same = read(&[("certificate", &host)]).unwrap();
-        let w = warnings(
-            &same,
-            &Presented(same.clone()),
-            HOST_UNTIL - 5 * DAY,
-            window(30),
-        );
-        assert!(w.is_empty(), "{w:?}");
-        let w = warnings(&loaded, &Presented(loaded.clone()), now, window(30));
-        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(warnings(&certs, CA_UNTIL, window(0)).len(), 2);
     }
 }

@@ -120,7 +120,24 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// What a daemon's TLS files looked like (modified time, size and inode of
+/// the CA, the certificate and the key; None for one it cannot see): a
+/// change means they are to be loaded again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsStamp([Option<(std::time::SystemTime, u64, u64)>; 3]);
+
+fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
 impl TlsFiles {
+    /// What the files look like now (three `stat`s).
+    pub fn stamp(&self) -> TlsStamp {
+        TlsStamp([stamp(&self.ca), stamp(&self.cert), stamp(&self.key)])
+    }
+
     fn identity(&self) -> Result<Identity, TlsError> {
         Ok(Identity::from_pem(
             read("certificate", &self.cert)?,

@@ -37,7 +37,7 @@ use understudy_proto::etcd::etcdserverpb::{PutRequest, RangeResponse};
 
 use crate::ids::Generation;
 use crate::status::Stats;
-use crate::wire::TlsFiles;
+use crate::wire::{TlsFiles, TlsStamp};
 
 /// The `[witness]` section: where etcd is and how long to wait for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,7 +164,7 @@ pub enum WitnessError {
 /// A host's handle on the VM's key.
 #[derive(Clone, Debug)]
 pub struct Witness {
-    kv: KvClient<Channel>,
+    etcd: Arc<Etcd>,
     key: Vec<u8>,
     timeout: Duration,
     check_interval: Duration,
@@ -172,15 +172,31 @@ pub struct Witness {
     stats: Arc<Stats>,
 }
 
-impl Witness {
-    /// A handle for `vm`'s key, acting as host `me`. Connects lazily: an
-    /// etcd that is down now is only "unreachable" when asked.
-    pub fn new(
-        config: &WitnessConfig,
-        vm: &str,
-        me: String,
-        stats: Arc<Stats>,
-    ) -> Result<Self, WitnessError> {
+/// The client of etcd, built again when its TLS files change, as the servers
+/// load theirs again (`crate::server_tls`): a renewed client certificate is
+/// presented at the next request, with no restart (a restart of the
+/// primary's daemon would stop its VM). Files that change but do not load
+/// keep the last client that did, and a warning says so.
+#[derive(Debug)]
+struct Etcd {
+    config: WitnessConfig,
+    /// What the TLS files looked like when the client was built (None:
+    /// plaintext), and the client.
+    current: std::sync::Mutex<(Option<TlsStamp>, KvClient<Channel>)>,
+}
+
+impl Etcd {
+    fn new(config: &WitnessConfig) -> Result<Self, WitnessError> {
+        let stamp = config.tls.as_ref().map(TlsFiles::stamp);
+        Ok(Self {
+            current: std::sync::Mutex::new((stamp, Self::connect(config)?)),
+            config: config.clone(),
+        })
+    }
+
+    /// A client of the endpoints of `config` (connecting lazily: an etcd
+    /// that is down now is only "unreachable" when asked).
+    fn connect(config: &WitnessConfig) -> Result<KvClient<Channel>, WitnessError> {
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for url in &config.endpoints {
             let bad = |source| WitnessError::Endpoint {
@@ -207,8 +223,51 @@ impl Witness {
             [one] => one.connect_lazy(),
             _ => Channel::balance_list(endpoints.into_iter()),
         };
+        Ok(KvClient::new(channel))
+    }
+
+    /// The client for the next request: built again first if the TLS files
+    /// changed since (looked at once per change, whatever comes of it).
+    fn kv(&self) -> KvClient<Channel> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tls) = &self.config.tls {
+            let now = Some(tls.stamp());
+            if now != current.0 {
+                current.0 = now;
+                match Self::connect(&self.config) {
+                    Ok(kv) => {
+                        current.1 = kv;
+                        tracing::info!(
+                            cert = %tls.cert.display(),
+                            "witness TLS files changed: the next requests to etcd use what \
+                             they hold now"
+                        );
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %crate::wire::chain(&e),
+                        "witness TLS files changed but do not load: requests to etcd still \
+                         use what was loaded before (fix the files; they are read again \
+                         when they change)"
+                    ),
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
+impl Witness {
+    /// A handle for `vm`'s key, acting as host `me`. Connects lazily: an
+    /// etcd that is down now is only "unreachable" when asked. Fails if an
+    /// endpoint or the TLS files (read again whenever they change) are bad.
+    pub fn new(
+        config: &WitnessConfig,
+        vm: &str,
+        me: String,
+        stats: Arc<Stats>,
+    ) -> Result<Self, WitnessError> {
         let witness = Self {
-            kv: KvClient::new(channel),
+            etcd: Arc::new(Etcd::new(config)?),
             key: format!("{}{vm}", config.prefix).into_bytes(),
             timeout: config.timeout,
             check_interval: config.check_interval,
@@ -242,7 +301,7 @@ impl Witness {
             key: self.key.clone(),
             ..Default::default()
         };
-        let reply = self.ask(self.kv.clone().range(request)).await?;
+        let reply = self.ask(self.etcd.kv().range(request)).await?;
         self.held(reply)
     }
 
@@ -317,7 +376,7 @@ impl Witness {
             success: vec![put, range.clone()],
             failure: vec![range],
         };
-        let reply = self.ask(self.kv.clone().txn(request)).await?;
+        let reply = self.ask(self.etcd.kv().txn(request)).await?;
         let now = reply
             .responses
             .into_iter()

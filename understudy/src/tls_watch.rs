@@ -9,29 +9,23 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 use understudy_common::status::Stats;
-use understudy_common::tls_validity::{self, Presented, Validity};
+use understudy_common::tls_validity::{self, Validity};
 
 use crate::config::Config;
 
 /// How often the files are read again.
 pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
 
-/// This host's certificate.
-const HOST: &str = "certificate";
-/// The certificate it presents to the witness (loaded once, with the
-/// witness's channel, when the daemon starts).
-const WITNESS_CLIENT: &str = "witness client certificate";
-
 /// The certificate files a daemon with `config` presents or trusts: the
 /// pair's, and the witness's. Empty in insecure mode.
 fn files(config: &Config) -> Vec<(&'static str, PathBuf)> {
     let mut files = Vec::new();
     if let Some(tls) = config.tls_files() {
-        files.push((HOST, tls.cert));
+        files.push(("certificate", tls.cert));
         files.push(("CA certificate", tls.ca));
     }
     if let Some(tls) = config.witness_config().and_then(|w| w.tls) {
-        files.push((WITNESS_CLIENT, tls.cert));
+        files.push(("witness client certificate", tls.cert));
         files.push(("witness CA certificate", tls.ca));
     }
     files
@@ -51,12 +45,7 @@ fn now() -> i64 {
 
 /// One look at the files: the metrics, the status, and a log line for each
 /// warning when they changed.
-fn check(
-    files: &[(&'static str, PathBuf)],
-    presented: &Presented,
-    window: Duration,
-    stats: &Stats,
-) {
+fn check(files: &[(&'static str, PathBuf)], window: Duration, stats: &Stats) {
     let warnings = match read(files) {
         Ok(certs) => {
             for (what, path) in files {
@@ -71,7 +60,7 @@ fn check(
                         .set_tls_not_after(what, &path.display().to_string(), end);
                 }
             }
-            tls_validity::warnings(&certs, presented, now(), window)
+            tls_validity::warnings(&certs, now(), window)
         }
         Err(e) => vec![format!(
             "{}: this daemon cannot tell when its certificates expire",
@@ -111,7 +100,7 @@ pub fn report(config: &Config) -> Vec<String> {
                 })
                 .collect();
             lines.extend(
-                tls_validity::warnings(&certs, &Presented::default(), now(), window)
+                tls_validity::warnings(&certs, now(), window)
                     .into_iter()
                     .map(|w| format!("warning: {w}")),
             );
@@ -122,32 +111,21 @@ pub fn report(config: &Config) -> Vec<String> {
 }
 
 /// Watches the certificates of `config` until `shutdown` (nothing to do in
-/// insecure mode). The servers and the connections to the other host read
-/// the files at each handshake (`understudy_common::server_tls`), but the
-/// witness's channel loaded its client certificate when the daemon started:
-/// that one is read here first, before any renewal of the file.
+/// insecure mode). What the files hold is what the daemon presents: the
+/// servers load them again when they change, the clients read them at each
+/// connection, the witness's client is built again when they change.
 pub fn spawn(config: &Config, stats: Arc<Stats>, shutdown: CancellationToken) {
     let files = files(config);
     if files.is_empty() {
         return;
     }
     let window = config.tls.expiry_warning();
-    let presented = Presented(
-        read(&files)
-            .map(|certs| {
-                certs
-                    .into_iter()
-                    .filter(|c| c.what == WITNESS_CLIENT)
-                    .collect()
-            })
-            .unwrap_or_default(),
-    );
-    check(&files, &presented, window, &stats);
+    check(&files, window, &stats);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(CHECK_EVERY) => check(&files, &presented, window, &stats),
+                _ = tokio::time::sleep(CHECK_EVERY) => check(&files, window, &stats),
             }
         }
     });
