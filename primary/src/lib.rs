@@ -1154,6 +1154,10 @@ async fn session_manager(
     let mut retry = opts.heartbeat_interval;
     // Why the backup was lost, while the witness has not answered about it.
     let mut pending: Option<String> = None;
+    // Why the last attempt to reach the backup failed, logged once per
+    // reason (retries run every few hundred ms; a refused certificate or a
+    // backup that is down would flood the log).
+    let mut last_failure: Option<String> = None;
     loop {
         if shared.phase().ending() {
             return;
@@ -1190,7 +1194,10 @@ async fn session_manager(
                         continue;
                     }
                     HelloOutcome::Refused(message) | HelloOutcome::Unreachable(message) => {
-                        tracing::debug!(%message, "backup not available yet");
+                        if last_failure.as_deref() != Some(message.as_str()) {
+                            tracing::warn!(%message, "backup not available yet: retrying");
+                            last_failure = Some(message);
+                        }
                         if let Some(why) = pending.take() {
                             match lose_backup(&shared, &why).await {
                                 Loss::Deposed => return,
@@ -1211,6 +1218,7 @@ async fn session_manager(
         };
         retry = opts.heartbeat_interval;
         pending = None;
+        last_failure = None;
         shared.releaser.new_session();
         shared.stats.set_state(StateKind::Syncing, "syncing");
         let reason = run_session(&shared, offer, client).await;
