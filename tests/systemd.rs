@@ -198,6 +198,7 @@ fn the_example_config_is_valid_and_documents_every_field() {
         "insecure",
         "dangerously_allow_insecure_network",
         "expiry_warning_days",
+        "crl",
         "max_held_output_kib",
         "console_max_clients",
         "incoming_from",

@@ -182,13 +182,21 @@ impl PairCerts {
     /// the backup), waits until the VM is protected, and returns the pair's
     /// config as the operator's.
     fn start(&self, pair: &mut Pair, backup_extra: &[&str]) -> PathBuf {
+        self.start_with(pair, &[], backup_extra)
+    }
+
+    /// As [`Self::start`], with more overrides for each host.
+    fn start_with(
+        &self,
+        pair: &mut Pair,
+        primary_extra: &[&str],
+        backup_extra: &[&str],
+    ) -> PathBuf {
         let mut backup = tls_overrides(&self.ca, &self.backup.0, &self.backup.1);
         backup.extend(backup_extra.iter().map(|o| o.to_string()));
-        start(
-            pair,
-            backup,
-            tls_overrides(&self.ca, &self.primary.0, &self.primary.1),
-        );
+        let mut primary = tls_overrides(&self.ca, &self.primary.0, &self.primary.1);
+        primary.extend(primary_extra.iter().map(|o| o.to_string()));
+        start(pair, backup, primary);
         wait_log(pair, "VM protected");
         operator_config(pair, &self.ca, &self.operator.0, &self.operator.1)
     }
@@ -474,6 +482,181 @@ async fn renewed_certificates_are_presented_without_a_restart() {
     );
 }
 
+/// `openssl ca`'s database for the CA `ca` in `dir` (what it revoked), and
+/// its configuration file.
+fn ca_database(dir: &Path, ca: &str) -> PathBuf {
+    let db = dir.join(format!("{ca}-db"));
+    std::fs::create_dir(&db).unwrap();
+    std::fs::write(db.join("index.txt"), "").unwrap();
+    std::fs::write(db.join("crlnumber"), "1000\n").unwrap();
+    let cnf = db.join("ca.cnf");
+    std::fs::write(
+        &cnf,
+        format!(
+            "[ca]\ndefault_ca = this\n[this]\ndatabase = {db}/index.txt\n\
+             crlnumber = {db}/crlnumber\ncertificate = {dir}/{ca}.pem\n\
+             private_key = {dir}/{ca}.key\ndefault_md = sha256\ndefault_crl_days = 30\n",
+            db = db.display(),
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    cnf
+}
+
+/// The CA of `cnf` revokes `cert`.
+fn revoke(dir: &Path, cnf: &Path, cert: &Path) {
+    let (cnf, cert) = (cnf.display().to_string(), cert.display().to_string());
+    openssl(dir, &["ca", "-config", &cnf, "-revoke", &cert]);
+}
+
+/// The CA of `cnf`'s revocation list as it stands, renamed over `to` (as a
+/// tool would replace it).
+fn publish_crl(dir: &Path, cnf: &Path, to: &Path) {
+    let staged = to.with_extension("new");
+    let (cnf, out) = (cnf.display().to_string(), staged.display().to_string());
+    openssl(dir, &["ca", "-config", &cnf, "-gencrl", "-out", &out]);
+    std::fs::rename(&staged, to).unwrap();
+}
+
+/// `understudyctl status` of the daemon at `control` as the operator of
+/// `config`, refused: what it says.
+fn refused_status(control: std::net::SocketAddr, config: &Path) -> String {
+    let out = Command::new(common::CTL)
+        .args(["status", "--control", &control.to_string(), "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "status was answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `tls.crl`: a certificate the CA revoked is refused at its next connection,
+/// with no restart, while everyone else's work on and the pair stays
+/// protected; a list the servers cannot use (another CA's) keeps the last
+/// one that loaded instead of refusing everyone. Clients check the servers
+/// too: with the backup's certificate revoked (its key stolen, say), an
+/// operator's tool will not talk to it, and its primary will not replicate
+/// to it once it reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_at_its_next_connection() {
+    let _serial = common::serial().await;
+    let certs = PairCerts::new();
+    let d = certs.dir.path();
+    let (departed_cert, departed_key) = make_operator(d, "ca", "departed");
+    let cnf = ca_database(d, "ca");
+    let crl = d.join("crl.pem");
+    publish_crl(d, &cnf, &crl);
+    let mut pair = Pair::new("counter", "");
+    let crl_override = format!("tls.crl={:?}", crl.display().to_string());
+    let departed = operator_config(&pair, &certs.ca, &departed_cert, &departed_key);
+    let departed = {
+        let to = pair.dir.path().join("departed.toml");
+        std::fs::rename(&departed, &to).unwrap();
+        to
+    };
+    let operator = certs.start_with(&mut pair, &[&crl_override], &[&crl_override]);
+    let control = pair.addrs.backup_control;
+    assert!(operator_status(control, &departed).contains("protected       yes"));
+
+    revoke(d, &cnf, &departed_cert);
+    publish_crl(d, &cnf, &crl);
+    let said = refused_status(control, &departed);
+    assert!(said.contains("error"), "{said}");
+    wait_log(
+        &pair,
+        "TLS files changed: new connections use what they hold now",
+    );
+    wait_log(&pair, "tls accept error");
+    assert!(
+        pair.logs().contains("invalid peer certificate: Revoked"),
+        "the refusal names the revocation\n{}",
+        pair.logs()
+    );
+    let status = operator_status(control, &operator);
+    assert!(status.contains("protected       yes"), "{status}");
+
+    // `understudyd check` puts the list through what the servers do.
+    let check = || {
+        let mut check = Command::new(common::DAEMON);
+        check.arg("check").arg("--config").arg(&pair.config);
+        for o in tls_overrides(&certs.ca, &certs.backup.0, &certs.backup.1) {
+            check.arg("--set").arg(o);
+        }
+        let out = check.arg("--set").arg(&crl_override).output().unwrap();
+        common::assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = check();
+    assert!(
+        said.contains("loads, and passes this host's certificate"),
+        "{said}"
+    );
+
+    // Another CA's list (it covers none of this pair's certificates, so
+    // it would refuse them all): not loaded, the last one stays.
+    make_ca(d, "other-ca");
+    let other = ca_database(d, "other-ca");
+    publish_crl(d, &other, &crl);
+    refused_status(control, &departed);
+    wait_log(&pair, "TLS files changed but do not load");
+    assert!(
+        pair.logs()
+            .contains("does not pass this host's own certificate"),
+        "{}",
+        pair.logs()
+    );
+    let said = check();
+    assert!(
+        said.contains("warning: the certificate revocation list")
+            && said.contains("does not pass this host's own certificate"),
+        "{said}"
+    );
+    let status = operator_status(control, &operator);
+    assert!(status.contains("protected       yes"), "{status}");
+
+    // The backup's certificate revoked: the backup itself keeps the list
+    // it had (its own certificate does not pass the new one), an operator
+    // whose tool has the list does not reach it.
+    revoke(d, &cnf, &certs.backup.0);
+    publish_crl(d, &cnf, &crl);
+    let checking = pair.dir.path().join("checking.toml");
+    let text = std::fs::read_to_string(&operator).unwrap().replace(
+        "[tls]\n",
+        &format!("[tls]\ncrl = {:?}\n", crl.display().to_string()),
+    );
+    std::fs::write(&checking, text).unwrap();
+    let said = refused_status(control, &checking);
+    assert!(said.contains("Revoked"), "{said}");
+    assert!(
+        operator_status(pair.addrs.primary_control, &checking).contains("role            primary")
+    );
+    // Restarted (without the list, presenting its revoked certificate):
+    // its primary, which reads the list at each connection, refuses it.
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    let mut args = tls_overrides(&certs.ca, &certs.backup.0, &certs.backup.1);
+    args.push(pair.backup_state());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    pair.backup = Some(pair.spawn("backup", &args));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pair
+        .logs()
+        .lines()
+        .any(|l| l.contains("backup not available yet") && l.contains("Revoked"))
+    {
+        assert!(Instant::now() < deadline, "{}", pair.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = operator_status(pair.addrs.primary_control, &operator);
+    assert!(!status.contains("protected       yes"), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
     let _serial = common::serial().await;
@@ -649,6 +832,7 @@ async fn the_console_over_tls_serves_operators_and_console_clients_only() {
             ca: ca.clone(),
             cert: cert.to_owned(),
             key: key.to_owned(),
+            crl: None,
         }
         .console_connector()
         .unwrap()
@@ -768,6 +952,7 @@ async fn the_witness_speaks_to_etcd_over_mutual_tls_only_and_follows_renewals() 
             ca: ca.clone(),
             cert: cert.to_owned(),
             key: key.to_owned(),
+            crl: None,
         }),
         server_name: server_name.map(str::to_owned),
         prefix: "/understudy/".into(),

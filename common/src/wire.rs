@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::net::TcpStream;
+
 use tonic::Status;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -100,6 +102,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+    /// Certificates the CA revoked (a PEM file of CRLs the CA signed), or
+    /// None: the servers refuse a client certificate it lists.
+    pub crl: Option<PathBuf>,
 }
 
 /// TLS material that cannot be loaded.
@@ -121,10 +126,10 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// What a daemon's TLS files looked like (modified time, size and inode of
-/// the CA, the certificate and the key; None for one it cannot see): a
-/// change means they are to be loaded again.
+/// the CA, the certificate, the key and the CRL; None for one it cannot see
+/// or does not have): a change means they are to be loaded again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TlsStamp([Option<(std::time::SystemTime, u64, u64)>; 3]);
+pub struct TlsStamp([Option<(std::time::SystemTime, u64, u64)>; 4]);
 
 fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -135,7 +140,12 @@ fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
 impl TlsFiles {
     /// What the files look like now (three `stat`s).
     pub fn stamp(&self) -> TlsStamp {
-        TlsStamp([stamp(&self.ca), stamp(&self.cert), stamp(&self.key)])
+        TlsStamp([
+            stamp(&self.ca),
+            stamp(&self.cert),
+            stamp(&self.key),
+            self.crl.as_deref().and_then(stamp),
+        ])
     }
 
     fn identity(&self) -> Result<Identity, TlsError> {
@@ -160,9 +170,99 @@ impl TlsFiles {
     }
 }
 
-/// `http://` or `https://` for a peer, by whether TLS is on.
-pub fn scheme(tls: bool) -> &'static str {
-    if tls { "https" } else { "http" }
+/// Connects tonic channels to another host over mutual TLS terminated here
+/// with rustls, as the servers do, so that the certificate the server
+/// presents is checked against the CRL too (tonic's own client TLS takes a
+/// CA only). The endpoint's URI is `http://`: the TLS is this connector's.
+/// tonic's `connect_timeout` bounds the connection and the handshake.
+#[derive(Clone)]
+pub struct TlsConnector {
+    tls: tokio_rustls::TlsConnector,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsFiles {
+    /// A connector for a gRPC channel to a server whose certificate the CA
+    /// signed for `server_name` (a DNS name or an IP address in its
+    /// subjectAltName) and the CRL, if any, does not list; this host's
+    /// certificate is presented. The files are read now.
+    pub fn connector(&self, server_name: &str) -> Result<TlsConnector, ClientTlsError> {
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|_| {
+                ClientTlsError::ServerName {
+                    name: server_name.to_owned(),
+                }
+            })?;
+        let config = self.client_config(vec![b"h2".to_vec()])?;
+        Ok(TlsConnector {
+            tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            server_name: name,
+        })
+    }
+}
+
+/// A client's TLS that cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    /// The files do not load.
+    #[error(transparent)]
+    Files(#[from] ServerTlsError),
+    /// The server's name is neither a DNS name nor an IP address.
+    #[error("{name:?} is not a server name a certificate can carry (a DNS name or an IP address)")]
+    ServerName {
+        /// The name.
+        name: String,
+    },
+}
+
+type Connecting = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::io::Result<
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tonic::codegen::Service<http::Uri> for TlsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (tls, name) = (self.tls.clone(), self.server_name.clone());
+        Box::pin(async move {
+            let authority = uri
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{uri} names no host"),
+                    )
+                })?;
+            let tcp = TcpStream::connect(authority.as_str()).await?;
+            // Small messages leave at once (see `incoming`).
+            tcp.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(tls.connect(name, tcp).await?))
+        })
+    }
 }
 
 /// The connections a gRPC server accepts on `listener`, with Nagle's
@@ -276,6 +376,32 @@ pub enum ServerTlsError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+    /// The CA cannot verify server certificates.
+    #[error("the CA in {path} is not usable")]
+    ServerVerifier {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::client::VerifierBuilderError,
+    },
+    /// The CRL does not pass this host's own certificate: checked when the
+    /// files load, so that a CRL the verifier cannot use refuses nothing
+    /// (the last configuration that loaded stays).
+    #[error(
+        "the certificate revocation list {path} does not pass this host's own certificate {cert}: \
+         a CRL of another CA, a damaged one, or one that revokes this host (issue it again \
+         with the pair's CA: docs/OPERATIONS.md, \"Revoking a certificate\")"
+    )]
+    Crl {
+        /// The CRL file.
+        path: PathBuf,
+        /// This host's certificate.
+        cert: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::Error,
+    },
 }
 
 pub(crate) mod server_tls_config {
@@ -283,7 +409,7 @@ pub(crate) mod server_tls_config {
     use std::sync::Arc;
 
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
     use super::{ServerTlsError, TlsFiles};
 
@@ -301,6 +427,23 @@ pub(crate) mod server_tls_config {
             .map_err(read)?
             .collect::<Result<_, _>>()
             .map_err(read)
+    }
+
+    /// Every CRL in the PEM file `path` (at least one).
+    fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, ServerTlsError> {
+        let read = |source| ServerTlsError::Read {
+            what: "certificate revocation list",
+            path: path.to_owned(),
+            source,
+        };
+        let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(read)?
+            .collect::<Result<_, _>>()
+            .map_err(read)?;
+        if crls.is_empty() {
+            return Err(read(rustls::pki_types::pem::Error::NoItemsFound));
+        }
+        Ok(crls)
     }
 
     fn key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerTlsError> {
@@ -347,20 +490,92 @@ pub(crate) mod server_tls_config {
             alpn: Vec<Vec<u8>>,
         ) -> Result<rustls::ServerConfig, ServerTlsError> {
             let provider = provider();
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(self)?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|source| ServerTlsError::Verifier {
-                path: self.ca.clone(),
-                source,
-            })?;
+            let (verifier, chain) = self.client_verifier(&provider)?;
             let mut config = rustls::ServerConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(rustls_err("protocol versions", &self.ca))?
                 .with_client_cert_verifier(verifier)
-                .with_single_cert(certs("certificate", &self.cert)?, key(&self.key)?)
+                .with_single_cert(chain, key(&self.key)?)
+                .map_err(rustls_err("certificate", &self.cert))?;
+            config.alpn_protocols = alpn;
+            Ok(config)
+        }
+
+        /// What checks the certificates clients present (signed by the CA,
+        /// not revoked by the CRL), and this host's own chain. With a CRL,
+        /// this host's own certificate is put through the check first: a
+        /// CRL of another CA (which covers none of the pair's certificates,
+        /// so would refuse them all), a damaged one, or one that revokes
+        /// this host does not load.
+        fn client_verifier(
+            &self,
+            provider: &Arc<rustls::crypto::CryptoProvider>,
+        ) -> Result<
+            (
+                Arc<dyn rustls::server::danger::ClientCertVerifier>,
+                Vec<CertificateDer<'static>>,
+            ),
+            ServerTlsError,
+        > {
+            let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(self)?),
+                provider.clone(),
+            );
+            if let Some(crl) = &self.crl {
+                // The pair's CA signs every certificate directly: its CRL
+                // covers them all, and a certificate it does not cover
+                // (another issuer's CRL) is refused.
+                builder = builder
+                    .with_crls(crls(crl)?)
+                    .only_check_end_entity_revocation();
+            }
+            let verifier = builder.build().map_err(|source| ServerTlsError::Verifier {
+                path: self.ca.clone(),
+                source,
+            })?;
+            let chain = certs("certificate", &self.cert)?;
+            if let (Some(crl), Some((own, intermediates))) = (&self.crl, chain.split_first()) {
+                verifier
+                    .verify_client_cert(own, intermediates, rustls::pki_types::UnixTime::now())
+                    .map_err(|source| ServerTlsError::Crl {
+                        path: crl.clone(),
+                        cert: self.cert.clone(),
+                        source,
+                    })?;
+            }
+            Ok((verifier, chain))
+        }
+
+        /// A TLS client's configuration: presents this host's certificate,
+        /// and accepts only a server whose certificate the CA signed and
+        /// the CRL (if any) does not list; `alpn`: the protocols asked for.
+        pub fn client_config(
+            &self,
+            alpn: Vec<Vec<u8>>,
+        ) -> Result<rustls::ClientConfig, ServerTlsError> {
+            let provider = provider();
+            // Checks the CRL against this host's certificate, as a server does.
+            let (_, chain) = self.client_verifier(&provider)?;
+            let mut builder = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots(self)?),
+                provider.clone(),
+            );
+            if let Some(crl) = &self.crl {
+                builder = builder
+                    .with_crls(crls(crl)?)
+                    .only_check_end_entity_revocation();
+            }
+            let verifier = builder
+                .build()
+                .map_err(|source| ServerTlsError::ServerVerifier {
+                    path: self.ca.clone(),
+                    source,
+                })?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(rustls_err("protocol versions", &self.ca))?
+                .with_webpki_verifier(verifier)
+                .with_client_auth_cert(chain, key(&self.key)?)
                 .map_err(rustls_err("certificate", &self.cert))?;
             config.alpn_protocols = alpn;
             Ok(config)
@@ -369,13 +584,9 @@ pub(crate) mod server_tls_config {
         /// A console client that presents this certificate and accepts only
         /// a server the CA signed (for the IP it dials).
         pub fn console_connector(&self) -> Result<tokio_rustls::TlsConnector, ServerTlsError> {
-            let config = rustls::ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .map_err(rustls_err("protocol versions", &self.ca))?
-                .with_root_certificates(roots(self)?)
-                .with_client_auth_cert(certs("certificate", &self.cert)?, key(&self.key)?)
-                .map_err(rustls_err("certificate", &self.cert))?;
-            Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+            Ok(tokio_rustls::TlsConnector::from(Arc::new(
+                self.client_config(Vec::new())?,
+            )))
         }
     }
 }

@@ -36,7 +36,7 @@ pub enum PeerError {
     Endpoint(#[source] tonic::transport::Error),
     /// The TLS files cannot be used.
     #[error("TLS setup failed")]
-    Tls(#[source] wire::TlsError),
+    Tls(#[source] wire::ClientTlsError),
     /// The connection failed.
     #[error("cannot reach the backup")]
     Connect(#[source] tonic::transport::Error),
@@ -66,34 +66,37 @@ impl Target {
     }
 }
 
-/// The one place channels to other hosts are built: to `target` (mutual TLS
-/// unless the configuration says insecure).
-pub(crate) fn endpoint_to(opts: &PrimaryOptions, target: &Target) -> Result<Endpoint, PeerError> {
-    let addr = target.addr;
-    let mut endpoint =
-        Endpoint::from_shared(format!("{}://{addr}", wire::scheme(opts.tls.is_some())))
-            .map_err(PeerError::Endpoint)?
-            .connect_timeout(wire::CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(wire::STREAM_WINDOW)
-            .initial_connection_window_size(wire::CONNECTION_WINDOW);
-    if let Some(tls) = &opts.tls {
-        let server_name = target.name.clone().unwrap_or_else(|| addr.ip().to_string());
-        let config = tls.client(&server_name).map_err(PeerError::Tls)?;
-        endpoint = endpoint.tls_config(config).map_err(PeerError::Endpoint)?;
-    }
-    Ok(endpoint)
-}
-
 /// A connected channel to the backup, within the connect timeout.
 async fn connect(opts: &PrimaryOptions) -> Result<Channel, PeerError> {
     connect_to(opts, &Target::backup(opts)).await
 }
 
-/// A connected channel to `target`, within the connect timeout.
+/// The one place channels to other hosts are built: a connected channel to
+/// `target` (mutual TLS unless the configuration says insecure: the files
+/// read now, the host's certificate checked against the CA and the CRL),
+/// within the connect timeout.
 async fn connect_to(opts: &PrimaryOptions, target: &Target) -> Result<Channel, PeerError> {
-    match tokio::time::timeout(wire::CONNECT_TIMEOUT, endpoint_to(opts, target)?.connect()).await {
-        Ok(result) => result.map_err(PeerError::Connect),
+    let addr = target.addr;
+    // http://: the TLS, if any, is the connector's (`wire::TlsConnector`).
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(PeerError::Endpoint)?
+        .connect_timeout(wire::CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(wire::STREAM_WINDOW)
+        .initial_connection_window_size(wire::CONNECTION_WINDOW);
+    let connecting = async {
+        match &opts.tls {
+            Some(tls) => {
+                let server_name = target.name.clone().unwrap_or_else(|| addr.ip().to_string());
+                let connector = tls.connector(&server_name).map_err(PeerError::Tls)?;
+                endpoint.connect_with_connector(connector).await
+            }
+            None => endpoint.connect().await,
+        }
+        .map_err(PeerError::Connect)
+    };
+    match tokio::time::timeout(wire::CONNECT_TIMEOUT, connecting).await {
+        Ok(result) => result,
         Err(_) => Err(PeerError::Timeout(wire::CONNECT_TIMEOUT)),
     }
 }

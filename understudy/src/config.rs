@@ -273,6 +273,12 @@ pub struct TlsConfig {
     /// signed for an operator or a console client (`urn:understudy:console:`).
     #[serde(default)]
     pub console: bool,
+    /// Certificates the CA revoked: a PEM file of the CA's certificate
+    /// revocation list (`openssl ca -gencrl`). This host's servers (control,
+    /// replication, the console) refuse a client certificate it lists (a
+    /// departed operator's, a stolen host key), and read it again when it
+    /// changes. Unset: no revocation.
+    pub crl: Option<PathBuf>,
     /// Days before a certificate (this host's, the CA's, the witness's) ends
     /// from which the daemon warns in its status and log (default 30; 0: only
     /// once it has expired). See `understudy_common::tls_validity`.
@@ -669,6 +675,7 @@ impl Config {
                 ca: ca.clone(),
                 cert: cert.clone(),
                 key: key.clone(),
+                crl: None,
             }),
             _ => None,
         };
@@ -704,6 +711,7 @@ impl Config {
             ca: t.ca.clone()?,
             cert: t.cert.clone()?,
             key: t.key.clone()?,
+            crl: t.crl.clone(),
         })
     }
 

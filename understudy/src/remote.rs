@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use understudy_common::wire::{self, TlsFiles};
+use understudy_common::wire::TlsFiles;
 use understudy_proto::control_client::ControlClient;
 use understudy_proto::{StatusReply, StatusRequest, SwitchoverReply, SwitchoverRequest};
 
@@ -32,16 +32,19 @@ pub async fn control_client(
     tls: Option<&TlsFiles>,
     timeout: Duration,
 ) -> Result<ControlClient<tonic::transport::Channel>> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!(
-        "{}://{addr}",
-        wire::scheme(tls.is_some())
-    ))?
-    .connect_timeout(Duration::from_secs(2))
-    .timeout(timeout);
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.client(&addr.ip().to_string())?)?;
+    // http://: the TLS, if any, is the connector's (`wire::TlsConnector`:
+    // the daemon's certificate checked against the CA and the CRL).
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(timeout);
+    let channel = match tls {
+        Some(tls) => {
+            let connector = tls.connector(&addr.ip().to_string())?;
+            endpoint.connect_with_connector(connector).await
+        }
+        None => endpoint.connect().await,
     }
-    let channel = endpoint.connect().await.with_context(|| {
+    .with_context(|| {
         format!("cannot reach the control service at {addr}: is understudyd running there?")
     })?;
     Ok(ControlClient::new(channel))

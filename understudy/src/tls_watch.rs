@@ -85,7 +85,27 @@ pub fn report(config: &Config) -> Vec<String> {
         return Vec::new();
     }
     let window = config.tls.expiry_warning();
-    match read(&files) {
+    let mut lines = Vec::new();
+    // A revocation list is put through what the servers do with it (it
+    // must pass this host's own certificate).
+    if let Some(tls) = config.tls_files()
+        && let Some(crl) = &tls.crl
+    {
+        lines.push(match tls.server_config(Vec::new()) {
+            Ok(_) => format!(
+                "TLS certificate revocation list {}: loads, and passes this host's certificate",
+                crl.display()
+            ),
+            Err(e) => format!("warning: {}", understudy_common::wire::chain(&e)),
+        });
+    }
+    lines.extend(certificates(&files, window));
+    lines
+}
+
+/// Each certificate file's end of validity, then the warnings.
+fn certificates(files: &[(&'static str, PathBuf)], window: Duration) -> Vec<String> {
+    match read(files) {
         Ok(certs) => {
             let mut lines: Vec<String> = certs
                 .iter()
