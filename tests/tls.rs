@@ -616,8 +616,16 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
             && said.contains("does not pass this host's own certificate"),
         "{said}"
     );
+    // The status says the list is not in force (the log alone would let
+    // a revocation look done).
     let status = operator_status(control, &operator);
     assert!(status.contains("protected       yes"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("WARNING") && l.contains("TLS files changed but do not load")),
+        "{status}"
+    );
 
     // The backup's certificate revoked: the backup itself keeps the list
     // it had (its own certificate does not pass the new one), an operator

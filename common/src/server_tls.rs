@@ -15,6 +15,8 @@
 //! run side by side, each within [`HANDSHAKE_TIMEOUT`], so a client that
 //! connects and says nothing holds up no one else.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -28,6 +30,32 @@ use crate::wire::{ServerTlsError, TlsFiles, TlsStamp};
 
 /// How long a client may take over its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS files that changed but do not load, by the certificate they go with:
+/// what the daemon's status says until they load ([`not_loaded`]). A
+/// renewal or a revocation list that did not take effect must not look as
+/// if it had.
+static NOT_LOADED: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
+
+/// Records whether the files of `cert` loaded (None) or why not.
+pub(crate) fn record_load(cert: &Path, problem: Option<String>) {
+    let mut held = NOT_LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    match problem {
+        Some(why) => held.insert(cert.to_owned(), why),
+        None => held.remove(cert),
+    };
+}
+
+/// One sentence for each set of TLS files (this host's, the witness
+/// client's) that changed but does not load, while it does not.
+pub fn not_loaded() -> Vec<String> {
+    NOT_LOADED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect()
+}
 
 /// A server's TLS configuration, loaded again from its files when they change.
 pub struct ServerTls {
@@ -78,16 +106,28 @@ impl ServerTls {
             match self.files.server_config(self.alpn.clone()) {
                 Ok(config) => {
                     current.1 = Arc::new(config);
+                    record_load(&self.files.cert, None);
                     tracing::info!(
                         cert = %self.files.cert.display(),
                         "TLS files changed: new connections use what they hold now"
                     );
                 }
-                Err(e) => tracing::warn!(
-                    error = %crate::wire::chain(&e),
-                    "TLS files changed but do not load: new connections still use what was \
-                     loaded before (fix the files; they are read again when they change)"
-                ),
+                Err(e) => {
+                    let error = crate::wire::chain(&e);
+                    tracing::warn!(
+                        %error,
+                        "TLS files changed but do not load: new connections still use what \
+                         was loaded before (fix the files; they are read again when they \
+                         change)"
+                    );
+                    record_load(
+                        &self.files.cert,
+                        Some(format!(
+                            "TLS files changed but do not load ({error}): new connections \
+                             still use what was loaded before; fix the files"
+                        )),
+                    );
+                }
             }
         }
         current.1.clone()

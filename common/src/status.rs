@@ -429,7 +429,11 @@ impl Stats {
             migration: lock(&self.migration).clone(),
             witness: lock(&self.witness).clone(),
             codec: *lock(&self.codec),
-            warnings: lock(&self.tls_warnings).clone(),
+            warnings: lock(&self.tls_warnings)
+                .iter()
+                .cloned()
+                .chain(crate::server_tls::not_loaded())
+                .collect(),
         }
     }
 

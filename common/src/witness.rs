@@ -237,18 +237,30 @@ impl Etcd {
                 match Self::connect(&self.config) {
                     Ok(kv) => {
                         current.1 = kv;
+                        crate::server_tls::record_load(&tls.cert, None);
                         tracing::info!(
                             cert = %tls.cert.display(),
                             "witness TLS files changed: the next requests to etcd use what \
                              they hold now"
                         );
                     }
-                    Err(e) => tracing::warn!(
-                        error = %crate::wire::chain(&e),
-                        "witness TLS files changed but do not load: requests to etcd still \
-                         use what was loaded before (fix the files; they are read again \
-                         when they change)"
-                    ),
+                    Err(e) => {
+                        let error = crate::wire::chain(&e);
+                        tracing::warn!(
+                            %error,
+                            "witness TLS files changed but do not load: requests to etcd \
+                             still use what was loaded before (fix the files; they are read \
+                             again when they change)"
+                        );
+                        crate::server_tls::record_load(
+                            &tls.cert,
+                            Some(format!(
+                                "witness TLS files changed but do not load ({error}): \
+                                 requests to etcd still use what was loaded before; fix the \
+                                 files"
+                            )),
+                        );
+                    }
                 }
             }
         }
