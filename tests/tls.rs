@@ -205,13 +205,18 @@ impl PairCerts {
 /// `understudyctl status` of the daemon at `control`, as the operator of
 /// `config`.
 fn operator_status(control: std::net::SocketAddr, config: &Path) -> String {
-    let out = Command::new(common::CTL)
+    let out = ctl_status(control, config);
+    common::assert_success(&out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `understudyctl status --control CONTROL --config CONFIG`, run.
+fn ctl_status(control: std::net::SocketAddr, config: &Path) -> std::process::Output {
+    Command::new(common::CTL)
         .args(["status", "--control", &control.to_string(), "--config"])
         .arg(config)
         .output()
-        .unwrap();
-    common::assert_success(&out);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .unwrap()
 }
 
 /// Waits until `needle` has been logged `times` times.
@@ -522,11 +527,7 @@ fn publish_crl(dir: &Path, cnf: &Path, to: &Path) {
 /// `understudyctl status` of the daemon at `control` as the operator of
 /// `config`, refused: what it says.
 fn refused_status(control: std::net::SocketAddr, config: &Path) -> String {
-    let out = Command::new(common::CTL)
-        .args(["status", "--control", &control.to_string(), "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = ctl_status(control, config);
     assert!(
         !out.status.success(),
         "status was answered: {}",
@@ -972,37 +973,25 @@ async fn the_witness_speaks_to_etcd_over_mutual_tls_only_and_follows_renewals() 
         owner: "a".into(),
         protected: false,
     };
-    let host = Witness::new(
-        &config(&client_cert, &client_key, None),
-        "vm1",
-        "a".into(),
-        stats.clone(),
-    )
-    .unwrap();
+    let handle = |config: WitnessConfig, me: &str| {
+        Witness::new(&config, "vm1", me.into(), stats.clone()).unwrap()
+    };
+    let host = handle(config(&client_cert, &client_key, None), "a");
     let won = host.swap("boot", None, &claim).await.unwrap();
     assert!(matches!(won, Swap::Won(_)), "{won:?}");
     assert_eq!(
         etcd.get("/understudy/vm1"),
         "generation=1 owner=a state=unprotected"
     );
-    let stranger = Witness::new(
-        &config(&stranger_cert, &stranger_key, None),
-        "vm1",
-        "s".into(),
-        stats.clone(),
-    )
-    .unwrap();
+    let stranger = handle(config(&stranger_cert, &stranger_key, None), "s");
     for (what, witness) in [
         ("a certificate from another CA", stranger.clone()),
         (
             "another server name",
-            Witness::new(
-                &config(&client_cert, &client_key, Some("elsewhere.example")),
-                "vm1",
-                "a".into(),
-                stats.clone(),
-            )
-            .unwrap(),
+            handle(
+                config(&client_cert, &client_key, Some("elsewhere.example")),
+                "a",
+            ),
         ),
     ] {
         let e = witness.read().await.unwrap_err();

@@ -102,8 +102,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
-    /// Certificates the CA revoked (a PEM file of CRLs the CA signed), or
-    /// None: the servers refuse a client certificate it lists.
+    /// Certificates the CA revoked (a PEM file of the CA's revocation
+    /// list), or None: the servers refuse a client certificate it lists,
+    /// and the clients a server's.
     pub crl: Option<PathBuf>,
 }
 
@@ -138,7 +139,7 @@ fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
 }
 
 impl TlsFiles {
-    /// What the files look like now (three `stat`s).
+    /// What the files look like now (a `stat` of each).
     pub fn stamp(&self) -> TlsStamp {
         TlsStamp([
             stamp(&self.ca),
@@ -429,8 +430,11 @@ pub(crate) mod server_tls_config {
             .map_err(read)
     }
 
+    /// A CA's revocation lists.
+    type Crls = Vec<CertificateRevocationListDer<'static>>;
+
     /// Every CRL in the PEM file `path` (at least one).
-    fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, ServerTlsError> {
+    fn crls(path: &Path) -> Result<Crls, ServerTlsError> {
         let read = |source| ServerTlsError::Read {
             what: "certificate revocation list",
             path: path.to_owned(),
@@ -490,7 +494,8 @@ pub(crate) mod server_tls_config {
             alpn: Vec<Vec<u8>>,
         ) -> Result<rustls::ServerConfig, ServerTlsError> {
             let provider = provider();
-            let (verifier, chain) = self.client_verifier(&provider)?;
+            let (roots, crls) = self.trust()?;
+            let (verifier, chain) = self.client_verifier(&provider, roots, crls)?;
             let mut config = rustls::ServerConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(rustls_err("protocol versions", &self.ca))?
@@ -502,7 +507,7 @@ pub(crate) mod server_tls_config {
         }
 
         /// What checks the certificates clients present (signed by the CA,
-        /// not revoked by the CRL), and this host's own chain. With a CRL,
+        /// not revoked by `crls`), and this host's own chain. With a CRL,
         /// this host's own certificate is put through the check first: a
         /// CRL of another CA (which covers none of the pair's certificates,
         /// so would refuse them all), a damaged one, or one that revokes
@@ -510,6 +515,8 @@ pub(crate) mod server_tls_config {
         fn client_verifier(
             &self,
             provider: &Arc<rustls::crypto::CryptoProvider>,
+            roots: Arc<rustls::RootCertStore>,
+            crls: Option<Crls>,
         ) -> Result<
             (
                 Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -518,16 +525,14 @@ pub(crate) mod server_tls_config {
             ServerTlsError,
         > {
             let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(self)?),
+                roots,
                 provider.clone(),
             );
-            if let Some(crl) = &self.crl {
+            if let Some(crls) = crls {
                 // The pair's CA signs every certificate directly: its CRL
                 // covers them all, and a certificate it does not cover
                 // (another issuer's CRL) is refused.
-                builder = builder
-                    .with_crls(crls(crl)?)
-                    .only_check_end_entity_revocation();
+                builder = builder.with_crls(crls).only_check_end_entity_revocation();
             }
             let verifier = builder.build().map_err(|source| ServerTlsError::Verifier {
                 path: self.ca.clone(),
@@ -546,6 +551,12 @@ pub(crate) mod server_tls_config {
             Ok((verifier, chain))
         }
 
+        /// The CA's certificates, and its revocation list if there is one.
+        fn trust(&self) -> Result<(Arc<rustls::RootCertStore>, Option<Crls>), ServerTlsError> {
+            let crls = self.crl.as_deref().map(crls).transpose()?;
+            Ok((Arc::new(roots(self)?), crls))
+        }
+
         /// A TLS client's configuration: presents this host's certificate,
         /// and accepts only a server whose certificate the CA signed and
         /// the CRL (if any) does not list; `alpn`: the protocols asked for.
@@ -554,16 +565,16 @@ pub(crate) mod server_tls_config {
             alpn: Vec<Vec<u8>>,
         ) -> Result<rustls::ClientConfig, ServerTlsError> {
             let provider = provider();
-            // Checks the CRL against this host's certificate, as a server does.
-            let (_, chain) = self.client_verifier(&provider)?;
+            let (roots, crls) = self.trust()?;
+            // The list is checked against this host's certificate, as a
+            // server checks it.
+            let (_, chain) = self.client_verifier(&provider, roots.clone(), crls.clone())?;
             let mut builder = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots(self)?),
+                roots,
                 provider.clone(),
             );
-            if let Some(crl) = &self.crl {
-                builder = builder
-                    .with_crls(crls(crl)?)
-                    .only_check_end_entity_revocation();
+            if let Some(crls) = crls {
+                builder = builder.with_crls(crls).only_check_end_entity_revocation();
             }
             let verifier = builder
                 .build()
@@ -582,7 +593,8 @@ pub(crate) mod server_tls_config {
         }
 
         /// A console client that presents this certificate and accepts only
-        /// a server the CA signed (for the IP it dials).
+        /// a server the CA signed (for the IP it dials) and the CRL does
+        /// not list.
         pub fn console_connector(&self) -> Result<tokio_rustls::TlsConnector, ServerTlsError> {
             Ok(tokio_rustls::TlsConnector::from(Arc::new(
                 self.client_config(Vec::new())?,
