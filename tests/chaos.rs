@@ -18,10 +18,12 @@
 //!   generation has taken over at offset X, no older one may release past X.
 //!
 //! CI runs a short check in each replication mode (`chaos_short`,
-//! `chaos_short_replay`: 8 faults on each of two pairs); the long run is
+//! `chaos_short_replay`: 8 faults on each of two pairs) and one under
+//! mutual TLS (`chaos_short_tls`: 6 each); the long run is
 //! `UNDERSTUDY_CHAOS_FAULTS=120 cargo test -p understudy --test chaos --
 //! --ignored --nocapture` (two pairs: 240 faults), in replay mode with
-//! `UNDERSTUDY_CHAOS_MODE=replay`. Needs root, iproute2 and /dev/kvm.
+//! `UNDERSTUDY_CHAOS_MODE=replay`, under mutual TLS with
+//! `UNDERSTUDY_CHAOS_TLS=1`. Needs root, iproute2, openssl and /dev/kvm.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -34,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{CTL, DAEMON, Lines};
+use understudy_common::wire::TlsFiles;
 use understudy_proto::StatusReply;
 
 fn ip(args: &[&str]) {
@@ -47,6 +50,17 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The status of the daemon whose control service is at `control`: in
+/// plaintext, or as the operator of `operator` under mutual TLS.
+async fn status(control: SocketAddr, operator: Option<&TlsFiles>) -> Option<StatusReply> {
+    match operator {
+        None => common::status(control).await,
+        Some(tls) => understudy::remote::fetch_status(control, Some(tls))
+            .await
+            .ok(),
+    }
 }
 
 /// A small deterministic generator (the seed is printed, so a failing run
@@ -82,6 +96,8 @@ struct Host {
     frozen: bool,
     /// The etcd witness as this host reaches it (None: no witness).
     witness_endpoint: Option<String>,
+    /// Under mutual TLS: this host's certificate and key.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Host {
@@ -97,6 +113,14 @@ impl Host {
                     .iter()
                     .flat_map(|e| ["--set".to_owned(), format!("witness.endpoints=[\"{e}\"]")]),
             )
+            .args(self.tls.iter().flat_map(|(cert, key)| {
+                [
+                    "--set".to_owned(),
+                    format!("tls.cert={:?}", cert.display().to_string()),
+                    "--set".to_owned(),
+                    format!("tls.key={:?}", key.display().to_string()),
+                ]
+            }))
             .env("UNDERSTUDY_LOG", "info,understudy::release=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -146,6 +170,11 @@ struct Cluster {
     id: usize,
     dir: PathBuf,
     config: PathBuf,
+    /// What `understudyctl` is run with: the config, as an operator's
+    /// under mutual TLS.
+    operator_config: PathBuf,
+    /// Under mutual TLS: the operator's files, for status calls.
+    operator: Option<TlsFiles>,
     hosts: [Host; 2],
     link: String,
     runs: usize,
@@ -210,12 +239,40 @@ impl WitnessNet {
     }
 }
 
+/// What a cluster is: its backup-loss policy, how it replicates, whether an
+/// etcd witness settles partitions, and whether it runs under mutual TLS.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    hold_output: bool,
+    mode: Mode,
+    witness: bool,
+    tls: bool,
+}
+
+impl Setup {
+    /// Without a witness, in plaintext.
+    fn plain(hold_output: bool, mode: Mode) -> Self {
+        Self {
+            hold_output,
+            mode,
+            witness: false,
+            tls: false,
+        }
+    }
+}
+
 impl Cluster {
     fn new(id: usize, dir: &Path, hold_output: bool, mode: Mode) -> Self {
-        Self::new_with(id, dir, hold_output, mode, false)
+        Self::new_with(id, dir, Setup::plain(hold_output, mode))
     }
 
-    fn new_with(id: usize, dir: &Path, hold_output: bool, mode: Mode, witness: bool) -> Self {
+    fn new_with(id: usize, dir: &Path, setup: Setup) -> Self {
+        let Setup {
+            hold_output,
+            mode,
+            witness,
+            tls,
+        } = setup;
         let pid = std::process::id() % 10_000;
         let net = 80 + id * 4;
         remove_stale_clusters(id);
@@ -285,6 +342,34 @@ impl Cluster {
         let a_control = addr(&format!("10.{net}.2.2:7501"));
         let b_console = addr(&format!("10.{net}.3.2:7401"));
         let b_control = addr(&format!("10.{net}.3.2:7501"));
+        // Under mutual TLS: a CA, each host's certificate naming the
+        // addresses others dial it at, and an operator's.
+        let pki = tls.then(|| {
+            let d = dir.join("pki");
+            std::fs::create_dir_all(&d).unwrap();
+            common::make_ca(&d, "ca");
+            let a =
+                common::make_cert_for(&d, "ca", "a", &format!("IP:10.{net}.1.1,IP:10.{net}.2.2"));
+            let b =
+                common::make_cert_for(&d, "ca", "b", &format!("IP:10.{net}.1.2,IP:10.{net}.3.2"));
+            let (cert, key) = common::make_operator(&d, "ca", "chaos");
+            let operator = TlsFiles {
+                ca: d.join("ca.pem"),
+                cert,
+                key,
+                crl: None,
+            };
+            (a, b, operator)
+        });
+        let tls_section = |files: Option<&TlsFiles>| match files {
+            Some(f) => format!(
+                "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                f.ca.display().to_string(),
+                f.cert.display().to_string(),
+                f.key.display().to_string()
+            ),
+            None => "[tls]\ninsecure = true\ndangerously_allow_insecure_network = true".into(),
+        };
         let config = dir.join("vm.toml");
         std::fs::write(
             &config,
@@ -303,11 +388,15 @@ replication = "10.{net}.1.1:7301"
 replication = "10.{net}.1.2:7301"
 console = "{b_console}"
 control = "{b_control}"
-[tls]
-insecure = true
-dangerously_allow_insecure_network = true
+{tls}
 {witness}
 "#,
+                // The hosts' own certificates come with each (`Host::tls`).
+                tls = tls_section(pki.as_ref().map(|(a, _, operator)| TlsFiles {
+                    cert: a.0.clone(),
+                    key: a.1.clone(),
+                    ..operator.clone()
+                }).as_ref()),
                 witness = if witness.is_some() {
                     format!(
                         "[witness]\nendpoints = [\"http://10.{net}.4.1:2379\"]\ntimeout = \"300ms\"\ncheck_interval = \"300ms\""
@@ -339,14 +428,40 @@ dangerously_allow_insecure_network = true
             witness_endpoint: witness
                 .as_ref()
                 .map(|_| format!("http://10.{net}.{}.1:2379", 4 + i)),
+            tls: pki
+                .as_ref()
+                .map(|(a, b, _)| if i == 0 { a.clone() } else { b.clone() }),
         };
         let hosts = [
             host(0, "primary", "a", a_control, a_console),
             host(1, "backup", "b", b_control, b_console),
         ];
+        let operator = pki.map(|(_, _, operator)| operator);
+        let operator_config = match &operator {
+            Some(files) => {
+                let path = dir.join("operator.toml");
+                let text = std::fs::read_to_string(&config).unwrap();
+                let at = text.find("[tls]").unwrap();
+                // To the next section (or the end).
+                let end = text[at + 1..]
+                    .find("\n[")
+                    .map_or(text.len(), |e| at + 1 + e);
+                let text = format!(
+                    "{}{}{}",
+                    &text[..at],
+                    tls_section(Some(files)),
+                    &text[end..]
+                );
+                std::fs::write(&path, text).unwrap();
+                path
+            }
+            None => config.clone(),
+        };
         let mut cluster = Self {
             id,
             config,
+            operator_config,
+            operator,
             hosts,
             link,
             runs: 0,
@@ -387,7 +502,7 @@ dangerously_allow_insecure_network = true
     }
 
     async fn statuses(&self) -> [Option<StatusReply>; 2] {
-        let s = |h: &Host| common::status(h.control);
+        let s = |h: &Host| status(h.control, self.operator.as_ref());
         let (a, b) = tokio::join!(
             tokio::time::timeout(Duration::from_millis(500), s(&self.hosts[0])),
             tokio::time::timeout(Duration::from_millis(500), s(&self.hosts[1]))
@@ -505,6 +620,7 @@ struct Shared {
 async fn writer(
     consoles: [SocketAddr; 2],
     controls: [SocketAddr; 2],
+    operator: Option<TlsFiles>,
     shared: Arc<Mutex<Shared>>,
     mut verify: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     stop: tokio_util::sync::CancellationToken,
@@ -532,6 +648,7 @@ async fn writer(
         lines: &[String],
         consoles: [SocketAddr; 2],
         controls: [SocketAddr; 2],
+        operator: Option<&TlsFiles>,
         shared: &Mutex<Shared>,
     ) -> Vec<String> {
         let mut batch = String::new();
@@ -560,7 +677,7 @@ async fn writer(
                     for (h, control) in controls.iter().enumerate() {
                         let s = tokio::time::timeout(
                             Duration::from_millis(500),
-                            common::status(*control),
+                            status(*control, operator),
                         )
                         .await
                         .ok()
@@ -601,7 +718,15 @@ async fn writer(
                 .collect();
             for chunk in keys.chunks(200) {
                 let gets: Vec<String> = chunk.iter().map(|(k, _)| format!("GET w{k}")).collect();
-                let answers = exchange(&mut client, &gets, consoles, controls, &shared).await;
+                let answers = exchange(
+                    &mut client,
+                    &gets,
+                    consoles,
+                    controls,
+                    operator.as_ref(),
+                    &shared,
+                )
+                .await;
                 for ((k, v), a) in chunk.iter().zip(&answers) {
                     if *a != format!("VALUE v{v}") {
                         violation(format!("acked key w{k} = v{v} reads back as {a:?}"));
@@ -614,7 +739,15 @@ async fn writer(
         let key = i % KEYS;
         let set = vec![format!("SET w{key} v{i}")];
         let asked = Instant::now();
-        let answer = exchange(&mut client, &set, consoles, controls, &shared).await;
+        let answer = exchange(
+            &mut client,
+            &set,
+            consoles,
+            controls,
+            operator.as_ref(),
+            &shared,
+        )
+        .await;
         shared
             .lock()
             .unwrap()
@@ -626,7 +759,15 @@ async fn writer(
         }
         shared.lock().unwrap().acked.insert(key, i);
         let get = vec![format!("GET w{key}")];
-        let answer = exchange(&mut client, &get, consoles, controls, &shared).await;
+        let answer = exchange(
+            &mut client,
+            &get,
+            consoles,
+            controls,
+            operator.as_ref(),
+            &shared,
+        )
+        .await;
         if answer[0] != format!("VALUE v{i}") {
             violation(format!("GET w{key} answered {:?}, not v{i}", answer[0]));
             return;
@@ -653,6 +794,7 @@ impl Load {
         let writer = tokio::spawn(writer(
             [cluster.hosts[0].console, cluster.hosts[1].console],
             [cluster.hosts[0].control, cluster.hosts[1].control],
+            cluster.operator.clone(),
             shared.clone(),
             verify_rx,
             stop.clone(),
@@ -828,7 +970,7 @@ async fn inject(cluster: &mut Cluster, primary: usize, fault: Fault, rng: &mut R
         Fault::Switchover => {
             let out = Command::new(CTL)
                 .args(["switchover", "--wait", "0s", "--config"])
-                .arg(&cluster.config)
+                .arg(&cluster.operator_config)
                 .output()
                 .unwrap();
             // A refusal (e.g. the VM not protected at this instant) is fine.
@@ -937,16 +1079,14 @@ enum Mode {
     Replay,
 }
 
-async fn run_cluster(
-    id: usize,
-    dir: PathBuf,
-    hold_output: bool,
-    mode: Mode,
-    faults: usize,
-    seed: u64,
-    witness: bool,
-) {
-    let mut cluster = Cluster::new_with(id, &dir, hold_output, mode, witness);
+async fn run_cluster(id: usize, dir: PathBuf, setup: Setup, faults: usize, seed: u64) {
+    let Setup {
+        hold_output,
+        mode,
+        witness,
+        ..
+    } = setup;
+    let mut cluster = Cluster::new_with(id, &dir, setup);
     let mut rng = Rng(seed);
     cluster
         .wait_protected(Duration::from_secs(60))
@@ -979,7 +1119,7 @@ async fn run_cluster(
             / 1e3
     };
     eprintln!(
-        "cluster {id} ({mode:?} mode, {}{}): {faults} faults in {:?}, {} acked writes all present after every \
+        "cluster {id} ({mode:?} mode, {}{}{}): {faults} faults in {:?}, {} acked writes all present after every \
          recovery, {} answers exactly once ({} reconnects), 0 windows with two primaries serving; \
          SET round trip p50 {:.1} ms, p99 {:.1} ms",
         if hold_output {
@@ -988,6 +1128,7 @@ async fn run_cluster(
             "keep-running"
         },
         if witness { ", etcd witness" } else { "" },
+        if setup.tls { ", mutual TLS" } else { "" },
         started.elapsed(),
         s.acked.len(),
         s.answered,
@@ -1017,27 +1158,27 @@ fn seed_and_logs() -> (u64, tempfile::TempDir) {
     (seed, dir)
 }
 
-async fn chaos(faults: usize, mode: Mode) {
+async fn chaos(faults: usize, mode: Mode, tls: bool) {
     common::require_kvm();
     let _serial = common::serial().await;
     let (seed, dir) = seed_and_logs();
+    let setup = |hold_output| Setup {
+        tls,
+        ..Setup::plain(hold_output, mode)
+    };
     let a = tokio::spawn(run_cluster(
         0,
         dir.path().to_owned(),
-        false,
-        mode,
+        setup(false),
         faults,
         seed,
-        false,
     ));
     let b = tokio::spawn(run_cluster(
         1,
         dir.path().to_owned(),
-        true,
-        mode,
+        setup(true),
         faults,
         seed ^ 0x5555,
-        false,
     ));
     let (a, b) = tokio::join!(a, b);
     if a.is_err() || b.is_err() {
@@ -1052,13 +1193,21 @@ async fn chaos(faults: usize, mode: Mode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short() {
-    chaos(8, Mode::Checkpoint).await;
+    chaos(8, Mode::Checkpoint, false).await;
+}
+
+/// The same check with both pairs under mutual TLS: every reconnect, rejoin
+/// and switchover through the hosts' TLS connectors and servers, the
+/// operator's calls as an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_tls() {
+    chaos(6, Mode::Checkpoint, true).await;
 }
 
 /// The same check with replication by log shipping (`mode = "replay"`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short_replay() {
-    chaos(8, Mode::Replay).await;
+    chaos(8, Mode::Replay, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1072,29 +1221,27 @@ async fn chaos_long() {
         Ok("replay") => Mode::Replay,
         _ => Mode::Checkpoint,
     };
+    let tls = std::env::var("UNDERSTUDY_CHAOS_TLS").is_ok_and(|v| v == "1");
     if std::env::var("UNDERSTUDY_CHAOS_WITNESS").is_ok_and(|v| v == "1") {
-        chaos_witness(faults, mode).await;
+        chaos_witness(faults, mode, tls).await;
     } else {
-        chaos(faults, mode).await;
+        chaos(faults, mode, tls).await;
     }
 }
 
 /// One keep-running pair with an etcd witness in a third namespace, under
 /// every fault of `chaos` plus partitions of each host from the witness,
 /// from everything, a frozen witness and a flapping link.
-async fn chaos_witness(faults: usize, mode: Mode) {
+async fn chaos_witness(faults: usize, mode: Mode, tls: bool) {
     common::require_kvm();
     let _serial = common::serial().await;
     let (seed, dir) = seed_and_logs();
-    let run = tokio::spawn(run_cluster(
-        3,
-        dir.path().to_owned(),
-        false,
-        mode,
-        faults,
-        seed,
-        true,
-    ));
+    let setup = Setup {
+        witness: true,
+        tls,
+        ..Setup::plain(false, mode)
+    };
+    let run = tokio::spawn(run_cluster(3, dir.path().to_owned(), setup, faults, seed));
     if run.await.is_err() {
         let kept = dir.keep();
         panic!(
@@ -1108,7 +1255,7 @@ async fn chaos_witness(faults: usize, mode: Mode) {
 /// `UNDERSTUDY_CHAOS_WITNESS=1 UNDERSTUDY_CHAOS_FAULTS=120 … chaos_long`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short_witness() {
-    chaos_witness(10, Mode::Checkpoint).await;
+    chaos_witness(10, Mode::Checkpoint, false).await;
 }
 
 #[test]
@@ -1184,7 +1331,14 @@ async fn with_a_witness_no_partition_splits_a_keep_running_pair_and_a_majority_s
     common::require_kvm();
     let _serial = common::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new_with(4, dir.path(), false, Mode::Checkpoint, true);
+    let mut cluster = Cluster::new_with(
+        4,
+        dir.path(),
+        Setup {
+            witness: true,
+            ..Setup::plain(false, Mode::Checkpoint)
+        },
+    );
     let mut rng = Rng(0x5eed);
     let mut primary = cluster
         .wait_protected(Duration::from_secs(60))
@@ -1213,7 +1367,7 @@ async fn with_a_witness_no_partition_splits_a_keep_running_pair_and_a_majority_s
             })
         };
         eprintln!("witness partitions: {fault:?} (primary: host {primary})");
-        let before = common::status(cluster.hosts[primary].control).await;
+        let before = status(cluster.hosts[primary].control, cluster.operator.as_ref()).await;
         inject(&mut cluster, primary, fault, &mut rng).await;
         let at_end = answered();
         let halfway = halfway.await.unwrap();
@@ -1233,7 +1387,9 @@ async fn with_a_witness_no_partition_splits_a_keep_running_pair_and_a_majority_s
             Fault::CutBackupFromAll(_) => assert_eq!(now, primary, "the primary ran on"),
             Fault::WitnessDown(_) => {
                 assert_eq!(now, primary, "nothing moved");
-                let after = common::status(cluster.hosts[now].control).await.unwrap();
+                let after = status(cluster.hosts[now].control, cluster.operator.as_ref())
+                    .await
+                    .unwrap();
                 assert_eq!(
                     before.map(|s| s.generation),
                     Some(after.generation),
