@@ -370,9 +370,9 @@ impl Cluster {
             ),
             None => "[tls]\ninsecure = true\ndangerously_allow_insecure_network = true".into(),
         };
-        let config = dir.join("vm.toml");
-        std::fs::write(
-            &config,
+        // The hosts' config, and (under mutual TLS) the operator's: the
+        // same but for the [tls] section.
+        let config_text = |tls: String| {
             format!(
                 r#"name = "chaos{id}"
 guest = "kv"
@@ -391,12 +391,6 @@ control = "{b_control}"
 {tls}
 {witness}
 "#,
-                // The hosts' own certificates come with each (`Host::tls`).
-                tls = tls_section(pki.as_ref().map(|(a, _, operator)| TlsFiles {
-                    cert: a.0.clone(),
-                    key: a.1.clone(),
-                    ..operator.clone()
-                }).as_ref()),
                 witness = if witness.is_some() {
                     format!(
                         "[witness]\nendpoints = [\"http://10.{net}.4.1:2379\"]\ntimeout = \"300ms\"\ncheck_interval = \"300ms\""
@@ -414,9 +408,16 @@ control = "{b_control}"
                     Mode::Checkpoint => "",
                     Mode::Replay => "mode = \"replay\"\ncheckpoint_interval = \"500ms\"",
                 },
-            ),
-        )
-        .unwrap();
+            )
+        };
+        let config = dir.join("vm.toml");
+        // The hosts' own certificates come with each (`Host::tls`).
+        let hosts_tls = pki.as_ref().map(|(a, _, operator)| TlsFiles {
+            cert: a.0.clone(),
+            key: a.1.clone(),
+            ..operator.clone()
+        });
+        std::fs::write(&config, config_text(tls_section(hosts_tls.as_ref()))).unwrap();
         let host = |i: usize, home, state: &str, control, console| Host {
             ns: ns[i].clone(),
             home,
@@ -440,19 +441,7 @@ control = "{b_control}"
         let operator_config = match &operator {
             Some(files) => {
                 let path = dir.join("operator.toml");
-                let text = std::fs::read_to_string(&config).unwrap();
-                let at = text.find("[tls]").unwrap();
-                // To the next section (or the end).
-                let end = text[at + 1..]
-                    .find("\n[")
-                    .map_or(text.len(), |e| at + 1 + e);
-                let text = format!(
-                    "{}{}{}",
-                    &text[..at],
-                    tls_section(Some(files)),
-                    &text[end..]
-                );
-                std::fs::write(&path, text).unwrap();
+                std::fs::write(&path, config_text(tls_section(Some(files)))).unwrap();
                 path
             }
             None => config.clone(),

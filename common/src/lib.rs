@@ -18,6 +18,7 @@ pub mod postcopy;
 pub mod role;
 pub mod server_tls;
 pub mod status;
+pub mod tls_follow;
 pub mod tls_validity;
 pub mod wire;
 pub mod witness;

@@ -5,20 +5,16 @@
 //! Connections already up keep the session they have: TLS checks certificates
 //! only in the handshake.
 //!
-//! The files are looked at (size, time, inode) at each handshake and loaded
-//! again when one changed. A change that does not load (a file half written,
-//! a key that does not match its certificate) keeps the last configuration
-//! that did, and a warning names the file: a renewal done badly never takes a
-//! working pair down.
+//! The files are looked at at each handshake and loaded again when one
+//! changed; a change that does not load keeps the last configuration that
+//! did ([`crate::tls_follow`]).
 //!
 //! The gRPC servers take their connections through [`incoming`]: handshakes
 //! run side by side, each within [`HANDSHAKE_TIMEOUT`], so a client that
 //! connects and says nothing holds up no one else.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,50 +22,24 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 
-use crate::wire::{ServerTlsError, TlsFiles, TlsStamp};
+use crate::tls_follow::Following;
+use crate::wire::{ServerTlsError, TlsFiles};
 
 /// How long a client may take over its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// TLS files that changed but do not load, by the certificate they go with:
-/// what the daemon's status says until they load ([`not_loaded`]). A
-/// renewal or a revocation list that did not take effect must not look as
-/// if it had.
-static NOT_LOADED: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
-
-/// Records whether the files of `cert` loaded (None) or why not.
-pub(crate) fn record_load(cert: &Path, problem: Option<String>) {
-    let mut held = NOT_LOADED.lock().unwrap_or_else(|p| p.into_inner());
-    match problem {
-        Some(why) => held.insert(cert.to_owned(), why),
-        None => held.remove(cert),
-    };
-}
-
-/// One sentence for each set of TLS files (this host's, the witness
-/// client's) that changed but does not load, while it does not.
-pub fn not_loaded() -> Vec<String> {
-    NOT_LOADED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect()
-}
-
 /// A server's TLS configuration, loaded again from its files when they change.
 pub struct ServerTls {
-    files: TlsFiles,
     /// ALPN protocols offered (`h2` for gRPC; none for the console).
     alpn: Vec<Vec<u8>>,
-    /// What the files looked like when last loaded, and what they loaded.
-    current: Mutex<(TlsStamp, Arc<rustls::ServerConfig>)>,
+    /// What the files loaded last.
+    current: Following<Arc<rustls::ServerConfig>>,
 }
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
-            .field("files", &self.files)
+            .field("alpn", &self.alpn)
             .finish_non_exhaustive()
     }
 }
@@ -86,51 +56,17 @@ impl ServerTls {
     }
 
     fn new(files: &TlsFiles, alpn: Vec<Vec<u8>>) -> Result<Arc<Self>, ServerTlsError> {
-        let stamps = files.stamp();
-        let config = files.server_config(alpn.clone())?;
-        Ok(Arc::new(Self {
-            files: files.clone(),
-            alpn,
-            current: Mutex::new((stamps, Arc::new(config))),
-        }))
+        let current = Following::new(Some(files), "TLS files", || {
+            files.server_config(alpn.clone()).map(Arc::new)
+        })?;
+        Ok(Arc::new(Self { alpn, current }))
     }
 
     /// The configuration for the next handshake: what the files hold now, or
     /// the last that loaded if they do not load.
     pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        let now = self.files.stamp();
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if now != current.0 {
-            // Looked at once per change, whatever comes of it.
-            current.0 = now;
-            match self.files.server_config(self.alpn.clone()) {
-                Ok(config) => {
-                    current.1 = Arc::new(config);
-                    record_load(&self.files.cert, None);
-                    tracing::info!(
-                        cert = %self.files.cert.display(),
-                        "TLS files changed: new connections use what they hold now"
-                    );
-                }
-                Err(e) => {
-                    let error = crate::wire::chain(&e);
-                    tracing::warn!(
-                        %error,
-                        "TLS files changed but do not load: new connections still use what \
-                         was loaded before (fix the files; they are read again when they \
-                         change)"
-                    );
-                    record_load(
-                        &self.files.cert,
-                        Some(format!(
-                            "TLS files changed but do not load ({error}): new connections \
-                             still use what was loaded before; fix the files"
-                        )),
-                    );
-                }
-            }
-        }
-        current.1.clone()
+        self.current
+            .get(|files| files.server_config(self.alpn.clone()).map(Arc::new))
     }
 
     /// An acceptor for the next handshake.

@@ -432,7 +432,7 @@ impl Stats {
             warnings: lock(&self.tls_warnings)
                 .iter()
                 .cloned()
-                .chain(crate::server_tls::not_loaded())
+                .chain(crate::tls_follow::not_loaded())
                 .collect(),
         }
     }

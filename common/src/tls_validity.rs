@@ -13,7 +13,7 @@
 //! valid yet (a clock or a certificate that is wrong).
 //!
 //! A renewed file takes effect at the next handshake: the servers load their
-//! files again when they change (`crate::server_tls`), the clients read them
+//! files again when they change (`crate::tls_follow`), the clients read them
 //! at each connection, and the witness's client is built again when its
 //! files change (`crate::witness`). So what the files hold is what the daemon
 //! presents, and the files are what is checked.

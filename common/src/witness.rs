@@ -37,7 +37,8 @@ use understudy_proto::etcd::etcdserverpb::{PutRequest, RangeResponse};
 
 use crate::ids::Generation;
 use crate::status::Stats;
-use crate::wire::{TlsFiles, TlsStamp};
+use crate::tls_follow::Following;
+use crate::wire::TlsFiles;
 
 /// The `[witness]` section: where etcd is and how long to wait for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,23 +174,21 @@ pub struct Witness {
 }
 
 /// The client of etcd, built again when its TLS files change, as the servers
-/// load theirs again (`crate::server_tls`): a renewed client certificate is
-/// presented at the next request, with no restart (a restart of the
-/// primary's daemon would stop its VM). Files that change but do not load
-/// keep the last client that did, and a warning says so.
+/// load theirs again ([`crate::tls_follow`]): a renewed client certificate
+/// is presented at the next request, with no restart.
 #[derive(Debug)]
 struct Etcd {
     config: WitnessConfig,
-    /// What the TLS files looked like when the client was built (None:
-    /// plaintext), and the client.
-    current: std::sync::Mutex<(Option<TlsStamp>, KvClient<Channel>)>,
+    /// The client, as the TLS files (if any) last built it.
+    current: Following<KvClient<Channel>>,
 }
 
 impl Etcd {
     fn new(config: &WitnessConfig) -> Result<Self, WitnessError> {
-        let stamp = config.tls.as_ref().map(TlsFiles::stamp);
         Ok(Self {
-            current: std::sync::Mutex::new((stamp, Self::connect(config)?)),
+            current: Following::new(config.tls.as_ref(), "witness TLS files", || {
+                Self::connect(config)
+            })?,
             config: config.clone(),
         })
     }
@@ -227,44 +226,9 @@ impl Etcd {
     }
 
     /// The client for the next request: built again first if the TLS files
-    /// changed since (looked at once per change, whatever comes of it).
+    /// changed since.
     fn kv(&self) -> KvClient<Channel> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tls) = &self.config.tls {
-            let now = Some(tls.stamp());
-            if now != current.0 {
-                current.0 = now;
-                match Self::connect(&self.config) {
-                    Ok(kv) => {
-                        current.1 = kv;
-                        crate::server_tls::record_load(&tls.cert, None);
-                        tracing::info!(
-                            cert = %tls.cert.display(),
-                            "witness TLS files changed: the next requests to etcd use what \
-                             they hold now"
-                        );
-                    }
-                    Err(e) => {
-                        let error = crate::wire::chain(&e);
-                        tracing::warn!(
-                            %error,
-                            "witness TLS files changed but do not load: requests to etcd \
-                             still use what was loaded before (fix the files; they are read \
-                             again when they change)"
-                        );
-                        crate::server_tls::record_load(
-                            &tls.cert,
-                            Some(format!(
-                                "witness TLS files changed but do not load ({error}): \
-                                 requests to etcd still use what was loaded before; fix the \
-                                 files"
-                            )),
-                        );
-                    }
-                }
-            }
-        }
-        current.1.clone()
+        self.current.get(|_| Self::connect(&self.config))
     }
 }
 

@@ -1023,27 +1023,32 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new EC P-256 key `name.key` (no passphrase) for the
+/// subject `/CN=name`; `more` says what it makes.
+fn request_with_new_key(dir: &Path, name: &str, more: &[&str]) {
+    let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
+    let mut args = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-subj",
+        &subject,
+    ];
+    args.extend_from_slice(more);
+    openssl(dir, &args);
+}
+
 /// A CA named `ca` in `dir`: `ca.pem`, `ca.key`.
 pub fn make_ca(dir: &Path, ca: &str) {
-    openssl(
+    request_with_new_key(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={ca}"),
-        ],
+        ca,
+        &["-x509", "-out", &format!("{ca}.pem"), "-days", "2"],
     );
 }
 
@@ -1064,23 +1069,7 @@ pub fn make_operator(dir: &Path, ca: &str, name: &str) -> (PathBuf, PathBuf) {
 
 /// A certificate `name.pem`/`name.key` signed by `ca` with subjectAltName `san`.
 pub fn make_cert_for(dir: &Path, ca: &str, name: &str, san: &str) -> (PathBuf, PathBuf) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    request_with_new_key(dir, name, &["-out", &format!("{name}.csr")]);
     std::fs::write(
         dir.join(format!("{name}.ext")),
         format!("subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n"),
