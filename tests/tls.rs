@@ -437,10 +437,11 @@ fn refused_status(control: std::net::SocketAddr, config: &Path) -> String {
 /// `tls.crl`: a certificate the CA revoked is refused at its next connection,
 /// with no restart, while everyone else's work on and the pair stays
 /// protected; a list the servers cannot use (another CA's) keeps the last
-/// one that loaded instead of refusing everyone. Clients check the servers
-/// too: with the backup's certificate revoked (its key stolen, say), an
-/// operator's tool will not talk to it, and its primary will not replicate
-/// to it once it reconnects.
+/// one that loaded instead of refusing everyone. Connections the revoked
+/// certificate opened before (a control channel, the console) are cut.
+/// Clients check the servers too: with the backup's certificate revoked (its
+/// key stolen, say), an operator's tool will not talk to it, and its
+/// primary cuts its replication to it, and is refused when it reconnects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_refused_at_its_next_connection() {
     let _serial = common::serial().await;
@@ -458,9 +459,24 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
         std::fs::rename(&departed, &to).unwrap();
         to
     };
-    let operator = certs.start_with(&mut pair, &[&crl_override], &[&crl_override]);
+    let with = [crl_override.as_str(), "tls.console=true"];
+    let operator = certs.start_with(&mut pair, &with, &with);
     let control = pair.addrs.backup_control;
     assert!(operator_status(control, &departed).contains("protected       yes"));
+    // Connections the departed operator opens before the revocation: a
+    // control channel and the primary's console.
+    let held = channel(control, &certs.ca, &departed_cert, &departed_key).await;
+    let mut held = understudy_proto::control_client::ControlClient::new(held);
+    held.status(understudy_proto::StatusRequest {})
+        .await
+        .unwrap();
+    let mut console = console_over_tls(
+        pair.addrs.primary_console,
+        &certs.ca,
+        &departed_cert,
+        &departed_key,
+    )
+    .await;
 
     revoke(d, &cnf, &departed_cert);
     publish_crl(d, &cnf, &crl);
@@ -475,6 +491,29 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
         pair.logs().contains("invalid peer certificate: Revoked"),
         "the refusal names the revocation\n{}",
         pair.logs()
+    );
+    // Both connections it had are cut: the console ends, the channel's
+    // next call finds its connection gone and is refused at the new one.
+    wait_logged(
+        &pair,
+        "connection cut: the certificate it was opened with is revoked",
+        2,
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut console, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked operator's console still runs");
+    let call = held.status(understudy_proto::StatusRequest {}).await;
+    assert!(
+        call.is_err(),
+        "the revoked operator's channel still answers"
     );
     let status = operator_status(control, &operator);
     assert!(status.contains("protected       yes"), "{status}");
@@ -539,19 +578,17 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
     std::fs::write(&checking, text).unwrap();
     let said = refused_status(control, &checking);
     assert!(said.contains("Revoked"), "{said}");
-    assert!(
-        operator_status(pair.addrs.primary_control, &checking).contains("role            primary")
-    );
-    // Restarted (without the list, presenting its revoked certificate):
-    // its primary, which reads the list at each connection, refuses it.
-    let mut backup = pair.backup.take().unwrap();
-    backup.kill().unwrap();
-    backup.wait().unwrap();
-    let mut args = tls_overrides(&certs.ca, &certs.backup.0, &certs.backup.1);
-    args.push(pair.backup_state());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    pair.backup = Some(pair.spawn("backup", &args));
+    // Its primary, with the list, cuts the replication it had with it (the
+    // test does not connect to the primary meanwhile: it looks at its files
+    // on its own), and refuses it when it reconnects.
     let deadline = Instant::now() + Duration::from_secs(20);
+    while !pair.logs().lines().any(|l| {
+        l.contains("connection cut: the certificate it was opened with is revoked")
+            && l.contains("a connection to another host")
+    }) {
+        assert!(Instant::now() < deadline, "{}", pair.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     while !pair
         .logs()
         .lines()
@@ -560,7 +597,8 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
         assert!(Instant::now() < deadline, "{}", pair.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = operator_status(pair.addrs.primary_control, &operator);
+    let status = operator_status(pair.addrs.primary_control, &checking);
+    assert!(status.contains("role            primary"), "{status}");
     assert!(!status.contains("protected       yes"), "{status}");
 }
 
@@ -577,6 +615,100 @@ async fn a_switchover_runs_over_mutual_tls_in_both_directions() {
         assert!(text.contains("protected again"), "{text}");
     }
     assert!(!pair.logs().contains("tls accept error"), "{}", pair.logs());
+}
+
+/// What a revocation list revokes, by which the connections already up are
+/// cut: its CA's certificates of the serials it lists, and no other CA's
+/// certificate of the same serial.
+#[test]
+fn a_list_names_only_certificates_of_its_own_ca() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+    use understudy_common::revocation::Revoked;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d, "ca");
+    make_ca(d, "other-ca");
+    let (alice, _) = make_operator(d, "ca", "alice");
+    // Bob: another CA's certificate with Alice's serial number.
+    let serial = openssl(d, &["x509", "-in", "alice.pem", "-noout", "-serial"]);
+    let serial = serial.trim().trim_start_matches("serial=");
+    common::request_with_new_key(d, "bob", &["-out", "bob.csr"]);
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "bob.csr",
+            "-CA",
+            "other-ca.pem",
+            "-CAkey",
+            "other-ca.key",
+            "-set_serial",
+            &format!("0x{serial}"),
+            "-out",
+            "bob.pem",
+            "-days",
+            "2",
+        ],
+    );
+    let bob = d.join("bob.pem");
+    let cert = |p: &Path| CertificateDer::from_pem_file(p).unwrap();
+    let crl = d.join("crl.pem");
+    let list = || {
+        let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(&crl)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        Revoked::from_crls(&crls).unwrap()
+    };
+    let other = ca_database(d, "other-ca");
+    revoke(d, &other, &bob);
+    publish_crl(d, &other, &crl);
+    assert!(list().revokes(&cert(&bob)));
+    assert!(
+        !list().revokes(&cert(&alice)),
+        "another CA's list names Alice"
+    );
+    let cnf = ca_database(d, "ca");
+    publish_crl(d, &cnf, &crl);
+    assert!(!list().revokes(&cert(&alice)));
+    revoke(d, &cnf, &alice);
+    publish_crl(d, &cnf, &crl);
+    assert!(list().revokes(&cert(&alice)));
+    assert!(!list().revokes(&cert(&bob)));
+}
+
+/// A console connection to `addr` over TLS presenting `cert`/`key`, once
+/// the guest's output flows on it.
+async fn console_over_tls(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector = understudy_common::wire::TlsFiles {
+        ca: ca.to_owned(),
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        crl: None,
+    }
+    .console_connector()
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(n > 0, "the console sent nothing");
+    stream
 }
 
 /// A gRPC channel to `addr` presenting `cert`/`key` (server checked against `ca`).

@@ -500,7 +500,9 @@ pub async fn serve(
                         }
                         Err(_) => return,
                     };
+                    let stream = crate::revocation::Watched::accepted(stream, "a console client");
                     let caller = stream
+                        .get_ref()
                         .get_ref()
                         .1
                         .peer_certificates()

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod operator;
 pub mod payload;
 pub mod postcopy;
+pub mod revocation;
 pub mod role;
 pub mod server_tls;
 pub mod status;

@@ -2,19 +2,21 @@
 //! following its files: each handshake uses what the certificate, key and CA
 //! files hold now, so renewed certificates take effect at the next connection,
 //! with no restart (a restart of the primary's daemon would stop its VM).
-//! Connections already up keep the session they have: TLS checks certificates
-//! only in the handshake.
+//! TLS checks certificates only in the handshake: connections already up
+//! keep the session they have, except that a revocation list that loads cuts
+//! those whose peer it revokes ([`crate::revocation`]).
 //!
-//! The files are looked at at each handshake and loaded again when one
-//! changed; a change that does not load keeps the last configuration that
-//! did ([`crate::tls_follow`]).
+//! The files are looked at at each handshake, and at least once a second
+//! while a server accepts connections ([`incoming`]), and loaded again when
+//! one changed; a change that does not load keeps the last configuration
+//! that did ([`crate::tls_follow`]).
 //!
 //! The gRPC servers take their connections through [`incoming`]: handshakes
 //! run side by side, each within [`HANDSHAKE_TIMEOUT`], so a client that
 //! connects and says nothing holds up no one else.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,18 +24,29 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 
+use crate::revocation::{Revoked, Watched};
 use crate::tls_follow::Following;
 use crate::wire::{ServerTlsError, TlsFiles};
 
 /// How long a client may take over its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a server that accepts connections looks at its files even if
+/// no one connects: a revocation cuts the connections it names within this.
+pub const FILES_LOOKED_AT: Duration = Duration::from_secs(1);
+
+/// What a server's files load into: its configuration, and what their
+/// revocation list revokes.
+type Loaded = (Arc<rustls::ServerConfig>, Arc<Revoked>);
+
 /// A server's TLS configuration, loaded again from its files when they change.
 pub struct ServerTls {
     /// ALPN protocols offered (`h2` for gRPC; none for the console).
     alpn: Vec<Vec<u8>>,
     /// What the files loaded last.
-    current: Following<Arc<rustls::ServerConfig>>,
+    current: Following<Loaded>,
+    /// The list the connections up were last checked against.
+    checked: Mutex<Arc<Revoked>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -56,23 +69,37 @@ impl ServerTls {
     }
 
     fn new(files: &TlsFiles, alpn: Vec<Vec<u8>>) -> Result<Arc<Self>, ServerTlsError> {
-        let current = Following::new(Some(files), "TLS files", || {
-            files.server_config(alpn.clone()).map(Arc::new)
-        })?;
-        Ok(Arc::new(Self { alpn, current }))
+        let current = Following::new(Some(files), "TLS files", || load(files, &alpn))?;
+        let checked = Mutex::new(current.get(|files| load(files, &alpn)).1);
+        Ok(Arc::new(Self {
+            alpn,
+            current,
+            checked,
+        }))
     }
 
     /// The configuration for the next handshake: what the files hold now, or
-    /// the last that loaded if they do not load.
+    /// the last that loaded if they do not load. A revocation list that
+    /// loaded since the last call cuts the connections it revokes first.
     pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        self.current
-            .get(|files| files.server_config(self.alpn.clone()).map(Arc::new))
+        let (config, revoked) = self.current.get(|files| load(files, &self.alpn));
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&checked, &revoked) {
+            *checked = revoked;
+            crate::revocation::cut_revoked(&checked);
+        }
+        config
     }
 
     /// An acceptor for the next handshake.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config())
     }
+}
+
+fn load(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<Loaded, ServerTlsError> {
+    let (config, revoked) = files.server_config_revoking(alpn.to_vec())?;
+    Ok((Arc::new(config), Arc::new(revoked)))
 }
 
 /// A handshake's outcome, with whom.
@@ -86,11 +113,19 @@ type Handshake = (
 /// task. A refused handshake is logged (`tls accept error`) and skipped.
 /// Dropping the stream closes `listener` and drops the handshakes under
 /// way (a role that ends gives its listener back).
+///
+/// The files are looked at every [`FILES_LOOKED_AT`] too, so that a new
+/// revocation list cuts the connections it names (every TLS connection of
+/// the process, whichever server or client it belongs to) with no one
+/// connecting. Each connection is [`Watched`].
 pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>) -> Incoming {
+    let mut look = tokio::time::interval(FILES_LOOKED_AT);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     Incoming {
         listener,
         tls,
         handshakes: JoinSet::new(),
+        look,
     }
 }
 
@@ -100,12 +135,16 @@ pub struct Incoming {
     listener: TcpListener,
     tls: Arc<ServerTls>,
     handshakes: JoinSet<Handshake>,
+    look: tokio::time::Interval,
 }
 
 impl tokio_stream::Stream for Incoming {
-    type Item = std::io::Result<TlsStream<TcpStream>>;
+    type Item = std::io::Result<Watched<TlsStream<TcpStream>>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        while self.look.poll_tick(cx).is_ready() {
+            self.tls.config();
+        }
         // Every connection waiting is taken into a handshake first.
         loop {
             match self.listener.poll_accept(cx) {
@@ -127,7 +166,10 @@ impl tokio_stream::Stream for Incoming {
         loop {
             match self.handshakes.poll_join_next(cx) {
                 Poll::Ready(Some(Ok((_, Ok(Ok(stream)))))) => {
-                    return Poll::Ready(Some(Ok(stream)));
+                    return Poll::Ready(Some(Ok(Watched::accepted(
+                        stream,
+                        "a client of this host's gRPC servers",
+                    ))));
                 }
                 Poll::Ready(Some(Ok((peer, Ok(Err(error)))))) => {
                     tracing::info!(%peer, %error, "tls accept error");

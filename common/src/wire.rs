@@ -224,18 +224,15 @@ pub enum ClientTlsError {
     },
 }
 
-type Connecting = std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = std::io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-                >,
-            > + Send,
-    >,
->;
+/// A connection a [`TlsConnector`] opened.
+type Opened =
+    hyper_util::rt::TokioIo<crate::revocation::Watched<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Opened>> + Send>>;
 
 impl tonic::codegen::Service<http::Uri> for TlsConnector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = Opened;
     type Error = std::io::Error;
     type Future = Connecting;
 
@@ -261,7 +258,10 @@ impl tonic::codegen::Service<http::Uri> for TlsConnector {
             let tcp = TcpStream::connect(authority.as_str()).await?;
             // Small messages leave at once (see `incoming`).
             tcp.set_nodelay(true)?;
-            Ok(hyper_util::rt::TokioIo::new(tls.connect(name, tcp).await?))
+            let stream = tls.connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(
+                crate::revocation::Watched::opened(stream, "a connection to another host"),
+            ))
         })
     }
 }
@@ -403,6 +403,14 @@ pub enum ServerTlsError {
         #[source]
         source: rustls::Error,
     },
+    /// The CRL cannot be read for the serial numbers it revokes.
+    #[error("the certificate revocation list {path} cannot be read ({why})")]
+    CrlUnreadable {
+        /// The CRL file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
 }
 
 pub(crate) mod server_tls_config {
@@ -413,6 +421,7 @@ pub(crate) mod server_tls_config {
     use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
     use super::{ServerTlsError, TlsFiles};
+    use crate::revocation::Revoked;
 
     /// Every certificate in the PEM file `path` (`what` names it in errors).
     pub(crate) fn certs(
@@ -493,8 +502,27 @@ pub(crate) mod server_tls_config {
             &self,
             alpn: Vec<Vec<u8>>,
         ) -> Result<rustls::ServerConfig, ServerTlsError> {
+            self.server_config_revoking(alpn).map(|(config, _)| config)
+        }
+
+        /// [`Self::server_config`], and what its revocation list revokes
+        /// (read once for both), for cutting the connections already up
+        /// ([`crate::revocation`]).
+        pub(crate) fn server_config_revoking(
+            &self,
+            alpn: Vec<Vec<u8>>,
+        ) -> Result<(rustls::ServerConfig, Revoked), ServerTlsError> {
             let provider = provider();
             let (roots, crls) = self.trust()?;
+            let revoked = match (&self.crl, &crls) {
+                (Some(path), Some(crls)) => {
+                    Revoked::from_crls(crls).map_err(|why| ServerTlsError::CrlUnreadable {
+                        path: path.clone(),
+                        why,
+                    })?
+                }
+                _ => Revoked::default(),
+            };
             let (verifier, chain) = self.client_verifier(&provider, roots, crls)?;
             let mut config = rustls::ServerConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
@@ -503,7 +531,7 @@ pub(crate) mod server_tls_config {
                 .with_single_cert(chain, key(&self.key)?)
                 .map_err(rustls_err("certificate", &self.cert))?;
             config.alpn_protocols = alpn;
-            Ok(config)
+            Ok((config, revoked))
         }
 
         /// What checks the certificates clients present (signed by the CA,

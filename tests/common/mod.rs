@@ -1009,8 +1009,9 @@ pub fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Runs `openssl ARGS` in `dir` (certificates for mutual TLS; Debian
-/// package openssl), and fails the test with what it said if it fails.
-pub fn openssl(dir: &Path, args: &[&str]) {
+/// package openssl): what it printed; it fails the test with what it said if
+/// it fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("openssl")
         .current_dir(dir)
         .args(args)
@@ -1021,11 +1022,12 @@ pub fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `openssl req` with a new EC P-256 key `name.key` (no passphrase) for the
 /// subject `/CN=name`; `more` says what it makes.
-fn request_with_new_key(dir: &Path, name: &str, more: &[&str]) {
+pub fn request_with_new_key(dir: &Path, name: &str, more: &[&str]) {
     let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
     let mut args = vec![
         "req",
