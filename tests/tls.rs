@@ -451,7 +451,13 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
     let cnf = ca_database(d, "ca");
     let crl = d.join("crl.pem");
     publish_crl(d, &cnf, &crl);
-    let mut pair = Pair::new("counter", "");
+    let metrics = common::free_port();
+    let mut pair = Pair::new_with(
+        "counter",
+        "",
+        &format!("metrics = \"127.0.0.1:{metrics}\""),
+        "",
+    );
     let crl_override = format!("tls.crl={:?}", crl.display().to_string());
     let departed = operator_config(&pair, &certs.ca, &departed_cert, &departed_key);
     let departed = {
@@ -597,6 +603,13 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
         assert!(Instant::now() < deadline, "{}", pair.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The primary cut two: the revoked operator's console, and its
+    // replication to the backup.
+    let scraped = common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap());
+    assert!(
+        scraped.contains("understudy_tls_connections_cut_total 2\n"),
+        "{scraped}"
+    );
     let status = operator_status(pair.addrs.primary_control, &checking);
     assert!(status.contains("role            primary"), "{status}");
     assert!(!status.contains("protected       yes"), "{status}");

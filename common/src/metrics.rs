@@ -353,6 +353,12 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.tls_not_after.clone(),
         );
+        registry.register(
+            "tls_connections_cut",
+            "TLS connections cut because a revocation list that loaded names their peer's \
+             certificate",
+            crate::revocation::CUT.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -22,9 +22,10 @@ use std::collections::HashSet;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::task::{Context, Poll};
 
+use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -33,6 +34,10 @@ use x509_parser::revocation_list::CertificateRevocationList;
 
 /// The connections with a certificate at the other end, while they live.
 static LIVE: Mutex<Vec<Weak<Peer>>> = Mutex::new(Vec::new());
+
+/// Connections cut so far by this process
+/// (`understudy_tls_connections_cut_total`).
+pub(crate) static CUT: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// The certificates a CA's revocation lists name: by issuer (the DER of its
 /// name), the serial numbers it revoked.
@@ -200,6 +205,7 @@ pub fn cut_revoked(revoked: &Revoked) -> usize {
         match result {
             Ok(()) => {
                 cut += 1;
+                CUT.inc();
                 tracing::warn!(
                     peer = %peer.addr,
                     certificate = %peer.subject,
