@@ -526,13 +526,10 @@ async fn a_late_copy_that_fails_falls_back_to_the_stop_and_the_vm_stays_protecte
             2,
         ),
     ] {
-        let pm = common::free_port();
         // 500 pages an epoch: every checkpoint takes the copy after the resume.
-        let mut pair = Pair::new_with(
+        let (mut pair, pm) = Pair::with_primary_metrics(
             "dirtier",
             "guest_params = { working_set = 512, dirty_rate = 20000 }",
-            &format!("metrics = \"127.0.0.1:{pm}\""),
-            "",
         );
         pair.primary = Some(pair.spawn_with_env(
             "primary",
@@ -552,7 +549,6 @@ async fn a_late_copy_that_fails_falls_back_to_the_stop_and_the_vm_stays_protecte
         // Protected again (after the resync, for a failed copy), then
         // checkpoints flow with no page copied after the resume.
         pair.wait_protected().await;
-        let pm: std::net::SocketAddr = format!("127.0.0.1:{pm}").parse().unwrap();
         let (before, after) = common::scrape_after_epochs(&pair, pm, 5.0, point).await;
         let late = "understudy_epoch_pages_copied_after_resume_total";
         assert!(

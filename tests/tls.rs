@@ -240,13 +240,7 @@ async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
     let _serial = common::serial().await;
     let certs = PairCerts::new();
     let (ca, (pc, pk)) = (&certs.ca, &certs.primary);
-    let metrics = common::free_port();
-    let mut pair = Pair::new_with(
-        "counter",
-        "",
-        &format!("metrics = \"127.0.0.1:{metrics}\""),
-        "",
-    );
+    let (mut pair, metrics) = Pair::with_primary_metrics("counter", "");
     // The backup warns only once a certificate has expired.
     let operator_config = certs.start(&mut pair, &["tls.expiry_warning_days=0"]);
     let status = |control| operator_status(control, &operator_config);
@@ -298,7 +292,7 @@ async fn certificates_that_end_soon_are_named_in_status_log_and_metrics() {
     );
 
     // Each file's end, in Unix time: within the two days the files were made for.
-    let scraped = common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap());
+    let scraped = common::scrape(metrics);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -451,13 +445,7 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
     let cnf = ca_database(d, "ca");
     let crl = d.join("crl.pem");
     publish_crl(d, &cnf, &crl);
-    let metrics = common::free_port();
-    let mut pair = Pair::new_with(
-        "counter",
-        "",
-        &format!("metrics = \"127.0.0.1:{metrics}\""),
-        "",
-    );
+    let (mut pair, metrics) = Pair::with_primary_metrics("counter", "");
     let crl_override = format!("tls.crl={:?}", crl.display().to_string());
     let departed = operator_config(&pair, &certs.ca, &departed_cert, &departed_key);
     let departed = {
@@ -605,7 +593,7 @@ async fn a_revoked_certificate_is_refused_at_its_next_connection() {
     }
     // The primary cut two: the revoked operator's console, and its
     // replication to the backup.
-    let scraped = common::scrape(format!("127.0.0.1:{metrics}").parse().unwrap());
+    let scraped = common::scrape(metrics);
     assert!(
         scraped.contains("understudy_tls_connections_cut_total 2\n"),
         "{scraped}"

@@ -85,6 +85,14 @@ impl Pair {
         Self::new_with(guest, settings, "", "")
     }
 
+    /// Like `new`, with the primary's metrics served at the address
+    /// returned.
+    pub fn with_primary_metrics(guest: &str, settings: &str) -> (Self, SocketAddr) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let primary = format!("metrics = \"{addr}\"");
+        (Self::new_with(guest, settings, &primary, ""), addr)
+    }
+
     /// Like `new`, with extra lines for the `[primary]` and `[backup]` tables.
     pub fn new_with(guest: &str, settings: &str, primary_extra: &str, backup_extra: &str) -> Self {
         Self::new_full(guest, 16, settings, primary_extra, backup_extra)
