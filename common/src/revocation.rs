@@ -77,7 +77,7 @@ impl Revoked {
     }
 
     /// No list at all (no CRL configured).
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.by_issuer.is_empty()
     }
 }
@@ -147,15 +147,27 @@ impl Watched<tokio_rustls::client::TlsStream<TcpStream>> {
 }
 
 /// Registers the connection on `tcp` under the first of `certs` (its
-/// peer's own), if there is one that parses and the socket can be
-/// duplicated (otherwise the connection works, but is not cut).
+/// peer's own), if there is one. One that does not parse, or a socket that
+/// cannot be duplicated, is said in the log: the connection works, but is
+/// not cut.
 fn register(
     tcp: &TcpStream,
     certs: Option<&[CertificateDer<'static>]>,
     what: &'static str,
 ) -> Option<Arc<Peer>> {
     let der = certs?.first()?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let cert = match X509Certificate::from_der(der.as_ref()) {
+        Ok((_, cert)) => cert,
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                connection = what,
+                "cannot read the certificate a TLS connection was opened with: it is not cut \
+                 if that certificate is revoked while it is up"
+            );
+            return None;
+        }
+    };
     let socket = match tcp.as_fd().try_clone_to_owned() {
         Ok(fd) => fd,
         Err(error) => {

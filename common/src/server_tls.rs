@@ -16,7 +16,7 @@
 //! connects and says nothing holds up no one else.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,8 +45,6 @@ pub struct ServerTls {
     alpn: Vec<Vec<u8>>,
     /// What the files loaded last.
     current: Following<Loaded>,
-    /// The list the connections up were last checked against.
-    checked: Mutex<Arc<Revoked>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -70,23 +68,17 @@ impl ServerTls {
 
     fn new(files: &TlsFiles, alpn: Vec<Vec<u8>>) -> Result<Arc<Self>, ServerTlsError> {
         let current = Following::new(Some(files), "TLS files", || load(files, &alpn))?;
-        let checked = Mutex::new(current.get(|files| load(files, &alpn)).1);
-        Ok(Arc::new(Self {
-            alpn,
-            current,
-            checked,
-        }))
+        Ok(Arc::new(Self { alpn, current }))
     }
 
     /// The configuration for the next handshake: what the files hold now, or
-    /// the last that loaded if they do not load. A revocation list that
-    /// loaded since the last call cuts the connections it revokes first.
+    /// the last that loaded if they do not load. Files that loaded again in
+    /// this call cut the connections their revocation list names first.
     pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        let (config, revoked) = self.current.get(|files| load(files, &self.alpn));
-        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-        if !Arc::ptr_eq(&checked, &revoked) {
-            *checked = revoked;
-            crate::revocation::cut_revoked(&checked);
+        let ((config, revoked), loaded_now) =
+            self.current.get_noting(|files| load(files, &self.alpn));
+        if loaded_now {
+            crate::revocation::cut_revoked(&revoked);
         }
         config
     }

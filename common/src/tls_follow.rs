@@ -66,17 +66,28 @@ impl<T: Clone> Following<T> {
         &self,
         build: impl FnOnce(&TlsFiles) -> Result<T, E>,
     ) -> T {
+        self.get_noting(build).0
+    }
+
+    /// [`Self::get`], and whether this call built it (true for one caller
+    /// per change that loaded).
+    pub(crate) fn get_noting<E: std::error::Error>(
+        &self,
+        build: impl FnOnce(&TlsFiles) -> Result<T, E>,
+    ) -> (T, bool) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let Some(files) = &self.files else {
-            return current.1.clone();
+            return (current.1.clone(), false);
         };
         let now = Some(files.stamp());
+        let mut built = false;
         if now != current.0 {
             current.0 = now;
             let held = || NOT_LOADED.lock().unwrap_or_else(|p| p.into_inner());
             match build(files) {
-                Ok(built) => {
-                    current.1 = built;
+                Ok(new) => {
+                    current.1 = new;
+                    built = true;
                     held().remove(&files.cert);
                     tracing::info!(
                         files = self.what,
@@ -104,6 +115,6 @@ impl<T: Clone> Following<T> {
                 }
             }
         }
-        current.1.clone()
+        (current.1.clone(), built)
     }
 }
