@@ -34,6 +34,7 @@ use crate::codec::{
     self, Adaptive, AdaptiveReport, Codec, CodecError, CodecPolicy, Compression, Reader,
     encode_compressed, encode_delta_words,
 };
+use crate::copy;
 use crate::page::{
     ImageDigest, PAGE_SIZE, Page, PageHash, ZERO_PAGE, is_zero, page_hash, zero_page_hash,
 };
@@ -481,7 +482,7 @@ impl EpochEncoder<'_> {
                 Some(_) if !cacheable => {
                     cache.pop(&page);
                 }
-                Some(old) => old.copy_from_slice(content),
+                Some(old) => copy::copy(&mut old[..], content),
                 None if !cacheable => {}
                 None => {
                     if self.cache_misses.len() == cache.cap().get() {
@@ -611,7 +612,7 @@ impl EpochEncoder<'_> {
         }
         self.body.extend_from_slice(&self.entry);
         if let Some(content) = raw {
-            self.body.extend_from_slice(content);
+            copy::extend(&mut self.body, content);
         }
     }
 
@@ -1247,7 +1248,7 @@ impl EpochDecoder {
                     ),
                     Ok(Staged::Same(i)) => (self.slots[i], self.hashes[i]),
                     Ok(Staged::Raw(content)) if !keep => {
-                        self.data.extend_from_slice(content);
+                        copy::extend(&mut self.data, content);
                         (Slot::Staged((at / PAGE_SIZE) as u32), page_hash(content))
                     }
                     Ok(Staged::Raw(content)) => {
@@ -1332,7 +1333,7 @@ fn decode_one<'a>(
                     why: "outside guest RAM",
                 });
             }
-            data.extend_from_slice(image.page(to));
+            copy::extend(data, image.page(to));
         }
         Codec::RepeatOf => {
             let to = r.u32().ok_or_else(truncated)?;
@@ -1353,7 +1354,7 @@ fn decode_one<'a>(
                     why: "not committed (sync rounds cannot carry deltas)",
                 });
             }
-            data.extend_from_slice(image.page(page));
+            copy::extend(data, image.page(page));
             let out = in_place(data, at);
             codec::apply_delta(codec, r, out).map_err(codec_err)?;
         }

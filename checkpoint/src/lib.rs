@@ -8,6 +8,7 @@
 
 pub mod chunk;
 pub mod codec;
+pub mod copy;
 pub mod epoch;
 pub mod page;
 pub mod record_file;

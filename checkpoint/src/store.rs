@@ -1357,7 +1357,7 @@ fn copy_streaming(dst: &mut [u8], src: &[u8]) {
             return;
         }
     }
-    dst.copy_from_slice(src);
+    crate::copy::copy(dst, src);
 }
 
 /// Orders the non-temporal stores of [`copy_streaming`] before every store

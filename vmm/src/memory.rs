@@ -292,10 +292,13 @@ impl GuestRam {
         // SAFETY: `page` is within the mapping (checked above), which lives
         // as long as `self`; `out` is a separate 4 KiB buffer. The guest may
         // write the page meanwhile (a sync round copies while it runs): the
-        // bytes are then a mix, as with vm-memory's own copy (the same
+        // bytes are then a mix, as with vm-memory's own copy (a
         // `copy_nonoverlapping`), and the dirty log sends the page again.
+        // Not `copy_nonoverlapping` itself: a staging buffer 16 bytes past a
+        // page boundary (a large `Vec`'s) made it glibc's slow `rep movsb`
+        // (`understudy_checkpoint::copy`).
         unsafe {
-            std::ptr::copy_nonoverlapping(
+            understudy_checkpoint::copy::copy_raw(
                 self._mapping.as_ptr().add(page * PAGE_SIZE),
                 out.as_mut_ptr(),
                 PAGE_SIZE,
