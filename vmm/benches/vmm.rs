@@ -116,7 +116,8 @@ fn pause_vs_dirty_set(report: &mut Report) {
             "Checkpoint stop (guest paused) vs dirty set: the dirtier writes its working set \
              flat out; medians of {RUNS} stops ({RUNS_AT_1K} at 1k pages); memcpy = the same \
              dirty pages copied out of the same guest-RAM mapping in the same pause (plain \
-             memcpy; it and the stop's copy take turns going first); the vCPU thread \
+             memcpy into page-aligned memory, its fastest case; it and the stop's copy take \
+             turns going first); the vCPU thread \
              captures its state while the stop harvests and copies, so capture = what is \
              left to wait for after the copy"
         ),
