@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use understudy_bench::{Report, Table, XorShift, num, real_memory};
+use understudy_bench::{PageAligned, Report, Table, XorShift, num, real_memory};
 use understudy_checkpoint::epoch::{
     EpochDecoder, EpochKind, Received, SenderState, StagingBuffers,
 };
@@ -50,7 +50,9 @@ fn run(
 ) -> Row {
     let (mut memcpys, mut encodes, mut applies) = (Vec::new(), Vec::new(), Vec::new());
     let mut ratio = 0.0;
-    let mut staging = vec![0u8; dirty.len() * PAGE_SIZE];
+    // Page-aligned, as the real memory is: glibc's memcpy is then at its
+    // best (`understudy_bench::PageAligned`).
+    let mut staging = PageAligned::zeroed(dirty.len() * PAGE_SIZE);
     // A synced receiver holding `before`, and a sender that shipped it. The
     // backup keeps one store and recycles its staging buffers, so measure the
     // steady state: epochs before→after (measured) alternate with after→before.
@@ -167,7 +169,7 @@ fn time_pages(pages: &[u8], rounds: usize, mut f: impl FnMut(&[u8])) -> Duration
 /// as the backup hashes a page it just received) and for every page of
 /// `mem` once (from memory, as the sender hashes guest RAM).
 fn hash_costs(mem: &[u8]) -> [(f64, f64); 2] {
-    let mut out = [0u8; PAGE_SIZE];
+    let mut out = PageAligned::zeroed(PAGE_SIZE);
     let hot = &mem[..16 * PAGE_SIZE];
     [(hot, 4096), (mem, 1)].map(|(pages, rounds)| {
         let (mut hash, mut copy) = (Vec::new(), Vec::new());

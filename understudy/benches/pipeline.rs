@@ -34,7 +34,8 @@ use tokio_stream::StreamExt;
 use understudy::daemon::Role;
 use understudy::pair::LocalPair;
 use understudy_bench::{
-    Report, Table, ThreadTimes, XorShift, num, part, process_cpu_seconds, real_memory, spread,
+    PageAligned, Report, Table, ThreadTimes, XorShift, num, part, process_cpu_seconds, real_memory,
+    spread,
 };
 use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
@@ -70,11 +71,12 @@ async fn tcp_once(bytes: usize) -> f64 {
     let addr = listener.local_addr().unwrap();
     let reader = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; 1 << 20];
+        // Page-aligned, as TCP is fastest (`PageAligned`): the true limit.
+        let mut buf = PageAligned::zeroed(1 << 20);
         while s.read(&mut buf).await.unwrap() > 0 {}
     });
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let chunk = vec![7u8; 1 << 20];
+    let chunk = PageAligned::from_slice(&[7u8; 1 << 20]);
     let t = Instant::now();
     for _ in 0..bytes.div_ceil(chunk.len()) {
         s.write_all(&chunk).await.unwrap();
@@ -149,14 +151,10 @@ fn tcp_memory_once(rounds: &[&[u8]], pages: &[u32], dest: &mut [u8]) -> f64 {
     })
 }
 
-/// A region of `bytes` with every page touched: the destination of
-/// [`tcp_memory_once`].
-fn touched(bytes: usize) -> Vec<u8> {
-    let mut v = vec![0u8; bytes];
-    for b in v.iter_mut().step_by(PAGE_SIZE) {
-        *b = 1;
-    }
-    v
+/// A region of `bytes` with every page touched, page-aligned as an image's
+/// pages are: the destination of [`tcp_memory_once`].
+fn touched(bytes: usize) -> PageAligned {
+    PageAligned::zeroed(bytes)
 }
 
 async fn send(tx: &tokio::sync::mpsc::Sender<EpochChunk>, id: u64, chunks: Vec<Vec<u8>>) -> u64 {
