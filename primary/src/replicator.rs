@@ -141,7 +141,7 @@ pub(crate) struct Replicator {
     output: crossbeam_channel::Receiver<u8>,
     log: Arc<ConsoleLog>,
     next_epoch: u64,
-    staging: Vec<u8>,
+    staging: understudy_vmm::StagingBuffer,
     page: Box<[u8; PAGE_SIZE]>,
     /// The guest is paused because more console output than allowed is
     /// held unreleased (see [`Replicator::hold_for_output`]).
@@ -212,7 +212,7 @@ impl Replicator {
             output,
             log,
             next_epoch: 1,
-            staging: Vec::new(),
+            staging: understudy_vmm::StagingBuffer::new(),
             page: Box::new([0; PAGE_SIZE]),
             held_for_output: false,
             trace: None,
@@ -906,7 +906,9 @@ impl Replicator {
             fault_point("primary.dirty_log")?;
             let dirty = vm.harvest_dirty().map_err(InternalError::DirtyLog)?;
             let pages = dirty.page_numbers();
-            staging.resize(pages.len() * PAGE_SIZE, 0);
+            staging
+                .set_len(pages.len() * PAGE_SIZE)
+                .map_err(|e| InternalError::Capture(e.into()))?;
             let protected = match late.as_ref().map(|wp| {
                 late_copy_step("primary.protect", || {
                     wp.protect_if_shorter(&pages, *copy_ns_per_page)

@@ -137,13 +137,15 @@ fn pause_vs_dirty_set(report: &mut Report) {
     let mut at_1k: Option<(f64, f64, Vec<f64>)> = None;
     let mut fixed = f64::NAN;
     const MAX_PAGES: usize = 51_000; // working set plus the guest's own few pages
-    let mut staging = vec![0u8; MAX_PAGES * PAGE_SIZE]; // pre-faulted below
+    // The daemon's staging buffer, pre-faulted.
+    let mut staging = understudy_vmm::StagingBuffer::new();
+    staging.set_len(MAX_PAGES * PAGE_SIZE).unwrap();
     staging.fill(0);
     // The baseline lands page-aligned: glibc's memcpy of a page is `rep
     // movsb`, which is fast there and 10× slower on this CPU with the
     // destination 8 or 16 bytes past the source's alignment, where a large
-    // `Vec` (the stop's staging, as the daemon's) starts
-    // (`understudy_checkpoint::copy`). So the baseline is memcpy at its best.
+    // `Vec` starts (`understudy_checkpoint::copy`). So the baseline is
+    // memcpy at its best.
     let mut baseline = memmap2::MmapMut::map_anon(MAX_PAGES * PAGE_SIZE).unwrap();
     baseline.fill(0);
     for pages in [0usize, 100, 1_000, 10_000, 50_000] {
@@ -336,7 +338,8 @@ fn pause_with_copy_after_resume(report: &mut Report) {
     for pages in [100usize, 1_000, 10_000, 50_000] {
         let (vm, _c) = boot(BuiltinBoot::dirtier(pages as u64, 0, 1000));
         let wp = WriteProtectCopy::new(vm.ram()).unwrap();
-        let mut staging = vec![0u8; (pages + 1000) * PAGE_SIZE];
+        let mut staging = understudy_vmm::StagingBuffer::new();
+        staging.set_len((pages + 1000) * PAGE_SIZE).unwrap();
         staging.fill(0);
         let work = |vm: &Vm| {
             vm.ram()

@@ -27,7 +27,7 @@ pub mod wp;
 
 pub use dirty::DirtyBitmap;
 pub use loader::{BootEntry, BuiltinBoot, BuiltinGuest, Loader, RawCode};
-pub use memory::{GuestRam, PAGE_SIZE, RamBacking};
+pub use memory::{GuestRam, PAGE_SIZE, RamBacking, StagingBuffer};
 pub use state::{Persist, VmState};
 pub use vcpu::{ConsoleInput, EndWatch, InputRefused, VmEnd};
 pub use vm::{BootOptions, Console, Vm, VmError, VmShell, open_kvm};

@@ -52,6 +52,15 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// A staging buffer could not grow.
+    #[error("cannot map {bytes} bytes for staging pages copied out of guest RAM")]
+    Staging {
+        /// The size asked for.
+        bytes: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A RAM file of the wrong size.
     #[error("RAM file holds {actual} bytes but the VM needs {expected}")]
     FileSize {
@@ -405,6 +414,86 @@ impl<W: Write> WriteVolatile for VolatileWriter<'_, W> {
     }
 }
 
+/// Where the pages of a checkpoint are copied out of guest RAM: a buffer that
+/// starts on a page boundary, as guest RAM does, so each page copy has both
+/// ends aligned (a `Vec` this large starts 16 bytes past a page; copying
+/// into one took 1.0–1.2× a `memcpy` into aligned memory, into this
+/// 0.97–1.09×, vmm bench, 2026-12-03: within that bench's noise). Its
+/// content is rewritten by each use, so growing it (inside the stop, when
+/// the dirty set is larger than ever before) maps fresh memory instead of
+/// copying the old, as `Vec::resize` did.
+#[derive(Default)]
+pub struct StagingBuffer {
+    map: Option<MmapMut>,
+    len: usize,
+}
+
+impl std::fmt::Debug for StagingBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingBuffer")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl StagingBuffer {
+    /// An empty buffer (nothing mapped).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes it can hold without mapping more.
+    pub fn capacity(&self) -> usize {
+        self.map.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Makes it `len` bytes long. Past a length it held before, the bytes
+    /// are unspecified (the caller overwrites them); growing past its
+    /// capacity maps at least twice as much, zeroed, and drops the old.
+    pub fn set_len(&mut self, len: usize) -> Result<(), MemoryError> {
+        if len > self.capacity() {
+            let bytes = len.max(2 * self.capacity()).next_multiple_of(PAGE_SIZE);
+            let map = MmapOptions::new()
+                .len(bytes)
+                .map_anon()
+                .map_err(|source| MemoryError::Staging { bytes, source })?;
+            self.map = Some(map);
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::ops::Deref for StagingBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.map {
+            Some(map) => &map[..self.len],
+            None => &[],
+        }
+    }
+}
+
+impl std::ops::DerefMut for StagingBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match &mut self.map {
+            Some(map) => &mut map[..self.len],
+            None => &mut [],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,5 +629,28 @@ mod tests {
         assert_eq!(out.len(), MIN_RAM_BYTES);
         assert_eq!(out[MIN_RAM_BYTES - 1], 0xab);
         assert_eq!(ram.crc32c().unwrap(), crc32c::crc32c(&out));
+    }
+
+    #[test]
+    fn a_staging_buffer_starts_on_a_page_and_grows_by_fresh_mappings() {
+        let mut staging = StagingBuffer::new();
+        assert!(staging.is_empty());
+        assert_eq!(&staging[..], &[] as &[u8]);
+        staging.set_len(3 * PAGE_SIZE).unwrap();
+        assert_eq!(staging.len(), 3 * PAGE_SIZE);
+        assert_eq!(staging.as_ptr() as usize % PAGE_SIZE, 0);
+        staging[PAGE_SIZE] = 7;
+        // Shorter and back within the capacity: the same memory.
+        let capacity = staging.capacity();
+        staging.set_len(PAGE_SIZE).unwrap();
+        assert_eq!(staging.len(), PAGE_SIZE);
+        staging.set_len(3 * PAGE_SIZE).unwrap();
+        assert_eq!((staging.capacity(), staging[PAGE_SIZE]), (capacity, 7));
+        // Past it: at least twice as much, page-aligned, whole pages.
+        staging.set_len(capacity + 1).unwrap();
+        assert!(staging.capacity() >= 2 * capacity);
+        assert_eq!(staging.capacity() % PAGE_SIZE, 0);
+        assert_eq!(staging.as_ptr() as usize % PAGE_SIZE, 0);
+        assert_eq!(staging.len(), capacity + 1);
     }
 }
