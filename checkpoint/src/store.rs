@@ -66,6 +66,7 @@ use std::time::{Duration, Instant};
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::codec::Reader;
+use crate::copy;
 use crate::epoch::{CommittedImage, EpochKind, MAX_VM_ID_LEN, StagedEpoch};
 use crate::page::{ImageDigest, PAGE_SIZE, Page, PageHash, page_hash, zero_page_hash};
 use crate::record_file::{RecordFile, RecordFileError};
@@ -1121,7 +1122,7 @@ impl ImageStore {
     /// Runs of at least [`WRITE_RUN_PAGES`] pages go in with one vectored
     /// write (`pwritev`) straight from where the pages are staged (the
     /// staging buffer, or the chunk a raw page arrived in); shorter ones are
-    /// copied into the mapping with non-temporal stores ([`copy_streaming`];
+    /// copied into the mapping with non-temporal stores ([`copy::streaming`](crate::copy::streaming);
     /// one fence after all runs). Through the mapping, a page not in the page
     /// cache yet costs a fault that reads (zero-fills) it before the copy
     /// overwrites it: a full sync paid that for every page.
@@ -1146,7 +1147,7 @@ impl ImageStore {
                 self.hashes[page] = hash;
             }
         }
-        store_fence();
+        copy::store_fence();
         if checkpoint {
             self.digest = staged.digest;
         }
@@ -1161,7 +1162,7 @@ impl ImageStore {
         let mut at = start as usize * PAGE_SIZE;
         if run.len() < WRITE_RUN_PAGES && self.reserved {
             for piece in staged.pieces(run) {
-                copy_streaming(&mut self.mem[at..at + piece.len()], piece);
+                copy::streaming(&mut self.mem[at..at + piece.len()], piece);
                 at += piece.len();
             }
             return Ok(());
@@ -1188,7 +1189,7 @@ impl ImageStore {
     /// journal whose CRC or page hashes do not match, which recovery
     /// discards. A journal that fits the mapped room (every checkpoint of
     /// up to ~16k changed pages, see [`JOURNAL_ROOM_MAX`]) is copied into the
-    /// mapping, its pages with non-temporal stores ([`copy_streaming`], as
+    /// mapping, its pages with non-temporal stores ([`copy::streaming`](crate::copy::streaming), as
     /// the image's are): a `write(2)` into the page cache took ~0.30 µs a
     /// page, the stores ~0.18 (10 000 pages from a source in cache; the
     /// pipeline bench's backup spent ~28 % of its time in that `write(2)`). A journal longer than the mapping (the first one
@@ -1220,10 +1221,10 @@ impl ImageStore {
         {
             let mut at = pages_at;
             for piece in pieces() {
-                copy_streaming(&mut map[at..at + piece.len()], piece);
+                copy::streaming(&mut map[at..at + piece.len()], piece);
                 at += piece.len();
             }
-            store_fence();
+            copy::store_fence();
             map[..lists_end].copy_from_slice(&head);
             map[lists_end..pages_at].fill(0);
             map[device_at..end - trailer.len()].copy_from_slice(&staged.device_state);
@@ -1327,47 +1328,6 @@ fn write_all_vectored(file: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io:
         }
     }
     Ok(())
-}
-
-/// Copies `src` into `dst` (same length) with non-temporal stores where the
-/// CPU has them: an image page is written once per epoch and not read again
-/// until a promotion, so there is no point in pulling its old bytes into the
-/// cache first (a plain copy reads every destination line before writing
-/// it) or evicting the next chunk's pages to make room for it. The stores
-/// are ordered with everything written after them by [`store_fence`].
-fn copy_streaming(dst: &mut [u8], src: &[u8]) {
-    assert_eq!(dst.len(), src.len(), "a copy between slices of one length");
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
-        let len = dst.len();
-        let whole = len & !15;
-        if dst.as_ptr().align_offset(16) == 0 {
-            let (d, s) = (
-                dst.as_mut_ptr().cast::<__m128i>(),
-                src.as_ptr().cast::<__m128i>(),
-            );
-            for i in 0..whole / 16 {
-                // SAFETY: SSE2 is part of x86_64; i * 16 + 16 <= whole <= len,
-                // the length of both slices, and `d` is 16-byte aligned
-                // (checked above).
-                unsafe { _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i))) };
-            }
-            dst[whole..len].copy_from_slice(&src[whole..len]);
-            return;
-        }
-    }
-    crate::copy::copy(dst, src);
-}
-
-/// Orders the non-temporal stores of [`copy_streaming`] before every store
-/// after it (the journal's emptying, the record).
-fn store_fence() {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86_64.
-    unsafe {
-        std::arch::x86_64::_mm_sfence()
-    };
 }
 
 /// Writes all of `bufs` at `offset` (`pwritev`, at most [`IOV_MAX`] slices a
@@ -1668,27 +1628,6 @@ mod tests {
         bytes.extend_from_slice(&crc.to_le_bytes());
         bytes.extend_from_slice(&JOURNAL_END);
         bytes
-    }
-
-    #[test]
-    fn a_streaming_copy_equals_a_plain_one_at_any_alignment_and_length() {
-        let src: Vec<u8> = (0..3 * PAGE_SIZE + 64).map(|i| (i * 7 + 3) as u8).collect();
-        // Destinations 0 and 16 bytes past a 16-byte boundary take the
-        // streaming path, 1 and 8 the plain one.
-        for dst_off in [0usize, 1, 8, 16] {
-            for src_off in [0usize, 1, 5, 16] {
-                for len in [0usize, 1, 15, 16, 17, 100, PAGE_SIZE, 2 * PAGE_SIZE + 9] {
-                    let mut dst = vec![0xeeu8; 16 + dst_off + len + 32];
-                    let at = dst.as_ptr().align_offset(16) + dst_off;
-                    assert_eq!(dst[at..].as_ptr().align_offset(16) == 0, dst_off % 16 == 0);
-                    copy_streaming(&mut dst[at..at + len], &src[src_off..src_off + len]);
-                    store_fence();
-                    assert_eq!(&dst[at..at + len], &src[src_off..src_off + len]);
-                    let around = dst[..at].iter().chain(&dst[at + len..]);
-                    assert!(around.copied().all(|b| b == 0xee), "wrote outside");
-                }
-            }
-        }
     }
 
     #[test]
