@@ -8,8 +8,11 @@
 //! which runs the guest a second time, competes with it for CPU.
 //!
 //! Run: `cargo bench -p understudy --bench slowdown`;
-//! `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`) runs one part;
-//! the tables of the others stay empty and their targets read NaN.
+//! `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`, `interference`)
+//! runs one part; the tables of the others stay empty and their targets
+//! read NaN. `UNDERSTUDY_BENCH_PIN=1` runs every pair with its vCPU threads
+//! on CPU 1 and all their other threads on CPU 0 (the `local` and
+//! `interference` parts always pin).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
@@ -25,9 +28,6 @@ use understudy_bench::{Chart, Report, Series, Steal, Table, ThreadTimes, num, pa
 use understudy_common::console::ResumingClient;
 
 const MEASURE: Duration = Duration::from_secs(2);
-/// Rounds of the local decomposition (each run lasts LOCAL_MEASURE).
-const LOCAL_ROUNDS: usize = 5;
-const LOCAL_MEASURE: Duration = Duration::from_secs(1);
 /// Turns of the heavy dirtier's table (each a protected run per mode, each
 /// followed by a run of the guest alone).
 const HEAVY_TURNS: usize = 7;
@@ -94,10 +94,10 @@ impl Split {
     }
 }
 
-/// Work rate of the dirtier on a pair protected as `protection` says, with
-/// the lag, the stop and where the time went. Unprotected, only the
-/// primary runs.
-async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
+/// A pair running the dirtier at `rate` (0: flat out), protected as
+/// `protection` says: returned once protected (unprotected: once the
+/// primary runs). The directory holds both daemons' files.
+async fn started_pair(rate: u64, protection: Protection) -> (tempfile::TempDir, LocalPair) {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = LocalPair::new(
         Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
@@ -110,8 +110,6 @@ async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
         ),
     )
     .unwrap();
-    // Wait for protection (unprotected: for the primary to run), then read
-    // "work N" lines for MEASURE while sampling the lag.
     let pk = pair.addrs.primary_control;
     if let Protection::Unprotected = protection {
         pair.start(Role::Primary).unwrap();
@@ -130,6 +128,23 @@ async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
     } else {
         pair.start_protected(Duration::from_secs(60)).await.unwrap();
     }
+    (dir, pair)
+}
+
+/// Work rate of the dirtier on a pair protected as `protection` says, with
+/// the lag, the stop and where the time went. Unprotected, only the
+/// primary runs.
+async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
+    let (_dir, pair) = started_pair(rate, protection).await;
+    if std::env::var_os("UNDERSTUDY_BENCH_PIN").is_some() {
+        for pid in [pair.pid(Role::Primary), pair.pid(Role::Backup)]
+            .into_iter()
+            .flatten()
+        {
+            pin_threads(pid, &[VCPU_CPU], &[LOAD_CPU]);
+        }
+    }
+    let pk = pair.addrs.primary_control;
     let max_lag = Arc::new(AtomicU64::new(0));
     let lag_watch = tokio::spawn({
         let max_lag = max_lag.clone();
@@ -203,9 +218,13 @@ enum LocalStop {
     CopyAfterResume,
 }
 
-/// The flat-out dirtier's work rate (pages/s) in this process with a
-/// `stop` every `epoch`, over MEASURE.
-fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
+/// The flat-out dirtier in this process (no backup, nothing shipped), its
+/// vCPU pinned to [`VCPU_CPU`] and this process's other threads to
+/// [`LOAD_CPU`], each of `steps` taking turns in [`PHASE`]-long phases of one VM ([`CYCLES`]
+/// cycles: runs of their own moved by more than the effect). Per step and
+/// cycle: work a second, work a second on a core, the vCPU's share on a
+/// core, IPIs a second on its CPU.
+fn local_phases(steps: &[LocalStop], epoch: Duration) -> Vec<Vec<[f64; 4]>> {
     use understudy_vmm::loader::{BOOT_INFO_GPA, BOOT_INFO_WORK_DONE};
     use understudy_vmm::memory::RamBacking;
     use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, PAGE_SIZE, Vm};
@@ -218,10 +237,12 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
         BootOptions {
             boot_record: Some(boot),
             start_paused: false,
-            dirty_logging: stop != LocalStop::None,
+            dirty_logging: true,
         },
     )
     .unwrap();
+    let me = std::process::id();
+    pin_threads(me, &[VCPU_CPU], &[LOAD_CPU]);
     let wp = understudy_vmm::wp::WriteProtectCopy::new(vm.ram()).unwrap();
     let mut staging = vec![0u8; 4096 * PAGE_SIZE];
     staging.fill(0);
@@ -230,14 +251,8 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
             .read_u64(BOOT_INFO_GPA + BOOT_INFO_WORK_DONE)
             .unwrap()
     };
-    std::thread::sleep(Duration::from_millis(200));
-    let (w0, t0) = (work(&vm), std::time::Instant::now());
-    while t0.elapsed() < LOCAL_MEASURE {
-        std::thread::sleep(epoch);
-        if stop == LocalStop::None {
-            continue;
-        }
-        // As the replicator stops the guest: the vCPU captures meanwhile.
+    // One stop as the replicator makes it (the vCPU captures meanwhile).
+    let mut stop_once = |stop: LocalStop| {
         vm.pause_saving().unwrap();
         let pages = vm.harvest_dirty().unwrap().page_numbers();
         let protected = match stop {
@@ -258,10 +273,270 @@ fn local_rate(stop: LocalStop, epoch: Duration) -> f64 {
         if let Some(p) = protected {
             p.copy(vm.ram(), &mut staging).unwrap();
         }
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut out = vec![Vec::new(); steps.len()];
+    for _ in 0..CYCLES {
+        for (k, &stop) in steps.iter().enumerate() {
+            // A tenth of a phase to switch: the first stops of a phase
+            // after one without harvest copy everything dirtied since.
+            let mut phase = |length: Duration| {
+                let (w0, times_0, ipis_0, t0) = (
+                    work(&vm),
+                    ThreadTimes::of(me),
+                    ipis(VCPU_CPU),
+                    std::time::Instant::now(),
+                );
+                while t0.elapsed() < length {
+                    std::thread::sleep(epoch);
+                    if stop != LocalStop::None {
+                        stop_once(stop);
+                    }
+                }
+                let wall = t0.elapsed().as_secs_f64();
+                let on_core = ThreadTimes::of(me).since(&times_0, "vcpu").0 / wall;
+                let rate = (work(&vm) - w0) as f64 / wall;
+                let ipis = (ipis(VCPU_CPU) - ipis_0) as f64 / wall;
+                [rate, rate / on_core, on_core, ipis]
+            };
+            phase(PHASE / 10);
+            out[k].push(phase(PHASE));
+        }
     }
-    let (w1, t1) = (work(&vm), std::time::Instant::now());
     vm.stop();
-    (w1 - w0) as f64 / (t1 - t0).as_secs_f64()
+    // This process goes on to run the bench's other parts.
+    pin_threads(me, &[VCPU_CPU, LOAD_CPU], &[VCPU_CPU, LOAD_CPU]);
+    out
+}
+
+/// Lets thread `tid` (0: the calling thread) run on `cpus` only; false if
+/// the kernel refused (a CPU this machine does not have).
+fn set_affinity(tid: u32, cpus: &[usize]) -> bool {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it
+    // (each cpu < CPU_SETSIZE, checked); sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            assert!(cpu < libc::CPU_SETSIZE as usize, "CPU {cpu} out of range");
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &set) == 0
+    }
+}
+
+/// Lets `pid`'s vCPU threads run on `vcpu_cpus` only and its other threads
+/// on `rest_cpus` (threads born later inherit their creator's CPUs).
+fn pin_threads(pid: u32, vcpu_cpus: &[usize], rest_cpus: &[usize]) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cpus = if comm.starts_with("vcpu") {
+            vcpu_cpus
+        } else {
+            rest_cpus
+        };
+        assert!(
+            set_affinity(tid, cpus),
+            "cannot pin thread {tid} of {pid} to CPUs {cpus:?}: the bench needs two"
+        );
+    }
+}
+
+/// Inter-processor interrupts `cpu` has taken since boot: rescheduling,
+/// function-call and TLB-shootdown (`RES`, `CAL`, `TLB` in
+/// `/proc/interrupts`; 0 where the file cannot be read). Each one taken
+/// while the vCPU runs interrupts the guest.
+fn ipis(cpu: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?;
+            ["RES:", "CAL:", "TLB:"].contains(&name).then_some(())?;
+            f.nth(cpu)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// What runs on the other CPU in a phase of the interference table.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// Nothing.
+    Idle,
+    /// An integer loop in registers: a busy core, no memory traffic.
+    Spin,
+    /// Non-temporal copies between two 64 MiB buffers (more than the
+    /// last-level cache), this many MB a second in 5 ms slices (0: flat
+    /// out), as the replication pipeline's copies are.
+    Copy(u64),
+}
+
+impl Load {
+    fn name(self) -> String {
+        match self {
+            Self::Idle => "nothing".into(),
+            Self::Spin => "an integer loop (a busy core, no memory traffic)".into(),
+            Self::Copy(0) => "non-temporal copies, flat out".into(),
+            Self::Copy(mb) => format!("non-temporal copies, {:.1} GB/s", mb as f64 / 1e3),
+        }
+    }
+}
+
+/// The interference table's loads, in the order each cycle runs them.
+const LOADS: [Load; 5] = [
+    Load::Idle,
+    Load::Spin,
+    Load::Copy(500),
+    Load::Copy(1500),
+    Load::Copy(0),
+];
+/// Cycles through [`LOADS`], and how long each load runs in a cycle.
+const CYCLES: usize = 8;
+const PHASE: Duration = Duration::from_secs(1);
+/// The CPUs of the interference table: the guest's vCPU, everything else.
+const VCPU_CPU: usize = 1;
+const LOAD_CPU: usize = 0;
+
+/// A thread on [`LOAD_CPU`] running `LOADS[mode]` until `stop`; adds the
+/// bytes it copies to `copied`.
+fn load_thread(
+    mode: Arc<std::sync::atomic::AtomicUsize>,
+    copied: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use understudy_checkpoint::copy::streaming;
+    const BUF: usize = 64 << 20;
+    const PIECE: usize = 64 << 10;
+    const SLICE: Duration = Duration::from_millis(5);
+    std::thread::spawn(move || {
+        assert!(
+            set_affinity(0, &[LOAD_CPU]),
+            "cannot pin the load to CPU {LOAD_CPU}"
+        );
+        let src = vec![0x5au8; BUF];
+        let mut dst = vec![0u8; BUF];
+        let (mut at, mut x) = (0, 0x9e37_79b9_7f4a_7c15u64);
+        while !stop.load(Ordering::Relaxed) {
+            let slice_end = std::time::Instant::now() + SLICE;
+            match LOADS[mode.load(Ordering::Relaxed)] {
+                Load::Idle => std::thread::sleep(SLICE),
+                Load::Spin => {
+                    while std::time::Instant::now() < slice_end {
+                        for _ in 0..10_000 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                        }
+                        x = std::hint::black_box(x);
+                    }
+                }
+                Load::Copy(mb_per_s) => {
+                    let budget = match mb_per_s {
+                        0 => usize::MAX,
+                        mb => mb as usize * 1_000_000 / 1000 * SLICE.as_millis() as usize,
+                    };
+                    let mut done = 0;
+                    while done < budget && std::time::Instant::now() < slice_end {
+                        streaming(&mut dst[at..at + PIECE], &src[at..at + PIECE]);
+                        at = (at + PIECE) % BUF;
+                        done += PIECE;
+                    }
+                    copied.fetch_add(done as u64, Ordering::Relaxed);
+                    std::thread::sleep(
+                        slice_end.saturating_duration_since(std::time::Instant::now()),
+                    );
+                }
+            }
+        }
+    })
+}
+
+/// One row of the interference table per load: the guest alone (no
+/// backup) with its vCPU pinned to [`VCPU_CPU`] and the load on
+/// [`LOAD_CPU`], the loads taking turns in phases of one run, so every
+/// phase is compared with the same VM's idle phases around it (runs of
+/// their own moved by more than the effect). Per load: the work a second
+/// on a core ÷ the idle phases' (median over cycles, range), the vCPU's
+/// share on a core, the bytes copied a second and the IPIs a second on the
+/// vCPU's CPU (medians).
+async fn interference() -> Vec<(Load, (f64, f64, f64), f64, f64, f64)> {
+    let (_dir, pair) = started_pair(0, Protection::Unprotected).await;
+    let pid = pair.pid(Role::Primary).unwrap();
+    pin_threads(pid, &[VCPU_CPU], &[LOAD_CPU]);
+    let mode = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let copied = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = load_thread(mode.clone(), copied.clone(), stop.clone());
+    let mut client = ResumingClient::connect(pair.addrs.primary_console, 0)
+        .await
+        .unwrap();
+    let mut partial = Vec::new();
+    // Work a second on a core, vCPU share, GB/s, IPIs/s: per cycle, per load.
+    let mut phases = vec![vec![[f64::NAN; 4]; LOADS.len()]; CYCLES];
+    // One phase to settle (the guest's first seconds, the load's buffers).
+    read_lines(&mut client, &mut partial, PHASE, |_, _| {}).await;
+    for cycle in &mut phases {
+        for (k, slot) in cycle.iter_mut().enumerate() {
+            mode.store(k, Ordering::Relaxed);
+            // The first 100 ms: the load switching, lines of the phase before.
+            read_lines(&mut client, &mut partial, PHASE / 10, |_, _| {}).await;
+            let mut values = Vec::new();
+            let (times_0, copied_0, ipis_0, t0) = (
+                ThreadTimes::of(pid),
+                copied.load(Ordering::Relaxed),
+                ipis(VCPU_CPU),
+                std::time::Instant::now(),
+            );
+            read_lines(&mut client, &mut partial, PHASE, |line, _| {
+                if let Some(v) = line
+                    .trim()
+                    .strip_prefix("work ")
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    values.push(v);
+                }
+            })
+            .await;
+            let wall = t0.elapsed().as_secs_f64();
+            let on_core = ThreadTimes::of(pid).since(&times_0, "vcpu").0 / wall;
+            let rate = match values.as_slice() {
+                [first, .., last] => (last - first) as f64 / ((values.len() - 1) as f64 * 0.05),
+                _ => f64::NAN,
+            };
+            let gbs = (copied.load(Ordering::Relaxed) - copied_0) as f64 / wall / 1e9;
+            let ipis = (ipis(VCPU_CPU) - ipis_0) as f64 / wall;
+            *slot = [rate / on_core, on_core, gbs, ipis];
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    thread.join().unwrap();
+    drop(pair);
+    (0..LOADS.len())
+        .map(|k| {
+            // Each phase against the mean of its cycle's idle phase and the
+            // next cycle's (the last cycle: its own).
+            let mut ratios: Vec<f64> = (0..CYCLES)
+                .map(|c| {
+                    let idle = (phases[c][0][0] + phases[(c + 1).min(CYCLES - 1)][0][0]) / 2.0;
+                    phases[c][k][0] / idle
+                })
+                .collect();
+            let median =
+                |i: usize| spread(&mut phases.iter().map(|p| p[k][i]).collect::<Vec<_>>()).0;
+            (
+                LOADS[k],
+                spread(&mut ratios),
+                median(1),
+                median(2),
+                median(3),
+            )
+        })
+        .collect()
 }
 
 fn main() {
@@ -496,15 +771,27 @@ fn main() {
         ]);
     }
     report.table(table);
-    // Where the rest goes: the same guest in this process, no backup.
+    // Where the rest goes: the same guest in this process, no backup,
+    // each step of a stop added in turn, in phases of one VM.
     let mut table = Table::new(
-        "where the heavy dirtier's time goes at 25 ms epochs: the same guest in this process \
-         with no backup and nothing shipped, each step added in turn, same run (work rate ÷ the \
-         guest alone, each run next to a run of the guest alone; median of 5 rounds)",
-        &["local stop every 25 ms", "median ratio", "range"],
+        format!(
+            "where the heavy dirtier's time goes at 25 ms epochs: the same guest in this \
+             process with no backup and nothing shipped, its vCPU pinned to CPU {VCPU_CPU} and \
+             the stop loop to CPU {LOAD_CPU}, each step added in turn, the steps taking turns \
+             in {PHASE:?} phases of one VM ({CYCLES} cycles); each ÷ the mean of the no-stop \
+             phases of its cycle and the next (median, range in brackets)"
+        ),
+        &[
+            "local stop every 25 ms",
+            "work a second",
+            "work a second on a core",
+            "vCPU on a core",
+            "IPIs a second on the vCPU's CPU",
+        ],
     );
     let epoch = Duration::from_millis(25);
     let steps = [
+        ("none (dirty logging on, never harvested)", LocalStop::None),
         (
             "harvest the dirty log only (tracking writes)",
             LocalStop::Harvest,
@@ -515,22 +802,72 @@ fn main() {
             LocalStop::CopyAfterResume,
         ),
     ];
-    // Rounds of every step next to a run of the guest alone; the median
-    // of each step's ratios (this machine's rate moves between seconds).
-    let mut ratios = vec![Vec::new(); steps.len()];
-    for _ in 0..LOCAL_ROUNDS * usize::from(part("local")) {
-        for (k, &(_, stop)) in steps.iter().enumerate() {
-            let alone = local_rate(LocalStop::None, epoch);
-            ratios[k].push(local_rate(stop, epoch) / alone);
+    let stop_kinds: Vec<LocalStop> = steps.iter().map(|s| s.1).collect();
+    // The whole loop's work a second on a core (copying after the resume),
+    // for the target line.
+    let mut local_after = f64::NAN;
+    if part("local") {
+        let phases = local_phases(&stop_kinds, epoch);
+        let ratio = |k: usize, i: usize| {
+            let mut r: Vec<f64> = (0..CYCLES)
+                .map(|c| {
+                    let base = (phases[0][c][i] + phases[0][(c + 1).min(CYCLES - 1)][i]) / 2.0;
+                    phases[k][c][i] / base
+                })
+                .collect();
+            spread(&mut r)
+        };
+        for (k, (name, _)) in steps.iter().enumerate() {
+            let with_range = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3} ({lo:.3}–{hi:.3})");
+            let (rate, per_core) = (ratio(k, 0), ratio(k, 1));
+            let median =
+                |i: usize| spread(&mut phases[k].iter().map(|p| p[i]).collect::<Vec<_>>()).0;
+            if stop_kinds[k] == LocalStop::CopyAfterResume {
+                local_after = per_core.0;
+            }
+            table.row(vec![
+                (*name).into(),
+                with_range(rate).into(),
+                with_range(per_core).into(),
+                pct(median(2)).into(),
+                num(median(3), 0),
+            ]);
         }
     }
-    for ((name, _), mut r) in steps.into_iter().zip(ratios) {
-        let (median, lo, hi) = spread(&mut r);
-        table.row(vec![
-            name.into(),
-            num(median, 3),
-            format!("{lo:.3}–{hi:.3}").into(),
-        ]);
+    report.table(table);
+    // What another core's work does to the guest's pace, with no
+    // protection at all (see `interference`).
+    let mut table = Table::new(
+        format!(
+            "the heavy dirtier alone (no backup), its vCPU pinned to CPU {VCPU_CPU}, while a \
+             load from this process runs on CPU {LOAD_CPU}: its work a second on a core ÷ the \
+             same VM's with nothing there, the loads taking turns in {PHASE:?} phases of one \
+             run ({CYCLES} cycles; median, range in brackets); copied = the load's bytes a \
+             second, each read and written once"
+        ),
+        &[
+            "on the other CPU",
+            "work a second on a core ÷ nothing",
+            "vCPU on a core",
+            "copied GB/s",
+            "IPIs a second on the vCPU's CPU",
+        ],
+    );
+    // The flat-out copies' ratio, for the heavy dirtier's target line.
+    let mut copy_flat_out = f64::NAN;
+    if part("interference") {
+        for (load, (median, lo, hi), on_core, gbs, ipis) in runtime.block_on(interference()) {
+            if load == Load::Copy(0) {
+                copy_flat_out = median;
+            }
+            table.row(vec![
+                load.name().into(),
+                format!("{median:.3} ({lo:.3}–{hi:.3})").into(),
+                pct(on_core).into(),
+                if gbs > 0.0 { num(gbs, 2) } else { "–".into() },
+                num(ipis, 0),
+            ]);
+        }
     }
     report.table(table);
     report.target(
@@ -539,13 +876,17 @@ fn main() {
         format!(
             "ratio {:.3} (copying inside the stop: {:.3}, same run). Where it goes: the vCPU \
              off a core {:.1} % of the time (blocked in stops and write-protect waits {:.1} %, \
-             waiting for a core {:.1} %), and {:.1} % less work a second on a core",
+             waiting for a core {:.1} %), and {:.1} % less work a second on a core. Without \
+             the pipeline, work a second on a core ÷ none: the stop loop copying after the \
+             resume in this process {:.3}, flat-out copies on the other core {:.3}",
             heavy_25.0,
             heavy_25.1,
             (heavy_split.0 + heavy_split.1) * 100.0,
             heavy_split.0 * 100.0,
             heavy_split.1 * 100.0,
-            (1.0 - heavy_split.2) * 100.0
+            (1.0 - heavy_split.2) * 100.0,
+            local_after,
+            copy_flat_out,
         ),
         heavy_25.0 >= 0.97,
     );
