@@ -174,10 +174,10 @@ struct Standby {
     /// silence until a new session's checkpoint commits.
     stale: Option<String>,
     /// The VM a promotion restores into, built ahead over the image
-    /// (`build_shell`): ~5–10 ms of KVM setup that no longer counts in a
-    /// failover or a migration's downtime. None where it could not be built
-    /// (no /dev/kvm) or a failed promotion used it: a promotion then builds
-    /// its VM itself.
+    /// (`build_shell_later`, once the backup listens): 5–30 ms of KVM setup
+    /// that no longer counts in a failover or a migration's downtime. None
+    /// until it is built, where it could not be (no /dev/kvm), or after a
+    /// failed promotion used it: a promotion then builds its VM itself.
     shell: Option<VmShell>,
     /// For a post-copy, whose VM runs on anonymous memory that faults for
     /// pages not there yet: a VM built ahead over such memory when a
@@ -364,12 +364,15 @@ pub async fn run(
         Err(_) => "standby: waiting for the primary".to_owned(),
     });
     }
+    // The VM a promotion restores into is built once the backup listens
+    // (`build_shell_later`): a primary can sync meanwhile.
+    let shell_ram = shell_ram(&store);
     let (vm_ended, mut vm_ended_rx) = tokio::sync::watch::channel(None);
     let watch = watch::Watch::new();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             phase: Phase::Standby(Box::new(Standby {
-                shell: build_shell(&store),
+                shell: None,
                 postcopy_shell: None,
                 prepared: None,
                 store,
@@ -410,6 +413,7 @@ pub async fn run(
         ),
     };
     tracing::info!(vm = %opts.vm_id, %generation, replication = %opts.replication_listen, "backup listening");
+    build_shell_later(shared.clone(), shell_ram);
 
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
     let detector = watch::spawn(
@@ -517,9 +521,15 @@ fn open_store(
         Ok(store)
     };
     let mut store = if opts.image_dir.join("meta").exists() {
+        let started = std::time::Instant::now();
         match ImageStore::open(&opts.image_dir, store_opts) {
             Ok((store, recovery)) => {
-                tracing::info!(?recovery, status = ?store.status(), "image opened");
+                tracing::info!(
+                    ?recovery,
+                    status = ?store.status(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "image opened"
+                );
                 store
             }
             Err(
@@ -573,20 +583,53 @@ fn open_store(
 /// promotion builds the VM itself, and says why if it cannot either. None
 /// for an image a VM may not map ([`image_mappable`]): a promotion runs the
 /// VM on a copy of it.
-fn build_shell(store: &ImageStore) -> Option<VmShell> {
-    if !image_mappable(store) {
-        return None;
-    }
-    built_ahead(
-        "a promotion",
+fn build_shell(ram: Result<GuestRam, String>) -> Option<VmShell> {
+    built_ahead("a promotion", ram)
+}
+
+/// The image's RAM file mapped as the RAM of the VM a promotion restores
+/// into; None where the image may not be mapped (`image_mappable`).
+fn shell_ram(store: &ImageStore) -> Option<Result<GuestRam, String>> {
+    image_mappable(store).then(|| {
         store
             .ram_file()
             .map_err(|e| format!("cannot open the image's RAM file again: {e}"))
             .and_then(|file| {
                 GuestRam::new(store.ram_bytes() as usize, RamBacking::SharedFile(file))
                     .map_err(|e| wire::chain(&e))
-            }),
-    )
+            })
+    })
+}
+
+/// Builds the VM a promotion restores into on a thread of its own and
+/// hands it to the standby, off the path to listening: KVM's setup took
+/// 5–30 ms here, and a re-protecting host (the old primary of a switchover
+/// or a failover) listened that much later, its new primary waiting. The
+/// image's store is never replaced while the backup runs, so the RAM
+/// mapped now stays the image's. A promotion that comes first builds its
+/// own VM (as it does when this one could not be built), and the VM built
+/// here is then torn down unused.
+fn build_shell_later(shared: Arc<Shared>, ram: Option<Result<GuestRam, String>>) {
+    let Some(ram) = ram else { return };
+    let spawned = std::thread::Builder::new()
+        .name("vm-ahead".into())
+        .spawn(move || {
+            let Some(shell) = build_shell(ram) else {
+                return;
+            };
+            let mut state = shared.lock();
+            if let Phase::Standby(standby) = &mut state.phase
+                && standby.shell.is_none()
+            {
+                standby.shell = Some(shell);
+                return;
+            }
+            drop(state);
+            tear_down_in_background(shell);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to build the VM ahead: a promotion builds it");
+    }
 }
 
 /// Whether a promoted VM may map the image's RAM file shared as its RAM:

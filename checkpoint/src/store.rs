@@ -394,6 +394,30 @@ impl Meta {
     }
 }
 
+/// The journal file's bytes when it holds a journal (its magic is not
+/// zero); empty when it is missing, shorter than a magic, or emptied. Only
+/// the magic is read in the last two cases.
+fn journal_if_any(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut magic = [0u8; JOURNAL_MAGIC.len()];
+    match file.read_exact(&mut magic) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    }
+    if magic == [0; JOURNAL_MAGIC.len()] {
+        return Ok(Vec::new());
+    }
+    let mut bytes = magic.to_vec();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// A journal read back for recovery.
 struct Journal {
     epoch: u64,
@@ -699,9 +723,12 @@ impl ImageStore {
 
     fn recover(&mut self) -> Result<Recovery, StoreError> {
         let path = self.journal_path();
-        let bytes = match fs::read(&path) {
+        // The file is kept at its room (up to 64 MiB) whether or not it holds
+        // a journal: read it whole only when its magic says it does. Reading
+        // all of it at every open cost ~40 ms for a 64 MiB VM here, in every
+        // backup start and every re-protection.
+        let bytes = match journal_if_any(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io("cannot read journal", &path)(e)),
         };
         if bytes.get(..JOURNAL_MAGIC.len()).is_none_or(|m| m == [0; 4]) {
@@ -2071,6 +2098,48 @@ mod tests {
         let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
         assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
         vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    #[test]
+    fn opening_an_image_without_a_journal_reads_only_the_journal_files_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let ram = 4096 * PAGE_SIZE as u64;
+        let journal = ImageStore::create(&img, "vm", ram, Default::default())
+            .unwrap()
+            .journal_path();
+        // The journal's room (16 MiB here) is kept, empty: only the page of
+        // its zero magic is in the page cache.
+        assert_eq!(fs::metadata(&journal).unwrap().len(), ram);
+        assert_eq!(resident_pages(&journal), 1);
+        let (_store, recovery) = ImageStore::open(&img, Default::default()).unwrap();
+        assert!(matches!(recovery, Recovery::Clean));
+        // Reading the whole file to find that out cost ~40 ms at every
+        // open of a 64 MiB VM's image (every backup start, every
+        // re-protection); a little read-ahead is the kernel's business.
+        let resident = resident_pages(&journal);
+        assert!(
+            resident < 4096 / 10,
+            "{resident} of 4096 journal pages read"
+        );
+    }
+
+    #[test]
+    fn journal_if_any_reads_a_journal_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        assert!(journal_if_any(&path).unwrap().is_empty(), "missing");
+        fs::write(&path, b"US").unwrap();
+        assert!(
+            journal_if_any(&path).unwrap().is_empty(),
+            "shorter than a magic"
+        );
+        fs::write(&path, [0, 0, 0, 0, 9, 9, 9]).unwrap();
+        assert!(journal_if_any(&path).unwrap().is_empty(), "emptied");
+        let mut bytes = JOURNAL_MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 2, 3]);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(journal_if_any(&path).unwrap(), bytes, "a journal, whole");
     }
 
     #[test]
