@@ -159,23 +159,12 @@ async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
     });
     let pc = pair.addrs.primary_console;
     let mut client = ResumingClient::connect(pc, 0).await.unwrap();
-    // Output commit releases lines in per-epoch batches, so arrival times are
-    // off by up to an epoch; the guest prints every 50 ms of its own (PIT)
-    // time, so count lines for time instead.
-    let mut values = Vec::new();
     let pids = (pair.pid(Role::Primary), pair.pid(Role::Backup));
     let times = |pid: Option<u32>| pid.map(ThreadTimes::of).unwrap_or_default();
     let (primary_0, backup_0, t0) = (times(pids.0), times(pids.1), std::time::Instant::now());
-    read_lines(&mut client, &mut Vec::new(), MEASURE, |line, _| {
-        if let Some(v) = line
-            .trim()
-            .strip_prefix("work ")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            values.push(v);
-        }
-    })
-    .await;
+    let rate = work_rate(&mut client, &mut Vec::new(), MEASURE)
+        .await
+        .unwrap_or(0.0);
     let wall = t0.elapsed().as_secs_f64();
     let (primary_1, backup_1) = (times(pids.0), times(pids.1));
     let (vcpu_run, vcpu_wait) = primary_1.since(&primary_0, "vcpu");
@@ -191,15 +180,37 @@ async fn pair_rate(rate: u64, protection: Protection) -> PairRun {
         .await
         .map_or(f64::NAN, |s| s.pause_p50_micros);
     drop(pair);
-    let rate = match values.as_slice() {
-        [first, .., last] => (last - first) as f64 / ((values.len() - 1) as f64 * 0.05),
-        _ => 0.0,
-    };
     PairRun {
         rate,
         max_lag: max_lag.load(Ordering::Relaxed),
         stop: pause,
         split,
+    }
+}
+
+/// Reads the dirtier's `work N` lines for `time` and returns its work rate:
+/// pages written a second of its own time (it prints every 50 ms of its PIT
+/// time; output commit releases lines in per-epoch batches, so their
+/// arrival times would be off by up to an epoch). None with under two lines.
+async fn work_rate(
+    client: &mut ResumingClient,
+    partial: &mut Vec<u8>,
+    time: Duration,
+) -> Option<f64> {
+    let mut values = Vec::new();
+    read_lines(client, partial, time, |line, _| {
+        if let Some(v) = line
+            .trim()
+            .strip_prefix("work ")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            values.push(v);
+        }
+    })
+    .await;
+    match values.as_slice() {
+        [first, .., last] => Some((last - first) as f64 / ((values.len() - 1) as f64 * 0.05)),
+        _ => None,
     }
 }
 
@@ -485,29 +496,17 @@ async fn interference() -> Vec<(Load, (f64, f64, f64), f64, f64, f64)> {
             mode.store(k, Ordering::Relaxed);
             // The first 100 ms: the load switching, lines of the phase before.
             read_lines(&mut client, &mut partial, PHASE / 10, |_, _| {}).await;
-            let mut values = Vec::new();
             let (times_0, copied_0, ipis_0, t0) = (
                 ThreadTimes::of(pid),
                 copied.load(Ordering::Relaxed),
                 ipis(VCPU_CPU),
                 std::time::Instant::now(),
             );
-            read_lines(&mut client, &mut partial, PHASE, |line, _| {
-                if let Some(v) = line
-                    .trim()
-                    .strip_prefix("work ")
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    values.push(v);
-                }
-            })
-            .await;
+            let rate = work_rate(&mut client, &mut partial, PHASE)
+                .await
+                .unwrap_or(f64::NAN);
             let wall = t0.elapsed().as_secs_f64();
             let on_core = ThreadTimes::of(pid).since(&times_0, "vcpu").0 / wall;
-            let rate = match values.as_slice() {
-                [first, .., last] => (last - first) as f64 / ((values.len() - 1) as f64 * 0.05),
-                _ => f64::NAN,
-            };
             let gbs = (copied.load(Ordering::Relaxed) - copied_0) as f64 / wall / 1e9;
             let ipis = (ipis(VCPU_CPU) - ipis_0) as f64 / wall;
             *slot = [rate / on_core, on_core, gbs, ipis];
