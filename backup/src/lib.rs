@@ -578,17 +578,10 @@ fn open_store(
     Ok(store)
 }
 
-/// The VM a promotion will restore into, over the image's RAM file (see
-/// [`VmShell`]). A backup that cannot build it still protects: its
-/// promotion builds the VM itself, and says why if it cannot either. None
-/// for an image a VM may not map ([`image_mappable`]): a promotion runs the
-/// VM on a copy of it.
-fn build_shell(ram: Result<GuestRam, String>) -> Option<VmShell> {
-    built_ahead("a promotion", ram)
-}
-
-/// The image's RAM file mapped as the RAM of the VM a promotion restores
-/// into; None where the image may not be mapped (`image_mappable`).
+/// The image's RAM file mapped as the RAM of the VM a promotion will
+/// restore into (see [`VmShell`] and `build_shell_later`). None for an
+/// image a VM may not map ([`image_mappable`]): a promotion runs the VM on
+/// a copy of it.
 fn shell_ram(store: &ImageStore) -> Option<Result<GuestRam, String>> {
     image_mappable(store).then(|| {
         store
@@ -601,20 +594,21 @@ fn shell_ram(store: &ImageStore) -> Option<Result<GuestRam, String>> {
     })
 }
 
-/// Builds the VM a promotion restores into on a thread of its own and
-/// hands it to the standby, off the path to listening: KVM's setup took
-/// 5–30 ms here, and a re-protecting host (the old primary of a switchover
-/// or a failover) listened that much later, its new primary waiting. The
-/// image's store is never replaced while the backup runs, so the RAM
-/// mapped now stays the image's. A promotion that comes first builds its
-/// own VM (as it does when this one could not be built), and the VM built
-/// here is then torn down unused.
+/// Builds the VM a promotion restores into, over `ram`, on a thread of its
+/// own and hands it to the standby, off the path to listening: KVM's setup
+/// took 5–30 ms here, and a re-protecting host (the old primary of a
+/// switchover or a failover) listened that much later, its new primary
+/// waiting. The image's store is never replaced while the backup runs, so
+/// the RAM mapped now stays the image's. A backup that cannot build it
+/// still protects: a promotion that finds no VM built (not yet, or not at
+/// all) builds its own, and says why if it cannot either; a VM built here
+/// after that is torn down unused.
 fn build_shell_later(shared: Arc<Shared>, ram: Option<Result<GuestRam, String>>) {
     let Some(ram) = ram else { return };
     let spawned = std::thread::Builder::new()
         .name("vm-ahead".into())
         .spawn(move || {
-            let Some(shell) = build_shell(ram) else {
+            let Some(shell) = built_ahead("a promotion", ram) else {
                 return;
             };
             let mut state = shared.lock();
