@@ -1,6 +1,7 @@
-//! The backup's decisions without KVM or sockets: the real `Hello` handler,
-//! epoch receiver and promotion checks over an image store in a temporary
-//! directory, fed chunks made by the primary's own encoder.
+//! The backup's decisions without sockets: the real `Hello` handler, epoch
+//! receiver and promotion checks over an image store in a temporary
+//! directory, fed chunks made by the primary's own encoder; and the VM built
+//! ahead for a promotion (the one test here that needs /dev/kvm).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,9 +30,14 @@ const PAGES: u32 = (RAM / 4096) as u32;
 
 /// A standby backup of VM "vm" over a fresh image in `dir`.
 fn backup(dir: &std::path::Path) -> Arc<Shared> {
+    backup_of(dir, RAM)
+}
+
+/// [`backup`] of a VM with `ram_bytes` of RAM.
+fn backup_of(dir: &std::path::Path, ram_bytes: u64) -> Arc<Shared> {
     let opts = BackupOptions {
         vm_id: "vm".into(),
-        ram_bytes: RAM,
+        ram_bytes,
         image_dir: dir.join("image"),
         replication_listen: "127.0.0.1:1".parse().unwrap(),
         handover_unavailable: None,
@@ -520,4 +526,52 @@ async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_comm
         handover_of_3(&shared, 43),
         Err(PromotionError::HandoverMismatch { .. })
     ));
+}
+
+/// Whether the standby holds a VM built ahead.
+fn has_shell(shared: &Shared) -> bool {
+    matches!(&shared.lock().phase, Phase::Standby(s) if s.shell.is_some())
+}
+
+/// The RAM a VM built ahead over the standby's image would map.
+fn image_ram(shared: &Shared) -> Option<Result<understudy_vmm::GuestRam, String>> {
+    match &shared.lock().phase {
+        Phase::Standby(s) => crate::shell_ram(&s.store),
+        _ => unreachable!("a fresh backup stands by"),
+    }
+}
+
+/// The VM a promotion restores into is built after the backup listens, on
+/// a thread of its own, and reaches the standby; one that comes when the
+/// standby is gone (a promotion came first) is dropped and changes nothing.
+/// Needs /dev/kvm (the VM is KVM's).
+#[tokio::test]
+async fn the_vm_built_after_listening_reaches_the_standby_or_is_dropped() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test builds a KVM VM: it needs /dev/kvm"
+    );
+    // The smallest RAM a VM takes (the other tests' images are smaller).
+    const VM_RAM: u64 = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup_of(dir.path(), VM_RAM);
+    assert!(!has_shell(&shared));
+    crate::build_shell_later(shared.clone(), image_ram(&shared));
+    let started = std::time::Instant::now();
+    while !has_shell(&shared) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no VM built ahead within 10 s (see the warning logged: is /dev/kvm usable?)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The standby gone before the VM is built: it is torn down, and the
+    // phase is left as it was.
+    let other = backup_of(&dir.path().join("other"), VM_RAM);
+    let ram = image_ram(&other);
+    other.lock().phase = Phase::Failed("gone".into());
+    crate::build_shell_later(other.clone(), ram);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(matches!(&other.lock().phase, Phase::Failed(why) if why == "gone"));
+    assert!(has_shell(&shared), "the first standby keeps its VM");
 }
