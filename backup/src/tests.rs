@@ -545,8 +545,8 @@ fn image_ram(shared: &Shared) -> Option<Result<understudy_vmm::GuestRam, String>
 /// a thread of its own, and reaches the standby; one that comes when the
 /// standby is gone (a promotion came first) is dropped and changes nothing.
 /// Needs /dev/kvm (the VM is KVM's).
-#[tokio::test]
-async fn the_vm_built_after_listening_reaches_the_standby_or_is_dropped() {
+#[test]
+fn the_vm_built_after_listening_reaches_the_standby_or_is_dropped() {
     assert!(
         std::path::Path::new("/dev/kvm").exists(),
         "this test builds a KVM VM: it needs /dev/kvm"
@@ -556,22 +556,20 @@ async fn the_vm_built_after_listening_reaches_the_standby_or_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let shared = backup_of(dir.path(), VM_RAM);
     assert!(!has_shell(&shared));
-    crate::build_shell_later(shared.clone(), image_ram(&shared));
-    let started = std::time::Instant::now();
-    while !has_shell(&shared) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no VM built ahead within 10 s (see the warning logged: is /dev/kvm usable?)"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // The standby gone before the VM is built: it is torn down, and the
+    let thread = crate::build_shell_later(shared.clone(), image_ram(&shared))
+        .expect("an image in a temporary directory may be mapped");
+    assert!(
+        thread.join().unwrap(),
+        "the standby did not take the VM built ahead (see the warning logged: is /dev/kvm usable?)"
+    );
+    assert!(has_shell(&shared));
+    // The standby gone before the VM is built: it is dropped, and the
     // phase is left as it was.
     let other = backup_of(&dir.path().join("other"), VM_RAM);
     let ram = image_ram(&other);
     other.lock().phase = Phase::Failed("gone".into());
-    crate::build_shell_later(other.clone(), ram);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let thread = crate::build_shell_later(other.clone(), ram).unwrap();
+    assert!(!thread.join().unwrap(), "a VM handed to no standby");
     assert!(matches!(&other.lock().phase, Phase::Failed(why) if why == "gone"));
     assert!(has_shell(&shared), "the first standby keeps its VM");
 }

@@ -320,50 +320,61 @@ fn local_phases(steps: &[LocalStop], epoch: Duration) -> Vec<Vec<[f64; 4]>> {
     out
 }
 
-/// Lets thread `tid` (0: the calling thread) run on `cpus` only; false if
-/// the kernel refused (a CPU this machine does not have).
-fn set_affinity(tid: u32, cpus: &[usize]) -> bool {
+/// Lets thread `tid` (0: the calling thread) run on `cpus` only.
+fn set_affinity(tid: u32, cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it
     // (each cpu < CPU_SETSIZE, checked); sched_setaffinity only reads it.
-    unsafe {
+    let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &cpu in cpus {
             assert!(cpu < libc::CPU_SETSIZE as usize, "CPU {cpu} out of range");
             libc::CPU_SET(cpu, &mut set);
         }
-        libc::sched_setaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &set) == 0
+        libc::sched_setaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
 /// Lets `pid`'s vCPU threads run on `vcpu_cpus` only and its other threads
-/// on `rest_cpus` (threads born later inherit their creator's CPUs).
+/// on `rest_cpus` (threads born later inherit their creator's CPUs). A
+/// thread that ends meanwhile is passed over; any other failure stops the
+/// bench (a run it calls pinned must be).
 fn pin_threads(pid: u32, vcpu_cpus: &[usize], rest_cpus: &[usize]) {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return;
-    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("cannot list the threads of {pid}: {e}"));
     for task in tasks.flatten() {
         let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue; // the thread ended
+        };
         let cpus = if comm.starts_with("vcpu") {
             vcpu_cpus
         } else {
             rest_cpus
         };
-        assert!(
-            set_affinity(tid, cpus),
-            "cannot pin thread {tid} of {pid} to CPUs {cpus:?}: the bench needs two"
-        );
+        match set_affinity(tid, cpus) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {} // ended meanwhile
+            Err(e) => panic!(
+                "cannot pin thread {tid} of {pid} to CPUs {cpus:?} (the bench needs two): {e}"
+            ),
+        }
     }
 }
 
 /// Inter-processor interrupts `cpu` has taken since boot: rescheduling,
 /// function-call and TLB-shootdown (`RES`, `CAL`, `TLB` in
-/// `/proc/interrupts`; 0 where the file cannot be read). Each one taken
-/// while the vCPU runs interrupts the guest.
+/// `/proc/interrupts`). Each one taken while the vCPU runs interrupts the
+/// guest.
 fn ipis(cpu: usize) -> u64 {
-    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let text = std::fs::read_to_string("/proc/interrupts")
+        .unwrap_or_else(|e| panic!("cannot read /proc/interrupts: {e}"));
     text.lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
@@ -425,10 +436,9 @@ fn load_thread(
     const PIECE: usize = 64 << 10;
     const SLICE: Duration = Duration::from_millis(5);
     std::thread::spawn(move || {
-        assert!(
-            set_affinity(0, &[LOAD_CPU]),
-            "cannot pin the load to CPU {LOAD_CPU}"
-        );
+        if let Err(e) = set_affinity(0, &[LOAD_CPU]) {
+            panic!("cannot pin the load to CPU {LOAD_CPU}: {e}");
+        }
         let src = vec![0x5au8; BUF];
         let mut dst = vec![0u8; BUF];
         let (mut at, mut x) = (0, 0x9e37_79b9_7f4a_7c15u64);
