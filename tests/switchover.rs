@@ -125,6 +125,14 @@ async fn switchovers_swap_the_roles_and_keep_the_output_and_the_protection() {
         new_primary.generation, 2,
         "a handover promotes one generation"
     );
+    // A switchover is no failure: the new primary waits for the old one to
+    // stand down without a warning.
+    let logs = pair.logs();
+    let warned: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("backup not available yet"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:#?}\n{logs}");
     let out = Command::new(CTL)
         .args(["status", "--control"])
         .arg(a.backup_control.to_string())

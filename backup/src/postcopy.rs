@@ -666,6 +666,7 @@ fn finish(shared: &Arc<Shared>) {
         incarnation,
         trace: None,
         output_taken: 0,
+        by_handover: true,
     })));
     drop(state);
     shared.handed_over.cancel();

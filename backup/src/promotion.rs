@@ -728,6 +728,7 @@ fn promote_locked(
             incarnation,
             trace,
             output_taken,
+            by_handover: matches!(trigger, Trigger::Handover { .. }),
         })))
     };
     let handed_over = matches!(state.phase, Phase::HandedOver(_));

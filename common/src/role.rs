@@ -115,4 +115,9 @@ pub struct RunningVm {
     /// Console output bytes of this VM (since its restore) already in the
     /// host's console log (a replica's replayed output, served at promotion).
     pub output_taken: u64,
+    /// It came by a planned handover (a switchover or a live migration), not
+    /// a promotion over a silent primary: the other hosts are changing roles,
+    /// so the new primary's first attempts to reach its backup may fail for
+    /// a moment without anything being wrong.
+    pub by_handover: bool,
 }

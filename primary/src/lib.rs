@@ -255,6 +255,13 @@ const SERVER_RELEASE_WAIT: Duration = Duration::from_millis(200);
 /// stays under this (a backup restarting after a switchover takes that
 /// long to listen).
 const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
+/// For how long after a handover made this host the primary its backup
+/// being unreachable is logged at INFO, not WARN: in a switchover the old
+/// primary stands down and listens as the backup within a second (it first
+/// answers that it runs the VM at the older generation, or closes the
+/// connection as its role ends); one still unreachable after this is worth
+/// an operator's look.
+const HANDOVER_QUIET: Duration = Duration::from_secs(10);
 
 /// One switchover request: where to answer.
 type SwitchoverResponder = tokio::sync::oneshot::Sender<SwitchoverResult>;
@@ -355,6 +362,8 @@ struct Shared {
     want_checkpoint: AtomicBool,
     /// This host's claims on the witness's key (None: no witness).
     seat: Option<Arc<Seat>>,
+    /// The VM came by a planned handover (see `RunningVm::by_handover`).
+    by_handover: bool,
 }
 
 impl Shared {
@@ -598,6 +607,7 @@ pub async fn run(
 
     let mut first_session = None;
     let adopted = matches!(start, Start::Adopt(_));
+    let by_handover = matches!(&start, Start::Adopt(running) if running.by_handover);
     let (vm, output, trace, output_taken) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
@@ -774,6 +784,7 @@ pub async fn run(
         replica_exits: AtomicU64::new(0),
         want_checkpoint: AtomicBool::new(false),
         seat,
+        by_handover,
         opts: opts.clone(),
     });
     if adopted {
@@ -1157,14 +1168,16 @@ async fn session_manager(
     // Why the last attempt to reach the backup failed, logged once per
     // reason (retries run every few hundred ms; a refused certificate or a
     // backup that is down would flood the log).
-    let mut last_failure: Option<String> = None;
-    loop {
+    let mut last_failure: Option<(String, bool)> = None;
+    // After a handover, until when the backup being unreachable is expected.
+    let quiet_until = shared.by_handover.then(|| Instant::now() + HANDOVER_QUIET);
+    'sessions: loop {
         if shared.phase().ending() {
             return;
         }
         let (offer, client) = match first.take() {
             Some(s) => s,
-            None => {
+            None => 'hello: {
                 let offer = match SessionOffer::new(shared.generation, shared.incarnation, None) {
                     Ok(o) => o,
                     Err(e) => {
@@ -1172,8 +1185,11 @@ async fn session_manager(
                         return;
                     }
                 };
-                match hello(&opts, &offer).await {
-                    HelloOutcome::Accepted(accepted) => (offer, accepted),
+                // Why not, and whether to say so quietly: just after a
+                // handover the other host is changing roles (a refusal is
+                // never a passing state).
+                let failed = match hello(&opts, &offer).await {
+                    HelloOutcome::Accepted(accepted) => break 'hello (offer, accepted),
                     HelloOutcome::Deposed(g) => {
                         shared.fence(g);
                         return;
@@ -1191,29 +1207,36 @@ async fn session_manager(
                             _ = shared.done.cancelled() => return,
                             _ = tokio::time::sleep(HOLDS_VM_RETRY) => {}
                         }
-                        continue;
+                        continue 'sessions;
                     }
-                    HelloOutcome::Refused(message) | HelloOutcome::Unreachable(message) => {
-                        if last_failure.as_deref() != Some(message.as_str()) {
-                            tracing::warn!(%message, "backup not available yet: retrying");
-                            last_failure = Some(message);
-                        }
-                        if let Some(why) = pending.take() {
-                            match lose_backup(&shared, &why).await {
-                                Loss::Deposed => return,
-                                Loss::Pending => pending = Some(why),
-                                Loss::Settled => {}
-                            }
-                        }
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = shared.done.cancelled() => return,
-                            _ = tokio::time::sleep(retry) => {}
-                        }
-                        retry = (retry * 2).min(max_retry);
-                        continue;
+                    HelloOutcome::Refused(message) => (message, false),
+                    HelloOutcome::Unreachable(message) => {
+                        (message, quiet_until.is_some_and(|t| Instant::now() < t))
+                    }
+                };
+                if last_failure.as_ref() != Some(&failed) {
+                    let message = &failed.0;
+                    if failed.1 {
+                        tracing::info!(%message, "backup not available yet (the hosts are changing roles): retrying");
+                    } else {
+                        tracing::warn!(%message, "backup not available yet: retrying");
+                    }
+                    last_failure = Some(failed);
+                }
+                if let Some(why) = pending.take() {
+                    match lose_backup(&shared, &why).await {
+                        Loss::Deposed => return,
+                        Loss::Pending => pending = Some(why),
+                        Loss::Settled => {}
                     }
                 }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = shared.done.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(max_retry);
+                continue 'sessions;
             }
         };
         retry = opts.heartbeat_interval;
