@@ -99,6 +99,44 @@ async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     }
 }
 
+/// A promoted host records its new generation and role beside the primary
+/// role's start, not before the VM's output goes out: each such write is a
+/// few fsyncs, and this disk's fsync has tails of 50–120 ms. With those
+/// writes stalled 3 s (`daemon.takeover.records`, a slow disk), the count
+/// still follows the kill within a second, and the files say primary at
+/// generation 2 once the writes are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_disk_for_the_hosts_role_does_not_hold_a_promoted_vms_output() {
+    let _serial = common::serial().await;
+    // The promoted host takes the primary role, recording it.
+    let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
+    pair.restart_backup_with_faults("daemon.takeover.records~3000");
+    pair.start_primary();
+    pair.wait_protected().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut client, &pair, |l| l == "count 10", &mut seen).await;
+    let (failover, _) = kill_and_count_on(&mut pair, &mut client, &mut seen).await;
+    assert!(
+        failover < Duration::from_secs(1),
+        "SIGKILL → first byte from the backup took {failover:?}\n{}",
+        pair.logs()
+    );
+    let state = |name: &str| {
+        std::fs::read_to_string(pair.dir.path().join("backup").join(name)).unwrap_or_default()
+    };
+    let recorded = common::wait_for(LONG, || {
+        state("role") == "primary\n" && state("generation") == "2\n"
+    });
+    assert!(
+        recorded.is_ok(),
+        "role {:?}, generation {:?}\n{}",
+        state("role"),
+        state("generation"),
+        pair.logs()
+    );
+}
+
 /// A backup whose image's blocks are not reserved (`backup.image.unreserved`
 /// answers as a filesystem without `fallocate` would) promotes onto a copy
 /// of the image in anonymous memory, never onto the file mapped shared (a

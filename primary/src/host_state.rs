@@ -91,6 +91,13 @@ pub struct HostState {
     dir: PathBuf,
 }
 
+/// Serialises the fence marker's writes and removals within the process
+/// (see [`HostState::adopt`]).
+fn lock_marker() -> std::sync::MutexGuard<'static, ()> {
+    static MARKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    MARKER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl HostState {
     /// Opens (creating) the state directory.
     pub fn open(dir: &Path) -> Result<Self, HostStateError> {
@@ -121,6 +128,7 @@ impl HostState {
 
     /// Records that `generation` deposed this host.
     pub fn mark_fenced(&self, generation: Generation) -> Result<(), HostStateError> {
+        let _marker = lock_marker();
         Ok(durable::write(
             &self.fenced_marker(),
             format!("{generation}\n").as_bytes(),
@@ -129,12 +137,24 @@ impl HostState {
 
     /// This host runs the VM at `generation` now (a promotion or handover
     /// made it the primary): an older fence marker no longer applies.
+    ///
+    /// A marker of a newer generation stays: the daemon records a takeover
+    /// on a thread beside the primary role, which a newer promotion elsewhere
+    /// may depose meanwhile.
     pub fn adopt(&self, generation: Generation) -> Result<(), HostStateError> {
         self.set_generation(generation)?;
-        if self.fenced()?.is_some() {
-            tracing::info!(%generation, "removed a fence marker of an older generation");
+        let _marker = lock_marker();
+        match self.fenced()? {
+            None => Ok(()),
+            Some(newer) if newer > generation => {
+                tracing::warn!(%generation, deposed_by = %newer, "this host was deposed again meanwhile: its fence marker stays");
+                Ok(())
+            }
+            Some(_) => {
+                tracing::info!(%generation, "removed a fence marker of an older generation");
+                Ok(durable::remove(&self.fenced_marker())?)
+            }
         }
-        Ok(durable::remove(&self.fenced_marker())?)
     }
 
     /// The generation this host runs the VM at (the first one if none yet).
@@ -234,6 +254,18 @@ mod tests {
         assert_eq!(state.fenced().unwrap(), Some(Generation(3)));
         state.adopt(Generation(4)).unwrap();
         assert_eq!(state.fenced().unwrap(), None);
+        assert_eq!(state.generation().unwrap(), Generation(4));
+    }
+
+    #[test]
+    fn a_fence_marker_of_a_newer_generation_outlives_the_adoption_of_an_older_one() {
+        // The daemon records a takeover at generation 4 on a thread while a
+        // promotion elsewhere (generation 5) deposes the new primary.
+        let dir = tempfile::tempdir().unwrap();
+        let state = HostState::open(dir.path()).unwrap();
+        state.mark_fenced(Generation(5)).unwrap();
+        state.adopt(Generation(4)).unwrap();
+        assert_eq!(state.fenced().unwrap(), Some(Generation(5)));
         assert_eq!(state.generation().unwrap(), Generation(4));
     }
 }

@@ -141,7 +141,10 @@ pub struct PrimaryOptions {
 pub enum Start {
     /// Boot the configured guest (after the first handshake with the backup).
     Boot,
-    /// Protect a VM a handover left running on this host.
+    /// Protect a VM a handover or promotion left running on this host. The
+    /// caller records the host's new generation (`HostState::adopt`): the
+    /// daemon does so on a thread beside this role's start, so that the VM's
+    /// output waits for no more than the run record (`RunState`).
     Adopt(Box<RunningVm>),
 }
 
@@ -578,14 +581,12 @@ pub async fn run(
                 host_state.record()?,
             )
         }
-        Start::Adopt(running) => {
-            host_state.adopt(running.generation)?;
-            (
-                running.generation.0,
-                running.incarnation.unwrap_or_else(Incarnation::new_random),
-                None,
-            )
-        }
+        // The caller records the host's new generation (see `Start::Adopt`).
+        Start::Adopt(running) => (
+            running.generation.0,
+            running.incarnation.unwrap_or_else(Incarnation::new_random),
+            None,
+        ),
     };
     let seat = opts
         .witness
