@@ -70,6 +70,40 @@ async fn kill_and_count_on(
     (failover, got)
 }
 
+/// Starts `pair`'s backup with `UNDERSTUDY_FAULTS=faults`, then its primary,
+/// and reads the counter's console up to `count {until}`.
+async fn faulty_backup_counting(pair: &mut Pair, faults: &str, until: u64) -> (Lines, Vec<String>) {
+    pair.restart_backup_with_faults(faults);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(
+        &mut client,
+        pair,
+        |l| l == format!("count {until}"),
+        &mut seen,
+    )
+    .await;
+    (client, seen)
+}
+
+/// Waits until the host whose state directory is `dir` has recorded that
+/// it runs the VM as the primary at generation 2.
+fn wait_recorded_primary_at_2(dir: &std::path::Path, pair: &Pair) {
+    let state = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let recorded = common::wait_for(LONG, || {
+        state("role") == "primary\n" && state("generation") == "2\n"
+    });
+    assert!(
+        recorded.is_ok(),
+        "role {:?}, generation {:?}\n{}",
+        state("role"),
+        state("generation"),
+        pair.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     let _serial = common::serial().await;
@@ -110,31 +144,15 @@ async fn a_slow_disk_for_the_hosts_role_does_not_hold_a_promoted_vms_output() {
     let _serial = common::serial().await;
     // The promoted host takes the primary role, recording it.
     let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
-    pair.restart_backup_with_faults("daemon.takeover.records~3000");
-    pair.start_primary();
-    pair.wait_protected().await;
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    let mut seen = Vec::new();
-    read_until(&mut client, &pair, |l| l == "count 10", &mut seen).await;
+    let (mut client, mut seen) =
+        faulty_backup_counting(&mut pair, "daemon.takeover.records~3000", 10).await;
     let (failover, _) = kill_and_count_on(&mut pair, &mut client, &mut seen).await;
     assert!(
         failover < Duration::from_secs(1),
         "SIGKILL → first byte from the backup took {failover:?}\n{}",
         pair.logs()
     );
-    let state = |name: &str| {
-        std::fs::read_to_string(pair.dir.path().join("backup").join(name)).unwrap_or_default()
-    };
-    let recorded = common::wait_for(LONG, || {
-        state("role") == "primary\n" && state("generation") == "2\n"
-    });
-    assert!(
-        recorded.is_ok(),
-        "role {:?}, generation {:?}\n{}",
-        state("role"),
-        state("generation"),
-        pair.logs()
-    );
+    wait_recorded_primary_at_2(&pair.dir.path().join("backup"), &pair);
 }
 
 /// A backup whose image's blocks are not reserved (`backup.image.unreserved`
@@ -146,12 +164,8 @@ async fn a_slow_disk_for_the_hosts_role_does_not_hold_a_promoted_vms_output() {
 async fn a_backup_whose_image_is_not_reserved_promotes_onto_a_copy_of_it() {
     let _serial = common::serial().await;
     let mut pair = Pair::new("counter", "guest_params = { interval_ms = 10 }");
-    pair.restart_backup_with_faults("backup.image.unreserved");
-    pair.start_primary();
-    pair.wait_protected().await;
-    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
-    let mut seen = Vec::new();
-    read_until(&mut client, &pair, |l| l == "count 20", &mut seen).await;
+    let (mut client, mut seen) =
+        faulty_backup_counting(&mut pair, "backup.image.unreserved", 20).await;
     kill_and_count_on(&mut pair, &mut client, &mut seen).await;
     assert!(
         pair.logs()
@@ -209,17 +223,7 @@ async fn a_backup_whose_disk_is_full_still_promotes_and_runs_the_vm() {
     // The record had its room made before the disk filled.
     assert!(!pair.logs().contains("cannot make room"), "{}", pair.logs());
     // The host recorded its new role and generation, and runs on.
-    let state = |name: &str| std::fs::read_to_string(disk.path().join(name)).unwrap_or_default();
-    let recorded = common::wait_for(LONG, || {
-        state("role") == "primary\n" && state("generation") == "2\n"
-    });
-    assert!(
-        recorded.is_ok(),
-        "role {:?}, generation {:?}\n{}",
-        state("role"),
-        state("generation"),
-        pair.logs()
-    );
+    wait_recorded_primary_at_2(disk.path(), &pair);
     let next = counts(&seen).last().unwrap() + 20;
     read_until(
         &mut client,
