@@ -155,6 +155,33 @@ async fn a_slow_disk_for_the_hosts_role_does_not_hold_a_promoted_vms_output() {
     wait_recorded_primary_at_2(&pair.dir.path().join("backup"), &pair);
 }
 
+/// A promoted host that cannot record its new generation and role
+/// (`daemon.takeover.records` fails, as a failing disk would) says so and
+/// runs the VM on: the count goes on as one sequence. Those writes used to
+/// come before the primary role, and their failure ended the daemon and the
+/// VM it had just resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_host_that_cannot_record_its_role_runs_the_vm_on() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
+    let (mut client, mut seen) =
+        faulty_backup_counting(&mut pair, "daemon.takeover.records", 10).await;
+    kill_and_count_on(&mut pair, &mut client, &mut seen).await;
+    let logs = pair.logs();
+    assert!(
+        logs.contains("cannot record its generation and role"),
+        "{logs}"
+    );
+    let s = common::status(pair.addrs.backup_control).await.unwrap();
+    assert_eq!(
+        (s.role.as_str(), s.generation),
+        ("primary", 2),
+        "{s:?}\n{logs}"
+    );
+    let role = std::fs::read_to_string(pair.dir.path().join("backup").join("role"));
+    assert_eq!(role.unwrap_or_default(), "backup\n", "{logs}");
+}
+
 /// A backup whose image's blocks are not reserved (`backup.image.unreserved`
 /// answers as a filesystem without `fallocate` would) promotes onto a copy
 /// of the image in anonymous memory, never onto the file mapped shared (a

@@ -54,10 +54,6 @@ pub fn starting_role(home: Role, config: &Config) -> Result<Role> {
     }
 }
 
-fn record_role(config: &Config, role: Role) -> Result<()> {
-    write_role(&config.state_dir, role)
-}
-
 fn write_role(dir: &Path, role: Role) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     understudy_common::durable::write(
@@ -289,7 +285,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
             // A host waiting for a migration has no role to come back to;
             // one that took the VM over records its role beside the start.
             if !incoming && !took_over {
-                record_role(config, role)?;
+                write_role(&config.state_dir, role)?;
             }
             let role_done = shutdown.child_token();
             match role {
