@@ -133,26 +133,36 @@ async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     }
 }
 
-/// A promoted host records its new generation and role beside the primary
-/// role's start, not before the VM's output goes out: each such write is a
-/// few fsyncs, and this disk's fsync has tails of 50–120 ms. With those
-/// writes stalled 3 s (`daemon.takeover.records`, a slow disk), the count
-/// still follows the kill within a second, and the files say primary at
-/// generation 2 once the writes are done.
+/// No disk write of a takeover comes between the failure and the promoted
+/// VM's first output: each is a few fsyncs, and this disk's fsync has tails
+/// of 50–250 ms. The new generation and role are written beside the primary
+/// role's start (`daemon.takeover.records`), and the VM record that says
+/// the VM runs unprotected here was written ahead, while the host was the
+/// backup (`host_state.run_record`). With both stalled 3 s (a slow disk),
+/// the count still follows the kill within a second, and the files say
+/// primary at generation 2 once the writes are done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_disk_for_the_hosts_role_does_not_hold_a_promoted_vms_output() {
+async fn a_slow_disk_holds_no_promoted_vms_output() {
     let _serial = common::serial().await;
     // The promoted host takes the primary role, recording it.
     let mut pair = Pair::switchable("counter", "guest_params = { interval_ms = 10 }");
-    let (mut client, mut seen) =
-        faulty_backup_counting(&mut pair, "daemon.takeover.records~3000", 10).await;
+    let (mut client, mut seen) = faulty_backup_counting(
+        &mut pair,
+        "daemon.takeover.records~3000,host_state.run_record~3000",
+        10,
+    )
+    .await;
+    let dir = pair.dir.path().join("backup");
+    let record = || std::fs::read_to_string(dir.join("vm")).unwrap_or_default();
+    let ahead = common::wait_for(LONG, || record().contains("state=released-unprotected"));
+    assert!(ahead.is_ok(), "VM record {:?}\n{}", record(), pair.logs());
     let (failover, _) = kill_and_count_on(&mut pair, &mut client, &mut seen).await;
     assert!(
         failover < Duration::from_secs(1),
         "SIGKILL → first byte from the backup took {failover:?}\n{}",
         pair.logs()
     );
-    wait_recorded_primary_at_2(&pair.dir.path().join("backup"), &pair);
+    wait_recorded_primary_at_2(&dir, &pair);
 }
 
 /// A promoted host that cannot record its new generation and role

@@ -345,7 +345,11 @@ pub async fn run(
     let generation = Generation(store.generation());
     let stats = &host.stats;
     stats.generation.store(generation.0, Ordering::Release);
-    stats.set_incarnation(Incarnation::from_raw(store.incarnation()));
+    let held = Incarnation::from_raw(store.incarnation());
+    stats.set_incarnation(held);
+    if let Some(incarnation) = held {
+        host.holding(incarnation);
+    }
     if opts.incoming {
         stats.set_state(StateKind::Incoming, match store.promotable() {
             Ok(p) => format!(

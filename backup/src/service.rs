@@ -260,6 +260,7 @@ impl ReplicationService {
         shared.set_generation(Generation(req.generation), false);
         let stats = &shared.host.stats;
         stats.set_incarnation(Some(incarnation));
+        shared.host.holding(incarnation);
         stats.protected.store(false, Ordering::Release);
         stats.link_up.store(true, Ordering::Release);
         let (kind, state, what) = if req.migration {

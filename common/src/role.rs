@@ -31,6 +31,22 @@ pub struct HostIo {
     /// The host's replication address, if it has one: the backup role serves
     /// replication on it, the primary role answers there that it runs the VM.
     pub replication: Option<Arc<SharedListener>>,
+    /// Where the backup role says which VM it holds, so that the host
+    /// records ahead of a takeover what the takeover would otherwise record
+    /// before the VM's first output (None: nothing is recorded ahead).
+    pub record_ahead: Option<Arc<dyn RecordAhead>>,
+}
+
+/// Records, while this host is a VM's backup, what a takeover of that VM
+/// must have on disk before the VM's first output goes out here: that this
+/// host runs it unprotected (the primary's VM record, `state_dir/vm`). A
+/// write that waits for the takeover puts its fsyncs between the failure
+/// and the clients; one made ahead does not (see `docs/ARCHITECTURE.md`,
+/// "Roles and how they change").
+pub trait RecordAhead: std::fmt::Debug + Send + Sync {
+    /// The backup role now holds (or starts to receive) `incarnation`.
+    /// Returns at once; the record is written on a thread of its own.
+    fn holding(&self, incarnation: Incarnation);
 }
 
 impl HostIo {
@@ -42,6 +58,15 @@ impl HostIo {
             input: InputSink::new(None),
             operator: OperatorSlot::default(),
             replication: replication.map(Arc::new),
+            record_ahead: None,
+        }
+    }
+
+    /// The backup role holds (or starts to receive) `incarnation`: the host
+    /// records ahead what a takeover of it needs (see [`RecordAhead`]).
+    pub fn holding(&self, incarnation: Incarnation) {
+        if let Some(ahead) = &self.record_ahead {
+            ahead.holding(incarnation);
         }
     }
 }
@@ -120,4 +145,9 @@ pub struct RunningVm {
     /// so the new primary's first attempts to reach its backup may fail for
     /// a moment without anything being wrong.
     pub by_handover: bool,
+    /// This host's VM record already says, durably, that it runs this
+    /// incarnation unprotected (written ahead by its [`RecordAhead`]): the
+    /// primary role need not write it before the VM's first output. Set by
+    /// the daemon, which knows whether that write finished.
+    pub run_recorded: bool,
 }

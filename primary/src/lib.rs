@@ -609,6 +609,7 @@ pub async fn run(
     let mut first_session = None;
     let adopted = matches!(start, Start::Adopt(_));
     let by_handover = matches!(&start, Start::Adopt(running) if running.by_handover);
+    let run_recorded = matches!(&start, Start::Adopt(running) if running.run_recorded);
     let (vm, output, trace, output_taken) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
@@ -792,8 +793,10 @@ pub async fn run(
         // A VM this host took over runs unprotected until the other host
         // syncs as its backup, and its output goes out whatever the policy:
         // the old primary is stopped, deposed, or (partitioned under
-        // hold-output) holds its own output, so no other copy serves.
-        if shared.record(RunState::ReleasedUnprotected) {
+        // hold-output) holds its own output, so no other copy serves. The
+        // record that says so is on disk before that output, usually written
+        // ahead while this host was the backup (`RunningVm::run_recorded`).
+        if run_recorded || shared.record(RunState::ReleasedUnprotected) {
             shared.releaser.set_unprotected(true);
             stats.set_state(
                 StateKind::UnprotectedReleasing,

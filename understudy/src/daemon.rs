@@ -20,7 +20,7 @@ use understudy_common::ids::Generation;
 use understudy_common::role::{HostIo, SharedListener};
 use understudy_common::status::{ControlService, Stats};
 use understudy_common::{console, wire};
-use understudy_primary::host_state::HostState;
+use understudy_primary::host_state::{HostState, RecordsAhead};
 use understudy_primary::{PrimaryError, PrimaryExit};
 use understudy_proto::control_server::ControlServer;
 
@@ -101,6 +101,25 @@ fn record_takeover(config: &Config, generation: Generation) -> Option<std::threa
         Err(e) => {
             tracing::warn!(error = %e, "cannot start a thread for the takeover's records: writing them first");
             write();
+            None
+        }
+    }
+}
+
+/// Starts the thread that records ahead of a takeover (see
+/// [`RecordsAhead`]). Without it a takeover writes the record itself,
+/// before the VM's first output, as it did before.
+fn start_records_ahead(config: &Config) -> Option<Arc<RecordsAhead>> {
+    let started = HostState::open(&config.state_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|state| Ok(RecordsAhead::start(state)?));
+    match started {
+        Ok(ahead) => Some(Arc::new(ahead)),
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot record ahead of a takeover: a takeover will write the VM record before its first output"
+            );
             None
         }
     }
@@ -223,9 +242,19 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
             Some(addr) => Some(SharedListener::bind("replication", addr).await?),
             None => None,
         };
-        let host = HostIo::new(stats.clone(), replication);
+        let mut host = HostIo::new(stats.clone(), replication);
         // Both hosts have a replication address: roles can change.
         let roles_can_change = config.switchover_unavailable().is_none();
+        // A backup that can take the primary role records ahead what a
+        // takeover must have on disk before the VM's first output.
+        let records_ahead = if roles_can_change {
+            start_records_ahead(config)
+        } else {
+            None
+        };
+        if let Some(ahead) = &records_ahead {
+            host.record_ahead = Some(ahead.clone());
+        }
 
         // The host's servers, up across role changes.
         console::raise_descriptor_limit();
@@ -349,7 +378,16 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
                             tracing::info!(reason = %end, "promoted guest ended");
                             break Ok(0);
                         }
-                        Ok(BackupExit::TookOver(vm)) => {
+                        Ok(BackupExit::TookOver(mut vm)) => {
+                            vm.run_recorded = match &records_ahead {
+                                Some(ahead) => {
+                                    let (ahead, incarnation) = (ahead.clone(), vm.incarnation);
+                                    tokio::task::spawn_blocking(move || ahead.recorded(incarnation))
+                                        .await
+                                        .unwrap_or(false)
+                                }
+                                None => false,
+                            };
                             if incoming {
                                 tracing::info!("the VM arrived by a live migration: this host runs it as the primary");
                                 incoming = false;
