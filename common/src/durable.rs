@@ -8,7 +8,7 @@
 //! host's new generation and role, and a write that failed there would
 //! leave the VM it just resumed without a host to run it. So the temporary
 //! file is kept between writes as a *spare* of [`SPARE_LEN`] bytes, its
-//! blocks allocated: a write overwrites it in place (no new block, so no
+//! blocks claimed: a write overwrites it in place (no new block, so no
 //! `ENOSPC` for a file that fits it), renames it over the old file (which
 //! frees the old file's blocks), and allocates the next spare in their
 //! place. [`reserve`] makes a spare ahead of a file's first write; a daemon
@@ -87,15 +87,23 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<(), DurableError> {
 
 /// Makes the spare of `path` (see the module doc) unless it has one, so that
 /// a write of `path` needs no new disk block.
+///
+/// A spare is room, not content: its blocks are claimed when it is written
+/// (a delayed allocation is counted against the free space then), so it is
+/// not fsynced. A crash may lose it, or leave its length without its blocks
+/// (a hole); the daemon reserves its state files when it starts, and a
+/// spare is judged by the blocks it holds, not its length.
 pub fn reserve(path: &Path) -> Result<(), DurableError> {
+    use std::os::unix::fs::MetadataExt;
     let tmp = spare_of(path);
-    if tmp.metadata().is_ok_and(|m| m.len() >= SPARE_LEN as u64) {
+    if tmp
+        .metadata()
+        .is_ok_and(|m| m.len() >= SPARE_LEN as u64 && m.blocks() * 512 >= SPARE_LEN as u64)
+    {
         return Ok(());
     }
     let mut file = File::create(&tmp).map_err(err("create", &tmp))?;
-    file.write_all(&[0; SPARE_LEN])
-        .map_err(err("write", &tmp))?;
-    file.sync_all().map_err(err("sync", &tmp))
+    file.write_all(&[0; SPARE_LEN]).map_err(err("write", &tmp))
 }
 
 /// Removes `path` durably (absent is fine).
@@ -222,6 +230,32 @@ mod tests {
             "{e}"
         );
         assert_eq!(read(&never).unwrap(), None);
+    }
+
+    #[test]
+    fn a_spare_without_its_blocks_is_made_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("role");
+        let spare = dir.path().join("role.tmp");
+        // What a crash can leave: the spare's length, none of its blocks.
+        File::create(&spare)
+            .unwrap()
+            .set_len(SPARE_LEN as u64)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&spare).unwrap().blocks(),
+            0,
+            "not a hole here"
+        );
+        reserve(&path).unwrap();
+        let m = std::fs::metadata(&spare).unwrap();
+        assert!(
+            m.blocks() * 512 >= SPARE_LEN as u64,
+            "{} blocks",
+            m.blocks()
+        );
+        assert_eq!(m.len(), SPARE_LEN as u64);
     }
 
     #[test]
