@@ -262,24 +262,46 @@ struct AheadProgress {
     /// here (None also after a write that failed: the file may hold
     /// anything).
     recorded: Option<Incarnation>,
+    /// The writing thread is gone (it panicked): nothing more ends.
+    gone: bool,
+}
+
+/// Says, as the writing thread ends however it ends, that it is gone: a
+/// takeover must not wait for a write that will never end.
+struct Gone(std::sync::Arc<AheadShared>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.lock().gone = true;
+        self.0.done.notify_all();
+    }
 }
 
 impl RecordsAhead {
     /// Starts the thread that writes `state`'s VM record when asked.
     pub fn start(state: HostState) -> std::io::Result<Self> {
+        let writer = state.clone();
+        Self::start_with(state, move |record| writer.set_record(record))
+    }
+
+    /// [`Self::start`] with the write itself given (a test's may panic).
+    fn start_with(
+        state: HostState,
+        write: impl Fn(RunRecord) -> Result<(), HostStateError> + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (asks, asked) = crossbeam_channel::unbounded::<Incarnation>();
         let shared = std::sync::Arc::new(AheadShared::default());
         let progress = shared.clone();
-        let writer = state.clone();
         std::thread::Builder::new()
             .name("record-ahead".into())
             .spawn(move || {
+                let _gone = Gone(progress.clone());
                 for incarnation in asked {
                     let record = RunRecord {
                         incarnation,
                         state: RunState::ReleasedUnprotected,
                     };
-                    let recorded = match writer.set_record(record) {
+                    let recorded = match write(record) {
                         Ok(()) => {
                             tracing::debug!(%incarnation, "recorded ahead: a takeover of this VM needs no write before its output");
                             true
@@ -309,14 +331,14 @@ impl RecordsAhead {
     /// than write the file beside it.
     pub fn recorded(&self, incarnation: Option<Incarnation>) -> bool {
         let mut p = self.shared.lock();
-        while p.ended < p.asked {
+        while p.ended < p.asked && !p.gone {
             p = self
                 .shared
                 .done
                 .wait(p)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
-        let written = p.recorded;
+        let written = if p.ended < p.asked { None } else { p.recorded };
         drop(p);
         let Some(incarnation) = incarnation.filter(|&i| written == Some(i)) else {
             return false;
@@ -411,6 +433,21 @@ mod tests {
         assert!(ahead.recorded(Some(x)));
         assert!(!ahead.recorded(Some(y)), "the last one asked for");
         assert_eq!(state.record().unwrap(), Some(unprotected));
+    }
+
+    #[test]
+    fn a_takeover_does_not_wait_for_a_writer_that_died() {
+        use understudy_common::role::RecordAhead;
+        let dir = tempfile::tempdir().unwrap();
+        let state = HostState::open(dir.path()).unwrap();
+        let ahead = RecordsAhead::start_with(state, |_| panic!("the writer dies")).unwrap();
+        let x = Incarnation::new_random();
+        ahead.holding(x);
+        // Returns (the record is not there: the takeover writes it).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(ahead.recorded(Some(x))));
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(answer, Ok(false), "the takeover waited for a dead writer");
     }
 
     #[test]
