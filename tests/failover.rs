@@ -133,8 +133,9 @@ async fn counter_output_is_one_sequence_across_sigkill_and_promotion_is_fast() {
     }
 }
 
-/// No disk write of a takeover comes between the failure and the promoted
-/// VM's first output: each is a few fsyncs, and this disk's fsync has tails
+/// No disk write of a takeover but the image's fence comes between the
+/// failure and the promoted VM's first output: each is a few fsyncs, and
+/// this disk's fsync has tails
 /// of 50–250 ms. The new generation and role are written beside the primary
 /// role's start (`daemon.takeover.records`), and the VM record that says
 /// the VM runs unprotected here was written ahead, while the host was the
