@@ -667,7 +667,6 @@ fn finish(shared: &Arc<Shared>) {
         trace: None,
         output_taken: 0,
         by_handover: true,
-        run_recorded: false,
     })));
     drop(state);
     shared.handed_over.cancel();

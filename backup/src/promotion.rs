@@ -729,7 +729,6 @@ fn promote_locked(
             trace,
             output_taken,
             by_handover: matches!(trigger, Trigger::Handover { .. }),
-            run_recorded: false,
         })))
     };
     let handed_over = matches!(state.phase, Phase::HandedOver(_));

@@ -145,9 +145,4 @@ pub struct RunningVm {
     /// so the new primary's first attempts to reach its backup may fail for
     /// a moment without anything being wrong.
     pub by_handover: bool,
-    /// This host's VM record already says, durably, that it runs this
-    /// incarnation unprotected (written ahead by its [`RecordAhead`]): the
-    /// primary role need not write it before the VM's first output. Set by
-    /// the daemon, which knows whether that write finished.
-    pub run_recorded: bool,
 }

@@ -101,12 +101,19 @@ fn lock_marker() -> std::sync::MutexGuard<'static, ()> {
     MARKER.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Serialises the VM record's writes within the process: the backup role's
-/// [`RecordsAhead`] and the primary role write it from different threads
-/// (two writes at once would share the file's spare).
-fn lock_record() -> std::sync::MutexGuard<'static, ()> {
-    static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    RECORD.lock().unwrap_or_else(|p| p.into_inner())
+/// The VM records this process wrote and synced, by path, under the lock
+/// that serialises their writes: the backup role's [`RecordsAhead`] and the
+/// primary role write the record from different threads (two writes at
+/// once would share the file's spare).
+fn written_records() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, RunRecord>>
+{
+    static WRITTEN: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<PathBuf, RunRecord>>,
+    > = std::sync::OnceLock::new();
+    WRITTEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 impl HostState {
@@ -217,14 +224,22 @@ impl HostState {
         Ok(())
     }
 
-    /// Records how the VM's run on this host stands.
+    /// Records how the VM's run on this host stands. A record this process
+    /// already wrote and synced, which the file still holds, is not written
+    /// again: a takeover whose record was written ahead ([`RecordsAhead`])
+    /// then puts no fsync before the VM's first output (and one whose write
+    /// ahead is in flight waits for it here, rather than write beside it).
     pub fn set_record(&self, record: RunRecord) -> Result<(), HostStateError> {
-        let _record = lock_record();
+        let path = self.path(RECORD_FILE);
+        let mut written = written_records();
+        if written.get(&path) == Some(&record) && self.record().ok().flatten() == Some(record) {
+            return Ok(());
+        }
+        written.remove(&path);
         understudy_common::fault::check("host_state.run_record").map_err(HostStateError::Fault)?;
-        Ok(durable::write(
-            &self.path(RECORD_FILE),
-            record.encode().as_bytes(),
-        )?)
+        durable::write(&path, record.encode().as_bytes())?;
+        written.insert(path, record);
+        Ok(())
     }
 }
 
@@ -232,7 +247,8 @@ impl HostState {
 /// backup (`understudy_common::role::RecordAhead`): a takeover must have it
 /// on disk before the VM's first output here, and written at the takeover
 /// its fsyncs (p50 0.5 ms, tails past 100 ms on these disks) came between
-/// the failure and the clients.
+/// the failure and the clients. The takeover's own write of the same record
+/// then finds it written ([`HostState::set_record`]).
 ///
 /// What it writes, "this host runs incarnation X unprotected", is the
 /// record a takeover of X writes, and it is read only by a primary that
@@ -243,127 +259,34 @@ impl HostState {
 #[derive(Debug)]
 pub struct RecordsAhead {
     asks: crossbeam_channel::Sender<Incarnation>,
-    shared: std::sync::Arc<AheadShared>,
-    state: HostState,
-}
-
-#[derive(Debug, Default)]
-struct AheadShared {
-    progress: std::sync::Mutex<AheadProgress>,
-    done: std::sync::Condvar,
-}
-
-#[derive(Debug, Default)]
-struct AheadProgress {
-    /// Incarnations asked for, and those whose write ended (either way).
-    asked: u64,
-    ended: u64,
-    /// The incarnation this process durably recorded as run unprotected
-    /// here (None also after a write that failed: the file may hold
-    /// anything).
-    recorded: Option<Incarnation>,
-    /// The writing thread is gone (it panicked): nothing more ends.
-    gone: bool,
-}
-
-/// Says, as the writing thread ends however it ends, that it is gone: a
-/// takeover must not wait for a write that will never end.
-struct Gone(std::sync::Arc<AheadShared>);
-
-impl Drop for Gone {
-    fn drop(&mut self) {
-        self.0.lock().gone = true;
-        self.0.done.notify_all();
-    }
 }
 
 impl RecordsAhead {
     /// Starts the thread that writes `state`'s VM record when asked.
     pub fn start(state: HostState) -> std::io::Result<Self> {
-        let writer = state.clone();
-        Self::start_with(state, move |record| writer.set_record(record))
-    }
-
-    /// [`Self::start`] with the write itself given (a test's may panic).
-    fn start_with(
-        state: HostState,
-        write: impl Fn(RunRecord) -> Result<(), HostStateError> + Send + 'static,
-    ) -> std::io::Result<Self> {
         let (asks, asked) = crossbeam_channel::unbounded::<Incarnation>();
-        let shared = std::sync::Arc::new(AheadShared::default());
-        let progress = shared.clone();
         std::thread::Builder::new()
             .name("record-ahead".into())
             .spawn(move || {
-                let _gone = Gone(progress.clone());
                 for incarnation in asked {
                     let record = RunRecord {
                         incarnation,
                         state: RunState::ReleasedUnprotected,
                     };
-                    let recorded = match write(record) {
-                        Ok(()) => {
-                            tracing::debug!(%incarnation, "recorded ahead: a takeover of this VM needs no write before its output");
-                            true
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %understudy_common::wire::chain(&e), %incarnation, "cannot record ahead of a takeover: a takeover will write the VM record before its first output");
-                            false
-                        }
-                    };
-                    let mut p = progress.lock();
-                    p.recorded = recorded.then_some(incarnation);
-                    p.ended += 1;
-                    progress.done.notify_all();
+                    match state.set_record(record) {
+                        Ok(()) => tracing::debug!(%incarnation, "recorded ahead: a takeover of this VM needs no write before its output"),
+                        Err(e) => tracing::warn!(error = %understudy_common::wire::chain(&e), %incarnation, "cannot record ahead of a takeover: a takeover will write the VM record before its first output"),
+                    }
                 }
             })?;
-        Ok(Self {
-            asks,
-            shared,
-            state,
-        })
-    }
-
-    /// Whether this host's VM record durably says it runs `incarnation`
-    /// unprotected: this process wrote it so, and the file says so still
-    /// (the primary role rewrites it once the VM is protected again). Waits
-    /// for a write in flight first: a takeover then uses its result rather
-    /// than write the file beside it.
-    pub fn recorded(&self, incarnation: Option<Incarnation>) -> bool {
-        let mut p = self.shared.lock();
-        while p.ended < p.asked && !p.gone {
-            p = self
-                .shared
-                .done
-                .wait(p)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-        let written = if p.ended < p.asked { None } else { p.recorded };
-        drop(p);
-        let Some(incarnation) = incarnation.filter(|&i| written == Some(i)) else {
-            return false;
-        };
-        let _record = lock_record();
-        self.state.record().ok().flatten()
-            == Some(RunRecord {
-                incarnation,
-                state: RunState::ReleasedUnprotected,
-            })
-    }
-}
-
-impl AheadShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, AheadProgress> {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(Self { asks })
     }
 }
 
 impl understudy_common::role::RecordAhead for RecordsAhead {
     fn holding(&self, incarnation: Incarnation) {
-        let mut p = self.shared.lock();
-        if self.asks.send(incarnation).is_ok() {
-            p.asked += 1;
-        }
+        // The thread ends only with the process: a send cannot fail.
+        let _ = self.asks.send(incarnation);
     }
 }
 
@@ -399,55 +322,56 @@ mod tests {
     }
 
     #[test]
-    fn a_record_written_ahead_counts_only_while_the_file_still_says_so() {
-        use understudy_common::role::RecordAhead;
+    fn a_record_written_and_still_held_is_not_written_again() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let state = HostState::open(dir.path()).unwrap();
-        let ahead = RecordsAhead::start(state.clone()).unwrap();
-        let (x, y) = (Incarnation::new_random(), Incarnation::new_random());
-        assert!(!ahead.recorded(Some(x)), "nothing asked yet");
-        ahead.holding(x);
-        // Waits for the write it was asked for.
-        assert!(ahead.recorded(Some(x)));
-        let unprotected = RunRecord {
+        // Each write renames a new file into place: a new inode.
+        let inode = || std::fs::metadata(dir.path().join("vm")).unwrap().ino();
+        let x = Incarnation::new_random();
+        let record = |state| RunRecord {
             incarnation: x,
-            state: RunState::ReleasedUnprotected,
+            state,
         };
+        let unprotected = record(RunState::ReleasedUnprotected);
+        state.set_record(unprotected).unwrap();
+        let first = inode();
+        state.set_record(unprotected).unwrap();
+        assert_eq!(inode(), first, "written again");
+        // Another record in between: written, and so is the first again.
+        state.set_record(record(RunState::Protected)).unwrap();
+        let protected = inode();
+        assert_ne!(protected, first);
+        state.set_record(unprotected).unwrap();
+        assert_ne!(inode(), protected, "not written after another record");
         assert_eq!(state.record().unwrap(), Some(unprotected));
-        assert!(!ahead.recorded(Some(y)), "another VM");
-        assert!(
-            !ahead.recorded(None),
-            "a VM with no incarnation gets a new one"
-        );
-        // The primary role rewrites the record once the VM is protected
-        // again: what was written ahead no longer holds.
-        state
-            .set_record(RunRecord {
-                incarnation: x,
-                state: RunState::Protected,
-            })
-            .unwrap();
-        assert!(!ahead.recorded(Some(x)));
-        ahead.holding(y);
-        ahead.holding(x);
-        assert!(ahead.recorded(Some(x)));
-        assert!(!ahead.recorded(Some(y)), "the last one asked for");
+        // A file changed behind this process's back is written.
+        let other = RunRecord {
+            incarnation: Incarnation::new_random(),
+            state: RunState::Stopped,
+        };
+        std::fs::write(dir.path().join("vm"), other.encode()).unwrap();
+        state.set_record(unprotected).unwrap();
         assert_eq!(state.record().unwrap(), Some(unprotected));
     }
 
     #[test]
-    fn a_takeover_does_not_wait_for_a_writer_that_died() {
+    fn a_record_written_ahead_is_on_disk_before_the_takeover_writes_it() {
         use understudy_common::role::RecordAhead;
         let dir = tempfile::tempdir().unwrap();
         let state = HostState::open(dir.path()).unwrap();
-        let ahead = RecordsAhead::start_with(state, |_| panic!("the writer dies")).unwrap();
+        let ahead = RecordsAhead::start(state.clone()).unwrap();
         let x = Incarnation::new_random();
         ahead.holding(x);
-        // Returns (the record is not there: the takeover writes it).
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(ahead.recorded(Some(x))));
-        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
-        assert_eq!(answer, Ok(false), "the takeover waited for a dead writer");
+        let unprotected = RunRecord {
+            incarnation: x,
+            state: RunState::ReleasedUnprotected,
+        };
+        let held = (0..1000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            state.record().unwrap() == Some(unprotected)
+        });
+        assert!(held, "the record was not written ahead");
     }
 
     #[test]

@@ -609,7 +609,6 @@ pub async fn run(
     let mut first_session = None;
     let adopted = matches!(start, Start::Adopt(_));
     let by_handover = matches!(&start, Start::Adopt(running) if running.by_handover);
-    let run_recorded = matches!(&start, Start::Adopt(running) if running.run_recorded);
     let (vm, output, trace, output_taken) = match start {
         Start::Boot => {
             // First handshake before the VM runs: a primary that cannot ask
@@ -795,8 +794,9 @@ pub async fn run(
         // the old primary is stopped, deposed, or (partitioned under
         // hold-output) holds its own output, so no other copy serves. The
         // record that says so is on disk before that output, usually written
-        // ahead while this host was the backup (`RunningVm::run_recorded`).
-        if run_recorded || shared.record(RunState::ReleasedUnprotected) {
+        // ahead while this host was the backup (`host_state::RecordsAhead`):
+        // then this finds it written and writes nothing.
+        if shared.record(RunState::ReleasedUnprotected) {
             shared.releaser.set_unprotected(true);
             stats.set_state(
                 StateKind::UnprotectedReleasing,

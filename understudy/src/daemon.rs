@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use understudy_backup::BackupExit;
 use understudy_common::ids::Generation;
-use understudy_common::role::{HostIo, SharedListener};
+use understudy_common::role::{HostIo, RecordAhead, SharedListener};
 use understudy_common::status::{ControlService, Stats};
 use understudy_common::{console, wire};
 use understudy_primary::host_state::{HostState, RecordsAhead};
@@ -109,7 +109,7 @@ fn record_takeover(config: &Config, generation: Generation) -> Option<std::threa
 /// Starts the thread that records ahead of a takeover (see
 /// [`RecordsAhead`]). Without it a takeover writes the record itself,
 /// before the VM's first output, as it did before.
-fn start_records_ahead(config: &Config) -> Option<Arc<RecordsAhead>> {
+fn start_records_ahead(config: &Config) -> Option<Arc<dyn RecordAhead>> {
     let started = HostState::open(&config.state_dir)
         .map_err(anyhow::Error::from)
         .and_then(|state| Ok(RecordsAhead::start(state)?));
@@ -247,13 +247,8 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
         let roles_can_change = config.switchover_unavailable().is_none();
         // A backup that can take the primary role records ahead what a
         // takeover must have on disk before the VM's first output.
-        let records_ahead = if roles_can_change {
-            start_records_ahead(config)
-        } else {
-            None
-        };
-        if let Some(ahead) = &records_ahead {
-            host.record_ahead = Some(ahead.clone());
+        if roles_can_change {
+            host.record_ahead = start_records_ahead(config);
         }
 
         // The host's servers, up across role changes.
@@ -378,16 +373,7 @@ pub fn run(home: Role, config: &Config, start: Start) -> Result<u8> {
                             tracing::info!(reason = %end, "promoted guest ended");
                             break Ok(0);
                         }
-                        Ok(BackupExit::TookOver(mut vm)) => {
-                            vm.run_recorded = match &records_ahead {
-                                Some(ahead) => {
-                                    let (ahead, incarnation) = (ahead.clone(), vm.incarnation);
-                                    tokio::task::spawn_blocking(move || ahead.recorded(incarnation))
-                                        .await
-                                        .unwrap_or(false)
-                                }
-                                None => false,
-                            };
+                        Ok(BackupExit::TookOver(vm)) => {
                             if incoming {
                                 tracing::info!("the VM arrived by a live migration: this host runs it as the primary");
                                 incoming = false;
