@@ -288,6 +288,73 @@ async fn a_backup_whose_disk_stalls_does_not_promote_beside_a_live_primary() {
     assert!(!pair.logs().contains("promoting"), "{}", pair.logs());
 }
 
+/// A slow disk on the primary when its backup comes back holds no output.
+/// Protected again, the primary rewrites its VM record from "released
+/// unprotected" to "protected" (an fsync); that write used to come between
+/// two checkpoints, so the output of the whole stall waited for it. Here
+/// the record's writes stall 3 s from the third on (the boot's record, the
+/// backup's loss under keep-running, then the new protection): the count
+/// must keep coming while the record is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_disk_when_the_backup_returns_holds_no_output() {
+    let _serial = common::serial().await;
+    let long = Duration::from_secs(60);
+    let mut pair = Pair::new(
+        "counter",
+        "guest_params = { interval_ms = 10 }\nbackup_loss = \"keep-running\"",
+    );
+    let faults = [("UNDERSTUDY_FAULTS", "host_state.run_record@3~3000".into())];
+    pair.primary = Some(pair.spawn_with_env("primary", &[], &faults));
+    pair.wait_protected().await;
+    let record_file = pair.dir.path().join("primary").join("vm");
+    let record = || std::fs::read_to_string(&record_file).unwrap_or_default();
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    let unprotected = common::wait_for(long, || record().contains("state=released-unprotected"));
+    assert!(
+        unprotected.is_ok(),
+        "VM record {:?}\n{}",
+        record(),
+        pair.logs()
+    );
+    let mut client = Lines::connect_now(pair.addrs.primary_console)
+        .await
+        .unwrap();
+    let first = client.next(Duration::from_secs(10)).await;
+    assert!(matches!(first, Ok(Some(_))), "{first:?}\n{}", pair.logs());
+    pair.restart_backup(&[], &[]);
+    // Every line's wait, until half a second after the record says protected.
+    let started = Instant::now();
+    let (mut last, mut longest, mut protected_at) = (Instant::now(), Duration::ZERO, None);
+    while protected_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_millis(500)) {
+        assert!(
+            started.elapsed() < long,
+            "the record never said protected: {:?}\n{}",
+            record(),
+            pair.logs()
+        );
+        let line = client.next(Duration::from_secs(10)).await;
+        assert!(matches!(line, Ok(Some(_))), "{line:?}\n{}", pair.logs());
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        if protected_at.is_none() && record().contains("state=protected") {
+            protected_at = Some(last);
+        }
+    }
+    assert!(
+        longest < Duration::from_secs(1),
+        "the count stopped for {longest:?} while the VM record was written\n{}",
+        pair.logs()
+    );
+    let logs = pair.logs();
+    assert!(logs.matches("VM protected").count() >= 2, "{logs}");
+    assert!(
+        logs.contains("point=\"host_state.run_record\" call=3 stall"),
+        "{logs}"
+    );
+}
+
 // Point 6: a backup frozen long enough for a keep-running primary to give it
 // up holds an image older than what clients saw: thawed, it must not promote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -243,6 +243,85 @@ impl HostState {
     }
 }
 
+/// Writes one state directory's VM record on a thread of its own, in the
+/// order the writes were asked for. A write asked for with [`Self::write`]
+/// waits for its turn and its fsync; one asked for with
+/// [`Self::write_later`] does not wait, so a thread with other work (the
+/// replicator, which takes the checkpoints that release held output; the
+/// backup role, which writes ahead of a takeover) puts no fsync on its path
+/// where no one needs the record on disk yet. One queue for both kinds
+/// keeps the record the last one asked for: a "protected" still queued
+/// cannot land after the "released unprotected" or "stopped" that followed
+/// it. If the thread is gone (it could not start, or died), writes are made
+/// on the caller's thread.
+#[derive(Debug)]
+pub struct RecordWriter {
+    state: HostState,
+    asks: Option<crossbeam_channel::Sender<(RunRecord, Done)>>,
+}
+
+/// What to do with a queued write's outcome.
+type Done = Box<dyn FnOnce(Result<(), HostStateError>) + Send>;
+
+impl RecordWriter {
+    /// Starts the thread that writes `state`'s VM record (`name`: the
+    /// thread's name).
+    pub fn start(state: HostState, name: &str) -> Self {
+        let (asks, asked) = crossbeam_channel::unbounded::<(RunRecord, Done)>();
+        let writer = state.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for (record, done) in asked {
+                    done(writer.set_record(record));
+                }
+            });
+        let asks = match spawned {
+            Ok(_) => Some(asks),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the thread that writes the VM record: writing it in place");
+                None
+            }
+        };
+        Self { state, asks }
+    }
+
+    /// Writes `record` after those asked for before it, and returns once it
+    /// is on disk (or failed).
+    pub fn write(&self, record: RunRecord) -> Result<(), HostStateError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let done: Done = Box::new(move |result| {
+            let _ = tx.send(result);
+        });
+        match &self.asks {
+            Some(asks) if asks.send((record, done)).is_ok() => match rx.recv() {
+                Ok(result) => result,
+                // The writer died with the write (a panic): write it here.
+                Err(_) => self.state.set_record(record),
+            },
+            _ => self.state.set_record(record),
+        }
+    }
+
+    /// Queues `record` after those asked for before it; `done` gets the
+    /// outcome on the writer's thread.
+    pub fn write_later(
+        &self,
+        record: RunRecord,
+        done: impl FnOnce(Result<(), HostStateError>) + Send + 'static,
+    ) {
+        let done: Done = Box::new(done);
+        let done = match &self.asks {
+            Some(asks) => match asks.send((record, done)) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendError((_, done))) => done,
+            },
+            None => done,
+        };
+        done(self.state.set_record(record));
+    }
+}
+
 /// The VM record written ahead of a takeover, while this host is the
 /// backup (`understudy_common::role::RecordAhead`): a takeover must have it
 /// on disk before the VM's first output here, and written at the takeover
@@ -258,35 +337,28 @@ impl HostState {
 /// until the new primary's backup syncs and the record says "protected".
 #[derive(Debug)]
 pub struct RecordsAhead {
-    asks: crossbeam_channel::Sender<Incarnation>,
+    writer: RecordWriter,
 }
 
 impl RecordsAhead {
     /// Starts the thread that writes `state`'s VM record when asked.
-    pub fn start(state: HostState) -> std::io::Result<Self> {
-        let (asks, asked) = crossbeam_channel::unbounded::<Incarnation>();
-        std::thread::Builder::new()
-            .name("record-ahead".into())
-            .spawn(move || {
-                for incarnation in asked {
-                    let record = RunRecord {
-                        incarnation,
-                        state: RunState::ReleasedUnprotected,
-                    };
-                    match state.set_record(record) {
-                        Ok(()) => tracing::debug!(%incarnation, "recorded ahead: a takeover of this VM needs no write before its output"),
-                        Err(e) => tracing::warn!(error = %understudy_common::wire::chain(&e), %incarnation, "cannot record ahead of a takeover: a takeover will write the VM record before its first output"),
-                    }
-                }
-            })?;
-        Ok(Self { asks })
+    pub fn start(state: HostState) -> Self {
+        Self {
+            writer: RecordWriter::start(state, "record-ahead"),
+        }
     }
 }
 
 impl understudy_common::role::RecordAhead for RecordsAhead {
     fn holding(&self, incarnation: Incarnation) {
-        // The thread ends only with the process: a send cannot fail.
-        let _ = self.asks.send(incarnation);
+        let record = RunRecord {
+            incarnation,
+            state: RunState::ReleasedUnprotected,
+        };
+        self.writer.write_later(record, move |result| match result {
+            Ok(()) => tracing::debug!(%incarnation, "recorded ahead: a takeover of this VM needs no write before its output"),
+            Err(e) => tracing::warn!(error = %understudy_common::wire::chain(&e), %incarnation, "cannot record ahead of a takeover: a takeover will write the VM record before its first output"),
+        });
     }
 }
 
@@ -360,7 +432,7 @@ mod tests {
         use understudy_common::role::RecordAhead;
         let dir = tempfile::tempdir().unwrap();
         let state = HostState::open(dir.path()).unwrap();
-        let ahead = RecordsAhead::start(state.clone()).unwrap();
+        let ahead = RecordsAhead::start(state.clone());
         let x = Incarnation::new_random();
         ahead.holding(x);
         let unprotected = RunRecord {
@@ -372,6 +444,58 @@ mod tests {
             state.record().unwrap() == Some(unprotected)
         });
         assert!(held, "the record was not written ahead");
+    }
+
+    #[test]
+    fn a_record_waited_for_lands_after_those_queued_before_it() {
+        use std::sync::{Arc, Mutex};
+        let dir = tempfile::tempdir().unwrap();
+        let state = HostState::open(dir.path()).unwrap();
+        let writer = Arc::new(RecordWriter::start(state.clone(), "test-record"));
+        let x = Incarnation::new_random();
+        let record = move |state| RunRecord {
+            incarnation: x,
+            state,
+        };
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // The writer is held after a first record until `release`.
+        let (release, released) = crossbeam_channel::bounded::<()>(0);
+        writer.write_later(record(RunState::Stopped), move |r| {
+            r.unwrap();
+            released.recv().unwrap();
+        });
+        let o = order.clone();
+        writer.write_later(record(RunState::Protected), move |r| {
+            r.unwrap();
+            o.lock().unwrap().push(RunState::Protected);
+        });
+        let waiter = {
+            let (writer, order) = (writer.clone(), order.clone());
+            std::thread::spawn(move || {
+                writer.write(record(RunState::ReleasedUnprotected)).unwrap();
+                order.lock().unwrap().push(RunState::ReleasedUnprotected);
+            })
+        };
+        // A write that jumped the queue would be done by now.
+        let jumped = (0..40).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            !order.lock().unwrap().is_empty()
+        });
+        assert!(
+            !jumped,
+            "written before the queue: {:?}",
+            order.lock().unwrap()
+        );
+        release.send(()).unwrap();
+        waiter.join().unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            [RunState::Protected, RunState::ReleasedUnprotected]
+        );
+        assert_eq!(
+            state.record().unwrap(),
+            Some(record(RunState::ReleasedUnprotected))
+        );
     }
 
     #[test]

@@ -60,7 +60,7 @@ use understudy_vmm::deterministic::TraceMode;
 use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd};
 
 use crate::beats::Beats;
-use crate::host_state::{HostState, HostStateError, RunRecord};
+use crate::host_state::{HostState, HostStateError, RecordWriter, RunRecord};
 use crate::peer::{Accepted, HelloOutcome, RunsHere, SessionOffer, hello, probe};
 use crate::releaser::Releaser;
 use crate::replicator::Replicator;
@@ -333,6 +333,8 @@ struct Shared {
     generation: u64,
     incarnation: Incarnation,
     host_state: HostState,
+    /// Writes the VM record (see [`Self::record`], [`Self::record_later`]).
+    records: RecordWriter,
     stats: Arc<Stats>,
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
@@ -396,20 +398,35 @@ impl Shared {
             .take()
     }
 
-    /// Records how this host's run of the VM stands (see `host_state`).
-    /// Returns false if it could not be written.
+    /// Records how this host's run of the VM stands (see `host_state`),
+    /// after any record queued by [`Self::record_later`], and returns once
+    /// it is on disk: false if it could not be written.
     fn record(&self, state: RunState) -> bool {
         let record = RunRecord {
             incarnation: self.incarnation,
             state,
         };
-        match self.host_state.set_record(record) {
+        match self.records.write(record) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %wire::chain(&e), %state, "cannot record the VM's run");
                 false
             }
         }
+    }
+
+    /// Queues a record of how this host's run of the VM stands, for a
+    /// record no output waits for (see [`RecordWriter`]).
+    fn record_later(&self, state: RunState) {
+        let record = RunRecord {
+            incarnation: self.incarnation,
+            state,
+        };
+        self.records.write_later(record, move |result| {
+            if let Err(e) = result {
+                tracing::error!(error = %wire::chain(&e), %state, "cannot record the VM's run");
+            }
+        });
     }
 
     /// A graceful stop: finish the epoch in flight, its ack, goodbye.
@@ -764,6 +781,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         generation,
         incarnation,
+        records: RecordWriter::start(host_state.clone(), "vm-record"),
         host_state,
         stats: stats.clone(),
         releaser: Releaser::new(host.log.clone()),

@@ -509,7 +509,11 @@ impl Replicator {
                 self.shared.releaser.session_protected();
                 // Everything released from here on waits for acks: the
                 // backup's image is the newest state clients can have seen.
-                self.shared.record(RunState::Protected);
+                // No output waits for the record that says so (until it is
+                // on disk it says "released unprotected", which only makes
+                // a restart here more careful), so its fsync is not put
+                // between this checkpoint and the next.
+                self.shared.record_later(RunState::Protected);
                 self.last_session = Some(link.id);
                 self.shared.stats.protected.store(true, Ordering::Release);
                 self.shared

@@ -110,14 +110,11 @@ fn record_takeover(config: &Config, generation: Generation) -> Option<std::threa
 /// [`RecordsAhead`]). Without it a takeover writes the record itself,
 /// before the VM's first output, as it did before.
 fn start_records_ahead(config: &Config) -> Option<Arc<dyn RecordAhead>> {
-    let started = HostState::open(&config.state_dir)
-        .map_err(anyhow::Error::from)
-        .and_then(|state| Ok(RecordsAhead::start(state)?));
-    match started {
-        Ok(ahead) => Some(Arc::new(ahead)),
+    match HostState::open(&config.state_dir) {
+        Ok(state) => Some(Arc::new(RecordsAhead::start(state))),
         Err(e) => {
             tracing::warn!(
-                error = format!("{e:#}"),
+                error = %wire::chain(&e),
                 "cannot record ahead of a takeover: a takeover will write the VM record before its first output"
             );
             None
