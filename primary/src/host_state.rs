@@ -244,16 +244,18 @@ impl HostState {
 }
 
 /// Writes one state directory's VM record on a thread of its own, in the
-/// order the writes were asked for. A write asked for with [`Self::write`]
-/// waits for its turn and its fsync; one asked for with
-/// [`Self::write_later`] does not wait, so a thread with other work (the
-/// replicator, which takes the checkpoints that release held output; the
-/// backup role, which writes ahead of a takeover) puts no fsync on its path
-/// where no one needs the record on disk yet. One queue for both kinds
+/// order the writes were asked for: one writer per state directory in the
+/// process ([`Self::of`]), which every role that writes the record uses. A
+/// write asked for with [`Self::write`] waits for its turn and its fsync;
+/// one asked for with [`Self::write_later`] does not wait, so a thread with
+/// other work (the replicator, which takes the checkpoints that release
+/// held output; the backup role, which writes ahead of a takeover) puts no
+/// fsync on its path where no one needs the record on disk yet. One queue
 /// keeps the record the last one asked for: a "protected" still queued
 /// cannot land after the "released unprotected" or "stopped" that followed
-/// it. If the thread is gone (it could not start, or died), writes are made
-/// on the caller's thread.
+/// it, nor a record written ahead of a takeover after the new primary's. If
+/// the thread is gone (it could not start, or died), writes are made on the
+/// caller's thread.
 #[derive(Debug)]
 pub struct RecordWriter {
     state: HostState,
@@ -264,13 +266,27 @@ pub struct RecordWriter {
 type Done = Box<dyn FnOnce(Result<(), HostStateError>) + Send>;
 
 impl RecordWriter {
-    /// Starts the thread that writes `state`'s VM record (`name`: the
-    /// thread's name).
-    pub fn start(state: HostState, name: &str) -> Self {
+    /// The writer of `state`'s VM record (started at the first call for its
+    /// directory; it lives as long as the process).
+    pub fn of(state: &HostState) -> std::sync::Arc<Self> {
+        static WRITERS: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<RecordWriter>>>,
+        > = std::sync::OnceLock::new();
+        let dir = std::fs::canonicalize(&state.dir).unwrap_or_else(|_| state.dir.clone());
+        WRITERS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(dir)
+            .or_insert_with(|| std::sync::Arc::new(Self::start(state.clone())))
+            .clone()
+    }
+
+    fn start(state: HostState) -> Self {
         let (asks, asked) = crossbeam_channel::unbounded::<(RunRecord, Done)>();
         let writer = state.clone();
         let spawned = std::thread::Builder::new()
-            .name(name.into())
+            .name("vm-record".into())
             .spawn(move || {
                 for (record, done) in asked {
                     done(writer.set_record(record));
@@ -337,14 +353,14 @@ impl RecordWriter {
 /// until the new primary's backup syncs and the record says "protected".
 #[derive(Debug)]
 pub struct RecordsAhead {
-    writer: RecordWriter,
+    writer: std::sync::Arc<RecordWriter>,
 }
 
 impl RecordsAhead {
-    /// Starts the thread that writes `state`'s VM record when asked.
+    /// Writes `state`'s VM record ahead when asked (on its [`RecordWriter`]).
     pub fn start(state: HostState) -> Self {
         Self {
-            writer: RecordWriter::start(state, "record-ahead"),
+            writer: RecordWriter::of(&state),
         }
     }
 }
@@ -451,7 +467,7 @@ mod tests {
         use std::sync::{Arc, Mutex};
         let dir = tempfile::tempdir().unwrap();
         let state = HostState::open(dir.path()).unwrap();
-        let writer = Arc::new(RecordWriter::start(state.clone(), "test-record"));
+        let writer = RecordWriter::of(&state);
         let x = Incarnation::new_random();
         let record = move |state| RunRecord {
             incarnation: x,
@@ -496,6 +512,25 @@ mod tests {
             state.record().unwrap(),
             Some(record(RunState::ReleasedUnprotected))
         );
+    }
+
+    #[test]
+    fn a_state_directory_has_one_record_writer_for_every_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = HostState::open(dir.path()).unwrap();
+        let ahead = RecordsAhead::start(state.clone());
+        // The same directory by another spelling.
+        let again = HostState::open(&dir.path().join(".")).unwrap();
+        assert!(std::sync::Arc::ptr_eq(
+            &ahead.writer,
+            &RecordWriter::of(&again)
+        ));
+        let other = tempfile::tempdir().unwrap();
+        let other = HostState::open(other.path()).unwrap();
+        assert!(!std::sync::Arc::ptr_eq(
+            &ahead.writer,
+            &RecordWriter::of(&other)
+        ));
     }
 
     #[test]

@@ -334,7 +334,7 @@ struct Shared {
     incarnation: Incarnation,
     host_state: HostState,
     /// Writes the VM record (see [`Self::record`], [`Self::record_later`]).
-    records: RecordWriter,
+    records: Arc<RecordWriter>,
     stats: Arc<Stats>,
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
@@ -781,7 +781,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         generation,
         incarnation,
-        records: RecordWriter::start(host_state.clone(), "vm-record"),
+        records: RecordWriter::of(&host_state),
         host_state,
         stats: stats.clone(),
         releaser: Releaser::new(host.log.clone()),
