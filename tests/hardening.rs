@@ -292,9 +292,10 @@ async fn a_backup_whose_disk_stalls_does_not_promote_beside_a_live_primary() {
 /// Protected again, the primary rewrites its VM record from "released
 /// unprotected" to "protected" (an fsync); that write used to come between
 /// two checkpoints, so the output of the whole stall waited for it. Here
-/// the record's writes stall 3 s from the third on (the boot's record, the
-/// backup's loss under keep-running, then the new protection): the count
-/// must keep coming while the record is written.
+/// the record's writes stall 3 s from the third on (the boot's record; the
+/// first protection finds it written; the backup's loss under keep-running;
+/// then the new protection): the count must keep coming while the record
+/// is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_disk_when_the_backup_returns_holds_no_output() {
     let _serial = common::serial().await;

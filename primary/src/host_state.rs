@@ -102,9 +102,10 @@ fn lock_marker() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// The VM records this process wrote and synced, by path, under the lock
-/// that serialises their writes: the backup role's [`RecordsAhead`] and the
-/// primary role write the record from different threads (two writes at
-/// once would share the file's spare).
+/// that serialises their writes: most go through the directory's
+/// [`RecordWriter`], but a primary's boot record and a writer's fallback
+/// (its thread gone) are written from other threads (two writes at once
+/// would share the file's spare).
 fn written_records() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, RunRecord>>
 {
     static WRITTEN: std::sync::OnceLock<
