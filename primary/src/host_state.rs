@@ -102,10 +102,9 @@ fn lock_marker() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// The VM records this process wrote and synced, by path, under the lock
-/// that serialises their writes: most go through the directory's
-/// [`RecordWriter`], but a primary's boot record and a writer's fallback
-/// (its thread gone) are written from other threads (two writes at once
-/// would share the file's spare).
+/// that serialises their writes: they go through the directory's
+/// [`RecordWriter`], but a writer whose thread is gone writes on its
+/// callers' threads (two writes at once would share the file's spare).
 fn written_records() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, RunRecord>>
 {
     static WRITTEN: std::sync::OnceLock<
@@ -225,12 +224,13 @@ impl HostState {
         Ok(())
     }
 
-    /// Records how the VM's run on this host stands. A record this process
-    /// already wrote and synced, which the file still holds, is not written
-    /// again: a takeover whose record was written ahead ([`RecordsAhead`])
-    /// then puts no fsync before the VM's first output (and one whose write
-    /// ahead is in flight waits for it here, rather than write beside it).
-    pub fn set_record(&self, record: RunRecord) -> Result<(), HostStateError> {
+    /// Records how the VM's run on this host stands (the roles write
+    /// through [`RecordWriter`], which calls this in the order asked). A
+    /// record this process already wrote and synced, which the file still
+    /// holds, is not written again: a takeover whose record was written
+    /// ahead ([`RecordsAhead`]) then puts no fsync before the VM's first
+    /// output.
+    fn set_record(&self, record: RunRecord) -> Result<(), HostStateError> {
         let path = self.path(RECORD_FILE);
         let mut written = written_records();
         if written.get(&path) == Some(&record) && self.record().ok().flatten() == Some(record) {
@@ -344,7 +344,7 @@ impl RecordWriter {
 /// on disk before the VM's first output here, and written at the takeover
 /// its fsyncs (p50 0.5 ms, tails past 100 ms on these disks) came between
 /// the failure and the clients. The takeover's own write of the same record
-/// then finds it written ([`HostState::set_record`]).
+/// then finds it written (see [`RecordWriter`]).
 ///
 /// What it writes, "this host runs incarnation X unprotected", is the
 /// record a takeover of X writes, and it is read only by a primary that

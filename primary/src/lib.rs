@@ -694,8 +694,9 @@ pub async fn run(
                 }
             }
             // Nothing released yet: whatever the backup commits is the
-            // newest state clients can see.
-            host_state.set_record(RunRecord {
+            // newest state clients can see. (After any record of an earlier
+            // role still queued: see `RecordWriter`.)
+            RecordWriter::of(&host_state).write(RunRecord {
                 incarnation,
                 state: RunState::Protected,
             })?;
