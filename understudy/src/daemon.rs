@@ -106,9 +106,9 @@ fn record_takeover(config: &Config, generation: Generation) -> Option<std::threa
     }
 }
 
-/// Starts the thread that records ahead of a takeover (see
-/// [`RecordsAhead`]). Without it a takeover writes the record itself,
-/// before the VM's first output, as it did before.
+/// What records ahead of a takeover (see [`RecordsAhead`]: the state
+/// directory's record writer). Without it a takeover writes the record
+/// itself, before the VM's first output, as it did before.
 fn start_records_ahead(config: &Config) -> Option<Arc<dyn RecordAhead>> {
     match HostState::open(&config.state_dir) {
         Ok(state) => Some(Arc::new(RecordsAhead::start(state))),
