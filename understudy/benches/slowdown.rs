@@ -396,6 +396,13 @@ enum Load {
     /// last-level cache), this many MB a second in 5 ms slices (0: flat
     /// out), as the replication pipeline's copies are.
     Copy(u64),
+    /// Page copies (the pipeline's, `copy::copy`) between two 256 KiB
+    /// buffers, flat out: the core's load and store units busy, the data in
+    /// its own cache, no traffic to memory.
+    CachedCopy,
+    /// Page hashes (the pipeline's, XXH3-128) over a 256 KiB buffer, flat
+    /// out: vector arithmetic, the data in the core's own cache.
+    CachedHash,
 }
 
 impl Load {
@@ -405,17 +412,21 @@ impl Load {
             Self::Spin => "an integer loop (a busy core, no memory traffic)".into(),
             Self::Copy(0) => "non-temporal copies, flat out".into(),
             Self::Copy(mb) => format!("non-temporal copies, {:.1} GB/s", mb as f64 / 1e3),
+            Self::CachedCopy => "page copies in the core's cache, flat out".into(),
+            Self::CachedHash => "page hashes in the core's cache, flat out".into(),
         }
     }
 }
 
 /// The interference table's loads, in the order each cycle runs them.
-const LOADS: [Load; 5] = [
+const LOADS: [Load; 7] = [
     Load::Idle,
     Load::Spin,
     Load::Copy(500),
     Load::Copy(1500),
     Load::Copy(0),
+    Load::CachedCopy,
+    Load::CachedHash,
 ];
 /// Cycles through [`LOADS`], and how long each load runs in a cycle.
 const CYCLES: usize = 8;
@@ -431,8 +442,10 @@ fn load_thread(
     copied: Arc<AtomicU64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    use understudy_checkpoint::copy::streaming;
+    use understudy_checkpoint::copy::{copy, streaming};
+    use understudy_checkpoint::page::page_hash;
     const BUF: usize = 64 << 20;
+    const CACHED: usize = 256 << 10;
     const PIECE: usize = 64 << 10;
     const SLICE: Duration = Duration::from_millis(5);
     std::thread::spawn(move || {
@@ -471,6 +484,29 @@ fn load_thread(
                     std::thread::sleep(
                         slice_end.saturating_duration_since(std::time::Instant::now()),
                     );
+                }
+                Load::CachedCopy => {
+                    let mut done = 0;
+                    while std::time::Instant::now() < slice_end {
+                        for (d, s) in dst[..CACHED]
+                            .chunks_mut(4096)
+                            .zip(src[..CACHED].chunks(4096))
+                        {
+                            copy(d, s);
+                        }
+                        done += CACHED;
+                    }
+                    copied.fetch_add(done as u64, Ordering::Relaxed);
+                }
+                Load::CachedHash => {
+                    let mut done = 0;
+                    while std::time::Instant::now() < slice_end {
+                        for page in src[..CACHED].chunks(4096) {
+                            x ^= std::hint::black_box(page_hash(page)) as u64;
+                        }
+                        done += CACHED;
+                    }
+                    copied.fetch_add(done as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -851,14 +887,14 @@ fn main() {
             "the heavy dirtier alone (no backup), its vCPU pinned to CPU {VCPU_CPU}, while a \
              load from this process runs on CPU {LOAD_CPU}: its work a second on a core ÷ the \
              same VM's with nothing there, the loads taking turns in {PHASE:?} phases of one \
-             run ({CYCLES} cycles; median, range in brackets); copied = the load's bytes a \
-             second, each read and written once"
+             run ({CYCLES} cycles; median, range in brackets); GB/s = the load's bytes a \
+             second (copies: each read and written once; hashes: each read once)"
         ),
         &[
             "on the other CPU",
             "work a second on a core ÷ nothing",
             "vCPU on a core",
-            "copied GB/s",
+            "load GB/s",
             "IPIs a second on the vCPU's CPU",
         ],
     );
