@@ -436,7 +436,7 @@ const VCPU_CPU: usize = 1;
 const LOAD_CPU: usize = 0;
 
 /// A thread on [`LOAD_CPU`] running `LOADS[mode]` until `stop`; adds the
-/// bytes it copies to `copied`.
+/// bytes it copies or hashes to `copied`.
 fn load_thread(
     mode: Arc<std::sync::atomic::AtomicUsize>,
     copied: Arc<AtomicU64>,
