@@ -11,17 +11,17 @@
 //! every few pages ([`SERVE_EVERY_PAGES`]), or by a handler thread, whichever
 //! reads it first: it copies that page and the next few first
 //! ([`FAULT_AROUND_PAGES`]), then unprotects them, which lets the writer go
-//! on. Every page is copied
-//! exactly once, by whoever claims it first, before anything can write it:
-//! the copy is the page as it was in the pause, as QEMU's background
-//! snapshot does it.
+//! on; the copier goes on from there too, ahead of the writer. Every page is
+//! copied exactly once, by whoever claims it first, before anything can
+//! write it: the copy is the page as it was in the pause, as QEMU's
+//! background snapshot does it.
 //!
 //! It needs guest RAM the kernel can write-protect per page: anonymous
 //! memory (and shmem). RAM mapped from a regular file (a promoted host runs
 //! on its image) cannot be registered; callers then copy in the pause.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 use crate::uffd::{Uffd, UffdError};
@@ -294,7 +294,14 @@ struct Job<'a> {
     ranges: &'a [Range],
     state: Vec<AtomicU8>,
     staging: *mut u8,
+    /// Where the copier should go on: the job's page just after the last
+    /// served fault's window ([`NO_HINT`]: none since the copier last
+    /// looked). A writer that waited there writes on from there.
+    hint: AtomicUsize,
 }
+
+/// No fault served since the copier last looked (see `Job::hint`).
+const NO_HINT: usize = usize::MAX;
 
 // SAFETY: `staging` is written only at a page's slot, by the one thread that
 // moved that page's state from PENDING to COPYING (see `claim`); nothing
@@ -378,6 +385,7 @@ impl Protected<'_> {
                 .map(|_| AtomicU8::new(PENDING))
                 .collect(),
             staging: staging.as_mut_ptr(),
+            hint: AtomicUsize::new(NO_HINT),
         };
         owner.clear_done();
         let (copied, handled) = std::thread::scope(|s| {
@@ -423,33 +431,99 @@ pub const UNPROTECT_PIECE_PAGES: usize = 256;
 /// the copier would have copied them anyway.
 pub const FAULT_AROUND_PAGES: usize = 16;
 
-/// The copier: range by range and piece by piece, copy what nobody
-/// claimed, wait for what a fault's server claimed, then unprotect the
-/// piece; every [`SERVE_EVERY_PAGES`] pages it serves the queued faults
-/// itself. Returns how many of the job's pages it served faults for.
-fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> {
-    let mut faults = 0;
-    for r in job.ranges {
+/// One piece of a protected range: pages `first..end` of guest RAM, the
+/// job's pages `from..to` among them; unprotected once all of those are
+/// copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    first: usize,
+    end: usize,
+    from: usize,
+    to: usize,
+}
+
+/// The pieces of `ranges` ([`UNPROTECT_PIECE_PAGES`] pages each, the last
+/// of a range shorter), in ascending order.
+fn pieces_of(ranges: &[Range], pages: &[u32]) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    for r in ranges {
         let end = r.first + r.count;
-        let (mut piece, mut i) = (r.first, r.from);
-        while piece < end {
-            let piece_end = (piece + UNPROTECT_PIECE_PAGES).min(end);
-            let start = i;
-            while i < r.to && (job.pages[i] as usize) < piece_end {
-                job.claim(i, job.pages[i] as usize)?;
+        let (mut first, mut i) = (r.first, r.from);
+        while first < end {
+            let piece_end = (first + UNPROTECT_PIECE_PAGES).min(end);
+            let from = i;
+            while i < r.to && (pages[i] as usize) < piece_end {
                 i += 1;
-                if i % SERVE_EVERY_PAGES == 0 {
-                    while let Some(page) = owner.uffd.read_fault()? {
-                        faults += usize::from(serve_fault(owner, job, page)?);
-                    }
+            }
+            pieces.push(Piece {
+                first,
+                end: piece_end,
+                from,
+                to: i,
+            });
+            first = piece_end;
+        }
+    }
+    pieces
+}
+
+/// The copier: piece by piece, copy what nobody claimed, wait for what a
+/// fault's server claimed, then unprotect the piece; every
+/// [`SERVE_EVERY_PAGES`] pages it serves the queued faults itself. It goes
+/// up through the pieces, but after a fault it goes on from where the
+/// fault's window ended (`Job::hint`), then comes back for what it left: a
+/// writer resumes where it was in the pause, anywhere in the range, and
+/// writes on from there, so the copier that started at the bottom would
+/// have it waiting once every [`FAULT_AROUND_PAGES`] pages until it got
+/// there (4–5 waits a stop for the heavy dirtier). Returns how many of the
+/// job's pages it served faults for.
+fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> {
+    let pieces = pieces_of(job.ranges, job.pages);
+    let mut left = vec![true; pieces.len()];
+    let (mut remaining, mut next, mut faults) = (pieces.len(), 0, 0);
+    let mut copied = 0usize;
+    while remaining > 0 {
+        // Where to go on: after the last fault's window, if its piece is
+        // still protected; else the next piece still protected.
+        let hinted = job.hint.swap(NO_HINT, Ordering::Relaxed);
+        let (k, start) = match pieces.partition_point(|p| p.to <= hinted) {
+            k if hinted != NO_HINT && k < pieces.len() && left[k] => (k, hinted),
+            _ => {
+                let k = (next..pieces.len())
+                    .chain(0..next)
+                    .find(|&k| left[k])
+                    .unwrap_or_else(|| unreachable!("{remaining} pieces left"));
+                (k, pieces[k].from)
+            }
+        };
+        let p = pieces[k];
+        // From `start` up, then the piece's pages below it; a fault served
+        // meanwhile sends the copier there (this piece stays protected
+        // until it comes back).
+        let mut moved = false;
+        for i in (start..p.to).chain(p.from..start) {
+            job.claim(i, job.pages[i] as usize)?;
+            copied += 1;
+            if copied % SERVE_EVERY_PAGES == 0 {
+                while let Some(page) = owner.uffd.read_fault()? {
+                    faults += usize::from(serve_fault(owner, job, page)?);
+                }
+                if job.hint.load(Ordering::Relaxed) != NO_HINT {
+                    moved = true;
+                    break;
                 }
             }
-            for k in start..i {
-                job.wait_done(k);
-            }
-            owner.uffd.write_protect(piece, piece_end - piece, false)?;
-            piece = piece_end;
         }
+        if moved {
+            continue;
+        }
+        for i in p.from..p.to {
+            job.wait_done(i);
+        }
+        owner.uffd.write_protect(p.first, p.end - p.first, false)?;
+        left[k] = false;
+        remaining -= 1;
+        next = k + 1;
     }
     Ok(faults)
 }
@@ -488,6 +562,8 @@ fn serve_fault(owner: &WriteProtectCopy, job: &Job<'_>, page: usize) -> Result<b
         job.wait_done(k);
     }
     owner.uffd.write_protect(page, end - page, false)?;
+    // The writer goes on from here: so does the copier.
+    job.hint.store(j, Ordering::Relaxed);
     Ok(true)
 }
 
@@ -581,6 +657,49 @@ mod tests {
         );
         assert_eq!(staging[0], 1);
         ram.write_at(2 * PAGE_SIZE as u64, &[2]).unwrap();
+    }
+
+    #[test]
+    fn pieces_tile_each_range_and_the_pages_in_order() {
+        let piece = UNPROTECT_PIECE_PAGES as u32;
+        // A range of 2.5 pieces (every page dirty), then one far away.
+        let mut pages: Vec<u32> = (0..piece * 5 / 2).collect();
+        pages.push(100_000);
+        let ranges = ranges_of(&pages);
+        let pieces = pieces_of(&ranges, &pages);
+        let p = piece as usize;
+        let spans: Vec<_> = pieces
+            .iter()
+            .map(|q| (q.first, q.end, q.from, q.to))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                (0, p, 0, p),
+                (p, 2 * p, p, 2 * p),
+                (2 * p, 5 * p / 2, 2 * p, 5 * p / 2),
+                (100_000, 100_001, 5 * p / 2, 5 * p / 2 + 1),
+            ]
+        );
+        // Dirty pages a merged gap apart: one range, whose pieces hold the
+        // pages that fall in them.
+        let gap = MERGE_GAP_PAGES as u32;
+        let sparse: Vec<u32> = (0..piece).map(|i| i * (gap + 1)).collect();
+        let pieces = pieces_of(&ranges_of(&sparse), &sparse);
+        assert_eq!(pieces.first().map(|q| q.first), Some(0));
+        assert_eq!(pieces.last().map(|q| q.to), Some(sparse.len()));
+        for w in pieces.windows(2) {
+            // Contiguous in RAM and in the job's pages, so a fault's page
+            // index finds exactly one piece.
+            assert_eq!((w[0].end, w[0].to), (w[1].first, w[1].from));
+        }
+        for q in &pieces {
+            assert!(q.end - q.first <= UNPROTECT_PIECE_PAGES);
+            assert!(sparse[q.from..q.to].iter().all(|&x| {
+                let x = x as usize;
+                x >= q.first && x < q.end
+            }));
+        }
     }
 
     #[test]
