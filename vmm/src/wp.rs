@@ -426,9 +426,10 @@ pub const UNPROTECT_PIECE_PAGES: usize = 256;
 /// A write fault copies its page and the job's pages after it up to this
 /// many pages from it (in the same range), then unprotects them with one
 /// request: a writer going through memory in order (most do, in stretches)
-/// then stops once for every this many pages it gets ahead of the copier,
-/// not at every page. The fault waits for ~16 page copies (~10 µs) more;
-/// the copier would have copied them anyway.
+/// does not stop at the next page, and the copier, which goes on from the
+/// end of this window (`copy_runs`), gets ahead of it meanwhile. The
+/// fault waits for ~16 page copies (~10 µs) more; the copier would have
+/// copied them anyway.
 pub const FAULT_AROUND_PAGES: usize = 16;
 
 /// One piece of a protected range: pages `first..end` of guest RAM, the
