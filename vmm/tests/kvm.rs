@@ -799,7 +799,7 @@ fn copies_after_the_resume_match_the_pause(kind: Ram) {
     // of it: the guest, which resumes anywhere in its working set, waits
     // about once a round (34-50 in 30 rounds), not once every
     // FAULT_AROUND_PAGES pages until a copier going up from the bottom
-    // passes it (185-264 in 30 rounds when it did).
+    // passes it (185-290 in 30 rounds when it did).
     assert!(
         faults <= 4 * 30,
         "{faults} writes waited in 30 rounds ({kind:?}): the copier did not go on from where \
