@@ -121,8 +121,9 @@ fn a_counter_replayed_to_an_exit_then_live_carries_on() {
     common::assert_success(&out);
     let out = replay(&rec, &["--to", "200", "--go-live", "--stop-after", "1s"]);
     common::assert_success(&out);
-    let lines: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let lines: Vec<u64> = common::finished_lines(&out.stdout)
+        .0
+        .iter()
         .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
         .collect();
     // Exit 200 is early in the first second; one live second adds ~100 lines.

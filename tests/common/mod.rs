@@ -366,6 +366,18 @@ pub fn logs_in(dir: &std::path::Path) -> String {
     out
 }
 
+/// The lines a guest finished on its console, and the unfinished rest: a VM
+/// stopped at any instant may have printed part of its last line, and
+/// "count 1" cut from "count 17" must not read as 1.
+pub fn finished_lines(bytes: &[u8]) -> (Vec<String>, String) {
+    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let lines = String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (lines, String::from_utf8_lossy(&bytes[end..]).into_owned())
+}
+
 /// The numbers of `count N` lines.
 pub fn counts(lines: &[String]) -> Vec<u64> {
     lines
