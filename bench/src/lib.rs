@@ -32,6 +32,12 @@ pub struct Report {
     pub charts: Vec<Chart>,
     /// Target checks: what the issue asks, what was measured, met or not.
     pub targets: Vec<Target>,
+    /// Where and when it ran (the suite's machine table, stamped by the
+    /// suite as each report comes in): a partial run keeps the other
+    /// sections of an earlier run, maybe on another machine. Empty in
+    /// reports written before it was recorded.
+    #[serde(default)]
+    pub ran: Vec<(String, String)>,
 }
 
 /// A table: a title, column headings and rows of formatted cells.
@@ -215,6 +221,25 @@ impl Report {
             command: command.to_owned(),
             ..Default::default()
         }
+    }
+
+    /// When it ran: "2026-12-04 11:52, 2c0aa77" (the date and commit of
+    /// its run), or "an earlier run" for reports from before that was kept.
+    pub fn ran_when(&self) -> String {
+        let get = |k: &str| self.ran.iter().find(|(key, _)| key.starts_with(k));
+        match (get("date"), get("commit")) {
+            (Some((_, date)), Some((_, commit))) => format!("{date}, {commit}"),
+            _ => "an earlier run".into(),
+        }
+    }
+
+    /// Where it ran, every entry of its machine table on one line.
+    pub fn ran_where(&self) -> String {
+        self.ran
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// Adds a table and prints it at once (benchmarks run for minutes).
@@ -555,22 +580,29 @@ pub fn markdown(reports: &[Report], machine: &[(String, String)], seconds: f64) 
          is reported as a ratio (with ÷ without protection) and VMM-side costs in \
          absolute terms.\n",
     );
-    let targets: Vec<_> = reports.iter().flat_map(|r| &r.targets).collect();
+    let targets: Vec<_> = reports
+        .iter()
+        .flat_map(|r| r.targets.iter().map(move |t| (r, t)))
+        .collect();
     if !targets.is_empty() {
-        md.push_str("\n## Targets\n\n| | target | measured | |\n|---|---|---|---|\n");
-        for t in targets {
+        md.push_str("\n## Targets\n\n| | target | measured | | ran |\n|---|---|---|---|---|\n");
+        for (r, t) in targets {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 t.what,
                 t.goal,
                 t.measured,
-                if t.met { "met" } else { "**missed**" }
+                if t.met { "met" } else { "**missed**" },
+                r.ran_when()
             );
         }
     }
     for r in reports {
         let _ = write!(md, "\n## {}\n\nRun alone: `{}`\n\n", r.title, r.command);
+        if !r.ran.is_empty() {
+            let _ = writeln!(md, "Ran: {}\n", r.ran_where());
+        }
         for t in &r.tables {
             md.push_str(&t.markdown());
             md.push('\n');
@@ -674,11 +706,26 @@ mod tests {
             measured: "714 µs".into(),
             met: true,
         });
-        let md = markdown(&[r], &[("cores".into(), "2".into())], 200.0);
+        r.ran = vec![
+            ("date (UTC)".into(), "2026-12-04 11:52".into()),
+            ("commit".into(), "2c0aa77".into()),
+            ("caches".into(), "L3 32768K: CPUs 0-1".into()),
+        ];
+        // A section kept from a run before sections said where they ran.
+        let mut old = Report::new("pipeline", "Pipeline", "cargo bench --bench pipeline");
+        old.targets.push(Target {
+            what: "pipeline".into(),
+            goal: "50 %".into(),
+            measured: "30 %".into(),
+            met: false,
+        });
+        let md = markdown(&[r, old], &[("cores".into(), "2".into())], 200.0);
         for want in [
             "| cores | 2 |",
             "| suite run time | 200 s |",
-            "| stop at 1k | under 2 ms | 714 µs | met |",
+            "| stop at 1k | under 2 ms | 714 µs | met | 2026-12-04 11:52, 2c0aa77 |",
+            "| pipeline | 50 % | 30 % | **missed** | an earlier run |",
+            "Ran: date (UTC) 2026-12-04 11:52; commit 2c0aa77; caches L3 32768K: CPUs 0-1",
             "## Epoch pause",
             "Run alone: `cargo bench -p understudy-vmm --bench vmm`",
             "| 1000 | 714 |",

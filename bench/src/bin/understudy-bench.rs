@@ -71,6 +71,7 @@ fn machine() -> Vec<(String, String)> {
         ("CPU".into(), model),
         ("cores".into(), sh("nproc", &[])),
         ("memory".into(), mem_gib),
+        ("caches".into(), caches()),
         ("kernel".into(), sh("uname", &["-r"])),
         (
             "KVM".into(),
@@ -82,6 +83,61 @@ fn machine() -> Vec<(String, String)> {
         ),
         ("rustc".into(), sh("rustc", &["--version"])),
     ]
+}
+
+/// The CPUs' caches from level 2 up, each once, with the CPUs that share it
+/// ("L2 1024K: CPU 0; L2 1024K: CPU 1; L3 32768K: CPUs 0-1"), as the
+/// hypervisor presents them. Copies between the cores go through a cache
+/// they share, or through memory: the same code's copies ran 4× apart on
+/// two machines of one kind (docs/PERFORMANCE.md).
+fn caches() -> String {
+    let mut seen: Vec<(u32, String, String)> = Vec::new();
+    let cpus = std::fs::read_dir("/sys/devices/system/cpu")
+        .into_iter()
+        .flatten();
+    let mut dirs: Vec<_> = cpus
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix("cpu")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path().join("cache"))
+        .collect();
+    dirs.sort();
+    for cache in dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+    {
+        let read = |f: &str| {
+            std::fs::read_to_string(cache.path().join(f))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let Ok(level) = read("level").parse::<u32>() else {
+            continue;
+        };
+        let entry = (level, read("size"), read("shared_cpu_list"));
+        if level >= 2 && !seen.contains(&entry) {
+            seen.push(entry);
+        }
+    }
+    seen.sort();
+    if seen.is_empty() {
+        return "unknown".into();
+    }
+    seen.iter()
+        .map(|(level, size, cpus)| {
+            let plural = if cpus.contains([',', '-']) {
+                "CPUs"
+            } else {
+                "CPU"
+            };
+            format!("L{level} {size}: {plural} {cpus}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The reports of the last run (`results.json`), and its run time less
@@ -139,6 +195,7 @@ fn main() -> Result<()> {
         }
         println!("\n=== {package} / {bench} ===");
         let t = Instant::now();
+        let ran = machine();
         let status = Command::new(&cargo)
             .args(["bench", "-q", "-p", package, "--bench", bench])
             .current_dir(workspace())
@@ -149,8 +206,11 @@ fn main() -> Result<()> {
             bail!("benchmark {bench} failed ({status})");
         }
         println!("({bench}: {:.0} s)", t.elapsed().as_secs_f64());
-        // Each bench writes the report named after it.
-        reports.push(Report::load(&raw.join(format!("{bench}.json")))?);
+        // Each bench writes the report named after it; the suite says where
+        // and when it ran.
+        let mut report = Report::load(&raw.join(format!("{bench}.json")))?;
+        report.ran = ran;
+        reports.push(report);
     }
     let elapsed = started.elapsed();
     let mut seconds = elapsed.as_secs_f64();
