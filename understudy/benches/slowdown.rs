@@ -932,8 +932,8 @@ fn main() {
             format!(
                 "ratio {:.3} (copying inside the stop: {:.3}, same run). Where it goes: the \
                  vCPU off a core {:.1} % of the time (blocked in stops and write-protect waits \
-                 {:.1} %, waiting for a core {:.1} %), and {:.1} % less work a second on a \
-                 core. Without the pipeline, work a second on a core ÷ none: the stop loop \
+                 {:.1} %, waiting for a core {:.1} %), and {} work a second on a core. \
+                 Without the pipeline, work a second on a core ÷ none: the stop loop \
                  copying after the resume in this process {}, flat-out copies on the other \
                  core {}",
                 heavy_25.0,
@@ -941,7 +941,11 @@ fn main() {
                 (heavy_split.0 + heavy_split.1) * 100.0,
                 heavy_split.0 * 100.0,
                 heavy_split.1 * 100.0,
-                (1.0 - heavy_split.2) * 100.0,
+                if heavy_split.2 <= 1.0 {
+                    format!("{:.1} % less", (1.0 - heavy_split.2) * 100.0)
+                } else {
+                    format!("{:.1} % more", (heavy_split.2 - 1.0) * 100.0)
+                },
                 without(local_after),
                 without(copy_flat_out),
             ),
