@@ -10,9 +10,9 @@
 //! Run: `cargo bench -p understudy --bench slowdown`;
 //! `UNDERSTUDY_BENCH_PARTS=heavy` (or `intervals`, `local`, `interference`)
 //! runs one part; the tables of the others stay empty and only the part
-//! that ran reports its targets. `UNDERSTUDY_BENCH_PIN=1` runs every pair with its vCPU threads
-//! on CPU 1 and all their other threads on CPU 0 (the `local` and
-//! `interference` parts always pin).
+//! that ran reports its targets. `UNDERSTUDY_BENCH_PIN=1` runs every pair
+//! with its vCPU threads on CPU 1 and all their other threads on CPU 0 (the
+//! `local` and `interference` parts always pin).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 

@@ -92,10 +92,9 @@ fn machine() -> Vec<(String, String)> {
 /// two machines of one kind (docs/PERFORMANCE.md).
 fn caches() -> String {
     let mut seen: Vec<(u32, String, String)> = Vec::new();
-    let cpus = std::fs::read_dir("/sys/devices/system/cpu")
+    let mut dirs: Vec<_> = std::fs::read_dir("/sys/devices/system/cpu")
         .into_iter()
-        .flatten();
-    let mut dirs: Vec<_> = cpus
+        .flatten()
         .flatten()
         .filter(|e| {
             let name = e.file_name();
