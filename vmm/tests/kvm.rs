@@ -738,6 +738,7 @@ fn copies_after_the_resume_match_the_pause(kind: Ram) {
     let mut staging = vec![0u8; (working_set + 64) * PAGE_SIZE];
     let mut reference = staging.clone();
     let (mut faults, mut written) = (0, 0);
+    let mut waits_a_round = Vec::new();
     for round in 0..30 {
         // Let the guest write its whole working set: it writes in order, so
         // its next writes after the resume go to pages of this dirty set
@@ -763,6 +764,7 @@ fn copies_after_the_resume_match_the_pause(kind: Ram) {
         written += work(&vm) - before;
         assert_eq!(report.pages, pages.len());
         faults += report.faults;
+        waits_a_round.push(report.faults);
         let n = pages.len() * PAGE_SIZE;
         if let Some(i) = (0..pages.len()).find(|&i| {
             staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
@@ -797,13 +799,17 @@ fn copies_after_the_resume_match_the_pause(kind: Ram) {
     );
     // And after a wait the copier goes on from where the guest writes, ahead
     // of it: the guest, which resumes anywhere in its working set, waits
-    // about once a round (34-50 in 30 rounds), not once every
-    // FAULT_AROUND_PAGES pages until a copier going up from the bottom
-    // passes it (185-290 in 30 rounds when it did).
+    // about once a round (34-50 in 30 rounds, on a quiet machine), not once
+    // every FAULT_AROUND_PAGES pages until a copier going up from the bottom
+    // passes it (185-290 in 30 rounds when it did). The median round, not
+    // the sum: a copier kept off its core for a while by other tests lets
+    // the guest get ahead in that round (CI once counted 187 in 30 rounds).
+    waits_a_round.sort_unstable();
+    let median = waits_a_round[waits_a_round.len() / 2];
     assert!(
-        faults <= 4 * 30,
-        "{faults} writes waited in 30 rounds ({kind:?}): the copier did not go on from where \
-         the guest waited"
+        median <= 3,
+        "the median round had {median} writes waiting ({kind:?}; {waits_a_round:?}): the \
+         copier did not go on from where the guest waited"
     );
     // The guest still runs, with nothing left protected.
     wait_work(&vm, 10_000, "the guest stalled after the copies");
