@@ -822,3 +822,39 @@ async fn backup_loss_hold_output_holds_output_until_a_backup_acks_again() {
     let _serial = common::serial().await;
     backup_loss_then_return("hold-output").await;
 }
+
+/// A backup waiting for its first primary takes the memory that sync will
+/// need: its new image read ahead, then the heap its receive path fills as
+/// the stream piles up (on these hosts every fresh page costs a fault, which
+/// the sync would otherwise pay page by page on the side that limits it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_backup_takes_its_receive_heap_ahead() {
+    let _serial = common::serial().await;
+    let pair = Pair::with_memory("counter", 64, "");
+    let asked = Instant::now();
+    while !pair
+        .logs()
+        .contains("read the new image into the page cache ahead of the first sync")
+    {
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "the backup never said it read ahead:\n{}",
+            pair.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = pair.backup.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let anon_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // 32 MiB of heap for a VM of 64 MiB (`RECEIVE_HEAP`), kept once freed.
+    assert!(
+        anon_kib >= 32 << 10,
+        "the waiting backup holds {anon_kib} kB of anonymous memory, not the 32 MiB heap \
+         its first sync will need\n{}",
+        pair.logs()
+    );
+}

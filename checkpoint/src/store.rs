@@ -1461,13 +1461,7 @@ pub struct Warmed {
 /// and reads through a descriptor of its own: it shares nothing with the
 /// store, and a failure changes nothing but the head start.
 pub fn warm_image(journal: &Path, memory: &Path, stop: &AtomicBool) -> std::io::Result<Warmed> {
-    // SAFETY: sets the calling thread's scheduling policy; the parameter
-    // is a valid, initialised struct. If the kernel refuses, the thread
-    // reads at normal priority: still only until a primary says Hello.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-    }
+    idle_priority();
     let start = Instant::now();
     let mut buf = vec![0u8; WARM_READ];
     let (journal_bytes, stopped) = read_through(journal, &mut buf, stop)?;
@@ -1482,6 +1476,19 @@ pub fn warm_image(journal: &Path, memory: &Path, stop: &AtomicBool) -> std::io::
         took: start.elapsed(),
         stopped,
     })
+}
+
+/// Puts the calling thread at idle priority (`SCHED_IDLE`): it runs only
+/// when nothing else wants the CPU. For work done ahead while a daemon
+/// waits ([`warm_image`]). If the kernel refuses, the thread runs at
+/// normal priority: such work stops when it is no longer ahead anyway.
+pub fn idle_priority() {
+    // SAFETY: sets the calling thread's scheduling policy; the parameter
+    // is a valid, initialised struct.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
 }
 
 /// Reads `path` to its end through `buf`, or until `stop` is set: the bytes

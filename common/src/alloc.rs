@@ -24,6 +24,14 @@
 //! them. What the process keeps is bounded by what it held at its peak.
 //! Blocks over [`MMAP_THRESHOLD`] (a large staging buffer, guest RAM) are
 //! still mappings of their own.
+//!
+//! Kept memory is only cheap once the process has it: a backup's first sync
+//! grows the heap to its peak page by page, as the received stream piles up
+//! in the HTTP/2 window, and on a host that hands free memory back to its own
+//! hypervisor each new page costs a fault there too. [`warm_heap`] takes that
+//! memory ahead, while the backup waits for its primary.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Allocations up to this size come from the heap (glibc's largest allowed
 /// value on 64-bit hosts).
@@ -54,4 +62,32 @@ pub fn keep_freed_memory() -> bool {
     {
         false
     }
+}
+
+/// The blocks [`warm_heap`] grows the heap by: under [`MMAP_THRESHOLD`], so
+/// they come from the heap and stay there when freed.
+const WARM_BLOCK: usize = 4 << 20;
+
+/// Grows the heap by `bytes`, touching every page, then frees it all: the
+/// next allocations up to that size find memory the process already has (no
+/// page fault, no zero-filling). Only with [`keep_freed_memory`] in force
+/// (glibc would hand the freed top of the heap straight back otherwise).
+/// Stops between blocks once `stop` is set; returns the bytes touched.
+pub fn warm_heap(bytes: usize, stop: &AtomicBool) -> usize {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let mut warmed = 0;
+    while warmed < bytes && !stop.load(Ordering::Relaxed) {
+        let len = WARM_BLOCK.min(bytes - warmed);
+        let mut block: Vec<u8> = Vec::with_capacity(len);
+        for page in block.spare_capacity_mut().chunks_mut(4096) {
+            // Volatile: a store to memory freed right after is otherwise
+            // free to be left out, and then no page is touched.
+            // SAFETY: `page` is at least one byte of the block's own,
+            // writable capacity.
+            unsafe { std::ptr::write_volatile(page.as_mut_ptr(), std::mem::MaybeUninit::new(0)) };
+        }
+        blocks.push(block);
+        warmed += len;
+    }
+    warmed
 }

@@ -3,6 +3,8 @@
 
 #![allow(clippy::expect_used)] // a test that fails should stop loudly
 
+use std::sync::atomic::AtomicBool;
+
 /// Pages from `at` for `len` bytes the kernel has memory for (whole pages
 /// inside the range), and how many whole pages there are.
 fn resident_pages(at: *const u8, len: usize) -> (usize, usize) {
@@ -49,4 +51,33 @@ fn main() {
         "a freed chunk-sized buffer was not reused: {resident} of {pages} pages of the new one are resident"
     );
     println!("test a_buffer_freed_on_one_thread_is_reused_on_another ... ok");
+
+    // The heap warmed ahead, as a backup does while it waits for its primary:
+    // buffers of a frame's size allocated after it, on another thread, well
+    // past the heap's peak so far, are all memory the process already has.
+    let warmed = std::thread::spawn(|| {
+        understudy_common::alloc::warm_heap(16 << 20, &AtomicBool::new(false))
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(warmed, 16 << 20);
+    let (resident, pages) = std::thread::spawn(|| {
+        let frames: Vec<Vec<u8>> = (0..48).map(|_| Vec::with_capacity(258 << 10)).collect();
+        frames.iter().fold((0, 0), |(r, p), f| {
+            let (fr, fp) = resident_pages(f.as_ptr(), f.capacity());
+            (r + fr, p + fp)
+        })
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(
+        resident, pages,
+        "the warmed heap was not there: {resident} of {pages} pages of 12 MiB of new buffers are resident"
+    );
+    // A primary that says Hello stops it before it touches anything more.
+    assert_eq!(
+        understudy_common::alloc::warm_heap(16 << 20, &AtomicBool::new(true)),
+        0
+    );
+    println!("test a_warmed_heap_serves_the_next_buffers_without_faults ... ok");
 }
