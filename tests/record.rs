@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{CTL, require_kvm};
-use understudy_checkpoint::trace::parse_segment;
+use understudy_checkpoint::trace::{SEGMENT_HEADER_LEN, parse_segment};
 
 fn replay(dir: &Path, extra: &[&str]) -> Output {
     Command::new(CTL)
@@ -200,11 +200,24 @@ fn damaged_logs_and_snapshots_are_refused_with_the_reason() {
 
     // Truncated inside a segment.
     case("truncated", &log[..log.len() - 7], "truncated");
-    // A flipped bit in a segment's body.
+    // A flipped bit in a segment's body: the middle of the first segment
+    // after the first that has one (how long each is depends on the run:
+    // a fixed offset could land in the next segment's header).
+    let (i, seg) = segs
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, s)| s.len() > SEGMENT_HEADER_LEN + 8)
+        .expect("a 4 s recording has a segment with records after its first");
+    let before: usize = segs[..i].iter().map(Vec::len).sum();
     let mut corrupt = log.clone();
-    let at = segs[0].len() + 60;
-    corrupt[at] ^= 0x10;
-    case("corrupt", &corrupt, "checksum mismatch");
+    corrupt[before + (SEGMENT_HEADER_LEN + seg.len()) / 2] ^= 0x10;
+    case("corrupt", &corrupt, "body checksum mismatch");
+    // A flipped bit in the magic of a segment after the first: a damaged
+    // log, not "not a trace log".
+    let mut damaged = log.clone();
+    damaged[segs[0].len()] ^= 0x10;
+    case("damaged", &damaged, "segment 1: its header is damaged");
     // Two segments swapped.
     let mut reordered = segs.clone();
     reordered.swap(1, 2);

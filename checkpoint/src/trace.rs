@@ -118,6 +118,15 @@ pub enum TraceError {
         /// The first four bytes.
         found: [u8; 4],
     },
+    /// A segment after the first whose header does not start as one: the
+    /// log was damaged there.
+    #[error("trace segment {seq}: its header is damaged (magic {found:02x?}): the log is corrupt")]
+    DamagedHeader {
+        /// The segment due there.
+        seq: u32,
+        /// The four bytes where its magic belongs.
+        found: [u8; 4],
+    },
     /// A format version this build does not read.
     #[error(
         "trace format version {found} is not supported (this build reads {TRACE_FORMAT_VERSION}): \
@@ -635,7 +644,16 @@ impl TraceReader {
     /// Adds one whole segment (as [`parse_segment`] found it in `bytes`);
     /// returns the bytes it took.
     pub fn push_segment(&mut self, bytes: &[u8]) -> Result<usize, TraceError> {
-        let (h, records, used) = parse_segment(bytes)?;
+        let (h, records, used) = parse_segment(bytes).map_err(|e| match e {
+            // After a segment of the log: the log, damaged, not another file.
+            TraceError::BadMagic { found } if self.start_exit.is_some() => {
+                TraceError::DamagedHeader {
+                    seq: self.next_seq,
+                    found,
+                }
+            }
+            e => e,
+        })?;
         if self.ended {
             return Err(TraceError::AfterEnd);
         }
@@ -854,6 +872,19 @@ mod tests {
         assert!(matches!(
             parse_segment(&magic).unwrap_err(),
             TraceError::BadMagic { .. }
+        ));
+        // The same first bytes after a segment of the log: a damaged log.
+        assert!(matches!(
+            TraceReader::new().push_segment(&magic),
+            Err(TraceError::BadMagic { .. })
+        ));
+        let mut damaged = s1.clone();
+        damaged[0] = b'X';
+        let mut fresh = TraceReader::new();
+        fresh.push_segment(&s0).unwrap();
+        assert!(matches!(
+            fresh.push_segment(&damaged),
+            Err(TraceError::DamagedHeader { seq: 1, .. })
         ));
         r.push_segment(&s1).unwrap();
     }
