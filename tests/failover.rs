@@ -827,18 +827,28 @@ async fn backup_loss_hold_output_holds_output_until_a_backup_acks_again() {
 /// need: its new image read ahead, then the heap its receive path fills as
 /// the stream piles up (on these hosts every fresh page costs a fault, which
 /// the sync would otherwise pay page by page on the side that limits it).
+/// Restarted on the image it made, it takes the heap again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_backup_takes_its_receive_heap_ahead() {
     let _serial = common::serial().await;
-    let pair = Pair::with_memory("counter", 64, "");
+    let mut pair = Pair::with_memory("counter", 64, "");
+    assert_holds_receive_heap(
+        &pair,
+        "read the new image into the page cache ahead of the first sync",
+    )
+    .await;
+    pair.restart_backup(&[], &[]);
+    assert_holds_receive_heap(&pair, "took the receive heap ahead of the first sync").await;
+}
+
+/// Waits for the backup's log to say `said`, then checks it holds the
+/// 32 MiB heap of a VM of 64 MiB (`RECEIVE_HEAP`), kept once freed.
+async fn assert_holds_receive_heap(pair: &Pair, said: &str) {
     let asked = Instant::now();
-    while !pair
-        .logs()
-        .contains("read the new image into the page cache ahead of the first sync")
-    {
+    while !pair.logs().contains(said) {
         assert!(
             asked.elapsed() < Duration::from_secs(30),
-            "the backup never said it read ahead:\n{}",
+            "the backup never said {said:?}:\n{}",
             pair.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -850,7 +860,6 @@ async fn a_waiting_backup_takes_its_receive_heap_ahead() {
         .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
-    // 32 MiB of heap for a VM of 64 MiB (`RECEIVE_HEAP`), kept once freed.
     assert!(
         anon_kib >= 32 << 10,
         "the waiting backup holds {anon_kib} kB of anonymous memory, not the 32 MiB heap \
