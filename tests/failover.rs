@@ -835,24 +835,20 @@ async fn a_waiting_backup_takes_its_receive_heap_ahead() {
     assert_holds_receive_heap(
         &pair,
         "read the new image into the page cache ahead of the first sync",
-    )
-    .await;
+    );
     pair.restart_backup(&[], &[]);
-    assert_holds_receive_heap(&pair, "took the receive heap ahead of the first sync").await;
+    assert_holds_receive_heap(&pair, "took the receive heap ahead of the first sync");
 }
 
 /// Waits for the backup's log to say `said`, then checks it holds the
 /// 32 MiB heap of a VM of 64 MiB (`RECEIVE_HEAP`), kept once freed.
-async fn assert_holds_receive_heap(pair: &Pair, said: &str) {
-    let asked = Instant::now();
-    while !pair.logs().contains(said) {
-        assert!(
-            asked.elapsed() < Duration::from_secs(30),
-            "the backup never said {said:?}:\n{}",
-            pair.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+fn assert_holds_receive_heap(pair: &Pair, said: &str) {
+    let said_it = common::wait_for(Duration::from_secs(30), || pair.logs().contains(said));
+    assert!(
+        said_it.is_ok(),
+        "the backup never said {said:?}:\n{}",
+        pair.logs()
+    );
     let pid = pair.backup.as_ref().unwrap().id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let anon_kib: u64 = status
