@@ -76,6 +76,9 @@ pub struct EncodeReport {
     pub pages_by_codec: [u64; 8],
     /// Pages in the epoch.
     pub pages: u64,
+    /// Pages of a sync round left out: the receiver holds their content
+    /// already (see [`SenderState::over_zeroed_image`]); not in `pages`.
+    pub pages_held: u64,
     /// Guest bytes in (pages × 4 KiB).
     pub bytes_in: u64,
     /// Bytes out: all chunks, framing included.
@@ -249,6 +252,25 @@ impl SenderState {
             last_epoch: None,
             pages_by_hash: false,
         })
+    }
+
+    /// A sender for a receiver whose image holds zeros in every page (an
+    /// image it created and never wrote, as its Hello answer says): its
+    /// content is known from the start, so a sync round leaves out the pages
+    /// that are zero here too, and a checkpoint may follow any round. Over an
+    /// idle guest that is most of its RAM: nothing goes on the wire for it.
+    pub fn over_zeroed_image(
+        vm_id: &str,
+        ram_pages: u32,
+        generation: u64,
+        policy: CodecPolicy,
+    ) -> Result<Self, EncodeError> {
+        let mut state = Self::new(vm_id, ram_pages, generation, policy)?;
+        state.hashes = vec![zero_page_hash(); ram_pages as usize];
+        state.known = vec![true; ram_pages as usize];
+        state.unknown = 0;
+        state.digest = ImageDigest::of_zero_image(ram_pages);
+        Ok(state)
     }
 
     /// The digest the receiver's image will have after the last encoded epoch
@@ -455,6 +477,17 @@ impl EpochEncoder<'_> {
         } else {
             page_hash(content)
         };
+        // A sync round sends what the receiver's image lacks: a page it holds
+        // already is left out (a checkpoint lists it, as `SameAs`, since the
+        // pages it lists are its dirty set).
+        let s = &*self.state;
+        if self.header.kind == EpochKind::SyncRound
+            && s.known[page as usize]
+            && s.hashes[page as usize] == hash
+        {
+            self.report.pages_held += 1;
+            return Ok(());
+        }
         // Word deltas (and the cached pages they need) are skipped while the
         // link outruns the encoder (see `Adaptive::link_outruns_compressor`)
         // and they do not pay on their own (see `DeltaPayoff`).

@@ -983,6 +983,17 @@ impl ImageStore {
         self.replace_meta(meta)
     }
 
+    /// Whether every page of the image holds zeros, as its page hashes say
+    /// (an image created and never written): a primary's first sync then
+    /// leaves its zero pages out ([`SenderState::over_zeroed_image`]). A page
+    /// whose write failed has no known content and makes this false.
+    ///
+    /// [`SenderState::over_zeroed_image`]: crate::epoch::SenderState::over_zeroed_image
+    pub fn holds_only_zeros(&self) -> bool {
+        let zero = zero_page_hash();
+        self.hashes.len() == self.meta.ram_pages as usize && self.hashes.iter().all(|&h| h == zero)
+    }
+
     /// The committed checkpoint a promotion resumes, if the image holds one
     /// it may: committed, not retired, and its pages hash to the committed
     /// digest (kept incrementally, so this costs nothing). A commit that

@@ -185,6 +185,103 @@ fn a_checkpoint_before_every_page_was_sent_is_refused_by_the_sender() {
 }
 
 #[test]
+fn a_sync_into_a_zeroed_image_sends_only_what_the_image_lacks() {
+    const PAGES: u32 = 64;
+    let mut model = Model::new(PAGES);
+    for p in (0..PAGES).step_by(4) {
+        model.mem[p as usize * PAGE_SIZE..][..8].copy_from_slice(&u64::from(p + 1).to_le_bytes());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = common::syncing_store(&dir.path().join("img"), &model);
+    assert!(store.holds_only_zeros(), "a created image holds zeros");
+    let mut sender =
+        SenderState::over_zeroed_image("vm-test", PAGES, 1, CodecPolicy::ADAPTIVE).unwrap();
+    // Round 1 over all of RAM: only the pages with content go.
+    let all: Vec<u32> = (0..PAGES).collect();
+    let round = ship(
+        &mut sender,
+        &mut store,
+        &model,
+        1,
+        EpochKind::SyncRound,
+        &all,
+    );
+    assert_eq!(round.report.pages, u64::from(PAGES / 4));
+    assert_eq!(round.report.pages_held, u64::from(PAGES - PAGES / 4));
+    assert!(!store.holds_only_zeros());
+    // A later round sends a page written since, not one written back with
+    // the content it had, nor one still zero.
+    model.mem[5 * PAGE_SIZE] = 1;
+    let round = ship(
+        &mut sender,
+        &mut store,
+        &model,
+        2,
+        EpochKind::SyncRound,
+        &[4, 5, 6],
+    );
+    assert_eq!((round.report.pages, round.report.pages_held), (1, 2));
+    // The checkpoint checks the image's digest: it matches the model's.
+    ship(
+        &mut sender,
+        &mut store,
+        &model,
+        3,
+        EpochKind::Checkpoint,
+        &[],
+    );
+    assert_eq!(store.status(), ImageStatus::Committed { epoch: 3 });
+    assert_eq!(store.memory(), &model.mem[..]);
+    store.promotable().unwrap();
+}
+
+#[test]
+fn a_sender_wrong_about_a_zeroed_image_is_refused_at_the_checkpoint() {
+    const PAGES: u32 = 16;
+    let mut model = Model::new(PAGES);
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = common::syncing_store(&dir.path().join("img"), &model);
+    // The image holds something at page 2 (a sync before this one).
+    model.mem[2 * PAGE_SIZE] = 7;
+    let mut before = SenderState::new("vm-test", PAGES, 1, CodecPolicy::RAW).unwrap();
+    ship(
+        &mut before,
+        &mut store,
+        &model,
+        1,
+        EpochKind::SyncRound,
+        &(0..PAGES).collect::<Vec<_>>(),
+    );
+    assert!(!store.holds_only_zeros());
+    // A sender that takes the image for zeroed leaves page 2 out: the
+    // checkpoint's digest says so, and nothing is committed.
+    model.mem[2 * PAGE_SIZE] = 0;
+    let mut wrong = SenderState::over_zeroed_image("vm-test", PAGES, 1, CodecPolicy::RAW).unwrap();
+    let round = common::encode(
+        &mut wrong,
+        &model,
+        2,
+        EpochKind::SyncRound,
+        &(0..PAGES).collect::<Vec<_>>(),
+        b"",
+    );
+    assert_eq!(round.report.pages, 0);
+    store
+        .apply(&decode(&store, &round.chunks).unwrap())
+        .unwrap();
+    let checkpoint = common::encode(&mut wrong, &model, 3, EpochKind::Checkpoint, &[], b"dev");
+    let err = decode(&store, &checkpoint.chunks).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            understudy_checkpoint::epoch::EpochError::DigestMismatch { .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(store.status(), ImageStatus::Syncing);
+}
+
+#[test]
 fn zero_pages_are_neither_staged_nor_rewritten_and_leave_no_stale_delta_base() {
     const PAGES: u32 = 64;
     let policy = CodecPolicy {
