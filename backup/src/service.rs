@@ -201,8 +201,10 @@ impl ReplicationService {
         }
     }
 
-    /// Starts a full sync for the caller's session.
-    fn start_sync(&self, req: &HelloRequest, incarnation: Incarnation) -> Result<(), Status> {
+    /// Starts a full sync for the caller's session; says whether the image
+    /// holds only zeros as the sync starts (under the lock the sync's
+    /// writes take: nothing changes it in between).
+    fn start_sync(&self, req: &HelloRequest, incarnation: Incarnation) -> Result<bool, Status> {
         let shared = &self.0;
         let key = SessionKey::from_bytes(&req.heartbeat_key).ok_or_else(|| {
             Status::invalid_argument("the Hello carries no 32-byte heartbeat key")
@@ -232,6 +234,7 @@ impl ReplicationService {
             .store
             .begin_sync(req.generation, incarnation.raw())
             .map_err(|e| Status::internal(format!("cannot start the sync: {}", wire::chain(&e))))?;
+        let zeroed = standby.store.holds_only_zeros();
         let buffers = match standby.session.take() {
             Some(Session {
                 decoder: Some(d), ..
@@ -281,9 +284,10 @@ impl ReplicationService {
             session = req.session,
             generation = req.generation,
             %incarnation,
+            image_zeroed = zeroed,
             "{what}"
         );
-        Ok(())
+        Ok(zeroed)
     }
 }
 
@@ -321,7 +325,7 @@ impl Replication for ReplicationService {
                 let incarnation = claim
                     .incarnation
                     .ok_or_else(|| Status::invalid_argument("no incarnation"))?;
-                self.start_sync(&req, incarnation)?;
+                let image_zeroed = self.start_sync(&req, incarnation)?;
                 Ok(Response::new(HelloReply {
                     protocol_version: PROTOCOL_VERSION,
                     generation: req.generation,
@@ -331,6 +335,7 @@ impl Replication for ReplicationService {
                     pages_by_hash: true,
                     handover_awaits_commit: true,
                     prepares_handover: true,
+                    image_zeroed,
                 }))
             }
             Decision::Deposed(_) => Err(shared.deposed(claim.generation)),

@@ -236,6 +236,55 @@ async fn a_checkpoint_commits_acks_and_arms_the_detector() {
 }
 
 #[tokio::test]
+async fn a_backup_says_its_image_is_zeroed_only_while_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup(dir.path());
+    let hello_says_zeroed = |session| {
+        let service = ReplicationService(shared.clone());
+        async move {
+            service
+                .hello(Request::new(hello(session, 1)))
+                .await
+                .unwrap()
+                .into_inner()
+                .image_zeroed
+        }
+    };
+    assert!(hello_says_zeroed(42).await, "a created image holds zeros");
+    // A primary that takes the answer sends only pages with content: none
+    // in this sync round (every page zero), one in the checkpoint.
+    let mut primary = Primary::new(42, 1);
+    primary.sender = SenderState::over_zeroed_image("vm", PAGES, 1, CodecPolicy::ADAPTIVE).unwrap();
+    let mut round = primary.sender.begin(1, EpochKind::SyncRound).unwrap();
+    for p in 0..PAGES {
+        round.add_zero_page(p).unwrap();
+    }
+    let round = round.finish(b"").unwrap();
+    assert_eq!(
+        (round.report.pages, round.report.pages_held),
+        (0, u64::from(PAGES))
+    );
+    let chunks = round
+        .chunks
+        .into_iter()
+        .map(|c| EpochChunk {
+            session: 42,
+            generation: 1,
+            chunk: c.into(),
+            ..Default::default()
+        })
+        .collect();
+    assert_eq!(feed(&shared, chunks).unwrap(), Some(1));
+    assert_eq!(
+        feed(&shared, primary.epoch(2, EpochKind::Checkpoint, &[3])).unwrap(),
+        Some(2),
+        "the checkpoint's digest holds over the zeros left out"
+    );
+    // The primary comes back: the image holds page 3 now.
+    assert!(!hello_says_zeroed(43).await);
+}
+
+#[tokio::test]
 async fn chunks_outside_the_session_are_refused_and_the_image_keeps_its_commit() {
     let dir = tempfile::tempdir().unwrap();
     let shared = backup(dir.path());

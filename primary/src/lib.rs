@@ -277,6 +277,8 @@ struct SessionLink {
     broken: Arc<AtomicBool>,
     /// The backup takes Pages chunks checked by hash (no body CRC).
     pages_by_hash: bool,
+    /// The backup's image held only zeros when the session began.
+    image_zeroed: bool,
     /// The connection the session's stream goes on: a migration's goodbye
     /// goes on it too (a new one cost the switch ~1 ms on loopback, a TLS
     /// handshake more).
@@ -1329,6 +1331,7 @@ async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, accepted: Accept
         chunks: chunk_tx,
         broken: broken.clone(),
         pages_by_hash: accepted.pages_by_hash,
+        image_zeroed: accepted.image_zeroed,
         channel,
     }));
     let give_up = understudy_common::heartbeat::primary_gives_up(opts.heartbeat_timeout);

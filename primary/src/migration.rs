@@ -73,6 +73,13 @@ const MAX_ROUNDS: u32 = 60;
 /// throttle (each epoch costs the destination a commit: 256 made an idle
 /// 256 MiB round take ~200 ms).
 const BATCH_PAGES: usize = 2048;
+/// Pages a pre-copy epoch may pass over besides those it reads: pages the
+/// guest never touched are known zero without a read, and over a zeroed
+/// destination image they go as nothing, so an idle guest's first round is
+/// one or two epochs, not one per [`BATCH_PAGES`] (each a commit there and
+/// ~250 bytes of framing: 32 made an idle 256 MiB round overflow TCP's
+/// first window on a long link, a round trip more).
+const BATCH_SCAN: usize = 64 * BATCH_PAGES;
 /// How long the destination may take to commit the final state.
 const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a switch costs beyond the final copy (the destination restores;
@@ -350,6 +357,8 @@ pub(crate) struct Link {
     generation: u64,
     /// The destination takes Pages chunks checked by hash (no body CRC).
     pages_by_hash: bool,
+    /// The destination's image held only zeros when the migration began.
+    image_zeroed: bool,
     /// The destination's handover can wait for its epoch's commit.
     awaits_commit: bool,
     /// The destination restores the VM ahead of the handover when asked.
@@ -402,19 +411,19 @@ impl Link {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(LINK_DEPTH);
         let handover_client = ReplicationClient::new(accepted.channel.clone());
-        // A destination that took the Hello may still never answer the
-        // stream (the link cut right after it, a frozen host): the stall rule
-        // holds here too, or the migration would wait for ever.
-        let mut acks = tokio::time::timeout(
+        // The stream opens without waiting for its answer's headers: HTTP/2
+        // carries the chunks behind the request at once, and a refusal or a
+        // destination that never answers (the link cut right after the
+        // Hello, a frozen host: the stall rule holds here too) breaks the
+        // link like a lost stream. On a long link that saves a round trip
+        // before the first page.
+        let opening = tokio::time::timeout(
             STALL_TIMEOUT,
             understudy_proto::framing::replicate(
                 accepted.channel.clone(),
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ),
-        )
-        .await
-        .map_err(|_| MigrationError::Stalled(STALL_TIMEOUT))?
-        .map_err(|s| MigrationError::Refused(format!("{}: {}", s.code(), s.message())))?;
+        );
         // The stream's opening word: the destination learns which session
         // it carries before any data (a post-copy that loses it must know).
         tx.send(EpochChunk {
@@ -432,32 +441,51 @@ impl Link {
             let (wanted, done) = (link.wanted.clone(), link.done.clone());
             let (log_exits, replica_exits) = (link.log_exits.clone(), link.replica_exits.clone());
             async move {
-                let reason = loop {
-                    match acks.next().await {
-                        Some(Ok(ack)) => {
-                            log_exits.fetch_max(ack.log_exits, Ordering::AcqRel);
-                            replica_exits.fetch_max(ack.replica_exits, Ordering::AcqRel);
-                            if !ack.want_pages.is_empty() {
-                                wanted
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .extend_from_slice(&ack.want_pages);
-                            }
-                            if ack.postcopy_done {
-                                *done.lock().unwrap_or_else(|p| p.into_inner()) = Some((
-                                    ack.postcopy_faults,
-                                    ack.fault_wait_p50_micros,
-                                    ack.fault_wait_p99_micros,
-                                ));
-                            }
-                            if let Some(epoch) = Epoch::from_wire(ack.epoch) {
-                                acked.raise(epoch);
-                            }
+                let reason = 'ended: {
+                    let mut acks = match opening.await {
+                        Ok(Ok(acks)) => acks,
+                        Ok(Err(s)) => {
+                            break 'ended format!(
+                                "the destination refused the stream ({}: {})",
+                                s.code(),
+                                s.message()
+                            );
                         }
-                        Some(Err(s)) => {
-                            break format!("lost the destination ({}: {})", s.code(), s.message());
+                        // The stall rule's words, whichever of the two
+                        // sees it first (this or `pump`).
+                        Err(_) => break 'ended MigrationError::Stalled(STALL_TIMEOUT).to_string(),
+                    };
+                    loop {
+                        match acks.next().await {
+                            Some(Ok(ack)) => {
+                                log_exits.fetch_max(ack.log_exits, Ordering::AcqRel);
+                                replica_exits.fetch_max(ack.replica_exits, Ordering::AcqRel);
+                                if !ack.want_pages.is_empty() {
+                                    wanted
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .extend_from_slice(&ack.want_pages);
+                                }
+                                if ack.postcopy_done {
+                                    *done.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                                        ack.postcopy_faults,
+                                        ack.fault_wait_p50_micros,
+                                        ack.fault_wait_p99_micros,
+                                    ));
+                                }
+                                if let Some(epoch) = Epoch::from_wire(ack.epoch) {
+                                    acked.raise(epoch);
+                                }
+                            }
+                            Some(Err(s)) => {
+                                break format!(
+                                    "lost the destination ({}: {})",
+                                    s.code(),
+                                    s.message()
+                                );
+                            }
+                            None => break "the destination closed the stream".to_string(),
                         }
-                        None => break "the destination closed the stream".to_string(),
                     }
                 };
                 *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
@@ -484,6 +512,7 @@ impl Link {
             why: Default::default(),
             generation,
             pages_by_hash: accepted.pages_by_hash,
+            image_zeroed: accepted.image_zeroed,
             awaits_commit: accepted.handover_awaits_commit,
             prepares_handover: accepted.prepares_handover,
             outbox: Default::default(),
@@ -842,6 +871,8 @@ pub(crate) struct Migration {
     pages: u64,
     zero_pages: u64,
     duplicate_pages: u64,
+    /// Pages left out: the destination held them already.
+    held_pages: u64,
     held: Duration,
     /// Auto-converge: the guest has run since then without a hold.
     ran_since: Instant,
@@ -905,6 +936,7 @@ impl Migration {
             pages: 0,
             zero_pages: 0,
             duplicate_pages: 0,
+            held_pages: 0,
             held: Duration::ZERO,
             ran_since: Instant::now(),
             rate: 0.0,
@@ -929,10 +961,14 @@ impl Migration {
             generation,
             incarnation,
         ))?;
-        let mut sender =
-            SenderState::new(&opts.vm_id, self.ram_pages as u32, generation, opts.codec)
-                .map_err(MigrationError::Encoder)?;
-        sender.set_pages_by_hash(link.pages_by_hash);
+        let sender = crate::peer::sync_sender(
+            opts,
+            self.ram_pages as u32,
+            generation,
+            link.pages_by_hash,
+            link.image_zeroed,
+        )
+        .map_err(MigrationError::Encoder)?;
         self.link = Some(link);
         self.sender = Some(sender);
         self.setup = self.requested.elapsed();
@@ -962,6 +998,7 @@ impl Migration {
         self.zero_pages += report.pages_by_codec[Codec::Zero as usize];
         self.duplicate_pages += report.pages_by_codec[Codec::SameAs as usize]
             + report.pages_by_codec[Codec::RepeatOf as usize];
+        self.held_pages += report.pages_held;
     }
 
     /// Pre-copy: sends this round's pages from the running guest until
@@ -1103,9 +1140,8 @@ impl Migration {
     }
 
     /// One batch of this round's pages, as one epoch, read while the guest
-    /// runs.
+    /// runs: up to [`BATCH_PAGES`] read, up to [`BATCH_SCAN`] in all.
     fn send_batch(&mut self, vm: &Vm, page: &mut [u8; PAGE_SIZE]) -> Result<(), MigrationError> {
-        let end = (self.next + BATCH_PAGES).min(self.round_pages.len());
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let (Some(link), Some(sender)) = (self.link.as_mut(), self.sender.as_mut()) else {
@@ -1118,7 +1154,12 @@ impl Migration {
         if self.round == 1 && self.next == 0 {
             self.untouched = vm.ram().untouched_pages();
         }
-        for &p in &self.round_pages[self.next..end] {
+        let scan_end = (self.next + BATCH_SCAN).min(self.round_pages.len());
+        let mut read = 0;
+        let mut end = self.next;
+        while end < scan_end && read < BATCH_PAGES {
+            let p = self.round_pages[end];
+            end += 1;
             let known_zero = self.untouched.as_ref().is_some_and(|u| u[p as usize]);
             encode_page(vm, p, page, known_zero, &mut enc)?;
             if known_zero || understudy_checkpoint::page::is_zero(page) {
@@ -1126,6 +1167,7 @@ impl Migration {
             } else {
                 self.sent_zero.unset(p as usize);
             }
+            read += usize::from(!known_zero);
         }
         let encoded = enc.finish(&[]).map_err(MigrationError::Encode)?;
         link.queue(epoch, encoded.report.bytes_out, encoded.chunks);
@@ -1619,6 +1661,7 @@ impl Migration {
             pages_transferred: self.pages,
             zero_pages: self.zero_pages,
             duplicate_pages: self.duplicate_pages,
+            held_pages: self.held_pages,
             rounds: match self.request.mode {
                 MigrationMode::StopAndCopy | MigrationMode::Postcopy => 0,
                 MigrationMode::Precopy | MigrationMode::Hybrid | MigrationMode::Replay => {
@@ -1723,6 +1766,7 @@ mod tests {
                 pages_by_hash: true,
                 handover_awaits_commit: true,
                 prepares_handover: true,
+                image_zeroed: true,
             },
         );
         (link, rx)

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+use understudy_checkpoint::epoch::{EncodeError, SenderState};
 use understudy_common::wire;
 use understudy_proto::replication_client::ReplicationClient;
 use understudy_proto::replication_server::Replication;
@@ -124,6 +125,27 @@ pub(crate) struct Accepted {
     /// It restores a migration's VM ahead of the handover when asked
     /// (`PrepareHandover`).
     pub prepares_handover: bool,
+    /// Its image holds only zeros: the first sync leaves zero pages out.
+    pub image_zeroed: bool,
+}
+
+/// The encoder's state for a session's sync to a receiver that answered
+/// `pages_by_hash` and `image_zeroed` (see [`Accepted`]): over a zeroed
+/// image it sends only the pages with content.
+pub(crate) fn sync_sender(
+    opts: &PrimaryOptions,
+    ram_pages: u32,
+    generation: u64,
+    pages_by_hash: bool,
+    image_zeroed: bool,
+) -> Result<SenderState, EncodeError> {
+    let mut sender = if image_zeroed {
+        SenderState::over_zeroed_image(&opts.vm_id, ram_pages, generation, opts.codec)
+    } else {
+        SenderState::new(&opts.vm_id, ram_pages, generation, opts.codec)
+    }?;
+    sender.set_pages_by_hash(pages_by_hash);
+    Ok(sender)
 }
 
 /// One replication session's identity, as the primary opens it.
@@ -206,6 +228,7 @@ pub(crate) async fn hello_to(
                 pages_by_hash: reply.pages_by_hash,
                 handover_awaits_commit: reply.handover_awaits_commit,
                 prepares_handover: reply.prepares_handover,
+                image_zeroed: reply.image_zeroed,
             })
         }
         // Only the backup's deliberate answers refuse us for good (wrong VM,

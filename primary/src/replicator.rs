@@ -441,12 +441,16 @@ impl Replicator {
         self.shared.replica_exits.store(0, Ordering::Release);
         self.shared.want_checkpoint.store(false, Ordering::Release);
         self.unreplayed.clear();
-        let mut sender =
-            match SenderState::new(&opts.vm_id, ram_pages, self.shared.generation, opts.codec) {
-                Ok(s) => s,
-                Err(e) => return SessionEnd::Failed(InternalError::Encode(e)),
-            };
-        sender.set_pages_by_hash(link.pages_by_hash);
+        let mut sender = match crate::peer::sync_sender(
+            &opts,
+            ram_pages,
+            self.shared.generation,
+            link.pages_by_hash,
+            link.image_zeroed,
+        ) {
+            Ok(s) => s,
+            Err(e) => return SessionEnd::Failed(InternalError::Encode(e)),
+        };
         // Clear the dirty log, then copy everything while the guest runs: any
         // page written after the clear is dirty again for the next round.
         if let Err(e) = self.vm().harvest_dirty() {

@@ -235,9 +235,16 @@ impl Session {
         .unwrap();
         // Heartbeats, as a real primary sends them (or the backup promotes).
         let beater = Beater::start(addr, id, key, Duration::from_millis(10)).unwrap();
-        let mut sender = SenderState::new("bench", (ram / PAGE_SIZE) as u32, 1, policy).unwrap();
-        // As the primary does: no body CRC on Pages chunks for a backup that
-        // checks them by their page hashes.
+        // As the primary does: zero pages left out over a zeroed image (this
+        // bench's memory has none), no body CRC on Pages chunks for a backup
+        // that checks them by their page hashes.
+        let pages = (ram / PAGE_SIZE) as u32;
+        let mut sender = if reply.image_zeroed {
+            SenderState::over_zeroed_image("bench", pages, 1, policy)
+        } else {
+            SenderState::new("bench", pages, 1, policy)
+        }
+        .unwrap();
         sender.set_pages_by_hash(reply.pages_by_hash);
         Self {
             tx,

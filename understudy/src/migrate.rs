@@ -114,8 +114,8 @@ pub fn render(r: &MigrateReply) -> String {
         (
             "pages",
             format!(
-                "{} sent ({} zero, {} duplicate)",
-                r.pages_transferred, r.zero_pages, r.duplicate_pages
+                "{} sent ({} zero, {} duplicate), {} held there already",
+                r.pages_transferred, r.zero_pages, r.duplicate_pages, r.held_pages
             ),
         ),
         ("rounds", r.rounds.to_string()),
@@ -205,6 +205,7 @@ pub fn to_json(r: &MigrateReply) -> serde_json::Value {
         "pages_transferred": r.pages_transferred,
         "zero_pages": r.zero_pages,
         "duplicate_pages": r.duplicate_pages,
+        "held_pages": r.held_pages,
         "rounds": r.rounds,
         "dirty_pages_per_second": r.dirty_pages_per_second,
         "final_pages": r.final_pages,
