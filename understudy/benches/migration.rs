@@ -670,7 +670,9 @@ fn main() {
             format!(
                 "an idle VM of {mib} MiB: QEMU (7.2, firmware only, `-accel kvm -nodefaults`) \
                  against understudy's pre-copy of the idle counter, same link, same run; medians \
-                 of {rounds} rounds"
+                 of {rounds} rounds; downtime: QEMU's source stops its clock when it has sent the \
+                 last byte, ours when the destination answered the handover (a round trip later, \
+                 after the source's backup stood down)"
             ),
             &[
                 "link",
