@@ -545,6 +545,8 @@ pub struct ImageStore {
     hashes: Vec<PageHash>,
     /// Digest of the current content (equals `meta.digest` when committed).
     digest: ImageDigest,
+    /// Digest of an image of this size holding only zeros.
+    zero_digest: ImageDigest,
     options: StoreOptions,
     /// Whether memory.img's blocks are reserved ([`reserve_blocks`]), so a
     /// store through `mem` cannot meet a hole a full disk could not fill
@@ -713,6 +715,7 @@ impl ImageStore {
             mem,
             hashes: Vec::new(),
             digest: ImageDigest::default(),
+            zero_digest: ImageDigest::of_zero_image(meta.ram_pages),
             meta,
             record,
             options,
@@ -983,15 +986,15 @@ impl ImageStore {
         self.replace_meta(meta)
     }
 
-    /// Whether every page of the image holds zeros, as its page hashes say
-    /// (an image created and never written): a primary's first sync then
-    /// leaves its zero pages out ([`SenderState::over_zeroed_image`]). A page
-    /// whose write failed has no known content and makes this false.
+    /// Whether every page of the image holds zeros, as its digest says (kept
+    /// incrementally: this costs nothing; an image created and never
+    /// written): a primary's first sync then leaves its zero pages out
+    /// ([`SenderState::over_zeroed_image`]). A page whose write failed has no
+    /// known content and makes this false.
     ///
     /// [`SenderState::over_zeroed_image`]: crate::epoch::SenderState::over_zeroed_image
     pub fn holds_only_zeros(&self) -> bool {
-        let zero = zero_page_hash();
-        self.hashes.len() == self.meta.ram_pages as usize && self.hashes.iter().all(|&h| h == zero)
+        !self.hashes.is_empty() && self.digest == self.zero_digest
     }
 
     /// The committed checkpoint a promotion resumes, if the image holds one
@@ -1788,6 +1791,30 @@ mod tests {
         store.apply(&sync_round(0..32, 0x11)).unwrap();
         assert!(store.memory()[..32 * PAGE_SIZE].iter().all(|&b| b == 0x11));
         assert_eq!(store.digest, before);
+    }
+
+    #[test]
+    fn an_image_holds_only_zeros_until_a_page_with_content_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let mut store =
+            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        assert!(store.holds_only_zeros(), "created");
+        store.begin_sync(2, 7).unwrap();
+        store.apply(&sync_round(5..6, 0x11)).unwrap();
+        assert!(!store.holds_only_zeros(), "page 5 written");
+        store.apply(&sync_round(5..6, 0)).unwrap();
+        assert!(store.holds_only_zeros(), "page 5 zero again");
+        // Reopened, it hashes its pages: still all zero.
+        drop(store);
+        let (mut store, _) = ImageStore::open(&img, Default::default()).unwrap();
+        assert!(store.holds_only_zeros(), "reopened");
+        // A write that fails leaves its pages' content unknown.
+        let writable =
+            std::mem::replace(&mut store.file, File::open(img.join(MEMORY_FILE)).unwrap());
+        store.apply(&sync_round(0..32, 0x22)).unwrap_err();
+        assert!(!store.holds_only_zeros(), "after a failed write");
+        store.file = writable;
     }
 
     #[test]
