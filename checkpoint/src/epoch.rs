@@ -76,8 +76,8 @@ pub struct EncodeReport {
     pub pages_by_codec: [u64; 8],
     /// Pages in the epoch.
     pub pages: u64,
-    /// Pages of a sync round left out: the receiver holds their content
-    /// already (see [`SenderState::over_zeroed_image`]); not in `pages`.
+    /// Pages left out: the receiver holds their content already (see
+    /// [`SenderState::over_zeroed_image`]); not in `pages`.
     pub pages_held: u64,
     /// Guest bytes in (pages × 4 KiB).
     pub bytes_in: u64,
@@ -256,7 +256,7 @@ impl SenderState {
 
     /// A sender for a receiver whose image holds zeros in every page (an
     /// image it created and never wrote, as its Hello answer says): its
-    /// content is known from the start, so a sync round leaves out the pages
+    /// content is known from the start, so an epoch leaves out the pages
     /// that are zero here too, and a checkpoint may follow any round. Over an
     /// idle guest that is most of its RAM: nothing goes on the wire for it.
     pub fn over_zeroed_image(
@@ -477,14 +477,11 @@ impl EpochEncoder<'_> {
         } else {
             page_hash(content)
         };
-        // A sync round sends what the receiver's image lacks: a page it holds
-        // already is left out (a checkpoint lists it, as `SameAs`, since the
-        // pages it lists are its dirty set).
+        // An epoch sends what the receiver's image lacks: a page it holds
+        // already (a zero page over a zeroed image, a page written back with
+        // the content it had) is left out; the receiver would not write it.
         let s = &*self.state;
-        if self.header.kind == EpochKind::SyncRound
-            && s.known[page as usize]
-            && s.hashes[page as usize] == hash
-        {
+        if s.known[page as usize] && s.hashes[page as usize] == hash {
             self.report.pages_held += 1;
             return Ok(());
         }
@@ -557,15 +554,7 @@ impl EpochEncoder<'_> {
             if zero {
                 break 'choose Codec::Zero;
             }
-            // An unchanged page: no lookup by content needed.
-            if policy.dedup
-                && checkpoint
-                && s.known[page as usize]
-                && s.hashes[page as usize] == hash
-            {
-                out.extend_from_slice(&page.to_le_bytes());
-                break 'choose Codec::SameAs;
-            }
+            // (An unchanged page never gets here: `add` leaves it out.)
             // By content (unless skipped this epoch, see `begin`).
             if self.dedup {
                 if let Some(&earlier) = self.seen.get(&hash) {

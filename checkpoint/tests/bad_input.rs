@@ -562,7 +562,23 @@ fn a_journal_holds_only_the_changed_pages_and_redoes_the_whole_epoch_after_a_cra
         std::fs::copy(dir.join(file), crashed.join(file)).unwrap();
     }
     // The next checkpoint: 3 pages changed, and 30 sent whose content the
-    // image holds already (dirtied to the same bytes, zero over zero).
+    // image holds already (dirtied to the same bytes). A sender leaves out what it knows the receiver holds; one that does not
+    // know (as a release before that did not) sends them: here, a sender
+    // that believes pages 10..40 hold other bytes.
+    let mut believed = f.model.clone();
+    for p in 10..40 {
+        believed.page_mut(p)[7] ^= 0x77;
+    }
+    let mut unaware = SenderState::new("vm-test", 64, 1, CodecPolicy::ADAPTIVE).unwrap();
+    let all: Vec<u32> = (0..64).collect();
+    encode(
+        &mut unaware,
+        &believed,
+        committed,
+        EpochKind::SyncRound,
+        &all,
+        b"",
+    );
     let changed = [3, 4, 40];
     for &p in &changed {
         f.model.page_mut(p)[100] ^= 0x5a;
@@ -571,7 +587,7 @@ fn a_journal_holds_only_the_changed_pages_and_redoes_the_whole_epoch_after_a_cra
     let mut touched: Vec<u32> = (10..40).chain(changed).collect();
     touched.extend(zero);
     let chunks = encode(
-        &mut f.sender,
+        &mut unaware,
         &f.model,
         committed + 1,
         EpochKind::Checkpoint,

@@ -221,15 +221,19 @@ fn a_sync_into_a_zeroed_image_sends_only_what_the_image_lacks() {
         &[4, 5, 6],
     );
     assert_eq!((round.report.pages, round.report.pages_held), (1, 2));
-    // The checkpoint checks the image's digest: it matches the model's.
-    ship(
+    // The checkpoint checks the image's digest: it matches the model's. It
+    // too leaves out the pages the image holds (4 rewritten with its bytes,
+    // 6 still zero) and sends the one that changed.
+    model.mem[8 * PAGE_SIZE] = 0x55;
+    let checkpoint = ship(
         &mut sender,
         &mut store,
         &model,
         3,
         EpochKind::Checkpoint,
-        &[],
+        &[4, 6, 8],
     );
+    assert_eq!((checkpoint.report.pages, checkpoint.report.pages_held), (1, 2));
     assert_eq!(store.status(), ImageStatus::Committed { epoch: 3 });
     assert_eq!(store.memory(), &model.mem[..]);
     store.promotable().unwrap();
