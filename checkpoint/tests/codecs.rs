@@ -233,7 +233,10 @@ fn a_sync_into_a_zeroed_image_sends_only_what_the_image_lacks() {
         EpochKind::Checkpoint,
         &[4, 6, 8],
     );
-    assert_eq!((checkpoint.report.pages, checkpoint.report.pages_held), (1, 2));
+    assert_eq!(
+        (checkpoint.report.pages, checkpoint.report.pages_held),
+        (1, 2)
+    );
     assert_eq!(store.status(), ImageStatus::Committed { epoch: 3 });
     assert_eq!(store.memory(), &model.mem[..]);
     store.promotable().unwrap();
