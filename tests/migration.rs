@@ -36,6 +36,16 @@ async fn dirtier_pair_and_destination(
     (pair, dest)
 }
 
+/// An idle 256 MiB counter, protected, and a new destination for it.
+async fn idle_counter_pair_and_destination(settings: &str) -> (Pair, Destination) {
+    let mut pair = Pair::with_memory("counter", 256, settings);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let dest = Destination::start_full("counter", 256, settings, "");
+    dest.wait_incoming().await;
+    (pair, dest)
+}
+
 /// What `migrate` said and every daemon's log, for failure messages.
 fn both_logs(stderr: &str, pair: &Pair, dest: &Destination) -> String {
     format!("{stderr}\n{}", logs_of(pair, dest)())
@@ -870,12 +880,7 @@ async fn a_hybrid_stop_does_not_grow_with_the_ram_of_a_mostly_zero_vm() {
     // source names them in the handover. Reading them stopped the guest
     // ~235 ms (the benchmark).
     let _serial = common::serial().await;
-    let settings = "[guest_params]\ninterval_ms = 500";
-    let mut pair = Pair::with_memory("counter", 256, settings);
-    pair.start_primary();
-    pair.wait_protected().await;
-    let dest = Destination::start_full("counter", 256, settings, "");
-    dest.wait_incoming().await;
+    let (pair, dest) = idle_counter_pair_and_destination("[guest_params]\ninterval_ms = 500").await;
     let (ok, stdout, stderr) = finished(migrate(&pair, &dest, "hybrid"));
     assert!(ok, "{}", both_logs(&stderr, &pair, &dest));
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -891,17 +896,12 @@ async fn an_idle_vm_moves_to_a_new_destination_as_only_its_pages_with_content() 
     // this VM's 80, and its first round went in 32 epochs), and the guest
     // runs on there from the state it left.
     let _serial = common::serial().await;
-    let settings = "[guest_params]\ninterval_ms = 20";
-    let mut pair = Pair::with_memory("counter", 256, settings);
-    pair.start_primary();
-    pair.wait_protected().await;
+    let (pair, dest) = idle_counter_pair_and_destination("[guest_params]\ninterval_ms = 20").await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 3 {
         seen.push(client.next(Duration::from_secs(10)).await.unwrap().unwrap());
     }
-    let dest = Destination::start_full("counter", 256, settings, "");
-    dest.wait_incoming().await;
     let (ok, stdout, stderr) = finished(migrate(&pair, &dest, "precopy"));
     assert!(ok, "{}", both_logs(&stderr, &pair, &dest));
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
