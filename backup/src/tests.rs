@@ -126,9 +126,13 @@ impl Primary {
             page[..8].copy_from_slice(&(epoch * 1000 + u64::from(p)).to_le_bytes());
             enc.add_page(p, &page).unwrap();
         }
-        enc.finish(b"device state")
-            .unwrap()
-            .chunks
+        let chunks = enc.finish(b"device state").unwrap().chunks;
+        self.messages(chunks)
+    }
+
+    /// Encoded chunks as this primary's session sends them.
+    fn messages(&self, chunks: Vec<Vec<u8>>) -> Vec<EpochChunk> {
+        chunks
             .into_iter()
             .map(|c| EpochChunk {
                 session: self.session,
@@ -264,17 +268,10 @@ async fn a_backup_says_its_image_is_zeroed_only_while_it_is() {
         (round.report.pages, round.report.pages_held),
         (0, u64::from(PAGES))
     );
-    let chunks = round
-        .chunks
-        .into_iter()
-        .map(|c| EpochChunk {
-            session: 42,
-            generation: 1,
-            chunk: c.into(),
-            ..Default::default()
-        })
-        .collect();
-    assert_eq!(feed(&shared, chunks).unwrap(), Some(1));
+    assert_eq!(
+        feed(&shared, primary.messages(round.chunks)).unwrap(),
+        Some(1)
+    );
     assert_eq!(
         feed(&shared, primary.epoch(2, EpochKind::Checkpoint, &[3])).unwrap(),
         Some(2),
