@@ -149,9 +149,15 @@ fn receive(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
     }
     let mut log = LogAck::default();
     if checkpoint && let Some(follower) = session.follower.as_mut() {
+        let started = std::time::Instant::now();
         match follower.checkpoint_committed(&standby.store) {
             Ok(Some(exit)) => {
-                tracing::info!(epoch, "replica started from the checkpoint at exit {exit}")
+                let took_ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(
+                    epoch,
+                    took_ms,
+                    "replica started from the checkpoint at exit {exit}"
+                )
             }
             Ok(None) => {}
             // The VM stays protected by this checkpoint; output waits for

@@ -986,6 +986,14 @@ impl ImageStore {
         self.replace_meta(meta)
     }
 
+    /// Whether page `page` holds only zeros, by its recorded hash (no read
+    /// of the page; false for a page beyond the image).
+    pub fn page_is_zero(&self, page: u32) -> bool {
+        self.hashes
+            .get(page as usize)
+            .is_some_and(|&h| h == zero_page_hash())
+    }
+
     /// Whether every page of the image holds zeros, as its digest says (kept
     /// incrementally: this costs nothing; an image created and never
     /// written): a primary's first sync then leaves its zero pages out
@@ -1803,8 +1811,11 @@ mod tests {
         store.begin_sync(2, 7).unwrap();
         store.apply(&sync_round(5..6, 0x11)).unwrap();
         assert!(!store.holds_only_zeros(), "page 5 written");
+        assert!(!store.page_is_zero(5) && store.page_is_zero(4) && store.page_is_zero(63));
+        assert!(!store.page_is_zero(64), "beyond the image");
         store.apply(&sync_round(5..6, 0)).unwrap();
         assert!(store.holds_only_zeros(), "page 5 zero again");
+        assert!(store.page_is_zero(5));
         // Reopened, it hashes its pages: still all zero.
         drop(store);
         let (mut store, _) = ImageStore::open(&img, Default::default()).unwrap();
