@@ -66,6 +66,10 @@ const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
 /// Auto-converge holds the vCPU its share of every slice this long.
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// Replay mode's slice: every hold of a recording guest seals a log segment
+/// (one message to the backup and one to the destination), so the log phase
+/// holds it less often, for longer.
+const LOG_THROTTLE_SLICE: Duration = Duration::from_millis(25);
 /// A pre-copy that has not converged after this many rounds gives up (the
 /// VM runs on here).
 const MAX_ROUNDS: u32 = 60;
@@ -123,6 +127,13 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Replay mode: the least time the destination's replica follows the log
 /// before the switch (a replica that just started proves little).
 const MIN_LOG_PHASE: Duration = Duration::from_millis(200);
+
+/// Replay mode: how often the log phase looks whether the destination's
+/// replica gains on the log. One that did not cut its lag by a quarter since
+/// the last look has the guest here held a larger share of the time
+/// (auto-converge, as pre-copy's): a replica replays no faster than the
+/// guest ran, so a guest that computes flat out is otherwise never caught.
+const LOG_LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// Replay mode: how long the destination's replica may take to catch up
 /// with the log before the migration gives up (the VM stays here).
@@ -810,6 +821,20 @@ pub(crate) fn next_step(
     Next::Round { throttle }
 }
 
+/// Replay mode's auto-converge, at a look: the hold (percent of the guest's
+/// time) for the next [`LOG_LOOK_EVERY`], given the destination replica's
+/// lag now and at the last look. Held more unless the lag fell by a quarter
+/// (the hold never eases: the switch comes once the lag is small).
+pub(crate) fn log_throttle(lag: Duration, lag_before: Duration, throttle: u32) -> u32 {
+    if lag < lag_before.mul_f64(0.75) {
+        throttle
+    } else if throttle == 0 {
+        THROTTLE_INITIAL
+    } else {
+        (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+    }
+}
+
 /// How long to hold the vCPU after `ran` of work so that it is held
 /// `throttle` percent of the time.
 pub(crate) fn hold_for(ran: Duration, throttle: u32) -> Duration {
@@ -823,13 +848,14 @@ pub(crate) fn hold_for(ran: Duration, throttle: u32) -> Duration {
 /// Auto-converge's duty cycle: after the guest ran `ran` unheld, the hold
 /// due now (None: not yet). One slice's hold at most, however long the guest
 /// ran unwatched (the time between checkpoints is not the migration's to
-/// hold: a hold proportional to it starved the migration).
-pub(crate) fn slice_hold(ran: Duration, throttle: u32) -> Option<Duration> {
+/// hold: a hold proportional to it starved the migration). `slice`: the
+/// duty cycle's period.
+pub(crate) fn slice_hold(ran: Duration, throttle: u32, slice: Duration) -> Option<Duration> {
     if throttle == 0 {
         return None;
     }
     let share = f64::from(throttle.min(THROTTLE_MAX)) / 100.0;
-    let run_slice = THROTTLE_SLICE.mul_f64(1.0 - share);
+    let run_slice = slice.mul_f64(1.0 - share);
     (ran >= run_slice).then(|| hold_for(run_slice, throttle))
 }
 
@@ -865,6 +891,8 @@ pub(crate) struct Migration {
     round_started: Instant,
     throttle: u32,
     max_throttle: u32,
+    /// Auto-converge's duty cycle (pre-copy's, or the log phase's).
+    throttle_slice: Duration,
     next_epoch: u64,
     /// Figures.
     bytes: u64,
@@ -899,6 +927,9 @@ struct ReplayLog {
     log_bytes: u64,
     /// The guest's stop for the base (from its pause to its resume).
     base_pause: Duration,
+    /// Auto-converge's last look (None: the replica has not started), and
+    /// the lag then.
+    looked: Option<(Instant, Duration)>,
 }
 
 impl std::fmt::Debug for Link {
@@ -931,6 +962,7 @@ impl Migration {
             round_started: Instant::now(),
             throttle: 0,
             max_throttle: 0,
+            throttle_slice: THROTTLE_SLICE,
             next_epoch: 1,
             bytes: 0,
             pages: 0,
@@ -1182,7 +1214,7 @@ impl Migration {
     /// share, the vCPU is held for that share.
     fn throttle_tick(&mut self, vm: &Vm, may_hold: bool) -> Result<(), MigrationError> {
         let hold = if may_hold {
-            slice_hold(self.ran_since.elapsed(), self.throttle)
+            slice_hold(self.ran_since.elapsed(), self.throttle, self.throttle_slice)
         } else {
             None
         };
@@ -1246,7 +1278,12 @@ impl Migration {
             last_exit: 0,
             log_bytes: 0,
             base_pause: Duration::ZERO,
+            looked: None,
         });
+        // The pre-copy's hold ends with it: the log phase holds the guest
+        // only if the destination's replica does not gain on the log.
+        self.throttle = 0;
+        self.throttle_slice = LOG_THROTTLE_SLICE;
         tracing::info!(
             epoch,
             "migration: the base checkpoint is on its way; the log follows it"
@@ -1354,8 +1391,10 @@ impl Migration {
     /// the base and its replica is within half the downtime budget of the
     /// log (the rest replays within it at the switch), and has followed the
     /// log for at least [`MIN_LOG_PHASE`]; give up if it does not catch up
-    /// within [`REPLAY_CATCH_UP`].
-    pub(crate) fn replay_step(&mut self) -> Result<Step, MigrationError> {
+    /// within [`REPLAY_CATCH_UP`]. Meanwhile the guest (`vm`) is held a
+    /// growing share of the time while the replica does not gain on the log
+    /// (`may_hold`: no one else holds it now).
+    pub(crate) fn replay_step(&mut self, vm: &Vm, may_hold: bool) -> Result<Step, MigrationError> {
         let budget = self.request.max_downtime;
         let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_mut()) else {
             return Err(MigrationError::NotConnected);
@@ -1375,6 +1414,7 @@ impl Migration {
             tracing::info!(
                 log_bytes = log.log_bytes,
                 lag_ms = lag.as_secs_f64() * 1e3,
+                throttle = self.throttle,
                 "migration: the destination's replica keeps up with the log: switching"
             );
             return Ok(Step::Switch);
@@ -1387,6 +1427,28 @@ impl Migration {
                 lag,
             });
         }
+        if base_committed && replayed > 0 {
+            match log.looked {
+                None => log.looked = Some((Instant::now(), lag)),
+                Some((at, before)) if at.elapsed() >= LOG_LOOK_EVERY => {
+                    let throttle = log_throttle(lag, before, self.throttle);
+                    if throttle != self.throttle {
+                        tracing::info!(
+                            throttle,
+                            lag_ms = lag.as_secs_f64() * 1e3,
+                            lag_before_ms = before.as_secs_f64() * 1e3,
+                            "migration: the destination's replica does not gain on the log: \
+                             auto-converge holds the vCPU more"
+                        );
+                        self.throttle = throttle;
+                        self.max_throttle = self.max_throttle.max(throttle);
+                    }
+                    log.looked = Some((Instant::now(), lag));
+                }
+                Some(_) => {}
+            }
+        }
+        self.throttle_tick(vm, may_hold)?;
         Ok(Step::Continue)
     }
 
@@ -1913,20 +1975,41 @@ mod tests {
 
     #[test]
     fn a_hold_is_one_slice_however_long_the_guest_ran_unwatched() {
-        assert_eq!(slice_hold(Duration::from_secs(3), 0), None);
+        assert_eq!(slice_hold(Duration::from_secs(3), 0, THROTTLE_SLICE), None);
         // At 99 % the guest runs 0.1 ms of each 10 ms slice.
-        assert_eq!(slice_hold(Duration::from_micros(50), 99), None);
+        assert_eq!(
+            slice_hold(Duration::from_micros(50), 99, THROTTLE_SLICE),
+            None
+        );
         for ran in [
             Duration::from_micros(100),
             Duration::from_millis(25),
             Duration::from_secs(3),
         ] {
-            let hold = slice_hold(ran, 99).unwrap();
+            let hold = slice_hold(ran, 99, THROTTLE_SLICE).unwrap();
             assert!(hold <= THROTTLE_SLICE, "{ran:?} unwatched: held {hold:?}");
             assert!(hold >= THROTTLE_SLICE.mul_f64(0.98), "{hold:?}");
         }
-        let hold = slice_hold(Duration::from_secs(1), 20).unwrap();
+        let hold = slice_hold(Duration::from_secs(1), 20, THROTTLE_SLICE).unwrap();
         assert!((hold.as_secs_f64() - 0.002).abs() < 1e-9, "{hold:?}");
+    }
+
+    #[test]
+    fn the_log_phase_holds_the_guest_more_until_the_replica_gains_on_it() {
+        let ms = Duration::from_millis;
+        // Gaining a quarter or more between looks: the hold stays.
+        assert_eq!(log_throttle(ms(200), ms(400), 0), 0);
+        assert_eq!(log_throttle(ms(299), ms(400), 30), 30);
+        // Not gaining enough, or losing: held more, up to the ceiling.
+        assert_eq!(log_throttle(ms(300), ms(400), 0), THROTTLE_INITIAL);
+        assert_eq!(log_throttle(ms(500), ms(400), 20), 30);
+        assert_eq!(log_throttle(ms(500), ms(400), THROTTLE_MAX), THROTTLE_MAX);
+        // A replica at no lag twice is not gaining, but then the switch
+        // came first (the lag is within the budget).
+        assert_eq!(log_throttle(ms(0), ms(0), 0), THROTTLE_INITIAL);
+        // The log phase's slice is the longer one.
+        let hold = slice_hold(ms(1000), 50, LOG_THROTTLE_SLICE).unwrap();
+        assert_eq!(hold, LOG_THROTTLE_SLICE / 2);
     }
 
     #[test]

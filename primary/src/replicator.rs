@@ -1733,7 +1733,12 @@ impl Replicator {
             return Tick::Carry;
         }
         if m.log_phase() {
-            return match m.replay_step() {
+            let may_hold = !self.held_for_output && !self.held_for_lag;
+            let vm = self
+                .vm
+                .as_ref()
+                .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
+            return match m.replay_step(vm, may_hold) {
                 Ok(Step::Continue) => {
                     self.show_migration(&m, "log", |p| {
                         format!(
