@@ -1483,11 +1483,33 @@ impl Migration {
     /// pre-copy epoch; returns the last one (0: none), the bitmap (u64 LE
     /// words) of the pages it holds current (sent, and not dirtied since),
     /// and of those that are all zero.
-    pub(crate) fn flush_for_postcopy(&mut self) -> Result<(u64, Vec<u8>, Vec<u8>), MigrationError> {
+    pub(crate) fn flush_for_postcopy(
+        &mut self,
+        vm: &Vm,
+    ) -> Result<(u64, Vec<u8>, Vec<u8>), MigrationError> {
         self.end_round_early();
         let last = self.next_epoch - 1;
+        let link = self.link_mut()?;
         if last > 0 {
-            self.link_mut()?.flush_acked(last, FINAL_ACK_TIMEOUT)?;
+            link.flush_acked(last, FINAL_ACK_TIMEOUT)?;
+        }
+        // Pages nothing ever touched are zero: valid, installed there as
+        // zero pages at their first touch, and not pushed (an idle 256 MiB
+        // guest's pure post-copy pushed 0.34 MB of zero-page records). Only
+        // over a zeroed image, where a destination that installs no zero
+        // pages reads zeros for them too; and only when many pages are
+        // pending (the look reads the page table's entries).
+        let zeroed = link.image_zeroed;
+        if zeroed
+            && self.pending.count() >= self.ram_pages / UNTOUCHED_LOOK_SHARE
+            && let Some(untouched) = vm.ram().untouched_pages()
+        {
+            for (p, _) in untouched.iter().enumerate().filter(|(_, u)| **u) {
+                if self.pending.contains(p) {
+                    self.pending.unset(p);
+                    self.sent_zero.set(p);
+                }
+            }
         }
         let valid: Vec<u64> = self
             .pending

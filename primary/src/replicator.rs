@@ -1399,7 +1399,7 @@ impl Replicator {
             .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
         let postcopy = m.request.mode.is_postcopy();
         let sent = if postcopy {
-            m.flush_for_postcopy().map(|(epoch, valid, zero)| {
+            m.flush_for_postcopy(vm).map(|(epoch, valid, zero)| {
                 let sent = FinalSent {
                     epoch,
                     pages: 0,
