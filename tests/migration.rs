@@ -731,11 +731,10 @@ async fn postcopy_serves_the_pages_a_busy_guest_faults_on_before_they_are_pushed
         report["fault_wait_p50_micros"].as_u64().unwrap() > 0,
         "{report}"
     );
-    assert_eq!(
-        report["postcopy_pages"].as_u64().unwrap(),
-        128 * 256,
-        "{report}"
-    );
+    // Every page the guest had touched is pushed (or fetched at a fault);
+    // those it never touched go in the handover as zero pages.
+    let pushed = report["postcopy_pages"].as_u64().unwrap();
+    assert!(pushed > 0 && pushed < 128 * 256, "{report}");
     // The guest works on at the destination.
     let mut console = Lines::connect_now(dest.console).await.unwrap();
     let mut works = Vec::new();
@@ -768,10 +767,17 @@ async fn a_source_killed_during_postcopy_loses_the_vm_and_nothing_runs_a_half_vm
     // destination learns of it from the stream's end too (its opening word
     // named the session), not from 10 s of silence.
     let _serial = common::serial().await;
+    //
+    // The first two: the source pushes a message every 400 ms. Only the
+    // pages a guest touched are pushed (the others go as zero pages in the
+    // handover): the kv guest's few hundred would be in the socket and
+    // HTTP/2 buffers between the hosts at once, and a source killed after
+    // that loses nothing (the destination rightly runs on).
     let busy = "[guest_params]\nworking_set = 2048\ndirty_rate = 0\nreport_ms = 100";
+    let slow_push = "primary.postcopy.push~400";
     for (guest, settings, source_faults) in [
-        ("kv", "", ""),
-        ("dirtier", busy, ""),
+        ("kv", "", slow_push),
+        ("dirtier", busy, slow_push),
         ("kv", "", "primary.postcopy.serve~60000"),
     ] {
         killed_during_postcopy(guest, settings, source_faults).await;
@@ -779,10 +785,6 @@ async fn a_source_killed_during_postcopy_loses_the_vm_and_nothing_runs_a_half_vm
 }
 
 async fn killed_during_postcopy(guest: &str, settings: &str, source_faults: &str) {
-    // 160 MiB: more than the socket and HTTP/2 buffers between the hosts
-    // hold (`wire::STREAM_WINDOW` is 64 MiB; with a VM that fitted in them
-    // the source had sometimes pushed every page before the kill, and the
-    // destination rightly ran on).
     let mut pair = Pair::with_memory(guest, 160, settings);
     pair.primary = Some(pair.spawn_with_env(
         "primary",

@@ -1588,6 +1588,10 @@ impl Migration {
             // a fault's page overtakes the push.
             if link.outbox.is_empty() && link.queued() <= POSTCOPY_QUEUED {
                 if next < order.len() {
+                    // A test's stall: a source slow to push (killed while
+                    // pages are still on their way).
+                    understudy_common::fault::check("primary.postcopy.push")
+                        .map_err(MigrationError::Fault)?;
                     let mut records = PageRecords::new();
                     while records.pages() < POSTCOPY_BATCH && next < order.len() {
                         let p = order[next];
