@@ -129,7 +129,7 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_LOG_PHASE: Duration = Duration::from_millis(200);
 
 /// Replay mode: how often the log phase looks whether the destination's
-/// replica gains on the log. One that did not cut its lag by a quarter since
+/// replica gains on the log. One that did not cut its backlog by a quarter since
 /// the last look has the guest here held a larger share of the time
 /// (auto-converge, as pre-copy's): a replica replays no faster than the
 /// guest ran, so a guest that computes flat out is otherwise never caught.
@@ -823,10 +823,11 @@ pub(crate) fn next_step(
 
 /// Replay mode's auto-converge, at a look: the hold (percent of the guest's
 /// time) for the next [`LOG_LOOK_EVERY`], given the destination replica's
-/// lag now and at the last look. Held more unless the lag fell by a quarter
-/// (the hold never eases: the switch comes once the lag is small).
-pub(crate) fn log_throttle(lag: Duration, lag_before: Duration, throttle: u32) -> u32 {
-    if lag < lag_before.mul_f64(0.75) {
+/// backlog ([`replay_backlog`]) now and at the last look. Held more unless
+/// the backlog fell by a quarter (the hold never eases: the switch comes
+/// once the backlog is small).
+pub(crate) fn log_throttle(backlog: Duration, before: Duration, throttle: u32) -> u32 {
+    if backlog < before.mul_f64(0.75) {
         throttle
     } else if throttle == 0 {
         THROTTLE_INITIAL
@@ -928,8 +929,69 @@ struct ReplayLog {
     /// The guest's stop for the base (from its pause to its resume).
     base_pause: Duration,
     /// Auto-converge's last look (None: the replica has not started), and
-    /// the lag then.
+    /// the backlog then.
     looked: Option<(Instant, Duration)>,
+    /// The guest's pace, from the segments sent.
+    pace: ExitPace,
+    /// When the last segment was sent.
+    last_sent: Instant,
+}
+
+/// Replay mode: the guest's pace in exits a second of it running (the time
+/// auto-converge held it left out), from the first and the latest segment
+/// sent: (its last exit, when sent, the guest's held time by then).
+#[derive(Debug, Default)]
+pub(crate) struct ExitPace {
+    first: Option<(u64, Instant, Duration)>,
+    last: Option<(u64, Instant, Duration)>,
+}
+
+impl ExitPace {
+    /// A segment ending at exit `exit` sent `at`, the guest held `held` in
+    /// all by then.
+    pub(crate) fn segment(&mut self, exit: u64, at: Instant, held: Duration) {
+        self.first.get_or_insert((exit, at, held));
+        self.last = Some((exit, at, held));
+    }
+
+    /// Exits a second of the guest running; None before 50 ms of it.
+    pub(crate) fn per_second(&self) -> Option<f64> {
+        let ((e0, t0, h0), (e1, t1, h1)) = (self.first?, self.last?);
+        let ran = t1
+            .saturating_duration_since(t0)
+            .saturating_sub(h1.saturating_sub(h0));
+        (ran >= Duration::from_millis(50) && e1 > e0).then(|| (e1 - e0) as f64 / ran.as_secs_f64())
+    }
+}
+
+/// Replay mode: how long the destination's replica needs, at the guest's
+/// own pace (`per_second`), to replay what it has not: the exits sent and
+/// not replayed (`last_exit` − `replayed`), and what the guest ran since
+/// the last segment (`unsealed`, at most that long). MAX while the pace is
+/// not known and the replica is behind.
+///
+/// Not the age of the oldest segment not replayed (the measure before):
+/// a segment holds up to 100 ms of the guest's work when it is sent, so
+/// that age said 118–149 ms where 150–230 ms of work was left, and the
+/// replica was still replaying 63–83 ms into the handover.
+pub(crate) fn replay_backlog(
+    last_exit: u64,
+    replayed: u64,
+    per_second: Option<f64>,
+    unsealed: Duration,
+) -> Duration {
+    let behind = last_exit.saturating_sub(replayed);
+    let sent = if behind == 0 {
+        Duration::ZERO
+    } else {
+        match per_second {
+            Some(rate) => {
+                Duration::try_from_secs_f64(behind as f64 / rate).unwrap_or(Duration::MAX)
+            }
+            None => return Duration::MAX,
+        }
+    };
+    sent.saturating_add(unsealed)
 }
 
 impl std::fmt::Debug for Link {
@@ -1279,6 +1341,8 @@ impl Migration {
             log_bytes: 0,
             base_pause: Duration::ZERO,
             looked: None,
+            pace: ExitPace::default(),
+            last_sent: Instant::now(),
         });
         // The pre-copy's hold ends with it: the log phase holds the guest
         // only if the destination's replica does not gain on the log.
@@ -1380,7 +1444,10 @@ impl Migration {
             trace_segment: bytes.to_vec().into(),
             ..Default::default()
         });
-        log.unreplayed.push_back((exits_end, Instant::now()));
+        let now = Instant::now();
+        log.unreplayed.push_back((exits_end, now));
+        log.pace.segment(exits_end, now, self.held);
+        log.last_sent = now;
         log.last_exit = exits_end;
         log.log_bytes += bytes.len() as u64;
         self.bytes += bytes.len() as u64;
@@ -1388,11 +1455,12 @@ impl Migration {
     }
 
     /// Replay mode after the base: switch once the destination committed
-    /// the base and its replica is within half the downtime budget of the
-    /// log (the rest replays within it at the switch), and has followed the
-    /// log for at least [`MIN_LOG_PHASE`]; give up if it does not catch up
-    /// within [`REPLAY_CATCH_UP`]. Meanwhile the guest (`vm`) is held a
-    /// growing share of the time while the replica does not gain on the log
+    /// the base and its replica would replay the rest within half the
+    /// downtime budget ([`replay_backlog`]; the rest replays within it at
+    /// the switch), and has followed the log for at least
+    /// [`MIN_LOG_PHASE`]; give up if it does not catch up within
+    /// [`REPLAY_CATCH_UP`]. Meanwhile the guest (`vm`) is held a growing
+    /// share of the time while the replica does not gain on the log
     /// (`may_hold`: no one else holds it now).
     pub(crate) fn replay_step(&mut self, vm: &Vm, may_hold: bool) -> Result<Step, MigrationError> {
         let budget = self.request.max_downtime;
@@ -1405,15 +1473,25 @@ impl Migration {
             log.unreplayed.pop_front();
         }
         let base_committed = link.acked.covers(Epoch(log.base_epoch));
+        // The age of the oldest segment not replayed, for the give-up's
+        // words.
         let lag = log
             .unreplayed
             .front()
             .map_or(Duration::ZERO, |(_, at)| at.elapsed());
+        let backlog = replay_backlog(
+            log.last_exit,
+            replayed,
+            log.pace.per_second(),
+            log.last_sent.elapsed(),
+        );
         let since = log.sent_at.elapsed();
-        if base_committed && replayed > 0 && lag <= budget / 2 && since >= MIN_LOG_PHASE {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        if base_committed && replayed > 0 && backlog <= budget / 2 && since >= MIN_LOG_PHASE {
             tracing::info!(
                 log_bytes = log.log_bytes,
-                lag_ms = lag.as_secs_f64() * 1e3,
+                backlog_ms = ms(backlog),
+                lag_ms = ms(lag),
                 throttle = self.throttle,
                 "migration: the destination's replica keeps up with the log: switching"
             );
@@ -1429,21 +1507,21 @@ impl Migration {
         }
         if base_committed && replayed > 0 {
             match log.looked {
-                None => log.looked = Some((Instant::now(), lag)),
+                None => log.looked = Some((Instant::now(), backlog)),
                 Some((at, before)) if at.elapsed() >= LOG_LOOK_EVERY => {
-                    let throttle = log_throttle(lag, before, self.throttle);
+                    let throttle = log_throttle(backlog, before, self.throttle);
                     if throttle != self.throttle {
                         tracing::info!(
                             throttle,
-                            lag_ms = lag.as_secs_f64() * 1e3,
-                            lag_before_ms = before.as_secs_f64() * 1e3,
+                            backlog_ms = ms(backlog),
+                            backlog_before_ms = ms(before),
                             "migration: the destination's replica does not gain on the log: \
                              auto-converge holds the vCPU more"
                         );
                         self.throttle = throttle;
                         self.max_throttle = self.max_throttle.max(throttle);
                     }
-                    log.looked = Some((Instant::now(), lag));
+                    log.looked = Some((Instant::now(), backlog));
                 }
                 Some(_) => {}
             }
@@ -2030,12 +2108,45 @@ mod tests {
         assert_eq!(log_throttle(ms(300), ms(400), 0), THROTTLE_INITIAL);
         assert_eq!(log_throttle(ms(500), ms(400), 20), 30);
         assert_eq!(log_throttle(ms(500), ms(400), THROTTLE_MAX), THROTTLE_MAX);
-        // A replica at no lag twice is not gaining, but then the switch
-        // came first (the lag is within the budget).
+        // A replica with no backlog twice is not gaining, but then the
+        // switch came first (the backlog is within the budget).
         assert_eq!(log_throttle(ms(0), ms(0), 0), THROTTLE_INITIAL);
         // The log phase's slice is the longer one.
         let hold = slice_hold(ms(1000), 50, LOG_THROTTLE_SLICE).unwrap();
         assert_eq!(hold, LOG_THROTTLE_SLICE / 2);
+    }
+
+    #[test]
+    fn the_replay_backlog_is_the_work_the_replica_has_not_replayed_at_the_guests_pace() {
+        let ms = Duration::from_millis;
+        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_micros(1);
+        // 10k exits a second: 2000 exits behind are 200 ms of work, plus
+        // what the guest ran since the last segment.
+        let b = replay_backlog(5000, 3000, Some(10_000.0), ms(30));
+        assert!(close(b, ms(230)), "{b:?}");
+        // Caught up (or reported past the last exit sent): the unsealed
+        // part alone, pace known or not.
+        assert_eq!(replay_backlog(5000, 5000, None, ms(30)), ms(30));
+        assert_eq!(replay_backlog(5000, 6000, Some(1.0), ms(0)), ms(0));
+        // Behind at a pace not known yet: never a switch.
+        assert_eq!(replay_backlog(5000, 3000, None, ms(0)), Duration::MAX);
+        assert_eq!(
+            replay_backlog(u64::MAX, 0, Some(1e-300), ms(1)),
+            Duration::MAX
+        );
+
+        let t0 = Instant::now();
+        let mut pace = ExitPace::default();
+        pace.segment(1000, t0, ms(0));
+        assert_eq!(pace.per_second(), None, "one segment");
+        pace.segment(2000, t0 + ms(100), ms(0));
+        let rate = pace.per_second().unwrap();
+        assert!((rate - 10_000.0).abs() < 1e-6, "{rate}");
+        // The time auto-converge held the guest is not its pace: 2000
+        // exits in 200 ms, 100 of them held.
+        pace.segment(3000, t0 + ms(200), ms(100));
+        let rate = pace.per_second().unwrap();
+        assert!((rate - 20_000.0).abs() < 1e-6, "{rate}");
     }
 
     #[test]
