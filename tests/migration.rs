@@ -1130,6 +1130,45 @@ async fn link_cut_during(mode: &str, rng: &mut u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_moves_a_guest_computing_flat_out_to_a_slower_destination() {
+    // The destination's daemon runs at the lowest CPU priority while the
+    // source's guest and its backup's replica each keep one of the two
+    // cores busy: its replica replays far slower than the guest runs and
+    // catches up only if the log phase holds the source's guest back
+    // (auto-converge). Before that, this migration gave up after 30 s with
+    // the replica behind, the VM staying on the source.
+    let _serial = common::serial().await;
+    let settings = format!(
+        "heartbeat_timeout = \"300ms\"\n{REPLAY}\n[guest_params]\nworking_set = 2048\n\
+         dirty_rate = 0\nreport_ms = 100"
+    );
+    let mut pair = Pair::with_memory("dirtier", 64, &settings);
+    pair.start_primary();
+    pair.wait_protected().await;
+    let dest = Destination::start_niced("dirtier", 64, &settings, 19);
+    dest.wait_incoming().await;
+    let (ok, stdout, stderr) = finished(migrate(&pair, &dest, "replay"));
+    assert!(ok, "{}", both_logs(&stderr, &pair, &dest));
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("{report}");
+    let throttle = report["throttle_percent"].as_u64().unwrap();
+    assert!(
+        throttle > 0,
+        "the guest was never held, so the destination kept up: the test proves nothing \
+         here\n{report}"
+    );
+    // The guest works on at the destination.
+    let mut console = Lines::connect_now(dest.console).await.unwrap();
+    let mut works = Vec::new();
+    while works.len() < 3 {
+        match console.next(Duration::from_secs(20)).await {
+            Ok(Some(l)) => works.push(l),
+            other => panic!("{other:?} after {works:?}\n{}", both_logs("", &pair, &dest)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_with_a_host_killed_while_the_log_flows_leaves_one_copy_and_every_acked_write() {
     // Replay migration's log phase: the base is at the destination (slow to
     // commit it, so the phase lasts), the log flows to both the backup and

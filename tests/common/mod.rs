@@ -585,6 +585,23 @@ impl Destination {
         Self::start_config(guest, memory_mib, settings, "insecure = true", faults)
     }
 
+    /// As [`Self::start_full`], its daemon at CPU priority `nice` (19: the
+    /// lowest): a host slower than the source.
+    pub fn start_niced(guest: &str, memory_mib: usize, settings: &str, nice: u8) -> Self {
+        let local = || addr(free_port());
+        let mut d = Self::configure(
+            guest,
+            memory_mib,
+            settings,
+            "insecure = true",
+            [local(), local(), local()],
+        );
+        let mut command = Command::new("nice");
+        command.args(["-n", &nice.to_string(), DAEMON]);
+        d.spawn_with(&mut command, "");
+        d
+    }
+
     /// With `tls` as the `[tls]` table's lines.
     pub fn start_config(
         guest: &str,
