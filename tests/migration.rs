@@ -1157,6 +1157,14 @@ async fn replay_moves_a_guest_computing_flat_out_to_a_slower_destination() {
         "the guest was never held, so the destination kept up: the test proves nothing \
          here\n{report}"
     );
+    // The switch waits until the replica would replay the rest within the
+    // round trips it hides (none on loopback) and an eighth of the 300 ms
+    // budget, ~38 ms: the stop is that replay and the handover (7.5–28 ms
+    // in ten runs). Waiting only for half the budget made it 104–111 ms;
+    // judging the replica by the age of its oldest segment not replayed,
+    // up to 66 ms.
+    let downtime_ms = report["downtime_micros"].as_u64().unwrap() as f64 / 1e3;
+    assert!(downtime_ms < 60.0, "stopped {downtime_ms} ms\n{report}");
     // The guest works on at the destination.
     let mut console = Lines::connect_now(dest.console).await.unwrap();
     let mut works = Vec::new();

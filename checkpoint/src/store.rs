@@ -1758,12 +1758,18 @@ mod tests {
         }
     }
 
+    /// A new image of 64 pages in `dir`: its path and the store.
+    fn image_of_64_pages(dir: &Path) -> (PathBuf, ImageStore) {
+        let img = dir.join("img");
+        let store =
+            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        (img, store)
+    }
+
     #[test]
     fn long_runs_are_written_through_the_file_and_a_failed_write_is_rewritten_by_the_next_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("img");
-        let mut store =
-            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        let (img, mut store) = image_of_64_pages(dir.path());
         store.begin_sync(2, 7).unwrap();
         // 32 pages in a row (a pwrite) and 3 (copied into the mapping).
         store.apply(&sync_round(0..32, 0x11)).unwrap();
@@ -1804,9 +1810,7 @@ mod tests {
     #[test]
     fn an_image_holds_only_zeros_until_a_page_with_content_lands() {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("img");
-        let mut store =
-            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        let (img, mut store) = image_of_64_pages(dir.path());
         assert!(store.holds_only_zeros(), "created");
         store.begin_sync(2, 7).unwrap();
         store.apply(&sync_round(5..6, 0x11)).unwrap();
@@ -1831,9 +1835,7 @@ mod tests {
     #[test]
     fn a_created_image_knows_its_hashes_without_reading_them() {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("img");
-        let created =
-            ImageStore::create(&img, "vm", 64 * PAGE_SIZE as u64, Default::default()).unwrap();
+        let (img, created) = image_of_64_pages(dir.path());
         let (opened, _) = ImageStore::open(&img, Default::default()).unwrap();
         assert_eq!(created.hashes, opened.hashes);
         assert_eq!(created.digest, opened.digest);

@@ -588,18 +588,9 @@ impl Destination {
     /// As [`Self::start_full`], its daemon at CPU priority `nice` (19: the
     /// lowest): a host slower than the source.
     pub fn start_niced(guest: &str, memory_mib: usize, settings: &str, nice: u8) -> Self {
-        let local = || addr(free_port());
-        let mut d = Self::configure(
-            guest,
-            memory_mib,
-            settings,
-            "insecure = true",
-            [local(), local(), local()],
-        );
         let mut command = Command::new("nice");
         command.args(["-n", &nice.to_string(), DAEMON]);
-        d.spawn_with(&mut command, "");
-        d
+        Self::start_local(guest, memory_mib, settings, "insecure = true", command, "")
     }
 
     /// With `tls` as the `[tls]` table's lines.
@@ -610,6 +601,25 @@ impl Destination {
         tls: &str,
         faults: &str,
     ) -> Self {
+        Self::start_local(
+            guest,
+            memory_mib,
+            settings,
+            tls,
+            Command::new(DAEMON),
+            faults,
+        )
+    }
+
+    /// On loopback addresses of its own, its daemon started by `command`.
+    fn start_local(
+        guest: &str,
+        memory_mib: usize,
+        settings: &str,
+        tls: &str,
+        mut command: Command,
+        faults: &str,
+    ) -> Self {
         let local = || addr(free_port());
         let mut d = Self::configure(
             guest,
@@ -618,7 +628,7 @@ impl Destination {
             tls,
             [local(), local(), local()],
         );
-        d.spawn(faults);
+        d.spawn_with(&mut command, faults);
         d
     }
 
