@@ -1859,6 +1859,7 @@ impl Migration {
             generation: done.generation,
             mode: self.request.mode.name().into(),
             downtime_micros: done.downtime.as_micros() as u64,
+            sent_micros: done.sent.as_micros() as u64,
             total_micros: total.as_micros() as u64,
             setup_micros: self.setup.as_micros() as u64,
             bytes_transferred: self.bytes,
@@ -1911,6 +1912,8 @@ impl Migration {
 pub(crate) struct SwitchFigures {
     pub generation: u64,
     pub downtime: Duration,
+    /// The stop until the rest was handed to the destination's connection.
+    pub sent: Duration,
     pub resume: Duration,
     pub final_pages: u64,
     pub final_bytes: u64,

@@ -1661,6 +1661,7 @@ impl Replicator {
             SwitchFigures {
                 generation: new_generation,
                 downtime,
+                sent: rest_sent,
                 resume,
                 final_pages,
                 final_bytes,

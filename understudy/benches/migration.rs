@@ -461,10 +461,11 @@ fn main() {
                         runtime.block_on(one(&daemon, &dir, guest, &settings, mode, wan.as_ref()));
                     let r = &run.reply;
                     println!(
-                        "{} round {n} {guest} by {mode}: downtime {:.1} ms, total {:.1} ms, \
-                         {:.2} MB, {} rounds, {} faults{}",
+                        "{} round {n} {guest} by {mode}: downtime {:.1} ms (last byte sent at \
+                         {:.1}), total {:.1} ms, {:.2} MB, {} rounds, {} faults{}",
                         link_name(spec),
                         r.downtime_micros as f64 / 1e3,
+                        r.sent_micros as f64 / 1e3,
                         r.total_micros as f64 / 1e3,
                         r.bytes_transferred as f64 / 1e6,
                         r.rounds,
@@ -670,24 +671,27 @@ fn main() {
             format!(
                 "an idle VM of {mib} MiB: QEMU (7.2, firmware only, `-accel kvm -nodefaults`) \
                  against understudy's pre-copy of the idle counter, same link, same run; medians \
-                 of {rounds} rounds; downtime: QEMU's source stops its clock when it has sent the \
-                 last byte, ours when the destination answered the handover (a round trip later, \
-                 after the source's backup stood down)"
+                 of {rounds} rounds. Downtime on QEMU's clock: from the guest's stop until the \
+                 last byte was handed to the link (QEMU reads it in whole milliseconds); ours also \
+                 until the destination answered the handover, after the source's backup stood \
+                 down (QEMU does not measure that)"
             ),
             &[
                 "link",
                 "",
                 "total (ms)",
-                "downtime (ms)",
+                "downtime, stop to last byte sent (ms)",
+                "downtime, stop to the destination's answer (ms)",
                 "data (MB)",
                 "total ÷ understudy's",
-                "downtime ÷ understudy's",
+                "downtime to last byte ÷ understudy's",
             ],
         );
         for (l, (_, spec)) in links.iter().enumerate() {
             let idle_precopy = &per_link[l][0][1];
             let ours_total = med(idle_precopy, &|r| r.reply.total_micros as f64 / 1e3);
             let ours_down = med(idle_precopy, &|r| r.reply.downtime_micros as f64 / 1e3);
+            let ours_sent = med(idle_precopy, &|r| r.reply.sent_micros as f64 / 1e3);
             for (i, name) in [
                 "QEMU, defaults",
                 "QEMU, tuned (no bandwidth cap, multifd, zstd)",
@@ -699,22 +703,24 @@ fn main() {
                     continue;
                 };
                 if spec.is_none() && i == 0 {
-                    loopback_qemu = Some((total, down, ours_total, ours_down));
+                    loopback_qemu = Some((total, down, ours_total, ours_sent, ours_down));
                 }
                 q.row(vec![
                     link_name(spec).into(),
                     (*name).into(),
                     num(total, 1),
                     num(down, 1),
+                    "—".into(),
                     num(mb, 2),
                     num(total / ours_total, 2),
-                    num(down / ours_down.max(0.001), 2),
+                    num(down / ours_sent.max(0.001), 2),
                 ]);
             }
             q.row(vec![
                 link_name(spec).into(),
                 "understudy pre-copy (idle counter)".into(),
                 num(ours_total, 1),
+                num(ours_sent, 1),
                 num(ours_down, 1),
                 num(
                     med(idle_precopy, &|r| r.reply.bytes_transferred as f64 / 1e6),
@@ -729,7 +735,7 @@ fn main() {
         println!("qemu-system-x86_64 not found: no QEMU comparison (apt install qemu-system-x86)");
     }
     match loopback_qemu {
-        Some((total, down, ours_total, ours_down)) => {
+        Some((total, down, ours_total, ours_sent, ours_down)) => {
             report.target(
                 "pre-copy of an idle VM on loopback: total time ≤ QEMU's (same RAM, same run)",
                 "≤ 1.0× QEMU",
@@ -740,10 +746,14 @@ fn main() {
                 ours_total <= total,
             );
             report.target(
-                "pre-copy of an idle VM on loopback: downtime ≤ QEMU's",
+                "pre-copy of an idle VM on loopback: downtime ≤ QEMU's, on QEMU's clock (guest \
+                 stop to last byte sent)",
                 "≤ 1.0× QEMU",
-                format!("{ours_down:.1} ms against {down:.1} ms"),
-                ours_down <= down,
+                format!(
+                    "{ours_sent:.1} ms against {down:.1} ms (QEMU counts whole ms); ours until \
+                     the destination answered: {ours_down:.1} ms, which QEMU does not measure"
+                ),
+                ours_sent <= down,
             );
         }
         None => report.target(

@@ -107,7 +107,14 @@ pub fn render(r: &MigrateReply) -> String {
         ("destination", r.destination.clone()),
         ("mode", r.mode.clone()),
         ("generation", r.generation.to_string()),
-        ("downtime", ms(r.downtime_micros)),
+        (
+            "downtime",
+            format!(
+                "{} ({} until the last byte left for the destination)",
+                ms(r.downtime_micros),
+                ms(r.sent_micros)
+            ),
+        ),
         ("total time", ms(r.total_micros)),
         ("setup time", ms(r.setup_micros)),
         ("transferred", human_bytes(r.bytes_transferred as f64)),
@@ -199,6 +206,7 @@ pub fn to_json(r: &MigrateReply) -> serde_json::Value {
         "mode": r.mode,
         "generation": r.generation,
         "downtime_micros": r.downtime_micros,
+        "sent_micros": r.sent_micros,
         "total_micros": r.total_micros,
         "setup_micros": r.setup_micros,
         "bytes_transferred": r.bytes_transferred,
