@@ -462,7 +462,8 @@ fn main() {
                     let r = &run.reply;
                     println!(
                         "{} round {n} {guest} by {mode}: downtime {:.1} ms (last byte sent at \
-                         {:.1}), total {:.1} ms, {:.2} MB, {} rounds, {} faults{}",
+                         {:.1}), total {:.1} ms, {:.2} MB, {} rounds, {} faults, guest ran {:.1} %, \
+                         held up to {} %{}",
                         link_name(spec),
                         r.downtime_micros as f64 / 1e3,
                         r.sent_micros as f64 / 1e3,
@@ -470,6 +471,8 @@ fn main() {
                         r.bytes_transferred as f64 / 1e6,
                         r.rounds,
                         r.postcopy_requests,
+                        r.guest_run_share * 100.0,
+                        r.throttle_percent,
                         run.client_gap_ms
                             .map(|g| format!(", client gap {g:.1} ms"))
                             .unwrap_or_default()
