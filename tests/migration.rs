@@ -138,15 +138,15 @@ fn finished(child: Child) -> (bool, String, String) {
 /// Migrates the protected pair's kv VM by `mode` while a client writes;
 /// checks every acked write on the destination, exactly once.
 async fn migrate_under_load(mode: &str) {
-    migrate_under_load_with(mode, "").await;
+    migrate_under_load_with(mode, "", "").await;
 }
 
 /// [`migrate_under_load`] of a VM with `settings` (TOML lines) on both
-/// hosts.
-async fn migrate_under_load_with(mode: &str, settings: &str) {
+/// hosts, the destination started with `UNDERSTUDY_FAULTS=dest_faults`.
+async fn migrate_under_load_with(mode: &str, settings: &str, dest_faults: &str) {
     let _serial = common::serial().await;
     let mut pair = Pair::protected("kv", settings).await;
-    let dest = Destination::start_full("kv", 16, settings, "");
+    let dest = Destination::start_full("kv", 16, settings, dest_faults);
     dest.wait_incoming().await;
     let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
     wait_ready(&mut client, &pair).await;
@@ -181,6 +181,15 @@ async fn migrate_under_load_with(mode: &str, settings: &str) {
         assert!(
             report["log_bytes"].as_u64().unwrap() > 0,
             "no log went to the destination: {report}\n{}",
+            all_logs()
+        );
+        // The tail went with the handover only to a destination that
+        // waits for it.
+        let old_destination = dest_faults.contains("backup.hello.awaits_log");
+        assert_eq!(
+            common::logs_in(pair.dir.path()).contains("output waits for the destination too"),
+            !old_destination,
+            "{}",
             all_logs()
         );
     }
@@ -229,8 +238,101 @@ const REPLAY: &str = "mode = \"replay\"\ncheckpoint_interval = \"500ms\"";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_moves_a_kv_vm_replicated_by_its_log_losing_no_acked_write() {
     // Pre-copy, the base checkpoint, then only the log while the
-    // destination's replica replays it; the switch ships the log's tail.
-    migrate_under_load_with("replay", REPLAY).await;
+    // destination's replica replays it; the switch ships the log's tail
+    // with the handover.
+    migrate_under_load_with("replay", REPLAY, "").await;
+    // A destination before `handover_awaits_log`: the tail first, then,
+    // once it holds it, the handover.
+    migrate_under_load_with("replay", REPLAY, "backup.hello.awaits_log").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_switch_cut_off_after_its_backup_stood_down_leaves_every_acked_write_at_the_destination()
+ {
+    // A replay switch sends the log's tail with the handover, so the
+    // source's backup stands down before the destination holds the tail.
+    // Then the source is lost to the destination (here its link is cut
+    // while the guest is stopped, before the tail leaves; a source that
+    // died would do the same): no host runs the VM, the destination holds
+    // the log only as far as it got, and an operator resumes it there
+    // (`understudyctl promote`). Every write a client saw acked must be in
+    // it: from the switch on, output went out only once the destination
+    // held its log too. Over a 400 ms round trip the destination's log
+    // trails the backup's by a round trip's worth of acked writes, and the
+    // cut (within ~40 ms of the stop) drops what was on its way.
+    use understudy_bench::wan::{LinkSpec, Wan};
+    let _serial = common::serial().await;
+    let wan = Wan::new(&LinkSpec::new(1000, Duration::from_millis(400)))
+        .unwrap_or_else(|e| panic!("this test needs root and iproute2: {e:#}"));
+    let mut pair = Pair::new("kv", REPLAY);
+    // Stopped for the switch, the source waits 2 s before sending the tail:
+    // time to cut the link.
+    pair.primary = Some(pair.spawn_with_env(
+        "primary",
+        &[],
+        &[("UNDERSTUDY_FAULTS", "primary.switch.tail~2000".to_owned())],
+    ));
+    pair.wait_protected().await;
+    let dest = Destination::start_in(&wan, "kv", 16, REPLAY, "");
+    dest.wait_incoming().await;
+    let logs = logs_of(&pair, &dest);
+    let mut client = Lines::connect(pair.addrs.primary_console, 0).await.unwrap();
+    wait_ready(&mut client, &pair).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(serve_times(
+        client,
+        |i| format!("SET keytail-{i} value-{i}"),
+        "OK",
+        stop,
+    ));
+    let child = migrate(&pair, &dest, "replay");
+    common::wait_status_or(
+        pair.addrs.primary_control,
+        "the source in its switch",
+        Duration::from_secs(60),
+        |s| s.migration.as_ref().is_some_and(|m| m.phase == "switch"),
+        &logs,
+    )
+    .await;
+    wan.cut(true).unwrap();
+    let (ok, _, stderr) = finished(child);
+    stop_tx.send_replace(true);
+    let (_, acked) = writer.await.unwrap();
+    assert!(!ok, "migrate succeeded over a cut link\n{}", logs());
+    assert!(
+        stderr.contains("no answer to the handover"),
+        "migrate does not say the destination may hold the VM: {stderr}\n{}",
+        logs()
+    );
+    assert!(
+        logs().contains("told the backup we stop on purpose"),
+        "the backup did not stand down: the test proves nothing\n{}",
+        logs()
+    );
+    assert!(acked.len() > 20, "only {} writes acked", acked.len());
+    let b = status(pair.addrs.backup_control)
+        .await
+        .expect("backup status");
+    assert_eq!(b.role, "backup", "the source's backup runs the VM: {b:?}");
+    // The operator resumes the VM at the destination, its link still cut.
+    let out = std::process::Command::new(common::CTL)
+        .arg("promote")
+        .arg("--config")
+        .arg(&dest.config)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("runs VM test-vm"),
+        "{said}\n{}",
+        logs()
+    );
+    let mut c = Lines::connect_now(dest.console).await.unwrap();
+    check_all(&mut c, &logs(), "tail", &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -478,6 +478,8 @@ async fn hostile_round(
                 replay: rng.next() % 2 == 0,
                 // Or one that waits for its epoch (bounded there).
                 commit_wait_millis: (rng.next() % 3) as u32 * 40,
+                // Or for a log's tail.
+                log_exits: rng.pick(1),
             };
             let _ = tokio::time::timeout(deadline, client.handover(h)).await;
         }

@@ -323,6 +323,7 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 zero_pages: Default::default(),
                 replay: false,
                 commit_wait_millis: 0,
+                log_exits: 0,
             },
             "handover refused",
         ),
@@ -344,6 +345,19 @@ async fn a_backup_refuses_handovers_that_do_not_match_its_committed_image() {
                 session: 12345,
                 epoch: status.last_epoch,
                 replay: true,
+                ..Default::default()
+            },
+            "handover refused",
+        ),
+        (
+            // Nor one that waits for the log's tail.
+            HandoverRequest {
+                generation: 1,
+                session: 12345,
+                epoch: status.last_epoch,
+                replay: true,
+                log_exits: u64::MAX,
+                commit_wait_millis: 300,
                 ..Default::default()
             },
             "handover refused",

@@ -438,7 +438,7 @@ pub async fn run(
     let watcher = tokio::spawn(handle_events(shared.clone(), events));
     let (operator_tx, operator_rx) = tokio::sync::mpsc::channel(4);
     host.operator.install(operator_tx);
-    let operator = tokio::spawn(operator::serve(shared.clone(), operator_rx));
+    let mut operator = tokio::spawn(operator::serve(shared.clone(), operator_rx));
 
     // The server stops accepting when the role ends (shutdown or handover);
     // connections it already has (the handover's answer) finish on their own.
@@ -487,7 +487,16 @@ pub async fn run(
         }
     };
     host.operator.clear();
-    operator.abort();
+    // An operator's promote that ended the role (an incoming destination
+    // takes the VM as its primary) answers first: aborted, its caller heard
+    // that the backup stopped, though the VM runs here. Its queue is closed
+    // now, so the task ends once it answered what it took.
+    if tokio::time::timeout(OPERATOR_DRAIN, &mut operator)
+        .await
+        .is_err()
+    {
+        operator.abort();
+    }
     watcher.abort();
     watch.stop();
     // The detector wakes at least every half heartbeat interval to see that
@@ -736,6 +745,10 @@ fn built_ahead(what: &str, ram: Result<GuestRam, String>) -> Option<VmShell> {
         }
     }
 }
+
+/// The longest the role's end waits for an operator request it took to be
+/// answered (a promote is done by then: it is what ended the role).
+const OPERATOR_DRAIN: Duration = Duration::from_secs(2);
 
 /// The heap a backup takes while it waits for its first primary
 /// ([`understudy_common::alloc::warm_heap`]): what its receive path grew

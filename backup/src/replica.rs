@@ -233,7 +233,7 @@ impl Follower {
     }
 
     /// The exit index the log received reaches.
-    fn received_exits(&self) -> u64 {
+    pub(crate) fn received_exits(&self) -> u64 {
         self.next_exit.unwrap_or(0)
     }
 

@@ -336,6 +336,10 @@ impl Replication for ReplicationService {
                     handover_awaits_commit: true,
                     prepares_handover: true,
                     image_zeroed,
+                    // Tests: a host before it (the source then waits for
+                    // the tail's ack).
+                    handover_awaits_log: understudy_common::fault::check("backup.hello.awaits_log")
+                        .is_ok(),
                 }))
             }
             Decision::Deposed(_) => Err(shared.deposed(claim.generation)),
@@ -581,9 +585,12 @@ impl Replication for ReplicationService {
                 }
             };
         }
+        let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
         if req.commit_wait_millis > 0 && !req.replay {
-            let wait = Duration::from_millis(req.commit_wait_millis.into()).min(MAX_COMMIT_WAIT);
             await_commit(shared, handover_session, req.epoch, wait, "handover").await?;
+        }
+        if req.replay && req.log_exits > 0 {
+            await_log(shared, handover_session, req.log_exits, wait).await?;
         }
         let trigger = Trigger::Handover {
             session: handover_session,
@@ -627,6 +634,59 @@ pub(crate) async fn await_commit(
     what: &str,
 ) -> Result<(), Status> {
     await_commit_then(shared, session, epoch, wait, what, AtDeadline::CloseSession).await
+}
+
+/// A replay handover sent with the log's tail still on its way
+/// (`log_exits`): returns once the session's log reaches that exit, or once
+/// the session takes no more log (the promotion's own checks then answer).
+/// Refuses at the end of `wait`, after closing the session under the state
+/// lock, so that no more log arrives after the refusal: the source, told
+/// no, resumes the VM, and the replica here must never run past what it
+/// had.
+pub(crate) async fn await_log(
+    shared: &Shared,
+    session: SessionId,
+    exits: u64,
+    wait: Duration,
+) -> Result<(), Status> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Each segment received wakes it (`receiver::receive_chunk`).
+        let notified = shared.commits.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let mut state = shared.lock();
+            let Phase::Standby(standby) = &mut state.phase else {
+                return Ok(());
+            };
+            let Some(live) = standby
+                .session
+                .as_mut()
+                .filter(|s| s.id == session && s.decoder.is_some())
+            else {
+                return Ok(());
+            };
+            let held = live.follower.as_ref().map_or(0, |f| f.received_exits());
+            if held >= exits {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                live.decoder = None;
+                tracing::warn!(
+                    exits,
+                    held,
+                    ?wait,
+                    "handover refused: the log's tail did not arrive in time; the session is closed"
+                );
+                return Err(Status::failed_precondition(format!(
+                    "handover refused: the log up to exit {exits} did not arrive within {wait:?} \
+                     (held: up to exit {held}); the session is closed, so it never will"
+                )));
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
 }
 
 /// What [`await_commit_then`] does when its wait runs out.

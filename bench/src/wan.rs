@@ -104,6 +104,9 @@ pub struct Wan {
     queue: u16,
     near_rule: bool,
     lines: Vec<DelayLine>,
+    /// The link is cut: the delay lines drop what they hold (a cut link
+    /// loses the packets on it, as a real one does).
+    cut: Arc<AtomicBool>,
     /// Sysctls of this namespace changed, with their old values.
     restore: Vec<(String, String)>,
 }
@@ -151,6 +154,7 @@ impl Wan {
             queue: (pid % 30_000) as u16 * 2 + n as u16 % 2 + 1000,
             near_rule: false,
             lines: Vec::new(),
+            cut: Arc::new(AtomicBool::new(false)),
             restore: Vec::new(),
         };
         // On error, Drop undoes what was made so far.
@@ -255,10 +259,18 @@ impl Wan {
         // sends packets to it (a queue nobody listens on drops them).
         if !self.spec.rtt.is_zero() {
             let one_way = self.spec.rtt / 2;
-            self.lines
-                .push(DelayLine::start(None, self.queue, one_way)?);
-            self.lines
-                .push(DelayLine::start(Some(&ns), self.queue, one_way)?);
+            self.lines.push(DelayLine::start(
+                None,
+                self.queue,
+                one_way,
+                self.cut.clone(),
+            )?);
+            self.lines.push(DelayLine::start(
+                Some(&ns),
+                self.queue,
+                one_way,
+                self.cut.clone(),
+            )?);
             let q = self.queue.to_string();
             let rule = |dev: &str| -> Vec<String> {
                 ["-A", "INPUT", "-i", dev, "-j", "NFQUEUE", "--queue-num", &q]
@@ -322,9 +334,10 @@ impl Wan {
     }
 
     /// Cuts the link (both directions; the management network stays up), or
-    /// heals it.
+    /// heals it. What was on its way when it was cut is lost.
     pub fn cut(&self, cut: bool) -> Result<()> {
         let state = if cut { "down" } else { "up" };
+        self.cut.store(cut, Ordering::Release);
         run(&mut cmd("ip", &["link", "set", &self.near_dev, state]))?;
         Ok(())
     }
@@ -482,7 +495,7 @@ const POLL: Duration = Duration::from_micros(100);
 impl DelayLine {
     /// Starts the thread (inside `ns`, if given) and waits until it listens
     /// on `queue`.
-    fn start(ns: Option<&str>, queue: u16, delay: Duration) -> Result<Self> {
+    fn start(ns: Option<&str>, queue: u16, delay: Duration, cut: Arc<AtomicBool>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -507,7 +520,7 @@ impl DelayLine {
                             return;
                         }
                     };
-                    if let Err(e) = hold(q, delay, &stop)
+                    if let Err(e) = hold(q, delay, &stop, &cut)
                         && let Ok(mut slot) = error.lock()
                     {
                         *slot = Some(e.to_string());
@@ -547,8 +560,13 @@ fn open_queue(queue: u16) -> std::io::Result<nfq::Queue> {
 }
 
 /// The delay line's loop: take every packet queued, accept each `delay`
-/// after it came.
-fn hold(mut q: nfq::Queue, delay: Duration, stop: &AtomicBool) -> std::io::Result<()> {
+/// after it came (drop it if the link is `cut` by then).
+fn hold(
+    mut q: nfq::Queue,
+    delay: Duration,
+    stop: &AtomicBool,
+    cut: &AtomicBool,
+) -> std::io::Result<()> {
     let mut held: VecDeque<(Instant, nfq::Message)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         loop {
@@ -562,7 +580,11 @@ fn hold(mut q: nfq::Queue, delay: Duration, stop: &AtomicBool) -> std::io::Resul
         let now = Instant::now();
         while held.front().is_some_and(|(due, _)| *due <= now) {
             if let Some((_, mut msg)) = held.pop_front() {
-                msg.set_verdict(nfq::Verdict::Accept);
+                msg.set_verdict(if cut.load(Ordering::Acquire) {
+                    nfq::Verdict::Drop
+                } else {
+                    nfq::Verdict::Accept
+                });
                 q.verdict(msg)?;
             }
         }

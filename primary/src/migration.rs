@@ -374,6 +374,8 @@ pub(crate) struct Link {
     awaits_commit: bool,
     /// The destination restores the VM ahead of the handover when asked.
     prepares_handover: bool,
+    /// The destination's replay handover can wait for the log's tail.
+    awaits_log: bool,
     /// Chunks encoded and not yet handed to the stream.
     outbox: std::collections::VecDeque<EpochChunk>,
     /// Epochs sent and not yet acked, with their bytes.
@@ -526,6 +528,7 @@ impl Link {
             image_zeroed: accepted.image_zeroed,
             awaits_commit: accepted.handover_awaits_commit,
             prepares_handover: accepted.prepares_handover,
+            awaits_log: accepted.handover_awaits_log,
             outbox: Default::default(),
             unacked: Default::default(),
             unacked_bytes: 0,
@@ -891,6 +894,19 @@ pub(crate) enum Step {
     Switch,
 }
 
+/// What replay's log phase wants from the replicator.
+pub(crate) enum LogStep {
+    /// Carry on: the destination's replica follows the log.
+    Continue,
+    /// To a destination whose handover waits for the log's tail: the switch
+    /// is due once the destination holds the log whose output went out. From
+    /// now on output waits for it too ([`crate::releaser::Releaser::gate`];
+    /// [`Migration::gated`] with what went out so far).
+    Gate,
+    /// Time to switch: pause, send the log's tail, hand over.
+    Switch,
+}
+
 /// A migration under way (owned by the replicator thread).
 pub(crate) struct Migration {
     pub request: Request,
@@ -964,6 +980,10 @@ struct ReplayLog {
     /// The shortest time from a segment's send to the destination's word
     /// that it holds it: the link's round trip, about.
     round_trip: Option<Duration>,
+    /// The switch is due and output waits for the destination too
+    /// ([`LogStep::Gate`]): the exit up to which output went out before. The
+    /// guest stops once the destination holds the log up to it.
+    gate: Option<u64>,
 }
 
 /// Replay mode: the guest's pace in exits a second of it running (the time
@@ -1004,9 +1024,18 @@ impl ExitPace {
 /// took the flat-out dirtier's stop from 121 ms (the replay of up to half
 /// the default budget) to 18–20 ms; over 100 Mbit/s with a 50 ms round
 /// trip the stop is those round trips either way (108–115 ms).
-pub(crate) fn replay_switch_backlog(budget: Duration, round_trip: Option<Duration>) -> Duration {
+///
+/// With the tail and the handover sent together (`tail_with_handover`:
+/// [`LogStep::Gate`]) both arrive half a round trip after the pause, and that
+/// half is what the replica replays unseen.
+pub(crate) fn replay_switch_backlog(
+    budget: Duration,
+    round_trip: Option<Duration>,
+    tail_with_handover: bool,
+) -> Duration {
     let half = budget / 2;
     match round_trip {
+        Some(rtt) if tail_with_handover => (rtt / 2 + budget / 8).min(half),
         Some(rtt) => (rtt + rtt / 2 + budget / 8).min(half),
         None => half,
     }
@@ -1393,6 +1422,7 @@ impl Migration {
             last_sent: Instant::now(),
             unheld: Default::default(),
             round_trip: None,
+            gate: None,
         });
         // The pre-copy's hold ends with it: the log phase holds the guest
         // only if the destination's replica does not gain on the log.
@@ -1513,7 +1543,11 @@ impl Migration {
     /// [`REPLAY_CATCH_UP`]. Meanwhile the guest (`vm`) is held a growing
     /// share of the time while the replica does not gain on the log
     /// (`may_hold`: no one else holds it now).
-    pub(crate) fn replay_step(&mut self, vm: &Vm, may_hold: bool) -> Result<Step, MigrationError> {
+    pub(crate) fn replay_step(
+        &mut self,
+        vm: &Vm,
+        may_hold: bool,
+    ) -> Result<LogStep, MigrationError> {
         let budget = self.request.max_downtime;
         let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_mut()) else {
             return Err(MigrationError::NotConnected);
@@ -1546,8 +1580,17 @@ impl Migration {
         );
         let since = log.sent_at.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let target = replay_switch_backlog(budget, log.round_trip);
-        if base_committed && replayed > 0 && backlog <= target && since >= MIN_LOG_PHASE {
+        let target = replay_switch_backlog(budget, log.round_trip, link.awaits_log);
+        if let Some(released) = log.gate {
+            if held_to >= released {
+                tracing::info!(
+                    held_to,
+                    backlog_ms = ms(backlog),
+                    "migration: the destination holds the log of all output released: switching"
+                );
+                return Ok(LogStep::Switch);
+            }
+        } else if base_committed && replayed > 0 && backlog <= target && since >= MIN_LOG_PHASE {
             tracing::info!(
                 log_bytes = log.log_bytes,
                 backlog_ms = ms(backlog),
@@ -1556,7 +1599,11 @@ impl Migration {
                 throttle = self.throttle,
                 "migration: the destination's replica keeps up with the log: switching"
             );
-            return Ok(Step::Switch);
+            return Ok(if link.awaits_log {
+                LogStep::Gate
+            } else {
+                LogStep::Switch
+            });
         }
         if since > REPLAY_CATCH_UP {
             return Err(MigrationError::ReplicaBehind {
@@ -1595,17 +1642,41 @@ impl Migration {
             }
         }
         self.throttle_tick(vm, may_hold)?;
-        Ok(Step::Continue)
+        Ok(LogStep::Continue)
+    }
+
+    /// Replay mode, the switch due ([`LogStep::Gate`]): output went out up to
+    /// exit `released`; the guest stops once the destination holds the log
+    /// up to it.
+    pub(crate) fn gated(&mut self, released: u64) {
+        if let Some(log) = self.replay.as_mut() {
+            log.gate = Some(released);
+        }
+    }
+
+    /// Replay mode: the exit up to which the destination holds the log.
+    pub(crate) fn destination_log(&self) -> u64 {
+        self.link
+            .as_ref()
+            .map_or(0, |l| l.log_exits.load(Ordering::Acquire))
     }
 
     /// Replay mode's switch, the guest paused and its last segment sent:
-    /// waits until the destination holds the log up to the last exit sent;
-    /// returns the base's epoch (the handover names it).
-    pub(crate) fn flush_log(&mut self) -> Result<u64, MigrationError> {
+    /// returns the base's epoch (the handover names it) and the log's last
+    /// exit. To a destination whose handover waits for the log
+    /// (`awaits_log`, the log of all output released already there:
+    /// [`LogStep::Gate`]) once the tail is handed to the stream; else once the
+    /// destination holds the log up to the last exit (the exit returned is
+    /// then 0: nothing to wait for).
+    pub(crate) fn flush_log(&mut self) -> Result<(u64, u64), MigrationError> {
         let (Some(link), Some(log)) = (self.link.as_mut(), self.replay.as_ref()) else {
             return Err(MigrationError::NotConnected);
         };
         let (last, base) = (log.last_exit, log.base_epoch);
+        if link.awaits_log && log.gate.is_some() {
+            link.flush_sent(FINAL_ACK_TIMEOUT)?;
+            return Ok((base, last));
+        }
         let deadline = Instant::now() + FINAL_ACK_TIMEOUT;
         loop {
             link.pump()?;
@@ -1613,7 +1684,7 @@ impl Migration {
                 && link.acked.covers(Epoch(base))
                 && link.log_exits.load(Ordering::Acquire) >= last
             {
-                return Ok(base);
+                return Ok((base, 0));
             }
             if Instant::now() >= deadline {
                 return Err(MigrationError::LogNotHeld {
@@ -2004,6 +2075,7 @@ mod tests {
                 handover_awaits_commit: true,
                 prepares_handover: true,
                 image_zeroed: true,
+                handover_awaits_log: true,
             },
         );
         (link, rx)
@@ -2240,20 +2312,29 @@ mod tests {
     fn the_switch_waits_for_less_backlog_than_its_round_trips_hide_and_an_eighth_of_the_budget() {
         let ms = Duration::from_millis;
         // Round trip unknown: half the budget.
-        assert_eq!(replay_switch_backlog(ms(300), None), ms(150));
+        assert_eq!(replay_switch_backlog(ms(300), None, false), ms(150));
         // Loopback: an eighth of the budget, about.
         assert_eq!(
-            replay_switch_backlog(ms(300), Some(ms(0))),
+            replay_switch_backlog(ms(300), Some(ms(0)), false),
             ms(37) + Duration::from_micros(500)
         );
         // 50 ms: the round trip and a half it hides, and the eighth.
         assert_eq!(
-            replay_switch_backlog(ms(300), Some(ms(50))),
+            replay_switch_backlog(ms(300), Some(ms(50)), false),
             ms(112) + Duration::from_micros(500)
         );
         // Never more than half the budget.
-        assert_eq!(replay_switch_backlog(ms(300), Some(ms(400))), ms(150));
-        assert_eq!(replay_switch_backlog(ms(40), Some(ms(10))), ms(20));
+        assert_eq!(
+            replay_switch_backlog(ms(300), Some(ms(400)), false),
+            ms(150)
+        );
+        assert_eq!(replay_switch_backlog(ms(40), Some(ms(10)), false), ms(20));
+        // The tail with the handover: half a round trip hides replay.
+        assert_eq!(
+            replay_switch_backlog(ms(300), Some(ms(50)), true),
+            ms(62) + Duration::from_micros(500)
+        );
+        assert_eq!(replay_switch_backlog(ms(300), None, true), ms(150));
     }
 
     #[test]

@@ -127,6 +127,9 @@ pub(crate) struct Accepted {
     pub prepares_handover: bool,
     /// Its image holds only zeros: the first sync leaves zero pages out.
     pub image_zeroed: bool,
+    /// A replay handover may wait there for the log's tail
+    /// (`HandoverRequest.log_exits`).
+    pub handover_awaits_log: bool,
 }
 
 /// The encoder's state for a session's sync to a receiver that answered
@@ -229,6 +232,7 @@ pub(crate) async fn hello_to(
                 handover_awaits_commit: reply.handover_awaits_commit,
                 prepares_handover: reply.prepares_handover,
                 image_zeroed: reply.image_zeroed,
+                handover_awaits_log: reply.handover_awaits_log,
             })
         }
         // Only the backup's deliberate answers refuse us for good (wrong VM,
@@ -479,8 +483,10 @@ pub(crate) enum HandoverKind<'a> {
     /// A post-copy migration: run now, fetching the pages it lacks.
     Postcopy(PostcopyHandover<'a>),
     /// A replay migration: run the replica that replayed the log from the
-    /// committed checkpoint (the base) to its end.
-    Replay,
+    /// committed checkpoint (the base) to its end: the log up to exit
+    /// `log_exits`, waiting for it up to `wait` (only at a host that said
+    /// `handover_awaits_log`; 0: the host holds it already).
+    Replay { log_exits: u64, wait: Duration },
 }
 
 impl HandoverKind<'_> {
@@ -488,7 +494,8 @@ impl HandoverKind<'_> {
     pub(crate) fn commit_wait(&self) -> Duration {
         match self {
             Self::Plain { commit_wait } => *commit_wait,
-            Self::Postcopy(_) | Self::Replay => Duration::ZERO,
+            Self::Replay { wait, .. } => *wait,
+            Self::Postcopy(_) => Duration::ZERO,
         }
     }
 }
@@ -531,8 +538,12 @@ pub(crate) async fn handover_to(
             .unwrap_or_default()
             .into(),
         zero_pages: postcopy.map(|p| p.zero.to_vec()).unwrap_or_default().into(),
-        replay: matches!(kind, HandoverKind::Replay),
+        replay: matches!(kind, HandoverKind::Replay { .. }),
         commit_wait_millis: u32::try_from(commit_wait.as_millis()).unwrap_or(u32::MAX),
+        log_exits: match kind {
+            HandoverKind::Replay { log_exits, .. } => log_exits,
+            _ => 0,
+        },
     });
     // The answer may wait for the commit, then for the promotion.
     let timeout = HANDOVER_TIMEOUT + commit_wait;

@@ -22,6 +22,14 @@ struct ReleaseState {
     unprotected: bool,
     /// (epoch, console end offset) of checkpoints not yet acked.
     pending: VecDeque<(u64, u64)>,
+    /// The backup's last ack (its acks come in order; a late one of an
+    /// old session releases only what it names, as before the gate).
+    acked: u64,
+    /// The newest key whose output went out.
+    released: u64,
+    /// A replay migration's switch ([`Releaser::gate`]): output also waits
+    /// until the destination holds the log up to its key.
+    second: Option<u64>,
 }
 
 impl Releaser {
@@ -49,16 +57,53 @@ impl Releaser {
     /// The backup committed `epoch`: its output (and all before) may go out.
     pub(crate) fn acked(&self, epoch: u64) {
         let mut s = self.lock();
+        s.acked = epoch;
+        self.release(&mut s);
+    }
+
+    /// Releases what every holder acked.
+    fn release(&self, s: &mut ReleaseState) {
+        let upto = s.acked.min(s.second.unwrap_or(u64::MAX));
         let mut release = None;
         while let Some(&(e, end)) = s.pending.front() {
-            if e > epoch {
+            if e > upto {
                 break;
             }
             release = Some(end);
+            s.released = s.released.max(e);
             s.pending.pop_front();
         }
         if let (Some(end), false) = (release, s.fenced) {
             self.log.release_to(end);
+        }
+    }
+
+    /// A replay migration's switch, before the guest stops: from now on
+    /// output also waits until the destination holds the log that produced
+    /// it ([`Releaser::second_acked`]), so that once the destination holds
+    /// the log up to the key returned (all the output released so far),
+    /// it holds all that clients saw, and the source's backup may stand
+    /// down while the log's tail is still on its way.
+    pub(crate) fn gate(&self) -> u64 {
+        let mut s = self.lock();
+        s.second.get_or_insert(0);
+        s.released
+    }
+
+    /// The destination holds the log up to `key`.
+    pub(crate) fn second_acked(&self, key: u64) {
+        let mut s = self.lock();
+        if let Some(second) = s.second.as_mut() {
+            *second = (*second).max(key);
+            self.release(&mut s);
+        }
+    }
+
+    /// The migration failed: output waits for the backup alone again.
+    pub(crate) fn ungate(&self) {
+        let mut s = self.lock();
+        if s.second.take().is_some() {
+            self.release(&mut s);
         }
     }
 
@@ -87,7 +132,9 @@ impl Releaser {
     /// session's sync: no backup could promote from it before its first
     /// checkpoint commits.
     pub(crate) fn new_session(&self) {
-        self.lock().pending.clear();
+        let mut s = self.lock();
+        s.pending.clear();
+        s.acked = 0;
     }
 
     /// The new session's first checkpoint is acked: from here on output
@@ -170,6 +217,35 @@ mod tests {
         r.checkpoint_taken(2, log.end());
         assert_eq!(log.released(), 12);
         r.acked(2);
+        assert_eq!(log.released(), 16);
+    }
+
+    #[test]
+    fn at_a_replay_switch_output_waits_for_the_destination_too() {
+        let (log, r) = releaser();
+        log.append(b"seen");
+        r.checkpoint_taken(10, log.end());
+        r.acked(10);
+        assert_eq!(log.released(), 4);
+        // The gate: what went out so far is the log up to exit 10.
+        assert_eq!(r.gate(), 10);
+        log.append(b"held");
+        r.checkpoint_taken(20, log.end());
+        log.append(b"tail");
+        r.checkpoint_taken(30, log.end());
+        r.acked(30);
+        assert_eq!(log.released(), 4, "the backup alone holds it");
+        r.second_acked(20);
+        assert_eq!(log.released(), 8, "both hold the log up to 20");
+        // A second gate keeps the destination's word.
+        assert_eq!(r.gate(), 20);
+        // The migration failed: the backup's ack is enough again.
+        r.ungate();
+        assert_eq!(log.released(), 12);
+        r.second_acked(40);
+        log.append(b"more");
+        r.checkpoint_taken(40, log.end());
+        r.acked(40);
         assert_eq!(log.released(), 16);
     }
 

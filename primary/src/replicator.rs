@@ -22,7 +22,7 @@ use understudy_vmm::wp::{WpError, WriteProtectCopy};
 use understudy_vmm::{Vm, VmEnd, VmError};
 
 use crate::migration::{
-    FinalSent, Migration, MigrationError, MigrationMode, Step, SwitchFigures,
+    FinalSent, LogStep, Migration, MigrationError, MigrationMode, Step, SwitchFigures,
     handover_until_answered,
 };
 use crate::peer::{
@@ -1734,13 +1734,27 @@ impl Replicator {
             return Tick::Carry;
         }
         if m.log_phase() {
+            // At the switch, output waits for the destination too: what it
+            // holds goes out.
+            self.shared.releaser.second_acked(m.destination_log());
             let may_hold = !self.held_for_output && !self.held_for_lag;
             let vm = self
                 .vm
                 .as_ref()
                 .unwrap_or_else(|| unreachable!("the VM lives until run() returns"));
             return match m.replay_step(vm, may_hold) {
-                Ok(Step::Continue) => {
+                Ok(LogStep::Gate) => {
+                    let released = self.shared.releaser.gate();
+                    tracing::info!(
+                        released,
+                        "migration: the switch is due; output waits for the destination too \
+                         until it holds the log of all output released"
+                    );
+                    m.gated(released);
+                    self.migration = Some(m);
+                    Tick::Carry
+                }
+                Ok(LogStep::Continue) => {
                     self.show_migration(&m, "log", |p| {
                         format!(
                             "migrating to {}: the destination replays the log",
@@ -1750,7 +1764,7 @@ impl Replicator {
                     self.migration = Some(m);
                     Tick::Carry
                 }
-                Ok(Step::Switch) => match self.replay_switch(link, m) {
+                Ok(LogStep::Switch) => match self.replay_switch(link, m) {
                     Some(end) => Tick::Ended(end),
                     None => Tick::Carry,
                 },
@@ -1833,6 +1847,12 @@ impl Replicator {
             self.fail_migration(m, format!("cannot pause the VM: {e}"));
             return None;
         }
+        // Tests: the guest stopped, its log's tail not yet sent.
+        if let Err(e) = fault_point("primary.switch.tail") {
+            self.resume_after_failed_switchover();
+            self.fail_migration(m, e.to_string());
+            return None;
+        }
         let bytes_before = m.bytes_sent();
         // The log up to the pause, sealed by it: ship_segment sends it to
         // the backup and, in the log phase, to the destination.
@@ -1863,8 +1883,8 @@ impl Replicator {
             self.fail_migration(m, "the primary is stopping".into());
             return Some(SessionEnd::Stop);
         }
-        let epoch = match m.flush_log() {
-            Ok(epoch) => epoch,
+        let (epoch, log_exits) = match m.flush_log() {
+            Ok(flushed) => flushed,
             Err(why) => {
                 self.shared.end_handover(None);
                 self.resume_after_failed_switchover();
@@ -1885,7 +1905,17 @@ impl Replicator {
                 final_bytes,
                 backup_final: None,
             },
-            HandoverKind::Replay,
+            HandoverKind::Replay {
+                log_exits,
+                // Its tail left with the handover (log_exits > 0): it is
+                // there half a round trip after the pause, unless the link
+                // failed, and then the handover cannot come either.
+                wait: if log_exits > 0 {
+                    REPLAY_TAIL_WAIT
+                } else {
+                    Duration::ZERO
+                },
+            },
         )
     }
 
@@ -1928,6 +1958,8 @@ impl Replicator {
     /// The migration failed before the switch: the VM runs on here, or, if
     /// this host was deposed meanwhile, on its backup.
     fn fail_migration(&mut self, m: Migration, why: String) {
+        // Output waits for the backup alone again (a replay switch's gate).
+        self.shared.releaser.ungate();
         let whereabouts = after_a_failed_switch(self.shared.phase());
         tracing::warn!(%why, destination = %m.request.target.addr, "live migration failed; {whereabouts}");
         let stats = &self.shared.stats;
@@ -1997,6 +2029,12 @@ impl Replicator {
 
 /// How long the migration's handover is asked again while its answer is lost.
 const MIGRATION_HANDOVER_RETRY: Duration = Duration::from_secs(10);
+
+/// A replay handover sent with the log's tail: how long the destination
+/// waits for the tail (it is on the same connection, just ahead; at the
+/// end of the wait the destination closes the session and refuses, and the
+/// VM runs on here).
+const REPLAY_TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// Where a migration's switch stands once the destination holds the state.
 #[derive(Clone, Copy, Debug)]
