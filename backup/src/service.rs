@@ -649,17 +649,55 @@ pub(crate) async fn await_log(
     exits: u64,
     wait: Duration,
 ) -> Result<(), Status> {
+    let held = |live: &Session| live.follower.as_ref().map_or(0, |f| f.received_exits());
+    await_session(
+        shared,
+        session,
+        wait,
+        |_, live| held(live) >= exits,
+        |_, live| {
+            let held = held(live);
+            live.decoder = None;
+            tracing::warn!(
+                exits,
+                held,
+                ?wait,
+                "handover refused: the log's tail did not arrive in time; the session is closed"
+            );
+            Status::failed_precondition(format!(
+                "handover refused: the log up to exit {exits} did not arrive within {wait:?} \
+                 (held: up to exit {held}); the session is closed, so it never will"
+            ))
+        },
+    )
+    .await
+}
+
+/// Waits until `ready` (given the image's committed epoch and the session)
+/// says so for the live `session`, looking again at each commit and each log
+/// segment received (`shared.commits`). Ok at once when the session is gone
+/// or the host no longer stands by (the request's own checks then answer).
+/// At the end of `wait`, the error `refuse` makes (it may close the session,
+/// under the state lock).
+async fn await_session(
+    shared: &Shared,
+    session: SessionId,
+    wait: Duration,
+    mut ready: impl FnMut(Option<u64>, &Session) -> bool,
+    mut refuse: impl FnMut(Option<u64>, &mut Session) -> Status,
+) -> Result<(), Status> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        // Each segment received wakes it (`receiver::receive_chunk`).
         let notified = shared.commits.notified();
         tokio::pin!(notified);
+        // Registered before the look: a commit right after it still wakes us.
         notified.as_mut().enable();
         {
             let mut state = shared.lock();
             let Phase::Standby(standby) = &mut state.phase else {
                 return Ok(());
             };
+            let committed = standby.store.committed_epoch();
             let Some(live) = standby
                 .session
                 .as_mut()
@@ -667,22 +705,11 @@ pub(crate) async fn await_log(
             else {
                 return Ok(());
             };
-            let held = live.follower.as_ref().map_or(0, |f| f.received_exits());
-            if held >= exits {
+            if ready(committed, live) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                live.decoder = None;
-                tracing::warn!(
-                    exits,
-                    held,
-                    ?wait,
-                    "handover refused: the log's tail did not arrive in time; the session is closed"
-                );
-                return Err(Status::failed_precondition(format!(
-                    "handover refused: the log up to exit {exits} did not arrive within {wait:?} \
-                     (held: up to exit {held}); the session is closed, so it never will"
-                )));
+                return Err(refuse(committed, live));
             }
         }
         let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -708,47 +735,29 @@ pub(crate) async fn await_commit_then(
     what: &str,
     at_deadline: AtDeadline,
 ) -> Result<(), Status> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let notified = shared.commits.notified();
-        tokio::pin!(notified);
-        // Registered before the look: a commit right after it still wakes us.
-        notified.as_mut().enable();
-        {
-            let mut state = shared.lock();
-            let Phase::Standby(standby) = &mut state.phase else {
-                return Ok(());
-            };
-            let committed = standby.store.committed_epoch();
-            let Some(live) = standby
-                .session
-                .as_mut()
-                .filter(|s| s.id == session && s.decoder.is_some())
-            else {
-                return Ok(());
-            };
-            if committed >= Some(epoch) {
-                return Ok(());
+    await_session(
+        shared,
+        session,
+        wait,
+        |committed, _| committed >= Some(epoch),
+        |committed, live| {
+            if at_deadline == AtDeadline::Refuse {
+                return Status::deadline_exceeded(format!(
+                    "{what} refused: epoch {epoch} did not commit within {wait:?} \
+                     (committed: {committed:?})"
+                ));
             }
-            if tokio::time::Instant::now() >= deadline {
-                if at_deadline == AtDeadline::Refuse {
-                    return Err(Status::deadline_exceeded(format!(
-                        "{what} refused: epoch {epoch} did not commit within {wait:?} \
-                         (committed: {committed:?})"
-                    )));
-                }
-                live.decoder = None;
-                tracing::warn!(
-                    epoch,
-                    ?wait,
-                    "{what} refused: its epoch did not commit in time; the session is closed"
-                );
-                return Err(Status::failed_precondition(format!(
-                    "{what} refused: epoch {epoch} did not commit within {wait:?} (committed: \
-                     {committed:?}); the session is closed, so it never will"
-                )));
-            }
-        }
-        let _ = tokio::time::timeout_at(deadline, notified).await;
-    }
+            live.decoder = None;
+            tracing::warn!(
+                epoch,
+                ?wait,
+                "{what} refused: its epoch did not commit in time; the session is closed"
+            );
+            Status::failed_precondition(format!(
+                "{what} refused: epoch {epoch} did not commit within {wait:?} (committed: \
+                 {committed:?}); the session is closed, so it never will"
+            ))
+        },
+    )
+    .await
 }

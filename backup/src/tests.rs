@@ -653,6 +653,33 @@ async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_comm
     ));
 }
 
+/// A replay handover whose log's tail does not arrive within its wait is
+/// refused, and the session is closed first: nothing more arrives after
+/// the refusal (the source, told no, resumes the VM; the replica here must
+/// never run past what it had). A session with no log at all holds none.
+#[tokio::test]
+async fn a_handover_refused_for_a_late_log_tail_closes_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, last) = epoch_3_under_way(dir.path()).await;
+    let session = understudy_common::ids::SessionId::from_raw(42).unwrap();
+    let waiting = tokio::spawn({
+        let shared = shared.clone();
+        async move { crate::service::await_log(&shared, session, 5000, Duration::from_millis(50)).await }
+    });
+    settle().await;
+    let e = woken(waiting, "the end of the wait").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("did not arrive within"), "{e}");
+    let e = feed(&shared, vec![last]).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert_eq!(committed(&shared), Some(2));
+    // Another session's wait ends at once (the promotion's checks answer).
+    let other = understudy_common::ids::SessionId::from_raw(7).unwrap();
+    crate::service::await_log(&shared, other, 5000, Duration::from_secs(30))
+        .await
+        .unwrap();
+}
+
 /// Whether the standby holds a VM built ahead.
 fn has_shell(shared: &Shared) -> bool {
     matches!(&shared.lock().phase, Phase::Standby(s) if s.shell.is_some())
