@@ -416,12 +416,14 @@ impl Replica {
     ) -> Result<Self, ReplicaError> {
         // A copy: the image keeps changing under later commits; the
         // replica's RAM must not.
+        let started = std::time::Instant::now();
         let ram = crate::copy_image(
             store,
             state.memory.size_bytes as usize,
             ReplicaError::Ram,
             |path, source| ReplicaError::ReadImage { path, source },
         )?;
+        let copied = started.elapsed();
         let (feed, source) = crossbeam_channel::unbounded();
         for segment in tail {
             let _ = feed.send(segment.clone());
@@ -438,6 +440,11 @@ impl Replica {
             },
         )
         .map_err(ReplicaError::Start)?;
+        tracing::debug!(
+            copy_ms = copied.as_secs_f64() * 1e3,
+            restore_ms = (started.elapsed() - copied).as_secs_f64() * 1e3,
+            "replica: its RAM copied from the image, the VM restored"
+        );
         Ok(Self {
             feed,
             vm,
