@@ -1582,7 +1582,9 @@ impl Migration {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let target = replay_switch_backlog(budget, log.round_trip, link.awaits_log);
         if let Some(released) = log.gate {
-            if held_to >= released {
+            // The backlog may have grown while the gate's round trip went
+            // by: still within the target (the hold goes on meanwhile).
+            if held_to >= released && backlog <= target {
                 tracing::info!(
                     held_to,
                     backlog_ms = ms(backlog),

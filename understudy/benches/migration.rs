@@ -518,7 +518,10 @@ fn main() {
         qemu_rows.push(q);
     }
     if only().is_some() {
-        // One guest and mode: its lines above are the result.
+        // One guest and mode: its lines above are the result. The logs stay
+        // to be read; the images go (each run's are 0.6–2 GiB: runs one
+        // after another filled the disk).
+        keep_logs_only(&dir);
         println!("the last run's daemons' logs: {}", dir.display());
         return;
     }
@@ -767,4 +770,21 @@ fn main() {
         ),
     }
     report.finish().unwrap();
+}
+
+/// Removes everything under `dir` but its daemons' logs and configurations.
+fn keep_logs_only(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            keep_logs_only(&path);
+            // Only an emptied directory goes.
+            let _ = std::fs::remove_dir(&path);
+        } else if !path.extension().is_some_and(|x| x == "log" || x == "toml") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
