@@ -115,6 +115,19 @@ async fn write_while(client: &mut Lines, child: &mut Child, tag: &str) -> (Vec<u
     }
 }
 
+/// Waits (at most `timeout`) until the source's status says its migration
+/// is in its switch.
+async fn wait_switching(pair: &Pair, timeout: Duration, logs: &impl Fn() -> String) {
+    common::wait_status_or(
+        pair.addrs.primary_control,
+        "the source in its switch",
+        timeout,
+        |s| s.migration.as_ref().is_some_and(|m| m.phase == "switch"),
+        logs,
+    )
+    .await;
+}
+
 async fn check_all(client: &mut Lines, what: &str, tag: &str, acked: &[u64]) {
     for &k in acked {
         let got = ask(client, &format!("GET key{tag}-{k}")).await.unwrap();
@@ -292,14 +305,7 @@ async fn a_replay_switch_cut_off_after_its_backup_stood_down_leaves_every_acked_
         stop,
     ));
     let child = migrate(&pair, &dest, "replay");
-    common::wait_status_or(
-        pair.addrs.primary_control,
-        "the source in its switch",
-        Duration::from_secs(60),
-        |s| s.migration.as_ref().is_some_and(|m| m.phase == "switch"),
-        &logs,
-    )
-    .await;
+    wait_switching(&pair, Duration::from_secs(60), &logs).await;
     wan.cut(true).unwrap();
     let (ok, _, stderr) = finished(child);
     stop_tx.send_replace(true);
@@ -751,14 +757,7 @@ async fn deposed_in_the_switch(guest: &str, mib: usize, settings: &str) {
         kv = Some((client, acked));
     }
     let child = migrate(&pair, &dest, "precopy");
-    common::wait_status_or(
-        pair.addrs.primary_control,
-        "the source in its switch",
-        Duration::from_secs(30),
-        |s| s.migration.as_ref().is_some_and(|m| m.phase == "switch"),
-        &logs,
-    )
-    .await;
+    wait_switching(&pair, Duration::from_secs(30), &logs).await;
     let switching = Instant::now();
     pair.signal_primary(libc::SIGSTOP);
     common::wait_status_or(

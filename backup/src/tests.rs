@@ -576,6 +576,23 @@ async fn woken(
         .unwrap()
 }
 
+/// A waiting request refused at the end of its wait (saying `says`), and
+/// its session closed first: the rest of epoch 3 (`last`) arriving late is
+/// refused, nothing more committed.
+async fn refused_and_closed(
+    shared: &Shared,
+    waiting: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    last: EpochChunk,
+    says: &str,
+) {
+    let e = woken(waiting, "the end of the wait").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains(says), "{e}");
+    let e = feed(shared, vec![last]).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert_eq!(committed(shared), Some(2));
+}
+
 /// Whether a handover of epoch 3 of `session` would promote now.
 fn handover_of_3(shared: &Shared, session: u64) -> Result<bool, PromotionError> {
     let trigger = Trigger::Handover {
@@ -618,13 +635,7 @@ async fn a_handover_refused_for_a_late_epoch_closes_the_session_so_it_never_comm
     let dir = tempfile::tempdir().unwrap();
     let (shared, last) = epoch_3_under_way(dir.path()).await;
     let waiting = waiting_handover(&shared, 42, Duration::from_millis(50)).await;
-    let e = woken(waiting, "the end of the wait").await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert!(e.message().contains("did not commit within"), "{e}");
-    // The rest of the epoch arrives late: refused, nothing committed.
-    let e = feed(&shared, vec![last]).unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert_eq!(committed(&shared), Some(2));
+    refused_and_closed(&shared, waiting, last, "did not commit within").await;
     assert!(matches!(
         handover_of_3(&shared, 42),
         Err(PromotionError::HandoverMismatch { .. })
@@ -667,12 +678,7 @@ async fn a_handover_refused_for_a_late_log_tail_closes_the_session() {
         async move { crate::service::await_log(&shared, session, 5000, Duration::from_millis(50)).await }
     });
     settle().await;
-    let e = woken(waiting, "the end of the wait").await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert!(e.message().contains("did not arrive within"), "{e}");
-    let e = feed(&shared, vec![last]).unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert_eq!(committed(&shared), Some(2));
+    refused_and_closed(&shared, waiting, last, "did not arrive within").await;
     // Another session's wait ends at once (the promotion's checks answer).
     let other = understudy_common::ids::SessionId::from_raw(7).unwrap();
     crate::service::await_log(&shared, other, 5000, Duration::from_secs(30))
