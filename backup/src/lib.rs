@@ -671,15 +671,29 @@ pub(crate) fn image_mappable(store: &ImageStore) -> bool {
     store.blocks_reserved() && understudy_common::fault::check("backup.image.unreserved").is_ok()
 }
 
-/// The committed image's RAM copied into fresh anonymous memory of `size`
-/// bytes; `ram_error` and `read_error` say what failed in the caller's
-/// terms. Only the pages with content are read and written: the image's
-/// page hashes say which are zero (fresh anonymous memory is zero already),
-/// so a mostly-zero image costs its pages with content, not its size
-/// (reading all of a 256 MiB image not in the page cache took ~450 ms).
+/// RAM for a VM restored from the image, faulted in ahead while the epochs
+/// it will hold arrived ([`replica::Follower::fault_in_ahead`]): `touched`
+/// says which pages were.
+pub(crate) struct FaultedIn {
+    pub ram: GuestRam,
+    pub touched: Vec<bool>,
+}
+
+/// The committed image's RAM copied into anonymous memory of `size` bytes
+/// (checked against the image's), for a VM that must not see later commits
+/// (a replica) or cannot map the image; `ram_error` and `read_error` say
+/// what failed in the caller's terms. Only the pages with content are read
+/// and written: the image's page hashes say which are zero (fresh anonymous
+/// memory is zero already), so a mostly-zero image costs its pages with
+/// content, not its size (reading all of a 256 MiB image not in the page
+/// cache took ~450 ms), and the rest stay untouched (a full sync from this
+/// RAM skips them unread). Into `into`'s RAM when given (and of the size):
+/// the host already backs the pages it faulted in, and those of them that
+/// hold no content in the image are dropped again, untouched as well.
 pub(crate) fn copy_image<E>(
     store: &ImageStore,
     size: usize,
+    into: Option<FaultedIn>,
     ram_error: impl Fn(understudy_vmm::memory::MemoryError) -> E,
     read_error: impl Fn(PathBuf, std::io::Error) -> E,
 ) -> Result<GuestRam, E> {
@@ -696,9 +710,15 @@ pub(crate) fn copy_image<E>(
             std::io::Error::new(std::io::ErrorKind::InvalidData, why),
         ));
     }
-    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(&ram_error)?;
-    let image = store.memory();
     let pages = size / PAGE_SIZE;
+    let (ram, touched) = match into {
+        Some(f) if f.ram.size() == size && f.touched.len() == pages => (f.ram, f.touched),
+        _ => (
+            GuestRam::new(size, RamBacking::Anonymous).map_err(&ram_error)?,
+            Vec::new(),
+        ),
+    };
+    let image = store.memory();
     let mut page = 0;
     while page < pages {
         if store.page_is_zero(page as u32) {
@@ -712,6 +732,22 @@ pub(crate) fn copy_image<E>(
         let (from, to) = (start * PAGE_SIZE, page * PAGE_SIZE);
         ram.write_at(from as u64, &image[from..to])
             .map_err(&ram_error)?;
+    }
+    // Faulted in ahead, zero in the image: they read zero either way;
+    // dropped, they are untouched again. Only bookkeeping if it fails.
+    let mut page = 0;
+    while page < touched.len() {
+        let start = page;
+        while page < touched.len() && touched[page] && store.page_is_zero(page as u32) {
+            page += 1;
+        }
+        if page > start {
+            if let Err(e) = ram.discard(start, page - start) {
+                tracing::debug!(error = %wire::chain(&e), "pages faulted in ahead stay mapped");
+            }
+        } else {
+            page += 1;
+        }
     }
     Ok(ram)
 }

@@ -122,6 +122,9 @@ fn receive(shared: &Shared, msg: EpochChunk) -> Result<Option<Ack>, Status> {
             "cannot commit epoch {epoch}: {why}"
         )));
     }
+    if let Some(follower) = session.follower.as_mut() {
+        follower.fault_in_ahead(&staged, standby.store.ram_bytes());
+    }
     session.decoder = Some(EpochDecoder::with_buffers(staged.recycle()));
     if checkpoint {
         if session.phase == SessionPhase::Syncing {

@@ -20,6 +20,7 @@ use understudy_common::role::HostIo;
 use understudy_common::status::Stats;
 use understudy_proto::replication_server::Replication;
 use understudy_proto::{EpochChunk, HelloRequest, PROTOCOL_VERSION};
+use understudy_vmm::{GuestRam, RamBacking};
 
 use crate::promotion::{PromotionError, Trigger};
 use crate::service::ReplicationService;
@@ -248,6 +249,63 @@ async fn a_checkpoint_commits_acks_and_arms_the_detector() {
 }
 
 #[tokio::test]
+async fn a_replay_session_faults_in_the_next_replicas_ram_where_committed_epochs_wrote() {
+    // The replica's start copies the image's pages with content into its
+    // own RAM; each committed epoch's pages with content are faulted in
+    // there ahead (zero pages are not: the copy leaves them untouched).
+    const SIZE: u64 = 8 << 20;
+    const SIZE_PAGES: u32 = (SIZE / 4096) as u32;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = backup_of(dir.path(), SIZE);
+    let mut primary = Primary::of(42, 1, SIZE_PAGES);
+    ReplicationService(shared.clone())
+        .hello(Request::new(HelloRequest {
+            mode: understudy_proto::ReplicationMode::Replay as i32,
+            ..hello_of(42, 1, SIZE)
+        }))
+        .await
+        .unwrap();
+    let faulted_in = |shared: &Shared| {
+        let state = shared.state.lock().unwrap();
+        let Phase::Standby(standby) = &state.phase else {
+            panic!("not a standby")
+        };
+        let session = standby.session.as_ref().expect("a session");
+        let follower = session.follower.as_ref().expect("a replay session");
+        follower.faulted_in_ahead()
+    };
+    assert_eq!(faulted_in(&shared), None, "nothing before the first commit");
+    let mut round = |epoch: u64, content: &[u32], zero: &[u32]| {
+        let mut enc = primary.sender.begin(epoch, EpochKind::SyncRound).unwrap();
+        let mut pages: Vec<(u32, bool)> = content.iter().map(|&p| (p, true)).collect();
+        pages.extend(zero.iter().map(|&p| (p, false)));
+        pages.sort_unstable();
+        for (p, with_content) in pages {
+            if with_content {
+                let mut page = [0u8; 4096];
+                page[..8].copy_from_slice(&(epoch * 1000 + u64::from(p)).to_le_bytes());
+                enc.add_page(p, &page).unwrap();
+            } else {
+                enc.add_zero_page(p).unwrap();
+            }
+        }
+        let chunks = enc.finish(b"").unwrap().chunks;
+        assert_eq!(
+            feed(&shared, primary.messages(chunks)).unwrap(),
+            Some(epoch)
+        );
+    };
+    round(1, &[3, 4, 5, 10, 2047], &[6, 7]);
+    assert_eq!(faulted_in(&shared), Some(vec![3, 4, 5, 10, 2047]));
+    round(2, &[5, 21], &[3, 20]);
+    assert_eq!(
+        faulted_in(&shared),
+        Some(vec![3, 4, 5, 10, 21, 2047]),
+        "a page zeroed later stays faulted in until the copy drops it"
+    );
+}
+
+#[tokio::test]
 async fn a_copy_of_the_image_writes_only_its_pages_with_content() {
     // What a replica (and a promotion onto anonymous memory) starts from:
     // the committed image, read and written only where a page has content
@@ -284,34 +342,54 @@ async fn a_copy_of_the_image_writes_only_its_pages_with_content() {
         panic!("not a standby")
     };
     let store = &standby.store;
-    let copy = |size| {
+    let copy = |size, into| {
         crate::copy_image(
             store,
             size,
+            into,
             |e| e.to_string(),
             |path, e| format!("{}: {e}", path.display()),
         )
     };
-    let ram = copy(SIZE as usize).unwrap();
-    // Before any read (a read maps a zero page): nothing else was touched.
-    let untouched = ram.untouched_pages().expect("pagemap of anonymous RAM");
-    let mut page = [0u8; 4096];
-    for p in 0..SIZE_PAGES {
-        let content = !store.page_is_zero(p);
-        assert_eq!(
-            untouched[p as usize], !content,
-            "page {p}: content {content}, untouched {}",
-            untouched[p as usize]
-        );
-        ram.copy_page(p as usize, &mut page).unwrap();
-        let at = p as usize * 4096;
-        assert_eq!(&page[..], &store.memory()[at..at + 4096], "page {p}");
+    // Into fresh RAM, and into RAM with pages faulted in ahead (as a
+    // replica's follower does while the epochs commit): some with content,
+    // some zero in the image (a page written in one sync round and zeroed
+    // by a later one), which the copy drops again.
+    let ahead = || {
+        let ram = GuestRam::new(SIZE as usize, RamBacking::Anonymous).unwrap();
+        let mut touched = vec![false; SIZE_PAGES as usize];
+        for (first, n) in [(5, 10), (600, 200), (1500, 1), (2040, 8)] {
+            ram.populate(first, n).unwrap();
+            touched[first..first + n].fill(true);
+        }
+        crate::FaultedIn { ram, touched }
+    };
+    for (what, into) in [("fresh RAM", None), ("RAM faulted in ahead", Some(ahead()))] {
+        let ram = copy(SIZE as usize, into).unwrap();
+        // Before any read (a read maps a zero page): nothing else was touched.
+        let untouched = ram.untouched_pages().expect("pagemap of anonymous RAM");
+        let mut page = [0u8; 4096];
+        for p in 0..SIZE_PAGES {
+            let content = !store.page_is_zero(p);
+            assert_eq!(
+                untouched[p as usize], !content,
+                "{what}, page {p}: content {content}, untouched {}",
+                untouched[p as usize]
+            );
+            ram.copy_page(p as usize, &mut page).unwrap();
+            let at = p as usize * 4096;
+            assert_eq!(
+                &page[..],
+                &store.memory()[at..at + 4096],
+                "{what}, page {p}"
+            );
+        }
     }
     // The epochs wrote `written` and page 1500, nothing else.
     let with_content = (0..SIZE_PAGES).filter(|&p| !store.page_is_zero(p)).count();
     assert_eq!(with_content, written.len() + 1);
     // A VM state that disagrees with the image about the RAM's size.
-    let err = copy(2 * SIZE as usize).map(|_| ()).unwrap_err();
+    let err = copy(2 * SIZE as usize, None).map(|_| ()).unwrap_err();
     assert!(
         err.contains("the image holds 8388608 bytes of RAM, the VM's state says 16777216"),
         "{err}"

@@ -1108,13 +1108,16 @@ fn main() {
                  writing the bytes alone into a just-created image file takes {floor:.1}×) \
                  (against TCP moving the same pages between regions of guest-RAM size: \
                  {full_memory:.1}× and {cold_memory:.1}×); daemons from cold: {}. What \
-                 limits it: CPU. The sync into the image read ahead took {:.2} \
+                 limits it: into the image read ahead, CPU: the sync took {:.2} \
                  CPU-s a GB (sender {:.2}, backup {:.2}), so with both cores busy for it alone it \
-                 takes at least {full_floor:.1}× TCP's time",
+                 takes at least {full_floor:.1}× TCP's time; into the one just created, the \
+                 host's first touch of the image's memory: the sync took {:.2}× the time the \
+                 bytes alone took to be written into it",
                 daemons.join(", "),
                 full_cpu.0 + full_cpu.1,
                 full_cpu.0,
                 full_cpu.1,
+                cold / floor,
             ),
             worst <= 2.0,
         );

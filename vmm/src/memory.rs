@@ -86,6 +86,17 @@ pub enum MemoryError {
     /// Writing RAM out to a file failed.
     #[error("cannot write guest RAM to a file")]
     Dump(#[source] std::io::Error),
+    /// `madvise` refused to fault pages in or drop them.
+    #[error("cannot {what} {pages} pages of guest RAM")]
+    Advise {
+        /// "fault in" or "drop".
+        what: &'static str,
+        /// How many pages.
+        pages: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How guest RAM is backed.
@@ -221,6 +232,68 @@ impl GuestRam {
                 error = %std::io::Error::last_os_error(),
                 "guest RAM without transparent huge pages"
             );
+        }
+    }
+
+    /// Faults pages `first..first + count` of anonymous RAM in, writable,
+    /// as a first write would, without changing what they read (zero, or
+    /// what was written before). Done ahead, it takes the cost of the first
+    /// touch off a later copy into fresh RAM: on a host that takes free
+    /// memory back from this machine, most of that copy's time
+    /// (docs/ARCHITECTURE.md, "The replica's RAM faulted in ahead").
+    /// A no-op for file-backed RAM.
+    pub fn populate(&self, first: usize, count: usize) -> Result<(), MemoryError> {
+        self.advise(first, count, libc::MADV_POPULATE_WRITE, "fault in")
+    }
+
+    /// Drops pages `first..first + count` of anonymous RAM: they read as
+    /// zero and count as never touched again ([`Self::untouched_pages`]).
+    /// A no-op for file-backed RAM.
+    pub fn discard(&self, first: usize, count: usize) -> Result<(), MemoryError> {
+        self.advise(first, count, libc::MADV_DONTNEED, "drop")
+    }
+
+    fn advise(
+        &self,
+        first: usize,
+        count: usize,
+        advice: libc::c_int,
+        what: &'static str,
+    ) -> Result<(), MemoryError> {
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > self.pages())
+        {
+            return Err(MemoryError::OutOfRange {
+                gpa: (first as u64).saturating_mul(PAGE_SIZE as u64),
+                len: count.saturating_mul(PAGE_SIZE),
+            });
+        }
+        if !self.anonymous || count == 0 {
+            return Ok(());
+        }
+        // SAFETY: a range inside our own private anonymous mapping (checked
+        // above); faulting pages in changes no content, and dropping them
+        // makes them read as zero, which is what the callers ask for.
+        let rc = unsafe {
+            libc::madvise(
+                self._mapping
+                    .as_ptr()
+                    .add(first * PAGE_SIZE)
+                    .cast_mut()
+                    .cast(),
+                count * PAGE_SIZE,
+                advice,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(MemoryError::Advise {
+                what,
+                pages: count,
+                source: std::io::Error::last_os_error(),
+            })
         }
     }
 
@@ -512,6 +585,32 @@ mod tests {
             ram.take_vmm_dirty().iter().collect::<Vec<_>>(),
             vec![3, 7, 8]
         );
+    }
+
+    #[test]
+    fn pages_faulted_in_keep_their_content_and_dropped_ones_read_zero_and_untouched() {
+        let ram = GuestRam::new(MIN_RAM_BYTES, RamBacking::Anonymous).unwrap();
+        ram.write_at(5 * PAGE_SIZE as u64, &[7; 3]).unwrap();
+        ram.populate(4, 4).unwrap();
+        let untouched = ram.untouched_pages().expect("pagemap of anonymous RAM");
+        let touched: Vec<usize> = (0..ram.pages()).filter(|&p| !untouched[p]).collect();
+        assert_eq!(touched, vec![4, 5, 6, 7], "faulted in: exactly those pages");
+        assert_eq!(ram.read_u64(5 * PAGE_SIZE as u64).unwrap(), 0x07_0707);
+        assert_eq!(ram.read_u64(4 * PAGE_SIZE as u64).unwrap(), 0);
+        ram.discard(5, 2).unwrap();
+        let untouched = ram.untouched_pages().expect("pagemap of anonymous RAM");
+        let touched: Vec<usize> = (0..ram.pages()).filter(|&p| !untouched[p]).collect();
+        assert_eq!(touched, vec![4, 7], "dropped pages count as never touched");
+        assert_eq!(ram.read_u64(5 * PAGE_SIZE as u64).unwrap(), 0);
+        let last = ram.pages() - 1;
+        assert!(matches!(
+            ram.populate(last, 2),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            ram.discard(usize::MAX, 2),
+            Err(MemoryError::OutOfRange { .. })
+        ));
     }
 
     #[test]
