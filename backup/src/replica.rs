@@ -186,10 +186,11 @@ impl Follower {
     /// content in, in the next replica's RAM, so that the replica's start
     /// copies the image into memory the host already backs. On a host that
     /// takes free memory back from this machine the first touch of fresh
-    /// memory was most of that start (12–215 ms for 79 MiB, once 1.8 s), on
-    /// the critical path of a replay migration; here it is spread over the
-    /// commits that bring the pages, while the rest of the base is still on
-    /// its way. It changes no content: the copy stays the replica's source.
+    /// memory was most of that start (15–33 ms for the dirtier's 32 MiB,
+    /// once 215 ms), on the critical path of a replay migration; here it is
+    /// spread over the commits that bring the pages, while the rest of the
+    /// base is still on its way. It changes no content: the copy stays the
+    /// replica's source.
     pub(crate) fn fault_in_ahead(&mut self, staged: &StagedEpoch, ram_bytes: u64) {
         if self.replica.is_some() || self.ahead_off {
             return;
