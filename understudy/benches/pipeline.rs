@@ -1055,8 +1055,8 @@ fn main() {
         &[
             "guest RAM",
             "codec",
-            "sync s",
-            "TCP s",
+            "sync ms",
+            "TCP ms",
             "sync ÷ TCP",
             "MB/s",
         ],
@@ -1077,9 +1077,9 @@ fn main() {
             table.row(vec![
                 format!("{mib} MiB").into(),
                 codec.into(),
-                num(sync, 2),
-                num(tcp, 3),
-                num(sync / tcp, 1),
+                num(sync * 1e3, 1),
+                num(tcp * 1e3, 1),
+                num(sync / tcp, 2),
                 num((mib << 20) as f64 / sync / 1e6, 0),
             ]);
         }
@@ -1096,7 +1096,7 @@ fn main() {
             .fold(full.max(cold), f64::max);
         let daemons: Vec<String> = resync_raw
             .iter()
-            .map(|(mib, r)| format!("{mib} MiB {r:.1}×"))
+            .map(|(mib, r)| format!("{mib} MiB {r:.2}×"))
             .collect();
         report.target(
             "resync of incompressible memory (raw codec)",
