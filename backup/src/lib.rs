@@ -671,35 +671,25 @@ pub(crate) fn image_mappable(store: &ImageStore) -> bool {
     store.blocks_reserved() && understudy_common::fault::check("backup.image.unreserved").is_ok()
 }
 
-/// RAM for a VM restored from the image, faulted in ahead while the epochs
-/// it will hold arrived ([`replica::Follower::fault_in_ahead`]): `touched`
+/// A VM built ahead for a replica, over RAM faulted in while the epochs it
+/// will hold arrived ([`replica::Follower::fault_in_ahead`]): `touched`
 /// says which pages were.
 pub(crate) struct FaultedIn {
-    pub ram: GuestRam,
+    pub shell: VmShell,
     pub touched: Vec<bool>,
 }
 
-/// The committed image's RAM copied into anonymous memory of `size` bytes
-/// (checked against the image's), for a VM that must not see later commits
-/// (a replica) or cannot map the image; `ram_error` and `read_error` say
-/// what failed in the caller's terms. Only the pages with content are read
-/// and written: the image's page hashes say which are zero (fresh anonymous
-/// memory is zero already), so a mostly-zero image costs its pages with
-/// content, not its size (reading all of a 256 MiB image not in the page
-/// cache took ~450 ms), and the rest stay untouched (a full sync from this
-/// RAM skips them unread). Into `into`'s RAM when given (and of the size):
-/// the host already backs the pages it faulted in, and those of them that
-/// hold no content in the image are dropped again, untouched as well.
+/// The committed image's RAM copied into fresh anonymous memory of `size`
+/// bytes (checked against the image's), for a VM that must not see later
+/// commits (a replica) or cannot map the image; `ram_error` and
+/// `read_error` say what failed in the caller's terms. See
+/// [`copy_image_into`].
 pub(crate) fn copy_image<E>(
     store: &ImageStore,
     size: usize,
-    into: Option<FaultedIn>,
     ram_error: impl Fn(understudy_vmm::memory::MemoryError) -> E,
     read_error: impl Fn(PathBuf, std::io::Error) -> E,
 ) -> Result<GuestRam, E> {
-    use understudy_checkpoint::PAGE_SIZE;
-    /// Pages copied in one write at most.
-    const RUN: usize = 256;
     if size as u64 != store.ram_bytes() {
         let why = format!(
             "the image holds {} bytes of RAM, the VM's state says {size}",
@@ -710,14 +700,29 @@ pub(crate) fn copy_image<E>(
             std::io::Error::new(std::io::ErrorKind::InvalidData, why),
         ));
     }
-    let pages = size / PAGE_SIZE;
-    let (ram, touched) = match into {
-        Some(f) if f.ram.size() == size && f.touched.len() == pages => (f.ram, f.touched),
-        _ => (
-            GuestRam::new(size, RamBacking::Anonymous).map_err(&ram_error)?,
-            Vec::new(),
-        ),
-    };
+    let ram = GuestRam::new(size, RamBacking::Anonymous).map_err(&ram_error)?;
+    copy_image_into(store, &ram, &[]).map_err(&ram_error)?;
+    Ok(ram)
+}
+
+/// The committed image's RAM copied into `ram`, anonymous memory of the
+/// image's size that is zero except where it was faulted in (`touched`,
+/// empty for fresh RAM). Only the pages with content are read and written:
+/// the image's page hashes say which are zero, so a mostly-zero image costs
+/// its pages with content, not its size (reading all of a 256 MiB image not
+/// in the page cache took ~450 ms), and the rest stay untouched (a full
+/// sync from this RAM skips them unread). Pages faulted in ahead cost no
+/// first touch here (the host already backs them); those of them that hold
+/// no content in the image are dropped again, untouched as well.
+pub(crate) fn copy_image_into(
+    store: &ImageStore,
+    ram: &GuestRam,
+    touched: &[bool],
+) -> Result<(), understudy_vmm::memory::MemoryError> {
+    use understudy_checkpoint::PAGE_SIZE;
+    /// Pages copied in one write at most.
+    const RUN: usize = 256;
+    let pages = (ram.size() / PAGE_SIZE).min(store.ram_bytes() as usize / PAGE_SIZE);
     let image = store.memory();
     let mut page = 0;
     while page < pages {
@@ -730,11 +735,11 @@ pub(crate) fn copy_image<E>(
             page += 1;
         }
         let (from, to) = (start * PAGE_SIZE, page * PAGE_SIZE);
-        ram.write_at(from as u64, &image[from..to])
-            .map_err(&ram_error)?;
+        ram.write_at(from as u64, &image[from..to])?;
     }
     // Faulted in ahead, zero in the image: they read zero either way;
     // dropped, they are untouched again. Only bookkeeping if it fails.
+    let touched = &touched[..touched.len().min(pages)];
     let mut page = 0;
     while page < touched.len() {
         let start = page;
@@ -749,7 +754,7 @@ pub(crate) fn copy_image<E>(
             page += 1;
         }
     }
-    Ok(ram)
+    Ok(())
 }
 
 /// The VM a post-copy will restore into, over fresh anonymous memory of

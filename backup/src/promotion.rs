@@ -418,7 +418,7 @@ fn promoted_ram(store: &ImageStore, size: usize) -> Result<GuestRam, PromotionEr
             "the image's blocks are not reserved (no fallocate here, or a sparse image on a full \
              disk): the promoted VM runs on a copy of it in anonymous memory"
         );
-        return crate::copy_image(store, size, None, PromotionError::Ram, |path, source| {
+        return crate::copy_image(store, size, PromotionError::Ram, |path, source| {
             PromotionError::OpenRam { path, source }
         });
     }

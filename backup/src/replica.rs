@@ -33,7 +33,7 @@ use understudy_common::wire;
 use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
 use understudy_vmm::memory::MemoryError;
 use understudy_vmm::state::StateError;
-use understudy_vmm::{ConsoleInput, GuestRam, RamBacking, Vm, VmEnd, VmError, VmState};
+use understudy_vmm::{ConsoleInput, GuestRam, RamBacking, Vm, VmEnd, VmError, VmShell, VmState};
 
 use crate::FaultedIn;
 
@@ -197,17 +197,27 @@ impl Follower {
         }
         let ahead = match &mut self.ahead {
             Some(ahead) => ahead,
-            None => match GuestRam::new(ram_bytes as usize, RamBacking::Anonymous) {
-                Ok(ram) => {
-                    let touched = vec![false; ram.pages()];
-                    self.ahead.insert(FaultedIn { ram, touched })
+            None => {
+                let started = std::time::Instant::now();
+                let built = GuestRam::new(ram_bytes as usize, RamBacking::Anonymous)
+                    .map_err(|e| wire::chain(&e))
+                    .and_then(|ram| VmShell::new_deterministic(ram).map_err(|e| wire::chain(&e)));
+                match built {
+                    Ok(shell) => {
+                        tracing::debug!(
+                            took_us = started.elapsed().as_micros() as u64,
+                            "built the VM the next replica restores into"
+                        );
+                        let touched = vec![false; shell.ram().pages()];
+                        self.ahead.insert(FaultedIn { shell, touched })
+                    }
+                    Err(why) => {
+                        tracing::debug!(%why, "no VM built ahead for the replica");
+                        self.ahead_off = true;
+                        return;
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(error = %wire::chain(&e), "no RAM faulted in ahead for the replica");
-                    self.ahead_off = true;
-                    return;
-                }
-            },
+            }
         };
         let wanted = |touched: &[bool], i: usize| {
             !matches!(staged.slots[i], Slot::Zero)
@@ -229,7 +239,7 @@ impl Follower {
             {
                 n += 1;
             }
-            if let Err(e) = ahead.ram.populate(first, n) {
+            if let Err(e) = ahead.shell.ram().populate(first, n) {
                 tracing::debug!(error = %wire::chain(&e), "the replica's RAM is not faulted in ahead");
                 self.ahead = None;
                 self.ahead_off = true;
@@ -497,36 +507,44 @@ impl Replica {
         tail: &[Vec<u8>],
         ahead: Option<FaultedIn>,
     ) -> Result<Self, ReplicaError> {
-        // A copy: the image keeps changing under later commits; the
-        // replica's RAM must not.
-        let started = std::time::Instant::now();
-        let faulted_in = ahead
-            .as_ref()
-            .map_or(0, |a| a.touched.iter().filter(|&&t| t).count());
-        let ram = crate::copy_image(
-            store,
-            state.memory.size_bytes as usize,
-            ahead,
-            ReplicaError::Ram,
-            |path, source| ReplicaError::ReadImage { path, source },
-        )?;
-        let copied = started.elapsed();
         let (feed, source) = crossbeam_channel::unbounded();
         for segment in tail {
             let _ = feed.send(segment.clone());
         }
         let (sink, trace) = crossbeam_channel::unbounded();
         let stream = understudy_common::ids::random_stream().ok_or(ReplicaError::NoRandomness)?;
-        let (vm, console) = Vm::restore_deterministic(
-            state,
-            ram,
-            false,
-            TraceMode::Follow {
-                source,
-                then: AfterReplay::Record { stream, sink },
-            },
-        )
-        .map_err(ReplicaError::Start)?;
+        let follow = TraceMode::Follow {
+            source,
+            then: AfterReplay::Record { stream, sink },
+        };
+        // A copy: the image keeps changing under later commits; the
+        // replica's RAM must not. Into the VM built ahead when there is one
+        // of the size.
+        let started = std::time::Instant::now();
+        let size = state.memory.size_bytes as usize;
+        let ahead =
+            ahead.filter(|a| a.shell.ram().size() == size && store.ram_bytes() == size as u64);
+        let faulted_in = ahead
+            .as_ref()
+            .map_or(0, |a| a.touched.iter().filter(|&&t| t).count());
+        let (copied, started_vm) = match ahead {
+            Some(FaultedIn { shell, touched }) => {
+                crate::copy_image_into(store, shell.ram(), &touched).map_err(ReplicaError::Ram)?;
+                let copied = started.elapsed();
+                (
+                    copied,
+                    Vm::restore_deterministic_in(shell, state, false, follow),
+                )
+            }
+            None => {
+                let ram = crate::copy_image(store, size, ReplicaError::Ram, |path, source| {
+                    ReplicaError::ReadImage { path, source }
+                })?;
+                let copied = started.elapsed();
+                (copied, Vm::restore_deterministic(state, ram, false, follow))
+            }
+        };
+        let (vm, console) = started_vm.map_err(ReplicaError::Start)?;
         tracing::debug!(
             faulted_in,
             copy_ms = copied.as_secs_f64() * 1e3,

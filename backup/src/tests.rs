@@ -342,19 +342,18 @@ async fn a_copy_of_the_image_writes_only_its_pages_with_content() {
         panic!("not a standby")
     };
     let store = &standby.store;
-    let copy = |size, into| {
+    let copy = |size| {
         crate::copy_image(
             store,
             size,
-            into,
             |e| e.to_string(),
             |path, e| format!("{}: {e}", path.display()),
         )
     };
     // Into fresh RAM, and into RAM with pages faulted in ahead (as a
     // replica's follower does while the epochs commit): some with content,
-    // some zero in the image (a page written in one sync round and zeroed
-    // by a later one), which the copy drops again.
+    // some zero in the image (as a page written in one sync round and
+    // zeroed by a later one), which the copy drops again.
     let ahead = || {
         let ram = GuestRam::new(SIZE as usize, RamBacking::Anonymous).unwrap();
         let mut touched = vec![false; SIZE_PAGES as usize];
@@ -362,10 +361,13 @@ async fn a_copy_of_the_image_writes_only_its_pages_with_content() {
             ram.populate(first, n).unwrap();
             touched[first..first + n].fill(true);
         }
-        crate::FaultedIn { ram, touched }
+        crate::copy_image_into(store, &ram, &touched).unwrap();
+        ram
     };
-    for (what, into) in [("fresh RAM", None), ("RAM faulted in ahead", Some(ahead()))] {
-        let ram = copy(SIZE as usize, into).unwrap();
+    for (what, ram) in [
+        ("fresh RAM", copy(SIZE as usize).unwrap()),
+        ("RAM faulted in ahead", ahead()),
+    ] {
         // Before any read (a read maps a zero page): nothing else was touched.
         let untouched = ram.untouched_pages().expect("pagemap of anonymous RAM");
         let mut page = [0u8; 4096];
@@ -389,7 +391,7 @@ async fn a_copy_of_the_image_writes_only_its_pages_with_content() {
     let with_content = (0..SIZE_PAGES).filter(|&p| !store.page_is_zero(p)).count();
     assert_eq!(with_content, written.len() + 1);
     // A VM state that disagrees with the image about the RAM's size.
-    let err = copy(2 * SIZE as usize, None).map(|_| ()).unwrap_err();
+    let err = copy(2 * SIZE as usize).map(|_| ()).unwrap_err();
     assert!(
         err.contains("the image holds 8388608 bytes of RAM, the VM's state says 16777216"),
         "{err}"

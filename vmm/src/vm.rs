@@ -142,6 +142,9 @@ pub struct VmShell {
     // Drop order: the VM before the RAM it maps.
     parts: Parts,
     ram: GuestRam,
+    /// Built for the deterministic mode: the serial line's flag, which its
+    /// userspace PIC reads (no in-kernel irqchip or PIT).
+    flag: Option<Arc<AtomicBool>>,
 }
 
 impl VmShell {
@@ -150,7 +153,24 @@ impl VmShell {
     pub fn new(ram: GuestRam) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         let parts = create_parts(&kvm, &ram, false, None)?;
-        Ok(Self { parts, ram })
+        Ok(Self {
+            parts,
+            ram,
+            flag: None,
+        })
+    }
+
+    /// Builds the VM over `ram` for a state of the deterministic mode
+    /// ([`Vm::restore_deterministic_in`]): no in-kernel irqchip or PIT.
+    pub fn new_deterministic(ram: GuestRam) -> Result<Self, VmError> {
+        let kvm = open_kvm()?;
+        let flag = Arc::new(AtomicBool::new(false));
+        let parts = create_parts(&kvm, &ram, false, Some(flag.clone()))?;
+        Ok(Self {
+            parts,
+            ram,
+            flag: Some(flag),
+        })
     }
 
     /// The RAM it maps.
@@ -357,22 +377,47 @@ impl Vm {
         Self::restore_inner(state, ram, start_paused, Some(trace))
     }
 
-    /// [`Vm::restore`] into a VM built ahead ([`VmShell`]): what is left is
-    /// the state (registers, irqchip, devices) and the vCPU thread. A state
-    /// of the deterministic mode needs a VM built differently: the shell is
-    /// dropped and the VM built as `restore` does.
+    /// [`Vm::restore`] into a VM built ahead ([`VmShell::new`]): what is
+    /// left is the state (registers, irqchip, devices) and the vCPU thread.
+    /// A state of the other mode than the shell's needs a VM built
+    /// differently: the shell is dropped and the VM built as `restore` does.
     pub fn restore_in(
         shell: VmShell,
         state: &VmState,
         start_paused: bool,
     ) -> Result<(Self, Console), VmError> {
-        if state.deterministic.is_some() {
-            let VmShell { parts, ram } = shell;
+        if state.deterministic.is_some() || shell.flag.is_some() {
+            let VmShell { parts, ram, .. } = shell;
             drop(parts);
             return Self::restore(state, ram, start_paused);
         }
         check_restorable(state, &shell.ram)?;
         Self::restore_parts(state, shell.parts, shell.ram, start_paused, None, None)
+    }
+
+    /// [`Vm::restore_deterministic`] into a VM built ahead
+    /// ([`VmShell::new_deterministic`]; a shell of the ordinary mode is
+    /// dropped and the VM built as `restore_deterministic` does). Building a
+    /// VM registers its RAM slot, which waits for a grace period of KVM's
+    /// memslot SRCU: usually a few milliseconds, but now and then 60–80 ms
+    /// and once 1.6 s on these machines, which a replica that must start
+    /// at once should not wait for.
+    pub fn restore_deterministic_in(
+        shell: VmShell,
+        state: &VmState,
+        start_paused: bool,
+        trace: TraceMode,
+    ) -> Result<(Self, Console), VmError> {
+        let VmShell { parts, ram, flag } = shell;
+        let Some(flag) = flag else {
+            drop(parts);
+            return Self::restore_deterministic(state, ram, start_paused, trace);
+        };
+        if state.deterministic.is_none() {
+            return Err(VmError::NotDeterministic);
+        }
+        check_restorable(state, &ram)?;
+        Self::restore_parts(state, parts, ram, start_paused, Some(trace), Some(flag))
     }
 
     fn restore_inner(
@@ -382,6 +427,7 @@ impl Vm {
         trace: Option<TraceMode>,
     ) -> Result<(Self, Console), VmError> {
         check_restorable(state, &ram)?;
+        let started = std::time::Instant::now();
         let kvm = open_kvm()?;
         let det_state = match (&trace, state.deterministic) {
             (Some(_), Some(d)) => Some(d),
@@ -390,7 +436,16 @@ impl Vm {
         };
         let flag = det_state.map(|d| Arc::new(AtomicBool::new(d.serial_irq_pending)));
         let parts = create_parts(&kvm, &ram, false, flag.clone())?;
-        Self::restore_parts(state, parts, ram, start_paused, trace, flag)
+        let created = started.elapsed();
+        let restored = Self::restore_parts(state, parts, ram, start_paused, trace, flag);
+        // Now and then a restore takes a second or more (once 1.6 s for a
+        // replica that usually starts in 2–6 ms): which step, if it recurs.
+        tracing::debug!(
+            create_ms = created.as_secs_f64() * 1e3,
+            rest_ms = (started.elapsed() - created).as_secs_f64() * 1e3,
+            "VM restored: KVM's VM built, then the devices and the vCPU"
+        );
+        restored
     }
 
     /// The rest of a restore, into `parts` built for `state` (with `flag`

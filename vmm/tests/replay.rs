@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use understudy_checkpoint::trace::{Record, TraceWriter, parse_segment};
 use understudy_vmm::deterministic::{AfterReplay, ReplayOutcome, Sealed, TraceMode};
-use understudy_vmm::{BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd, snapshot};
+use understudy_vmm::{
+    BootOptions, BuiltinBoot, GuestRam, RamBacking, Vm, VmEnd, VmShell, snapshot,
+};
 
 fn require_kvm() {
     if let Err(e) = understudy_vmm::open_kvm() {
@@ -240,6 +242,61 @@ fn kv_under_random_input_replays_from_the_start_and_from_midway() {
         "{replayed}"
     );
     assert!(replayed.len() < text.len());
+}
+
+#[test]
+fn a_replay_into_a_vm_built_ahead_reaches_the_same_end() {
+    // A replica's VM is built, and its RAM faulted in, before the state it
+    // runs arrives (`VmShell::new_deterministic`); the state is copied into
+    // its RAM and restored into it. A shell of the ordinary mode is dropped
+    // and the VM built as `restore_deterministic` does.
+    let dir = tempfile::tempdir().unwrap();
+    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
+    let (inputs, at) = kv_inputs(60);
+    let rec = record(
+        &boot,
+        dir.path(),
+        at + Duration::from_millis(300),
+        &inputs,
+        Some(at / 2),
+    );
+    let text = String::from_utf8_lossy(&rec.output).into_owned();
+    let end = dir.path().join("end");
+    for deterministic_shell in [true, false] {
+        let (state, file) = snapshot::read_snapshot(&dir.path().join("mid")).unwrap();
+        let size = state.memory.size_bytes as usize;
+        let ram = GuestRam::new(size, RamBacking::Anonymous).unwrap();
+        let shell = if deterministic_shell {
+            VmShell::new_deterministic(ram).unwrap()
+        } else {
+            VmShell::new(ram).unwrap()
+        };
+        shell.ram().populate(0, 64).unwrap();
+        let mut content = vec![0u8; size];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut content, 0).unwrap();
+        shell.ram().write_at(0, &content).unwrap();
+        let (vm, console) = Vm::restore_deterministic_in(
+            shell,
+            &state,
+            false,
+            TraceMode::Replay {
+                source: source(&rec.segments),
+                until: None,
+                then: AfterReplay::Stop,
+            },
+        )
+        .unwrap();
+        vm.wait_replay(Duration::from_secs(120)).unwrap();
+        assert_same_as(&vm, &end);
+        let mut replayed = Vec::new();
+        drain(&console.output, &mut replayed);
+        let replayed = String::from_utf8_lossy(&replayed).into_owned();
+        assert!(
+            !replayed.is_empty() && text.ends_with(&replayed),
+            "deterministic shell {deterministic_shell}: {replayed}"
+        );
+        vm.stop();
+    }
 }
 
 #[test]
