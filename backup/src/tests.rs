@@ -1,7 +1,8 @@
 //! The backup's decisions without sockets: the real `Hello` handler, epoch
 //! receiver and promotion checks over an image store in a temporary
-//! directory, fed chunks made by the primary's own encoder; and the VM built
-//! ahead for a promotion (the one test here that needs /dev/kvm).
+//! directory, fed chunks made by the primary's own encoder; and the VMs
+//! built ahead for a promotion and for a replica (the tests here that need
+//! /dev/kvm).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -252,7 +253,12 @@ async fn a_checkpoint_commits_acks_and_arms_the_detector() {
 async fn a_replay_session_faults_in_the_next_replicas_ram_where_committed_epochs_wrote() {
     // The replica's start copies the image's pages with content into its
     // own RAM; each committed epoch's pages with content are faulted in
-    // there ahead (zero pages are not: the copy leaves them untouched).
+    // there ahead (zero pages are not: the copy leaves them untouched), in
+    // the VM built ahead for it. Needs /dev/kvm (the VM is KVM's).
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test builds a KVM VM: it needs /dev/kvm"
+    );
     const SIZE: u64 = 8 << 20;
     const SIZE_PAGES: u32 = (SIZE / 4096) as u32;
     let dir = tempfile::tempdir().unwrap();
