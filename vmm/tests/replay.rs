@@ -47,6 +47,22 @@ fn record(
     record_with(boot, dir, run_for, inputs, mid.as_slice(), |_| {})
 }
 
+/// The kv guest recorded answering `requests` random requests, with a
+/// snapshot midway (`dir/mid`); the recording and its console output.
+fn record_kv(dir: &Path, requests: usize) -> (Recording, String) {
+    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
+    let (inputs, at) = kv_inputs(requests);
+    let rec = record(
+        &boot,
+        dir,
+        at + Duration::from_millis(300),
+        &inputs,
+        Some(at / 2),
+    );
+    let text = String::from_utf8_lossy(&rec.output).into_owned();
+    (rec, text)
+}
+
 /// The name of the `i`th snapshot taken during a recording.
 fn mid_name(i: usize) -> String {
     if i == 0 {
@@ -219,16 +235,7 @@ fn a_recorded_counter_replays_to_the_same_output_and_state() {
 #[test]
 fn kv_under_random_input_replays_from_the_start_and_from_midway() {
     let dir = tempfile::tempdir().unwrap();
-    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
-    let (inputs, at) = kv_inputs(120);
-    let rec = record(
-        &boot,
-        dir.path(),
-        at + Duration::from_millis(300),
-        &inputs,
-        Some(at / 2),
-    );
-    let text = String::from_utf8_lossy(&rec.output).into_owned();
+    let (rec, text) = record_kv(dir.path(), 120);
     assert!(text.lines().count() >= 100, "the kv guest answered: {text}");
 
     let end = dir.path().join("end");
@@ -251,16 +258,7 @@ fn a_replay_into_a_vm_built_ahead_reaches_the_same_end() {
     // its RAM and restored into it. A shell of the ordinary mode is dropped
     // and the VM built as `restore_deterministic` does.
     let dir = tempfile::tempdir().unwrap();
-    let boot = BuiltinBoot::new(understudy_vmm::BuiltinGuest::Kv);
-    let (inputs, at) = kv_inputs(60);
-    let rec = record(
-        &boot,
-        dir.path(),
-        at + Duration::from_millis(300),
-        &inputs,
-        Some(at / 2),
-    );
-    let text = String::from_utf8_lossy(&rec.output).into_owned();
+    let (rec, text) = record_kv(dir.path(), 60);
     let end = dir.path().join("end");
     for deterministic_shell in [true, false] {
         let (state, file) = snapshot::read_snapshot(&dir.path().join("mid")).unwrap();
