@@ -524,9 +524,12 @@ impl Replica {
         let size = state.memory.size_bytes as usize;
         let ahead =
             ahead.filter(|a| a.shell.ram().size() == size && store.ram_bytes() == size as u64);
-        let faulted_in = ahead
-            .as_ref()
-            .map_or(0, |a| a.touched.iter().filter(|&&t| t).count());
+        // Counted for the debug line only: a pass over every page of RAM.
+        let faulted_in = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            ahead
+                .as_ref()
+                .map_or(0, |a| a.touched.iter().filter(|&&t| t).count())
+        });
         let (copied, started_vm) = match ahead {
             Some(FaultedIn { shell, touched }) => {
                 crate::copy_image_into(store, shell.ram(), &touched).map_err(ReplicaError::Ram)?;
@@ -546,7 +549,7 @@ impl Replica {
         };
         let (vm, console) = started_vm.map_err(ReplicaError::Start)?;
         tracing::debug!(
-            faulted_in,
+            faulted_in = faulted_in.unwrap_or_default(),
             copy_ms = copied.as_secs_f64() * 1e3,
             restore_ms = (started.elapsed() - copied).as_secs_f64() * 1e3,
             "replica: its RAM copied from the image, the VM restored"
