@@ -35,22 +35,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{CTL, DAEMON, Lines};
+use common::{CTL, DAEMON, Lines, ip};
 use understudy_common::wire::TlsFiles;
 use understudy_proto::StatusReply;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs iproute2 (`ip`): {e}"));
-    assert!(
-        out.status.success(),
-        "ip {}: {} (this test needs root for network namespaces)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The status of the daemon whose control service is at `control`: in
 /// plaintext, or as the operator of `operator` under mutual TLS.

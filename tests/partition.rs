@@ -16,20 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{DAEMON, Lines, counts};
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs iproute2 (`ip`): {e}"));
-    assert!(
-        out.status.success(),
-        "ip {}: {} (this test needs root for network namespaces)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{DAEMON, Lines, counts, ip};
 
 /// Two hosts in their own network namespaces: `a` (the [primary] table) and
 /// `b`, linked by `peer` veths (replication, 10.77.1.0/24), each with a

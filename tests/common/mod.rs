@@ -49,6 +49,21 @@ pub fn assert_success(out: &std::process::Output) {
     );
 }
 
+/// Runs `ip ARGS` (network namespaces for multi-host tests), failing loudly
+/// without iproute2 or root.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs iproute2 (`ip`): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {} (this test needs root for network namespaces)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A loopback port nobody listens on (below the ephemeral range, so no
 /// outgoing connection takes it before a daemon binds it).
 pub fn free_port() -> u16 {
