@@ -7,21 +7,18 @@
 //! then [`Protected::copy`] copies them while it runs, unprotecting each
 //! piece of a run once copied ([`UNPROTECT_PIECE_PAGES`]). A write to a page
 //! not copied yet (by a vCPU inside KVM or by a VMM thread) stops the
-//! writer; its fault is served by the copier itself, which looks for one
-//! every few pages ([`SERVE_EVERY_PAGES`]), or by a handler thread, whichever
-//! reads it first: it copies that page and the next few first
-//! ([`FAULT_AROUND_PAGES`]), then unprotects them, which lets the writer go
-//! on; the copier goes on from there too, ahead of the writer. Every page is
-//! copied exactly once, by whoever claims it first, before anything can
-//! write it: the copy is the page as it was in the pause, as QEMU's
-//! background snapshot does it.
+//! writer; the copier looks for such a fault every few pages
+//! ([`SERVE_EVERY_PAGES`]) and serves it: it copies that page and the next
+//! few first ([`FAULT_AROUND_PAGES`]), then unprotects them, which lets the
+//! writer go on, and goes on from there itself, ahead of the writer. Every
+//! page is copied exactly once, by the copier, before anything can write
+//! it: the copy is the page as it was in the pause, as QEMU's background
+//! snapshot does it. The copier must never write guest RAM while pages are
+//! protected (nothing else would serve its fault); it only reads it.
 //!
 //! It needs guest RAM the kernel can write-protect per page: anonymous
 //! memory (and shmem). RAM mapped from a regular file (a promoted host runs
 //! on its image) cannot be registered; callers then copy in the pause.
-
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
 use crate::uffd::{Uffd, UffdError};
@@ -30,12 +27,6 @@ use crate::uffd::{Uffd, UffdError};
 /// consistent checkpoint (and every page has been unprotected).
 #[derive(Debug, thiserror::Error)]
 pub enum WpError {
-    /// The eventfd that ends the fault handler cannot be made.
-    #[error("cannot create the write-protect handler's eventfd")]
-    EventFd(#[source] std::io::Error),
-    /// The fault handler thread panicked.
-    #[error("the write-protect fault handler panicked")]
-    HandlerPanicked,
     /// A userfaultfd request failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
@@ -67,8 +58,6 @@ pub enum WpError {
 #[derive(Debug)]
 pub struct WriteProtectCopy {
     uffd: Uffd,
-    /// Ends the fault handler once a copy is complete.
-    done: OwnedFd,
     pages: usize,
 }
 
@@ -109,24 +98,12 @@ pub struct CopyReport {
     pub faults: usize,
 }
 
-const PENDING: u8 = 0;
-const COPYING: u8 = 1;
-const DONE: u8 = 2;
-
 impl WriteProtectCopy {
     /// Registers `ram` for write-protect faults (see [`Uffd::register_write_protect`]).
     pub fn new(ram: &GuestRam) -> Result<Self, WpError> {
         let uffd = Uffd::register_write_protect(ram)?;
-        // SAFETY: a plain syscall returning a new fd or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(WpError::EventFd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a new fd this process owns.
-        let done = unsafe { OwnedFd::from_raw_fd(raw) };
         Ok(Self {
             uffd,
-            done,
             pages: ram.pages(),
         })
     }
@@ -183,61 +160,11 @@ impl WriteProtectCopy {
             tracing::error!(error = %e, "cannot unprotect guest RAM");
         }
     }
-
-    /// Waits for a fault event or the end of the copy. True: a fault is
-    /// queued; false: the copy is done and no fault is queued.
-    fn wait_event(&self) -> Result<bool, WpError> {
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.done.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(UffdError::Read(e).into());
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                return Ok(true);
-            }
-            if fds[1].revents & libc::POLLIN != 0 {
-                let mut count = 0u64;
-                // SAFETY: reads the eventfd's 8-byte counter into `count`.
-                unsafe { libc::read(self.done.as_raw_fd(), (&raw mut count).cast(), 8) };
-                return Ok(false);
-            }
-        }
-    }
-
-    /// Forgets a done signal a failed handler left unread.
-    fn clear_done(&self) {
-        let mut count = 0u64;
-        // SAFETY: a non-blocking read of the eventfd's counter into `count`.
-        unsafe { libc::read(self.done.as_raw_fd(), (&raw mut count).cast(), 8) };
-    }
-
-    fn signal_done(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from `one` to the eventfd.
-        unsafe { libc::write(self.done.as_raw_fd(), (&raw const one).cast(), 8) };
-    }
 }
 
 /// Below this many dirty pages a checkpoint copies in the stop: the copy
-/// takes ~0.1 ms, and the copy after the resume adds a thread's start
-/// and the guest's waits for little gain.
+/// takes ~0.1 ms, and the copy after the resume adds protect requests and
+/// the guest's waits for little gain.
 pub const MIN_PAGES: usize = 256;
 /// What a protect request costs, besides its pages (see [`MERGE_GAP_PAGES`]).
 const PROTECT_REQUEST_NS: f64 = 1600.0;
@@ -292,21 +219,15 @@ struct Job<'a> {
     ram: &'a GuestRam,
     pages: &'a [u32],
     ranges: &'a [Range],
-    state: Vec<AtomicU8>,
-    staging: *mut u8,
+    /// Whether the job's page `i` is in its staging slot yet.
+    copied: Vec<bool>,
+    /// Page `i` of `pages` goes at `i * PAGE_SIZE`.
+    staging: &'a mut [u8],
     /// Where the copier should go on: the job's page just after the last
-    /// served fault's window ([`NO_HINT`]: none since the copier last
+    /// served fault's window (None: no fault served since the copier last
     /// looked). A writer that waited there writes on from there.
-    hint: AtomicUsize,
+    hint: Option<usize>,
 }
-
-/// No fault served since the copier last looked (see `Job::hint`).
-const NO_HINT: usize = usize::MAX;
-
-// SAFETY: `staging` is written only at a page's slot, by the one thread that
-// moved that page's state from PENDING to COPYING (see `claim`); nothing
-// else touches the buffer while the job lives.
-unsafe impl Sync for Job<'_> {}
 
 impl Job<'_> {
     /// The staging index of `page`, if it is one of the job's.
@@ -316,40 +237,22 @@ impl Job<'_> {
     }
 
     /// The range holding the job's page `i`.
-    fn range_of(&self, i: usize) -> &Range {
+    fn range_of(&self, i: usize) -> Range {
         let at = self.ranges.partition_point(|r| r.to <= i);
-        &self.ranges[at]
+        self.ranges[at]
     }
 
-    /// Copies `page` into slot `i` unless someone claimed it first. True if
-    /// this call copied it.
-    fn claim(&self, i: usize, page: usize) -> Result<bool, MemoryError> {
-        if self.state[i]
-            .compare_exchange(PENDING, COPYING, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            return Ok(false);
+    /// Copies the job's page `i` into its slot unless it is there already.
+    fn claim(&mut self, i: usize) -> Result<(), MemoryError> {
+        if self.copied[i] {
+            return Ok(());
         }
-        // SAFETY: slot `i` lies inside the staging buffer (checked against
-        // the page count in `copy`), and this thread alone won its claim.
-        let out = unsafe { &mut *self.staging.add(i * PAGE_SIZE).cast::<[u8; PAGE_SIZE]>() };
-        let copied = self.ram.copy_page(page, out);
-        self.state[i].store(DONE, Ordering::Release);
-        copied.map(|()| true)
-    }
-
-    /// Waits for the thread that claimed slot `i` to finish it (a page's
-    /// copy: well under a microsecond).
-    fn wait_done(&self, i: usize) {
-        let mut spins = 0u32;
-        while self.state[i].load(Ordering::Acquire) != DONE {
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        let slot: &mut [u8; PAGE_SIZE] = (&mut self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("a page-sized slice"));
+        self.ram.copy_page(self.pages[i] as usize, slot)?;
+        self.copied[i] = true;
+        Ok(())
     }
 }
 
@@ -377,36 +280,26 @@ impl Protected<'_> {
             });
         }
         let owner = self.owner;
-        let job = Job {
+        let mut job = Job {
             ram,
             pages: &self.pages,
             ranges: &self.ranges,
-            state: (0..self.pages.len())
-                .map(|_| AtomicU8::new(PENDING))
-                .collect(),
-            staging: staging.as_mut_ptr(),
-            hint: AtomicUsize::new(NO_HINT),
+            copied: vec![false; self.pages.len()],
+            staging: &mut staging[..need],
+            hint: None,
         };
-        owner.clear_done();
-        let (copied, handled) = std::thread::scope(|s| {
-            let handler = s.spawn(|| handle_faults(owner, &job));
-            let copied = copy_runs(owner, &job);
-            owner.signal_done();
-            let handled = handler.join().unwrap_or(Err(WpError::HandlerPanicked));
-            (copied, handled)
-        });
+        let copied = copy_runs(owner, &mut job);
         // All runs are unprotected on success; on failure make sure of it.
-        let result = match (copied, handled) {
-            (Ok(served), Ok(faults)) => Ok(CopyReport {
+        let result = match copied {
+            Ok(faults) => Ok(CopyReport {
                 pages: self.pages.len(),
-                faults: faults + served,
+                faults,
             }),
-            (Err(e), _) | (_, Err(e)) => {
+            Err(e) => {
                 owner.unprotect_all();
                 Err(e)
             }
         };
-        drop(job);
         // The runs are unprotected: nothing left for Drop to do.
         let mut this = self;
         this.ranges.clear();
@@ -468,9 +361,9 @@ fn pieces_of(ranges: &[Range], pages: &[u32]) -> Vec<Piece> {
     pieces
 }
 
-/// The copier: piece by piece, copy what nobody claimed, wait for what a
-/// fault's server claimed, then unprotect the piece; every
-/// [`SERVE_EVERY_PAGES`] pages it serves the queued faults itself. It goes
+/// The copier: piece by piece, copy what a served fault did not copy yet,
+/// then unprotect the piece; every [`SERVE_EVERY_PAGES`] pages it serves
+/// the queued faults. It goes
 /// up through the pieces, but after a fault it goes on from where the
 /// fault's window ended (`Job::hint`), then comes back for what it left: a
 /// writer resumes where it was in the pause, anywhere in the range, and
@@ -478,7 +371,7 @@ fn pieces_of(ranges: &[Range], pages: &[u32]) -> Vec<Piece> {
 /// have it waiting once every [`FAULT_AROUND_PAGES`] pages until it got
 /// there (4–5 waits a stop for the heavy dirtier). Returns how many of the
 /// job's pages it served faults for.
-fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> {
+fn copy_runs(owner: &WriteProtectCopy, job: &mut Job<'_>) -> Result<usize, WpError> {
     let pieces = pieces_of(job.ranges, job.pages);
     let mut left = vec![true; pieces.len()];
     let (mut remaining, mut next, mut faults) = (pieces.len(), 0, 0);
@@ -486,9 +379,10 @@ fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> 
     while remaining > 0 {
         // Where to go on: after the last fault's window, if its piece is
         // still protected; else the next piece still protected.
-        let hinted = job.hint.swap(NO_HINT, Ordering::Relaxed);
-        let (k, start) = match pieces.partition_point(|p| p.to <= hinted) {
-            k if hinted != NO_HINT && k < pieces.len() && left[k] => (k, hinted),
+        let hinted = job.hint.take();
+        let at = hinted.map(|h| (pieces.partition_point(|p| p.to <= h), h));
+        let (k, start) = match at {
+            Some((k, h)) if k < pieces.len() && left[k] => (k, h),
             _ => {
                 let k = (next..pieces.len())
                     .chain(0..next)
@@ -503,13 +397,13 @@ fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> 
         // until it comes back).
         let mut moved = false;
         for i in (start..p.to).chain(p.from..start) {
-            job.claim(i, job.pages[i] as usize)?;
+            job.claim(i)?;
             copied += 1;
             if copied % SERVE_EVERY_PAGES == 0 {
                 while let Some(page) = owner.uffd.read_fault()? {
                     faults += usize::from(serve_fault(owner, job, page)?);
                 }
-                if job.hint.load(Ordering::Relaxed) != NO_HINT {
+                if job.hint.is_some() {
                     moved = true;
                     break;
                 }
@@ -517,9 +411,6 @@ fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> 
         }
         if moved {
             continue;
-        }
-        for i in p.from..p.to {
-            job.wait_done(i);
         }
         owner.uffd.write_protect(p.first, p.end - p.first, false)?;
         left[k] = false;
@@ -530,19 +421,23 @@ fn copy_runs(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> 
 }
 
 /// The copier looks for a queued write fault every this many pages and
-/// serves it itself: it is on a core already, where the handler thread must
-/// first be woken while the writer waits. Measured with the flat-out
-/// dirtier (2048 pages, a stop every 25 ms, nothing shipped, three runs
-/// each): its work rate 0.945–0.948 of the guest alone with the handler
-/// thread only, 0.973–0.979 with the copier serving every 2, 8 or 32 pages
-/// (the interval made no difference). A look costs one `read(2)` (~1 µs,
-/// against ~8 page copies).
+/// serves it: it is on a core already, where a thread of its own for the
+/// faults must first be woken while the writer waits. Measured with the
+/// flat-out dirtier (2048 pages, a stop every 25 ms, nothing shipped, three
+/// runs each): its work rate 0.945–0.948 of the guest alone with a handler
+/// thread serving the faults, 0.973–0.979 with the copier serving them every
+/// 2, 8 or 32 pages (the interval made no difference). A look costs one
+/// `read(2)` (~1 µs, against ~8 page copies). The copier is the only server
+/// (since 2026-12-05): a handler thread started for each copy, for the
+/// faults the copier did not read first, cost the vCPU's CPU ~90 IPIs a
+/// second more at 40 checkpoints a second (its start and exit; the
+/// slowdown bench's local table, 878 against 971).
 pub const SERVE_EVERY_PAGES: usize = 8;
 
 /// Serves the write fault at `page`: copies it and the job's pages after it
 /// (see [`FAULT_AROUND_PAGES`]), then unprotects them, which wakes the
 /// writer. True if it was one of the job's pages.
-fn serve_fault(owner: &WriteProtectCopy, job: &Job<'_>, page: usize) -> Result<bool, WpError> {
+fn serve_fault(owner: &WriteProtectCopy, job: &mut Job<'_>, page: usize) -> Result<bool, WpError> {
     let Some(i) = job.index_of(page) else {
         // A clean page of a merged gap (or a fault left from an
         // earlier copy): nothing to copy.
@@ -550,42 +445,18 @@ fn serve_fault(owner: &WriteProtectCopy, job: &Job<'_>, page: usize) -> Result<b
         return Ok(false);
     };
     // This page and the job's next ones up to FAULT_AROUND_PAGES from
-    // it in its range, each copied (by whoever claims it) before any
-    // is unprotected.
+    // it in its range, each copied before any is unprotected.
     let r = job.range_of(i);
     let end = (page + FAULT_AROUND_PAGES).min(r.first + r.count);
     let mut j = i;
     while j < r.to && (job.pages[j] as usize) < end {
-        job.claim(j, job.pages[j] as usize)?;
+        job.claim(j)?;
         j += 1;
-    }
-    for k in i..j {
-        job.wait_done(k);
     }
     owner.uffd.write_protect(page, end - page, false)?;
     // The writer goes on from here: so does the copier.
-    job.hint.store(j, Ordering::Relaxed);
+    job.hint = Some(j);
     Ok(true)
-}
-
-/// The fault handler, for the faults the copier does not read first
-/// ([`SERVE_EVERY_PAGES`]): a writer waits on a protected page; copy it and the
-/// job's pages just after it first (or wait for the copier's copies, see
-/// [`FAULT_AROUND_PAGES`]), then unprotect them, which wakes the writer. A
-/// page of a merged gap is only unprotected. Ends when the copier is done
-/// and no fault is queued. A fault left from an earlier copy is handled the
-/// same way (copy first, then unprotect), so it is harmless.
-/// If it fails, the copier still copies and unprotects every page: writers
-/// then wait for it instead.
-fn handle_faults(owner: &WriteProtectCopy, job: &Job<'_>) -> Result<usize, WpError> {
-    let mut faults = 0;
-    while owner.wait_event()? {
-        let Some(page) = owner.uffd.read_fault()? else {
-            continue;
-        };
-        faults += usize::from(serve_fault(owner, job, page)?);
-    }
-    Ok(faults)
 }
 
 #[cfg(test)]
@@ -658,6 +529,62 @@ mod tests {
         );
         assert_eq!(staging[0], 1);
         ram.write_at(2 * PAGE_SIZE as u64, &[2]).unwrap();
+    }
+
+    /// A write to a page not copied yet waits for the copier, the only
+    /// thread that serves faults: it copies the page as it was protected,
+    /// counts the wait, and lets the write go on.
+    #[test]
+    fn the_copier_serves_a_write_waiting_on_a_page_not_copied_yet() {
+        let ram = GuestRam::new(
+            crate::memory::MIN_RAM_BYTES,
+            crate::memory::RamBacking::Anonymous,
+        )
+        .unwrap();
+        let pages: Vec<u32> = (0..1024).collect();
+        let mark = |p: u32| (p as u8) ^ 0x5a;
+        for &p in &pages {
+            ram.write_at(p as u64 * PAGE_SIZE as u64, &[mark(p)])
+                .unwrap();
+        }
+        let wp = WriteProtectCopy::new(&ram).unwrap();
+        let protected = wp.protect(&pages).unwrap();
+        let mut staging = vec![0u8; pages.len() * PAGE_SIZE];
+        let at = 700u64 * PAGE_SIZE as u64;
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let ram = &ram;
+            s.spawn(move || {
+                ram.write_at(at, &[0xff]).unwrap();
+                tx.send(()).unwrap();
+            });
+            // The writer's fault is queued before the copy starts.
+            let mut fd = libc::pollfd {
+                fd: wp.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut fd, 1, 5000) };
+            assert_eq!(n, 1, "the write to a protected page raised no fault");
+            assert!(rx.try_recv().is_err(), "the write went through");
+            let report = protected.copy(ram, &mut staging).unwrap();
+            rx.recv_timeout(std::time::Duration::from_secs(5))
+                .expect("the writer never went on");
+            assert_eq!(
+                report,
+                CopyReport {
+                    pages: 1024,
+                    faults: 1
+                }
+            );
+        });
+        for &p in &pages {
+            assert_eq!(staging[p as usize * PAGE_SIZE], mark(p), "page {p}");
+        }
+        let mut byte = [0u8];
+        ram.read_at(at, &mut byte).unwrap();
+        assert_eq!(byte, [0xff]);
     }
 
     #[test]
