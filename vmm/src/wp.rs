@@ -463,6 +463,15 @@ fn serve_fault(owner: &WriteProtectCopy, job: &mut Job<'_>, page: usize) -> Resu
 mod tests {
     use super::*;
 
+    /// The least guest RAM there is, anonymous.
+    fn small_ram() -> GuestRam {
+        GuestRam::new(
+            crate::memory::MIN_RAM_BYTES,
+            crate::memory::RamBacking::Anonymous,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn short_gaps_are_protected_with_their_runs_and_long_ones_are_not() {
         let gap = MERGE_GAP_PAGES as u32;
@@ -485,11 +494,7 @@ mod tests {
 
     #[test]
     fn pages_out_of_order_or_outside_ram_protect_nothing() {
-        let ram = GuestRam::new(
-            crate::memory::MIN_RAM_BYTES,
-            crate::memory::RamBacking::Anonymous,
-        )
-        .unwrap();
+        let ram = small_ram();
         let wp = WriteProtectCopy::new(&ram).unwrap();
         let err = wp.protect(&[5, 9, 7]).unwrap_err();
         assert!(
@@ -536,11 +541,7 @@ mod tests {
     /// counts the wait, and lets the write go on.
     #[test]
     fn the_copier_serves_a_write_waiting_on_a_page_not_copied_yet() {
-        let ram = GuestRam::new(
-            crate::memory::MIN_RAM_BYTES,
-            crate::memory::RamBacking::Anonymous,
-        )
-        .unwrap();
+        let ram = small_ram();
         let pages: Vec<u32> = (0..1024).collect();
         let mark = |p: u32| (p as u8) ^ 0x5a;
         for &p in &pages {
