@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod chart;
 pub mod full_disk;
+pub mod qemu;
 pub mod wan;
 
 /// Where the suite runner asks benchmarks to write their JSON.

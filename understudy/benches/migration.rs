@@ -238,135 +238,6 @@ async fn one(
     }
 }
 
-/// A minimal QMP client: one command, its answer.
-fn qmp(sock: &Path, command: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap(); // greeting
-    writer
-        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-        .unwrap();
-    line.clear();
-    reader.read_line(&mut line).unwrap();
-    writer.write_all(command.as_bytes()).unwrap();
-    writer.write_all(b"\n").unwrap();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v.get("return").is_some() || v.get("error").is_some() {
-            return v;
-        }
-    }
-}
-
-/// A QEMU VM, paused; with `incoming` (host, port) it waits for a migration
-/// there, inside `wan`'s far namespace if given.
-fn qemu_vm(
-    qemu: &str,
-    mib: usize,
-    sock: &Path,
-    incoming: Option<(&str, u16)>,
-    wan: Option<&Wan>,
-) -> Child {
-    let mut cmd = match wan {
-        Some(wan) => wan.command(qemu),
-        None => Command::new(qemu),
-    };
-    cmd.args([
-        "-accel",
-        "kvm",
-        "-m",
-        &format!("{mib}M"),
-        "-nodefaults",
-        "-display",
-        "none",
-        "-S",
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", sock.display()),
-    ]);
-    if let Some((host, port)) = incoming {
-        cmd.args(["-incoming", &format!("tcp:{host}:{port}")]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-/// QEMU's figures for one idle migration: total ms, downtime ms, MB sent.
-fn qemu_migrate(
-    qemu: &str,
-    mib: usize,
-    dir: &Path,
-    tuned: bool,
-    wan: Option<&Wan>,
-) -> (f64, f64, f64) {
-    let _ = std::fs::create_dir_all(dir);
-    let (src_sock, dst_sock) = (dir.join("src.qmp"), dir.join("dst.qmp"));
-    let port = understudy::pair::unused_loopback_addr().unwrap().port();
-    let host = wan.map_or("127.0.0.1".to_owned(), |w| w.far.to_string());
-    let mut dst = qemu_vm(qemu, mib, &dst_sock, Some((&host, port)), wan);
-    let mut src = qemu_vm(qemu, mib, &src_sock, None, None);
-    std::thread::sleep(Duration::from_millis(500));
-    // The source runs (firmware only: an idle VM).
-    qmp(&src_sock, "{\"execute\":\"cont\"}");
-    std::thread::sleep(Duration::from_millis(300));
-    if tuned {
-        let multifd = "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\"multifd\",\"state\":true}]}}";
-        qmp(&src_sock, multifd);
-        qmp(&dst_sock, multifd);
-        qmp(
-            &src_sock,
-            "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"max-bandwidth\":107374182400,\"multifd-compression\":\"zstd\"}}",
-        );
-        qmp(
-            &dst_sock,
-            "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"multifd-compression\":\"zstd\"}}",
-        );
-    }
-    qmp(
-        &src_sock,
-        &format!("{{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"tcp:{host}:{port}\"}}}}"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let info = loop {
-        let v = qmp(&src_sock, "{\"execute\":\"query-migrate\"}");
-        let status = v["return"]["status"].as_str().unwrap_or("").to_owned();
-        if status == "completed" {
-            break v["return"].clone();
-        }
-        assert!(status != "failed", "QEMU's migration failed: {v}");
-        assert!(
-            Instant::now() < deadline,
-            "QEMU's migration did not end: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = src.kill();
-    let _ = dst.kill();
-    let _ = src.wait();
-    let _ = dst.wait();
-    (
-        info["total-time"].as_f64().unwrap_or(0.0),
-        info["downtime"].as_f64().unwrap_or(0.0),
-        info["ram"]["transferred"].as_f64().unwrap_or(0.0) / 1e6,
-    )
-}
-
-fn which(cmd: &str) -> Option<String> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join(cmd))
-        .find(|p| p.exists())
-        .map(|p| p.display().to_string())
-}
-
 /// The links: (key for `UNDERSTUDY_MIGRATION_LINKS`, shape; None: loopback).
 fn links() -> Vec<(&'static str, Option<LinkSpec>)> {
     let all = [
@@ -414,7 +285,7 @@ fn main() {
     let dir =
         std::env::temp_dir().join(format!("understudy-bench-migration-{}", std::process::id()));
     let links = links();
-    let qemu = which("qemu-system-x86_64");
+    let qemu = understudy_bench::qemu::find();
     let mut report = Report::new(
         "migration",
         "Live migration: every mode, side by side, on loopback, a LAN and a WAN",
@@ -487,13 +358,17 @@ fn main() {
             for tuned in [false, true] {
                 let runs: Vec<(f64, f64, f64)> = (0..rounds)
                     .map(|i| {
-                        qemu_migrate(
+                        let port = understudy::pair::unused_loopback_addr().unwrap().port();
+                        let m = understudy_bench::qemu::migrate(
                             qemu,
                             mib,
                             &dir.join(format!("qemu{i}")),
                             tuned,
                             wan.as_ref(),
+                            port,
                         )
+                        .unwrap();
+                        (m.total_ms, m.downtime_ms, m.mb)
                     })
                     .collect();
                 let col = |f: fn(&(f64, f64, f64)) -> f64| {
