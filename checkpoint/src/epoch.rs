@@ -279,6 +279,15 @@ impl SenderState {
         self.digest
     }
 
+    /// Whether the receiver's image holds zeros in `page`, as this sender
+    /// knows it: a zero page added there would be left out of its epoch
+    /// ([`EpochEncoder::add_zero_page`]), so a caller may leave it out of
+    /// the epoch altogether. False for a page beyond the RAM.
+    pub fn holds_zero(&self, page: u32) -> bool {
+        let page = page as usize;
+        self.known.get(page) == Some(&true) && self.hashes.get(page) == Some(&zero_page_hash())
+    }
+
     /// Pages whose receiver content is not known yet.
     pub fn unknown_pages(&self) -> usize {
         self.unknown

@@ -243,6 +243,39 @@ fn a_sync_into_a_zeroed_image_sends_only_what_the_image_lacks() {
 }
 
 #[test]
+fn a_checkpoint_completes_a_sync_that_left_every_page_out() {
+    // The primary leaves a page the guest never touched out of its sync
+    // rounds when the sender knows the image holds zeros there
+    // (`holds_zero`): over an idle guest no round has a page, and the first
+    // checkpoint alone completes the sync.
+    const PAGES: u32 = 16;
+    let mut model = Model::new(PAGES);
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = common::syncing_store(&dir.path().join("img"), &model);
+    let mut sender = SenderState::over_zeroed_image("vm-test", PAGES, 1, CodecPolicy::RAW).unwrap();
+    assert!((0..PAGES).all(|p| sender.holds_zero(p)));
+    assert!(!sender.holds_zero(PAGES), "a page beyond the RAM");
+    model.mem[3 * PAGE_SIZE] = 9;
+    let checkpoint = ship(
+        &mut sender,
+        &mut store,
+        &model,
+        1,
+        EpochKind::Checkpoint,
+        &[3],
+    );
+    assert_eq!(checkpoint.report.pages, 1);
+    assert_eq!(store.status(), ImageStatus::Committed { epoch: 1 });
+    assert_eq!(store.memory(), &model.mem[..]);
+    store.promotable().unwrap();
+    assert!(!sender.holds_zero(3), "page 3 holds 9 now");
+    assert!(sender.holds_zero(2));
+    // A sender that does not know the image holds no page as zero.
+    let unknown = SenderState::new("vm-test", PAGES, 1, CodecPolicy::RAW).unwrap();
+    assert!(!unknown.holds_zero(0));
+}
+
+#[test]
 fn a_sender_wrong_about_a_zeroed_image_is_refused_at_the_checkpoint() {
     const PAGES: u32 = 16;
     let mut model = Model::new(PAGES);
