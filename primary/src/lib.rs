@@ -340,6 +340,13 @@ struct Shared {
     stats: Arc<Stats>,
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
+    /// Says a session was set: wakes a replicator idling without one (it
+    /// waited for guest output or an epoch interval, up to 25 ms of a
+    /// protection's start).
+    session_set: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
     /// The last acked epoch (None: none of this session's yet, nor any
     /// before it), with a condvar for back-pressure.
     acked: Mutex<Option<Epoch>>,
@@ -544,7 +551,12 @@ impl Shared {
     }
 
     fn set_session(&self, link: Option<SessionLink>) {
+        let set = link.is_some();
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = link;
+        if set {
+            // Full: a wake is pending already.
+            let _ = self.session_set.0.try_send(());
+        }
     }
 
     fn acked(&self) -> MutexGuard<'_, Option<Epoch>> {
@@ -789,6 +801,7 @@ pub async fn run(
         stats: stats.clone(),
         releaser: Releaser::new(host.log.clone()),
         session: Mutex::new(None),
+        session_set: crossbeam_channel::bounded(1),
         acked: Mutex::new(None),
         acked_cv: Condvar::new(),
         sent: EpochCell::new(),

@@ -333,18 +333,24 @@ impl Replicator {
     /// for a session at least every epoch interval.
     fn idle(&mut self) {
         self.drop_log();
-        match self.output.recv_timeout(self.shared.opts.epoch_interval) {
-            Ok(first) => {
+        let woke = crossbeam_channel::select! {
+            recv(self.output) -> first => Some(first),
+            // A session was set: the main loop starts it now.
+            recv(self.shared.session_set.1) -> _ => None,
+            default(self.shared.opts.epoch_interval) => None,
+        };
+        match woke {
+            Some(Ok(first)) => {
                 let mut bytes = vec![first];
                 bytes.extend(self.output.try_iter());
                 self.log.append(&bytes);
                 self.shared.releaser.produced_unprotected();
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             // The guest is gone; the loop sees it end.
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            Some(Err(crossbeam_channel::RecvError)) => {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            None => {}
         }
         self.apply_output_bound();
     }
