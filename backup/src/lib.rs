@@ -771,7 +771,7 @@ fn built_ahead(what: &str, ram: Result<GuestRam, String>) -> Option<VmShell> {
     let started = std::time::Instant::now();
     match ram.and_then(|ram| VmShell::new(ram).map_err(|e| wire::chain(&e))) {
         Ok(shell) => {
-            tracing::debug!(
+            tracing::info!(
                 took_us = started.elapsed().as_micros() as u64,
                 "built the VM {what} restores into"
             );

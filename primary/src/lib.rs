@@ -279,6 +279,12 @@ struct SessionLink {
     pages_by_hash: bool,
     /// The backup's image held only zeros when the session began.
     image_zeroed: bool,
+    /// The connection and the Hello's round trip, and when the stream
+    /// began to open (after them, and for a first session after the VM's
+    /// boot): with the replicator's start of the sync, the session's cost
+    /// before its first page (`setup_ms` in "VM protected").
+    hello_took: Duration,
+    opening: Instant,
     /// The connection the session's stream goes on: a migration's goodbye
     /// goes on it too (a new one cost the switch ~1 ms on loopback, a TLS
     /// handshake more).
@@ -341,8 +347,8 @@ struct Shared {
     releaser: Releaser,
     session: Mutex<Option<SessionLink>>,
     /// Says a session was set: wakes a replicator idling without one (it
-    /// waited for guest output or an epoch interval, up to 25 ms of a
-    /// protection's start).
+    /// waited for guest output or an epoch interval, and a protection
+    /// started up to that late).
     session_set: (
         crossbeam_channel::Sender<()>,
         crossbeam_channel::Receiver<()>,
@@ -1326,6 +1332,7 @@ async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, accepted: Accept
     let generation = shared.generation;
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<EpochChunk>(64);
     let channel = accepted.channel.clone();
+    let opening = Instant::now();
     let acks = understudy_proto::framing::replicate(
         accepted.channel,
         tokio_stream::wrappers::ReceiverStream::new(chunk_rx),
@@ -1345,6 +1352,8 @@ async fn run_session(shared: &Arc<Shared>, offer: SessionOffer, accepted: Accept
         broken: broken.clone(),
         pages_by_hash: accepted.pages_by_hash,
         image_zeroed: accepted.image_zeroed,
+        hello_took: accepted.took,
+        opening,
         channel,
     }));
     let give_up = understudy_common::heartbeat::primary_gives_up(opts.heartbeat_timeout);

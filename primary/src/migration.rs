@@ -2082,6 +2082,7 @@ mod tests {
                 prepares_handover: true,
                 image_zeroed: true,
                 handover_awaits_log: true,
+                took: Duration::ZERO,
             },
         );
         (link, rx)

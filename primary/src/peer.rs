@@ -130,6 +130,9 @@ pub(crate) struct Accepted {
     /// A replay handover may wait there for the log's tail
     /// (`HandoverRequest.log_exits`).
     pub handover_awaits_log: bool,
+    /// The connection and the Hello's round trip: what a session costs
+    /// before its first page (logged with the sync as `setup_ms`).
+    pub took: std::time::Duration,
 }
 
 /// The encoder's state for a session's sync to a receiver that answered
@@ -191,6 +194,7 @@ pub(crate) async fn hello_to(
     offer: &SessionOffer,
     migration: bool,
 ) -> HelloOutcome {
+    let asked = std::time::Instant::now();
     let channel = match connect_to(opts, target).await {
         Ok(c) => c,
         Err(e) => return HelloOutcome::Unreachable(wire::chain(&e)),
@@ -233,6 +237,7 @@ pub(crate) async fn hello_to(
                 prepares_handover: reply.prepares_handover,
                 image_zeroed: reply.image_zeroed,
                 handover_awaits_log: reply.handover_awaits_log,
+                took: asked.elapsed(),
             })
         }
         // Only the backup's deliberate answers refuse us for good (wrong VM,

@@ -13,7 +13,9 @@
 //! bytes into a just-created image file: what fresh memory alone costs), and
 //! checkpoints of 1k/10k/50k dirty pages in MB/s of guest pages, raw and
 //! adaptive, with bytes on the wire ÷ bytes dirtied; the time to protect an
-//! idle VM from cold with real daemons; and raw, lz4 and adaptive to a
+//! idle VM from cold with real daemons, beside QEMU migrating an idle VM of
+//! the same RAM (with QEMU installed: `apt install qemu-system-x86`); and
+//! raw, lz4 and adaptive to a
 //! backup at the far end of loopback, a 1 Gbit/s and a 100 Mbit/s link
 //! (root and `iptables-legacy`, as for the migration bench).
 //!
@@ -34,8 +36,8 @@ use tokio_stream::StreamExt;
 use understudy::daemon::Role;
 use understudy::pair::LocalPair;
 use understudy_bench::{
-    PageAligned, Report, Table, ThreadTimes, XorShift, num, part, process_cpu_seconds, real_memory,
-    spread,
+    PageAligned, Report, Table, ThreadTimes, XorShift, num, part, process_cpu_seconds, quantile,
+    real_memory, spread,
 };
 use understudy_checkpoint::store::{ImageStore, StoreOptions};
 use understudy_checkpoint::{CodecPolicy, EpochKind, PAGE_SIZE, SenderState};
@@ -399,10 +401,31 @@ fn row(
     ]);
 }
 
+/// What protecting a VM from cold took, as the primary logs it in "VM
+/// protected": the connection, the Hello and the stream's opening
+/// (`setup_ms`), and the initial sync (`sync_ms`: first page sent → first
+/// checkpoint acked).
+struct Protected {
+    setup: f64,
+    sync: f64,
+}
+
+/// Protections from cold (and QEMU migrations) per row of the resync
+/// table: their median counts.
+const COLD_TURNS: usize = 3;
+
+/// What the backup logs once it has built, at its start, the VM a promotion
+/// would restore into: its start is done.
+const SHELL_BUILT: &str = "built the VM a promotion restores into";
+
 /// Protects a VM of `mib` MiB from cold with real daemons (a fresh backup
-/// image, the counter guest) and returns the initial sync time the primary
-/// logs (first page sent → first checkpoint acked).
-async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
+/// image, the counter guest) and returns what the primary logs of it. The
+/// backup is started first and has finished starting (its image created,
+/// the VM a promotion would restore into built) before the primary starts,
+/// as QEMU's destination is listening before its migration starts; it may
+/// still be reading its image ahead, as a backup waiting for its primary
+/// does.
+async fn protect_from_cold(mib: usize, codec: &str) -> Protected {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = LocalPair::new(
         Some(Path::new(env!("CARGO_BIN_EXE_understudyd"))),
@@ -411,28 +434,48 @@ async fn protect_from_cold(mib: usize, codec: &str) -> Duration {
         &format!("guest = \"counter\"\nmemory_mib = {mib}\n[codec]\npolicy = \"{codec}\""),
     )
     .unwrap();
-    pair.start_protected(Duration::from_secs(120))
+    pair.start(Role::Backup).unwrap();
+    let log = pair.log_path(Role::Backup);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains(SHELL_BUILT)) {
+        assert!(
+            Instant::now() < deadline,
+            "the backup did not finish starting within 60 s: its log {} never said \
+             \"{SHELL_BUILT}\" (UNDERSTUDY_PAIR_LOG, if set, must log at info or finer)",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pair.start(Role::Primary).unwrap();
+    pair.wait_protected(Duration::from_secs(120), |_| {})
         .await
         .unwrap();
-    // The primary logs `VM protected … sync_ms=N` as it reports protection.
     let log = pair.log_path(Role::Primary);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let sync_ms = text
-            .lines()
-            .filter(|l| l.contains("VM protected"))
-            .flat_map(|l| l.split_whitespace())
-            .find_map(|w| w.strip_prefix("sync_ms=")?.parse::<u64>().ok());
-        if let Some(ms) = sync_ms {
+        let line = text.lines().find(|l| l.contains("VM protected"));
+        let field = |name: &str| {
+            line?
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.parse::<f64>().ok())
+        };
+        if let (Some(setup), Some(sync)) = (field("setup_ms="), field("sync_ms=")) {
             if std::env::var_os("UNDERSTUDY_BENCH_SHOW_LOG").is_some() {
                 eprintln!("{text}");
+                eprintln!(
+                    "{}",
+                    std::fs::read_to_string(pair.log_path(Role::Backup)).unwrap_or_default()
+                );
             }
-            return Duration::from_millis(ms);
+            return Protected {
+                setup: setup / 1e3,
+                sync: sync / 1e3,
+            };
         }
         assert!(
             Instant::now() < deadline,
-            "protected, but no sync_ms in {}:\n{text}",
+            "protected, but no setup_ms and sync_ms in {}:\n{text}",
             log.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1046,12 +1089,18 @@ fn main() {
         report.table(table);
     }
 
-    // Resync: real daemons protect a VM from cold; the same bytes over TCP.
+    // Resync: real daemons protect a VM from cold; the same bytes over TCP,
+    // and QEMU migrating an idle VM of the same RAM.
+    let qemu = understudy_bench::qemu::find();
     let mut table = Table::new(
         "Resync: time to protect a VM from cold (fresh backup image, counter guest; the \
          primary's initial sync, first page sent → first checkpoint acked) ÷ time to \
          stream the same bytes over single-stream loopback TCP in the same run (fastest of \
-         three)",
+         three; the protection: median of three, each with a backup that had finished \
+         starting); and the whole protection (connection, Hello and stream opened, then \
+         the sync) against QEMU (7.2, `-accel kvm -nodefaults`, defaults) migrating an \
+         idle VM of the same RAM over loopback in the same run (its `total-time`, median \
+         of three)",
         &[
             "guest RAM",
             "codec",
@@ -1059,32 +1108,103 @@ fn main() {
             "TCP ms",
             "sync ÷ TCP",
             "MB/s",
+            "setup ms",
+            "setup + sync ms",
+            "QEMU ms",
+            "÷ QEMU",
         ],
     );
     let mut resync_raw = Vec::new();
+    let mut against_qemu: Vec<(usize, &str, f64, f64)> = Vec::new();
     for mib in [256usize, 1024] {
-        for codec in ["raw", "adaptive"] {
-            if !part("resync") || !only_codec(codec) {
-                continue;
+        if !part("resync") {
+            continue;
+        }
+        let codecs: Vec<&str> = ["raw", "adaptive"]
+            .into_iter()
+            .filter(|c| only_codec(c))
+            .collect();
+        // QEMU and each codec take turns, QEMU first in one turn and last in
+        // the next: a run right after QEMU's (its memory just freed and
+        // handed back to the host) met a slower machine.
+        let mut qemu_runs = Vec::new();
+        let mut ours: Vec<Vec<Protected>> = codecs.iter().map(|_| Vec::new()).collect();
+        for turn in 0..COLD_TURNS {
+            let qemu_first = turn % 2 == 0;
+            let qemu_turn = |runs: &mut Vec<f64>| {
+                if let Some(qemu) = &qemu {
+                    let port = understudy::pair::unused_loopback_addr().unwrap().port();
+                    let dir = dir.path().join(format!("qemu-{mib}-{turn}"));
+                    let m = understudy_bench::qemu::migrate(qemu, mib, &dir, false, None, port)
+                        .unwrap();
+                    runs.push(m.total_ms);
+                }
+            };
+            if qemu_first {
+                qemu_turn(&mut qemu_runs);
             }
-            let sync = runtime
-                .block_on(protect_from_cold(mib, codec))
-                .as_secs_f64();
+            for (runs, codec) in ours.iter_mut().zip(&codecs) {
+                runs.push(runtime.block_on(protect_from_cold(mib, codec)));
+            }
+            if !qemu_first {
+                qemu_turn(&mut qemu_runs);
+            }
+        }
+        let qemu_ms = (!qemu_runs.is_empty()).then(|| quantile(&qemu_runs, 0.5));
+        for (runs, codec) in ours.iter().zip(codecs) {
+            let median =
+                |f: fn(&Protected) -> f64| quantile(&runs.iter().map(f).collect::<Vec<_>>(), 0.5);
+            let cold = Protected {
+                setup: median(|p| p.setup),
+                sync: median(|p| p.sync),
+            };
             let tcp = runtime.block_on(tcp_seconds(mib << 20));
             if codec == "raw" {
-                resync_raw.push((mib, sync / tcp));
+                resync_raw.push((mib, cold.sync / tcp));
+            }
+            let whole_ms = median(|p| p.setup + p.sync) * 1e3;
+            if let Some(q) = qemu_ms {
+                against_qemu.push((mib, codec, whole_ms, q));
             }
             table.row(vec![
                 format!("{mib} MiB").into(),
                 codec.into(),
-                num(sync * 1e3, 1),
+                num(cold.sync * 1e3, 1),
                 num(tcp * 1e3, 1),
-                num(sync / tcp, 2),
-                num((mib << 20) as f64 / sync / 1e6, 0),
+                num(cold.sync / tcp, 2),
+                num((mib << 20) as f64 / cold.sync / 1e6, 0),
+                num(cold.setup * 1e3, 1),
+                num(whole_ms, 1),
+                qemu_ms.map_or("–".into(), |q| num(q, 0)),
+                qemu_ms.map_or("–".into(), |q| num(whole_ms / q, 2)),
             ]);
         }
     }
     report.table(table);
+    if part("resync") && qemu.is_none() {
+        println!("qemu-system-x86_64 not found: no QEMU comparison (apt install qemu-system-x86)");
+    }
+    if !against_qemu.is_empty() {
+        let worst = against_qemu
+            .iter()
+            .map(|&(_, _, ours, q)| ours / q)
+            .fold(0.0, f64::max);
+        let rows: Vec<String> = against_qemu
+            .iter()
+            .map(|(mib, codec, ours, q)| format!("{mib} MiB {codec}: {ours:.1} ms against {q:.0}"))
+            .collect();
+        report.target(
+            "protecting an idle VM from cold ≤ QEMU migrating an idle VM of the same RAM \
+             (loopback, same run)",
+            "≤ 1.0× QEMU's total time",
+            format!(
+                "worst {worst:.2}× QEMU ({}; ours: connection, Hello, stream and the sync to \
+                 the first checkpoint acked; QEMU's: `total-time`, to its last byte sent)",
+                rows.join("; ")
+            ),
+            worst <= 1.0,
+        );
+    }
     if let (Some((full, full_memory, full_cpu, full_floor)), Some((cold, floor, cold_memory))) =
         (full_sync_raw, full_sync_cold)
         && !resync_raw.is_empty()
