@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{DAEMON, Lines, counts, ip};
+use understudy_bench::Children;
 
 /// Two hosts in their own network namespaces: `a` (the [primary] table) and
 /// `b`, linked by `peer` veths (replication, 10.77.1.0/24), each with a
@@ -113,18 +114,6 @@ impl Drop for Hosts {
     }
 }
 
-/// Kills the daemons when the test ends, passed or not.
-struct Daemons(Vec<Child>);
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
@@ -175,7 +164,7 @@ dangerously_allow_insecure_network = true
     let (a_control, b_control) = (addr("10.77.2.2:7501"), addr("10.77.3.2:7501"));
     let (a_console, b_console) = (addr("10.77.2.2:7401"), addr("10.77.3.2:7401"));
     let logs = dir.path();
-    let mut daemons = Daemons(vec![
+    let mut daemons = Children(vec![
         hosts.spawn(0, "primary", &config, &logs.join("a"), &logs.join("a.log")),
         hosts.spawn(1, "backup", &config, &logs.join("b"), &logs.join("b.log")),
     ]);

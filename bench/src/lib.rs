@@ -18,6 +18,20 @@ pub mod wan;
 /// Where the suite runner asks benchmarks to write their JSON.
 pub const OUT_ENV: &str = "UNDERSTUDY_BENCH_OUT";
 
+/// Child processes killed and reaped when this is dropped, however the
+/// benchmark or test that started them ends.
+#[derive(Debug)]
+pub struct Children(pub Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// One benchmark's results.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {

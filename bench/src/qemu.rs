@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::Children;
 use crate::wan::Wan;
 
 /// QEMU's own figures for one migration.
@@ -101,18 +102,6 @@ fn vm(
         .with_context(|| format!("starting {qemu}"))
 }
 
-/// Kills its VMs however the migration ends.
-struct Vms(Vec<Child>);
-
-impl Drop for Vms {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Migrates an idle QEMU VM of `mib` MiB to a second QEMU listening on
 /// `port` (at `wan`'s far end, or on loopback), with QEMU's defaults or
 /// `tuned` (multifd, zstd, no bandwidth cap); QMP sockets go in `dir`.
@@ -127,7 +116,8 @@ pub fn migrate(
     std::fs::create_dir_all(dir)?;
     let (src_sock, dst_sock) = (dir.join("src.qmp"), dir.join("dst.qmp"));
     let host = wan.map_or("127.0.0.1".to_owned(), |w| w.far.to_string());
-    let mut vms = Vms(Vec::new());
+    // Killed however the migration ends.
+    let mut vms = Children(Vec::new());
     vms.0
         .push(vm(qemu, mib, &dst_sock, Some((&host, port)), wan)?);
     vms.0.push(vm(qemu, mib, &src_sock, None, None)?);

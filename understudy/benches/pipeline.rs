@@ -22,7 +22,7 @@
 //! Run: `cargo bench -p understudy --bench pipeline`.
 //! `UNDERSTUDY_BENCH_PARTS=pipeline,resync,links` picks parts,
 //! `UNDERSTUDY_BENCH_CODECS=raw,adaptive` codecs (e.g. under `perf`),
-//! `UNDERSTUDY_BENCH_SHOW_LOG=1` prints the primary's log of each resync, and
+//! `UNDERSTUDY_BENCH_SHOW_LOG=1` prints the daemons' logs of each resync, and
 //! `UNDERSTUDY_PAIR_LOG=debug` sets the daemons' log level.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
@@ -402,9 +402,9 @@ fn row(
 }
 
 /// What protecting a VM from cold took, as the primary logs it in "VM
-/// protected": the connection, the Hello and the stream's opening
-/// (`setup_ms`), and the initial sync (`sync_ms`: first page sent → first
-/// checkpoint acked).
+/// protected": the connection, the Hello, the stream's opening and the
+/// replicator's start of the sync (`setup_ms`), and the initial sync
+/// (`sync_ms`: first page sent → first checkpoint acked).
 struct Protected {
     setup: f64,
     sync: f64,
@@ -1125,8 +1125,9 @@ fn main() {
             .filter(|c| only_codec(c))
             .collect();
         // QEMU and each codec take turns, QEMU first in one turn and last in
-        // the next: a run right after QEMU's (its memory just freed and
-        // handed back to the host) met a slower machine.
+        // the next, so neither always runs right after the other (with QEMU's
+        // three migrations all first, the three protections of the row after
+        // them took ~20 ms once, the others 3–5).
         let mut qemu_runs = Vec::new();
         let mut ours: Vec<Vec<Protected>> = codecs.iter().map(|_| Vec::new()).collect();
         for turn in 0..COLD_TURNS {
