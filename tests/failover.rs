@@ -851,20 +851,59 @@ async fn an_idle_vm_over_a_new_image_is_protected_without_an_epoch_for_untouched
     let mut pair = Pair::with_memory("counter", 256, "");
     pair.start_primary();
     pair.wait_protected().await;
-    let logs = pair.logs();
-    let epoch: u64 = logs
-        .lines()
-        .find(|l| l.contains("VM protected"))
-        .and_then(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("epoch=")?.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no \"VM protected … epoch=N\" in the logs:\n{logs}"));
+    let (epoch, logs) = protected_field::<u64>(&pair, "epoch=");
     assert!(
         epoch <= 8,
         "the VM was protected by epoch {epoch}: its sync sent epochs for pages the guest \
          never touched (256 MiB is 32 epochs of them)\n{logs}"
     );
+}
+
+/// A replicator idling without a session starts the session's sync as soon
+/// as it is set, not at its next epoch tick or guest output. The primary
+/// boots without its backup (it starts unprotected), the kv guest prints
+/// nothing unasked and the epochs are 10 s apart: a replicator that waited
+/// them out started the sync ~10 s after the VM booted, seconds after the
+/// backup came and the stream opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_set_while_the_replicator_idles_starts_its_sync_at_once() {
+    let _serial = common::serial().await;
+    let mut pair = Pair::new("kv", "epoch_interval = \"10s\"\nstart_unprotected = true");
+    let mut backup = pair.backup.take().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
+    pair.start_primary();
+    wait_status(
+        &pair,
+        pair.addrs.primary_control,
+        "primary running unprotected",
+        LONG,
+        |s| s.state_kind.starts_with("unprotected-"),
+    )
+    .await;
+    pair.backup = Some(pair.spawn("backup", &[&pair.backup_state()]));
+    pair.wait_protected().await;
+    let (setup_ms, logs) = protected_field::<f64>(&pair, "setup_ms=");
+    assert!(
+        setup_ms < 3000.0,
+        "the sync started {setup_ms} ms after the connection: the replicator waited for \
+         its epoch tick\n{logs}"
+    );
+}
+
+/// The field `name` (e.g. `epoch=`) of the primary's "VM protected" line,
+/// and the logs it was read from.
+fn protected_field<T: std::str::FromStr>(pair: &Pair, name: &str) -> (T, String) {
+    let logs = pair.logs();
+    let value = logs
+        .lines()
+        .find(|l| l.contains("VM protected"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no \"VM protected … {name}\" in the logs:\n{logs}"));
+    (value, logs)
 }
 
 /// Waits for the backup's log to say `said`, then checks it holds the

@@ -31,7 +31,7 @@ pub fn find() -> Option<String> {
 }
 
 /// `cmd`'s path on `PATH`.
-pub fn which(cmd: &str) -> Option<String> {
+fn which(cmd: &str) -> Option<String> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
